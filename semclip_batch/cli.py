@@ -1,0 +1,219 @@
+"""``semclip-batch``: the click CLI, a thin layer over the library. User mistakes end in one line, exit != 0."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from .config import (
+    DEFAULT_BACKBONE,
+    DEFAULT_IMAGE_THRESHOLD,
+    DEFAULT_MIN_REGION_PX,
+    DEFAULT_PIXEL_THRESHOLD,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_TILE_ABOVE,
+    PRECISIONS,
+    ModelSpec,
+    RunConfig,
+    Thresholds,
+)
+from .errors import SemclipError
+from .storage import check_storage_options
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Turn library errors into one clear line (click prints ``Error: ...`` and exits 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SemclipError as exc:
+            raise click.ClickException(" ".join(str(exc).split())) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--storage-option")
+        opts[key] = value
+    try:
+        return check_storage_options(opts)
+    except SemclipError as exc:
+        raise click.BadParameter(str(exc), param_hint="--storage-option") from None
+
+
+def model_options(fn: F) -> F:
+    """Options shared by commands that build a backbone."""
+    options = [
+        click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help="open_clip model name."),
+        click.option("--pretrained", default=None,
+                     help="Backbone weights: local path or fsspec URL (.safetensors / .pt), or 'none' for seeded "
+                          "random weights."),
+        click.option("--pretrained-sha256", default=None, help="Refuse weights whose sha256 differs (canonical or file)."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed for random weights and sampling."),
+        click.option("--prompts", default=None, help="Prompt file (JSON: templates x states per class)."),
+        click.option("--cache-dir", default=None, help="Folder for caches (nothing is cached elsewhere)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="Model precision (bf16 is fastest on CPU)."),
+        click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+                     help="Non-secret fsspec storage option (e.g. endpoint_url=...); secrets come from AWS_* env."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """SEM-CLIP defect segmentation and classification for archived SEM lots, on Ray.
+
+    \b
+    Example:
+      semclip-batch synth data/ && semclip-batch run data/manifest.csv --out out/ \\
+          --backbone semclip-tiny --pretrained none
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("out")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--lots", default=2, show_default=True, type=int)
+@click.option("--wafers", default=2, show_default=True, type=int, help="Wafers per lot.")
+@click.option("--dies", default=4, show_default=True, type=int, help="Dies per wafer.")
+@click.option("--per-class", default=2, show_default=True, type=int, help="Images per class per lot.")
+@click.option("--sizes", default="256x256,240x320,300x200", show_default=True, help="Frame sizes HxW, cycled.")
+@click.option("--formats", default="png,tif", show_default=True, help="png and/or tif, cycled.")
+@click.option("--bits", default="8,16", show_default=True, help="8 and/or 16 (12 significant bits), cycled.")
+@click.option("--banner-frac", default=0.3, show_default=True, type=float, help="Share of frames with an info banner.")
+@user_errors
+def synth(out: str, seed: int, lots: int, wafers: int, dies: int, per_class: int, sizes: str, formats: str,
+          bits: str, banner_frac: float) -> None:
+    """Write synthetic SEM lots (images, masks, reference frames, manifest.csv/.parquet) to OUT.
+
+    \b
+    Example:
+      semclip-batch synth data/ --seed 3 --lots 2 --per-class 4 --sizes 512x512,480x640
+    """
+    from .errors import ConfigError
+    from .synth import SynthConfig, parse_sizes
+    from .synth import synth as make
+
+    try:
+        bit_list = tuple(int(b) for b in bits.split(",") if b)
+    except ValueError:
+        raise ConfigError(f"--bits {bits!r}: expected 8 and/or 16") from None
+    cfg = SynthConfig(seed=seed, lots=lots, wafers=wafers, dies=dies, per_class=per_class, sizes=parse_sizes(sizes),
+                      formats=tuple(f.strip().lower() for f in formats.split(",") if f), bits=bit_list,
+                      banner_frac=banner_frac)
+    manifest = make(out, cfg)
+    click.echo(f"wrote {len(manifest)} images in {manifest['lot_id'].nunique()} lots; manifest: {out}/manifest.csv")
+
+
+def _thresholds(threshold: float | None, pixel_threshold: float | None, min_region_px: int | None) -> Thresholds:
+    given = {"image": threshold, "pixel": pixel_threshold, "min_region_px": min_region_px}
+    return Thresholds(
+        image=DEFAULT_IMAGE_THRESHOLD if threshold is None else threshold,
+        pixel=DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None else pixel_threshold,
+        min_region_px=DEFAULT_MIN_REGION_PX if min_region_px is None else min_region_px,
+        source={k: "default" if v is None else "flag" for k, v in given.items()},
+    )
+
+
+@main.command()
+@click.argument("input")
+@click.option("--out", required=True, help="Output root (local path or fsspec URL such as s3://bucket/run).")
+@model_options
+@click.option("--threshold", type=float, default=None,
+              help=f"Image threshold on anomaly_score [default: {DEFAULT_IMAGE_THRESHOLD}].")
+@click.option("--pixel-threshold", type=float, default=None,
+              help=f"Pixel threshold on the map [default: {DEFAULT_PIXEL_THRESHOLD}].")
+@click.option("--min-region-px", type=int, default=None,
+              help=f"Smallest defect region, original pixels [default: {DEFAULT_MIN_REGION_PX}].")
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Model views per forward pass.")
+@click.option("--actors", default=1, show_default=True, type=int, help="Model actors (one per GPU on a cluster).")
+@click.option("--num-gpus", default=0.0, show_default=True, type=float, help="GPUs per model actor.")
+@click.option("--shard-size", default=DEFAULT_SHARD_SIZE, show_default=True, type=int, help="Rows per work shard.")
+@click.option("--tile-above", default=DEFAULT_TILE_ABOVE, show_default=True, type=int,
+              help="Tile frames whose longer side exceeds this (px).")
+@click.option("--pattern", default=None, help="For a folder INPUT: path pattern, e.g. '{lot_id}/{wafer_id}/{name}.{ext}'.")
+@click.option("--address", default=None, help="Ray address to attach to (default: a private local Ray).")
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of another run in OUT (keeps runs/).")
+@user_errors
+def run(input: str, out: str, backbone: str, pretrained: str | None, pretrained_sha256: str | None, seed: int,
+        prompts: str | None, cache_dir: str | None, precision: str, storage_option: tuple[str, ...],
+        threshold: float | None, pixel_threshold: float | None, min_region_px: int | None, batch_size: int,
+        actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None, address: str | None,
+        overwrite: bool) -> None:
+    """Score every row of a manifest (CSV/Parquet) or image folder INPUT into OUT.
+
+    \b
+    Example:
+      semclip-batch run data/manifest.csv --out out/ --backbone semclip-tiny --pretrained none
+      semclip-batch run s3://fab/lot42/ --pattern '{lot_id}/{wafer_id}/{name}.{ext}' --out s3://fab/out \\
+          --pretrained s3://models/vit-b-16-plus-240.safetensors --actors 4 --num-gpus 1
+    """
+    from .errors import ConfigError
+    from .pipeline import run as run_pipeline
+
+    if pretrained is None:
+        raise ConfigError("run needs --pretrained (a weights path/URL, or 'none' for seeded random weights)")
+    so = parse_storage_options(storage_option)
+    spec = ModelSpec(backbone=backbone, pretrained=pretrained, pretrained_sha256=pretrained_sha256, seed=seed,
+                     precision=precision, prompts=prompts, storage_options=so)
+    cfg = RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
+                    tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,
+                    actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)
+    result = run_pipeline(cfg, progress=_progress_printer())
+    _print_result(result.record, result.out)
+
+
+def _progress_printer() -> Callable[[int, int], None]:
+    state = {"done": 0}
+
+    def update(n: int, total: int) -> None:
+        state["done"] += n
+        click.echo(f"\rscored {state['done']}/{total} images", nl=state["done"] >= total, err=True)
+
+    return update
+
+
+def _print_result(record: dict[str, Any], out: str) -> None:
+    counts = ", ".join(f"{k}={v}" for k, v in record["counts"].items())
+    click.echo(f"run {record['run_id']} attempt {record['attempt']}: {record['status']}; "
+               f"shards run {record['shards']['run']}, skipped {record['shards']['skipped']}; "
+               f"rows {record['rows']['total']} ({counts}); sent to model {record['rows']['sent_to_model']}")
+    if record["throughput_img_s"]:
+        click.echo(f"throughput {record['throughput_img_s']} img/s")
+    click.echo(f"outputs: {out}/predictions (Parquet, hive by lot_id), {out}/masks.zarr, {out}/runs/{record['run_id']}")
+
+
+@main.command()
+@click.argument("dir", default="./demo-out", required=False)
+@click.option("--backbone", default="semclip-tiny", show_default=True, help="Backbone for the demo run.")
+@user_errors
+def demo(dir: str, backbone: str) -> None:
+    """Run the whole flow on synthetic lots in DIR: synth -> run -> per-lot summary.
+
+    \b
+    Example:
+      semclip-batch demo ./demo-out
+    """
+    from .demo import run_demo
+
+    for line in run_demo(dir, backbone=backbone):
+        click.echo(line)

@@ -1,0 +1,145 @@
+"""Typed, frozen configuration: validated once at the boundary, then passed whole.
+
+Defaults for the thresholds are chosen so a zero-shot run does not flag every frame: with 7 near-uniform
+classes, 1 - p(normal) is about 0.86, so the image and pixel thresholds sit above that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_BACKBONE = "ViT-B-16-plus-240"
+DEFAULT_IMAGE_THRESHOLD = 0.9
+DEFAULT_PIXEL_THRESHOLD = 0.9
+DEFAULT_MIN_REGION_PX = 16
+DEFAULT_TILE_ABOVE = 1024
+DEFAULT_SHARD_SIZE = 256
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCORE_MODES = ("mean", "max")
+SURGERY_WEIGHTS = ("cls", "patch")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds; ``source`` says where each value came from (default | flag | checkpoint)."""
+
+    image: float = DEFAULT_IMAGE_THRESHOLD
+    pixel: float = DEFAULT_PIXEL_THRESHOLD
+    min_region_px: int = DEFAULT_MIN_REGION_PX
+    source: dict[str, str] = field(
+        default_factory=lambda: {"image": "default", "pixel": "default", "min_region_px": "default"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("image", "pixel"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} threshold must be in [0, 1], got {value}")
+        if self.min_region_px < 1:
+            raise ConfigError(f"--min-region-px must be >= 1, got {self.min_region_px}")
+
+    def as_record(self) -> dict[str, Any]:
+        return {"image": self.image, "pixel": self.pixel, "min_region_px": self.min_region_px,
+                "source": dict(self.source)}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The one preprocessing recipe (DESIGN.md); mean/std/size are the backbone's own."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    percentile_low: float = 0.5
+    percentile_high: float = 99.5
+    tile_above: int = DEFAULT_TILE_ABOVE
+    tile_overlap: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
+            raise ConfigError(
+                f"percentile stretch needs 0 <= low < high <= 100, got {self.percentile_low}, {self.percentile_high}"
+            )
+        if self.tile_above < 16:
+            raise ConfigError(f"--tile-above must be >= 16, got {self.tile_above}")
+        if not 0.0 <= self.tile_overlap < 1.0:
+            raise ConfigError(f"tile overlap must be in [0, 1), got {self.tile_overlap}")
+
+    def as_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an actor needs to build the model where it runs: a small, picklable description."""
+
+    backbone: str = DEFAULT_BACKBONE
+    pretrained: str = "none"
+    pretrained_sha256: str | None = None
+    seed: int = 0
+    precision: str = "fp32"
+    prompts: str | None = None
+    taps: tuple[int, ...] | None = None
+    use_vv: bool = True
+    vv_from: int = 1
+    surgery: bool = True
+    surgery_weights: str = "cls"
+    sigma: float = 4.0
+    score_mode: str = "mean"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.score_mode not in SCORE_MODES:
+            raise ConfigError(f"score mode must be one of {', '.join(SCORE_MODES)}, got {self.score_mode!r}")
+        if self.surgery_weights not in SURGERY_WEIGHTS:
+            raise ConfigError(f"surgery weights must be cls or patch, got {self.surgery_weights!r}")
+        if self.sigma < 0:
+            raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
+
+    def output_affecting(self) -> dict[str, Any]:
+        """Fields that change predictions (weights enter run_id through their checksum instead)."""
+        keep = ("backbone", "precision", "taps", "use_vv", "vv_from", "surgery", "surgery_weights", "sigma",
+                "score_mode", "seed")
+        return {k: getattr(self, k) for k in keep}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One ``run``: where from, where to, how wide, and the model description."""
+
+    input: str
+    out: str
+    model: ModelSpec
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    tile_above: int = DEFAULT_TILE_ABOVE
+    pattern: str | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    batch_size: int = 16
+    actors: int = 1
+    num_gpus: float = 0.0
+    address: str | None = None
+    overwrite: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.actors < 1:
+            raise ConfigError(f"--actors must be >= 1, got {self.actors}")
+        if self.num_gpus < 0:
+            raise ConfigError(f"--num-gpus must be >= 0, got {self.num_gpus}")
+
+    def public_record(self) -> dict[str, Any]:
+        """The config as stored in the run record (no secrets: storage options are checked non-secret)."""
+        rec = dataclasses.asdict(self)
+        rec["model"] = dataclasses.asdict(self.model)
+        return rec

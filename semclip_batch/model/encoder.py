@@ -1,0 +1,98 @@
+"""The dual-path image encoder: open_clip's ViT blocks run unchanged, plus a V-V attention path.
+
+In a dual-path block, with ``h = ln_1(x_ori)`` and ``v`` from the block's own ``in_proj`` weights, per head:
+``a_vv = softmax(v v^T / sqrt(d)) v``; ``x_vv = x_vv + out_proj(a_vv)`` (no MLP on this path). ``x_vv`` starts
+as the input of the first dual-path block. The original path is untouched, so the pooled embedding equals
+open_clip's ``encode_image``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class EncoderOutput:
+    """Pooled embedding and the tapped tokens (CLS first) of both paths.
+
+    ``pooled``: ``(B, E)``; ``original[i]`` / ``vv[i]``: ``(B, 1 + N, W)`` after tapped block ``taps[i]``
+    (``vv[i]`` is ``None`` when that block is not dual-path or the V-V path is off).
+    """
+
+    pooled: torch.Tensor
+    original: list[torch.Tensor]
+    vv: list[torch.Tensor | None]
+
+
+def check_supported(visual: nn.Module) -> None:
+    """Refuse vision towers this encoder does not reimplement faithfully."""
+    if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+        raise ValueError(f"{type(visual).__name__} is not an open_clip ViT; SEM-CLIP needs a ViT backbone")
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
+        raise ValueError("attention-pooled or final-LN-after-pool ViTs are not supported")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise ValueError(f"pool type {visual.pool_type!r} is not supported (class-token pooling only)")
+    if not all(isinstance(b.attn, nn.MultiheadAttention) for b in visual.transformer.resblocks):
+        raise ValueError("only ViT blocks with nn.MultiheadAttention are supported")
+
+
+def vv_attention(attn: nn.MultiheadAttention, h: torch.Tensor) -> torch.Tensor:
+    """V-V self-attention per head, then the block's ``out_proj``. ``(B, N, W)`` -> ``(B, N, W)``."""
+    b, n, w = h.shape
+    heads = attn.num_heads
+    v = F.linear(h, attn.in_proj_weight[2 * w:], None if attn.in_proj_bias is None else attn.in_proj_bias[2 * w:])
+    v = v.view(b, n, heads, w // heads).transpose(1, 2)
+    a = F.scaled_dot_product_attention(v, v, v)
+    return attn.out_proj(a.transpose(1, 2).reshape(b, n, w))
+
+
+def embed_patches(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Patch + class + position embeddings and ``ln_pre``. ``(B, 3, S, S)`` -> ``(B, 1 + N, W)``."""
+    x = visual.conv1(images)
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    pos = visual.positional_embedding.to(x.dtype)
+    if pos.shape[0] != x.shape[1]:
+        pos = interpolate_positions(pos, x.shape[1] - 1)
+    return visual.ln_pre(x + pos)
+
+
+def interpolate_positions(pos: torch.Tensor, n_patches: int) -> torch.Tensor:
+    """Bicubic resampling of a square position grid to ``n_patches`` (another input size)."""
+    old = int(round((pos.shape[0] - 1) ** 0.5))
+    new = int(round(n_patches ** 0.5))
+    grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)])
+
+
+def encode_dual_path(visual: nn.Module, images: torch.Tensor, taps: tuple[int, ...], vv_from: int | None) -> EncoderOutput:
+    """Run the blocks once, both paths, keeping the tokens after each tapped block.
+
+    Args:
+        taps: 1-based block indices to tap.
+        vv_from: 1-based first dual-path block, or ``None`` for no V-V path.
+    """
+    x = embed_patches(visual, images)
+    batch_first = getattr(visual.transformer, "batch_first", True)
+    x_vv: torch.Tensor | None = None
+    original: list[torch.Tensor] = []
+    vv: list[torch.Tensor | None] = []
+    for index, block in enumerate(visual.transformer.resblocks, start=1):
+        if vv_from is not None and index >= vv_from:
+            if x_vv is None:
+                x_vv = x
+            x_vv = x_vv + block.ls_1(vv_attention(block.attn, block.ln_1(x)))
+        x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+        if index in taps:
+            original.append(x)
+            vv.append(x_vv)
+    pooled = visual.ln_post(x[:, 0])
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return EncoderOutput(pooled=pooled, original=original, vv=vv)

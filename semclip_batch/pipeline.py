@@ -1,0 +1,221 @@
+"""Orchestration, in one place: manifest -> shards -> decode -> SEM-CLIP -> write -> markers -> run record.
+
+The CLI and ``jobs/`` are thin wrappers around :func:`run`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+
+from . import storage
+from .config import PreprocessConfig, RunConfig
+from .errors import MODEL_ERROR, OK
+from .inference import Predictor, PredictorSetup
+from .layout import OutLayout
+from .manifest import content_digest, read_manifest
+from .model.text import class_embeddings
+from .prompts import PromptSet, load_prompts
+from .ray_session import ClusterShape, check_output_reachable, ray_session
+from .reader import decode_batch
+from .runrecord import next_attempt, now_iso, write_record
+from .schema import INPUT_COLUMNS
+from .shards import ShardKey, clear_partial, create_mask_groups, done_shards, prepare_plan, write_marker
+from .weights import LoadedBackbone, load_backbone, preprocess_config
+from .writer import WriterSetup, write_batch
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class RunResult:
+    out: str
+    run_id: str
+    record: dict[str, Any]
+    record_url: str
+
+
+@dataclass
+class _Timer:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+@dataclass(frozen=True)
+class _ModelIdentity:
+    model_id: str
+    sha256: str
+    text: np.ndarray
+    prompts: PromptSet
+
+
+def text_embeddings(backbone: LoadedBackbone, prompts: PromptSet) -> np.ndarray:
+    """``(C, E)`` class embeddings from the backbone's own text tower."""
+    tokenizer = open_clip.get_tokenizer(backbone.name)
+    return class_embeddings(backbone.clip, [tokenizer(list(p)) for p in prompts.prompts]).numpy()
+
+
+def _identify_model(cfg: RunConfig) -> _ModelIdentity:
+    spec = cfg.model
+    prompts = load_prompts(spec.prompts, cfg.storage_options)
+    backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=spec.pretrained_sha256,
+                             storage_options=cfg.storage_options)
+    return _ModelIdentity(model_id=f"zero-shot:{spec.backbone}:{backbone.sha256[:12]}", sha256=backbone.sha256,
+                          text=text_embeddings(backbone, prompts), prompts=prompts)
+
+
+def compute_run_id(manifest_digest: str, output_config: dict[str, Any], weights_sha256: str) -> str:
+    """Short hash of (manifest content, output-affecting config, model checksum)."""
+    blob = json.dumps({"manifest": manifest_digest, "config": output_config, "weights": weights_sha256},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def output_config(cfg: RunConfig, prep: PreprocessConfig, ident: _ModelIdentity) -> dict[str, Any]:
+    return {"model": cfg.model.output_affecting(), "classes": list(ident.prompts.classes),
+            "prompts": ident.prompts.as_record(), "preprocessing": prep.as_record(),
+            "thresholds": {k: v for k, v in cfg.thresholds.as_record().items() if k != "source"}}
+
+
+def actor_resources(cfg: RunConfig, shape: ClusterShape) -> tuple[float, int]:
+    """CPUs per model actor and torch threads. On CPU, leave 0.75 CPU so decode and write always progress."""
+    if cfg.num_gpus > 0:
+        return 1.0, max(1, int(shape.cpus // max(1, cfg.actors)) - 1)
+    cpus = max(0.25, min(1.0, (shape.cpus - 0.75) / cfg.actors))
+    return cpus, max(1, int(shape.cpus // cfg.actors))
+
+
+def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
+    """Score every manifest row into OUT; resume-safe and idempotent."""
+    timer = _Timer()
+    started_at = now_iso()
+    layout = OutLayout(storage.normalize_root(cfg.out))
+    so = cfg.storage_options
+    with timer.stage("manifest"):
+        df = read_manifest(cfg.input, pattern=cfg.pattern, storage_options=so)
+    with timer.stage("model_load"):
+        prep = preprocess_config(cfg.model.backbone, tile_above=cfg.tile_above)
+        ident = _identify_model(cfg)
+    run_id = compute_run_id(content_digest(df), output_config(cfg, prep, ident), ident.sha256)
+    plan, shard_size = prepare_plan(layout, df, run_id=run_id, shard_size=cfg.shard_size,
+                                    overwrite=cfg.overwrite, storage_options=so)
+    rows = df.merge(plan[["image_id", "shard"]], on="image_id", how="left")
+    attempt = next_attempt(layout, run_id, so)
+    record: dict[str, Any] = {
+        "run_id": run_id, "attempt": attempt, "started_at": started_at, "finished_at": None, "status": "failed",
+        "mode": "zero-shot", "model_id": ident.model_id, "classes": list(ident.prompts.classes),
+        "thresholds": cfg.thresholds.as_record(), "preprocessing": prep.as_record(), "shard_size": shard_size,
+        "shards": {}, "rows": {"total": len(df), "sent_to_model": 0}, "counts": {}, "timings_s": timer.timings,
+        "throughput_img_s": None, "config": cfg.public_record(),
+    }
+    try:
+        with ray_session(cfg.address) as shape:
+            check_output_reachable(layout.root, shape)
+            _execute(cfg, layout, rows, record, ident, prep, shape, timer, progress)
+        record["status"] = "complete"
+    finally:
+        record["finished_at"] = now_iso()
+        url = write_record(layout, record, so)
+    return RunResult(out=layout.root, run_id=run_id, record=record, record_url=url)
+
+
+def _execute(cfg: RunConfig, layout: OutLayout, rows: pd.DataFrame, record: dict[str, Any], ident: _ModelIdentity,
+             prep: PreprocessConfig, shape: ClusterShape, timer: _Timer, progress: Progress | None) -> None:
+    so = cfg.storage_options
+    all_shards = {(str(a), str(b)) for a, b in rows[["lot_id", "shard"]].drop_duplicates().itertuples(index=False)}
+    done = done_shards(layout, so) & all_shards
+    todo = all_shards - done
+    record["shards"] = {"total": len(all_shards), "skipped": len(done), "run": len(todo)}
+    with timer.stage("prepare_outputs"):
+        clear_partial(layout, todo, so)
+        create_mask_groups(layout, rows["lot_id"].unique(), todo, so)
+    todo_rows = rows[[(lot, shard) in todo for lot, shard in zip(rows["lot_id"], rows["shard"])]]
+    counts: Counter[str] = _done_counts(layout, done, so)
+    if len(todo_rows):
+        with timer.stage("pipeline"):
+            new_counts = _stream(cfg, layout, todo_rows, ident, prep, shape, record, progress)
+        counts.update(new_counts)
+        sent = sum(n for status, n in new_counts.items() if status in (OK, MODEL_ERROR, "write_error"))
+        record["rows"]["sent_to_model"] = sent
+        record["throughput_img_s"] = round(len(todo_rows) / max(timer.timings["pipeline"], 1e-9), 3)
+    record["counts"] = dict(sorted(counts.items()))
+
+
+def _done_counts(layout: OutLayout, done: set[ShardKey], so: dict[str, Any]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for key in done:
+        counts.update(json.loads(storage.read_bytes(layout.marker(*key), so)).get("counts", {}))
+    return counts
+
+
+def _input_blocks(todo_rows: pd.DataFrame) -> list[pa.Table]:
+    """One Arrow block per work shard: the unit Ray Data starts from."""
+    schema = pa.schema([(c, pa.int64() if c in ("die_x", "die_y") else pa.string()) for c in INPUT_COLUMNS])
+    blocks = []
+    for _, part in todo_rows.groupby(["lot_id", "shard"], sort=True):
+        cols = {c: [None if pd.isna(v) else v for v in part[c]] for c in INPUT_COLUMNS}
+        blocks.append(pa.table(cols, schema=schema))
+    return blocks
+
+
+def _stream(cfg: RunConfig, layout: OutLayout, todo_rows: pd.DataFrame, ident: _ModelIdentity,
+            prep: PreprocessConfig, shape: ClusterShape, record: dict[str, Any],
+            progress: Progress | None) -> Counter[str]:
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    actor_cpus, threads = actor_resources(cfg, shape)
+    setup = PredictorSetup(spec=cfg.model, prep=prep, text_embeddings=ident.text, weights_sha256=ident.sha256,
+                           batch_size=cfg.batch_size, threads=threads, use_gpu=cfg.num_gpus > 0)
+    wsetup = WriterSetup(out=layout.root, run_id=record["run_id"], model_id=ident.model_id,
+                         classes=ident.prompts.classes, thresholds=cfg.thresholds, storage_options=cfg.storage_options)
+    ds = ray.data.from_arrow(_input_blocks(todo_rows))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "storage_options": cfg.storage_options},
+                        batch_size=4, num_cpus=0.5, batch_format="numpy")
+    ds = ds.map_batches(Predictor, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
+                        compute=ActorPoolStrategy(size=cfg.actors), num_cpus=actor_cpus,
+                        num_gpus=cfg.num_gpus or None, batch_format="numpy")
+    ds = ds.map_batches(write_batch, fn_kwargs={"setup": wsetup}, batch_size=None, num_cpus=0.25,
+                        batch_format="numpy")
+    expected = todo_rows.groupby(["lot_id", "shard"]).size().to_dict()
+    seen: dict[ShardKey, set[str]] = defaultdict(set)
+    shard_counts: dict[ShardKey, Counter[str]] = defaultdict(Counter)
+    total: Counter[str] = Counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for lot, shard, image_id, status in zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"]):
+            key = (str(lot), str(shard))
+            if str(image_id) in seen[key]:
+                continue
+            seen[key].add(str(image_id))
+            shard_counts[key][str(status)] += 1
+            total[str(status)] += 1
+            if len(seen[key]) == expected[key]:
+                write_marker(layout, key, shard_counts[key], cfg.storage_options)
+        if progress is not None:
+            progress(len(batch["image_id"]), len(todo_rows))
+    missing = sum(expected.values()) - sum(total.values())
+    if missing:
+        raise RuntimeError(f"{missing} rows came back without a receipt; rerun to complete the missing shards")
+    return total

@@ -1,0 +1,57 @@
+"""The CPU stage: read each image's bytes through fsspec, decode, preprocess.
+
+Every input row leaves as exactly one output row: ``status`` ``ok`` with the model views in ``pixels``
+(float32 bytes of ``(n_views, 3, S, S)``), or an error kind with a one-line ``error``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .config import PreprocessConfig
+from .decode import decode_image
+from .errors import OK, READ_ERROR, ImageError, one_line
+from .preprocess import model_inputs
+from .storage import read_bytes
+
+log = logging.getLogger(__name__)
+
+
+def load_frame(url: str, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Read and decode one frame. Returns ``(H, W)`` float32. Raises :class:`ImageError`."""
+    try:
+        data = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise ImageError(READ_ERROR, f"not found: {url}") from None
+    except Exception as exc:  # noqa: BLE001 - any storage failure is this row's read error
+        raise ImageError(READ_ERROR, f"cannot read {url}: {one_line(exc)}") from None
+    return decode_image(data)
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
+                 storage_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Ray Data map function: adds ``status, error, height, width, n_views, pixels``."""
+    n = len(batch["image_id"])
+    status, error = np.full(n, OK, dtype=object), np.full(n, None, dtype=object)
+    height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    pixels = np.full(n, b"", dtype=object)
+    for i, url in enumerate(batch["url"]):
+        try:
+            gray = load_frame(str(url), storage_options)
+            x = model_inputs(gray, prep)
+        except ImageError as exc:
+            status[i], error[i] = exc.kind, one_line(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - item boundary: never drop a row
+            log.exception("unexpected failure preparing %s", url)
+            status[i], error[i] = "decode_error", one_line(exc)
+            continue
+        height[i], width[i] = gray.shape
+        views[i], pixels[i] = x.shape[0], x.tobytes()
+    out = dict(batch)
+    out.update(status=status, error=error, height=height, width=width, n_views=views, pixels=pixels)
+    return out
