@@ -54,7 +54,7 @@ def _decode_tiff(data: bytes) -> np.ndarray:
             return page.asarray()
     except ImageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any codec failure is this image's decode error
+    except Exception as exc:
         raise ImageError(DECODE_ERROR, f"unreadable TIFF: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
 
 
@@ -72,7 +72,7 @@ def _decode_pillow(data: bytes) -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(DECODE_ERROR, f"frame too large: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - not an image, truncated, unsupported: this image's decode error
+    except Exception as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ImageError(DECODE_ERROR, f"not a readable image: {reason}") from exc
 

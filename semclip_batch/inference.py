@@ -76,16 +76,16 @@ class Predictor:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         masks = np.full(n, b"", dtype=object)
         scores = np.full(n, np.nan)
-        class_scores = np.full(n, None, dtype=object)
+        class_scores = np.full((n, self.setup.text_embeddings.shape[0]), np.nan, dtype=np.float32)
         ok = [i for i in range(n) if batch["status"][i] == OK]
         try:
             self._score(batch, ok, masks, scores, class_scores)
-        except Exception as exc:  # noqa: BLE001 - batch boundary: the rows become model_error rows
+        except Exception as exc:
             log.exception("model failed on a batch of %d images", len(ok))
             status, error = np.array(batch["status"], dtype=object), np.array(batch["error"], dtype=object)
             status[ok], error[ok] = MODEL_ERROR, one_line(exc)
             out.update(status=status, error=error)
-            masks[:], scores[:], class_scores[:] = b"", np.nan, None
+            masks[:], scores[:], class_scores[:] = b"", np.nan, np.nan
         out.update(mask=masks, anomaly_score=scores, class_scores=class_scores)
         return out
 
@@ -96,10 +96,10 @@ class Predictor:
         size = self.setup.prep.image_size
         counts = [int(batch["n_views"][i]) for i in ok]
         views = np.concatenate([np.frombuffer(batch["pixels"][i], dtype=np.float32).reshape(c, 3, size, size)
-                                for i, c in zip(ok, counts)])
+                                for i, c in zip(ok, counts, strict=False)])
         maps, probs = self._forward(views)
         start = 0
-        for i, count in zip(ok, counts):
+        for i, count in zip(ok, counts, strict=False):
             h, w = int(batch["height"][i]), int(batch["width"][i])
             tiles = tile_grid(h, w, self.setup.prep.tile_above, self.setup.prep.tile_overlap)
             frame = maps_to_frame(maps[start:start + count], h, w, tiles).numpy()

@@ -80,7 +80,7 @@ def _read_table(source: str, storage_options: Mapping[str, Any] | None) -> pd.Da
             frame = pq.read_table(io.BytesIO(data)).to_pandas()
             return frame.map(cell_text).astype(object) if len(frame) else frame.astype(object)
         return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_filter=False).astype(object)
-    except Exception as exc:  # noqa: BLE001 - any parser failure is a user's unreadable manifest
+    except Exception as exc:
         raise ManifestError(f"cannot parse manifest {source!r} as CSV or Parquet: {exc}") from exc
 
 
@@ -139,10 +139,10 @@ def normalize(raw: pd.DataFrame, *, base_folder: str, source: str) -> pd.DataFra
         raise ManifestError(f"manifest row {i + 1}: lot_id {df.at[i, 'lot_id']!r} cannot name a folder "
                             "(no '/', '\\', '%', control characters or leading '.')")
     for col in ("die_x", "die_y"):
-        df[col] = [_parse_int(v, col, i) for i, v in enumerate(df[col])]
+        df[col] = pd.Series([_parse_int(v, col, i) for i, v in enumerate(df[col])], index=df.index, dtype=object)
     missing_id = df["image_id"] == ""
     df.loc[missing_id, "image_id"] = [default_image_id(u, d) for u, d in
-                                      zip(df.loc[missing_id, "uri"], df.loc[missing_id, "defect_id"])]
+                                      zip(df.loc[missing_id, "uri"], df.loc[missing_id, "defect_id"], strict=False)]
     _refuse_duplicates(df)
     df["url"] = [storage.resolve(u, base_folder) for u in df["uri"]]
     df["reference_url"] = [storage.resolve(u, base_folder) if u else "" for u in df["reference_uri"]]

@@ -151,7 +151,7 @@ def _execute(cfg: RunConfig, layout: OutLayout, rows: pd.DataFrame, record: dict
     with timer.stage("prepare_outputs"):
         clear_partial(layout, todo, so)
         create_mask_groups(layout, rows["lot_id"].unique(), todo, so)
-    todo_rows = rows[[(lot, shard) in todo for lot, shard in zip(rows["lot_id"], rows["shard"])]]
+    todo_rows = rows[[(lot, shard) in todo for lot, shard in zip(rows["lot_id"], rows["shard"], strict=False)]]
     counts: Counter[str] = _done_counts(layout, done, so)
     if len(todo_rows):
         with timer.stage("pipeline"):
@@ -204,7 +204,8 @@ def _stream(cfg: RunConfig, layout: OutLayout, todo_rows: pd.DataFrame, ident: _
     shard_counts: dict[ShardKey, Counter[str]] = defaultdict(Counter)
     total: Counter[str] = Counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for lot, shard, image_id, status in zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"]):
+        receipts = zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"], strict=True)
+        for lot, shard, image_id, status in receipts:
             key = (str(lot), str(shard))
             if str(image_id) in seen[key]:
                 continue

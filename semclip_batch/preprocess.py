@@ -94,7 +94,7 @@ def maps_to_frame(maps: torch.Tensor, height: int, width: int, tiles: list[Tile]
         return resize(maps[:1, None], (height, width))[0, 0]
     acc = torch.zeros(height, width)
     hits = torch.zeros(height, width)
-    for tile, tile_map in zip(tiles, maps[1:]):
+    for tile, tile_map in zip(tiles, maps[1:], strict=False):
         up = resize(tile_map[None, None], (tile.side, tile.side))[0, 0]
         acc[tile.y:tile.y + tile.side, tile.x:tile.x + tile.side] += up
         hits[tile.y:tile.y + tile.side, tile.x:tile.x + tile.side] += 1.0

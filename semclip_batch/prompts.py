@@ -22,7 +22,7 @@ class PromptSet:
     prompts: tuple[tuple[str, ...], ...]
 
     def as_record(self) -> dict[str, list[str]]:
-        return {c: list(p) for c, p in zip(self.classes, self.prompts)}
+        return {c: list(p) for c, p in zip(self.classes, self.prompts, strict=False)}
 
     def for_class(self, name: str) -> tuple[str, ...]:
         return self.prompts[self.classes.index(name)]

@@ -46,7 +46,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)
             continue
-        except Exception as exc:  # noqa: BLE001 - item boundary: never drop a row
+        except Exception as exc:
             log.exception("unexpected failure preparing %s", url)
             status[i], error[i] = "decode_error", one_line(exc)
             continue

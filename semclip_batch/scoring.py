@@ -34,7 +34,7 @@ def anomaly_score(p_normal: float, map_max: float, mode: str = "mean") -> float:
 
 def pixel_level(pixel_threshold: float) -> int:
     """Defect pixels are mask >= ceil(255 * pixel_threshold)."""
-    return int(math.ceil(255.0 * pixel_threshold - 1e-9))
+    return math.ceil(255.0 * pixel_threshold - 1e-9)
 
 
 def defect_regions(mask: np.ndarray, pixel_threshold: float, min_region_px: int) -> Regions:

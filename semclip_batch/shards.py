@@ -30,7 +30,7 @@ ShardKey = tuple[str, str]
 def plan_shards(df: pd.DataFrame, shard_size: int) -> pd.DataFrame:
     """``image_id, lot_id, shard`` for every row: lot-local, image_id order, fixed size."""
     parts = []
-    for lot, rows in df[["image_id", "lot_id"]].groupby("lot_id", sort=True):
+    for _lot, rows in df[["image_id", "lot_id"]].groupby("lot_id", sort=True):
         rows = rows.sort_values("image_id").reset_index(drop=True)
         rows["shard"] = [f"s{k // shard_size:05d}" for k in range(len(rows))]
         parts.append(rows)

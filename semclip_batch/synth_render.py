@@ -86,9 +86,10 @@ def add_defect(label: str, structure: np.ndarray, layout: Layout, rng: np.random
         s[mask] = 1.0
     elif label == "particle":
         r = rng.uniform(6, 11) * scale + 2
-        mask = _disk(h, w, cy, cx, r)
-        dist = np.sqrt(np.clip(1 - ((np.mgrid[0:h, 0:w][0] - cy) ** 2 + (np.mgrid[0:h, 0:w][1] - cx) ** 2) / r**2, 0, 1))
-        extra += 0.55 * dist * mask + 0.15 * mask
+        yy, xx = np.mgrid[0:h, 0:w]
+        dome = np.sqrt(np.clip(1 - ((yy - cy) ** 2 + (xx - cx) ** 2) / r**2, 0, 1))  # bright, shaded sphere
+        mask = dome > 0
+        extra += 0.55 * dome + 0.15 * mask
     elif label == "scratch":
         mask = _scratch(h, w, usable_h, rng, scale)
         extra += np.where(mask, rng.choice([-0.18, 0.22]), 0.0)
@@ -148,7 +149,7 @@ def _scratch(h: int, w: int, usable_h: int, rng: np.random.Generator, scale: flo
 
 
 def banner_height(h: int) -> int:
-    return max(12, int(round(h * 0.09)))
+    return max(12, round(h * 0.09))
 
 
 def draw_banner(img: np.ndarray, text: str) -> np.ndarray:

@@ -55,7 +55,7 @@ def part_name(image_ids: list[str]) -> str:
 def write_batch(batch: dict[str, np.ndarray], *, setup: WriterSetup) -> dict[str, np.ndarray]:
     """Ray Data map function: write predictions + masks, return receipts ``lot_id, shard, image_id, status``."""
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, (lot, shard) in enumerate(zip(batch["lot_id"], batch["shard"])):
+    for i, (lot, shard) in enumerate(zip(batch["lot_id"], batch["shard"], strict=False)):
         groups[(str(lot), str(shard))].append(i)
     root = None
     for (lot, shard), rows in groups.items():

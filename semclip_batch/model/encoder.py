@@ -64,8 +64,8 @@ def embed_patches(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def interpolate_positions(pos: torch.Tensor, n_patches: int) -> torch.Tensor:
     """Bicubic resampling of a square position grid to ``n_patches`` (another input size)."""
-    old = int(round((pos.shape[0] - 1) ** 0.5))
-    new = int(round(n_patches ** 0.5))
+    old = round((pos.shape[0] - 1) ** 0.5)
+    new = round(n_patches ** 0.5)
     grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
     return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)])

@@ -61,7 +61,7 @@ class TransformationLayer(nn.Module):
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(4.0 * sigma)))
+    radius = max(1, math.ceil(4.0 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
@@ -120,7 +120,7 @@ class SemClip(nn.Module):
         scale = self.logit_scale.exp().to(images.dtype)
         total = torch.zeros(images.shape[0], images.shape[-2], images.shape[-1], dtype=torch.float32,
                             device=images.device)
-        for layer, ori, vv in zip(self.transform, enc.original, enc.vv):
+        for layer, ori, vv in zip(self.transform, enc.original, enc.vv, strict=False):
             for tokens in (ori, vv):
                 if tokens is not None:
                     total = total + self._path_map(layer(tokens), text, scale, images.shape[-2:])
@@ -138,6 +138,6 @@ class SemClip(nn.Module):
         else:
             sim = plain_similarity(patches, text)
         defect = 1.0 - (scale * sim).float().softmax(dim=-1)[..., 0]
-        grid = int(round(defect.shape[1] ** 0.5))
+        grid = round(defect.shape[1] ** 0.5)
         defect = defect.view(-1, 1, grid, grid)
         return F.interpolate(defect, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]

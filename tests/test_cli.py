@@ -1,0 +1,73 @@
+"""The CLI: user mistakes end in one clear line and exit != 0, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from semclip_batch.cli import main
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+
+
+def test_every_command_help_has_an_example():
+    for cmd in ("synth", "run", "demo"):
+        result = invoke(cmd, "--help")
+        assert result.exit_code == 0 and "Example" in result.output
+    assert "0.9" in invoke("run", "--help").output  # default thresholds shown
+
+
+def test_run_needs_pretrained(synth_lot, tmp_path):
+    result = invoke("run", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "o"), "--backbone", "semclip-tiny")
+    assert_one_line_error(result, "--pretrained")
+
+
+def test_unknown_backbone(synth_lot, tmp_path):
+    result = invoke("run", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "o"), "--backbone", "ViT-Nope",
+                    "--pretrained", "none")
+    assert_one_line_error(result, "unknown backbone 'ViT-Nope'")
+
+
+def test_missing_pretrained_file(synth_lot, tmp_path):
+    result = invoke("run", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "o"), "--backbone", "semclip-tiny",
+                    "--pretrained", str(tmp_path / "nope.safetensors"))
+    assert_one_line_error(result, "not found")
+
+
+def test_checksum_mismatch(synth_lot, tmp_path):
+    result = invoke("run", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "o"), "--backbone", "semclip-tiny",
+                    "--pretrained", "none", "--pretrained-sha256", "ab" * 32)
+    assert_one_line_error(result, "checksum mismatch")
+
+
+@pytest.mark.parametrize("content", [None, b"uri,lot_id\n", b"\x00\x01garbage"])
+def test_unreadable_manifest(tmp_path, content):
+    path = tmp_path / "m.csv"
+    if content is not None:
+        path.write_bytes(content)
+    result = invoke("run", str(path), "--out", str(tmp_path / "o"), "--backbone", "semclip-tiny", "--pretrained", "none")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.count("\n") <= 2
+
+
+def test_secret_storage_option_refused(synth_lot, tmp_path):
+    result = invoke("run", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "o"), "--pretrained", "none",
+                    "--storage-option", "secret=hunter2")
+    assert result.exit_code != 0 and "hunter2" not in result.output
+
+
+def test_synth_cli(tmp_path):
+    result = invoke("synth", str(tmp_path / "d"), "--lots", "1", "--per-class", "1", "--sizes", "128x160")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "d" / "manifest.csv").exists() and (tmp_path / "d" / "manifest.parquet").exists()
+    assert_one_line_error(invoke("synth", str(tmp_path / "e"), "--sizes", "big"), "--sizes")
+    assert_one_line_error(invoke("synth", str(tmp_path / "e"), "--formats", "gif"), "--formats")

@@ -1,0 +1,102 @@
+"""Decoding: bit depths, formats, colour, and every kind of broken file as an ImageError."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from semclip_batch.decode import decode_image
+from semclip_batch.errors import DECODE_ERROR, ImageError
+
+
+def png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG") if mode else Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tif(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kw)
+    return buf.getvalue()
+
+
+def test_uint8_png_scaled_by_255():
+    arr = np.full((20, 30), 51, np.uint8)
+    out = decode_image(png(arr))
+    assert out.shape == (20, 30) and out.dtype == np.float32
+    assert np.allclose(out, 0.2)
+
+
+def test_uint16_tiff_scaled_by_65535():
+    arr = np.full((40, 24), 4095, np.uint16)
+    assert np.allclose(decode_image(tif(arr)), 4095 / 65535)
+
+
+def test_uint16_png():
+    arr = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60
+    out = decode_image(png(arr))
+    assert np.allclose(out, arr / 65535.0, atol=1e-6)
+
+
+def test_float_tiff_kept_as_is():
+    arr = np.linspace(-0.5, 2.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    assert np.allclose(decode_image(tif(arr)), arr)
+
+
+def test_rgb_becomes_luminance():
+    arr = np.zeros((16, 16, 3), np.uint8)
+    arr[..., 0] = 255
+    assert np.allclose(decode_image(png(arr)), 0.299, atol=1e-6)
+    rgba = np.dstack([arr, np.full((16, 16), 128, np.uint8)])
+    assert np.allclose(decode_image(png(rgba)), 0.299, atol=1e-6)
+
+
+def test_palette_becomes_luminance():
+    img = Image.new("P", (20, 20))
+    img.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    img.paste(1, (0, 0, 20, 20))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    assert np.allclose(decode_image(buf.getvalue()), 0.587, atol=1e-6)
+
+
+def test_tiff_first_page_only():
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as w:
+        w.write(np.full((20, 20), 255, np.uint8))
+        w.write(np.zeros((20, 20), np.uint8))
+    assert np.allclose(decode_image(buf.getvalue()), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"hello, not an image at all", "not a readable image"),
+        (png(np.zeros((8, 64), np.uint8)), "smaller than 16"),
+        (tif(np.zeros((12, 40), np.uint16)), "smaller than 16"),
+    ],
+)
+def test_bad_inputs_are_decode_errors(data, reason):
+    with pytest.raises(ImageError, match=reason) as info:
+        decode_image(data)
+    assert info.value.kind == DECODE_ERROR
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_png_is_decode_error():
+    data = png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    with pytest.raises(ImageError) as info:
+        decode_image(data[: len(data) // 2])
+    assert info.value.kind == DECODE_ERROR
+
+
+def test_over_64_mpx_refused_from_header():
+    big = tif(np.zeros((8200, 8200), np.uint8), compression="zlib")
+    with pytest.raises(ImageError, match="64 Mpx"):
+        decode_image(big)

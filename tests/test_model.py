@@ -1,0 +1,138 @@
+"""SEM-CLIP model math against hand-computed and reference (open_clip) results."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semclip_batch.model import SemClip, SemClipConfig, default_taps
+from semclip_batch.model.encoder import encode_dual_path, vv_attention
+from semclip_batch.model.surgery import feature_surgery
+
+
+def naive_vv(attn: torch.nn.MultiheadAttention, h: torch.Tensor) -> torch.Tensor:
+    """softmax(v v^T / sqrt(d)) v, head by head with explicit loops, then out_proj."""
+    w = attn.embed_dim
+    heads = attn.num_heads
+    d = w // heads
+    v = h @ attn.in_proj_weight[2 * w:].t() + attn.in_proj_bias[2 * w:]
+    out = torch.zeros_like(v)
+    for b in range(h.shape[0]):
+        for k in range(heads):
+            vk = v[b, :, k * d:(k + 1) * d]
+            att = torch.softmax(vk @ vk.t() / math.sqrt(d), dim=-1)
+            out[b, :, k * d:(k + 1) * d] = att @ vk
+    return out @ attn.out_proj.weight.t() + attn.out_proj.bias
+
+
+def test_vv_attention_matches_naive_per_head(tiny_clip):
+    torch.manual_seed(1)
+    block = tiny_clip.clip.visual.transformer.resblocks[0]
+    h = torch.randn(2, 226, block.attn.embed_dim)
+    with torch.no_grad():
+        assert torch.allclose(vv_attention(block.attn, h), naive_vv(block.attn, h), atol=1e-5)
+
+
+@pytest.mark.parametrize("vv_from", [None, 1, 3])
+def test_pooled_embedding_equals_open_clip(tiny_clip, vv_from):
+    torch.manual_seed(2)
+    x = torch.randn(3, 3, 240, 240)
+    with torch.no_grad():
+        ref = tiny_clip.clip.encode_image(x)
+        out = encode_dual_path(tiny_clip.clip.visual, x, (1, 2, 3, 4), vv_from)
+    assert torch.allclose(out.pooled, ref, atol=1e-5)
+    assert len(out.original) == 4
+    if vv_from is None:
+        assert all(v is None for v in out.vv)
+    else:
+        assert [v is not None for v in out.vv] == [i >= vv_from for i in (1, 2, 3, 4)]
+
+
+def test_vv_path_starts_from_first_dual_block_input(tiny_clip):
+    """With one dual block (the last), x_vv = input of that block + out_proj(a_vv)."""
+    visual = tiny_clip.clip.visual
+    x = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        out = encode_dual_path(visual, x, (3, 4), 4)
+        block = visual.transformer.resblocks[3]
+        h_in = out.original[0]  # output of block 3 = input of block 4
+        expected = h_in + vv_attention(block.attn, block.ln_1(h_in))
+    assert out.vv[0] is None
+    assert torch.allclose(out.vv[1], expected, atol=1e-6)
+
+
+def hand_surgery(f: torch.Tensor, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The elementwise formula of SEMCLIP.md for one patch f (D,), guide g (D,), classes t (C, D)."""
+    prob = torch.softmax(2 * (t @ g), dim=0)
+    w = prob / prob.mean()
+    e = f[None, :] * t  # (C, D)
+    we = w[:, None] * e
+    r = we.mean(dim=0)
+    return (we - r[None, :]).sum(dim=1)
+
+
+def test_surgery_two_classes_three_channels_by_hand():
+    f = F.normalize(torch.tensor([[[0.6, 0.8, 0.0], [0.0, 0.6, 0.8]]]), dim=-1)  # (1, 2 patches, 3)
+    g = F.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=-1)
+    t = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]), dim=-1)
+    # cls weights: softmax(2 * [1, 0]) = [e^2, 1] / (e^2 + 1); w = prob / 0.5
+    p0 = math.exp(2) / (math.exp(2) + 1)
+    w = torch.tensor([2 * p0, 2 * (1 - p0)])
+    sim0 = f[0, 0] @ t.t()  # patch 0: [0.6, 0.8/sqrt(2)]
+    expected0 = w * sim0 - (w * sim0).mean()
+    out = feature_surgery(f, g, t, "cls")
+    assert torch.allclose(out[0, 0], expected0, atol=1e-6)
+    assert torch.allclose(out[0, 0], hand_surgery(f[0, 0], g[0], t), atol=1e-6)
+    assert torch.allclose(out[0, 1], hand_surgery(f[0, 1], g[0], t), atol=1e-6)
+    patch = feature_surgery(f, g, t, "patch")
+    for n in range(2):
+        assert torch.allclose(patch[0, n], hand_surgery(f[0, n], f[0, n], t), atol=1e-6)
+    assert not torch.allclose(patch, out)
+
+
+def test_default_taps():
+    assert default_taps(12) == (3, 6, 9, 12)
+    assert default_taps(4) == (1, 2, 3, 4)
+    assert default_taps(24) == (6, 12, 18, 24)
+
+
+def test_transformation_layer_starts_as_zero_shot_clip(tiny_clip):
+    model = SemClip(tiny_clip.clip, SemClipConfig(taps=(4,)), n_classes=3)
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad():
+        enc = encode_dual_path(model.visual, x, (4,), None)
+        cls = model.transform[0](enc.original[0])[:, 0]
+        ref = F.normalize(tiny_clip.clip.encode_image(x), dim=-1)
+    assert torch.allclose(cls, ref, atol=1e-5)
+
+
+def test_forward_maps_and_state(tiny_clip):
+    model = SemClip(tiny_clip.clip, SemClipConfig(taps=(2, 4)), n_classes=3).eval()
+    text = F.normalize(torch.randn(3, 64), dim=-1)
+    model.set_text_embeddings(text)
+    assert model.n_terms() == 4
+    assert torch.allclose(model.state_dict()["text_embeddings"], text)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 240, 240))
+    assert out.maps.shape == (2, 240, 240)
+    assert float(out.maps.min()) >= 0.0 and float(out.maps.max()) <= 1.0
+    assert torch.allclose(out.class_probs.sum(-1), torch.ones(2), atol=1e-5)
+    no_vv = SemClip(tiny_clip.clip, SemClipConfig(taps=(2, 4), use_vv=False), n_classes=3)
+    assert no_vv.n_terms() == 2
+
+
+def test_uniform_text_gives_uniform_defect_probability(tiny_clip):
+    """With identical class embeddings every patch is 1 - 1/C: the map is exactly (C-1)/C, never min-max scaled."""
+    model = SemClip(tiny_clip.clip, SemClipConfig(taps=(4,)), n_classes=7).eval()
+    model.set_text_embeddings(torch.ones(7, 64))
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 240, 240))
+    assert torch.allclose(out.maps, torch.full_like(out.maps, 6 / 7), atol=1e-5)
+
+
+def test_bad_taps_refused(tiny_clip):
+    with pytest.raises(ValueError, match="taps"):
+        SemClip(tiny_clip.clip, SemClipConfig(taps=(5,)), n_classes=2)

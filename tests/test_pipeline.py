@@ -1,0 +1,185 @@
+"""The Ray Data pipeline end to end on local files: the output contract, idempotence and resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+
+from semclip_batch.config import ModelSpec, RunConfig
+from semclip_batch.errors import OutputError
+from semclip_batch.pipeline import run
+from semclip_batch.results import read_predictions
+from semclip_batch.schema import PREDICTIONS, RESULT_COLUMNS
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+
+SPEC = ModelSpec(backbone="semclip-tiny", pretrained="none", seed=0)
+
+
+@pytest.fixture(scope="module")
+def mixed_manifest(synth_lot, tmp_path_factory) -> Path:
+    """The synthetic lots plus broken files and a 4096x4096 16-bit frame, in another folder."""
+    root = tmp_path_factory.mktemp("mixed")
+    m = pd.read_csv(synth_lot / "manifest.csv", dtype=str, keep_default_na=False)
+    m["uri"] = [str(synth_lot / u) for u in m["uri"]]
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "empty.png").write_bytes(b"")
+    (broken / "text.png").write_text("this is not an image")
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(good, format="PNG")
+    (broken / "truncated.png").write_bytes(good.getvalue()[:200])
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(broken / "tiny.png")
+    big = (np.random.default_rng(1).random((4096, 4096)) * 4095).astype(np.uint16)
+    big[1000:1100, 2000:2100] = 4095
+    tifffile.imwrite(root / "big.tif", big)
+    extra = pd.DataFrame([
+        {"uri": "broken/missing.png", "lot_id": "LOT-X", "wafer_id": "W9"},
+        {"uri": "broken/empty.png", "lot_id": "LOT-X", "wafer_id": "W9"},
+        {"uri": "broken/text.png", "lot_id": "LOT-X", "wafer_id": "W9"},
+        {"uri": "broken/truncated.png", "lot_id": "LOT-X", "wafer_id": "W9"},
+        {"uri": "broken/tiny.png", "lot_id": "LOT-X", "wafer_id": "W9"},
+        {"uri": "big.tif", "lot_id": "LOT-X", "wafer_id": "W9", "die_x": "2", "die_y": "5"},
+    ])
+    pd.concat([m, extra], ignore_index=True).fillna("").to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
+
+
+def cfg_for(manifest: Path, out: Path, **kw) -> RunConfig:
+    base = {"input": str(manifest), "out": str(out), "model": SPEC, "shard_size": 4, "batch_size": 8}
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def predictions(out: Path) -> pd.DataFrame:
+    return read_predictions(str(out)).to_pandas().sort_values("image_id").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, mixed_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "run"
+    result = run(cfg_for(mixed_manifest, out))
+    return out, result
+
+
+def test_one_row_per_manifest_row_with_errors(first_run, mixed_manifest):
+    out, result = first_run
+    df = predictions(out)
+    manifest = pd.read_csv(mixed_manifest)
+    assert len(df) == len(manifest) == result.record["rows"]["total"]
+    assert df["image_id"].is_unique
+    by_uri = df.set_index("uri")
+    assert by_uri.loc["broken/missing.png", "status"] == "read_error"
+    for name in ("empty", "text", "truncated", "tiny"):
+        assert by_uri.loc[f"broken/{name}.png", "status"] == "decode_error"
+    bad = df[df["status"] != "ok"]
+    assert len(bad) == 5
+    assert bad["error"].map(lambda e: isinstance(e, str) and e and "\n" not in e).all()
+    assert bad[list(RESULT_COLUMNS)].isna().all().all()
+    ok = df[df["status"] == "ok"]
+    assert ok["error"].isna().all() and ok["anomaly_score"].between(0, 1).all()
+    assert ok["class_scores"].map(len).eq(7).all()
+    assert (df["model_id"] == result.record["model_id"]).all() and (df["run_id"] == result.run_id).all()
+    assert result.record["counts"] == {"decode_error": 4, "ok": len(ok), "read_error": 1}
+
+
+def test_masks_open_with_plain_zarr_at_frame_size(first_run, mixed_manifest):
+    out, _ = first_run
+    df = predictions(out)
+    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    base = mixed_manifest.parent
+    for row in df[df["status"] == "ok"].itertuples():
+        mask = root[row.mask_path][int(row.mask_index)]
+        path = Path(row.uri) if Path(row.uri).is_absolute() else base / row.uri
+        h, w = (tifffile.imread(path).shape if str(path).endswith(".tif") else Image.open(path).size[::-1])[:2]
+        assert mask.shape == (h, w) and mask.dtype == np.uint8
+    big = df.set_index("uri").loc["big.tif"]
+    assert big["status"] == "ok"
+    assert root[big["mask_path"]][int(big["mask_index"])].shape == (4096, 4096)
+    assert (big["die_x"], big["die_y"]) == (2, 5)
+
+
+def test_parquet_schema_and_duckdb_hive(first_run):
+    out, result = first_run
+    files = list((out / "predictions").rglob("*.parquet"))
+    assert all(f.parent.name.startswith("lot_id=") for f in files)
+    import pyarrow.parquet as pq
+
+    assert pq.read_schema(files[0]).names == PREDICTIONS.names  # lot_id lives in the folder name only
+    con = duckdb.connect()
+    rows = con.execute(
+        f"select lot_id, count(*) from read_parquet('{out}/predictions/**/*.parquet', hive_partitioning=true, "
+        "hive_types={'lot_id': VARCHAR}) group by 1 order by 1").fetchall()
+    assert rows == sorted(rows) and sum(n for _, n in rows) == result.record["rows"]["total"]
+    assert {lot for lot, _ in rows} == {"LOT-S11-00", "LOT-S11-01", "LOT-X"}
+
+
+def test_run_record(first_run):
+    _out, result = first_run
+    rec = json.loads(Path(result.record_url).read_text())
+    for key in ("run_id", "attempt", "started_at", "finished_at", "status", "mode", "model_id", "classes",
+                "thresholds", "preprocessing", "shard_size", "shards", "rows", "counts", "timings_s",
+                "throughput_img_s", "config"):
+        assert key in rec
+    assert rec["status"] == "complete" and rec["mode"] == "zero-shot" and rec["attempt"] == 1
+    assert rec["model_id"].startswith("zero-shot:semclip-tiny:") and len(rec["model_id"].split(":")[2]) == 12
+    assert rec["thresholds"]["source"] == {"image": "default", "pixel": "default", "min_region_px": "default"}
+    assert rec["shards"]["total"] == rec["shards"]["run"] and rec["shards"]["skipped"] == 0
+    assert rec["rows"]["sent_to_model"] == rec["counts"]["ok"]
+
+
+def test_rerun_does_no_model_work_and_changes_nothing(first_run, mixed_manifest):
+    out, first = first_run
+    before = predictions(out)
+    again = run(cfg_for(mixed_manifest, out, batch_size=3, actors=1))  # batch size is not output-affecting
+    assert again.run_id == first.run_id and again.record["attempt"] == 2
+    assert again.record["rows"]["sent_to_model"] == 0 and again.record["shards"]["run"] == 0
+    pd.testing.assert_frame_equal(predictions(out), before)
+
+
+def test_resume_after_interruption_equals_uninterrupted(first_run, mixed_manifest, tmp_path):
+    out, first = first_run
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    # Simulate a crash: two shards lose their marker, one of them also half its outputs.
+    markers = sorted((copy / "_state" / "done").rglob("*.json"))
+    victims = markers[:2]
+    for marker in victims:
+        marker.unlink()
+    lot, shard = victims[0].parent.name, victims[0].stem
+    parts = sorted((copy / "predictions" / f"lot_id={lot}").glob(f"{shard}-*.parquet"))
+    parts[0].unlink()
+    result = run(cfg_for(mixed_manifest, copy))
+    assert result.record["shards"]["run"] == 2
+    assert result.record["shards"]["skipped"] == first.record["shards"]["total"] - 2
+    assert 0 < result.record["rows"]["sent_to_model"] < first.record["rows"]["sent_to_model"]
+    a, b = predictions(out), predictions(copy)
+    assert list(a["image_id"]) == list(b["image_id"]) and list(a["status"]) == list(b["status"])
+    assert np.allclose(a["anomaly_score"].fillna(-1), b["anomaly_score"].fillna(-1), atol=1e-4)
+    ra, rb = zarr.open_group(str(out / "masks.zarr"), mode="r"), zarr.open_group(str(copy / "masks.zarr"), mode="r")
+    for x, y in zip(a[a.status == "ok"].itertuples(), b[b.status == "ok"].itertuples(), strict=False):
+        diff = np.abs(ra[x.mask_path][int(x.mask_index)].astype(int) - rb[y.mask_path][int(y.mask_index)].astype(int))
+        assert diff.max() <= 1
+
+
+def test_other_run_refused_unless_overwrite(first_run, mixed_manifest, tmp_path):
+    out, first = first_run
+    copy = tmp_path / "other"
+    shutil.copytree(out, copy)
+    changed = cfg_for(mixed_manifest, copy, model=ModelSpec(backbone="semclip-tiny", pretrained="none", seed=1))
+    with pytest.raises(OutputError, match="--overwrite"):
+        run(changed)
+    result = run(RunConfig(**{**changed.__dict__, "overwrite": True}))
+    assert result.run_id != first.run_id
+    assert set(predictions(copy)["run_id"]) == {result.run_id}
+    assert (copy / "runs" / first.run_id).is_dir()  # runs/ is kept
