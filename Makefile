@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/semclip-batch demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check semclip_batch jobs tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)

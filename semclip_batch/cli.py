@@ -54,6 +54,11 @@ def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
         raise click.BadParameter(str(exc), param_hint="--storage-option") from None
 
 
+storage_option_flag = click.option(
+    "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+    help="Non-secret fsspec storage option (e.g. endpoint_url=...); secrets come from AWS_* env.")
+
+
 def model_options(fn: F) -> F:
     """Options shared by commands that build a backbone."""
     options = [
@@ -67,12 +72,10 @@ def model_options(fn: F) -> F:
         click.option("--cache-dir", default=None, help="Folder for caches (nothing is cached elsewhere)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                      help="Model precision (bf16 is fastest on CPU)."),
-        click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
-                     help="Non-secret fsspec storage option (e.g. endpoint_url=...); secrets come from AWS_* env."),
     ]
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return storage_option_flag(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -134,31 +137,56 @@ def _thresholds(threshold: float | None, pixel_threshold: float | None, min_regi
     )
 
 
+def run_options(fn: F) -> F:
+    """Every option of ``run`` (shared with ``jobs/process_lots.py``)."""
+    options = [
+        click.argument("input"),
+        click.option("--out", required=True, help="Output root (local path or fsspec URL such as s3://bucket/run)."),
+        click.option("--threshold", type=float, default=None,
+                     help=f"Image threshold on anomaly_score [default: {DEFAULT_IMAGE_THRESHOLD}]."),
+        click.option("--pixel-threshold", type=float, default=None,
+                     help=f"Pixel threshold on the map [default: {DEFAULT_PIXEL_THRESHOLD}]."),
+        click.option("--min-region-px", type=int, default=None,
+                     help=f"Smallest defect region, original pixels [default: {DEFAULT_MIN_REGION_PX}]."),
+        click.option("--batch-size", default=16, show_default=True, type=int, help="Model views per forward pass."),
+        click.option("--actors", default=1, show_default=True, type=int, help="Model actors (one per GPU on a cluster)."),
+        click.option("--num-gpus", default=0.0, show_default=True, type=float, help="GPUs per model actor."),
+        click.option("--shard-size", default=DEFAULT_SHARD_SIZE, show_default=True, type=int, help="Rows per work shard."),
+        click.option("--tile-above", default=DEFAULT_TILE_ABOVE, show_default=True, type=int,
+                     help="Tile frames whose longer side exceeds this (px)."),
+        click.option("--pattern", default=None,
+                     help="For a folder INPUT: path pattern, e.g. '{lot_id}/{wafer_id}/{name}.{ext}'."),
+        click.option("--address", default=None, help="Ray address to attach to (default: a private local Ray)."),
+        click.option("--overwrite", is_flag=True, help="Replace the outputs of another run in OUT (keeps runs/)."),
+    ]
+    fn = model_options(fn)
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def run_config(*, input: str, out: str, backbone: str, pretrained: str | None, pretrained_sha256: str | None,
+               seed: int, prompts: str | None, cache_dir: str | None, precision: str, storage_option: tuple[str, ...],
+               threshold: float | None, pixel_threshold: float | None, min_region_px: int | None, batch_size: int,
+               actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None,
+               address: str | None, overwrite: bool) -> RunConfig:
+    """The validated RunConfig for the options of :func:`run_options`."""
+    from .errors import ConfigError
+
+    if pretrained is None:
+        raise ConfigError("run needs --pretrained (a weights path/URL, or 'none' for seeded random weights)")
+    so = parse_storage_options(storage_option)
+    spec = ModelSpec(backbone=backbone, pretrained=pretrained, pretrained_sha256=pretrained_sha256, seed=seed,
+                     precision=precision, prompts=prompts, storage_options=so)
+    return RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
+                     tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,
+                     actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)
+
+
 @main.command()
-@click.argument("input")
-@click.option("--out", required=True, help="Output root (local path or fsspec URL such as s3://bucket/run).")
-@model_options
-@click.option("--threshold", type=float, default=None,
-              help=f"Image threshold on anomaly_score [default: {DEFAULT_IMAGE_THRESHOLD}].")
-@click.option("--pixel-threshold", type=float, default=None,
-              help=f"Pixel threshold on the map [default: {DEFAULT_PIXEL_THRESHOLD}].")
-@click.option("--min-region-px", type=int, default=None,
-              help=f"Smallest defect region, original pixels [default: {DEFAULT_MIN_REGION_PX}].")
-@click.option("--batch-size", default=16, show_default=True, type=int, help="Model views per forward pass.")
-@click.option("--actors", default=1, show_default=True, type=int, help="Model actors (one per GPU on a cluster).")
-@click.option("--num-gpus", default=0.0, show_default=True, type=float, help="GPUs per model actor.")
-@click.option("--shard-size", default=DEFAULT_SHARD_SIZE, show_default=True, type=int, help="Rows per work shard.")
-@click.option("--tile-above", default=DEFAULT_TILE_ABOVE, show_default=True, type=int,
-              help="Tile frames whose longer side exceeds this (px).")
-@click.option("--pattern", default=None, help="For a folder INPUT: path pattern, e.g. '{lot_id}/{wafer_id}/{name}.{ext}'.")
-@click.option("--address", default=None, help="Ray address to attach to (default: a private local Ray).")
-@click.option("--overwrite", is_flag=True, help="Replace the outputs of another run in OUT (keeps runs/).")
+@run_options
 @user_errors
-def run(input: str, out: str, backbone: str, pretrained: str | None, pretrained_sha256: str | None, seed: int,
-        prompts: str | None, cache_dir: str | None, precision: str, storage_option: tuple[str, ...],
-        threshold: float | None, pixel_threshold: float | None, min_region_px: int | None, batch_size: int,
-        actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None, address: str | None,
-        overwrite: bool) -> None:
+def run(**options: Any) -> None:
     """Score every row of a manifest (CSV/Parquet) or image folder INPUT into OUT.
 
     \b
@@ -167,22 +195,13 @@ def run(input: str, out: str, backbone: str, pretrained: str | None, pretrained_
       semclip-batch run s3://fab/lot42/ --pattern '{lot_id}/{wafer_id}/{name}.{ext}' --out s3://fab/out \\
           --pretrained s3://models/vit-b-16-plus-240.safetensors --actors 4 --num-gpus 1
     """
-    from .errors import ConfigError
     from .pipeline import run as run_pipeline
 
-    if pretrained is None:
-        raise ConfigError("run needs --pretrained (a weights path/URL, or 'none' for seeded random weights)")
-    so = parse_storage_options(storage_option)
-    spec = ModelSpec(backbone=backbone, pretrained=pretrained, pretrained_sha256=pretrained_sha256, seed=seed,
-                     precision=precision, prompts=prompts, storage_options=so)
-    cfg = RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
-                    tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,
-                    actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)
-    result = run_pipeline(cfg, progress=_progress_printer())
-    _print_result(result.record, result.out)
+    result = run_pipeline(run_config(**options), progress=progress_printer())
+    print_result(result.record, result.out)
 
 
-def _progress_printer() -> Callable[[int, int], None]:
+def progress_printer() -> Callable[[int, int], None]:
     state = {"done": 0}
 
     def update(n: int, total: int) -> None:
@@ -192,7 +211,7 @@ def _progress_printer() -> Callable[[int, int], None]:
     return update
 
 
-def _print_result(record: dict[str, Any], out: str) -> None:
+def print_result(record: dict[str, Any], out: str) -> None:
     counts = ", ".join(f"{k}={v}" for k, v in record["counts"].items())
     click.echo(f"run {record['run_id']} attempt {record['attempt']}: {record['status']}; "
                f"shards run {record['shards']['run']}, skipped {record['shards']['skipped']}; "
@@ -200,6 +219,41 @@ def _print_result(record: dict[str, Any], out: str) -> None:
     if record["throughput_img_s"]:
         click.echo(f"throughput {record['throughput_img_s']} img/s")
     click.echo(f"outputs: {out}/predictions (Parquet, hive by lot_id), {out}/masks.zarr, {out}/runs/{record['run_id']}")
+
+
+@main.command()
+@click.argument("out")
+@storage_option_flag
+@user_errors
+def aggregate(out: str, storage_option: tuple[str, ...]) -> None:
+    """Per (lot, wafer, class) defect statistics of OUT's predictions -> OUT/lot_stats/.
+
+    \b
+    Example:
+      semclip-batch aggregate out/
+    """
+    from .aggregate import aggregate as make_stats
+
+    stats = make_stats(out, parse_storage_options(storage_option))
+    click.echo(f"wrote {len(stats)} rows for {stats['lot_id'].nunique()} lots to {out.rstrip('/')}/lot_stats")
+
+
+@main.command()
+@click.argument("out")
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@storage_option_flag
+@user_errors
+def query(out: str, sql: str, fmt: str, storage_option: tuple[str, ...]) -> None:
+    """Run SQL (DuckDB) over OUT: views `predictions` and `lot_stats` (lot_id VARCHAR).
+
+    \b
+    Example:
+      semclip-batch query out/ "select lot_id, count(*) from predictions group by 1" --format csv
+    """
+    from .query import render, run_query
+
+    click.echo(render(run_query(out, sql, parse_storage_options(storage_option)), fmt), nl=False)
 
 
 @main.command()

@@ -23,7 +23,7 @@ def test_every_command_help_has_an_example():
     for cmd in ("synth", "run", "demo"):
         result = invoke(cmd, "--help")
         assert result.exit_code == 0 and "Example" in result.output
-    assert "0.9" in invoke("run", "--help").output  # default thresholds shown
+    assert "0.95" in invoke("run", "--help").output  # default thresholds shown
 
 
 def test_run_needs_pretrained(synth_lot, tmp_path):

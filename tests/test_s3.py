@@ -1,0 +1,94 @@
+"""Object storage end to end against moto's S3 server: manifest, images and OUT all on s3://."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from conftest import ACCESS_KEY, BUCKET, SECRET_KEY
+from semclip_batch.aggregate import aggregate
+from semclip_batch.cli import main
+from semclip_batch.errors import ManifestError
+from semclip_batch.manifest import read_manifest
+from semclip_batch.query import run_query
+from semclip_batch.results import read_predictions
+from semclip_batch.synth import SynthConfig, synth
+
+pytestmark = [pytest.mark.s3, pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_cluster, s3_endpoint):
+    data, out = f"s3://{BUCKET}/archive/data", f"s3://{BUCKET}/results/run1"
+    synth(data, SynthConfig(seed=23, lots=2, per_class=1, sizes=((256, 256), (200, 312))))
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="archive/data/images/broken.png", Body=b"not a png")
+    m = pd.read_csv(f"{data}/manifest.csv", dtype=str, keep_default_na=False)
+    extra = pd.DataFrame([{"uri": "images/broken.png", "lot_id": m["lot_id"].iloc[0], "wafer_id": "W01"},
+                          {"uri": "images/missing.png", "lot_id": m["lot_id"].iloc[0], "wafer_id": "W01"}])
+    pd.concat([m, extra]).fillna("").to_csv(f"{data}/manifest_broken.csv", index=False)
+    result = CliRunner().invoke(main, ["run", f"{data}/manifest_broken.csv", "--out", out, "--backbone", "semclip-tiny",
+                                       "--pretrained", "none", "--shard-size", "5"])
+    assert result.exit_code == 0, result.output
+    return data, out, len(m) + 2, result.output
+
+
+def test_rows_and_masks_on_s3(s3_run):
+    _, out, n_rows, _ = s3_run
+    df = read_predictions(out).to_pandas()
+    assert len(df) == n_rows and df["image_id"].is_unique
+    assert sorted(df.loc[df.status != "ok", "status"]) == ["decode_error", "read_error"]
+    root = zarr.open_group(f"{out}/masks.zarr", mode="r", storage_options={})
+    for row in df[df.status == "ok"].itertuples():
+        mask = root[row.mask_path][int(row.mask_index)]
+        assert mask.dtype == np.uint8 and mask.shape in ((256, 256), (200, 312))
+
+
+def test_rerun_on_s3_does_no_model_work(s3_run):
+    data, out, _, _ = s3_run
+    result = CliRunner().invoke(main, ["run", f"{data}/manifest_broken.csv", "--out", out, "--backbone", "semclip-tiny",
+                                       "--pretrained", "none"])
+    assert result.exit_code == 0, result.output
+    assert "sent to model 0" in result.output
+
+
+def test_aggregate_and_query_on_s3(s3_run):
+    _, out, n_rows, _ = s3_run
+    stats = aggregate(out)
+    counts = run_query(out, "select lot_id, count(*) as n from predictions group by 1 order by 1")
+    assert counts["n"].sum() == n_rows and pd.api.types.is_string_dtype(counts["lot_id"])
+    lot_rows = run_query(out, "select lot_id, wafer_id, class, count from lot_stats where class != 'normal' and count > 0 "
+                              "order by all")
+    flagged = run_query(out, "select lot_id, wafer_id, defect_class as class, count(*) as count from predictions "
+                             "where status = 'ok' and is_defect group by all order by all")
+    pd.testing.assert_frame_equal(lot_rows.reset_index(drop=True), flagged.reset_index(drop=True), check_dtype=False)
+    assert len(stats) == len(run_query(out, "select * from lot_stats"))
+
+
+def test_folder_manifest_on_s3(s3_run):
+    data, _, _, _ = s3_run
+    df = read_manifest(f"{data}/reference", pattern="{lot_id}/{wafer_id}/{name}.{ext}")
+    assert df["url"].str.startswith(f"{data}/reference/").all()
+    assert set(df["lot_id"]) == {"LOT-S23-00", "LOT-S23-01"}
+    with pytest.raises(ManifestError, match=r"1 file\(s\) .* e\.g\. 'broken.png'"):
+        read_manifest(f"{data}/images", pattern="{lot_id}/{wafer_id}/{name}.{ext}")
+
+
+def test_secrets_never_written(s3_run):
+    _, _, _, output = s3_run
+    assert SECRET_KEY not in output and ACCESS_KEY not in output
+    s3 = boto3.client("s3")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="results/")["Contents"]]
+    assert any(k.endswith(".json") for k in keys)
+    for key in keys:
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert SECRET_KEY.encode() not in body and ACCESS_KEY.encode() not in body, key
+    record_key = next(k for k in keys if "/runs/" in k)
+    record = json.loads(s3.get_object(Bucket=BUCKET, Key=record_key)["Body"].read())
+    assert record["status"] == "complete"
