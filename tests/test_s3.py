@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import zarr
 from click.testing import CliRunner
-
 from conftest import ACCESS_KEY, BUCKET, SECRET_KEY
+
 from semclip_batch.aggregate import aggregate
 from semclip_batch.cli import main
 from semclip_batch.errors import ManifestError
