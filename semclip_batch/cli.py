@@ -261,7 +261,7 @@ def query(out: str, sql: str, fmt: str, storage_option: tuple[str, ...]) -> None
 @click.option("--backbone", default="semclip-tiny", show_default=True, help="Backbone for the demo run.")
 @user_errors
 def demo(dir: str, backbone: str) -> None:
-    """Run the whole flow on synthetic lots in DIR: synth -> run -> per-lot summary.
+    """Run the whole flow on synthetic lots in DIR: synth -> run -> aggregate -> per-lot summary.
 
     \b
     Example:

@@ -40,6 +40,7 @@ from .writer import WriterSetup, write_batch
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
+INPUT_BLOCK_ROWS = 32
 
 
 @dataclass
@@ -170,13 +171,15 @@ def _done_counts(layout: OutLayout, done: set[ShardKey], so: dict[str, Any]) -> 
     return counts
 
 
-def _input_blocks(todo_rows: pd.DataFrame) -> list[pa.Table]:
-    """One Arrow block per work shard: the unit Ray Data starts from."""
+def _input_blocks(todo_rows: pd.DataFrame, block_rows: int = INPUT_BLOCK_ROWS) -> list[pa.Table]:
+    """Small Arrow blocks in shard order (never mixing shards), so decode, model and write overlap."""
     schema = pa.schema([(c, pa.int64() if c in ("die_x", "die_y") else pa.string()) for c in INPUT_COLUMNS])
     blocks = []
     for _, part in todo_rows.groupby(["lot_id", "shard"], sort=True):
-        cols = {c: [None if pd.isna(v) else v for v in part[c]] for c in INPUT_COLUMNS}
-        blocks.append(pa.table(cols, schema=schema))
+        for start in range(0, len(part), block_rows):
+            chunk = part.iloc[start:start + block_rows]
+            cols = {c: [None if pd.isna(v) else v for v in chunk[c]] for c in INPUT_COLUMNS}
+            blocks.append(pa.table(cols, schema=schema))
     return blocks
 
 

@@ -11,6 +11,7 @@ import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.pop("RAY_ADDRESS", None)  # tests start their own Ray; never join a stray head
 
 
 SECRET_KEY = "semclipTestSecret0xDEADBEEF"

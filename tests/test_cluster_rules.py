@@ -1,0 +1,42 @@
+"""Rules that keep the pipeline safe on any cluster: CPU sizing on 2 cores, shared OUT on multi-node."""
+
+from __future__ import annotations
+
+import pytest
+
+from semclip_batch.config import ModelSpec, RunConfig
+from semclip_batch.errors import OutputError
+from semclip_batch.pipeline import actor_resources, compute_run_id
+from semclip_batch.ray_session import ClusterShape, check_output_reachable
+
+
+def cfg(**kw) -> RunConfig:
+    return RunConfig(input="m.csv", out="out", model=ModelSpec(backbone="semclip-tiny"), **kw)
+
+
+@pytest.mark.parametrize("actors", [1, 2, 4])
+def test_cpu_actors_leave_room_for_decode_and_write_on_two_cores(actors):
+    cpus, threads = actor_resources(cfg(actors=actors), ClusterShape(cpus=2.0, gpus=0.0, nodes=1))
+    assert actors * cpus + 0.5 + 0.25 <= 2.0 + 1e-9
+    assert threads >= 1
+
+
+def test_gpu_actor_takes_one_cpu():
+    cpus, threads = actor_resources(cfg(num_gpus=1.0, actors=4), ClusterShape(cpus=32.0, gpus=4.0, nodes=5))
+    assert cpus == 1.0 and threads >= 1
+
+
+def test_local_out_refused_on_multi_node_cluster():
+    check_output_reachable("/tmp/out", ClusterShape(cpus=8, gpus=0, nodes=1))
+    check_output_reachable("s3://bucket/out", ClusterShape(cpus=8, gpus=1, nodes=3))
+    with pytest.raises(OutputError, match="3 nodes"):
+        check_output_reachable("/tmp/out", ClusterShape(cpus=8, gpus=1, nodes=3))
+
+
+def test_run_id_depends_on_output_affecting_config_only():
+    base = compute_run_id("m", {"thresholds": {"image": 0.95}}, "w")
+    assert base == compute_run_id("m", {"thresholds": {"image": 0.95}}, "w")
+    assert base != compute_run_id("m", {"thresholds": {"image": 0.9}}, "w")
+    assert base != compute_run_id("m2", {"thresholds": {"image": 0.95}}, "w")
+    assert base != compute_run_id("m", {"thresholds": {"image": 0.95}}, "w2")
+    assert "batch_size" not in str(ModelSpec().output_affecting())
