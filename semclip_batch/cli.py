@@ -256,6 +256,25 @@ def query(out: str, sql: str, fmt: str, storage_option: tuple[str, ...]) -> None
     click.echo(render(run_query(out, sql, parse_storage_options(storage_option)), fmt), nl=False)
 
 
+@main.command(name="eval")
+@click.argument("out")
+@click.option("--truth", required=True, help="Manifest with label and/or mask_uri (the one that was run, or a subset).")
+@storage_option_flag
+@user_errors
+def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
+    """Score OUT's predictions against ground truth -> OUT/metrics.json and a printed table.
+
+    \b
+    Example:
+      semclip-batch eval out/ --truth data/manifest.csv
+    """
+    from .evaluate import evaluate, metrics_table
+
+    metrics = evaluate(out, truth, parse_storage_options(storage_option))
+    click.echo(metrics_table(metrics))
+    click.echo(f"wrote {out.rstrip('/')}/metrics.json")
+
+
 @main.command()
 @click.argument("dir", default="./demo-out", required=False)
 @click.option("--backbone", default="semclip-tiny", show_default=True, help="Backbone for the demo run.")

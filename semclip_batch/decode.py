@@ -80,6 +80,8 @@ def _decode_pillow(data: bytes) -> np.ndarray:
 def to_gray_float(raw: np.ndarray) -> np.ndarray:
     """Scale by dtype and reduce colour to luminance. ``(H, W[, C])`` -> ``(H, W)`` float32."""
     arr = np.asarray(raw)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] > 4:  # planar (separate) RGB(A) TIFF
+        arr = np.moveaxis(arr, 0, -1)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         gray = _scale(arr[..., :3]) @ LUMA
     elif arr.ndim == 3 and arr.shape[-1] in (1, 2):

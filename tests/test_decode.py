@@ -56,6 +56,12 @@ def test_rgb_becomes_luminance():
     assert np.allclose(decode_image(png(rgba)), 0.299, atol=1e-6)
 
 
+def test_planar_rgb_tiff_becomes_luminance():
+    arr = np.zeros((3, 20, 24), np.uint16)
+    arr[1] = 65535
+    assert np.allclose(decode_image(tif(arr, planarconfig="separate", photometric="rgb")), 0.587, atol=1e-6)
+
+
 def test_palette_becomes_luminance():
     img = Image.new("P", (20, 20))
     img.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)

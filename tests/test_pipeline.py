@@ -31,7 +31,8 @@ def mixed_manifest(synth_lot, tmp_path_factory) -> Path:
     """The synthetic lots plus broken files and a 4096x4096 16-bit frame, in another folder."""
     root = tmp_path_factory.mktemp("mixed")
     m = pd.read_csv(synth_lot / "manifest.csv", dtype=str, keep_default_na=False)
-    m["uri"] = [str(synth_lot / u) for u in m["uri"]]
+    for col in ("uri", "mask_uri", "reference_uri"):
+        m[col] = [str(synth_lot / u) for u in m[col]]
     broken = root / "broken"
     broken.mkdir()
     (broken / "empty.png").write_bytes(b"")
@@ -183,3 +184,23 @@ def test_other_run_refused_unless_overwrite(first_run, mixed_manifest, tmp_path)
     assert result.run_id != first.run_id
     assert set(predictions(copy)["run_id"]) == {result.run_id}
     assert (copy / "runs" / first.run_id).is_dir()  # runs/ is kept
+
+
+def test_eval_writes_metrics_json(first_run, mixed_manifest, tmp_path):
+    from semclip_batch.evaluate import evaluate
+
+    out, _ = first_run
+    metrics = evaluate(str(out), str(mixed_manifest))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("iAUROC", "pAUROC", "F1max", "AUPRO", "accuracy", "macro_precision", "macro_recall", "macro_F1"):
+        assert saved[key] is None or 0.0 <= saved[key] <= 1.0
+    assert saved["n_truth"] == 20 and saved["n_error"] == 5 and saved["n_scored"] == 15 and saved["n_unmatched"] == 0
+    assert saved["confusion"]["labels"][0] == "normal" and len(saved["confusion"]["matrix"]) == 7
+    assert sum(map(sum, saved["confusion"]["matrix"])) == 14  # labelled ok rows (the big frame has no label)
+    extra = pd.read_csv(mixed_manifest, dtype=str, keep_default_na=False)
+    extra = pd.concat([extra, pd.DataFrame([{"uri": "never_run.png", "lot_id": "LOT-X", "wafer_id": "W1"}])])
+    extra.to_csv(tmp_path / "truth.csv", index=False)
+    (tmp_path / "never_run.png").write_bytes(b"")
+    with pytest.raises(OutputError, match="1 truth rows have no prediction"):
+        evaluate(str(out), str(tmp_path / "truth.csv"))
