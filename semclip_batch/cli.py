@@ -62,7 +62,8 @@ storage_option_flag = click.option(
 def model_options(fn: F) -> F:
     """Options shared by commands that build a backbone."""
     options = [
-        click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help="open_clip model name."),
+        click.option("--backbone", default=None, help=f"open_clip model name [default: {DEFAULT_BACKBONE}; with --model: "
+                                                       "the checkpoint's]."),
         click.option("--pretrained", default=None,
                      help="Backbone weights: local path or fsspec URL (.safetensors / .pt), or 'none' for seeded "
                           "random weights."),
@@ -158,6 +159,8 @@ def run_options(fn: F) -> F:
                      help="For a folder INPUT: path pattern, e.g. '{lot_id}/{wafer_id}/{name}.{ext}'."),
         click.option("--address", default=None, help="Ray address to attach to (default: a private local Ray)."),
         click.option("--overwrite", is_flag=True, help="Replace the outputs of another run in OUT (keeps runs/)."),
+        click.option("--model", "model", default=None,
+                     help="Few-shot checkpoint folder/URL from `train` (its thresholds apply unless given as flags)."),
     ]
     fn = model_options(fn)
     for option in reversed(options):
@@ -165,7 +168,8 @@ def run_options(fn: F) -> F:
     return fn
 
 
-def run_config(*, input: str, out: str, backbone: str, pretrained: str | None, pretrained_sha256: str | None,
+def run_config(*, input: str, out: str, model: str | None, backbone: str | None, pretrained: str | None,
+               pretrained_sha256: str | None,
                seed: int, prompts: str | None, cache_dir: str | None, precision: str, storage_option: tuple[str, ...],
                threshold: float | None, pixel_threshold: float | None, min_region_px: int | None, batch_size: int,
                actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None,
@@ -173,11 +177,12 @@ def run_config(*, input: str, out: str, backbone: str, pretrained: str | None, p
     """The validated RunConfig for the options of :func:`run_options`."""
     from .errors import ConfigError
 
-    if pretrained is None:
-        raise ConfigError("run needs --pretrained (a weights path/URL, or 'none' for seeded random weights)")
+    if pretrained is None and model is None:
+        raise ConfigError("run needs --pretrained (a weights path/URL, or 'none' for seeded random weights) or --model")
     so = parse_storage_options(storage_option)
-    spec = ModelSpec(backbone=backbone, pretrained=pretrained, pretrained_sha256=pretrained_sha256, seed=seed,
-                     precision=precision, prompts=prompts, storage_options=so)
+    spec = ModelSpec(backbone=backbone if backbone or model else DEFAULT_BACKBONE, pretrained=pretrained,
+                     pretrained_sha256=pretrained_sha256, seed=seed, precision=precision, prompts=prompts,
+                     checkpoint=model, storage_options=so)
     return RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
                      tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,
                      actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)
@@ -273,6 +278,95 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
     metrics = evaluate(out, truth, parse_storage_options(storage_option))
     click.echo(metrics_table(metrics))
     click.echo(f"wrote {out.rstrip('/')}/metrics.json")
+
+
+def _loss_printer(what: str) -> Callable[[int, int, float], None]:
+    def show(step: int, total: int, loss: float) -> None:
+        click.echo(f"{what} {step}/{total}  loss {loss:.4f}", err=True)
+
+    return show
+
+
+@main.command()
+@click.argument("manifest")
+@click.option("--out", required=True, help="The weights file to write (.safetensors, any fsspec URL).")
+@model_options
+@click.option("--steps", default=600, show_default=True, type=int, help="Optimiser steps (600 ~ 10 min for semclip-tiny here).")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--lr", default=5e-4, show_default=True, type=float)
+@user_errors
+def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
+             seed: int, prompts: str | None, cache_dir: str | None, precision: str, storage_option: tuple[str, ...],
+             steps: int, batch_size: int, lr: float) -> None:
+    """Adapt a backbone to SEM images (dense patch-text alignment) and write its weights to --out.
+
+    Text comes from the prompt file per `label` (or a `caption` column). Prints the canonical sha256 last.
+
+    \b
+    Example:
+      semclip-batch pretrain data/manifest.csv --out sem-tiny.safetensors --backbone semclip-tiny --steps 200
+    """
+    from .errors import ConfigError
+    from .pretrain import PretrainConfig
+    from .pretrain import pretrain as run_pretrain
+
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise ConfigError("--steps and --batch-size must be >= 1 and --lr > 0")
+    cfg = PretrainConfig(manifest=manifest, out=out, backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
+                         seed=seed, steps=steps, batch_size=batch_size, lr=lr, prompts=prompts,
+                         storage_options=parse_storage_options(storage_option))
+    digest = run_pretrain(cfg, progress=_loss_printer("step"))
+    click.echo(f"wrote {out}")
+    click.echo(digest)
+
+
+@main.command()
+@click.argument("support")
+@click.option("--out", required=True, help="Checkpoint folder to write (any fsspec URL).")
+@model_options
+@click.option("--method", type=click.Choice(["semclip"]), default="semclip", show_default=True)
+@click.option("--shots", type=int, default=None, help="K images per class, seeded [default: all rows].")
+@click.option("--epochs", default=40, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--no-vv", is_flag=True, help="Ablation: original path only.")
+@click.option("--no-surgery", is_flag=True, help="Ablation: plain cosine similarities.")
+@click.option("--taps", default=None, help="Tapped blocks, e.g. 3,6 [default: L/4, L/2, 3L/4, L].")
+@click.option("--cls", "cls_mode", type=click.Choice(["fused", "head", "text"]), default="fused", show_default=True)
+@user_errors
+def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
+          seed: int, prompts: str | None, cache_dir: str | None, precision: str, storage_option: tuple[str, ...],
+          method: str, shots: int | None, epochs: int, lr: float, no_vv: bool, no_surgery: bool, taps: str | None,
+          cls_mode: str) -> None:
+    """Few-shot SEM-CLIP on a frozen backbone from a labelled SUPPORT manifest -> checkpoint at --out.
+
+    \b
+    Example:
+      semclip-batch train support.csv --out ckpt/ --backbone semclip-tiny --pretrained sem-tiny.safetensors --shots 10
+    """
+    from .errors import ConfigError
+    from .train import TrainConfig
+    from .train import train as run_train
+
+    if pretrained is None:
+        raise ConfigError("train needs --pretrained (a weights path/URL, or 'none' for seeded random weights)")
+    if (shots is not None and shots < 1) or epochs < 1 or lr <= 0:
+        raise ConfigError("--shots and --epochs must be >= 1 and --lr > 0")
+    try:
+        tap_list = tuple(int(t) for t in taps.split(",")) if taps else None
+    except ValueError:
+        raise ConfigError(f"--taps {taps!r}: expected block numbers such as 3,6") from None
+    cfg = TrainConfig(support=support, out=out, backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
+                      pretrained_sha256=pretrained_sha256, seed=seed, shots=shots, epochs=epochs, lr=lr,
+                      prompts=prompts, taps=tap_list, use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode,
+                      storage_options=parse_storage_options(storage_option))
+    try:
+        meta = run_train(cfg, progress=_loss_printer("epoch"))
+    except ValueError as exc:  # e.g. taps outside the backbone's depth
+        raise ConfigError(str(exc)) from None
+    th = meta["thresholds"]
+    click.echo(f"wrote checkpoint {out}: alpha {meta['alpha']:.2f}, temperature {meta['temperature']:.1f}, "
+               f"thresholds image {th['image']:.3f} pixel {th['pixel']:.3f}, {meta['training']['used']} images, "
+               f"{meta['training']['seconds']} s")
 
 
 @main.command()

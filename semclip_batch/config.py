@@ -78,8 +78,8 @@ class PreprocessConfig:
 class ModelSpec:
     """What an actor needs to build the model where it runs: a small, picklable description."""
 
-    backbone: str = DEFAULT_BACKBONE
-    pretrained: str = "none"
+    backbone: str | None = DEFAULT_BACKBONE
+    pretrained: str | None = "none"
     pretrained_sha256: str | None = None
     seed: int = 0
     precision: str = "fp32"
@@ -91,6 +91,8 @@ class ModelSpec:
     surgery_weights: str = "cls"
     sigma: float = 4.0
     score_mode: str = "mean"
+    cls: str = "text"
+    checkpoint: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,7 +108,7 @@ class ModelSpec:
     def output_affecting(self) -> dict[str, Any]:
         """Fields that change predictions (weights enter run_id through their checksum instead)."""
         keep = ("backbone", "precision", "taps", "use_vv", "vv_from", "surgery", "surgery_weights", "sigma",
-                "score_mode", "seed")
+                "score_mode", "seed", "cls")
         return {k: getattr(self, k) for k in keep}
 
 

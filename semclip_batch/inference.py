@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checkpoint import TRAINED_PREFIXES, load_checkpoint
 from .config import ModelSpec, PreprocessConfig
-from .errors import MODEL_ERROR, OK, one_line
+from .errors import MODEL_ERROR, OK, WeightsError, one_line
 from .model import SemClip, SemClipConfig, default_taps
 from .preprocess import maps_to_frame, tile_grid
 from .scoring import anomaly_score, to_mask
-from .weights import load_backbone
+from .weights import LoadedBackbone, load_backbone
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,16 +37,26 @@ class PredictorSetup:
     use_gpu: bool
 
 
-def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: str | None = None) -> SemClip:
-    """Load the backbone and wrap it as SEM-CLIP with the given class embeddings (eval mode, fp32, CPU)."""
-    backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
-                             storage_options=spec.storage_options)
+def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: str | None = None,
+                backbone: LoadedBackbone | None = None) -> SemClip:
+    """Load the backbone (unless given) and wrap it as SEM-CLIP with the given class embeddings; with a
+    checkpoint in the spec, its trained tensors are loaded too (eval mode, fp32, CPU)."""
+    if backbone is None:
+        backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
+                                 storage_options=spec.storage_options)
     depth = len(backbone.clip.visual.transformer.resblocks)
     taps = spec.taps or default_taps(depth)
     cfg = SemClipConfig(taps=tuple(taps), use_vv=spec.use_vv, vv_from=spec.vv_from, surgery=spec.surgery,
-                        surgery_weights=spec.surgery_weights, sigma=spec.sigma)
+                        surgery_weights=spec.surgery_weights, sigma=spec.sigma, cls=spec.cls)
     model = SemClip(backbone.clip, cfg, n_classes=text_embeddings.shape[0])
     model.set_text_embeddings(torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
+    if spec.checkpoint is not None:
+        tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        trained_missing = [k for k in missing if k.startswith(TRAINED_PREFIXES)]
+        if unexpected or trained_missing:
+            raise WeightsError(f"checkpoint {spec.checkpoint!r} does not fit this model "
+                               f"(unexpected {unexpected[:2]}, missing {trained_missing[:2]})")
     return model.eval().requires_grad_(False)
 
 

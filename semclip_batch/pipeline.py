@@ -12,7 +12,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,8 +23,9 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 
 from . import storage
-from .config import PreprocessConfig, RunConfig
-from .errors import MODEL_ERROR, OK
+from .checkpoint import load_checkpoint, model_checksum
+from .config import PreprocessConfig, RunConfig, Thresholds
+from .errors import MODEL_ERROR, OK, ConfigError, WeightsError
 from .inference import Predictor, PredictorSetup
 from .layout import OutLayout
 from .manifest import content_digest, read_manifest
@@ -68,8 +69,10 @@ class _Timer:
 class _ModelIdentity:
     model_id: str
     sha256: str
+    weights_sha256: str
     text: np.ndarray
     prompts: PromptSet
+    mode: str
 
 
 def text_embeddings(backbone: LoadedBackbone, prompts: PromptSet) -> np.ndarray:
@@ -78,13 +81,52 @@ def text_embeddings(backbone: LoadedBackbone, prompts: PromptSet) -> np.ndarray:
     return class_embeddings(backbone.clip, [tokenizer(list(p)) for p in prompts.prompts]).numpy()
 
 
-def _identify_model(cfg: RunConfig) -> _ModelIdentity:
+def _identify_model(cfg: RunConfig) -> tuple[RunConfig, _ModelIdentity]:
+    """Load what identifies the model (weights checksum, class embeddings) once in the driver.
+
+    With a checkpoint, its backbone, options, classes and thresholds apply (thresholds given as flags win).
+    """
     spec = cfg.model
+    if spec.checkpoint is not None:
+        return _identify_checkpoint(cfg)
     prompts = load_prompts(spec.prompts, cfg.storage_options)
     backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=spec.pretrained_sha256,
                              storage_options=cfg.storage_options)
-    return _ModelIdentity(model_id=f"zero-shot:{spec.backbone}:{backbone.sha256[:12]}", sha256=backbone.sha256,
-                          text=text_embeddings(backbone, prompts), prompts=prompts)
+    ident = _ModelIdentity(model_id=f"zero-shot:{spec.backbone}:{backbone.sha256[:12]}", sha256=backbone.sha256,
+                           weights_sha256=backbone.sha256, text=text_embeddings(backbone, prompts), prompts=prompts,
+                           mode="zero-shot")
+    return cfg, ident
+
+
+def _identify_checkpoint(cfg: RunConfig) -> tuple[RunConfig, _ModelIdentity]:
+    spec = cfg.model
+    ckpt = load_checkpoint(spec.checkpoint, cfg.storage_options)
+    meta = ckpt.meta
+    if spec.backbone not in (None, meta["backbone"]):
+        raise ConfigError(f"--backbone {spec.backbone} differs from the checkpoint's {meta['backbone']}; omit it")
+    source = str(meta["weights"]["source"])
+    pretrained = spec.pretrained or ("none" if source.startswith("random:") else source)
+    weights_sha = meta["weights"]["sha256"]
+    backbone = load_backbone(meta["backbone"], pretrained, seed=int(meta["weights"].get("seed", 0)),
+                             expected_sha256=spec.pretrained_sha256, storage_options=cfg.storage_options)
+    if backbone.sha256 != weights_sha:
+        raise WeightsError(f"--pretrained {pretrained} has checksum {backbone.sha256[:12]}, but the checkpoint was "
+                           f"trained on {weights_sha[:12]} ({source})")
+    new_spec = replace(spec, backbone=meta["backbone"], pretrained=pretrained, seed=int(meta["weights"].get("seed", 0)),
+                       taps=tuple(meta["taps"]), use_vv=bool(meta["use_vv"]), surgery=bool(meta["surgery"]),
+                       cls=str(meta["cls"]))
+    th = cfg.thresholds
+    values = {k: (getattr(th, k) if th.source.get(k) == "flag" else meta["thresholds"][k])
+              for k in ("image", "pixel", "min_region_px")}
+    source_map = {k: ("flag" if th.source.get(k) == "flag" else "checkpoint") for k in values}
+    thresholds = Thresholds(image=float(values["image"]), pixel=float(values["pixel"]),
+                            min_region_px=int(values["min_region_px"]), source=source_map)
+    prompts = PromptSet(classes=tuple(meta["classes"]), prompts=tuple(tuple(meta["prompts"][c]) for c in meta["classes"]))
+    checksum = model_checksum(ckpt)
+    ident = _ModelIdentity(model_id=f"{ckpt.method}:{meta['backbone']}:{checksum[:12]}", sha256=checksum,
+                           weights_sha256=weights_sha, text=ckpt.tensors["text_embeddings"].numpy(), prompts=prompts,
+                           mode="checkpoint")
+    return replace(cfg, model=new_spec, thresholds=thresholds), ident
 
 
 def compute_run_id(manifest_digest: str, output_config: dict[str, Any], weights_sha256: str) -> str:
@@ -117,8 +159,8 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     with timer.stage("manifest"):
         df = read_manifest(cfg.input, pattern=cfg.pattern, storage_options=so)
     with timer.stage("model_load"):
+        cfg, ident = _identify_model(cfg)
         prep = preprocess_config(cfg.model.backbone, tile_above=cfg.tile_above)
-        ident = _identify_model(cfg)
     run_id = compute_run_id(content_digest(df), output_config(cfg, prep, ident), ident.sha256)
     plan, shard_size = prepare_plan(layout, df, run_id=run_id, shard_size=cfg.shard_size,
                                     overwrite=cfg.overwrite, storage_options=so)
@@ -126,7 +168,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     attempt = next_attempt(layout, run_id, so)
     record: dict[str, Any] = {
         "run_id": run_id, "attempt": attempt, "started_at": started_at, "finished_at": None, "status": "failed",
-        "mode": "zero-shot", "model_id": ident.model_id, "classes": list(ident.prompts.classes),
+        "mode": ident.mode, "model_id": ident.model_id, "classes": list(ident.prompts.classes),
         "thresholds": cfg.thresholds.as_record(), "preprocessing": prep.as_record(), "shard_size": shard_size,
         "shards": {}, "rows": {"total": len(df), "sent_to_model": 0}, "counts": {}, "timings_s": timer.timings,
         "throughput_img_s": None, "config": cfg.public_record(),
@@ -190,7 +232,7 @@ def _stream(cfg: RunConfig, layout: OutLayout, todo_rows: pd.DataFrame, ident: _
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     actor_cpus, threads = actor_resources(cfg, shape)
-    setup = PredictorSetup(spec=cfg.model, prep=prep, text_embeddings=ident.text, weights_sha256=ident.sha256,
+    setup = PredictorSetup(spec=cfg.model, prep=prep, text_embeddings=ident.text, weights_sha256=ident.weights_sha256,
                            batch_size=cfg.batch_size, threads=threads, use_gpu=cfg.num_gpus > 0)
     wsetup = WriterSetup(out=layout.root, run_id=record["run_id"], model_id=ident.model_id,
                          classes=ident.prompts.classes, thresholds=cfg.thresholds, storage_options=cfg.storage_options)

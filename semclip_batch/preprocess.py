@@ -75,10 +75,27 @@ def model_inputs(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     views = [resize(frame, size)]
     for t in tile_grid(*gray.shape, cfg.tile_above, cfg.tile_overlap):
         views.append(resize(frame[..., t.y:t.y + t.side, t.x:t.x + t.side], size))
-    x = torch.cat(views).expand(-1, 3, -1, -1)
+    return normalize(torch.cat(views)[:, 0], cfg).numpy()
+
+
+def whole_view(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """The whole frame stretched and resized, before normalisation. ``(H, W)`` -> ``(S, S)`` float32."""
+    frame = torch.from_numpy(stretch(gray, cfg.percentile_low, cfg.percentile_high))[None, None]
+    return resize(frame, (cfg.image_size, cfg.image_size))[0, 0].numpy()
+
+
+def normalize(views: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """Grey views in [0, 1] to 3 normalised channels. ``(N, S, S)`` -> ``(N, 3, S, S)`` float32."""
+    x = views.float()[:, None].expand(-1, 3, -1, -1)
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous().numpy()
+    return ((x - mean) / std).contiguous()
+
+
+def mask_view(mask: np.ndarray, size: int) -> np.ndarray:
+    """A truth mask as the defect fraction of each model-input pixel. ``(H, W)`` bool -> ``(S, S)`` float32."""
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.interpolate(m, size=(size, size), mode="area")[0, 0].numpy()
 
 
 def maps_to_frame(maps: torch.Tensor, height: int, width: int, tiles: list[Tile]) -> torch.Tensor:

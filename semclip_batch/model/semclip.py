@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import check_supported, encode_dual_path
+from .encoder import EncoderOutput, check_supported, encode_dual_path
 from .surgery import feature_surgery, plain_similarity
 
 
@@ -22,9 +22,16 @@ def default_taps(depth: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(depth * k / 4)) for k in range(1, 5)}))
 
 
+CLS_MODES = ("text", "head", "fused")
+
+
 @dataclass(frozen=True)
 class SemClipConfig:
-    """Model options (each [ours] choice of SEMCLIP.md is one field, so it can be ablated)."""
+    """Model options (each [ours] choice of SEMCLIP.md is one field, so it can be ablated).
+
+    ``cls``: class probabilities from the text scores only (zero-shot), the trained head only, or both fused
+    as ``alpha * softmax(text) + (1 - alpha) * softmax(head)``.
+    """
 
     taps: tuple[int, ...]
     use_vv: bool = True
@@ -32,6 +39,8 @@ class SemClipConfig:
     surgery: bool = True
     surgery_weights: str = "cls"
     sigma: float = 4.0
+    cls: str = "text"
+    head_hidden: int = 128
 
 
 @dataclass
@@ -42,6 +51,32 @@ class SemClipOutput:
     maps: torch.Tensor
     class_probs: torch.Tensor
     embeddings: torch.Tensor
+
+
+def patch_logits(feats: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, surgery: bool,
+                 weights: str = "cls") -> torch.Tensor:
+    """Class logits of every patch of one tap and path. ``(B, 1 + N, E)`` normalised -> ``(B, N, C)``."""
+    patches, cls = feats[:, 1:], feats[:, 0]
+    sim = feature_surgery(patches, cls, text, weights) if surgery else plain_similarity(patches, text)
+    return scale * sim
+
+
+def defect_map(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """1 - p(normal) per patch, bilinear to ``size``. ``(B, N, C)`` -> ``(B, H, W)``."""
+    defect = 1.0 - logits.float().softmax(dim=-1)[..., 0]
+    grid = round(defect.shape[1] ** 0.5)
+    return F.interpolate(defect.view(-1, 1, grid, grid), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+class ClassHead(nn.Module):
+    """Few-shot classification head on ``[z ; z T^T]`` (image embedding and its class similarities)."""
+
+    def __init__(self, embed: int, n_classes: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(embed + n_classes, hidden), nn.GELU(), nn.Linear(hidden, n_classes))
+
+    def forward(self, emb: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([emb, sims], dim=-1))
 
 
 class TransformationLayer(nn.Module):
@@ -91,12 +126,17 @@ class SemClip(nn.Module):
             raise ValueError(f"taps {cfg.taps} must lie in 1..{depth}")
         if not 1 <= cfg.vv_from <= depth:
             raise ValueError(f"vv_from {cfg.vv_from} must lie in 1..{depth}")
+        if cfg.cls not in CLS_MODES:
+            raise ValueError(f"cls mode {cfg.cls!r} not in {CLS_MODES}")
         self.cfg = cfg
         self.visual = visual
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().clone(), requires_grad=False)
         self.transform = nn.ModuleList(TransformationLayer(visual.ln_post, visual.proj) for _ in cfg.taps)
         embed = visual.proj.shape[1]
+        self.head = ClassHead(embed, n_classes, cfg.head_hidden)
         self.register_buffer("text_embeddings", torch.zeros(n_classes, embed))
+        self.register_buffer("alpha", torch.tensor(1.0))
+        self.register_buffer("text_scale", clip.logit_scale.detach().exp().clone())
 
     @property
     def image_size(self) -> int:
@@ -112,32 +152,44 @@ class SemClip(nn.Module):
     def n_terms(self) -> int:
         return sum(1 + int(self.cfg.use_vv and tap >= self.cfg.vv_from) for tap in self.cfg.taps)
 
-    def forward(self, images: torch.Tensor) -> SemClipOutput:
-        """``(B, 3, S, S)`` normalised images -> :class:`SemClipOutput`."""
+    def encode(self, images: torch.Tensor) -> EncoderOutput:
+        """The frozen backbone's part: pooled embedding and tapped tokens of both paths."""
         vv_from = self.cfg.vv_from if self.cfg.use_vv else None
-        enc = encode_dual_path(self.visual, images, self.cfg.taps, vv_from)
-        text = self.text_embeddings.to(images.dtype)
-        scale = self.logit_scale.exp().to(images.dtype)
-        total = torch.zeros(images.shape[0], images.shape[-2], images.shape[-1], dtype=torch.float32,
-                            device=images.device)
-        for layer, ori, vv in zip(self.transform, enc.original, enc.vv, strict=False):
+        return encode_dual_path(self.visual, images, self.cfg.taps, vv_from)
+
+    def term_logits(self, enc: EncoderOutput) -> list[torch.Tensor]:
+        """Patch class logits per tapped layer and path (the map's terms), each ``(B, N, C)``."""
+        text = self.text_embeddings.to(enc.pooled.dtype)
+        scale = self.logit_scale.exp().to(enc.pooled.dtype)
+        out = []
+        for layer, ori, vv in zip(self.transform, enc.original, enc.vv, strict=True):
             for tokens in (ori, vv):
                 if tokens is not None:
-                    total = total + self._path_map(layer(tokens), text, scale, images.shape[-2:])
-        maps = gaussian_blur(total / self.n_terms(), self.cfg.sigma).clamp(0.0, 1.0)
-        emb = F.normalize(enc.pooled, dim=-1)
-        probs = (scale * emb @ text.t()).float().softmax(dim=-1)
-        return SemClipOutput(maps=maps, class_probs=probs, embeddings=emb.float())
+                    out.append(patch_logits(layer(tokens), text, scale, self.cfg.surgery, self.cfg.surgery_weights))
+        return out
 
-    def _path_map(self, feats: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-                  size: torch.Size) -> torch.Tensor:
-        """Defect probability of one tap and path, upsampled. ``(B, 1 + N, E)`` -> ``(B, S, S)``."""
-        patches, cls = feats[:, 1:], feats[:, 0]
-        if self.cfg.surgery:
-            sim = feature_surgery(patches, cls, text, self.cfg.surgery_weights)
-        else:
-            sim = plain_similarity(patches, text)
-        defect = 1.0 - (scale * sim).float().softmax(dim=-1)[..., 0]
-        grid = round(defect.shape[1] ** 0.5)
-        defect = defect.view(-1, 1, grid, grid)
-        return F.interpolate(defect, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    def class_logits(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text logits (fitted temperature) and head logits for normalised embeddings ``(B, E)``."""
+        sims = emb @ self.text_embeddings.to(emb.dtype).t()
+        return self.text_scale.to(emb.dtype) * sims, self.head(emb, sims)
+
+    def class_probs(self, emb: torch.Tensor) -> torch.Tensor:
+        text_logits, head_logits = self.class_logits(emb)
+        if self.cfg.cls == "text":
+            return text_logits.float().softmax(dim=-1)
+        if self.cfg.cls == "head":
+            return head_logits.float().softmax(dim=-1)
+        a = self.alpha.float()
+        return a * text_logits.float().softmax(dim=-1) + (1 - a) * head_logits.float().softmax(dim=-1)
+
+    def forward(self, images: torch.Tensor) -> SemClipOutput:
+        """``(B, 3, S, S)`` normalised images -> :class:`SemClipOutput`."""
+        enc = self.encode(images)
+        return self.from_encoded(enc, (images.shape[-2], images.shape[-1]))
+
+    def from_encoded(self, enc: EncoderOutput, size: tuple[int, int]) -> SemClipOutput:
+        terms = self.term_logits(enc)
+        total = sum(defect_map(t, size) for t in terms)
+        maps = gaussian_blur(total / len(terms), self.cfg.sigma).clamp(0.0, 1.0)
+        emb = F.normalize(enc.pooled, dim=-1)
+        return SemClipOutput(maps=maps, class_probs=self.class_probs(emb), embeddings=emb.float())

@@ -1,0 +1,149 @@
+"""``pretrain``: adapt an open_clip backbone to SEM images (dense patch-text alignment + class-aware
+image-text loss), so zero-shot SEM-CLIP text scores mean something.
+
+Patch tokens of every tapped layer and both paths, through the zero-shot Transformation Layer (the
+backbone's own ``ln_post`` + ``proj``) and feature surgery, are pulled towards their class text (defect class
+inside the mask, normal outside, class-balanced); pooled image embeddings towards their class text (or, with
+a ``caption`` column, their caption, CLIP-style). Text comes from the prompt file per ``label``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from . import storage
+from .config import DEFAULT_BACKBONE
+from .manifest import read_manifest
+from .model import default_taps
+from .model.encoder import encode_dual_path
+from .model.semclip import patch_logits
+from .preprocess import normalize
+from .prompts import PromptSet, load_prompts
+from .trainset import IGNORE, TrainSet, load_trainset, patch_labels
+from .weights import canonical_sha256, load_backbone, preprocess_config
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    manifest: str
+    out: str
+    backbone: str = DEFAULT_BACKBONE
+    pretrained: str = "none"
+    seed: int = 0
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 5e-4
+    prompts: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Differentiable class embeddings: mean of normalised prompt embeddings per class. -> ``(C, E)``."""
+    emb = F.normalize(clip.encode_text(tokens), dim=-1)
+    sums = torch.zeros(n_classes, emb.shape[1], dtype=emb.dtype).index_add(0, owner, emb)
+    return F.normalize(sums, dim=-1)
+
+
+def _project(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1)
+
+
+def _balanced_ce(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
+    valid = target[target != IGNORE]
+    if valid.numel() == 0:
+        return logits.sum() * 0.0
+    counts = torch.bincount(valid, minlength=n_classes).float()
+    weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
+    return F.cross_entropy(logits.reshape(-1, n_classes), target.reshape(-1), weight=weight * n_classes,
+                           ignore_index=IGNORE)
+
+
+def _flip(views: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.rand((), generator=gen) < 0.5:
+        views, masks = views.flip(-1), masks.flip(-1)
+    if torch.rand((), generator=gen) < 0.5:
+        views, masks = views.flip(-2), masks.flip(-2)
+    return views, masks
+
+
+def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Tensor, taps: tuple[int, ...],
+              prep, gen: torch.Generator, caption_tokens: torch.Tensor | None) -> torch.Tensor:
+    views, masks = _flip(data.views[idx], data.masks[idx], gen)
+    x = normalize(views, prep)
+    enc = encode_dual_path(clip.visual, x, taps, 1)
+    scale = clip.logit_scale.exp().clamp(max=100.0)
+    n_classes = text.shape[0]
+    grid = round((enc.original[0].shape[1] - 1) ** 0.5)
+    targets = patch_labels(masks, data.labels[idx], data.has_mask[idx], grid)
+    terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
+    dense = torch.stack([_balanced_ce(patch_logits(_project(clip.visual, t), text, scale, True), targets, n_classes)
+                         for t in terms]).mean()
+    emb = F.normalize(enc.pooled, dim=-1)
+    labels = data.labels[idx]
+    loss = dense
+    if (labels != IGNORE).any():
+        loss = loss + _balanced_ce(scale * emb @ text.t(), labels, n_classes)
+    if caption_tokens is not None:
+        cap = F.normalize(clip.encode_text(caption_tokens[idx]), dim=-1)
+        logits = scale * emb @ cap.t()
+        target = torch.arange(len(idx))
+        loss = loss + 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    return loss
+
+
+def pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> str:
+    """Train and write the weights file (safetensors, backbone + canonical sha256 in its metadata).
+
+    Returns the canonical sha256.
+    """
+    torch.manual_seed(cfg.seed)
+    prompts: PromptSet = load_prompts(cfg.prompts, cfg.storage_options)
+    prep = preprocess_config(cfg.backbone, tile_above=10**9)
+    df = read_manifest(cfg.manifest, storage_options=cfg.storage_options)
+    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.storage_options, need_labels=False)
+    backbone = load_backbone(cfg.backbone, cfg.pretrained, seed=cfg.seed, storage_options=cfg.storage_options)
+    clip = backbone.clip.train()
+    tokenizer = open_clip.get_tokenizer(cfg.backbone)
+    tokens = torch.cat([tokenizer(list(p)) for p in prompts.prompts])
+    owner = torch.cat([torch.full((len(p),), c) for c, p in enumerate(prompts.prompts)])
+    caption_tokens = tokenizer(data.captions) if any(data.captions) else None
+    taps = default_taps(len(clip.visual.transformer.resblocks))
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randperm(len(data), generator=gen)[: cfg.batch_size]
+        text = class_text(clip, tokens, owner, len(prompts.classes))
+        loss = step_loss(clip, data, idx, text, taps, prep, gen, caption_tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None and (step % 25 == 0 or step == cfg.steps):
+            progress(step, cfg.steps, float(loss.detach()))
+    log.info("pretrained %s for %d steps in %.0f s on %d images (%d skipped)", cfg.backbone, cfg.steps,
+             time.perf_counter() - t0, len(data), data.skipped)
+    return save_weights(clip.eval(), cfg.backbone, cfg.out, cfg.storage_options)
+
+
+def save_weights(clip: nn.Module, backbone: str, url: str, storage_options: Mapping[str, Any]) -> str:
+    state = {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
+    digest = canonical_sha256(state)
+    blob = save_safetensors(state, metadata={"backbone": backbone, "sha256": digest, "format": "semclip-batch/pretrain"})
+    storage.write_bytes(url, io.BytesIO(blob).getvalue(), storage_options)
+    return digest

@@ -1,0 +1,102 @@
+"""Labelled images in memory for ``pretrain`` and ``train``, through the same decoding and preprocessing as
+``run`` (whole-frame view at model input size; masks as per-pixel defect fractions at the same size)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .config import PreprocessConfig
+from .errors import ConfigError, ImageError
+from .preprocess import mask_view, whole_view
+from .reader import load_frame
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class TrainSet:
+    """``views``: ``(N, S, S)`` float16 grey in [0, 1]; ``masks``: ``(N, S, S)`` float16 defect fractions;
+    ``labels``: ``(N,)`` class index; ``has_mask``: ``(N,)`` bool; ``captions``: per row, or ""."""
+
+    views: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    has_mask: torch.Tensor
+    captions: list[str]
+    classes: tuple[str, ...]
+    skipped: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    gray = load_frame(row["url"], so)
+    view = whole_view(gray, prep)
+    if not row["mask_url"]:
+        return view, None
+    mask = load_frame(row["mask_url"], so) > 0
+    if mask.shape != gray.shape:
+        raise ImageError("decode_error", f"mask {mask.shape} does not match image {gray.shape}")
+    return view, mask_view(mask, prep.image_size)
+
+
+def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessConfig, *,
+                  storage_options: Mapping[str, Any] | None = None, need_labels: bool = True,
+                  threads: int = 4) -> TrainSet:
+    """Decode every usable row; unreadable rows are skipped with a warning and counted."""
+    unknown = sorted(set(df["label"]) - set(classes) - {""})
+    if unknown:
+        raise ConfigError(f"label {unknown[0]!r} is not a class of the prompt file ({', '.join(classes)})")
+    if need_labels and (df["label"] == "").any():
+        row = df[df["label"] == ""].iloc[0]
+        raise ConfigError(f"every support row needs a label; {row['uri']} has none")
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(lambda r: _safe_load(r, prep, storage_options), [r for _, r in df.iterrows()]))
+    keep = [i for i, r in enumerate(results) if r is not None]
+    if not keep:
+        raise ConfigError("no usable training image (all rows failed to decode)")
+    size = prep.image_size
+    views = torch.from_numpy(np.stack([results[i][0] for i in keep])).half()
+    masks = torch.zeros(len(keep), size, size, dtype=torch.float16)
+    has_mask = torch.zeros(len(keep), dtype=torch.bool)
+    for k, i in enumerate(keep):
+        if results[i][1] is not None:
+            masks[k] = torch.from_numpy(results[i][1]).half()
+            has_mask[k] = True
+    labels = torch.tensor([classes.index(df["label"].iloc[i]) if df["label"].iloc[i] else IGNORE for i in keep])
+    normal = labels == 0
+    has_mask |= normal  # a normal image without a mask file is all zeros
+    captions = [str(df["caption"].iloc[i]) for i in keep]
+    return TrainSet(views, masks, labels, has_mask, captions, classes, skipped=len(df) - len(keep))
+
+
+def _safe_load(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None):
+    try:
+        return _load_row(row, prep, so)
+    except ImageError as exc:
+        log.warning("skipping %s: %s", row["uri"], exc)
+        return None
+
+
+def patch_labels(masks: torch.Tensor, labels: torch.Tensor, has_mask: torch.Tensor, grid: int,
+                 defect_frac: float = 0.15, normal_frac: float = 0.01) -> torch.Tensor:
+    """Per-patch class targets: the image's class where the patch is mostly defect, normal where clean,
+    ignored in between or without a mask. ``(B, S, S)`` -> ``(B, grid * grid)`` long."""
+    frac = F.adaptive_avg_pool2d(masks.float()[:, None], grid)[:, 0].flatten(1)
+    out = torch.full_like(frac, IGNORE, dtype=torch.long)
+    out[frac <= normal_frac] = 0
+    defect = (frac >= defect_frac) & (labels[:, None] > 0)
+    out[defect] = labels[:, None].expand_as(out)[defect]
+    out[~has_mask] = IGNORE
+    return out

@@ -1,0 +1,107 @@
+"""pretrain -> weights file, train -> checkpoint, run --model: formats, checksums, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+
+from semclip_batch.checkpoint import load_checkpoint
+from semclip_batch.config import ModelSpec, RunConfig, Thresholds
+from semclip_batch.errors import ConfigError, WeightsError
+from semclip_batch.pipeline import run
+from semclip_batch.pretrain import PretrainConfig, pretrain
+from semclip_batch.train import TrainConfig, focal_dice, sample_shots, train
+from semclip_batch.weights import load_backbone
+
+
+@pytest.fixture(scope="module")
+def weights(synth_lot, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    digest = pretrain(PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(out), backbone="semclip-tiny",
+                                     steps=3, batch_size=4))
+    return out, digest
+
+
+@pytest.fixture(scope="module")
+def checkpoint(weights, synth_lot, tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("ckpt") / "c1"
+    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(ckpt), backbone="semclip-tiny",
+                             pretrained=str(weights[0]), epochs=2))
+    return ckpt, meta
+
+
+def test_pretrained_weights_file_records_backbone_and_checksum(weights):
+    path, digest = weights
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["backbone"] == "semclip-tiny" and meta["sha256"] == digest
+    loaded = load_backbone("semclip-tiny", str(path), expected_sha256=digest)
+    assert loaded.sha256 == digest
+    random = load_backbone("semclip-tiny", "none")
+    assert random.sha256 != digest  # training changed the weights
+
+
+def test_checkpoint_contents(checkpoint, weights):
+    ckpt, meta = checkpoint
+    body = json.loads((ckpt / "checkpoint.json").read_text())
+    for key in ("method", "backbone", "weights", "classes", "prompts", "taps", "alpha", "temperature", "thresholds",
+                "preprocessing", "training", "tensors_sha256"):
+        assert key in body
+    assert body["weights"] == {"source": str(weights[0]), "sha256": weights[1], "seed": 0}
+    assert body["classes"][0] == "normal" and 0.0 <= body["alpha"] <= 1.0
+    loaded = load_checkpoint(str(ckpt))
+    assert all(k.startswith(("transform.", "head.", "text_embeddings", "alpha", "text_scale")) for k in loaded.tensors)
+    assert not any(k.startswith("visual.") for k in loaded.tensors)  # the frozen backbone is not copied
+
+
+def test_tampered_checkpoint_refused(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    body = json.loads((ckpt / "checkpoint.json").read_text())
+    body["tensors_sha256"] = "0" * 64
+    (bad / "checkpoint.json").write_text(json.dumps(body))
+    (bad / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
+    with pytest.raises(WeightsError, match="does not match"):
+        load_checkpoint(str(bad))
+    with pytest.raises(WeightsError, match="not a checkpoint folder"):
+        load_checkpoint(str(tmp_path / "nothing"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_run_with_checkpoint(ray_cluster, checkpoint, synth_lot, tmp_path, weights):
+    ckpt, meta = checkpoint
+    spec = ModelSpec(backbone=None, pretrained=None, checkpoint=str(ckpt))
+    flags = Thresholds(image=0.5, source={"image": "flag", "pixel": "default", "min_region_px": "default"})
+    result = run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o"), model=spec, thresholds=flags))
+    rec = result.record
+    assert rec["mode"] == "checkpoint" and rec["model_id"].startswith("semclip:semclip-tiny:")
+    assert rec["thresholds"]["image"] == 0.5 and rec["thresholds"]["source"]["image"] == "flag"
+    assert rec["thresholds"]["pixel"] == meta["thresholds"]["pixel"]
+    assert rec["thresholds"]["source"]["pixel"] == "checkpoint"
+    assert rec["counts"] == {"ok": 14}
+    with pytest.raises(ConfigError, match="differs from the checkpoint"):
+        run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o2"),
+                      model=ModelSpec(backbone="ViT-B-16-plus-240", pretrained=None, checkpoint=str(ckpt))))
+    with pytest.raises(WeightsError, match="trained on"):
+        run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o3"),
+                      model=ModelSpec(backbone=None, pretrained="none", checkpoint=str(ckpt))))
+
+
+def test_sample_shots_is_seeded_and_per_class():
+    df = pd.DataFrame({"image_id": [f"{i:02d}" for i in range(30)], "label": ["a"] * 20 + ["b"] * 10})
+    a, b = sample_shots(df, 5, 1), sample_shots(df, 5, 1)
+    assert a.equals(b) and a["label"].value_counts().to_dict() == {"a": 5, "b": 5}
+    assert len(sample_shots(df, None, 1)) == 30 and len(sample_shots(df, 15, 1)) == 25
+
+
+def test_focal_dice_prefers_the_right_map():
+    target = torch.zeros(1, 8, 8)
+    target[0, 2:5, 2:5] = 1
+    assert focal_dice(target * 0.98 + 0.01, target) < focal_dice(torch.full_like(target, 0.5), target)
