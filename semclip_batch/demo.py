@@ -1,40 +1,78 @@
-"""``demo``: the steps that exist, in order, on synthetic lots (synth -> run -> aggregate -> summary)."""
+"""``demo``: every step, in order, on synthetic lots:
+synth -> pretrain (short schedule, cached in DIR) -> train -> run -> eval -> aggregate -> summary.
+
+Three synthetic sets from apart seeds: pretraining lots, a 10-shot support set and the test lots.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+from safetensors import safe_open
+
 from . import storage
 from .aggregate import aggregate
 from .config import ModelSpec, RunConfig
+from .evaluate import evaluate
 from .pipeline import run
-from .query import render, run_query
+from .pretrain import PretrainConfig, pretrain
 from .results import lot_summary
 from .synth import SynthConfig, synth
+from .train import TrainConfig, train
 
-DEMO_SIZES = ((256, 256), (240, 320), (300, 200), (1200, 900))
+SIZES = ((256, 256), (240, 320), (300, 200))
+DEMO_STEPS = 150
+
+
+def _cached_weights(path: str, backbone: str) -> str | None:
+    """The sha256 of a previous demo's weights file for ``backbone``, if there is one."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, ValueError):
+        return None
+    ok = meta.get("backbone") == backbone and meta.get("steps") == str(DEMO_STEPS)
+    return meta.get("sha256") if ok else None
 
 
 def run_demo(folder: str, *, backbone: str = "semclip-tiny") -> Iterator[str]:
     """Run the demo, yielding lines to show."""
     root = storage.normalize_root(folder)
-    data, out = storage.join(root, "data"), storage.join(root, "out")
-    yield f"[1/4] synth: synthetic SEM lots -> {data}"
-    manifest = synth(data, SynthConfig(seed=7, lots=2, per_class=3, sizes=DEMO_SIZES))
-    yield f"      {len(manifest)} images, {manifest['lot_id'].nunique()} lots (one 1200x900 frame per lot is tiled)"
-    yield f"[2/4] run: zero-shot SEM-CLIP ({backbone}, seeded random weights) on a private local Ray -> {out}"
+    data, support, pre, out = (storage.join(root, p) for p in ("data", "support", "pretrain", "out"))
+    weights, ckpt = storage.join(pre, "weights.safetensors"), storage.join(root, "checkpoint")
+    yield f"[1/7] synth: test lots -> {data}, 10-shot support set -> {support}, pretraining lots -> {pre}"
+    manifest = synth(data, SynthConfig(seed=7, lots=2, per_class=3, sizes=(*SIZES, (1200, 900))))
+    synth(support, SynthConfig(seed=2000, lots=1, per_class=10, sizes=SIZES))
+    yield f"      {len(manifest)} test images in {manifest['lot_id'].nunique()} lots (one 1200x900 frame per lot is tiled)"
+    digest = _cached_weights(weights, backbone)
+    if digest is None:
+        synth(pre, SynthConfig(seed=1000, lots=6, per_class=10, sizes=SIZES))
+        yield f"[2/7] pretrain: {backbone} from random weights, {DEMO_STEPS} steps (the short schedule, ~3 min)"
+        digest = pretrain(PretrainConfig(manifest=storage.join(pre, "manifest.csv"), out=weights, backbone=backbone,
+                                         steps=DEMO_STEPS), metadata={"steps": str(DEMO_STEPS)})
+    else:
+        yield f"[2/7] pretrain: cached {weights}"
+    yield f"      weights sha256 {digest}"
+    yield "[3/7] train: 10-shot SEM-CLIP on the frozen backbone"
+    meta = train(TrainConfig(support=storage.join(support, "manifest.csv"), out=ckpt, backbone=backbone,
+                             pretrained=weights, shots=10))
+    yield (f"      checkpoint {ckpt}: alpha {meta['alpha']:.2f}, thresholds image {meta['thresholds']['image']:.3f} "
+           f"pixel {meta['thresholds']['pixel']:.3f}")
+    yield f"[4/7] run: the checkpoint on the test lots, on a private local Ray -> {out}"
     cfg = RunConfig(input=storage.join(data, "manifest.csv"), out=out,
-                    model=ModelSpec(backbone=backbone, pretrained="none", seed=0), overwrite=True, show_progress=False)
+                    model=ModelSpec(backbone=None, pretrained=None, checkpoint=ckpt), overwrite=True)
     result = run(cfg)
     rec = result.record
     yield f"      run {rec['run_id']}: {rec['status']}, counts {rec['counts']}, {rec['throughput_img_s']} img/s"
-    yield "[3/4] aggregate: per (lot, wafer, class) statistics"
-    stats = aggregate(out)
-    yield f"      {len(stats)} rows -> {out}/lot_stats"
-    yield "[4/4] summary per lot:"
+    yield "[5/7] eval against the synthetic ground truth:"
+    m = evaluate(out, storage.join(data, "manifest.csv"))
+    yield "      " + ", ".join(f"{k} {m[k]:.3f}" for k in ("iAUROC", "pAUROC", "F1max", "AUPRO", "accuracy", "macro_F1")
+                                 if m[k] is not None)
+    yield "[6/7] aggregate: per (lot, wafer, class) statistics"
+    yield f"      {len(aggregate(out))} rows -> {out}/lot_stats"
+    yield "[7/7] summary per lot:"
     yield from ("      " + line for line in lot_summary(out).to_string(index=False).splitlines())
-    sql = "select lot_id, count(*) as images, avg(anomaly_score) as mean_score from predictions group by 1 order by 1"
-    yield f"      query: {sql}"
-    yield from ("      " + line for line in render(run_query(out, sql), "table").splitlines())
-    yield "note: with random weights the classes and maps carry no learned meaning; train/pretrain come later."
-    yield f"outputs: {out}/predictions (Parquet, hive by lot_id), {out}/masks.zarr, {out}/lot_stats, {result.record_url}"
+    yield (f"outputs: {out}/predictions (Parquet, hive by lot_id), {out}/masks.zarr, {out}/lot_stats, "
+           f"{out}/metrics.json, {result.record_url}")
+    sql = "select lot_id, defect_class, count(*) from predictions group by all"
+    yield f'query them: .venv/bin/semclip-batch query {out} "{sql}"'

@@ -105,7 +105,7 @@ def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Te
     return loss
 
 
-def pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> str:
+def pretrain(cfg: PretrainConfig, progress: Progress | None = None, metadata: Mapping[str, str] | None = None) -> str:
     """Train and write the weights file (safetensors, backbone + canonical sha256 in its metadata).
 
     Returns the canonical sha256.
@@ -138,12 +138,14 @@ def pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> str:
             progress(step, cfg.steps, float(loss.detach()))
     log.info("pretrained %s for %d steps in %.0f s on %d images (%d skipped)", cfg.backbone, cfg.steps,
              time.perf_counter() - t0, len(data), data.skipped)
-    return save_weights(clip.eval(), cfg.backbone, cfg.out, cfg.storage_options)
+    return save_weights(clip.eval(), cfg.backbone, cfg.out, cfg.storage_options, metadata)
 
 
-def save_weights(clip: nn.Module, backbone: str, url: str, storage_options: Mapping[str, Any]) -> str:
+def save_weights(clip: nn.Module, backbone: str, url: str, storage_options: Mapping[str, Any],
+                 metadata: Mapping[str, str] | None = None) -> str:
     state = {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
     digest = canonical_sha256(state)
-    blob = save_safetensors(state, metadata={"backbone": backbone, "sha256": digest, "format": "semclip-batch/pretrain"})
+    meta = {**(metadata or {}), "backbone": backbone, "sha256": digest, "format": "semclip-batch/pretrain"}
+    blob = save_safetensors(state, metadata=meta)
     storage.write_bytes(url, io.BytesIO(blob).getvalue(), storage_options)
     return digest

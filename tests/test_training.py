@@ -46,7 +46,7 @@ def test_pretrained_weights_file_records_backbone_and_checksum(weights):
 
 
 def test_checkpoint_contents(checkpoint, weights):
-    ckpt, meta = checkpoint
+    ckpt, _ = checkpoint
     body = json.loads((ckpt / "checkpoint.json").read_text())
     for key in ("method", "backbone", "weights", "classes", "prompts", "taps", "alpha", "temperature", "thresholds",
                 "preprocessing", "training", "tensors_sha256"):
