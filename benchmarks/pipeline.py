@@ -76,8 +76,7 @@ def bench_backbone(name: str, images: int, batch_size: int, threads: int, precis
             predictor(batch)
         model_only = n / (time.perf_counter() - t0)
         del predictor
-        cfg = RunConfig(input=str(manifest), out=str(Path(tmp) / "out"), model=spec, batch_size=batch_size,
-                        show_progress=False)
+        cfg = RunConfig(input=str(manifest), out=str(Path(tmp) / "out"), model=spec, batch_size=batch_size)
         record = run(cfg).record
         pipeline = record["throughput_img_s"]
     return {"backbone": name, "images": n, "batch_size": batch_size, "threads": threads, "precision": precision,

@@ -129,7 +129,6 @@ class RunConfig:
     address: str | None = None
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
-    show_progress: bool = True
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:

@@ -1,13 +1,16 @@
 """``train``: K-shot SEM-CLIP on a frozen backbone (SEMCLIP.md "Training" and "Classification").
 
 Trains the Transformation Layers (focal + dice on the defect map of every tapped layer and path) and the
-classification head (cross-entropy), then fits the text temperature, the fusion weight alpha (5-fold
-cross-validation of the head on the support set) and the thresholds (on the support set), and writes a
-checkpoint. The backbone's tokens are computed once per support image: the backbone is frozen.
+classification head (cross-entropy) on 80 % of the support set, keeping the epochs that do best on the other
+20 % (epoch 0 being the zero-shot layers, so training never makes the maps worse on support data), then
+fits the text temperature, the fusion weight alpha (5-fold cross-validation of the head on the support set)
+and the thresholds (on the support set), and writes a checkpoint. The backbone's tokens are computed once
+per support image: the backbone is frozen.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -91,30 +94,68 @@ def encode_all(model: SemClip, data: TrainSet, prep, batch: int = 32) -> Encoder
                          vv=[cat([p.vv[k] for p in parts]) for k in range(len(parts[0].vv))])
 
 
+def holdout_split(n: int, seed: int, share: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded train / validation indices of the support set (no validation below 10 images)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
+    n_val = int(n * share) if n >= 10 else 0
+    return order[n_val:], order[:n_val]
+
+
+@torch.no_grad()
+def _validate(model: SemClip, enc: EncoderOutput, data: TrainSet, val: torch.Tensor) -> tuple[float, float]:
+    """Pixel AUROC of the maps and head accuracy on the validation images."""
+    sub = _subset(enc, val)
+    out = model.from_encoded(sub, (data.views.shape[-2], data.views.shape[-1]))
+    counts = PixelCounts()
+    for m, t, has in zip(out.maps, data.masks[val], data.has_mask[val], strict=True):
+        if has:
+            counts.add(np.rint(m.numpy() * 255).astype(np.uint8), t.float().numpy() >= 0.5)
+    _, head_logits = model.class_logits(F.normalize(sub.pooled, dim=-1))
+    accuracy = float((head_logits.argmax(-1) == data.labels[val]).float().mean())
+    return counts.auroc() or 0.0, accuracy
+
+
 def train_layers(model: SemClip, enc: EncoderOutput, data: TrainSet, cfg: TrainConfig,
-                 progress: Progress | None) -> float:
+                 progress: Progress | None) -> dict[str, float]:
+    """Train the Transformation Layers and the head on 80 % of the support set; keep, separately, the epoch
+    (0 = the zero-shot layers) whose maps / head do best on the other 20 % (early stopping on support data)."""
     params = list(model.transform.parameters()) + list(model.head.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed)
     size = (data.views.shape[-2], data.views.shape[-1])
     targets = (data.masks.float() >= 0.5).float()
+    fit_idx, val = holdout_split(len(data), cfg.seed)
+    best_map = (*_validate(model, enc, data, val), 0) if len(val) else None
+    best_tl, best_head = copy.deepcopy(model.transform.state_dict()), copy.deepcopy(model.head.state_dict())
+    best_head_score, best_head_epoch = -1.0, 0
     loss = torch.tensor(0.0)
     for epoch in range(1, cfg.epochs + 1):
-        for idx in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
+        for idx in fit_idx[torch.randperm(len(fit_idx), generator=gen)].split(cfg.batch_size):
             sub = _subset(enc, idx)
             seg_rows = data.has_mask[idx]
             terms = model.term_logits(sub)
             seg = torch.stack([focal_dice(defect_map(t, size)[seg_rows], targets[idx][seg_rows]) for t in terms]).mean() \
                 if seg_rows.any() else torch.tensor(0.0)
-            emb = F.normalize(sub.pooled, dim=-1)
-            _, head_logits = model.class_logits(emb)
+            _, head_logits = model.class_logits(F.normalize(sub.pooled, dim=-1))
             loss = seg + F.cross_entropy(head_logits, data.labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if best_map is not None:
+            pauroc, accuracy = _validate(model, enc, data, val)
+            if pauroc > best_map[0]:
+                best_map, best_tl = (pauroc, accuracy, epoch), copy.deepcopy(model.transform.state_dict())
+            if accuracy >= best_head_score:
+                best_head_score, best_head_epoch = accuracy, epoch
+                best_head = copy.deepcopy(model.head.state_dict())
         if progress is not None:
             progress(epoch, cfg.epochs, float(loss.detach()))
-    return float(loss.detach())
+    if best_map is None:
+        return {"final_loss": float(loss.detach()), "map_epoch": cfg.epochs, "head_epoch": cfg.epochs}
+    model.transform.load_state_dict(best_tl)
+    model.head.load_state_dict(best_head)
+    return {"final_loss": float(loss.detach()), "map_epoch": best_map[2], "val_pAUROC": best_map[0],
+            "head_epoch": best_head_epoch, "val_accuracy": best_head_score}
 
 
 def fit_temperature(emb: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> float:
@@ -201,7 +242,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     for p in model.head.parameters():
         p.requires_grad_(True)
     model.transform.train()
-    final_loss = train_layers(model, enc, data, cfg, progress)
+    fit_summary = train_layers(model, enc, data, cfg, progress)
     model.eval().requires_grad_(False)
     emb = F.normalize(enc.pooled, dim=-1)
     model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, data.labels))
@@ -216,7 +257,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         "alpha": float(model.alpha), "temperature": float(model.text_scale), "thresholds": thresholds,
         "preprocessing": {k: v for k, v in prep.as_record().items() if k != "tile_above"},
         "training": {"config": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},
-                     "support_rows": len(df), "used": len(data), "skipped": data.skipped, "final_loss": final_loss,
+                     "support_rows": len(df), "used": len(data), "skipped": data.skipped, **fit_summary,
                      "seconds": round(time.perf_counter() - t0, 1)},
     }
     save_checkpoint(cfg.out, model.state_dict(), meta, cfg.storage_options)

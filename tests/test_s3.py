@@ -92,3 +92,24 @@ def test_secrets_never_written(s3_run):
     record_key = next(k for k in keys if "/runs/" in k)
     record = json.loads(s3.get_object(Bucket=BUCKET, Key=record_key)["Body"].read())
     assert record["status"] == "complete"
+
+
+def test_pretrain_train_run_eval_all_on_s3(s3_run):
+    data, _, _, _ = s3_run
+    models, out = f"s3://{BUCKET}/models", f"s3://{BUCKET}/results/fewshot"
+    runner = CliRunner()
+    steps = runner.invoke(main, ["pretrain", f"{data}/manifest.csv", "--out", f"{models}/tiny.safetensors",
+                                 "--backbone", "semclip-tiny", "--steps", "2", "--batch-size", "4"])
+    assert steps.exit_code == 0, steps.output
+    digest = steps.output.strip().splitlines()[-1]
+    assert len(digest) == 64
+    trained = runner.invoke(main, ["train", f"{data}/manifest.csv", "--out", f"{models}/ckpt", "--backbone", "semclip-tiny",
+                                   "--pretrained", f"{models}/tiny.safetensors", "--pretrained-sha256", digest,
+                                   "--epochs", "2"])
+    assert trained.exit_code == 0, trained.output
+    ran = runner.invoke(main, ["run", f"{data}/manifest.csv", "--out", out, "--model", f"{models}/ckpt"])
+    assert ran.exit_code == 0, ran.output
+    evaluated = runner.invoke(main, ["eval", out, "--truth", f"{data}/manifest.csv"])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key="results/fewshot/metrics.json")["Body"].read())
+    assert metrics["n_truth"] == metrics["n_scored"] == 14 and metrics["pAUROC"] is not None
