@@ -312,9 +312,11 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise ConfigError("--steps and --batch-size must be >= 1 and --lr > 0")
+    if precision != "fp32":
+        raise ConfigError("pretrain trains in fp32; --precision applies to `run`")
     cfg = PretrainConfig(manifest=manifest, out=out, backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
-                         seed=seed, steps=steps, batch_size=batch_size, lr=lr, prompts=prompts,
-                         storage_options=parse_storage_options(storage_option))
+                         pretrained_sha256=pretrained_sha256, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
+                         prompts=prompts, storage_options=parse_storage_options(storage_option))
     digest = run_pretrain(cfg, progress=_loss_printer("step"))
     click.echo(f"wrote {out}")
     click.echo(digest)
@@ -349,6 +351,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
 
     if pretrained is None:
         raise ConfigError("train needs --pretrained (a weights path/URL, or 'none' for seeded random weights)")
+    if precision != "fp32":
+        raise ConfigError("train runs in fp32; --precision applies to `run`")
     if (shots is not None and shots < 1) or epochs < 1 or lr <= 0:
         raise ConfigError("--shots and --epochs must be >= 1 and --lr > 0")
     try:

@@ -43,6 +43,7 @@ class PretrainConfig:
     out: str
     backbone: str = DEFAULT_BACKBONE
     pretrained: str = "none"
+    pretrained_sha256: str | None = None
     seed: int = 0
     steps: int = 600
     batch_size: int = 32
@@ -115,7 +116,8 @@ def pretrain(cfg: PretrainConfig, progress: Progress | None = None, metadata: Ma
     prep = preprocess_config(cfg.backbone, tile_above=10**9)
     df = read_manifest(cfg.manifest, storage_options=cfg.storage_options)
     data = load_trainset(df, prompts.classes, prep, storage_options=cfg.storage_options, need_labels=False)
-    backbone = load_backbone(cfg.backbone, cfg.pretrained, seed=cfg.seed, storage_options=cfg.storage_options)
+    backbone = load_backbone(cfg.backbone, cfg.pretrained, seed=cfg.seed, expected_sha256=cfg.pretrained_sha256,
+                             storage_options=cfg.storage_options)
     clip = backbone.clip.train()
     tokenizer = open_clip.get_tokenizer(cfg.backbone)
     tokens = torch.cat([tokenizer(list(p)) for p in prompts.prompts])

@@ -81,7 +81,8 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     return TrainSet(views, masks, labels, has_mask, captions, classes, skipped=len(df) - len(keep))
 
 
-def _safe_load(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None):
+def _safe_load(row: pd.Series, prep: PreprocessConfig,
+               so: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None] | None:
     try:
         return _load_row(row, prep, so)
     except ImageError as exc:
