@@ -20,7 +20,7 @@ def assert_one_line_error(result, fragment: str) -> None:
 
 
 def test_every_command_help_has_an_example():
-    for cmd in ("synth", "run", "demo", "aggregate", "query", "eval"):
+    for cmd in ("synth", "run", "demo", "aggregate", "query", "eval", "pretrain", "train"):
         result = invoke(cmd, "--help")
         assert result.exit_code == 0 and "Example" in result.output
     assert "0.95" in invoke("run", "--help").output  # default thresholds shown
@@ -71,3 +71,12 @@ def test_synth_cli(tmp_path):
     assert (tmp_path / "d" / "manifest.csv").exists() and (tmp_path / "d" / "manifest.parquet").exists()
     assert_one_line_error(invoke("synth", str(tmp_path / "e"), "--sizes", "big"), "--sizes")
     assert_one_line_error(invoke("synth", str(tmp_path / "e"), "--formats", "gif"), "--formats")
+
+
+def test_training_refuses_other_precisions(synth_lot, tmp_path):
+    result = invoke("train", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "c"), "--backbone", "semclip-tiny",
+                    "--pretrained", "none", "--precision", "bf16")
+    assert_one_line_error(result, "fp32")
+    result = invoke("pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "w.safetensors"),
+                    "--backbone", "semclip-tiny", "--steps", "0")
+    assert_one_line_error(result, "--steps")
