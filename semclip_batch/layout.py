@@ -58,9 +58,6 @@ class OutLayout:
     def prediction_part(self, lot_id: str, shard: str, part: str) -> str:
         return join(self.predictions, f"lot_id={lot_id}", f"{shard}-{part}.parquet")
 
-    def prediction_glob(self, lot_id: str, shard: str) -> str:
-        return join(self.predictions, f"lot_id={lot_id}", f"{shard}-*.parquet")
-
     def attempt(self, run_id: str, attempt: int) -> str:
         return join(self.runs, run_id, f"attempt-{attempt}.json")
 

@@ -77,16 +77,15 @@ class PixelCounts:
         tpr, fpr = tp[::-1] / tp[0], fp[::-1] / fp[0]  # thresholds 256 -> 0: rates increasing
         return float(np.trapezoid(tpr, fpr))
 
-    def f1_max(self) -> float | None:
+    def f1_curve(self) -> np.ndarray:
+        """Pixel F1 when predicting ``level >= t``, for t in 0..256: 2 TP / (predicted + positives)."""
         tp, fp = _suffix(self.pos), _suffix(self.neg)
-        if tp[0] == 0:
+        return 2 * tp / np.maximum(tp + fp + tp[0], 1.0)
+
+    def f1_max(self) -> float | None:
+        if self.pos.sum() == 0:
             return None
-        predicted = tp + fp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            precision = np.where(predicted > 0, tp / predicted, 0.0)
-            recall = tp / tp[0]
-            f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-        return float(f1.max())
+        return float(self.f1_curve().max())
 
     def aupro(self, max_fpr: float = AUPRO_MAX_FPR) -> float | None:
         """Area under PRO(FPR) for FPR in [0, max_fpr], divided by max_fpr."""

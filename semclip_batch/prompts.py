@@ -24,9 +24,6 @@ class PromptSet:
     def as_record(self) -> dict[str, list[str]]:
         return {c: list(p) for c, p in zip(self.classes, self.prompts, strict=False)}
 
-    def for_class(self, name: str) -> tuple[str, ...]:
-        return self.prompts[self.classes.index(name)]
-
 
 def default_prompt_text() -> str:
     return resources.files("semclip_batch").joinpath("data/prompts.json").read_text(encoding="utf-8")

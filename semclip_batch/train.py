@@ -33,7 +33,7 @@ from .model.semclip import defect_map
 from .pipeline import text_embeddings
 from .preprocess import normalize
 from .prompts import load_prompts
-from .scoring import anomaly_score
+from .scoring import anomaly_score, to_mask
 from .trainset import TrainSet, load_trainset
 from .weights import load_backbone, preprocess_config
 
@@ -101,15 +101,21 @@ def holdout_split(n: int, seed: int, share: float = 0.2) -> tuple[torch.Tensor, 
     return order[n_val:], order[:n_val]
 
 
+def _pixel_counts(maps: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor) -> PixelCounts:
+    """Per-level counts of the stored-mask form of ``maps`` against ``masks`` >= 0.5, rows with a mask only."""
+    counts = PixelCounts()
+    for m, t, has in zip(maps, masks, has_mask, strict=True):
+        if has:
+            counts.add(to_mask(m.numpy()), t.float().numpy() >= 0.5)
+    return counts
+
+
 @torch.no_grad()
 def _validate(model: SemClip, enc: EncoderOutput, data: TrainSet, val: torch.Tensor) -> tuple[float, float]:
     """Pixel AUROC of the maps and head accuracy on the validation images."""
     sub = _subset(enc, val)
     out = model.from_encoded(sub, (data.views.shape[-2], data.views.shape[-1]))
-    counts = PixelCounts()
-    for m, t, has in zip(out.maps, data.masks[val], data.has_mask[val], strict=True):
-        if has:
-            counts.add(np.rint(m.numpy() * 255).astype(np.uint8), t.float().numpy() >= 0.5)
+    counts = _pixel_counts(out.maps, data.masks[val], data.has_mask[val])
     _, head_logits = model.class_logits(F.normalize(sub.pooled, dim=-1))
     accuracy = float((head_logits.argmax(-1) == data.labels[val]).float().mean())
     return counts.auroc() or 0.0, accuracy
@@ -209,16 +215,8 @@ def fit_thresholds(model: SemClip, enc: EncoderOutput, data: TrainSet) -> dict[s
         bal = [0.5 * ((scores[defect] >= c).mean() + (scores[~defect] < c).mean()) for c in cands]
         i = int(np.argmax(bal))
         image = float((cands[i] + (cands[i - 1] if i > 0 else cands[i] - 0.01)) / 2)
-    counts = PixelCounts()
-    for m, t, has in zip(out.maps, data.masks, data.has_mask, strict=True):
-        if has:
-            counts.add(np.rint(m.numpy() * 255).astype(np.uint8), t.float().numpy() >= 0.5)
-    pixel = 0.5
-    if counts.pos.sum():
-        tp = np.cumsum(counts.pos[::-1])[::-1]
-        fp = np.cumsum(counts.neg[::-1])[::-1]
-        f1 = 2 * tp / np.maximum(tp + fp + counts.pos.sum(), 1)
-        pixel = float(int(np.argmax(f1)) / 255.0)
+    counts = _pixel_counts(out.maps, data.masks, data.has_mask)
+    pixel = float(int(np.argmax(counts.f1_curve()[:256])) / 255.0) if counts.pos.sum() else 0.5
     return {"image": float(np.clip(image, 0, 1)), "pixel": pixel, "min_region_px": DEFAULT_MIN_REGION_PX}
 
 

@@ -138,11 +138,6 @@ class SemClip(nn.Module):
         self.register_buffer("alpha", torch.tensor(1.0))
         self.register_buffer("text_scale", clip.logit_scale.detach().exp().clone())
 
-    @property
-    def image_size(self) -> int:
-        size = self.visual.image_size
-        return int(size[0] if isinstance(size, (tuple, list)) else size)
-
     def set_text_embeddings(self, text: torch.Tensor) -> None:
         """The one entry for prompt state: ``(C, E)`` class embeddings, class 0 = normal."""
         if text.shape != self.text_embeddings.shape:
