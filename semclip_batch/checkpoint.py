@@ -20,7 +20,7 @@ from .weights import canonical_sha256
 
 TENSORS = "model.safetensors"
 META = "checkpoint.json"
-TRAINED_PREFIXES = ("transform.", "head.", "text_embeddings", "alpha", "text_scale")
+BACKBONE_PREFIXES = ("visual.", "logit_scale")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Checkpoint:
 
 
 def trained_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(TRAINED_PREFIXES)}
+    """Everything but the backbone (which the checkpoint records by source and checksum instead)."""
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.startswith(BACKBONE_PREFIXES)}
 
 
 def save_checkpoint(url: str, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any],

@@ -327,24 +327,28 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @click.argument("support")
 @click.option("--out", required=True, help="Checkpoint folder to write (any fsspec URL).")
 @model_options
-@click.option("--method", type=click.Choice(["semclip"]), default="semclip", show_default=True)
+@click.option("--method", type=click.Choice(["semclip", "winclip", "promptad"]), default="semclip", show_default=True,
+              help="SEM-CLIP, or a baseline it is measured against: WinCLIP+ or PromptAD (normal images only).")
 @click.option("--shots", type=int, default=None, help="K images per class, seeded [default: all rows].")
-@click.option("--epochs", default=40, show_default=True, type=int)
+@click.option("--epochs", default=None, type=int, help="[default: 40 for semclip, 100 for promptad; winclip has none]")
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--no-vv", is_flag=True, help="Ablation: original path only.")
 @click.option("--no-surgery", is_flag=True, help="Ablation: plain cosine similarities.")
 @click.option("--taps", default=None, help="Tapped blocks, e.g. 3,6 [default: L/4, L/2, 3L/4, L].")
 @click.option("--cls", "cls_mode", type=click.Choice(["fused", "head", "text"]), default="fused", show_default=True)
+@click.option("--use-reference", is_flag=True,
+              help="Also score patches by distance to each row's reference_uri frame (stored in the checkpoint).")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, cache_dir: str | None, precision: str, storage_option: tuple[str, ...],
-          method: str, shots: int | None, epochs: int, lr: float, no_vv: bool, no_surgery: bool, taps: str | None,
-          cls_mode: str) -> None:
-    """Few-shot SEM-CLIP on a frozen backbone from a labelled SUPPORT manifest -> checkpoint at --out.
+          method: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
+          taps: str | None, cls_mode: str, use_reference: bool) -> None:
+    """Few-shot SEM-CLIP (or a baseline) on a frozen backbone from a labelled SUPPORT manifest -> checkpoint.
 
     \b
-    Example:
+    Examples:
       semclip-batch train support.csv --out ckpt/ --backbone semclip-tiny --pretrained sem-tiny.safetensors --shots 10
+      semclip-batch train support.csv --out ckpt-winclip/ --method winclip --pretrained sem-tiny.safetensors --shots 10
     """
     from .errors import ConfigError
     from .train import TrainConfig
@@ -354,7 +358,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
         raise ConfigError("train needs --pretrained (a weights path/URL, or 'none' for seeded random weights)")
     if precision != "fp32":
         raise ConfigError("train runs in fp32; --precision applies to `run`")
-    if (shots is not None and shots < 1) or epochs < 1 or lr <= 0:
+    if (shots is not None and shots < 1) or (epochs is not None and epochs < 1) or lr <= 0:
         raise ConfigError("--shots and --epochs must be >= 1 and --lr > 0")
     try:
         tap_list = tuple(int(t) for t in taps.split(",")) if taps else None
@@ -363,13 +367,13 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     cfg = TrainConfig(support=support, out=out, backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                       pretrained_sha256=pretrained_sha256, seed=seed, shots=shots, epochs=epochs, lr=lr,
                       prompts=prompts, taps=tap_list, use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode,
-                      storage_options=parse_storage_options(storage_option))
+                      method=method, use_reference=use_reference, storage_options=parse_storage_options(storage_option))
     try:
         meta = run_train(cfg, progress=_loss_printer("epoch"))
     except ValueError as exc:  # e.g. taps outside the backbone's depth
         raise ConfigError(str(exc)) from None
     th = meta["thresholds"]
-    click.echo(f"wrote checkpoint {out}: alpha {meta['alpha']:.2f}, temperature {meta['temperature']:.1f}, "
+    click.echo(f"wrote {meta['method']} checkpoint {out}: alpha {meta['alpha']:.2f}, temperature {meta['temperature']:.1f}, "
                f"thresholds image {th['image']:.3f} pixel {th['pixel']:.3f}, {meta['training']['used']} images, "
                f"{meta['training']['seconds']} s")
 

@@ -1,4 +1,4 @@
-"""The model stage: a Ray Data actor that builds SEM-CLIP once in ``__init__`` and scores batches.
+"""The model stage: a Ray Data actor that builds the model (SEM-CLIP or a baseline) once in ``__init__`` and scores batches.
 
 Input rows carry the preprocessed views; output rows carry the uint8 mask at the frame's H x W, the class
 scores and the image score. A failing batch becomes ``model_error`` rows (traceback logged), never a crash.
@@ -12,10 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checkpoint import TRAINED_PREFIXES, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import ModelSpec, PreprocessConfig
 from .errors import MODEL_ERROR, OK, WeightsError, one_line
-from .model import SemClip, SemClipConfig, default_taps
+from .features import encode_batch
+from .methods import Scorer, load_trained, needed_taps, new_model, score_features
+from .model import SemClip, SemClipOutput, default_taps
+from .model.promptad import PromptAd
+from .model.reference import ReferenceScorer
+from .model.winclip import WinClip
 from .preprocess import maps_to_frame, tile_grid
 from .scoring import anomaly_score, to_mask
 from .weights import LoadedBackbone, load_backbone
@@ -37,27 +42,62 @@ class PredictorSetup:
     use_gpu: bool
 
 
+@dataclass
+class Scoring:
+    """A method's model (+ reference scorer) and what to encode for it."""
+
+    model: Scorer
+    reference: ReferenceScorer | None
+    taps: tuple[int, ...]
+    vv_from: int | None
+    windows: bool
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Scoring:
+        self.model = self.model.to(device=device, dtype=dtype)
+        if self.reference is not None:
+            self.reference = self.reference.to(device=device)
+        return self
+
+    def __call__(self, x: torch.Tensor, refs: torch.Tensor | None = None,
+                 has_ref: torch.Tensor | None = None) -> SemClipOutput:
+        visual = self.model.visual
+        feats = encode_batch(visual, x, self.taps, vv_from=self.vv_from, windows=self.windows)
+        ref_feats = None
+        if self.reference is not None and refs is not None and has_ref is not None and bool(has_ref.any()):
+            ref_feats = encode_batch(visual, refs, self.reference.taps, vv_from=None)
+        return score_features(self.model, feats, (x.shape[-2], x.shape[-1]), self.reference, ref_feats, has_ref)
+
+
 def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: str | None = None,
-                backbone: LoadedBackbone | None = None) -> SemClip:
-    """Load the backbone (unless given) and wrap it as SEM-CLIP with the given class embeddings; with a
-    checkpoint in the spec, its trained tensors are loaded too (eval mode, fp32, CPU)."""
+                backbone: LoadedBackbone | None = None) -> Scoring:
+    """Load the backbone (unless given) and build ``spec.method`` around it with the given class embeddings;
+    with a checkpoint in the spec, its trained tensors are loaded too (eval mode, fp32, CPU)."""
     if backbone is None:
         backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
                                  storage_options=spec.storage_options)
+    model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
     depth = len(backbone.clip.visual.transformer.resblocks)
-    taps = spec.taps or default_taps(depth)
-    cfg = SemClipConfig(taps=tuple(taps), use_vv=spec.use_vv, vv_from=spec.vv_from, surgery=spec.surgery,
-                        surgery_weights=spec.surgery_weights, sigma=spec.sigma, cls=spec.cls)
-    model = SemClip(backbone.clip, cfg, n_classes=text_embeddings.shape[0])
-    model.set_text_embeddings(torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
+    reference = ReferenceScorer(default_taps(depth)) if spec.use_reference else None
     if spec.checkpoint is not None:
         tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        trained_missing = [k for k in missing if k.startswith(TRAINED_PREFIXES)]
-        if unexpected or trained_missing:
-            raise WeightsError(f"checkpoint {spec.checkpoint!r} does not fit this model "
-                               f"(unexpected {unexpected[:2]}, missing {trained_missing[:2]})")
-    return model.eval().requires_grad_(False)
+        problems = load_trained(model, tensors)
+        if reference is not None:
+            if "reference.scale" not in tensors:
+                problems.append("missing reference.scale")
+            else:
+                reference.scale.copy_(tensors["reference.scale"])
+        if problems:
+            raise WeightsError(f"checkpoint {spec.checkpoint!r} does not fit this model ({', '.join(problems[:3])})")
+    taps = needed_taps(model)
+    vv_from: int | None = None
+    if isinstance(model, SemClip):
+        vv_from = model.cfg.vv_from if model.cfg.use_vv else None
+    elif isinstance(model, PromptAd):
+        vv_from = 1
+    if reference is not None:
+        taps = tuple(sorted({*taps, *reference.taps}))
+    model = model.eval().requires_grad_(False)
+    return Scoring(model, reference, taps, vv_from, windows=isinstance(model, WinClip))
 
 
 class Predictor:
@@ -68,23 +108,29 @@ class Predictor:
         self.setup = setup
         self.device = torch.device("cuda" if setup.use_gpu and torch.cuda.is_available() else "cpu")
         self.dtype = DTYPES[setup.spec.precision]
-        model = build_model(setup.spec, setup.text_embeddings, setup.weights_sha256)
-        self.model = model.to(device=self.device, dtype=self.dtype)
+        self.scoring = build_model(setup.spec, setup.text_embeddings, setup.weights_sha256).to(self.device, self.dtype)
 
     @torch.inference_mode()
-    def _forward(self, views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(V, 3, S, S)`` -> maps ``(V, S, S)`` and class probabilities ``(V, C)`` on the CPU."""
+    def _forward(self, views: np.ndarray, refs: np.ndarray | None,
+                 has_ref: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(V, 3, S, S)`` (and the reference views, same shape, with a ``(V,)`` flag) -> maps ``(V, S, S)`` and
+        class probabilities ``(V, C)`` on the CPU."""
         maps, probs = [], []
-        for start in range(0, views.shape[0], self.setup.batch_size):
-            x = torch.from_numpy(views[start:start + self.setup.batch_size]).to(self.device, self.dtype)
-            out = self.model(x)
+        step = self.setup.batch_size
+        for start in range(0, views.shape[0], step):
+            x = torch.from_numpy(views[start:start + step]).to(self.device, self.dtype)
+            r = flag = None
+            if refs is not None and has_ref is not None:
+                r = torch.from_numpy(refs[start:start + step]).to(self.device, self.dtype)
+                flag = torch.from_numpy(has_ref[start:start + step]).to(self.device)
+            out = self.scoring(x, r, flag)
             maps.append(out.maps.float().cpu())
             probs.append(out.class_probs.float().cpu())
         return torch.cat(maps), torch.cat(probs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "ref_pixels")}
         masks = np.full(n, b"", dtype=object)
         scores = np.full(n, np.nan)
         class_scores = np.full((n, self.setup.text_embeddings.shape[0]), np.nan, dtype=np.float32)
@@ -108,7 +154,13 @@ class Predictor:
         counts = [int(batch["n_views"][i]) for i in ok]
         views = np.concatenate([np.frombuffer(batch["pixels"][i], dtype=np.float32).reshape(c, 3, size, size)
                                 for i, c in zip(ok, counts, strict=False)])
-        maps, probs = self._forward(views)
+        refs = has_ref = None
+        if "ref_pixels" in batch:
+            refs = np.concatenate([np.frombuffer(batch["ref_pixels"][i], dtype=np.float32).reshape(c, 3, size, size)
+                                   if batch["has_ref"][i] else np.zeros((c, 3, size, size), np.float32)
+                                   for i, c in zip(ok, counts, strict=False)])
+            has_ref = np.concatenate([np.full(c, bool(batch["has_ref"][i])) for i, c in zip(ok, counts, strict=False)])
+        maps, probs = self._forward(views, refs, has_ref)
         start = 0
         for i, count in zip(ok, counts, strict=False):
             h, w = int(batch["height"][i]), int(batch["width"][i])

@@ -26,7 +26,7 @@ from . import storage
 from .checkpoint import load_checkpoint, model_checksum
 from .config import PreprocessConfig, RunConfig, Thresholds
 from .errors import MODEL_ERROR, OK, ConfigError, WeightsError
-from .inference import Predictor, PredictorSetup
+from .inference import Predictor, PredictorSetup, build_model
 from .layout import OutLayout
 from .manifest import content_digest, read_manifest
 from .model.text import class_embeddings
@@ -114,7 +114,8 @@ def _identify_checkpoint(cfg: RunConfig) -> tuple[RunConfig, _ModelIdentity]:
                            f"trained on {weights_sha[:12]} ({source})")
     new_spec = replace(spec, backbone=meta["backbone"], pretrained=pretrained, seed=int(meta["weights"].get("seed", 0)),
                        taps=tuple(meta["taps"]), use_vv=bool(meta["use_vv"]), surgery=bool(meta["surgery"]),
-                       cls=str(meta["cls"]))
+                       cls=str(meta["cls"]), method=str(meta.get("method", "semclip")),
+                       use_reference=bool(meta.get("use_reference", False)))
     th = cfg.thresholds
     values = {k: (getattr(th, k) if th.source.get(k) == "flag" else meta["thresholds"][k])
               for k in ("image", "pixel", "min_region_px")}
@@ -122,6 +123,7 @@ def _identify_checkpoint(cfg: RunConfig) -> tuple[RunConfig, _ModelIdentity]:
     thresholds = Thresholds(image=float(values["image"]), pixel=float(values["pixel"]),
                             min_region_px=int(values["min_region_px"]), source=source_map)
     prompts = PromptSet(classes=tuple(meta["classes"]), prompts=tuple(tuple(meta["prompts"][c]) for c in meta["classes"]))
+    build_model(new_spec, ckpt.tensors["text_embeddings"].numpy(), backbone=backbone)  # refuse a misfit here, once
     checksum = model_checksum(ckpt)
     ident = _ModelIdentity(model_id=f"{ckpt.method}:{meta['backbone']}:{checksum[:12]}", sha256=checksum,
                            weights_sha256=weights_sha, text=ckpt.tensors["text_embeddings"].numpy(), prompts=prompts,
@@ -202,6 +204,8 @@ def _execute(cfg: RunConfig, layout: OutLayout, rows: pd.DataFrame, record: dict
         counts.update(new_counts)
         sent = sum(n for status, n in new_counts.items() if status in (OK, MODEL_ERROR, "write_error"))
         record["rows"]["sent_to_model"] = sent
+        if cfg.model.use_reference:
+            record["rows"]["without_reference"] = int((todo_rows["reference_url"] == "").sum())
         record["throughput_img_s"] = round(len(todo_rows) / max(timer.timings["pipeline"], 1e-9), 3)
     record["counts"] = dict(sorted(counts.items()))
 
@@ -237,7 +241,8 @@ def _stream(cfg: RunConfig, layout: OutLayout, todo_rows: pd.DataFrame, ident: _
     wsetup = WriterSetup(out=layout.root, run_id=record["run_id"], model_id=ident.model_id,
                          classes=ident.prompts.classes, thresholds=cfg.thresholds, storage_options=cfg.storage_options)
     ds = ray.data.from_arrow(_input_blocks(todo_rows))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "storage_options": cfg.storage_options},
+    ds = ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "storage_options": cfg.storage_options,
+                                                 "references": cfg.model.use_reference},
                         batch_size=4, num_cpus=0.5, batch_format="numpy")
     ds = ds.map_batches(Predictor, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
                         compute=ActorPoolStrategy(size=cfg.actors), num_cpus=actor_cpus,

@@ -49,6 +49,7 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float = 5e-4
     prompts: str | None = None
+    prompts_per_step: int = 8
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,6 +58,16 @@ def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_cla
     emb = F.normalize(clip.encode_text(tokens), dim=-1)
     sums = torch.zeros(n_classes, emb.shape[1], dtype=emb.dtype).index_add(0, owner, emb)
     return F.normalize(sums, dim=-1)
+
+
+def prompt_sample(owner: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices of up to ``per_class`` random prompts of every class (a fresh draw each step: the text tower
+    sees every prompt over the schedule at a fraction of the cost of all of them per step)."""
+    picks = []
+    for c in owner.unique():
+        members = (owner == c).nonzero().flatten()
+        picks.append(members[torch.randperm(members.numel(), generator=gen)[:per_class]])
+    return torch.cat(picks)
 
 
 def _project(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -130,7 +141,8 @@ def pretrain(cfg: PretrainConfig, progress: Progress | None = None, metadata: Ma
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         idx = torch.randperm(len(data), generator=gen)[: cfg.batch_size]
-        text = class_text(clip, tokens, owner, len(prompts.classes))
+        pick = prompt_sample(owner, cfg.prompts_per_step, gen)
+        text = class_text(clip, tokens[pick], owner[pick], len(prompts.classes))
         loss = step_loss(clip, data, idx, text, taps, prep, gen, caption_tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,7 +14,7 @@ import numpy as np
 
 from .config import PreprocessConfig
 from .decode import decode_image
-from .errors import OK, READ_ERROR, ImageError, one_line
+from .errors import OK, READ_ERROR, REFERENCE_ERROR, ImageError, one_line
 from .preprocess import model_inputs
 from .storage import read_bytes
 
@@ -32,17 +32,35 @@ def load_frame(url: str, storage_options: Mapping[str, Any] | None = None) -> np
     return decode_image(data)
 
 
+def reference_views(url: str, shape: tuple[int, int], prep: PreprocessConfig,
+                    storage_options: Mapping[str, Any] | None) -> np.ndarray:
+    """The reference frame's model views (same tiling as the image). Raises ``ImageError(reference_error)``."""
+    try:
+        ref = load_frame(url, storage_options)
+    except ImageError as exc:
+        raise ImageError(REFERENCE_ERROR, f"reference: {exc}") from None
+    if ref.shape != shape:
+        raise ImageError(REFERENCE_ERROR, f"reference {url} is {ref.shape[0]}x{ref.shape[1]}, "
+                                          f"the image {shape[0]}x{shape[1]}")
+    return model_inputs(ref, prep)
+
+
 def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
-                 storage_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """Ray Data map function: adds ``status, error, height, width, n_views, pixels``."""
+                 storage_options: Mapping[str, Any] | None = None, references: bool = False) -> dict[str, np.ndarray]:
+    """Ray Data map function: adds ``status, error, height, width, n_views, pixels`` (and, with
+    ``references``, ``ref_pixels`` and ``has_ref`` from each row's ``reference_url``)."""
     n = len(batch["image_id"])
     status, error = np.full(n, OK, dtype=object), np.full(n, None, dtype=object)
     height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
-    pixels = np.full(n, b"", dtype=object)
+    pixels, ref_pixels = np.full(n, b"", dtype=object), np.full(n, b"", dtype=object)
+    has_ref = np.zeros(n, bool)
     for i, url in enumerate(batch["url"]):
         try:
             gray = load_frame(str(url), storage_options)
             x = model_inputs(gray, prep)
+            ref_url = str(batch["reference_url"][i] or "") if references else ""
+            if ref_url:
+                ref_pixels[i], has_ref[i] = reference_views(ref_url, gray.shape, prep, storage_options).tobytes(), True
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)
             continue
@@ -54,4 +72,6 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
         views[i], pixels[i] = x.shape[0], x.tobytes()
     out = dict(batch)
     out.update(status=status, error=error, height=height, width=width, n_views=views, pixels=pixels)
+    if references:
+        out.update(ref_pixels=ref_pixels, has_ref=has_ref)
     return out

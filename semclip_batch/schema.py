@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 # Columns the driver sends into the pipeline (one row per manifest row still to do).
-INPUT_COLUMNS = ("image_id", "uri", "url", "lot_id", "wafer_id", "die_x", "die_y", "shard")
+INPUT_COLUMNS = ("image_id", "uri", "url", "reference_url", "lot_id", "wafer_id", "die_x", "die_y", "shard")
 
 PREDICTIONS = pa.schema([
     ("image_id", pa.string()),

@@ -22,22 +22,27 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .baselines import PromptAdSettings, fit_promptad, fit_winclip
 from .checkpoint import save_checkpoint
 from .config import DEFAULT_BACKBONE, DEFAULT_MIN_REGION_PX, ModelSpec
-from .inference import build_model
+from .errors import ConfigError
+from .features import Features, encode_views
 from .manifest import read_manifest
+from .methods import METHODS, Scorer, method_taps, model_inputs, new_model, score_features
 from .metrics import PixelCounts
-from .model import SemClip
+from .model import SemClip, SemClipOutput, default_taps
 from .model.encoder import EncoderOutput
+from .model.reference import ReferenceScorer
 from .model.semclip import defect_map
+from .model.winclip import WinClip
 from .pipeline import text_embeddings
-from .preprocess import normalize
 from .prompts import load_prompts
 from .scoring import anomaly_score, to_mask
 from .trainset import TrainSet, load_trainset
-from .weights import load_backbone, preprocess_config
+from .weights import LoadedBackbone, load_backbone, preprocess_config
 
 log = logging.getLogger(__name__)
+SEMCLIP_EPOCHS = 40
 Progress = Callable[[int, int, float], None]
 
 
@@ -50,7 +55,8 @@ class TrainConfig:
     pretrained_sha256: str | None = None
     seed: int = 0
     shots: int | None = None
-    epochs: int = 40
+    method: str = "semclip"
+    epochs: int | None = None
     lr: float = 1e-3
     batch_size: int = 8
     prompts: str | None = None
@@ -58,7 +64,22 @@ class TrainConfig:
     use_vv: bool = True
     surgery: bool = True
     cls: str = "fused"
+    use_reference: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "semclip" and (self.taps is not None or not self.use_vv or not self.surgery
+                                         or self.cls != "fused"):
+            raise ConfigError("--taps, --no-vv, --no-surgery and --cls are SEM-CLIP options; "
+                              f"--method {self.method} takes none of them")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+
+    @property
+    def semclip_epochs(self) -> int:
+        return self.epochs or SEMCLIP_EPOCHS
 
 
 def sample_shots(df: pd.DataFrame, shots: int | None, seed: int) -> pd.DataFrame:
@@ -83,15 +104,6 @@ def _subset(enc: EncoderOutput, idx: torch.Tensor) -> EncoderOutput:
     pick = lambda t: None if t is None else t[idx]  # noqa: E731
     return EncoderOutput(pooled=enc.pooled[idx], original=[t[idx] for t in enc.original],
                          vv=[pick(t) for t in enc.vv])
-
-
-@torch.no_grad()
-def encode_all(model: SemClip, data: TrainSet, prep, batch: int = 32) -> EncoderOutput:
-    parts = [model.encode(normalize(data.views[i:i + batch], prep)) for i in range(0, len(data), batch)]
-    cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
-    return EncoderOutput(pooled=torch.cat([p.pooled for p in parts]),
-                         original=[torch.cat([p.original[k] for p in parts]) for k in range(len(parts[0].original))],
-                         vv=[cat([p.vv[k] for p in parts]) for k in range(len(parts[0].vv))])
 
 
 def holdout_split(n: int, seed: int, share: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +147,7 @@ def train_layers(model: SemClip, enc: EncoderOutput, data: TrainSet, cfg: TrainC
     best_tl, best_head = copy.deepcopy(model.transform.state_dict()), copy.deepcopy(model.head.state_dict())
     best_head_score, best_head_epoch = -1.0, 0
     loss = torch.tensor(0.0)
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, cfg.semclip_epochs + 1):
         for idx in fit_idx[torch.randperm(len(fit_idx), generator=gen)].split(cfg.batch_size):
             sub = _subset(enc, idx)
             seg_rows = data.has_mask[idx]
@@ -155,9 +167,9 @@ def train_layers(model: SemClip, enc: EncoderOutput, data: TrainSet, cfg: TrainC
                 best_head_score, best_head_epoch = accuracy, epoch
                 best_head = copy.deepcopy(model.head.state_dict())
         if progress is not None:
-            progress(epoch, cfg.epochs, float(loss.detach()))
+            progress(epoch, cfg.semclip_epochs, float(loss.detach()))
     if best_map is None:
-        return {"final_loss": float(loss.detach()), "map_epoch": cfg.epochs, "head_epoch": cfg.epochs}
+        return {"final_loss": float(loss.detach()), "map_epoch": cfg.semclip_epochs, "head_epoch": cfg.semclip_epochs}
     model.transform.load_state_dict(best_tl)
     model.head.load_state_dict(best_head)
     return {"final_loss": float(loss.detach()), "map_epoch": best_map[2], "val_pAUROC": best_map[0],
@@ -185,7 +197,7 @@ def fit_alpha(model: SemClip, emb: torch.Tensor, labels: torch.Tensor, cfg: Trai
         head.load_state_dict(model.head.state_dict())
         opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
         sims = emb @ model.text_embeddings.t()
-        for _ in range(cfg.epochs):
+        for _ in range(cfg.semclip_epochs):
             loss = F.cross_entropy(head(emb[train], sims[train]), labels[train])
             opt.zero_grad()
             loss.backward()
@@ -202,12 +214,10 @@ def fit_alpha(model: SemClip, emb: torch.Tensor, labels: torch.Tensor, cfg: Trai
     return best[2]
 
 
-@torch.no_grad()
-def fit_thresholds(model: SemClip, enc: EncoderOutput, data: TrainSet) -> dict[str, float]:
+def fit_thresholds(out: SemClipOutput, data: TrainSet, score_mode: str = "mean") -> dict[str, float]:
     """Image threshold: best balanced accuracy on the support scores; pixel: best F1 of the support maps."""
-    size = (data.views.shape[-2], data.views.shape[-1])
-    out = model.from_encoded(enc, size)
-    scores = np.array([anomaly_score(float(p[0]), float(m.max())) for p, m in zip(out.class_probs, out.maps, strict=True)])
+    scores = np.array([anomaly_score(float(p[0]), float(m.max()), score_mode)
+                       for p, m in zip(out.class_probs, out.maps, strict=True)])
     defect = (data.labels > 0).numpy()
     image = 0.5
     if defect.any() and (~defect).any():
@@ -220,43 +230,115 @@ def fit_thresholds(model: SemClip, enc: EncoderOutput, data: TrainSet) -> dict[s
     return {"image": float(np.clip(image, 0, 1)), "pixel": pixel, "min_region_px": DEFAULT_MIN_REGION_PX}
 
 
+def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet) -> float:
+    """The reference distance scale: 99th percentile of the normal support patches' distances."""
+    assert data.has_ref is not None
+    rows = ((data.labels == 0) & data.has_ref).nonzero().flatten()
+    if rows.numel() == 0:
+        raise ConfigError("--use-reference needs normal support rows with a readable reference_uri frame")
+    dist = reference.distance(feats.subset(rows).dual, feats.taps, ref_feats.subset(rows).dual, ref_feats.taps)
+    scale = float(torch.quantile(dist.flatten().float(), 0.99).clamp_min(1e-4))
+    reference.scale.fill_(scale)
+    return scale
+
+
+@dataclass
+class Fitted:
+    """A trained model and what ``train`` records about it."""
+
+    model: Scorer
+    reference: ReferenceScorer | None
+    summary: dict[str, Any]
+    thresholds: dict[str, float]
+
+
+def model_spec(cfg: TrainConfig) -> ModelSpec:
+    return ModelSpec(backbone=cfg.backbone, pretrained=cfg.pretrained, seed=cfg.seed, taps=cfg.taps, use_vv=cfg.use_vv,
+                     surgery=cfg.surgery, cls=cfg.cls, method=cfg.method, use_reference=cfg.use_reference,
+                     storage_options=cfg.storage_options)
+
+
+def support_taps(cfg: TrainConfig, depth: int) -> tuple[int, ...]:
+    """Every block whose tokens this configuration reads."""
+    taps = set(method_taps(model_spec(cfg), depth)) | {depth}
+    if cfg.use_reference:
+        taps |= set(default_taps(depth))
+    return tuple(sorted(taps))
+
+
+def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: TrainSet, feats: Features,
+        ref_feats: Features | None = None, progress: Progress | None = None) -> Fitted:
+    """Fit ``cfg.method`` on precomputed support features (shared across configurations by the benchmark)."""
+    torch.manual_seed(cfg.seed)
+    model = new_model(model_spec(cfg), backbone.clip, text)
+    summary: dict[str, Any]
+    emb = F.normalize(feats.dual.pooled.float(), dim=-1)
+    if isinstance(model, SemClip):
+        enc = model_inputs(model, feats)
+        model.transform.train().requires_grad_(True)
+        model.head.requires_grad_(True)
+        summary = train_layers(model, enc, data, cfg, progress)
+        model.eval().requires_grad_(False)
+        model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, data.labels))
+        with torch.enable_grad():
+            alpha = fit_alpha(model, emb, data.labels, cfg) if cfg.cls == "fused" else float(cfg.cls == "text")
+        model.alpha.fill_(alpha)
+    elif isinstance(model, WinClip):
+        summary = fit_winclip(model, feats, data)
+        model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, data.labels))
+    else:
+        settings = PromptAdSettings() if cfg.epochs is None else PromptAdSettings(epochs=cfg.epochs)
+        with torch.enable_grad():
+            summary = fit_promptad(model, backbone.clip, cfg.backbone, data.classes, feats, data, cfg.seed, settings,
+                                   progress)
+        model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, data.labels))
+    model.eval().requires_grad_(False)
+    reference = None
+    if cfg.use_reference and ref_feats is not None:
+        reference = ReferenceScorer(default_taps(len(backbone.clip.visual.transformer.resblocks)))
+        summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data)
+    size = (data.views.shape[-2], data.views.shape[-1])
+    with torch.no_grad():
+        out = score_features(model, feats, size, reference, ref_feats, data.has_ref)
+    return Fitted(model, reference, summary, fit_thresholds(out, data))
+
+
 def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Train, fit, write the checkpoint; returns its JSON body."""
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     prompts = load_prompts(cfg.prompts, cfg.storage_options)
     prep = preprocess_config(cfg.backbone, tile_above=10**9)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.storage_options), cfg.shots, cfg.seed)
-    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.storage_options)
+    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.storage_options, references=cfg.use_reference)
     backbone = load_backbone(cfg.backbone, cfg.pretrained, seed=cfg.seed, expected_sha256=cfg.pretrained_sha256,
                              storage_options=cfg.storage_options)
-    text = text_embeddings(backbone, prompts)
-    spec = ModelSpec(backbone=cfg.backbone, pretrained=cfg.pretrained, seed=cfg.seed, taps=cfg.taps,
-                     use_vv=cfg.use_vv, surgery=cfg.surgery, cls=cfg.cls, storage_options=cfg.storage_options)
-    model = build_model(spec, text, backbone=backbone)
-    enc = encode_all(model, data, prep)
-    for p in model.transform.parameters():
-        p.requires_grad_(True)
-    for p in model.head.parameters():
-        p.requires_grad_(True)
-    model.transform.train()
-    fit_summary = train_layers(model, enc, data, cfg, progress)
-    model.eval().requires_grad_(False)
-    emb = F.normalize(enc.pooled, dim=-1)
-    model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, data.labels))
-    with torch.enable_grad():
-        model.alpha.fill_(fit_alpha(model, emb, data.labels, cfg) if cfg.cls == "fused" else float(cfg.cls == "text"))
-    thresholds = fit_thresholds(model, enc, data)
+    text = torch.from_numpy(text_embeddings(backbone, prompts))
+    visual = backbone.clip.visual
+    taps = support_taps(cfg, len(visual.transformer.resblocks))
+    windows = cfg.method == "winclip"
+    feats = encode_views(visual, data.views, prep, taps, windows=windows)
+    ref_feats = None
+    if cfg.use_reference:
+        assert data.refs is not None
+        ref_feats = encode_views(visual, data.refs, prep, default_taps(len(visual.transformer.resblocks)), vv_from=None)
+    fitted = fit(cfg, backbone, text, data, feats, ref_feats, progress)
+    model = fitted.model
+    state = dict(model.state_dict())
+    if fitted.reference is not None:
+        state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
     meta = {
-        "method": "semclip", "backbone": cfg.backbone,
+        "method": cfg.method, "backbone": cfg.backbone,
         "weights": {"source": backbone.source, "sha256": backbone.sha256, "seed": cfg.seed},
         "classes": list(prompts.classes), "prompts": prompts.as_record(),
-        "taps": list(model.cfg.taps), "use_vv": cfg.use_vv, "surgery": cfg.surgery, "cls": cfg.cls,
-        "alpha": float(model.alpha), "temperature": float(model.text_scale), "thresholds": thresholds,
+        "taps": list(method_taps(model_spec(cfg), len(visual.transformer.resblocks))), "use_vv": cfg.use_vv,
+        "surgery": cfg.surgery, "cls": cfg.cls, "use_reference": cfg.use_reference,
+        "alpha": float(getattr(model, "alpha", torch.tensor(1.0))), "temperature": float(model.text_scale),
+        "thresholds": fitted.thresholds,
         "preprocessing": {k: v for k, v in prep.as_record().items() if k != "tile_above"},
         "training": {"config": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},
-                     "support_rows": len(df), "used": len(data), "skipped": data.skipped, **fit_summary,
+                     "support_rows": len(df), "used": len(data), "skipped": data.skipped,
+                     "with_reference": None if data.has_ref is None else int(data.has_ref.sum()), **fitted.summary,
                      "seconds": round(time.perf_counter() - t0, 1)},
     }
-    save_checkpoint(cfg.out, model.state_dict(), meta, cfg.storage_options)
+    save_checkpoint(cfg.out, state, meta, cfg.storage_options)
     return meta

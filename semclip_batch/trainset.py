@@ -26,7 +26,8 @@ IGNORE = -100
 @dataclass
 class TrainSet:
     """``views``: ``(N, S, S)`` float16 grey in [0, 1]; ``masks``: ``(N, S, S)`` float16 defect fractions;
-    ``labels``: ``(N,)`` class index; ``has_mask``: ``(N,)`` bool; ``captions``: per row, or ""."""
+    ``labels``: ``(N,)`` class index; ``has_mask``: ``(N,)`` bool; ``captions``: per row, or "";
+    ``refs`` / ``has_ref``: reference-frame views ``(N, S, S)`` and which rows have one (when asked for)."""
 
     views: torch.Tensor
     masks: torch.Tensor
@@ -35,25 +36,48 @@ class TrainSet:
     captions: list[str]
     classes: tuple[str, ...]
     skipped: int
+    refs: torch.Tensor | None = None
+    has_ref: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
-def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+Loaded = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool) -> Loaded:
+    """(view, mask view or None, reference view or None)."""
     gray = load_frame(row["url"], so)
     view = whole_view(gray, prep)
+    ref = _load_reference(row, gray.shape, prep, so) if references else None
     if not row["mask_url"]:
-        return view, None
+        return view, None, ref
     mask = load_frame(row["mask_url"], so) > 0
     if mask.shape != gray.shape:
         raise ImageError("decode_error", f"mask {mask.shape} does not match image {gray.shape}")
-    return view, mask_view(mask, prep.image_size)
+    return view, mask_view(mask, prep.image_size), ref
+
+
+def _load_reference(row: pd.Series, shape: tuple[int, int], prep: PreprocessConfig,
+                    so: Mapping[str, Any] | None) -> np.ndarray | None:
+    """The row's reference view, or None (no reference, or unusable: warned and scored without it)."""
+    if not row["reference_url"]:
+        return None
+    try:
+        ref = load_frame(row["reference_url"], so)
+    except ImageError as exc:
+        log.warning("reference of %s unusable, trained without it: %s", row["uri"], exc)
+        return None
+    if ref.shape != shape:
+        log.warning("reference of %s is %dx%d, image %dx%d; trained without it", row["uri"], *ref.shape, *shape)
+        return None
+    return whole_view(ref, prep)
 
 
 def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessConfig, *,
                   storage_options: Mapping[str, Any] | None = None, need_labels: bool = True,
-                  threads: int = 4) -> TrainSet:
+                  references: bool = False, threads: int = 4) -> TrainSet:
     """Decode every usable row; unreadable rows are skipped with a warning and counted."""
     unknown = sorted(set(df["label"]) - set(classes) - {""})
     if unknown:
@@ -62,7 +86,8 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
         row = df[df["label"] == ""].iloc[0]
         raise ConfigError(f"every support row needs a label; {row['uri']} has none")
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(lambda r: _safe_load(r, prep, storage_options), [r for _, r in df.iterrows()]))
+        results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references),
+                                [r for _, r in df.iterrows()]))
     keep = [i for i, r in enumerate(results) if r is not None]
     if not keep:
         raise ConfigError("no usable training image (all rows failed to decode)")
@@ -78,22 +103,28 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     normal = labels == 0
     has_mask |= normal  # a normal image without a mask file is all zeros
     captions = [str(df["caption"].iloc[i]) for i in keep]
-    return TrainSet(views, masks, labels, has_mask, captions, classes, skipped=len(df) - len(keep))
+    data = TrainSet(views, masks, labels, has_mask, captions, classes, skipped=len(df) - len(keep))
+    if references:
+        refs = [results[i][2] for i in keep]
+        data.has_ref = torch.tensor([r is not None for r in refs], dtype=torch.bool)
+        data.refs = torch.from_numpy(np.stack([np.zeros((size, size), np.float32) if r is None else r
+                                               for r in refs])).half()
+    return data
 
 
-def _safe_load(row: pd.Series, prep: PreprocessConfig,
-               so: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+def _safe_load(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool) -> Loaded | None:
     try:
-        return _load_row(row, prep, so)
+        return _load_row(row, prep, so, references)
     except ImageError as exc:
         log.warning("skipping %s: %s", row["uri"], exc)
         return None
 
 
 def patch_labels(masks: torch.Tensor, labels: torch.Tensor, has_mask: torch.Tensor, grid: int,
-                 defect_frac: float = 0.15, normal_frac: float = 0.01) -> torch.Tensor:
-    """Per-patch class targets: the image's class where the patch is mostly defect, normal where clean,
-    ignored in between or without a mask. ``(B, S, S)`` -> ``(B, grid * grid)`` long."""
+                 defect_frac: float = 0.04, normal_frac: float = 0.01) -> torch.Tensor:
+    """Per-patch class targets: the image's class where the patch holds at least ``defect_frac`` defect (thin
+    scratches and bridges never fill a patch), normal where clean, ignored in between or without a mask.
+    ``(B, S, S)`` -> ``(B, grid * grid)`` long."""
     frac = F.adaptive_avg_pool2d(masks.float()[:, None], grid)[:, 0].flatten(1)
     out = torch.full_like(frac, IGNORE, dtype=torch.long)
     out[frac <= normal_frac] = 0

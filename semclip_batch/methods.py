@@ -1,0 +1,90 @@
+"""The scoring methods behind one interface: SEM-CLIP and the baselines it is measured against (WinCLIP+,
+PromptAD), optionally with reference frames. Builds a method's model from a spec (and checkpoint tensors) and
+scores precomputed :class:`~semclip_batch.features.Features`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .checkpoint import BACKBONE_PREFIXES
+from .config import METHODS, ModelSpec
+from .features import Features
+from .model import SemClip, SemClipConfig, SemClipOutput, default_taps
+from .model.promptad import PromptAd
+from .model.reference import ReferenceScorer
+from .model.winclip import WinClip
+
+__all__ = ["METHODS", "Scorer", "load_trained", "model_inputs", "needed_taps", "new_model", "score_features"]
+Scorer = SemClip | WinClip | PromptAd
+
+
+def depth_of(clip: nn.Module) -> int:
+    return len(clip.visual.transformer.resblocks)
+
+
+def method_taps(spec: ModelSpec, depth: int) -> tuple[int, ...]:
+    return tuple(spec.taps) if spec.taps else default_taps(depth)
+
+
+def new_model(spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> Scorer:
+    """An untrained model of ``spec.method`` around ``clip`` with class embeddings ``text`` ``(C, E)``."""
+    taps = method_taps(spec, depth_of(clip))
+    if spec.method == "semclip":
+        cfg = SemClipConfig(taps=taps, use_vv=spec.use_vv, vv_from=spec.vv_from, surgery=spec.surgery,
+                            surgery_weights=spec.surgery_weights, sigma=spec.sigma, cls=spec.cls)
+        model: Scorer = SemClip(clip, cfg, n_classes=text.shape[0])
+        model.set_text_embeddings(text)
+        return model
+    if spec.method == "winclip":
+        model = WinClip(clip, n_classes=text.shape[0], sigma=spec.sigma)
+        model.set_text(text)
+        return model
+    model = PromptAd(clip, n_classes=text.shape[0], taps=taps, sigma=spec.sigma)
+    model.text_embeddings.copy_(torch.nn.functional.normalize(text.float(), dim=-1))
+    return model
+
+
+def load_trained(model: Scorer, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load checkpoint tensors (memories first: their sizes come from the checkpoint). Returns problems."""
+    if isinstance(model, WinClip):
+        model.set_memory(tensors.get("memory_patch", model.memory_patch),
+                         [tensors.get(f"memory_window{k}", m) for k, m in enumerate(model.memories())])
+    elif isinstance(model, PromptAd):
+        model.set_memory([tensors.get(f"memory{k}", m) for k, m in enumerate(model.memories())])
+    own = {k: v for k, v in tensors.items() if not k.startswith("reference.")}
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    return [f"unexpected {k}" for k in unexpected] + [f"missing {k}" for k in missing if not k.startswith(BACKBONE_PREFIXES)]
+
+
+def model_inputs(model: Scorer, feats: Features) -> object:
+    """What ``model.from_encoded`` takes, sliced from shared features."""
+    depth = len(model.visual.transformer.resblocks)
+    if isinstance(model, SemClip):
+        return feats.select(model.cfg.taps, model.cfg.use_vv)
+    if isinstance(model, WinClip):
+        return feats.window_features(depth)
+    return feats.select(tuple(sorted({*model.taps, depth})), True)
+
+
+def needed_taps(model: Scorer) -> tuple[int, ...]:
+    depth = len(model.visual.transformer.resblocks)
+    if isinstance(model, SemClip):
+        return model.cfg.taps
+    if isinstance(model, WinClip):
+        return (max(1, depth - 1),)
+    return tuple(sorted({*model.taps, depth}))
+
+
+def score_features(model: Scorer, feats: Features, size: tuple[int, int], reference: ReferenceScorer | None = None,
+                   ref_feats: Features | None = None, has_reference: torch.Tensor | None = None) -> SemClipOutput:
+    """Maps (model-input size), class probabilities and embeddings of precomputed features, with the
+    reference map fused in where given."""
+    out = model.from_encoded(model_inputs(model, feats), size)
+    if reference is None or ref_feats is None or has_reference is None or not bool(has_reference.any()):
+        return out
+    dist = reference.distance(feats.dual, feats.taps, ref_feats.dual, ref_feats.taps)
+    return SemClipOutput(maps=reference.fuse(out.maps, dist, has_reference), class_probs=out.class_probs,
+                         embeddings=out.embeddings)
