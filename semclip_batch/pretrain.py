@@ -47,7 +47,7 @@ class PretrainConfig:
     seed: int = 0
     steps: int = 600
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3
     prompts: str | None = None
     prompts_per_step: int = 8
     storage_options: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,209 @@
+"""WinCLIP+, PromptAD and reference frames: their building blocks, training, checkpoints and runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semclip_batch.baselines import fit_promptad, normal_rows
+from semclip_batch.checkpoint import load_checkpoint
+from semclip_batch.config import ModelSpec, RunConfig
+from semclip_batch.errors import REFERENCE_ERROR, ConfigError
+from semclip_batch.features import encode_views
+from semclip_batch.methods import new_model
+from semclip_batch.model.encoder import embed_patches
+from semclip_batch.model.patchops import harmonic_to_patches, nearest_distance, neighbourhood_distance, window_index
+from semclip_batch.model.promptad import PromptLearner
+from semclip_batch.model.reference import ReferenceScorer
+from semclip_batch.model.winclip import WinClip, encode_windows
+from semclip_batch.pipeline import run
+from semclip_batch.prompts import load_prompts
+from semclip_batch.results import read_predictions
+from semclip_batch.train import TrainConfig, train
+from semclip_batch.trainset import TrainSet
+
+
+def test_windows_cover_the_grid_and_aggregate_harmonically():
+    w = window_index(5, 3)
+    assert w.shape == (9, 9) and w.min() == 0 and w.max() == 24
+    scores = torch.rand(2, 9) + 0.05
+    out = harmonic_to_patches(scores, w, 25)
+    for p in (0, 7, 12, 24):
+        cover = [i for i in range(9) if p in w[i]]
+        expected = len(cover) / sum(1.0 / float(scores[1, i]) for i in cover)
+        assert float(out[1, p]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_nearest_and_neighbourhood_distances():
+    feats = F.normalize(torch.randn(1, 16, 8), dim=-1)
+    assert nearest_distance(feats, feats[0]).abs().max() < 1e-6  # every feature is in the memory
+    assert nearest_distance(feats, -feats[0, :1]).max() <= 1.0
+    grid = feats.view(1, 4, 4, 8)
+    shifted = torch.roll(grid, shifts=1, dims=2).reshape(1, 16, 8)  # the reference moved one patch right
+    inner = torch.tensor([p for p in range(16) if p % 4 not in (0, 3)])
+    assert neighbourhood_distance(feats, shifted, radius=1)[0, inner].abs().max() < 1e-6
+    assert neighbourhood_distance(feats, shifted, radius=0)[0, inner].min() > 1e-3
+
+
+def test_window_embeddings_see_only_their_window(tiny_clip):
+    visual = tiny_clip.clip.visual
+    x = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        base = encode_windows(visual, x, 2)
+        y = x.clone()
+        y[..., 200:, 200:] += 3.0  # pixels far from window 0 (patches 0, 1, 15, 16)
+        assert torch.allclose(encode_windows(visual, y, 2)[0, 0], base[0, 0], atol=1e-5)
+        y = x.clone()
+        y[..., :16, :16] += 3.0  # inside window 0
+        assert not torch.allclose(encode_windows(visual, y, 2)[0, 0], base[0, 0], atol=1e-3)
+        # the class token plus the window's tokens, run by hand through the blocks
+        tokens = embed_patches(visual, x)
+        seq = tokens[:, [0, 1, 2, 16, 17]]
+        for block in visual.transformer.resblocks:
+            seq = block(seq)
+        manual = F.normalize(visual.ln_post(seq[:, 0]) @ visual.proj, dim=-1)
+    assert torch.allclose(manual[0], base[0, 0], atol=1e-5)
+
+
+def test_prompt_learner_matches_the_text_tower(tiny_clip):
+    clip = tiny_clip.clip
+    tok = open_clip.get_tokenizer("semclip-tiny")
+    normal = tok(["X X X X wafer pattern."])
+    manual = tok(["X X X X wafer pattern with scratch."])
+    learned = tok(["X X X X wafer pattern with Y."])
+    head = tok(["X X X X wafer pattern with"])[0]
+    learner = PromptLearner(clip, normal, manual, learned, n_ctx=4, n_ab=1, ab_start=int((head != 0).sum()) - 1, seed=0)
+    real = tok(["a sem image of wafer pattern with scratch."])
+    with torch.no_grad():
+        learner.ctx.copy_(clip.token_embedding(real)[:, 1:5])
+        learner.ab_ctx.copy_(clip.token_embedding(tok(["scratch"]))[:, 1:2])
+        n, m, lrn = learner()
+        want = F.normalize(clip.encode_text(real), dim=-1)
+        assert torch.allclose(m, want, atol=1e-5)  # the manual suffix prompt with that context
+        assert torch.allclose(lrn, want, atol=1e-5)  # the learnable suffix set to "scratch"
+        assert torch.allclose(n, F.normalize(clip.encode_text(tok(["a sem image of wafer pattern."])), dim=-1), atol=1e-5)
+
+
+def _support(tiny_clip, synth_lot) -> tuple[TrainSet, object]:
+    from semclip_batch.manifest import read_manifest
+    from semclip_batch.trainset import load_trainset
+    from semclip_batch.weights import preprocess_config
+
+    prep = preprocess_config("semclip-tiny", tile_above=10**9)
+    data = load_trainset(read_manifest(str(synth_lot / "manifest.csv")), load_prompts().classes, prep)
+    return data, encode_views(tiny_clip.clip.visual, data.views, prep, (1, 2, 3, 4), windows=True)
+
+
+def test_winclip_memory_makes_support_normals_score_low(tiny_clip, synth_lot):
+    data, feats = _support(tiny_clip, synth_lot)
+    model = new_model(ModelSpec(backbone="semclip-tiny", method="winclip"), tiny_clip.clip, torch.randn(7, 64))
+    assert isinstance(model, WinClip)
+    wf = feats.window_features(4)
+    zero = model.patch_scores(wf)
+    normal = normal_rows(data, "winclip")
+    model.set_memory(wf.patches[normal].reshape(-1, 128), [w[normal].reshape(-1, 64) for w in wf.windows])
+    few = model.patch_scores(wf)
+    # normal images are in the memory: their few-shot distances are 0, so the map halves the zero-shot map
+    assert torch.allclose(few[normal], 0.5 * zero[normal], atol=1e-5)
+    assert (few[data.labels > 0] > 0.5 * zero[data.labels > 0] + 1e-6).any()
+
+
+def test_promptad_learns_to_call_normal_features_normal(tiny_clip, synth_lot):
+    data, feats = _support(tiny_clip, synth_lot)
+    classes = load_prompts().classes
+    model = new_model(ModelSpec(backbone="semclip-tiny", method="promptad"), tiny_clip.clip, torch.randn(7, 64))
+    losses = []
+    summary = fit_promptad(model, tiny_clip.clip, "semclip-tiny", classes, feats, data, seed=0,
+                           progress=lambda e, n, loss: losses.append(loss))
+    assert losses[-1] < losses[0] and summary["epochs"] == 100
+    normal = normal_rows(data, "promptad")
+    pooled = F.normalize(feats.dual.pooled[normal], dim=-1)
+    assert float(model.state_probability(pooled).mean()) < 0.5
+    assert len(model.memories()) == 4 and model.memories()[0].shape == (len(normal) * 225, 128)
+
+
+@pytest.fixture(scope="module")
+def baseline_checkpoints(synth_lot, tmp_path_factory):
+    root = tmp_path_factory.mktemp("baselines")
+    out = {}
+    for method in ("winclip", "promptad"):
+        meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(root / method),
+                                 backbone="semclip-tiny", pretrained="none", method=method, epochs=5))
+        out[method] = (root / method, meta)
+    return out
+
+
+def test_baseline_checkpoints_record_their_method(baseline_checkpoints):
+    for method, (ckpt, meta) in baseline_checkpoints.items():
+        body = json.loads((ckpt / "checkpoint.json").read_text())
+        assert body["method"] == method == meta["method"]
+        tensors = load_checkpoint(str(ckpt)).tensors
+        assert not any(k.startswith("visual.") for k in tensors)
+        assert any(k.startswith("memory") for k in tensors) and "states" in tensors
+
+
+@pytest.mark.ray
+def test_run_uses_the_checkpoint_method(ray_cluster, baseline_checkpoints, synth_lot, tmp_path):
+    for method, (ckpt, _) in baseline_checkpoints.items():
+        result = run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / method),
+                               model=ModelSpec(backbone=None, pretrained=None, checkpoint=str(ckpt))))
+        assert result.record["model_id"].startswith(f"{method}:semclip-tiny:")
+        assert result.record["counts"] == {"ok": 14}
+        preds = read_predictions(str(tmp_path / method)).to_pandas()
+        assert preds["anomaly_score"].between(0, 1).all()
+
+
+def test_method_options_and_missing_normals_are_refused(synth_lot, tmp_path):
+    with pytest.raises(ConfigError, match="SEM-CLIP options"):
+        TrainConfig(support="s", out="o", method="winclip", use_vv=False)
+    with pytest.raises(ConfigError, match="--method must be one of"):
+        TrainConfig(support="s", out="o", method="patchcore")
+    df = pd.read_csv(synth_lot / "manifest.csv")
+    df = df[df["label"] != "normal"]
+    df["uri"] = [str(synth_lot / u) for u in df["uri"]]
+    df["mask_uri"] = [str(synth_lot / u) for u in df["mask_uri"]]
+    df["reference_uri"] = [str(synth_lot / u) for u in df["reference_uri"]]
+    df.to_csv(tmp_path / "defects.csv", index=False)
+    with pytest.raises(ConfigError, match="support set has none"):
+        train(TrainConfig(support=str(tmp_path / "defects.csv"), out=str(tmp_path / "c"), backbone="semclip-tiny",
+                          method="promptad"))
+
+
+def test_reference_scorer_fuses_only_rows_with_a_reference():
+    scorer = ReferenceScorer((1,), weight=0.5, sigma=0.0)
+    scorer.scale.fill_(0.1)
+    maps = torch.full((2, 8, 8), 0.4)
+    dist = torch.stack([torch.zeros(4), torch.full((4,), 0.1)])
+    fused = scorer.fuse(maps, dist, torch.tensor([True, True]))
+    assert torch.allclose(fused[0], torch.full((8, 8), 0.2)) and torch.allclose(fused[1], torch.full((8, 8), 0.45))
+    kept = scorer.fuse(maps, dist, torch.tensor([False, True]))
+    assert torch.equal(kept[0], maps[0])
+
+
+@pytest.mark.ray
+def test_reference_checkpoint_run_counts_missing_and_broken_references(ray_cluster, synth_lot, tmp_path):
+    ckpt = tmp_path / "ref"
+    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(ckpt), backbone="semclip-tiny",
+                             pretrained="none", epochs=2, use_reference=True))
+    assert meta["use_reference"] and meta["training"]["with_reference"] == 14
+    assert meta["training"]["reference_scale"] > 0
+    lot = tmp_path / "lot"
+    shutil.copytree(synth_lot, lot)
+    df = pd.read_csv(lot / "manifest.csv").head(4)
+    df.loc[1, "reference_uri"] = ""
+    (lot / df.loc[2, "reference_uri"]).write_bytes(b"not an image")
+    df.to_csv(lot / "manifest.csv", index=False)
+    result = run(RunConfig(input=str(lot / "manifest.csv"), out=str(tmp_path / "o"),
+                           model=ModelSpec(backbone=None, pretrained=None, checkpoint=str(ckpt))))
+    rec = result.record
+    assert rec["rows"]["without_reference"] == 1 and rec["counts"] == {"ok": 3, REFERENCE_ERROR: 1}
+    preds = read_predictions(str(tmp_path / "o")).to_pandas().set_index("uri")
+    broken = preds.loc[df.loc[2, "uri"]]
+    assert broken["status"] == REFERENCE_ERROR and "reference" in broken["error"] and np.isnan(broken["anomaly_score"])
