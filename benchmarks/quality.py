@@ -33,7 +33,8 @@ from semclip_batch.features import Features, encode_views
 from semclip_batch.manifest import read_manifest
 from semclip_batch.methods import new_model, score_features
 from semclip_batch.metrics import PixelCounts, classification_report, roc_auc
-from semclip_batch.model import SemClipOutput, default_taps
+from semclip_batch.model import SemClipOutput
+from semclip_batch.model.reference import reference_taps
 from semclip_batch.pipeline import text_embeddings
 from semclip_batch.preprocess import maps_to_frame
 from semclip_batch.pretrain import PretrainConfig, pretrain
@@ -83,7 +84,7 @@ def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], n
     t0 = time.perf_counter()
     feats = encode_views(visual, data.views, prep, tuple(range(1, depth + 1)), windows=True)
     assert data.refs is not None
-    ref_feats = encode_views(visual, data.refs, prep, default_taps(depth), vv_from=None)
+    ref_feats = encode_views(visual, data.refs, prep, reference_taps(depth), vv_from=None)
     truth = [load_frame(u) > 0 for u in df["mask_url"]]
     print(f"encoded {name}: {len(data)} images + references in {time.perf_counter() - t0:.0f} s", flush=True)
     return Lot(df, data, feats, ref_feats, [t.shape for t in truth], truth)

@@ -17,9 +17,9 @@ from .config import ModelSpec, PreprocessConfig
 from .errors import MODEL_ERROR, OK, WeightsError, one_line
 from .features import encode_batch
 from .methods import Scorer, load_trained, needed_taps, new_model, score_features
-from .model import SemClip, SemClipOutput, default_taps
+from .model import SemClip, SemClipOutput
 from .model.promptad import PromptAd
-from .model.reference import ReferenceScorer
+from .model.reference import ReferenceScorer, reference_taps
 from .model.winclip import WinClip
 from .preprocess import maps_to_frame, tile_grid
 from .scoring import anomaly_score, to_mask
@@ -77,7 +77,7 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
                                  storage_options=spec.storage_options)
     model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
     depth = len(backbone.clip.visual.transformer.resblocks)
-    reference = ReferenceScorer(default_taps(depth)) if spec.use_reference else None
+    reference = ReferenceScorer(reference_taps(depth)) if spec.use_reference else None
     if spec.checkpoint is not None:
         tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
         problems = load_trained(model, tensors)

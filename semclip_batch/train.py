@@ -1,11 +1,12 @@
-"""``train``: K-shot SEM-CLIP on a frozen backbone (SEMCLIP.md "Training" and "Classification").
+"""``train``: K-shot SEM-CLIP (or a baseline) on a frozen backbone (SEMCLIP.md "Training" and "Classification").
 
-Trains the Transformation Layers (focal + dice on the defect map of every tapped layer and path) and the
-classification head (cross-entropy) on 80 % of the support set, keeping the epochs that do best on the other
-20 % (epoch 0 being the zero-shot layers, so training never makes the maps worse on support data), then
-fits the text temperature, the fusion weight alpha (5-fold cross-validation of the head on the support set)
-and the thresholds (on the support set), and writes a checkpoint. The backbone's tokens are computed once
-per support image: the backbone is frozen.
+SEM-CLIP: trains the Transformation Layers (focal + dice on the defect map of every tapped layer and path, at
+half the input size, plus an L2-SP pull of the layers towards their zero-shot start) and the classification
+head (cross-entropy) on 80 % of the support set, keeping the epochs that do best on the other 20 % (epoch 0
+being the zero-shot layers), then fits the text temperature, the fusion weight alpha (5-fold cross-validation
+of the head on the support set). WinCLIP+ and PromptAD are fitted by :mod:`semclip_batch.baselines`. Every
+method then gets its thresholds from the support set (and, with ``use_reference``, the reference-distance
+scale) and a checkpoint. The backbone's features are computed once per support image (it is frozen).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from .features import Features, encode_views
 from .manifest import read_manifest
 from .methods import METHODS, Scorer, method_taps, model_inputs, new_model, score_features
 from .metrics import PixelCounts
-from .model import SemClip, SemClipOutput, default_taps
+from .model import SemClip, SemClipOutput
 from .model.encoder import EncoderOutput
-from .model.reference import ReferenceScorer
+from .model.reference import ReferenceScorer, reference_taps
 from .model.semclip import defect_map
 from .model.winclip import WinClip
 from .pipeline import text_embeddings
@@ -266,7 +267,7 @@ def support_taps(cfg: TrainConfig, depth: int) -> tuple[int, ...]:
     """Every block whose tokens this configuration reads."""
     taps = set(method_taps(model_spec(cfg), depth)) | {depth}
     if cfg.use_reference:
-        taps |= set(default_taps(depth))
+        taps |= set(reference_taps(depth))
     return tuple(sorted(taps))
 
 
@@ -299,7 +300,7 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     model.eval().requires_grad_(False)
     reference = None
     if cfg.use_reference and ref_feats is not None:
-        reference = ReferenceScorer(default_taps(len(backbone.clip.visual.transformer.resblocks)))
+        reference = ReferenceScorer(reference_taps(len(backbone.clip.visual.transformer.resblocks)))
         summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data)
     size = (data.views.shape[-2], data.views.shape[-1])
     with torch.no_grad():
@@ -324,7 +325,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     ref_feats = None
     if cfg.use_reference:
         assert data.refs is not None
-        ref_feats = encode_views(visual, data.refs, prep, default_taps(len(visual.transformer.resblocks)), vv_from=None)
+        ref_feats = encode_views(visual, data.refs, prep, reference_taps(len(visual.transformer.resblocks)), vv_from=None)
     fitted = fit(cfg, backbone, text, data, feats, ref_feats, progress)
     model = fitted.model
     state = dict(model.state_dict())

@@ -80,3 +80,14 @@ def test_training_refuses_other_precisions(synth_lot, tmp_path):
     result = invoke("pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "w.safetensors"),
                     "--backbone", "semclip-tiny", "--steps", "0")
     assert_one_line_error(result, "--steps")
+
+
+def test_train_method_options_end_in_one_line(synth_lot, tmp_path):
+    base = ("train", str(synth_lot / "manifest.csv"), "--backbone", "semclip-tiny", "--pretrained", "none")
+    result = invoke(*base, "--out", str(tmp_path / "c"), "--method", "winclip", "--no-vv")
+    assert_one_line_error(result, "SEM-CLIP options")
+    result = invoke(*base, "--out", str(tmp_path / "c"), "--method", "patchcore")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    result = invoke(*base, "--out", str(tmp_path / "w"), "--method", "winclip")
+    assert result.exit_code == 0, result.output
+    assert "wrote winclip checkpoint" in result.output and (tmp_path / "w" / "checkpoint.json").exists()

