@@ -17,7 +17,7 @@ from .model.promptad import PromptAd
 from .model.reference import ReferenceScorer
 from .model.winclip import WinClip
 
-__all__ = ["METHODS", "Scorer", "load_trained", "model_inputs", "needed_taps", "new_model", "score_features"]
+__all__ = ["METHODS", "Scorer", "load_trained", "method_taps", "model_inputs", "needed_taps", "new_model", "score_features"]
 Scorer = SemClip | WinClip | PromptAd
 
 

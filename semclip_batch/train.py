@@ -278,25 +278,22 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     model = new_model(model_spec(cfg), backbone.clip, text)
     summary: dict[str, Any]
     emb = F.normalize(feats.dual.pooled.float(), dim=-1)
+    model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, data.labels))
     if isinstance(model, SemClip):
-        enc = model_inputs(model, feats)
         model.transform.train().requires_grad_(True)
         model.head.requires_grad_(True)
-        summary = train_layers(model, enc, data, cfg, progress)
+        summary = train_layers(model, model_inputs(model, feats), data, cfg, progress)
         model.eval().requires_grad_(False)
-        model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, data.labels))
         with torch.enable_grad():
             alpha = fit_alpha(model, emb, data.labels, cfg) if cfg.cls == "fused" else float(cfg.cls == "text")
         model.alpha.fill_(alpha)
     elif isinstance(model, WinClip):
         summary = fit_winclip(model, feats, data)
-        model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, data.labels))
     else:
         settings = PromptAdSettings() if cfg.epochs is None else PromptAdSettings(epochs=cfg.epochs)
         with torch.enable_grad():
             summary = fit_promptad(model, backbone.clip, cfg.backbone, data.classes, feats, data, cfg.seed, settings,
                                    progress)
-        model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, data.labels))
     model.eval().requires_grad_(False)
     reference = None
     if cfg.use_reference and ref_feats is not None:
