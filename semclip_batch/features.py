@@ -23,9 +23,6 @@ class Features:
     taps: tuple[int, ...]
     windows: list[torch.Tensor] | None = None
 
-    def __len__(self) -> int:
-        return int(self.dual.pooled.shape[0])
-
     def select(self, taps: tuple[int, ...], use_vv: bool = True) -> EncoderOutput:
         """The encoder output a model with these taps (and V-V path or not) would have computed."""
         missing = set(taps) - set(self.taps)

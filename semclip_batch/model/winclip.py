@@ -41,12 +41,6 @@ class WindowFeatures:
     def subset(self, idx: torch.Tensor) -> WindowFeatures:
         return WindowFeatures(self.pooled[idx], [w[idx] for w in self.windows], self.patches[idx])
 
-    @staticmethod
-    def cat(parts: Sequence[WindowFeatures]) -> WindowFeatures:
-        return WindowFeatures(torch.cat([p.pooled for p in parts]),
-                              [torch.cat([p.windows[k] for p in parts]) for k in range(len(parts[0].windows))],
-                              torch.cat([p.patches for p in parts]))
-
 
 def encode_windows(visual: nn.Module, images: torch.Tensor, scale: int) -> torch.Tensor:
     """Masked re-encoding of every ``scale x scale`` window. ``(B, 3, S, S)`` -> ``(B, n_windows, E)`` normalised."""
