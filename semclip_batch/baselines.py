@@ -72,8 +72,7 @@ def fit_promptad(model: PromptAd, clip: nn.Module, clip_name: str, classes: tupl
     """Learn PromptAD's prompts on the normal support images, then fill its memories and prototypes."""
     s = settings or PromptAdSettings()
     idx = normal_rows(data, "promptad")
-    depth = len(model.visual.transformer.resblocks)
-    taps = tuple(sorted({*model.taps, depth}))
+    taps = model.read_taps
     enc = feats.subset(idx).select(taps, True)
     with torch.no_grad():
         image = F.normalize(enc.pooled.float(), dim=-1)

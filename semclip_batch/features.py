@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import PreprocessConfig
 from .model.encoder import EncoderOutput, encode_dual_path
-from .model.winclip import WINDOW_SCALES, WindowFeatures, encode_windows
+from .model.winclip import WINDOW_SCALES, WindowFeatures, encode_windows, penultimate_block
 from .preprocess import normalize
 
 
@@ -35,7 +35,7 @@ class Features:
     def window_features(self, depth: int) -> WindowFeatures:
         if self.windows is None:
             raise ValueError("window embeddings were not encoded")
-        penultimate = self.dual.original[self.taps.index(max(1, depth - 1))][:, 1:]
+        penultimate = self.dual.original[self.taps.index(penultimate_block(depth))][:, 1:]
         return WindowFeatures(pooled=self.dual.pooled, windows=self.windows, patches=F.normalize(penultimate, dim=-1))
 
     def subset(self, idx: torch.Tensor) -> Features:
@@ -50,7 +50,7 @@ def encode_batch(visual: nn.Module, x: torch.Tensor, taps: tuple[int, ...], *, v
     """Encode normalised images ``(B, 3, S, S)``: both paths at ``taps`` (+ the penultimate block and WinCLIP's
     window embeddings when ``windows``)."""
     depth = len(visual.transformer.resblocks)
-    taps = tuple(sorted({*taps, max(1, depth - 1)} if windows else set(taps)))
+    taps = tuple(sorted({*taps, penultimate_block(depth)} if windows else set(taps)))
     dual = encode_dual_path(visual, x, taps, vv_from)
     return Features(dual, taps, [encode_windows(visual, x, s) for s in WINDOW_SCALES] if windows else None)
 

@@ -15,13 +15,14 @@ from .features import Features
 from .model import SemClip, SemClipConfig, SemClipOutput, default_taps
 from .model.promptad import PromptAd
 from .model.reference import ReferenceScorer
-from .model.winclip import WinClip
+from .model.winclip import WinClip, penultimate_block
 
 __all__ = ["METHODS", "Scorer", "load_trained", "method_taps", "model_inputs", "needed_taps", "new_model", "score_features"]
 Scorer = SemClip | WinClip | PromptAd
 
 
 def depth_of(clip: nn.Module) -> int:
+    """Blocks of the vision tower of a CLIP model or of a scorer (anything with ``.visual``)."""
     return len(clip.visual.transformer.resblocks)
 
 
@@ -61,21 +62,19 @@ def load_trained(model: Scorer, tensors: Mapping[str, torch.Tensor]) -> list[str
 
 def model_inputs(model: Scorer, feats: Features) -> object:
     """What ``model.from_encoded`` takes, sliced from shared features."""
-    depth = len(model.visual.transformer.resblocks)
     if isinstance(model, SemClip):
         return feats.select(model.cfg.taps, model.cfg.use_vv)
     if isinstance(model, WinClip):
-        return feats.window_features(depth)
-    return feats.select(tuple(sorted({*model.taps, depth})), True)
+        return feats.window_features(depth_of(model))
+    return feats.select(model.read_taps, True)
 
 
 def needed_taps(model: Scorer) -> tuple[int, ...]:
-    depth = len(model.visual.transformer.resblocks)
     if isinstance(model, SemClip):
         return model.cfg.taps
     if isinstance(model, WinClip):
-        return (max(1, depth - 1),)
-    return tuple(sorted({*model.taps, depth}))
+        return (penultimate_block(depth_of(model)),)
+    return model.read_taps
 
 
 def score_features(model: Scorer, feats: Features, size: tuple[int, int], reference: ReferenceScorer | None = None,

@@ -39,6 +39,8 @@ class PromptAd(TwoStateScorer):
     def __init__(self, clip: nn.Module, n_classes: int, taps: tuple[int, ...], sigma: float = 4.0) -> None:
         super().__init__(clip, n_classes, sigma)
         self.taps = taps
+        # the blocks it reads: the memory taps plus the last block (its V-V tokens are the local features)
+        self.read_taps = tuple(sorted({*taps, len(clip.visual.transformer.resblocks)}))
         width = clip.visual.proj.shape[0]
         for k in range(len(taps)):
             self.register_buffer(f"memory{k}", torch.zeros(0, width))
@@ -51,18 +53,15 @@ class PromptAd(TwoStateScorer):
         return [getattr(self, f"memory{k}") for k in range(len(self.taps))]
 
     def encode(self, images: torch.Tensor) -> EncoderOutput:
-        depth = len(self.visual.transformer.resblocks)
-        return encode_dual_path(self.visual, images, tuple(sorted({*self.taps, depth})), 1)
+        return encode_dual_path(self.visual, images, self.read_taps, 1)
 
     def patch_scores(self, enc: EncoderOutput) -> torch.Tensor:
-        depth = len(self.visual.transformer.resblocks)
         local = project_tokens(self.visual, enc.vv[-1] if enc.vv[-1] is not None else enc.original[-1])
         text = self.state_probability(local)
         memories = self.memories()
         if memories[0].shape[0] == 0:
             return text
-        taps = tuple(sorted({*self.taps, depth}))
-        vision = torch.stack([nearest_distance(F.normalize(enc.original[taps.index(t)][:, 1:], dim=-1), m)
+        vision = torch.stack([nearest_distance(F.normalize(enc.original[self.read_taps.index(t)][:, 1:], dim=-1), m)
                               for t, m in zip(self.taps, memories, strict=True)]).mean(dim=0)
         return 1.0 / (1.0 / text.clamp_min(1e-6) + 1.0 / vision.clamp_min(1e-6))
 

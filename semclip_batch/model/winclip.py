@@ -29,6 +29,11 @@ from .twostate import TwoStateScorer
 WINDOW_SCALES = (2, 3)
 
 
+def penultimate_block(depth: int) -> int:
+    """The block whose patch tokens fill the patch memory (1-based)."""
+    return max(1, depth - 1)
+
+
 @dataclass
 class WindowFeatures:
     """``pooled``: ``(B, E)``; ``windows[i]``: ``(B, n_windows, E)`` normalised, scale ``WINDOW_SCALES[i]``;
@@ -86,8 +91,7 @@ class WinClip(TwoStateScorer):
         return [getattr(self, f"memory_window{k}") for k in range(len(WINDOW_SCALES))]
 
     def encode(self, images: torch.Tensor) -> WindowFeatures:
-        depth = len(self.visual.transformer.resblocks)
-        enc = encode_dual_path(self.visual, images, (max(1, depth - 1),), None)
+        enc = encode_dual_path(self.visual, images, (penultimate_block(len(self.visual.transformer.resblocks)),), None)
         return WindowFeatures(pooled=enc.pooled, windows=[encode_windows(self.visual, images, s) for s in WINDOW_SCALES],
                               patches=F.normalize(enc.original[0][:, 1:], dim=-1))
 
