@@ -7,6 +7,7 @@ scores and the image score. A failing batch becomes ``model_error`` rows (traceb
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,9 +70,10 @@ class Scoring:
 
 
 def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: str | None = None,
-                backbone: LoadedBackbone | None = None) -> Scoring:
+                backbone: LoadedBackbone | None = None, tensors: Mapping[str, torch.Tensor] | None = None) -> Scoring:
     """Load the backbone (unless given) and build ``spec.method`` around it with the given class embeddings;
-    with a checkpoint in the spec, its trained tensors are loaded too (eval mode, fp32, CPU)."""
+    with a checkpoint in the spec, its trained tensors (read here unless given, already verified) are loaded
+    too (eval mode, fp32, CPU)."""
     if backbone is None:
         backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
                                  storage_options=spec.storage_options)
@@ -79,7 +81,8 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
     depth = len(backbone.clip.visual.transformer.resblocks)
     reference = ReferenceScorer(reference_taps(depth)) if spec.use_reference else None
     if spec.checkpoint is not None:
-        tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
+        if tensors is None:
+            tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
         problems = load_trained(model, tensors)
         if reference is not None:
             if "reference.scale" not in tensors:

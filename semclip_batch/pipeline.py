@@ -123,7 +123,8 @@ def _identify_checkpoint(cfg: RunConfig) -> tuple[RunConfig, _ModelIdentity]:
     thresholds = Thresholds(image=float(values["image"]), pixel=float(values["pixel"]),
                             min_region_px=int(values["min_region_px"]), source=source_map)
     prompts = PromptSet(classes=tuple(meta["classes"]), prompts=tuple(tuple(meta["prompts"][c]) for c in meta["classes"]))
-    build_model(new_spec, ckpt.tensors["text_embeddings"].numpy(), backbone=backbone)  # refuse a misfit here, once
+    # refuse a misfit here, once, with the tensors already read and verified
+    build_model(new_spec, ckpt.tensors["text_embeddings"].numpy(), backbone=backbone, tensors=ckpt.tensors)
     checksum = model_checksum(ckpt)
     ident = _ModelIdentity(model_id=f"{ckpt.method}:{meta['backbone']}:{checksum[:12]}", sha256=checksum,
                            weights_sha256=weights_sha, text=ckpt.tensors["text_embeddings"].numpy(), prompts=prompts,

@@ -32,9 +32,8 @@ def load_frame(url: str, storage_options: Mapping[str, Any] | None = None) -> np
     return decode_image(data)
 
 
-def reference_views(url: str, shape: tuple[int, int], prep: PreprocessConfig,
-                    storage_options: Mapping[str, Any] | None) -> np.ndarray:
-    """The reference frame's model views (same tiling as the image). Raises ``ImageError(reference_error)``."""
+def load_reference(url: str, shape: tuple[int, int], storage_options: Mapping[str, Any] | None) -> np.ndarray:
+    """A row's reference frame, which must have the image's shape. Raises ``ImageError(reference_error)``."""
     try:
         ref = load_frame(url, storage_options)
     except ImageError as exc:
@@ -42,7 +41,7 @@ def reference_views(url: str, shape: tuple[int, int], prep: PreprocessConfig,
     if ref.shape != shape:
         raise ImageError(REFERENCE_ERROR, f"reference {url} is {ref.shape[0]}x{ref.shape[1]}, "
                                           f"the image {shape[0]}x{shape[1]}")
-    return model_inputs(ref, prep)
+    return ref
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
@@ -60,7 +59,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
             x = model_inputs(gray, prep)
             ref_url = str(batch["reference_url"][i] or "") if references else ""
             if ref_url:
-                ref_pixels[i], has_ref[i] = reference_views(ref_url, gray.shape, prep, storage_options).tobytes(), True
+                ref = model_inputs(load_reference(ref_url, gray.shape, storage_options), prep)
+                ref_pixels[i], has_ref[i] = ref.tobytes(), True
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)
             continue

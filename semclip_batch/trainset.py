@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .config import PreprocessConfig
 from .errors import ConfigError, ImageError
 from .preprocess import mask_view, whole_view
-from .reader import load_frame
+from .reader import load_frame, load_reference
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -65,14 +65,10 @@ def _load_reference(row: pd.Series, shape: tuple[int, int], prep: PreprocessConf
     if not row["reference_url"]:
         return None
     try:
-        ref = load_frame(row["reference_url"], so)
+        return whole_view(load_reference(row["reference_url"], shape, so), prep)
     except ImageError as exc:
-        log.warning("reference of %s unusable, trained without it: %s", row["uri"], exc)
+        log.warning("%s: trained without its reference: %s", row["uri"], exc)
         return None
-    if ref.shape != shape:
-        log.warning("reference of %s is %dx%d, image %dx%d; trained without it", row["uri"], *ref.shape, *shape)
-        return None
-    return whole_view(ref, prep)
 
 
 def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessConfig, *,
