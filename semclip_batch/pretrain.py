@@ -50,6 +50,7 @@ class PretrainConfig:
     lr: float = 1e-3
     prompts: str | None = None
     prompts_per_step: int = 8
+    keep: float = 0.25
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,15 +93,29 @@ def _flip(views: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> tup
     return views, masks
 
 
+def kept_patches(targets: torch.Tensor, ratio: float, gen: torch.Generator) -> torch.Tensor | None:
+    """The patches each image runs this step, ``round(ratio * N)`` of them: every patch touching a defect
+    (labelled or ignored) first, the rest drawn at random. ``(B, N)`` targets -> ``(B, K)`` sorted indices, or
+    ``None`` (all patches) at ratio 1."""
+    if ratio >= 1.0:
+        return None
+    k = max(1, round(targets.shape[1] * ratio))
+    priority = torch.rand(targets.shape, generator=gen) + 2.0 * (targets != 0)
+    return priority.topk(k, dim=1).indices.sort(dim=1).values
+
+
 def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Tensor, taps: tuple[int, ...],
-              prep, gen: torch.Generator, caption_tokens: torch.Tensor | None) -> torch.Tensor:
+              prep, gen: torch.Generator, caption_tokens: torch.Tensor | None, keep: float = 1.0) -> torch.Tensor:
     views, masks = _flip(data.views[idx], data.masks[idx], gen)
     x = normalize(views, prep)
-    enc = encode_dual_path(clip.visual, x, taps, 1)
+    grid = x.shape[-1] // clip.visual.conv1.kernel_size[0]
+    targets = patch_labels(masks, data.labels[idx], data.has_mask[idx], grid)
+    kept = kept_patches(targets, keep, gen)
+    if kept is not None:
+        targets = torch.gather(targets, 1, kept)
+    enc = encode_dual_path(clip.visual, x, taps, 1, keep=kept)
     scale = clip.logit_scale.exp().clamp(max=100.0)
     n_classes = text.shape[0]
-    grid = round((enc.original[0].shape[1] - 1) ** 0.5)
-    targets = patch_labels(masks, data.labels[idx], data.has_mask[idx], grid)
     terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
     dense = torch.stack([_balanced_ce(patch_logits(_project(clip.visual, t), text, scale, True), targets, n_classes)
                          for t in terms]).mean()
@@ -143,7 +158,7 @@ def pretrain(cfg: PretrainConfig, progress: Progress | None = None, metadata: Ma
         idx = torch.randperm(len(data), generator=gen)[: cfg.batch_size]
         pick = prompt_sample(owner, cfg.prompts_per_step, gen)
         text = class_text(clip, tokens[pick], owner[pick], len(prompts.classes))
-        loss = step_loss(clip, data, idx, text, taps, prep, gen, caption_tokens)
+        loss = step_loss(clip, data, idx, text, taps, prep, gen, caption_tokens, cfg.keep)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

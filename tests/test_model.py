@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from semclip_batch.model import SemClip, SemClipConfig, default_taps
-from semclip_batch.model.encoder import encode_dual_path, vv_attention
+from semclip_batch.model.encoder import embed_patches, encode_dual_path, vv_attention
 from semclip_batch.model.surgery import feature_surgery
 
 
@@ -62,6 +62,31 @@ def test_vv_path_starts_from_first_dual_block_input(tiny_clip):
         expected = h_in + vv_attention(block.attn, block.ln_1(h_in))
     assert out.vv[0] is None
     assert torch.allclose(out.vv[1], expected, atol=1e-6)
+
+
+def test_kept_tokens_run_like_a_shorter_sequence(tiny_clip):
+    """Token dropping: keeping every patch changes nothing; keeping some runs exactly those tokens (CLS first)
+    through both paths, with their own position embeddings."""
+    visual = tiny_clip.clip.visual
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad():
+        full = encode_dual_path(visual, x, (2, 4), 1)
+        every = encode_dual_path(visual, x, (2, 4), 1, keep=torch.arange(225).expand(2, -1))
+        keep = torch.tensor([[0, 7, 224], [3, 100, 101]])
+        some = encode_dual_path(visual, x, (2, 4), 1, keep=keep)
+        tokens = embed_patches(visual, x)
+        idx = torch.cat([torch.zeros(2, 1, dtype=torch.long), keep + 1], dim=1)
+        short = torch.stack([tokens[b, idx[b]] for b in range(2)])
+        block = visual.transformer.resblocks[0]
+        first_vv = short + vv_attention(block.attn, block.ln_1(short))
+        first = block(short)
+    assert torch.allclose(every.original[1], full.original[1], atol=1e-5)
+    assert torch.allclose(every.vv[1], full.vv[1], atol=1e-5)
+    assert some.original[0].shape == (2, 4, visual.transformer.width)
+    single = encode_dual_path(visual, x, (1,), 1, keep=keep)
+    assert torch.allclose(single.original[0], first, atol=1e-5)
+    assert torch.allclose(single.vv[0], first_vv, atol=1e-5)
 
 
 def hand_surgery(f: torch.Tensor, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ from semclip_batch.checkpoint import load_checkpoint
 from semclip_batch.config import ModelSpec, RunConfig, Thresholds
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.pipeline import run
-from semclip_batch.pretrain import PretrainConfig, pretrain
+from semclip_batch.pretrain import PretrainConfig, kept_patches, pretrain
 from semclip_batch.train import TrainConfig, focal_dice, sample_shots, train
+from semclip_batch.trainset import IGNORE
 from semclip_batch.weights import load_backbone
 
 
@@ -99,6 +100,19 @@ def test_sample_shots_is_seeded_and_per_class():
     a, b = sample_shots(df, 5, 1), sample_shots(df, 5, 1)
     assert a.equals(b) and a["label"].value_counts().to_dict() == {"a": 5, "b": 5}
     assert len(sample_shots(df, None, 1)) == 30 and len(sample_shots(df, 15, 1)) == 25
+
+
+def test_kept_patches_hold_every_defect_patch_first():
+    targets = torch.zeros(3, 16, dtype=torch.long)
+    targets[0, [2, 9]] = 4
+    targets[0, 10] = IGNORE  # touches a defect: kept before clean patches
+    targets[1] = IGNORE  # no mask: a random draw
+    gen = torch.Generator().manual_seed(0)
+    kept = kept_patches(targets, 0.25, gen)
+    assert kept is not None and kept.shape == (3, 4)
+    assert {2, 9, 10} <= set(kept[0].tolist())
+    assert all(len(set(row.tolist())) == 4 and row.tolist() == sorted(row.tolist()) for row in kept)
+    assert kept_patches(targets, 1.0, gen) is None
 
 
 def test_focal_dice_prefers_the_right_map():

@@ -71,14 +71,25 @@ def interpolate_positions(pos: torch.Tensor, n_patches: int) -> torch.Tensor:
     return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)])
 
 
-def encode_dual_path(visual: nn.Module, images: torch.Tensor, taps: tuple[int, ...], vv_from: int | None) -> EncoderOutput:
+def keep_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The class token and the patch tokens at ``keep``. ``(B, 1 + N, W)``, ``(B, K)`` -> ``(B, 1 + K, W)``."""
+    idx = torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], dim=1)
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def encode_dual_path(visual: nn.Module, images: torch.Tensor, taps: tuple[int, ...], vv_from: int | None,
+                     keep: torch.Tensor | None = None) -> EncoderOutput:
     """Run the blocks once, both paths, keeping the tokens after each tapped block.
 
     Args:
         taps: 1-based block indices to tap.
         vv_from: 1-based first dual-path block, or ``None`` for no V-V path.
+        keep: ``(B, K)`` 0-based patch indices to run (the rest are dropped after the position embedding, as
+            in token-dropping CLIP training; the outputs then hold ``1 + K`` tokens). ``None``: every patch.
     """
     x = embed_patches(visual, images)
+    if keep is not None:
+        x = keep_tokens(x, keep)
     batch_first = getattr(visual.transformer, "batch_first", True)
     x_vv: torch.Tensor | None = None
     original: list[torch.Tensor] = []
