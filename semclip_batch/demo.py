@@ -21,7 +21,8 @@ from .synth import SynthConfig, synth
 from .train import TrainConfig, train
 
 SIZES = ((256, 256), (240, 320), (300, 200))
-DEMO_STEPS = 150
+DEMO_STEPS = 350
+DEMO_RECIPE = {"steps": str(DEMO_STEPS), "keep": str(PretrainConfig.keep)}
 
 
 def _cached_weights(path: str, backbone: str) -> str | None:
@@ -31,7 +32,7 @@ def _cached_weights(path: str, backbone: str) -> str | None:
             meta = f.metadata() or {}
     except (OSError, ValueError):
         return None
-    ok = meta.get("backbone") == backbone and meta.get("steps") == str(DEMO_STEPS)
+    ok = meta.get("backbone") == backbone and all(meta.get(k) == v for k, v in DEMO_RECIPE.items())
     return meta.get("sha256") if ok else None
 
 
@@ -49,7 +50,7 @@ def run_demo(folder: str, *, backbone: str = "semclip-tiny") -> Iterator[str]:
         synth(pre, SynthConfig(seed=1000, lots=6, per_class=10, sizes=SIZES))
         yield f"[2/7] pretrain: {backbone} from random weights, {DEMO_STEPS} steps (the short schedule, ~3 min)"
         digest = pretrain(PretrainConfig(manifest=storage.join(pre, "manifest.csv"), out=weights, backbone=backbone,
-                                         steps=DEMO_STEPS), metadata={"steps": str(DEMO_STEPS)})
+                                         steps=DEMO_STEPS), metadata=DEMO_RECIPE)
     else:
         yield f"[2/7] pretrain: cached {weights}"
     yield f"      weights sha256 {digest}"

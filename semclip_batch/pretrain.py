@@ -45,7 +45,7 @@ class PretrainConfig:
     pretrained: str = "none"
     pretrained_sha256: str | None = None
     seed: int = 0
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 32
     lr: float = 1e-3
     prompts: str | None = None

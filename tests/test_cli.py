@@ -80,6 +80,9 @@ def test_training_refuses_other_precisions(synth_lot, tmp_path):
     result = invoke("pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "w.safetensors"),
                     "--backbone", "semclip-tiny", "--steps", "0")
     assert_one_line_error(result, "--steps")
+    result = invoke("pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "w.safetensors"),
+                    "--backbone", "semclip-tiny", "--keep-tokens", "0")
+    assert_one_line_error(result, "--keep-tokens")
 
 
 def test_train_method_options_end_in_one_line(synth_lot, tmp_path):
