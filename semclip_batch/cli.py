@@ -292,7 +292,7 @@ def _loss_printer(what: str) -> Callable[[int, int, float], None]:
 @click.option("--out", required=True, help="The weights file to write (.safetensors, any fsspec URL).")
 @model_options
 @click.option("--steps", default=1500, show_default=True, type=int,
-              help="Optimiser steps (the default took 9.5 min for semclip-tiny on 4.2k images here, loading included).")
+              help="Optimiser steps (the default took 9.2 min for semclip-tiny on 4.2k images here, loading included).")
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--keep-tokens", default=0.25, show_default=True, type=float,
