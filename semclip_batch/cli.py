@@ -13,8 +13,12 @@ import click
 from .config import (
     DEFAULT_BACKBONE,
     DEFAULT_IMAGE_THRESHOLD,
+    DEFAULT_KEEP_TOKENS,
     DEFAULT_MIN_REGION_PX,
     DEFAULT_PIXEL_THRESHOLD,
+    DEFAULT_PRETRAIN_BATCH,
+    DEFAULT_PRETRAIN_LR,
+    DEFAULT_PRETRAIN_STEPS,
     DEFAULT_SHARD_SIZE,
     DEFAULT_TILE_ABOVE,
     PRECISIONS,
@@ -291,11 +295,11 @@ def _loss_printer(what: str) -> Callable[[int, int, float], None]:
 @click.argument("manifest")
 @click.option("--out", required=True, help="The weights file to write (.safetensors, any fsspec URL).")
 @model_options
-@click.option("--steps", default=1500, show_default=True, type=int,
+@click.option("--steps", default=DEFAULT_PRETRAIN_STEPS, show_default=True, type=int,
               help="Optimiser steps (the default took 9.2 min for semclip-tiny on 4.2k images here, loading included).")
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--keep-tokens", default=0.25, show_default=True, type=float,
+@click.option("--batch-size", default=DEFAULT_PRETRAIN_BATCH, show_default=True, type=int)
+@click.option("--lr", default=DEFAULT_PRETRAIN_LR, show_default=True, type=float)
+@click.option("--keep-tokens", default=DEFAULT_KEEP_TOKENS, show_default=True, type=float,
               help="Fraction of each image's patch tokens a step runs (token dropping; patches touching a defect "
                    "go first, the rest at random). 1 runs every patch.")
 @user_errors

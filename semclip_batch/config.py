@@ -19,6 +19,11 @@ DEFAULT_PIXEL_THRESHOLD = 0.95
 DEFAULT_MIN_REGION_PX = 16
 DEFAULT_TILE_ABOVE = 1024
 DEFAULT_SHARD_SIZE = 256
+# pretrain (the CLI and PretrainConfig): the ≤ 10-minute schedule of the README, a quarter of the tokens per step
+DEFAULT_PRETRAIN_STEPS = 1500
+DEFAULT_PRETRAIN_BATCH = 32
+DEFAULT_PRETRAIN_LR = 1e-3
+DEFAULT_KEEP_TOKENS = 0.25
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_MODES = ("mean", "max")
 SURGERY_WEIGHTS = ("cls", "patch")

@@ -27,7 +27,13 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from . import storage
-from .config import DEFAULT_BACKBONE
+from .config import (
+    DEFAULT_BACKBONE,
+    DEFAULT_KEEP_TOKENS,
+    DEFAULT_PRETRAIN_BATCH,
+    DEFAULT_PRETRAIN_LR,
+    DEFAULT_PRETRAIN_STEPS,
+)
 from .manifest import read_manifest
 from .model import default_taps
 from .model.encoder import encode_dual_path
@@ -49,12 +55,12 @@ class PretrainConfig:
     pretrained: str = "none"
     pretrained_sha256: str | None = None
     seed: int = 0
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 1e-3
+    steps: int = DEFAULT_PRETRAIN_STEPS
+    batch_size: int = DEFAULT_PRETRAIN_BATCH
+    lr: float = DEFAULT_PRETRAIN_LR
     prompts: str | None = None
     prompts_per_step: int = 8
-    keep: float = 0.25
+    keep: float = DEFAULT_KEEP_TOKENS
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -109,7 +115,7 @@ def kept_patches(targets: torch.Tensor, ratio: float, gen: torch.Generator) -> t
 
 
 def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Tensor, taps: tuple[int, ...],
-              prep, gen: torch.Generator, caption_tokens: torch.Tensor | None, keep: float = 1.0) -> torch.Tensor:
+              prep, gen: torch.Generator, caption_tokens: torch.Tensor | None, keep: float) -> torch.Tensor:
     views, masks = _flip(data.views[idx], data.masks[idx], gen)
     x = normalize(views, prep)
     grid = x.shape[-1] // clip.visual.conv1.kernel_size[0]
