@@ -26,7 +26,7 @@ from .config import (
     RunConfig,
     Thresholds,
 )
-from .errors import SemclipError
+from .errors import SemclipError, one_line, shorten
 from .storage import check_storage_options
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,7 +40,12 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except SemclipError as exc:
-            raise click.ClickException(" ".join(str(exc).split())) from None
+            raise click.ClickException(shorten(str(exc))) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            logging.getLogger("semclip_batch").debug("traceback", exc_info=True)
+            raise click.ClickException(f"{one_line(exc)} (rerun with -vv for the traceback)") from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -7,6 +7,8 @@ non-zero exit. Per-image failures inside a batch never raise: they become rows w
 
 from __future__ import annotations
 
+import re
+
 READ_ERROR = "read_error"
 DECODE_ERROR = "decode_error"
 REFERENCE_ERROR = "reference_error"
@@ -35,6 +37,10 @@ class OutputError(SemclipError):
     """The output root cannot be used as asked (different run inside, local OUT on a multi-node cluster...)."""
 
 
+class RunFailed(SemclipError):
+    """A run ended without every shard stored (named in the run record); rerunning the command retries it."""
+
+
 class ImageError(Exception):
     """One image cannot be used; ``kind`` is the row status it turns into."""
 
@@ -43,9 +49,29 @@ class ImageError(Exception):
         self.kind = kind
 
 
+MAX_MESSAGE = 500
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` on one line, object reprs (``<... object at 0x...>``) removed, at most ``limit`` characters."""
+    flat = " ".join(_OBJECT_REPR.sub("<object>", text).split())
+    if len(flat) <= limit:
+        return flat
+    tail = f"… ({len(flat)} characters)"
+    return flat[: limit - len(tail)] + tail
+
+
+def show(value: object, limit: int = 60) -> str:
+    """A user-supplied value quoted for a message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}…' ({len(str(value))} characters)"
+
+
 def one_line(exc: BaseException) -> str:
-    """The exception as a single line: ``Type: message`` with newlines folded."""
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    """The exception as a single line of at most 500 characters: ``Type: message`` (the bare message for the
+    project's own errors), newlines folded, object reprs dropped."""
+    text = shorten(str(exc)) or exc.__class__.__name__
     if isinstance(exc, (SemclipError, ImageError)):
         return text
-    return f"{exc.__class__.__name__}: {text}"
+    return shorten(f"{exc.__class__.__name__}: {text}")

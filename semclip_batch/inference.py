@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .checkpoint import load_checkpoint
@@ -23,6 +24,7 @@ from .model.promptad import PromptAd
 from .model.reference import ReferenceScorer, reference_taps
 from .model.winclip import WinClip
 from .preprocess import maps_to_frame, tile_grid
+from .schema import SCORED, to_table
 from .scoring import anomaly_score, to_mask
 from .weights import LoadedBackbone, load_backbone
 
@@ -131,7 +133,9 @@ class Predictor:
             probs.append(out.class_probs.float().cpu())
         return torch.cat(maps), torch.cat(probs)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Score a batch of :data:`~semclip_batch.schema.DECODED` rows -> a table of
+        :data:`~semclip_batch.schema.SCORED` (a failing forward pass makes its rows ``model_error``)."""
         n = len(batch["image_id"])
         out = {k: v for k, v in batch.items() if k not in ("pixels", "ref_pixels")}
         masks = np.full(n, b"", dtype=object)
@@ -146,8 +150,8 @@ class Predictor:
             status[ok], error[ok] = MODEL_ERROR, one_line(exc)
             out.update(status=status, error=error)
             masks[:], scores[:], class_scores[:] = b"", np.nan, np.nan
-        out.update(mask=masks, anomaly_score=scores, class_scores=class_scores)
-        return out
+        out.update(mask=masks, anomaly_score=scores, class_scores=list(class_scores))
+        return to_table(out, SCORED)
 
     def _score(self, batch: dict[str, np.ndarray], ok: list[int], masks: np.ndarray, scores: np.ndarray,
                class_scores: np.ndarray) -> None:
@@ -158,7 +162,7 @@ class Predictor:
         views = np.concatenate([np.frombuffer(batch["pixels"][i], dtype=np.float32).reshape(c, 3, size, size)
                                 for i, c in zip(ok, counts, strict=False)])
         refs = has_ref = None
-        if "ref_pixels" in batch:
+        if bool(np.any(batch["has_ref"][ok])):
             refs = np.concatenate([np.frombuffer(batch["ref_pixels"][i], dtype=np.float32).reshape(c, 3, size, size)
                                    if batch["has_ref"][i] else np.zeros((c, 3, size, size), np.float32)
                                    for i, c in zip(ok, counts, strict=False)])

@@ -19,14 +19,38 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from . import storage
-from .errors import ManifestError
+from .errors import ManifestError, one_line, shorten, show
 
 REQUIRED = ("uri", "lot_id", "wafer_id")
 OPTIONAL = ("image_id", "die_x", "die_y", "defect_id", "reference_uri", "label", "mask_uri", "caption")
 COLUMNS = (*REQUIRED, *OPTIONAL, "url", "reference_url", "mask_url")
 DEFAULT_PATTERN = "{lot_id}/{wafer_id}/{name}.{ext}"
 PATTERN_FIELDS = frozenset({"lot_id", "wafer_id", "name", "ext", "die_x", "die_y", "defect_id", "image_id"})
-_LOT_BAD = re.compile(r"[/\\%\x00-\x1f]|^\.|^$")
+MAX_LOT_BYTES = 128
+MAX_CELL_CHARS = 16_384  # object keys are at most 1,024 bytes on S3; a longer cell is a broken file
+LOT_FORBIDDEN = "/\\%=*?[]"
+_LOT_BAD_CHAR = re.compile(r"[/\\%=*?\[\]\x00-\x1f\x7f-\x9f]")
+
+
+def lot_id_problem(lot: str) -> str | None:
+    """Why ``lot`` cannot be a lot id (DESIGN.md lot-id rule), or None when it can.
+
+    1-128 UTF-8 bytes; no leading ``.``, no control characters, none of ``/ \\ % = * ? [ ]``. Everything else
+    (spaces, unicode, ``#``, ``:``, leading zeros) is kept as written: lot ids name folders and are never used
+    as glob patterns.
+    """
+    size = len(lot.encode("utf-8", "surrogatepass"))
+    if size == 0:
+        return "is empty"
+    if size > MAX_LOT_BYTES:
+        return f"is {size} bytes long (at most {MAX_LOT_BYTES} UTF-8 bytes)"
+    if lot.startswith("."):
+        return "starts with '.'"
+    bad = _LOT_BAD_CHAR.search(lot)
+    if bad:
+        char = bad.group(0)
+        return f"contains {char!r} (not allowed: control characters and / \\ % = * ? [ ])"
+    return None
 
 
 def default_image_id(uri: str, defect_id: str) -> str:
@@ -56,11 +80,11 @@ def read_manifest(source: str, *, pattern: str | None = None,
         is_dir = fs.isdir(path)
         is_file = not is_dir and fs.exists(path)
     except (OSError, ValueError) as exc:
-        raise ManifestError(f"cannot open input {source!r}: {exc}") from exc
+        raise ManifestError(f"cannot open input {storage.redact(source)}: {one_line(exc)}") from None
     if is_dir:
         raw, base = _from_folder(source, pattern or DEFAULT_PATTERN, storage_options), source
     elif not is_file:
-        raise ManifestError(f"input {source!r} does not exist (give a manifest .csv/.parquet or an image folder)")
+        raise ManifestError(f"input {storage.redact(source)} does not exist (give a manifest .csv/.parquet or an image folder)")
     else:
         if pattern:
             raise ManifestError("--pattern applies to an input folder, not to a manifest file")
@@ -70,18 +94,40 @@ def read_manifest(source: str, *, pattern: str | None = None,
 
 
 def _read_table(source: str, storage_options: Mapping[str, Any] | None) -> pd.DataFrame:
+    name = storage.redact(source)
     try:
         data = storage.read_bytes(source, storage_options)
     except OSError as exc:
-        raise ManifestError(f"cannot read manifest {source!r}: {exc}") from exc
+        raise ManifestError(f"cannot read manifest {name}: {one_line(exc)}") from None
+    if not data:
+        raise ManifestError(f"manifest {name} is empty (0 bytes)")
     lower = source.lower().split("?", 1)[0]
+    if lower.endswith((".parquet", ".pq")) or data[:4] == b"PAR1":
+        return _read_parquet(data, name)
+    return _read_csv(data, name)
+
+
+def _read_parquet(data: bytes, name: str) -> pd.DataFrame:
     try:
-        if lower.endswith((".parquet", ".pq")) or data[:4] == b"PAR1":
-            frame = pq.read_table(io.BytesIO(data)).to_pandas()
-            return frame.map(cell_text).astype(object) if len(frame) else frame.astype(object)
-        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_filter=False).astype(object)
-    except Exception as exc:
-        raise ManifestError(f"cannot parse manifest {source!r} as CSV or Parquet: {exc}") from exc
+        frame = pq.read_table(io.BytesIO(data)).to_pandas()
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        raise ManifestError(f"cannot parse manifest {name} as Parquet: {one_line(exc)}") from None
+    return frame.map(cell_text).astype(object) if len(frame) else frame.astype(object)
+
+
+def _read_csv(data: bytes, name: str) -> pd.DataFrame:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ManifestError(f"manifest {name} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                            "save it as UTF-8") from None
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False).astype(object)
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"manifest {name} has no header line (expected CSV with uri, lot_id, wafer_id)") from None
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        raise ManifestError(f"cannot parse manifest {name} as CSV: {one_line(exc)}") from None
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -117,7 +163,7 @@ def _from_folder(folder: str, pattern: str, storage_options: Mapping[str, Any] |
         row = {k: v for k, v in m.groupdict().items() if k not in ("name", "ext")}
         rows.append({"uri": rel, **row})
     if bad:
-        raise ManifestError(f"{len(bad)} file(s) under {folder!r} do not match --pattern {pattern!r}, e.g. {bad[0]!r}")
+        raise ManifestError(f"{len(bad)} file(s) under {folder!r} do not match --pattern {pattern!r}, e.g. {show(bad[0], 200)}")
     return pd.DataFrame(rows, dtype=object)
 
 
@@ -125,19 +171,18 @@ def normalize(raw: pd.DataFrame, *, base_folder: str, source: str) -> pd.DataFra
     """Validate columns and values, fill defaults, resolve URLs. Raises :class:`ManifestError`."""
     missing = [c for c in REQUIRED if c not in raw.columns]
     if missing:
-        raise ManifestError(f"manifest {source!r} lacks required column {missing[0]!r} (has: {', '.join(map(str, raw.columns))})")
+        has = shorten(", ".join(map(str, raw.columns)), 200)
+        raise ManifestError(f"manifest {storage.redact(source)} lacks required column {missing[0]!r} (has: {has})")
     if len(raw) == 0:
-        raise ManifestError(f"manifest {source!r} has no rows")
+        raise ManifestError(f"manifest {storage.redact(source)} has no rows (only a header)")
     df = pd.DataFrame({c: raw[c].map(cell_text).str.strip() if c in raw.columns else "" for c in REQUIRED + OPTIONAL})
     for col in REQUIRED:
         empty = df.index[df[col] == ""]
         if len(empty):
             raise ManifestError(f"manifest row {empty[0] + 1} has an empty {col!r}")
-    bad_lot = df.index[df["lot_id"].map(lambda s: bool(_LOT_BAD.search(s)))]
-    if len(bad_lot):
-        i = bad_lot[0]
-        raise ManifestError(f"manifest row {i + 1}: lot_id {df.at[i, 'lot_id']!r} cannot name a folder "
-                            "(no '/', '\\', '%', control characters or leading '.')")
+    _refuse_huge_cells(df)
+    _refuse_bad_lots(df)
+    _refuse_url_credentials(df)
     for col in ("die_x", "die_y"):
         df[col] = pd.Series([_parse_int(v, col, i) for i, v in enumerate(df[col])], index=df.index, dtype=object)
     missing_id = df["image_id"] == ""
@@ -150,6 +195,30 @@ def normalize(raw: pd.DataFrame, *, base_folder: str, source: str) -> pd.DataFra
     return df.reset_index(drop=True)
 
 
+def _refuse_huge_cells(df: pd.DataFrame) -> None:
+    for col in df.columns:
+        sizes = df[col].map(len)
+        if len(sizes) and int(sizes.max()) > MAX_CELL_CHARS:
+            i = int(sizes.idxmax())
+            raise ManifestError(f"manifest row {i + 1}: {col} is {int(sizes.max())} characters long "
+                                f"(at most {MAX_CELL_CHARS})")
+
+
+def _refuse_bad_lots(df: pd.DataFrame) -> None:
+    for i, lot in zip(df.index, df["lot_id"], strict=True):
+        problem = lot_id_problem(lot)
+        if problem is not None:
+            raise ManifestError(f"manifest row {i + 1}: lot_id {show(lot)} {problem}")
+
+
+def _refuse_url_credentials(df: pd.DataFrame) -> None:
+    for col in ("uri", "reference_uri", "mask_uri"):
+        bad = df.index[df[col].map(storage.has_credentials)]
+        if len(bad):
+            raise ManifestError(f"manifest row {bad[0] + 1}: {col} carries credentials (user:secret@...); they are "
+                                "refused in URLs: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile)")
+
+
 def _parse_int(value: str, column: str, row: int) -> int | None:
     if value == "":
         return None
@@ -159,7 +228,7 @@ def _parse_int(value: str, column: str, row: int) -> int | None:
             raise ValueError
         return int(number)
     except ValueError:
-        raise ManifestError(f"manifest row {row + 1}: {column} {value!r} is not an integer") from None
+        raise ManifestError(f"manifest row {row + 1}: {column} {show(value)} is not an integer") from None
 
 
 def _refuse_duplicates(df: pd.DataFrame) -> None:
@@ -168,7 +237,8 @@ def _refuse_duplicates(df: pd.DataFrame) -> None:
         first = df.loc[dup, "image_id"].iloc[0]
         rows = [str(i + 1) for i in df.index[df["image_id"] == first]]
         raise ManifestError(
-            f"{int(dup.sum())} manifest rows share image_ids, e.g. {first!r} on rows {', '.join(rows)} "
+            f"{int(dup.sum())} manifest rows share image_ids, e.g. {show(first)} on rows {', '.join(rows[:10])}"
+            f"{' ...' if len(rows) > 10 else ''} "
             "(give a distinct image_id or defect_id per row)"
         )
 

@@ -25,7 +25,7 @@ from ray.data import ActorPoolStrategy, DataContext
 from . import storage
 from .checkpoint import load_checkpoint, model_checksum
 from .config import PreprocessConfig, RunConfig, Thresholds
-from .errors import MODEL_ERROR, OK, ConfigError, WeightsError
+from .errors import MODEL_ERROR, OK, ConfigError, RunFailed, WeightsError, one_line
 from .inference import Predictor, PredictorSetup, build_model
 from .layout import OutLayout
 from .manifest import content_digest, read_manifest
@@ -33,7 +33,7 @@ from .model.text import class_embeddings
 from .prompts import PromptSet, load_prompts
 from .ray_session import ClusterShape, check_output_reachable, ray_session
 from .reader import decode_batch
-from .runrecord import next_attempt, now_iso, write_record
+from .runrecord import now_iso, start_record, write_record
 from .schema import INPUT_COLUMNS
 from .shards import ShardKey, clear_partial, create_mask_groups, done_shards, prepare_plan, write_marker
 from .weights import LoadedBackbone, load_backbone, preprocess_config
@@ -42,6 +42,11 @@ from .writer import WriterSetup, write_batch
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 INPUT_BLOCK_ROWS = 32
+# Retries, on purpose (README "Faults"): a decode or write task whose worker dies is retried up to
+# TASK_RETRIES times, and so is a model-actor task; a dead model actor is restarted without limit (node loss,
+# preemption). Exceptions inside a row never reach Ray: they become error rows.
+TASK_RETRIES = 5
+ACTOR_RESTARTS = -1
 
 
 @dataclass
@@ -168,22 +173,29 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     plan, shard_size = prepare_plan(layout, df, run_id=run_id, shard_size=cfg.shard_size,
                                     overwrite=cfg.overwrite, storage_options=so)
     rows = df.merge(plan[["image_id", "shard"]], on="image_id", how="left")
-    attempt = next_attempt(layout, run_id, so)
     record: dict[str, Any] = {
-        "run_id": run_id, "attempt": attempt, "started_at": started_at, "finished_at": None, "status": "failed",
+        "run_id": run_id, "attempt": 0, "started_at": started_at, "finished_at": None, "status": "running",
         "mode": ident.mode, "model_id": ident.model_id, "classes": list(ident.prompts.classes),
         "thresholds": cfg.thresholds.as_record(), "preprocessing": prep.as_record(), "shard_size": shard_size,
         "shards": {}, "rows": {"total": len(df), "sent_to_model": 0}, "counts": {}, "timings_s": timer.timings,
         "throughput_img_s": None, "config": cfg.public_record(),
     }
+    url = start_record(layout, record, so)
     try:
         with ray_session(cfg.address) as shape:
             check_output_reachable(layout.root, shape)
             _execute(cfg, layout, rows, record, ident, prep, shape, timer, progress)
-        record["status"] = "complete"
+        record["status"] = "complete" if not record.get("failed_shards") else "failed"
+    except BaseException as exc:
+        record["status"], record["error"] = "failed", one_line(exc)
+        raise
     finally:
         record["finished_at"] = now_iso()
-        url = write_record(layout, record, so)
+        write_record(url, record, so)
+    if record["status"] != "complete":
+        failed = record["failed_shards"]
+        raise RunFailed(f"{len(failed)} shard(s) could not be stored, e.g. {failed[0]}; the other shards are done "
+                        f"(record {url}); rerun the same command to retry them")
     return RunResult(out=layout.root, run_id=run_id, record=record, record_url=url)
 
 
@@ -191,31 +203,28 @@ def _execute(cfg: RunConfig, layout: OutLayout, rows: pd.DataFrame, record: dict
              prep: PreprocessConfig, shape: ClusterShape, timer: _Timer, progress: Progress | None) -> None:
     so = cfg.storage_options
     all_shards = {(str(a), str(b)) for a, b in rows[["lot_id", "shard"]].drop_duplicates().itertuples(index=False)}
-    done = done_shards(layout, so) & all_shards
-    todo = all_shards - done
+    done = {k: v for k, v in done_shards(layout, rows["lot_id"].unique(), so).items() if k in all_shards}
+    todo = all_shards - set(done)
     record["shards"] = {"total": len(all_shards), "skipped": len(done), "run": len(todo)}
     with timer.stage("prepare_outputs"):
         clear_partial(layout, todo, so)
         create_mask_groups(layout, rows["lot_id"].unique(), todo, so)
     todo_rows = rows[[(lot, shard) in todo for lot, shard in zip(rows["lot_id"], rows["shard"], strict=False)]]
-    counts: Counter[str] = _done_counts(layout, done, so)
+    counts: Counter[str] = Counter()
+    for shard_counts in done.values():
+        counts.update(shard_counts)
     if len(todo_rows):
         with timer.stage("pipeline"):
-            new_counts = _stream(cfg, layout, todo_rows, ident, prep, shape, record, progress)
+            new_counts, failed = _stream(cfg, layout, todo_rows, ident, prep, shape, record, progress)
         counts.update(new_counts)
         sent = sum(n for status, n in new_counts.items() if status in (OK, MODEL_ERROR, "write_error"))
         record["rows"]["sent_to_model"] = sent
+        if failed:
+            record["failed_shards"] = [f"{lot}/{shard}" for lot, shard in sorted(failed)]
         if cfg.model.use_reference:
             record["rows"]["without_reference"] = int((todo_rows["reference_url"] == "").sum())
         record["throughput_img_s"] = round(len(todo_rows) / max(timer.timings["pipeline"], 1e-9), 3)
     record["counts"] = dict(sorted(counts.items()))
-
-
-def _done_counts(layout: OutLayout, done: set[ShardKey], so: dict[str, Any]) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    for key in done:
-        counts.update(json.loads(storage.read_bytes(layout.marker(*key), so)).get("counts", {}))
-    return counts
 
 
 def _input_blocks(todo_rows: pd.DataFrame, block_rows: int = INPUT_BLOCK_ROWS) -> list[pa.Table]:
@@ -232,7 +241,7 @@ def _input_blocks(todo_rows: pd.DataFrame, block_rows: int = INPUT_BLOCK_ROWS) -
 
 def _stream(cfg: RunConfig, layout: OutLayout, todo_rows: pd.DataFrame, ident: _ModelIdentity,
             prep: PreprocessConfig, shape: ClusterShape, record: dict[str, Any],
-            progress: Progress | None) -> Counter[str]:
+            progress: Progress | None) -> tuple[Counter[str], set[ShardKey]]:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -244,30 +253,45 @@ def _stream(cfg: RunConfig, layout: OutLayout, todo_rows: pd.DataFrame, ident: _
     ds = ray.data.from_arrow(_input_blocks(todo_rows))
     ds = ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "storage_options": cfg.storage_options,
                                                  "references": cfg.model.use_reference},
-                        batch_size=4, num_cpus=0.5, batch_format="numpy")
+                        batch_size=4, num_cpus=0.5, batch_format="numpy", max_retries=TASK_RETRIES)
     ds = ds.map_batches(Predictor, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
                         compute=ActorPoolStrategy(size=cfg.actors), num_cpus=actor_cpus,
-                        num_gpus=cfg.num_gpus or None, batch_format="numpy")
+                        num_gpus=cfg.num_gpus or None, batch_format="numpy",
+                        max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)
     ds = ds.map_batches(write_batch, fn_kwargs={"setup": wsetup}, batch_size=None, num_cpus=0.25,
-                        batch_format="numpy")
+                        batch_format="numpy", max_retries=TASK_RETRIES)
+    return _collect_receipts(ds, layout, todo_rows, cfg.storage_options, progress)
+
+
+def _collect_receipts(ds: ray.data.Dataset, layout: OutLayout, todo_rows: pd.DataFrame, so: dict[str, Any],
+                      progress: Progress | None) -> tuple[Counter[str], set[ShardKey]]:
+    """Count each row once (a retried task can repeat receipts), write a shard's marker once all its rows are
+    stored, and return the status counts and the shards that had a part that could not be stored."""
     expected = todo_rows.groupby(["lot_id", "shard"]).size().to_dict()
     seen: dict[ShardKey, set[str]] = defaultdict(set)
     shard_counts: dict[ShardKey, Counter[str]] = defaultdict(Counter)
     total: Counter[str] = Counter()
+    failed: set[ShardKey] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        receipts = zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"], strict=True)
-        for lot, shard, image_id, status in receipts:
+        receipts = zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"], batch["written"],
+                       strict=True)
+        for lot, shard, image_id, status, written in receipts:
             key = (str(lot), str(shard))
+            if not written:
+                failed.add(key)
+                continue
             if str(image_id) in seen[key]:
                 continue
             seen[key].add(str(image_id))
             shard_counts[key][str(status)] += 1
             total[str(status)] += 1
             if len(seen[key]) == expected[key]:
-                write_marker(layout, key, shard_counts[key], cfg.storage_options)
+                write_marker(layout, key, shard_counts[key], so)
         if progress is not None:
             progress(len(batch["image_id"]), len(todo_rows))
-    missing = sum(expected.values()) - sum(total.values())
+    failed -= {k for k, ids in seen.items() if len(ids) == expected[k]}  # a retry stored it after all
+    missing = {k for k in expected if len(seen[k]) < expected[k]} - failed
     if missing:
-        raise RuntimeError(f"{missing} rows came back without a receipt; rerun to complete the missing shards")
-    return total
+        raise RunFailed(f"{len(missing)} shard(s) came back with rows missing, e.g. {'/'.join(min(missing))}; "
+                        "rerun the same command to complete them")
+    return total, failed

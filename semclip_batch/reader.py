@@ -11,12 +11,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from .config import PreprocessConfig
 from .decode import decode_image
-from .errors import OK, READ_ERROR, REFERENCE_ERROR, ImageError, one_line
+from .errors import DECODE_ERROR, OK, READ_ERROR, REFERENCE_ERROR, ImageError, one_line
 from .preprocess import model_inputs
-from .storage import read_bytes
+from .schema import DECODED, missing, to_table
+from .storage import read_bytes, redact
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,11 @@ def load_frame(url: str, storage_options: Mapping[str, Any] | None = None) -> np
     try:
         data = read_bytes(url, storage_options)
     except FileNotFoundError:
-        raise ImageError(READ_ERROR, f"not found: {url}") from None
+        raise ImageError(READ_ERROR, f"not found: {redact(url)}") from None
+    except IsADirectoryError:
+        raise ImageError(READ_ERROR, f"is a folder, not a file: {redact(url)}") from None
     except Exception as exc:  # noqa: BLE001 - any storage failure is this row's read error
-        raise ImageError(READ_ERROR, f"cannot read {url}: {one_line(exc)}") from None
+        raise ImageError(READ_ERROR, f"cannot read {redact(url)}: {one_line(exc)}") from None
     return decode_image(data)
 
 
@@ -39,39 +43,39 @@ def load_reference(url: str, shape: tuple[int, int], storage_options: Mapping[st
     except ImageError as exc:
         raise ImageError(REFERENCE_ERROR, f"reference: {exc}") from None
     if ref.shape != shape:
-        raise ImageError(REFERENCE_ERROR, f"reference {url} is {ref.shape[0]}x{ref.shape[1]}, "
+        raise ImageError(REFERENCE_ERROR, f"reference {redact(url)} is {ref.shape[0]}x{ref.shape[1]}, "
                                           f"the image {shape[0]}x{shape[1]}")
     return ref
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
-                 storage_options: Mapping[str, Any] | None = None, references: bool = False) -> dict[str, np.ndarray]:
-    """Ray Data map function: adds ``status, error, height, width, n_views, pixels`` (and, with
-    ``references``, ``ref_pixels`` and ``has_ref`` from each row's ``reference_url``)."""
+                 storage_options: Mapping[str, Any] | None = None, references: bool = False) -> pa.Table:
+    """Ray Data map function: the input columns plus ``status, error, height, width, n_views, pixels,
+    ref_pixels, has_ref`` (references read from each row's ``reference_url`` when ``references``), as a table
+    of :data:`~semclip_batch.schema.DECODED` whatever failed."""
     n = len(batch["image_id"])
     status, error = np.full(n, OK, dtype=object), np.full(n, None, dtype=object)
     height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
     pixels, ref_pixels = np.full(n, b"", dtype=object), np.full(n, b"", dtype=object)
     has_ref = np.zeros(n, bool)
     for i, url in enumerate(batch["url"]):
+        ref_url = batch["reference_url"][i] if references else None
         try:
             gray = load_frame(str(url), storage_options)
             x = model_inputs(gray, prep)
-            ref_url = str(batch["reference_url"][i] or "") if references else ""
-            if ref_url:
-                ref = model_inputs(load_reference(ref_url, gray.shape, storage_options), prep)
+            if not missing(ref_url) and str(ref_url):
+                ref = model_inputs(load_reference(str(ref_url), gray.shape, storage_options), prep)
                 ref_pixels[i], has_ref[i] = ref.tobytes(), True
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)
             continue
         except Exception as exc:
-            log.exception("unexpected failure preparing %s", url)
-            status[i], error[i] = "decode_error", one_line(exc)
+            log.exception("unexpected failure preparing %s", redact(str(url)))
+            status[i], error[i] = DECODE_ERROR, one_line(exc)
             continue
         height[i], width[i] = gray.shape
         views[i], pixels[i] = x.shape[0], x.tobytes()
     out = dict(batch)
-    out.update(status=status, error=error, height=height, width=width, n_views=views, pixels=pixels)
-    if references:
-        out.update(ref_pixels=ref_pixels, has_ref=has_ref)
-    return out
+    out.update(status=status, error=error, height=height, width=width, n_views=views, pixels=pixels,
+               ref_pixels=ref_pixels, has_ref=has_ref)
+    return to_table(out, DECODED)

@@ -1,11 +1,47 @@
-"""Column names between stages and the Parquet schema of ``OUT/predictions`` (DESIGN.md output contract)."""
+"""Column names and Arrow types between stages, and the Parquet schema of ``OUT/predictions``.
+
+Every stage returns a table of its fixed schema, for ok and error rows alike: nullable columns are typed
+here, never inferred from a batch (an all-ok batch's ``error`` column would otherwise be Arrow's null type,
+and two batches of one task could not be combined).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
 
-# Columns the driver sends into the pipeline (one row per manifest row still to do).
-INPUT_COLUMNS = ("image_id", "uri", "url", "reference_url", "lot_id", "wafer_id", "die_x", "die_y", "shard")
+# What the driver sends into the pipeline: one row per manifest row still to do.
+INPUT = pa.schema([
+    ("image_id", pa.string()),
+    ("uri", pa.string()),
+    ("url", pa.string()),
+    ("reference_url", pa.string()),
+    ("lot_id", pa.string()),
+    ("wafer_id", pa.string()),
+    ("die_x", pa.int64()),
+    ("die_y", pa.int64()),
+    ("shard", pa.string()),
+])
+INPUT_COLUMNS = tuple(INPUT.names)
+
+_FRAME = [("status", pa.string()), ("error", pa.string()), ("height", pa.int64()), ("width", pa.int64()),
+          ("n_views", pa.int64())]
+
+# Decode stage out: the model views as float32 bytes of (n_views, 3, S, S); the reference views alike.
+DECODED = pa.schema([*INPUT, *_FRAME, ("pixels", pa.large_binary()), ("ref_pixels", pa.large_binary()),
+                     ("has_ref", pa.bool_())])
+
+# Model stage out: the uint8 mask at H x W as bytes, the image score and the class probabilities.
+SCORED = pa.schema([*INPUT, *_FRAME, ("mask", pa.large_binary()), ("anomaly_score", pa.float64()),
+                    ("class_scores", pa.list_(pa.float32()))])
+
+# Write stage out: one receipt per row; ``written`` is False when the row's part could not be stored.
+RECEIPTS = pa.schema([("lot_id", pa.string()), ("shard", pa.string()), ("image_id", pa.string()),
+                      ("status", pa.string()), ("written", pa.bool_())])
+RECEIPT_COLUMNS = tuple(RECEIPTS.names)
 
 PREDICTIONS = pa.schema([
     ("image_id", pa.string()),
@@ -32,4 +68,32 @@ PREDICTIONS = pa.schema([
 RESULT_COLUMNS = ("anomaly_score", "is_defect", "defect_class", "class_scores", "defect_area_px",
                   "defect_area_frac", "n_regions", "mask_path", "mask_index")
 
-RECEIPT_COLUMNS = ("lot_id", "shard", "image_id", "status")
+
+def missing(value: Any) -> bool:
+    """None, or a float NaN (what a null can become on its way through numpy)."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _column(values: Any, dtype: pa.DataType) -> pa.Array:
+    if pa.types.is_list(dtype):
+        items = [None if v is None or (np.ndim(v) == 0 and missing(v)) else np.asarray(v, dtype=np.float32)
+                 for v in values]
+        return pa.array([None if v is None or np.isnan(v).all() else v.tolist() for v in items], type=dtype)
+    cleaned = [None if missing(v) else v for v in (values.tolist() if isinstance(values, np.ndarray) else values)]
+    if pa.types.is_string(dtype):
+        cleaned = [None if v is None else str(v) for v in cleaned]
+    return pa.array(cleaned, type=dtype)
+
+
+def to_table(columns: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
+    """A table of exactly ``schema`` from column values (numpy arrays or sequences; NaN in a non-float column
+    and None become null). Extra columns are dropped; a missing one is a bug and raises KeyError."""
+    arrays = []
+    for field in schema:
+        values = columns[field.name]
+        if pa.types.is_floating(field.type):
+            arrays.append(pa.array(np.asarray(values, dtype=np.float64), type=field.type, from_pandas=True))
+        else:
+            arrays.append(_column(values, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .errors import OutputError
+from .errors import OutputError, one_line
 from .layout import OutLayout
 from .writer import open_masks
 
@@ -39,8 +38,12 @@ def plan_shards(df: pd.DataFrame, shard_size: int) -> pd.DataFrame:
 
 def prepare_plan(layout: OutLayout, df: pd.DataFrame, *, run_id: str, shard_size: int, overwrite: bool,
                  storage_options: Mapping[str, Any]) -> tuple[pd.DataFrame, int]:
-    """Reuse the plan of this run_id, or start fresh; refuse another run's OUT unless ``overwrite``."""
-    info = _read_json(layout.run_info, storage_options)
+    """Reuse the plan of this run_id, or start fresh; refuse another run's OUT unless ``overwrite``.
+
+    State files are written whole (write-then-rename, or one PUT) and checked on read: a damaged run info or
+    plan is rebuilt from the manifest, never trusted and never a traceback.
+    """
+    info = read_json(layout.run_info, storage_options)
     if info is not None and info.get("run_id") != run_id:
         if not overwrite:
             raise OutputError(
@@ -51,12 +54,13 @@ def prepare_plan(layout: OutLayout, df: pd.DataFrame, *, run_id: str, shard_size
         for url in layout.owned_outputs():
             storage.remove(url, storage_options)
         info = None
-    if info is not None and storage.exists(layout.plan, storage_options):
-        plan = pq.read_table(io.BytesIO(storage.read_bytes(layout.plan, storage_options))).to_pandas()
-        if set(plan["image_id"]) == set(df["image_id"]):
-            if int(info["shard_size"]) != shard_size:
-                log.warning("reusing the first attempt's shard size %s (not %s)", info["shard_size"], shard_size)
-            return plan, int(info["shard_size"])
+    if info is not None:
+        plan = _read_plan(layout, storage_options)
+        stored_size = info.get("shard_size")
+        if plan is not None and isinstance(stored_size, int) and set(plan["image_id"]) == set(df["image_id"]):
+            if stored_size != shard_size:
+                log.warning("reusing the first attempt's shard size %s (not %s)", stored_size, shard_size)
+            return plan, stored_size
     plan = plan_shards(df, shard_size)
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(plan, preserve_index=False), sink)
@@ -66,16 +70,50 @@ def prepare_plan(layout: OutLayout, df: pd.DataFrame, *, run_id: str, shard_size
     return plan, shard_size
 
 
-def _read_json(url: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
+def _read_plan(layout: OutLayout, storage_options: Mapping[str, Any]) -> pd.DataFrame | None:
     try:
-        return json.loads(storage.read_bytes(url, storage_options))
+        table = pq.read_table(io.BytesIO(storage.read_bytes(layout.plan, storage_options)))
     except FileNotFoundError:
         return None
+    except (pa.ArrowException, OSError) as exc:
+        log.warning("shard plan %s is unreadable (%s); planning again", layout.plan, one_line(exc))
+        return None
+    if not {"image_id", "lot_id", "shard"} <= set(table.column_names):
+        return None
+    return table.to_pandas()
 
 
-def done_shards(layout: OutLayout, storage_options: Mapping[str, Any]) -> set[ShardKey]:
-    found = storage.glob(storage.join(layout.markers, "*", "*.json"), storage_options)
-    return {(posixpath.basename(posixpath.dirname(p)), posixpath.basename(p)[: -len(".json")]) for p in found}
+def read_json(url: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A JSON object stored at ``url``; None when missing or damaged (a damaged file is logged, not trusted)."""
+    try:
+        data = storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        return None
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("%s is damaged (%d bytes of invalid JSON); ignoring it", url, len(data))
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def done_shards(layout: OutLayout, lots: Iterable[str], storage_options: Mapping[str, Any]) -> dict[ShardKey, dict[str, int]]:
+    """Each done shard of ``lots`` with its status counts: one listing per lot, every marker checked on read
+    (a damaged or foreign marker does not count, so its shard runs again)."""
+    done: dict[ShardKey, dict[str, int]] = {}
+    for lot in sorted(set(lots)):
+        folder = storage.join(layout.markers, lot)
+        for name in storage.list_names(folder, storage_options):
+            if not name.endswith(".json"):
+                continue
+            shard = name[: -len(".json")]
+            body = read_json(storage.join(folder, name), storage_options)
+            if body is None or body.get("lot_id") != lot or body.get("shard") != shard:
+                continue
+            counts = body.get("counts")
+            if isinstance(counts, dict) and sum(counts.values()) == body.get("rows"):
+                done[(lot, shard)] = {str(k): int(v) for k, v in counts.items()}
+    return done
 
 
 def write_marker(layout: OutLayout, key: ShardKey, counts: Mapping[str, int],
@@ -85,19 +123,25 @@ def write_marker(layout: OutLayout, key: ShardKey, counts: Mapping[str, int],
 
 
 def clear_partial(layout: OutLayout, todo: Iterable[ShardKey], storage_options: Mapping[str, Any]) -> int:
-    """Remove parts of shards that are not done (left by an interrupted attempt). Returns files removed."""
+    """Remove parts of shards that are not done (left by an interrupted attempt). Returns objects removed.
+
+    Lists each lot's exact folders and compares names; a lot's name is never used as a pattern.
+    """
     by_lot: dict[str, set[str]] = {}
     for lot, shard in todo:
         by_lot.setdefault(lot, set()).add(shard)
     removed = 0
     for lot, shards in by_lot.items():
-        for url in storage.glob(storage.join(layout.predictions, f"lot_id={lot}", "*.parquet"), storage_options):
-            if posixpath.basename(url).split("-", 1)[0] in shards:
-                storage.remove(url, storage_options)
+        folder = storage.join(layout.predictions, f"lot_id={lot}")
+        for name in storage.list_names(folder, storage_options):
+            if name.split("-", 1)[0] in shards or name.startswith(storage.TEMP_PREFIX):
+                storage.remove(storage.join(folder, name), storage_options)
                 removed += 1
-        for url in storage.glob(storage.join(layout.masks, lot, "s*"), storage_options):
-            if posixpath.basename(url) in shards:
-                storage.remove(url, storage_options)
+        lot_masks = storage.join(layout.masks, lot)
+        for name in storage.list_names(lot_masks, storage_options):
+            if name in shards:
+                storage.remove(storage.join(lot_masks, name), storage_options)
+                removed += 1
     return removed
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,10 +26,11 @@ from . import storage
 from .config import Thresholds
 from .errors import OK
 from .layout import OutLayout
-from .schema import PREDICTIONS, RECEIPT_COLUMNS
+from .schema import PREDICTIONS, RECEIPTS, missing, to_table
 from .scoring import decide, defect_regions
 
 CHUNK_SIDE = 1024
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,17 +54,24 @@ def part_name(image_ids: list[str]) -> str:
     return hashlib.sha1(",".join(sorted(image_ids)).encode()).hexdigest()[:12]
 
 
-def write_batch(batch: dict[str, np.ndarray], *, setup: WriterSetup) -> dict[str, np.ndarray]:
-    """Ray Data map function: write predictions + masks, return receipts ``lot_id, shard, image_id, status``."""
+def write_batch(batch: dict[str, np.ndarray], *, setup: WriterSetup) -> pa.Table:
+    """Ray Data map function: write predictions + masks, return one receipt per row
+    (:data:`~semclip_batch.schema.RECEIPTS`). A part that cannot be stored (after the storage layer's
+    retries) gives receipts with ``written`` False, so the driver leaves its shard without a marker."""
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, (lot, shard) in enumerate(zip(batch["lot_id"], batch["shard"], strict=False)):
         groups[(str(lot), str(shard))].append(i)
+    written = np.ones(len(batch["image_id"]), dtype=bool)
     root = None
     for (lot, shard), rows in groups.items():
-        if any(batch["status"][i] == OK for i in rows) and root is None:
-            root = open_masks(OutLayout(setup.out).masks, setup.storage_options)
-        _write_part(batch, rows, lot, shard, setup, root)
-    return {c: np.asarray(batch[c], dtype=object) for c in RECEIPT_COLUMNS}
+        try:
+            if any(batch["status"][i] == OK for i in rows) and root is None:
+                root = open_masks(OutLayout(setup.out).masks, setup.storage_options)
+            _write_part(batch, rows, lot, shard, setup, root)
+        except Exception:
+            log.exception("could not store a part of shard %s/%s (%d rows)", lot, shard, len(rows))
+            written[rows] = False
+    return to_table({**{c: batch[c] for c in ("lot_id", "shard", "image_id", "status")}, "written": written}, RECEIPTS)
 
 
 def _write_part(batch: dict[str, np.ndarray], rows: list[int], lot: str, shard: str, setup: WriterSetup,
@@ -104,7 +113,7 @@ def _record(batch: dict[str, np.ndarray], i: int, ref: tuple[str, int] | None, s
         "status": str(batch["status"][i]), "model_id": setup.model_id, "run_id": setup.run_id,
     }
     if row["status"] != OK or ref is None:
-        row["error"] = str(batch["error"][i]) if batch["error"][i] is not None else "no mask was produced"
+        row["error"] = "no mask was produced" if missing(batch["error"][i]) else str(batch["error"][i])
         if row["status"] == OK:
             row["status"] = "write_error"
         return row
