@@ -51,16 +51,16 @@ def user_errors(fn: F) -> F:
 
 
 def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--storage-option KEY=VALUE`` flags, validated (raises :class:`ConfigError`: one line, no usage dump)."""
+    from .errors import ConfigError
+
     opts: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--storage-option")
+            raise ConfigError(f"--storage-option {shorten(pair, 60)!r}: expected KEY=VALUE")
         opts[key] = value
-    try:
-        return check_storage_options(opts)
-    except SemclipError as exc:
-        raise click.BadParameter(str(exc), param_hint="--storage-option") from None
+    return check_storage_options(opts)
 
 
 storage_option_flag = click.option(

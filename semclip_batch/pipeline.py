@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -251,15 +252,18 @@ def _stream(cfg: RunConfig, layout: OutLayout, todo_rows: pd.DataFrame, ident: _
     wsetup = WriterSetup(out=layout.root, run_id=record["run_id"], model_id=ident.model_id,
                          classes=ident.prompts.classes, thresholds=cfg.thresholds, storage_options=cfg.storage_options)
     ds = ray.data.from_arrow(_input_blocks(todo_rows))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "storage_options": cfg.storage_options,
-                                                 "references": cfg.model.use_reference},
-                        batch_size=4, num_cpus=0.5, batch_format="numpy", max_retries=TASK_RETRIES)
-    ds = ds.map_batches(Predictor, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
-                        compute=ActorPoolStrategy(size=cfg.actors), num_cpus=actor_cpus,
-                        num_gpus=cfg.num_gpus or None, batch_format="numpy",
-                        max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)
-    ds = ds.map_batches(write_batch, fn_kwargs={"setup": wsetup}, batch_size=None, num_cpus=0.25,
-                        batch_format="numpy", max_retries=TASK_RETRIES)
+    with warnings.catch_warnings():
+        # Ray 2.60 names no parameter for task / actor retries yet; ray_remote_args is the only way to set them
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        ds = ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "storage_options": cfg.storage_options,
+                                                     "references": cfg.model.use_reference},
+                            batch_size=4, num_cpus=0.5, batch_format="numpy", max_retries=TASK_RETRIES)
+        ds = ds.map_batches(Predictor, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
+                            compute=ActorPoolStrategy(size=cfg.actors), num_cpus=actor_cpus,
+                            num_gpus=cfg.num_gpus or None, batch_format="numpy",
+                            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)
+        ds = ds.map_batches(write_batch, fn_kwargs={"setup": wsetup}, batch_size=None, num_cpus=0.25,
+                            batch_format="numpy", max_retries=TASK_RETRIES)
     return _collect_receipts(ds, layout, todo_rows, cfg.storage_options, progress)
 
 

@@ -45,7 +45,7 @@ class WriterSetup:
 
 def open_masks(url: str, storage_options: Mapping[str, Any] | None, mode: str = "r+") -> zarr.Group:
     """The Zarr v3 root group of ``masks.zarr`` (local path or any fsspec URL)."""
-    opts = dict(storage_options or {}) if storage.has_protocol(url) else None
+    opts = storage.fs_kwargs(url, storage_options) if storage.has_protocol(url) else None
     return zarr.open_group(store=url, mode=mode, zarr_format=3, storage_options=opts)
 
 
