@@ -263,3 +263,52 @@ def test_damaged_state_is_rebuilt_not_a_traceback(ray_cluster, archive, tmp_path
     assert [json.loads(p.read_text())["status"] for p in records] == ["complete", "complete"]
     assert json.loads(records[1].read_text())["attempt"] == 2
     assert json.loads((out / "_state" / "run.json").read_text())["shard_size"] == 4
+
+
+def _predictor_workers() -> list:
+    """This test process's Ray model-actor workers (descendants of the test's own local Ray only)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::MapWorker(MapBatches(Predictor))"):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_model_actor_killed_mid_run_the_run_completes(ray_cluster, archive, tmp_path):
+    import signal
+    import threading
+    import time
+
+    from semclip_batch.config import ModelSpec, RunConfig
+    from semclip_batch.pipeline import run
+
+    root, manifest = archive
+    out = tmp_path / "out"
+    cfg = RunConfig(input=str(root / "manifest.csv"), out=str(out), batch_size=1, shard_size=8,
+                    model=ModelSpec(backbone="semclip-tiny", pretrained="none", seed=0))
+    outcome: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=run(cfg)), daemon=True)
+    worker.start()
+    killed = []
+    deadline = time.monotonic() + 240
+    while worker.is_alive() and not killed and time.monotonic() < deadline:
+        parts = list((out / "predictions").rglob("*.parquet")) if (out / "predictions").exists() else []
+        actors = _predictor_workers()
+        if parts and actors:
+            for proc in actors:
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.pid)
+        time.sleep(0.05)
+    worker.join(timeout=300)
+    assert killed, "the run ended before the model actor could be killed"
+    assert "result" in outcome, "the run did not complete after its model actor was killed"
+    assert outcome["result"].record["status"] == "complete"
+    check_rows(read_predictions(str(out)).to_pandas(), manifest)
