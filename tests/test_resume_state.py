@@ -1,0 +1,72 @@
+"""Resume state without Ray: exact listings per lot, whole-object writes, damaged files never trusted."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from semclip_batch import storage
+from semclip_batch.layout import OutLayout
+from semclip_batch.shards import clear_partial, done_shards, read_json, write_marker
+
+LOTS = ("LA", "LA x", "L(A)", "L{A}", "LA-2", "ü#:1")
+
+
+def _populate(layout: OutLayout) -> None:
+    for lot in LOTS:
+        for shard in ("s00000", "s00001"):
+            storage.write_bytes(layout.prediction_part(lot, shard, "abc"), b"x", {})
+            storage.write_bytes(storage.join(layout.masks, lot, shard, "abc", "zarr.json"), b"{}", {})
+
+
+@pytest.mark.parametrize("lot", LOTS)
+def test_clear_partial_touches_only_its_own_lot_and_shards(tmp_path, lot):
+    layout = OutLayout(str(tmp_path))
+    _populate(layout)
+    removed = clear_partial(layout, {(lot, "s00001")}, {})
+    assert removed == 2
+    for other in LOTS:
+        for shard in ("s00000", "s00001"):
+            gone = other == lot and shard == "s00001"
+            assert os.path.exists(layout.prediction_part(other, shard, "abc")) is not gone
+            assert os.path.exists(storage.join(layout.masks, other, shard)) is not gone
+
+
+def test_markers_listed_per_lot_and_checked_on_read(tmp_path):
+    layout = OutLayout(str(tmp_path))
+    for lot in LOTS:
+        write_marker(layout, (lot, "s00000"), {"ok": 3, "decode_error": 1}, {})
+    write_marker(layout, ("LA", "s00001"), {"ok": 2}, {})
+    damaged = layout.marker("LA", "s00001")
+    with open(damaged, "r+b") as fh:
+        fh.truncate(9)
+    storage.write_bytes(layout.marker("LA x", "s00009"), json.dumps({"lot_id": "LA", "shard": "s00009",
+                                                                     "rows": 1, "counts": {"ok": 1}}).encode(), {})
+    done = done_shards(layout, ["LA", "LA x"], {})
+    assert done == {("LA", "s00000"): {"ok": 3, "decode_error": 1}, ("LA x", "s00000"): {"ok": 3, "decode_error": 1}}
+    assert read_json(damaged, {}) is None
+
+
+def test_whole_object_writes_leave_no_temporary_files(tmp_path):
+    url = str(tmp_path / "a" / "b.json")
+    storage.write_bytes(url, b"1", {})
+    storage.write_bytes(url, b"22", {})
+    assert open(url, "rb").read() == b"22"
+    assert os.listdir(tmp_path / "a") == ["b.json"]
+    assert storage.create_exclusive(str(tmp_path / "a" / "c.json"), b"first", {})
+    assert not storage.create_exclusive(str(tmp_path / "a" / "c.json"), b"second", {})
+    assert open(tmp_path / "a" / "c.json", "rb").read() == b"first"
+    assert sorted(os.listdir(tmp_path / "a")) == ["b.json", "c.json"]
+
+
+@pytest.mark.s3
+def test_exclusive_create_on_s3(s3_endpoint):
+    from conftest import BUCKET
+
+    url = f"s3://{BUCKET}/excl/attempt-1.json"
+    assert storage.create_exclusive(url, b"first", {})
+    assert not storage.create_exclusive(url, b"second", {})
+    assert storage.read_bytes(url, {}) == b"first"
+    assert storage.list_names(f"s3://{BUCKET}/excl", {}) == ["attempt-1.json"]
