@@ -50,12 +50,12 @@ class ImageError(Exception):
 
 
 MAX_MESSAGE = 500
-_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
 
 
 def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
     """``text`` on one line, object reprs (``<... object at 0x...>``) removed, at most ``limit`` characters."""
-    flat = " ".join(_OBJECT_REPR.sub("<object>", text).split())
+    flat = " ".join(_OBJECT_REPR.sub("", text).split())
     if len(flat) <= limit:
         return flat
     tail = f"… ({len(flat)} characters)"

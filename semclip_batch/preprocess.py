@@ -2,7 +2,9 @@
 
 grey frame ``(H, W)`` -> percentile stretch -> 3 channels -> resize (no crop, no pad) to the model input ->
 normalise with the backbone's mean/std. Frames whose longer side exceeds ``tile_above`` are also cut into
-overlapping square tiles; model maps of those tiles are averaged back at ``H x W``.
+overlapping square tiles; model maps of those tiles are averaged back at ``H x W``. At most :data:`MAX_TILES`
+tiles per frame: where more would be needed (extreme aspect ratios, huge frames), the tiles grow and are scored at
+reduced resolution, and stop being square once they reach the frame's short side.
 """
 
 from __future__ import annotations
@@ -17,15 +19,24 @@ import torch.nn.functional as F
 from .config import PreprocessConfig
 
 _STATS_SAMPLES = 4_000_000
+MAX_TILES = 63  # so that a frame is at most 1 + 63 = 64 model views
 
 
 @dataclass(frozen=True)
 class Tile:
-    """A square window of the original frame: rows ``y:y+side``, columns ``x:x+side``."""
+    """A window of the original frame: rows ``y:y+height``, columns ``x:x+width`` (square unless capped)."""
 
     y: int
     x: int
-    side: int
+    height: int
+    width: int
+
+    @property
+    def side(self) -> int:
+        """The side of a square tile; a rectangular one has none."""
+        if self.height != self.width:
+            raise ValueError(f"tile {self.height}x{self.width} is not square")
+        return self.height
 
 
 def stretch(gray: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -40,19 +51,53 @@ def stretch(gray: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def tile_grid(height: int, width: int, tile_above: int, overlap: float = 0.25) -> list[Tile]:
-    """Overlapping square tiles covering the frame, or ``[]`` when the frame is not tiled."""
+    """Overlapping tiles covering the frame, or ``[]`` when the frame is not tiled.
+
+    Tiles are squares of side ``min(tile_above, height, width)``. Where that would take more than
+    :data:`MAX_TILES`, the side grows to the smallest that fits (each tile dimension capped by the frame's).
+    """
     if max(height, width) <= tile_above:
         return []
     side = min(tile_above, height, width)
-    stride = max(1, round(side * (1.0 - overlap)))
-    ys, xs = _starts(height, side, stride), _starts(width, side, stride)
-    return [Tile(y, x, side) for y in ys for x in xs]
+    if _tile_count(height, width, side, overlap) > MAX_TILES:
+        side = _capped_side(height, width, side, overlap)
+    tile_h, tile_w = min(side, height), min(side, width)
+    ys = _starts(height, tile_h, _stride(tile_h, overlap))
+    xs = _starts(width, tile_w, _stride(tile_w, overlap))
+    return [Tile(y, x, tile_h, tile_w) for y in ys for x in xs]
+
+
+def _stride(side: int, overlap: float) -> int:
+    return max(1, round(side * (1.0 - overlap)))
+
+
+def _n_starts(length: int, side: int, stride: int) -> int:
+    return 1 if length <= side else math.ceil((length - side) / stride) + 1
+
+
+def _tile_count(height: int, width: int, side: int, overlap: float) -> int:
+    """Tiles needed with windows of ``min(side, height) x min(side, width)``; never increases with ``side``."""
+    tile_h, tile_w = min(side, height), min(side, width)
+    return (_n_starts(height, tile_h, _stride(tile_h, overlap))
+            * _n_starts(width, tile_w, _stride(tile_w, overlap)))
+
+
+def _capped_side(height: int, width: int, side: int, overlap: float) -> int:
+    """The smallest side above ``side`` (which needs too many tiles) giving at most :data:`MAX_TILES` tiles."""
+    too_small, enough = side, max(height, width)  # a whole-frame window is one tile
+    while enough - too_small > 1:
+        mid = (too_small + enough) // 2
+        if _tile_count(height, width, mid, overlap) <= MAX_TILES:
+            enough = mid
+        else:
+            too_small = mid
+    return enough
 
 
 def _starts(length: int, side: int, stride: int) -> list[int]:
-    if length <= side:
+    n = _n_starts(length, side, stride)
+    if n == 1:
         return [0]
-    n = math.ceil((length - side) / stride) + 1
     return [round(k * (length - side) / (n - 1)) for k in range(n)]
 
 
@@ -74,7 +119,7 @@ def model_inputs(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     size = (cfg.image_size, cfg.image_size)
     views = [resize(frame, size)]
     for t in tile_grid(*gray.shape, cfg.tile_above, cfg.tile_overlap):
-        views.append(resize(frame[..., t.y:t.y + t.side, t.x:t.x + t.side], size))
+        views.append(resize(frame[..., t.y:t.y + t.height, t.x:t.x + t.width], size))
     return normalize(torch.cat(views)[:, 0], cfg).numpy()
 
 
@@ -112,7 +157,7 @@ def maps_to_frame(maps: torch.Tensor, height: int, width: int, tiles: list[Tile]
     acc = torch.zeros(height, width)
     hits = torch.zeros(height, width)
     for tile, tile_map in zip(tiles, maps[1:], strict=False):
-        up = resize(tile_map[None, None], (tile.side, tile.side))[0, 0]
-        acc[tile.y:tile.y + tile.side, tile.x:tile.x + tile.side] += up
-        hits[tile.y:tile.y + tile.side, tile.x:tile.x + tile.side] += 1.0
+        up = resize(tile_map[None, None], (tile.height, tile.width))[0, 0]
+        acc[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width] += up
+        hits[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width] += 1.0
     return acc / hits.clamp_min(1.0)
