@@ -312,3 +312,35 @@ def test_model_actor_killed_mid_run_the_run_completes(ray_cluster, archive, tmp_
     assert "result" in outcome, "the run did not complete after its model actor was killed"
     assert outcome["result"].record["status"] == "complete"
     check_rows(read_predictions(str(out)).to_pandas(), manifest)
+
+
+def test_read_and_reference_errors_are_rows_of_the_fixed_schema(tmp_path):
+    from semclip_batch.reader import decode_batch
+    from semclip_batch.schema import DECODED, INPUT_COLUMNS
+    from semclip_batch.weights import preprocess_config
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "good.png").write_bytes(_png(rng))
+    (tmp_path / "ref-small.png").write_bytes(_png(rng, size=32))
+    (tmp_path / "ref-empty.png").write_bytes(b"")
+    (tmp_path / "folder.png").mkdir()
+    cases = [("folder.png", "", "read_error", "is a folder"), ("missing.png", "", "read_error", "not found"),
+             ("good.png", "ref-missing.png", "reference_error", "reference: not found"),
+             ("good.png", "ref-empty.png", "reference_error", "reference: empty file"),
+             ("good.png", "ref-small.png", "reference_error", "is 32x32, the image 48x48"),
+             ("good.png", "good.png", "ok", None), ("good.png", "", "ok", None)]
+    n = len(cases)
+    batch = {c: np.array([f"{c}{i}" for i in range(n)], dtype=object) for c in INPUT_COLUMNS}
+    batch["url"] = np.array([str(tmp_path / u) for u, *_ in cases], dtype=object)
+    batch["reference_url"] = np.array([str(tmp_path / r) if r else None for _, r, *_ in cases], dtype=object)
+    batch["die_x"] = batch["die_y"] = np.zeros(n, np.int64)
+    table = decode_batch(batch, prep=preprocess_config("semclip-tiny", tile_above=1024), references=True)
+    assert table.schema == DECODED
+    rows = table.to_pylist()
+    for row, (_, _, status, reason) in zip(rows, cases, strict=True):
+        assert row["status"] == status
+        if reason is None:
+            assert row["error"] is None and row["n_views"] == 1
+        else:
+            assert reason in row["error"] and row["pixels"] == b""
+    assert [r["has_ref"] for r in rows[-2:]] == [True, False]
