@@ -75,3 +75,17 @@ def tiny_clip():
     from semclip_batch.weights import load_backbone
 
     return load_backbone("semclip-tiny", "none", seed=0)
+
+
+@pytest.fixture
+def faulty_s3(s3_endpoint):
+    """A :class:`faultproxy.FaultProxy` in front of the session's moto: ``(proxy, proxy_url)``.
+
+    Faults on 10 % of GET, PUT and POST requests by default (seed 0); a test may change ``proxy.p_by_method``,
+    ``proxy.kinds`` and ``proxy.fail_paths``. Code reaches it through the flat storage option
+    ``{"endpoint_url": proxy_url}``; no environment variable changes.
+    """
+    from faultproxy import FaultProxy
+
+    with FaultProxy(s3_endpoint, p_fail=0.1, seed=0) as proxy:
+        yield proxy, proxy.url
