@@ -1,0 +1,523 @@
+"""Kill `semclip-batch run` with SIGKILL at chosen moments, then check what survives and how the rerun ends.
+
+    .venv/bin/python benchmarks/chaos.py                      # 5 moments on a 70-image synthetic lot
+    .venv/bin/python benchmarks/chaos.py --kill driver        # SIGKILL the driver alone (as the OOM killer does)
+    .venv/bin/python benchmarks/chaos.py --images 140 --seed 3 --moments first_part,first_marker
+
+For each moment: a fresh OUT, the CLI started in its own session (so its process group is the CLI plus
+everything that inherits it), polled until the moment, its descendants listed, SIGKILL of the whole group (or
+of the driver alone), then the seconds until no process of that run's Ray is left (descendants seen at the
+kill, anything whose command line names its Ray session folder, anything whose environment carries its
+private-Ray token), then a
+rerun to completion compared with one uninterrupted baseline run (same (image_id, status) rows each once,
+numbers within 1e-4, masks within ±1 grey level) and a search for orphans (Parquet files or Zarr nodes no row
+refers to, leftover temporary files).
+
+This file is also the one home of these helpers: tests/test_kill.py imports it by path. They live here, not in
+the package (they are test tooling, not a feature) and not in tests/ (a runnable benchmark must not import a
+pytest module, whose import pulls in fixtures and pytest itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import zarr
+
+PRIVATE_RAY_ENV = "SEMCLIP_PRIVATE_RAY"  # semclip_batch.ray_watchdog tags every process of a private Ray with it
+CLI = str(Path(sys.executable).with_name("semclip-batch"))
+SCORE_TOL = 1e-4
+MASK_TOL = 1
+POLL_S = {"model_load": 0.1}  # seconds between checks; listing every process costs more than a folder walk
+SESSION_DIR = re.compile(r"(/\S*?/session_\d{4}-[^/\s]+)")
+
+# --- processes (Linux /proc; no psutil needed) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One process, identified by (pid, start time in clock ticks since boot) so a recycled pid never matches."""
+
+    pid: int
+    ppid: int
+    start: int
+    state: str
+    cmdline: str
+
+
+def read_proc(pid: int) -> Proc | None:
+    """The process ``pid`` as /proc shows it now, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    rest = stat[stat.rindex(")") + 2:].split()  # fields from 3 (state) on; comm may hold spaces or parens
+    return Proc(pid=pid, ppid=int(rest[1]), start=int(rest[19]), state=rest[0],
+                cmdline=raw.replace(b"\0", b" ").decode(errors="replace").strip())
+
+
+def all_procs() -> list[Proc]:
+    """Every process that is alive and not a zombie."""
+    procs = (read_proc(int(e.name)) for e in os.scandir("/proc") if e.name.isdigit())
+    return [p for p in procs if p is not None and p.state not in ("Z", "X")]
+
+
+def descendants(pid: int) -> list[Proc]:
+    """``pid``'s living descendants (children, their children, ...)."""
+    procs = all_procs()
+    children: dict[int, list[Proc]] = {}
+    for p in procs:
+        children.setdefault(p.ppid, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child.pid)
+    return found
+
+
+def environ_value(pid: int, name: str) -> str | None:
+    """One variable of ``pid``'s environment, or None (unset, unreadable, gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = f"{name}=".encode()
+    for item in raw.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):].decode(errors="replace")
+    return None
+
+
+@dataclass
+class RaySnapshot:
+    """What identifies one run's Ray: the processes seen at the kill, its session folder and its token."""
+
+    procs: list[Proc]
+    session_dir: str | None
+    token: str | None
+
+    def belongs(self, p: Proc) -> bool:
+        if any(p.pid == q.pid and p.start == q.start for q in self.procs):
+            return True
+        if self.session_dir and self.session_dir in p.cmdline:
+            return True
+        return bool(self.token) and environ_value(p.pid, PRIVATE_RAY_ENV) == self.token
+
+
+def snapshot(pid: int) -> RaySnapshot:
+    """The descendants of the CLI process ``pid``, with the Ray session folder and token they reveal."""
+    procs = descendants(pid)
+    found = (SESSION_DIR.search(p.cmdline) for p in procs)
+    session_dir = next((m.group(1) for m in found if m), None)
+    token = next((t for t in (environ_value(p.pid, PRIVATE_RAY_ENV) for p in procs) if t), None)
+    return RaySnapshot(procs=procs, session_dir=session_dir, token=token)
+
+
+def survivors(snap: RaySnapshot) -> list[Proc]:
+    """Processes of that Ray still alive (zombies not counted: they hold no resources but a pid)."""
+    return [p for p in all_procs() if p.pid != os.getpid() and snap.belongs(p)]
+
+
+def wait_gone(snap: RaySnapshot, limit_s: float, mark_s: float = 1.0) -> tuple[float | None, int, list[Proc]]:
+    """Poll from now: seconds until no survivor is left (None if some remain after ``limit_s``), how many were
+    left ``mark_s`` seconds in, and the last survivors seen."""
+    t0 = time.monotonic()
+    at_mark: int | None = None
+    while True:
+        left = survivors(snap)
+        elapsed = time.monotonic() - t0
+        if at_mark is None and (elapsed >= mark_s or not left):
+            at_mark = len(left)
+        if not left:
+            return round(elapsed, 2), at_mark or 0, []
+        if elapsed > limit_s:
+            return None, at_mark or 0, left
+        time.sleep(0.05)
+
+
+# --- runs ----------------------------------------------------------------------------------------------------
+
+
+def make_lot(folder: Path, images: int, seed: int) -> Path:
+    """A synthetic data set of about ``images`` frames (2 lots x 7 classes), small mixed sizes; its manifest."""
+    from semclip_batch.synth import SynthConfig, synth
+
+    per_class = max(1, round(images / 14))
+    synth(str(folder), SynthConfig(seed=seed, lots=2, per_class=per_class, sizes=((128, 128), (96, 160))))
+    return folder / "manifest.csv"
+
+
+def expected_shards(manifest: Path, shard_size: int) -> int:
+    """How many work shards the plan has (lot-local, fixed size)."""
+    lots = pd.read_csv(manifest, dtype=str)["lot_id"].value_counts()
+    return int(sum(math.ceil(n / shard_size) for n in lots))
+
+
+def run_env() -> dict[str, str]:
+    """The CLI's environment: never RAY_ADDRESS (each run starts its own private Ray)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", PRIVATE_RAY_ENV)}
+    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return env
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every run of one comparison shares. ``batch_size`` below ``shard_size`` gives several parts per
+    shard (the writer gets the model's batches), so a kill can land between two parts of one shard."""
+
+    manifest: Path
+    shard_size: int
+    batch_size: int
+
+
+def start_cli(spec: RunSpec, out: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`semclip-batch run` in a new session: its pid is also its process group id."""
+    cmd = [CLI, "run", str(spec.manifest), "--out", str(out), "--backbone", "semclip-tiny", "--pretrained", "none",
+           "--shard-size", str(spec.shard_size), "--batch-size", str(spec.batch_size)]
+    with log.open("ab") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=run_env(), start_new_session=True)
+
+
+def run_cli(spec: RunSpec, out: Path, log: Path, timeout_s: float = 240) -> int:
+    """One run to its end; the exit status."""
+    proc = start_cli(spec, out, log)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return -9
+
+
+# --- moments: predicates on OUT (and the CLI's process tree) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What a moment looks at: one attempt's OUT and process, and what was there before it started."""
+
+    out: Path
+    pid: int
+    shards: int
+    since: float  # wall-clock start of the attempt: older files are a killed attempt's leftovers
+    markers_before: int
+
+
+Moment = Callable[[Watch], bool]
+
+
+def _files(folder: Path, suffix: str) -> list[Path]:
+    return [Path(d) / f for d, _, names in os.walk(folder) for f in names
+            if f.endswith(suffix) and not f.startswith(".")]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _newer(path: Path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False
+
+
+def parts(out: Path) -> list[Path]:
+    """Predictions Parquet files written so far."""
+    return _files(out / "predictions", ".parquet")
+
+
+def markers(out: Path) -> set[tuple[str, str]]:
+    """(lot_id, shard) of every done marker written so far."""
+    return {(p.parent.name, p.stem) for p in _files(out / "_state" / "done", ".json")}
+
+
+def model_loading(w: Watch) -> bool:
+    """The model actor exists (it is loading SEM-CLIP) and this attempt has written nothing yet."""
+    fresh = [p for p in parts(w.out) if _newer(p, w.since)]
+    return not fresh and any("Predictor" in p.cmdline for p in descendants(w.pid))
+
+
+def first_part(w: Watch) -> bool:
+    """Mid-shard: this attempt wrote a predictions part whose shard has no done marker yet."""
+    done = markers(w.out)
+    return any(_newer(p, w.since) and (p.parent.name.split("=", 1)[1], p.name.split("-", 1)[0]) not in done
+               for p in parts(w.out))
+
+
+def while_writing(w: Watch) -> bool:
+    """A writer of this attempt has created a part's Zarr arrays but not yet its Parquet file."""
+    masks = w.out / "masks.zarr"
+    for array_doc in _files(masks, "zarr.json"):
+        rel = array_doc.parent.relative_to(masks).parts  # <lot>/<shard>/<part>/<HxW>
+        if len(rel) == 4 and _newer(array_doc, w.since) and b'"array"' in _read(array_doc):
+            lot, shard, part = rel[:3]
+            if not (w.out / "predictions" / f"lot_id={lot}" / f"{shard}-{part}.parquet").exists():
+                return True
+    return False
+
+
+def first_marker(w: Watch) -> bool:
+    """This attempt's first done marker exists."""
+    return len(markers(w.out)) > w.markers_before
+
+
+def half_done(w: Watch) -> bool:
+    """Half of this attempt's shards are done (the fallback when a short moment was not caught by polling)."""
+    return len(markers(w.out)) >= w.markers_before + max(1, (w.shards - w.markers_before) // 2)
+
+
+def all_markers(w: Watch) -> bool:
+    """Every shard is done: the driver is shutting Ray down and writing the final run record."""
+    return len(markers(w.out)) >= w.shards
+
+
+MOMENTS: dict[str, Moment] = {"model_load": model_loading, "first_part": first_part, "while_writing": while_writing,
+                              "first_marker": first_marker, "final_record": all_markers}
+FALLBACKS: dict[str, Moment] = {"while_writing": half_done}
+
+
+@dataclass
+class KillReport:
+    moment: str
+    hit: bool  # the moment itself was seen (False: the fallback fired, or the run ended first)
+    exited_first: bool  # the run ended before anything fired
+    killed_at_s: float
+    parts_at_kill: int
+    markers_at_kill: int
+    survivors_1s: int
+    gone_after_s: float | None  # None: survivors were left after the limit
+    left: list[Proc] = field(default_factory=list)
+
+
+def kill_at(spec: RunSpec, out: Path, moment: str, log: Path, *, group: bool = True, limit_s: float = 180,
+            gone_limit_s: float = 15) -> KillReport:
+    """Start a run, SIGKILL it when ``moment`` (or its fallback) is reached, and watch its Ray disappear.
+
+    ``group``: kill the whole process group (as a terminal's kill -9 -PGID or a job runner would); otherwise the
+    driver alone (as the OOM killer would).
+    """
+    check, fallback = MOMENTS[moment], FALLBACKS.get(moment)
+    shards = expected_shards(spec.manifest, spec.shard_size)
+    since, before = time.time() - 0.05, len(markers(out))
+    proc = start_cli(spec, out, log)
+    watch = Watch(out=out, pid=proc.pid, shards=shards, since=since, markers_before=before)
+    t0 = time.monotonic()
+    hit = fired = False
+    while proc.poll() is None and time.monotonic() - t0 < limit_s:
+        hit = check(watch)
+        fired = hit or (fallback is not None and fallback(watch))
+        if fired:
+            break
+        time.sleep(POLL_S.get(moment, 0.01))
+    killed_at = round(time.monotonic() - t0, 2)
+    n_parts, n_markers = len(parts(out)), len(markers(out))
+    if proc.poll() is not None:
+        return KillReport(moment, False, True, killed_at, n_parts, n_markers, 0, 0.0)
+    snap = snapshot(proc.pid)
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, at_1s, left = wait_gone(snap, gone_limit_s)
+    return KillReport(moment, hit, False, killed_at, n_parts, n_markers, at_1s, gone, left)
+
+
+# --- results -------------------------------------------------------------------------------------------------
+
+
+def read_predictions(out: Path) -> pd.DataFrame:
+    """Every row of every Parquet file under predictions/, with lot_id from its folder and the file's name."""
+    frames = []
+    for path in sorted(_files(out / "predictions", ".parquet")):
+        df = pq.read_table(path).to_pandas()
+        df["lot_id"] = path.parent.name.split("=", 1)[1]
+        df["_file"] = str(path.relative_to(out))
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["image_id", "status", "_file"])
+
+
+def compare(baseline: Path, out: Path) -> list[str]:
+    """Differences between two OUTs (empty when equal within the tolerances of DESIGN.md)."""
+    a, b = read_predictions(baseline), read_predictions(out)
+    problems = [f"{name}: image_id {i} appears {n} times"
+                for name, df in (("baseline", a), ("rerun", b))
+                for i, n in df["image_id"].value_counts().items() if n > 1]
+    if problems:
+        return problems[:10]
+    rows_a = set(zip(a["image_id"], a["status"], strict=True))
+    rows_b = set(zip(b["image_id"], b["status"], strict=True))
+    if rows_a != rows_b:
+        return [f"(image_id, status) differ: {len(rows_a - rows_b)} only in baseline, {len(rows_b - rows_a)} only "
+                f"in rerun, e.g. {sorted(rows_a ^ rows_b)[:3]}"]
+    merged = a.merge(b, on="image_id", suffixes=("_a", "_b"))
+    masks_a, masks_b = _open_masks(baseline), _open_masks(out)
+    for r in merged.itertuples(index=False):
+        problems += _compare_row(r._asdict(), masks_a, masks_b)
+    return problems[:10]
+
+
+def _open_masks(out: Path) -> zarr.Group | None:
+    return zarr.open_group(str(out / "masks.zarr"), mode="r") if (out / "masks.zarr").exists() else None
+
+
+def _compare_row(r: dict, masks_a: zarr.Group | None, masks_b: zarr.Group | None) -> list[str]:
+    iid = r["image_id"]
+    sa, sb = r["anomaly_score_a"], r["anomaly_score_b"]
+    if pd.isna(sa) != pd.isna(sb) or (not pd.isna(sa) and abs(float(sa) - float(sb)) > SCORE_TOL):
+        return [f"{iid}: anomaly_score {sa} vs {sb}"]
+    ca, cb = r["class_scores_a"], r["class_scores_b"]
+    if (ca is None) != (cb is None) or (ca is not None and np.max(np.abs(np.asarray(ca) - np.asarray(cb))) > SCORE_TOL):
+        return [f"{iid}: class_scores differ"]
+    if pd.isna(r["mask_path_a"]) != pd.isna(r["mask_path_b"]):
+        return [f"{iid}: a mask on one side only"]
+    if pd.isna(r["mask_path_a"]) or masks_a is None or masks_b is None:
+        return []
+    ma = np.asarray(masks_a[r["mask_path_a"]][int(r["mask_index_a"])], dtype=np.int16)
+    mb = np.asarray(masks_b[r["mask_path_b"]][int(r["mask_index_b"])], dtype=np.int16)
+    if ma.shape != mb.shape or int(np.abs(ma - mb).max()) > MASK_TOL:
+        return [f"{iid}: masks differ ({ma.shape} vs {mb.shape})"]
+    return []
+
+
+def orphans(out: Path) -> list[str]:
+    """Stored objects no row refers to: Parquet files without rows of their own (empty, duplicating another
+    file's image_ids, or of a shard without a done marker), Zarr arrays no row's mask_path names, Zarr groups
+    below shard level holding no referenced array, and leftover temporary files."""
+    found = [str(p.relative_to(out)) for d in ("predictions", "masks.zarr")
+             for p in (out / d).rglob(".tmp-*")]
+    df = read_predictions(out)
+    done = {(p.parent.name, p.stem) for p in _files(out / "_state" / "done", ".json")}
+    dup_ids = set(df["image_id"][df["image_id"].duplicated()])
+    for path in sorted(_files(out / "predictions", ".parquet")):
+        rel = str(path.relative_to(out))
+        rows = df[df["_file"] == rel]
+        lot, shard = path.parent.name.split("=", 1)[1], path.name.split("-", 1)[0].removesuffix(".parquet")
+        if rows.empty or set(rows["image_id"]) & dup_ids or (lot, shard) not in done:
+            found.append(rel)
+    referenced = set(df["mask_path"].dropna()) if "mask_path" in df else set()
+    masks = out / "masks.zarr"
+    for doc in _files(masks, "zarr.json"):
+        node = doc.parent.relative_to(masks)
+        if node == Path("."):
+            continue
+        key = node.as_posix()
+        if b'"array"' in _read(doc):
+            if key not in referenced:
+                found.append(f"masks.zarr/{key} (array)")
+        elif len(node.parts) >= 3 and not any(m == key or m.startswith(key + "/") for m in referenced):
+            found.append(f"masks.zarr/{key} (group)")
+    return sorted(found)
+
+
+def attempt_records(out: Path) -> list[dict]:
+    """Every attempt record in OUT, oldest attempt first."""
+    recs = [json.loads(p.read_text()) for p in (out / "runs").glob("*/attempt-*.json")]
+    return sorted(recs, key=lambda r: int(r.get("attempt", 0)))
+
+
+# --- the benchmark -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChaosRow:
+    kill: KillReport
+    rerun_rc: int
+    rerun_sent: int | None
+    rows: int
+    equal: bool
+    orphans: list[str]
+    problems: list[str]
+
+
+def chaos_moment(work: Path, spec: RunSpec, baseline: Path, moment: str, group: bool = True) -> ChaosRow:
+    """Kill at ``moment``, rerun to completion, compare with the baseline."""
+    out, log = work / f"out-{moment}", work / f"{moment}.log"
+    kill = kill_at(spec, out, moment, log, group=group)
+    rc = run_cli(spec, out, log)
+    recs = attempt_records(out)
+    sent = recs[-1].get("rows", {}).get("sent_to_model") if recs else None
+    problems = compare(baseline, out) if rc == 0 else [f"rerun exited {rc}; see {log}"]
+    return ChaosRow(kill=kill, rerun_rc=rc, rerun_sent=sent, rows=len(read_predictions(out)),
+                    equal=rc == 0 and not problems, orphans=orphans(out), problems=problems)
+
+
+def print_table(rows: list[ChaosRow], shards: int) -> None:
+    head = ("moment", "killed at (s)", "parts/markers at kill", "left after 1 s", "all gone after (s)",
+            "rerun sent", "rows", "equal to baseline", "orphans")
+    lines = [head]
+    for r in rows:
+        k = r.kill
+        at = f"{k.killed_at_s}" + ("" if k.hit else (" (ran to end)" if k.exited_first else " (fallback)"))
+        gone = "-" if k.exited_first else (f"{k.gone_after_s}" if k.gone_after_s is not None else ">15")
+        lines.append((k.moment, at, f"{k.parts_at_kill}/{k.markers_at_kill} of {shards}", str(k.survivors_1s), gone,
+                      str(r.rerun_sent), str(r.rows), "yes" if r.equal else "no", str(len(r.orphans))))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for n, line in enumerate(lines):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        for text in r.problems + r.orphans + [f"survivor {p.pid}: {p.cmdline[:100]}" for p in r.kill.left]:
+            print(f"  {r.kill.moment}: {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=70, help="about this many frames (2 lots x 7 classes)")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    ap.add_argument("--shard-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4, help="below --shard-size: several parts per shard")
+    ap.add_argument("--moments", default=",".join(MOMENTS), help=f"comma-separated, from {', '.join(MOMENTS)}")
+    ap.add_argument("--kill", choices=("group", "driver"), default="group",
+                    help="SIGKILL the CLI's whole process group, or the driver process alone")
+    ap.add_argument("--work", default=None, help="working folder, kept (default: a temporary one)")
+    args = ap.parse_args(argv)
+    moments = [m for m in args.moments.split(",") if m]
+    if unknown := set(moments) - set(MOMENTS):
+        ap.error(f"unknown moments: {', '.join(sorted(unknown))}")
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        spec = RunSpec(manifest=make_lot(work / "lot", args.images, args.seed), shard_size=args.shard_size,
+                       batch_size=args.batch_size)
+        baseline = work / "baseline"
+        rc = run_cli(spec, baseline, work / "baseline.log")
+        if rc != 0:
+            print(f"baseline run failed ({rc}); see {work / 'baseline.log'}")
+            return 1
+        shards = expected_shards(spec.manifest, spec.shard_size)
+        print(f"{len(read_predictions(baseline))} images, {shards} shards of {spec.shard_size}, batch size "
+              f"{spec.batch_size}, SIGKILL to the {args.kill}; baseline run {time.monotonic() - t0:.0f} s")
+        rows = [chaos_moment(work, spec, baseline, m, group=args.kill == "group") for m in moments]
+        print_table(rows, shards)
+        print(f"total {time.monotonic() - t0:.0f} s")
+        ok = all(r.equal and not r.orphans and r.kill.gone_after_s is not None for r in rows)
+        return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
