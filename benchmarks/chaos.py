@@ -39,6 +39,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import zarr
 
+from semclip_batch.writer import mask_array
+
 PRIVATE_RAY_ENV = "SEMCLIP_PRIVATE_RAY"  # semclip_batch.ray_watchdog tags every process of a private Ray with it
 CLI = str(Path(sys.executable).with_name("semclip-batch"))
 SCORE_TOL = 1e-4
@@ -394,8 +396,8 @@ def _compare_row(r: dict, masks_a: zarr.Group | None, masks_b: zarr.Group | None
         return [f"{iid}: a mask on one side only"]
     if pd.isna(r["mask_path_a"]) or masks_a is None or masks_b is None:
         return []
-    ma = np.asarray(masks_a[r["mask_path_a"]][int(r["mask_index_a"])], dtype=np.int16)
-    mb = np.asarray(masks_b[r["mask_path_b"]][int(r["mask_index_b"])], dtype=np.int16)
+    ma = np.asarray(mask_array(masks_a, r["mask_path_a"])[int(r["mask_index_a"])], dtype=np.int16)
+    mb = np.asarray(mask_array(masks_b, r["mask_path_b"])[int(r["mask_index_b"])], dtype=np.int16)
     if ma.shape != mb.shape or int(np.abs(ma - mb).max()) > MASK_TOL:
         return [f"{iid}: masks differ ({ma.shape} vs {mb.shape})"]
     return []

@@ -25,17 +25,20 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from semclip_batch.config import ModelSpec
 from semclip_batch.features import Features, encode_views
 from semclip_batch.manifest import read_manifest
-from semclip_batch.methods import new_model, score_features
+from semclip_batch.methods import depth_of, new_model, score_features
 from semclip_batch.metrics import PixelCounts, classification_report, roc_auc
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import reference_taps
+from semclip_batch.model.towers import vision_tower
 from semclip_batch.pipeline import text_embeddings
 from semclip_batch.preprocess import maps_to_frame
 from semclip_batch.pretrain import PretrainConfig, pretrain
@@ -49,7 +52,7 @@ from semclip_batch.weights import LoadedBackbone, load_backbone, preprocess_conf
 
 SIZES = ((256, 256), (240, 320), (300, 200), (512, 512))
 KEYS = ("iAUROC", "pAUROC", "F1max", "AUPRO", "accuracy", "macro_F1")
-VARIANTS: dict[str, dict[str, object]] = {
+VARIANTS: dict[str, dict[str, Any]] = {  # TrainConfig fields to replace
     "semclip": {},
     "winclip": {"method": "winclip"},
     "promptad": {"method": "promptad"},
@@ -65,7 +68,7 @@ VARIANTS: dict[str, dict[str, object]] = {
 class Lot:
     """One encoded synthetic set: views, refs, truth and the backbone's features (shared by every config)."""
 
-    df: object
+    df: pd.DataFrame
     data: TrainSet
     feats: Features
     ref_feats: Features
@@ -79,8 +82,8 @@ def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], n
     data = load_trainset(df, classes, prep, references=True)
     if data.skipped:
         raise SystemExit(f"{folder}: {data.skipped} rows did not decode")
-    visual = backbone.clip.visual
-    depth = len(visual.transformer.resblocks)
+    visual = vision_tower(backbone.clip)
+    depth = depth_of(backbone.clip)
     t0 = time.perf_counter()
     feats = encode_views(visual, data.views, prep, tuple(range(1, depth + 1)), windows=True)
     assert data.refs is not None
@@ -99,7 +102,7 @@ def subset(lot: Lot, rows: np.ndarray) -> tuple[TrainSet, Features, Features]:
     return data, lot.feats.subset(idx), lot.ref_feats.subset(idx)
 
 
-def metrics(out: SemClipOutput, test: Lot) -> dict[str, float]:
+def metrics(out: SemClipOutput, test: Lot) -> dict[str, float | None]:
     """The figures ``eval`` computes, from maps at model size resized to each frame as ``run`` does."""
     pixels = PixelCounts()
     scores, truth_cls, pred_cls = [], [], []
@@ -119,7 +122,7 @@ def metrics(out: SemClipOutput, test: Lot) -> dict[str, float]:
 
 
 def run_config(name: str, cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, support: Lot, test: Lot,
-               shots: int, seed: int) -> dict[str, float]:
+               shots: int, seed: int) -> dict[str, float | None]:
     rows = sample_shots(support.df, shots, seed)["image_id"]
     positions = np.flatnonzero(support.df["image_id"].isin(set(rows)).to_numpy())
     data, feats, ref_feats = subset(support, positions)
@@ -135,7 +138,7 @@ def run_config(name: str, cfg: TrainConfig, backbone: LoadedBackbone, text: torc
     return figures
 
 
-def summarise(name: str, backbone: str, shots: int | None, runs: list[dict[str, float]]) -> dict[str, object]:
+def summarise(name: str, backbone: str, shots: int | None, runs: list[dict[str, float | None]]) -> dict[str, object]:
     row: dict[str, object] = {"config": name, "backbone": backbone, "K": shots, "seeds": len(runs)}
     for k in (*KEYS, "seconds"):
         values = np.array([r[k] for r in runs], dtype=float)
@@ -192,12 +195,13 @@ def main() -> None:
         text = torch.from_numpy(text_embeddings(backbone, prompts))
         support = load_lot(work / "support", backbone, prompts.classes, f"support ({label})")
         test = load_lot(work / "test", backbone, prompts.classes, f"test ({label})")
-        depth = len(backbone.clip.visual.transformer.resblocks)
+        depth = depth_of(backbone.clip)
         base = TrainConfig(support="", out="", backbone=args.backbone, pretrained=source)
         zero = new_model(ModelSpec(backbone=args.backbone, pretrained=source), backbone.clip, text)
         t0 = time.perf_counter()
         with torch.no_grad():
-            figures = metrics(score_features(zero, test.feats, tuple(test.data.views.shape[-2:])), test)
+            size = (test.data.views.shape[-2], test.data.views.shape[-1])
+            figures = metrics(score_features(zero, test.feats, size), test)
         figures["seconds"] = time.perf_counter() - t0
         rows.append(summarise("semclip zero-shot", label, None, [figures]))
         grid = [(n, v, k) for k in shots for n, v in VARIANTS.items()] if label == "pretrained" else \

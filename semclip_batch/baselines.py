@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict
 
 import open_clip
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from .errors import ConfigError
 from .features import Features
 from .model.promptad import PromptAd, PromptLearner, project_tokens, promptad_loss
+from .model.towers import as_clip
 from .model.winclip import WinClip
 from .trainset import TrainSet
 
@@ -46,7 +48,7 @@ def normal_rows(data: TrainSet, method: str) -> torch.Tensor:
     return idx
 
 
-def fit_winclip(model: WinClip, feats: Features, data: TrainSet) -> dict[str, int]:
+def fit_winclip(model: WinClip, feats: Features, data: TrainSet) -> dict[str, float]:
     """Fill WinCLIP+'s memories with the normal support images' patch tokens and window embeddings."""
     depth = len(model.visual.transformer.resblocks)
     wf = feats.window_features(depth).subset(normal_rows(data, "winclip"))
@@ -54,7 +56,14 @@ def fit_winclip(model: WinClip, feats: Features, data: TrainSet) -> dict[str, in
     return {"memory_patches": int(model.memory_patch.shape[0])}
 
 
-def _prompt_tokens(clip_name: str, classes: tuple[str, ...], s: PromptAdSettings) -> dict[str, torch.Tensor | int]:
+class _PromptTokens(TypedDict):
+    normal: torch.Tensor
+    manual: torch.Tensor
+    learned: torch.Tensor
+    ab_start: int
+
+
+def _prompt_tokens(clip_name: str, classes: tuple[str, ...], s: PromptAdSettings) -> _PromptTokens:
     tokenizer = open_clip.get_tokenizer(clip_name)
     ctx = " ".join(["X"] * s.n_ctx)
     ab = " ".join(["X"] * s.n_ab)
@@ -76,7 +85,9 @@ def fit_promptad(model: PromptAd, clip: nn.Module, clip_name: str, classes: tupl
     enc = feats.subset(idx).select(taps, True)
     with torch.no_grad():
         image = F.normalize(enc.pooled.float(), dim=-1)
-        local = project_tokens(model.visual, enc.vv[-1]).reshape(-1, image.shape[-1]).float()
+        last_vv = enc.vv[-1]
+        assert last_vv is not None  # select(taps, True) of features encoded with the V-V path (vv_from=1)
+        local = project_tokens(model.visual, last_vv).reshape(-1, image.shape[-1]).float()
         targets = torch.cat([image, local])
     tok = _prompt_tokens(clip_name, classes, s)
     learner = PromptLearner(clip, tok["normal"], tok["manual"], tok["learned"], s.n_ctx, s.n_ab,
@@ -84,7 +95,7 @@ def fit_promptad(model: PromptAd, clip: nn.Module, clip_name: str, classes: tupl
     for p in clip.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam([learner.ctx, learner.ab_ctx], lr=s.lr)
-    scale = clip.logit_scale.detach().exp()
+    scale = as_clip(clip).logit_scale.detach().exp()
     loss = torch.tensor(0.0)
     for epoch in range(1, s.epochs + 1):
         normal, manual, learned = learner()

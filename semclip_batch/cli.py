@@ -6,7 +6,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import click
 
@@ -30,13 +30,15 @@ from .errors import SemclipError, one_line, shorten
 from .storage import check_storage_options
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def user_errors(fn: F) -> F:
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn library errors into one clear line (click prints ``Error: ...`` and exits 1)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except SemclipError as exc:
@@ -47,7 +49,7 @@ def user_errors(fn: F) -> F:
             logging.getLogger("semclip_batch").debug("traceback", exc_info=True)
             raise click.ClickException(f"{one_line(exc)} (rerun with -vv for the traceback)") from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:

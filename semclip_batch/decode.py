@@ -85,7 +85,7 @@ def _decode_pillow(data: bytes) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))  # an ImageFile; convert() below gives a plain Image
             check_size(img.height, img.width)
             img.load()
             if img.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "LAB", "HSV", "1"):

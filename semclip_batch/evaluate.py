@@ -19,11 +19,11 @@ from .aggregate import run_classes
 from .errors import OK, ImageError, OutputError
 from .layout import OutLayout
 from .manifest import read_manifest
-from .metrics import PixelCounts, classification_report, roc_auc
+from .metrics import ClassificationReport, PixelCounts, classification_report, roc_auc
 from .prompts import NORMAL
 from .reader import load_frame
 from .results import read_predictions
-from .writer import open_masks
+from .writer import mask_array, open_masks
 
 METRIC_KEYS = ("iAUROC", "pAUROC", "F1max", "AUPRO", "accuracy", "macro_precision", "macro_recall", "macro_F1")
 
@@ -67,7 +67,7 @@ def evaluate(out: str, truth: str, storage_options: Mapping[str, Any] | None = N
     pixels = PixelCounts()
     image_scores, image_truth, cls_truth, cls_pred = [], [], [], []
     for _, row in ok.iterrows():
-        pred = np.asarray(root[row["mask_path"]][int(row["mask_index"])])
+        pred = np.asarray(mask_array(root, row["mask_path"])[int(row["mask_index"])])
         mask = _truth_mask(row, pred.shape, storage_options)
         if mask is not None:
             pixels.add(pred, mask)
@@ -80,7 +80,7 @@ def evaluate(out: str, truth: str, storage_options: Mapping[str, Any] | None = N
         else:
             continue
         image_scores.append(float(row["anomaly_score"]))
-    report = classification_report(cls_truth, cls_pred, classes) if cls_truth else {
+    report: ClassificationReport = classification_report(cls_truth, cls_pred, classes) if cls_truth else {
         "accuracy": None, "macro_precision": None, "macro_recall": None, "macro_F1": None, "per_class": {},
         "confusion": {"labels": classes, "matrix": []}}
     metrics: dict[str, Any] = {

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .config import PreprocessConfig
 from .model.encoder import EncoderOutput, encode_dual_path
+from .model.towers import VisionTower
 from .model.winclip import WINDOW_SCALES, WindowFeatures, encode_windows, penultimate_block
 from .preprocess import normalize
 
@@ -45,7 +45,7 @@ class Features:
         return Features(dual, self.taps, None if self.windows is None else [w[idx] for w in self.windows])
 
 
-def encode_batch(visual: nn.Module, x: torch.Tensor, taps: tuple[int, ...], *, vv_from: int | None = 1,
+def encode_batch(visual: VisionTower, x: torch.Tensor, taps: tuple[int, ...], *, vv_from: int | None = 1,
                  windows: bool = False) -> Features:
     """Encode normalised images ``(B, 3, S, S)``: both paths at ``taps`` (+ the penultimate block and WinCLIP's
     window embeddings when ``windows``)."""
@@ -61,13 +61,16 @@ def concat(parts: list[Features]) -> Features:
     dual = EncoderOutput(pooled=torch.cat([p.dual.pooled for p in parts]),
                          original=[torch.cat([p.dual.original[k] for p in parts]) for k in range(len(first.taps))],
                          vv=[cat([p.dual.vv[k] for p in parts]) for k in range(len(first.taps))])
-    windows = None if first.windows is None else [torch.cat([p.windows[k] for p in parts])
-                                                  for k in range(len(first.windows))]
+    windows = None
+    if first.windows is not None:
+        per_part = [p.windows for p in parts if p.windows is not None]
+        assert len(per_part) == len(parts)  # every part comes from the same encode_batch options
+        windows = [torch.cat([w[k] for w in per_part]) for k in range(len(first.windows))]
     return Features(dual, first.taps, windows)
 
 
 @torch.no_grad()
-def encode_views(visual: nn.Module, views: torch.Tensor, prep: PreprocessConfig, taps: tuple[int, ...], *,
+def encode_views(visual: VisionTower, views: torch.Tensor, prep: PreprocessConfig, taps: tuple[int, ...], *,
                  vv_from: int | None = 1, windows: bool = False, batch: int = 32) -> Features:
     """Encode grey views ``(N, S, S)`` in [0, 1] once, in batches (see :func:`encode_batch`)."""
     return concat([encode_batch(visual, normalize(views[i:i + batch], prep), taps, vv_from=vv_from, windows=windows)

@@ -18,7 +18,7 @@ from .checkpoint import load_checkpoint
 from .config import ModelSpec, PreprocessConfig
 from .errors import MODEL_ERROR, OK, WeightsError, one_line
 from .features import encode_batch
-from .methods import Scorer, load_trained, needed_taps, new_model, score_features
+from .methods import Scorer, depth_of, load_trained, needed_taps, new_model, score_features
 from .model import SemClip, SemClipOutput
 from .model.promptad import PromptAd
 from .model.reference import ReferenceScorer, reference_taps
@@ -77,10 +77,12 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
     with a checkpoint in the spec, its trained tensors (read here unless given, already verified) are loaded
     too (eval mode, fp32, CPU)."""
     if backbone is None:
+        # the driver resolved both (from the flags, or from the checkpoint) before any actor starts
+        assert spec.backbone is not None and spec.pretrained is not None
         backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
                                  storage_options=spec.storage_options)
     model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
-    depth = len(backbone.clip.visual.transformer.resblocks)
+    depth = depth_of(backbone.clip)
     reference = ReferenceScorer(reference_taps(depth)) if spec.use_reference else None
     if spec.checkpoint is not None:
         if tensors is None:
@@ -137,7 +139,7 @@ class Predictor:
         """Score a batch of :data:`~semclip_batch.schema.DECODED` rows -> a table of
         :data:`~semclip_batch.schema.SCORED` (a failing forward pass makes its rows ``model_error``)."""
         n = len(batch["image_id"])
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "ref_pixels")}
+        out: dict[str, np.ndarray | list[np.ndarray]] = {k: v for k, v in batch.items() if k not in ("pixels", "ref_pixels")}
         masks = np.full(n, b"", dtype=object)
         scores = np.full(n, np.nan)
         class_scores = np.full((n, self.setup.text_embeddings.shape[0]), np.nan, dtype=np.float32)

@@ -5,6 +5,7 @@ scores precomputed :class:`~semclip_batch.features.Features`."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import overload
 
 import torch
 from torch import nn
@@ -13,9 +14,11 @@ from .checkpoint import BACKBONE_PREFIXES
 from .config import METHODS, ModelSpec
 from .features import Features
 from .model import SemClip, SemClipConfig, SemClipOutput, default_taps
+from .model.encoder import EncoderOutput
 from .model.promptad import PromptAd
 from .model.reference import ReferenceScorer
-from .model.winclip import WinClip, penultimate_block
+from .model.towers import vision_tower
+from .model.winclip import WinClip, WindowFeatures, penultimate_block
 
 __all__ = ["METHODS", "Scorer", "load_trained", "method_taps", "model_inputs", "needed_taps", "new_model", "score_features"]
 Scorer = SemClip | WinClip | PromptAd
@@ -23,7 +26,7 @@ Scorer = SemClip | WinClip | PromptAd
 
 def depth_of(clip: nn.Module) -> int:
     """Blocks of the vision tower of a CLIP model or of a scorer (anything with ``.visual``)."""
-    return len(clip.visual.transformer.resblocks)
+    return len(vision_tower(clip).transformer.resblocks)
 
 
 def method_taps(spec: ModelSpec, depth: int) -> tuple[int, ...]:
@@ -36,16 +39,16 @@ def new_model(spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> Scorer:
     if spec.method == "semclip":
         cfg = SemClipConfig(taps=taps, use_vv=spec.use_vv, vv_from=spec.vv_from, surgery=spec.surgery,
                             surgery_weights=spec.surgery_weights, sigma=spec.sigma, cls=spec.cls)
-        model: Scorer = SemClip(clip, cfg, n_classes=text.shape[0])
-        model.set_text_embeddings(text)
-        return model
+        semclip = SemClip(clip, cfg, n_classes=text.shape[0])
+        semclip.set_text_embeddings(text)
+        return semclip
     if spec.method == "winclip":
-        model = WinClip(clip, n_classes=text.shape[0], sigma=spec.sigma)
-        model.set_text(text)
-        return model
-    model = PromptAd(clip, n_classes=text.shape[0], taps=taps, sigma=spec.sigma)
-    model.text_embeddings.copy_(torch.nn.functional.normalize(text.float(), dim=-1))
-    return model
+        winclip = WinClip(clip, n_classes=text.shape[0], sigma=spec.sigma)
+        winclip.set_text(text)
+        return winclip
+    promptad = PromptAd(clip, n_classes=text.shape[0], taps=taps, sigma=spec.sigma)
+    promptad.text_embeddings.copy_(torch.nn.functional.normalize(text.float(), dim=-1))
+    return promptad
 
 
 def load_trained(model: Scorer, tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -60,7 +63,15 @@ def load_trained(model: Scorer, tensors: Mapping[str, torch.Tensor]) -> list[str
     return [f"unexpected {k}" for k in unexpected] + [f"missing {k}" for k in missing if not k.startswith(BACKBONE_PREFIXES)]
 
 
-def model_inputs(model: Scorer, feats: Features) -> object:
+@overload
+def model_inputs(model: SemClip | PromptAd, feats: Features) -> EncoderOutput: ...
+
+
+@overload
+def model_inputs(model: WinClip, feats: Features) -> WindowFeatures: ...
+
+
+def model_inputs(model: Scorer, feats: Features) -> EncoderOutput | WindowFeatures:
     """What ``model.from_encoded`` takes, sliced from shared features."""
     if isinstance(model, SemClip):
         return feats.select(model.cfg.taps, model.cfg.use_vv)
@@ -81,7 +92,11 @@ def score_features(model: Scorer, feats: Features, size: tuple[int, int], refere
                    ref_feats: Features | None = None, has_reference: torch.Tensor | None = None) -> SemClipOutput:
     """Maps (model-input size), class probabilities and embeddings of precomputed features, with the
     reference map fused in where given."""
-    out = model.from_encoded(model_inputs(model, feats), size)
+    # one call per input type: WinClip.from_encoded takes WindowFeatures, the others an EncoderOutput
+    if isinstance(model, WinClip):
+        out = model.from_encoded(model_inputs(model, feats), size)
+    else:
+        out = model.from_encoded(model_inputs(model, feats), size)
     if reference is None or ref_feats is None or has_reference is None or not bool(has_reference.any()):
         return out
     dist = reference.distance(feats.dual, feats.taps, ref_feats.dual, ref_feats.taps)

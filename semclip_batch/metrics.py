@@ -8,6 +8,7 @@ its level is >= t, so every ROC / PR point is a suffix sum. No image's pixels ar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import numpy as np
 from scipy import ndimage
@@ -110,7 +111,21 @@ def pro_area(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
     return float(np.trapezoid(ys, xs) / max_fpr)
 
 
-def classification_report(truth: list[str], predicted: list[str], classes: list[str]) -> dict[str, object]:
+class Confusion(TypedDict):
+    labels: list[str]
+    matrix: list[list[int]]  # [truth][predicted]
+
+
+class ClassificationReport(TypedDict):
+    accuracy: float | None
+    macro_precision: float | None
+    macro_recall: float | None
+    macro_F1: float | None
+    per_class: dict[str, dict[str, float | int | None]]  # precision, recall, F1, support
+    confusion: Confusion
+
+
+def classification_report(truth: list[str], predicted: list[str], classes: list[str]) -> ClassificationReport:
     """Accuracy, macro precision / recall / F1 (over classes present in truth), per-class figures, confusion."""
     labels = list(classes) + sorted(set(truth) - set(classes))
     index = {c: i for i, c in enumerate(labels)}

@@ -94,7 +94,9 @@ def _identify_model(cfg: RunConfig) -> tuple[RunConfig, _ModelIdentity]:
     """
     spec = cfg.model
     if spec.checkpoint is not None:
-        return _identify_checkpoint(cfg)
+        return _identify_checkpoint(cfg, spec.checkpoint)
+    if spec.backbone is None or spec.pretrained is None:
+        raise ConfigError("a run without a checkpoint needs a backbone and pretrained weights ('none' for seeded random)")
     prompts = load_prompts(spec.prompts, cfg.storage_options)
     backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=spec.pretrained_sha256,
                              storage_options=cfg.storage_options)
@@ -104,9 +106,9 @@ def _identify_model(cfg: RunConfig) -> tuple[RunConfig, _ModelIdentity]:
     return cfg, ident
 
 
-def _identify_checkpoint(cfg: RunConfig) -> tuple[RunConfig, _ModelIdentity]:
+def _identify_checkpoint(cfg: RunConfig, checkpoint: str) -> tuple[RunConfig, _ModelIdentity]:
     spec = cfg.model
-    ckpt = load_checkpoint(spec.checkpoint, cfg.storage_options)
+    ckpt = load_checkpoint(checkpoint, cfg.storage_options)
     meta = ckpt.meta
     if spec.backbone not in (None, meta["backbone"]):
         raise ConfigError(f"--backbone {spec.backbone} differs from the checkpoint's {meta['backbone']}; omit it")
@@ -169,6 +171,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
         df = read_manifest(cfg.input, pattern=cfg.pattern, storage_options=so)
     with timer.stage("model_load"):
         cfg, ident = _identify_model(cfg)
+        assert cfg.model.backbone is not None  # _identify_model resolved it
         prep = preprocess_config(cfg.model.backbone, tile_above=cfg.tile_above)
     run_id = compute_run_id(content_digest(df), output_config(cfg, prep, ident), ident.sha256)
     plan, shard_size = prepare_plan(layout, df, run_id=run_id, shard_size=cfg.shard_size,
@@ -251,18 +254,22 @@ def _stream(cfg: RunConfig, layout: OutLayout, todo_rows: pd.DataFrame, ident: _
                            batch_size=cfg.batch_size, threads=threads, use_gpu=cfg.num_gpus > 0)
     wsetup = WriterSetup(out=layout.root, run_id=record["run_id"], model_id=ident.model_id,
                          classes=ident.prompts.classes, thresholds=cfg.thresholds, storage_options=cfg.storage_options)
-    ds = ray.data.from_arrow(_input_blocks(todo_rows))
+    ds: ray.data.Dataset = ray.data.from_arrow(_input_blocks(todo_rows))
     with warnings.catch_warnings():
         # Ray 2.60 names no parameter for task / actor retries yet; ray_remote_args is the only way to set them
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        ds = ds.map_batches(decode_batch, fn_kwargs={"prep": prep, "storage_options": cfg.storage_options,
-                                                     "references": cfg.model.use_reference},
+        # Ray types a map function as taking the batch alone; decode_batch and write_batch also take keyword-only
+        # arguments, which fn_kwargs supplies: hence the two ignores below
+        ds = ds.map_batches(decode_batch,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
+                            fn_kwargs={"prep": prep, "storage_options": cfg.storage_options,
+                                       "references": cfg.model.use_reference},
                             batch_size=4, num_cpus=0.5, batch_format="numpy", max_retries=TASK_RETRIES)
         ds = ds.map_batches(Predictor, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
                             compute=ActorPoolStrategy(size=cfg.actors), num_cpus=actor_cpus,
                             num_gpus=cfg.num_gpus or None, batch_format="numpy",
                             max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)
-        ds = ds.map_batches(write_batch, fn_kwargs={"setup": wsetup}, batch_size=None, num_cpus=0.25,
+        ds = ds.map_batches(write_batch,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
+                            fn_kwargs={"setup": wsetup}, batch_size=None, num_cpus=0.25,
                             batch_format="numpy", max_retries=TASK_RETRIES)
     return _collect_receipts(ds, layout, todo_rows, cfg.storage_options, progress)
 

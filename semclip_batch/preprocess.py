@@ -118,7 +118,8 @@ def model_inputs(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     frame = torch.from_numpy(stretch(gray, cfg.percentile_low, cfg.percentile_high))[None, None]
     size = (cfg.image_size, cfg.image_size)
     views = [resize(frame, size)]
-    for t in tile_grid(*gray.shape, cfg.tile_above, cfg.tile_overlap):
+    height, width = gray.shape
+    for t in tile_grid(height, width, cfg.tile_above, cfg.tile_overlap):
         views.append(resize(frame[..., t.y:t.y + t.height, t.x:t.x + t.width], size))
     return normalize(torch.cat(views)[:, 0], cfg).numpy()
 

@@ -35,9 +35,11 @@ from .config import (
     DEFAULT_PRETRAIN_STEPS,
 )
 from .manifest import read_manifest
+from .methods import depth_of
 from .model import default_taps
 from .model.encoder import encode_dual_path
 from .model.semclip import patch_logits
+from .model.towers import VisionTower, as_clip
 from .preprocess import normalize
 from .prompts import PromptSet, load_prompts
 from .trainset import IGNORE, TrainSet, load_trainset, patch_labels
@@ -66,7 +68,7 @@ class PretrainConfig:
 
 def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Differentiable class embeddings: mean of normalised prompt embeddings per class. -> ``(C, E)``."""
-    emb = F.normalize(clip.encode_text(tokens), dim=-1)
+    emb = F.normalize(as_clip(clip).encode_text(tokens), dim=-1)
     sums = torch.zeros(n_classes, emb.shape[1], dtype=emb.dtype).index_add(0, owner, emb)
     return F.normalize(sums, dim=-1)
 
@@ -81,7 +83,7 @@ def prompt_sample(owner: torch.Tensor, per_class: int, gen: torch.Generator) -> 
     return torch.cat(picks)
 
 
-def _project(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def _project(visual: VisionTower, tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1)
 
 
@@ -116,18 +118,19 @@ def kept_patches(targets: torch.Tensor, ratio: float, gen: torch.Generator) -> t
 
 def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Tensor, taps: tuple[int, ...],
               prep, gen: torch.Generator, caption_tokens: torch.Tensor | None, keep: float) -> torch.Tensor:
+    parts = as_clip(clip)
     views, masks = _flip(data.views[idx], data.masks[idx], gen)
     x = normalize(views, prep)
-    grid = x.shape[-1] // clip.visual.conv1.kernel_size[0]
+    grid = x.shape[-1] // parts.visual.conv1.kernel_size[0]
     targets = patch_labels(masks, data.labels[idx], data.has_mask[idx], grid)
     kept = kept_patches(targets, keep, gen)
     if kept is not None:
         targets = torch.gather(targets, 1, kept)
-    enc = encode_dual_path(clip.visual, x, taps, 1, keep=kept)
-    scale = clip.logit_scale.exp().clamp(max=100.0)
+    enc = encode_dual_path(parts.visual, x, taps, 1, keep=kept)
+    scale = parts.logit_scale.exp().clamp(max=100.0)
     n_classes = text.shape[0]
     terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
-    dense = torch.stack([_balanced_ce(patch_logits(_project(clip.visual, t), text, scale, True), targets, n_classes)
+    dense = torch.stack([_balanced_ce(patch_logits(_project(parts.visual, t), text, scale, True), targets, n_classes)
                          for t in terms]).mean()
     emb = F.normalize(enc.pooled, dim=-1)
     labels = data.labels[idx]
@@ -135,7 +138,7 @@ def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Te
     if (labels != IGNORE).any():
         loss = loss + _balanced_ce(scale * emb @ text.t(), labels, n_classes)
     if caption_tokens is not None:
-        cap = F.normalize(clip.encode_text(caption_tokens[idx]), dim=-1)
+        cap = F.normalize(parts.encode_text(caption_tokens[idx]), dim=-1)
         logits = scale * emb @ cap.t()
         target = torch.arange(len(idx))
         loss = loss + 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
@@ -159,7 +162,7 @@ def pretrain(cfg: PretrainConfig, progress: Progress | None = None, metadata: Ma
     tokens = torch.cat([tokenizer(list(p)) for p in prompts.prompts])
     owner = torch.cat([torch.full((len(p),), c) for c, p in enumerate(prompts.prompts)])
     caption_tokens = tokenizer(data.captions) if any(data.captions) else None
-    taps = default_taps(len(clip.visual.transformer.resblocks))
+    taps = default_taps(depth_of(clip))
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -29,12 +29,13 @@ from .config import DEFAULT_BACKBONE, DEFAULT_MIN_REGION_PX, ModelSpec
 from .errors import ConfigError
 from .features import Features, encode_views
 from .manifest import read_manifest
-from .methods import METHODS, Scorer, method_taps, model_inputs, new_model, score_features
+from .methods import METHODS, Scorer, depth_of, method_taps, model_inputs, new_model, score_features
 from .metrics import PixelCounts
 from .model import SemClip, SemClipOutput
 from .model.encoder import EncoderOutput
 from .model.reference import ReferenceScorer, reference_taps
 from .model.semclip import defect_map
+from .model.towers import vision_tower
 from .model.winclip import WinClip
 from .pipeline import text_embeddings
 from .prompts import load_prompts
@@ -297,7 +298,7 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     model.eval().requires_grad_(False)
     reference = None
     if cfg.use_reference and ref_feats is not None:
-        reference = ReferenceScorer(reference_taps(len(backbone.clip.visual.transformer.resblocks)))
+        reference = ReferenceScorer(reference_taps(depth_of(backbone.clip)))
         summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data)
     size = (data.views.shape[-2], data.views.shape[-1])
     with torch.no_grad():
@@ -315,14 +316,15 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     backbone = load_backbone(cfg.backbone, cfg.pretrained, seed=cfg.seed, expected_sha256=cfg.pretrained_sha256,
                              storage_options=cfg.storage_options)
     text = torch.from_numpy(text_embeddings(backbone, prompts))
-    visual = backbone.clip.visual
-    taps = support_taps(cfg, len(visual.transformer.resblocks))
+    visual = vision_tower(backbone.clip)
+    depth = depth_of(backbone.clip)
+    taps = support_taps(cfg, depth)
     windows = cfg.method == "winclip"
     feats = encode_views(visual, data.views, prep, taps, windows=windows)
     ref_feats = None
     if cfg.use_reference:
         assert data.refs is not None
-        ref_feats = encode_views(visual, data.refs, prep, reference_taps(len(visual.transformer.resblocks)), vv_from=None)
+        ref_feats = encode_views(visual, data.refs, prep, reference_taps(depth), vv_from=None)
     fitted = fit(cfg, backbone, text, data, feats, ref_feats, progress)
     model = fitted.model
     state = dict(model.state_dict())
@@ -332,7 +334,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         "method": cfg.method, "backbone": cfg.backbone,
         "weights": {"source": backbone.source, "sha256": backbone.sha256, "seed": cfg.seed},
         "classes": list(prompts.classes), "prompts": prompts.as_record(),
-        "taps": list(method_taps(model_spec(cfg), len(visual.transformer.resblocks))), "use_vv": cfg.use_vv,
+        "taps": list(method_taps(model_spec(cfg), depth)), "use_vv": cfg.use_vv,
         "surgery": cfg.surgery, "cls": cfg.cls, "use_reference": cfg.use_reference,
         "alpha": float(getattr(model, "alpha", torch.tensor(1.0))), "temperature": float(model.text_scale),
         "thresholds": fitted.thresholds,

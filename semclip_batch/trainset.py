@@ -85,15 +85,16 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
         results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references),
                                 [r for _, r in df.iterrows()]))
     keep = [i for i, r in enumerate(results) if r is not None]
+    loaded = [r for r in results if r is not None]  # results[i] for i in keep
     if not keep:
         raise ConfigError("no usable training image (all rows failed to decode)")
     size = prep.image_size
-    views = torch.from_numpy(np.stack([results[i][0] for i in keep])).half()
+    views = torch.from_numpy(np.stack([view for view, _, _ in loaded])).half()
     masks = torch.zeros(len(keep), size, size, dtype=torch.float16)
     has_mask = torch.zeros(len(keep), dtype=torch.bool)
-    for k, i in enumerate(keep):
-        if results[i][1] is not None:
-            masks[k] = torch.from_numpy(results[i][1]).half()
+    for k, (_, mask, _) in enumerate(loaded):
+        if mask is not None:
+            masks[k] = torch.from_numpy(mask).half()
             has_mask[k] = True
     labels = torch.tensor([classes.index(df["label"].iloc[i]) if df["label"].iloc[i] else IGNORE for i in keep])
     normal = labels == 0
@@ -101,7 +102,7 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     captions = [str(df["caption"].iloc[i]) for i in keep]
     data = TrainSet(views, masks, labels, has_mask, captions, classes, skipped=len(df) - len(keep))
     if references:
-        refs = [results[i][2] for i in keep]
+        refs = [ref for _, _, ref in loaded]
         data.has_ref = torch.tensor([r is not None for r in refs], dtype=torch.bool)
         data.refs = torch.from_numpy(np.stack([np.zeros((size, size), np.float32) if r is None else r
                                                for r in refs])).half()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -52,9 +52,15 @@ def preprocess_config(name: str, *, tile_above: int, image_size: int | None = No
     vision = open_clip.get_model_config(name)["vision_cfg"]
     size = vision.get("image_size", 224)
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    mean = tuple(float(v) for v in vision.get("image_mean", OPENAI_DATASET_MEAN))
-    std = tuple(float(v) for v in vision.get("image_std", OPENAI_DATASET_STD))
+    mean = _rgb(vision.get("image_mean", OPENAI_DATASET_MEAN))
+    std = _rgb(vision.get("image_std", OPENAI_DATASET_STD))
     return PreprocessConfig(image_size=image_size or size, mean=mean, std=std, tile_above=tile_above)
+
+
+def _rgb(values: Iterable[float]) -> tuple[float, float, float]:
+    """Per-channel (R, G, B) values of a model config; the views are always 3-channel."""
+    r, g, b = (float(v) for v in values)
+    return r, g, b
 
 
 def canonical_sha256(state: Mapping[str, torch.Tensor], seed: int | None = None) -> str:

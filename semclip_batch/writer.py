@@ -15,7 +15,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,7 @@ import zarr
 
 from . import storage
 from .config import Thresholds
-from .errors import OK
+from .errors import OK, OutputError
 from .layout import OutLayout
 from .schema import PREDICTIONS, RECEIPTS, missing, to_table
 from .scoring import decide, defect_regions
@@ -43,10 +43,18 @@ class WriterSetup:
     storage_options: dict[str, Any]
 
 
-def open_masks(url: str, storage_options: Mapping[str, Any] | None, mode: str = "r+") -> zarr.Group:
+def open_masks(url: str, storage_options: Mapping[str, Any] | None, mode: Literal["r", "r+", "a"] = "r+") -> zarr.Group:
     """The Zarr v3 root group of ``masks.zarr`` (local path or any fsspec URL)."""
     opts = storage.fs_kwargs(url, storage_options) if storage.has_protocol(url) else None
     return zarr.open_group(store=url, mode=mode, zarr_format=3, storage_options=opts)
+
+
+def mask_array(root: zarr.Group, path: str) -> zarr.Array:
+    """The array of masks at ``path`` (a predictions row's ``mask_path``) in the root group of ``masks.zarr``."""
+    node = root[path]
+    if not isinstance(node, zarr.Array):
+        raise OutputError(f"masks.zarr/{path} is a group, not an array of masks")
+    return node
 
 
 def part_name(image_ids: list[str]) -> str:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .towers import VisionTower
+
 
 @dataclass
 class EncoderOutput:
@@ -28,14 +30,15 @@ class EncoderOutput:
     vv: list[torch.Tensor | None]
 
 
-def check_supported(visual: nn.Module) -> None:
+def check_supported(visual: VisionTower) -> None:
     """Refuse vision towers this encoder does not reimplement faithfully."""
     if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
         raise ValueError(f"{type(visual).__name__} is not an open_clip ViT; SEM-CLIP needs a ViT backbone")
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
         raise ValueError("attention-pooled or final-LN-after-pool ViTs are not supported")
-    if getattr(visual, "pool_type", "tok") != "tok":
-        raise ValueError(f"pool type {visual.pool_type!r} is not supported (class-token pooling only)")
+    pool_type = getattr(visual, "pool_type", "tok")
+    if pool_type != "tok":
+        raise ValueError(f"pool type {pool_type!r} is not supported (class-token pooling only)")
     if not all(isinstance(b.attn, nn.MultiheadAttention) for b in visual.transformer.resblocks):
         raise ValueError("only ViT blocks with nn.MultiheadAttention are supported")
 
@@ -50,7 +53,7 @@ def vv_attention(attn: nn.MultiheadAttention, h: torch.Tensor) -> torch.Tensor:
     return attn.out_proj(a.transpose(1, 2).reshape(b, n, w))
 
 
-def embed_patches(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def embed_patches(visual: VisionTower, images: torch.Tensor) -> torch.Tensor:
     """Patch + class + position embeddings and ``ln_pre``. ``(B, 3, S, S)`` -> ``(B, 1 + N, W)``."""
     x = visual.conv1(images)
     x = x.flatten(2).transpose(1, 2)
@@ -77,7 +80,7 @@ def keep_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def encode_dual_path(visual: nn.Module, images: torch.Tensor, taps: tuple[int, ...], vv_from: int | None,
+def encode_dual_path(visual: VisionTower, images: torch.Tensor, taps: tuple[int, ...], vv_from: int | None,
                      keep: torch.Tensor | None = None) -> EncoderOutput:
     """Run the blocks once, both paths, keeping the tokens after each tapped block.
 

@@ -25,10 +25,11 @@ from torch import nn
 from .encoder import EncoderOutput, encode_dual_path
 from .patchops import nearest_distance
 from .semclip import SemClipOutput
+from .towers import VisionTower, as_clip
 from .twostate import TwoStateScorer
 
 
-def project_tokens(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def project_tokens(visual: VisionTower, tokens: torch.Tensor) -> torch.Tensor:
     """Patch tokens (CLS dropped) through ``ln_post`` + ``proj``, normalised. ``(B, 1 + N, W)`` -> ``(B, N, E)``."""
     return F.normalize(visual.ln_post(tokens[:, 1:]) @ visual.proj, dim=-1)
 
@@ -40,8 +41,8 @@ class PromptAd(TwoStateScorer):
         super().__init__(clip, n_classes, sigma)
         self.taps = taps
         # the blocks it reads: the memory taps plus the last block (its V-V tokens are the local features)
-        self.read_taps = tuple(sorted({*taps, len(clip.visual.transformer.resblocks)}))
-        width = clip.visual.proj.shape[0]
+        self.read_taps = tuple(sorted({*taps, len(self.visual.transformer.resblocks)}))
+        width = self.visual.proj.shape[0]
         for k in range(len(taps)):
             self.register_buffer(f"memory{k}", torch.zeros(0, width))
 
@@ -80,11 +81,15 @@ class PromptLearner(nn.Module):
     ``"X .. X <object> with Y .. Y."`` (Y = n_ab placeholders, after the object words at ``ab_start``).
     """
 
+    normal_tokens: torch.Tensor  # buffers, registered in __init__
+    manual_tokens: torch.Tensor
+    learned_tokens: torch.Tensor
+
     def __init__(self, clip: nn.Module, normal_tokens: torch.Tensor, manual_tokens: torch.Tensor,
                  learned_tokens: torch.Tensor, n_ctx: int, n_ab: int, ab_start: int, seed: int) -> None:
         super().__init__()
         self.clip = clip
-        width = clip.token_embedding.weight.shape[1]
+        width = as_clip(clip).token_embedding.weight.shape[1]
         gen = torch.Generator().manual_seed(seed)
         self.ctx = nn.Parameter(torch.randn(normal_tokens.shape[0], n_ctx, width, generator=gen) * 0.02)
         self.ab_ctx = nn.Parameter(torch.randn(learned_tokens.shape[0], n_ab, width, generator=gen) * 0.02)
@@ -94,7 +99,7 @@ class PromptLearner(nn.Module):
         self.register_buffer("learned_tokens", learned_tokens)
 
     def _encode(self, tokens: torch.Tensor, ctx: torch.Tensor, ab: torch.Tensor | None) -> torch.Tensor:
-        clip = self.clip
+        clip = as_clip(self.clip)
         x = clip.token_embedding(tokens)
         x = torch.cat([x[:, :1], ctx, x[:, 1 + self.n_ctx:]], dim=1)
         if ab is not None:

@@ -26,6 +26,8 @@ def reference_taps(depth: int) -> tuple[int, ...]:
 
 
 class ReferenceScorer(nn.Module):
+    scale: torch.Tensor  # buffer, registered in __init__
+
     def __init__(self, taps: tuple[int, ...], radius: int = 1, weight: float = 0.5, sigma: float = 4.0) -> None:
         super().__init__()
         self.taps, self.radius, self.weight, self.sigma = taps, radius, weight, sigma
@@ -43,6 +45,6 @@ class ReferenceScorer(nn.Module):
 
     def fuse(self, maps: torch.Tensor, distance: torch.Tensor, has_reference: torch.Tensor) -> torch.Tensor:
         """Method maps ``(B, H, W)`` and distances ``(B, N)`` -> fused maps; rows without a reference unchanged."""
-        ref = gaussian_blur(grid_to_image(distance / (2.0 * self.scale), tuple(maps.shape[-2:])), self.sigma)
+        ref = gaussian_blur(grid_to_image(distance / (2.0 * self.scale), (maps.shape[-2], maps.shape[-1])), self.sigma)
         fused = (1.0 - self.weight) * maps + self.weight * ref.clamp(0.0, 1.0)
         return torch.where(has_reference.view(-1, 1, 1), fused, maps)

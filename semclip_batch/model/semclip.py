@@ -15,6 +15,7 @@ from torch import nn
 
 from .encoder import EncoderOutput, check_supported, encode_dual_path
 from .surgery import feature_surgery, plain_similarity
+from .towers import as_clip, vision_tower
 
 
 def default_taps(depth: int) -> tuple[int, ...]:
@@ -117,9 +118,13 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 class SemClip(nn.Module):
     """SEM-CLIP around an open_clip ``CLIP`` model (its vision tower is used, frozen)."""
 
+    text_embeddings: torch.Tensor  # buffers, registered in __init__
+    alpha: torch.Tensor
+    text_scale: torch.Tensor
+
     def __init__(self, clip: nn.Module, cfg: SemClipConfig, n_classes: int) -> None:
         super().__init__()
-        visual = clip.visual
+        visual = vision_tower(clip)
         check_supported(visual)
         depth = len(visual.transformer.resblocks)
         if not cfg.taps or min(cfg.taps) < 1 or max(cfg.taps) > depth:
@@ -130,13 +135,14 @@ class SemClip(nn.Module):
             raise ValueError(f"cls mode {cfg.cls!r} not in {CLS_MODES}")
         self.cfg = cfg
         self.visual = visual
-        self.logit_scale = nn.Parameter(clip.logit_scale.detach().clone(), requires_grad=False)
+        logit_scale = as_clip(clip).logit_scale
+        self.logit_scale = nn.Parameter(logit_scale.detach().clone(), requires_grad=False)
         self.transform = nn.ModuleList(TransformationLayer(visual.ln_post, visual.proj) for _ in cfg.taps)
         embed = visual.proj.shape[1]
         self.head = ClassHead(embed, n_classes, cfg.head_hidden)
         self.register_buffer("text_embeddings", torch.zeros(n_classes, embed))
         self.register_buffer("alpha", torch.tensor(1.0))
-        self.register_buffer("text_scale", clip.logit_scale.detach().exp().clone())
+        self.register_buffer("text_scale", logit_scale.detach().exp().clone())
 
     def set_text_embeddings(self, text: torch.Tensor) -> None:
         """The one entry for prompt state: ``(C, E)`` class embeddings, class 0 = normal."""
@@ -185,6 +191,7 @@ class SemClip(nn.Module):
     def from_encoded(self, enc: EncoderOutput, size: tuple[int, int]) -> SemClipOutput:
         terms = self.term_logits(enc)
         total = sum(defect_map(t, size) for t in terms)
+        assert isinstance(total, torch.Tensor)  # not sum()'s 0: every tap has its original-path term
         maps = gaussian_blur(total / len(terms), self.cfg.sigma).clamp(0.0, 1.0)
         emb = F.normalize(enc.pooled, dim=-1)
         return SemClipOutput(maps=maps, class_probs=self.class_probs(emb), embeddings=emb.float())

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .towers import as_clip
+
 
 @torch.no_grad()
 def class_embeddings(clip: nn.Module, tokens: list[torch.Tensor]) -> torch.Tensor:
@@ -19,6 +21,6 @@ def class_embeddings(clip: nn.Module, tokens: list[torch.Tensor]) -> torch.Tenso
     """
     out = []
     for class_tokens in tokens:
-        emb = F.normalize(clip.encode_text(class_tokens).float(), dim=-1)
+        emb = F.normalize(as_clip(clip).encode_text(class_tokens).float(), dim=-1)
         out.append(F.normalize(emb.mean(dim=0), dim=-1))
     return torch.stack(out)

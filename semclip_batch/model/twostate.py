@@ -10,19 +10,27 @@ from torch import nn
 from .encoder import check_supported
 from .patchops import compose_class_probs, grid_to_image, state_probability
 from .semclip import SemClipOutput, gaussian_blur
+from .towers import as_clip, vision_tower
 
 
 class TwoStateScorer(nn.Module):
+    text_embeddings: torch.Tensor  # buffers, registered in __init__
+    states: torch.Tensor
+    state_scale: torch.Tensor
+    text_scale: torch.Tensor
+
     def __init__(self, clip: nn.Module, n_classes: int, sigma: float) -> None:
         super().__init__()
-        check_supported(clip.visual)
-        self.visual = clip.visual
+        visual = vision_tower(clip)
+        check_supported(visual)
+        self.visual = visual
         self.sigma = sigma
-        embed = clip.visual.proj.shape[1]
+        embed = visual.proj.shape[1]
+        logit_scale = as_clip(clip).logit_scale
         self.register_buffer("text_embeddings", torch.zeros(n_classes, embed))
         self.register_buffer("states", torch.zeros(2, embed))
-        self.register_buffer("state_scale", clip.logit_scale.detach().exp().clone())
-        self.register_buffer("text_scale", clip.logit_scale.detach().exp().clone())
+        self.register_buffer("state_scale", logit_scale.detach().exp().clone())
+        self.register_buffer("text_scale", logit_scale.detach().exp().clone())
 
     def state_probability(self, feats: torch.Tensor) -> torch.Tensor:
         """p(anomalous) of normalised features ``(..., E)``."""

@@ -24,6 +24,7 @@ from torch import nn
 from .encoder import embed_patches, encode_dual_path
 from .patchops import harmonic_to_patches, nearest_distance, window_index
 from .semclip import SemClipOutput
+from .towers import VisionTower
 from .twostate import TwoStateScorer
 
 WINDOW_SCALES = (2, 3)
@@ -47,7 +48,7 @@ class WindowFeatures:
         return WindowFeatures(self.pooled[idx], [w[idx] for w in self.windows], self.patches[idx])
 
 
-def encode_windows(visual: nn.Module, images: torch.Tensor, scale: int) -> torch.Tensor:
+def encode_windows(visual: VisionTower, images: torch.Tensor, scale: int) -> torch.Tensor:
     """Masked re-encoding of every ``scale x scale`` window. ``(B, 3, S, S)`` -> ``(B, n_windows, E)`` normalised."""
     x = embed_patches(visual, images)
     b, t, w = x.shape
@@ -68,9 +69,11 @@ def encode_windows(visual: nn.Module, images: torch.Tensor, scale: int) -> torch
 class WinClip(TwoStateScorer):
     """WinCLIP+ scoring; empty memories = zero-shot WinCLIP."""
 
+    memory_patch: torch.Tensor  # buffer, registered in __init__
+
     def __init__(self, clip: nn.Module, n_classes: int, sigma: float = 4.0) -> None:
         super().__init__(clip, n_classes, sigma)
-        embed, width = clip.visual.proj.shape[1], clip.visual.proj.shape[0]
+        embed, width = self.visual.proj.shape[1], self.visual.proj.shape[0]
         self.register_buffer("memory_patch", torch.zeros(0, width))
         for k in range(len(WINDOW_SCALES)):
             self.register_buffer(f"memory_window{k}", torch.zeros(0, embed))
