@@ -39,9 +39,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import zarr
 
-from semclip_batch.writer import mask_array
+from semclip_batch.io.masks import mask_array
 
-PRIVATE_RAY_ENV = "SEMCLIP_PRIVATE_RAY"  # semclip_batch.ray_watchdog tags every process of a private Ray with it
+PRIVATE_RAY_ENV = "SEMCLIP_PRIVATE_RAY"  # semclip_batch.pipeline.ray_watchdog tags every process of a private Ray with it
 CLI = str(Path(sys.executable).with_name("semclip-batch"))
 SCORE_TOL = 1e-4
 MASK_TOL = 1
@@ -159,7 +159,7 @@ def wait_gone(snap: RaySnapshot, limit_s: float, mark_s: float = 1.0) -> tuple[f
 
 def make_lot(folder: Path, images: int, seed: int) -> Path:
     """A synthetic data set of about ``images`` frames (2 lots x 7 classes), small mixed sizes; its manifest."""
-    from semclip_batch.synth import SynthConfig, synth
+    from semclip_batch.synth.generate import SynthConfig, synth
 
     per_class = max(1, round(images / 14))
     synth(str(folder), SynthConfig(seed=seed, lots=2, per_class=per_class, sizes=((128, 128), (96, 160))))
@@ -361,7 +361,7 @@ def read_predictions(out: Path) -> pd.DataFrame:
 
 
 def compare(baseline: Path, out: Path) -> list[str]:
-    """Differences between two OUTs (empty when equal within the tolerances of DESIGN.md)."""
+    """Differences between two OUTs (empty when equal within the tolerances of README "Archives as they are")."""
     a, b = read_predictions(baseline), read_predictions(out)
     problems = [f"{name}: image_id {i} appears {n} times"
                 for name, df in (("baseline", a), ("rerun", b))

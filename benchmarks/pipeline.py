@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from semclip_batch.config import ModelSpec, RunConfig, Thresholds
-from semclip_batch.inference import Predictor, PredictorSetup
-from semclip_batch.manifest import read_manifest
-from semclip_batch.pipeline import run, text_embeddings
-from semclip_batch.prompts import load_prompts
-from semclip_batch.reader import decode_batch
-from semclip_batch.scoring import defect_regions
-from semclip_batch.synth import SynthConfig, synth
-from semclip_batch.weights import load_backbone, preprocess_config
+from semclip_batch.io.manifest import read_manifest
+from semclip_batch.methods.decisions import defect_regions
+from semclip_batch.methods.prompts import load_prompts, text_embeddings
+from semclip_batch.methods.weights import load_backbone, preprocess_config
+from semclip_batch.pipeline.driver import run
+from semclip_batch.pipeline.inference import Predictor, PredictorSetup
+from semclip_batch.pipeline.reader import decode_batch
+from semclip_batch.synth.generate import SynthConfig, synth
 
 
 def make_lot(folder: Path, images: int) -> Path:

@@ -8,7 +8,7 @@ Synthetic sets from apart seeds: support (seed 2000, 10 per class = 70 images, w
 the test). ``--weights`` absent: ``semclip-tiny`` is pretrained once by ``pretrain``
 (its default, full schedule, seed-1000 lots) and cached in ``--work``. The frozen backbone's features are computed once
 per (backbone, set) and shared by every configuration; each configuration is fitted with ``train``'s own
-code and defaults (:func:`semclip_batch.train.fit`) and scored exactly as ``run`` + ``eval`` score (whole-frame
+code and defaults (:func:`semclip_batch.fewshot.train.fit`) and scored exactly as ``run`` + ``eval`` score (whole-frame
 view, map resized to the frame, uint8 masks, the same metric code). Nothing is tuned on the test lots.
 
 Grid: K in {1, 5, 10} x support seeds {0, 1, 2} x {semclip, winclip, promptad, semclip without the V-V path,
@@ -31,24 +31,23 @@ import numpy as np
 import pandas as pd
 import torch
 
+from semclip_batch.analysis.metrics import PixelCounts, classification_report, roc_auc
 from semclip_batch.config import ModelSpec
-from semclip_batch.features import Features, encode_views
-from semclip_batch.manifest import read_manifest
-from semclip_batch.methods import depth_of, new_model, score_features
-from semclip_batch.metrics import PixelCounts, classification_report, roc_auc
+from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
+from semclip_batch.fewshot.train import TrainConfig, fit, sample_shots
+from semclip_batch.fewshot.trainset import TrainSet, load_trainset
+from semclip_batch.io.frames import load_frame
+from semclip_batch.io.manifest import read_manifest
+from semclip_batch.io.preprocess import maps_to_frame
+from semclip_batch.methods.decisions import anomaly_score, to_mask
+from semclip_batch.methods.features import Features, encode_views
+from semclip_batch.methods.prompts import load_prompts, text_embeddings
+from semclip_batch.methods.registry import depth_of, new_model, score_features
+from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import reference_taps
 from semclip_batch.model.towers import vision_tower
-from semclip_batch.pipeline import text_embeddings
-from semclip_batch.preprocess import maps_to_frame
-from semclip_batch.pretrain import PretrainConfig, pretrain
-from semclip_batch.prompts import load_prompts
-from semclip_batch.reader import load_frame
-from semclip_batch.scoring import anomaly_score, to_mask
-from semclip_batch.synth import SynthConfig, synth
-from semclip_batch.train import TrainConfig, fit, sample_shots
-from semclip_batch.trainset import TrainSet, load_trainset
-from semclip_batch.weights import LoadedBackbone, load_backbone, preprocess_config
+from semclip_batch.synth.generate import SynthConfig, synth
 
 SIZES = ((256, 256), (240, 320), (300, 200), (512, 512))
 KEYS = ("iAUROC", "pAUROC", "F1max", "AUPRO", "accuracy", "macro_F1")

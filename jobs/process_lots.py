@@ -36,8 +36,8 @@ def main(do_aggregate: bool, **options: Any) -> None:
     """
     import logging
 
-    from semclip_batch.aggregate import aggregate
-    from semclip_batch.pipeline import run
+    from semclip_batch.analysis.aggregate import aggregate
+    from semclip_batch.pipeline.driver import run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if options["address"] is None and "RAY_ADDRESS" not in os.environ:

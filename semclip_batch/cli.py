@@ -10,7 +10,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from .config import (
+from semclip_batch.config import (
     DEFAULT_BACKBONE,
     DEFAULT_IMAGE_THRESHOLD,
     DEFAULT_KEEP_TOKENS,
@@ -26,8 +26,8 @@ from .config import (
     RunConfig,
     Thresholds,
 )
-from .errors import SemclipError, one_line, shorten
-from .storage import check_storage_options
+from semclip_batch.errors import SemclipError, one_line, shorten
+from semclip_batch.io.storage import check_storage_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 P = ParamSpec("P")
@@ -54,7 +54,7 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
 def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     """``--storage-option KEY=VALUE`` flags, validated (raises :class:`ConfigError`: one line, no usage dump)."""
-    from .errors import ConfigError
+    from semclip_batch.errors import ConfigError
 
     opts: dict[str, Any] = {}
     for pair in pairs:
@@ -124,9 +124,9 @@ def synth(out: str, seed: int, lots: int, wafers: int, dies: int, per_class: int
     Example:
       semclip-batch synth data/ --seed 3 --lots 2 --per-class 4 --sizes 512x512,480x640
     """
-    from .errors import ConfigError
-    from .synth import SynthConfig, parse_sizes
-    from .synth import synth as make
+    from semclip_batch.errors import ConfigError
+    from semclip_batch.synth.generate import SynthConfig, parse_sizes
+    from semclip_batch.synth.generate import synth as make
 
     try:
         bit_list = tuple(int(b) for b in bits.split(",") if b)
@@ -186,7 +186,7 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
                actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None,
                address: str | None, overwrite: bool) -> RunConfig:
     """The validated RunConfig for the options of :func:`run_options`."""
-    from .errors import ConfigError
+    from semclip_batch.errors import ConfigError
 
     if pretrained is None and model is None:
         raise ConfigError("run needs --pretrained (a weights path/URL, or 'none' for seeded random weights) or --model")
@@ -211,7 +211,7 @@ def run(**options: Any) -> None:
       semclip-batch run s3://fab/lot42/ --pattern '{lot_id}/{wafer_id}/{name}.{ext}' --out s3://fab/out \\
           --pretrained s3://models/vit-b-16-plus-240.safetensors --actors 4 --num-gpus 1
     """
-    from .pipeline import run as run_pipeline
+    from semclip_batch.pipeline.driver import run as run_pipeline
 
     result = run_pipeline(run_config(**options), progress=progress_printer())
     print_result(result.record, result.out)
@@ -248,7 +248,7 @@ def aggregate(out: str, storage_option: tuple[str, ...]) -> None:
     Example:
       semclip-batch aggregate out/
     """
-    from .aggregate import aggregate as make_stats
+    from semclip_batch.analysis.aggregate import aggregate as make_stats
 
     stats = make_stats(out, parse_storage_options(storage_option))
     click.echo(f"wrote {len(stats)} rows for {stats['lot_id'].nunique()} lots to {out.rstrip('/')}/lot_stats")
@@ -267,7 +267,7 @@ def query(out: str, sql: str, fmt: str, storage_option: tuple[str, ...]) -> None
     Example:
       semclip-batch query out/ "select lot_id, count(*) from predictions group by 1" --format csv
     """
-    from .query import render, run_query
+    from semclip_batch.analysis.query import render, run_query
 
     click.echo(render(run_query(out, sql, parse_storage_options(storage_option)), fmt), nl=False)
 
@@ -284,7 +284,7 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
     Example:
       semclip-batch eval out/ --truth data/manifest.csv
     """
-    from .evaluate import evaluate, metrics_table
+    from semclip_batch.analysis.evaluate import evaluate, metrics_table
 
     metrics = evaluate(out, truth, parse_storage_options(storage_option))
     click.echo(metrics_table(metrics))
@@ -321,9 +321,9 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     Example:
       semclip-batch pretrain data/manifest.csv --out sem-tiny.safetensors --backbone semclip-tiny --steps 200
     """
-    from .errors import ConfigError
-    from .pretrain import PretrainConfig
-    from .pretrain import pretrain as run_pretrain
+    from semclip_batch.errors import ConfigError
+    from semclip_batch.fewshot.pretrain import PretrainConfig
+    from semclip_batch.fewshot.pretrain import pretrain as run_pretrain
 
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise ConfigError("--steps and --batch-size must be >= 1 and --lr > 0")
@@ -366,9 +366,9 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
       semclip-batch train support.csv --out ckpt/ --backbone semclip-tiny --pretrained sem-tiny.safetensors --shots 10
       semclip-batch train support.csv --out ckpt-winclip/ --method winclip --pretrained sem-tiny.safetensors --shots 10
     """
-    from .errors import ConfigError
-    from .train import TrainConfig
-    from .train import train as run_train
+    from semclip_batch.errors import ConfigError
+    from semclip_batch.fewshot.train import TrainConfig
+    from semclip_batch.fewshot.train import train as run_train
 
     if pretrained is None:
         raise ConfigError("train needs --pretrained (a weights path/URL, or 'none' for seeded random weights)")
@@ -405,7 +405,7 @@ def demo(dir: str, backbone: str) -> None:
     Example:
       semclip-batch demo ./demo-out
     """
-    from .demo import run_demo
+    from semclip_batch.demo import run_demo
 
     for line in run_demo(dir, backbone=backbone):
         click.echo(line)

@@ -8,10 +8,16 @@ normal frames (measured on synthetic lots), so the image and pixel thresholds si
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from semclip_batch.errors import ConfigError
+
+Progress = Callable[[int, int], None]
+"""Called with (rows just done, rows in all) as a run goes."""
+LossProgress = Callable[[int, int, float], None]
+"""Called with (step, steps, loss) as training goes."""
 
 DEFAULT_BACKBONE = "ViT-B-16-plus-240"
 DEFAULT_IMAGE_THRESHOLD = 0.95
@@ -55,7 +61,7 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The one preprocessing recipe (DESIGN.md); mean/std/size are the backbone's own."""
+    """The one preprocessing recipe (README "Architecture"); mean/std/size are the backbone's own."""
 
     image_size: int
     mean: tuple[float, float, float]

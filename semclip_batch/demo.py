@@ -10,15 +10,15 @@ from collections.abc import Iterator
 
 from safetensors import safe_open
 
-from . import storage
-from .aggregate import aggregate
-from .config import ModelSpec, RunConfig
-from .evaluate import evaluate
-from .pipeline import run
-from .pretrain import PretrainConfig, pretrain
-from .results import lot_summary
-from .synth import SynthConfig, synth
-from .train import TrainConfig, train
+from semclip_batch.analysis.aggregate import aggregate
+from semclip_batch.analysis.evaluate import evaluate
+from semclip_batch.analysis.results import lot_summary
+from semclip_batch.config import ModelSpec, RunConfig
+from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
+from semclip_batch.fewshot.train import TrainConfig, train
+from semclip_batch.io import storage
+from semclip_batch.pipeline.driver import run
+from semclip_batch.synth.generate import SynthConfig, synth
 
 SIZES = ((256, 256), (240, 320), (300, 200))
 DEMO_STEPS = 350

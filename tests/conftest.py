@@ -63,7 +63,7 @@ def ray_cluster(s3_endpoint):
 @pytest.fixture(scope="session")
 def synth_lot(tmp_path_factory) -> Path:
     """A small synthetic data set: 2 lots x 7 classes x 1 image, mixed sizes, formats and bit depths."""
-    from semclip_batch.synth import SynthConfig, synth
+    from semclip_batch.synth.generate import SynthConfig, synth
 
     root = tmp_path_factory.mktemp("synth")
     synth(str(root), SynthConfig(seed=11, lots=2, per_class=1, sizes=((256, 256), (200, 312), (96, 128))))
@@ -72,7 +72,7 @@ def synth_lot(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip():
-    from semclip_batch.weights import load_backbone
+    from semclip_batch.methods.weights import load_backbone
 
     return load_backbone("semclip-tiny", "none", seed=0)
 

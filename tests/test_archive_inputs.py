@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from conftest import ACCESS_KEY, BUCKET, SECRET_KEY
 from PIL import Image
 
+from semclip_batch.analysis.results import read_predictions
 from semclip_batch.cli import main
-from semclip_batch.layout import OutLayout
-from semclip_batch.results import read_predictions
-from semclip_batch.runrecord import start_record
-from semclip_batch.schema import PREDICTIONS, RESULT_COLUMNS
+from semclip_batch.io.layout import OutLayout
+from semclip_batch.io.runrecord import start_record
+from semclip_batch.io.schema import PREDICTIONS, RESULT_COLUMNS
 
 TINY = ["--backbone", "semclip-tiny", "--pretrained", "none"]
 # Lot "001": 8 rows, the first a 0-byte PNG; lot "1": 32 good rows (the layout that aborted a run); lot
@@ -288,7 +288,7 @@ def test_model_actor_killed_mid_run_the_run_completes(ray_cluster, archive, tmp_
     import time
 
     from semclip_batch.config import ModelSpec, RunConfig
-    from semclip_batch.pipeline import run
+    from semclip_batch.pipeline.driver import run
 
     root, manifest = archive
     out = tmp_path / "out"
@@ -315,9 +315,9 @@ def test_model_actor_killed_mid_run_the_run_completes(ray_cluster, archive, tmp_
 
 
 def test_read_and_reference_errors_are_rows_of_the_fixed_schema(tmp_path):
-    from semclip_batch.reader import decode_batch
-    from semclip_batch.schema import DECODED, INPUT_COLUMNS
-    from semclip_batch.weights import preprocess_config
+    from semclip_batch.io.schema import DECODED, INPUT_COLUMNS
+    from semclip_batch.methods.weights import preprocess_config
+    from semclip_batch.pipeline.reader import decode_batch
 
     rng = np.random.default_rng(1)
     (tmp_path / "good.png").write_bytes(_png(rng))

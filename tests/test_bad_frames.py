@@ -16,11 +16,11 @@ import tifffile
 import torch
 from PIL import Image, ImageFile
 
-from semclip_batch import decode
 from semclip_batch.config import PreprocessConfig
-from semclip_batch.decode import decode_image
 from semclip_batch.errors import DECODE_ERROR, MAX_MESSAGE, ImageError
-from semclip_batch.preprocess import MAX_TILES, maps_to_frame, model_inputs, tile_grid
+from semclip_batch.io import decode
+from semclip_batch.io.decode import decode_image
+from semclip_batch.io.preprocess import MAX_TILES, maps_to_frame, model_inputs, tile_grid
 
 CFG = PreprocessConfig(image_size=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 HUGE = 60_000

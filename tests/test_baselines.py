@@ -12,22 +12,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semclip_batch.baselines import fit_promptad, normal_rows
-from semclip_batch.checkpoint import load_checkpoint
+from semclip_batch.analysis.results import read_predictions
 from semclip_batch.config import ModelSpec, RunConfig
 from semclip_batch.errors import REFERENCE_ERROR, ConfigError
-from semclip_batch.features import encode_views
-from semclip_batch.methods import new_model
+from semclip_batch.fewshot.baselines import fit_promptad, normal_rows
+from semclip_batch.fewshot.train import TrainConfig, train
+from semclip_batch.fewshot.trainset import TrainSet
+from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.features import encode_views
+from semclip_batch.methods.prompts import load_prompts
+from semclip_batch.methods.registry import new_model
 from semclip_batch.model.encoder import embed_patches
 from semclip_batch.model.patchops import harmonic_to_patches, nearest_distance, neighbourhood_distance, window_index
 from semclip_batch.model.promptad import PromptLearner
 from semclip_batch.model.reference import ReferenceScorer
 from semclip_batch.model.winclip import WinClip, encode_windows
-from semclip_batch.pipeline import run
-from semclip_batch.prompts import load_prompts
-from semclip_batch.results import read_predictions
-from semclip_batch.train import TrainConfig, train
-from semclip_batch.trainset import TrainSet
+from semclip_batch.pipeline.driver import run
 
 
 def test_windows_cover_the_grid_and_aggregate_harmonically():
@@ -92,9 +92,9 @@ def test_prompt_learner_matches_the_text_tower(tiny_clip):
 
 
 def _support(tiny_clip, synth_lot) -> tuple[TrainSet, object]:
-    from semclip_batch.manifest import read_manifest
-    from semclip_batch.trainset import load_trainset
-    from semclip_batch.weights import preprocess_config
+    from semclip_batch.fewshot.trainset import load_trainset
+    from semclip_batch.io.manifest import read_manifest
+    from semclip_batch.methods.weights import preprocess_config
 
     prep = preprocess_config("semclip-tiny", tile_above=10**9)
     data = load_trainset(read_manifest(str(synth_lot / "manifest.csv")), load_prompts().classes, prep)

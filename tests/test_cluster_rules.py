@@ -6,8 +6,8 @@ import pytest
 
 from semclip_batch.config import ModelSpec, RunConfig
 from semclip_batch.errors import OutputError
-from semclip_batch.pipeline import actor_resources, compute_run_id
-from semclip_batch.ray_session import ClusterShape, check_output_reachable
+from semclip_batch.pipeline.driver import actor_resources, compute_run_id
+from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable
 
 
 def cfg(**kw) -> RunConfig:
@@ -39,4 +39,26 @@ def test_run_id_depends_on_output_affecting_config_only():
     assert base != compute_run_id("m", {"thresholds": {"image": 0.9}}, "w")
     assert base != compute_run_id("m2", {"thresholds": {"image": 0.95}}, "w")
     assert base != compute_run_id("m", {"thresholds": {"image": 0.95}}, "w2")
-    assert "batch_size" not in str(ModelSpec().output_affecting())
+
+
+def test_run_id_ignores_how_wide_and_where_a_run_goes():
+    import dataclasses
+
+    import numpy as np
+
+    from semclip_batch.config import Thresholds
+    from semclip_batch.methods.prompts import PromptSet
+    from semclip_batch.methods.weights import preprocess_config
+    from semclip_batch.pipeline.driver import ModelIdentity, output_config
+
+    ident = ModelIdentity(model_id="m", sha256="s", weights_sha256="w", text=np.zeros((2, 4), np.float32),
+                          prompts=PromptSet(classes=("normal", "particle"), prompts=(("a",), ("b",))), mode="zero-shot")
+    prep = preprocess_config("semclip-tiny", tile_above=1024)
+    base = RunConfig(input="m.csv", out="out", model=ModelSpec(backbone="semclip-tiny", pretrained="none"))
+    wide = dataclasses.replace(base, batch_size=64, actors=8, num_gpus=1.0, address="ray://head:10001",
+                               shard_size=1024, out="s3://b/out", overwrite=True)
+    assert output_config(base, prep, ident) == output_config(wide, prep, ident)
+    stricter = dataclasses.replace(base, thresholds=Thresholds(image=0.5))
+    assert output_config(base, prep, ident) != output_config(stricter, prep, ident)
+    bf16 = dataclasses.replace(base, model=dataclasses.replace(base.model, precision="bf16"))
+    assert output_config(base, prep, ident) != output_config(bf16, prep, ident)

@@ -9,8 +9,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from semclip_batch.decode import decode_image
 from semclip_batch.errors import DECODE_ERROR, ImageError
+from semclip_batch.io.decode import decode_image
 
 
 def png(arr: np.ndarray, mode: str | None = None) -> bytes:

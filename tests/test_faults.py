@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from conftest import BUCKET
 from faultproxy import FaultProxy
 
-from semclip_batch import storage
+from semclip_batch.analysis.results import read_predictions
 from semclip_batch.cli import main
 from semclip_batch.errors import ConfigError
-from semclip_batch.results import read_predictions
+from semclip_batch.io import storage
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(120)]
 

@@ -1,5 +1,5 @@
 """SIGKILL of `semclip-batch run` mid-run: nothing of its private Ray survives, and a rerun ends as an
-uninterrupted run does (DESIGN.md "Done markers and resume").
+uninterrupted run does (README "Architecture": Done markers and resume).
 
 The CLI runs as a subprocess in its own session with its own private Ray; this test never starts or uses the
 session's shared in-process Ray. Helpers are shared with benchmarks/chaos.py, which holds them (see there).
@@ -90,7 +90,7 @@ def test_sigkill_mid_shard_and_while_writing_then_resume(kill_lot):
 # a child with a clean environment (as the raylet's agents end up), and, untagged, a child of its own.
 FAKE_DRIVER = """
 import json, os, subprocess, sys, time
-from semclip_batch.ray_watchdog import start_watchdog, tagged_environment
+from semclip_batch.pipeline.ray_watchdog import start_watchdog, tagged_environment
 token = sys.argv[1]
 dog = start_watchdog(token)
 sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from semclip_batch.errors import ManifestError
-from semclip_batch.manifest import content_digest, default_image_id, read_manifest
+from semclip_batch.io.manifest import content_digest, default_image_id, read_manifest
 
 
 def write_csv(path, rows):

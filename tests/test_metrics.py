@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, precision_recall_fscore_support, roc_auc_score
 
-from semclip_batch.metrics import PixelCounts, classification_report, pro_area, roc_auc
+from semclip_batch.analysis.metrics import PixelCounts, classification_report, pro_area, roc_auc
 
 
 @pytest.mark.parametrize("seed", range(3))

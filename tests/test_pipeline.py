@@ -15,11 +15,11 @@ import tifffile
 import zarr
 from PIL import Image
 
+from semclip_batch.analysis.results import read_predictions
 from semclip_batch.config import ModelSpec, RunConfig
 from semclip_batch.errors import OutputError
-from semclip_batch.pipeline import run
-from semclip_batch.results import read_predictions
-from semclip_batch.schema import PREDICTIONS, RESULT_COLUMNS
+from semclip_batch.io.schema import PREDICTIONS, RESULT_COLUMNS
+from semclip_batch.pipeline.driver import run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -187,7 +187,7 @@ def test_other_run_refused_unless_overwrite(first_run, mixed_manifest, tmp_path)
 
 
 def test_eval_writes_metrics_json(first_run, mixed_manifest, tmp_path):
-    from semclip_batch.evaluate import evaluate
+    from semclip_batch.analysis.evaluate import evaluate
 
     out, _ = first_run
     metrics = evaluate(str(out), str(mixed_manifest))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from semclip_batch.config import PreprocessConfig
-from semclip_batch.preprocess import MAX_TILES, Tile, maps_to_frame, model_inputs, stretch, tile_grid
+from semclip_batch.io.preprocess import MAX_TILES, Tile, maps_to_frame, model_inputs, stretch, tile_grid
 
 CFG = PreprocessConfig(image_size=240, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

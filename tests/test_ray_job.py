@@ -17,8 +17,8 @@ import pytest
 from conftest import SECRET_KEY, free_port
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from semclip_batch.cluster_config import validate_cluster_config
-from semclip_batch.results import read_predictions
+from semclip_batch.analysis.results import read_predictions
+from semclip_batch.pipeline.cluster_config import validate_cluster_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

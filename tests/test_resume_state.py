@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from semclip_batch import storage
-from semclip_batch.layout import OutLayout
-from semclip_batch.shards import clear_partial, done_shards, read_json, write_marker
+from semclip_batch.io import storage
+from semclip_batch.io.layout import OutLayout
+from semclip_batch.pipeline.shards import clear_partial, done_shards, read_json, write_marker
 
 LOTS = ("LA", "LA x", "L(A)", "L{A}", "LA-2", "ü#:1")
 

@@ -12,13 +12,13 @@ import zarr
 from click.testing import CliRunner
 from conftest import ACCESS_KEY, BUCKET, SECRET_KEY
 
-from semclip_batch.aggregate import aggregate
+from semclip_batch.analysis.aggregate import aggregate
+from semclip_batch.analysis.query import run_query
+from semclip_batch.analysis.results import read_predictions
 from semclip_batch.cli import main
 from semclip_batch.errors import ManifestError
-from semclip_batch.manifest import read_manifest
-from semclip_batch.query import run_query
-from semclip_batch.results import read_predictions
-from semclip_batch.synth import SynthConfig, synth
+from semclip_batch.io.manifest import read_manifest
+from semclip_batch.synth.generate import SynthConfig, synth
 
 pytestmark = [pytest.mark.s3, pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -1,11 +1,11 @@
-"""The prediction row's numbers (DESIGN.md "Scores, maps, thresholds")."""
+"""The prediction row's numbers (README "Architecture": Scores, maps, thresholds)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from semclip_batch.config import Thresholds
-from semclip_batch.scoring import anomaly_score, decide, defect_regions, pixel_level, to_mask
+from semclip_batch.methods.decisions import anomaly_score, decide, defect_regions, pixel_level, to_mask
 
 CLASSES = ("normal", "bridge", "particle")
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from semclip_batch.reader import load_frame
-from semclip_batch.synth import SynthConfig, make_site, synth
-from semclip_batch.synth_render import banner_height
+from semclip_batch.io.frames import load_frame
+from semclip_batch.synth.generate import SynthConfig, make_site, synth
+from semclip_batch.synth.render import banner_height
 
 
 def digest_tree(root) -> dict[str, str]:
@@ -79,7 +79,7 @@ def test_defect_shapes():
 
 
 def test_bridge_joins_two_lines():
-    from semclip_batch.synth_render import Layout, _bridge, pattern
+    from semclip_batch.synth.render import Layout, _bridge, pattern
 
     layout = Layout(kind="lines", pitch=20, width=9, phase=0)
     s = pattern(layout, 128, 128)

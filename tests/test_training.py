@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from semclip_batch.checkpoint import load_checkpoint
 from semclip_batch.config import ModelSpec, RunConfig, Thresholds
 from semclip_batch.errors import ConfigError, WeightsError
-from semclip_batch.pipeline import run
-from semclip_batch.pretrain import PretrainConfig, kept_patches, pretrain
-from semclip_batch.train import TrainConfig, focal_dice, sample_shots, train
-from semclip_batch.trainset import IGNORE
-from semclip_batch.weights import load_backbone
+from semclip_batch.fewshot.pretrain import PretrainConfig, kept_patches, pretrain
+from semclip_batch.fewshot.train import TrainConfig, focal_dice, sample_shots, train
+from semclip_batch.fewshot.trainset import IGNORE
+from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.weights import load_backbone
+from semclip_batch.pipeline.driver import run
 
 
 @pytest.fixture(scope="module")

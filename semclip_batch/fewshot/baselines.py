@@ -1,0 +1,113 @@
+"""Fitting the baselines on a support set (WinCLIP+, PromptAD): normal-feature memories and learned prompts.
+
+Settings are the papers' (fixed before any SEM-CLIP figure was measured): WinCLIP+ windows 2x2 and 3x3 patches
+plus the penultimate block's patches; PromptAD 4 context tokens, 3 normal prompts, 4 learnable anomaly
+suffixes of 1 token, manual suffixes = the defect class names, margin 0.1, 100 full-batch epochs. Both use
+only the support set's *normal* images, as in the papers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TypedDict
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semclip_batch.config import LossProgress
+from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.trainset import TrainSet
+from semclip_batch.methods.features import Features
+from semclip_batch.model.promptad import PromptAd, PromptLearner, project_tokens, promptad_loss
+from semclip_batch.model.towers import as_clip
+from semclip_batch.model.winclip import WinClip
+
+log = logging.getLogger(__name__)
+OBJECT = "wafer pattern"
+
+
+@dataclass(frozen=True)
+class PromptAdSettings:
+    n_ctx: int = 4
+    n_prompts: int = 3
+    n_learned: int = 4
+    n_ab: int = 1
+    margin: float = 0.1
+    epochs: int = 100
+    lr: float = 2e-3
+
+
+def normal_rows(data: TrainSet, method: str) -> torch.Tensor:
+    idx = (data.labels == 0).nonzero().flatten()
+    if idx.numel() == 0:
+        raise ConfigError(f"--method {method} learns from normal images; the support set has none")
+    return idx
+
+
+def fit_winclip(model: WinClip, feats: Features, data: TrainSet) -> dict[str, float]:
+    """Fill WinCLIP+'s memories with the normal support images' patch tokens and window embeddings."""
+    depth = len(model.visual.transformer.resblocks)
+    wf = feats.window_features(depth).subset(normal_rows(data, "winclip"))
+    model.set_memory(wf.patches.reshape(-1, wf.patches.shape[-1]), [w.reshape(-1, w.shape[-1]) for w in wf.windows])
+    return {"memory_patches": int(model.memory_patch.shape[0])}
+
+
+class _PromptTokens(TypedDict):
+    normal: torch.Tensor
+    manual: torch.Tensor
+    learned: torch.Tensor
+    ab_start: int
+
+
+def _prompt_tokens(clip_name: str, classes: tuple[str, ...], s: PromptAdSettings) -> _PromptTokens:
+    tokenizer = open_clip.get_tokenizer(clip_name)
+    ctx = " ".join(["X"] * s.n_ctx)
+    ab = " ".join(["X"] * s.n_ab)
+    normal = tokenizer([f"{ctx} {OBJECT}."] * s.n_prompts)
+    manual = tokenizer([f"{ctx} {OBJECT} with {c.replace('_', ' ')}." for c in classes[1:]])
+    learned = tokenizer([f"{ctx} {OBJECT} with {ab}."] * s.n_learned)
+    head = tokenizer([f"{ctx} {OBJECT} with"])[0]
+    ab_start = int((head != 0).sum()) - 1  # position after "with" (the end token is dropped)
+    return {"normal": normal, "manual": manual, "learned": learned, "ab_start": ab_start}
+
+
+def fit_promptad(model: PromptAd, clip: nn.Module, clip_name: str, classes: tuple[str, ...], feats: Features,
+                 data: TrainSet, seed: int, settings: PromptAdSettings | None = None,
+                 progress: LossProgress | None = None) -> dict[str, float]:
+    """Learn PromptAD's prompts on the normal support images, then fill its memories and prototypes."""
+    s = settings or PromptAdSettings()
+    idx = normal_rows(data, "promptad")
+    taps = model.read_taps
+    enc = feats.subset(idx).select(taps, True)
+    with torch.no_grad():
+        image = F.normalize(enc.pooled.float(), dim=-1)
+        last_vv = enc.vv[-1]
+        assert last_vv is not None  # select(taps, True) of features encoded with the V-V path (vv_from=1)
+        local = project_tokens(model.visual, last_vv).reshape(-1, image.shape[-1]).float()
+        targets = torch.cat([image, local])
+    tok = _prompt_tokens(clip_name, classes, s)
+    learner = PromptLearner(clip, tok["normal"], tok["manual"], tok["learned"], s.n_ctx, s.n_ab,
+                            int(tok["ab_start"]), seed)
+    for p in clip.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([learner.ctx, learner.ab_ctx], lr=s.lr)
+    scale = as_clip(clip).logit_scale.detach().exp()
+    loss = torch.tensor(0.0)
+    for epoch in range(1, s.epochs + 1):
+        normal, manual, learned = learner()
+        loss = promptad_loss(targets, normal, manual, learned, scale, s.margin)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None and (epoch % 10 == 0 or epoch == s.epochs):
+            progress(epoch, s.epochs, float(loss.detach()))
+    with torch.no_grad():
+        normal, manual, learned = learner()
+        protos = torch.stack([F.normalize(normal.mean(0), dim=-1), F.normalize(torch.cat([manual, learned]).mean(0), dim=-1)])
+    model.states.copy_(protos)
+    model.set_memory([F.normalize(enc.original[taps.index(t)][:, 1:].float(), dim=-1).reshape(-1, enc.original[0].shape[-1])
+                      for t in model.taps])
+    return {"final_loss": float(loss.detach()), "epochs": s.epochs}

@@ -1,0 +1,131 @@
+"""Labelled images in memory for ``pretrain`` and ``train``, through the same decoding and preprocessing as
+``run`` (whole-frame view at model input size; masks as per-pixel defect fractions at the same size)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from semclip_batch.config import PreprocessConfig
+from semclip_batch.errors import DECODE_ERROR, ConfigError, ImageError
+from semclip_batch.io.frames import load_frame, load_reference
+from semclip_batch.io.preprocess import mask_view, whole_view
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class TrainSet:
+    """``views``: ``(N, S, S)`` float16 grey in [0, 1]; ``masks``: ``(N, S, S)`` float16 defect fractions;
+    ``labels``: ``(N,)`` class index; ``has_mask``: ``(N,)`` bool; ``captions``: per row, or "";
+    ``refs`` / ``has_ref``: reference-frame views ``(N, S, S)`` and which rows have one (when asked for)."""
+
+    views: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    has_mask: torch.Tensor
+    captions: list[str]
+    classes: tuple[str, ...]
+    skipped: int
+    refs: torch.Tensor | None = None
+    has_ref: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+Loaded = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool) -> Loaded:
+    """(view, mask view or None, reference view or None)."""
+    gray = load_frame(row["url"], so)
+    view = whole_view(gray, prep)
+    ref = _load_reference(row, gray.shape, prep, so) if references else None
+    if not row["mask_url"]:
+        return view, None, ref
+    mask = load_frame(row["mask_url"], so) > 0
+    if mask.shape != gray.shape:
+        raise ImageError(DECODE_ERROR, f"mask {mask.shape} does not match image {gray.shape}")
+    return view, mask_view(mask, prep.image_size), ref
+
+
+def _load_reference(row: pd.Series, shape: tuple[int, int], prep: PreprocessConfig,
+                    so: Mapping[str, Any] | None) -> np.ndarray | None:
+    """The row's reference view, or None (no reference, or unusable: warned and scored without it)."""
+    if not row["reference_url"]:
+        return None
+    try:
+        return whole_view(load_reference(row["reference_url"], shape, so), prep)
+    except ImageError as exc:
+        log.warning("%s: trained without its reference: %s", row["uri"], exc)
+        return None
+
+
+def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessConfig, *,
+                  storage_options: Mapping[str, Any] | None = None, need_labels: bool = True,
+                  references: bool = False, threads: int = 4) -> TrainSet:
+    """Decode every usable row; unreadable rows are skipped with a warning and counted."""
+    unknown = sorted(set(df["label"]) - set(classes) - {""})
+    if unknown:
+        raise ConfigError(f"label {unknown[0]!r} is not a class of the prompt file ({', '.join(classes)})")
+    if need_labels and (df["label"] == "").any():
+        row = df[df["label"] == ""].iloc[0]
+        raise ConfigError(f"every support row needs a label; {row['uri']} has none")
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references),
+                                [r for _, r in df.iterrows()]))
+    keep = [i for i, r in enumerate(results) if r is not None]
+    loaded = [r for r in results if r is not None]  # results[i] for i in keep
+    if not keep:
+        raise ConfigError("no usable training image (all rows failed to decode)")
+    size = prep.image_size
+    views = torch.from_numpy(np.stack([view for view, _, _ in loaded])).half()
+    masks = torch.zeros(len(keep), size, size, dtype=torch.float16)
+    has_mask = torch.zeros(len(keep), dtype=torch.bool)
+    for k, (_, mask, _) in enumerate(loaded):
+        if mask is not None:
+            masks[k] = torch.from_numpy(mask).half()
+            has_mask[k] = True
+    labels = torch.tensor([classes.index(df["label"].iloc[i]) if df["label"].iloc[i] else IGNORE for i in keep])
+    normal = labels == 0
+    has_mask |= normal  # a normal image without a mask file is all zeros
+    captions = [str(df["caption"].iloc[i]) for i in keep]
+    data = TrainSet(views, masks, labels, has_mask, captions, classes, skipped=len(df) - len(keep))
+    if references:
+        refs = [ref for _, _, ref in loaded]
+        data.has_ref = torch.tensor([r is not None for r in refs], dtype=torch.bool)
+        data.refs = torch.from_numpy(np.stack([np.zeros((size, size), np.float32) if r is None else r
+                                               for r in refs])).half()
+    return data
+
+
+def _safe_load(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool) -> Loaded | None:
+    try:
+        return _load_row(row, prep, so, references)
+    except ImageError as exc:
+        log.warning("skipping %s: %s", row["uri"], exc)
+        return None
+
+
+def patch_labels(masks: torch.Tensor, labels: torch.Tensor, has_mask: torch.Tensor, grid: int,
+                 defect_frac: float = 0.04, normal_frac: float = 0.01) -> torch.Tensor:
+    """Per-patch class targets: the image's class where the patch holds at least ``defect_frac`` defect (thin
+    scratches and bridges never fill a patch), normal where clean, ignored in between or without a mask.
+    ``(B, S, S)`` -> ``(B, grid * grid)`` long."""
+    frac = F.adaptive_avg_pool2d(masks.float()[:, None], grid)[:, 0].flatten(1)
+    out = torch.full_like(frac, IGNORE, dtype=torch.long)
+    out[frac <= normal_frac] = 0
+    defect = (frac >= defect_frac) & (labels[:, None] > 0)
+    out[defect] = labels[:, None].expand_as(out)[defect]
+    out[~has_mask] = IGNORE
+    return out

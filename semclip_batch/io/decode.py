@@ -1,0 +1,141 @@
+"""Bytes -> a float grey frame in [0, 1] (before the percentile stretch).
+
+TIFF through tifffile (first page unless asked), everything else through Pillow. Integer samples are scaled by
+their dtype's maximum, floats kept as they are (non-finite samples become the frame's finite minimum); colour
+becomes luminance (ITU-R 601). Frame size is checked from the header before any pixel is decoded, so a huge or
+tiny frame costs nothing. Every failure is an :class:`ImageError` whose message is one line of at most
+:data:`~semclip_batch.errors.MAX_MESSAGE` characters, free of object reprs.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from semclip_batch.errors import DECODE_ERROR, ImageError, shorten
+
+MIN_SIDE = 16
+MAX_PIXELS = 64 * 1024 * 1024
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def decode_image(data: bytes, page: int = 0) -> np.ndarray:
+    """Decode one image. Returns ``(H, W)`` float32 in [0, 1] (floats unscaled). Raises :class:`ImageError`.
+
+    Args:
+        data: the file's bytes.
+        page: 0-based TIFF page; any other format has only page 0.
+    """
+    if not data:
+        raise decode_error("empty file (0 bytes)")
+    if data[:4] in _TIFF_MAGIC:
+        raw = _decode_tiff(data, page)
+    elif page != 0:
+        raise decode_error(f"not a TIFF, no page {page} (only TIFF files have pages)")
+    else:
+        raw = _decode_pillow(data)
+    return to_gray_float(raw)
+
+
+def decode_error(message: str) -> ImageError:
+    """A ``decode_error`` whose message is one line of at most 500 characters, without object reprs."""
+    return ImageError(DECODE_ERROR, shorten(message) or "unreadable image")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "cannot identify image file (unknown format or not an image)"
+    return shorten(str(exc)) or type(exc).__name__
+
+
+def check_size(height: int, width: int) -> None:
+    if min(height, width) < MIN_SIDE:
+        raise decode_error(f"frame {height}x{width} is smaller than {MIN_SIDE} px on a side")
+    if height * width > MAX_PIXELS:
+        raise decode_error(f"frame {height}x{width} exceeds 64 Mpx")
+
+
+def _decode_tiff(data: bytes, index: int) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            n_pages = len(tif.pages)
+            if n_pages == 0:
+                raise decode_error("TIFF holds no pages")
+            if not 0 <= index < n_pages:
+                raise decode_error(f"TIFF has {n_pages} pages, no page {index}")
+            page = tif.pages.first if index == 0 else tif.pages[index]
+            shape = page.shape
+            if len(shape) < 2:
+                raise decode_error(f"TIFF page has shape {shape}, not an image")
+            h, w = (shape[0], shape[1]) if len(shape) == 2 or shape[-1] in (3, 4) else shape[-2:]
+            check_size(int(h), int(w))
+            return page.asarray()
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise decode_error(f"unreadable TIFF: {_reason(exc)}") from exc
+
+
+def _decode_pillow(data: bytes) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img: Image.Image = Image.open(io.BytesIO(data))  # an ImageFile; convert() below gives a plain Image
+            check_size(img.height, img.width)
+            img.load()
+            if img.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+                img = img.convert("RGBA" if "A" in img.mode or img.mode == "P" else "RGB")
+            return np.asarray(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise decode_error(f"frame exceeds 64 Mpx: {_reason(exc)}") from exc
+    except Exception as exc:
+        raise decode_error(f"not a readable image: {_reason(exc)}") from exc
+
+
+def to_gray_float(raw: np.ndarray) -> np.ndarray:
+    """Scale by dtype and reduce colour to luminance. ``(H, W[, C])`` -> ``(H, W)`` float32."""
+    arr = np.asarray(raw)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] > 4:  # planar (separate) RGB(A) TIFF
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and not 1 <= arr.shape[-1] <= 4):
+        raise decode_error(f"unsupported pixel layout {arr.shape}")
+    check_size(arr.shape[0], arr.shape[1])
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in the luminance, float64 -> float32 overflow
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+            gray = _scale(arr[..., :3]) @ LUMA
+        elif arr.ndim == 3:
+            gray = _scale(arr[..., 0])
+        else:
+            gray = _scale(arr)
+        gray = gray.astype(np.float32, copy=False)
+    return _fill_non_finite(gray)  # after the cast, which may itself overflow to inf
+
+
+def _fill_non_finite(gray: np.ndarray) -> np.ndarray:
+    """NaN and +-inf samples become the frame's finite minimum; a frame with none finite is a decode error."""
+    finite = np.isfinite(gray)
+    if finite.all():
+        return gray
+    if not finite.any():
+        raise decode_error(f"frame {gray.shape[0]}x{gray.shape[1]} has no finite pixels (all NaN or inf)")
+    return np.where(finite, gray, gray[finite].min())
+
+
+def _scale(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float64)
+    if np.issubdtype(arr.dtype, np.unsignedinteger):
+        return arr.astype(np.float64) / float(np.iinfo(arr.dtype).max)
+    if np.issubdtype(arr.dtype, np.signedinteger):
+        info = np.iinfo(arr.dtype)
+        return np.clip(arr.astype(np.float64), 0, None) / float(info.max)
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float64)
+    raise decode_error(f"unsupported sample type {arr.dtype}")

@@ -1,0 +1,37 @@
+"""One frame from a URL: read through storage, decode, check (what every stage that opens frames calls)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from semclip_batch.errors import READ_ERROR, REFERENCE_ERROR, ImageError, one_line
+from semclip_batch.io.decode import decode_image
+from semclip_batch.io.storage import read_bytes, redact
+
+
+def load_frame(url: str, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Read and decode one frame. Returns ``(H, W)`` float32. Raises :class:`ImageError`."""
+    try:
+        data = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise ImageError(READ_ERROR, f"not found: {redact(url)}") from None
+    except IsADirectoryError:
+        raise ImageError(READ_ERROR, f"is a folder, not a file: {redact(url)}") from None
+    except Exception as exc:  # noqa: BLE001 - any storage failure is this row's read error
+        raise ImageError(READ_ERROR, f"cannot read {redact(url)}: {one_line(exc)}") from None
+    return decode_image(data)
+
+
+def load_reference(url: str, shape: tuple[int, int], storage_options: Mapping[str, Any] | None) -> np.ndarray:
+    """A row's reference frame, which must have the image's shape. Raises ``ImageError(reference_error)``."""
+    try:
+        ref = load_frame(url, storage_options)
+    except ImageError as exc:
+        raise ImageError(REFERENCE_ERROR, f"reference: {exc}") from None
+    if ref.shape != shape:
+        raise ImageError(REFERENCE_ERROR, f"reference {redact(url)} is {ref.shape[0]}x{ref.shape[1]}, "
+                                          f"the image {shape[0]}x{shape[1]}")
+    return ref

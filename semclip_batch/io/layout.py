@@ -1,0 +1,66 @@
+"""Names inside an output root OUT (README "Architecture": output contract), in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from semclip_batch.io.storage import join
+
+
+@dataclass(frozen=True)
+class OutLayout:
+    root: str
+
+    @property
+    def predictions(self) -> str:
+        return join(self.root, "predictions")
+
+    @property
+    def masks(self) -> str:
+        return join(self.root, "masks.zarr")
+
+    @property
+    def lot_stats(self) -> str:
+        return join(self.root, "lot_stats")
+
+    @property
+    def reports(self) -> str:
+        return join(self.root, "reports")
+
+    @property
+    def metrics(self) -> str:
+        return join(self.root, "metrics.json")
+
+    @property
+    def runs(self) -> str:
+        return join(self.root, "runs")
+
+    @property
+    def state(self) -> str:
+        """Shard plan and done markers (removed by ``--overwrite``)."""
+        return join(self.root, "_state")
+
+    @property
+    def plan(self) -> str:
+        return join(self.state, "plan.parquet")
+
+    @property
+    def run_info(self) -> str:
+        return join(self.state, "run.json")
+
+    def marker(self, lot_id: str, shard: str) -> str:
+        return join(self.state, "done", lot_id, f"{shard}.json")
+
+    @property
+    def markers(self) -> str:
+        return join(self.state, "done")
+
+    def prediction_part(self, lot_id: str, shard: str, part: str) -> str:
+        return join(self.predictions, f"lot_id={lot_id}", f"{shard}-{part}.parquet")
+
+    def attempt(self, run_id: str, attempt: int) -> str:
+        return join(self.runs, run_id, f"attempt-{attempt}.json")
+
+    def owned_outputs(self) -> list[str]:
+        """What ``--overwrite`` deletes (``runs/`` is kept)."""
+        return [self.predictions, self.masks, self.lot_stats, self.reports, self.metrics, self.state]

@@ -1,0 +1,59 @@
+"""From an anomaly map and class probabilities to the prediction row's numbers (README "Architecture": Scores)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from semclip_batch.config import Thresholds
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class Regions:
+    n_regions: int
+    area_px: int
+    area_frac: float
+
+
+def to_mask(amap: np.ndarray) -> np.ndarray:
+    """Stored mask = round(255 * A), uint8. ``(H, W)`` float in [0, 1] -> ``(H, W)`` uint8."""
+    return np.rint(np.clip(amap, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def anomaly_score(p_normal: float, map_max: float, mode: str = "mean") -> float:
+    """``mean``: 1/2 (1 - p(normal)) + 1/2 max A; ``max``: max A only."""
+    if mode == "max":
+        return float(map_max)
+    return 0.5 * (1.0 - float(p_normal)) + 0.5 * float(map_max)
+
+
+def pixel_level(pixel_threshold: float) -> int:
+    """Defect pixels are mask >= ceil(255 * pixel_threshold)."""
+    return math.ceil(255.0 * pixel_threshold - 1e-9)
+
+
+def defect_regions(mask: np.ndarray, pixel_threshold: float, min_region_px: int) -> Regions:
+    """8-connected components of defect pixels with at least ``min_region_px`` pixels. ``mask``: ``(H, W)``."""
+    defect = mask >= pixel_level(pixel_threshold)
+    labels, n = ndimage.label(defect, structure=_EIGHT_CONNECTED)
+    if n == 0:
+        return Regions(0, 0, 0.0)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    kept = sizes[sizes >= min_region_px]
+    area = int(kept.sum())
+    return Regions(int(kept.size), area, area / float(mask.size))
+
+
+def decide(score: float, class_scores: np.ndarray, classes: tuple[str, ...],
+           thresholds: Thresholds) -> tuple[bool, str | None]:
+    """``is_defect`` = score >= image threshold; the class = best non-normal class when defective."""
+    is_defect = score >= thresholds.image
+    if not is_defect:
+        return False, None
+    best = int(np.argmax(class_scores[1:])) + 1
+    return True, classes[best]

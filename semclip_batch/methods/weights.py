@@ -1,0 +1,165 @@
+"""Backbone weights: build an open_clip model by name, load weights from any fsspec URL, checksum them.
+
+Weights are read into memory through fsspec (never from a hub): ``.safetensors`` via safetensors, ``.pt`` /
+``.pth`` / ``.bin`` only via ``torch.load(weights_only=True)``. ``none`` means seeded random weights,
+identical in every process. The canonical checksum is sha256 over the state_dict (sorted names, dtype,
+shape, bytes), plus the seed for random weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
+
+from semclip_batch.config import PreprocessConfig
+from semclip_batch.errors import ConfigError, WeightsError
+from semclip_batch.io import storage
+
+log = logging.getLogger(__name__)
+RANDOM = "none"
+
+
+@dataclass(frozen=True)
+class LoadedBackbone:
+    """An open_clip CLIP model plus where its weights came from."""
+
+    clip: nn.Module
+    name: str
+    source: str
+    sha256: str
+
+
+def register_backbones() -> None:
+    """Make the project's own open_clip configs (``data/backbones/``: the ``semclip-tiny`` test backbone)
+    known to open_clip in this process. Idempotent; runs when this module is imported, so the driver and
+    every Ray worker that builds a backbone can name it."""
+    if "semclip-tiny" not in open_clip.list_models():
+        with resources.as_file(resources.files("semclip_batch") / "data" / "backbones") as folder:
+            open_clip.add_model_config(folder)
+
+
+register_backbones()
+
+
+def check_backbone(name: str) -> None:
+    if name not in open_clip.list_models():
+        raise ConfigError(f"unknown backbone {name!r} (e.g. ViT-B-16-plus-240 or semclip-tiny; "
+                          "see open_clip.list_models())")
+
+
+def preprocess_config(name: str, *, tile_above: int, image_size: int | None = None) -> PreprocessConfig:
+    """The backbone's own input size and mean/std, without building the model."""
+    check_backbone(name)
+    vision = open_clip.get_model_config(name)["vision_cfg"]
+    size = vision.get("image_size", 224)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    mean = _rgb(vision.get("image_mean", OPENAI_DATASET_MEAN))
+    std = _rgb(vision.get("image_std", OPENAI_DATASET_STD))
+    return PreprocessConfig(image_size=image_size or size, mean=mean, std=std, tile_above=tile_above)
+
+
+def _rgb(values: Iterable[float]) -> tuple[float, float, float]:
+    """Per-channel (R, G, B) values of a model config; the views are always 3-channel."""
+    r, g, b = (float(v) for v in values)
+    return r, g, b
+
+
+def canonical_sha256(state: Mapping[str, torch.Tensor], seed: int | None = None) -> str:
+    """sha256 over (name, dtype, shape, bytes) in sorted name order, plus ``seed`` when given."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if seed is not None:
+        h.update(f"seed={seed}".encode())
+    return h.hexdigest()
+
+
+def load_backbone(name: str, pretrained: str, *, seed: int = 0, expected_sha256: str | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> LoadedBackbone:
+    """Build backbone ``name`` with weights from ``pretrained`` (a URL, or ``none`` for seeded random)."""
+    check_backbone(name)
+    torch.manual_seed(seed)
+    with _quiet_root_logger():  # open_clip warns "no pretrained weights" on the root logger; we load them below
+        clip = open_clip.create_model(name, pretrained=None)
+    clip.eval()
+    if pretrained == RANDOM:
+        log.warning("backbone %s uses seeded random weights (seed %d): predictions carry no learned meaning",
+                    name, seed)
+        digest = canonical_sha256(clip.state_dict(), seed)
+        _check_expected(expected_sha256, digest, None, f"random weights (seed {seed})")
+        return LoadedBackbone(clip=clip, name=name, source=f"random:seed={seed}", sha256=digest)
+    data = _read_weights(pretrained, storage_options)
+    file_sha = hashlib.sha256(data).hexdigest()
+    state = _state_dict_from_bytes(data, pretrained)
+    try:
+        clip.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise WeightsError(f"weights {pretrained!r} do not fit backbone {name}: {first[0].strip()}") from None
+    digest = canonical_sha256(clip.state_dict())
+    _check_expected(expected_sha256, digest, file_sha, pretrained)
+    return LoadedBackbone(clip=clip, name=name, source=pretrained, sha256=digest)
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _check_expected(expected: str | None, canonical: str, file_sha: str | None, what: str) -> None:
+    if expected is None:
+        return
+    want = expected.strip().lower()
+    if want not in {canonical, file_sha}:
+        raise WeightsError(f"checksum mismatch for {what}: expected {want}, got canonical {canonical}"
+                           + (f" / file {file_sha}" if file_sha else ""))
+
+
+def _read_weights(url: str, storage_options: Mapping[str, Any] | None) -> bytes:
+    try:
+        return storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise WeightsError(f"--pretrained weights not found: {url!r} (give a local path or URL, or 'none')") from None
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read weights {url!r}: {exc}") from None
+
+
+def _state_dict_from_bytes(data: bytes, url: str) -> dict[str, torch.Tensor]:
+    lower = url.lower().split("?", 1)[0]
+    try:
+        if lower.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state: Any = load_safetensors(data)
+        elif lower.endswith((".pt", ".pth", ".bin")):
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        else:
+            raise WeightsError(f"weights {url!r}: expected a .safetensors or .pt file")
+    except WeightsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad weights file
+        raise WeightsError(f"cannot parse weights {url!r}: {' '.join(str(exc).split())[:200]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights {url!r} do not hold a plain tensor state_dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}

@@ -1,0 +1,182 @@
+"""The model stage: a Ray Data actor that builds the model (SEM-CLIP or a baseline) once in ``__init__`` and scores batches.
+
+Input rows carry the preprocessed views; output rows carry the uint8 mask at the frame's H x W, the class
+scores and the image score. A failing batch becomes ``model_error`` rows (traceback logged), never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from semclip_batch.config import ModelSpec, PreprocessConfig
+from semclip_batch.errors import MODEL_ERROR, OK, WeightsError, one_line
+from semclip_batch.io.preprocess import maps_to_frame, tile_grid
+from semclip_batch.io.schema import SCORED, to_table
+from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.decisions import anomaly_score, to_mask
+from semclip_batch.methods.features import encode_batch
+from semclip_batch.methods.registry import Scorer, depth_of, load_trained, needed_taps, new_model, score_features
+from semclip_batch.methods.weights import LoadedBackbone, load_backbone
+from semclip_batch.model import SemClip, SemClipOutput
+from semclip_batch.model.promptad import PromptAd
+from semclip_batch.model.reference import ReferenceScorer, reference_taps
+from semclip_batch.model.winclip import WinClip
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PredictorSetup:
+    """Everything an actor needs, small and picklable: the driver ships this, not a model."""
+
+    spec: ModelSpec
+    prep: PreprocessConfig
+    text_embeddings: np.ndarray  # (C, E) float32, class 0 = normal
+    weights_sha256: str
+    batch_size: int
+    threads: int
+    use_gpu: bool
+
+
+@dataclass
+class Scoring:
+    """A method's model (+ reference scorer) and what to encode for it."""
+
+    model: Scorer
+    reference: ReferenceScorer | None
+    taps: tuple[int, ...]
+    vv_from: int | None
+    windows: bool
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Scoring:
+        self.model = self.model.to(device=device, dtype=dtype)
+        if self.reference is not None:
+            self.reference = self.reference.to(device=device)
+        return self
+
+    def __call__(self, x: torch.Tensor, refs: torch.Tensor | None = None,
+                 has_ref: torch.Tensor | None = None) -> SemClipOutput:
+        visual = self.model.visual
+        feats = encode_batch(visual, x, self.taps, vv_from=self.vv_from, windows=self.windows)
+        ref_feats = None
+        if self.reference is not None and refs is not None and has_ref is not None and bool(has_ref.any()):
+            ref_feats = encode_batch(visual, refs, self.reference.taps, vv_from=None)
+        return score_features(self.model, feats, (x.shape[-2], x.shape[-1]), self.reference, ref_feats, has_ref)
+
+
+def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: str | None = None,
+                backbone: LoadedBackbone | None = None, tensors: Mapping[str, torch.Tensor] | None = None) -> Scoring:
+    """Load the backbone (unless given) and build ``spec.method`` around it with the given class embeddings;
+    with a checkpoint in the spec, its trained tensors (read here unless given, already verified) are loaded
+    too (eval mode, fp32, CPU)."""
+    if backbone is None:
+        # the driver resolved both (from the flags, or from the checkpoint) before any actor starts
+        assert spec.backbone is not None and spec.pretrained is not None
+        backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
+                                 storage_options=spec.storage_options)
+    model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
+    depth = depth_of(backbone.clip)
+    reference = ReferenceScorer(reference_taps(depth)) if spec.use_reference else None
+    if spec.checkpoint is not None:
+        if tensors is None:
+            tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
+        problems = load_trained(model, tensors)
+        if reference is not None:
+            if "reference.scale" not in tensors:
+                problems.append("missing reference.scale")
+            else:
+                reference.scale.copy_(tensors["reference.scale"])
+        if problems:
+            raise WeightsError(f"checkpoint {spec.checkpoint!r} does not fit this model ({', '.join(problems[:3])})")
+    taps = needed_taps(model)
+    vv_from: int | None = None
+    if isinstance(model, SemClip):
+        vv_from = model.cfg.vv_from if model.cfg.use_vv else None
+    elif isinstance(model, PromptAd):
+        vv_from = 1
+    if reference is not None:
+        taps = tuple(sorted({*taps, *reference.taps}))
+    model = model.eval().requires_grad_(False)
+    return Scoring(model, reference, taps, vv_from, windows=isinstance(model, WinClip))
+
+
+class Predictor:
+    """Callable class for ``map_batches(compute=ActorPoolStrategy(...))``."""
+
+    def __init__(self, setup: PredictorSetup) -> None:
+        torch.set_num_threads(max(1, setup.threads))
+        self.setup = setup
+        self.device = torch.device("cuda" if setup.use_gpu and torch.cuda.is_available() else "cpu")
+        self.dtype = DTYPES[setup.spec.precision]
+        self.scoring = build_model(setup.spec, setup.text_embeddings, setup.weights_sha256).to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def _forward(self, views: np.ndarray, refs: np.ndarray | None,
+                 has_ref: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(V, 3, S, S)`` (and the reference views, same shape, with a ``(V,)`` flag) -> maps ``(V, S, S)`` and
+        class probabilities ``(V, C)`` on the CPU."""
+        maps, probs = [], []
+        step = self.setup.batch_size
+        for start in range(0, views.shape[0], step):
+            x = torch.from_numpy(views[start:start + step]).to(self.device, self.dtype)
+            r = flag = None
+            if refs is not None and has_ref is not None:
+                r = torch.from_numpy(refs[start:start + step]).to(self.device, self.dtype)
+                flag = torch.from_numpy(has_ref[start:start + step]).to(self.device)
+            out = self.scoring(x, r, flag)
+            maps.append(out.maps.float().cpu())
+            probs.append(out.class_probs.float().cpu())
+        return torch.cat(maps), torch.cat(probs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Score a batch of :data:`~semclip_batch.io.schema.DECODED` rows -> a table of
+        :data:`~semclip_batch.io.schema.SCORED` (a failing forward pass makes its rows ``model_error``)."""
+        n = len(batch["image_id"])
+        out: dict[str, np.ndarray | list[np.ndarray]] = {k: v for k, v in batch.items() if k not in ("pixels", "ref_pixels")}
+        masks = np.full(n, b"", dtype=object)
+        scores = np.full(n, np.nan)
+        class_scores = np.full((n, self.setup.text_embeddings.shape[0]), np.nan, dtype=np.float32)
+        ok = [i for i in range(n) if batch["status"][i] == OK]
+        try:
+            self._score(batch, ok, masks, scores, class_scores)
+        except Exception as exc:
+            log.exception("model failed on a batch of %d images", len(ok))
+            status, error = np.array(batch["status"], dtype=object), np.array(batch["error"], dtype=object)
+            status[ok], error[ok] = MODEL_ERROR, one_line(exc)
+            out.update(status=status, error=error)
+            masks[:], scores[:], class_scores[:] = b"", np.nan, np.nan
+        out.update(mask=masks, anomaly_score=scores, class_scores=list(class_scores))
+        return to_table(out, SCORED)
+
+    def _score(self, batch: dict[str, np.ndarray], ok: list[int], masks: np.ndarray, scores: np.ndarray,
+               class_scores: np.ndarray) -> None:
+        if not ok:
+            return
+        size = self.setup.prep.image_size
+        counts = [int(batch["n_views"][i]) for i in ok]
+        views = np.concatenate([np.frombuffer(batch["pixels"][i], dtype=np.float32).reshape(c, 3, size, size)
+                                for i, c in zip(ok, counts, strict=False)])
+        refs = has_ref = None
+        if bool(np.any(batch["has_ref"][ok])):
+            refs = np.concatenate([np.frombuffer(batch["ref_pixels"][i], dtype=np.float32).reshape(c, 3, size, size)
+                                   if batch["has_ref"][i] else np.zeros((c, 3, size, size), np.float32)
+                                   for i, c in zip(ok, counts, strict=False)])
+            has_ref = np.concatenate([np.full(c, bool(batch["has_ref"][i])) for i, c in zip(ok, counts, strict=False)])
+        maps, probs = self._forward(views, refs, has_ref)
+        start = 0
+        for i, count in zip(ok, counts, strict=False):
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            tiles = tile_grid(h, w, self.setup.prep.tile_above, self.setup.prep.tile_overlap)
+            frame = maps_to_frame(maps[start:start + count], h, w, tiles).numpy()
+            p = probs[start].numpy().astype(np.float32)
+            masks[i] = to_mask(frame).tobytes()
+            scores[i] = anomaly_score(float(p[0]), float(frame.max()), self.setup.spec.score_mode)
+            class_scores[i] = p
+            start += count

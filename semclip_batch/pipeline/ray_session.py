@@ -1,0 +1,82 @@
+"""Which Ray the pipeline runs on: a private local one unless an address is given (README "Architecture").
+
+A private local Ray is tagged and watched (:mod:`semclip_batch.pipeline.ray_watchdog`) so that none of its processes
+outlives the driver, however the driver ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from semclip_batch.errors import ConfigError, OutputError
+from semclip_batch.pipeline.ray_watchdog import Watchdog, start_watchdog, tagged_environment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    cpus: float
+    gpus: float
+    nodes: int
+
+
+@contextmanager
+def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
+    """Attach to ``address`` (or RAY_ADDRESS), else start a private local Ray; shut down only what we started.
+
+    An already initialised Ray in this process (a test's shared cluster, a job's driver) is used as it is. A
+    private Ray is watched: none of its processes outlives this process by more than about a second.
+    """
+    import ray
+
+    started = False
+    watchdog: Watchdog | None = None
+    try:
+        if not ray.is_initialized():
+            target = address or os.environ.get("RAY_ADDRESS") or None
+            try:
+                if target:
+                    ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
+                else:
+                    token = secrets.token_hex(16)
+                    watchdog = start_watchdog(token)
+                    with tagged_environment(token):
+                        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                                 log_to_driver=False)
+                    if watchdog is not None:
+                        watchdog.nudge()
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise ConfigError(f"cannot attach to Ray at {target or 'local'}: "
+                                  f"{' '.join(str(exc).split())[:200]}") from None
+            started = True
+        try:
+            yield cluster_shape()
+        finally:
+            if started:
+                ray.shutdown()
+    finally:
+        if watchdog is not None:
+            watchdog.release()
+
+
+def cluster_shape() -> ClusterShape:
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return ClusterShape(cpus=float(res.get("CPU", 0.0)), gpus=float(res.get("GPU", 0.0)), nodes=nodes)
+
+
+def check_output_reachable(out: str, shape: ClusterShape) -> None:
+    """A local OUT on a multi-node cluster would scatter outputs over nodes: refuse it."""
+    from semclip_batch.io.storage import protocol_of
+
+    if shape.nodes > 1 and protocol_of(out) in ("file", "local"):
+        raise OutputError(f"--out {out} is a local path but the Ray cluster has {shape.nodes} nodes; "
+                          "give a shared location (s3://..., a network filesystem URL)")

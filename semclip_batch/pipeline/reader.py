@@ -1,0 +1,56 @@
+"""The CPU stage: read each image's bytes through fsspec, decode, preprocess.
+
+Every input row leaves as exactly one output row: ``status`` ``ok`` with the model views in ``pixels``
+(float32 bytes of ``(n_views, 3, S, S)``), or an error kind with a one-line ``error``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from semclip_batch.config import PreprocessConfig
+from semclip_batch.errors import DECODE_ERROR, OK, ImageError, one_line
+from semclip_batch.io.frames import load_frame, load_reference
+from semclip_batch.io.preprocess import model_inputs
+from semclip_batch.io.schema import DECODED, missing, to_table
+from semclip_batch.io.storage import redact
+
+log = logging.getLogger(__name__)
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
+                 storage_options: Mapping[str, Any] | None = None, references: bool = False) -> pa.Table:
+    """Ray Data map function: the input columns plus ``status, error, height, width, n_views, pixels,
+    ref_pixels, has_ref`` (references read from each row's ``reference_url`` when ``references``), as a table
+    of :data:`~semclip_batch.io.schema.DECODED` whatever failed."""
+    n = len(batch["image_id"])
+    status, error = np.full(n, OK, dtype=object), np.full(n, None, dtype=object)
+    height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    pixels, ref_pixels = np.full(n, b"", dtype=object), np.full(n, b"", dtype=object)
+    has_ref = np.zeros(n, bool)
+    for i, url in enumerate(batch["url"]):
+        ref_url = batch["reference_url"][i] if references else None
+        try:
+            gray = load_frame(str(url), storage_options)
+            x = model_inputs(gray, prep)
+            if not missing(ref_url) and str(ref_url):
+                ref = model_inputs(load_reference(str(ref_url), gray.shape, storage_options), prep)
+                ref_pixels[i], has_ref[i] = ref.tobytes(), True
+        except ImageError as exc:
+            status[i], error[i] = exc.kind, one_line(exc)
+            continue
+        except Exception as exc:
+            log.exception("unexpected failure preparing %s", redact(str(url)))
+            status[i], error[i] = DECODE_ERROR, one_line(exc)
+            continue
+        height[i], width[i] = gray.shape
+        views[i], pixels[i] = x.shape[0], x.tobytes()
+    out = dict(batch)
+    out.update(status=status, error=error, height=height, width=width, n_views=views, pixels=pixels,
+               ref_pixels=ref_pixels, has_ref=has_ref)
+    return to_table(out, DECODED)

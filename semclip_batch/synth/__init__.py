@@ -1,0 +1,1 @@
+"""Synthetic SEM lots for tests, the demo and benchmarks: layouts, defects, noise, manifests. Imports ``io``."""
