@@ -388,10 +388,10 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
         meta = run_train(cfg, progress=_loss_printer("epoch"))
     except ValueError as exc:  # e.g. taps outside the backbone's depth
         raise ConfigError(str(exc)) from None
-    th = meta["thresholds"]
-    click.echo(f"wrote {meta['method']} checkpoint {out}: alpha {meta['alpha']:.2f}, temperature {meta['temperature']:.1f}, "
-               f"thresholds image {th['image']:.3f} pixel {th['pixel']:.3f}, {meta['training']['used']} images, "
-               f"{meta['training']['seconds']} s")
+    th = meta.thresholds
+    click.echo(f"wrote {meta.method} checkpoint {out}: alpha {meta.alpha:.2f}, temperature {meta.temperature:.1f}, "
+               f"thresholds image {th.image:.3f} pixel {th.pixel:.3f}, {meta.training['used']} images, "
+               f"{meta.training['seconds']} s")
 
 
 @main.command()

@@ -57,8 +57,8 @@ def run_demo(folder: str, *, backbone: str = "semclip-tiny") -> Iterator[str]:
     yield "[3/7] train: 10-shot SEM-CLIP on the frozen backbone"
     meta = train(TrainConfig(support=storage.join(support, "manifest.csv"), out=ckpt, backbone=backbone,
                              pretrained=weights, shots=10))
-    yield (f"      checkpoint {ckpt}: alpha {meta['alpha']:.2f}, thresholds image {meta['thresholds']['image']:.3f} "
-           f"pixel {meta['thresholds']['pixel']:.3f}")
+    yield (f"      checkpoint {ckpt}: alpha {meta.alpha:.2f}, thresholds image {meta.thresholds.image:.3f} "
+           f"pixel {meta.thresholds.pixel:.3f}")
     yield f"[4/7] run: the checkpoint on the test lots, on a private local Ray -> {out}"
     cfg = RunConfig(input=storage.join(data, "manifest.csv"), out=out,
                     model=ModelSpec(backbone=None, pretrained=None, checkpoint=ckpt), overwrite=True)

@@ -143,7 +143,7 @@ def baseline_checkpoints(synth_lot, tmp_path_factory):
 def test_baseline_checkpoints_record_their_method(baseline_checkpoints):
     for method, (ckpt, meta) in baseline_checkpoints.items():
         body = json.loads((ckpt / "checkpoint.json").read_text())
-        assert body["method"] == method == meta["method"]
+        assert body["method"] == method == meta.method
         tensors = load_checkpoint(str(ckpt)).tensors
         assert not any(k.startswith("visual.") for k in tensors)
         assert any(k.startswith("memory") for k in tensors) and "states" in tensors
@@ -192,8 +192,8 @@ def test_reference_checkpoint_run_counts_missing_and_broken_references(ray_clust
     ckpt = tmp_path / "ref"
     meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(ckpt), backbone="semclip-tiny",
                              pretrained="none", epochs=2, use_reference=True))
-    assert meta["use_reference"] and meta["training"]["with_reference"] == 14
-    assert meta["training"]["reference_scale"] > 0
+    assert meta.use_reference and meta.training["with_reference"] == 14
+    assert meta.training["reference_scale"] > 0
     lot = tmp_path / "lot"
     shutil.copytree(synth_lot, lot)
     df = pd.read_csv(lot / "manifest.csv").head(4)

@@ -84,7 +84,7 @@ def test_run_with_checkpoint(ray_cluster, checkpoint, synth_lot, tmp_path, weigh
     rec = result.record
     assert rec["mode"] == "checkpoint" and rec["model_id"].startswith("semclip:semclip-tiny:")
     assert rec["thresholds"]["image"] == 0.5 and rec["thresholds"]["source"]["image"] == "flag"
-    assert rec["thresholds"]["pixel"] == meta["thresholds"]["pixel"]
+    assert rec["thresholds"]["pixel"] == meta.thresholds.pixel
     assert rec["thresholds"]["source"]["pixel"] == "checkpoint"
     assert rec["counts"] == {"ok": 14}
     with pytest.raises(ConfigError, match="differs from the checkpoint"):
@@ -119,3 +119,32 @@ def test_focal_dice_prefers_the_right_map():
     target = torch.zeros(1, 8, 8)
     target[0, 2:5, 2:5] = 1
     assert focal_dice(target * 0.98 + 0.01, target) < focal_dice(torch.full_like(target, 0.5), target)
+
+
+def test_checkpoint_meta_is_versioned_and_reads_unversioned_ones(checkpoint, tmp_path):
+    import shutil
+
+    from semclip_batch.errors import WeightsError
+    from semclip_batch.methods.checkpoint import CHECKPOINT_VERSION
+
+    ckpt, meta = checkpoint
+    assert meta.version == CHECKPOINT_VERSION == json.loads((ckpt / "checkpoint.json").read_text())["version"]
+
+    def variant(name: str, edit) -> str:
+        folder = tmp_path / name
+        shutil.copytree(ckpt, folder)
+        body = json.loads((folder / "checkpoint.json").read_text())
+        edit(body)
+        (folder / "checkpoint.json").write_text(json.dumps(body))
+        return str(folder)
+
+    def as_v1(body: dict) -> None:  # what train wrote before the version field
+        for key in ("version", "score_mode", "sigma"):
+            body.pop(key)
+
+    old = load_checkpoint(variant("v1", as_v1))
+    assert old.meta == load_checkpoint(str(ckpt)).meta
+    with pytest.raises(WeightsError, match=r"checkpoint version 99 is not one this release reads"):
+        load_checkpoint(variant("v99", lambda b: b.update(version=99)))
+    with pytest.raises(WeightsError, match=r"lacks or mangles 'thresholds'"):
+        load_checkpoint(variant("no-thresholds", lambda b: b.pop("thresholds")))

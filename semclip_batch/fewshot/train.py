@@ -28,7 +28,7 @@ from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.baselines import PromptAdSettings, fit_promptad, fit_winclip
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
-from semclip_batch.methods.checkpoint import save_checkpoint
+from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
@@ -303,8 +303,8 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     return Fitted(model, reference, summary, fit_thresholds(out, data))
 
 
-def train(cfg: TrainConfig, progress: LossProgress | None = None) -> dict[str, Any]:
-    """Train, fit, write the checkpoint; returns its JSON body."""
+def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointMeta:
+    """Train, fit, write the checkpoint; returns its meta as stored."""
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.prompts, cfg.storage_options)
     prep = preprocess_config(cfg.backbone, tile_above=10**9)
@@ -327,19 +327,21 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> dict[str, A
     state = dict(model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
-    meta = {
-        "method": cfg.method, "backbone": cfg.backbone,
-        "weights": {"source": backbone.source, "sha256": backbone.sha256, "seed": cfg.seed},
-        "classes": list(prompts.classes), "prompts": prompts.as_record(),
-        "taps": list(method_taps(model_spec(cfg), depth)), "use_vv": cfg.use_vv,
-        "surgery": cfg.surgery, "cls": cfg.cls, "use_reference": cfg.use_reference,
-        "alpha": float(getattr(model, "alpha", torch.tensor(1.0))), "temperature": float(model.text_scale),
-        "thresholds": fitted.thresholds,
-        "preprocessing": {k: v for k, v in prep.as_record().items() if k != "tile_above"},
-        "training": {"config": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},
-                     "support_rows": len(df), "used": len(data), "skipped": data.skipped,
-                     "with_reference": None if data.has_ref is None else int(data.has_ref.sum()), **fitted.summary,
-                     "seconds": round(time.perf_counter() - t0, 1)},
-    }
-    save_checkpoint(cfg.out, state, meta, cfg.storage_options)
-    return meta
+    spec = model_spec(cfg)
+    meta = CheckpointMeta(
+        method=cfg.method, backbone=cfg.backbone,
+        weights=WeightsRef(source=backbone.source, sha256=backbone.sha256, seed=cfg.seed),
+        classes=prompts.classes, prompts=dict(zip(prompts.classes, prompts.prompts, strict=True)),
+        taps=method_taps(spec, depth), use_vv=cfg.use_vv, surgery=cfg.surgery, cls=cfg.cls,
+        use_reference=cfg.use_reference, alpha=float(getattr(model, "alpha", torch.tensor(1.0))),
+        temperature=float(model.text_scale),
+        thresholds=CheckpointThresholds(image=float(fitted.thresholds["image"]), pixel=float(fitted.thresholds["pixel"]),
+                                        min_region_px=int(fitted.thresholds["min_region_px"])),
+        preprocessing={k: v for k, v in prep.as_record().items() if k != "tile_above"},
+        training={"config": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},
+                  "support_rows": len(df), "used": len(data), "skipped": data.skipped,
+                  "with_reference": None if data.has_ref is None else int(data.has_ref.sum()), **fitted.summary,
+                  "seconds": round(time.perf_counter() - t0, 1)},
+        score_mode=spec.score_mode, sigma=spec.sigma,
+    )
+    return save_checkpoint(cfg.out, state, meta, cfg.storage_options)

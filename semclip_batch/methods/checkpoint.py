@@ -1,20 +1,21 @@
 """Few-shot checkpoints: a folder (any fsspec URL) with ``model.safetensors`` (the trained tensors only)
-and ``checkpoint.json`` (method, backbone and where its weights came from, classes, prompts, options, fusion,
-thresholds, preprocessing, training summary). Loading never unpickles."""
+and ``checkpoint.json``, the typed, versioned :class:`CheckpointMeta` (method, backbone and where its weights
+came from, classes, prompts, options, fusion, thresholds, preprocessing, training summary). ``train`` writes
+it, ``run`` reads it, both through this module. Loading never unpickles."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from semclip_batch.errors import WeightsError
+from semclip_batch.errors import WeightsError, one_line, show
 from semclip_batch.io import storage
 from semclip_batch.methods.weights import canonical_sha256
 
@@ -23,16 +24,102 @@ META = "checkpoint.json"
 BACKBONE_PREFIXES = ("visual.", "logit_scale")
 
 
+CHECKPOINT_VERSION = 2
+"""1: the unversioned checkpoints written before the version field (read with the v2 defaults below);
+2: adds ``version``, ``score_mode`` and ``sigma``."""
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """The backbone weights a checkpoint was trained on: where they came from and their canonical sha256."""
+
+    source: str  # a weights URL, or "random:<seed>" for seeded random weights
+    sha256: str
+    seed: int = 0
+
+    @property
+    def pretrained(self) -> str:
+        """The ``--pretrained`` value that gives these weights again."""
+        return "none" if self.source.startswith("random:") else self.source
+
+
+@dataclass(frozen=True)
+class CheckpointThresholds:
+    image: float
+    pixel: float
+    min_region_px: int
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """``checkpoint.json``: everything besides the tensors that ``run`` needs to score like ``train`` fitted."""
+
+    method: str
+    backbone: str
+    weights: WeightsRef
+    classes: tuple[str, ...]
+    prompts: dict[str, tuple[str, ...]]
+    taps: tuple[int, ...]
+    use_vv: bool
+    surgery: bool
+    cls: str
+    use_reference: bool
+    alpha: float
+    temperature: float
+    thresholds: CheckpointThresholds
+    preprocessing: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    score_mode: str = "mean"
+    sigma: float = 4.0
+    version: int = CHECKPOINT_VERSION
+    tensors_sha256: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["classes"], body["taps"] = list(self.classes), list(self.taps)
+        body["prompts"] = {c: list(p) for c, p in self.prompts.items()}
+        return body
+
+    @classmethod
+    def from_json(cls, body: Any, where: str) -> CheckpointMeta:
+        """Read a stored body (version 1 = unversioned); refuse unknown versions and missing fields in one line."""
+        if not isinstance(body, dict):
+            raise WeightsError(f"{where}: {META} is not a JSON object")
+        version = body.get("version", 1)
+        if version not in (1, CHECKPOINT_VERSION):
+            raise WeightsError(f"{where}: checkpoint version {show(version)} is not one this release reads "
+                               f"(1 to {CHECKPOINT_VERSION}); use the release that wrote it, or train again")
+        try:
+            w, th = body["weights"], body["thresholds"]
+            return cls(
+                method=str(body.get("method", "semclip")), backbone=str(body["backbone"]),
+                weights=WeightsRef(source=str(w["source"]), sha256=str(w["sha256"]), seed=int(w.get("seed", 0))),
+                classes=tuple(str(c) for c in body["classes"]),
+                prompts={str(c): tuple(str(p) for p in body["prompts"][c]) for c in body["classes"]},
+                taps=tuple(int(t) for t in body["taps"]), use_vv=bool(body["use_vv"]),
+                surgery=bool(body["surgery"]), cls=str(body["cls"]),
+                use_reference=bool(body.get("use_reference", False)), alpha=float(body.get("alpha", 1.0)),
+                temperature=float(body.get("temperature", 100.0)),
+                thresholds=CheckpointThresholds(image=float(th["image"]), pixel=float(th["pixel"]),
+                                                min_region_px=int(th["min_region_px"])),
+                preprocessing=dict(body.get("preprocessing", {})), training=dict(body.get("training", {})),
+                score_mode=str(body.get("score_mode", "mean")), sigma=float(body.get("sigma", 4.0)),
+                version=CHECKPOINT_VERSION, tensors_sha256=str(body.get("tensors_sha256", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{where}: {META} lacks or mangles {show(str(exc).strip(chr(39)), 40)}") from None
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     url: str
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     tensors: dict[str, torch.Tensor]
     sha256: str
 
     @property
     def method(self) -> str:
-        return str(self.meta["method"])
+        return self.meta.method
 
 
 def trained_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,38 +127,40 @@ def trained_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.startswith(BACKBONE_PREFIXES)}
 
 
-def save_checkpoint(url: str, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
-                    storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write the trained tensors and the JSON; returns the tensors' canonical sha256."""
+def save_checkpoint(url: str, state: Mapping[str, torch.Tensor], meta: CheckpointMeta,
+                    storage_options: Mapping[str, Any] | None = None) -> CheckpointMeta:
+    """Write the trained tensors and the JSON; returns the meta as stored (with the tensors' checksum)."""
     tensors = trained_state(state)
     digest = canonical_sha256(tensors)
-    body = dict(meta, tensors_sha256=digest)
+    stored = replace(meta, tensors_sha256=digest)
     storage.write_bytes(storage.join(url, TENSORS), save_safetensors(tensors, metadata={"sha256": digest}),
                         storage_options)
-    storage.write_bytes(storage.join(url, META), json.dumps(body, indent=2).encode(), storage_options)
-    return digest
+    storage.write_bytes(storage.join(url, META), json.dumps(stored.to_json(), indent=2).encode(), storage_options)
+    return stored
 
 
 def load_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
     """Read and verify a checkpoint folder. Raises :class:`WeightsError` with one line."""
+    where = f"checkpoint {storage.redact(url)}"
     try:
-        meta = json.loads(storage.read_bytes(storage.join(url, META), storage_options))
+        body = json.loads(storage.read_bytes(storage.join(url, META), storage_options))
         blob = storage.read_bytes(storage.join(url, TENSORS), storage_options)
     except FileNotFoundError:
-        raise WeightsError(f"--model {url!r} is not a checkpoint folder (needs {META} and {TENSORS})") from None
+        raise WeightsError(f"--model {storage.redact(url)} is not a checkpoint folder (needs {META} and {TENSORS})") from None
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"cannot read checkpoint {url!r}: {exc}") from None
+        raise WeightsError(f"cannot read {where}: {one_line(exc)}") from None
+    meta = CheckpointMeta.from_json(body, where)
     try:
         tensors = load_safetensors(blob)
     except Exception as exc:  # noqa: BLE001 - a corrupt file, whatever the parser says
-        raise WeightsError(f"checkpoint {url!r}: unreadable {TENSORS}: {' '.join(str(exc).split())[:150]}") from None
+        raise WeightsError(f"{where}: unreadable {TENSORS}: {one_line(exc)[:150]}") from None
     digest = canonical_sha256(tensors)
-    if meta.get("tensors_sha256") != digest:
-        raise WeightsError(f"checkpoint {url!r}: tensors checksum {digest[:12]} does not match its "
-                           f"{META} ({str(meta.get('tensors_sha256'))[:12]})")
+    if meta.tensors_sha256 != digest:
+        raise WeightsError(f"{where}: tensors checksum {digest[:12]} does not match its "
+                           f"{META} ({meta.tensors_sha256[:12]})")
     return Checkpoint(url=url, meta=meta, tensors=tensors, sha256=digest)
 
 
 def model_checksum(ckpt: Checkpoint) -> str:
     """The checksum a checkpoint run is identified by: its tensors plus its backbone weights."""
-    return hashlib.sha256(f"{ckpt.sha256}:{ckpt.meta['weights']['sha256']}".encode()).hexdigest()
+    return hashlib.sha256(f"{ckpt.sha256}:{ckpt.meta.weights.sha256}".encode()).hexdigest()

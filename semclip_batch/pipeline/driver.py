@@ -29,7 +29,7 @@ from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import content_digest, read_manifest
 from semclip_batch.io.runrecord import now_iso, start_record, write_record
 from semclip_batch.io.schema import INPUT_COLUMNS
-from semclip_batch.methods.checkpoint import load_checkpoint, model_checksum
+from semclip_batch.methods.checkpoint import CheckpointMeta, load_checkpoint, model_checksum
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup, build_model
@@ -101,34 +101,35 @@ def _identify_checkpoint(cfg: RunConfig, checkpoint: str) -> tuple[RunConfig, Mo
     spec = cfg.model
     ckpt = load_checkpoint(checkpoint, cfg.storage_options)
     meta = ckpt.meta
-    if spec.backbone not in (None, meta["backbone"]):
-        raise ConfigError(f"--backbone {spec.backbone} differs from the checkpoint's {meta['backbone']}; omit it")
-    source = str(meta["weights"]["source"])
-    pretrained = spec.pretrained or ("none" if source.startswith("random:") else source)
-    weights_sha = meta["weights"]["sha256"]
-    backbone = load_backbone(meta["backbone"], pretrained, seed=int(meta["weights"].get("seed", 0)),
+    if spec.backbone not in (None, meta.backbone):
+        raise ConfigError(f"--backbone {spec.backbone} differs from the checkpoint's {meta.backbone}; omit it")
+    pretrained = spec.pretrained or meta.weights.pretrained
+    backbone = load_backbone(meta.backbone, pretrained, seed=meta.weights.seed,
                              expected_sha256=spec.pretrained_sha256, storage_options=cfg.storage_options)
-    if backbone.sha256 != weights_sha:
+    if backbone.sha256 != meta.weights.sha256:
         raise WeightsError(f"--pretrained {pretrained} has checksum {backbone.sha256[:12]}, but the checkpoint was "
-                           f"trained on {weights_sha[:12]} ({source})")
-    new_spec = replace(spec, backbone=meta["backbone"], pretrained=pretrained, seed=int(meta["weights"].get("seed", 0)),
-                       taps=tuple(meta["taps"]), use_vv=bool(meta["use_vv"]), surgery=bool(meta["surgery"]),
-                       cls=str(meta["cls"]), method=str(meta.get("method", "semclip")),
-                       use_reference=bool(meta.get("use_reference", False)))
-    th = cfg.thresholds
-    values = {k: (getattr(th, k) if th.source.get(k) == "flag" else meta["thresholds"][k])
-              for k in ("image", "pixel", "min_region_px")}
-    source_map = {k: ("flag" if th.source.get(k) == "flag" else "checkpoint") for k in values}
-    thresholds = Thresholds(image=float(values["image"]), pixel=float(values["pixel"]),
-                            min_region_px=int(values["min_region_px"]), source=source_map)
-    prompts = PromptSet(classes=tuple(meta["classes"]), prompts=tuple(tuple(meta["prompts"][c]) for c in meta["classes"]))
+                           f"trained on {meta.weights.sha256[:12]} ({meta.weights.source})")
+    new_spec = replace(spec, backbone=meta.backbone, pretrained=pretrained, seed=meta.weights.seed, taps=meta.taps,
+                       use_vv=meta.use_vv, surgery=meta.surgery, cls=meta.cls, method=meta.method,
+                       use_reference=meta.use_reference, score_mode=meta.score_mode, sigma=meta.sigma)
+    thresholds = _checkpoint_thresholds(cfg.thresholds, meta)
+    prompts = PromptSet(classes=meta.classes, prompts=tuple(meta.prompts[c] for c in meta.classes))
     # refuse a misfit here, once, with the tensors already read and verified
     build_model(new_spec, ckpt.tensors["text_embeddings"].numpy(), backbone=backbone, tensors=ckpt.tensors)
     checksum = model_checksum(ckpt)
-    ident = ModelIdentity(model_id=f"{ckpt.method}:{meta['backbone']}:{checksum[:12]}", sha256=checksum,
-                           weights_sha256=weights_sha, text=ckpt.tensors["text_embeddings"].numpy(), prompts=prompts,
-                           mode="checkpoint")
+    ident = ModelIdentity(model_id=f"{ckpt.method}:{meta.backbone}:{checksum[:12]}", sha256=checksum,
+                          weights_sha256=meta.weights.sha256, text=ckpt.tensors["text_embeddings"].numpy(),
+                          prompts=prompts, mode="checkpoint")
     return replace(cfg, model=new_spec, thresholds=thresholds), ident
+
+
+def _checkpoint_thresholds(given: Thresholds, meta: CheckpointMeta) -> Thresholds:
+    """The checkpoint's calibrated thresholds, except those given as flags."""
+    flag = {k for k, v in given.source.items() if v == "flag"}
+    return Thresholds(image=given.image if "image" in flag else meta.thresholds.image,
+                      pixel=given.pixel if "pixel" in flag else meta.thresholds.pixel,
+                      min_region_px=given.min_region_px if "min_region_px" in flag else meta.thresholds.min_region_px,
+                      source={k: "flag" if k in flag else "checkpoint" for k in ("image", "pixel", "min_region_px")})
 
 
 def compute_run_id(manifest_digest: str, output_config: dict[str, Any], weights_sha256: str) -> str:
