@@ -81,9 +81,6 @@ def model_options(fn: F) -> F:
         click.option("--pretrained-sha256", default=None, help="Refuse weights whose sha256 differs (canonical or file)."),
         click.option("--seed", default=0, show_default=True, type=int, help="Seed for random weights and sampling."),
         click.option("--prompts", default=None, help="Prompt file (JSON: templates x states per class)."),
-        click.option("--cache-dir", default=None, help="Folder for caches (nothing is cached elsewhere)."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                     help="Model precision (bf16 is fastest on CPU)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -172,6 +169,8 @@ def run_options(fn: F) -> F:
         click.option("--overwrite", is_flag=True, help="Replace the outputs of another run in OUT (keeps runs/)."),
         click.option("--model", "model", default=None,
                      help="Few-shot checkpoint folder/URL from `train` (its thresholds apply unless given as flags)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="Model precision (bf16 is fastest on CPU)."),
     ]
     fn = model_options(fn)
     for option in reversed(options):
@@ -181,7 +180,7 @@ def run_options(fn: F) -> F:
 
 def run_config(*, input: str, out: str, model: str | None, backbone: str | None, pretrained: str | None,
                pretrained_sha256: str | None,
-               seed: int, prompts: str | None, cache_dir: str | None, precision: str, storage_option: tuple[str, ...],
+               seed: int, prompts: str | None, precision: str, storage_option: tuple[str, ...],
                threshold: float | None, pixel_threshold: float | None, min_region_px: int | None, batch_size: int,
                actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None,
                address: str | None, overwrite: bool) -> RunConfig:
@@ -311,7 +310,7 @@ def _loss_printer(what: str) -> Callable[[int, int, float], None]:
                    "go first, the rest at random). 1 runs every patch.")
 @user_errors
 def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
-             seed: int, prompts: str | None, cache_dir: str | None, precision: str, storage_option: tuple[str, ...],
+             seed: int, prompts: str | None, storage_option: tuple[str, ...],
              steps: int, batch_size: int, lr: float, keep_tokens: float) -> None:
     """Adapt a backbone to SEM images (dense patch-text alignment) and write its weights to --out.
 
@@ -321,16 +320,9 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     Example:
       semclip-batch pretrain data/manifest.csv --out sem-tiny.safetensors --backbone semclip-tiny --steps 200
     """
-    from semclip_batch.errors import ConfigError
     from semclip_batch.fewshot.pretrain import PretrainConfig
     from semclip_batch.fewshot.pretrain import pretrain as run_pretrain
 
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise ConfigError("--steps and --batch-size must be >= 1 and --lr > 0")
-    if not 0.0 < keep_tokens <= 1.0:
-        raise ConfigError(f"--keep-tokens must be in (0, 1], got {keep_tokens}")
-    if precision != "fp32":
-        raise ConfigError("pretrain trains in fp32; --precision applies to `run`")
     cfg = PretrainConfig(manifest=manifest, out=out, backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
                          pretrained_sha256=pretrained_sha256, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
                          keep=keep_tokens, prompts=prompts, storage_options=parse_storage_options(storage_option))
@@ -343,6 +335,9 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @click.argument("support")
 @click.option("--out", required=True, help="Checkpoint folder to write (any fsspec URL).")
 @model_options
+@click.option("--cache-dir", default=None,
+              help="Cache the frozen backbone's features of the support frames here (keyed by content and weights "
+                   "checksum; local path or fsspec URL). Nothing is cached without it.")
 @click.option("--method", type=click.Choice(["semclip", "winclip", "promptad"]), default="semclip", show_default=True,
               help="SEM-CLIP, or a baseline it is measured against: WinCLIP+ or PromptAD (normal images only).")
 @click.option("--shots", type=int, default=None, help="K images per class, seeded [default: all rows].")
@@ -356,7 +351,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
               help="Also score patches by distance to each row's reference_uri frame (stored in the checkpoint).")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
-          seed: int, prompts: str | None, cache_dir: str | None, precision: str, storage_option: tuple[str, ...],
+          seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
           method: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
           taps: str | None, cls_mode: str, use_reference: bool) -> None:
     """Few-shot SEM-CLIP (or a baseline) on a frozen backbone from a labelled SUPPORT manifest -> checkpoint.
@@ -372,10 +367,6 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
 
     if pretrained is None:
         raise ConfigError("train needs --pretrained (a weights path/URL, or 'none' for seeded random weights)")
-    if precision != "fp32":
-        raise ConfigError("train runs in fp32; --precision applies to `run`")
-    if (shots is not None and shots < 1) or (epochs is not None and epochs < 1) or lr <= 0:
-        raise ConfigError("--shots and --epochs must be >= 1 and --lr > 0")
     try:
         tap_list = tuple(int(t) for t in taps.split(",")) if taps else None
     except ValueError:
@@ -383,7 +374,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     cfg = TrainConfig(support=support, out=out, backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                       pretrained_sha256=pretrained_sha256, seed=seed, shots=shots, epochs=epochs, lr=lr,
                       prompts=prompts, taps=tap_list, use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode,
-                      method=method, use_reference=use_reference, storage_options=parse_storage_options(storage_option))
+                      method=method, use_reference=use_reference, cache_dir=cache_dir,
+                      storage_options=parse_storage_options(storage_option))
     try:
         meta = run_train(cfg, progress=_loss_printer("epoch"))
     except ValueError as exc:  # e.g. taps outside the backbone's depth

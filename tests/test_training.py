@@ -148,3 +148,45 @@ def test_checkpoint_meta_is_versioned_and_reads_unversioned_ones(checkpoint, tmp
         load_checkpoint(variant("v99", lambda b: b.update(version=99)))
     with pytest.raises(WeightsError, match=r"lacks or mangles 'thresholds'"):
         load_checkpoint(variant("no-thresholds", lambda b: b.pop("thresholds")))
+
+
+def test_feature_cache_is_keyed_by_content_and_survives_damage(tmp_path):
+    from semclip_batch.methods.feature_cache import cached_features, feature_key
+    from semclip_batch.methods.features import Features
+    from semclip_batch.methods.weights import preprocess_config
+    from semclip_batch.model.encoder import EncoderOutput
+
+    prep = preprocess_config("semclip-tiny", tile_above=1024)
+    views = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def compute() -> Features:
+        calls.append(1)
+        dual = EncoderOutput(pooled=torch.randn(3, 4), original=[torch.randn(3, 5, 6)], vv=[None])
+        return Features(dual, (2,), [torch.randn(3, 2, 4)])
+
+    key = feature_key("w" * 64, views, prep, (2,), 1, True)
+    assert key != feature_key("w" * 64, views + 1e-3, prep, (2,), 1, True)
+    assert key != feature_key("x" * 64, views, prep, (2,), 1, True)
+    first = cached_features(str(tmp_path), key, compute)
+    again = cached_features(str(tmp_path), key, compute)
+    assert len(calls) == 1 and again.taps == (2,) and again.dual.vv == [None]
+    assert torch.equal(first.dual.original[0], again.dual.original[0]) and first.windows is not None
+    assert again.windows is not None and torch.equal(first.windows[0], again.windows[0])
+    entry = tmp_path / "features" / f"{key}.safetensors"
+    entry.write_bytes(entry.read_bytes()[:50])
+    cached_features(str(tmp_path), key, compute)
+    assert len(calls) == 2 and entry.stat().st_size > 50
+    cached_features(None, key, compute)
+    assert len(calls) == 3
+
+
+def test_train_with_cache_dir_gives_the_same_checkpoint(synth_lot, tmp_path):
+    def once(name: str):
+        return train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(tmp_path / name),
+                                 backbone="semclip-tiny", pretrained="none", method="winclip",
+                                 cache_dir=str(tmp_path / "cache")))
+
+    first, second = once("a"), once("b")
+    assert first.tensors_sha256 == second.tensors_sha256 and first.thresholds == second.thresholds
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 1

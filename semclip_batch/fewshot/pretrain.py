@@ -34,6 +34,7 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_STEPS,
     LossProgress,
 )
+from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, load_trainset, patch_labels
 from semclip_batch.io import storage
 from semclip_batch.io.manifest import read_manifest
@@ -64,6 +65,12 @@ class PretrainConfig:
     prompts_per_step: int = 8
     keep: float = DEFAULT_KEEP_TOKENS
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("--steps and --batch-size must be >= 1 and --lr > 0")
+        if not 0.0 < self.keep <= 1.0:
+            raise ConfigError(f"--keep-tokens must be in (0, 1], got {self.keep}")
 
 
 def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
 from semclip_batch.methods.decisions import anomaly_score, to_mask
+from semclip_batch.methods.feature_cache import cached_features, feature_key
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import METHODS, Scorer, depth_of, method_taps, model_inputs, new_model, score_features
@@ -66,6 +67,7 @@ class TrainConfig:
     cls: str = "fused"
     use_reference: bool = False
     anchor: float = 1.0  # L2-SP weight pulling the Transformation Layers towards their zero-shot start
+    cache_dir: str | None = None  # frozen-backbone features of the support frames (methods.feature_cache)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +79,10 @@ class TrainConfig:
                               f"--method {self.method} takes none of them")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.shots is not None and self.shots < 1:
+            raise ConfigError(f"--shots must be >= 1, got {self.shots}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
 
     @property
     def semclip_epochs(self) -> int:
@@ -317,11 +323,14 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
     depth = depth_of(backbone.clip)
     taps = support_taps(cfg, depth)
     windows = cfg.method == "winclip"
-    feats = encode_views(visual, data.views, prep, taps, windows=windows)
+    feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, data.views, prep, taps, 1, windows),
+                            lambda: encode_views(visual, data.views, prep, taps, windows=windows), cfg.storage_options)
     ref_feats = None
     if cfg.use_reference:
         assert data.refs is not None
-        ref_feats = encode_views(visual, data.refs, prep, reference_taps(depth), vv_from=None)
+        refs, ref_taps = data.refs, reference_taps(depth)
+        ref_feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, refs, prep, ref_taps, None, False),
+                                    lambda: encode_views(visual, refs, prep, ref_taps, vv_from=None), cfg.storage_options)
     fitted = fit(cfg, backbone, text, data, feats, ref_feats, progress)
     model = fitted.model
     state = dict(model.state_dict())
