@@ -21,10 +21,8 @@ pytest module, whose import pulls in fixtures and pytest itself).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -34,127 +32,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
-import zarr
 
-from semclip_batch.io.masks import mask_array
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # chaos_procs / chaos_compare beside this file
 
-PRIVATE_RAY_ENV = "SEMCLIP_PRIVATE_RAY"  # semclip_batch.pipeline.ray_watchdog tags every process of a private Ray with it
+from chaos_compare import attempt_records, compare, files_under, orphans, read_predictions, read_quietly
+from chaos_procs import PRIVATE_RAY_ENV, Proc, descendants, snapshot, wait_gone
+
 CLI = str(Path(sys.executable).with_name("semclip-batch"))
-SCORE_TOL = 1e-4
-MASK_TOL = 1
 POLL_S = {"model_load": 0.1}  # seconds between checks; listing every process costs more than a folder walk
-SESSION_DIR = re.compile(r"(/\S*?/session_\d{4}-[^/\s]+)")
 
-# --- processes (Linux /proc; no psutil needed) --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Proc:
-    """One process, identified by (pid, start time in clock ticks since boot) so a recycled pid never matches."""
-
-    pid: int
-    ppid: int
-    start: int
-    state: str
-    cmdline: str
-
-
-def read_proc(pid: int) -> Proc | None:
-    """The process ``pid`` as /proc shows it now, or None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    rest = stat[stat.rindex(")") + 2:].split()  # fields from 3 (state) on; comm may hold spaces or parens
-    return Proc(pid=pid, ppid=int(rest[1]), start=int(rest[19]), state=rest[0],
-                cmdline=raw.replace(b"\0", b" ").decode(errors="replace").strip())
-
-
-def all_procs() -> list[Proc]:
-    """Every process that is alive and not a zombie."""
-    procs = (read_proc(int(e.name)) for e in os.scandir("/proc") if e.name.isdigit())
-    return [p for p in procs if p is not None and p.state not in ("Z", "X")]
-
-
-def descendants(pid: int) -> list[Proc]:
-    """``pid``'s living descendants (children, their children, ...)."""
-    procs = all_procs()
-    children: dict[int, list[Proc]] = {}
-    for p in procs:
-        children.setdefault(p.ppid, []).append(p)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child.pid)
-    return found
-
-
-def environ_value(pid: int, name: str) -> str | None:
-    """One variable of ``pid``'s environment, or None (unset, unreadable, gone)."""
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return None
-    prefix = f"{name}=".encode()
-    for item in raw.split(b"\0"):
-        if item.startswith(prefix):
-            return item[len(prefix):].decode(errors="replace")
-    return None
-
-
-@dataclass
-class RaySnapshot:
-    """What identifies one run's Ray: the processes seen at the kill, its session folder and its token."""
-
-    procs: list[Proc]
-    session_dir: str | None
-    token: str | None
-
-    def belongs(self, p: Proc) -> bool:
-        if any(p.pid == q.pid and p.start == q.start for q in self.procs):
-            return True
-        if self.session_dir and self.session_dir in p.cmdline:
-            return True
-        return bool(self.token) and environ_value(p.pid, PRIVATE_RAY_ENV) == self.token
-
-
-def snapshot(pid: int) -> RaySnapshot:
-    """The descendants of the CLI process ``pid``, with the Ray session folder and token they reveal."""
-    procs = descendants(pid)
-    found = (SESSION_DIR.search(p.cmdline) for p in procs)
-    session_dir = next((m.group(1) for m in found if m), None)
-    token = next((t for t in (environ_value(p.pid, PRIVATE_RAY_ENV) for p in procs) if t), None)
-    return RaySnapshot(procs=procs, session_dir=session_dir, token=token)
-
-
-def survivors(snap: RaySnapshot) -> list[Proc]:
-    """Processes of that Ray still alive (zombies not counted: they hold no resources but a pid)."""
-    return [p for p in all_procs() if p.pid != os.getpid() and snap.belongs(p)]
-
-
-def wait_gone(snap: RaySnapshot, limit_s: float, mark_s: float = 1.0) -> tuple[float | None, int, list[Proc]]:
-    """Poll from now: seconds until no survivor is left (None if some remain after ``limit_s``), how many were
-    left ``mark_s`` seconds in, and the last survivors seen."""
-    t0 = time.monotonic()
-    at_mark: int | None = None
-    while True:
-        left = survivors(snap)
-        elapsed = time.monotonic() - t0
-        if at_mark is None and (elapsed >= mark_s or not left):
-            at_mark = len(left)
-        if not left:
-            return round(elapsed, 2), at_mark or 0, []
-        if elapsed > limit_s:
-            return None, at_mark or 0, left
-        time.sleep(0.05)
-
-
-# --- runs ----------------------------------------------------------------------------------------------------
 
 
 def make_lot(folder: Path, images: int, seed: int) -> Path:
@@ -225,18 +112,6 @@ class Watch:
 Moment = Callable[[Watch], bool]
 
 
-def _files(folder: Path, suffix: str) -> list[Path]:
-    return [Path(d) / f for d, _, names in os.walk(folder) for f in names
-            if f.endswith(suffix) and not f.startswith(".")]
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
-
-
 def _newer(path: Path, since: float) -> bool:
     try:
         return path.stat().st_mtime >= since
@@ -246,12 +121,12 @@ def _newer(path: Path, since: float) -> bool:
 
 def parts(out: Path) -> list[Path]:
     """Predictions Parquet files written so far."""
-    return _files(out / "predictions", ".parquet")
+    return files_under(out / "predictions", ".parquet")
 
 
 def markers(out: Path) -> set[tuple[str, str]]:
     """(lot_id, shard) of every done marker written so far."""
-    return {(p.parent.name, p.stem) for p in _files(out / "_state" / "done", ".json")}
+    return {(p.parent.name, p.stem) for p in files_under(out / "_state" / "done", ".json")}
 
 
 def model_loading(w: Watch) -> bool:
@@ -270,9 +145,9 @@ def first_part(w: Watch) -> bool:
 def while_writing(w: Watch) -> bool:
     """A writer of this attempt has created a part's Zarr arrays but not yet its Parquet file."""
     masks = w.out / "masks.zarr"
-    for array_doc in _files(masks, "zarr.json"):
+    for array_doc in files_under(masks, "zarr.json"):
         rel = array_doc.parent.relative_to(masks).parts  # <lot>/<shard>/<part>/<HxW>
-        if len(rel) == 4 and _newer(array_doc, w.since) and b'"array"' in _read(array_doc):
+        if len(rel) == 4 and _newer(array_doc, w.since) and b'"array"' in read_quietly(array_doc):
             lot, shard, part = rel[:3]
             if not (w.out / "predictions" / f"lot_id={lot}" / f"{shard}-{part}.parquet").exists():
                 return True
@@ -347,99 +222,6 @@ def kill_at(spec: RunSpec, out: Path, moment: str, log: Path, *, group: bool = T
 
 
 # --- results -------------------------------------------------------------------------------------------------
-
-
-def read_predictions(out: Path) -> pd.DataFrame:
-    """Every row of every Parquet file under predictions/, with lot_id from its folder and the file's name."""
-    frames = []
-    for path in sorted(_files(out / "predictions", ".parquet")):
-        df = pq.read_table(path).to_pandas()
-        df["lot_id"] = path.parent.name.split("=", 1)[1]
-        df["_file"] = str(path.relative_to(out))
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["image_id", "status", "_file"])
-
-
-def compare(baseline: Path, out: Path) -> list[str]:
-    """Differences between two OUTs (empty when equal within the tolerances of README "Archives as they are")."""
-    a, b = read_predictions(baseline), read_predictions(out)
-    problems = [f"{name}: image_id {i} appears {n} times"
-                for name, df in (("baseline", a), ("rerun", b))
-                for i, n in df["image_id"].value_counts().items() if n > 1]
-    if problems:
-        return problems[:10]
-    rows_a = set(zip(a["image_id"], a["status"], strict=True))
-    rows_b = set(zip(b["image_id"], b["status"], strict=True))
-    if rows_a != rows_b:
-        return [f"(image_id, status) differ: {len(rows_a - rows_b)} only in baseline, {len(rows_b - rows_a)} only "
-                f"in rerun, e.g. {sorted(rows_a ^ rows_b)[:3]}"]
-    merged = a.merge(b, on="image_id", suffixes=("_a", "_b"))
-    masks_a, masks_b = _open_masks(baseline), _open_masks(out)
-    for r in merged.itertuples(index=False):
-        problems += _compare_row(r._asdict(), masks_a, masks_b)
-    return problems[:10]
-
-
-def _open_masks(out: Path) -> zarr.Group | None:
-    return zarr.open_group(str(out / "masks.zarr"), mode="r") if (out / "masks.zarr").exists() else None
-
-
-def _compare_row(r: dict, masks_a: zarr.Group | None, masks_b: zarr.Group | None) -> list[str]:
-    iid = r["image_id"]
-    sa, sb = r["anomaly_score_a"], r["anomaly_score_b"]
-    if pd.isna(sa) != pd.isna(sb) or (not pd.isna(sa) and abs(float(sa) - float(sb)) > SCORE_TOL):
-        return [f"{iid}: anomaly_score {sa} vs {sb}"]
-    ca, cb = r["class_scores_a"], r["class_scores_b"]
-    if (ca is None) != (cb is None) or (ca is not None and np.max(np.abs(np.asarray(ca) - np.asarray(cb))) > SCORE_TOL):
-        return [f"{iid}: class_scores differ"]
-    if pd.isna(r["mask_path_a"]) != pd.isna(r["mask_path_b"]):
-        return [f"{iid}: a mask on one side only"]
-    if pd.isna(r["mask_path_a"]) or masks_a is None or masks_b is None:
-        return []
-    ma = np.asarray(mask_array(masks_a, r["mask_path_a"])[int(r["mask_index_a"])], dtype=np.int16)
-    mb = np.asarray(mask_array(masks_b, r["mask_path_b"])[int(r["mask_index_b"])], dtype=np.int16)
-    if ma.shape != mb.shape or int(np.abs(ma - mb).max()) > MASK_TOL:
-        return [f"{iid}: masks differ ({ma.shape} vs {mb.shape})"]
-    return []
-
-
-def orphans(out: Path) -> list[str]:
-    """Stored objects no row refers to: Parquet files without rows of their own (empty, duplicating another
-    file's image_ids, or of a shard without a done marker), Zarr arrays no row's mask_path names, Zarr groups
-    below shard level holding no referenced array, and leftover temporary files."""
-    found = [str(p.relative_to(out)) for d in ("predictions", "masks.zarr")
-             for p in (out / d).rglob(".tmp-*")]
-    df = read_predictions(out)
-    done = {(p.parent.name, p.stem) for p in _files(out / "_state" / "done", ".json")}
-    dup_ids = set(df["image_id"][df["image_id"].duplicated()])
-    for path in sorted(_files(out / "predictions", ".parquet")):
-        rel = str(path.relative_to(out))
-        rows = df[df["_file"] == rel]
-        lot, shard = path.parent.name.split("=", 1)[1], path.name.split("-", 1)[0].removesuffix(".parquet")
-        if rows.empty or set(rows["image_id"]) & dup_ids or (lot, shard) not in done:
-            found.append(rel)
-    referenced = set(df["mask_path"].dropna()) if "mask_path" in df else set()
-    masks = out / "masks.zarr"
-    for doc in _files(masks, "zarr.json"):
-        node = doc.parent.relative_to(masks)
-        if node == Path("."):
-            continue
-        key = node.as_posix()
-        if b'"array"' in _read(doc):
-            if key not in referenced:
-                found.append(f"masks.zarr/{key} (array)")
-        elif len(node.parts) >= 3 and not any(m == key or m.startswith(key + "/") for m in referenced):
-            found.append(f"masks.zarr/{key} (group)")
-    return sorted(found)
-
-
-def attempt_records(out: Path) -> list[dict]:
-    """Every attempt record in OUT, oldest attempt first."""
-    recs = [json.loads(p.read_text()) for p in (out / "runs").glob("*/attempt-*.json")]
-    return sorted(recs, key=lambda r: int(r.get("attempt", 0)))
-
-
-# --- the benchmark -------------------------------------------------------------------------------------------
 
 
 @dataclass
