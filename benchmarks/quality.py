@@ -11,9 +11,9 @@ per (backbone, set) and shared by every configuration; each configuration is fit
 code and defaults (:func:`semclip_batch.fewshot.train.fit`) and scored exactly as ``run`` + ``eval`` score (whole-frame
 view, map resized to the frame, uint8 masks, the same metric code). Nothing is tuned on the test lots.
 
-Grid: K in {1, 5, 10} x support seeds {0, 1, 2} x {semclip, winclip, promptad, semclip without the V-V path,
-without feature surgery, with one tapped layer (the last), head-only and text-only classification};
-``--use-reference`` for the three methods at K = 10; the random backbone for semclip at K = 10; zero-shot
+Grid: K in {1, 5, 10} x support seeds {0, 1, 2} x {every registered method (semclip, winclip, promptad),
+semclip without the V-V path, without feature surgery, with one tapped layer (the last), head-only and text-only
+classification}; ``--use-reference`` for every method at K = 10; the random backbone for semclip at K = 10; zero-shot
 SEM-CLIP for reference. Prints one table (mean +- std over seeds, seconds per configuration) and writes it as
 JSON to ``--work/quality.json``.
 """
@@ -42,7 +42,7 @@ from semclip_batch.io.preprocess import maps_to_frame
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
-from semclip_batch.methods.registry import depth_of, new_model, score_features
+from semclip_batch.methods.registry import depth_of, method_names, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import reference_taps
@@ -51,10 +51,7 @@ from semclip_batch.synth.generate import SynthConfig, synth
 
 SIZES = ((256, 256), (240, 320), (300, 200), (512, 512))
 KEYS = ("iAUROC", "pAUROC", "F1max", "AUPRO", "accuracy", "macro_F1")
-VARIANTS: dict[str, dict[str, Any]] = {  # TrainConfig fields to replace
-    "semclip": {},
-    "winclip": {"method": "winclip"},
-    "promptad": {"method": "promptad"},
+ABLATIONS: dict[str, dict[str, Any]] = {  # TrainConfig fields to replace
     "semclip no V-V": {"use_vv": False},
     "semclip no surgery": {"surgery": False},
     "semclip one tap": {"taps": "last"},
@@ -203,11 +200,12 @@ def main() -> None:
             figures = metrics(score_features(zero, test.feats, size), test)
         figures["seconds"] = time.perf_counter() - t0
         rows.append(summarise("semclip zero-shot", label, None, [figures]))
-        grid = [(n, v, k) for k in shots for n, v in VARIANTS.items()] if label == "pretrained" else \
+        variants = {**{m: {"method": m} for m in method_names()}, **ABLATIONS}  # every registered method
+        grid = [(n, v, k) for k in shots for n, v in variants.items()] if label == "pretrained" else \
             [("semclip", {}, max(shots))]
         if label == "pretrained":
             grid += [(f"{m} + reference", {"method": m, "use_reference": True}, max(shots))
-                     for m in ("semclip", "winclip", "promptad")]
+                     for m in method_names()]
         for name, options, k in grid:
             opts = dict(options)
             if opts.get("taps") == "last":

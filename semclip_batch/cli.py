@@ -70,6 +70,24 @@ storage_option_flag = click.option(
     help="Non-secret fsspec storage option (e.g. endpoint_url=...); secrets come from AWS_* env.")
 
 
+class MethodChoice(click.Choice):
+    """``--method``: the registered methods (``methods.registry.method_names``), looked up when first needed so
+    that importing the CLI stays free of torch."""
+
+    def __init__(self) -> None:
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from semclip_batch.methods.registry import method_names
+
+        return method_names()
+
+    @choices.setter
+    def choices(self, _: object) -> None:
+        pass
+
+
 def model_options(fn: F) -> F:
     """Options shared by commands that build a backbone."""
     options = [
@@ -338,7 +356,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @click.option("--cache-dir", default=None,
               help="Cache the frozen backbone's features of the support frames here (keyed by content and weights "
                    "checksum; local path or fsspec URL). Nothing is cached without it.")
-@click.option("--method", type=click.Choice(["semclip", "winclip", "promptad"]), default="semclip", show_default=True,
+@click.option("--method", type=MethodChoice(), default="semclip", show_default=True,
               help="SEM-CLIP, or a baseline it is measured against: WinCLIP+ or PromptAD (normal images only).")
 @click.option("--shots", type=int, default=None, help="K images per class, seeded [default: all rows].")
 @click.option("--epochs", default=None, type=int, help="[default: 40 for semclip, 100 for promptad; winclip has none]")

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from semclip_batch.analysis.results import read_predictions
 from semclip_batch.config import ModelSpec, RunConfig
 from semclip_batch.errors import REFERENCE_ERROR, ConfigError
-from semclip_batch.fewshot.baselines import fit_promptad, normal_rows
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.features import encode_views
+from semclip_batch.methods.fitting import normal_rows
+from semclip_batch.methods.promptad_method import fit_promptad
 from semclip_batch.methods.prompts import load_prompts
 from semclip_batch.methods.registry import new_model
 from semclip_batch.model.encoder import embed_patches
@@ -117,10 +118,9 @@ def test_winclip_memory_makes_support_normals_score_low(tiny_clip, synth_lot):
 
 def test_promptad_learns_to_call_normal_features_normal(tiny_clip, synth_lot):
     data, feats = _support(tiny_clip, synth_lot)
-    classes = load_prompts().classes
     model = new_model(ModelSpec(backbone="semclip-tiny", method="promptad"), tiny_clip.clip, torch.randn(7, 64))
     losses = []
-    summary = fit_promptad(model, tiny_clip.clip, "semclip-tiny", classes, feats, data, seed=0,
+    summary = fit_promptad(model, tiny_clip.clip, "semclip-tiny", feats, data, seed=0,
                            progress=lambda e, n, loss: losses.append(loss))
     assert losses[-1] < losses[0] and summary["epochs"] == 100
     normal = normal_rows(data, "promptad")

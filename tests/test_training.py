@@ -12,9 +12,10 @@ from safetensors import safe_open
 from semclip_batch.config import ModelSpec, RunConfig, Thresholds
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.pretrain import PretrainConfig, kept_patches, pretrain
-from semclip_batch.fewshot.train import TrainConfig, focal_dice, sample_shots, train
+from semclip_batch.fewshot.train import TrainConfig, sample_shots, train
 from semclip_batch.fewshot.trainset import IGNORE
 from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.fitting import focal_dice
 from semclip_batch.methods.weights import load_backbone
 from semclip_batch.pipeline.driver import run
 

@@ -1,2 +1,3 @@
-"""Learning from labelled frames: ``pretrain`` (adapting a backbone), ``train`` (few-shot checkpoints) and the
-baselines' fitting. Imports ``io``, ``methods`` and ``model``; never the Ray pipeline."""
+"""Learning from labelled frames: ``pretrain`` (adapting a backbone) and ``train`` (few-shot checkpoints of any
+registered method; each method's own fitting lives in its ``methods/`` module). Imports ``io``, ``methods`` and
+``model``; never the Ray pipeline."""

@@ -1,27 +1,37 @@
-"""The scoring methods behind one interface: SEM-CLIP and the baselines it is measured against (WinCLIP+,
-PromptAD), optionally with reference frames. Builds a method's model from a spec (and checkpoint tensors) and
-scores precomputed :class:`~semclip_batch.methods.features.Features`."""
+"""The scoring methods behind one interface (timm-style registry): SEM-CLIP and the baselines it is measured
+against (WinCLIP+, PromptAD), optionally with reference frames. A method is one registered :class:`Method`
+object in its own module that builds its model from a spec (and loads checkpoint tensors), says which blocks
+and paths it reads, scores precomputed :class:`~semclip_batch.methods.features.Features` and fits itself on a
+support set. Adding a method = one module with a ``@register``-ed class; nothing else changes."""
 
 from __future__ import annotations
 
+import importlib
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import overload
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
-from semclip_batch.config import METHODS, ModelSpec
+from semclip_batch.config import ModelSpec
+from semclip_batch.errors import ConfigError
 from semclip_batch.methods.checkpoint import BACKBONE_PREFIXES
 from semclip_batch.methods.features import Features
-from semclip_batch.model import SemClip, SemClipConfig, SemClipOutput, default_taps
-from semclip_batch.model.encoder import EncoderOutput
-from semclip_batch.model.promptad import PromptAd
+from semclip_batch.methods.fitting import Support
+from semclip_batch.model import SemClipOutput, default_taps
 from semclip_batch.model.reference import ReferenceScorer
+from semclip_batch.model.scorer import Scorer
 from semclip_batch.model.towers import vision_tower
-from semclip_batch.model.winclip import WinClip, WindowFeatures, penultimate_block
 
-__all__ = ["METHODS", "Scorer", "load_trained", "method_taps", "model_inputs", "needed_taps", "new_model", "score_features"]
-Scorer = SemClip | WinClip | PromptAd
+__all__ = ["Method", "Scorer", "depth_of", "get_method", "method_names", "method_taps", "new_model", "register",
+           "score_features"]
+
+M = TypeVar("M", bound=Scorer)
+C = TypeVar("C", bound="type[Method[Any]]")
+BUILTIN = ("semclip_batch.methods.semclip_method", "semclip_batch.methods.winclip_method",
+           "semclip_batch.methods.promptad_method")  # each registers itself when imported
+_METHODS: dict[str, Method[Any]] = {}
 
 
 def depth_of(clip: nn.Module) -> int:
@@ -33,70 +43,85 @@ def method_taps(spec: ModelSpec, depth: int) -> tuple[int, ...]:
     return tuple(spec.taps) if spec.taps else default_taps(depth)
 
 
+class Method(ABC, Generic[M]):
+    """One scoring method. ``name``: what ``--method`` / ``ModelSpec.method`` call it; ``windows``: it reads
+    WinCLIP's window embeddings; ``layer_options``: it takes SEM-CLIP's ``--taps / --no-vv / --no-surgery / --cls``."""
+
+    name: ClassVar[str]
+    windows: ClassVar[bool] = False
+    layer_options: ClassVar[bool] = False
+
+    @abstractmethod
+    def build(self, spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> M:
+        """The untrained model around ``clip`` with class embeddings ``text`` ``(C, E)`` (set through
+        :meth:`Scorer.set_text_embeddings`)."""
+
+    def load(self, model: M, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        """Load checkpoint tensors into ``model``; returns problems (missing / unexpected keys)."""
+        own = {k: v for k, v in tensors.items() if not k.startswith("reference.")}
+        missing, unexpected = model.load_state_dict(own, strict=False)
+        return [f"unexpected {k}" for k in unexpected] + [f"missing {k}" for k in missing if not k.startswith(BACKBONE_PREFIXES)]
+
+    @abstractmethod
+    def taps(self, model: M) -> tuple[int, ...]:
+        """The blocks (1-based) whose tokens ``score`` reads."""
+
+    def vv_from(self, model: M) -> int | None:
+        """The first block of the V-V path to encode, or None for the original path only."""
+        return None
+
+    @abstractmethod
+    def score(self, model: M, feats: Features, size: tuple[int, int]) -> SemClipOutput:
+        """Maps at ``size`` (model input), class probabilities and embeddings of precomputed features."""
+
+    @abstractmethod
+    def fit(self, model: M, spec: ModelSpec, support: Support) -> dict[str, Any]:
+        """Fit ``model`` (built from ``spec``) on the support set, in place; returns the training summary."""
+
+
+def register(cls: C) -> C:
+    """Class decorator: register one instance of ``cls`` under ``cls.name``."""
+    known = _METHODS.get(cls.name)
+    if known is not None and type(known).__qualname__ != cls.__qualname__:
+        raise ValueError(f"method {cls.name!r} is already registered ({type(known).__qualname__})")
+    _METHODS[cls.name] = cls()
+    return cls
+
+
+def _registry() -> dict[str, Method[Any]]:
+    """Every registered method: the built-ins (in ``BUILTIN`` order), then the others in registration order."""
+    for module in BUILTIN:
+        importlib.import_module(module)
+    rank = {name: (BUILTIN.index(type(m).__module__) if type(m).__module__ in BUILTIN else len(BUILTIN), k)
+            for k, (name, m) in enumerate(_METHODS.items())}
+    return {name: _METHODS[name] for name in sorted(_METHODS, key=rank.__getitem__)}
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods' names, built-ins first."""
+    return tuple(_registry())
+
+
+def get_method(name: str) -> Method[Any]:
+    """The registered method ``name``. Raises :class:`ConfigError` (one line) for an unknown name."""
+    methods = _registry()
+    if name not in methods:
+        raise ConfigError(f"--method must be one of {', '.join(methods)}, got {name!r}")
+    return methods[name]
+
+
 def new_model(spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> Scorer:
     """An untrained model of ``spec.method`` around ``clip`` with class embeddings ``text`` ``(C, E)``."""
-    taps = method_taps(spec, depth_of(clip))
-    if spec.method == "semclip":
-        cfg = SemClipConfig(taps=taps, use_vv=spec.use_vv, vv_from=spec.vv_from, surgery=spec.surgery,
-                            surgery_weights=spec.surgery_weights, sigma=spec.sigma, cls=spec.cls)
-        semclip = SemClip(clip, cfg, n_classes=text.shape[0])
-        semclip.set_text_embeddings(text)
-        return semclip
-    if spec.method == "winclip":
-        winclip = WinClip(clip, n_classes=text.shape[0], sigma=spec.sigma)
-        winclip.set_text(text)
-        return winclip
-    promptad = PromptAd(clip, n_classes=text.shape[0], taps=taps, sigma=spec.sigma)
-    promptad.text_embeddings.copy_(torch.nn.functional.normalize(text.float(), dim=-1))
-    return promptad
-
-
-def load_trained(model: Scorer, tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Load checkpoint tensors (memories first: their sizes come from the checkpoint). Returns problems."""
-    if isinstance(model, WinClip):
-        model.set_memory(tensors.get("memory_patch", model.memory_patch),
-                         [tensors.get(f"memory_window{k}", m) for k, m in enumerate(model.memories())])
-    elif isinstance(model, PromptAd):
-        model.set_memory([tensors.get(f"memory{k}", m) for k, m in enumerate(model.memories())])
-    own = {k: v for k, v in tensors.items() if not k.startswith("reference.")}
-    missing, unexpected = model.load_state_dict(own, strict=False)
-    return [f"unexpected {k}" for k in unexpected] + [f"missing {k}" for k in missing if not k.startswith(BACKBONE_PREFIXES)]
-
-
-@overload
-def model_inputs(model: SemClip | PromptAd, feats: Features) -> EncoderOutput: ...
-
-
-@overload
-def model_inputs(model: WinClip, feats: Features) -> WindowFeatures: ...
-
-
-def model_inputs(model: Scorer, feats: Features) -> EncoderOutput | WindowFeatures:
-    """What ``model.from_encoded`` takes, sliced from shared features."""
-    if isinstance(model, SemClip):
-        return feats.select(model.cfg.taps, model.cfg.use_vv)
-    if isinstance(model, WinClip):
-        return feats.window_features(depth_of(model))
-    return feats.select(model.read_taps, True)
-
-
-def needed_taps(model: Scorer) -> tuple[int, ...]:
-    if isinstance(model, SemClip):
-        return model.cfg.taps
-    if isinstance(model, WinClip):
-        return (penultimate_block(depth_of(model)),)
-    return model.read_taps
+    model = get_method(spec.method).build(spec, clip, text)
+    model.method = spec.method
+    return model
 
 
 def score_features(model: Scorer, feats: Features, size: tuple[int, int], reference: ReferenceScorer | None = None,
                    ref_feats: Features | None = None, has_reference: torch.Tensor | None = None) -> SemClipOutput:
     """Maps (model-input size), class probabilities and embeddings of precomputed features, with the
     reference map fused in where given."""
-    # one call per input type: WinClip.from_encoded takes WindowFeatures, the others an EncoderOutput
-    if isinstance(model, WinClip):
-        out = model.from_encoded(model_inputs(model, feats), size)
-    else:
-        out = model.from_encoded(model_inputs(model, feats), size)
+    out = get_method(model.method).score(model, feats, size)
     if reference is None or ref_feats is None or has_reference is None or not bool(has_reference.any()):
         return out
     dist = reference.distance(feats.dual, feats.taps, ref_feats.dual, ref_feats.taps)

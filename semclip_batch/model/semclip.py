@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import EncoderOutput, check_supported, encode_dual_path
+from .scorer import Scorer
 from .surgery import feature_surgery, plain_similarity
 from .towers import as_clip, vision_tower
 
@@ -115,7 +116,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
-class SemClip(nn.Module):
+class SemClip(Scorer):
     """SEM-CLIP around an open_clip ``CLIP`` model (its vision tower is used, frozen)."""
 
     text_embeddings: torch.Tensor  # buffers, registered in __init__
@@ -143,12 +144,6 @@ class SemClip(nn.Module):
         self.register_buffer("text_embeddings", torch.zeros(n_classes, embed))
         self.register_buffer("alpha", torch.tensor(1.0))
         self.register_buffer("text_scale", logit_scale.detach().exp().clone())
-
-    def set_text_embeddings(self, text: torch.Tensor) -> None:
-        """The one entry for prompt state: ``(C, E)`` class embeddings, class 0 = normal."""
-        if text.shape != self.text_embeddings.shape:
-            raise ValueError(f"text embeddings {tuple(text.shape)} != {tuple(self.text_embeddings.shape)}")
-        self.text_embeddings.copy_(F.normalize(text.to(self.text_embeddings), dim=-1))
 
     def n_terms(self) -> int:
         return sum(1 + int(self.cfg.use_vv and tap >= self.cfg.vv_from) for tap in self.cfg.taps)

@@ -9,11 +9,12 @@ from torch import nn
 
 from .encoder import check_supported
 from .patchops import compose_class_probs, grid_to_image, state_probability
+from .scorer import Scorer
 from .semclip import SemClipOutput, gaussian_blur
 from .towers import as_clip, vision_tower
 
 
-class TwoStateScorer(nn.Module):
+class TwoStateScorer(Scorer):
     text_embeddings: torch.Tensor  # buffers, registered in __init__
     states: torch.Tensor
     state_scale: torch.Tensor

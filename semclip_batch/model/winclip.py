@@ -78,10 +78,10 @@ class WinClip(TwoStateScorer):
         for k in range(len(WINDOW_SCALES)):
             self.register_buffer(f"memory_window{k}", torch.zeros(0, embed))
 
-    def set_text(self, class_text: torch.Tensor) -> None:
+    def set_text_embeddings(self, text: torch.Tensor) -> None:
         """Class embeddings ``(C, E)`` (class 0 normal); the anomalous state is the mean of the defect classes."""
-        text = F.normalize(class_text.float(), dim=-1)
-        self.text_embeddings.copy_(text)
+        super().set_text_embeddings(text)
+        text = self.text_embeddings
         self.states.copy_(torch.stack([text[0], F.normalize(text[1:].mean(dim=0), dim=-1)]))
 
     def set_memory(self, patches: torch.Tensor, windows: Sequence[torch.Tensor]) -> None:

@@ -31,6 +31,7 @@ from semclip_batch.io.runrecord import now_iso, start_record, write_record
 from semclip_batch.io.schema import INPUT_COLUMNS
 from semclip_batch.methods.checkpoint import CheckpointMeta, load_checkpoint, model_checksum
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
+from semclip_batch.methods.registry import get_method
 from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup, build_model
 from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable, ray_session
@@ -84,6 +85,7 @@ def _identify_model(cfg: RunConfig) -> tuple[RunConfig, ModelIdentity]:
     With a checkpoint, its backbone, options, classes and thresholds apply (thresholds given as flags win).
     """
     spec = cfg.model
+    get_method(spec.method)  # an unknown method is refused here (one line), before any weights load or actor starts
     if spec.checkpoint is not None:
         return _identify_checkpoint(cfg, spec.checkpoint)
     if spec.backbone is None or spec.pretrained is None:

@@ -21,12 +21,11 @@ from semclip_batch.io.schema import SCORED, to_table
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.features import encode_batch
-from semclip_batch.methods.registry import Scorer, depth_of, load_trained, needed_taps, new_model, score_features
+from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
-from semclip_batch.model import SemClip, SemClipOutput
-from semclip_batch.model.promptad import PromptAd
+from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
-from semclip_batch.model.winclip import WinClip
+from semclip_batch.model.towers import vision_tower
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,7 +62,7 @@ class Scoring:
 
     def __call__(self, x: torch.Tensor, refs: torch.Tensor | None = None,
                  has_ref: torch.Tensor | None = None) -> SemClipOutput:
-        visual = self.model.visual
+        visual = vision_tower(self.model)
         feats = encode_batch(visual, x, self.taps, vv_from=self.vv_from, windows=self.windows)
         ref_feats = None
         if self.reference is not None and refs is not None and has_ref is not None and bool(has_ref.any()):
@@ -81,13 +80,14 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
         assert spec.backbone is not None and spec.pretrained is not None
         backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
                                  storage_options=spec.storage_options)
+    method = get_method(spec.method)
     model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
     depth = depth_of(backbone.clip)
     reference = ReferenceScorer(reference_taps(depth)) if spec.use_reference else None
     if spec.checkpoint is not None:
         if tensors is None:
             tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
-        problems = load_trained(model, tensors)
+        problems = method.load(model, tensors)
         if reference is not None:
             if "reference.scale" not in tensors:
                 problems.append("missing reference.scale")
@@ -95,16 +95,11 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
                 reference.scale.copy_(tensors["reference.scale"])
         if problems:
             raise WeightsError(f"checkpoint {spec.checkpoint!r} does not fit this model ({', '.join(problems[:3])})")
-    taps = needed_taps(model)
-    vv_from: int | None = None
-    if isinstance(model, SemClip):
-        vv_from = model.cfg.vv_from if model.cfg.use_vv else None
-    elif isinstance(model, PromptAd):
-        vv_from = 1
+    taps, vv_from = method.taps(model), method.vv_from(model)
     if reference is not None:
         taps = tuple(sorted({*taps, *reference.taps}))
     model = model.eval().requires_grad_(False)
-    return Scoring(model, reference, taps, vv_from, windows=isinstance(model, WinClip))
+    return Scoring(model, reference, taps, vv_from, windows=method.windows)
 
 
 class Predictor:

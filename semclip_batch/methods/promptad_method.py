@@ -1,31 +1,30 @@
-"""Fitting the baselines on a support set (WinCLIP+, PromptAD): normal-feature memories and learned prompts.
+"""PromptAD as a registered method: prompts learned on the normal support images, then normal-patch memories
+and prototypes.
 
-Settings are the papers' (fixed before any SEM-CLIP figure was measured): WinCLIP+ windows 2x2 and 3x3 patches
-plus the penultimate block's patches; PromptAD 4 context tokens, 3 normal prompts, 4 learnable anomaly
-suffixes of 1 token, manual suffixes = the defect class names, margin 0.1, 100 full-batch epochs. Both use
-only the support set's *normal* images, as in the papers.
+Settings are the paper's (fixed before any SEM-CLIP figure was measured): 4 context tokens, 3 normal prompts,
+4 learnable anomaly suffixes of 1 token, manual suffixes = the defect class names, margin 0.1, 100 full-batch
+epochs (``--epochs`` overrides). Only the support set's *normal* images are used, as in the paper.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semclip_batch.config import LossProgress
-from semclip_batch.errors import ConfigError
-from semclip_batch.fewshot.trainset import TrainSet
+from semclip_batch.config import LossProgress, ModelSpec
 from semclip_batch.methods.features import Features
+from semclip_batch.methods.fitting import Support, SupportSet, fit_temperature, normal_rows, pooled_embeddings
+from semclip_batch.methods.registry import Method, depth_of, method_taps, register
+from semclip_batch.model import SemClipOutput
 from semclip_batch.model.promptad import PromptAd, PromptLearner, project_tokens, promptad_loss
 from semclip_batch.model.towers import as_clip
-from semclip_batch.model.winclip import WinClip
 
-log = logging.getLogger(__name__)
 OBJECT = "wafer pattern"
 
 
@@ -40,19 +39,36 @@ class PromptAdSettings:
     lr: float = 2e-3
 
 
-def normal_rows(data: TrainSet, method: str) -> torch.Tensor:
-    idx = (data.labels == 0).nonzero().flatten()
-    if idx.numel() == 0:
-        raise ConfigError(f"--method {method} learns from normal images; the support set has none")
-    return idx
+@register
+class PromptAdMethod(Method[PromptAd]):
+    name = "promptad"
 
+    def build(self, spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> PromptAd:
+        model = PromptAd(clip, n_classes=text.shape[0], taps=method_taps(spec, depth_of(clip)), sigma=spec.sigma)
+        model.set_text_embeddings(text)
+        return model
 
-def fit_winclip(model: WinClip, feats: Features, data: TrainSet) -> dict[str, float]:
-    """Fill WinCLIP+'s memories with the normal support images' patch tokens and window embeddings."""
-    depth = len(model.visual.transformer.resblocks)
-    wf = feats.window_features(depth).subset(normal_rows(data, "winclip"))
-    model.set_memory(wf.patches.reshape(-1, wf.patches.shape[-1]), [w.reshape(-1, w.shape[-1]) for w in wf.windows])
-    return {"memory_patches": int(model.memory_patch.shape[0])}
+    def load(self, model: PromptAd, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        # memories first: their sizes come from the checkpoint
+        model.set_memory([tensors.get(f"memory{k}", m) for k, m in enumerate(model.memories())])
+        return super().load(model, tensors)
+
+    def taps(self, model: PromptAd) -> tuple[int, ...]:
+        return model.read_taps
+
+    def vv_from(self, model: PromptAd) -> int | None:
+        return 1  # the last block's V-V tokens are its local features
+
+    def score(self, model: PromptAd, feats: Features, size: tuple[int, int]) -> SemClipOutput:
+        return model.from_encoded(feats.select(model.read_taps, True), size)
+
+    def fit(self, model: PromptAd, spec: ModelSpec, support: Support) -> dict[str, Any]:
+        model.text_scale.fill_(fit_temperature(pooled_embeddings(support.feats), model.text_embeddings,
+                                               support.data.labels))
+        settings = PromptAdSettings() if support.epochs is None else PromptAdSettings(epochs=support.epochs)
+        with torch.enable_grad():
+            return fit_promptad(model, support.clip, support.clip_name, support.feats, support.data, support.seed,
+                                settings, support.progress)
 
 
 class _PromptTokens(TypedDict):
@@ -74,9 +90,8 @@ def _prompt_tokens(clip_name: str, classes: tuple[str, ...], s: PromptAdSettings
     return {"normal": normal, "manual": manual, "learned": learned, "ab_start": ab_start}
 
 
-def fit_promptad(model: PromptAd, clip: nn.Module, clip_name: str, classes: tuple[str, ...], feats: Features,
-                 data: TrainSet, seed: int, settings: PromptAdSettings | None = None,
-                 progress: LossProgress | None = None) -> dict[str, float]:
+def fit_promptad(model: PromptAd, clip: nn.Module, clip_name: str, feats: Features, data: SupportSet, seed: int,
+                 settings: PromptAdSettings | None = None, progress: LossProgress | None = None) -> dict[str, Any]:
     """Learn PromptAD's prompts on the normal support images, then fill its memories and prototypes."""
     s = settings or PromptAdSettings()
     idx = normal_rows(data, "promptad")
@@ -88,7 +103,7 @@ def fit_promptad(model: PromptAd, clip: nn.Module, clip_name: str, classes: tupl
         assert last_vv is not None  # select(taps, True) of features encoded with the V-V path (vv_from=1)
         local = project_tokens(model.visual, last_vv).reshape(-1, image.shape[-1]).float()
         targets = torch.cat([image, local])
-    tok = _prompt_tokens(clip_name, classes, s)
+    tok = _prompt_tokens(clip_name, data.classes, s)
     learner = PromptLearner(clip, tok["normal"], tok["manual"], tok["learned"], s.n_ctx, s.n_ab,
                             int(tok["ab_start"]), seed)
     for p in clip.parameters():

@@ -1,0 +1,97 @@
+"""What a method fits on (:class:`Support`) and the fitting helpers the methods share: the text temperature,
+the seeded holdout split, focal + dice, the support set's normal rows. The orchestration (support loading,
+thresholds, reference scale, checkpoint) is :mod:`semclip_batch.fewshot.train`'s."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semclip_batch.config import LossProgress
+from semclip_batch.errors import ConfigError
+from semclip_batch.methods.features import Features
+from semclip_batch.model.encoder import EncoderOutput
+
+MapAuroc = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]
+
+
+class SupportSet(Protocol):
+    """The labelled support images (``fewshot.trainset.TrainSet``): ``views`` / ``masks`` ``(N, S, S)``,
+    ``labels`` ``(N,)`` class index, ``has_mask`` ``(N,)``, the class names."""
+
+    views: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    has_mask: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Support:
+    """Everything a method's ``fit`` gets: the support set, its frozen-backbone features (encoded once), the
+    backbone (``clip``, open_clip name ``clip_name``), the training options and ``map_auroc(maps, masks,
+    has_mask)`` (pixel AUROC of maps against masks, for early stopping on held-out support images)."""
+
+    data: SupportSet
+    feats: Features
+    clip: nn.Module
+    clip_name: str
+    map_auroc: MapAuroc
+    seed: int = 0
+    lr: float = 1e-3
+    epochs: int | None = None
+    batch_size: int = 8
+    anchor: float = 1.0  # L2-SP weight (SEM-CLIP's Transformation Layers)
+    progress: LossProgress | None = None
+
+
+def fit_temperature(emb: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> float:
+    """The text softmax temperature maximising the support set's log-likelihood (grid 1..200)."""
+    sims = emb @ text.t()
+    grid = torch.logspace(0, np.log10(200.0), 40)
+    nll = torch.stack([F.cross_entropy(s * sims, labels) for s in grid])
+    return float(grid[int(nll.argmin())])
+
+
+def pooled_embeddings(feats: Features) -> torch.Tensor:
+    """The support images' normalised pooled embeddings ``(N, E)``."""
+    return F.normalize(feats.dual.pooled.float(), dim=-1)
+
+
+def holdout_split(n: int, seed: int, share: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded train / validation indices of the support set (no validation below 10 images)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
+    n_val = int(n * share) if n >= 10 else 0
+    return order[n_val:], order[:n_val]
+
+
+def focal_dice(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal (gamma 2) + dice loss of a defect probability map. ``(B, S, S)`` each."""
+    p = prob.clamp(1e-6, 1 - 1e-6)
+    pt = torch.where(target > 0.5, p, 1 - p)
+    focal = (-(1 - pt) ** gamma * pt.log()).mean()
+    inter = (p * target).sum(dim=(1, 2))
+    dice = 1 - (2 * inter + 1) / (p.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1)
+    return focal + dice.mean()
+
+
+def subset_encoded(enc: EncoderOutput, idx: torch.Tensor) -> EncoderOutput:
+    pick = lambda t: None if t is None else t[idx]  # noqa: E731
+    return EncoderOutput(pooled=enc.pooled[idx], original=[t[idx] for t in enc.original],
+                         vv=[pick(t) for t in enc.vv])
+
+
+def normal_rows(data: SupportSet, method: str) -> torch.Tensor:
+    """Indices of the normal support images (for methods that learn from normal images only)."""
+    idx = (data.labels == 0).nonzero().flatten()
+    if idx.numel() == 0:
+        raise ConfigError(f"--method {method} learns from normal images; the support set has none")
+    return idx
