@@ -19,7 +19,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir holds the package
 
-from semclip_batch.cli import parse_storage_options, print_result, run_config, run_options, user_errors
+from semclip_batch.cli.options import parse_storage_options, print_result, run_config, run_options, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,107 +2,31 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import click
 
+from semclip_batch.cli.options import (
+    MethodChoice,
+    loss_printer,
+    model_options,
+    parse_storage_options,
+    print_result,
+    progress_printer,
+    run_config,
+    run_options,
+    storage_option_flag,
+    user_errors,
+)
 from semclip_batch.config import (
     DEFAULT_BACKBONE,
-    DEFAULT_IMAGE_THRESHOLD,
     DEFAULT_KEEP_TOKENS,
-    DEFAULT_MIN_REGION_PX,
-    DEFAULT_PIXEL_THRESHOLD,
     DEFAULT_PRETRAIN_BATCH,
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_STEPS,
-    DEFAULT_SHARD_SIZE,
-    DEFAULT_TILE_ABOVE,
-    PRECISIONS,
-    ModelSpec,
-    RunConfig,
-    Thresholds,
 )
-from semclip_batch.errors import SemclipError, one_line, shorten
-from semclip_batch.io.storage import check_storage_options
-
-F = TypeVar("F", bound=Callable[..., Any])
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn library errors into one clear line (click prints ``Error: ...`` and exits 1)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except SemclipError as exc:
-            raise click.ClickException(shorten(str(exc))) from None
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            logging.getLogger("semclip_batch").debug("traceback", exc_info=True)
-            raise click.ClickException(f"{one_line(exc)} (rerun with -vv for the traceback)") from None
-
-    return wrapper
-
-
-def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``--storage-option KEY=VALUE`` flags, validated (raises :class:`ConfigError`: one line, no usage dump)."""
-    from semclip_batch.errors import ConfigError
-
-    opts: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option {shorten(pair, 60)!r}: expected KEY=VALUE")
-        opts[key] = value
-    return check_storage_options(opts)
-
-
-storage_option_flag = click.option(
-    "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
-    help="Non-secret fsspec storage option (e.g. endpoint_url=...); secrets come from AWS_* env.")
-
-
-class MethodChoice(click.Choice):
-    """``--method``: the registered methods (``methods.registry.method_names``), looked up when first needed so
-    that importing the CLI stays free of torch."""
-
-    def __init__(self) -> None:
-        super().__init__((), case_sensitive=True)
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        from semclip_batch.methods.registry import method_names
-
-        return method_names()
-
-    @choices.setter
-    def choices(self, _: object) -> None:
-        pass
-
-
-def model_options(fn: F) -> F:
-    """Options shared by commands that build a backbone."""
-    options = [
-        click.option("--backbone", default=None, help=f"open_clip model name [default: {DEFAULT_BACKBONE}; with --model: "
-                                                       "the checkpoint's]."),
-        click.option("--pretrained", default=None,
-                     help="Backbone weights: local path or fsspec URL (.safetensors / .pt), or 'none' for seeded "
-                          "random weights."),
-        click.option("--pretrained-sha256", default=None, help="Refuse weights whose sha256 differs (canonical or file)."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed for random weights and sampling."),
-        click.option("--prompts", default=None, help="Prompt file (JSON: templates x states per class)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return storage_option_flag(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -154,68 +78,6 @@ def synth(out: str, seed: int, lots: int, wafers: int, dies: int, per_class: int
     click.echo(f"wrote {len(manifest)} images in {manifest['lot_id'].nunique()} lots; manifest: {out}/manifest.csv")
 
 
-def _thresholds(threshold: float | None, pixel_threshold: float | None, min_region_px: int | None) -> Thresholds:
-    given = {"image": threshold, "pixel": pixel_threshold, "min_region_px": min_region_px}
-    return Thresholds(
-        image=DEFAULT_IMAGE_THRESHOLD if threshold is None else threshold,
-        pixel=DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None else pixel_threshold,
-        min_region_px=DEFAULT_MIN_REGION_PX if min_region_px is None else min_region_px,
-        source={k: "default" if v is None else "flag" for k, v in given.items()},
-    )
-
-
-def run_options(fn: F) -> F:
-    """Every option of ``run`` (shared with ``jobs/process_lots.py``)."""
-    options = [
-        click.argument("input"),
-        click.option("--out", required=True, help="Output root (local path or fsspec URL such as s3://bucket/run)."),
-        click.option("--threshold", type=float, default=None,
-                     help=f"Image threshold on anomaly_score [default: {DEFAULT_IMAGE_THRESHOLD}]."),
-        click.option("--pixel-threshold", type=float, default=None,
-                     help=f"Pixel threshold on the map [default: {DEFAULT_PIXEL_THRESHOLD}]."),
-        click.option("--min-region-px", type=int, default=None,
-                     help=f"Smallest defect region, original pixels [default: {DEFAULT_MIN_REGION_PX}]."),
-        click.option("--batch-size", default=16, show_default=True, type=int, help="Model views per forward pass."),
-        click.option("--actors", default=1, show_default=True, type=int, help="Model actors (one per GPU on a cluster)."),
-        click.option("--num-gpus", default=0.0, show_default=True, type=float, help="GPUs per model actor."),
-        click.option("--shard-size", default=DEFAULT_SHARD_SIZE, show_default=True, type=int, help="Rows per work shard."),
-        click.option("--tile-above", default=DEFAULT_TILE_ABOVE, show_default=True, type=int,
-                     help="Tile frames whose longer side exceeds this (px)."),
-        click.option("--pattern", default=None,
-                     help="For a folder INPUT: path pattern, e.g. '{lot_id}/{wafer_id}/{name}.{ext}'."),
-        click.option("--address", default=None, help="Ray address to attach to (default: a private local Ray)."),
-        click.option("--overwrite", is_flag=True, help="Replace the outputs of another run in OUT (keeps runs/)."),
-        click.option("--model", "model", default=None,
-                     help="Few-shot checkpoint folder/URL from `train` (its thresholds apply unless given as flags)."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                     help="Model precision (bf16 is fastest on CPU)."),
-    ]
-    fn = model_options(fn)
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def run_config(*, input: str, out: str, model: str | None, backbone: str | None, pretrained: str | None,
-               pretrained_sha256: str | None,
-               seed: int, prompts: str | None, precision: str, storage_option: tuple[str, ...],
-               threshold: float | None, pixel_threshold: float | None, min_region_px: int | None, batch_size: int,
-               actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None,
-               address: str | None, overwrite: bool) -> RunConfig:
-    """The validated RunConfig for the options of :func:`run_options`."""
-    from semclip_batch.errors import ConfigError
-
-    if pretrained is None and model is None:
-        raise ConfigError("run needs --pretrained (a weights path/URL, or 'none' for seeded random weights) or --model")
-    so = parse_storage_options(storage_option)
-    spec = ModelSpec(backbone=backbone if backbone or model else DEFAULT_BACKBONE, pretrained=pretrained,
-                     pretrained_sha256=pretrained_sha256, seed=seed, precision=precision, prompts=prompts,
-                     checkpoint=model, storage_options=so)
-    return RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
-                     tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,
-                     actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)
-
-
 @main.command()
 @run_options
 @user_errors
@@ -232,26 +94,6 @@ def run(**options: Any) -> None:
 
     result = run_pipeline(run_config(**options), progress=progress_printer())
     print_result(result.record, result.out)
-
-
-def progress_printer() -> Callable[[int, int], None]:
-    state = {"done": 0}
-
-    def update(n: int, total: int) -> None:
-        state["done"] += n
-        click.echo(f"\rscored {state['done']}/{total} images", nl=state["done"] >= total, err=True)
-
-    return update
-
-
-def print_result(record: dict[str, Any], out: str) -> None:
-    counts = ", ".join(f"{k}={v}" for k, v in record["counts"].items())
-    click.echo(f"run {record['run_id']} attempt {record['attempt']}: {record['status']}; "
-               f"shards run {record['shards']['run']}, skipped {record['shards']['skipped']}; "
-               f"rows {record['rows']['total']} ({counts}); sent to model {record['rows']['sent_to_model']}")
-    if record["throughput_img_s"]:
-        click.echo(f"throughput {record['throughput_img_s']} img/s")
-    click.echo(f"outputs: {out}/predictions (Parquet, hive by lot_id), {out}/masks.zarr, {out}/runs/{record['run_id']}")
 
 
 @main.command()
@@ -308,13 +150,6 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
     click.echo(f"wrote {out.rstrip('/')}/metrics.json")
 
 
-def _loss_printer(what: str) -> Callable[[int, int, float], None]:
-    def show(step: int, total: int, loss: float) -> None:
-        click.echo(f"{what} {step}/{total}  loss {loss:.4f}", err=True)
-
-    return show
-
-
 @main.command()
 @click.argument("manifest")
 @click.option("--out", required=True, help="The weights file to write (.safetensors, any fsspec URL).")
@@ -344,7 +179,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     cfg = PretrainConfig(manifest=manifest, out=out, backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
                          pretrained_sha256=pretrained_sha256, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
                          keep=keep_tokens, prompts=prompts, storage_options=parse_storage_options(storage_option))
-    digest = run_pretrain(cfg, progress=_loss_printer("step"))
+    digest = run_pretrain(cfg, progress=loss_printer("step"))
     click.echo(f"wrote {out}")
     click.echo(digest)
 
@@ -395,7 +230,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                       method=method, use_reference=use_reference, cache_dir=cache_dir,
                       storage_options=parse_storage_options(storage_option))
     try:
-        meta = run_train(cfg, progress=_loss_printer("epoch"))
+        meta = run_train(cfg, progress=loss_printer("epoch"))
     except ValueError as exc:  # e.g. taps outside the backbone's depth
         raise ConfigError(str(exc)) from None
     th = meta.thresholds
