@@ -32,7 +32,6 @@ DEFAULT_PRETRAIN_LR = 1e-3
 DEFAULT_KEEP_TOKENS = 0.25
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_MODES = ("mean", "max")
-SURGERY_WEIGHTS = ("cls", "patch")
 
 
 @dataclass(frozen=True)
@@ -97,9 +96,7 @@ class ModelSpec:
     prompts: str | None = None
     taps: tuple[int, ...] | None = None
     use_vv: bool = True
-    vv_from: int = 1
     surgery: bool = True
-    surgery_weights: str = "cls"
     sigma: float = 4.0
     score_mode: str = "mean"
     cls: str = "text"
@@ -113,15 +110,13 @@ class ModelSpec:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.score_mode not in SCORE_MODES:
             raise ConfigError(f"score mode must be one of {', '.join(SCORE_MODES)}, got {self.score_mode!r}")
-        if self.surgery_weights not in SURGERY_WEIGHTS:
-            raise ConfigError(f"surgery weights must be cls or patch, got {self.surgery_weights!r}")
         if self.sigma < 0:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
 
     def output_affecting(self) -> dict[str, Any]:
         """Fields that change predictions (weights enter run_id through their checksum instead)."""
-        keep = ("backbone", "precision", "taps", "use_vv", "vv_from", "surgery", "surgery_weights", "sigma",
-                "score_mode", "seed", "cls", "method", "use_reference")
+        keep = ("backbone", "precision", "taps", "use_vv", "surgery", "sigma", "score_mode", "seed", "cls", "method",
+                "use_reference")
         return {k: getattr(self, k) for k in keep}
 
 

@@ -191,3 +191,27 @@ def test_train_with_cache_dir_gives_the_same_checkpoint(synth_lot, tmp_path):
     first, second = once("a"), once("b")
     assert first.tensors_sha256 == second.tensors_sha256 and first.thresholds == second.thresholds
     assert len(list((tmp_path / "cache" / "features").iterdir())) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_score_mode_and_sigma_travel_from_train_to_run(ray_cluster, synth_lot, tmp_path):
+    import zarr
+
+    from semclip_batch.analysis.results import read_predictions
+
+    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(tmp_path / "c"), backbone="semclip-tiny",
+                             pretrained="none", method="winclip", score_mode="max", sigma=2.0))
+    assert (meta.score_mode, meta.sigma) == ("max", 2.0)
+    result = run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o"),
+                           model=ModelSpec(backbone=None, pretrained=None, checkpoint=str(tmp_path / "c"))))
+    model = result.record["config"]["model"]
+    assert (model["score_mode"], model["sigma"]) == ("max", 2.0)
+    df = read_predictions(str(tmp_path / "o")).to_pandas()
+    root = zarr.open_group(str(tmp_path / "o" / "masks.zarr"), mode="r")
+    for row in df[df["status"] == "ok"].itertuples():  # max only: the score is the map's maximum
+        peak = int(root[row.mask_path][int(row.mask_index)].max())
+        assert abs(row.anomaly_score - peak / 255) <= 0.5 / 255 + 1e-6
+    with pytest.raises(ConfigError, match="score mode"):
+        TrainConfig(support="s.csv", out="c", score_mode="median")

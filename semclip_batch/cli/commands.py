@@ -26,6 +26,7 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_BATCH,
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_STEPS,
+    SCORE_MODES,
 )
 
 
@@ -200,13 +201,18 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @click.option("--no-surgery", is_flag=True, help="Ablation: plain cosine similarities.")
 @click.option("--taps", default=None, help="Tapped blocks, e.g. 3,6 [default: L/4, L/2, 3L/4, L].")
 @click.option("--cls", "cls_mode", type=click.Choice(["fused", "head", "text"]), default="fused", show_default=True)
+@click.option("--score-mode", type=click.Choice(SCORE_MODES), default="mean", show_default=True,
+              help="anomaly_score: mean of 1 - p(normal) and the map maximum, or the map maximum only (stored in "
+                   "the checkpoint; run applies it).")
+@click.option("--sigma", type=float, default=4.0, show_default=True,
+              help="Gaussian smoothing of the maps, px at model-input resolution (stored in the checkpoint).")
 @click.option("--use-reference", is_flag=True,
               help="Also score patches by distance to each row's reference_uri frame (stored in the checkpoint).")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
           method: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
-          taps: str | None, cls_mode: str, use_reference: bool) -> None:
+          taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool) -> None:
     """Few-shot SEM-CLIP (or a baseline) on a frozen backbone from a labelled SUPPORT manifest -> checkpoint.
 
     \b
@@ -227,7 +233,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     cfg = TrainConfig(support=support, out=out, backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                       pretrained_sha256=pretrained_sha256, seed=seed, shots=shots, epochs=epochs, lr=lr,
                       prompts=prompts, taps=tap_list, use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode,
-                      method=method, use_reference=use_reference, cache_dir=cache_dir,
+                      method=method, use_reference=use_reference, cache_dir=cache_dir, score_mode=score_mode, sigma=sigma,
                       storage_options=parse_storage_options(storage_option))
     try:
         meta = run_train(cfg, progress=loss_printer("epoch"))

@@ -58,6 +58,8 @@ class TrainConfig:
     cls: str = "fused"
     use_reference: bool = False
     anchor: float = 1.0  # L2-SP weight pulling the Transformation Layers towards their zero-shot start
+    score_mode: str = "mean"  # anomaly_score: mean of (1 - p(normal)) and the map maximum, or the maximum only
+    sigma: float = 4.0  # Gaussian smoothing of the maps, px at model-input resolution
     cache_dir: str | None = None  # frozen-backbone features of the support frames (methods.feature_cache)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -72,6 +74,7 @@ class TrainConfig:
             raise ConfigError(f"--shots must be >= 1, got {self.shots}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        model_spec(self)  # score mode, sigma and the rest validated as the model will take them
 
 
 def sample_shots(df: pd.DataFrame, shots: int | None, seed: int) -> pd.DataFrame:
@@ -137,7 +140,7 @@ class Fitted:
 def model_spec(cfg: TrainConfig) -> ModelSpec:
     return ModelSpec(backbone=cfg.backbone, pretrained=cfg.pretrained, seed=cfg.seed, taps=cfg.taps, use_vv=cfg.use_vv,
                      surgery=cfg.surgery, cls=cfg.cls, method=cfg.method, use_reference=cfg.use_reference,
-                     storage_options=cfg.storage_options)
+                     score_mode=cfg.score_mode, sigma=cfg.sigma, storage_options=cfg.storage_options)
 
 
 def support_taps(cfg: TrainConfig, depth: int) -> tuple[int, ...]:
@@ -166,7 +169,7 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     size = (data.views.shape[-2], data.views.shape[-1])
     with torch.no_grad():
         out = score_features(model, feats, size, reference, ref_feats, data.has_ref)
-    return Fitted(model, reference, summary, fit_thresholds(out, data))
+    return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.score_mode))
 
 
 def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointMeta:

@@ -41,8 +41,8 @@ class SemClipMethod(Method[SemClip]):
     layer_options = True
 
     def build(self, spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> SemClip:
-        cfg = SemClipConfig(taps=method_taps(spec, depth_of(clip)), use_vv=spec.use_vv, vv_from=spec.vv_from,
-                            surgery=spec.surgery, surgery_weights=spec.surgery_weights, sigma=spec.sigma, cls=spec.cls)
+        cfg = SemClipConfig(taps=method_taps(spec, depth_of(clip)), use_vv=spec.use_vv, surgery=spec.surgery,
+                            sigma=spec.sigma, cls=spec.cls)
         model = SemClip(clip, cfg, n_classes=text.shape[0])
         model.set_text_embeddings(text)
         return model
