@@ -86,10 +86,11 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What an actor needs to build the model where it runs: a small, picklable description."""
+    """What an actor needs to build the model where it runs: a small, picklable description, fully resolved
+    (``run --model`` arrives as a :class:`CheckpointRequest` and becomes one of these in the driver)."""
 
-    backbone: str | None = DEFAULT_BACKBONE
-    pretrained: str | None = "none"
+    backbone: str = DEFAULT_BACKBONE
+    pretrained: str = "none"
     pretrained_sha256: str | None = None
     seed: int = 0
     precision: str = "fp32"
@@ -121,12 +122,29 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class CheckpointRequest:
+    """``run --model URL``: a checkpoint whose backbone, weights, options, classes and thresholds apply. The
+    driver reads it and resolves it into a :class:`ModelSpec`; the optional fields only check or relocate."""
+
+    url: str
+    backbone: str | None = None  # must equal the checkpoint's when given
+    pretrained: str | None = None  # another location of the same weights
+    pretrained_sha256: str | None = None
+    precision: str = "fp32"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One ``run``: where from, where to, how wide, and the model description."""
 
     input: str
     out: str
-    model: ModelSpec
+    model: ModelSpec | CheckpointRequest  # always a ModelSpec once the driver has resolved it
     thresholds: Thresholds = field(default_factory=Thresholds)
     tile_above: int = DEFAULT_TILE_ABOVE
     pattern: str | None = None

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from semclip_batch.analysis.aggregate import aggregate
 from semclip_batch.analysis.evaluate import evaluate
 from semclip_batch.analysis.results import lot_summary
-from semclip_batch.config import ModelSpec, RunConfig
+from semclip_batch.config import CheckpointRequest, RunConfig
 from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.io import storage
@@ -61,7 +61,7 @@ def run_demo(folder: str, *, backbone: str = "semclip-tiny") -> Iterator[str]:
            f"pixel {meta.thresholds.pixel:.3f}")
     yield f"[4/7] run: the checkpoint on the test lots, on a private local Ray -> {out}"
     cfg = RunConfig(input=storage.join(data, "manifest.csv"), out=out,
-                    model=ModelSpec(backbone=None, pretrained=None, checkpoint=ckpt), overwrite=True)
+                    model=CheckpointRequest(url=ckpt), overwrite=True)
     result = run(cfg)
     rec = result.record
     yield f"      run {rec['run_id']}: {rec['status']}, counts {rec['counts']}, {rec['throughput_img_s']} img/s"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from semclip_batch.analysis.results import read_predictions
-from semclip_batch.config import ModelSpec, RunConfig
+from semclip_batch.config import CheckpointRequest, ModelSpec, RunConfig
 from semclip_batch.errors import REFERENCE_ERROR, ConfigError
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.fewshot.trainset import TrainSet
@@ -153,7 +153,7 @@ def test_baseline_checkpoints_record_their_method(baseline_checkpoints):
 def test_run_uses_the_checkpoint_method(ray_cluster, baseline_checkpoints, synth_lot, tmp_path):
     for method, (ckpt, _) in baseline_checkpoints.items():
         result = run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / method),
-                               model=ModelSpec(backbone=None, pretrained=None, checkpoint=str(ckpt))))
+                               model=CheckpointRequest(url=str(ckpt))))
         assert result.record["model_id"].startswith(f"{method}:semclip-tiny:")
         assert result.record["counts"] == {"ok": 14}
         preds = read_predictions(str(tmp_path / method)).to_pandas()
@@ -201,7 +201,7 @@ def test_reference_checkpoint_run_counts_missing_and_broken_references(ray_clust
     (lot / df.loc[2, "reference_uri"]).write_bytes(b"not an image")
     df.to_csv(lot / "manifest.csv", index=False)
     result = run(RunConfig(input=str(lot / "manifest.csv"), out=str(tmp_path / "o"),
-                           model=ModelSpec(backbone=None, pretrained=None, checkpoint=str(ckpt))))
+                           model=CheckpointRequest(url=str(ckpt))))
     rec = result.record
     assert rec["rows"]["without_reference"] == 1 and rec["counts"] == {"ok": 3, REFERENCE_ERROR: 1}
     preds = read_predictions(str(tmp_path / "o")).to_pandas().set_index("uri")

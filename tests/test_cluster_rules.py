@@ -57,8 +57,10 @@ def test_run_id_ignores_how_wide_and_where_a_run_goes():
     base = RunConfig(input="m.csv", out="out", model=ModelSpec(backbone="semclip-tiny", pretrained="none"))
     wide = dataclasses.replace(base, batch_size=64, actors=8, num_gpus=1.0, address="ray://head:10001",
                                shard_size=1024, out="s3://b/out", overwrite=True)
-    assert output_config(base, prep, ident) == output_config(wide, prep, ident)
-    stricter = dataclasses.replace(base, thresholds=Thresholds(image=0.5))
-    assert output_config(base, prep, ident) != output_config(stricter, prep, ident)
-    bf16 = dataclasses.replace(base, model=dataclasses.replace(base.model, precision="bf16"))
-    assert output_config(base, prep, ident) != output_config(bf16, prep, ident)
+    def config_of(cfg: RunConfig) -> dict:
+        assert isinstance(cfg.model, ModelSpec)
+        return output_config(cfg.model, cfg.thresholds, prep, ident)
+
+    assert config_of(base) == config_of(wide)
+    assert config_of(base) != config_of(dataclasses.replace(base, thresholds=Thresholds(image=0.5)))
+    assert config_of(base) != config_of(dataclasses.replace(base, model=dataclasses.replace(base.model, precision="bf16")))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from semclip_batch.config import ModelSpec, RunConfig, Thresholds
+from semclip_batch.config import CheckpointRequest, RunConfig, Thresholds
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.pretrain import PretrainConfig, kept_patches, pretrain
 from semclip_batch.fewshot.train import TrainConfig, sample_shots, train
@@ -79,7 +79,7 @@ def test_tampered_checkpoint_refused(checkpoint, tmp_path):
 @pytest.mark.timeout(600)
 def test_run_with_checkpoint(ray_cluster, checkpoint, synth_lot, tmp_path, weights):
     ckpt, meta = checkpoint
-    spec = ModelSpec(backbone=None, pretrained=None, checkpoint=str(ckpt))
+    spec = CheckpointRequest(url=str(ckpt))
     flags = Thresholds(image=0.5, source={"image": "flag", "pixel": "default", "min_region_px": "default"})
     result = run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o"), model=spec, thresholds=flags))
     rec = result.record
@@ -90,10 +90,10 @@ def test_run_with_checkpoint(ray_cluster, checkpoint, synth_lot, tmp_path, weigh
     assert rec["counts"] == {"ok": 14}
     with pytest.raises(ConfigError, match="differs from the checkpoint"):
         run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o2"),
-                      model=ModelSpec(backbone="ViT-B-16-plus-240", pretrained=None, checkpoint=str(ckpt))))
+                      model=CheckpointRequest(url=str(ckpt), backbone="ViT-B-16-plus-240")))
     with pytest.raises(WeightsError, match="trained on"):
         run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o3"),
-                      model=ModelSpec(backbone=None, pretrained="none", checkpoint=str(ckpt))))
+                      model=CheckpointRequest(url=str(ckpt), pretrained="none")))
 
 
 def test_sample_shots_is_seeded_and_per_class():
@@ -205,7 +205,7 @@ def test_score_mode_and_sigma_travel_from_train_to_run(ray_cluster, synth_lot, t
                              pretrained="none", method="winclip", score_mode="max", sigma=2.0))
     assert (meta.score_mode, meta.sigma) == ("max", 2.0)
     result = run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o"),
-                           model=ModelSpec(backbone=None, pretrained=None, checkpoint=str(tmp_path / "c"))))
+                           model=CheckpointRequest(url=str(tmp_path / "c"))))
     model = result.record["config"]["model"]
     assert (model["score_mode"], model["sigma"]) == ("max", 2.0)
     df = read_predictions(str(tmp_path / "o")).to_pandas()

@@ -17,6 +17,7 @@ from semclip_batch.config import (
     DEFAULT_SHARD_SIZE,
     DEFAULT_TILE_ABOVE,
     PRECISIONS,
+    CheckpointRequest,
     ModelSpec,
     RunConfig,
     Thresholds,
@@ -154,9 +155,15 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
     if pretrained is None and model is None:
         raise ConfigError("run needs --pretrained (a weights path/URL, or 'none' for seeded random weights) or --model")
     so = parse_storage_options(storage_option)
-    spec = ModelSpec(backbone=backbone if backbone or model else DEFAULT_BACKBONE, pretrained=pretrained,
-                     pretrained_sha256=pretrained_sha256, seed=seed, precision=precision, prompts=prompts,
-                     checkpoint=model, storage_options=so)
+    spec: ModelSpec | CheckpointRequest
+    if model is not None:
+        spec = CheckpointRequest(url=model, backbone=backbone, pretrained=pretrained,
+                                 pretrained_sha256=pretrained_sha256, precision=precision, storage_options=so)
+    else:
+        assert pretrained is not None  # refused above
+        spec = ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
+                         pretrained_sha256=pretrained_sha256, seed=seed, precision=precision, prompts=prompts,
+                         storage_options=so)
     return RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
                      tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,
                      actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)

@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
-from semclip_batch.config import PreprocessConfig, Progress, RunConfig, Thresholds
+from semclip_batch.config import CheckpointRequest, ModelSpec, PreprocessConfig, Progress, RunConfig, Thresholds
 from semclip_batch.errors import MODEL_ERROR, OK, WRITE_ERROR, ConfigError, RunFailed, WeightsError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
@@ -79,50 +79,51 @@ class ModelIdentity:
     mode: str
 
 
-def _identify_model(cfg: RunConfig) -> tuple[RunConfig, ModelIdentity]:
-    """Load what identifies the model (weights checksum, class embeddings) once in the driver.
+def _identify_model(cfg: RunConfig) -> tuple[RunConfig, ModelSpec, ModelIdentity]:
+    """Load what identifies the model (weights checksum, class embeddings) once in the driver, and resolve the
+    run's model into a full :class:`ModelSpec`.
 
     With a checkpoint, its backbone, options, classes and thresholds apply (thresholds given as flags win).
     """
+    if isinstance(cfg.model, CheckpointRequest):
+        return _identify_checkpoint(cfg, cfg.model)
     spec = cfg.model
     get_method(spec.method)  # an unknown method is refused here (one line), before any weights load or actor starts
-    if spec.checkpoint is not None:
-        return _identify_checkpoint(cfg, spec.checkpoint)
-    if spec.backbone is None or spec.pretrained is None:
-        raise ConfigError("a run without a checkpoint needs a backbone and pretrained weights ('none' for seeded random)")
     prompts = load_prompts(spec.prompts, cfg.storage_options)
     backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=spec.pretrained_sha256,
                              storage_options=cfg.storage_options)
     ident = ModelIdentity(model_id=f"zero-shot:{spec.backbone}:{backbone.sha256[:12]}", sha256=backbone.sha256,
-                           weights_sha256=backbone.sha256, text=text_embeddings(backbone, prompts), prompts=prompts,
-                           mode="zero-shot")
-    return cfg, ident
+                          weights_sha256=backbone.sha256, text=text_embeddings(backbone, prompts), prompts=prompts,
+                          mode="zero-shot")
+    return cfg, spec, ident
 
 
-def _identify_checkpoint(cfg: RunConfig, checkpoint: str) -> tuple[RunConfig, ModelIdentity]:
-    spec = cfg.model
-    ckpt = load_checkpoint(checkpoint, cfg.storage_options)
+def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunConfig, ModelSpec, ModelIdentity]:
+    ckpt = load_checkpoint(req.url, cfg.storage_options)
     meta = ckpt.meta
-    if spec.backbone not in (None, meta.backbone):
-        raise ConfigError(f"--backbone {spec.backbone} differs from the checkpoint's {meta.backbone}; omit it")
-    pretrained = spec.pretrained or meta.weights.pretrained
+    if req.backbone not in (None, meta.backbone):
+        raise ConfigError(f"--backbone {req.backbone} differs from the checkpoint's {meta.backbone}; omit it")
+    pretrained = req.pretrained or meta.weights.pretrained
     backbone = load_backbone(meta.backbone, pretrained, seed=meta.weights.seed,
-                             expected_sha256=spec.pretrained_sha256, storage_options=cfg.storage_options)
+                             expected_sha256=req.pretrained_sha256, storage_options=cfg.storage_options)
     if backbone.sha256 != meta.weights.sha256:
         raise WeightsError(f"--pretrained {pretrained} has checksum {backbone.sha256[:12]}, but the checkpoint was "
                            f"trained on {meta.weights.sha256[:12]} ({meta.weights.source})")
-    new_spec = replace(spec, backbone=meta.backbone, pretrained=pretrained, seed=meta.weights.seed, taps=meta.taps,
-                       use_vv=meta.use_vv, surgery=meta.surgery, cls=meta.cls, method=meta.method,
-                       use_reference=meta.use_reference, score_mode=meta.score_mode, sigma=meta.sigma)
+    spec = ModelSpec(backbone=meta.backbone, pretrained=pretrained, pretrained_sha256=req.pretrained_sha256,
+                     seed=meta.weights.seed, precision=req.precision, taps=meta.taps, use_vv=meta.use_vv,
+                     surgery=meta.surgery, cls=meta.cls, method=meta.method, use_reference=meta.use_reference,
+                     score_mode=meta.score_mode, sigma=meta.sigma, checkpoint=req.url,
+                     storage_options=req.storage_options)
+    get_method(spec.method)
     thresholds = _checkpoint_thresholds(cfg.thresholds, meta)
     prompts = PromptSet(classes=meta.classes, prompts=tuple(meta.prompts[c] for c in meta.classes))
     # refuse a misfit here, once, with the tensors already read and verified
-    build_model(new_spec, ckpt.tensors["text_embeddings"].numpy(), backbone=backbone, tensors=ckpt.tensors)
+    build_model(spec, ckpt.tensors["text_embeddings"].numpy(), backbone=backbone, tensors=ckpt.tensors)
     checksum = model_checksum(ckpt)
     ident = ModelIdentity(model_id=f"{ckpt.method}:{meta.backbone}:{checksum[:12]}", sha256=checksum,
                           weights_sha256=meta.weights.sha256, text=ckpt.tensors["text_embeddings"].numpy(),
                           prompts=prompts, mode="checkpoint")
-    return replace(cfg, model=new_spec, thresholds=thresholds), ident
+    return replace(cfg, model=spec, thresholds=thresholds), spec, ident
 
 
 def _checkpoint_thresholds(given: Thresholds, meta: CheckpointMeta) -> Thresholds:
@@ -141,10 +142,11 @@ def compute_run_id(manifest_digest: str, output_config: dict[str, Any], weights_
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def output_config(cfg: RunConfig, prep: PreprocessConfig, ident: ModelIdentity) -> dict[str, Any]:
-    return {"model": cfg.model.output_affecting(), "classes": list(ident.prompts.classes),
+def output_config(spec: ModelSpec, thresholds: Thresholds, prep: PreprocessConfig,
+                  ident: ModelIdentity) -> dict[str, Any]:
+    return {"model": spec.output_affecting(), "classes": list(ident.prompts.classes),
             "prompts": ident.prompts.as_record(), "preprocessing": prep.as_record(),
-            "thresholds": {k: v for k, v in cfg.thresholds.as_record().items() if k != "source"}}
+            "thresholds": {k: v for k, v in thresholds.as_record().items() if k != "source"}}
 
 
 def actor_resources(cfg: RunConfig, shape: ClusterShape) -> tuple[float, int]:
@@ -164,10 +166,9 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     with timer.stage("manifest"):
         df = read_manifest(cfg.input, pattern=cfg.pattern, storage_options=so)
     with timer.stage("model_load"):
-        cfg, ident = _identify_model(cfg)
-        assert cfg.model.backbone is not None  # _identify_model resolved it
-        prep = preprocess_config(cfg.model.backbone, tile_above=cfg.tile_above)
-    run_id = compute_run_id(content_digest(df), output_config(cfg, prep, ident), ident.sha256)
+        cfg, spec, ident = _identify_model(cfg)
+        prep = preprocess_config(spec.backbone, tile_above=cfg.tile_above)
+    run_id = compute_run_id(content_digest(df), output_config(spec, cfg.thresholds, prep, ident), ident.sha256)
     plan, shard_size = prepare_plan(layout, df, run_id=run_id, shard_size=cfg.shard_size,
                                     overwrite=cfg.overwrite, storage_options=so)
     rows = df.merge(plan[["image_id", "shard"]], on="image_id", how="left")
@@ -182,7 +183,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     try:
         with ray_session(cfg.address) as shape:
             check_output_reachable(layout.root, shape)
-            _execute(cfg, layout, rows, record, ident, prep, shape, timer, progress)
+            _execute(cfg, spec, layout, rows, record, ident, prep, shape, timer, progress)
         record["status"] = "complete" if not record.get("failed_shards") else "failed"
     except BaseException as exc:
         record["status"], record["error"] = "failed", one_line(exc)
@@ -197,7 +198,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     return RunResult(out=layout.root, run_id=run_id, record=record, record_url=url)
 
 
-def _execute(cfg: RunConfig, layout: OutLayout, rows: pd.DataFrame, record: dict[str, Any], ident: ModelIdentity,
+def _execute(cfg: RunConfig, spec: ModelSpec, layout: OutLayout, rows: pd.DataFrame, record: dict[str, Any], ident: ModelIdentity,
              prep: PreprocessConfig, shape: ClusterShape, timer: _Timer, progress: Progress | None) -> None:
     so = cfg.storage_options
     all_shards = {(str(a), str(b)) for a, b in rows[["lot_id", "shard"]].drop_duplicates().itertuples(index=False)}
@@ -213,13 +214,13 @@ def _execute(cfg: RunConfig, layout: OutLayout, rows: pd.DataFrame, record: dict
         counts.update(shard_counts)
     if len(todo_rows):
         with timer.stage("pipeline"):
-            new_counts, failed = _stream(cfg, layout, todo_rows, ident, prep, shape, record, progress)
+            new_counts, failed = _stream(cfg, spec, layout, todo_rows, ident, prep, shape, record, progress)
         counts.update(new_counts)
         sent = sum(n for status, n in new_counts.items() if status in (OK, MODEL_ERROR, WRITE_ERROR))
         record["rows"]["sent_to_model"] = sent
         if failed:
             record["failed_shards"] = [f"{lot}/{shard}" for lot, shard in sorted(failed)]
-        if cfg.model.use_reference:
+        if spec.use_reference:
             record["rows"]["without_reference"] = int((todo_rows["reference_url"] == "").sum())
         record["throughput_img_s"] = round(len(todo_rows) / max(timer.timings["pipeline"], 1e-9), 3)
     record["counts"] = dict(sorted(counts.items()))
@@ -237,14 +238,14 @@ def _input_blocks(todo_rows: pd.DataFrame, block_rows: int = INPUT_BLOCK_ROWS) -
     return blocks
 
 
-def _stream(cfg: RunConfig, layout: OutLayout, todo_rows: pd.DataFrame, ident: ModelIdentity,
+def _stream(cfg: RunConfig, spec: ModelSpec, layout: OutLayout, todo_rows: pd.DataFrame, ident: ModelIdentity,
             prep: PreprocessConfig, shape: ClusterShape, record: dict[str, Any],
             progress: Progress | None) -> tuple[Counter[str], set[ShardKey]]:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     actor_cpus, threads = actor_resources(cfg, shape)
-    setup = PredictorSetup(spec=cfg.model, prep=prep, text_embeddings=ident.text, weights_sha256=ident.weights_sha256,
+    setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=ident.text, weights_sha256=ident.weights_sha256,
                            batch_size=cfg.batch_size, threads=threads, use_gpu=cfg.num_gpus > 0)
     wsetup = WriterSetup(out=layout.root, run_id=record["run_id"], model_id=ident.model_id,
                          classes=ident.prompts.classes, thresholds=cfg.thresholds, storage_options=cfg.storage_options)
@@ -256,7 +257,7 @@ def _stream(cfg: RunConfig, layout: OutLayout, todo_rows: pd.DataFrame, ident: M
         # arguments, which fn_kwargs supplies: hence the two ignores below
         ds = ds.map_batches(decode_batch,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
                             fn_kwargs={"prep": prep, "storage_options": cfg.storage_options,
-                                       "references": cfg.model.use_reference},
+                                       "references": spec.use_reference},
                             batch_size=4, num_cpus=0.5, batch_format="numpy", max_retries=TASK_RETRIES)
         ds = ds.map_batches(Predictor, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
                             compute=ActorPoolStrategy(size=cfg.actors), num_cpus=actor_cpus,

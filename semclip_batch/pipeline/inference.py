@@ -76,8 +76,6 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
     with a checkpoint in the spec, its trained tensors (read here unless given, already verified) are loaded
     too (eval mode, fp32, CPU)."""
     if backbone is None:
-        # the driver resolved both (from the flags, or from the checkpoint) before any actor starts
-        assert spec.backbone is not None and spec.pretrained is not None
         backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
                                  storage_options=spec.storage_options)
     method = get_method(spec.method)
