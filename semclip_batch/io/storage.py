@@ -245,17 +245,28 @@ def put_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, data)
         return
+    tmp = _temporary_copy(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _temporary_copy(path: str, data: bytes) -> str:
+    """``data`` written whole to a new dot-file beside ``path`` (removed again if the write fails)."""
     folder = posixpath.dirname(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return tmp
 
 
 def create_exclusive(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -266,12 +277,8 @@ def create_exclusive(url: str, data: bytes, storage_options: Mapping[str, Any] |
     """
     fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
-        folder = posixpath.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".part")
+        tmp = _temporary_copy(path, data)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
             os.link(tmp, path)
             return True
         except FileExistsError:
