@@ -123,7 +123,7 @@ def run_config(name: str, cfg: TrainConfig, backbone: LoadedBackbone, text: torc
     positions = np.flatnonzero(support.df["image_id"].isin(set(rows)).to_numpy())
     data, feats, ref_feats = subset(support, positions)
     t0 = time.perf_counter()
-    fitted = fit(replace(cfg, seed=seed, shots=shots), backbone, text, data, feats, ref_feats)
+    fitted = fit(replace(cfg, shots=shots, model=replace(cfg.model, seed=seed)), backbone, text, data, feats, ref_feats)
     size = (test.data.views.shape[-2], test.data.views.shape[-1])
     with torch.no_grad():
         out = score_features(fitted.model, test.feats, size, fitted.reference, test.ref_feats, test.data.has_ref)
@@ -164,7 +164,8 @@ def ensure_weights(work: Path, weights: str | None, backbone: str) -> str:
     if not path.exists():
         synth(str(work / "pretrain"), SynthConfig(seed=1000, lots=60, per_class=10, sizes=SIZES))
         t0 = time.perf_counter()
-        pretrain(PretrainConfig(manifest=str(work / "pretrain" / "manifest.csv"), out=str(path), backbone=backbone))
+        pretrain(PretrainConfig(manifest=str(work / "pretrain" / "manifest.csv"), out=str(path),
+                                model=ModelSpec(backbone=backbone)))
         print(f"pretrain: {time.perf_counter() - t0:.0f} s (cached in {path})", flush=True)
     return str(path)
 
@@ -192,7 +193,7 @@ def main() -> None:
         support = load_lot(work / "support", backbone, prompts.classes, f"support ({label})")
         test = load_lot(work / "test", backbone, prompts.classes, f"test ({label})")
         depth = depth_of(backbone.clip)
-        base = TrainConfig(support="", out="", backbone=args.backbone, pretrained=source)
+        base = TrainConfig(support="", out="", model=ModelSpec(backbone=args.backbone, pretrained=source, cls="fused"))
         zero = new_model(ModelSpec(backbone=args.backbone, pretrained=source), backbone.clip, text)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -210,7 +211,7 @@ def main() -> None:
             opts = dict(options)
             if opts.get("taps") == "last":
                 opts["taps"] = (depth,)
-            cfg = replace(base, **opts)
+            cfg = replace(base, model=replace(base.model, **opts))
             runs = [run_config(name, cfg, backbone, text, support, test, k, seed) for seed in seeds]
             rows.append(summarise(name, label, k, runs))
     print_table(rows)

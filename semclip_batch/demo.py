@@ -13,7 +13,7 @@ from safetensors import safe_open
 from semclip_batch.analysis.aggregate import aggregate
 from semclip_batch.analysis.evaluate import evaluate
 from semclip_batch.analysis.results import lot_summary
-from semclip_batch.config import CheckpointRequest, RunConfig
+from semclip_batch.config import CheckpointRequest, ModelSpec, RunConfig
 from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.io import storage
@@ -49,14 +49,14 @@ def run_demo(folder: str, *, backbone: str = "semclip-tiny") -> Iterator[str]:
     if digest is None:
         synth(pre, SynthConfig(seed=1000, lots=6, per_class=10, sizes=SIZES))
         yield f"[2/7] pretrain: {backbone} from random weights, {DEMO_STEPS} steps (the short schedule, ~3 min)"
-        digest = pretrain(PretrainConfig(manifest=storage.join(pre, "manifest.csv"), out=weights, backbone=backbone,
-                                         steps=DEMO_STEPS), metadata=DEMO_RECIPE)
+        digest = pretrain(PretrainConfig(manifest=storage.join(pre, "manifest.csv"), out=weights, steps=DEMO_STEPS,
+                                         model=ModelSpec(backbone=backbone)), metadata=DEMO_RECIPE)
     else:
         yield f"[2/7] pretrain: cached {weights}"
     yield f"      weights sha256 {digest}"
     yield "[3/7] train: 10-shot SEM-CLIP on the frozen backbone"
-    meta = train(TrainConfig(support=storage.join(support, "manifest.csv"), out=ckpt, backbone=backbone,
-                             pretrained=weights, shots=10))
+    meta = train(TrainConfig(support=storage.join(support, "manifest.csv"), out=ckpt, shots=10,
+                             model=ModelSpec(backbone=backbone, pretrained=weights, cls="fused")))
     yield (f"      checkpoint {ckpt}: alpha {meta.alpha:.2f}, thresholds image {meta.thresholds.image:.3f} "
            f"pixel {meta.thresholds.pixel:.3f}")
     yield f"[4/7] run: the checkpoint on the test lots, on a private local Ray -> {out}"

@@ -134,8 +134,9 @@ def baseline_checkpoints(synth_lot, tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
     out = {}
     for method in ("winclip", "promptad"):
-        meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(root / method),
-                                 backbone="semclip-tiny", pretrained="none", method=method, epochs=5))
+        meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(root / method), epochs=5,
+                                 model=ModelSpec(backbone="semclip-tiny", pretrained="none", method=method,
+                                                 cls="fused")))
         out[method] = (root / method, meta)
     return out
 
@@ -162,9 +163,9 @@ def test_run_uses_the_checkpoint_method(ray_cluster, baseline_checkpoints, synth
 
 def test_method_options_and_missing_normals_are_refused(synth_lot, tmp_path):
     with pytest.raises(ConfigError, match="SEM-CLIP options"):
-        TrainConfig(support="s", out="o", method="winclip", use_vv=False)
+        TrainConfig(support="s", out="o", model=ModelSpec(method="winclip", use_vv=False, cls="fused"))
     with pytest.raises(ConfigError, match="--method must be one of"):
-        TrainConfig(support="s", out="o", method="patchcore")
+        TrainConfig(support="s", out="o", model=ModelSpec(method="patchcore", cls="fused"))
     df = pd.read_csv(synth_lot / "manifest.csv")
     df = df[df["label"] != "normal"]
     df["uri"] = [str(synth_lot / u) for u in df["uri"]]
@@ -172,8 +173,8 @@ def test_method_options_and_missing_normals_are_refused(synth_lot, tmp_path):
     df["reference_uri"] = [str(synth_lot / u) for u in df["reference_uri"]]
     df.to_csv(tmp_path / "defects.csv", index=False)
     with pytest.raises(ConfigError, match="support set has none"):
-        train(TrainConfig(support=str(tmp_path / "defects.csv"), out=str(tmp_path / "c"), backbone="semclip-tiny",
-                          method="promptad"))
+        train(TrainConfig(support=str(tmp_path / "defects.csv"), out=str(tmp_path / "c"),
+                          model=ModelSpec(backbone="semclip-tiny", method="promptad", cls="fused")))
 
 
 def test_reference_scorer_fuses_only_rows_with_a_reference():
@@ -190,8 +191,9 @@ def test_reference_scorer_fuses_only_rows_with_a_reference():
 @pytest.mark.ray
 def test_reference_checkpoint_run_counts_missing_and_broken_references(ray_cluster, synth_lot, tmp_path):
     ckpt = tmp_path / "ref"
-    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(ckpt), backbone="semclip-tiny",
-                             pretrained="none", epochs=2, use_reference=True))
+    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(ckpt), epochs=2,
+                             model=ModelSpec(backbone="semclip-tiny", pretrained="none", use_reference=True,
+                                             cls="fused")))
     assert meta.use_reference and meta.training["with_reference"] == 14
     assert meta.training["reference_scale"] > 0
     lot = tmp_path / "lot"

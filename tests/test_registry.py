@@ -90,7 +90,8 @@ def _support(backbone: LoadedBackbone, manifest: Path) -> tuple[TrainSet, Featur
 def test_a_method_registered_here_fits_and_scores_through_the_registry(tiny_clip, synth_lot, tmp_path):
     assert "mean-distance" in method_names() and method_names()[:3] == ("semclip", "winclip", "promptad")
     data, feats, text = _support(tiny_clip, synth_lot / "manifest.csv")
-    fitted = fit(TrainConfig(support="", out="", backbone="semclip-tiny", method="mean-distance"), tiny_clip, text,
+    fitted = fit(TrainConfig(support="", out="",
+                             model=ModelSpec(backbone="semclip-tiny", method="mean-distance", cls="fused")), tiny_clip, text,
                  data, feats)
     model = fitted.model
     assert isinstance(model, MeanDistance) and fitted.summary == {"normal_images": int((data.labels == 0).sum())}
@@ -100,8 +101,8 @@ def test_a_method_registered_here_fits_and_scores_through_the_registry(tiny_clip
 
     # train() writes its checkpoint; the run's model stage rebuilds the method from it and scores raw views
     ckpt = tmp_path / "ckpt"
-    train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(ckpt), backbone="semclip-tiny",
-                      method="mean-distance"))
+    train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(ckpt),
+                      model=ModelSpec(backbone="semclip-tiny", method="mean-distance", cls="fused")))
     tensors = load_checkpoint(str(ckpt)).tensors
     assert set(tensors) == {"text_embeddings", "text_scale", "mean"}
     assert torch.allclose(tensors["mean"], model.mean, atol=1e-6)
@@ -130,12 +131,12 @@ def test_unknown_method_is_refused_in_one_line(tiny_clip):
     with pytest.raises(ConfigError, match=r"^--method must be one of semclip, winclip, promptad, .*got 'patchcore'$"):
         get_method("patchcore")
     with pytest.raises(ConfigError, match="--method must be one of"):
-        TrainConfig(support="s", out="o", method="patchcore")
+        TrainConfig(support="s", out="o", model=ModelSpec(method="patchcore", cls="fused"))
     with pytest.raises(ConfigError, match="--method must be one of"):
         build_model(ModelSpec(backbone="semclip-tiny", method="patchcore"), np.zeros((7, 64), np.float32),
                     backbone=tiny_clip)
     with pytest.raises(ConfigError, match="SEM-CLIP options"):
-        TrainConfig(support="s", out="o", method="mean-distance", use_vv=False)
+        TrainConfig(support="s", out="o", model=ModelSpec(method="mean-distance", use_vv=False, cls="fused"))
 
     class Other(MeanDistanceMethod):
         pass

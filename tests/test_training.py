@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from semclip_batch.config import CheckpointRequest, RunConfig, Thresholds
+from semclip_batch.config import CheckpointRequest, ModelSpec, RunConfig, Thresholds
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.pretrain import PretrainConfig, kept_patches, pretrain
 from semclip_batch.fewshot.train import TrainConfig, sample_shots, train
@@ -23,16 +23,16 @@ from semclip_batch.pipeline.driver import run
 @pytest.fixture(scope="module")
 def weights(synth_lot, tmp_path_factory):
     out = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    digest = pretrain(PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(out), backbone="semclip-tiny",
-                                     steps=3, batch_size=4))
+    digest = pretrain(PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(out), steps=3, batch_size=4,
+                                     model=ModelSpec(backbone="semclip-tiny")))
     return out, digest
 
 
 @pytest.fixture(scope="module")
 def checkpoint(weights, synth_lot, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt") / "c1"
-    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(ckpt), backbone="semclip-tiny",
-                             pretrained=str(weights[0]), epochs=2))
+    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(ckpt), epochs=2,
+                             model=ModelSpec(backbone="semclip-tiny", pretrained=str(weights[0]), cls="fused")))
     return ckpt, meta
 
 
@@ -185,8 +185,9 @@ def test_feature_cache_is_keyed_by_content_and_survives_damage(tmp_path):
 def test_train_with_cache_dir_gives_the_same_checkpoint(synth_lot, tmp_path):
     def once(name: str):
         return train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(tmp_path / name),
-                                 backbone="semclip-tiny", pretrained="none", method="winclip",
-                                 cache_dir=str(tmp_path / "cache")))
+                                 cache_dir=str(tmp_path / "cache"),
+                                 model=ModelSpec(backbone="semclip-tiny", pretrained="none", method="winclip",
+                                                 cls="fused")))
 
     first, second = once("a"), once("b")
     assert first.tensors_sha256 == second.tensors_sha256 and first.thresholds == second.thresholds
@@ -201,8 +202,9 @@ def test_score_mode_and_sigma_travel_from_train_to_run(ray_cluster, synth_lot, t
 
     from semclip_batch.analysis.results import read_predictions
 
-    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(tmp_path / "c"), backbone="semclip-tiny",
-                             pretrained="none", method="winclip", score_mode="max", sigma=2.0))
+    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(tmp_path / "c"),
+                             model=ModelSpec(backbone="semclip-tiny", pretrained="none", method="winclip",
+                                             score_mode="max", sigma=2.0, cls="fused")))
     assert (meta.score_mode, meta.sigma) == ("max", 2.0)
     result = run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o"),
                            model=CheckpointRequest(url=str(tmp_path / "c"))))
@@ -214,4 +216,4 @@ def test_score_mode_and_sigma_travel_from_train_to_run(ray_cluster, synth_lot, t
         peak = int(root[row.mask_path][int(row.mask_index)].max())
         assert abs(row.anomaly_score - peak / 255) <= 0.5 / 255 + 1e-6
     with pytest.raises(ConfigError, match="score mode"):
-        TrainConfig(support="s.csv", out="c", score_mode="median")
+        TrainConfig(support="s.csv", out="c", model=ModelSpec(score_mode="median", cls="fused"))

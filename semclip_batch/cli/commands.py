@@ -27,6 +27,7 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_STEPS,
     SCORE_MODES,
+    ModelSpec,
 )
 
 
@@ -177,9 +178,10 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     from semclip_batch.fewshot.pretrain import PretrainConfig
     from semclip_batch.fewshot.pretrain import pretrain as run_pretrain
 
-    cfg = PretrainConfig(manifest=manifest, out=out, backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
-                         pretrained_sha256=pretrained_sha256, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
-                         keep=keep_tokens, prompts=prompts, storage_options=parse_storage_options(storage_option))
+    cfg = PretrainConfig(manifest=manifest, out=out, steps=steps, batch_size=batch_size, lr=lr, keep=keep_tokens,
+                         model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
+                                         pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts,
+                                         storage_options=parse_storage_options(storage_option)))
     digest = run_pretrain(cfg, progress=loss_printer("step"))
     click.echo(f"wrote {out}")
     click.echo(digest)
@@ -230,11 +232,12 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
         tap_list = tuple(int(t) for t in taps.split(",")) if taps else None
     except ValueError:
         raise ConfigError(f"--taps {taps!r}: expected block numbers such as 3,6") from None
-    cfg = TrainConfig(support=support, out=out, backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
-                      pretrained_sha256=pretrained_sha256, seed=seed, shots=shots, epochs=epochs, lr=lr,
-                      prompts=prompts, taps=tap_list, use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode,
-                      method=method, use_reference=use_reference, cache_dir=cache_dir, score_mode=score_mode, sigma=sigma,
-                      storage_options=parse_storage_options(storage_option))
+    cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
+                      model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
+                                      pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
+                                      use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
+                                      use_reference=use_reference, score_mode=score_mode, sigma=sigma,
+                                      storage_options=parse_storage_options(storage_option)))
     try:
         meta = run_train(cfg, progress=loss_printer("epoch"))
     except ValueError as exc:  # e.g. taps outside the backbone's depth

@@ -27,12 +27,12 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from semclip_batch.config import (
-    DEFAULT_BACKBONE,
     DEFAULT_KEEP_TOKENS,
     DEFAULT_PRETRAIN_BATCH,
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_STEPS,
     LossProgress,
+    ModelSpec,
 )
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, load_trainset, patch_labels
@@ -54,17 +54,12 @@ log = logging.getLogger(__name__)
 class PretrainConfig:
     manifest: str
     out: str
-    backbone: str = DEFAULT_BACKBONE
-    pretrained: str = "none"
-    pretrained_sha256: str | None = None
-    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)  # the backbone and its starting weights, prompts
     steps: int = DEFAULT_PRETRAIN_STEPS
     batch_size: int = DEFAULT_PRETRAIN_BATCH
     lr: float = DEFAULT_PRETRAIN_LR
-    prompts: str | None = None
     prompts_per_step: int = 8
     keep: float = DEFAULT_KEEP_TOKENS
-    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -157,22 +152,23 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None, metadata
 
     Returns the canonical sha256.
     """
-    torch.manual_seed(cfg.seed)
-    prompts: PromptSet = load_prompts(cfg.prompts, cfg.storage_options)
-    prep = preprocess_config(cfg.backbone, tile_above=10**9)
-    df = read_manifest(cfg.manifest, storage_options=cfg.storage_options)
-    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.storage_options, need_labels=False)
-    backbone = load_backbone(cfg.backbone, cfg.pretrained, seed=cfg.seed, expected_sha256=cfg.pretrained_sha256,
-                             storage_options=cfg.storage_options)
+    torch.manual_seed(cfg.model.seed)
+    prompts: PromptSet = load_prompts(cfg.model.prompts, cfg.model.storage_options)
+    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
+    df = read_manifest(cfg.manifest, storage_options=cfg.model.storage_options)
+    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options, need_labels=False)
+    m = cfg.model
+    backbone = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
+                             storage_options=m.storage_options)
     clip = backbone.clip.train()
-    tokenizer = open_clip.get_tokenizer(cfg.backbone)
+    tokenizer = open_clip.get_tokenizer(cfg.model.backbone)
     tokens = torch.cat([tokenizer(list(p)) for p in prompts.prompts])
     owner = torch.cat([torch.full((len(p),), c) for c, p in enumerate(prompts.prompts)])
     caption_tokens = tokenizer(data.captions) if any(data.captions) else None
     taps = default_taps(depth_of(clip))
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.model.seed)
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         idx = torch.randperm(len(data), generator=gen)[: cfg.batch_size]
@@ -185,9 +181,9 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None, metadata
         sched.step()
         if progress is not None and (step % 25 == 0 or step == cfg.steps):
             progress(step, cfg.steps, float(loss.detach()))
-    log.info("pretrained %s for %d steps in %.0f s on %d images (%d skipped)", cfg.backbone, cfg.steps,
+    log.info("pretrained %s for %d steps in %.0f s on %d images (%d skipped)", cfg.model.backbone, cfg.steps,
              time.perf_counter() - t0, len(data), data.skipped)
-    return save_weights(clip.eval(), cfg.backbone, cfg.out, cfg.storage_options, metadata)
+    return save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, metadata)
 
 
 def save_weights(clip: nn.Module, backbone: str, url: str, storage_options: Mapping[str, Any],

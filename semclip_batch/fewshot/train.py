@@ -1,7 +1,7 @@
 """``train``: K-shot SEM-CLIP (or a baseline) on a frozen backbone (SEMCLIP.md "Training" and "Classification").
 
 Method-agnostic orchestration: load the support set, encode the frozen backbone's features once per support
-image, let the registered method fit itself (``get_method(cfg.method).fit``: SEM-CLIP's Transformation Layers,
+image, let the registered method fit itself (``get_method(cfg.model.method).fit``: SEM-CLIP's Transformation Layers,
 head, temperature and alpha in :mod:`semclip_batch.methods.semclip_method`; WinCLIP+'s memories and PromptAD's
 prompts in their own modules), then fit the thresholds on the support set (and, with ``use_reference``, the
 reference-distance scale) and write the checkpoint.
@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from semclip_batch.analysis.metrics import PixelCounts
-from semclip_batch.config import DEFAULT_BACKBONE, DEFAULT_MIN_REGION_PX, LossProgress, ModelSpec
+from semclip_batch.config import DEFAULT_MIN_REGION_PX, LossProgress, ModelSpec
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
@@ -42,39 +42,33 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     support: str
     out: str
-    backbone: str = DEFAULT_BACKBONE
-    pretrained: str = "none"
-    pretrained_sha256: str | None = None
-    seed: int = 0
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(cls="fused"))  # backbone, weights, method, options
     shots: int | None = None
-    method: str = "semclip"
     epochs: int | None = None
     lr: float = 1e-3
     batch_size: int = 8
-    prompts: str | None = None
-    taps: tuple[int, ...] | None = None
-    use_vv: bool = True
-    surgery: bool = True
-    cls: str = "fused"
-    use_reference: bool = False
     anchor: float = 1.0  # L2-SP weight pulling the Transformation Layers towards their zero-shot start
-    score_mode: str = "mean"  # anomaly_score: mean of (1 - p(normal)) and the map maximum, or the maximum only
-    sigma: float = 4.0  # Gaussian smoothing of the maps, px at model-input resolution
     cache_dir: str | None = None  # frozen-backbone features of the support frames (methods.feature_cache)
-    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not get_method(self.method).layer_options and (self.taps is not None or not self.use_vv or not self.surgery
-                                         or self.cls != "fused"):
+        m = self.model
+        if not get_method(m.method).layer_options and (m.taps is not None or not m.use_vv or not m.surgery
+                                                       or m.cls != "fused"):
             raise ConfigError("--taps, --no-vv, --no-surgery and --cls are SEM-CLIP options; "
-                              f"--method {self.method} takes none of them")
+                              f"--method {m.method} takes none of them")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.shots is not None and self.shots < 1:
             raise ConfigError(f"--shots must be >= 1, got {self.shots}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        model_spec(self)  # score mode, sigma and the rest validated as the model will take them
+
+
+def _public(cfg: TrainConfig) -> dict[str, Any]:
+    """The training config as stored in the checkpoint: storage options (endpoints) left out."""
+    body = asdict(cfg)
+    body["model"].pop("storage_options", None)
+    return body
 
 
 def sample_shots(df: pd.DataFrame, shots: int | None, seed: int) -> pd.DataFrame:
@@ -137,83 +131,78 @@ class Fitted:
     thresholds: dict[str, float]
 
 
-def model_spec(cfg: TrainConfig) -> ModelSpec:
-    return ModelSpec(backbone=cfg.backbone, pretrained=cfg.pretrained, seed=cfg.seed, taps=cfg.taps, use_vv=cfg.use_vv,
-                     surgery=cfg.surgery, cls=cfg.cls, method=cfg.method, use_reference=cfg.use_reference,
-                     score_mode=cfg.score_mode, sigma=cfg.sigma, storage_options=cfg.storage_options)
-
-
 def support_taps(cfg: TrainConfig, depth: int) -> tuple[int, ...]:
     """Every block whose tokens this configuration reads."""
-    taps = set(method_taps(model_spec(cfg), depth)) | {depth}
-    if cfg.use_reference:
+    taps = set(method_taps(cfg.model, depth)) | {depth}
+    if cfg.model.use_reference:
         taps |= set(reference_taps(depth))
     return tuple(sorted(taps))
 
 
 def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: TrainSet, feats: Features,
         ref_feats: Features | None = None, progress: LossProgress | None = None) -> Fitted:
-    """Fit ``cfg.method`` on precomputed support features (shared across configurations by the benchmark)."""
-    torch.manual_seed(cfg.seed)
-    spec = model_spec(cfg)
+    """Fit ``cfg.model.method`` on precomputed support features (shared across configurations by the benchmark)."""
+    torch.manual_seed(cfg.model.seed)
+    spec = cfg.model
     model = new_model(spec, backbone.clip, text)
-    support = Support(data=data, feats=feats, clip=backbone.clip, clip_name=cfg.backbone, map_auroc=map_auroc,
-                      seed=cfg.seed, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, anchor=cfg.anchor,
+    support = Support(data=data, feats=feats, clip=backbone.clip, clip_name=cfg.model.backbone, map_auroc=map_auroc,
+                      seed=cfg.model.seed, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, anchor=cfg.anchor,
                       progress=progress)
     summary = get_method(spec.method).fit(model, spec, support)
     model.eval().requires_grad_(False)
     reference = None
-    if cfg.use_reference and ref_feats is not None:
+    if cfg.model.use_reference and ref_feats is not None:
         reference = ReferenceScorer(reference_taps(depth_of(backbone.clip)))
         summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data)
     size = (data.views.shape[-2], data.views.shape[-1])
     with torch.no_grad():
         out = score_features(model, feats, size, reference, ref_feats, data.has_ref)
-    return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.score_mode))
+    return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode))
 
 
 def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointMeta:
     """Train, fit, write the checkpoint; returns its meta as stored."""
     t0 = time.perf_counter()
-    prompts = load_prompts(cfg.prompts, cfg.storage_options)
-    prep = preprocess_config(cfg.backbone, tile_above=10**9)
-    df = sample_shots(read_manifest(cfg.support, storage_options=cfg.storage_options), cfg.shots, cfg.seed)
-    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.storage_options, references=cfg.use_reference)
-    backbone = load_backbone(cfg.backbone, cfg.pretrained, seed=cfg.seed, expected_sha256=cfg.pretrained_sha256,
-                             storage_options=cfg.storage_options)
+    prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
+    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
+    df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
+    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options, references=cfg.model.use_reference)
+    m = cfg.model
+    backbone = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
+                             storage_options=m.storage_options)
     text = torch.from_numpy(text_embeddings(backbone, prompts))
     visual = vision_tower(backbone.clip)
     depth = depth_of(backbone.clip)
     taps = support_taps(cfg, depth)
-    windows = get_method(cfg.method).windows
+    windows = get_method(cfg.model.method).windows
     feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, data.views, prep, taps, 1, windows),
-                            lambda: encode_views(visual, data.views, prep, taps, windows=windows), cfg.storage_options)
+                            lambda: encode_views(visual, data.views, prep, taps, windows=windows), cfg.model.storage_options)
     ref_feats = None
-    if cfg.use_reference:
+    if cfg.model.use_reference:
         assert data.refs is not None
         refs, ref_taps = data.refs, reference_taps(depth)
         ref_feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, refs, prep, ref_taps, None, False),
-                                    lambda: encode_views(visual, refs, prep, ref_taps, vv_from=None), cfg.storage_options)
+                                    lambda: encode_views(visual, refs, prep, ref_taps, vv_from=None), cfg.model.storage_options)
     fitted = fit(cfg, backbone, text, data, feats, ref_feats, progress)
     model = fitted.model
     state = dict(model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
-    spec = model_spec(cfg)
+    spec = cfg.model
     meta = CheckpointMeta(
-        method=cfg.method, backbone=cfg.backbone,
-        weights=WeightsRef(source=backbone.source, sha256=backbone.sha256, seed=cfg.seed),
+        method=cfg.model.method, backbone=cfg.model.backbone,
+        weights=WeightsRef(source=backbone.source, sha256=backbone.sha256, seed=cfg.model.seed),
         classes=prompts.classes, prompts=dict(zip(prompts.classes, prompts.prompts, strict=True)),
-        taps=method_taps(spec, depth), use_vv=cfg.use_vv, surgery=cfg.surgery, cls=cfg.cls,
-        use_reference=cfg.use_reference, alpha=float(getattr(model, "alpha", torch.tensor(1.0))),
+        taps=method_taps(spec, depth), use_vv=cfg.model.use_vv, surgery=cfg.model.surgery, cls=cfg.model.cls,
+        use_reference=cfg.model.use_reference, alpha=float(getattr(model, "alpha", torch.tensor(1.0))),
         temperature=float(model.text_scale),
         thresholds=CheckpointThresholds(image=float(fitted.thresholds["image"]), pixel=float(fitted.thresholds["pixel"]),
                                         min_region_px=int(fitted.thresholds["min_region_px"])),
         preprocessing={k: v for k, v in prep.as_record().items() if k != "tile_above"},
-        training={"config": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},
+        training={"config": _public(cfg),
                   "support_rows": len(df), "used": len(data), "skipped": data.skipped,
                   "with_reference": None if data.has_ref is None else int(data.has_ref.sum()), **fitted.summary,
                   "seconds": round(time.perf_counter() - t0, 1)},
         score_mode=spec.score_mode, sigma=spec.sigma,
     )
-    return save_checkpoint(cfg.out, state, meta, cfg.storage_options)
+    return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)
