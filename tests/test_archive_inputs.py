@@ -178,7 +178,9 @@ def _one_line_refusal(args: list[str], out: Path | None = None, secret: str | No
 
 @pytest.mark.parametrize(("lot", "why"), [("L[A]", "'\\['"), ("a=b", "'='"), ("L*", "'\\*'"), ("L?", "'\\?'"),
                                           ("x" * 300, "300 bytes"), (".hidden", "starts with '.'"),
-                                          ("a\tb", "'\\\\t'"), ("ü" * 65, "130 bytes")])
+                                          ("a\tb", "'\\\\t'"), ("ü" * 65, "130 bytes"),
+                                          ("zarr.json", "reserved name"), ("__HIVE_DEFAULT_PARTITION__", "reserved name"),
+                                          ("   ", "is blank")])
 def test_bad_lot_ids_refused_up_front(tmp_path, lot, why):
     import re
 
@@ -201,6 +203,8 @@ def _manifest_file(tmp_path: Path, kind: str) -> Path:
         "huge_cell": (good + "b.png,L," + "w" * 10_000_000 + "\n").encode(),
         "huge_uri": (good + "x" * 10_000_000 + ",L,W\n").encode(),
         "credential_uri": (good + f"s3://{ACCESS_KEY}:{SECRET_KEY}@bucket/b.png,L,W\n").encode(),
+        "extra_values": b"uri,lot_id,wafer_id\na.png,L,W,extra\n",
+        "duplicate_column": b"uri,lot_id,wafer_id,lot_id\na.png,L,W,M\n",
     }[kind]
     path.write_bytes(content)
     return path
@@ -211,6 +215,8 @@ def _manifest_file(tmp_path: Path, kind: str) -> Path:
     ("duplicate_ids", "share image_ids"), ("die_x_abc", "die_x 'abc' is not an integer"),
     ("non_utf8", "not UTF-8"), ("huge_cell", "wafer_id is 10000000 characters"),
     ("huge_uri", "uri is 10000000 characters"), ("credential_uri", "carries credentials"),
+    ("extra_values", "line 2 has 4 values but the header names 3 columns"),
+    ("duplicate_column", "names column 'lot_id' twice"),
 ])
 def test_bad_manifests_end_in_one_line(tmp_path, kind, message):
     path = _manifest_file(tmp_path, kind)
@@ -344,3 +350,18 @@ def test_read_and_reference_errors_are_rows_of_the_fixed_schema(tmp_path):
         else:
             assert reason in row["error"] and row["pixels"] == b""
     assert [r["has_ref"] for r in rows[-2:]] == [True, False]
+
+
+def test_lot_ids_are_kept_as_written_and_trailing_empty_fields_are_fine(tmp_path):
+    from semclip_batch.io.manifest import read_manifest
+
+    (tmp_path / "m.csv").write_text("uri,lot_id,wafer_id\na.png,L1,W,\nb.png,L1 ,W,\nc.png, L1,W,\n")
+    df = read_manifest(str(tmp_path / "m.csv"))
+    assert df["lot_id"].tolist() == ["L1", "L1 ", " L1"] and df["uri"].tolist() == ["a.png", "b.png", "c.png"]
+
+
+def test_local_file_names_are_taken_literally(tmp_path):
+    from semclip_batch.io.frames import load_frame
+
+    (tmp_path / "a::b.png").write_bytes(_png(np.random.default_rng(3)))
+    assert load_frame(str(tmp_path / "a::b.png")).shape == (48, 48)

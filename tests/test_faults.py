@@ -190,6 +190,7 @@ def test_a_shard_that_cannot_be_stored_is_named_and_rerun(ray_cluster, proxied_a
     assert lines[-1].startswith("Error: 1 shard(s) could not be stored, e.g. 1/s00001"), failed.output
     record = json.loads(storage.read_bytes(f"{out}/runs/{_only(storage.list_names(f'{out}/runs'))}/attempt-1.json"))
     assert record["status"] == "failed" and record["failed_shards"] == ["1/s00001"]
+    assert record["error"] and "\n" not in record["error"] and "2 of 3 shards are done" in lines[-1]
     assert storage.list_names(f"{out}/_state/done/1") == ["s00000.json"]
     proxy.fail_paths.clear()
     again = CliRunner().invoke(main, _run_args(data, out, url))

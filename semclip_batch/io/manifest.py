@@ -7,11 +7,13 @@ absolute URL. A bad manifest is refused here, up front, with one line.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import math
 import posixpath
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +30,7 @@ DEFAULT_PATTERN = "{lot_id}/{wafer_id}/{name}.{ext}"
 PATTERN_FIELDS = frozenset({"lot_id", "wafer_id", "name", "ext", "die_x", "die_y", "defect_id", "image_id"})
 MAX_LOT_BYTES = 128
 MAX_CELL_CHARS = 16_384  # object keys are at most 1,024 bytes on S3; a longer cell is a broken file
+RESERVED_LOTS = frozenset({"zarr.json", "__HIVE_DEFAULT_PARTITION__"})
 LOT_FORBIDDEN = "/\\%=*?[]"
 _LOT_BAD_CHAR = re.compile(r"[/\\%=*?\[\]\x00-\x1f\x7f-\x9f]")
 
@@ -44,6 +47,10 @@ def lot_id_problem(lot: str) -> str | None:
         return "is empty"
     if size > MAX_LOT_BYTES:
         return f"is {size} bytes long (at most {MAX_LOT_BYTES} UTF-8 bytes)"
+    if not lot.strip():
+        return "is blank"
+    if lot in RESERVED_LOTS:
+        return "is a reserved name (Zarr's metadata file / Hive's null partition)"
     if lot.startswith("."):
         return "starts with '.'"
     bad = _LOT_BAD_CHAR.search(lot)
@@ -122,12 +129,37 @@ def _read_csv(data: bytes, name: str) -> pd.DataFrame:
         line = data[: exc.start].count(b"\n") + 1
         raise ManifestError(f"manifest {name} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
                             "save it as UTF-8") from None
+    _check_csv_shape(text, name)
     try:
-        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False).astype(object)
+        with warnings.catch_warnings():  # trailing empty fields (checked above) are dropped on purpose
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False,
+                               index_col=False).astype(object)
     except pd.errors.EmptyDataError:
         raise ManifestError(f"manifest {name} has no header line (expected CSV with uri, lot_id, wafer_id)") from None
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         raise ManifestError(f"cannot parse manifest {name} as CSV: {one_line(exc)}") from None
+
+
+def _check_csv_shape(text: str, name: str) -> None:
+    """Refuse a header naming a column twice and a row with more values than the header has columns (trailing
+    empty fields, as spreadsheets export them, are fine): pandas would drop or shift those values silently."""
+    rows = csv.reader(io.StringIO(text))
+    try:
+        header = next(rows, None)
+        if not header:
+            return
+        seen: set[str] = set()
+        for column in (h.strip() for h in header):
+            if column in seen:
+                raise ManifestError(f"manifest {name} names column {show(column)} twice")
+            seen.add(column)
+        for number, row in enumerate(rows, start=2):
+            if len(row) > len(header) and any(cell.strip() for cell in row[len(header):]):
+                raise ManifestError(f"manifest {name} line {number} has {len(row)} values but the header names "
+                                    f"{len(header)} columns")
+    except csv.Error:
+        return  # e.g. a cell over the csv module's size limit: the cell-size check names it later
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -169,13 +201,14 @@ def _from_folder(folder: str, pattern: str, storage_options: Mapping[str, Any] |
 
 def normalize(raw: pd.DataFrame, *, base_folder: str, source: str) -> pd.DataFrame:
     """Validate columns and values, fill defaults, resolve URLs. Raises :class:`ManifestError`."""
+    raw = raw.reset_index(drop=True)
     missing = [c for c in REQUIRED if c not in raw.columns]
     if missing:
         has = shorten(", ".join(map(str, raw.columns)), 200)
         raise ManifestError(f"manifest {storage.redact(source)} lacks required column {missing[0]!r} (has: {has})")
     if len(raw) == 0:
         raise ManifestError(f"manifest {storage.redact(source)} has no rows (only a header)")
-    df = pd.DataFrame({c: raw[c].map(cell_text).str.strip() if c in raw.columns else "" for c in REQUIRED + OPTIONAL})
+    df = pd.DataFrame({c: _cells(raw[c], strip=c != "lot_id") if c in raw.columns else "" for c in REQUIRED + OPTIONAL})
     for col in REQUIRED:
         empty = df.index[df[col] == ""]
         if len(empty):
@@ -193,6 +226,12 @@ def normalize(raw: pd.DataFrame, *, base_folder: str, source: str) -> pd.DataFra
     df["reference_url"] = [storage.resolve(u, base_folder) if u else "" for u in df["reference_uri"]]
     df["mask_url"] = [storage.resolve(u, base_folder) if u else "" for u in df["mask_uri"]]
     return df.reset_index(drop=True)
+
+
+def _cells(column: pd.Series, *, strip: bool) -> pd.Series:
+    """A column as text; surrounding spaces dropped, except for lot ids, which are kept as written."""
+    text = column.map(cell_text)
+    return text.str.strip() if strip else text
 
 
 def _refuse_huge_cells(df: pd.DataFrame) -> None:

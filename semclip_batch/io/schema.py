@@ -38,9 +38,10 @@ DECODED = pa.schema([*INPUT, *_FRAME, ("pixels", pa.large_binary()), ("ref_pixel
 SCORED = pa.schema([*INPUT, *_FRAME, ("mask", pa.large_binary()), ("anomaly_score", pa.float64()),
                     ("class_scores", pa.list_(pa.float32()))])
 
-# Write stage out: one receipt per row; ``written`` is False when the row's part could not be stored.
+# Write stage out: one receipt per row; ``written`` is False (and ``error`` says why) when the row's part could
+# not be stored.
 RECEIPTS = pa.schema([("lot_id", pa.string()), ("shard", pa.string()), ("image_id", pa.string()),
-                      ("status", pa.string()), ("written", pa.bool_())])
+                      ("status", pa.string()), ("written", pa.bool_()), ("error", pa.string())])
 RECEIPT_COLUMNS = tuple(RECEIPTS.names)
 
 PREDICTIONS = pa.schema([

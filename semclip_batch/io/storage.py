@@ -141,6 +141,8 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
     if has_credentials(url):
         raise ConfigError(f"{redact(url)}: credentials inside a URL are refused; set AWS_ACCESS_KEY_ID / "
                           "AWS_SECRET_ACCESS_KEY (or a profile) instead")
+    if not has_protocol(url):  # a local path is taken literally ("a::b.png" is a file name, not a URL chain)
+        return LocalFileSystem(), posixpath.abspath(url)
     try:
         fs, path = url_to_fs(url, **fs_kwargs(url, storage_options))
     except TypeError as exc:

@@ -193,8 +193,10 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
         write_record(url, record, so)
     if record["status"] != "complete":
         failed = record["failed_shards"]
-        raise RunFailed(f"{len(failed)} shard(s) could not be stored, e.g. {failed[0]}; the other shards are done "
-                        f"(record {url}); rerun the same command to retry them")
+        stored = record["shards"]["total"] - len(failed)
+        raise RunFailed(f"{len(failed)} shard(s) could not be stored, e.g. {failed[0]}: {record['error']}; "
+                        f"{stored} of {record['shards']['total']} shards are done (record {url}); fix the cause "
+                        "and rerun the same command to redo the others")
     return RunResult(out=layout.root, run_id=run_id, record=record, record_url=url)
 
 
@@ -220,6 +222,7 @@ def _execute(cfg: RunConfig, spec: ModelSpec, layout: OutLayout, rows: pd.DataFr
         record["rows"]["sent_to_model"] = sent
         if failed:
             record["failed_shards"] = [f"{lot}/{shard}" for lot, shard in sorted(failed)]
+            record["error"] = failed[min(failed)]
         if spec.use_reference:
             record["rows"]["without_reference"] = int((todo_rows["reference_url"] == "").sum())
         record["throughput_img_s"] = round(len(todo_rows) / max(timer.timings["pipeline"], 1e-9), 3)
@@ -240,7 +243,7 @@ def _input_blocks(todo_rows: pd.DataFrame, block_rows: int = INPUT_BLOCK_ROWS) -
 
 def _stream(cfg: RunConfig, spec: ModelSpec, layout: OutLayout, todo_rows: pd.DataFrame, ident: ModelIdentity,
             prep: PreprocessConfig, shape: ClusterShape, record: dict[str, Any],
-            progress: Progress | None) -> tuple[Counter[str], set[ShardKey]]:
+            progress: Progress | None) -> tuple[Counter[str], dict[ShardKey, str]]:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -270,21 +273,21 @@ def _stream(cfg: RunConfig, spec: ModelSpec, layout: OutLayout, todo_rows: pd.Da
 
 
 def _collect_receipts(ds: ray.data.Dataset, layout: OutLayout, todo_rows: pd.DataFrame, so: dict[str, Any],
-                      progress: Progress | None) -> tuple[Counter[str], set[ShardKey]]:
+                      progress: Progress | None) -> tuple[Counter[str], dict[ShardKey, str]]:
     """Count each row once (a retried task can repeat receipts), write a shard's marker once all its rows are
-    stored, and return the status counts and the shards that had a part that could not be stored."""
+    stored, and return the status counts and the shards that had a part that could not be stored (with why)."""
     expected = todo_rows.groupby(["lot_id", "shard"]).size().to_dict()
     seen: dict[ShardKey, set[str]] = defaultdict(set)
     shard_counts: dict[ShardKey, Counter[str]] = defaultdict(Counter)
     total: Counter[str] = Counter()
-    failed: set[ShardKey] = set()
+    failed: dict[ShardKey, str] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         receipts = zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"], batch["written"],
-                       strict=True)
-        for lot, shard, image_id, status, written in receipts:
+                       batch["error"], strict=True)
+        for lot, shard, image_id, status, written, error in receipts:
             key = (str(lot), str(shard))
             if not written:
-                failed.add(key)
+                failed.setdefault(key, str(error))
                 continue
             if str(image_id) in seen[key]:
                 continue
@@ -295,8 +298,8 @@ def _collect_receipts(ds: ray.data.Dataset, layout: OutLayout, todo_rows: pd.Dat
                 write_marker(layout, key, shard_counts[key], so)
         if progress is not None:
             progress(len(batch["image_id"]), len(todo_rows))
-    failed -= {k for k, ids in seen.items() if len(ids) == expected[k]}  # a retry stored it after all
-    missing = {k for k in expected if len(seen[k]) < expected[k]} - failed
+    failed = {k: why for k, why in failed.items() if len(seen[k]) < expected[k]}  # a retry may have stored it
+    missing = {k for k in expected if len(seen[k]) < expected[k]} - set(failed)
     if missing:
         raise RunFailed(f"{len(missing)} shard(s) came back with rows missing, e.g. {'/'.join(min(missing))}; "
                         "rerun the same command to complete them")

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from semclip_batch.config import Thresholds
-from semclip_batch.errors import OK, WRITE_ERROR
+from semclip_batch.errors import OK, WRITE_ERROR, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.masks import open_masks
@@ -56,16 +56,18 @@ def write_batch(batch: dict[str, np.ndarray], *, setup: WriterSetup) -> pa.Table
     for i, (lot, shard) in enumerate(zip(batch["lot_id"], batch["shard"], strict=False)):
         groups[(str(lot), str(shard))].append(i)
     written = np.ones(len(batch["image_id"]), dtype=bool)
+    errors = np.full(len(batch["image_id"]), None, dtype=object)
     root = None
     for (lot, shard), rows in groups.items():
         try:
             if any(batch["status"][i] == OK for i in rows) and root is None:
                 root = open_masks(OutLayout(setup.out).masks, setup.storage_options)
             _write_part(batch, rows, lot, shard, setup, root)
-        except Exception:
+        except Exception as exc:
             log.exception("could not store a part of shard %s/%s (%d rows)", lot, shard, len(rows))
-            written[rows] = False
-    return to_table({**{c: batch[c] for c in ("lot_id", "shard", "image_id", "status")}, "written": written}, RECEIPTS)
+            written[rows], errors[rows] = False, one_line(exc)
+    receipts = {c: batch[c] for c in ("lot_id", "shard", "image_id", "status")}
+    return to_table({**receipts, "written": written, "error": errors}, RECEIPTS)
 
 
 def _write_part(batch: dict[str, np.ndarray], rows: list[int], lot: str, shard: str, setup: WriterSetup,
