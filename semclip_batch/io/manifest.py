@@ -31,7 +31,6 @@ PATTERN_FIELDS = frozenset({"lot_id", "wafer_id", "name", "ext", "die_x", "die_y
 MAX_LOT_BYTES = 128
 MAX_CELL_CHARS = 16_384  # object keys are at most 1,024 bytes on S3; a longer cell is a broken file
 RESERVED_LOTS = frozenset({"zarr.json", "__HIVE_DEFAULT_PARTITION__"})
-LOT_FORBIDDEN = "/\\%=*?[]"
 _LOT_BAD_CHAR = re.compile(r"[/\\%=*?\[\]\x00-\x1f\x7f-\x9f]")
 
 

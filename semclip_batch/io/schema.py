@@ -42,7 +42,6 @@ SCORED = pa.schema([*INPUT, *_FRAME, ("mask", pa.large_binary()), ("anomaly_scor
 # not be stored.
 RECEIPTS = pa.schema([("lot_id", pa.string()), ("shard", pa.string()), ("image_id", pa.string()),
                       ("status", pa.string()), ("written", pa.bool_()), ("error", pa.string())])
-RECEIPT_COLUMNS = tuple(RECEIPTS.names)
 
 PREDICTIONS = pa.schema([
     ("image_id", pa.string()),

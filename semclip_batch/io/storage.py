@@ -21,7 +21,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from semclip_batch.errors import ConfigError
+from semclip_batch.errors import ConfigError, shorten
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -148,9 +148,9 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
     except TypeError as exc:
         names = ", ".join(sorted(storage_options or {})) or "none"
         raise ConfigError(f"storage options ({names}) are not accepted for {protocol_of(url)}:// URLs: "
-                          f"{' '.join(str(exc).split())[:200]}") from None
+                          f"{shorten(str(exc), 200)}") from None
     except ValueError as exc:
-        raise ConfigError(f"{redact(url)}: {' '.join(str(exc).split())[:200]}") from None
+        raise ConfigError(f"{redact(url)}: {shorten(str(exc), 200)}") from None
     return fs, path
 
 
@@ -220,7 +220,7 @@ def _with_retries(action: str, url: str, call: Callable[[], T], attempts: int) -
                 raise
             if last:
                 raise OSError(errno.EIO, f"{action} {redact(url)} failed after {attempt} tries: "
-                                         f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}") from exc
+                                         f"{exc.__class__.__name__}: {shorten(str(exc), 200)}") from exc
             log.warning("%s %s failed (%s), try %d/%d in %.2f s", action, redact(url), exc.__class__.__name__,
                         attempt + 1, attempts, delay)
             time.sleep(delay)

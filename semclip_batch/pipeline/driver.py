@@ -28,7 +28,7 @@ from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import content_digest, read_manifest
 from semclip_batch.io.runrecord import now_iso, start_record, write_record
-from semclip_batch.io.schema import INPUT_COLUMNS
+from semclip_batch.io.schema import INPUT, to_table
 from semclip_batch.methods.checkpoint import CheckpointMeta, load_checkpoint, model_checksum
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import get_method
@@ -231,13 +231,11 @@ def _execute(cfg: RunConfig, spec: ModelSpec, layout: OutLayout, rows: pd.DataFr
 
 def _input_blocks(todo_rows: pd.DataFrame, block_rows: int = INPUT_BLOCK_ROWS) -> list[pa.Table]:
     """Small Arrow blocks in shard order (never mixing shards), so decode, model and write overlap."""
-    schema = pa.schema([(c, pa.int64() if c in ("die_x", "die_y") else pa.string()) for c in INPUT_COLUMNS])
     blocks = []
     for _, part in todo_rows.groupby(["lot_id", "shard"], sort=True):
         for start in range(0, len(part), block_rows):
             chunk = part.iloc[start:start + block_rows]
-            cols = {c: [None if pd.isna(v) else v for v in chunk[c]] for c in INPUT_COLUMNS}
-            blocks.append(pa.table(cols, schema=schema))
+            blocks.append(to_table({c: chunk[c].tolist() for c in INPUT.names}, INPUT))
     return blocks
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from semclip_batch.errors import ConfigError, OutputError
+from semclip_batch.errors import ConfigError, OutputError, shorten
 from semclip_batch.pipeline.ray_watchdog import Watchdog, start_watchdog, tagged_environment
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
                         watchdog.nudge()
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 raise ConfigError(f"cannot attach to Ray at {target or 'local'}: "
-                                  f"{' '.join(str(exc).split())[:200]}") from None
+                                  f"{shorten(str(exc), 200)}") from None
             started = True
         try:
             yield cluster_shape()
