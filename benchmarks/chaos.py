@@ -36,7 +36,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # chaos_procs / chaos_compare beside this file
 
-from chaos_compare import attempt_records, compare, files_under, orphans, read_predictions, read_quietly
+from chaos_compare import attempt_records, compare, files_under, orphans, read_predictions
 from chaos_procs import PRIVATE_RAY_ENV, Proc, descendants, snapshot, wait_gone
 
 CLI = str(Path(sys.executable).with_name("semclip-batch"))
@@ -120,8 +120,8 @@ def _newer(path: Path, since: float) -> bool:
 
 
 def parts(out: Path) -> list[Path]:
-    """Predictions Parquet files written so far."""
-    return files_under(out / "predictions", ".parquet")
+    """Writers' parts (``_state/parts/<lot>/<shard>/<part>.parquet``) not yet finalised."""
+    return files_under(out / "_state" / "parts", ".parquet")
 
 
 def markers(out: Path) -> set[tuple[str, str]]:
@@ -136,22 +136,22 @@ def model_loading(w: Watch) -> bool:
 
 
 def first_part(w: Watch) -> bool:
-    """Mid-shard: this attempt wrote a predictions part whose shard has no done marker yet."""
+    """Mid-shard: this attempt wrote a part whose shard has no done marker yet."""
     done = markers(w.out)
-    return any(_newer(p, w.since) and (p.parent.name.split("=", 1)[1], p.name.split("-", 1)[0]) not in done
-               for p in parts(w.out))
+    return any(_newer(p, w.since) and (p.parent.parent.name, p.parent.name) not in done for p in parts(w.out))
 
 
-def while_writing(w: Watch) -> bool:
-    """A writer of this attempt has created a part's Zarr arrays but not yet its Parquet file."""
+def finalising(w: Watch) -> bool:
+    """A finaliser of this attempt has begun a shard (its Zarr group or final Parquet file exists) whose done
+    marker is not written yet."""
+    done = markers(w.out)
     masks = w.out / "masks.zarr"
-    for array_doc in files_under(masks, "zarr.json"):
-        rel = array_doc.parent.relative_to(masks).parts  # <lot>/<shard>/<part>/<HxW>
-        if len(rel) == 4 and _newer(array_doc, w.since) and b'"array"' in read_quietly(array_doc):
-            lot, shard, part = rel[:3]
-            if not (w.out / "predictions" / f"lot_id={lot}" / f"{shard}-{part}.parquet").exists():
-                return True
-    return False
+    for doc in files_under(masks, "zarr.json"):
+        rel = doc.parent.relative_to(masks).parts  # <lot>/<shard>
+        if len(rel) == 2 and _newer(doc, w.since) and tuple(rel) not in done:
+            return True
+    return any(_newer(p, w.since) and (p.parent.name.split("=", 1)[1], p.stem) not in done
+               for p in files_under(w.out / "predictions", ".parquet"))
 
 
 def first_marker(w: Watch) -> bool:
@@ -169,9 +169,9 @@ def all_markers(w: Watch) -> bool:
     return len(markers(w.out)) >= w.shards
 
 
-MOMENTS: dict[str, Moment] = {"model_load": model_loading, "first_part": first_part, "while_writing": while_writing,
+MOMENTS: dict[str, Moment] = {"model_load": model_loading, "first_part": first_part, "finalising": finalising,
                               "first_marker": first_marker, "final_record": all_markers}
-FALLBACKS: dict[str, Moment] = {"while_writing": half_done}
+FALLBACKS: dict[str, Moment] = {"finalising": half_done}
 
 
 @dataclass

@@ -86,9 +86,9 @@ def _compare_row(r: dict, masks_a: zarr.Group | None, masks_b: zarr.Group | None
 
 def orphans(out: Path) -> list[str]:
     """Stored objects no row refers to: Parquet files without rows of their own (empty, duplicating another
-    file's image_ids, or of a shard without a done marker), Zarr arrays no row's mask_path names, Zarr groups
-    below shard level holding no referenced array, and leftover temporary files."""
-    found = [str(p.relative_to(out)) for d in ("predictions", "masks.zarr")
+    file's image_ids, or of a shard without a done marker), parts of done shards, Zarr arrays no row's
+    mask_path names, shard groups holding no referenced array, and leftover temporary files."""
+    found = [str(p.relative_to(out)) for d in ("predictions", "masks.zarr", "_state")
              for p in (out / d).rglob(".tmp-*")]
     df = read_predictions(out)
     done = {(p.parent.name, p.stem) for p in files_under(out / "_state" / "done", ".json")}
@@ -96,9 +96,11 @@ def orphans(out: Path) -> list[str]:
     for path in sorted(files_under(out / "predictions", ".parquet")):
         rel = str(path.relative_to(out))
         rows = df[df["_file"] == rel]
-        lot, shard = path.parent.name.split("=", 1)[1], path.name.split("-", 1)[0].removesuffix(".parquet")
+        lot, shard = path.parent.name.split("=", 1)[1], path.stem
         if rows.empty or set(rows["image_id"]) & dup_ids or (lot, shard) not in done:
             found.append(rel)
+    found += [str(p.relative_to(out)) for p in files_under(out / "_state" / "parts", ".parquet")
+              if (p.parent.parent.name, p.parent.name) in done]
     referenced = set(df["mask_path"].dropna()) if "mask_path" in df else set()
     masks = out / "masks.zarr"
     for doc in files_under(masks, "zarr.json"):
@@ -109,7 +111,7 @@ def orphans(out: Path) -> list[str]:
         if b'"array"' in read_quietly(doc):
             if key not in referenced:
                 found.append(f"masks.zarr/{key} (array)")
-        elif len(node.parts) >= 3 and not any(m == key or m.startswith(key + "/") for m in referenced):
+        elif len(node.parts) >= 2 and not any(m == key or m.startswith(key + "/") for m in referenced):
             found.append(f"masks.zarr/{key} (group)")
     return sorted(found)
 

@@ -259,7 +259,7 @@ def test_damaged_state_is_rebuilt_not_a_traceback(ray_cluster, archive, tmp_path
     assert len(markers) == 2
     markers[0].write_bytes(markers[0].read_bytes()[:7])  # a truncated marker: that shard runs again
     (out / "_state" / "run.json").write_bytes(b'{"run_')
-    (out / "_state" / "plan.parquet").write_bytes(b"PAR1\x00\x00")
+    (out / "_state" / "plan" / "p00000.parquet").write_bytes(b"PAR1\x00\x00")
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
     assert "shards run 1, skipped 1" in again.output
@@ -306,7 +306,7 @@ def test_model_actor_killed_mid_run_the_run_completes(ray_cluster, archive, tmp_
     killed = []
     deadline = time.monotonic() + 240
     while worker.is_alive() and not killed and time.monotonic() < deadline:
-        parts = list((out / "predictions").rglob("*.parquet")) if (out / "predictions").exists() else []
+        parts = list((out / "_state" / "parts").rglob("*.parquet")) if (out / "_state").exists() else []
         actors = _predictor_workers()
         if parts and actors:
             for proc in actors:

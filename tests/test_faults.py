@@ -176,14 +176,18 @@ def test_run_completes_with_every_row_under_ten_percent_faults(ray_cluster, prox
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_shard_that_cannot_be_stored_is_named_and_rerun(ray_cluster, proxied_archive, faulty_s3):
+@pytest.mark.parametrize("stage", ["part", "final_file"])
+def test_a_shard_that_cannot_be_stored_is_named_and_rerun(ray_cluster, proxied_archive, faulty_s3, stage):
+    """A writer's part, or the finaliser's Parquet file, that keeps failing: that shard fails, the others
+    finish, and a rerun redoes only it."""
     from test_archive_inputs import check_rows
 
     data, manifest = proxied_archive
     proxy, url = faulty_s3
     proxy.p_by_method.update({"GET": 0.0, "PUT": 0.0, "POST": 0.0})
-    out = f"{data}/out-write-fail"
-    proxy.fail_paths.add("out-write-fail/predictions/lot_id=1/s00001-")
+    out = f"{data}/out-write-fail-{stage}"
+    failing = {"part": "_state/parts/1/s00001/", "final_file": "predictions/lot_id=1/s00001.parquet"}[stage]
+    proxy.fail_paths.add(f"out-write-fail-{stage}/{failing}")
     failed = CliRunner().invoke(main, _run_args(data, out, url))
     assert failed.exit_code == 1, failed.output
     lines = failed.output.strip().splitlines()

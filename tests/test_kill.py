@@ -57,10 +57,10 @@ def _assert_killed_mid_run(kill, shards: int, log: Path) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_sigkill_mid_shard_and_while_writing_then_resume(kill_lot):
+def test_sigkill_mid_shard_and_while_finalising_then_resume(kill_lot):
     """Kill 1: the whole process group, mid-shard (a part written, its shard not done). Kill 2, during the rerun
     (chained to keep this file short, and a resume of a resume is worth covering): the driver alone, while a
-    writer has made a part's Zarr arrays but not its Parquet file (Ray's own fate-sharing leaves the raylet's
+    shard is being finalised (its Zarr group or Parquet file made, its marker not yet) (Ray's own fate-sharing leaves the raylet's
     agents alive ~60 s there; the private-Ray watchdog must not). After each kill, no process of that run's Ray
     may be left after 15 s. A third run completes and must equal the uninterrupted baseline, with no orphaned
     Parquet file or Zarr node."""
@@ -71,9 +71,9 @@ def test_sigkill_mid_shard_and_while_writing_then_resume(kill_lot):
     first = chaos.kill_at(spec, out, "first_part", log, group=True, gone_limit_s=GONE_WITHIN_S)
     _assert_killed_mid_run(first, shards, log)
     assert first.hit and first.parts_at_kill >= 1, first
-    second = chaos.kill_at(spec, out, "while_writing", log, group=False, gone_limit_s=GONE_WITHIN_S)
+    second = chaos.kill_at(spec, out, "finalising", log, group=False, gone_limit_s=GONE_WITHIN_S)
     _assert_killed_mid_run(second, shards, log)
-    for k in (first, second):  # shown with -s; "hit" False for while_writing: the fallback (half the shards) fired
+    for k in (first, second):  # shown with -s; "hit" False for finalising: the fallback (half the shards) fired
         print(f"{k.moment}: killed at {k.killed_at_s} s (hit={k.hit}), parts/markers {k.parts_at_kill}/"
               f"{k.markers_at_kill} of {shards}, all gone after {k.gone_after_s} s")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import pandas as pd
 import pyarrow as pa
@@ -10,7 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from semclip_batch.errors import ManifestError
-from semclip_batch.io.manifest import content_digest, default_image_id, read_manifest
+from semclip_batch.io import storage
+from semclip_batch.io.manifest import (
+    COLUMNS,
+    MAX_CELL_CHARS,
+    content_digest,
+    default_image_id,
+    read_manifest,
+    read_manifest_table,
+)
+
+TABLE_SCHEMA = pa.schema([(c, pa.int64() if c in ("die_x", "die_y") else pa.string()) for c in COLUMNS])
 
 
 def write_csv(path, rows):
@@ -64,6 +75,19 @@ def test_csv_and_parquet_of_same_rows_agree(synth_lot):
         ([{"uri": "a.png", "lot_id": "", "wafer_id": "W"}], "empty 'lot_id'"),
         ([{"uri": "a.png", "lot_id": "a/b", "wafer_id": "W"}], "contains '/'"),
         ([{"uri": "a.png", "lot_id": "L", "wafer_id": "W", "die_x": "1.5"}], "die_x '1.5' is not an integer"),
+        ([{"uri": "a.png", "lot_id": "L", "wafer_id": "W", "die_y": "7"}, {"uri": "b.png", "lot_id": "L", "wafer_id": "W",
+                                                                           "die_y": "0x10"}],
+         "row 2: die_y '0x10' is not an integer"),
+        ([{"uri": "a.png", "lot_id": "L", "wafer_id": "W", "reference_uri": "s3://b/x@y"},
+          {"uri": "b.png", "lot_id": "L", "wafer_id": "W", "reference_uri": "s3://u:p@b/x"}],
+         "row 2: reference_uri carries credentials"),
+        ([{"uri": "a.png", "lot_id": "ok", "wafer_id": "W"}, {"uri": "b.png", "lot_id": ".x", "wafer_id": "W"},
+          {"uri": "c.png", "lot_id": "ok", "wafer_id": "W"}, {"uri": "d.png", "lot_id": ".x", "wafer_id": "W"}],
+         r"row 2: lot_id '\.x' starts with '\.'"),
+        ([{"uri": "a.png", "lot_id": "L", "wafer_id": "W", "caption": "c" * (MAX_CELL_CHARS + 1)}],
+         f"row 1: caption is {MAX_CELL_CHARS + 1} characters long"),
+        ([{"uri": f"{i % 3}.png", "lot_id": "L", "wafer_id": "W"} for i in range(33)],
+         r"33 manifest rows share image_ids, e.g. '[0-9a-f]{16}' on rows 1, 4, 7, 10, 13, 16, 19, 22, 25, 28 \.\.\. "),
     ],
 )
 def test_bad_manifests_refused(tmp_path, rows, message):
@@ -96,3 +120,120 @@ def test_folder_pattern_mismatch_refused_with_count_and_example(tmp_path):
         (tmp_path / rel).write_bytes(b"x")
     with pytest.raises(ManifestError, match=r"2 file\(s\) .* do not match .*e\.g\."):
         read_manifest(str(tmp_path), pattern="{lot_id}/{wafer_id}/{name}.{ext}")
+
+
+def test_table_schema_text_without_nulls_and_integer_dies(tmp_path):
+    (tmp_path / "m.csv").write_text('uri,lot_id,wafer_id,die_x,die_y,caption\n'
+                                    ' a.png ,L1 ,W1,3,,"two\nlines"\n'
+                                    'b.png,L1,W1,12.0,-4,NA\n')
+    table = read_manifest_table(str(tmp_path / "m.csv"))
+    assert table.schema == TABLE_SCHEMA
+    assert all(table.column(c).null_count == 0 for c in COLUMNS if c not in ("die_x", "die_y"))
+    assert table.column("die_x").to_pylist() == [3, 12] and table.column("die_y").to_pylist() == [None, -4]
+    assert table.column("uri").to_pylist() == ["a.png", "b.png"] and table.column("lot_id").to_pylist() == ["L1 ", "L1"]
+    assert table.column("caption").to_pylist() == ["two\nlines", "NA"] and table.column("label").to_pylist() == ["", ""]
+    frame = read_manifest(str(tmp_path / "m.csv"))
+    assert list(frame.columns) == list(COLUMNS) and frame["die_y"].tolist() == [None, -4]
+    assert [type(v) for v in frame["die_x"]] == [int, int]
+
+
+def test_relative_uris_resolved_like_storage_resolve(tmp_path):
+    uris = ["a.png", "./b.png", "c//d.png", "e/../f.png", "../g.png", "h/", "i/./j.png", "/abs/k.png", "s3://b/l.png",
+            "...", "m/.n.png"]
+    refs = ["", "r.png", "", "./r2.png", "", "", "", "", "", "", ""]
+    write_csv(tmp_path / "m.csv", [{"uri": u, "lot_id": "L", "wafer_id": "W", "reference_uri": r}
+                                   for u, r in zip(uris, refs, strict=True)])
+    table = read_manifest_table(str(tmp_path / "m.csv"))
+    assert table.column("url").to_pylist() == [storage.resolve(u, str(tmp_path)) for u in uris]
+    assert table.column("reference_url").to_pylist() == [storage.resolve(r, str(tmp_path)) if r else "" for r in refs]
+
+
+def _typed_and_text(tmp_path):
+    """The same rows as a Parquet file with integer, float and null columns and as CSV text."""
+    typed = pa.table({
+        "uri": ["a.png", "b.png", "c.png", "a.png"],
+        "lot_id": ["L1", "L1", "L2", "L2"],
+        "wafer_id": pa.array([1, 2, 3, 4], pa.int32()),
+        "die_x": [1.0, float("nan"), 3.0, None],
+        "die_y": pa.array([5, None, -2, 0], pa.int64()),
+        "defect_id": [7.0, 8.0, None, 9.0],
+        "label": pa.array([None, "scratch", None, "normal"], pa.string()),
+        "caption": pa.nulls(4, pa.string()),
+    })
+    pq.write_table(typed, tmp_path / "m.parquet")
+    (tmp_path / "m.csv").write_text("uri,lot_id,wafer_id,die_x,die_y,defect_id,label,caption\n"
+                                    "a.png,L1,1,1,5,7,,\nb.png,L1,2,,,8,scratch,\n"
+                                    "c.png,L2,3,3.0,-2,,,\na.png,L2,4,,0,9,normal,\n")
+    return str(tmp_path / "m.parquet"), str(tmp_path / "m.csv")
+
+
+def test_parquet_with_integer_float_and_null_columns_gives_the_csv_table(tmp_path):
+    parquet, text = _typed_and_text(tmp_path)
+    a, b = read_manifest_table(parquet), read_manifest_table(text)
+    assert a.schema == b.schema == TABLE_SCHEMA
+    assert a.equals(b)
+    assert a.column("wafer_id").to_pylist() == ["1", "2", "3", "4"]
+    assert a.column("defect_id").to_pylist() == ["7", "8", "", "9"]
+    assert a.column("die_x").to_pylist() == [1, None, 3, None]
+
+
+def test_digest_same_for_csv_parquet_dataframe_and_any_row_order(tmp_path):
+    parquet, text = _typed_and_text(tmp_path)
+    table = read_manifest_table(text)
+    digest = content_digest(table)
+    assert content_digest(read_manifest_table(parquet)) == digest
+    assert content_digest(read_manifest(text)) == digest
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    pq.write_table(pq.read_table(parquet).take([2, 0, 3, 1]), shuffled / "m.parquet")
+    moved = read_manifest_table(str(shuffled / "m.parquet"))
+    base = str(tmp_path)
+    same_folder = moved.set_column(COLUMNS.index("url"), "url", pa.array([
+        storage.resolve(u, base) for u in moved.column("uri").to_pylist()]))
+    assert content_digest(same_folder) == digest
+    assert content_digest(table.take([3, 1, 0, 2])) == digest
+
+
+@pytest.mark.parametrize(("column", "value"), [("uri", "z.png"), ("lot_id", "L9"), ("wafer_id", "W9"),
+                                               ("caption", "new"), ("die_x", 42), ("die_y", 1), ("label", "x"),
+                                               ("image_id", "fresh")])
+def test_digest_changes_when_one_cell_changes(tmp_path, column, value):
+    _, text = _typed_and_text(tmp_path)
+    table = read_manifest_table(text)
+    cells = table.column(column).to_pylist()
+    assert cells[1] != value
+    cells[1] = value
+    changed = table.set_column(COLUMNS.index(column), column, pa.array(cells, table.schema.field(column).type))
+    assert content_digest(changed) != content_digest(table)
+
+
+def test_digest_is_unambiguous_across_cell_boundaries(tmp_path):
+    _, text = _typed_and_text(tmp_path)
+    table = read_manifest_table(text)
+
+    def with_cells(label: str, caption: str) -> pa.Table:
+        out = table.set_column(COLUMNS.index("label"), "label", pa.array([label] * table.num_rows))
+        return out.set_column(COLUMNS.index("caption"), "caption", pa.array([caption] * table.num_rows))
+
+    assert content_digest(with_cells("a\x1f", "b")) != content_digest(with_cells("a", "\x1fb"))
+
+
+def test_csv_fallbacks_keep_their_rules(tmp_path):
+    (tmp_path / "short.csv").write_text("uri,lot_id,wafer_id,label\na.png,L,W\nb.png,L,W,x\n")
+    assert read_manifest_table(str(tmp_path / "short.csv")).column("label").to_pylist() == ["", "x"]
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfuri,lot_id,wafer_id\r\na.png,L,W\r\n")
+    assert read_manifest_table(str(tmp_path / "bom.csv")).column("wafer_id").to_pylist() == ["W"]
+    (tmp_path / "late.csv").write_bytes(b"uri,lot_id,wafer_id\na.png,L,W\nb.png,L,W\nc\xc3(,L,W\n")
+    with pytest.raises(ManifestError, match=r"not UTF-8 text \(byte 0xc3 on line 4\)"):
+        read_manifest_table(str(tmp_path / "late.csv"))
+
+
+def test_parquet_unusual_types_as_cell_text(tmp_path):
+    table = pa.table({"uri": pa.array([b"a.png", b"b\xff.png"], pa.binary()), "lot_id": ["L", "L"],
+                      "wafer_id": pa.array([3, 4]).dictionary_encode(), "label": [True, None], "caption": [1.5, math.nan],
+                      "defect_id": [1e20, 2.0]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    out = read_manifest_table(str(tmp_path / "m.parquet"))
+    assert out.column("uri").to_pylist() == ["a.png", "b\ufffd.png"] and out.column("wafer_id").to_pylist() == ["3", "4"]
+    assert out.column("label").to_pylist() == ["True", ""] and out.column("caption").to_pylist() == ["1.5", ""]
+    assert out.column("defect_id").to_pylist() == [str(10**20), "2"]

@@ -152,14 +152,13 @@ def test_resume_after_interruption_equals_uninterrupted(first_run, mixed_manifes
     out, first = first_run
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)
-    # Simulate a crash: two shards lose their marker, one of them also half its outputs.
+    # Simulate a crash: two shards lose their marker, one of them also its Parquet file.
     markers = sorted((copy / "_state" / "done").rglob("*.json"))
     victims = markers[:2]
     for marker in victims:
         marker.unlink()
     lot, shard = victims[0].parent.name, victims[0].stem
-    parts = sorted((copy / "predictions" / f"lot_id={lot}").glob(f"{shard}-*.parquet"))
-    parts[0].unlink()
+    (copy / "predictions" / f"lot_id={lot}" / f"{shard}.parquet").unlink()
     result = run(cfg_for(mixed_manifest, copy))
     assert result.record["shards"]["run"] == 2
     assert result.record["shards"]["skipped"] == first.record["shards"]["total"] - 2

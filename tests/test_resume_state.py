@@ -15,10 +15,12 @@ LOTS = ("LA", "LA x", "L(A)", "L{A}", "LA-2", "ü#:1")
 
 
 def _populate(layout: OutLayout) -> None:
+    """What a killed attempt can leave of a shard: its parts, and a final file and Zarr group half made."""
     for lot in LOTS:
-        for shard in ("s00000", "s00001"):
-            storage.write_bytes(layout.prediction_part(lot, shard, "abc"), b"x", {})
-            storage.write_bytes(storage.join(layout.masks, lot, shard, "abc", "zarr.json"), b"{}", {})
+        for shard in ("s00000", "s00001", "s00010"):
+            storage.write_bytes(layout.part_file(lot, shard, "abc"), b"x", {})
+            storage.write_bytes(layout.prediction_file(lot, shard), b"x", {})
+            storage.write_bytes(storage.join(layout.masks, lot, shard, "zarr.json"), b"{}", {})
 
 
 @pytest.mark.parametrize("lot", LOTS)
@@ -26,11 +28,12 @@ def test_clear_partial_touches_only_its_own_lot_and_shards(tmp_path, lot):
     layout = OutLayout(str(tmp_path))
     _populate(layout)
     removed = clear_partial(layout, {(lot, "s00001")}, {})
-    assert removed == 2
+    assert removed == 3
     for other in LOTS:
-        for shard in ("s00000", "s00001"):
+        for shard in ("s00000", "s00001", "s00010"):
             gone = other == lot and shard == "s00001"
-            assert os.path.exists(layout.prediction_part(other, shard, "abc")) is not gone
+            assert os.path.exists(layout.shard_parts(other, shard)) is not gone
+            assert os.path.exists(layout.prediction_file(other, shard)) is not gone
             assert os.path.exists(storage.join(layout.masks, other, shard)) is not gone
 
 

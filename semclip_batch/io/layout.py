@@ -42,7 +42,11 @@ class OutLayout:
 
     @property
     def plan(self) -> str:
-        return join(self.state, "plan.parquet")
+        """The shard plan: Parquet files of whole shards, read by Ray as the pipeline's input."""
+        return join(self.state, "plan")
+
+    def plan_file(self, number: int) -> str:
+        return join(self.plan, f"p{number:05d}.parquet")
 
     @property
     def run_info(self) -> str:
@@ -55,8 +59,23 @@ class OutLayout:
     def markers(self) -> str:
         return join(self.state, "done")
 
-    def prediction_part(self, lot_id: str, shard: str, part: str) -> str:
-        return join(self.predictions, f"lot_id={lot_id}", f"{shard}-{part}.parquet")
+    def prediction_folder(self, lot_id: str) -> str:
+        return join(self.predictions, f"lot_id={lot_id}")
+
+    def prediction_file(self, lot_id: str, shard: str) -> str:
+        """A finalised shard's one Parquet file."""
+        return join(self.prediction_folder(lot_id), f"{shard}.parquet")
+
+    @property
+    def parts(self) -> str:
+        """Writers' parts of shards not yet finalised (kept out of ``predictions/`` so readers never see them)."""
+        return join(self.state, "parts")
+
+    def shard_parts(self, lot_id: str, shard: str) -> str:
+        return join(self.parts, lot_id, shard)
+
+    def part_file(self, lot_id: str, shard: str, part: str) -> str:
+        return join(self.shard_parts(lot_id, shard), f"{part}.parquet")
 
     def attempt(self, run_id: str, attempt: int) -> str:
         return join(self.runs, run_id, f"attempt-{attempt}.json")

@@ -64,6 +64,11 @@ PREDICTIONS = pa.schema([
     ("run_id", pa.string()),
 ])
 
+# A writer's part of a shard (``_state/parts/``): the prediction rows, each ok row with its uint8 mask; the
+# shard's finaliser moves the masks into Zarr and fills ``mask_path`` / ``mask_index``.
+PART = pa.schema([*PREDICTIONS, ("mask", pa.large_binary()), ("mask_height", pa.int64()),
+                  ("mask_width", pa.int64())])
+
 # The columns that are null on every non-ok row.
 RESULT_COLUMNS = ("anomaly_score", "is_defect", "defect_class", "class_scores", "defect_area_px",
                   "defect_area_frac", "n_regions", "mask_path", "mask_index")

@@ -1,4 +1,5 @@
-"""Orchestration, in one place: manifest -> shards -> decode -> SEM-CLIP -> write -> markers -> run record.
+"""Orchestration, in one place: manifest -> plan -> decode -> SEM-CLIP -> write parts -> finalise shards ->
+markers -> run record.
 
 The CLI and ``jobs/`` are thin wrappers around :func:`run`.
 """
@@ -10,15 +11,16 @@ import json
 import logging
 import time
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
@@ -26,21 +28,31 @@ from semclip_batch.config import CheckpointRequest, ModelSpec, PreprocessConfig,
 from semclip_batch.errors import MODEL_ERROR, OK, WRITE_ERROR, ConfigError, RunFailed, WeightsError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
-from semclip_batch.io.manifest import content_digest, read_manifest
+from semclip_batch.io.manifest import content_digest, read_manifest_table
 from semclip_batch.io.runrecord import now_iso, start_record, write_record
-from semclip_batch.io.schema import INPUT, to_table
 from semclip_batch.methods.checkpoint import CheckpointMeta, load_checkpoint, model_checksum
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import get_method
 from semclip_batch.methods.weights import load_backbone, preprocess_config
+from semclip_batch.pipeline.finalise import Finalised, FinaliseSetup, finalise_shard, finaliser_ready
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup, build_model
 from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable, ray_session
-from semclip_batch.pipeline.reader import decode_batch
-from semclip_batch.pipeline.shards import ShardKey, clear_partial, create_mask_groups, done_shards, prepare_plan, write_marker
+from semclip_batch.pipeline.reader import decode_batch, read_plan
+from semclip_batch.pipeline.shards import (
+    Plan,
+    ShardKey,
+    claim_out,
+    clear_partial,
+    create_mask_groups,
+    done_shards,
+    store_plan,
+    write_marker,
+)
 from semclip_batch.pipeline.writer import WriterSetup, write_batch
 
 log = logging.getLogger(__name__)
-INPUT_BLOCK_ROWS = 32
+MAX_FINALISING = 4
+DECODE_CPUS = 0.5  # the plan read asks for the same, so Ray Data fuses it into the decode tasks
 # Retries, on purpose (README "Faults"): a decode or write task whose worker dies is retried up to
 # TASK_RETRIES times, and so is a model-actor task; a dead model actor is restarted without limit (node loss,
 # preemption). Exceptions inside a row never reach Ray: they become error rows.
@@ -150,10 +162,11 @@ def output_config(spec: ModelSpec, thresholds: Thresholds, prep: PreprocessConfi
 
 
 def actor_resources(cfg: RunConfig, shape: ClusterShape) -> tuple[float, int]:
-    """CPUs per model actor and torch threads. On CPU, leave 0.75 CPU so decode and write always progress."""
+    """CPUs per model actor and torch threads. On CPU, leave 1 CPU so decode, write and finalise always
+    progress."""
     if cfg.num_gpus > 0:
         return 1.0, max(1, int(shape.cpus // max(1, cfg.actors)) - 1)
-    cpus = max(0.25, min(1.0, (shape.cpus - 0.75) / cfg.actors))
+    cpus = max(0.25, min(1.0, (shape.cpus - 1.0) / cfg.actors))
     return cpus, max(1, int(shape.cpus // cfg.actors))
 
 
@@ -161,29 +174,41 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     """Score every manifest row into OUT; resume-safe and idempotent."""
     timer = _Timer()
     started_at = now_iso()
+    launched = time.perf_counter()
     layout = OutLayout(storage.normalize_root(cfg.out))
     so = cfg.storage_options
     with timer.stage("manifest"):
-        df = read_manifest(cfg.input, pattern=cfg.pattern, storage_options=so)
+        manifest = read_manifest_table(cfg.input, pattern=cfg.pattern, storage_options=so)
     with timer.stage("model_load"):
         cfg, spec, ident = _identify_model(cfg)
         prep = preprocess_config(spec.backbone, tile_above=cfg.tile_above)
-    run_id = compute_run_id(content_digest(df), output_config(spec, cfg.thresholds, prep, ident), ident.sha256)
-    plan, shard_size = prepare_plan(layout, df, run_id=run_id, shard_size=cfg.shard_size,
-                                    overwrite=cfg.overwrite, storage_options=so)
-    rows = df.merge(plan[["image_id", "shard"]], on="image_id", how="left")
+    with timer.stage("run_id"):
+        run_id = compute_run_id(content_digest(manifest), output_config(spec, cfg.thresholds, prep, ident),
+                                ident.sha256)
+        shard_size = claim_out(layout, run_id=run_id, shard_size=cfg.shard_size, overwrite=cfg.overwrite,
+                               storage_options=so)
+    lots = pc.unique(manifest.column("lot_id")).to_pylist()
     record: dict[str, Any] = {
         "run_id": run_id, "attempt": 0, "started_at": started_at, "finished_at": None, "status": "running",
         "mode": ident.mode, "model_id": ident.model_id, "classes": list(ident.prompts.classes),
         "thresholds": cfg.thresholds.as_record(), "preprocessing": prep.as_record(), "shard_size": shard_size,
-        "shards": {}, "rows": {"total": len(df), "sent_to_model": 0}, "counts": {}, "timings_s": timer.timings,
-        "throughput_img_s": None, "config": cfg.public_record(),
+        "shards": {}, "rows": {"total": manifest.num_rows, "sent_to_model": 0}, "counts": {},
+        "timings_s": timer.timings, "throughput_img_s": None, "config": cfg.public_record(),
     }
+    if spec.use_reference:
+        record["rows"]["without_reference"] = pc.sum(pc.equal(manifest.column("reference_url"), "")).as_py() or 0
     url = start_record(layout, record, so)
     try:
-        with ray_session(cfg.address) as shape:
-            check_output_reachable(layout.root, shape)
-            _execute(cfg, spec, layout, rows, record, ident, prep, shape, timer, progress)
+        # the plan is stored while Ray starts (Arrow and storage release the GIL); then the driver holds
+        # per-shard counts only, not the manifest
+        with ThreadPoolExecutor(1, thread_name_prefix="plan") as pool:
+            planned = pool.submit(_store_plan, layout, manifest, run_id, shard_size, so, timer)
+            del manifest
+            with ray_session(cfg.address) as shape:
+                check_output_reachable(layout.root, shape)
+                work = _Work(cfg=cfg, spec=spec, layout=layout, plan=planned.result(), ident=ident, prep=prep,
+                             shape=shape, record=record, timer=timer, launched=launched)
+                _execute(work, lots, progress)
         record["status"] = "complete" if not record.get("failed_shards") else "failed"
     except BaseException as exc:
         record["status"], record["error"] = "failed", one_line(exc)
@@ -200,66 +225,91 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     return RunResult(out=layout.root, run_id=run_id, record=record, record_url=url)
 
 
-def _execute(cfg: RunConfig, spec: ModelSpec, layout: OutLayout, rows: pd.DataFrame, record: dict[str, Any], ident: ModelIdentity,
-             prep: PreprocessConfig, shape: ClusterShape, timer: _Timer, progress: Progress | None) -> None:
-    so = cfg.storage_options
-    all_shards = {(str(a), str(b)) for a, b in rows[["lot_id", "shard"]].drop_duplicates().itertuples(index=False)}
-    done = {k: v for k, v in done_shards(layout, rows["lot_id"].unique(), so).items() if k in all_shards}
+def _store_plan(layout: OutLayout, manifest: pa.Table, run_id: str, shard_size: int, so: dict[str, Any],
+                timer: _Timer) -> Plan:
+    with timer.stage("plan"):
+        return store_plan(layout, manifest, run_id=run_id, shard_size=shard_size, storage_options=so)
+
+
+@dataclass
+class _Work:
+    """One attempt's settings and state, as the stages below share them."""
+
+    cfg: RunConfig
+    spec: ModelSpec
+    layout: OutLayout
+    plan: Plan
+    ident: ModelIdentity
+    prep: PreprocessConfig
+    shape: ClusterShape
+    record: dict[str, Any]
+    timer: _Timer
+    launched: float
+
+    @property
+    def so(self) -> dict[str, Any]:
+        return self.cfg.storage_options
+
+
+def _execute(work: _Work, lots: list[str], progress: Progress | None) -> None:
+    so, layout, record, timer = work.so, work.layout, work.record, work.timer
+    all_shards = set(work.plan.rows)
+    done = {k: v for k, v in done_shards(layout, lots, so).items() if k in all_shards}
     todo = all_shards - set(done)
     record["shards"] = {"total": len(all_shards), "skipped": len(done), "run": len(todo)}
     with timer.stage("prepare_outputs"):
         clear_partial(layout, todo, so)
-        create_mask_groups(layout, rows["lot_id"].unique(), todo, so)
-    todo_rows = rows[[(lot, shard) in todo for lot, shard in zip(rows["lot_id"], rows["shard"], strict=False)]]
+        create_mask_groups(layout, lots, so)
     counts: Counter[str] = Counter()
     for shard_counts in done.values():
         counts.update(shard_counts)
-    if len(todo_rows):
+    if todo:
+        n_todo = sum(work.plan.rows[k] for k in todo)
         with timer.stage("pipeline"):
-            new_counts, failed = _stream(cfg, spec, layout, todo_rows, ident, prep, shape, record, progress)
+            new_counts, failed = _stream(work, todo, progress)
         counts.update(new_counts)
-        sent = sum(n for status, n in new_counts.items() if status in (OK, MODEL_ERROR, WRITE_ERROR))
-        record["rows"]["sent_to_model"] = sent
+        record["rows"]["sent_to_model"] = sum(n for status, n in new_counts.items()
+                                              if status in (OK, MODEL_ERROR, WRITE_ERROR))
         if failed:
             record["failed_shards"] = [f"{lot}/{shard}" for lot, shard in sorted(failed)]
             record["error"] = failed[min(failed)]
-        if spec.use_reference:
-            record["rows"]["without_reference"] = int((todo_rows["reference_url"] == "").sum())
-        record["throughput_img_s"] = round(len(todo_rows) / max(timer.timings["pipeline"], 1e-9), 3)
+        record["throughput_img_s"] = round(n_todo / max(timer.timings["pipeline"], 1e-9), 3)
     record["counts"] = dict(sorted(counts.items()))
 
 
-def _input_blocks(todo_rows: pd.DataFrame, block_rows: int = INPUT_BLOCK_ROWS) -> list[pa.Table]:
-    """Small Arrow blocks in shard order (never mixing shards), so decode, model and write overlap."""
-    blocks = []
-    for _, part in todo_rows.groupby(["lot_id", "shard"], sort=True):
-        for start in range(0, len(part), block_rows):
-            chunk = part.iloc[start:start + block_rows]
-            blocks.append(to_table({c: chunk[c].tolist() for c in INPUT.names}, INPUT))
-    return blocks
+def _plan_dataset(work: _Work, todo: set[ShardKey]) -> ray.data.Dataset:
+    """The rows still to do, read by Ray from the stored plan: one task per plan file holding a shard to do
+    (about PLAN_FILE_ROWS rows, so the first shards finish early and cheap rows do not cost a task each); rows
+    of done shards sharing those files are dropped as they are read."""
+    files = work.plan.files_of(todo)
+    todo_files = {work.plan.shard_files[k] for k in todo}
+    partly_done = any(work.plan.shard_files[k] in todo_files for k in set(work.plan.rows) - todo)
+    ds = ray.data.from_items([{"plan_file": url} for url in files], override_num_blocks=len(files))
+    return ds.map_batches(read_plan,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
+                          fn_kwargs={"storage_options": work.so, "shards": sorted(todo) if partly_done else None},
+                          batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
 
 
-def _stream(cfg: RunConfig, spec: ModelSpec, layout: OutLayout, todo_rows: pd.DataFrame, ident: ModelIdentity,
-            prep: PreprocessConfig, shape: ClusterShape, record: dict[str, Any],
-            progress: Progress | None) -> tuple[Counter[str], dict[ShardKey, str]]:
+def _stream(work: _Work, todo: set[ShardKey], progress: Progress | None) -> tuple[Counter[str], dict[ShardKey, str]]:
+    cfg, spec, ident = work.cfg, work.spec, work.ident
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    actor_cpus, threads = actor_resources(cfg, shape)
-    setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=ident.text, weights_sha256=ident.weights_sha256,
+    actor_cpus, threads = actor_resources(cfg, work.shape)
+    setup = PredictorSetup(spec=spec, prep=work.prep, text_embeddings=ident.text, weights_sha256=ident.weights_sha256,
                            batch_size=cfg.batch_size, threads=threads, use_gpu=cfg.num_gpus > 0)
-    wsetup = WriterSetup(out=layout.root, run_id=record["run_id"], model_id=ident.model_id,
-                         classes=ident.prompts.classes, thresholds=cfg.thresholds, storage_options=cfg.storage_options)
-    ds: ray.data.Dataset = ray.data.from_arrow(_input_blocks(todo_rows))
+    wsetup = WriterSetup(out=work.layout.root, run_id=work.record["run_id"], model_id=ident.model_id,
+                         classes=ident.prompts.classes, thresholds=cfg.thresholds, storage_options=work.so)
     with warnings.catch_warnings():
         # Ray 2.60 names no parameter for task / actor retries yet; ray_remote_args is the only way to set them
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        ds = _plan_dataset(work, todo)
         # Ray types a map function as taking the batch alone; decode_batch and write_batch also take keyword-only
         # arguments, which fn_kwargs supplies: hence the two ignores below
         ds = ds.map_batches(decode_batch,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
-                            fn_kwargs={"prep": prep, "storage_options": cfg.storage_options,
+                            fn_kwargs={"prep": work.prep, "storage_options": work.so,
                                        "references": spec.use_reference},
-                            batch_size=4, num_cpus=0.5, batch_format="numpy", max_retries=TASK_RETRIES)
+                            batch_size=4, num_cpus=DECODE_CPUS, batch_format="numpy", max_retries=TASK_RETRIES)
         ds = ds.map_batches(Predictor, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
                             compute=ActorPoolStrategy(size=cfg.actors), num_cpus=actor_cpus,
                             num_gpus=cfg.num_gpus or None, batch_format="numpy",
@@ -267,37 +317,98 @@ def _stream(cfg: RunConfig, spec: ModelSpec, layout: OutLayout, todo_rows: pd.Da
         ds = ds.map_batches(write_batch,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
                             fn_kwargs={"setup": wsetup}, batch_size=None, num_cpus=0.25,
                             batch_format="numpy", max_retries=TASK_RETRIES)
-    return _collect_receipts(ds, layout, todo_rows, cfg.storage_options, progress)
+    expected = {k: work.plan.rows[k] for k in todo}
+    return _collect_receipts(ds, work, expected, progress)
 
 
-def _collect_receipts(ds: ray.data.Dataset, layout: OutLayout, todo_rows: pd.DataFrame, so: dict[str, Any],
+class _Finalisers:
+    """The finalise task of each complete shard (one per shard, at most MAX_FINALISING at a time), and the done
+    markers written after them.
+
+    Finalisers ask for no CPU: they mostly wait on storage, and a CPU request would queue them behind the decode
+    tasks that keep every CPU busy until the end of the run; the cap on tasks in flight bounds their memory."""
+
+    def __init__(self, work: _Work) -> None:
+        self.work = work
+        self.setup = FinaliseSetup(out=work.layout.root, storage_options=work.so)
+        self.task = ray.remote(finalise_shard).options(num_cpus=0, max_retries=TASK_RETRIES)
+        # start a worker with the finaliser's modules imported now, not when the first shard is complete
+        self.warm_up = ray.remote(finaliser_ready).options(num_cpus=0).remote()
+        self.waiting: deque[tuple[ShardKey, int]] = deque()
+        self.pending: dict[ray.ObjectRef, ShardKey] = {}
+        self.failed: dict[ShardKey, str] = {}
+
+    def start(self, key: ShardKey, rows: int) -> None:
+        self.waiting.append((key, rows))
+        self._launch()
+
+    def _launch(self) -> None:
+        while self.waiting and len(self.pending) < MAX_FINALISING:
+            (lot, shard), rows = self.waiting.popleft()
+            self.pending[self.task.remote(self.setup, lot, shard, rows)] = (lot, shard)
+
+    def collect(self, wait: bool) -> None:
+        """Write the marker of every finalised shard (of all of them when ``wait``)."""
+        while self.pending:
+            ready, _ = ray.wait(list(self.pending), num_returns=1 if wait else len(self.pending),
+                                timeout=None if wait else 0)
+            for ref in ready:
+                self._finished(ref)
+            self._launch()
+            if not wait:
+                return
+
+    def _finished(self, ref: ray.ObjectRef) -> None:
+        key = self.pending.pop(ref)
+        try:
+            result: Finalised = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - its worker died more often than it may be retried: the shard fails
+            self.failed[key] = one_line(exc)
+            return
+        if result.error is not None:
+            self.failed[key] = result.error
+            return
+        write_marker(self.work.layout, key, result.counts, self.work.so)
+        self.work.timer.timings.setdefault("first_shard_done", round(time.perf_counter() - self.work.launched, 3))
+
+
+def _collect_receipts(ds: ray.data.Dataset, work: _Work, expected: dict[ShardKey, int],
                       progress: Progress | None) -> tuple[Counter[str], dict[ShardKey, str]]:
-    """Count each row once (a retried task can repeat receipts), write a shard's marker once all its rows are
-    stored, and return the status counts and the shards that had a part that could not be stored (with why)."""
-    expected = todo_rows.groupby(["lot_id", "shard"]).size().to_dict()
+    """Count each row once (a retried task can repeat receipts); once all of a shard's rows are stored, start
+    its finaliser, whose success the shard's marker records. Returns the status counts and the shards that could
+    not be stored (with why)."""
     seen: dict[ShardKey, set[str]] = defaultdict(set)
-    shard_counts: dict[ShardKey, Counter[str]] = defaultdict(Counter)
+    complete: set[ShardKey] = set()
     total: Counter[str] = Counter()
-    failed: dict[ShardKey, str] = {}
+    unwritten: dict[ShardKey, str] = {}
+    finalisers = _Finalisers(work)
+    n_rows = sum(expected.values())
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         receipts = zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"], batch["written"],
                        batch["error"], strict=True)
         for lot, shard, image_id, status, written, error in receipts:
             key = (str(lot), str(shard))
+            if key in complete:
+                continue
             if not written:
-                failed.setdefault(key, str(error))
+                unwritten.setdefault(key, str(error))
                 continue
-            if str(image_id) in seen[key]:
+            ids = seen[key]
+            if str(image_id) in ids:
                 continue
-            seen[key].add(str(image_id))
-            shard_counts[key][str(status)] += 1
+            ids.add(str(image_id))
             total[str(status)] += 1
-            if len(seen[key]) == expected[key]:
-                write_marker(layout, key, shard_counts[key], so)
+            if len(ids) == expected[key]:
+                complete.add(key)
+                del seen[key]
+                finalisers.start(key, expected[key])
+        finalisers.collect(wait=False)
         if progress is not None:
-            progress(len(batch["image_id"]), len(todo_rows))
-    failed = {k: why for k, why in failed.items() if len(seen[k]) < expected[k]}  # a retry may have stored it
-    missing = {k for k in expected if len(seen[k]) < expected[k]} - set(failed)
+            progress(len(batch["image_id"]), n_rows)
+    finalisers.collect(wait=True)
+    failed = {k: why for k, why in unwritten.items() if k not in complete}  # a retry may have stored it
+    failed.update(finalisers.failed)
+    missing = set(expected) - complete - set(failed)
     if missing:
         raise RunFailed(f"{len(missing)} shard(s) came back with rows missing, e.g. {'/'.join(min(missing))}; "
                         "rerun the same command to complete them")

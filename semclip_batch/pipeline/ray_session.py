@@ -17,6 +17,10 @@ from semclip_batch.errors import ConfigError, OutputError, shorten
 from semclip_batch.pipeline.ray_watchdog import Watchdog, start_watchdog, tagged_environment
 
 log = logging.getLogger(__name__)
+# Ray kills idle workers above one per CPU after 1 s; the pipeline's stages (plan read, decode, write, finalise)
+# take fractions of a CPU, so their workers idle between blocks and would be killed and started again (each start
+# imports torch: seconds of CPU). Keep a few warm.
+LOCAL_SYSTEM_CONFIG = {"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 60_000}
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
                     watchdog = start_watchdog(token)
                     with tagged_environment(token):
                         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-                                 log_to_driver=False)
+                                 log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)
                     if watchdog is not None:
                         watchdog.nudge()
             except (ConnectionError, ValueError, RuntimeError) as exc:

@@ -1,4 +1,4 @@
-"""The CPU stage: read each image's bytes through fsspec, decode, preprocess.
+"""The CPU stages: read the stored plan; read each image's bytes through fsspec, decode, preprocess.
 
 Every input row leaves as exactly one output row: ``status`` ``ok`` with the model views in ``pixels``
 (float32 bytes of ``(n_views, 3, S, S)``), or an error kind with a one-line ``error``.
@@ -6,21 +6,37 @@ Every input row leaves as exactly one output row: ``status`` ``ok`` with the mod
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import DECODE_ERROR, OK, ImageError, one_line
+from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame, load_reference
 from semclip_batch.io.preprocess import model_inputs
-from semclip_batch.io.schema import DECODED, missing, to_table
-from semclip_batch.io.storage import redact
+from semclip_batch.io.schema import DECODED, INPUT, missing, to_table
 
 log = logging.getLogger(__name__)
+
+
+def read_plan(batch: pa.Table, *, storage_options: Mapping[str, Any] | None,
+              shards: list[tuple[str, str]] | None) -> pa.Table:
+    """Ray Data map function: the :data:`~semclip_batch.io.schema.INPUT` rows of the plan files named in
+    ``batch["plan_file"]``, only those of ``shards`` (lot_id, shard) when given."""
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(str(url), storage_options))).cast(INPUT)
+              for url in batch.column("plan_file").to_pylist()]
+    table = pa.concat_tables(tables) if tables else INPUT.empty_table()
+    if shards is None:
+        return table
+    keys = pc.binary_join_element_wise(table.column("lot_id"), table.column("shard"), "\x00")
+    return table.filter(pc.is_in(keys, value_set=pa.array([f"{lot}\x00{shard}" for lot, shard in shards])))
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
@@ -45,7 +61,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
             status[i], error[i] = exc.kind, one_line(exc)
             continue
         except Exception as exc:
-            log.exception("unexpected failure preparing %s", redact(str(url)))
+            log.exception("unexpected failure preparing %s", storage.redact(str(url)))
             status[i], error[i] = DECODE_ERROR, one_line(exc)
             continue
         height[i], width[i] = gray.shape

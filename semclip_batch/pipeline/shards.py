@@ -1,8 +1,9 @@
 """The work-shard plan, done markers and resume (README "Architecture": Done markers and resume).
 
-Plan: rows of one lot, sorted by image_id, cut into fixed ``shard_size`` shards ``s00000, s00001, ...``. It is
-written by the first attempt and reused by every later one. A shard's marker is written last, by the driver,
-once every one of its rows has a receipt from the writers.
+Plan: rows of one lot, sorted by image_id, cut into fixed ``shard_size`` shards ``s00000, s00001, ...``, stored
+as Parquet under ``_state/plan/`` and read by Ray as the pipeline's input. The first attempt's shard size is
+kept by every later one. Once every row of a shard has a receipt from the writers, one task finalises it
+(:mod:`semclip_batch.pipeline.finalise`) and the driver then writes its done marker, last.
 """
 
 from __future__ import annotations
@@ -11,38 +12,62 @@ import io
 import json
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from semclip_batch.errors import OutputError, one_line
+from semclip_batch.errors import OutputError
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.masks import open_masks
+from semclip_batch.io.schema import INPUT
 
 log = logging.getLogger(__name__)
 ShardKey = tuple[str, str]
+PLAN_FILE_ROWS = 1024  # rows per plan file (whole shards): the pipeline's read tasks, small enough to start fast
 
 
-def plan_shards(df: pd.DataFrame, shard_size: int) -> pd.DataFrame:
-    """``image_id, lot_id, shard`` for every row: lot-local, image_id order, fixed size."""
-    parts = []
-    for _lot, rows in df[["image_id", "lot_id"]].groupby("lot_id", sort=True):
-        rows = rows.sort_values("image_id").reset_index(drop=True)
-        rows["shard"] = [f"s{k // shard_size:05d}" for k in range(len(rows))]
-        parts.append(rows)
-    return pd.concat(parts, ignore_index=True)
+@dataclass(frozen=True)
+class Plan:
+    """The stored plan: its Parquet files (whole shards each, in plan order) and every shard's row count."""
+
+    shard_size: int
+    files: tuple[str, ...]
+    shard_files: dict[ShardKey, int]  # shard -> index into files
+    rows: dict[ShardKey, int]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+    def files_of(self, shards: Iterable[ShardKey]) -> list[str]:
+        """The plan files holding ``shards``, in plan order."""
+        return [self.files[k] for k in sorted({self.shard_files[s] for s in shards})]
 
 
-def prepare_plan(layout: OutLayout, df: pd.DataFrame, *, run_id: str, shard_size: int, overwrite: bool,
-                 storage_options: Mapping[str, Any]) -> tuple[pd.DataFrame, int]:
-    """Reuse the plan of this run_id, or start fresh; refuse another run's OUT unless ``overwrite``.
+def plan_shards(manifest: pa.Table, shard_size: int) -> pa.Table:
+    """The manifest's rows as the pipeline's input (:data:`~semclip_batch.io.schema.INPUT`), sorted by
+    (lot_id, image_id), each with its lot-local shard ``s00000, s00001, ...`` of ``shard_size`` rows."""
+    columns = [c for c in INPUT.names if c != "shard"]
+    order = pc.sort_indices(manifest, sort_keys=[("lot_id", "ascending"), ("image_id", "ascending")])
+    table = manifest.select(columns).take(order).combine_chunks()
+    lots = table.column("lot_id").to_numpy(zero_copy_only=False) if table.num_rows else np.array([], object)
+    starts = np.flatnonzero(np.r_[True, lots[1:] != lots[:-1]]) if len(lots) else np.array([], np.int64)
+    first_of_row = np.repeat(starts, np.diff(np.r_[starts, len(lots)]))
+    numbers = (np.arange(len(lots)) - first_of_row) // shard_size
+    names = pa.array([f"s{k:05d}" for k in range(int(numbers.max()) + 1 if len(numbers) else 0)], pa.string())
+    shard = pa.DictionaryArray.from_arrays(pa.array(numbers, pa.int32()), names).cast(pa.string())
+    return table.append_column("shard", shard).cast(INPUT)
 
-    State files are written whole (write-then-rename, or one PUT) and checked on read: a damaged run info or
-    plan is rebuilt from the manifest, never trusted and never a traceback.
-    """
+
+def claim_out(layout: OutLayout, *, run_id: str, shard_size: int, overwrite: bool,
+              storage_options: Mapping[str, Any]) -> int:
+    """Refuse an OUT holding another run unless ``overwrite`` (which first removes that run's outputs); return
+    the shard size to plan with: the first attempt's (kept in ``_state/run.json``), else ``shard_size``."""
     info = read_json(layout.run_info, storage_options)
     if info is not None and info.get("run_id") != run_id:
         if not overwrite:
@@ -54,33 +79,47 @@ def prepare_plan(layout: OutLayout, df: pd.DataFrame, *, run_id: str, shard_size
         for url in layout.owned_outputs():
             storage.remove(url, storage_options)
         info = None
-    if info is not None:
-        plan = _read_plan(layout, storage_options)
-        stored_size = info.get("shard_size")
-        if plan is not None and isinstance(stored_size, int) and set(plan["image_id"]) == set(df["image_id"]):
-            if stored_size != shard_size:
-                log.warning("reusing the first attempt's shard size %s (not %s)", stored_size, shard_size)
-            return plan, stored_size
-    plan = plan_shards(df, shard_size)
+    stored = info.get("shard_size") if info is not None else None
+    if isinstance(stored, int) and not isinstance(stored, bool) and stored >= 1 and stored != shard_size:
+        log.warning("reusing the first attempt's shard size %s (not %s)", stored, shard_size)
+        return stored
+    return shard_size
+
+
+def store_plan(layout: OutLayout, manifest: pa.Table, *, run_id: str, shard_size: int,
+               storage_options: Mapping[str, Any]) -> Plan:
+    """Plan the manifest and store the plan under ``_state/plan/`` (then ``_state/run.json``).
+
+    The plan is a pure function of the manifest and the shard size, so every attempt writes the same files again
+    (whole-object writes): a damaged or missing plan file is simply replaced.
+    """
+    table = plan_shards(manifest, shard_size)
+    counts = table.group_by(["lot_id", "shard"], use_threads=False).aggregate([([], "count_all")])
+    keys = list(zip(counts.column("lot_id").to_pylist(), counts.column("shard").to_pylist(), strict=True))
+    sizes = counts.column("count_all").to_pylist()
+    rows = dict(zip(keys, sizes, strict=True))
+    shard_files: dict[ShardKey, int] = {}
+    files: list[str] = []
+    offset = length = 0
+    for key, n in zip(keys, sizes, strict=True):
+        if length and length + n > PLAN_FILE_ROWS:
+            files.append(_write_plan_file(layout, len(files), table.slice(offset, length), storage_options))
+            offset, length = offset + length, 0
+        shard_files[key] = len(files)
+        length += n
+    if length:
+        files.append(_write_plan_file(layout, len(files), table.slice(offset, length), storage_options))
+    storage.write_bytes(layout.run_info, json.dumps({"run_id": run_id, "shard_size": shard_size,
+                                                     "plan_files": len(files)}).encode(), storage_options)
+    return Plan(shard_size=shard_size, files=tuple(files), shard_files=shard_files, rows=rows)
+
+
+def _write_plan_file(layout: OutLayout, number: int, chunk: pa.Table, storage_options: Mapping[str, Any]) -> str:
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(plan, preserve_index=False), sink)
-    storage.write_bytes(layout.plan, sink.getvalue(), storage_options)
-    storage.write_bytes(layout.run_info, json.dumps({"run_id": run_id, "shard_size": shard_size}).encode(),
-                        storage_options)
-    return plan, shard_size
-
-
-def _read_plan(layout: OutLayout, storage_options: Mapping[str, Any]) -> pd.DataFrame | None:
-    try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(layout.plan, storage_options)))
-    except FileNotFoundError:
-        return None
-    except (pa.ArrowException, OSError) as exc:
-        log.warning("shard plan %s is unreadable (%s); planning again", layout.plan, one_line(exc))
-        return None
-    if not {"image_id", "lot_id", "shard"} <= set(table.column_names):
-        return None
-    return table.to_pandas()
+    pq.write_table(chunk, sink, compression="zstd")
+    url = layout.plan_file(number)
+    storage.write_bytes(url, sink.getvalue(), storage_options)
+    return url
 
 
 def read_json(url: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -123,34 +162,34 @@ def write_marker(layout: OutLayout, key: ShardKey, counts: Mapping[str, int],
 
 
 def clear_partial(layout: OutLayout, todo: Iterable[ShardKey], storage_options: Mapping[str, Any]) -> int:
-    """Remove parts of shards that are not done (left by an interrupted attempt). Returns objects removed.
+    """Remove whatever an interrupted attempt left of shards that are not done: their parts, and their final
+    Parquet file and Zarr group if finalising had begun. Returns the number of entries removed.
 
-    Lists each lot's exact folders and compares names; a lot's name is never used as a pattern.
+    Three listings per lot (parts, predictions, masks); names are compared, a lot's name is never a pattern.
     """
     by_lot: dict[str, set[str]] = {}
     for lot, shard in todo:
         by_lot.setdefault(lot, set()).add(shard)
     removed = 0
     for lot, shards in by_lot.items():
-        folder = storage.join(layout.predictions, f"lot_id={lot}")
-        for name in storage.list_names(folder, storage_options):
-            if name.split("-", 1)[0] in shards or name.startswith(storage.TEMP_PREFIX):
-                storage.remove(storage.join(folder, name), storage_options)
-                removed += 1
-        lot_masks = storage.join(layout.masks, lot)
-        for name in storage.list_names(lot_masks, storage_options):
-            if name in shards:
-                storage.remove(storage.join(lot_masks, name), storage_options)
-                removed += 1
+        folders = {
+            storage.join(layout.parts, lot): lambda name, s=shards: name in s,
+            layout.prediction_folder(lot): lambda name, s=shards: (name.removesuffix(".parquet") in s
+                                                                   or name.startswith(storage.TEMP_PREFIX)),
+            storage.join(layout.masks, lot): lambda name, s=shards: name in s,
+        }
+        for folder, doomed in folders.items():
+            for name in storage.list_names(folder, storage_options):
+                if doomed(name):
+                    storage.remove(storage.join(folder, name), storage_options)
+                    removed += 1
     return removed
 
 
-def create_mask_groups(layout: OutLayout, lots: Iterable[str], todo: Iterable[ShardKey],
-                       storage_options: Mapping[str, Any]) -> None:
-    """Driver-side: the Zarr root, one group per lot and per shard to run, before any writer starts."""
+def create_mask_groups(layout: OutLayout, lots: Iterable[str], storage_options: Mapping[str, Any]) -> None:
+    """Driver-side: the Zarr root and one group per lot, before any shard is finalised (each finaliser creates
+    only its own shard's group under them)."""
     root = open_masks(layout.masks, storage_options, mode="a")
     for lot in sorted(set(lots)):
         if lot not in root:
             root.create_group(lot)
-    for lot, shard in sorted(todo):
-        root.create_group(f"{lot}/{shard}", overwrite=True)

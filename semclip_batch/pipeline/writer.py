@@ -1,10 +1,11 @@
 """The write stage: each call owns the objects it writes (README "Architecture": ownership).
 
-Rows of one batch are grouped by work shard; each group is a *part* named by a hash of its image_ids. A part
-writes one Parquet file ``predictions/lot_id=<lot>/<shard>-<part>.parquet`` and, for its ok rows, one Zarr
-group ``masks.zarr/<lot>/<shard>/<part>`` holding one array per frame size ``<H>x<W>``. The driver made the
-root, lot and shard groups beforehand, so no two writers ever write the same object. The stage returns one
-receipt row per image; the driver writes a shard's done marker once all its rows have receipts.
+Rows of one batch are grouped by work shard; each group is a *part* named by a hash of its image_ids and
+stored as one Parquet file ``_state/parts/<lot>/<shard>/<part>.parquet`` of :data:`~semclip_batch.io.schema.PART`
+rows: the prediction row and, for ok rows, its uint8 mask. Parts are whole-object writes, so no two writers
+ever write the same object and a retried call rewrites its own. The stage returns one receipt row per image;
+once a shard's rows all have receipts, :mod:`semclip_batch.pipeline.finalise` turns its parts into the
+shard's final Parquet file and Zarr group.
 """
 
 from __future__ import annotations
@@ -18,18 +19,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import zarr
 
 from semclip_batch.config import Thresholds
 from semclip_batch.errors import OK, WRITE_ERROR, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
-from semclip_batch.io.masks import open_masks
-from semclip_batch.io.schema import PREDICTIONS, RECEIPTS, missing, to_table
+from semclip_batch.io.schema import PART, RECEIPTS, missing, to_table
 from semclip_batch.methods.decisions import decide, defect_regions
 
-CHUNK_SIDE = 1024
+PART_GROUP_BYTES = 32 << 20
 log = logging.getLogger(__name__)
 
 
@@ -57,12 +57,9 @@ def write_batch(batch: dict[str, np.ndarray], *, setup: WriterSetup) -> pa.Table
         groups[(str(lot), str(shard))].append(i)
     written = np.ones(len(batch["image_id"]), dtype=bool)
     errors = np.full(len(batch["image_id"]), None, dtype=object)
-    root = None
     for (lot, shard), rows in groups.items():
         try:
-            if any(batch["status"][i] == OK for i in rows) and root is None:
-                root = open_masks(OutLayout(setup.out).masks, setup.storage_options)
-            _write_part(batch, rows, lot, shard, setup, root)
+            _write_part(batch, rows, lot, shard, setup)
         except Exception as exc:
             log.exception("could not store a part of shard %s/%s (%d rows)", lot, shard, len(rows))
             written[rows], errors[rows] = False, one_line(exc)
@@ -70,58 +67,42 @@ def write_batch(batch: dict[str, np.ndarray], *, setup: WriterSetup) -> pa.Table
     return to_table({**receipts, "written": written, "error": errors}, RECEIPTS)
 
 
-def _write_part(batch: dict[str, np.ndarray], rows: list[int], lot: str, shard: str, setup: WriterSetup,
-                root: zarr.Group | None) -> None:
+def _write_part(batch: dict[str, np.ndarray], rows: list[int], lot: str, shard: str, setup: WriterSetup) -> None:
     part = part_name([str(batch["image_id"][i]) for i in rows])
-    mask_refs = _write_masks(batch, rows, f"{lot}/{shard}/{part}", root) if root is not None else {}
-    records = [_record(batch, i, mask_refs.get(i), setup) for i in rows]
-    table = pa.Table.from_pylist(records, schema=PREDICTIONS)
+    table = pa.Table.from_pylist([_record(batch, i, setup) for i in rows], schema=PART)
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(OutLayout(setup.out).prediction_part(lot, shard, part), sink.getvalue(),
-                        setup.storage_options)
+    pq.write_table(table, sink, compression="zstd", row_group_size=_rows_per_group(table))
+    storage.write_bytes(OutLayout(setup.out).part_file(lot, shard, part), sink.getvalue(), setup.storage_options)
 
 
-def _write_masks(batch: dict[str, np.ndarray], rows: list[int], group_path: str,
-                 root: zarr.Group) -> dict[int, tuple[str, int]]:
-    """One array per frame size under this part's own group. Returns row -> (mask_path, mask_index)."""
-    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i in rows:
-        if batch["status"][i] == OK:
-            by_size[(int(batch["height"][i]), int(batch["width"][i]))].append(i)
-    if not by_size:
-        return {}
-    group = root.create_group(group_path, overwrite=True)
-    refs: dict[int, tuple[str, int]] = {}
-    for (h, w), members in sorted(by_size.items()):
-        name = f"{h}x{w}"
-        arr = group.create_array(name=name, shape=(len(members), h, w), dtype="uint8",
-                                 chunks=(1, min(h, CHUNK_SIDE), min(w, CHUNK_SIDE)), fill_value=0)
-        arr[:] = np.stack([np.frombuffer(batch["mask"][i], dtype=np.uint8).reshape(h, w) for i in members])
-        refs.update({i: (f"{group_path}/{name}", k) for k, i in enumerate(members)})
-    return refs
+def _rows_per_group(table: pa.Table) -> int:
+    """Row groups of about PART_GROUP_BYTES of masks, so the finaliser streams a part without holding it all."""
+    sizes = pc.multiply(table.column("mask_height"), table.column("mask_width"))
+    largest = pc.max(sizes).as_py() or 1
+    return max(1, min(table.num_rows, PART_GROUP_BYTES // largest))
 
 
-def _record(batch: dict[str, np.ndarray], i: int, ref: tuple[str, int] | None, setup: WriterSetup) -> dict[str, Any]:
+def _record(batch: dict[str, np.ndarray], i: int, setup: WriterSetup) -> dict[str, Any]:
     row: dict[str, Any] = {
         "image_id": str(batch["image_id"][i]), "uri": str(batch["uri"][i]), "wafer_id": str(batch["wafer_id"][i]),
         "die_x": _opt_int(batch["die_x"][i]), "die_y": _opt_int(batch["die_y"][i]),
         "status": str(batch["status"][i]), "model_id": setup.model_id, "run_id": setup.run_id,
     }
-    if row["status"] != OK or ref is None:
+    h, w = int(batch["height"][i]), int(batch["width"][i])
+    data = batch["mask"][i] if row["status"] == OK else None
+    if not isinstance(data, bytes) or len(data) != h * w or h * w == 0:
         row["error"] = "no mask was produced" if missing(batch["error"][i]) else str(batch["error"][i])
         if row["status"] == OK:
             row["status"] = WRITE_ERROR
         return row
-    h, w = int(batch["height"][i]), int(batch["width"][i])
-    mask = np.frombuffer(batch["mask"][i], dtype=np.uint8).reshape(h, w)
+    mask = np.frombuffer(data, dtype=np.uint8).reshape(h, w)
     scores = np.asarray(batch["class_scores"][i], dtype=np.float32)
     score = float(batch["anomaly_score"][i])
     regions = defect_regions(mask, setup.thresholds.pixel, setup.thresholds.min_region_px)
     is_defect, defect_class = decide(score, scores, setup.classes, setup.thresholds)
     row.update(error=None, anomaly_score=score, is_defect=is_defect, defect_class=defect_class,
                class_scores=scores.tolist(), defect_area_px=regions.area_px, defect_area_frac=regions.area_frac,
-               n_regions=regions.n_regions, mask_path=ref[0], mask_index=ref[1])
+               n_regions=regions.n_regions, mask=data, mask_height=h, mask_width=w)
     return row
 
 
