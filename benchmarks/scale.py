@@ -8,9 +8,10 @@ that does not grow with the number of frames.
 Every run is `semclip-batch run` as a user starts it (a subprocess with its own private Ray; semclip-tiny with
 seeded random weights, whose speed does not depend on the weights; local OUT), watched from outside:
 
-- plan: a manifest of ``--rows`` local paths that do not exist (every row a quick read_error). Seconds until the
-  attempt record appears (manifest read, model load, plan stored), until the first shard's done marker, and the
-  driver's peak RSS over that time; the run is then killed (its private Ray goes with it).
+- plan: a manifest of ``--rows`` local paths that do not exist (every row a quick read_error). Seconds from
+  launch until the attempt record appears (manifest read and validated, model loaded, run id), until the plan
+  is stored (``_state/run.json``; the plan is stored while Ray starts), until the first shard's done marker,
+  and the driver's peak RSS over that time; the run is then killed (its private Ray goes with it).
 - objects: one lot of ``--object-frames`` synthetic frames of one size (256x256) at shard size 256: objects and
   bytes stored under predictions/ + masks.zarr/, per 1,000 frames.
 - query: a full run over ``--query-rows`` missing files, then the seconds DuckDB takes for a group-by over
@@ -152,6 +153,8 @@ def phase_plan(work: Path, rows: int) -> dict[str, float]:
         now = time.monotonic() - w.started
         if "record" not in w.seen and first_file(out / "runs", ".json"):
             w.seen["record"] = now
+        if "plan" not in w.seen and (out / "_state" / "run.json").exists():
+            w.seen["plan"] = now
         if first_file(out / "_state" / "done", ".json"):
             w.seen["marker"] = now
             return True
@@ -161,8 +164,9 @@ def phase_plan(work: Path, rows: int) -> dict[str, float]:
     kill(proc)
     record = json.loads(next((out / "runs").rglob("attempt-*.json")).read_text()) if (out / "runs").exists() else {}
     timings = record.get("timings_s", {})
-    return {"rows": rows, "manifest_s": timings.get("manifest"), "plan_s": timings.get("plan"),
+    return {"rows": rows, "manifest_s": timings.get("manifest"), "run_id_s": timings.get("run_id"),
             "record_at_s": round(w.seen.get("record", float("nan")), 1),
+            "plan_stored_at_s": round(w.seen.get("plan", float("nan")), 1),
             "first_marker_s": round(w.seen.get("marker", float("nan")), 1),
             "driver_peak_rss_gb": round(w.driver_peak / 2**30, 2)}
 

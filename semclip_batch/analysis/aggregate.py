@@ -10,12 +10,12 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from semclip_batch.analysis.results import read_predictions
+from semclip_batch.analysis.query import connect
 from semclip_batch.errors import OutputError
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
@@ -46,40 +46,59 @@ def run_classes(out: str, storage_options: Mapping[str, Any] | None = None) -> l
     return list(record["classes"])
 
 
-def class_stats(group: pd.DataFrame, cls: str) -> dict[str, Any]:
-    """The statistics of one class within one (lot, wafer) group of prediction rows."""
-    ok = group[group["status"] == "ok"]
-    flagged = ok["is_defect"].fillna(False).astype(bool)
-    hits = ok[~flagged] if cls == NORMAL else ok[flagged & (ok["defect_class"] == cls)]
-    areas = hits["defect_area_px"].to_numpy(dtype=np.float64)
-    dies = [] if cls == NORMAL else sorted(
-        {(int(x), int(y)) for x, y in zip(hits["die_x"], hits["die_y"], strict=True) if pd.notna(x) and pd.notna(y)}
-    )
-    return {
-        "class": cls, "n_images": len(group), "n_ok": len(ok), "n_error": len(group) - len(ok),
-        "n_defect": int(flagged.sum()), "count": len(hits), "rate": len(hits) / len(ok) if len(ok) else None,
-        "area_px_mean": float(areas.mean()) if areas.size else None,
-        "area_px_p50": float(np.percentile(areas, 50)) if areas.size else None,
-        "area_px_p95": float(np.percentile(areas, 95)) if areas.size else None,
-        "area_px_max": int(areas.max()) if areas.size else None,
-        "defect_dies": [{"die_x": x, "die_y": y} for x, y in dies],
-    }
+# One row per (lot, wafer, class of the run), computed by DuckDB over predictions/ without loading them: the
+# per-wafer totals, crossed with the run's classes, joined with each (lot, wafer, class) group's figures.
+# quantile_cont is linear interpolation, as numpy's default percentile.
+STATS_SQL = """
+with p as (
+    select lot_id, wafer_id, status, die_x, die_y, defect_area_px,
+           status = 'ok' and coalesce(is_defect, false) as flagged,
+           case when status <> 'ok' then null
+                when coalesce(is_defect, false) then defect_class
+                else $normal end as cls
+    from predictions),
+wafers as (
+    select lot_id, wafer_id, count(*) as n_images, count(*) filter (where status = 'ok') as n_ok,
+           count(*) filter (where flagged) as n_defect
+    from p group by lot_id, wafer_id),
+groups as (
+    select lot_id, wafer_id, cls, count(*) as count, avg(defect_area_px) as area_px_mean,
+           quantile_cont(defect_area_px, 0.5) as area_px_p50, quantile_cont(defect_area_px, 0.95) as area_px_p95,
+           max(defect_area_px) as area_px_max,
+           list_sort(list_distinct(list({'die_x': die_x, 'die_y': die_y})
+                     filter (where cls <> $normal and die_x is not null and die_y is not null))) as defect_dies
+    from p where cls is not null group by lot_id, wafer_id, cls),
+classes as (select unnest($classes) as cls, generate_subscripts($classes, 1) as k)
+select w.lot_id, w.wafer_id, c.cls as "class", w.n_images, w.n_ok, w.n_error, w.n_defect,
+       coalesce(g.count, 0) as count,
+       case when w.n_ok > 0 then coalesce(g.count, 0) / w.n_ok end as rate,
+       g.area_px_mean, g.area_px_p50, g.area_px_p95, g.area_px_max,
+       coalesce(g.defect_dies, []) as defect_dies
+from (select *, n_images - n_ok as n_error from wafers) w
+cross join classes c
+left join groups g on g.lot_id = w.lot_id and g.wafer_id = w.wafer_id and g.cls = c.cls
+order by w.lot_id, w.wafer_id, c.k
+"""
 
 
 def aggregate(out: str, storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Write ``OUT/lot_stats/lot_id=<lot>/stats.parquet`` and return all rows (with lot_id)."""
+    """Write ``OUT/lot_stats/lot_id=<lot>/stats.parquet`` and return all rows (with lot_id).
+
+    DuckDB streams over the predictions; only the result (lots x wafers x classes rows) is held in memory.
+    """
     so = dict(storage_options or {})
     layout = OutLayout(storage.normalize_root(out))
     classes = run_classes(out, so)
-    preds = read_predictions(out, so).to_pandas()
+    con = connect(out, so)
+    try:
+        stats = con.sql(STATS_SQL, params={"normal": NORMAL, "classes": classes}).to_arrow_table()
+    finally:
+        con.close()
     storage.remove(layout.lot_stats, so)
-    frames = []
-    for lot, lot_rows in preds.groupby("lot_id", sort=True):
-        rows = [{"wafer_id": wafer, **class_stats(g, cls)}
-                for wafer, g in lot_rows.groupby("wafer_id", sort=True) for cls in classes]
-        table = pa.Table.from_pylist(rows, schema=LOT_STATS)
+    lots = stats.column("lot_id").to_pylist()
+    for lot in sorted(set(lots)):
+        rows = stats.filter(pc.equal(stats.column("lot_id"), lot)).select(LOT_STATS.names).cast(LOT_STATS)
         sink = io.BytesIO()
-        pq.write_table(table, sink)
+        pq.write_table(rows, sink)
         storage.write_bytes(storage.join(layout.lot_stats, f"lot_id={lot}", "stats.parquet"), sink.getvalue(), so)
-        frames.append(pd.DataFrame(rows).assign(lot_id=lot))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["lot_id", *LOT_STATS.names])
+    return stats.select(["lot_id", *LOT_STATS.names]).cast(pa.schema([("lot_id", pa.string()), *LOT_STATS])).to_pandas()

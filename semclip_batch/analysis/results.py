@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from semclip_batch.analysis.query import connect
 from semclip_batch.errors import OutputError
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
@@ -24,15 +25,25 @@ def read_predictions(out: str, storage_options: Mapping[str, Any] | None = None)
     return pads.dataset(path, filesystem=fs, format="parquet", partitioning=part).to_table()
 
 
+SUMMARY_SQL = """
+with p as (select lot_id, status, status = 'ok' and coalesce(is_defect, false) as flagged, defect_class
+           from predictions),
+classes as (select lot_id, string_agg(defect_class || '=' || n, ', ' order by defect_class) as classes
+            from (select lot_id, defect_class, count(*) as n from p where flagged and defect_class is not null
+                  group by lot_id, defect_class) group by lot_id)
+select l.lot_id, l.images, l.ok, l.images - l.ok as errors, l.defective, coalesce(c.classes, '-') as classes
+from (select lot_id, count(*) as images, count(*) filter (where status = 'ok') as ok,
+             count(*) filter (where flagged) as defective from p group by lot_id) l
+left join classes c using (lot_id)
+order by l.lot_id
+"""
+
+
 def lot_summary(out: str, storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Per lot: images, ok, errors, defective, and the defect classes found (count per class)."""
-    df = read_predictions(out, storage_options).to_pandas()
-    rows = []
-    for lot, g in df.groupby("lot_id", sort=True):
-        ok = g[g["status"] == "ok"]
-        defects = ok[ok["is_defect"].fillna(False).astype(bool)]
-        classes = defects["defect_class"].value_counts().sort_index()
-        rows.append({"lot_id": lot, "images": len(g), "ok": len(ok), "errors": len(g) - len(ok),
-                     "defective": len(defects),
-                     "classes": ", ".join(f"{c}={n}" for c, n in classes.items()) or "-"})
-    return pd.DataFrame(rows)
+    """Per lot: images, ok, errors, defective, and the defect classes found (count per class), computed by
+    DuckDB over the predictions without loading them."""
+    con = connect(out, storage_options)
+    try:
+        return con.sql(SUMMARY_SQL).df()
+    finally:
+        con.close()
