@@ -82,4 +82,5 @@ class OutLayout:
 
     def owned_outputs(self) -> list[str]:
         """What ``--overwrite`` deletes (``runs/`` is kept)."""
-        return [self.predictions, self.masks, self.lot_stats, self.reports, self.metrics, self.state]
+        # the state first: a kill part-way must not leave markers that vouch for outputs already removed
+        return [self.state, self.predictions, self.masks, self.lot_stats, self.reports, self.metrics]

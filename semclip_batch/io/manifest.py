@@ -478,12 +478,12 @@ def content_digest(manifest: pa.Table | pd.DataFrame) -> str:
     """
     table = _digest_table(manifest)
     order = pc.sort_indices(table.column("image_id"))
-    columns = [column.combine_chunks() for column in table.columns]
+    columns = list(table.columns)  # taken from chunk by chunk: no combined column past 2 GiB
     digest = hashlib.sha256()
     for start in range(0, table.num_rows, DIGEST_CHUNK_ROWS):
         rows = order.slice(start, DIGEST_CHUNK_ROWS)
         for column in columns:
-            for piece in _lengths_and_bytes(column.take(rows)):
+            for piece in _lengths_and_bytes(column.take(rows).combine_chunks()):
                 digest.update(piece)
     return digest.hexdigest()
 

@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import fsspec
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from semclip_batch.errors import ConfigError, shorten
@@ -144,7 +143,9 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
     if not has_protocol(url):  # a local path is taken literally ("a::b.png" is a file name, not a URL chain)
         return LocalFileSystem(), posixpath.abspath(url)
     try:
-        fs, path = url_to_fs(url, **fs_kwargs(url, storage_options))
+        # the URL's own filesystem, taken literally: "::" inside a key (a lot id may hold it) is not a URL chain
+        cls = fsspec.get_filesystem_class(protocol_of(url))
+        fs, path = cls(**fs_kwargs(url, storage_options)), cls._strip_protocol(url)
     except TypeError as exc:
         names = ", ".join(sorted(storage_options or {})) or "none"
         raise ConfigError(f"storage options ({names}) are not accepted for {protocol_of(url)}:// URLs: "

@@ -37,7 +37,7 @@ from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.pipeline.finalise import Finalised, FinaliseSetup, finalise_shard, finaliser_ready
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup, build_model
 from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable, ray_session
-from semclip_batch.pipeline.reader import decode_batch, read_plan
+from semclip_batch.pipeline.reader import SHARD_KEY_SEP, decode_batch, read_plan
 from semclip_batch.pipeline.shards import (
     Plan,
     ShardKey,
@@ -266,9 +266,9 @@ def _execute(work: _Work, lots: list[str], progress: Progress | None) -> None:
     if todo:
         n_todo = sum(work.plan.rows[k] for k in todo)
         with timer.stage("pipeline"):
-            new_counts, failed = _stream(work, todo, progress)
-        counts.update(new_counts)
-        record["rows"]["sent_to_model"] = sum(n for status, n in new_counts.items()
+            received, stored, failed = _stream(work, todo, progress)
+        counts.update(stored)
+        record["rows"]["sent_to_model"] = sum(n for status, n in received.items()
                                               if status in (OK, MODEL_ERROR, WRITE_ERROR))
         if failed:
             record["failed_shards"] = [f"{lot}/{shard}" for lot, shard in sorted(failed)]
@@ -279,18 +279,22 @@ def _execute(work: _Work, lots: list[str], progress: Progress | None) -> None:
 
 def _plan_dataset(work: _Work, todo: set[ShardKey]) -> ray.data.Dataset:
     """The rows still to do, read by Ray from the stored plan: one task per plan file holding a shard to do
-    (about PLAN_FILE_ROWS rows, so the first shards finish early and cheap rows do not cost a task each); rows
-    of done shards sharing those files are dropped as they are read."""
-    files = work.plan.files_of(todo)
-    todo_files = {work.plan.shard_files[k] for k in todo}
-    partly_done = any(work.plan.shard_files[k] in todo_files for k in set(work.plan.rows) - todo)
-    ds = ray.data.from_items([{"plan_file": url} for url in files], override_num_blocks=len(files))
+    (about PLAN_FILE_ROWS rows, so the first shards finish early and cheap rows do not cost a task each). A file
+    that also holds done shards names the shards to keep, and only those rows are read on."""
+    by_file: dict[int, list[str]] = defaultdict(list)
+    for lot, shard in sorted(todo):
+        by_file[work.plan.shard_files[(lot, shard)]].append(f"{lot}{SHARD_KEY_SEP}{shard}")
+    in_file = Counter(work.plan.shard_files.values())
+    items = [{"plan_file": work.plan.files[k], "keep": keys if len(keys) < in_file[k] else None}
+             for k, keys in sorted(by_file.items())]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(read_plan,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
-                          fn_kwargs={"storage_options": work.so, "shards": sorted(todo) if partly_done else None},
-                          batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
+                          fn_kwargs={"storage_options": work.so}, batch_size=1, batch_format="pyarrow",
+                          num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
 
 
-def _stream(work: _Work, todo: set[ShardKey], progress: Progress | None) -> tuple[Counter[str], dict[ShardKey, str]]:
+def _stream(work: _Work, todo: set[ShardKey],
+            progress: Progress | None) -> tuple[Counter[str], Counter[str], dict[ShardKey, str]]:
     cfg, spec, ident = work.cfg, work.spec, work.ident
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -337,6 +341,7 @@ class _Finalisers:
         self.waiting: deque[tuple[ShardKey, int]] = deque()
         self.pending: dict[ray.ObjectRef, ShardKey] = {}
         self.failed: dict[ShardKey, str] = {}
+        self.counts: Counter[str] = Counter()  # rows stored, by status, of the shards finalised
 
     def start(self, key: ShardKey, rows: int) -> None:
         self.waiting.append((key, rows))
@@ -368,48 +373,56 @@ class _Finalisers:
         if result.error is not None:
             self.failed[key] = result.error
             return
-        write_marker(self.work.layout, key, result.counts, self.work.so)
+        try:
+            write_marker(self.work.layout, key, result.counts, self.work.so)
+        except OSError as exc:
+            self.failed[key] = f"its done marker could not be stored: {one_line(exc)}"
+            return
+        self.counts.update(result.counts)
         self.work.timer.timings.setdefault("first_shard_done", round(time.perf_counter() - self.work.launched, 3))
 
 
 def _collect_receipts(ds: ray.data.Dataset, work: _Work, expected: dict[ShardKey, int],
-                      progress: Progress | None) -> tuple[Counter[str], dict[ShardKey, str]]:
+                      progress: Progress | None) -> tuple[Counter[str], Counter[str], dict[ShardKey, str]]:
     """Count each row once (a retried task can repeat receipts); once all of a shard's rows are stored, start
-    its finaliser, whose success the shard's marker records. Returns the status counts and the shards that could
-    not be stored (with why)."""
+    its finaliser, whose success the shard's marker records. Returns the rows that came back by status (what the
+    model saw), the rows stored by status (from the finalised shards) and the shards that could not be stored,
+    with why. Finalisers already started are always waited for, even when the stream fails."""
     seen: dict[ShardKey, set[str]] = defaultdict(set)
     complete: set[ShardKey] = set()
-    total: Counter[str] = Counter()
+    received: Counter[str] = Counter()
     unwritten: dict[ShardKey, str] = {}
     finalisers = _Finalisers(work)
     n_rows = sum(expected.values())
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        receipts = zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"], batch["written"],
-                       batch["error"], strict=True)
-        for lot, shard, image_id, status, written, error in receipts:
-            key = (str(lot), str(shard))
-            if key in complete:
-                continue
-            if not written:
-                unwritten.setdefault(key, str(error))
-                continue
-            ids = seen[key]
-            if str(image_id) in ids:
-                continue
-            ids.add(str(image_id))
-            total[str(status)] += 1
-            if len(ids) == expected[key]:
-                complete.add(key)
-                del seen[key]
-                finalisers.start(key, expected[key])
-        finalisers.collect(wait=False)
-        if progress is not None:
-            progress(len(batch["image_id"]), n_rows)
-    finalisers.collect(wait=True)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            receipts = zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"], batch["written"],
+                           batch["error"], strict=True)
+            for lot, shard, image_id, status, written, error in receipts:
+                key = (str(lot), str(shard))
+                if key in complete:
+                    continue
+                if not written:
+                    unwritten.setdefault(key, str(error))
+                    continue
+                ids = seen[key]
+                if str(image_id) in ids:
+                    continue
+                ids.add(str(image_id))
+                received[str(status)] += 1
+                if len(ids) == expected[key]:
+                    complete.add(key)
+                    del seen[key]
+                    finalisers.start(key, expected[key])
+            finalisers.collect(wait=False)
+            if progress is not None:
+                progress(len(batch["image_id"]), n_rows)
+    finally:
+        finalisers.collect(wait=True)
     failed = {k: why for k, why in unwritten.items() if k not in complete}  # a retry may have stored it
     failed.update(finalisers.failed)
     missing = set(expected) - complete - set(failed)
     if missing:
         raise RunFailed(f"{len(missing)} shard(s) came back with rows missing, e.g. {'/'.join(min(missing))}; "
                         "rerun the same command to complete them")
-    return total, failed
+    return received, finalisers.counts, failed

@@ -169,16 +169,22 @@ def _write_masks(layout: OutLayout, lot: str, shard: str, rows: pa.Table, parts:
 
 
 def _stream_masks(parts: list[str], keep: list[np.ndarray], so: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """(array name, mask) for every kept ok row, row group by row group, in the order of :func:`_assign_masks`."""
+    """(array name, mask) for every kept ok row, in the order of :func:`_assign_masks`: one row group of a part
+    in memory at a time (the writer sizes them at about 32 MiB of masks), each mask a view of it."""
     for url, mine in zip(parts, keep, strict=True):
         wanted = set(mine.tolist())
-        reader = pq.ParquetFile(io.BytesIO(storage.read_bytes(url, so)))
-        position = 0
-        for batch in reader.iter_batches(columns=["status", "mask", "mask_height", "mask_width"]):
-            for status, data, h, w in zip(*(batch.column(c).to_pylist() for c in batch.schema.names), strict=True):
-                if position in wanted and status == OK and h and w:
-                    yield f"{h}x{w}", np.frombuffer(data, dtype=np.uint8).reshape(h, w)
-                position += 1
+        fs, path = storage.filesystem(url, so)
+        with fs.open(path, "rb") as fh:
+            reader = pq.ParquetFile(fh)
+            position = 0
+            for group in range(reader.num_row_groups):
+                table = reader.read_row_group(group, columns=["status", "mask", "mask_height", "mask_width"])
+                status, masks = table.column("status").to_pylist(), table.column("mask")
+                sizes = zip(table.column("mask_height").to_pylist(), table.column("mask_width").to_pylist(), strict=True)
+                for i, (h, w) in enumerate(sizes):
+                    if position + i in wanted and status[i] == OK and h and w:
+                        yield f"{h}x{w}", np.frombuffer(masks[i].as_buffer(), dtype=np.uint8).reshape(h, w)
+                position += table.num_rows
 
 
 class _ShardBuffer:
@@ -186,10 +192,13 @@ class _ShardBuffer:
 
     def __init__(self, group: zarr.Group, name: str, total: int) -> None:
         h, w = (int(v) for v in name.split("x"))
-        self.per_shard = max(1, min(total, SHARD_BYTES // (h * w)))
+        # a shard's frame axes must be whole inner chunks: padded up (the padding is never stored)
+        ch, cw = min(h, CHUNK_SIDE), min(w, CHUNK_SIDE)
+        sh, sw = -(-h // ch) * ch, -(-w // cw) * cw
+        self.per_shard = max(1, min(total, SHARD_BYTES // (sh * sw)))
         self.array = group.create_array(
             name=name, shape=(total, h, w), dtype="uint8", fill_value=0,
-            shards=(self.per_shard, h, w), chunks=(1, min(h, CHUNK_SIDE), min(w, CHUNK_SIDE)),
+            shards=(self.per_shard, sh, sw), chunks=(1, ch, cw),
         )
         self.name, self.total, self.written = name, total, 0
         self.block = np.zeros((min(self.per_shard, total), h, w), dtype=np.uint8)

@@ -24,19 +24,21 @@ from semclip_batch.io.preprocess import model_inputs
 from semclip_batch.io.schema import DECODED, INPUT, missing, to_table
 
 log = logging.getLogger(__name__)
+SHARD_KEY_SEP = "\x00"  # lot ids hold no control characters, so lot + SEP + shard names one shard
 
 
-def read_plan(batch: pa.Table, *, storage_options: Mapping[str, Any] | None,
-              shards: list[tuple[str, str]] | None) -> pa.Table:
+def read_plan(batch: pa.Table, *, storage_options: Mapping[str, Any] | None) -> pa.Table:
     """Ray Data map function: the :data:`~semclip_batch.io.schema.INPUT` rows of the plan files named in
-    ``batch["plan_file"]``, only those of ``shards`` (lot_id, shard) when given."""
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(str(url), storage_options))).cast(INPUT)
-              for url in batch.column("plan_file").to_pylist()]
-    table = pa.concat_tables(tables) if tables else INPUT.empty_table()
-    if shards is None:
-        return table
-    keys = pc.binary_join_element_wise(table.column("lot_id"), table.column("shard"), "\x00")
-    return table.filter(pc.is_in(keys, value_set=pa.array([f"{lot}\x00{shard}" for lot, shard in shards])))
+    ``batch["plan_file"]``; where ``batch["keep"]`` lists shards (``lot_id + SHARD_KEY_SEP + shard``), only
+    their rows."""
+    tables = []
+    for url, keep in zip(batch.column("plan_file").to_pylist(), batch.column("keep").to_pylist(), strict=True):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(str(url), storage_options))).cast(INPUT)
+        if keep is not None:
+            keys = pc.binary_join_element_wise(table.column("lot_id"), table.column("shard"), SHARD_KEY_SEP)
+            table = table.filter(pc.is_in(keys, value_set=pa.array(keep, pa.string())))
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else INPUT.empty_table()
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,

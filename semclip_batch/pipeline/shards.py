@@ -28,6 +28,7 @@ from semclip_batch.io.schema import INPUT
 
 log = logging.getLogger(__name__)
 ShardKey = tuple[str, str]
+TAKE_ROWS = 1 << 20
 PLAN_FILE_ROWS = 1024  # rows per plan file (whole shards): the pipeline's read tasks, small enough to start fast
 
 
@@ -54,11 +55,15 @@ def plan_shards(manifest: pa.Table, shard_size: int) -> pa.Table:
     (lot_id, image_id), each with its lot-local shard ``s00000, s00001, ...`` of ``shard_size`` rows."""
     columns = [c for c in INPUT.names if c != "shard"]
     order = pc.sort_indices(manifest, sort_keys=[("lot_id", "ascending"), ("image_id", "ascending")])
-    table = manifest.select(columns).take(order).combine_chunks()
-    lots = table.column("lot_id").to_numpy(zero_copy_only=False) if table.num_rows else np.array([], object)
-    starts = np.flatnonzero(np.r_[True, lots[1:] != lots[:-1]]) if len(lots) else np.array([], np.int64)
-    first_of_row = np.repeat(starts, np.diff(np.r_[starts, len(lots)]))
-    numbers = (np.arange(len(lots)) - first_of_row) // shard_size
+    source = manifest.select(columns)
+    # taken in slices: one take of a text column past 2 GiB would overflow its 32-bit offsets
+    table = pa.concat_tables([source.take(order.slice(i, TAKE_ROWS)) for i in range(0, len(order), TAKE_ROWS)]
+                             or [source.slice(0, 0)])
+    lots, n = table.column("lot_id"), table.num_rows
+    changes = pc.not_equal(lots.slice(1), lots.slice(0, max(0, n - 1))).to_numpy() if n > 1 else np.zeros(0, bool)
+    starts = np.flatnonzero(np.r_[True, changes]) if n else np.zeros(0, np.int64)  # where each lot begins
+    first_of_row = np.repeat(starts, np.diff(np.r_[starts, n]))
+    numbers = (np.arange(n) - first_of_row) // shard_size
     names = pa.array([f"s{k:05d}" for k in range(int(numbers.max()) + 1 if len(numbers) else 0)], pa.string())
     shard = pa.DictionaryArray.from_arrays(pa.array(numbers, pa.int32()), names).cast(pa.string())
     return table.append_column("shard", shard).cast(INPUT)
@@ -137,22 +142,49 @@ def read_json(url: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | 
 
 
 def done_shards(layout: OutLayout, lots: Iterable[str], storage_options: Mapping[str, Any]) -> dict[ShardKey, dict[str, int]]:
-    """Each done shard of ``lots`` with its status counts: one listing per lot, every marker checked on read
-    (a damaged or foreign marker does not count, so its shard runs again)."""
+    """Each done shard of ``lots`` with its status counts: one listing per lot and its markers fetched together
+    (concurrently on object stores), every marker checked on read (a damaged, unreadable or foreign marker does
+    not count, so its shard runs again)."""
     done: dict[ShardKey, dict[str, int]] = {}
     for lot in sorted(set(lots)):
         folder = storage.join(layout.markers, lot)
-        for name in storage.list_names(folder, storage_options):
-            if not name.endswith(".json"):
-                continue
-            shard = name[: -len(".json")]
-            body = read_json(storage.join(folder, name), storage_options)
-            if body is None or body.get("lot_id") != lot or body.get("shard") != shard:
-                continue
-            counts = body.get("counts")
-            if isinstance(counts, dict) and sum(counts.values()) == body.get("rows"):
-                done[(lot, shard)] = {str(k): int(v) for k, v in counts.items()}
+        shards = [n[: -len(".json")] for n in storage.list_names(folder, storage_options) if n.endswith(".json")]
+        if not shards:
+            continue
+        fs, path = storage.filesystem(folder, storage_options)
+        paths = [f"{path.rstrip('/')}/{shard}.json" for shard in shards]
+        bodies = fs.cat(paths, on_error="return") if len(paths) > 1 else {paths[0]: _cat_one(fs, paths[0])}
+        for shard, key in zip(shards, paths, strict=True):
+            counts = _marker_counts(bodies.get(key), lot, shard)
+            if counts is not None:
+                done[(lot, shard)] = counts
     return done
+
+
+def _cat_one(fs: Any, path: str) -> bytes | Exception:
+    try:
+        return bytes(fs.cat_file(path))
+    except OSError as exc:
+        return exc
+
+
+def _marker_counts(data: object, lot: str, shard: str) -> dict[str, int] | None:
+    """A marker's status counts, or None when it is missing, damaged or not this shard's."""
+    if not isinstance(data, bytes):
+        return None
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("done marker %s/%s is damaged (%d bytes of invalid JSON); its shard runs again", lot, shard,
+                    len(data))
+        return None
+    if not isinstance(body, dict) or body.get("lot_id") != lot or body.get("shard") != shard:
+        return None
+    counts = body.get("counts")
+    if (not isinstance(counts, dict) or not all(isinstance(v, int) for v in counts.values())
+            or sum(counts.values()) != body.get("rows")):
+        return None
+    return {str(k): int(v) for k, v in counts.items()}
 
 
 def write_marker(layout: OutLayout, key: ShardKey, counts: Mapping[str, int],
