@@ -25,6 +25,7 @@ DEFAULT_PIXEL_THRESHOLD = 0.95
 DEFAULT_MIN_REGION_PX = 16
 DEFAULT_TILE_ABOVE = 1024
 DEFAULT_SHARD_SIZE = 256
+DEFAULT_REPORT_TOP_N = 12  # overlay thumbnails per lot page of `report`
 # pretrain (the CLI and PretrainConfig): the ≤ 10-minute schedule of the README, a quarter of the tokens per step
 DEFAULT_PRETRAIN_STEPS = 1500
 DEFAULT_PRETRAIN_BATCH = 32

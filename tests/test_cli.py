@@ -20,7 +20,7 @@ def assert_one_line_error(result, fragment: str) -> None:
 
 
 def test_every_command_help_has_an_example():
-    for cmd in ("synth", "run", "demo", "aggregate", "query", "eval", "pretrain", "train"):
+    for cmd in ("synth", "run", "demo", "aggregate", "query", "eval", "pretrain", "train", "report"):
         result = invoke(cmd, "--help")
         assert result.exit_code == 0 and "Example" in result.output
     assert "0.95" in invoke("run", "--help").output  # default thresholds shown

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.patches import Circle, Patch, Rectangle
+from matplotlib.patches import Arc, Circle, Patch, Rectangle
 from PIL import Image
 from scipy import ndimage
 
@@ -23,8 +23,6 @@ from semclip_batch.io.preprocess import stretch
 
 ERROR = "(error)"
 """The category of rows that were not scored (any non-ok status); not a class name a run can have."""
-NOT_IMAGED = "(not imaged)"
-"""A die position on the wafer with no frame."""
 # Distinct colours for the defect classes, in the run's class order (tab10 less its green and grey, then tab20's
 # lighter tones); normal dies are pale green, dies with only error rows dark grey.
 DEFECT_COLOURS = ("#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
@@ -82,8 +80,10 @@ def wafer_map_png(dies: Sequence[tuple[int, int, str]], palette: Palette) -> byt
     ax = fig.add_subplot()
     cx, cy, radius = _outline(dies)
     ax.add_patch(Circle((cx, cy), radius, facecolor="#f2f2f2", edgecolor="#404040", linewidth=1.5, zorder=0))
-    ax.add_patch(Circle((cx, cy - radius), radius * 0.045 + 0.08, facecolor="white", edgecolor="#404040",
-                        linewidth=1.0, zorder=1))  # the orientation notch
+    notch = radius * 0.04 + 0.1  # the orientation notch: a half-disc cut out of the bottom edge
+    ax.add_patch(Circle((cx, cy - radius), notch, facecolor="white", edgecolor="none", zorder=1))
+    ax.add_patch(Arc((cx, cy - radius), 2 * notch, 2 * notch, theta1=0, theta2=180, edgecolor="#404040",
+                     linewidth=1.5, zorder=1))
     seen = {(x, y): cat for x, y, cat in dies}
     for x, y in _positions_inside(cx, cy, radius):
         if (x, y) not in seen:
@@ -181,8 +181,8 @@ def rate_png(wafers: Sequence[tuple[str, int, Mapping[str, int]]], palette: Pale
 
 
 def overlay_png(frame: np.ndarray | None, mask: np.ndarray, level: int) -> bytes:
-    """A thumbnail: the frame (percentile-stretched grey), or the mask itself when there is no frame, tinted by
-    the anomaly map, with the outline of its defect pixels (``mask >= level``) in red.
+    """A thumbnail (longer side :data:`THUMB_SIDE`): the frame (percentile-stretched grey), or the mask itself
+    when there is no frame, with its defect pixels (``mask >= level``) outlined in red and lightly filled.
 
     Args:
         frame: ``(H, W)`` float grey frame, or None.
@@ -190,21 +190,19 @@ def overlay_png(frame: np.ndarray | None, mask: np.ndarray, level: int) -> bytes
         level: the grey level from which a mask pixel is a defect pixel.
     """
     h, w = mask.shape
-    scale = min(1.0, THUMB_SIDE / max(h, w))
+    scale = THUMB_SIDE / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small_mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.BILINEAR))
     if frame is not None and frame.shape == mask.shape:
-        base = np.asarray(Image.fromarray((stretch(frame, 0.5, 99.5) * 255).astype(np.uint8)).resize(
-            size, Image.Resampling.BILINEAR)).astype(np.float32)
-        tint = 0.45 * small_mask.astype(np.float32) / 255.0
-        rgb = np.stack([base * (1 - tint) + 255 * tint, base * (1 - tint), base * (1 - tint)], axis=-1)
+        grey = Image.fromarray((stretch(frame, 0.5, 99.5) * 255).astype(np.uint8))
+        base = np.asarray(grey.resize(size, Image.Resampling.BICUBIC)).astype(np.float32)
     else:
-        rgb = np.repeat(small_mask[..., None].astype(np.float32), 3, axis=-1)
+        base = small_mask.astype(np.float32)
+    rgb = np.repeat(base[..., None], 3, axis=-1)
     region = small_mask >= level
-    edge = region & ~ndimage.binary_erosion(region, border_value=0)
-    if max(size) >= 128:
-        edge = ndimage.binary_dilation(edge) & ~ndimage.binary_erosion(region, iterations=2, border_value=0)
-    rgb[edge] = CONTOUR_RGB
+    rgb[region] = 0.75 * rgb[region] + 0.25 * np.array(CONTOUR_RGB, np.float32)
+    edge = ndimage.binary_dilation(region & ~ndimage.binary_erosion(region, border_value=0))
+    rgb[edge & ~ndimage.binary_erosion(region, iterations=2, border_value=0)] = CONTOUR_RGB
     sink = io.BytesIO()
     Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(sink, format="PNG")
     return sink.getvalue()

@@ -15,10 +15,12 @@ from semclip_batch.cli.options import (
     parse_storage_options,
     print_result,
     progress_printer,
+    report_flag,
     run_config,
     run_options,
     storage_option_flag,
     user_errors,
+    write_report_line,
 )
 from semclip_batch.config import (
     DEFAULT_BACKBONE,
@@ -26,6 +28,7 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_BATCH,
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_STEPS,
+    DEFAULT_REPORT_TOP_N,
     SCORE_MODES,
     ModelSpec,
 )
@@ -82,8 +85,9 @@ def synth(out: str, seed: int, lots: int, wafers: int, dies: int, per_class: int
 
 @main.command()
 @run_options
+@report_flag
 @user_errors
-def run(**options: Any) -> None:
+def run(report: bool, **options: Any) -> None:
     """Score every row of a manifest (CSV/Parquet) or image folder INPUT into OUT.
 
     \b
@@ -96,13 +100,16 @@ def run(**options: Any) -> None:
 
     result = run_pipeline(run_config(**options), progress=progress_printer())
     print_result(result.record, result.out)
+    if report:
+        write_report_line(result.out, options["storage_option"])
 
 
 @main.command()
 @click.argument("out")
 @storage_option_flag
+@report_flag
 @user_errors
-def aggregate(out: str, storage_option: tuple[str, ...]) -> None:
+def aggregate(out: str, storage_option: tuple[str, ...], report: bool) -> None:
     """Per (lot, wafer, class) defect statistics of OUT's predictions -> OUT/lot_stats/.
 
     \b
@@ -113,6 +120,30 @@ def aggregate(out: str, storage_option: tuple[str, ...]) -> None:
 
     stats = make_stats(out, parse_storage_options(storage_option))
     click.echo(f"wrote {len(stats)} rows for {stats['lot_id'].nunique()} lots to {out.rstrip('/')}/lot_stats")
+    if report:
+        write_report_line(out, storage_option)
+
+
+@main.command()
+@click.argument("out")
+@click.option("--top-n", default=DEFAULT_REPORT_TOP_N, show_default=True, type=int,
+              help="Overlay thumbnails per lot: the lot's most anomalous ok frames.")
+@storage_option_flag
+@user_errors
+def report(out: str, top_n: int, storage_option: tuple[str, ...]) -> None:
+    """Write static lot reports (HTML + PNG) to OUT/reports/ and print the path of its index.html.
+
+    index.html: the latest run's summary, rows by status with an example error each, the lots. One page per lot:
+    wafer maps, Pareto chart of defect classes, defect rate per wafer, overlays of the top-N frames.
+
+    \b
+    Example:
+      semclip-batch report out/ --top-n 8
+      chromium out/reports/index.html
+    """
+    from semclip_batch.analysis.report import write_report
+
+    click.echo(write_report(out, top_n=top_n, storage_options=parse_storage_options(storage_option)))
 
 
 @main.command()

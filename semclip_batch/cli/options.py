@@ -66,6 +66,17 @@ storage_option_flag = click.option(
     help="Non-secret fsspec storage option (e.g. endpoint_url=...); secrets come from AWS_* env.")
 
 
+report_flag = click.option("--report", is_flag=True,
+                           help="Also write OUT/reports/ at the end (lot reports: HTML + PNG; see `report`).")
+
+
+def write_report_line(out: str, storage_option: tuple[str, ...]) -> None:
+    """``--report``: write OUT/reports/ and say where its index is."""
+    from semclip_batch.analysis.report import write_report
+
+    click.echo(f"report: {write_report(out, storage_options=parse_storage_options(storage_option))}")
+
+
 class MethodChoice(click.Choice):
     """``--method``: the registered methods (``methods.registry.method_names``), looked up when first needed so
     that importing the CLI stays free of torch."""

@@ -1,0 +1,297 @@
+"""``report``: static HTML + PNG lot reports under ``OUT/reports/`` (DESIGN "OUT/reports/").
+
+``index.html`` holds the run summary (latest run record), rows by status with one example error per kind, and
+the lots; ``lot-<lot_id>.html`` per lot holds a wafer map per wafer, the Pareto chart of defect classes, the
+defect rate per wafer and overlays of the lot's top-N most anomalous ok frames. A lot's pictures live in
+``lot-<lot_id>.files/``. Everything is written through :func:`storage.write_bytes`, so OUT may be any fsspec URL.
+
+One lot at a time: its Parquet files (found by listing the lot's exact folder, never a glob) are scanned by
+DuckDB, which returns counts per (wafer, die, category) and the top-N rows only; masks are read for those.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow.dataset as pads
+import zarr
+
+from semclip_batch.analysis import report_html as pages
+from semclip_batch.analysis.charts import ERROR, Palette, overlay_png, pareto_png, rate_png, wafer_map_png
+from semclip_batch.config import DEFAULT_PIXEL_THRESHOLD, DEFAULT_REPORT_TOP_N
+from semclip_batch.errors import ConfigError, ImageError, OutputError, one_line
+from semclip_batch.io import storage
+from semclip_batch.io.frames import load_frame
+from semclip_batch.io.layout import OutLayout
+from semclip_batch.io.masks import mask_array, open_masks
+from semclip_batch.io.runrecord import read_latest
+from semclip_batch.methods.prompts import NORMAL
+
+log = logging.getLogger(__name__)
+MAX_TOP_N = 500
+LOT_FOLDER = "lot_id="
+
+# Frames per (wafer, die, category): the category is the defect class of a flagged ok row, the normal class
+# for an ok row not flagged, ERROR for any other status.
+DIES_SQL = """
+select coalesce(wafer_id, '') as wafer_id, die_x, die_y,
+       case when status <> 'ok' then $error
+            when coalesce(is_defect, false) then coalesce(defect_class, 'defect')
+            else $normal end as category,
+       count(*) as n
+from lot_rows group by all
+"""
+STATUS_SQL = "select status, count(*) as n, min_by(error, image_id) as example from lot_rows group by status"
+TOP_SQL = """
+select image_id, uri, wafer_id, die_x, die_y, anomaly_score, is_defect, defect_class, mask_path, mask_index
+from lot_rows where status = 'ok' order by anomaly_score desc nulls last, image_id limit $n
+"""
+
+
+@dataclass(frozen=True)
+class TopFrame:
+    """One of a lot's most anomalous ok rows."""
+
+    image_id: str
+    uri: str
+    wafer_id: str
+    die_x: int | None
+    die_y: int | None
+    anomaly_score: float
+    is_defect: bool
+    defect_class: str | None
+    mask_path: str
+    mask_index: int
+
+
+@dataclass
+class Wafer:
+    """Frames of one wafer by category, in all and per die position."""
+
+    wafer_id: str
+    frames: Counter[str] = field(default_factory=Counter)
+    dies: dict[tuple[int, int], Counter[str]] = field(default_factory=dict)
+
+    def add(self, die_x: int | None, die_y: int | None, category: str, n: int) -> None:
+        self.frames[category] += n
+        if die_x is not None and die_y is not None:
+            self.dies.setdefault((int(die_x), int(die_y)), Counter())[category] += n
+
+    @property
+    def n_ok(self) -> int:
+        return sum(n for c, n in self.frames.items() if c != ERROR)
+
+    def dominant(self, palette: Palette) -> dict[tuple[int, int], str]:
+        """Each die's category: its most frequent defect class (ties: class order), else normal, else error."""
+        out = {}
+        for pos, counts in self.dies.items():
+            defects = [c for c in palette.defects if counts[c]]
+            if defects:
+                out[pos] = max(defects, key=lambda c: (counts[c], -palette.defects.index(c)))
+            else:
+                out[pos] = palette.normal if counts[palette.normal] else ERROR
+        return out
+
+
+@dataclass
+class Lot:
+    """What a lot page shows, gathered by three queries over the lot's Parquet files."""
+
+    lot_id: str
+    wafers: list[Wafer]
+    statuses: Counter[str]
+    examples: dict[str, str]
+    top: list[TopFrame]
+
+    def class_counts(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for w in self.wafers:
+            total.update(w.frames)
+        return total
+
+
+def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Write ``OUT/reports/`` anew (index last) and return the URL of ``index.html``.
+
+    Raises :class:`OutputError` when OUT has no predictions, :class:`ConfigError` for a bad ``top_n``.
+    """
+    if not 0 <= top_n <= MAX_TOP_N:
+        raise ConfigError(f"--top-n must be between 0 and {MAX_TOP_N}, got {top_n}")
+    so = dict(storage_options or {})
+    layout = OutLayout(storage.normalize_root(out))
+    lots = sorted((n[len(LOT_FOLDER):] for n in storage.list_names(layout.predictions, so) if n.startswith(LOT_FOLDER)),
+                  key=natural_key)
+    if not lots:
+        raise OutputError(f"{layout.root} has no predictions/ yet (run `semclip-batch run ... --out {out}` first)")
+    record = read_latest(layout, so)
+    classes = [str(c) for c in (record or {}).get("classes") or []]
+    frames = FrameSource(layout, so, frame_base(record, so), _defect_level(record))
+    storage.remove(layout.reports, so)
+    rows = []
+    con = duckdb.connect()
+    try:
+        for lot_id in lots:
+            lot = read_lot(con, layout, lot_id, top_n, so)
+            if lot is not None:
+                rows.append(_write_lot(layout, lot, _palette(classes, lot), frames, so))
+    finally:
+        con.close()
+    index = storage.join(layout.reports, "index.html")
+    storage.write_bytes(index, pages.index_page(record, rows, _by_status(rows)), so)
+    return index
+
+
+def read_lot(con: duckdb.DuckDBPyConnection, layout: OutLayout, lot_id: str, top_n: int,
+             so: Mapping[str, Any]) -> Lot | None:
+    """Counts per (wafer, die, category), rows per status with an example error, and the top-N ok rows; None
+    for a lot folder without Parquet files."""
+    folder = layout.prediction_folder(lot_id)
+    fs, path = storage.filesystem(folder, so)
+    files = [f"{path}/{n}" for n in storage.list_names(folder, so) if n.endswith(".parquet")]
+    if not files:
+        return None
+    con.register("lot_rows", pads.dataset(files, filesystem=fs, format="parquet"))
+    try:
+        wafers: dict[str, Wafer] = {}
+        for wafer_id, x, y, category, n in con.execute(DIES_SQL, {"error": ERROR, "normal": NORMAL}).fetchall():
+            wafers.setdefault(wafer_id, Wafer(wafer_id)).add(x, y, category, n)
+        statuses = con.execute(STATUS_SQL).fetchall()
+        top = [TopFrame(*row) for row in con.execute(TOP_SQL, {"n": top_n}).fetchall()]
+    finally:
+        con.unregister("lot_rows")
+    return Lot(lot_id=lot_id, wafers=[wafers[k] for k in sorted(wafers, key=natural_key)],
+               statuses=Counter({s: n for s, n, _ in statuses}),
+               examples={s: e for s, _, e in statuses if s != "ok" and e}, top=top)
+
+
+def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders ``W2`` before ``W10``."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", text) if p)
+
+
+def _palette(classes: list[str], lot: Lot) -> Palette:
+    """The run's defect classes in its order, then any other class the lot's rows name."""
+    known = [c for c in classes if c != NORMAL]
+    extra = sorted(set(lot.class_counts()) - {NORMAL, ERROR} - set(known))
+    return Palette(normal=NORMAL, defects=(*known, *extra))
+
+
+def _defect_level(record: Mapping[str, Any] | None) -> int:
+    """The stored-mask grey level from which a pixel is a defect pixel (ceil(255 * pixel threshold))."""
+    pixel = ((record or {}).get("thresholds") or {}).get("pixel", DEFAULT_PIXEL_THRESHOLD)
+    return int(np.ceil(255 * float(pixel)))
+
+
+def frame_base(record: Mapping[str, Any] | None, so: Mapping[str, Any]) -> str | None:
+    """The folder relative ``uri`` cells were resolved against by the run (its input, or the manifest's folder),
+    from the run record; a relative input is taken from the current directory, as ``run`` took it."""
+    config = (record or {}).get("config") or {}
+    source = config.get("input")
+    if not isinstance(source, str) or not source:
+        return None
+    source = source if storage.is_absolute(source) else posixpath.abspath(source)
+    if config.get("pattern"):
+        return source
+    try:
+        fs, path = storage.filesystem(source, so)
+        return source if fs.isdir(path) else storage.parent(source)
+    except (OSError, ValueError, ConfigError):
+        return storage.parent(source)
+
+
+@dataclass
+class FrameSource:
+    """Where overlays come from: frames by their resolved ``uri``, masks from ``masks.zarr`` (opened once)."""
+
+    layout: OutLayout
+    so: Mapping[str, Any]
+    base: str | None
+    level: int
+    _root: zarr.Group | None = None
+
+    def url(self, uri: str) -> str | None:
+        if storage.is_absolute(uri):
+            return uri
+        return storage.resolve(uri, self.base) if self.base else None
+
+    def mask(self, row: TopFrame) -> np.ndarray:
+        if self._root is None:
+            self._root = open_masks(self.layout.masks, self.so, mode="r")
+        return np.asarray(mask_array(self._root, row.mask_path)[row.mask_index], dtype=np.uint8)
+
+    def frame(self, row: TopFrame) -> np.ndarray:
+        url = self.url(row.uri)
+        if url is None:
+            raise ImageError("read_error", "relative uri, and the run record names no input folder to resolve it")
+        return load_frame(url, self.so)
+
+
+def overlay(row: TopFrame, source: FrameSource) -> tuple[bytes | None, list[str]]:
+    """A thumbnail of one top-N row and notes on what could not be shown; never raises."""
+    notes = []
+    mask = frame = None
+    try:
+        mask = source.mask(row)
+    except Exception as exc:  # one thumbnail, never the report (logged with its traceback)
+        log.warning("mask of %s unreadable", row.image_id, exc_info=True)
+        notes.append(f"mask not readable: {one_line(exc)}")
+    try:
+        frame = source.frame(row)
+    except Exception as exc:  # noqa: BLE001 - one thumbnail, never the report
+        log.info("frame of %s unreadable: %s", row.image_id, exc)
+        notes.append(f"frame not readable ({one_line(exc)}); showing the mask alone" if mask is not None
+                     else f"frame not readable ({one_line(exc)})")
+    if mask is not None:
+        return overlay_png(frame, mask, source.level), notes
+    if frame is not None:  # the frame alone: an empty mask, no level reached
+        return overlay_png(frame, np.zeros(frame.shape, np.uint8), 256), notes
+    return None, notes
+
+
+def _write_lot(layout: OutLayout, lot: Lot, palette: Palette, source: FrameSource,
+               so: Mapping[str, Any]) -> pages.LotRow:
+    """Render and write one lot's pictures and page; returns the lot's line of the index."""
+    assets = pages.assets_folder(lot.lot_id)
+
+    def put(name: str, data: bytes) -> str:
+        storage.write_bytes(storage.join(layout.reports, assets, name), data, so)
+        return name
+
+    counts = lot.class_counts()
+    pareto = [(c, counts[c]) for c in palette.defects if counts[c]]
+    charts = pages.LotCharts(
+        pareto=put("pareto.png", pareto_png(pareto, palette)) if pareto else None,
+        rate=put("defect-rate.png", rate_png([(w.wafer_id, w.n_ok, w.frames) for w in lot.wafers],
+                                             palette)) if lot.wafers else None,
+        wafers=[put(f"wafer-{i:03d}.png", wafer_map_png([(x, y, c) for (x, y), c in w.dominant(palette).items()],
+                                                         palette)) if w.dies else None
+                for i, w in enumerate(lot.wafers, 1)],
+    )
+    tiles = []
+    for k, row in enumerate(lot.top, 1):
+        png, notes = overlay(row, source)
+        tiles.append(pages.Tile(row=row, image=put(f"top-{k:03d}.png", png) if png else None, notes=notes))
+    storage.write_bytes(storage.join(layout.reports, pages.lot_page_name(lot.lot_id)),
+                        pages.lot_page(lot, palette, charts, tiles), so)
+    return pages.LotRow(lot_id=lot.lot_id, statuses=lot.statuses, examples=lot.examples,
+                        pareto=sorted(pareto, key=lambda cn: -cn[1]))
+
+
+def _by_status(rows: list[pages.LotRow]) -> list[tuple[str, int, str | None, str | None]]:
+    """``(status, rows, example error, its lot)`` over all lots: ok first, then by count."""
+    total: Counter[str] = Counter()
+    example: dict[str, tuple[str, str]] = {}
+    for row in rows:
+        total.update(row.statuses)
+        for status, message in row.examples.items():
+            example.setdefault(status, (message, row.lot_id))
+    order = sorted(total, key=lambda s: (s != "ok", -total[s], s))
+    return [(s, total[s], *(example.get(s) or (None, None))) for s in order]
