@@ -52,6 +52,9 @@ from semclip_batch.pipeline.writer import WriterSetup, write_batch
 
 log = logging.getLogger(__name__)
 MAX_FINALISING = 4
+# Blocks of at most this many bytes between stages (Ray's default is 128 MiB): a worker then holds a few
+# dozen decoded frames at a time, not hundreds, so memory does not grow with the run.
+MAX_BLOCK_BYTES = 32 << 20
 DECODE_CPUS = 0.5  # the plan read asks for the same, so Ray Data fuses it into the decode tasks
 # Retries, on purpose (README "Faults"): a decode or write task whose worker dies is retried up to
 # TASK_RETRIES times, and so is a model-actor task; a dead model actor is restarted without limit (node loss,
@@ -278,15 +281,17 @@ def _execute(work: _Work, lots: list[str], progress: Progress | None) -> None:
 
 
 def _plan_dataset(work: _Work, todo: set[ShardKey]) -> ray.data.Dataset:
-    """The rows still to do, read by Ray from the stored plan: one task per plan file holding a shard to do
-    (about PLAN_FILE_ROWS rows, so the first shards finish early and cheap rows do not cost a task each). A file
-    that also holds done shards names the shards to keep, and only those rows are read on."""
-    by_file: dict[int, list[str]] = defaultdict(list)
-    for lot, shard in sorted(todo):
-        by_file[work.plan.shard_files[(lot, shard)]].append(f"{lot}{SHARD_KEY_SEP}{shard}")
-    in_file = Counter(work.plan.shard_files.values())
-    items = [{"plan_file": work.plan.files[k], "keep": keys if len(keys) < in_file[k] else None}
-             for k, keys in sorted(by_file.items())]
+    """The rows still to do, read by Ray from the stored plan: one read-and-decode task per plan file holding
+    rows to do (PLAN_FILE_ROWS rows). A file that also holds rows of done shards names the shards to keep,
+    and only their rows are read on."""
+    keep: dict[int, set[ShardKey]] = defaultdict(set)
+    for key in todo:
+        for k in work.plan.shard_files[key]:
+            keep[k].add(key)
+    held: dict[int, int] = Counter(k for files in work.plan.shard_files.values() for k in files)
+    items = [{"plan_file": work.plan.files[k],
+              "keep": None if len(keys) == held[k] else [f"{lot}{SHARD_KEY_SEP}{shard}" for lot, shard in sorted(keys)]}
+             for k, keys in sorted(keep.items())]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(read_plan,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
                           fn_kwargs={"storage_options": work.so}, batch_size=1, batch_format="pyarrow",
@@ -298,6 +303,7 @@ def _stream(work: _Work, todo: set[ShardKey],
     cfg, spec, ident = work.cfg, work.spec, work.ident
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
+    ctx.target_max_block_size = MAX_BLOCK_BYTES
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     actor_cpus, threads = actor_resources(cfg, work.shape)
     setup = PredictorSetup(spec=spec, prep=work.prep, text_embeddings=ident.text, weights_sha256=ident.weights_sha256,

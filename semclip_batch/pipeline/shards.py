@@ -29,7 +29,10 @@ from semclip_batch.io.schema import INPUT
 log = logging.getLogger(__name__)
 ShardKey = tuple[str, str]
 TAKE_ROWS = 1 << 20
-PLAN_FILE_ROWS = 1024  # rows per plan file (whole shards): the pipeline's read tasks, small enough to start fast
+# Rows per plan file, the unit of the pipeline's read-and-decode tasks: small enough that a 1,000-frame run
+# decodes in parallel and a task's decoded frames stay a few hundred MB, large enough that rows that fail at
+# once (missing files) do not cost a task each. A shard may span files.
+PLAN_FILE_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Plan:
 
     shard_size: int
     files: tuple[str, ...]
-    shard_files: dict[ShardKey, int]  # shard -> index into files
+    shard_files: dict[ShardKey, tuple[int, ...]]  # shard -> indexes into files of the files holding its rows
     rows: dict[ShardKey, int]
 
     @property
@@ -47,7 +50,7 @@ class Plan:
 
     def files_of(self, shards: Iterable[ShardKey]) -> list[str]:
         """The plan files holding ``shards``, in plan order."""
-        return [self.files[k] for k in sorted({self.shard_files[s] for s in shards})]
+        return [self.files[k] for k in sorted({k for s in shards for k in self.shard_files[s]})]
 
 
 def plan_shards(manifest: pa.Table, shard_size: int) -> pa.Table:
@@ -103,17 +106,11 @@ def store_plan(layout: OutLayout, manifest: pa.Table, *, run_id: str, shard_size
     keys = list(zip(counts.column("lot_id").to_pylist(), counts.column("shard").to_pylist(), strict=True))
     sizes = counts.column("count_all").to_pylist()
     rows = dict(zip(keys, sizes, strict=True))
-    shard_files: dict[ShardKey, int] = {}
-    files: list[str] = []
-    offset = length = 0
-    for key, n in zip(keys, sizes, strict=True):
-        if length and length + n > PLAN_FILE_ROWS:
-            files.append(_write_plan_file(layout, len(files), table.slice(offset, length), storage_options))
-            offset, length = offset + length, 0
-        shard_files[key] = len(files)
-        length += n
-    if length:
-        files.append(_write_plan_file(layout, len(files), table.slice(offset, length), storage_options))
+    files = [_write_plan_file(layout, k, table.slice(start, PLAN_FILE_ROWS), storage_options)
+             for k, start in enumerate(range(0, table.num_rows, PLAN_FILE_ROWS))]
+    first = np.cumsum([0, *sizes[:-1]]) if sizes else np.zeros(0, np.int64)  # each shard's first row
+    shard_files = {key: tuple(range(int(a) // PLAN_FILE_ROWS, (int(a) + n - 1) // PLAN_FILE_ROWS + 1))
+                   for key, a, n in zip(keys, first, sizes, strict=True)}
     storage.write_bytes(layout.run_info, json.dumps({"run_id": run_id, "shard_size": shard_size,
                                                      "plan_files": len(files)}).encode(), storage_options)
     return Plan(shard_size=shard_size, files=tuple(files), shard_files=shard_files, rows=rows)
