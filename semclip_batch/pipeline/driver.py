@@ -282,7 +282,7 @@ def _execute(work: _Work, lots: list[str], progress: Progress | None) -> None:
 
 def _plan_dataset(work: _Work, todo: set[ShardKey]) -> ray.data.Dataset:
     """The rows still to do, read by Ray from the stored plan: one read-and-decode task per plan file holding
-    rows to do (PLAN_FILE_ROWS rows). A file that also holds rows of done shards names the shards to keep,
+    rows to do (see shards.PLAN_FILES). A file that also holds rows of done shards names the shards to keep,
     and only their rows are read on."""
     keep: dict[int, set[ShardKey]] = defaultdict(set)
     for key in todo:

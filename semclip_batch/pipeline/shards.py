@@ -12,6 +12,7 @@ import io
 import json
 import logging
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +30,13 @@ from semclip_batch.io.schema import INPUT
 log = logging.getLogger(__name__)
 ShardKey = tuple[str, str]
 TAKE_ROWS = 1 << 20
-# Rows per plan file, the unit of the pipeline's read-and-decode tasks: small enough that a 1,000-frame run
-# decodes in parallel and a task's decoded frames stay a few hundred MB, large enough that rows that fail at
-# once (missing files) do not cost a task each. A shard may span files.
-PLAN_FILE_ROWS = 256
+# Plan files are the unit of the pipeline's read-and-decode tasks: at least MIN_PLAN_FILE_ROWS rows, so that
+# a 1,000-frame run decodes in parallel, and at most about PLAN_FILES of them, so that a million rows are
+# stored in seconds and rows that fail at once (missing files) do not cost a task each. Decoded frames leave a
+# task in blocks of bounded size (driver.MAX_BLOCK_BYTES) whatever its rows. A shard may span files.
+MIN_PLAN_FILE_ROWS = 256
+PLAN_FILES = 512
+PLAN_WRITERS = 8  # plan files stored concurrently (object-store PUTs are latency-bound)
 
 
 @dataclass(frozen=True)
@@ -102,18 +106,31 @@ def store_plan(layout: OutLayout, manifest: pa.Table, *, run_id: str, shard_size
     (whole-object writes): a damaged or missing plan file is simply replaced.
     """
     table = plan_shards(manifest, shard_size)
-    counts = table.group_by(["lot_id", "shard"], use_threads=False).aggregate([([], "count_all")])
-    keys = list(zip(counts.column("lot_id").to_pylist(), counts.column("shard").to_pylist(), strict=True))
-    sizes = counts.column("count_all").to_pylist()
+    keys, first, sizes = _shard_runs(table)
     rows = dict(zip(keys, sizes, strict=True))
-    files = [_write_plan_file(layout, k, table.slice(start, PLAN_FILE_ROWS), storage_options)
-             for k, start in enumerate(range(0, table.num_rows, PLAN_FILE_ROWS))]
-    first = np.cumsum([0, *sizes[:-1]]) if sizes else np.zeros(0, np.int64)  # each shard's first row
-    shard_files = {key: tuple(range(int(a) // PLAN_FILE_ROWS, (int(a) + n - 1) // PLAN_FILE_ROWS + 1))
+    per_file = max(MIN_PLAN_FILE_ROWS, -(-table.num_rows // PLAN_FILES))
+    starts = range(0, table.num_rows, per_file)
+    with ThreadPoolExecutor(PLAN_WRITERS, thread_name_prefix="plan-write") as pool:
+        files = list(pool.map(lambda k: _write_plan_file(layout, k, table.slice(starts[k], per_file), storage_options),
+                              range(len(starts))))
+    shard_files = {key: tuple(range(int(a) // per_file, (int(a) + n - 1) // per_file + 1))
                    for key, a, n in zip(keys, first, sizes, strict=True)}
     storage.write_bytes(layout.run_info, json.dumps({"run_id": run_id, "shard_size": shard_size,
                                                      "plan_files": len(files)}).encode(), storage_options)
     return Plan(shard_size=shard_size, files=tuple(files), shard_files=shard_files, rows=rows)
+
+
+def _shard_runs(table: pa.Table) -> tuple[list[ShardKey], list[int], list[int]]:
+    """The shards of a plan in plan order, with each one's first row and row count (shards are contiguous)."""
+    n = table.num_rows
+    if n == 0:
+        return [], [], []
+    key = pc.binary_join_element_wise(table.column("lot_id"), table.column("shard"), "\x00")
+    changes = pc.not_equal(key.slice(1), key.slice(0, n - 1)).to_numpy() if n > 1 else np.zeros(0, bool)
+    starts = np.flatnonzero(np.r_[True, changes])
+    sizes = np.diff(np.r_[starts, n])
+    heads = table.select(["lot_id", "shard"]).take(pa.array(starts)).to_pylist()
+    return [(h["lot_id"], h["shard"]) for h in heads], starts.tolist(), sizes.tolist()
 
 
 def _write_plan_file(layout: OutLayout, number: int, chunk: pa.Table, storage_options: Mapping[str, Any]) -> str:
