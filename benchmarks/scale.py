@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +114,8 @@ class Watch:
 
 
 def start(manifest: Path, out: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """`semclip-batch run` into a fresh ``out``, in its own session."""
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [CLI, "run", str(manifest), "--out", str(out), *TINY, "--shard-size", "256", *extra]
     with log.open("ab") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=run_env(), start_new_session=True)

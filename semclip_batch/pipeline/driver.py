@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 import warnings
 from collections import Counter, defaultdict, deque
@@ -52,6 +53,7 @@ from semclip_batch.pipeline.writer import WriterSetup, write_batch
 
 log = logging.getLogger(__name__)
 MAX_FINALISING = 4
+MARKER_POLL_S = 0.5
 # Blocks of at most this many bytes between stages (Ray's default is 128 MiB): a worker then holds a few
 # dozen decoded frames at a time, not hundreds, so memory does not grow with the run.
 MAX_BLOCK_BYTES = 32 << 20
@@ -333,7 +335,8 @@ def _stream(work: _Work, todo: set[ShardKey],
 
 class _Finalisers:
     """The finalise task of each complete shard (one per shard, at most MAX_FINALISING at a time), and the done
-    markers written after them.
+    markers written after them, by a thread of their own: a marker is written as soon as its shard is
+    finalised, not when the next receipts arrive.
 
     Finalisers ask for no CPU: they mostly wait on storage, and a CPU request would queue them behind the decode
     tasks that keep every CPU busy until the end of the run; the cap on tasks in flight bounds their memory."""
@@ -348,29 +351,44 @@ class _Finalisers:
         self.pending: dict[ray.ObjectRef, ShardKey] = {}
         self.failed: dict[ShardKey, str] = {}
         self.counts: Counter[str] = Counter()  # rows stored, by status, of the shards finalised
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._markers, name="finalisers", daemon=True)
+        self.thread.start()
 
     def start(self, key: ShardKey, rows: int) -> None:
-        self.waiting.append((key, rows))
-        self._launch()
+        with self.lock:
+            self.waiting.append((key, rows))
+            self._launch()
+
+    def close(self) -> None:
+        """Wait for every finaliser started or queued, and its marker."""
+        self.closing.set()
+        self.thread.join()
 
     def _launch(self) -> None:
         while self.waiting and len(self.pending) < MAX_FINALISING:
             (lot, shard), rows = self.waiting.popleft()
             self.pending[self.task.remote(self.setup, lot, shard, rows)] = (lot, shard)
 
-    def collect(self, wait: bool) -> None:
-        """Write the marker of every finalised shard (of all of them when ``wait``)."""
-        while self.pending:
-            ready, _ = ray.wait(list(self.pending), num_returns=1 if wait else len(self.pending),
-                                timeout=None if wait else 0)
+    def _markers(self) -> None:
+        while True:
+            with self.lock:
+                refs = list(self.pending)
+                if not refs and not self.waiting and self.closing.is_set():
+                    return
+            if not refs:
+                self.closing.wait(MARKER_POLL_S)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=MARKER_POLL_S)
             for ref in ready:
                 self._finished(ref)
-            self._launch()
-            if not wait:
-                return
+            with self.lock:
+                self._launch()
 
     def _finished(self, ref: ray.ObjectRef) -> None:
-        key = self.pending.pop(ref)
+        with self.lock:
+            key = self.pending.pop(ref)
         try:
             result: Finalised = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - its worker died more often than it may be retried: the shard fails
@@ -420,11 +438,10 @@ def _collect_receipts(ds: ray.data.Dataset, work: _Work, expected: dict[ShardKey
                     complete.add(key)
                     del seen[key]
                     finalisers.start(key, expected[key])
-            finalisers.collect(wait=False)
             if progress is not None:
                 progress(len(batch["image_id"]), n_rows)
     finally:
-        finalisers.collect(wait=True)
+        finalisers.close()
     failed = {k: why for k, why in unwritten.items() if k not in complete}  # a retry may have stored it
     failed.update(finalisers.failed)
     missing = set(expected) - complete - set(failed)
