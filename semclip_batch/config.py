@@ -26,6 +26,9 @@ DEFAULT_MIN_REGION_PX = 16
 DEFAULT_TILE_ABOVE = 1024
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_REPORT_TOP_N = 12  # overlay thumbnails per lot page of `report`
+# `status`: a record still `running` with nothing new under _state/ for this long is reported as likely killed
+# (a 256-row shard of large frames takes minutes on CPU)
+DEFAULT_STALE_AFTER_S = 600.0
 # pretrain (the CLI and PretrainConfig): the ≤ 10-minute schedule of the README, a quarter of the tokens per step
 DEFAULT_PRETRAIN_STEPS = 1500
 DEFAULT_PRETRAIN_BATCH = 32

@@ -17,6 +17,7 @@ import pandas as pd
 from semclip_batch.analysis.aggregate import run_classes
 from semclip_batch.analysis.metrics import ClassificationReport, PixelCounts, classification_report, roc_auc
 from semclip_batch.analysis.results import read_predictions
+from semclip_batch.config import Progress
 from semclip_batch.errors import OK, ImageError, OutputError
 from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame
@@ -58,8 +59,10 @@ def _truth_mask(row: pd.Series, shape: tuple[int, int], storage_options: Mapping
     return None
 
 
-def evaluate(out: str, truth: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Compute every metric, write ``OUT/metrics.json`` and return it."""
+def evaluate(out: str, truth: str, storage_options: Mapping[str, Any] | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Compute every metric, write ``OUT/metrics.json`` and return it; ``progress`` is told of each ok row as
+    its stored mask is read."""
     classes = run_classes(out, storage_options)
     rows, unmatched = joined_rows(out, truth, storage_options)
     ok = rows[rows["status"] == OK]
@@ -67,6 +70,8 @@ def evaluate(out: str, truth: str, storage_options: Mapping[str, Any] | None = N
     pixels = PixelCounts()
     image_scores, image_truth, cls_truth, cls_pred = [], [], [], []
     for _, row in ok.iterrows():
+        if progress is not None:
+            progress(1, len(ok))
         pred = np.asarray(mask_array(root, row["mask_path"])[int(row["mask_index"])])
         mask = _truth_mask(row, pred.shape, storage_options)
         if mask is not None:

@@ -10,11 +10,9 @@ import click
 
 from semclip_batch.cli.options import (
     MethodChoice,
-    loss_printer,
     model_options,
     parse_storage_options,
     print_result,
-    progress_printer,
     report_flag,
     run_config,
     run_options,
@@ -22,6 +20,7 @@ from semclip_batch.cli.options import (
     user_errors,
     write_report_line,
 )
+from semclip_batch.cli.progress import loss_progress, row_progress
 from semclip_batch.config import (
     DEFAULT_BACKBONE,
     DEFAULT_KEEP_TOKENS,
@@ -29,6 +28,7 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_STEPS,
     DEFAULT_REPORT_TOP_N,
+    DEFAULT_STALE_AFTER_S,
     SCORE_MODES,
     ModelSpec,
 )
@@ -98,7 +98,8 @@ def run(report: bool, **options: Any) -> None:
     """
     from semclip_batch.pipeline.driver import run as run_pipeline
 
-    result = run_pipeline(run_config(**options), progress=progress_printer())
+    with row_progress("scored", "img") as progress:
+        result = run_pipeline(run_config(**options), progress=progress)
     print_result(result.record, result.out)
     if report:
         write_report_line(result.out, options["storage_option"])
@@ -164,6 +165,33 @@ def query(out: str, sql: str, fmt: str, storage_option: tuple[str, ...]) -> None
     click.echo(render(run_query(out, sql, parse_storage_options(storage_option)), fmt), nl=False)
 
 
+@main.command()
+@click.argument("out")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--stale-after", type=float, default=DEFAULT_STALE_AFTER_S / 60, show_default=True,
+              help="Minutes without a new done marker or part after which an attempt whose record still says "
+                   "`running` is reported as likely killed.")
+@storage_option_flag
+@user_errors
+def status(out: str, fmt: str, stale_after: float, storage_option: tuple[str, ...]) -> None:
+    """Where OUT stands: runs and attempts (running, likely killed, complete, failed), shards done / total, rows by
+    status, errors by kind with an example each, throughput.
+
+    \b
+    Example:
+      semclip-batch status out/
+      semclip-batch status s3://fab-results/lot42 --format json --storage-option endpoint_url=http://minio:9000
+    """
+    from semclip_batch.analysis.status import out_status
+    from semclip_batch.analysis.status_text import render
+    from semclip_batch.errors import ConfigError
+
+    if not stale_after > 0:
+        raise ConfigError(f"--stale-after must be a positive number of minutes, got {stale_after}")
+    st = out_status(out, parse_storage_options(storage_option), stale_after_s=60 * stale_after)
+    click.echo(render(st, fmt), nl=False)
+
+
 @main.command(name="eval")
 @click.argument("out")
 @click.option("--truth", required=True, help="Manifest with label and/or mask_uri (the one that was run, or a subset).")
@@ -178,7 +206,8 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
     """
     from semclip_batch.analysis.evaluate import evaluate, metrics_table
 
-    metrics = evaluate(out, truth, parse_storage_options(storage_option))
+    with row_progress("evaluated", "img", plain=False) as progress:  # no lines off a terminal, as before
+        metrics = evaluate(out, truth, parse_storage_options(storage_option), progress=progress)
     click.echo(metrics_table(metrics))
     click.echo(f"wrote {out.rstrip('/')}/metrics.json")
 
@@ -213,7 +242,8 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                          model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
                                          pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts,
                                          storage_options=parse_storage_options(storage_option)))
-    digest = run_pretrain(cfg, progress=loss_printer("step"))
+    with loss_progress("step", "pretrain") as progress:
+        digest = run_pretrain(cfg, progress=progress)
     click.echo(f"wrote {out}")
     click.echo(digest)
 
@@ -270,7 +300,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       use_reference=use_reference, score_mode=score_mode, sigma=sigma,
                                       storage_options=parse_storage_options(storage_option)))
     try:
-        meta = run_train(cfg, progress=loss_printer("epoch"))
+        with loss_progress("epoch", f"train {method}") as progress:
+            meta = run_train(cfg, progress=progress)
     except ValueError as exc:  # e.g. taps outside the backbone's depth
         raise ConfigError(str(exc)) from None
     th = meta.thresholds

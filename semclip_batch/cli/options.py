@@ -180,16 +180,6 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
                      actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)
 
 
-def progress_printer() -> Callable[[int, int], None]:
-    state = {"done": 0}
-
-    def update(n: int, total: int) -> None:
-        state["done"] += n
-        click.echo(f"\rscored {state['done']}/{total} images", nl=state["done"] >= total, err=True)
-
-    return update
-
-
 def print_result(record: dict[str, Any], out: str) -> None:
     counts = ", ".join(f"{k}={v}" for k, v in record["counts"].items())
     click.echo(f"run {record['run_id']} attempt {record['attempt']}: {record['status']}; "
@@ -198,10 +188,3 @@ def print_result(record: dict[str, Any], out: str) -> None:
     if record["throughput_img_s"]:
         click.echo(f"throughput {record['throughput_img_s']} img/s")
     click.echo(f"outputs: {out}/predictions (Parquet, hive by lot_id), {out}/masks.zarr, {out}/runs/{record['run_id']}")
-
-
-def loss_printer(what: str) -> Callable[[int, int, float], None]:
-    def show(step: int, total: int, loss: float) -> None:
-        click.echo(f"{what} {step}/{total}  loss {loss:.4f}", err=True)
-
-    return show
