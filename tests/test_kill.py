@@ -47,6 +47,15 @@ def kill_lot(tmp_path_factory):
     return work, spec, baseline
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rays_own_warnings_stay_off_the_terminal(kill_lot):
+    """The uninterrupted CLI run (no -v) on its private Ray: Ray's Python warnings are not on stderr."""
+    work, _spec, _baseline = kill_lot
+    text = (work / "baseline.log").read_text()
+    assert "Token authentication" not in text and "Progress bars disabled" not in text, text[-2000:]
+
+
 def _assert_killed_mid_run(kill, shards: int, log: Path) -> None:
     assert not kill.exited_first, f"the run ended before the {kill.moment} kill:\n{log.read_text()[-2000:]}"
     assert kill.markers_at_kill < shards, kill

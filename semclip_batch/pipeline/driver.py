@@ -37,7 +37,7 @@ from semclip_batch.methods.registry import get_method
 from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.pipeline.finalise import Finalised, FinaliseSetup, finalise_shard, finaliser_ready
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup, build_model
-from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable, ray_session
+from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable, ray_log_level, ray_session
 from semclip_batch.pipeline.reader import SHARD_KEY_SEP, decode_batch, read_plan
 from semclip_batch.pipeline.shards import (
     Plan,
@@ -306,7 +306,7 @@ def _stream(work: _Work, todo: set[ShardKey],
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.target_max_block_size = MAX_BLOCK_BYTES
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(ray_log_level())
     actor_cpus, threads = actor_resources(cfg, work.shape)
     setup = PredictorSetup(spec=spec, prep=work.prep, text_embeddings=ident.text, weights_sha256=ident.weights_sha256,
                            batch_size=cfg.batch_size, threads=threads, use_gpu=cfg.num_gpus > 0)

@@ -50,8 +50,10 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
                 else:
                     token = secrets.token_hex(16)
                     watchdog = start_watchdog(token)
+                    # Ray's own warnings (e.g. that it turned token auth on) go to its session logs, and to the
+                    # terminal only with -v
                     with tagged_environment(token):
-                        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                        ray.init(address="local", include_dashboard=False, logging_level=ray_log_level(),
                                  log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)
                     if watchdog is not None:
                         watchdog.nudge()
@@ -67,6 +69,11 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
     finally:
         if watchdog is not None:
             watchdog.release()
+
+
+def ray_log_level() -> int:
+    """Ray's own log level on the terminal: its warnings only when the user asked for more (-v)."""
+    return logging.WARNING if logging.getLogger().getEffectiveLevel() <= logging.INFO else logging.ERROR
 
 
 def cluster_shape() -> ClusterShape:
