@@ -1,5 +1,5 @@
 """``demo``: every step, in order, on synthetic lots:
-synth -> pretrain (short schedule, cached in DIR) -> train -> run -> eval -> aggregate -> summary.
+synth -> pretrain (short schedule, cached in DIR) -> train -> run -> eval -> aggregate -> report -> summary.
 
 Three synthetic sets from apart seeds: pretraining lots, a 10-shot support set and the test lots.
 """
@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from semclip_batch.analysis.aggregate import aggregate
 from semclip_batch.analysis.evaluate import evaluate
+from semclip_batch.analysis.report import write_report
 from semclip_batch.analysis.results import lot_summary
 from semclip_batch.config import CheckpointRequest, ModelSpec, RunConfig
 from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
@@ -41,39 +42,41 @@ def run_demo(folder: str, *, backbone: str = "semclip-tiny") -> Iterator[str]:
     root = storage.normalize_root(folder)
     data, support, pre, out = (storage.join(root, p) for p in ("data", "support", "pretrain", "out"))
     weights, ckpt = storage.join(pre, "weights.safetensors"), storage.join(root, "checkpoint")
-    yield f"[1/7] synth: test lots -> {data}, 10-shot support set -> {support}, pretraining lots -> {pre}"
+    yield f"[1/8] synth: test lots -> {data}, 10-shot support set -> {support}, pretraining lots -> {pre}"
     manifest = synth(data, SynthConfig(seed=7, lots=2, per_class=3, sizes=(*SIZES, (1200, 900))))
     synth(support, SynthConfig(seed=2000, lots=1, per_class=10, sizes=SIZES))
     yield f"      {len(manifest)} test images in {manifest['lot_id'].nunique()} lots (one 1200x900 frame per lot is tiled)"
     digest = _cached_weights(weights, backbone)
     if digest is None:
         synth(pre, SynthConfig(seed=1000, lots=6, per_class=10, sizes=SIZES))
-        yield f"[2/7] pretrain: {backbone} from random weights, {DEMO_STEPS} steps (the short schedule, ~3 min)"
+        yield f"[2/8] pretrain: {backbone} from random weights, {DEMO_STEPS} steps (the short schedule, ~3 min)"
         digest = pretrain(PretrainConfig(manifest=storage.join(pre, "manifest.csv"), out=weights, steps=DEMO_STEPS,
                                          model=ModelSpec(backbone=backbone)), metadata=DEMO_RECIPE)
     else:
-        yield f"[2/7] pretrain: cached {weights}"
+        yield f"[2/8] pretrain: cached {weights}"
     yield f"      weights sha256 {digest}"
-    yield "[3/7] train: 10-shot SEM-CLIP on the frozen backbone"
+    yield "[3/8] train: 10-shot SEM-CLIP on the frozen backbone"
     meta = train(TrainConfig(support=storage.join(support, "manifest.csv"), out=ckpt, shots=10,
                              model=ModelSpec(backbone=backbone, pretrained=weights, cls="fused")))
     yield (f"      checkpoint {ckpt}: alpha {meta.alpha:.2f}, thresholds image {meta.thresholds.image:.3f} "
            f"pixel {meta.thresholds.pixel:.3f}")
-    yield f"[4/7] run: the checkpoint on the test lots, on a private local Ray -> {out}"
+    yield f"[4/8] run: the checkpoint on the test lots, on a private local Ray -> {out}"
     cfg = RunConfig(input=storage.join(data, "manifest.csv"), out=out,
                     model=CheckpointRequest(url=ckpt), overwrite=True)
     result = run(cfg)
     rec = result.record
     yield f"      run {rec['run_id']}: {rec['status']}, counts {rec['counts']}, {rec['throughput_img_s']} img/s"
-    yield "[5/7] eval against the synthetic ground truth:"
+    yield "[5/8] eval against the synthetic ground truth:"
     m = evaluate(out, storage.join(data, "manifest.csv"))
     yield "      " + ", ".join(f"{k} {m[k]:.3f}" for k in ("iAUROC", "pAUROC", "F1max", "AUPRO", "accuracy", "macro_F1")
                                  if m[k] is not None)
-    yield "[6/7] aggregate: per (lot, wafer, class) statistics"
+    yield "[6/8] aggregate: per (lot, wafer, class) statistics"
     yield f"      {len(aggregate(out))} rows -> {out}/lot_stats"
-    yield "[7/7] summary per lot:"
+    yield "[7/8] report: wafer maps, Pareto of classes, defect rate per wafer, the most anomalous frames"
+    yield f"      {write_report(out)}"
+    yield "[8/8] summary per lot:"
     yield from ("      " + line for line in lot_summary(out).to_string(index=False).splitlines())
     yield (f"outputs: {out}/predictions (Parquet, hive by lot_id), {out}/masks.zarr, {out}/lot_stats, "
-           f"{out}/metrics.json, {result.record_url}")
+           f"{out}/metrics.json, {out}/reports/index.html, {result.record_url}")
     sql = "select lot_id, defect_class, count(*) from predictions group by all"
     yield f'query them: .venv/bin/semclip-batch query {out} "{sql}"'

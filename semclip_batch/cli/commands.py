@@ -315,7 +315,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
 @click.option("--backbone", default="semclip-tiny", show_default=True, help="Backbone for the demo run.")
 @user_errors
 def demo(dir: str, backbone: str) -> None:
-    """Run every step on synthetic lots in DIR: synth, pretrain (cached), train, run, eval, aggregate, summary.
+    """Run every step on synthetic lots in DIR: synth, pretrain (cached), train, run, eval, aggregate, report, summary.
 
     \b
     Example:
