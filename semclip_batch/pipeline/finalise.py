@@ -120,7 +120,9 @@ def _part_rows(parts: list[str], so: Mapping[str, Any]) -> tuple[pa.Table, list[
     have stored a row twice under another part name), and per part the row positions kept."""
     tables, keep, seen = [], [], set()
     for url in parts:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(url, so)), columns=_META)
+        fs, path = storage.filesystem(url, so)
+        with fs.open(path, "rb") as fh:  # only the row columns are read, not the masks
+            table = pq.ParquetFile(fh).read(columns=_META)
         ids = table.column("image_id").to_pylist()
         mine = np.array([i for i, image_id in enumerate(ids) if image_id not in seen], dtype=np.int64)
         seen.update(ids)
