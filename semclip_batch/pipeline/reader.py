@@ -20,7 +20,6 @@ from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import DECODE_ERROR, OK, ImageError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame, load_reference
-from semclip_batch.io.preprocess import model_inputs
 from semclip_batch.io.schema import DECODED, INPUT, missing, to_table
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,15 @@ def read_plan(batch: pa.Table, *, storage_options: Mapping[str, Any] | None) -> 
     return pa.concat_tables(tables) if tables else INPUT.empty_table()
 
 
+def _model_inputs(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
+    """:func:`semclip_batch.io.preprocess.model_inputs`, imported on the first frame that was read: preprocessing
+    needs torch (seconds and ~600 MB per worker to import), and a task whose rows all fail to read (missing
+    files, a dead bucket) then never pays for it."""
+    from semclip_batch.io.preprocess import model_inputs
+
+    return model_inputs(gray, prep)
+
+
 def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
                  storage_options: Mapping[str, Any] | None = None, references: bool = False) -> pa.Table:
     """Ray Data map function: the input columns plus ``status, error, height, width, n_views, pixels,
@@ -55,9 +63,9 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
         ref_url = batch["reference_url"][i] if references else None
         try:
             gray = load_frame(str(url), storage_options)
-            x = model_inputs(gray, prep)
+            x = _model_inputs(gray, prep)
             if not missing(ref_url) and str(ref_url):
-                ref = model_inputs(load_reference(str(ref_url), gray.shape, storage_options), prep)
+                ref = _model_inputs(load_reference(str(ref_url), gray.shape, storage_options), prep)
                 ref_pixels[i], has_ref[i] = ref.tobytes(), True
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)
