@@ -9,10 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 import warnings
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,10 +34,10 @@ from semclip_batch.methods.checkpoint import CheckpointMeta, load_checkpoint, mo
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import get_method
 from semclip_batch.methods.weights import load_backbone, preprocess_config
-from semclip_batch.pipeline.finalise import Finalised, FinaliseSetup, finalise_shard, finaliser_ready
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup, build_model
 from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable, ray_log_level, ray_session
 from semclip_batch.pipeline.reader import SHARD_KEY_SEP, decode_batch, read_plan
+from semclip_batch.pipeline.receipts import collect_receipts
 from semclip_batch.pipeline.shards import (
     Plan,
     ShardKey,
@@ -47,13 +46,10 @@ from semclip_batch.pipeline.shards import (
     create_mask_groups,
     done_shards,
     store_plan,
-    write_marker,
 )
 from semclip_batch.pipeline.writer import WriterSetup, write_batch
 
 log = logging.getLogger(__name__)
-MAX_FINALISING = 4
-MARKER_POLL_S = 0.5
 # Blocks of at most this many bytes between stages (Ray's default is 128 MiB): a worker then holds a few
 # dozen decoded frames at a time, not hundreds, so memory does not grow with the run.
 MAX_BLOCK_BYTES = 32 << 20
@@ -330,122 +326,10 @@ def _stream(work: _Work, todo: set[ShardKey],
                             fn_kwargs={"setup": wsetup}, batch_size=None, num_cpus=0.25,
                             batch_format="numpy", max_retries=TASK_RETRIES)
     expected = {k: work.plan.rows[k] for k in todo}
-    return _collect_receipts(ds, work, expected, progress)
+    timings, launched = work.timer.timings, work.launched
 
+    def shard_done() -> None:  # the first one sets the timing
+        timings.setdefault("first_shard_done", round(time.perf_counter() - launched, 3))
 
-class _Finalisers:
-    """The finalise task of each complete shard (one per shard, at most MAX_FINALISING at a time), and the done
-    markers written after them, by a thread of their own: a marker is written as soon as its shard is
-    finalised, not when the next receipts arrive.
-
-    Finalisers ask for no CPU: they mostly wait on storage, and a CPU request would queue them behind the decode
-    tasks that keep every CPU busy until the end of the run; the cap on tasks in flight bounds their memory."""
-
-    def __init__(self, work: _Work) -> None:
-        self.work = work
-        self.setup = FinaliseSetup(out=work.layout.root, storage_options=work.so)
-        self.task = ray.remote(finalise_shard).options(num_cpus=0, max_retries=TASK_RETRIES)
-        # start a worker with the finaliser's modules imported now, not when the first shard is complete
-        self.warm_up = ray.remote(finaliser_ready).options(num_cpus=0).remote()
-        self.waiting: deque[tuple[ShardKey, int]] = deque()
-        self.pending: dict[ray.ObjectRef, ShardKey] = {}
-        self.failed: dict[ShardKey, str] = {}
-        self.counts: Counter[str] = Counter()  # rows stored, by status, of the shards finalised
-        self.lock = threading.Lock()
-        self.closing = threading.Event()
-        self.thread = threading.Thread(target=self._markers, name="finalisers", daemon=True)
-        self.thread.start()
-
-    def start(self, key: ShardKey, rows: int) -> None:
-        with self.lock:
-            self.waiting.append((key, rows))
-            self._launch()
-
-    def close(self) -> None:
-        """Wait for every finaliser started or queued, and its marker."""
-        self.closing.set()
-        self.thread.join()
-
-    def _launch(self) -> None:
-        while self.waiting and len(self.pending) < MAX_FINALISING:
-            (lot, shard), rows = self.waiting.popleft()
-            self.pending[self.task.remote(self.setup, lot, shard, rows)] = (lot, shard)
-
-    def _markers(self) -> None:
-        while True:
-            with self.lock:
-                refs = list(self.pending)
-                if not refs and not self.waiting and self.closing.is_set():
-                    return
-            if not refs:
-                self.closing.wait(MARKER_POLL_S)
-                continue
-            ready, _ = ray.wait(refs, num_returns=1, timeout=MARKER_POLL_S)
-            for ref in ready:
-                self._finished(ref)
-            with self.lock:
-                self._launch()
-
-    def _finished(self, ref: ray.ObjectRef) -> None:
-        with self.lock:
-            key = self.pending.pop(ref)
-        try:
-            result: Finalised = ray.get(ref)
-        except Exception as exc:  # noqa: BLE001 - its worker died more often than it may be retried: the shard fails
-            self.failed[key] = one_line(exc)
-            return
-        if result.error is not None:
-            self.failed[key] = result.error
-            return
-        try:
-            write_marker(self.work.layout, key, result.counts, self.work.so)
-        except OSError as exc:
-            self.failed[key] = f"its done marker could not be stored: {one_line(exc)}"
-            return
-        self.counts.update(result.counts)
-        self.work.timer.timings.setdefault("first_shard_done", round(time.perf_counter() - self.work.launched, 3))
-
-
-def _collect_receipts(ds: ray.data.Dataset, work: _Work, expected: dict[ShardKey, int],
-                      progress: Progress | None) -> tuple[Counter[str], Counter[str], dict[ShardKey, str]]:
-    """Count each row once (a retried task can repeat receipts); once all of a shard's rows are stored, start
-    its finaliser, whose success the shard's marker records. Returns the rows that came back by status (what the
-    model saw), the rows stored by status (from the finalised shards) and the shards that could not be stored,
-    with why. Finalisers already started are always waited for, even when the stream fails."""
-    seen: dict[ShardKey, set[str]] = defaultdict(set)
-    complete: set[ShardKey] = set()
-    received: Counter[str] = Counter()
-    unwritten: dict[ShardKey, str] = {}
-    finalisers = _Finalisers(work)
-    n_rows = sum(expected.values())
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            receipts = zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"], batch["written"],
-                           batch["error"], strict=True)
-            for lot, shard, image_id, status, written, error in receipts:
-                key = (str(lot), str(shard))
-                if key in complete:
-                    continue
-                if not written:
-                    unwritten.setdefault(key, str(error))
-                    continue
-                ids = seen[key]
-                if str(image_id) in ids:
-                    continue
-                ids.add(str(image_id))
-                received[str(status)] += 1
-                if len(ids) == expected[key]:
-                    complete.add(key)
-                    del seen[key]
-                    finalisers.start(key, expected[key])
-            if progress is not None:
-                progress(len(batch["image_id"]), n_rows)
-    finally:
-        finalisers.close()
-    failed = {k: why for k, why in unwritten.items() if k not in complete}  # a retry may have stored it
-    failed.update(finalisers.failed)
-    missing = set(expected) - complete - set(failed)
-    if missing:
-        raise RunFailed(f"{len(missing)} shard(s) came back with rows missing, e.g. {'/'.join(min(missing))}; "
-                        "rerun the same command to complete them")
-    return received, finalisers.counts, failed
+    return collect_receipts(ds, work.layout, work.so, expected, progress=progress, retries=TASK_RETRIES,
+                            on_shard_done=shard_done)
