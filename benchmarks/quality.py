@@ -1,21 +1,23 @@
-"""Few-shot quality benchmark: SEM-CLIP vs WinCLIP+ and PromptAD, SEM-CLIP's ablations, reference frames.
+"""Quality that transfers: SEM-CLIP's recipes against WinCLIP+ and PromptAD, with data families as an axis.
 
-    .venv/bin/python benchmarks/quality.py --work /tmp/quality            # pretrains once, cached in --work
-    .venv/bin/python benchmarks/quality.py --work /tmp/quality --weights w.safetensors --backbone ViT-B-16-plus-240
+    .venv/bin/python benchmarks/quality.py --work /tmp/quality        # data, pretraining and features cached in --work
 
-Synthetic sets from apart seeds: support (seed 2000, 10 per class = 70 images, with reference frames) and test
-(seed 6000, 3 lots = 210 images; seed 5000 was looked at while choosing the pretraining recipe, so it is not
-the test). ``--weights`` absent: ``semclip-tiny`` is pretrained once by ``pretrain``
-(its default, full schedule, seed-1000 lots) and cached in ``--work``. The frozen backbone's features are computed once
-per (backbone, set) and shared by every configuration; each configuration is fitted with ``train``'s own
-code and defaults (:func:`semclip_batch.fewshot.train.fit`) and scored exactly as ``run`` + ``eval`` score (whole-frame
-view, map resized to the frame, uint8 masks, the same metric code). Nothing is tuned on the test lots.
+A *family* is a kind of data (``synth --family``: layout, defect scale, contrast and noise); *siblings* are
+other seeds of one family. Two backbones are pretrained once by ``pretrain`` with its defaults, on 2,030
+labelled frames each: one on ``--source`` (family A), one on ``--siblings``. Then, per (backbone, family):
 
-Grid: K in {1, 5, 10} x support seeds {0, 1, 2} x {every registered method (semclip, winclip, promptad),
-semclip without the V-V path, without feature surgery, with one tapped layer (the last), head-only and text-only
-classification}; ``--use-reference`` for every method at K = 10; the random backbone for semclip at K = 10; zero-shot
-SEM-CLIP for reference. Prints one table (mean +- std over seeds, seconds per configuration) and writes it as
-JSON to ``--work/quality.json``.
+- (a) transfer: the family-A backbone, zero-shot and 10-shot, on every ``--families`` member (never A);
+- (b) siblings: the siblings backbone, zero-shot and 10-shot, on other seeds of its own family.
+
+Per family, apart seeds: support (seed 2000, 10 per class = 70 frames), test (seed 6000, ``--test-lots`` x 70
+frames). Every configuration is fitted with ``train``'s own code (:func:`semclip_batch.fewshot.train.fit`, over
+``--seeds`` support draws) and scored as ``run`` + ``eval`` score (whole-frame view, map resized to the frame,
+uint8 masks, the same metric code). ``--validation`` names the family on which settings were chosen (the
+recipe's parts, the default recipe); its rows are marked ``val``. Nothing is chosen on the other families.
+
+Configurations: SEM-CLIP zero-shot; ``--recipe paper`` and ``transfer`` (the default) and ``transfer`` without
+each of its parts (augmentation, memory, region head); WinCLIP+ and PromptAD. Prints one table (mean +- std
+over seeds) and writes it as JSON to ``--work/quality.json``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,7 +35,9 @@ import torch
 
 from semclip_batch.analysis.metrics import PixelCounts, classification_report, roc_auc
 from semclip_batch.config import ModelSpec
-from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
+from semclip_batch.fewshot.augment import augment
+from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table, pretrain
+from semclip_batch.fewshot.recipes import RECIPES, Recipe, copies
 from semclip_batch.fewshot.train import TrainConfig, fit, sample_shots
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.frames import load_frame
@@ -42,60 +46,58 @@ from semclip_batch.io.preprocess import maps_to_frame
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
-from semclip_batch.methods.registry import depth_of, method_names, new_model, score_features
+from semclip_batch.methods.registry import depth_of, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
 from semclip_batch.model import SemClipOutput
-from semclip_batch.model.reference import reference_taps
 from semclip_batch.model.towers import vision_tower
 from semclip_batch.synth.generate import SynthConfig, synth
 
-SIZES = ((256, 256), (240, 320), (300, 200), (512, 512))
 KEYS = ("iAUROC", "pAUROC", "F1max", "AUPRO", "accuracy", "macro_F1")
-ABLATIONS: dict[str, dict[str, Any]] = {  # TrainConfig fields to replace
-    "semclip no V-V": {"use_vv": False},
-    "semclip no surgery": {"surgery": False},
-    "semclip one tap": {"taps": "last"},
-    "semclip head only": {"cls": "head"},
-    "semclip text only": {"cls": "text"},
+TRANSFER = RECIPES["transfer"]
+CONFIGS: dict[str, tuple[str, Recipe]] = {  # name -> (method, SEM-CLIP recipe)
+    "semclip paper": ("semclip", RECIPES["paper"]),
+    "semclip transfer": ("semclip", TRANSFER),
+    "transfer - augment": ("semclip", replace(TRANSFER, name="transfer-augment", augment=False)),
+    "transfer - memory": ("semclip", replace(TRANSFER, name="transfer-memory", memory=False)),
+    "transfer - region head": ("semclip", replace(TRANSFER, name="transfer-region", region_head=False)),
+    "winclip": ("winclip", TRANSFER),
+    "promptad": ("promptad", TRANSFER),
 }
+PRETRAIN_LOTS = 29  # x 70 frames = 2,030
 
 
 @dataclass
 class Lot:
-    """One encoded synthetic set: views, refs, truth and the backbone's features (shared by every config)."""
+    """One encoded set: the frames (and, for support sets, their augmented copies) and the backbone's features."""
 
     df: pd.DataFrame
     data: TrainSet
     feats: Features
-    ref_feats: Features
     shapes: list[tuple[int, int]]
     truth: list[np.ndarray]
 
 
-def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], name: str) -> Lot:
+def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], name: str, augmented: bool) -> Lot:
     prep = preprocess_config(backbone.name, tile_above=10**9)
     df = read_manifest(str(folder / "manifest.csv"))
-    data = load_trainset(df, classes, prep, references=True)
+    data = load_trainset(df, classes, prep)
     if data.skipped:
         raise SystemExit(f"{folder}: {data.skipped} rows did not decode")
-    visual = vision_tower(backbone.clip)
+    if augmented:
+        data = augment(data)
     depth = depth_of(backbone.clip)
     t0 = time.perf_counter()
-    feats = encode_views(visual, data.views, prep, tuple(range(1, depth + 1)), windows=True)
-    assert data.refs is not None
-    ref_feats = encode_views(visual, data.refs, prep, reference_taps(depth), vv_from=None)
+    feats = encode_views(vision_tower(backbone.clip), data.views, prep, tuple(range(1, depth + 1)), windows=True)
     truth = [load_frame(u) > 0 for u in df["mask_url"]]
-    print(f"encoded {name}: {len(data)} images + references in {time.perf_counter() - t0:.0f} s", flush=True)
-    return Lot(df, data, feats, ref_feats, [t.shape for t in truth], truth)
+    print(f"  encoded {name}: {len(data)} views in {time.perf_counter() - t0:.0f} s", flush=True)
+    return Lot(df, data, feats, [t.shape for t in truth], truth)
 
 
-def subset(lot: Lot, rows: np.ndarray) -> tuple[TrainSet, Features, Features]:
-    idx = torch.from_numpy(rows)
+def subset(lot: Lot, rows: torch.Tensor) -> tuple[TrainSet, Features]:
     d = lot.data
-    assert d.refs is not None and d.has_ref is not None
-    data = TrainSet(d.views[idx], d.masks[idx], d.labels[idx], d.has_mask[idx], [d.captions[i] for i in rows], d.classes,
-                    0, d.refs[idx], d.has_ref[idx])
-    return data, lot.feats.subset(idx), lot.ref_feats.subset(idx)
+    data = TrainSet(d.views[rows], d.masks[rows], d.labels[rows], d.has_mask[rows], [d.captions[i] for i in rows],
+                    d.classes, 0)
+    return data, lot.feats.subset(rows)
 
 
 def metrics(out: SemClipOutput, test: Lot) -> dict[str, float | None]:
@@ -117,107 +119,131 @@ def metrics(out: SemClipOutput, test: Lot) -> dict[str, float | None]:
             "AUPRO": pixels.aupro(), "accuracy": report["accuracy"], "macro_F1": report["macro_F1"]}
 
 
-def run_config(name: str, cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, support: Lot, test: Lot,
-               shots: int, seed: int) -> dict[str, float | None]:
-    rows = sample_shots(support.df, shots, seed)["image_id"]
-    positions = np.flatnonzero(support.df["image_id"].isin(set(rows)).to_numpy())
-    data, feats, ref_feats = subset(support, positions)
+def run_config(name: str, method: str, recipe: Recipe, backbone: LoadedBackbone, text: torch.Tensor, support: Lot,
+               test: Lot, seed: int, shots: int = 10) -> dict[str, float | None]:
+    frames = len(support.df)
+    ids = set(sample_shots(support.df, shots, seed)["image_id"])
+    picked = torch.from_numpy(np.flatnonzero(support.df["image_id"].isin(ids).to_numpy()))
+    n_copies = copies(recipe, method)
+    rows = (picked[None, :] + frames * torch.arange(n_copies)[:, None]).flatten()  # copy-major, as augment()
+    data, feats = subset(support, rows)
+    cfg = TrainConfig(support="", out="", shots=shots, recipe=recipe,
+                      model=ModelSpec(backbone=backbone.name, pretrained=backbone.source, cls="fused", method=method,
+                                      seed=seed))
     t0 = time.perf_counter()
-    fitted = fit(replace(cfg, shots=shots, model=replace(cfg.model, seed=seed)), backbone, text, data, feats, ref_feats)
-    size = (test.data.views.shape[-2], test.data.views.shape[-1])
+    fitted = fit(cfg, backbone, text, data, feats)
     with torch.no_grad():
-        out = score_features(fitted.model, test.feats, size, fitted.reference, test.ref_feats, test.data.has_ref)
+        out = score_features(fitted.model, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]))
     figures = metrics(out, test)
     figures["seconds"] = time.perf_counter() - t0
-    print(f"  {name:<26} K={shots:<2} seed {seed}: " + " ".join(f"{k} {figures[k]:.3f}" for k in (*KEYS, "seconds")),
-          flush=True)
+    print(f"    {name:<24} seed {seed}: " + " ".join(f"{k} {figures[k]:.3f}" for k in (*KEYS, "seconds")), flush=True)
     return figures
 
 
-def summarise(name: str, backbone: str, shots: int | None, runs: list[dict[str, float | None]]) -> dict[str, object]:
-    row: dict[str, object] = {"config": name, "backbone": backbone, "K": shots, "seeds": len(runs)}
+def summarise(row: dict[str, object], runs: list[dict[str, float | None]]) -> dict[str, object]:
     for k in (*KEYS, "seconds"):
-        values = np.array([r[k] for r in runs], dtype=float)
-        row[k] = float(values.mean())
-        row[f"{k}_std"] = float(values.std())
+        values = np.array([np.nan if r[k] is None else r[k] for r in runs], dtype=float)
+        row[k] = float(np.nanmean(values))
+        row[f"{k}_std"] = float(np.nanstd(values))
     return row
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    print(f"\n{'configuration':<30}{'backbone':<11}{'K':>3}" + "".join(f"{k:>15}" for k in KEYS) + f"{'s/config':>10}")
+    print(f"\n{'backbone (pretrained on)':<26}{'test family':<16}{'configuration':<24}"
+          + "".join(f"{k:>15}" for k in KEYS) + f"{'s/fit':>7}")
     for r in rows:
         cells = "".join(f"{r[k]:>8.3f} ±{r[f'{k}_std']:.3f}" for k in KEYS)
-        k = "-" if r["K"] is None else str(r["K"])
-        print(f"{r['config']:<30}{r['backbone']:<11}{k:>3}{cells}{r['seconds']:>10.1f}")
+        print(f"{r['pretrained_on']:<26}{r['family']:<16}{r['config']:<24}{cells}{r['seconds']:>7.1f}")
 
 
-def ensure_data(work: Path, test_lots: int) -> None:
-    for folder, seed, lots in (("support", 2000, 1), ("test", 6000, test_lots)):
-        if not (work / folder / "manifest.csv").exists():
-            synth(str(work / folder), SynthConfig(seed=seed, lots=lots, per_class=10, sizes=SIZES))
+def _synth(args: tuple[str, SynthConfig]) -> None:
+    synth(*args)
 
 
-def ensure_weights(work: Path, weights: str | None, backbone: str) -> str:
-    if weights:
-        return weights
-    path = work / "pretrained.safetensors"
-    if not path.exists():
-        synth(str(work / "pretrain"), SynthConfig(seed=1000, lots=60, per_class=10, sizes=SIZES))
+def ensure_data(work: Path, families: list[str], source: str, siblings: str, test_lots: int,
+                pretrain_lots: int) -> None:
+    """Every set the benchmark reads, written in parallel (2 processes) unless already in ``work``."""
+    jobs = [(str(work / f"pretrain-{source}"), SynthConfig(seed=1000, lots=pretrain_lots, per_class=10, family=source)),
+            (str(work / f"pretrain-{siblings}"), SynthConfig(seed=1100, lots=pretrain_lots, per_class=10,
+                                                             family=siblings))]
+    for fam in dict.fromkeys([*families, siblings]):
+        jobs += [(str(work / fam / "support"), SynthConfig(seed=2000, lots=1, per_class=10, family=fam)),
+                 (str(work / fam / "test"), SynthConfig(seed=6000, lots=test_lots, per_class=10, family=fam))]
+    todo = [j for j in jobs if not (Path(j[0]) / "manifest.csv").exists()]
+    if todo:
         t0 = time.perf_counter()
-        pretrain(PretrainConfig(manifest=str(work / "pretrain" / "manifest.csv"), out=str(path),
-                                model=ModelSpec(backbone=backbone)))
-        print(f"pretrain: {time.perf_counter() - t0:.0f} s (cached in {path})", flush=True)
-    return str(path)
+        with ProcessPoolExecutor(max_workers=2) as pool:
+            list(pool.map(_synth, todo))
+        print(f"synth: {len(todo)} sets in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def ensure_weights(work: Path, family: str, backbone: str, steps: int | None) -> tuple[str, dict[str, object]]:
+    path = work / f"pretrained-{family}.safetensors"
+    record = work / f"pretrained-{family}.json"
+    if not path.exists():
+        cfg = PretrainConfig(manifest=str(work / f"pretrain-{family}" / "manifest.csv"), out=str(path),
+                             model=ModelSpec(backbone=backbone))
+        result = pretrain(cfg if steps is None else replace(cfg, steps=steps))
+        print("\n".join(heldout_table(result)), flush=True)
+        record.write_text(json.dumps({"seconds": result.seconds, "before": result.before, "after": result.after}))
+        print(f"pretrain on {family}: {result.seconds:.0f} s (cached in {path})", flush=True)
+    return str(path), json.loads(record.read_text())
+
+
+def evaluate_family(work: Path, weights: str, pretrained_on: str, family: str, backbone_name: str,
+                    seeds: list[int], validation: str) -> list[dict[str, object]]:
+    prompts = load_prompts()
+    backbone = load_backbone(backbone_name, weights)
+    text = torch.from_numpy(text_embeddings(backbone, prompts))
+    role = "siblings" if family == pretrained_on else ("val" if family == validation else "held-out")
+    print(f"\n[{pretrained_on} -> {family} ({role})]", flush=True)
+    support = load_lot(work / family / "support", backbone, prompts.classes, "support x4", augmented=True)
+    test = load_lot(work / family / "test", backbone, prompts.classes, "test", augmented=False)
+    base = {"pretrained_on": pretrained_on, "family": f"{family} ({role})", "role": role}
+    zero = new_model(ModelSpec(backbone=backbone_name, pretrained=weights), backbone.clip, text)
+    with torch.no_grad():
+        figures = metrics(score_features(zero, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1])),
+                          test)
+    figures["seconds"] = 0.0
+    print("    zero-shot: " + " ".join(f"{k} {figures[k]:.3f}" for k in KEYS), flush=True)
+    rows = [summarise({**base, "config": "semclip zero-shot", "seeds": 1}, [figures])]
+    for name, (method, recipe) in CONFIGS.items():
+        runs = [run_config(name, method, recipe, backbone, text, support, test, seed) for seed in seeds]
+        rows.append(summarise({**base, "config": name, "seeds": len(seeds)}, runs))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True)
     parser.add_argument("--backbone", default="semclip-tiny")
-    parser.add_argument("--weights", default=None, help="pretrained weights of --backbone [default: pretrain tiny]")
-    parser.add_argument("--shots", default="1,5,10")
+    parser.add_argument("--source", default="classic", help="family A: the transfer backbone is pretrained on it")
+    parser.add_argument("--families", default="contacts,logic,metal", help="families tested after pretraining on A")
+    parser.add_argument("--siblings", default="metal", help="pretrained and tested on its own siblings")
+    parser.add_argument("--validation", default="contacts", help="the family settings were chosen on")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--test-lots", type=int, default=3, help="70 images per lot")
+    parser.add_argument("--test-lots", type=int, default=1, help="70 frames per lot")
+    parser.add_argument("--pretrain-lots", type=int, default=PRETRAIN_LOTS, help="70 frames per lot")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="[default: pretrain's] (smoke tests only)")
     args = parser.parse_args()
     work = Path(args.work)
     started = time.perf_counter()
-    ensure_data(work, args.test_lots)
-    weights = ensure_weights(work, args.weights, args.backbone)
-    shots = [int(s) for s in args.shots.split(",")]
+    families = [f for f in args.families.split(",") if f and f != args.source]
     seeds = [int(s) for s in args.seeds.split(",")]
-    prompts = load_prompts()
+    ensure_data(work, families, args.source, args.siblings, args.test_lots, args.pretrain_lots)
     rows: list[dict[str, object]] = []
-    for label, source in (("pretrained", weights), ("random", "none")):
-        backbone = load_backbone(args.backbone, source)
-        text = torch.from_numpy(text_embeddings(backbone, prompts))
-        support = load_lot(work / "support", backbone, prompts.classes, f"support ({label})")
-        test = load_lot(work / "test", backbone, prompts.classes, f"test ({label})")
-        depth = depth_of(backbone.clip)
-        base = TrainConfig(support="", out="", model=ModelSpec(backbone=args.backbone, pretrained=source, cls="fused"))
-        zero = new_model(ModelSpec(backbone=args.backbone, pretrained=source), backbone.clip, text)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            size = (test.data.views.shape[-2], test.data.views.shape[-1])
-            figures = metrics(score_features(zero, test.feats, size), test)
-        figures["seconds"] = time.perf_counter() - t0
-        rows.append(summarise("semclip zero-shot", label, None, [figures]))
-        variants = {**{m: {"method": m} for m in method_names()}, **ABLATIONS}  # every registered method
-        grid = [(n, v, k) for k in shots for n, v in variants.items()] if label == "pretrained" else \
-            [("semclip", {}, max(shots))]
-        if label == "pretrained":
-            grid += [(f"{m} + reference", {"method": m, "use_reference": True}, max(shots))
-                     for m in method_names()]
-        for name, options, k in grid:
-            opts = dict(options)
-            if opts.get("taps") == "last":
-                opts["taps"] = (depth,)
-            cfg = replace(base, model=replace(base.model, **opts))
-            runs = [run_config(name, cfg, backbone, text, support, test, k, seed) for seed in seeds]
-            rows.append(summarise(name, label, k, runs))
+    pretraining: dict[str, object] = {}
+    for pretrained_on, tested in ((args.source, families), (args.siblings, [args.siblings])):
+        weights, record = ensure_weights(work, pretrained_on, args.backbone, args.pretrain_steps)
+        pretraining[pretrained_on] = record
+        for family in tested:
+            rows += evaluate_family(work, weights, pretrained_on, family, args.backbone, seeds, args.validation)
+            (work / "quality.json").write_text(json.dumps({"backbone": args.backbone, "rows": rows,
+                                                           "pretraining": pretraining}, indent=2))
     print_table(rows)
     total = time.perf_counter() - started
-    print(f"\ntotal {total / 60:.1f} min; weights {weights}")
-    (work / "quality.json").write_text(json.dumps({"backbone": args.backbone, "weights": weights, "rows": rows,
+    print(f"\ntotal {total / 60:.1f} min")
+    (work / "quality.json").write_text(json.dumps({"backbone": args.backbone, "rows": rows, "pretraining": pretraining,
                                                    "minutes": total / 60}, indent=2))
 
 

@@ -34,6 +34,7 @@ DEFAULT_PRETRAIN_STEPS = 1500
 DEFAULT_PRETRAIN_BATCH = 32
 DEFAULT_PRETRAIN_LR = 1e-3
 DEFAULT_KEEP_TOKENS = 0.25
+DEFAULT_PRETRAIN_CROPS = 2  # per frame larger than the model input: at native resolution and at half of it
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_MODES = ("mean", "max")
 
@@ -107,6 +108,8 @@ class ModelSpec:
     cls: str = "text"
     method: str = "semclip"  # a registered method: validated by methods.registry.get_method where it is built
     use_reference: bool = False
+    memory: bool = False  # SEM-CLIP: a normal-patch memory fused into the map (train's recipe sets it)
+    region_head: bool = False  # SEM-CLIP: the head also reads the most anomalous patches' embedding
     checkpoint: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -121,7 +124,7 @@ class ModelSpec:
     def output_affecting(self) -> dict[str, Any]:
         """Fields that change predictions (weights enter run_id through their checksum instead)."""
         keep = ("backbone", "precision", "taps", "use_vv", "surgery", "sigma", "score_mode", "seed", "cls", "method",
-                "use_reference")
+                "use_reference", "memory", "region_head")
         return {k: getattr(self, k) for k in keep}
 
 

@@ -51,7 +51,7 @@ def run_demo(folder: str, *, backbone: str = "semclip-tiny") -> Iterator[str]:
         synth(pre, SynthConfig(seed=1000, lots=6, per_class=10, sizes=SIZES))
         yield f"[2/8] pretrain: {backbone} from random weights, {DEMO_STEPS} steps (the short schedule, ~3 min)"
         digest = pretrain(PretrainConfig(manifest=storage.join(pre, "manifest.csv"), out=weights, steps=DEMO_STEPS,
-                                         model=ModelSpec(backbone=backbone)), metadata=DEMO_RECIPE)
+                                         model=ModelSpec(backbone=backbone)), metadata=DEMO_RECIPE).sha256
     else:
         yield f"[2/8] pretrain: cached {weights}"
     yield f"      weights sha256 {digest}"

@@ -24,7 +24,7 @@ from semclip_batch.pipeline.driver import run
 def weights(synth_lot, tmp_path_factory):
     out = tmp_path_factory.mktemp("w") / "tiny.safetensors"
     digest = pretrain(PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(out), steps=3, batch_size=4,
-                                     model=ModelSpec(backbone="semclip-tiny")))
+                                     model=ModelSpec(backbone="semclip-tiny"))).sha256
     return out, digest
 
 
@@ -56,8 +56,13 @@ def test_checkpoint_contents(checkpoint, weights):
     assert body["weights"] == {"source": str(weights[0]), "sha256": weights[1], "seed": 0}
     assert body["classes"][0] == "normal" and 0.0 <= body["alpha"] <= 1.0
     loaded = load_checkpoint(str(ckpt))
-    assert all(k.startswith(("transform.", "head.", "text_embeddings", "alpha", "text_scale")) for k in loaded.tensors)
+    assert all(k.startswith(("transform.", "head.", "memory.", "text_embeddings", "alpha", "text_scale"))
+               for k in loaded.tensors)
     assert not any(k.startswith("visual.") for k in loaded.tensors)  # the frozen backbone is not copied
+    # the default recipe: a memory of clean support patches, fused with a weight chosen on held-out frames
+    assert (body["recipe"], body["memory"], body["region_head"]) == ("transfer", True, True)
+    assert loaded.tensors["memory.bank0"].shape[0] > 0 and 0.0 <= float(loaded.tensors["memory.weight"]) <= 1.0
+    assert body["training"]["rows_augmented"] == 4 * body["training"]["used"]
 
 
 def test_tampered_checkpoint_refused(checkpoint, tmp_path):

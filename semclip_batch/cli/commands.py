@@ -25,6 +25,7 @@ from semclip_batch.config import (
     DEFAULT_BACKBONE,
     DEFAULT_KEEP_TOKENS,
     DEFAULT_PRETRAIN_BATCH,
+    DEFAULT_PRETRAIN_CROPS,
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_STEPS,
     DEFAULT_REPORT_TOP_N,
@@ -50,35 +51,48 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.argument("out")
+@click.option("--family", default="classic", show_default=True,
+              type=click.Choice(["classic", "logic", "contacts", "metal", "mixed"]),
+              help="Kind of data: classic (the original lines/contacts, 200-320 px); logic (Manhattan routing, "
+                   "512-1024 px, 3-10 px defects, charging); contacts (hole arrays, 480-640 px, 8-30 px defects, "
+                   "scan drift, dark and noisy); metal (wide lines, 400-900 px, 20-60 px defects, grain, blur); "
+                   "mixed (one of logic/contacts/metal per frame, 256-1024 px).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--lots", default=2, show_default=True, type=int)
 @click.option("--wafers", default=2, show_default=True, type=int, help="Wafers per lot.")
 @click.option("--dies", default=4, show_default=True, type=int, help="Dies per wafer.")
 @click.option("--per-class", default=2, show_default=True, type=int, help="Images per class per lot.")
-@click.option("--sizes", default="256x256,240x320,300x200", show_default=True, help="Frame sizes HxW, cycled.")
+@click.option("--sizes", default=None, help="Frame sizes HxW, cycled.  [default: the family's; classic: "
+                                            "256x256,240x320,300x200]")
 @click.option("--formats", default="png,tif", show_default=True, help="png and/or tif, cycled.")
-@click.option("--bits", default="8,16", show_default=True, help="8 and/or 16 (12 significant bits), cycled.")
-@click.option("--banner-frac", default=0.3, show_default=True, type=float, help="Share of frames with an info banner.")
+@click.option("--bits", default=None, help="8 and/or 16 (12 significant bits), cycled.  [default: the family's; "
+                                           "classic: 8,16]")
+@click.option("--banner-frac", default=None, type=float,
+              help="Share of frames with an info banner.  [default: the family's; classic: 0.3]")
 @user_errors
-def synth(out: str, seed: int, lots: int, wafers: int, dies: int, per_class: int, sizes: str, formats: str,
-          bits: str, banner_frac: float) -> None:
+def synth(out: str, family: str, seed: int, lots: int, wafers: int, dies: int, per_class: int, sizes: str | None,
+          formats: str, bits: str | None, banner_frac: float | None) -> None:
     """Write synthetic SEM lots (images, masks, reference frames, manifest.csv/.parquet) to OUT.
 
     \b
     Example:
       semclip-batch synth data/ --seed 3 --lots 2 --per-class 4 --sizes 512x512,480x640
+      semclip-batch synth logic/ --family logic --per-class 4
     """
     from semclip_batch.errors import ConfigError
     from semclip_batch.synth.generate import SynthConfig, parse_sizes
     from semclip_batch.synth.generate import synth as make
 
-    try:
-        bit_list = tuple(int(b) for b in bits.split(",") if b)
-    except ValueError:
-        raise ConfigError(f"--bits {bits!r}: expected 8 and/or 16") from None
-    cfg = SynthConfig(seed=seed, lots=lots, wafers=wafers, dies=dies, per_class=per_class, sizes=parse_sizes(sizes),
+    bit_list = None
+    if bits is not None:
+        try:
+            bit_list = tuple(int(b) for b in bits.split(",") if b)
+        except ValueError:
+            raise ConfigError(f"--bits {bits!r}: expected 8 and/or 16") from None
+    cfg = SynthConfig(seed=seed, lots=lots, wafers=wafers, dies=dies, per_class=per_class,
+                      sizes=None if sizes is None else parse_sizes(sizes),
                       formats=tuple(f.strip().lower() for f in formats.split(",") if f), bits=bit_list,
-                      banner_frac=banner_frac)
+                      banner_frac=banner_frac, family=family)
     manifest = make(out, cfg)
     click.echo(f"wrote {len(manifest)} images in {manifest['lot_id'].nunique()} lots; manifest: {out}/manifest.csv")
 
@@ -220,13 +234,16 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
               help="Optimiser steps (the default took 9.2 min for semclip-tiny on 4.2k images here, loading included).")
 @click.option("--batch-size", default=DEFAULT_PRETRAIN_BATCH, show_default=True, type=int)
 @click.option("--lr", default=DEFAULT_PRETRAIN_LR, show_default=True, type=float)
+@click.option("--crops", default=DEFAULT_PRETRAIN_CROPS, show_default=True, type=int,
+              help="Crops per frame larger than the model input (native resolution, then half), around a defect: "
+                   "small defects of large frames seen at their size. 0: whole frames only.")
 @click.option("--keep-tokens", default=DEFAULT_KEEP_TOKENS, show_default=True, type=float,
               help="Fraction of each image's patch tokens a step runs (token dropping; patches touching a defect "
                    "go first, the rest at random). 1 runs every patch.")
 @user_errors
 def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
              seed: int, prompts: str | None, storage_option: tuple[str, ...],
-             steps: int, batch_size: int, lr: float, keep_tokens: float) -> None:
+             steps: int, batch_size: int, lr: float, crops: int, keep_tokens: float) -> None:
     """Adapt a backbone to SEM images (dense patch-text alignment) and write its weights to --out.
 
     Text comes from the prompt file per `label` (or a `caption` column). Prints the canonical sha256 last.
@@ -235,17 +252,19 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     Example:
       semclip-batch pretrain data/manifest.csv --out sem-tiny.safetensors --backbone semclip-tiny --steps 200
     """
-    from semclip_batch.fewshot.pretrain import PretrainConfig
+    from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table
     from semclip_batch.fewshot.pretrain import pretrain as run_pretrain
 
-    cfg = PretrainConfig(manifest=manifest, out=out, steps=steps, batch_size=batch_size, lr=lr, keep=keep_tokens,
+    cfg = PretrainConfig(manifest=manifest, out=out, steps=steps, batch_size=batch_size, lr=lr, keep=keep_tokens, crops=crops,
                          model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
                                          pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts,
                                          storage_options=parse_storage_options(storage_option)))
     with loss_progress("step", "pretrain") as progress:
-        digest = run_pretrain(cfg, progress=progress)
+        result = run_pretrain(cfg, progress=progress)
+    for line in heldout_table(result):
+        click.echo(line)
     click.echo(f"wrote {out}")
-    click.echo(digest)
+    click.echo(result.sha256)
 
 
 @main.command()
@@ -257,6 +276,10 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "checksum; local path or fsspec URL). Nothing is cached without it.")
 @click.option("--method", type=MethodChoice(), default="semclip", show_default=True,
               help="SEM-CLIP, or a baseline it is measured against: WinCLIP+ or PromptAD (normal images only).")
+@click.option("--recipe", type=click.Choice(["transfer", "paper"]), default="transfer", show_default=True,
+              help="SEM-CLIP's fitting recipe: transfer (support frames flipped and turned, a normal-patch memory fused "
+                   "into the map, a head that also reads the most anomalous patches) or paper (Transformation Layers + "
+                   "head on the pooled token). Baselines keep their papers' recipes.")
 @click.option("--shots", type=int, default=None, help="K images per class, seeded [default: all rows].")
 @click.option("--epochs", default=None, type=int, help="[default: 40 for semclip, 100 for promptad; winclip has none]")
 @click.option("--lr", default=1e-3, show_default=True, type=float)
@@ -274,7 +297,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
-          method: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
+          method: str, recipe: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
           taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool) -> None:
     """Few-shot SEM-CLIP (or a baseline) on a frozen backbone from a labelled SUPPORT manifest -> checkpoint.
 
@@ -284,6 +307,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
       semclip-batch train support.csv --out ckpt-winclip/ --method winclip --pretrained sem-tiny.safetensors --shots 10
     """
     from semclip_batch.errors import ConfigError
+    from semclip_batch.fewshot.recipes import get_recipe
     from semclip_batch.fewshot.train import TrainConfig
     from semclip_batch.fewshot.train import train as run_train
 
@@ -294,6 +318,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     except ValueError:
         raise ConfigError(f"--taps {taps!r}: expected block numbers such as 3,6") from None
     cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
+                      recipe=get_recipe(recipe),
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
@@ -305,7 +330,9 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     except ValueError as exc:  # e.g. taps outside the backbone's depth
         raise ConfigError(str(exc)) from None
     th = meta.thresholds
-    click.echo(f"wrote {meta.method} checkpoint {out}: alpha {meta.alpha:.2f}, temperature {meta.temperature:.1f}, "
+    recipe = "" if meta.recipe == meta.method else f" (recipe {meta.recipe})"
+    click.echo(f"wrote {meta.method} checkpoint {out}{recipe}: alpha {meta.alpha:.2f}, "
+               f"temperature {meta.temperature:.1f}, "
                f"thresholds image {th.image:.3f} pixel {th.pixel:.3f}, {meta.training['used']} images, "
                f"{meta.training['seconds']} s")
 

@@ -9,11 +9,21 @@ a ``caption`` column, their caption, CLIP-style). Text comes from the prompt fil
 Each step runs only a fraction (``keep``) of every image's patch tokens, those touching a defect first (token
 dropping, as in masked CLIP training): steps get ~2.5x cheaper at 0.25, and thin defects whose few patches
 would drown among clean ones are in every step. Inference always runs every token.
+
+Robust to frame size and defect scale: besides each whole frame resized to the model input (what ``run``
+scores), up to ``crops`` crops of frames larger than the model input (native resolution and half of it, around
+a defect pixel: ``fewshot.trainset.crop_views``), so a 5 px particle of a 1024 px frame is seen at 5 px and not
+at 1; steps draw rows balanced over (class, defect-area bucket), so small defects are not outnumbered by large
+ones; the learning rate warms up over the first ``warmup`` share of the steps (one-cycle schedule). A seeded
+``heldout`` share of the frames is never trained on: per-class patch AUROC (each class's patches against normal
+patches, by 1 - p(normal), on whole-frame views as ``run`` scores them) and image accuracy of the text scores
+are measured on it before and after, returned and stored in the weights file's metadata.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -26,13 +36,16 @@ import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from semclip_batch.analysis.metrics import roc_auc
 from semclip_batch.config import (
     DEFAULT_KEEP_TOKENS,
     DEFAULT_PRETRAIN_BATCH,
+    DEFAULT_PRETRAIN_CROPS,
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_STEPS,
     LossProgress,
     ModelSpec,
+    PreprocessConfig,
 )
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, load_trainset, patch_labels
@@ -60,12 +73,35 @@ class PretrainConfig:
     lr: float = DEFAULT_PRETRAIN_LR
     prompts_per_step: int = 8
     keep: float = DEFAULT_KEEP_TOKENS
+    crops: int = DEFAULT_PRETRAIN_CROPS
+    warmup: float = 0.1
+    heldout: float = 0.1
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("--steps and --batch-size must be >= 1 and --lr > 0")
         if not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"--keep-tokens must be in (0, 1], got {self.keep}")
+        if self.crops < 0:
+            raise ConfigError(f"--crops must be >= 0, got {self.crops}")
+        if not 0.0 < self.warmup < 1.0 or not 0.0 <= self.heldout < 0.5:
+            raise ConfigError("--warmup must be in (0, 1) and --heldout in [0, 0.5)")
+
+    def recipe(self) -> dict[str, str]:
+        """The settings that shape the weights, as stored in the weights file's metadata."""
+        keys = ("steps", "batch_size", "lr", "prompts_per_step", "keep", "crops", "warmup", "heldout")
+        return {k: str(getattr(self, k)) for k in keys}
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """``sha256``: the weights' canonical checksum; ``before`` / ``after``: the held-out figures
+    (``patch_AUROC/<class>``, ``accuracy``; None where undefined) at the start and the end."""
+
+    sha256: str
+    before: dict[str, float | None]
+    after: dict[str, float | None]
+    seconds: float
 
 
 def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -147,16 +183,74 @@ def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Te
     return loss
 
 
-def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None, metadata: Mapping[str, str] | None = None) -> str:
-    """Train and write the weights file (safetensors, backbone + canonical sha256 in its metadata).
+def area_buckets(data: TrainSet) -> torch.Tensor:
+    """Per row: ``class * 4 + bucket`` of the defect's share of the view (< 0.2 %, < 1 %, < 5 %, more)."""
+    area = data.masks.float().mean(dim=(1, 2))
+    bucket = torch.bucketize(area, torch.tensor([0.002, 0.01, 0.05]))
+    return data.labels.clamp_min(0) * 4 + bucket
 
-    Returns the canonical sha256.
-    """
+
+def balanced_weights(keys: torch.Tensor) -> torch.Tensor:
+    """Sampling weights giving every key (class, area bucket) the same share of the draws."""
+    _, inverse, counts = keys.unique(return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse].float()
+
+
+def heldout_split(data: TrainSet, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training rows (every view of ~(1 - share) of the frames) and held-out rows (the whole-frame view of the
+    others; none below 20 frames)."""
+    frame = data.frame if data.frame is not None else torch.arange(len(data))
+    frames = frame.unique()
+    n_held = int(len(frames) * share) if len(frames) >= 20 else 0
+    held_frames = frames[torch.randperm(len(frames), generator=torch.Generator().manual_seed(seed + 11))[:n_held]]
+    held = torch.isin(frame, held_frames)
+    first = torch.ones(len(frame), dtype=torch.bool)
+    first[1:] = frame[1:] != frame[:-1]  # a frame's whole view comes before its crops
+    return (~held).nonzero().flatten(), (held & first).nonzero().flatten()
+
+
+@torch.no_grad()
+def heldout_figures(clip: nn.Module, data: TrainSet, rows: torch.Tensor, text: torch.Tensor, taps: tuple[int, ...],
+                    prep: PreprocessConfig, batch: int = 32) -> dict[str, float | None]:
+    """Per-class patch AUROC (each class's patches against normal ones, by 1 - p(normal) averaged over taps and
+    paths) and text-score accuracy of the pooled embeddings, on ``rows``."""
+    if rows.numel() == 0:
+        return {}
+    parts = as_clip(clip)
+    scale = parts.logit_scale.exp().clamp(max=100.0)
+    probs, targets, correct = [], [], []
+    for idx in rows.split(batch):
+        x = normalize(data.views[idx], prep)
+        grid = x.shape[-1] // parts.visual.conv1.kernel_size[0]
+        enc = encode_dual_path(parts.visual, x, taps, 1)
+        terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
+        probs.append(torch.stack([patch_logits(_project(parts.visual, t), text, scale, True).softmax(-1)
+                                  for t in terms]).mean(0).flatten(0, 1))
+        targets.append(patch_labels(data.masks[idx], data.labels[idx], data.has_mask[idx], grid).flatten())
+        labels = data.labels[idx]
+        known = labels != IGNORE
+        pred = (F.normalize(enc.pooled, dim=-1) @ text.t()).argmax(-1)
+        correct.append((pred[known] == labels[known]).float())
+    p, t = torch.cat(probs), torch.cat(targets)
+    figures: dict[str, float | None] = {}
+    for c, name in enumerate(data.classes[1:], start=1):
+        pick = (t == c) | (t == 0)
+        figures[f"patch_AUROC/{name}"] = roc_auc((1.0 - p[pick, 0]).numpy(), (t[pick] == c).numpy())
+    hits = torch.cat(correct)
+    figures["accuracy"] = float(hits.mean()) if hits.numel() else None
+    return figures
+
+
+def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
+             metadata: Mapping[str, str] | None = None) -> Pretrained:
+    """Train and write the weights file (safetensors, backbone, canonical sha256, recipe and held-out figures
+    in its metadata)."""
     torch.manual_seed(cfg.model.seed)
     prompts: PromptSet = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
     df = read_manifest(cfg.manifest, storage_options=cfg.model.storage_options)
-    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options, need_labels=False)
+    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options, need_labels=False,
+                         crops=cfg.crops, seed=cfg.model.seed)
     m = cfg.model
     backbone = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
                              storage_options=m.storage_options)
@@ -166,12 +260,25 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None, metadata
     owner = torch.cat([torch.full((len(p),), c) for c, p in enumerate(prompts.prompts)])
     caption_tokens = tokenizer(data.captions) if any(data.captions) else None
     taps = default_taps(depth_of(clip))
+    train_rows, held = heldout_split(data, cfg.heldout, cfg.model.seed)
+    weights = balanced_weights(area_buckets(data)[train_rows])
+
+    def figures() -> dict[str, float | None]:
+        clip.eval()
+        with torch.no_grad():
+            text = class_text(clip, tokens, owner, len(prompts.classes))
+        out = heldout_figures(clip, data, held, text, taps, prep)
+        clip.train()
+        return out
+
+    before = figures()
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.warmup)
     gen = torch.Generator().manual_seed(cfg.model.seed)
     t0 = time.perf_counter()
+    draw = min(cfg.batch_size, len(train_rows))
     for step in range(1, cfg.steps + 1):
-        idx = torch.randperm(len(data), generator=gen)[: cfg.batch_size]
+        idx = train_rows[torch.multinomial(weights, draw, replacement=False, generator=gen)]
         pick = prompt_sample(owner, cfg.prompts_per_step, gen)
         text = class_text(clip, tokens[pick], owner[pick], len(prompts.classes))
         loss = step_loss(clip, data, idx, text, taps, prep, gen, caption_tokens, cfg.keep)
@@ -181,9 +288,24 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None, metadata
         sched.step()
         if progress is not None and (step % 25 == 0 or step == cfg.steps):
             progress(step, cfg.steps, float(loss.detach()))
-    log.info("pretrained %s for %d steps in %.0f s on %d images (%d skipped)", cfg.model.backbone, cfg.steps,
-             time.perf_counter() - t0, len(data), data.skipped)
-    return save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, metadata)
+    after = figures()
+    seconds = time.perf_counter() - t0
+    log.info("pretrained %s for %d steps in %.0f s on %d views of %d frames (%d skipped, %d held out)",
+             cfg.model.backbone, cfg.steps, seconds, len(train_rows), len(df) - data.skipped, data.skipped, len(held))
+    meta = {**cfg.recipe(), **(metadata or {}), "heldout": json.dumps({"before": before, "after": after})}
+    digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
+    return Pretrained(digest, before, after, seconds)
+
+
+def heldout_table(result: Pretrained) -> list[str]:
+    """The held-out figures as lines: one per class, then accuracy; before -> after."""
+    show = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"held-out check ({'before':>6} -> after)"]
+    for key, after in result.after.items():
+        name = key.removeprefix("patch_AUROC/")
+        what = "image accuracy (text)" if key == "accuracy" else f"patch AUROC {name}"
+        lines.append(f"  {what:<28} {show(result.before.get(key))} -> {show(after)}")
+    return lines
 
 
 def save_weights(clip: nn.Module, backbone: str, url: str, storage_options: Mapping[str, Any],

@@ -21,6 +21,8 @@ import torch
 from semclip_batch.analysis.metrics import PixelCounts
 from semclip_batch.config import DEFAULT_MIN_REGION_PX, LossProgress, ModelSpec
 from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.augment import augment
+from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, recorded
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
@@ -49,6 +51,7 @@ class TrainConfig:
     batch_size: int = 8
     anchor: float = 1.0  # L2-SP weight pulling the Transformation Layers towards their zero-shot start
     cache_dir: str | None = None  # frozen-backbone features of the support frames (methods.feature_cache)
+    recipe: Recipe = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE])  # SEM-CLIP's (fewshot.recipes)
 
     def __post_init__(self) -> None:
         m = self.model
@@ -141,13 +144,17 @@ def support_taps(cfg: TrainConfig, depth: int) -> tuple[int, ...]:
 
 def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: TrainSet, feats: Features,
         ref_feats: Features | None = None, progress: LossProgress | None = None) -> Fitted:
-    """Fit ``cfg.model.method`` on precomputed support features (shared across configurations by the benchmark)."""
+    """Fit ``cfg.model.method`` on precomputed support features (shared across configurations by the benchmark).
+    With an augmenting recipe, ``data`` and the features are already :func:`~semclip_batch.fewshot.augment.augment`-ed."""
     torch.manual_seed(cfg.model.seed)
-    spec = cfg.model
+    spec = applied(cfg.recipe, cfg.model)
+    n_copies = copies(cfg.recipe, spec.method)
+    if len(data) % n_copies:
+        raise ValueError(f"{len(data)} support rows are not {n_copies} copies of the same frames")
     model = new_model(spec, backbone.clip, text)
     support = Support(data=data, feats=feats, clip=backbone.clip, clip_name=cfg.model.backbone, map_auroc=map_auroc,
                       seed=cfg.model.seed, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, anchor=cfg.anchor,
-                      progress=progress)
+                      progress=progress, copies=n_copies)
     summary = get_method(spec.method).fit(model, spec, support)
     model.eval().requires_grad_(False)
     reference = None
@@ -167,6 +174,9 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
     prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
     data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options, references=cfg.model.use_reference)
+    frames = len(data)
+    if copies(cfg.recipe, cfg.model.method) > 1:
+        data = augment(data)
     m = cfg.model
     backbone = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
                              storage_options=m.storage_options)
@@ -188,7 +198,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
     state = dict(model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
-    spec = cfg.model
+    spec = applied(cfg.recipe, cfg.model)
     meta = CheckpointMeta(
         method=cfg.model.method, backbone=cfg.model.backbone,
         weights=WeightsRef(source=backbone.source, sha256=backbone.sha256, seed=cfg.model.seed),
@@ -200,9 +210,10 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
                                         min_region_px=int(fitted.thresholds["min_region_px"])),
         preprocessing={k: v for k, v in prep.as_record().items() if k != "tile_above"},
         training={"config": _public(cfg),
-                  "support_rows": len(df), "used": len(data), "skipped": data.skipped,
-                  "with_reference": None if data.has_ref is None else int(data.has_ref.sum()), **fitted.summary,
+                  "support_rows": len(df), "used": frames, "rows_augmented": len(data), "skipped": data.skipped,
+                  "with_reference": None if data.has_ref is None else int(data.has_ref[:frames].sum()), **fitted.summary,
                   "seconds": round(time.perf_counter() - t0, 1)},
-        score_mode=spec.score_mode, sigma=spec.sigma,
+        score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
+        memory=spec.memory, region_head=spec.region_head,
     )
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)

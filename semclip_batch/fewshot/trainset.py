@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import DECODE_ERROR, ConfigError, ImageError
 from semclip_batch.io.frames import load_frame, load_reference
-from semclip_batch.io.preprocess import mask_view, whole_view
+from semclip_batch.io.preprocess import mask_view, resize, stretch, whole_view
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -27,7 +27,8 @@ IGNORE = -100
 class TrainSet:
     """``views``: ``(N, S, S)`` float16 grey in [0, 1]; ``masks``: ``(N, S, S)`` float16 defect fractions;
     ``labels``: ``(N,)`` class index; ``has_mask``: ``(N,)`` bool; ``captions``: per row, or "";
-    ``refs`` / ``has_ref``: reference-frame views ``(N, S, S)`` and which rows have one (when asked for)."""
+    ``refs`` / ``has_ref``: reference-frame views ``(N, S, S)`` and which rows have one (when asked for);
+    ``frame``: ``(N,)`` the manifest row each view comes from (crops share their frame's), when recorded."""
 
     views: torch.Tensor
     masks: torch.Tensor
@@ -38,25 +39,58 @@ class TrainSet:
     skipped: int
     refs: torch.Tensor | None = None
     has_ref: torch.Tensor | None = None
+    frame: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
 Loaded = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+CROP_SCALES = (1, 2)  # crop sides in model-input sizes: native resolution, then half of it
 
 
-def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool) -> Loaded:
-    """(view, mask view or None, reference view or None)."""
+def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool,
+              crops: int = 0, seed: int = 0) -> list[Loaded]:
+    """[(view, mask view or None, reference view or None)]: the whole frame, then up to ``crops`` crops."""
     gray = load_frame(row["url"], so)
     view = whole_view(gray, prep)
     ref = _load_reference(row, gray.shape, prep, so) if references else None
-    if not row["mask_url"]:
-        return view, None, ref
-    mask = load_frame(row["mask_url"], so) > 0
-    if mask.shape != gray.shape:
-        raise ImageError(DECODE_ERROR, f"mask {mask.shape} does not match image {gray.shape}")
-    return view, mask_view(mask, prep.image_size), ref
+    mask = None
+    if row["mask_url"]:
+        mask = load_frame(row["mask_url"], so) > 0
+        if mask.shape != gray.shape:
+            raise ImageError(DECODE_ERROR, f"mask {mask.shape} does not match image {gray.shape}")
+    whole: Loaded = (view, None if mask is None else mask_view(mask, prep.image_size), ref)
+    if not crops:
+        return [whole]
+    rng = np.random.default_rng([seed, int(row.name) if isinstance(row.name, int) else 0])
+    return [whole, *crop_views(gray, mask, prep, rng, crops)]
+
+
+def crop_views(gray: np.ndarray, mask: np.ndarray | None, prep: PreprocessConfig, rng: np.random.Generator,
+               count: int) -> list[Loaded]:
+    """Up to ``count`` square crops (sides ``CROP_SCALES`` x the model input, only where the frame is larger)
+    around a defect pixel (anywhere without a defect), resized to the model input: small defects of large
+    frames seen at native resolution. The stretch is the whole frame's, as ``run`` applies it."""
+    h, w = gray.shape
+    size = prep.image_size
+    sides = [size * k for k in CROP_SCALES if size * k < min(h, w)][:count]
+    if not sides:
+        return []
+    full = stretch(gray, prep.percentile_low, prep.percentile_high)
+    points = np.argwhere(mask) if mask is not None and mask.any() else None
+    out: list[Loaded] = []
+    for side in sides:
+        if points is not None:
+            cy, cx = points[int(rng.integers(len(points)))] + rng.integers(-side // 3, side // 3 + 1, size=2)
+        else:
+            cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y = int(np.clip(cy - side // 2, 0, h - side))
+        x = int(np.clip(cx - side // 2, 0, w - side))
+        window = torch.from_numpy(np.ascontiguousarray(full[y:y + side, x:x + side]))[None, None]
+        crop_mask = None if mask is None else mask_view(mask[y:y + side, x:x + side], size)
+        out.append((resize(window, (size, size))[0, 0].numpy(), crop_mask, None))
+    return out
 
 
 def _load_reference(row: pd.Series, shape: tuple[int, int], prep: PreprocessConfig,
@@ -73,19 +107,21 @@ def _load_reference(row: pd.Series, shape: tuple[int, int], prep: PreprocessConf
 
 def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessConfig, *,
                   storage_options: Mapping[str, Any] | None = None, need_labels: bool = True,
-                  references: bool = False, threads: int = 4) -> TrainSet:
-    """Decode every usable row; unreadable rows are skipped with a warning and counted."""
+                  references: bool = False, threads: int = 4, crops: int = 0, seed: int = 0) -> TrainSet:
+    """Decode every usable row (its whole-frame view, then up to ``crops`` :func:`crop_views`, each one row of
+    the set); unreadable rows are skipped with a warning and counted."""
     unknown = sorted(set(df["label"]) - set(classes) - {""})
     if unknown:
         raise ConfigError(f"label {unknown[0]!r} is not a class of the prompt file ({', '.join(classes)})")
     if need_labels and (df["label"] == "").any():
         row = df[df["label"] == ""].iloc[0]
         raise ConfigError(f"every support row needs a label; {row['uri']} has none")
+    df = df.reset_index(drop=True)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references),
+        results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references, crops, seed),
                                 [r for _, r in df.iterrows()]))
-    keep = [i for i, r in enumerate(results) if r is not None]
-    loaded = [r for r in results if r is not None]  # results[i] for i in keep
+    keep = [i for i, r in enumerate(results) for _ in (r or [])]  # the manifest row of every view
+    loaded = [view for r in results for view in (r or [])]
     if not keep:
         raise ConfigError("no usable training image (all rows failed to decode)")
     size = prep.image_size
@@ -100,7 +136,8 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     normal = labels == 0
     has_mask |= normal  # a normal image without a mask file is all zeros
     captions = [str(df["caption"].iloc[i]) for i in keep]
-    data = TrainSet(views, masks, labels, has_mask, captions, classes, skipped=len(df) - len(keep))
+    skipped = sum(r is None for r in results)
+    data = TrainSet(views, masks, labels, has_mask, captions, classes, skipped=skipped, frame=torch.tensor(keep))
     if references:
         refs = [ref for _, _, ref in loaded]
         data.has_ref = torch.tensor([r is not None for r in refs], dtype=torch.bool)
@@ -109,9 +146,10 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     return data
 
 
-def _safe_load(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool) -> Loaded | None:
+def _safe_load(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool, crops: int,
+               seed: int) -> list[Loaded] | None:
     try:
-        return _load_row(row, prep, so, references)
+        return _load_row(row, prep, so, references, crops, seed)
     except ImageError as exc:
         log.warning("skipping %s: %s", row["uri"], exc)
         return None

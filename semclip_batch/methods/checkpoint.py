@@ -24,9 +24,9 @@ META = "checkpoint.json"
 BACKBONE_PREFIXES = ("visual.", "logit_scale")
 
 
-CHECKPOINT_VERSION = 2
-"""1: the unversioned checkpoints written before the version field (read with the v2 defaults below);
-2: adds ``version``, ``score_mode`` and ``sigma``."""
+CHECKPOINT_VERSION = 3
+"""1: the unversioned checkpoints written before the version field (read with the defaults below);
+2: adds ``version``, ``score_mode`` and ``sigma``; 3: adds ``recipe``, ``memory`` and ``region_head``."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class CheckpointMeta:
     training: dict[str, Any] = field(default_factory=dict)
     score_mode: str = "mean"
     sigma: float = 4.0
+    recipe: str = "paper"  # train's recipe (fewshot.recipes); older checkpoints were all the paper's
+    memory: bool = False
+    region_head: bool = False
     version: int = CHECKPOINT_VERSION
     tensors_sha256: str = ""
 
@@ -86,7 +89,7 @@ class CheckpointMeta:
         if not isinstance(body, dict):
             raise WeightsError(f"{where}: {META} is not a JSON object")
         version = body.get("version", 1)
-        if version not in (1, CHECKPOINT_VERSION):
+        if version not in (1, 2, CHECKPOINT_VERSION):
             raise WeightsError(f"{where}: checkpoint version {show(version)} is not one this release reads "
                                f"(1 to {CHECKPOINT_VERSION}); use the release that wrote it, or train again")
         try:
@@ -104,7 +107,9 @@ class CheckpointMeta:
                                                 min_region_px=int(th["min_region_px"])),
                 preprocessing=dict(body.get("preprocessing", {})), training=dict(body.get("training", {})),
                 score_mode=str(body.get("score_mode", "mean")), sigma=float(body.get("sigma", 4.0)),
-                version=CHECKPOINT_VERSION, tensors_sha256=str(body.get("tensors_sha256", "")),
+                recipe=str(body.get("recipe", "paper")), memory=bool(body.get("memory", False)),
+                region_head=bool(body.get("region_head", False)), version=CHECKPOINT_VERSION,
+                tensors_sha256=str(body.get("tensors_sha256", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{where}: {META} lacks or mangles {show(str(exc).strip(chr(39)), 40)}") from None

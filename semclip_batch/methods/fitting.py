@@ -51,6 +51,17 @@ class Support:
     batch_size: int = 8
     anchor: float = 1.0  # L2-SP weight (SEM-CLIP's Transformation Layers)
     progress: LossProgress | None = None
+    copies: int = 1  # rows are `copies` augmented copies of the same frames, copy-major (fewshot.augment)
+
+    @property
+    def frames(self) -> int:
+        """Distinct support frames (rows of the first copy)."""
+        return len(self.data) // self.copies
+
+    def rows_of(self, frames: torch.Tensor, first_copy_only: bool = False) -> torch.Tensor:
+        """The rows of every copy (or the first only) of the given frames."""
+        copies = 1 if first_copy_only else self.copies
+        return (frames[None, :] + self.frames * torch.arange(copies)[:, None]).flatten()
 
 
 def fit_temperature(emb: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> float:
@@ -71,6 +82,19 @@ def holdout_split(n: int, seed: int, share: float = 0.2) -> tuple[torch.Tensor, 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
     n_val = int(n * share) if n >= 10 else 0
     return order[n_val:], order[:n_val]
+
+
+def support_split(support: Support) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fitting rows (every augmented copy of 80 % of the frames) and validation rows (the first copy of the
+    other 20 %): no copy of a validation frame is fitted on."""
+    fit, val = holdout_split(support.frames, support.seed)
+    return support.rows_of(fit), support.rows_of(val, first_copy_only=True)
+
+
+def clean_patches(masks: torch.Tensor, has_mask: torch.Tensor, grid: int) -> torch.Tensor:
+    """Patches holding no defect pixel, of rows with a mask. ``(B, S, S)`` -> ``(B, grid * grid)`` bool."""
+    frac = F.adaptive_avg_pool2d(masks.float()[:, None], grid)[:, 0].flatten(1)
+    return (frac == 0) & has_mask[:, None]
 
 
 def focal_dice(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:

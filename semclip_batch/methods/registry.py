@@ -45,11 +45,13 @@ def method_taps(spec: ModelSpec, depth: int) -> tuple[int, ...]:
 
 class Method(ABC, Generic[M]):
     """One scoring method. ``name``: what ``--method`` / ``ModelSpec.method`` call it; ``windows``: it reads
-    WinCLIP's window embeddings; ``layer_options``: it takes SEM-CLIP's ``--taps / --no-vv / --no-surgery / --cls``."""
+    WinCLIP's window embeddings; ``layer_options``: it takes SEM-CLIP's ``--taps / --no-vv / --no-surgery / --cls``;
+    ``recipes``: ``train --recipe`` applies to it (``fewshot.recipes``; the baselines keep their papers' recipes)."""
 
     name: ClassVar[str]
     windows: ClassVar[bool] = False
     layer_options: ClassVar[bool] = False
+    recipes: ClassVar[bool] = False
 
     @abstractmethod
     def build(self, spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> M:

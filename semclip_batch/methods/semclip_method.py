@@ -1,14 +1,17 @@
 """SEM-CLIP as a registered method (SEMCLIP.md "Training" and "Classification").
 
-Fitting: the text temperature; the Transformation Layers (focal + dice on the defect map of every tapped layer
+Fitting: the text temperature; with a memory (``ModelSpec.memory``), the normal-patch memory of the fitting
+rows and its distance scale; the Transformation Layers (focal + dice on the defect map of every tapped layer
 and path, at half the input size, plus an L2-SP pull of the layers towards their zero-shot start) and the
-classification head (cross-entropy) trained on 80 % of the support set, keeping the epochs that do best on the
-other 20 % (epoch 0 being the zero-shot layers); then the fusion weight alpha (5-fold cross-validation of the
-head on the support set)."""
+classification head (cross-entropy) trained on 80 % of the support frames, keeping the epochs that do best on
+the other 20 % (epoch 0 being the zero-shot layers); the fusion weight alpha (5-fold cross-validation of the
+head); the memory's fusion weight (5-fold cross-validation over the frames); then the memory of every support
+frame."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -20,32 +23,42 @@ from semclip_batch.config import ModelSpec
 from semclip_batch.methods.features import Features
 from semclip_batch.methods.fitting import (
     Support,
+    clean_patches,
     fit_temperature,
     focal_dice,
-    holdout_split,
     pooled_embeddings,
     subset_encoded,
+    support_split,
 )
 from semclip_batch.methods.registry import Method, depth_of, method_taps, register
 from semclip_batch.model import SemClip, SemClipConfig, SemClipOutput
 from semclip_batch.model.encoder import EncoderOutput
-from semclip_batch.model.semclip import defect_map
+from semclip_batch.model.patchops import nearest_distance
+from semclip_batch.model.semclip import defect_map, head_input
 
 SEMCLIP_EPOCHS = 40
 LOSS_DOWNSCALE = 2  # focal + dice on maps at half the model-input size: 4x cheaper, same patch grid
+MEMORY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fusion weights tried on the validation frames
+DEFAULT_MEMORY_WEIGHT = 0.5  # below 10 support frames (no validation split)
 
 
 @register
 class SemClipMethod(Method[SemClip]):
     name = "semclip"
     layer_options = True
+    recipes = True
 
     def build(self, spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> SemClip:
         cfg = SemClipConfig(taps=method_taps(spec, depth_of(clip)), use_vv=spec.use_vv, surgery=spec.surgery,
-                            sigma=spec.sigma, cls=spec.cls)
+                            sigma=spec.sigma, cls=spec.cls, memory=spec.memory, region_head=spec.region_head)
         model = SemClip(clip, cfg, n_classes=text.shape[0])
         model.set_text_embeddings(text)
         return model
+
+    def load(self, model: SemClip, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        if model.memory is not None:  # the banks' sizes come from the checkpoint
+            model.memory.set_banks([tensors.get(f"memory.bank{k}", b) for k, b in enumerate(model.memory.banks())])
+        return super().load(model, tensors)
 
     def taps(self, model: SemClip) -> tuple[int, ...]:
         return model.cfg.taps
@@ -59,34 +72,118 @@ class SemClipMethod(Method[SemClip]):
     def fit(self, model: SemClip, spec: ModelSpec, support: Support) -> dict[str, Any]:
         emb = pooled_embeddings(support.feats)
         model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, support.data.labels))
+        enc = support.feats.select(model.cfg.taps, model.cfg.use_vv)
+        fit_rows, val = support_split(support)
+        summary: dict[str, Any] = {}
+        dist = None  # every row's distances to the memory of the fitting rows: fixed while the layers train
+        if model.memory is not None:
+            summary["memory_scale"] = fill_memory(model, enc, support, fit_rows)
+            with torch.no_grad():
+                dist = model.memory_distance(enc)
         model.transform.train().requires_grad_(True)
         model.head.requires_grad_(True)
-        summary = train_layers(model, support.feats.select(model.cfg.taps, model.cfg.use_vv), support)
+        summary.update(train_layers(model, enc, support, fit_rows, val, dist))
         model.eval().requires_grad_(False)
+        if model.memory is not None:
+            summary["memory_weight"] = choose_memory_weight(model, enc, support)
         with torch.enable_grad():
-            alpha = fit_alpha(model, emb, support.data.labels, support) if spec.cls == "fused" else float(spec.cls == "text")
+            alpha = fit_alpha(model, enc, support, dist) if spec.cls == "fused" else float(spec.cls == "text")
+        if model.memory is not None:
+            fill_memory(model, enc, support, torch.arange(len(support.data)), rescale=False)
+            summary["memory_tokens"] = int(model.memory.banks()[0].shape[0])
         model.alpha.fill_(alpha)
         return summary
 
 
 def epochs_of(support: Support) -> int:
-    return support.epochs or SEMCLIP_EPOCHS
+    """``--epochs``, or the default's passes over the frames (an epoch over augmented rows sees every copy, in
+    as many steps as the paper recipe's four epochs)."""
+    return support.epochs or max(1, SEMCLIP_EPOCHS // support.copies)
+
+
+def _grid(enc: EncoderOutput) -> int:
+    return round((enc.original[0].shape[1] - 1) ** 0.5)
+
+
+def fill_memory(model: SemClip, enc: EncoderOutput, support: Support, rows: torch.Tensor, rescale: bool = True) -> float:
+    """Fill the memory with the clean patches of ``rows``; with ``rescale``, first fit its distance scale: the
+    99th percentile of each half's clean patches' distances to a memory of the other half (2-fold)."""
+    memory = model.memory
+    assert memory is not None
+    data = support.data
+    clean = clean_patches(data.masks[rows], data.has_mask[rows], _grid(enc))
+    tokens = [t[rows] for t in memory.tokens(enc, model.cfg.taps)]
+    if rescale and len(rows) >= 2:
+        halves = (torch.arange(len(rows)) % 2 == 0, torch.arange(len(rows)) % 2 == 1)
+        dists = []
+        for held, kept in (halves, halves[::-1]):
+            memory.set_banks([t[kept][clean[kept]] for t in tokens], support.seed)
+            if not memory.empty:
+                d = torch.stack([nearest_distance(t[held], b) for t, b in zip(tokens, memory.banks(), strict=True)]).mean(0)
+                dists.append(d[clean[held]])
+        flat = torch.cat(dists) if dists else torch.zeros(0)
+        if flat.numel():
+            memory.scale.fill_(float(torch.quantile(flat.float(), 0.99).clamp_min(1e-4)))
+    memory.set_banks([t[clean] for t in tokens], support.seed)
+    return float(memory.scale)
+
+
+def _rows(dist: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if dist is None else dist[idx]
 
 
 @torch.no_grad()
-def _validate(model: SemClip, enc: EncoderOutput, support: Support, val: torch.Tensor) -> tuple[float, float]:
+def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, folds: int = 5) -> float:
+    """The fusion weight whose maps have the best pixel AUROC over the support frames, each scored against a
+    memory of the *other* folds' frames (5-fold by frame; ties: the smaller weight). Every frame votes, not only
+    the 20 % held out for early stopping: a weight chosen on 14 frames was noisy."""
+    memory = model.memory
+    assert memory is not None
+    data = support.data
+    n = support.frames
+    if n < folds or not data.has_mask[:n].any():
+        memory.weight.fill_(DEFAULT_MEMORY_WEIGHT)
+        return DEFAULT_MEMORY_WEIGHT
+    first = torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(support.seed + 3))
+    dist = torch.zeros(n, enc.original[0].shape[1] - 1)
+    for k in range(folds):
+        held = order[k::folds]
+        fill_memory(model, enc, support, support.rows_of(order[torch.isin(order, held, invert=True)]), rescale=False)
+        dist[held] = memory.distance(subset_encoded(enc, held), model.cfg.taps)
+    sub = subset_encoded(enc, first)
+    size = (data.views.shape[-2], data.views.shape[-1])
+    best = (-1.0, 0.0)
+    for w in MEMORY_WEIGHTS:
+        memory.weight.fill_(w)
+        maps = model.from_encoded(sub, size, dist).maps
+        best = max(best, (support.map_auroc(maps, data.masks[first], data.has_mask[first]), -w))
+    memory.weight.fill_(-best[1])
+    return -best[1]
+
+
+@torch.no_grad()
+def head_inputs(model: SemClip, enc: EncoderOutput, dist: torch.Tensor | None) -> torch.Tensor:
+    """What the head reads for each row of ``enc`` (region embeddings from the current layers and the rows'
+    memory distances ``dist``)."""
+    region = model.region_embedding(enc, model.term_logits(enc), dist)
+    return head_input(F.normalize(enc.pooled, dim=-1), model.text_embeddings.to(enc.pooled.dtype), region)
+
+
+@torch.no_grad()
+def _validate(model: SemClip, enc: EncoderOutput, support: Support, val: torch.Tensor,
+              dist: torch.Tensor | None) -> tuple[float, float]:
     """Pixel AUROC of the maps and head accuracy on the validation images."""
     data = support.data
     sub = subset_encoded(enc, val)
-    out = model.from_encoded(sub, (data.views.shape[-2], data.views.shape[-1]))
+    out = model.from_encoded(sub, (data.views.shape[-2], data.views.shape[-1]), _rows(dist, val))
     pauroc = support.map_auroc(out.maps, data.masks[val], data.has_mask[val])
-    _, head_logits = model.class_logits(F.normalize(sub.pooled, dim=-1))
-    accuracy = float((head_logits.argmax(-1) == data.labels[val]).float().mean())
+    accuracy = float((model.head(head_inputs(model, sub, _rows(dist, val))).argmax(-1) == data.labels[val]).float().mean())
     return pauroc, accuracy
 
 
 def _loss(model: SemClip, enc: EncoderOutput, support: Support, idx: torch.Tensor, targets: torch.Tensor,
-          init: list[torch.Tensor]) -> torch.Tensor:
+          init: list[torch.Tensor], dist: torch.Tensor | None) -> torch.Tensor:
     data = support.data
     size = (targets.shape[-2], targets.shape[-1])
     sub = subset_encoded(enc, idx)
@@ -94,14 +191,15 @@ def _loss(model: SemClip, enc: EncoderOutput, support: Support, idx: torch.Tenso
     terms = model.term_logits(sub)
     seg = torch.stack([focal_dice(defect_map(t, size)[seg_rows], targets[idx][seg_rows]) for t in terms]).mean() \
         if seg_rows.any() else torch.tensor(0.0)
-    _, head_logits = model.class_logits(F.normalize(sub.pooled, dim=-1))
+    head_logits = model.head(head_inputs(model, sub, _rows(dist, idx)))
     anchor = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.transform.parameters(), init, strict=True))
     return seg + F.cross_entropy(head_logits, data.labels[idx]) + support.anchor * anchor
 
 
-def train_layers(model: SemClip, enc: EncoderOutput, support: Support) -> dict[str, float]:
-    """Train the Transformation Layers and the head on 80 % of the support set; keep, separately, the epoch
-    (0 = the zero-shot layers) whose maps / head do best on the other 20 % (early stopping on support data)."""
+def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: torch.Tensor,
+                 val: torch.Tensor, dist: torch.Tensor | None) -> dict[str, float]:
+    """Train the Transformation Layers and the head on the fitting rows; keep, separately, the epoch
+    (0 = the zero-shot layers) whose maps / head do best on the validation rows (early stopping on support data)."""
     data, epochs = support.data, epochs_of(support)
     params = list(model.transform.parameters()) + list(model.head.parameters())
     opt = torch.optim.Adam(params, lr=support.lr, betas=(0.5, 0.999))
@@ -109,19 +207,18 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support) -> dict[s
     size = (data.views.shape[-2] // LOSS_DOWNSCALE, data.views.shape[-1] // LOSS_DOWNSCALE)
     targets = (F.interpolate(data.masks.float()[:, None], size=size, mode="area")[:, 0] >= 0.5).float()
     init = [p.detach().clone() for p in model.transform.parameters()]
-    fit_idx, val = holdout_split(len(data), support.seed)
-    best_map = (*_validate(model, enc, support, val), 0) if len(val) else None
+    best_map = (*_validate(model, enc, support, val, dist), 0) if len(val) else None
     best_tl, best_head = copy.deepcopy(model.transform.state_dict()), copy.deepcopy(model.head.state_dict())
     best_head_score, best_head_epoch = -1.0, 0
     loss = torch.tensor(0.0)
     for epoch in range(1, epochs + 1):
         for idx in fit_idx[torch.randperm(len(fit_idx), generator=gen)].split(support.batch_size):
-            loss = _loss(model, enc, support, idx, targets, init)
+            loss = _loss(model, enc, support, idx, targets, init, dist)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         if best_map is not None:
-            pauroc, accuracy = _validate(model, enc, support, val)
+            pauroc, accuracy = _validate(model, enc, support, val, dist)
             if pauroc > best_map[0]:
                 best_map, best_tl = (pauroc, accuracy, epoch), copy.deepcopy(model.transform.state_dict())
             if accuracy >= best_head_score:
@@ -137,31 +234,33 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support) -> dict[s
             "head_epoch": best_head_epoch, "val_accuracy": best_head_score}
 
 
-def fit_alpha(model: SemClip, emb: torch.Tensor, labels: torch.Tensor, support: Support, folds: int = 5) -> float:
-    """alpha in 0..1 maximising 5-fold cross-validated accuracy (then log-likelihood) of the fused scores."""
-    n = len(labels)
+def fit_alpha(model: SemClip, enc: EncoderOutput, support: Support, dist: torch.Tensor | None, folds: int = 5) -> float:
+    """alpha in 0..1 maximising 5-fold cross-validated accuracy (then log-likelihood) of the fused scores on the
+    support frames (folds by frame: no copy of a held-out frame is fitted on; scored on first copies)."""
+    labels = support.data.labels
+    x = head_inputs(model, enc, dist)
+    emb = F.normalize(enc.pooled, dim=-1)
+    text_logits = model.text_scale * emb @ model.text_embeddings.to(emb.dtype).t()
+    n = support.frames
     order = torch.randperm(n, generator=torch.Generator().manual_seed(support.seed + 1))
-    text_logits, _ = model.class_logits(emb)
     head_probs = torch.zeros(n, text_logits.shape[1])
     for k in range(min(folds, n)):
         held = order[k::folds]
-        train = order[torch.isin(order, held, invert=True)]
-        head = type(model.head)(emb.shape[1], text_logits.shape[1], model.cfg.head_hidden)
-        head.load_state_dict(model.head.state_dict())
+        train = support.rows_of(order[torch.isin(order, held, invert=True)])
+        head = copy.deepcopy(model.head).requires_grad_(True)
         opt = torch.optim.Adam(head.parameters(), lr=support.lr, betas=(0.5, 0.999))
-        sims = emb @ model.text_embeddings.t()
-        for _ in range(epochs_of(support)):
-            loss = F.cross_entropy(head(emb[train], sims[train]), labels[train])
+        for _ in range(support.epochs or SEMCLIP_EPOCHS):  # full-batch steps
+            loss = F.cross_entropy(head(x[train]), labels[train])
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            head_probs[held] = head(emb[held], sims[held]).softmax(-1)
-    text_probs = text_logits.softmax(-1)
+            head_probs[held] = head(x[held]).softmax(-1)
+    text_probs = text_logits[:n].softmax(-1)
     best = (-1.0, -1e9, 1.0)
     for a in np.linspace(0, 1, 11):
         p = a * text_probs + (1 - a) * head_probs
-        acc = float((p.argmax(-1) == labels).float().mean())
-        ll = float(p.clamp_min(1e-9).log().gather(1, labels[:, None]).mean())
+        acc = float((p.argmax(-1) == labels[:n]).float().mean())
+        ll = float(p.clamp_min(1e-9).log().gather(1, labels[:n, None]).mean())
         best = max(best, (acc, ll, float(a)))
     return best[2]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import EncoderOutput, check_supported, encode_dual_path
+from .memory import PatchMemory, memory_taps
 from .scorer import Scorer
 from .surgery import feature_surgery, plain_similarity
 from .towers import as_clip, vision_tower
@@ -32,7 +33,9 @@ class SemClipConfig:
     """Model options (each [ours] choice of SEMCLIP.md is one field, so it can be ablated).
 
     ``cls``: class probabilities from the text scores only (zero-shot), the trained head only, or both fused
-    as ``alpha * softmax(text) + (1 - alpha) * softmax(head)``.
+    as ``alpha * softmax(text) + (1 - alpha) * softmax(head)``. ``memory``: a normal-patch memory fused into
+    the map (:mod:`.memory`). ``region_head``: the head also reads the *region embedding*, the mean projected
+    token of the most anomalous patches (a small defect barely moves the pooled token).
     """
 
     taps: tuple[int, ...]
@@ -43,6 +46,17 @@ class SemClipConfig:
     sigma: float = 4.0
     cls: str = "text"
     head_hidden: int = 128
+    memory: bool = False
+    region_head: bool = False
+    region_share: float = 0.02  # of the patches, at least one
+
+
+def head_input(emb: torch.Tensor, text: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """``[z ; z T^T]`` (and ``[r ; r T^T]`` of the region embedding when given). ``(B, E)`` -> ``(B, F)``."""
+    parts = [emb, emb @ text.t()]
+    if region is not None:
+        parts += [region, region @ text.t()]
+    return torch.cat(parts, dim=-1)
 
 
 @dataclass
@@ -71,14 +85,14 @@ def defect_map(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class ClassHead(nn.Module):
-    """Few-shot classification head on ``[z ; z T^T]`` (image embedding and its class similarities)."""
+    """Few-shot classification head on :func:`head_input` (embeddings and their class similarities)."""
 
-    def __init__(self, embed: int, n_classes: int, hidden: int) -> None:
+    def __init__(self, features: int, n_classes: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(embed + n_classes, hidden), nn.GELU(), nn.Linear(hidden, n_classes))
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, n_classes))
 
-    def forward(self, emb: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([emb, sims], dim=-1))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 class TransformationLayer(nn.Module):
@@ -140,7 +154,8 @@ class SemClip(Scorer):
         self.logit_scale = nn.Parameter(logit_scale.detach().clone(), requires_grad=False)
         self.transform = nn.ModuleList(TransformationLayer(visual.ln_post, visual.proj) for _ in cfg.taps)
         embed = visual.proj.shape[1]
-        self.head = ClassHead(embed, n_classes, cfg.head_hidden)
+        self.head = ClassHead((embed + n_classes) * (2 if cfg.region_head else 1), n_classes, cfg.head_hidden)
+        self.memory = PatchMemory(memory_taps(cfg.taps), visual.proj.shape[0]) if cfg.memory else None
         self.register_buffer("text_embeddings", torch.zeros(n_classes, embed))
         self.register_buffer("alpha", torch.tensor(1.0))
         self.register_buffer("text_scale", logit_scale.detach().exp().clone())
@@ -164,13 +179,15 @@ class SemClip(Scorer):
                     out.append(patch_logits(layer(tokens), text, scale, self.cfg.surgery, self.cfg.surgery_weights))
         return out
 
-    def class_logits(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text logits (fitted temperature) and head logits for normalised embeddings ``(B, E)``."""
-        sims = emb @ self.text_embeddings.to(emb.dtype).t()
-        return self.text_scale.to(emb.dtype) * sims, self.head(emb, sims)
+    def class_logits(self, emb: torch.Tensor, region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text logits (fitted temperature) and head logits for normalised embeddings ``(B, E)`` (and region
+        embeddings, with ``region_head``)."""
+        text = self.text_embeddings.to(emb.dtype)
+        sims = emb @ text.t()
+        return self.text_scale.to(emb.dtype) * sims, self.head(head_input(emb, text, region))
 
-    def class_probs(self, emb: torch.Tensor) -> torch.Tensor:
-        text_logits, head_logits = self.class_logits(emb)
+    def class_probs(self, emb: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+        text_logits, head_logits = self.class_logits(emb, region)
         if self.cfg.cls == "text":
             return text_logits.float().softmax(dim=-1)
         if self.cfg.cls == "head":
@@ -183,10 +200,42 @@ class SemClip(Scorer):
         enc = self.encode(images)
         return self.from_encoded(enc, (images.shape[-2], images.shape[-1]))
 
-    def from_encoded(self, enc: EncoderOutput, size: tuple[int, int]) -> SemClipOutput:
+    def memory_distance(self, enc: EncoderOutput) -> torch.Tensor | None:
+        """``(B, N)`` distances to the normal-patch memory, or None (no memory, or an empty one)."""
+        if self.memory is None or self.memory.empty:
+            return None
+        return self.memory.distance(enc, self.cfg.taps)
+
+    @torch.no_grad()
+    def region_embedding(self, enc: EncoderOutput, terms: list[torch.Tensor],
+                         distance: torch.Tensor | None) -> torch.Tensor | None:
+        """The normalised mean of the backbone-projected last-tap tokens of the most anomalous patches (by the
+        mean of the map terms' and, with a memory, the memory's patch scores), or None without ``region_head``."""
+        if not self.cfg.region_head:
+            return None
+        score = torch.stack([1.0 - t.float().softmax(dim=-1)[..., 0] for t in terms]).mean(dim=0)
+        if distance is not None and self.memory is not None:
+            score = 0.5 * (score + self.memory.patch_scores(distance))
+        k = max(1, round(score.shape[1] * self.cfg.region_share))
+        top = score.topk(k, dim=1).indices
+        tokens = enc.original[-1][:, 1:]
+        picked = torch.gather(tokens, 1, top[..., None].expand(-1, -1, tokens.shape[-1]))
+        proj = self.visual.ln_post(picked) @ self.visual.proj
+        return F.normalize(F.normalize(proj.float(), dim=-1).mean(dim=1), dim=-1).to(enc.pooled.dtype)
+
+    def from_encoded(self, enc: EncoderOutput, size: tuple[int, int],
+                     distance: torch.Tensor | None = None) -> SemClipOutput:
+        """Maps, class probabilities and embeddings of an encoding (``distance``: its memory distances, when
+        already computed)."""
         terms = self.term_logits(enc)
         total = sum(defect_map(t, size) for t in terms)
         assert isinstance(total, torch.Tensor)  # not sum()'s 0: every tap has its original-path term
-        maps = gaussian_blur(total / len(terms), self.cfg.sigma).clamp(0.0, 1.0)
+        total = total / len(terms)
+        if distance is None:
+            distance = self.memory_distance(enc)
+        if distance is not None and self.memory is not None:
+            total = self.memory.fuse(total, distance)
+        maps = gaussian_blur(total, self.cfg.sigma).clamp(0.0, 1.0)
         emb = F.normalize(enc.pooled, dim=-1)
-        return SemClipOutput(maps=maps, class_probs=self.class_probs(emb), embeddings=emb.float())
+        region = self.region_embedding(enc, terms, distance)
+        return SemClipOutput(maps=maps, class_probs=self.class_probs(emb, region), embeddings=emb.float())

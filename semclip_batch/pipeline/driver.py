@@ -125,7 +125,8 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
     spec = ModelSpec(backbone=meta.backbone, pretrained=pretrained, pretrained_sha256=req.pretrained_sha256,
                      seed=meta.weights.seed, precision=req.precision, taps=meta.taps, use_vv=meta.use_vv,
                      surgery=meta.surgery, cls=meta.cls, method=meta.method, use_reference=meta.use_reference,
-                     score_mode=meta.score_mode, sigma=meta.sigma, checkpoint=req.url,
+                     score_mode=meta.score_mode, sigma=meta.sigma, memory=meta.memory, region_head=meta.region_head,
+                     checkpoint=req.url,
                      storage_options=req.storage_options)
     get_method(spec.method)
     thresholds = _checkpoint_thresholds(cfg.thresholds, meta)

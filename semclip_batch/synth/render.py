@@ -4,6 +4,10 @@ A frame is a line/space or contact-hole layout with bright edges (SEM edge effec
 optional info banner. Each defect type has its defining shape: bridges join two adjacent lines, scratches are
 long and thin, particles round and bright, in-film defects faint, copper residue an irregular blob, holes dark
 voids with a bright rim. Masks are exactly the defect pixels, never under the banner.
+
+``render`` / ``add_defect`` / ``pattern`` are the ``classic`` family's (byte-stable: do not change them);
+:func:`render_sem`, :func:`scan_drift` and :func:`shift_rows` image the other families (see ``families.py``,
+``layouts.py``, ``defects.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
+from scipy import ndimage, signal
+
+from semclip_batch.synth.families import Regime
 
 DEFECTS = ("bridge", "copper_residue", "hole", "infilm", "particle", "scratch")
 CLASSES = ("normal", *DEFECTS)
@@ -160,4 +166,69 @@ def draw_banner(img: np.ndarray, text: str) -> np.ndarray:
     ImageDraw.Draw(strip).text((4, max(0, (bh - 11) // 2)), text, fill=235)
     out = img.copy()
     out[h - bh:] = np.asarray(strip, dtype=np.float64) / 255.0
+    return out
+
+
+def render_sem(structure: np.ndarray, rng: np.random.Generator, regime: Regime, extra: np.ndarray | None = None,
+               gain: float = 1.0, offset: float = 0.0) -> np.ndarray:
+    """A family's imaging: material level, bright edges, metal grain, charging streaks, beam blur, shot noise and
+    detector gain / offset. Returns ``(H, W)`` in [0, 1]."""
+    soft = ndimage.gaussian_filter(structure, 1.0)
+    edge = np.hypot(ndimage.sobel(soft, 0), ndimage.sobel(soft, 1))
+    edge /= max(edge.max(), 1e-6)
+    img = regime.base + regime.material * soft + regime.edge_gain * edge
+    if regime.texture:
+        img += regime.texture * _mottle(rng, *soft.shape) * (0.35 + np.clip(soft, 0, 1))
+    if extra is not None:
+        img += extra
+    if rng.random() < regime.streak_prob:
+        img += _charging(edge, rng, regime.streak_strength)
+    if regime.blur:
+        img = ndimage.gaussian_filter(img, regime.blur)
+    img += rng.standard_normal(img.shape) * regime.noise * np.sqrt(np.clip(img, 0.02, None))
+    return np.clip(offset + gain * img, 0.0, 1.0)
+
+
+def _mottle(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Grainy low-frequency mottling (unit-ish amplitude): coarse and medium noise upsampled bicubically."""
+    out = np.zeros((h, w), np.float32)
+    for cell, weight in ((24, 0.7), (6, 0.45)):
+        small = rng.standard_normal((h // cell + 2, w // cell + 2)).astype(np.float32)
+        big = Image.fromarray(small).resize(((w // cell + 2) * cell, (h // cell + 2) * cell), Image.Resampling.BICUBIC)
+        out += weight * np.asarray(big)[:h, :w]
+    return out
+
+
+def _charging(edge: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Charging: bright tails fading to the right of bright edges along the scan rows (short on every row, long
+    and strong on a few streak rows)."""
+    h = edge.shape[0]
+    hot = ndimage.uniform_filter1d(np.where(rng.random(h) < 0.04, rng.uniform(0.6, 1.6, h), 0.0), 2)
+    out = np.zeros_like(edge)
+    for rows, length in ((np.full(h, 0.35), rng.uniform(6, 20)), (hot, rng.uniform(40, 160))):
+        decay = float(np.exp(-1.0 / length))
+        out += signal.lfilter([1 - decay], [1, -decay], edge * rows[:, None], axis=1)
+    return strength * out / max(float(np.percentile(out, 99.5)), 1e-6)
+
+
+def scan_drift(rng: np.random.Generator, h: int, regime: Regime) -> np.ndarray:
+    """Integer horizontal offset per row: row-wise jitter plus a slow sinusoidal distortion (px)."""
+    if not (regime.jitter or regime.drift):
+        return np.zeros(h, np.int64)
+    jitter = ndimage.gaussian_filter1d(rng.standard_normal(h), 1.0)
+    jitter *= regime.jitter / max(float(jitter.std()), 1e-6)
+    y = np.arange(h) / h
+    slow = regime.drift * rng.uniform(0.4, 1.0) * np.sin(2 * np.pi * rng.uniform(0.5, 2.0) * y + rng.uniform(0, 6.3))
+    return np.rint(jitter + slow).astype(np.int64)
+
+
+def shift_rows(arr: np.ndarray, dx: np.ndarray, fill: float | bool | None = None) -> np.ndarray:
+    """``out[y, x] = arr[y, x - dx[y]]``; columns from outside the frame repeat the edge, or are ``fill``."""
+    if not dx.any():
+        return arr
+    w = arr.shape[1]
+    cols = np.arange(w)[None, :] - dx[:, None]
+    out = np.take_along_axis(arr, np.clip(cols, 0, w - 1), axis=1)
+    if fill is not None:
+        out[(cols < 0) | (cols >= w)] = fill
     return out

@@ -1,0 +1,54 @@
+"""``train --recipe``: how SEM-CLIP is fitted on the support set. ``paper`` is the paper's recipe as SEMCLIP.md
+rebuilds it (Transformation Layers + head on the pooled token, frozen backbone); ``transfer`` (the default)
+adds what made few shots work on families the backbone never saw (README "Quality that transfers"):
+the support frames in four orientations, a normal-patch memory fused into the map and a head that also reads
+the most anomalous patches. Each part is one field, so the benchmark ablates them one at a time. Recipes
+apply to SEM-CLIP only; the baselines keep their papers' recipes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from semclip_batch.config import ModelSpec
+from semclip_batch.errors import ConfigError
+from semclip_batch.methods.registry import get_method
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    augment: bool = False  # the support frames flipped and turned (fewshot.augment.TRANSFORMS)
+    memory: bool = False  # normal-patch memory fused into the map (model.memory)
+    region_head: bool = False  # the head also reads the region embedding (model.semclip.SemClipConfig)
+
+
+RECIPES = {
+    "paper": Recipe("paper"),
+    "transfer": Recipe("transfer", augment=True, memory=True, region_head=True),
+}
+DEFAULT_RECIPE = "transfer"
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+    return RECIPES[name]
+
+
+def applied(recipe: Recipe, spec: ModelSpec) -> ModelSpec:
+    """The model description a recipe trains (SEM-CLIP gains its memory / region head; baselines unchanged)."""
+    if not get_method(spec.method).recipes:
+        return spec
+    return replace(spec, memory=recipe.memory, region_head=recipe.region_head)
+
+
+def recorded(recipe: Recipe, method: str) -> str:
+    """The recipe name a checkpoint records: the recipe's, or the baseline's own name."""
+    return recipe.name if get_method(method).recipes else method
+
+
+def copies(recipe: Recipe, method: str) -> int:
+    """Rows per support frame once augmented."""
+    from semclip_batch.fewshot.augment import TRANSFORMS
+
+    return len(TRANSFORMS) if recipe.augment and get_method(method).recipes else 1

@@ -1,0 +1,199 @@
+"""train's recipes (paper / transfer), their parts (augmentation, normal-patch memory, region head) and the
+pretraining that learns on new data (crops at native resolution, area-balanced draws, a held-out check)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from semclip_batch.cli.commands import main
+from semclip_batch.config import ModelSpec
+from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.augment import TRANSFORMS, augment
+from semclip_batch.fewshot.pretrain import (
+    PretrainConfig,
+    area_buckets,
+    balanced_weights,
+    heldout_split,
+    pretrain,
+)
+from semclip_batch.fewshot.recipes import RECIPES, get_recipe
+from semclip_batch.fewshot.train import TrainConfig, train
+from semclip_batch.fewshot.trainset import TrainSet, crop_views, load_trainset
+from semclip_batch.io.manifest import read_manifest
+from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.weights import preprocess_config
+from semclip_batch.model.encoder import EncoderOutput
+from semclip_batch.model.memory import MAX_MEMORY, PatchMemory
+from semclip_batch.model.semclip import SemClip, SemClipConfig
+from semclip_batch.pipeline.inference import build_model
+
+
+def _set(n: int = 3, size: int = 16) -> TrainSet:
+    gen = torch.Generator().manual_seed(0)
+    views = torch.rand(n, size, size, generator=gen).half()
+    masks = torch.zeros(n, size, size, dtype=torch.float16)
+    masks[:, 2:5, 9:14] = 1.0
+    return TrainSet(views, masks, torch.arange(n), torch.ones(n, dtype=torch.bool), ["a", "b", "c"][:n],
+                    ("normal", "x", "y"), 0, refs=views.clone(), has_ref=torch.ones(n, dtype=torch.bool))
+
+
+def test_augment_is_copy_major_and_moves_masks_with_views():
+    data = _set()
+    aug = augment(data)
+    n, k = len(data), len(TRANSFORMS)
+    assert len(aug) == n * k and aug.captions == data.captions * k
+    assert torch.equal(aug.labels, data.labels.repeat(k))
+    assert torch.equal(aug.views[:n], data.views)  # copy 0 is the identity
+    for c, f in enumerate(TRANSFORMS.values()):
+        rows = slice(c * n, (c + 1) * n)
+        assert torch.equal(aug.views[rows], f(data.views)) and torch.equal(aug.masks[rows], f(data.masks))
+        assert aug.refs is not None and torch.equal(aug.refs[rows], f(data.views))
+    # the defect pixels stay under the same image pixels in every copy
+    for c in range(k):
+        m = aug.masks[c * n] > 0
+        assert torch.equal(aug.views[c * n][m].sort().values, data.views[0][data.masks[0] > 0].sort().values)
+
+
+def _enc(tokens: torch.Tensor) -> EncoderOutput:
+    """An encoding with the same ``(B, 1 + N, W)`` tokens at every tap."""
+    return EncoderOutput(pooled=tokens[:, 0, :8], original=[tokens] * 4, vv=[None] * 4)
+
+
+def test_memory_distance_scale_and_fusion():
+    mem = PatchMemory(taps=(2, 3), width=4)
+    assert mem.empty
+    e = torch.eye(4)
+    mem.set_banks([e[:2], e[:2]])
+    tokens = torch.zeros(1, 1 + 4, 4)
+    tokens[0, 1:] = torch.stack([e[0], e[1], e[2], -e[0]])
+    d = mem.distance(_enc(tokens), (1, 2, 3, 4))
+    assert torch.allclose(d, torch.tensor([[0.0, 0.0, 0.5, 0.5]]))  # in memory, orthogonal, opposite -> nearest e1
+    mem.scale.fill_(0.25)
+    assert torch.allclose(mem.patch_scores(d), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    maps = torch.full((1, 8, 8), 0.3)
+    mem.weight.fill_(0.0)
+    assert torch.equal(mem.fuse(maps, d), maps)
+    mem.weight.fill_(1.0)
+    fused = mem.fuse(maps, d)
+    assert fused[0, 0, 0] < 0.01 and fused[0, -1, -1] > 0.99  # the grid's top-left patch is remembered
+
+
+def test_memory_keeps_a_seeded_subset_beyond_its_cap():
+    big = torch.randn(MAX_MEMORY + 100, 4)
+    a, b = PatchMemory((1,), 4), PatchMemory((1,), 4)
+    a.set_banks([big], seed=3)
+    b.set_banks([big], seed=3)
+    assert a.banks()[0].shape == (MAX_MEMORY, 4) and torch.equal(a.banks()[0], b.banks()[0])
+    assert torch.allclose(a.banks()[0].norm(dim=-1), torch.ones(MAX_MEMORY))
+
+
+def test_region_embedding_is_the_most_anomalous_patches(tiny_clip):
+    model = SemClip(tiny_clip.clip, SemClipConfig(taps=(1, 2, 3, 4), region_head=True, region_share=0.0), n_classes=3)
+    n = 225
+    tokens = torch.randn(2, 1 + n, 128)
+    logits = torch.zeros(2, n, 3)
+    logits[0, 17, 0], logits[1, 200, 0] = -20.0, -20.0  # only these patches are not normal
+    region = model.region_embedding(_enc(tokens), [logits], None)
+    assert region is not None
+    visual = model.visual
+    for b, p in ((0, 17), (1, 200)):
+        expected = torch.nn.functional.normalize(visual.ln_post(tokens[b, 1 + p]) @ visual.proj, dim=-1)
+        assert torch.allclose(region[b], expected, atol=1e-5)
+    assert SemClip(tiny_clip.clip, SemClipConfig(taps=(4,)), 3).region_embedding(_enc(tokens), [logits], None) is None
+
+
+def test_recipes_and_their_record(synth_lot, tmp_path):
+    with pytest.raises(ConfigError, match="--recipe must be one of paper, transfer"):
+        get_recipe("magic")
+    support = str(synth_lot / "manifest.csv")
+    spec = ModelSpec(backbone="semclip-tiny", pretrained="none", cls="fused")
+    paper = train(TrainConfig(support=support, out=str(tmp_path / "p"), epochs=1, recipe=RECIPES["paper"], model=spec))
+    assert (paper.recipe, paper.memory, paper.region_head) == ("paper", False, False)
+    assert not any(k.startswith("memory.") for k in load_checkpoint(str(tmp_path / "p")).tensors)
+    winclip = train(TrainConfig(support=support, out=str(tmp_path / "w"), model=ModelSpec(
+        backbone="semclip-tiny", pretrained="none", method="winclip", cls="fused")))
+    assert (winclip.recipe, winclip.memory, winclip.training["rows_augmented"]) == ("winclip", False, 14)
+
+
+def test_transfer_checkpoint_scores_as_fitted(synth_lot, tmp_path):
+    """run rebuilds the memory (its size from the checkpoint), region head and weights: same maps and classes."""
+    out = tmp_path / "t"
+    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(out), epochs=2,
+                             model=ModelSpec(backbone="semclip-tiny", pretrained="none", cls="fused")))
+    ckpt = load_checkpoint(str(out))
+    spec = ModelSpec(backbone="semclip-tiny", pretrained="none", taps=meta.taps, cls=meta.cls, memory=meta.memory,
+                     region_head=meta.region_head, checkpoint=str(out))
+    scoring = build_model(spec, ckpt.tensors["text_embeddings"].numpy(), tensors=ckpt.tensors)
+    model = scoring.model
+    assert isinstance(model, SemClip) and model.memory is not None
+    assert model.memory.banks()[0].shape == ckpt.tensors["memory.bank0"].shape
+    assert float(model.memory.weight) == float(ckpt.tensors["memory.weight"])
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad():
+        out1 = model(x)
+        model.memory.weight.fill_(0.0)
+        out0 = model(x)
+    if float(ckpt.tensors["memory.weight"]) > 0:
+        assert not torch.allclose(out1.maps, out0.maps)  # the memory takes part in the map
+
+
+def test_crop_views_show_small_defects_at_native_resolution():
+    prep = preprocess_config("semclip-tiny", tile_above=10**9)
+    gray = np.random.default_rng(0).random((1000, 800)).astype(np.float32)
+    mask = np.zeros((1000, 800), bool)
+    mask[700:706, 100:106] = True  # a 6 px defect
+    crops = crop_views(gray, mask, prep, np.random.default_rng(1), count=2)
+    assert len(crops) == 2  # 240 and 480 px windows, both smaller than the frame
+    for view, crop_mask, _ in crops:
+        assert view.shape == (240, 240) and crop_mask is not None
+    native = crops[0][1]
+    assert native is not None and native.sum() == pytest.approx(36, abs=0.5)  # 36 px, unresized
+    assert not crop_views(gray[:200, :200], mask[:200, :200], prep, np.random.default_rng(1), 2)  # frame too small
+
+
+def test_balanced_draws_and_heldout_frames():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    masks = torch.zeros(7, 10, 10, dtype=torch.float16)
+    masks[4, :1, :1] = 1  # 1 % -> bucket 1... ; row 5 large
+    masks[5, :5, :5] = 1
+    masks[6, :5, :5] = 1
+    data = TrainSet(torch.zeros(7, 10, 10), masks, labels, torch.ones(7, dtype=torch.bool), [""] * 7, ("n", "a", "b"), 0)
+    w = balanced_weights(area_buckets(data))
+    share = {int(k): float(w[area_buckets(data) == k].sum()) for k in area_buckets(data).unique()}
+    assert len(set(round(v, 6) for v in share.values())) == 1  # every (class, area bucket) drawn equally
+    frame = torch.arange(40).repeat_interleave(3)  # 40 frames, each a whole view and two crops
+    big = TrainSet(torch.zeros(120, 2, 2), torch.zeros(120, 2, 2), torch.zeros(120, dtype=torch.long),
+                   torch.ones(120, dtype=torch.bool), [""] * 120, ("n",), 0, frame=frame)
+    train_rows, held = heldout_split(big, 0.1, seed=0)
+    assert len(held) == 4 and torch.all(held % 3 == 0)  # whole views of 4 frames
+    assert not set(frame[train_rows].tolist()) & set(frame[held].tolist())
+
+
+def test_pretrain_reports_a_heldout_check(tmp_path):
+    from semclip_batch.synth.generate import SynthConfig, synth
+
+    synth(str(tmp_path / "d"), SynthConfig(seed=5, lots=3, per_class=1, family="contacts", sizes=((300, 300),)))
+    out = tmp_path / "w.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(main, ["pretrain", str(tmp_path / "d" / "manifest.csv"), "--out", str(out),
+                                  "--backbone", "semclip-tiny", "--steps", "4", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "held-out check" in result.output and "patch AUROC particle" in result.output
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["crops"] == "2" and meta["steps"] == "4"
+    heldout = json.loads(meta["heldout"])
+    assert set(heldout) == {"before", "after"} and "accuracy" in heldout["after"]
+    # 21 frames of 300 px: whole view + one native-resolution crop each, 2 frames held out
+    data = load_trainset(read_manifest(str(tmp_path / "d" / "manifest.csv")), ("normal", "bridge", "copper_residue",
+                         "hole", "infilm", "particle", "scratch"), preprocess_config("semclip-tiny", tile_above=10**9), crops=2)
+    assert len(data) == 42
+    res = pretrain(PretrainConfig(manifest=str(tmp_path / "d" / "manifest.csv"), out=str(tmp_path / "w2.safetensors"),
+                                  steps=2, batch_size=2, model=ModelSpec(backbone="semclip-tiny")))
+    assert res.sha256 and set(res.before) == set(res.after)
