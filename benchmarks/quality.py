@@ -221,6 +221,8 @@ def main() -> None:
     parser.add_argument("--families", default="contacts,logic,metal", help="families tested after pretraining on A")
     parser.add_argument("--siblings", default="metal", help="pretrained and tested on its own siblings")
     parser.add_argument("--validation", default="contacts", help="the family settings were chosen on")
+    parser.add_argument("--no-siblings", action="store_true", help="only the transfer part (a)")
+    parser.add_argument("--json", default="quality.json", help="file name of the table, in --work")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--test-lots", type=int, default=1, help="70 frames per lot")
     parser.add_argument("--pretrain-lots", type=int, default=PRETRAIN_LOTS, help="70 frames per lot")
@@ -233,17 +235,18 @@ def main() -> None:
     ensure_data(work, families, args.source, args.siblings, args.test_lots, args.pretrain_lots)
     rows: list[dict[str, object]] = []
     pretraining: dict[str, object] = {}
-    for pretrained_on, tested in ((args.source, families), (args.siblings, [args.siblings])):
+    parts = [(args.source, families)] + ([] if args.no_siblings else [(args.siblings, [args.siblings])])
+    for pretrained_on, tested in parts:
         weights, record = ensure_weights(work, pretrained_on, args.backbone, args.pretrain_steps)
         pretraining[pretrained_on] = record
         for family in tested:
             rows += evaluate_family(work, weights, pretrained_on, family, args.backbone, seeds, args.validation)
-            (work / "quality.json").write_text(json.dumps({"backbone": args.backbone, "rows": rows,
+            (work / args.json).write_text(json.dumps({"backbone": args.backbone, "rows": rows,
                                                            "pretraining": pretraining}, indent=2))
     print_table(rows)
     total = time.perf_counter() - started
     print(f"\ntotal {total / 60:.1f} min")
-    (work / "quality.json").write_text(json.dumps({"backbone": args.backbone, "rows": rows, "pretraining": pretraining,
+    (work / args.json).write_text(json.dumps({"backbone": args.backbone, "rows": rows, "pretraining": pretraining,
                                                    "minutes": total / 60}, indent=2))
 
 

@@ -1,7 +1,9 @@
 """``demo``: every step, in order, on synthetic lots:
-synth -> pretrain (short schedule, cached in DIR) -> train -> run -> eval -> aggregate -> report -> summary.
+synth -> train (10-shot, on the shipped weights) -> run -> eval -> aggregate -> report -> summary;
+``--pretrain`` first pretrains a backbone with the short schedule (cached in DIR) and trains on it instead.
 
-Three synthetic sets from apart seeds: pretraining lots, a 10-shot support set and the test lots.
+Synthetic sets from apart seeds: a 10-shot support set and the test lots (and, with ``--pretrain``, pretraining
+lots). The shipped weights were pretrained on other seeds still (:mod:`semclip_batch.methods.shipped`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from semclip_batch.config import CheckpointRequest, ModelSpec, RunConfig
 from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.io import storage
+from semclip_batch.methods.shipped import SHIPPED, shipped_weights
 from semclip_batch.pipeline.driver import run
 from semclip_batch.synth.generate import SynthConfig, synth
 
@@ -37,15 +40,8 @@ def _cached_weights(path: str, backbone: str) -> str | None:
     return meta.get("sha256") if ok else None
 
 
-def run_demo(folder: str, *, backbone: str = "semclip-tiny") -> Iterator[str]:
-    """Run the demo, yielding lines to show."""
-    root = storage.normalize_root(folder)
-    data, support, pre, out = (storage.join(root, p) for p in ("data", "support", "pretrain", "out"))
-    weights, ckpt = storage.join(pre, "weights.safetensors"), storage.join(root, "checkpoint")
-    yield f"[1/8] synth: test lots -> {data}, 10-shot support set -> {support}, pretraining lots -> {pre}"
-    manifest = synth(data, SynthConfig(seed=7, lots=2, per_class=3, sizes=(*SIZES, (1200, 900))))
-    synth(support, SynthConfig(seed=2000, lots=1, per_class=10, sizes=SIZES))
-    yield f"      {len(manifest)} test images in {manifest['lot_id'].nunique()} lots (one 1200x900 frame per lot is tiled)"
+def _short_pretrain(pre: str, weights: str, backbone: str) -> Iterator[str]:
+    """``demo --pretrain``: the short schedule on synthetic lots, cached in ``pre``."""
     digest = _cached_weights(weights, backbone)
     if digest is None:
         synth(pre, SynthConfig(seed=1000, lots=6, per_class=10, sizes=SIZES))
@@ -55,7 +51,26 @@ def run_demo(folder: str, *, backbone: str = "semclip-tiny") -> Iterator[str]:
     else:
         yield f"[2/8] pretrain: cached {weights}"
     yield f"      weights sha256 {digest}"
-    yield "[3/8] train: 10-shot SEM-CLIP on the frozen backbone"
+
+
+def run_demo(folder: str, *, backbone: str = "semclip-tiny", with_pretrain: bool = False) -> Iterator[str]:
+    """Run the demo, yielding lines to show."""
+    root = storage.normalize_root(folder)
+    data, support, pre, out = (storage.join(root, p) for p in ("data", "support", "pretrain", "out"))
+    ckpt = storage.join(root, "checkpoint")
+    yield f"[1/8] synth: test lots -> {data}, 10-shot support set -> {support}"
+    manifest = synth(data, SynthConfig(seed=7, lots=2, per_class=3, sizes=(*SIZES, (1200, 900))))
+    synth(support, SynthConfig(seed=2000, lots=1, per_class=10, sizes=SIZES))
+    yield f"      {len(manifest)} test images in {manifest['lot_id'].nunique()} lots (one 1200x900 frame per lot is tiled)"
+    if with_pretrain:
+        weights = storage.join(pre, "weights.safetensors")
+        yield from _short_pretrain(pre, weights, backbone)
+    else:
+        weights = SHIPPED
+        yield (f"[2/8] pretrain: skipped; the shipped {backbone} weights (pretrained by `pretrain` with its defaults on "
+               f"2,030 synthetic frames of other seeds; `demo --pretrain` shows the step)")
+        yield f"      weights sha256 {shipped_weights(backbone).sha256}"
+    yield "[3/8] train: 10-shot SEM-CLIP (recipe transfer) on the frozen backbone"
     meta = train(TrainConfig(support=storage.join(support, "manifest.csv"), out=ckpt, shots=10,
                              model=ModelSpec(backbone=backbone, pretrained=weights, cls="fused")))
     yield (f"      checkpoint {ckpt}: alpha {meta.alpha:.2f}, thresholds image {meta.thresholds.image:.3f} "

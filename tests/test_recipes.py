@@ -188,7 +188,7 @@ def test_pretrain_reports_a_heldout_check(tmp_path):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["crops"] == "2" and meta["steps"] == "4"
-    heldout = json.loads(meta["heldout"])
+    heldout = json.loads(meta["heldout_check"])
     assert set(heldout) == {"before", "after"} and "accuracy" in heldout["after"]
     # 21 frames of 300 px: whole view + one native-resolution crop each, 2 frames held out
     data = load_trainset(read_manifest(str(tmp_path / "d" / "manifest.csv")), ("normal", "bridge", "copper_residue",

@@ -312,7 +312,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     from semclip_batch.fewshot.train import train as run_train
 
     if pretrained is None:
-        raise ConfigError("train needs --pretrained (a weights path/URL, or 'none' for seeded random weights)")
+        raise ConfigError("train needs --pretrained (a weights path/URL, 'shipped', or 'none' for seeded random weights)")
     try:
         tap_list = tuple(int(t) for t in taps.split(",")) if taps else None
     except ValueError:
@@ -340,9 +340,13 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
 @main.command()
 @click.argument("dir", default="./demo-out", required=False)
 @click.option("--backbone", default="semclip-tiny", show_default=True, help="Backbone for the demo run.")
+@click.option("--pretrain", "with_pretrain", is_flag=True,
+              help="Pretrain the backbone first (short schedule, ~3 min, cached in DIR) instead of using the shipped "
+                   "semclip-tiny weights.")
 @user_errors
-def demo(dir: str, backbone: str) -> None:
-    """Run every step on synthetic lots in DIR: synth, pretrain (cached), train, run, eval, aggregate, report, summary.
+def demo(dir: str, backbone: str, with_pretrain: bool) -> None:
+    """Run every step on synthetic lots in DIR: synth, train on the shipped weights, run, eval, aggregate, report,
+    summary (with --pretrain: a short pretraining first).
 
     \b
     Example:
@@ -350,5 +354,5 @@ def demo(dir: str, backbone: str) -> None:
     """
     from semclip_batch.demo import run_demo
 
-    for line in run_demo(dir, backbone=backbone):
+    for line in run_demo(dir, backbone=backbone, with_pretrain=with_pretrain):
         click.echo(line)

@@ -101,8 +101,8 @@ def model_options(fn: F) -> F:
         click.option("--backbone", default=None, help=f"open_clip model name [default: {DEFAULT_BACKBONE}; with --model: "
                                                        "the checkpoint's]."),
         click.option("--pretrained", default=None,
-                     help="Backbone weights: local path or fsspec URL (.safetensors / .pt), or 'none' for seeded "
-                          "random weights."),
+                     help="Backbone weights: local path or fsspec URL (.safetensors / .pt), 'shipped' for the "
+                          "package's own semclip-tiny weights, or 'none' for seeded random weights."),
         click.option("--pretrained-sha256", default=None, help="Refuse weights whose sha256 differs (canonical or file)."),
         click.option("--seed", default=0, show_default=True, type=int, help="Seed for random weights and sampling."),
         click.option("--prompts", default=None, help="Prompt file (JSON: templates x states per class)."),
@@ -164,7 +164,8 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
     from semclip_batch.errors import ConfigError
 
     if pretrained is None and model is None:
-        raise ConfigError("run needs --pretrained (a weights path/URL, or 'none' for seeded random weights) or --model")
+        raise ConfigError("run needs --pretrained (a weights path/URL, 'shipped', or 'none' for seeded random weights) "
+                          "or --model")
     so = parse_storage_options(storage_option)
     spec: ModelSpec | CheckpointRequest
     if model is not None:

@@ -17,7 +17,7 @@ at 1; steps draw rows balanced over (class, defect-area bucket), so small defect
 ones; the learning rate warms up over the first ``warmup`` share of the steps (one-cycle schedule). A seeded
 ``heldout`` share of the frames is never trained on: per-class patch AUROC (each class's patches against normal
 patches, by 1 - p(normal), on whole-frame views as ``run`` scores them) and image accuracy of the text scores
-are measured on it before and after, returned and stored in the weights file's metadata.
+are measured on it before and after, returned and stored in the weights file's metadata (``heldout_check``).
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     seconds = time.perf_counter() - t0
     log.info("pretrained %s for %d steps in %.0f s on %d views of %d frames (%d skipped, %d held out)",
              cfg.model.backbone, cfg.steps, seconds, len(train_rows), len(df) - data.skipped, data.skipped, len(held))
-    meta = {**cfg.recipe(), **(metadata or {}), "heldout": json.dumps({"before": before, "after": after})}
+    meta = {**cfg.recipe(), **(metadata or {}), "heldout_check": json.dumps({"before": before, "after": after})}
     digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
     return Pretrained(digest, before, after, seconds)
 

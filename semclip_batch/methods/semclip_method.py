@@ -107,14 +107,15 @@ def _grid(enc: EncoderOutput) -> int:
 
 def fill_memory(model: SemClip, enc: EncoderOutput, support: Support, rows: torch.Tensor, rescale: bool = True) -> float:
     """Fill the memory with the clean patches of ``rows``; with ``rescale``, first fit its distance scale: the
-    99th percentile of each half's clean patches' distances to a memory of the other half (2-fold)."""
+    99th percentile of each half's clean patches' distances to a memory of the other half's frames (2-fold)."""
     memory = model.memory
     assert memory is not None
     data = support.data
     clean = clean_patches(data.masks[rows], data.has_mask[rows], _grid(enc))
     tokens = [t[rows] for t in memory.tokens(enc, model.cfg.taps)]
     if rescale and len(rows) >= 2:
-        halves = (torch.arange(len(rows)) % 2 == 0, torch.arange(len(rows)) % 2 == 1)
+        frame = rows % support.frames  # the copies of one frame stay in one half
+        halves = (frame % 2 == 0, frame % 2 == 1)
         dists = []
         for held, kept in (halves, halves[::-1]):
             memory.set_banks([t[kept][clean[kept]] for t in tokens], support.seed)

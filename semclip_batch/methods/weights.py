@@ -25,6 +25,7 @@ from torch import nn
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.io import storage
+from semclip_batch.methods.shipped import SHIPPED, shipped_path, shipped_weights
 
 log = logging.getLogger(__name__)
 RANDOM = "none"
@@ -89,8 +90,12 @@ def canonical_sha256(state: Mapping[str, torch.Tensor], seed: int | None = None)
 
 def load_backbone(name: str, pretrained: str, *, seed: int = 0, expected_sha256: str | None = None,
                   storage_options: Mapping[str, Any] | None = None) -> LoadedBackbone:
-    """Build backbone ``name`` with weights from ``pretrained`` (a URL, or ``none`` for seeded random)."""
+    """Build backbone ``name`` with weights from ``pretrained`` (a URL, ``none`` for seeded random, or
+    ``shipped`` for the package's own, checksum pinned: :mod:`semclip_batch.methods.shipped`)."""
     check_backbone(name)
+    if pretrained == SHIPPED:
+        loaded = load_backbone(name, shipped_path(name), expected_sha256=expected_sha256 or shipped_weights(name).sha256)
+        return LoadedBackbone(clip=loaded.clip, name=name, source=SHIPPED, sha256=loaded.sha256)
     torch.manual_seed(seed)
     with _quiet_root_logger():  # open_clip warns "no pretrained weights" on the root logger; we load them below
         clip = open_clip.create_model(name, pretrained=None)
