@@ -11,7 +11,7 @@ labelled frames each: one on ``--source`` (family A), one on ``--siblings``. The
 
 Per family, apart seeds: support (seed 2000, 10 per class = 70 frames), test (seed 6000, ``--test-lots`` x 70
 frames). Every configuration is fitted with ``train``'s own code (:func:`semclip_batch.fewshot.train.fit`, over
-``--seeds`` support draws) and scored as ``run`` + ``eval`` score (whole-frame view, map resized to the frame,
+``--seeds`` support draws, 0 and 1 by default) and scored as ``run`` + ``eval`` score (whole-frame view, map resized to the frame,
 uint8 masks, the same metric code). ``--validation`` names the family on which settings were chosen (the
 recipe's parts, the default recipe); its rows are marked ``val``. Nothing is chosen on the other families.
 
@@ -191,7 +191,7 @@ def ensure_weights(work: Path, family: str, backbone: str, steps: int | None) ->
 
 
 def evaluate_family(work: Path, weights: str, pretrained_on: str, family: str, backbone_name: str,
-                    seeds: list[int], validation: str) -> list[dict[str, object]]:
+                    seeds: list[int], validation: str, configs: list[str]) -> list[dict[str, object]]:
     prompts = load_prompts()
     backbone = load_backbone(backbone_name, weights)
     text = torch.from_numpy(text_embeddings(backbone, prompts))
@@ -207,7 +207,8 @@ def evaluate_family(work: Path, weights: str, pretrained_on: str, family: str, b
     figures["seconds"] = 0.0
     print("    zero-shot: " + " ".join(f"{k} {figures[k]:.3f}" for k in KEYS), flush=True)
     rows = [summarise({**base, "config": "semclip zero-shot", "seeds": 1}, [figures])]
-    for name, (method, recipe) in CONFIGS.items():
+    for name in configs:
+        method, recipe = CONFIGS[name]
         runs = [run_config(name, method, recipe, backbone, text, support, test, seed) for seed in seeds]
         rows.append(summarise({**base, "config": name, "seeds": len(seeds)}, runs))
     return rows
@@ -223,7 +224,8 @@ def main() -> None:
     parser.add_argument("--validation", default="contacts", help="the family settings were chosen on")
     parser.add_argument("--no-siblings", action="store_true", help="only the transfer part (a)")
     parser.add_argument("--json", default="quality.json", help="file name of the table, in --work")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="a subset of: " + ", ".join(CONFIGS))
+    parser.add_argument("--seeds", default="0,1", help="support draws (the defaults fit the 60-minute cap here)")
     parser.add_argument("--test-lots", type=int, default=1, help="70 frames per lot")
     parser.add_argument("--pretrain-lots", type=int, default=PRETRAIN_LOTS, help="70 frames per lot")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="[default: pretrain's] (smoke tests only)")
@@ -232,6 +234,9 @@ def main() -> None:
     started = time.perf_counter()
     families = [f for f in args.families.split(",") if f and f != args.source]
     seeds = [int(s) for s in args.seeds.split(",")]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if set(configs) - set(CONFIGS):
+        parser.error(f"--configs: unknown {sorted(set(configs) - set(CONFIGS))}; choose from {', '.join(CONFIGS)}")
     ensure_data(work, families, args.source, args.siblings, args.test_lots, args.pretrain_lots)
     rows: list[dict[str, object]] = []
     pretraining: dict[str, object] = {}
@@ -240,7 +245,7 @@ def main() -> None:
         weights, record = ensure_weights(work, pretrained_on, args.backbone, args.pretrain_steps)
         pretraining[pretrained_on] = record
         for family in tested:
-            rows += evaluate_family(work, weights, pretrained_on, family, args.backbone, seeds, args.validation)
+            rows += evaluate_family(work, weights, pretrained_on, family, args.backbone, seeds, args.validation, configs)
             (work / args.json).write_text(json.dumps({"backbone": args.backbone, "rows": rows,
                                                            "pretraining": pretraining}, indent=2))
     print_table(rows)

@@ -328,8 +328,10 @@ def test_report_written_to_s3(report, s3_endpoint):
     for path in out.rglob("*"):
         if path.is_file() and path.relative_to(out).parts[0] != "reports":
             fs.pipe_file(f"{remote}/{path.relative_to(out).as_posix()}", path.read_bytes())
-    index = write_report(f"s3://{remote}", top_n=2)
+    calls: list[tuple[int, int]] = []
+    index = write_report(f"s3://{remote}", top_n=2, progress=lambda n, total: calls.append((n, total)))
     assert index == f"s3://{remote}/reports/index.html"
+    assert calls == [(1, len(LOTS))] * len(LOTS)  # the progress bar of `report`: one step per lot page
     fs.invalidate_cache()
     names = [p[len(remote) + len("/reports/"):] for p in fs.find(f"{remote}/reports")]
     pages = {n: fs.cat_file(f"{remote}/reports/{n}").decode() for n in names if n.endswith(".html")}

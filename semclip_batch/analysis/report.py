@@ -26,7 +26,7 @@ import zarr
 
 from semclip_batch.analysis import report_html as pages
 from semclip_batch.analysis.charts import ERROR, Palette, overlay_png, pareto_png, rate_png, wafer_map_png
-from semclip_batch.config import DEFAULT_PIXEL_THRESHOLD, DEFAULT_REPORT_TOP_N
+from semclip_batch.config import DEFAULT_PIXEL_THRESHOLD, DEFAULT_REPORT_TOP_N, Progress
 from semclip_batch.errors import ConfigError, ImageError, OutputError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame
@@ -118,8 +118,10 @@ class Lot:
         return total
 
 
-def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write ``OUT/reports/`` anew (index last) and return the URL of ``index.html``.
+def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options: Mapping[str, Any] | None = None,
+                 progress: Progress | None = None) -> str:
+    """Write ``OUT/reports/`` anew (index last) and return the URL of ``index.html``; ``progress`` is called
+    with (1, lots) after each lot page.
 
     Raises :class:`OutputError` when OUT has no predictions, :class:`ConfigError` for a bad ``top_n``.
     """
@@ -142,6 +144,8 @@ def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options
             lot = read_lot(con, layout, lot_id, top_n, so)
             if lot is not None:
                 rows.append(_write_lot(layout, lot, _palette(classes, lot), frames, so))
+            if progress is not None:
+                progress(1, len(lots))
     finally:
         con.close()
     index = storage.join(layout.reports, "index.html")

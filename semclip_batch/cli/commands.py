@@ -158,7 +158,9 @@ def report(out: str, top_n: int, storage_option: tuple[str, ...]) -> None:
     """
     from semclip_batch.analysis.report import write_report
 
-    click.echo(write_report(out, top_n=top_n, storage_options=parse_storage_options(storage_option)))
+    with row_progress("report", "lot", plain=False) as progress:
+        index = write_report(out, top_n=top_n, storage_options=parse_storage_options(storage_option), progress=progress)
+    click.echo(index)
 
 
 @main.command()

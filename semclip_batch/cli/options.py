@@ -73,8 +73,11 @@ report_flag = click.option("--report", is_flag=True,
 def write_report_line(out: str, storage_option: tuple[str, ...]) -> None:
     """``--report``: write OUT/reports/ and say where its index is."""
     from semclip_batch.analysis.report import write_report
+    from semclip_batch.cli.progress import row_progress
 
-    click.echo(f"report: {write_report(out, storage_options=parse_storage_options(storage_option))}")
+    with row_progress("report", "lot", plain=False) as progress:
+        index = write_report(out, storage_options=parse_storage_options(storage_option), progress=progress)
+    click.echo(f"report: {index}")
 
 
 class MethodChoice(click.Choice):
