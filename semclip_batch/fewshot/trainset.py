@@ -63,7 +63,7 @@ def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | No
     whole: Loaded = (view, None if mask is None else mask_view(mask, prep.image_size), ref)
     if not crops:
         return [whole]
-    rng = np.random.default_rng([seed, int(row.name) if isinstance(row.name, int) else 0])
+    rng = np.random.default_rng([seed, int(row.name)])  # row.name: the row's position (index reset)
     return [whole, *crop_views(gray, mask, prep, rng, crops)]
 
 
