@@ -84,6 +84,17 @@ def test_memory_distance_scale_and_fusion():
     assert fused[0, 0, 0] < 0.01 and fused[0, -1, -1] > 0.99  # the grid's top-left patch is remembered
 
 
+def test_memory_scores_are_relative_to_the_frame():
+    """A frame unlike every support frame as a whole (all patches far) is not flagged everywhere; its outlier is."""
+    mem = PatchMemory(taps=(1,), width=4)
+    mem.scale.fill_(0.1)
+    far = torch.full((2, 9), 0.3)
+    far[1, 4] = 0.5  # one patch stands out in the second frame
+    scores = mem.patch_scores(far)
+    assert torch.equal(scores[0], torch.zeros(9))
+    assert scores[1, 4] > 0.99 and int((scores[1] > 0).sum()) == 1
+
+
 def test_memory_keeps_a_seeded_subset_beyond_its_cap():
     big = torch.randn(MAX_MEMORY + 100, 4)
     a, b = PatchMemory((1,), 4), PatchMemory((1,), 4)

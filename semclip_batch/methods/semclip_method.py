@@ -33,6 +33,7 @@ from semclip_batch.methods.fitting import (
 from semclip_batch.methods.registry import Method, depth_of, method_taps, register
 from semclip_batch.model import SemClip, SemClipConfig, SemClipOutput
 from semclip_batch.model.encoder import EncoderOutput
+from semclip_batch.model.memory import centred
 from semclip_batch.model.patchops import nearest_distance
 from semclip_batch.model.semclip import defect_map, head_input
 
@@ -121,7 +122,7 @@ def fill_memory(model: SemClip, enc: EncoderOutput, support: Support, rows: torc
             memory.set_banks([t[kept][clean[kept]] for t in tokens], support.seed)
             if not memory.empty:
                 d = torch.stack([nearest_distance(t[held], b) for t, b in zip(tokens, memory.banks(), strict=True)]).mean(0)
-                dists.append(d[clean[held]])
+                dists.append(centred(d)[clean[held]])
         flat = torch.cat(dists) if dists else torch.zeros(0)
         if flat.numel():
             memory.scale.fill_(float(torch.quantile(flat.float(), 0.99).clamp_min(1e-4)))

@@ -4,8 +4,9 @@ WinCLIP+ and PromptAD have and SEM-CLIP lacks; PatchCore-style nearest-neighbour
 The memory holds original-path patch tokens of mid-level blocks (the middle taps: PatchCore's finding that
 mid-level features localise best) of every clean patch of the support set: all patches of normal frames and
 the patches of defect frames that hold no defect pixel. A patch scores ``(1 - max cos) / 2`` to its nearest
-memory token, averaged over the memory taps; the map is ``clamp(distance / (2 * scale), 0, 1)`` with ``scale``
-the 99th percentile of held-out clean patches' distances, and the fused map is
+memory token, averaged over the memory taps, less the frame's median distance (:func:`centred`); the map is
+``clamp(centred / (2 * scale), 0, 1)`` with ``scale`` the 99th percentile of held-out clean patches' centred
+distances, and the fused map is
 ``(1 - weight) * method + weight * memory``. ``scale`` and ``weight`` are fitted on the support set.
 """
 
@@ -19,6 +20,12 @@ from .encoder import EncoderOutput
 from .patchops import grid_to_image, nearest_distance
 
 MAX_MEMORY = 8192  # tokens per memory tap (a seeded random subset beyond it): ~2 GFLOP per frame at width 896
+
+
+def centred(distance: torch.Tensor) -> torch.Tensor:
+    """Each frame's distances less their median ``(B, N)``: a frame unlike every support frame as a whole (another
+    pattern scale, texture or contrast) is not flagged everywhere; what stands out within it still is."""
+    return distance - distance.median(dim=1, keepdim=True).values
 
 
 def memory_taps(taps: tuple[int, ...]) -> tuple[int, ...]:
@@ -66,8 +73,8 @@ class PatchMemory(nn.Module):
         return torch.stack(terms).mean(dim=0)
 
     def patch_scores(self, distance: torch.Tensor) -> torch.Tensor:
-        """Distances ``(B, N)`` -> scores in [0, 1]."""
-        return (distance / (2.0 * self.scale)).clamp(0.0, 1.0)
+        """Distances ``(B, N)`` -> scores in [0, 1], after :func:`centred`."""
+        return (centred(distance) / (2.0 * self.scale)).clamp(0.0, 1.0)
 
     def fuse(self, maps: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
         """Method maps ``(B, H, W)`` (already smoothed) and distances ``(B, N)`` -> fused maps (unsmoothed memory
