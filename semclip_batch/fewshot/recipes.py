@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from semclip_batch.config import ModelSpec
 from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.augment import TRANSFORMS
 from semclip_batch.methods.registry import get_method
 
 
@@ -49,6 +50,4 @@ def recorded(recipe: Recipe, method: str) -> str:
 
 def copies(recipe: Recipe, method: str) -> int:
     """Rows per support frame once augmented."""
-    from semclip_batch.fewshot.augment import TRANSFORMS
-
     return len(TRANSFORMS) if recipe.augment and get_method(method).recipes else 1

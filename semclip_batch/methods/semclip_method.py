@@ -34,13 +34,12 @@ from semclip_batch.methods.registry import Method, depth_of, method_taps, regist
 from semclip_batch.model import SemClip, SemClipConfig, SemClipOutput
 from semclip_batch.model.encoder import EncoderOutput
 from semclip_batch.model.memory import centred
-from semclip_batch.model.patchops import nearest_distance
 from semclip_batch.model.semclip import defect_map, head_input
 
 SEMCLIP_EPOCHS = 40
 LOSS_DOWNSCALE = 2  # focal + dice on maps at half the model-input size: 4x cheaper, same patch grid
-MEMORY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fusion weights tried on the validation frames
-DEFAULT_MEMORY_WEIGHT = 0.5  # below 10 support frames (no validation split)
+MEMORY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fusion weights tried by cross-validation over the support frames
+DEFAULT_MEMORY_WEIGHT = 0.5  # below 5 support frames, or none with a mask (nothing to cross-validate)
 
 
 @register
@@ -121,8 +120,7 @@ def fill_memory(model: SemClip, enc: EncoderOutput, support: Support, rows: torc
         for held, kept in (halves, halves[::-1]):
             memory.set_banks([t[kept][clean[kept]] for t in tokens], support.seed)
             if not memory.empty:
-                d = torch.stack([nearest_distance(t[held], b) for t, b in zip(tokens, memory.banks(), strict=True)]).mean(0)
-                dists.append(centred(d)[clean[held]])
+                dists.append(centred(memory.token_distance([t[held] for t in tokens]))[clean[held]])
         flat = torch.cat(dists) if dists else torch.zeros(0)
         if flat.numel():
             memory.scale.fill_(float(torch.quantile(flat.float(), 0.99).clamp_min(1e-4)))
@@ -241,8 +239,7 @@ def fit_alpha(model: SemClip, enc: EncoderOutput, support: Support, dist: torch.
     support frames (folds by frame: no copy of a held-out frame is fitted on; scored on first copies)."""
     labels = support.data.labels
     x = head_inputs(model, enc, dist)
-    emb = F.normalize(enc.pooled, dim=-1)
-    text_logits = model.text_scale * emb @ model.text_embeddings.to(emb.dtype).t()
+    text_logits = model.text_logits(F.normalize(enc.pooled, dim=-1))
     n = support.frames
     order = torch.randperm(n, generator=torch.Generator().manual_seed(support.seed + 1))
     head_probs = torch.zeros(n, text_logits.shape[1])

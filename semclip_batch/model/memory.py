@@ -69,7 +69,11 @@ class PatchMemory(nn.Module):
 
     def distance(self, enc: EncoderOutput, taps: tuple[int, ...]) -> torch.Tensor:
         """``(B, N)`` mean nearest-neighbour distance over the memory taps."""
-        terms = [nearest_distance(t, bank) for t, bank in zip(self.tokens(enc, taps), self.banks(), strict=True)]
+        return self.token_distance(self.tokens(enc, taps))
+
+    def token_distance(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`distance` of tokens already taken by :meth:`tokens`, one ``(B, N, W)`` per memory tap."""
+        terms = [nearest_distance(t, bank) for t, bank in zip(tokens, self.banks(), strict=True)]
         return torch.stack(terms).mean(dim=0)
 
     def patch_scores(self, distance: torch.Tensor) -> torch.Tensor:

@@ -182,9 +182,11 @@ class SemClip(Scorer):
     def class_logits(self, emb: torch.Tensor, region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Text logits (fitted temperature) and head logits for normalised embeddings ``(B, E)`` (and region
         embeddings, with ``region_head``)."""
-        text = self.text_embeddings.to(emb.dtype)
-        sims = emb @ text.t()
-        return self.text_scale.to(emb.dtype) * sims, self.head(head_input(emb, text, region))
+        return self.text_logits(emb), self.head(head_input(emb, self.text_embeddings.to(emb.dtype), region))
+
+    def text_logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """Class logits of the text scores alone (fitted temperature) for normalised embeddings ``(B, E)``."""
+        return self.text_scale.to(emb.dtype) * (emb @ self.text_embeddings.to(emb.dtype).t())
 
     def class_probs(self, emb: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
         text_logits, head_logits = self.class_logits(emb, region)
