@@ -24,6 +24,7 @@ DEFAULT_IMAGE_THRESHOLD = 0.95
 DEFAULT_PIXEL_THRESHOLD = 0.95
 DEFAULT_MIN_REGION_PX = 16
 DEFAULT_TILE_ABOVE = 1024
+DEFAULT_REFERENCE_WEIGHT = 0.75  # the reference map's share of the fused map: chosen on the validation family (README)
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_REPORT_TOP_N = 12  # overlay thumbnails per lot page of `report`
 # `status`: a record still `running` with nothing new under _state/ for this long is reported as likely killed
@@ -63,6 +64,36 @@ class Thresholds:
                 "source": dict(self.source)}
 
 
+SCALE_POLICIES = ("whole", "native")
+
+
+def parse_scale_policy(text: str) -> float | None:
+    """``--scale-policy``: ``whole`` (None: the whole frame resized to the model input; tiles only above
+    ``--tile-above``), ``native`` (1.0) or a fraction of native resolution in (0, 1] such as ``0.5``: frames larger
+    than the model input covers at that resolution are scored as overlapping tiles at it (class scores still from
+    the whole-frame view)."""
+    if text == "whole":
+        return None
+    if text == "native":
+        return 1.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--scale-policy must be whole, native or a fraction in (0, 1], got {text!r}") from None
+    check_scale_policy(value)
+    return value
+
+
+def check_scale_policy(value: float | None) -> None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise ConfigError(f"--scale-policy must be whole, native or a fraction in (0, 1], got {value}")
+
+
+def scale_policy_name(value: float | None) -> str:
+    """The flag's spelling of a policy (inverse of :func:`parse_scale_policy`)."""
+    return "whole" if value is None else "native" if value == 1.0 else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """The one preprocessing recipe (README "Architecture"); mean/std/size are the backbone's own."""
@@ -74,6 +105,7 @@ class PreprocessConfig:
     percentile_high: float = 99.5
     tile_above: int = DEFAULT_TILE_ABOVE
     tile_overlap: float = 0.25
+    scale_policy: float | None = None  # see parse_scale_policy; None: the whole frame (tiled above tile_above)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
@@ -84,6 +116,15 @@ class PreprocessConfig:
             raise ConfigError(f"--tile-above must be >= 16, got {self.tile_above}")
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ConfigError(f"tile overlap must be in [0, 1), got {self.tile_overlap}")
+        check_scale_policy(self.scale_policy)
+
+    @property
+    def tile_side(self) -> int:
+        """Frames whose longer side exceeds this are tiled, in tiles of (up to) this side: ``tile_above``, or with a
+        scale policy the frame-pixel side that the model input covers at that fraction of native resolution."""
+        if self.scale_policy is None:
+            return self.tile_above
+        return min(self.tile_above, max(16, round(self.image_size / self.scale_policy)))
 
     def as_record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,8 +149,11 @@ class ModelSpec:
     cls: str = "text"
     method: str = "semclip"  # a registered method: validated by methods.registry.get_method where it is built
     use_reference: bool = False
+    register_reference: bool = True  # references shifted and intensity-matched onto the frame (io.register)
+    reference_weight: float = DEFAULT_REFERENCE_WEIGHT
     memory: bool = False  # SEM-CLIP: a normal-patch memory fused into the map (train's recipe sets it)
     region_head: bool = False  # SEM-CLIP: the head also reads the most anomalous patches' embedding
+    scale_policy: float | None = None  # maps of large frames at this fraction of native resolution (parse_scale_policy)
     checkpoint: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -120,11 +164,12 @@ class ModelSpec:
             raise ConfigError(f"score mode must be one of {', '.join(SCORE_MODES)}, got {self.score_mode!r}")
         if self.sigma < 0:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
+        check_scale_policy(self.scale_policy)
 
     def output_affecting(self) -> dict[str, Any]:
         """Fields that change predictions (weights enter run_id through their checksum instead)."""
         keep = ("backbone", "precision", "taps", "use_vv", "surgery", "sigma", "score_mode", "seed", "cls", "method",
-                "use_reference", "memory", "region_head")
+                "use_reference", "register_reference", "reference_weight", "memory", "region_head", "scale_policy")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -138,9 +183,12 @@ class CheckpointRequest:
     pretrained: str | None = None  # another location of the same weights
     pretrained_sha256: str | None = None
     precision: str = "fp32"
+    scale_policy: str | None = None  # must name the checkpoint's policy when given (parse_scale_policy)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.scale_policy is not None:
+            parse_scale_policy(self.scale_policy)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 

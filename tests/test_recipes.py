@@ -161,8 +161,8 @@ def test_crop_views_show_small_defects_at_native_resolution():
     mask[700:706, 100:106] = True  # a 6 px defect
     crops = crop_views(gray, mask, prep, np.random.default_rng(1), count=2)
     assert len(crops) == 2  # 240 and 480 px windows, both smaller than the frame
-    for view, crop_mask, _ in crops:
-        assert view.shape == (240, 240) and crop_mask is not None
+    for view, crop_mask, _, clean in crops:
+        assert view.shape == (240, 240) and crop_mask is not None and not clean
     native = crops[0][1]
     assert native is not None and native.sum() == pytest.approx(36, abs=0.5)  # 36 px, unresized
     assert not crop_views(gray[:200, :200], mask[:200, :200], prep, np.random.default_rng(1), 2)  # frame too small

@@ -16,6 +16,7 @@ from semclip_batch.cli.options import (
     report_flag,
     run_config,
     run_options,
+    scale_policy_option,
     storage_option_flag,
     user_errors,
     write_report_line,
@@ -32,6 +33,7 @@ from semclip_batch.config import (
     DEFAULT_STALE_AFTER_S,
     SCORE_MODES,
     ModelSpec,
+    parse_scale_policy,
 )
 
 
@@ -296,11 +298,16 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
               help="Gaussian smoothing of the maps, px at model-input resolution (stored in the checkpoint).")
 @click.option("--use-reference", is_flag=True,
               help="Also score patches by distance to each row's reference_uri frame (stored in the checkpoint).")
+@click.option("--no-register", is_flag=True,
+              help="With --use-reference: compare references as they are, not shifted and intensity-matched onto the "
+                   "frame first (stored in the checkpoint).")
+@scale_policy_option("[default: whole; stored in the checkpoint, run scores with it]")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
           method: str, recipe: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
-          taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool) -> None:
+          taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool,
+          no_register: bool, scale_policy: str | None) -> None:
     """Few-shot SEM-CLIP (or a baseline) on a frozen backbone from a labelled SUPPORT manifest -> checkpoint.
 
     \b
@@ -324,7 +331,9 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
-                                      use_reference=use_reference, score_mode=score_mode, sigma=sigma,
+                                      use_reference=use_reference, register_reference=not no_register,
+                                      score_mode=score_mode, sigma=sigma,
+                                      scale_policy=parse_scale_policy(scale_policy or "whole"),
                                       storage_options=parse_storage_options(storage_option)))
     try:
         with loss_progress("epoch", f"train {method}") as progress:

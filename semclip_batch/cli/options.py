@@ -21,6 +21,7 @@ from semclip_batch.config import (
     ModelSpec,
     RunConfig,
     Thresholds,
+    parse_scale_policy,
 )
 from semclip_batch.errors import SemclipError, one_line, shorten
 from semclip_batch.io.storage import check_storage_options
@@ -150,6 +151,7 @@ def run_options(fn: F) -> F:
                      help="Few-shot checkpoint folder/URL from `train` (its thresholds apply unless given as flags)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                      help="Model precision (bf16 is fastest on CPU)."),
+        scale_policy_option("[default: whole; with --model: the checkpoint's, which a given value must equal]"),
     ]
     fn = model_options(fn)
     for option in reversed(options):
@@ -157,8 +159,17 @@ def run_options(fn: F) -> F:
     return fn
 
 
+def scale_policy_option(default: str) -> Callable[[F], F]:
+    """``--scale-policy`` (config.parse_scale_policy), for ``run`` and ``train``."""
+    return click.option(
+        "--scale-policy", default=None, metavar="whole|native|FRACTION",
+        help="Resolution of the defect map: whole (the frame resized to the model input), native, or a fraction "
+             "such as 0.5 of native resolution; frames larger than the model input covers at it are scored as "
+             f"overlapping tiles (class scores from the whole frame) {default}.")
+
+
 def run_config(*, input: str, out: str, model: str | None, backbone: str | None, pretrained: str | None,
-               pretrained_sha256: str | None,
+               pretrained_sha256: str | None, scale_policy: str | None,
                seed: int, prompts: str | None, precision: str, storage_option: tuple[str, ...],
                threshold: float | None, pixel_threshold: float | None, min_region_px: int | None, batch_size: int,
                actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None,
@@ -173,12 +184,13 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
     spec: ModelSpec | CheckpointRequest
     if model is not None:
         spec = CheckpointRequest(url=model, backbone=backbone, pretrained=pretrained,
-                                 pretrained_sha256=pretrained_sha256, precision=precision, storage_options=so)
+                                 pretrained_sha256=pretrained_sha256, precision=precision, scale_policy=scale_policy,
+                                 storage_options=so)
     else:
         assert pretrained is not None  # refused above
         spec = ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                          pretrained_sha256=pretrained_sha256, seed=seed, precision=precision, prompts=prompts,
-                         storage_options=so)
+                         scale_policy=parse_scale_policy(scale_policy or "whole"), storage_options=so)
     return RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
                      tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,
                      actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)

@@ -26,4 +26,5 @@ def augment(data: TrainSet) -> TrainSet:
     return TrainSet(views=each(data.views), masks=each(data.masks), labels=data.labels.repeat(n),
                     has_mask=data.has_mask.repeat(n), captions=data.captions * n, classes=data.classes,
                     skipped=data.skipped, refs=None if data.refs is None else each(data.refs),
-                    has_ref=None if data.has_ref is None else data.has_ref.repeat(n))
+                    has_ref=None if data.has_ref is None else data.has_ref.repeat(n),
+                    frame=None if data.frame is None else data.frame.repeat(n))

@@ -34,7 +34,7 @@ from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
 from semclip_batch.model import SemClipOutput
-from semclip_batch.model.reference import ReferenceScorer, reference_taps
+from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
 from semclip_batch.model.towers import vision_tower
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,19 @@ def fit_thresholds(out: SemClipOutput, data: TrainSet, score_mode: str = "mean")
     return {"image": float(np.clip(image, 0, 1)), "pixel": pixel, "min_region_px": DEFAULT_MIN_REGION_PX}
 
 
-def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet) -> float:
-    """The reference distance scale: 99th percentile of the normal support patches' distances."""
+def support_pixel_differences(data: TrainSet, unit: float, chunk: int = 256) -> torch.Tensor | None:
+    """:func:`~semclip_batch.model.reference.pixel_difference` of every support row and its reference, in the
+    backbone's normalised grey units (``unit``: its std), as ``run`` computes it; None without references."""
+    if data.refs is None:
+        return None
+    return torch.cat([pixel_difference(data.views[i:i + chunk], data.refs[i:i + chunk]) / unit
+                      for i in range(0, len(data), chunk)])
+
+
+def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet,
+                  pixels: torch.Tensor | None = None) -> float:
+    """The reference scales: 99th percentiles of the normal support patches' token distances and of their
+    pixels' differences."""
     assert data.has_ref is not None
     rows = ((data.labels == 0) & data.has_ref).nonzero().flatten()
     if rows.numel() == 0:
@@ -121,6 +132,10 @@ def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Featur
     dist = reference.distance(feats.subset(rows).dual, feats.taps, ref_feats.subset(rows).dual, ref_feats.taps)
     scale = float(torch.quantile(dist.flatten().float(), 0.99).clamp_min(1e-4))
     reference.scale.fill_(scale)
+    if pixels is not None:
+        sample = pixels[rows].flatten()
+        sample = sample[torch.randperm(sample.numel(), generator=torch.Generator().manual_seed(0))[:4_000_000]]
+        reference.pixel_scale.fill_(float(torch.quantile(sample.float(), 0.99).clamp_min(1e-4)))
     return scale
 
 
@@ -157,24 +172,38 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
                       progress=progress, copies=n_copies)
     summary = get_method(spec.method).fit(model, spec, support)
     model.eval().requires_grad_(False)
-    reference = None
+    reference = pixels = None
     if cfg.model.use_reference and ref_feats is not None:
-        reference = ReferenceScorer(reference_taps(depth_of(backbone.clip)))
-        summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data)
+        reference = ReferenceScorer(reference_taps(depth_of(backbone.clip)), weight=cfg.model.reference_weight)
+        pixels = support_pixel_differences(data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
+        summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
+        summary["reference_pixel_scale"] = float(reference.pixel_scale)
     size = (data.views.shape[-2], data.views.shape[-1])
     with torch.no_grad():
-        out = score_features(model, feats, size, reference, ref_feats, data.has_ref)
+        out = score_features(model, feats, size, reference, ref_feats, data.has_ref, pixels)
     return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode))
+
+
+def _whole_rows(data: TrainSet) -> torch.Tensor:
+    """Which rows are whole-frame views (the first view of each frame; the others are its tiles)."""
+    if data.frame is None:
+        return torch.ones(len(data), dtype=torch.bool)
+    first = torch.ones(len(data), dtype=torch.bool)
+    first[1:] = data.frame[1:] != data.frame[:-1]
+    return first
 
 
 def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointMeta:
     """Train, fit, write the checkpoint; returns its meta as stored."""
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
-    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
+    # the views run scores: the whole frame, and with a scale policy its tiles (whatever run's --tile-above)
+    prep = preprocess_config(cfg.model.backbone, tile_above=10**9, scale_policy=cfg.model.scale_policy)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
-    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options, references=cfg.model.use_reference)
-    frames = len(data)
+    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options,
+                         references=cfg.model.use_reference, register=cfg.model.register_reference)
+    views = len(data)
+    whole = _whole_rows(data)
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
     m = cfg.model
@@ -210,10 +239,14 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
                                         min_region_px=int(fitted.thresholds["min_region_px"])),
         preprocessing={k: v for k, v in prep.as_record().items() if k != "tile_above"},
         training={"config": _public(cfg),
-                  "support_rows": len(df), "used": frames, "rows_augmented": len(data), "skipped": data.skipped,
-                  "with_reference": None if data.has_ref is None else int(data.has_ref[:frames].sum()), **fitted.summary,
+                  "support_rows": len(df), "used": int(whole.sum()), "views": views, "rows_augmented": len(data),
+                  "skipped": data.skipped,
+                  "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum()),
+                  **fitted.summary,
                   "seconds": round(time.perf_counter() - t0, 1)},
         score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
-        memory=spec.memory, region_head=spec.region_head,
+        memory=spec.memory, region_head=spec.region_head, scale_policy=spec.scale_policy,
+        register_reference=cfg.model.register_reference and cfg.model.use_reference,
+        reference_weight=cfg.model.reference_weight,
     )
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)

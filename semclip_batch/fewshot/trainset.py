@@ -1,5 +1,6 @@
 """Labelled images in memory for ``pretrain`` and ``train``, through the same decoding and preprocessing as
-``run`` (whole-frame view at model input size; masks as per-pixel defect fractions at the same size)."""
+``run`` (whole-frame view at model input size, and the tiles ``run`` scores the frame with; masks as per-pixel
+defect fractions at the same size)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import DECODE_ERROR, ConfigError, ImageError
 from semclip_batch.io.frames import load_frame, load_reference
-from semclip_batch.io.preprocess import mask_view, resize, stretch, whole_view
+from semclip_batch.io.preprocess import frame_tiles, mask_view, resize, stretch, whole_view
+from semclip_batch.methods.prompts import NORMAL
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -45,26 +47,59 @@ class TrainSet:
         return int(self.labels.shape[0])
 
 
-Loaded = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+class Loaded(NamedTuple):
+    """One view of a manifest row: the model-input view, its mask view (None: no mask), its reference view
+    (None: none) and whether it is a tile without defect pixels (a normal view whatever the frame's label)."""
+
+    view: np.ndarray
+    mask: np.ndarray | None
+    ref: np.ndarray | None
+    clean: bool = False
+
+
 CROP_SCALES = (1, 2)  # crop sides in model-input sizes: native resolution, then half of it
 
 
 def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool,
-              crops: int = 0, seed: int = 0) -> list[Loaded]:
-    """[(view, mask view or None, reference view or None)]: the whole frame, then up to ``crops`` crops."""
+              crops: int = 0, seed: int = 0, register: bool = True) -> list[Loaded]:
+    """The whole frame, then its tiles under ``prep`` (as ``run`` scores it: :func:`tile_views`), then up to
+    ``crops`` crops."""
     gray = load_frame(row["url"], so)
-    view = whole_view(gray, prep)
-    ref = _load_reference(row, gray.shape, prep, so) if references else None
+    ref_frame = _load_reference(row, gray, so, register) if references else None
     mask = None
     if row["mask_url"]:
         mask = load_frame(row["mask_url"], so) > 0
         if mask.shape != gray.shape:
             raise ImageError(DECODE_ERROR, f"mask {mask.shape} does not match image {gray.shape}")
-    whole: Loaded = (view, None if mask is None else mask_view(mask, prep.image_size), ref)
+    ref = None if ref_frame is None else whole_view(ref_frame, prep)
+    whole = Loaded(whole_view(gray, prep), None if mask is None else mask_view(mask, prep.image_size), ref)
+    views = [whole, *tile_views(gray, mask, ref_frame, prep, normal=row["label"] == NORMAL)]
     if not crops:
-        return [whole]
+        return views
     rng = np.random.default_rng([seed, int(row.name)])  # row.name: the row's position (index reset)
-    return [whole, *crop_views(gray, mask, prep, rng, crops)]
+    return [*views, *crop_views(gray, mask, prep, rng, crops)]
+
+
+def tile_views(gray: np.ndarray, mask: np.ndarray | None, ref: np.ndarray | None, prep: PreprocessConfig,
+               normal: bool) -> list[Loaded]:
+    """The frame's tiles as ``run`` scores them under ``prep`` (``io.preprocess.frame_tiles``: with a scale
+    policy, at that fraction of native resolution). A tile without defect pixels is a normal view; tiles of a
+    defect frame without a mask are left out (nothing says which of them holds the defect)."""
+    tiles = frame_tiles(gray.shape[0], gray.shape[1], prep)
+    if not tiles or (mask is None and not normal):
+        return []
+    size = (prep.image_size, prep.image_size)
+    full = torch.from_numpy(stretch(gray, prep.percentile_low, prep.percentile_high))[None, None]
+    full_ref = None if ref is None else torch.from_numpy(stretch(ref, prep.percentile_low, prep.percentile_high))[None, None]
+    out = []
+    for t in tiles:
+        window = (slice(t.y, t.y + t.height), slice(t.x, t.x + t.width))
+        tile_mask = None if mask is None else mask[window]
+        tile_ref = None if full_ref is None else resize(full_ref[(..., *window)], size)[0, 0].numpy()
+        out.append(Loaded(resize(full[(..., *window)], size)[0, 0].numpy(),
+                          None if tile_mask is None else mask_view(tile_mask, prep.image_size), tile_ref,
+                          clean=tile_mask is None or not tile_mask.any()))
+    return out
 
 
 def crop_views(gray: np.ndarray, mask: np.ndarray | None, prep: PreprocessConfig, rng: np.random.Generator,
@@ -89,17 +124,17 @@ def crop_views(gray: np.ndarray, mask: np.ndarray | None, prep: PreprocessConfig
         x = int(np.clip(cx - side // 2, 0, w - side))
         window = torch.from_numpy(np.ascontiguousarray(full[y:y + side, x:x + side]))[None, None]
         crop_mask = None if mask is None else mask_view(mask[y:y + side, x:x + side], size)
-        out.append((resize(window, (size, size))[0, 0].numpy(), crop_mask, None))
+        out.append(Loaded(resize(window, (size, size))[0, 0].numpy(), crop_mask, None))
     return out
 
 
-def _load_reference(row: pd.Series, shape: tuple[int, int], prep: PreprocessConfig,
-                    so: Mapping[str, Any] | None) -> np.ndarray | None:
-    """The row's reference view, or None (no reference, or unusable: warned and scored without it)."""
+def _load_reference(row: pd.Series, gray: np.ndarray, so: Mapping[str, Any] | None,
+                    register: bool) -> np.ndarray | None:
+    """The row's reference frame, or None (no reference, or unusable: warned and scored without it)."""
     if not row["reference_url"]:
         return None
     try:
-        return whole_view(load_reference(row["reference_url"], shape, so), prep)
+        return load_reference(row["reference_url"], gray, so, register)
     except ImageError as exc:
         log.warning("%s: trained without its reference: %s", row["uri"], exc)
         return None
@@ -107,7 +142,8 @@ def _load_reference(row: pd.Series, shape: tuple[int, int], prep: PreprocessConf
 
 def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessConfig, *,
                   storage_options: Mapping[str, Any] | None = None, need_labels: bool = True,
-                  references: bool = False, threads: int = 4, crops: int = 0, seed: int = 0) -> TrainSet:
+                  references: bool = False, threads: int = 4, crops: int = 0, seed: int = 0,
+                  register: bool = True) -> TrainSet:
     """Decode every usable row (its whole-frame view, then up to ``crops`` :func:`crop_views`, each one row of
     the set); unreadable rows are skipped with a warning and counted."""
     unknown = sorted(set(df["label"]) - set(classes) - {""})
@@ -118,28 +154,29 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
         raise ConfigError(f"every support row needs a label; {row['uri']} has none")
     df = df.reset_index(drop=True)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references, crops, seed),
+        results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references, crops, seed, register),
                                 [r for _, r in df.iterrows()]))
     keep = [i for i, r in enumerate(results) for _ in (r or [])]  # the manifest row of every view
     loaded = [view for r in results for view in (r or [])]
     if not keep:
         raise ConfigError("no usable training image (all rows failed to decode)")
     size = prep.image_size
-    views = torch.from_numpy(np.stack([view for view, _, _ in loaded])).half()
+    views = torch.from_numpy(np.stack([v.view for v in loaded])).half()
     masks = torch.zeros(len(keep), size, size, dtype=torch.float16)
     has_mask = torch.zeros(len(keep), dtype=torch.bool)
-    for k, (_, mask, _) in enumerate(loaded):
-        if mask is not None:
-            masks[k] = torch.from_numpy(mask).half()
+    for k, v in enumerate(loaded):
+        if v.mask is not None:
+            masks[k] = torch.from_numpy(v.mask).half()
             has_mask[k] = True
-    labels = torch.tensor([classes.index(df["label"].iloc[i]) if df["label"].iloc[i] else IGNORE for i in keep])
+    labels = torch.tensor([0 if v.clean else classes.index(df["label"].iloc[i]) if df["label"].iloc[i] else IGNORE
+                           for i, v in zip(keep, loaded, strict=True)])
     normal = labels == 0
     has_mask |= normal  # a normal image without a mask file is all zeros
     captions = [str(df["caption"].iloc[i]) for i in keep]
     skipped = sum(r is None for r in results)
     data = TrainSet(views, masks, labels, has_mask, captions, classes, skipped=skipped, frame=torch.tensor(keep))
     if references:
-        refs = [ref for _, _, ref in loaded]
+        refs = [v.ref for v in loaded]
         data.has_ref = torch.tensor([r is not None for r in refs], dtype=torch.bool)
         data.refs = torch.from_numpy(np.stack([np.zeros((size, size), np.float32) if r is None else r
                                                for r in refs])).half()
@@ -147,9 +184,9 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
 
 
 def _safe_load(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool, crops: int,
-               seed: int) -> list[Loaded] | None:
+               seed: int, register: bool) -> list[Loaded] | None:
     try:
-        return _load_row(row, prep, so, references, crops, seed)
+        return _load_row(row, prep, so, references, crops, seed, register)
     except ImageError as exc:
         log.warning("skipping %s: %s", row["uri"], exc)
         return None

@@ -9,6 +9,7 @@ import numpy as np
 
 from semclip_batch.errors import READ_ERROR, REFERENCE_ERROR, ImageError, one_line
 from semclip_batch.io.decode import decode_image
+from semclip_batch.io.register import register_reference
 from semclip_batch.io.storage import read_bytes, redact
 
 
@@ -25,8 +26,11 @@ def load_frame(url: str, storage_options: Mapping[str, Any] | None = None) -> np
     return decode_image(data)
 
 
-def load_reference(url: str, shape: tuple[int, int], storage_options: Mapping[str, Any] | None) -> np.ndarray:
-    """A row's reference frame, which must have the image's shape. Raises ``ImageError(reference_error)``."""
+def load_reference(url: str, frame: np.ndarray, storage_options: Mapping[str, Any] | None,
+                   register: bool = True) -> np.ndarray:
+    """A row's reference frame, which must have the image's shape; with ``register``, shifted and intensity-matched
+    onto ``frame`` (:func:`semclip_batch.io.register.register_reference`). Raises ``ImageError(reference_error)``."""
+    shape = frame.shape
     try:
         ref = load_frame(url, storage_options)
     except ImageError as exc:
@@ -34,4 +38,10 @@ def load_reference(url: str, shape: tuple[int, int], storage_options: Mapping[st
     if ref.shape != shape:
         raise ImageError(REFERENCE_ERROR, f"reference {redact(url)} is {ref.shape[0]}x{ref.shape[1]}, "
                                           f"the image {shape[0]}x{shape[1]}")
-    return ref
+    if not register:
+        return ref
+    try:
+        aligned, _ = register_reference(frame, ref)
+    except Exception as exc:  # noqa: BLE001 - a reference that cannot be aligned is this row's reference error
+        raise ImageError(REFERENCE_ERROR, f"reference {redact(url)} could not be registered: {one_line(exc)}") from None
+    return aligned

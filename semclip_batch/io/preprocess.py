@@ -1,8 +1,10 @@
 """The one preprocessing function shared by run, train, pretrain and eval, and its inverse for maps.
 
 grey frame ``(H, W)`` -> percentile stretch -> 3 channels -> resize (no crop, no pad) to the model input ->
-normalise with the backbone's mean/std. Frames whose longer side exceeds ``tile_above`` are also cut into
-overlapping square tiles; model maps of those tiles are averaged back at ``H x W``. At most :data:`MAX_TILES`
+normalise with the backbone's mean/std. Frames whose longer side exceeds the tile side (``tile_above``, or with
+a scale policy the frame pixels the model input covers at that fraction of native resolution:
+:attr:`~semclip_batch.config.PreprocessConfig.tile_side`) are also cut into overlapping square tiles; model maps
+of those tiles are averaged back at ``H x W``. At most :data:`MAX_TILES`
 tiles per frame: where more would be needed (extreme aspect ratios, huge frames), the tiles grow and are scored at
 reduced resolution, and stop being square once they reach the frame's short side.
 """
@@ -67,6 +69,11 @@ def tile_grid(height: int, width: int, tile_above: int, overlap: float = 0.25) -
     return [Tile(y, x, tile_h, tile_w) for y in ys for x in xs]
 
 
+def frame_tiles(height: int, width: int, cfg: PreprocessConfig) -> list[Tile]:
+    """The tiles a frame is scored with under ``cfg`` (its tile side and overlap); ``[]``: the whole view only."""
+    return tile_grid(height, width, cfg.tile_side, cfg.tile_overlap)
+
+
 def _stride(side: int, overlap: float) -> int:
     return max(1, round(side * (1.0 - overlap)))
 
@@ -119,7 +126,7 @@ def model_inputs(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     size = (cfg.image_size, cfg.image_size)
     views = [resize(frame, size)]
     height, width = gray.shape
-    for t in tile_grid(height, width, cfg.tile_above, cfg.tile_overlap):
+    for t in frame_tiles(height, width, cfg):
         views.append(resize(frame[..., t.y:t.y + t.height, t.x:t.x + t.width], size))
     return normalize(torch.cat(views)[:, 0], cfg).numpy()
 

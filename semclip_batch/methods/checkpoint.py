@@ -74,6 +74,9 @@ class CheckpointMeta:
     recipe: str = "paper"  # train's recipe (fewshot.recipes); older checkpoints were all the paper's
     memory: bool = False
     region_head: bool = False
+    register_reference: bool = False  # references registered before scoring (io.register); older: never
+    reference_weight: float = 0.5  # the reference map's share of the fused map
+    scale_policy: float | None = None  # train's --scale-policy (config.parse_scale_policy): run scores with it
     version: int = CHECKPOINT_VERSION
     tensors_sha256: str = ""
 
@@ -108,11 +111,23 @@ class CheckpointMeta:
                 preprocessing=dict(body.get("preprocessing", {})), training=dict(body.get("training", {})),
                 score_mode=str(body.get("score_mode", "mean")), sigma=float(body.get("sigma", 4.0)),
                 recipe=str(body.get("recipe", "paper")), memory=bool(body.get("memory", False)),
-                region_head=bool(body.get("region_head", False)), version=CHECKPOINT_VERSION,
+                region_head=bool(body.get("region_head", False)),
+                register_reference=bool(body.get("register_reference", False)),
+                reference_weight=float(body.get("reference_weight", 0.5)), scale_policy=_policy(body.get("scale_policy")),
+                version=CHECKPOINT_VERSION,
                 tensors_sha256=str(body.get("tensors_sha256", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{where}: {META} lacks or mangles {show(str(exc).strip(chr(39)), 40)}") from None
+
+
+def _policy(value: Any) -> float | None:
+    if value is None:
+        return None
+    policy = float(value)
+    if not 0.0 < policy <= 1.0:
+        raise ValueError("scale_policy")
+    return policy
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class SupportSet(Protocol):
     labels: torch.Tensor
     has_mask: torch.Tensor
     classes: tuple[str, ...]
+    frame: torch.Tensor | None  # (N,) the manifest row each view comes from (a frame's tiles share it), or None
 
     def __len__(self) -> int: ...
 
@@ -59,9 +60,30 @@ class Support:
         return len(self.data) // self.copies
 
     def rows_of(self, frames: torch.Tensor, first_copy_only: bool = False) -> torch.Tensor:
-        """The rows of every copy (or the first only) of the given frames."""
+        """The rows of every copy (or the first only) of the given first-copy rows."""
         copies = 1 if first_copy_only else self.copies
         return (frames[None, :] + self.frames * torch.arange(copies)[:, None]).flatten()
+
+    @property
+    def groups(self) -> torch.Tensor:
+        """``(frames,)`` the manifest row of each first-copy row: a frame's whole view and its tiles (train with a
+        scale policy) share one, so that splits keep them together."""
+        frame = self.data.frame
+        return torch.arange(self.frames) if frame is None else frame[:self.frames]
+
+
+def grouped(support: Support, seed: int) -> list[torch.Tensor]:
+    """First-copy rows grouped by frame, the groups in a seeded random order (one row per group without tiles,
+    in the order ``randperm(frames)`` gives)."""
+    ids, inverse = support.groups.unique(return_inverse=True)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    return [(inverse == g).nonzero().flatten() for g in order]
+
+
+def frame_folds(support: Support, folds: int, seed: int) -> list[torch.Tensor]:
+    """First-copy rows of each of up to ``folds`` folds, by frame (seeded)."""
+    groups = grouped(support, seed)
+    return [torch.cat(groups[k::folds]) for k in range(min(folds, len(groups)))]
 
 
 def fit_temperature(emb: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> float:
@@ -77,17 +99,13 @@ def pooled_embeddings(feats: Features) -> torch.Tensor:
     return F.normalize(feats.dual.pooled.float(), dim=-1)
 
 
-def holdout_split(n: int, seed: int, share: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded train / validation indices of the support set (no validation below 10 images)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
-    n_val = int(n * share) if n >= 10 else 0
-    return order[n_val:], order[:n_val]
-
-
-def support_split(support: Support) -> tuple[torch.Tensor, torch.Tensor]:
+def support_split(support: Support, share: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """Fitting rows (every augmented copy of 80 % of the frames) and validation rows (the first copy of the
-    other 20 %): no copy of a validation frame is fitted on."""
-    fit, val = holdout_split(support.frames, support.seed)
+    other 20 %, none below 10 frames): no copy or tile of a validation frame is fitted on."""
+    groups = grouped(support, support.seed + 7)
+    n_val = int(len(groups) * share) if len(groups) >= 10 else 0
+    fit = torch.cat(groups[n_val:])
+    val = torch.cat(groups[:n_val]) if n_val else torch.zeros(0, dtype=torch.long)
     return support.rows_of(fit), support.rows_of(val, first_copy_only=True)
 
 

@@ -120,12 +120,14 @@ def new_model(spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> Scorer:
 
 
 def score_features(model: Scorer, feats: Features, size: tuple[int, int], reference: ReferenceScorer | None = None,
-                   ref_feats: Features | None = None, has_reference: torch.Tensor | None = None) -> SemClipOutput:
+                   ref_feats: Features | None = None, has_reference: torch.Tensor | None = None,
+                   pixels: torch.Tensor | None = None) -> SemClipOutput:
     """Maps (model-input size), class probabilities and embeddings of precomputed features, with the
-    reference map fused in where given."""
+    reference map (token distances, and ``pixels``: ``model.reference.pixel_difference`` maps) fused in where
+    given."""
     out = get_method(model.method).score(model, feats, size)
     if reference is None or ref_feats is None or has_reference is None or not bool(has_reference.any()):
         return out
     dist = reference.distance(feats.dual, feats.taps, ref_feats.dual, ref_feats.taps)
-    return SemClipOutput(maps=reference.fuse(out.maps, dist, has_reference), class_probs=out.class_probs,
+    return SemClipOutput(maps=reference.fuse(out.maps, dist, has_reference, pixels), class_probs=out.class_probs,
                          embeddings=out.embeddings)

@@ -26,6 +26,7 @@ from semclip_batch.methods.fitting import (
     clean_patches,
     fit_temperature,
     focal_dice,
+    frame_folds,
     pooled_embeddings,
     subset_encoded,
     support_split,
@@ -95,10 +96,17 @@ class SemClipMethod(Method[SemClip]):
         return summary
 
 
+MIN_EPOCHS = 3  # early stopping needs a few epochs to choose from
+
+
 def epochs_of(support: Support) -> int:
-    """``--epochs``, or the default's passes over the frames (an epoch over augmented rows sees every copy, in
-    as many steps as the paper recipe's four epochs)."""
-    return support.epochs or max(1, SEMCLIP_EPOCHS // support.copies)
+    """``--epochs``, or the default's passes over the frames: as many steps as the paper recipe's 40 epochs over
+    the whole-frame views, whatever augmentation (``copies``) and tiles (a scale policy) add, but at least
+    :data:`MIN_EPOCHS`."""
+    if support.epochs:
+        return support.epochs
+    views_per_frame = support.frames / max(1, len(support.groups.unique()))
+    return max(MIN_EPOCHS if views_per_frame > 1 else 1, round(SEMCLIP_EPOCHS / support.copies / views_per_frame))
 
 
 def _grid(enc: EncoderOutput) -> int:
@@ -114,7 +122,7 @@ def fill_memory(model: SemClip, enc: EncoderOutput, support: Support, rows: torc
     clean = clean_patches(data.masks[rows], data.has_mask[rows], _grid(enc))
     tokens = [t[rows] for t in memory.tokens(enc, model.cfg.taps)]
     if rescale and len(rows) >= 2:
-        frame = rows % support.frames  # the copies of one frame stay in one half
+        frame = support.groups[rows % support.frames]  # the copies and tiles of one frame stay in one half
         halves = (frame % 2 == 0, frame % 2 == 1)
         dists = []
         for held, kept in (halves, halves[::-1]):
@@ -141,15 +149,14 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
     assert memory is not None
     data = support.data
     n = support.frames
-    if n < folds or not data.has_mask[:n].any():
+    fold_rows = frame_folds(support, folds, support.seed + 3)
+    if len(fold_rows) < folds or not data.has_mask[:n].any():
         memory.weight.fill_(DEFAULT_MEMORY_WEIGHT)
         return DEFAULT_MEMORY_WEIGHT
     first = torch.arange(n)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(support.seed + 3))
     dist = torch.zeros(n, enc.original[0].shape[1] - 1)
-    for k in range(folds):
-        held = order[k::folds]
-        fill_memory(model, enc, support, support.rows_of(order[torch.isin(order, held, invert=True)]), rescale=False)
+    for held in fold_rows:
+        fill_memory(model, enc, support, support.rows_of(first[torch.isin(first, held, invert=True)]), rescale=False)
         dist[held] = memory.distance(subset_encoded(enc, held), model.cfg.taps)
     sub = subset_encoded(enc, first)
     size = (data.views.shape[-2], data.views.shape[-1])
@@ -199,7 +206,8 @@ def _loss(model: SemClip, enc: EncoderOutput, support: Support, idx: torch.Tenso
 def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: torch.Tensor,
                  val: torch.Tensor, dist: torch.Tensor | None) -> dict[str, float]:
     """Train the Transformation Layers and the head on the fitting rows; keep, separately, the epoch
-    (0 = the zero-shot layers) whose maps / head do best on the validation rows (early stopping on support data)."""
+    (0 = the zero-shot layers) whose maps / head do best on the validation rows (early stopping on support data).
+    Validation rows without a defect pixel cannot rank maps: the layers of the last epoch are kept then."""
     data, epochs = support.data, epochs_of(support)
     params = list(model.transform.parameters()) + list(model.head.parameters())
     opt = torch.optim.Adam(params, lr=support.lr, betas=(0.5, 0.999))
@@ -208,6 +216,7 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
     targets = (F.interpolate(data.masks.float()[:, None], size=size, mode="area")[:, 0] >= 0.5).float()
     init = [p.detach().clone() for p in model.transform.parameters()]
     best_map = (*_validate(model, enc, support, val, dist), 0) if len(val) else None
+    rank_maps = bool(len(val)) and bool((data.masks[val][data.has_mask[val]] >= 0.5).any())
     best_tl, best_head = copy.deepcopy(model.transform.state_dict()), copy.deepcopy(model.head.state_dict())
     best_head_score, best_head_epoch = -1.0, 0
     loss = torch.tensor(0.0)
@@ -219,7 +228,7 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
             opt.step()
         if best_map is not None:
             pauroc, accuracy = _validate(model, enc, support, val, dist)
-            if pauroc > best_map[0]:
+            if rank_maps and pauroc > best_map[0]:
                 best_map, best_tl = (pauroc, accuracy, epoch), copy.deepcopy(model.transform.state_dict())
             if accuracy >= best_head_score:
                 best_head_score, best_head_epoch = accuracy, epoch
@@ -228,7 +237,10 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
             support.progress(epoch, epochs, float(loss.detach()))
     if best_map is None:
         return {"final_loss": float(loss.detach()), "map_epoch": epochs, "head_epoch": epochs}
-    model.transform.load_state_dict(best_tl)
+    if rank_maps:
+        model.transform.load_state_dict(best_tl)
+    else:
+        best_map = (best_map[0], best_map[1], epochs)
     model.head.load_state_dict(best_head)
     return {"final_loss": float(loss.detach()), "map_epoch": best_map[2], "val_pAUROC": best_map[0],
             "head_epoch": best_head_epoch, "val_accuracy": best_head_score}
@@ -241,11 +253,10 @@ def fit_alpha(model: SemClip, enc: EncoderOutput, support: Support, dist: torch.
     x = head_inputs(model, enc, dist)
     text_logits = model.text_logits(F.normalize(enc.pooled, dim=-1))
     n = support.frames
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(support.seed + 1))
+    first = torch.arange(n)
     head_probs = torch.zeros(n, text_logits.shape[1])
-    for k in range(min(folds, n)):
-        held = order[k::folds]
-        train = support.rows_of(order[torch.isin(order, held, invert=True)])
+    for held in frame_folds(support, folds, support.seed + 1):
+        train = support.rows_of(first[torch.isin(first, held, invert=True)])
         head = copy.deepcopy(model.head).requires_grad_(True)
         opt = torch.optim.Adam(head.parameters(), lr=support.lr, betas=(0.5, 0.999))
         for _ in range(support.epochs or SEMCLIP_EPOCHS):  # full-batch steps

@@ -59,7 +59,8 @@ def check_backbone(name: str) -> None:
                           "see open_clip.list_models())")
 
 
-def preprocess_config(name: str, *, tile_above: int, image_size: int | None = None) -> PreprocessConfig:
+def preprocess_config(name: str, *, tile_above: int, image_size: int | None = None,
+                      scale_policy: float | None = None) -> PreprocessConfig:
     """The backbone's own input size and mean/std, without building the model."""
     check_backbone(name)
     vision = open_clip.get_model_config(name)["vision_cfg"]
@@ -67,7 +68,8 @@ def preprocess_config(name: str, *, tile_above: int, image_size: int | None = No
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
     mean = _rgb(vision.get("image_mean", OPENAI_DATASET_MEAN))
     std = _rgb(vision.get("image_std", OPENAI_DATASET_STD))
-    return PreprocessConfig(image_size=image_size or size, mean=mean, std=std, tile_above=tile_above)
+    return PreprocessConfig(image_size=image_size or size, mean=mean, std=std, tile_above=tile_above,
+                            scale_policy=scale_policy)
 
 
 def _rgb(values: Iterable[float]) -> tuple[float, float, float]:

@@ -4,8 +4,17 @@ method's map.
 
 Distance: ``(1 - max cos) / 2`` of original-path patch tokens of the first tapped block (the most local
 features; on a validation lot, seed 3000, adding deeper blocks lowered pixel AUROC from 0.94 to 0.77). The map is
-``clamp(distance / (2 * scale), 0, 1)``, where ``scale`` is the 99th percentile of the distances of the
-support set's normal patches (fitted by ``train``), smoothed like the method's map, and fused as
+``distance / (distance + scale)``, where ``scale`` is the 99th percentile of the distances of the support set's
+normal patches (fitted by ``train``): 0.5 there, rising towards 1 and never saturating, so that a registered
+reference (whose normal patches barely differ) still ranks a particle above a mild mismatch elsewhere (a clamp
+at twice the scale tied them: 1.0 at both). Smoothed like the method's map.
+
+Pixel difference (die-to-die, as inspection tools compare): ``|view - reference view|`` of the registered pair,
+Gaussian-smoothed over :data:`PIXEL_SIGMA` px against shot noise, as ``d / (d + pixel_scale)`` with
+``pixel_scale`` the 99th percentile over the support set's normal frames. Patch tokens dilute a particle of a
+few pixels in a 16 px patch; the pixel difference does not (a routing fixture of 4-8 px particles: token
+distances alone ranked bright, noisy wires above the particle). The reference map is the mean of the two
+terms (tokens alone for checkpoints written before, whose ``pixel_scale`` is 0), fused as
 ``(1 - weight) * method + weight * reference`` for rows that have a reference frame.
 """
 
@@ -25,13 +34,24 @@ def reference_taps(depth: int) -> tuple[int, ...]:
     return (max(1, round(depth / 4)),)
 
 
+PIXEL_SIGMA = 1.5  # px at model input: the pixel difference smoothed against shot noise
+
+
+def pixel_difference(views: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """``|view - reference|`` smoothed over :data:`PIXEL_SIGMA` px. ``(B, S, S)`` grey (any affine unit, the same
+    for both) -> ``(B, S, S)`` float32."""
+    return gaussian_blur((views.float() - refs.float()).abs(), PIXEL_SIGMA)
+
+
 class ReferenceScorer(nn.Module):
-    scale: torch.Tensor  # buffer, registered in __init__
+    scale: torch.Tensor  # buffers, registered in __init__
+    pixel_scale: torch.Tensor
 
     def __init__(self, taps: tuple[int, ...], radius: int = 1, weight: float = 0.5, sigma: float = 4.0) -> None:
         super().__init__()
         self.taps, self.radius, self.weight, self.sigma = taps, radius, weight, sigma
         self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("pixel_scale", torch.tensor(0.0))  # 0: no pixel term (checkpoints written before)
 
     def distance(self, image: EncoderOutput, image_taps: tuple[int, ...], reference: EncoderOutput,
                  reference_taps: tuple[int, ...]) -> torch.Tensor:
@@ -43,8 +63,18 @@ class ReferenceScorer(nn.Module):
             terms.append(neighbourhood_distance(a, b, self.radius))
         return torch.stack(terms).mean(dim=0)
 
-    def fuse(self, maps: torch.Tensor, distance: torch.Tensor, has_reference: torch.Tensor) -> torch.Tensor:
-        """Method maps ``(B, H, W)`` and distances ``(B, N)`` -> fused maps; rows without a reference unchanged."""
-        ref = gaussian_blur(grid_to_image(distance / (2.0 * self.scale), (maps.shape[-2], maps.shape[-1])), self.sigma)
-        fused = (1.0 - self.weight) * maps + self.weight * ref.clamp(0.0, 1.0)
+    def relative(self, distance: torch.Tensor) -> torch.Tensor:
+        """Distances as ``d / (d + scale)`` in [0, 1): 0.5 at the support's 99th percentile of normal patches."""
+        d = distance.clamp_min(0.0)
+        return d / (d + self.scale)
+
+    def fuse(self, maps: torch.Tensor, distance: torch.Tensor, has_reference: torch.Tensor,
+             pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Method maps ``(B, H, W)``, token distances ``(B, N)`` and :func:`pixel_difference` maps ``(B, H, W)``
+        -> fused maps; rows without a reference unchanged."""
+        ref = gaussian_blur(grid_to_image(self.relative(distance), (maps.shape[-2], maps.shape[-1])), self.sigma)
+        if pixels is not None and float(self.pixel_scale) > 0:
+            d = pixels.to(ref.dtype).clamp_min(0.0)
+            ref = 0.5 * (ref + d / (d + self.pixel_scale))
+        fused = (1.0 - self.weight) * maps + self.weight * ref
         return torch.where(has_reference.view(-1, 1, 1), fused, maps)

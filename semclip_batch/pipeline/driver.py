@@ -24,7 +24,16 @@ import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
-from semclip_batch.config import CheckpointRequest, ModelSpec, PreprocessConfig, Progress, RunConfig, Thresholds
+from semclip_batch.config import (
+    CheckpointRequest,
+    ModelSpec,
+    PreprocessConfig,
+    Progress,
+    RunConfig,
+    Thresholds,
+    parse_scale_policy,
+    scale_policy_name,
+)
 from semclip_batch.errors import MODEL_ERROR, OK, WRITE_ERROR, ConfigError, RunFailed, WeightsError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
@@ -122,11 +131,16 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
     if backbone.sha256 != meta.weights.sha256:
         raise WeightsError(f"--pretrained {pretrained} has checksum {backbone.sha256[:12]}, but the checkpoint was "
                            f"trained on {meta.weights.sha256[:12]} ({meta.weights.source})")
+    if req.scale_policy is not None and parse_scale_policy(req.scale_policy) != meta.scale_policy:
+        raise ConfigError(f"--scale-policy {req.scale_policy} differs from the checkpoint's "
+                          f"{scale_policy_name(meta.scale_policy)}: a model scores with the policy it was trained "
+                          "with; omit it, or train with it")
     spec = ModelSpec(backbone=meta.backbone, pretrained=pretrained, pretrained_sha256=req.pretrained_sha256,
                      seed=meta.weights.seed, precision=req.precision, taps=meta.taps, use_vv=meta.use_vv,
                      surgery=meta.surgery, cls=meta.cls, method=meta.method, use_reference=meta.use_reference,
                      score_mode=meta.score_mode, sigma=meta.sigma, memory=meta.memory, region_head=meta.region_head,
-                     checkpoint=req.url,
+                     scale_policy=meta.scale_policy, register_reference=meta.register_reference,
+                     reference_weight=meta.reference_weight, checkpoint=req.url,
                      storage_options=req.storage_options)
     get_method(spec.method)
     thresholds = _checkpoint_thresholds(cfg.thresholds, meta)
@@ -183,7 +197,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
         manifest = read_manifest_table(cfg.input, pattern=cfg.pattern, storage_options=so)
     with timer.stage("model_load"):
         cfg, spec, ident = _identify_model(cfg)
-        prep = preprocess_config(spec.backbone, tile_above=cfg.tile_above)
+        prep = preprocess_config(spec.backbone, tile_above=cfg.tile_above, scale_policy=spec.scale_policy)
     with timer.stage("run_id"):
         run_id = compute_run_id(content_digest(manifest), output_config(spec, cfg.thresholds, prep, ident),
                                 ident.sha256)
@@ -317,7 +331,7 @@ def _stream(work: _Work, todo: set[ShardKey],
         # arguments, which fn_kwargs supplies: hence the two ignores below
         ds = ds.map_batches(decode_batch,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
                             fn_kwargs={"prep": work.prep, "storage_options": work.so,
-                                       "references": spec.use_reference},
+                                       "references": spec.use_reference, "register": spec.register_reference},
                             batch_size=4, num_cpus=DECODE_CPUS, batch_format="numpy", max_retries=TASK_RETRIES)
         ds = ds.map_batches(Predictor, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
                             compute=ActorPoolStrategy(size=cfg.actors), num_cpus=actor_cpus,

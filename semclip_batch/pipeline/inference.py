@@ -16,7 +16,7 @@ import torch
 
 from semclip_batch.config import ModelSpec, PreprocessConfig
 from semclip_batch.errors import MODEL_ERROR, OK, WeightsError, one_line
-from semclip_batch.io.preprocess import maps_to_frame, tile_grid
+from semclip_batch.io.preprocess import frame_tiles, maps_to_frame
 from semclip_batch.io.schema import SCORED, to_table
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.decisions import anomaly_score, to_mask
@@ -24,7 +24,7 @@ from semclip_batch.methods.features import encode_batch
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
 from semclip_batch.model import SemClipOutput
-from semclip_batch.model.reference import ReferenceScorer, reference_taps
+from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
 from semclip_batch.model.towers import vision_tower
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,12 @@ class Scoring:
                  has_ref: torch.Tensor | None = None) -> SemClipOutput:
         visual = vision_tower(self.model)
         feats = encode_batch(visual, x, self.taps, vv_from=self.vv_from, windows=self.windows)
-        ref_feats = None
+        ref_feats = pixels = None
         if self.reference is not None and refs is not None and has_ref is not None and bool(has_ref.any()):
             ref_feats = encode_batch(visual, refs, self.reference.taps, vv_from=None)
-        return score_features(self.model, feats, (x.shape[-2], x.shape[-1]), self.reference, ref_feats, has_ref)
+            pixels = pixel_difference(x[:, 0], refs[:, 0])  # channel 0: grey in the backbone's normalised units
+        return score_features(self.model, feats, (x.shape[-2], x.shape[-1]), self.reference, ref_feats, has_ref,
+                              pixels)
 
 
 def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: str | None = None,
@@ -81,7 +83,7 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
     method = get_method(spec.method)
     model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
     depth = depth_of(backbone.clip)
-    reference = ReferenceScorer(reference_taps(depth)) if spec.use_reference else None
+    reference = ReferenceScorer(reference_taps(depth), weight=spec.reference_weight) if spec.use_reference else None
     if spec.checkpoint is not None:
         if tensors is None:
             tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
@@ -91,6 +93,8 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
                 problems.append("missing reference.scale")
             else:
                 reference.scale.copy_(tensors["reference.scale"])
+                if "reference.pixel_scale" in tensors:  # absent from checkpoints written before: tokens only
+                    reference.pixel_scale.copy_(tensors["reference.pixel_scale"])
         if problems:
             raise WeightsError(f"checkpoint {spec.checkpoint!r} does not fit this model ({', '.join(problems[:3])})")
     taps, vv_from = method.taps(model), method.vv_from(model)
@@ -166,7 +170,7 @@ class Predictor:
         start = 0
         for i, count in zip(ok, counts, strict=False):
             h, w = int(batch["height"][i]), int(batch["width"][i])
-            tiles = tile_grid(h, w, self.setup.prep.tile_above, self.setup.prep.tile_overlap)
+            tiles = frame_tiles(h, w, self.setup.prep)
             frame = maps_to_frame(maps[start:start + count], h, w, tiles).numpy()
             p = probs[start].numpy().astype(np.float32)
             masks[i] = to_mask(frame).tobytes()

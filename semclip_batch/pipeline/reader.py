@@ -50,10 +50,11 @@ def _model_inputs(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
-                 storage_options: Mapping[str, Any] | None = None, references: bool = False) -> pa.Table:
+                 storage_options: Mapping[str, Any] | None = None, references: bool = False,
+                 register: bool = True) -> pa.Table:
     """Ray Data map function: the input columns plus ``status, error, height, width, n_views, pixels,
-    ref_pixels, has_ref`` (references read from each row's ``reference_url`` when ``references``), as a table
-    of :data:`~semclip_batch.io.schema.DECODED` whatever failed."""
+    ref_pixels, has_ref`` (references read from each row's ``reference_url`` when ``references``, registered onto
+    the frame when ``register``), as a table of :data:`~semclip_batch.io.schema.DECODED` whatever failed."""
     n = len(batch["image_id"])
     status, error = np.full(n, OK, dtype=object), np.full(n, None, dtype=object)
     height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -65,7 +66,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
             gray = load_frame(str(url), storage_options)
             x = _model_inputs(gray, prep)
             if not missing(ref_url) and str(ref_url):
-                ref = _model_inputs(load_reference(str(ref_url), gray.shape, storage_options), prep)
+                ref = _model_inputs(load_reference(str(ref_url), gray, storage_options, register), prep)
                 ref_pixels[i], has_ref[i] = ref.tobytes(), True
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)

@@ -1,0 +1,206 @@
+"""Small defects at any frame size, and reference frames registered: the scale policy and registration measured.
+
+    .venv/bin/python benchmarks/resolution.py --work /tmp/resolution            # data and checkpoints cached there
+    .venv/bin/python benchmarks/resolution.py --families logic --configs whole,0.5 --throughput-frames 0
+
+Every configuration is what a user runs: ``train`` (10-shot, ``--recipe transfer``, the shipped ``semclip-tiny``
+weights, which were pretrained on ``classic`` only) writes a checkpoint, ``run`` (a private local Ray) scores a
+test lot of other seeds, and the stored uint8 maps are compared with the truth masks at frame resolution.
+Pixel AUROC and F1max are reported per defect-size bucket: every truth region (8-connected) falls in the
+bucket of its longer bounding-box side (< 8 px, 8-32 px, > 32 px at frame resolution); a bucket's positives are
+its regions' pixels, its negatives every defect-free pixel of the lot.
+
+Families (``synth --family``; support seed 3000, test seed 7000): ``contacts@1024`` (contacts drawn at
+768-1024 px, so its 8-30 px defects shrink below a patch) is the validation family: the scale policy's
+fraction and the reference fusion weight were chosen on it. ``logic`` (512-1024 px, 3-10 px defects) and
+``metal`` (400-900 px, 20-60 px) are held out: nothing was chosen on them.
+
+Configurations (``--configs``): a scale policy name (``whole``, ``native``, ``0.5``...), optionally with
+``+ref`` (``train --use-reference``, registered), ``+ref-noreg`` (references as they come) and ``@W`` (the
+reference fusion weight, e.g. ``whole+ref@0.3``). ``--throughput-frames`` 1024x1024 frames of the first
+family are also scored by ``run`` with each policy's checkpoint (img/s from the run record: the pipeline
+stage, Ray's start excluded). Prints a table and writes ``--work/resolution.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from semclip_batch.analysis.evaluate import _truth_mask, joined_rows
+from semclip_batch.analysis.metrics import PixelCounts, roc_auc
+from semclip_batch.config import CheckpointRequest, ModelSpec, RunConfig, parse_scale_policy
+from semclip_batch.errors import OK
+from semclip_batch.fewshot.train import TrainConfig, train
+from semclip_batch.io.layout import OutLayout
+from semclip_batch.io.masks import mask_array, open_masks
+from semclip_batch.methods.prompts import NORMAL
+from semclip_batch.pipeline.driver import run
+from semclip_batch.synth.generate import SynthConfig, synth
+
+BUCKETS = (("<8", 0, 8), ("8-32", 8, 33), (">32", 33, 10**9))
+FAMILIES: dict[str, tuple[str, tuple[tuple[int, int], ...] | None]] = {
+    "contacts@1024": ("contacts", ((1024, 1024), (768, 768), (1024, 768))),
+    "logic": ("logic", None),
+    "metal": ("metal", None),
+}
+VALIDATION = "contacts@1024"
+EIGHT = np.ones((3, 3), bool)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    policy: float | None
+    reference: bool = False
+    register: bool = True
+    weight: float | None = None  # None: the default
+
+
+def parse_config(text: str) -> Config:
+    head, _, weight = text.partition("@")
+    policy, *flags = head.split("+")
+    return Config(name=text, policy=parse_scale_policy(policy), reference=bool(flags),
+                  register="ref-noreg" not in flags, weight=float(weight) if weight else None)
+
+
+def lot(work: Path, name: str, seed: int, per_class: int, sizes: tuple[tuple[int, int], ...] | None = None) -> Path:
+    family, family_sizes = FAMILIES[name]
+    folder = work / f"{name}-{seed}-{per_class}{'' if sizes is None else '-' + 'x'.join(map(str, sizes[0]))}"
+    if not (folder / "manifest.csv").exists():
+        synth(str(folder), SynthConfig(seed=seed, lots=1, wafers=1, dies=1, per_class=per_class, family=family,
+                                       sizes=sizes or family_sizes))
+    return folder
+
+
+def checkpoint(work: Path, family: str, support: Path, cfg: Config, seed: int) -> str:
+    base = Config(name="", policy=cfg.policy, reference=cfg.reference, register=cfg.register)
+    folder = work / "ckpt" / f"{family}-{base.policy}-{base.reference}-{base.register}-{seed}"
+    if not (folder / "checkpoint.json").exists():
+        spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", seed=seed, cls="fused",
+                         use_reference=cfg.reference, register_reference=cfg.register, scale_policy=cfg.policy)
+        t0 = time.perf_counter()
+        train(TrainConfig(support=str(support / "manifest.csv"), out=str(folder), model=spec))
+        print(f"  trained {folder.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    if cfg.weight is None:
+        return str(folder)
+    weighted = folder.with_name(f"{folder.name}@{cfg.weight}")  # same tensors, another fusion weight
+    if not weighted.exists():
+        shutil.copytree(folder, weighted)
+        meta = json.loads((weighted / "checkpoint.json").read_text())
+        meta["reference_weight"] = cfg.weight
+        (weighted / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+    return str(weighted)
+
+
+def score(ckpt: str, test: Path, out: Path) -> dict[str, Any]:
+    """``run`` the checkpoint on the test lot; its run record."""
+    if out.exists():
+        shutil.rmtree(out)
+    result = run(RunConfig(input=str(test / "manifest.csv"), out=str(out), model=CheckpointRequest(url=ckpt)))
+    return result.record
+
+
+def bucket_of(mask: np.ndarray) -> np.ndarray:
+    """Per pixel: the index in :data:`BUCKETS` of its truth region (-1: no defect)."""
+    labels, _ = ndimage.label(mask, structure=EIGHT)
+    out = np.full(mask.shape, -1, np.int8)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        side = max(box[0].stop - box[0].start, box[1].stop - box[1].start)
+        b = next(i for i, (_, lo, hi) in enumerate(BUCKETS) if lo <= side < hi)
+        region = labels[box] == k
+        out[box][region] = b
+    return out
+
+
+def bucket_metrics(out: Path, test: Path) -> dict[str, Any]:
+    rows, _ = joined_rows(str(out), str(test / "manifest.csv"), None)
+    ok = rows[rows["status"] == OK]
+    root = open_masks(OutLayout(str(out)).masks, None, mode="r")
+    counts = {name: PixelCounts() for name, _, _ in BUCKETS}
+    everything = PixelCounts()
+    regions = dict.fromkeys(counts, 0)
+    scores, truth = [], []
+    for _, row in ok.iterrows():
+        pred = np.asarray(mask_array(root, row["mask_path"])[int(row["mask_index"])])
+        mask = _truth_mask(row, pred.shape, None)
+        scores.append(float(row["anomaly_score"]))
+        truth.append(row["label"] != NORMAL)
+        if mask is None:
+            continue
+        everything.add(pred, mask)
+        buckets = bucket_of(mask)
+        for b, (name, _, _) in enumerate(BUCKETS):
+            keep = (buckets == b) | ~mask
+            counts[name].add(pred[keep][None], mask[keep][None])
+            regions[name] += int(ndimage.label(buckets == b, structure=EIGHT)[1])
+    result: dict[str, Any] = {"pAUROC": everything.auroc(), "F1max": everything.f1_max(),
+                              "iAUROC": roc_auc(np.array(scores), np.array(truth, bool))}
+    for name, c in counts.items():
+        result[f"pAUROC{name}"] = c.auroc()
+        result[f"F1max{name}"] = c.f1_max()
+        result[f"regions{name}"] = regions[name]
+    return result
+
+
+def fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="/tmp/resolution")
+    ap.add_argument("--families", default="contacts@1024,logic,metal")
+    ap.add_argument("--configs", default="whole,0.5,native")
+    ap.add_argument("--shots", type=int, default=10)
+    ap.add_argument("--test-per-class", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--throughput-frames", type=int, default=42, help="1024x1024 frames per throughput run (0: none)")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    configs = [parse_config(c) for c in args.configs.split(",")]
+    results: list[dict[str, Any]] = []
+    for family in args.families.split(","):
+        support = lot(work, family, 3000, args.shots)
+        test = lot(work, family, 7000, args.test_per_class)
+        for cfg in configs:
+            ckpt = checkpoint(work, family, support, cfg, args.seed)
+            out = work / "out" / f"{family}-{cfg.name}"
+            record = score(ckpt, test, out)
+            row = {"family": family, "set": "val" if family == VALIDATION else "held-out", "config": cfg.name,
+                   **bucket_metrics(out, test), "img_s": record["throughput_img_s"]}
+            results.append(row)
+            print("  " + "  ".join(f"{k} {fmt(v)}" for k, v in row.items()), flush=True)
+    first = args.families.split(",")[0]
+    if args.throughput_frames:
+        per_class = max(1, args.throughput_frames // 7)
+        big = lot(work, first, 9000, per_class, sizes=((1024, 1024),))
+        support = lot(work, first, 3000, args.shots)
+        for cfg in {c.policy: c for c in configs if not c.reference}.values():
+            record = score(checkpoint(work, first, support, replace(cfg, weight=None), args.seed), big,
+                           work / "out" / f"speed-{cfg.name}")
+            results.append({"family": f"{first} 1024x1024", "set": "throughput", "config": cfg.name,
+                            "img_s": record["throughput_img_s"], "frames": record["rows"]["total"]})
+            print(f"  throughput {cfg.name}: {record['throughput_img_s']} img/s", flush=True)
+    keys = ["family", "set", "config", "pAUROC<8", "pAUROC8-32", "pAUROC>32", "F1max<8", "F1max8-32", "F1max>32",
+            "pAUROC", "F1max", "iAUROC", "img_s"]
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in results:
+        print("| " + " | ".join(fmt(row.get(k)) for k in keys) + " |")
+    (work / "resolution.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The reference map: token distances and the registered pair's pixel difference, both relative to the
+support set's normal scales, fused with the method's map; checkpoints record registration, weight and scales."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semclip_batch.config import DEFAULT_REFERENCE_WEIGHT, ModelSpec
+from semclip_batch.fewshot.train import TrainConfig, train
+from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.model.reference import ReferenceScorer, pixel_difference
+from semclip_batch.pipeline.inference import build_model
+
+
+def test_pixel_difference_finds_a_small_particle_that_tokens_dilute():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(1, 64, 64, generator=gen) * 0.1
+    view = ref + torch.randn(1, 64, 64, generator=gen) * 0.02
+    view[0, 40:44, 20:24] += 1.0  # a 4 px particle
+    diff = pixel_difference(view, ref)
+    y, x = np.unravel_index(int(diff[0].argmax()), (64, 64))
+    assert 40 <= y < 44 and 20 <= x < 24
+    scorer = ReferenceScorer((1,), weight=1.0, sigma=0.0)
+    scorer.scale.fill_(1.0)
+    scorer.pixel_scale.fill_(float(torch.quantile(diff[0, :30].flatten(), 0.99)))
+    tokens = torch.zeros(1, 16)  # no token distance anywhere (a 4 x 4 patch grid)
+    fused = scorer.fuse(torch.zeros(1, 64, 64), tokens, torch.tensor([True]), diff)
+    y, x = np.unravel_index(int(fused[0].argmax()), (64, 64))
+    assert 40 <= y < 44 and 20 <= x < 24 and 0.4 < float(fused.max()) < 0.5  # mean of 0 and d / (d + s) < 1
+    # without a pixel scale (checkpoints written before), tokens alone: flat here
+    scorer.pixel_scale.fill_(0.0)
+    assert float(scorer.fuse(torch.zeros(1, 64, 64), tokens, torch.tensor([True]), diff).max()) == 0.0
+    # rows without a reference keep the method's map
+    method = torch.rand(1, 64, 64)
+    assert torch.equal(scorer.fuse(method, tokens, torch.tensor([False]), diff), method)
+
+
+def test_relative_distances_rank_without_saturating():
+    scorer = ReferenceScorer((1,))
+    scorer.scale.fill_(0.01)
+    rel = scorer.relative(torch.tensor([0.0, 0.01, 0.02, 0.1, 1.0]))
+    assert rel[0] == 0 and rel[1] == pytest.approx(0.5)
+    assert bool((rel[1:] > rel[:-1]).all()) and float(rel.max()) < 1.0  # 2x and 100x the scale stay apart
+
+
+def _lot(tmp_path, n: int = 4):
+    rng = np.random.default_rng(5)
+    rows = ["uri,lot_id,wafer_id,die_x,die_y,label,mask_uri,reference_uri"]
+    for i in range(2 * n):
+        base = (rng.random((96, 96)) * 40 + 60).astype(np.float32)
+        base[:, 40:52] += 100
+        img, ref = base + rng.normal(0, 3, base.shape), np.roll(base, (2, -3), axis=(0, 1))
+        mask = np.zeros((96, 96), np.uint8)
+        label = "normal" if i < n else "particle"
+        if label == "particle":
+            img[60:65, 20:25] = 250
+            mask[60:65, 20:25] = 255
+        for name, a in ((f"f{i}", img), (f"r{i}", ref), (f"m{i}", mask)):
+            Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
+        rows.append(f"f{i}.png,L1,W1,{i},0,{label},m{i}.png,r{i}.png")
+    (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "s.csv"
+
+
+def test_checkpoint_records_registration_weight_and_both_scales(tmp_path):
+    manifest = _lot(tmp_path)
+    spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused", use_reference=True)
+    meta = train(TrainConfig(support=str(manifest), out=str(tmp_path / "ck"), model=spec, epochs=1))
+    assert meta.register_reference and meta.reference_weight == DEFAULT_REFERENCE_WEIGHT
+    assert meta.training["reference_pixel_scale"] > 0 and meta.training["reference_scale"] > 0
+    ckpt = load_checkpoint(str(tmp_path / "ck"))
+    assert float(ckpt.tensors["reference.pixel_scale"]) == pytest.approx(meta.training["reference_pixel_scale"])
+    built = build_model(ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused", use_reference=True,
+                                  memory=meta.memory, region_head=meta.region_head, checkpoint=str(tmp_path / "ck")),
+                        ckpt.tensors["text_embeddings"].numpy())
+    assert built.reference is not None and float(built.reference.pixel_scale) > 0
+    assert built.reference.weight == DEFAULT_REFERENCE_WEIGHT
+    # a checkpoint written before registration existed reads as unregistered, weight 0.5, tokens only
+    body = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
+    for key in ("register_reference", "reference_weight", "scale_policy"):
+        body.pop(key)
+    (tmp_path / "ck" / "checkpoint.json").write_text(json.dumps(body))
+    old = load_checkpoint(str(tmp_path / "ck")).meta
+    assert not old.register_reference and old.reference_weight == 0.5 and old.scale_policy is None
+    no_reg = train(TrainConfig(support=str(manifest), out=str(tmp_path / "ck2"), epochs=1,
+                               model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused",
+                                               use_reference=True, register_reference=False)))
+    # unregistered references (2, -3 px off) differ along every edge: a larger normal pixel scale
+    assert not no_reg.register_reference
+    assert no_reg.training["reference_pixel_scale"] > meta.training["reference_pixel_scale"]
