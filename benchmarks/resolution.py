@@ -166,12 +166,13 @@ def main() -> None:
     ap.add_argument("--test-per-class", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--throughput-frames", type=int, default=42, help="1024x1024 frames per throughput run (0: none)")
+    ap.add_argument("--throughput-only", action="store_true", help="only the throughput runs (on a quiet machine)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     configs = [parse_config(c) for c in args.configs.split(",")]
     results: list[dict[str, Any]] = []
-    for family in args.families.split(","):
+    for family in [] if args.throughput_only else args.families.split(","):
         support = lot(work, family, 3000, args.shots)
         test = lot(work, family, 7000, args.test_per_class)
         for cfg in configs:

@@ -208,3 +208,20 @@ def test_pretrain_reports_a_heldout_check(tmp_path):
     res = pretrain(PretrainConfig(manifest=str(tmp_path / "d" / "manifest.csv"), out=str(tmp_path / "w2.safetensors"),
                                   steps=2, batch_size=2, model=ModelSpec(backbone="semclip-tiny")))
     assert res.sha256 and set(res.before) == set(res.after)
+
+
+def test_layers_of_the_last_epoch_when_validation_frames_hold_no_defect_pixel(tmp_path):
+    """Early stopping ranks maps by the validation frames' pixel AUROC; with no defect pixel among them that is
+    undefined, and the layers of the last epoch are kept (not the zero-shot ones of epoch 0)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    rows = ["uri,lot_id,wafer_id,die_x,die_y,label,mask_uri"]
+    for i in range(12):
+        Image.fromarray((rng.random((64, 64)) * 200).astype(np.uint8)).save(tmp_path / f"f{i}.png")
+        label = "normal" if i < 10 else "particle"  # the two particle frames have no mask
+        rows.append(f"f{i}.png,L1,W1,{i},0,{label},")
+    (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
+    meta = train(TrainConfig(support=str(tmp_path / "s.csv"), out=str(tmp_path / "ck"), epochs=3,
+                             model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused")))
+    assert meta.training["map_epoch"] == 3

@@ -144,8 +144,9 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
                   storage_options: Mapping[str, Any] | None = None, need_labels: bool = True,
                   references: bool = False, threads: int = 4, crops: int = 0, seed: int = 0,
                   register: bool = True) -> TrainSet:
-    """Decode every usable row (its whole-frame view, then up to ``crops`` :func:`crop_views`, each one row of
-    the set); unreadable rows are skipped with a warning and counted."""
+    """Decode every usable row (its whole-frame view, its :func:`tile_views` where ``prep`` tiles the frame, then
+    up to ``crops`` :func:`crop_views`, each one row of the set; references registered onto their frame unless
+    ``register`` is False); unreadable rows are skipped with a warning and counted."""
     unknown = sorted(set(df["label"]) - set(classes) - {""})
     if unknown:
         raise ConfigError(f"label {unknown[0]!r} is not a class of the prompt file ({', '.join(classes)})")
