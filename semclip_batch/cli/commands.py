@@ -165,6 +165,38 @@ def report(out: str, top_n: int, storage_option: tuple[str, ...]) -> None:
     click.echo(index)
 
 
+@main.group()
+def manifest() -> None:
+    """Make manifests: list an archive prefix once, instead of at every run."""
+
+
+@manifest.command("from-prefix")
+@click.argument("url")
+@click.option("--pattern", default="{lot_id}/{wafer_id}/{name}.{ext}", show_default=True,
+              help="Key pattern below URL; fields lot_id, wafer_id (required), name, ext, die_x, die_y, defect_id, "
+                   "image_id.")
+@click.option("--out", required=True, help="Manifest to write: .csv or .parquet, local path or fsspec URL.")
+@storage_option_flag
+@user_errors
+def from_prefix_cmd(url: str, pattern: str, out: str, storage_option: tuple[str, ...]) -> None:
+    """List every key under URL once (streamed, one folder at a time) into a manifest for `run`.
+
+    \b
+    Example:
+      semclip-batch manifest from-prefix s3://fab-archive/2024/ --pattern '{lot_id}/{wafer_id}/{name}.{ext}' \\
+          --out s3://fab-archive/manifests/2024.parquet
+    """
+    from semclip_batch.io.listing import from_prefix
+
+    listed = from_prefix(url, pattern, out, parse_storage_options(storage_option))
+    skipped = ""
+    if listed.unmatched:
+        skipped = f"; skipped {listed.unmatched} key(s) not matching the pattern, e.g. {listed.unmatched_example}"
+    if listed.hidden:
+        skipped += f"; skipped {listed.hidden} hidden file(s)"
+    click.echo(f"wrote {out}: {listed.rows} rows{skipped}")
+
+
 @main.command()
 @click.argument("out")
 @click.argument("sql")

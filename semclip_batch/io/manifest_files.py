@@ -194,7 +194,7 @@ def _refuse_duplicate_columns(names: list[str], name: str) -> None:
         seen.add(column)
 
 
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
+def pattern_regex(pattern: str) -> re.Pattern[str]:
     fields = re.findall(r"{([^{}]*)}", pattern)
     unknown = sorted(set(fields) - PATTERN_FIELDS)
     if unknown or not {"lot_id", "wafer_id"} <= set(fields):
@@ -212,7 +212,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
 
 
 def from_folder(folder: str, pattern: str, storage_options: Mapping[str, Any] | None) -> pa.Table:
-    regex = _pattern_regex(pattern)
+    regex = pattern_regex(pattern)
     fs, root = storage.filesystem(folder, storage_options)
     root = root.rstrip("/")
     rels = sorted(p[len(root) + 1:] for p in fs.find(root) if not posixpath.basename(p).startswith("."))

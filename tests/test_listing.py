@@ -1,0 +1,86 @@
+"""``manifest from-prefix``: an archive prefix listed once into a manifest that ``run`` reads, locally and on
+s3://, written in batches; stray and hidden keys skipped and counted; one-line refusals."""
+
+from __future__ import annotations
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from conftest import BUCKET
+
+from semclip_batch.cli import main
+from semclip_batch.io import listing
+from semclip_batch.io.manifest import read_manifest
+
+PATTERN = "{lot_id}/{wafer_id}/die{die_x}_{die_y}.{ext}"
+
+
+def _archive(root) -> list[str]:
+    keys = [f"LOT{lot}/W{w}/die{x}_{y}.png" for lot in (1, 2) for w in (1, 2) for x in range(2) for y in range(2)]
+    for key in keys:
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"png bytes")
+    (root / "LOT1" / "W1" / ".DS_Store").write_bytes(b"")
+    (root / "LOT1" / "notes.txt").write_text("not a frame")
+    return keys
+
+
+def test_local_prefix_to_csv_that_read_manifest_accepts(tmp_path):
+    keys = _archive(tmp_path / "archive")
+    out = tmp_path / "m" / "manifest.csv"
+    out.parent.mkdir()
+    res = CliRunner().invoke(main, ["manifest", "from-prefix", str(tmp_path / "archive"), "--pattern", PATTERN,
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"{len(keys)} rows" in res.output and "1 key(s) not matching" in res.output and "LOT1/notes.txt" in res.output
+    assert "1 hidden file" in res.output
+    df = read_manifest(str(out))
+    assert len(df) == len(keys)
+    assert sorted(df["lot_id"].unique()) == ["LOT1", "LOT2"] and set(df["die_x"]) == {0, 1}
+    assert df["uri"].iloc[0].startswith(str(tmp_path / "archive"))  # absolute: the manifest can live anywhere
+    assert (df["url"].map(lambda u: (tmp_path / "archive").as_posix() in u)).all()
+
+
+def test_batches_become_row_groups(tmp_path, monkeypatch):
+    keys = _archive(tmp_path / "archive")
+    monkeypatch.setattr(listing, "BATCH_ROWS", 5)
+    listed = listing.from_prefix(str(tmp_path / "archive"), PATTERN, str(tmp_path / "m.parquet"))
+    assert listed.rows == len(keys) and listed.unmatched == 1 and listed.hidden == 1
+    meta = pq.ParquetFile(tmp_path / "m.parquet").metadata
+    assert meta.num_rows == len(keys) and meta.num_row_groups == 4  # 16 rows in batches of 5
+
+
+@pytest.mark.s3
+def test_s3_prefix_to_parquet_on_s3(s3_endpoint):
+    s3 = boto3.client("s3")
+    keys = [f"listing/raw/LOTA/W0{w}/die{x}_0.png" for w in (1, 2) for x in range(3)]
+    for key in keys:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    out = f"s3://{BUCKET}/listing/manifests/all.parquet"
+    res = CliRunner().invoke(main, ["manifest", "from-prefix", f"s3://{BUCKET}/listing/raw/", "--pattern", PATTERN,
+                                    "--out", out])
+    assert res.exit_code == 0, res.output
+    df = read_manifest(out)
+    assert len(df) == len(keys) and set(df["wafer_id"]) == {"W01", "W02"}
+    assert set(df["uri"]) == {f"s3://{BUCKET}/{k}" for k in keys}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--pattern", "{lot_id}/{wafer_id}/{name}.tif"], "nothing listed (17 key(s) do not match"),
+    (["--pattern", "{lot_id}/{name}.{ext}"], "must use {lot_id} and {wafer_id}"),
+    (["--out-name", "manifest.txt"], "name the manifest .csv or .parquet"),
+    (["--prefix", "missing"], "does not exist"),
+])
+def test_refusals_are_one_line(tmp_path, args, message):
+    _archive(tmp_path / "archive")
+    prefix, out_name, extra = str(tmp_path / "archive"), "m.csv", list(args)
+    if extra[0] == "--out-name":
+        out_name, extra = extra[1], []
+    elif extra[0] == "--prefix":
+        prefix, extra = str(tmp_path / extra[1]), []
+    res = CliRunner().invoke(main, ["manifest", "from-prefix", prefix, *extra, "--out", str(tmp_path / out_name)])
+    assert res.exit_code != 0 and message in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / out_name).exists()
