@@ -64,9 +64,6 @@ class Thresholds:
                 "source": dict(self.source)}
 
 
-SCALE_POLICIES = ("whole", "native")
-
-
 def parse_scale_policy(text: str) -> float | None:
     """``--scale-policy``: ``whole`` (None: the whole frame resized to the model input; tiles only above
     ``--tile-above``), ``native`` (1.0) or a fraction of native resolution in (0, 1] such as ``0.5``: frames larger

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from semclip_batch.analysis.excursions import write_excursions
 from semclip_batch.analysis.query import connect
 from semclip_batch.errors import OutputError
 from semclip_batch.io import storage
@@ -82,7 +83,8 @@ order by w.lot_id, w.wafer_id, c.k
 
 
 def aggregate(out: str, storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Write ``OUT/lot_stats/lot_id=<lot>/stats.parquet`` and return all rows (with lot_id).
+    """Write ``OUT/lot_stats/lot_id=<lot>/stats.parquet`` and ``OUT/excursions/``
+    (:mod:`semclip_batch.analysis.excursions`); return the lot_stats rows (with lot_id).
 
     DuckDB streams over the predictions; only the result (lots x wafers x classes rows) is held in memory.
     """
@@ -101,4 +103,6 @@ def aggregate(out: str, storage_options: Mapping[str, Any] | None = None) -> pd.
         sink = io.BytesIO()
         pq.write_table(rows, sink)
         storage.write_bytes(storage.join(layout.lot_stats, f"lot_id={lot}", "stats.parquet"), sink.getvalue(), so)
-    return stats.select(["lot_id", *LOT_STATS.names]).cast(pa.schema([("lot_id", pa.string()), *LOT_STATS])).to_pandas()
+    rows = stats.select(["lot_id", *LOT_STATS.names]).cast(pa.schema([("lot_id", pa.string()), *LOT_STATS])).to_pandas()
+    write_excursions(layout, rows, so)
+    return rows

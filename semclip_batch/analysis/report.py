@@ -26,6 +26,7 @@ import zarr
 
 from semclip_batch.analysis import report_html as pages
 from semclip_batch.analysis.charts import ERROR, Palette, overlay_png, pareto_png, rate_png, wafer_map_png
+from semclip_batch.analysis.excursions import out_of_control
 from semclip_batch.config import DEFAULT_PIXEL_THRESHOLD, DEFAULT_REPORT_TOP_N, Progress
 from semclip_batch.errors import ConfigError, ImageError, OutputError, one_line
 from semclip_batch.io import storage
@@ -148,8 +149,10 @@ def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options
                 progress(1, len(lots))
     finally:
         con.close()
+    flagged = out_of_control(layout, so)
+    rows.sort(key=lambda r: r.lot_id not in flagged)  # lots with excursions first, otherwise in lot order
     index = storage.join(layout.reports, "index.html")
-    storage.write_bytes(index, pages.index_page(record, rows, _by_status(rows)), so)
+    storage.write_bytes(index, pages.index_page(record, rows, _by_status(rows), flagged), so)
     return index
 
 

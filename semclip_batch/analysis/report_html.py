@@ -33,6 +33,7 @@ figure{margin:0;width:244px}figcaption{font-size:12px;line-height:1.35;margin-to
 .placeholder{width:240px;height:120px;background:#eee;display:flex;align-items:center;justify-content:center;
 color:#666;font-size:12px;text-align:center}
 .msg{max-width:760px;overflow-wrap:anywhere}
+.excursion{color:#b3261e}
 """
 
 
@@ -145,20 +146,27 @@ def _run_summary(record: Mapping[str, Any] | None) -> str:
 
 
 def index_page(record: Mapping[str, Any] | None, lots: Sequence[LotRow],
-               by_status: Sequence[tuple[str, int, str | None, str | None]]) -> bytes:
-    """The run summary, rows by status with one example error each, and the lots with links to their pages."""
+               by_status: Sequence[tuple[str, int, str | None, str | None]],
+               out_of_control: Mapping[str, Sequence[str]] | None = None) -> bytes:
+    """The run summary, rows by status with one example error each, and the lots with links to their pages
+    (``out_of_control``: the classes of each lot beyond its control limits, from ``OUT/excursions/``)."""
+    flagged = out_of_control or {}
     status_rows = ([esc(s), str(n), f'<span class="msg">{esc(m)}</span>' if m else "",
                     f"<code>{esc(lot)}</code>" if lot is not None else ""] for s, n, m, lot in by_status)
     lot_rows = ([f'<a href="{href(lot_page_name(r.lot_id))}">{esc(r.lot_id)}</a>', str(r.n_images), str(r.n_ok),
                  str(r.n_images - r.n_ok), str(r.n_defect), _pct(r.n_defect, r.n_ok),
-                 esc(", ".join(f"{c} {n}" for c, n in r.pareto[:3]) or "–")] for r in lots)
+                 esc(", ".join(f"{c} {n}" for c, n in r.pareto[:3]) or "–"),
+                 f'<b class="excursion">{esc(", ".join(flagged[r.lot_id]))}</b>' if r.lot_id in flagged else "–"]
+                for r in lots)
+    excursions = (f'\n<p><b class="excursion">{len(flagged)} lot(s) out of control</b> (p-chart of the trailing '
+                  "lots, <code>excursions/</code>): listed first.</p>" if flagged else "")
     body = (
         "<h1>semclip-batch report</h1>\n<h2>Run</h2>\n" + _run_summary(record)
         + "\n<h2>Rows by status</h2>\n" + _table(["status", "rows", "example error", "lot of the example"],
                                                   status_rows, numeric=(1,))
-        + f"\n<h2>Lots ({len(lots)})</h2>\n"
-        + _table(["lot", "images", "ok", "errors", "defective", "defect rate", "main defect classes"], lot_rows,
-                 numeric=(1, 2, 3, 4, 5))
+        + f"\n<h2>Lots ({len(lots)})</h2>" + excursions + "\n"
+        + _table(["lot", "images", "ok", "errors", "defective", "defect rate", "main defect classes",
+                  "out of control"], lot_rows, numeric=(1, 2, 3, 4, 5))
     )
     return _page("semclip-batch report", body)
 

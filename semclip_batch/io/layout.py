@@ -24,6 +24,15 @@ class OutLayout:
         return join(self.root, "lot_stats")
 
     @property
+    def excursions(self) -> str:
+        return join(self.root, "excursions")
+
+    @property
+    def lot_times(self) -> str:
+        """``lot_id, lot_time`` of the manifest's lots (when it has lot_time), for excursion limits."""
+        return join(self.state, "lot_times.parquet")
+
+    @property
     def reports(self) -> str:
         return join(self.root, "reports")
 
@@ -83,4 +92,4 @@ class OutLayout:
     def owned_outputs(self) -> list[str]:
         """What ``--overwrite`` deletes (``runs/`` is kept)."""
         # the state first: a kill part-way must not leave markers that vouch for outputs already removed
-        return [self.state, self.predictions, self.masks, self.lot_stats, self.reports, self.metrics]
+        return [self.state, self.predictions, self.masks, self.lot_stats, self.excursions, self.reports, self.metrics]

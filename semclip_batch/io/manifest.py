@@ -27,10 +27,11 @@ __all__ = ["COLUMNS", "DEFAULT_PATTERN", "cell_text", "content_digest", "default
            "read_manifest", "read_manifest_table"]
 
 REQUIRED = ("uri", "lot_id", "wafer_id")
-OPTIONAL = ("image_id", "die_x", "die_y", "defect_id", "reference_uri", "label", "mask_uri", "caption")
+SCORED = ("image_id", "die_x", "die_y", "defect_id", "reference_uri", "label", "mask_uri", "caption")
+OPTIONAL = (*SCORED, "lot_time")  # lot_time orders lots for excursion limits only: not part of run_id
 COLUMNS = (*REQUIRED, *OPTIONAL, "url", "reference_url", "mask_url")
 INT_COLUMNS = ("die_x", "die_y")
-DIGEST_COLUMNS = (*REQUIRED, *OPTIONAL, "url", "reference_url")
+DIGEST_COLUMNS = (*REQUIRED, *SCORED, "url", "reference_url")
 MAX_LOT_BYTES = 128
 MAX_CELL_CHARS = 16_384  # object keys are at most 1,024 bytes on S3; a longer cell is a broken file
 RESERVED_LOTS = frozenset({"zarr.json", "__HIVE_DEFAULT_PARTITION__"})
@@ -122,6 +123,7 @@ def normalize(raw: pa.Table, *, base_folder: str, source: str) -> pa.Table:
     _refuse_huge_cells(cols)
     _refuse_bad_lots(cols["lot_id"])
     _refuse_url_credentials(cols)
+    _refuse_bad_times(cols["lot_time"])
     for col in INT_COLUMNS:
         cols[col] = _integers(cols[col], col)
     cols["image_id"] = _with_default_ids(cols["image_id"], cols["uri"], cols["defect_id"])
@@ -163,6 +165,19 @@ def _refuse_bad_lots(lots: pa.ChunkedArray) -> None:
         row = _first(pc.is_in(lots, value_set=pa.array(list(problems), pa.string())))
         lot = lots[row].as_py()
         raise ManifestError(f"manifest row {row + 1}: lot_id {show(lot)} {problems[lot]}")
+
+
+def _refuse_bad_times(times: pa.ChunkedArray) -> None:
+    """``lot_time`` cells must be empty or ISO 8601 times (a date, or a date and time)."""
+    filled = [(row, value) for row, value in enumerate(times.to_pylist()) if value]
+    if not filled:
+        return
+    parsed = pd.to_datetime(pd.Series([v for _, v in filled]), format="ISO8601", errors="coerce", utc=True)
+    bad = np.flatnonzero(parsed.isna().to_numpy())
+    if len(bad):
+        row, value = filled[int(bad[0])]
+        raise ManifestError(f"manifest row {row + 1}: lot_time {show(value, 40)} is not an ISO 8601 time "
+                            "such as 2024-03-01 or 2024-03-01T14:05:00")
 
 
 def _refuse_url_credentials(cols: dict[str, pa.ChunkedArray]) -> None:

@@ -7,6 +7,7 @@ The CLI and ``jobs/`` are thin wrappers around :func:`run`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
@@ -244,7 +246,20 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
 def _store_plan(layout: OutLayout, manifest: pa.Table, run_id: str, shard_size: int, so: dict[str, Any],
                 timer: _Timer) -> Plan:
     with timer.stage("plan"):
+        _store_lot_times(layout, manifest, so)
         return store_plan(layout, manifest, run_id=run_id, shard_size=shard_size, storage_options=so)
+
+
+def _store_lot_times(layout: OutLayout, manifest: pa.Table, so: dict[str, Any]) -> None:
+    """Each lot's earliest ``lot_time`` (when the manifest has any) for ``aggregate``'s excursion limits."""
+    times = manifest.select(["lot_id", "lot_time"]).filter(pc.not_equal(manifest.column("lot_time"), ""))
+    if not times.num_rows:
+        storage.remove(layout.lot_times, so)
+        return
+    first = times.group_by("lot_id").aggregate([("lot_time", "min")]).rename_columns(["lot_id", "lot_time"])
+    sink = io.BytesIO()
+    pq.write_table(first, sink)
+    storage.write_bytes(layout.lot_times, sink.getvalue(), so)
 
 
 @dataclass
