@@ -118,13 +118,18 @@ class PreprocessConfig:
     @property
     def tile_side(self) -> int:
         """Frames whose longer side exceeds this are tiled, in tiles of (up to) this side: ``tile_above``, or with a
-        scale policy the frame-pixel side that the model input covers at that fraction of native resolution."""
+        scale policy the frame-pixel side that the model input covers at that fraction of native resolution
+        (``tile_above`` then does not apply: train and run must cut the same tiles whatever run's flag)."""
         if self.scale_policy is None:
             return self.tile_above
-        return min(self.tile_above, max(16, round(self.image_size / self.scale_policy)))
+        return max(16, round(self.image_size / self.scale_policy))
 
     def as_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe as stored (run records, run_id); ``scale_policy`` only when set (run ids stay as they were)."""
+        record = dataclasses.asdict(self)
+        if self.scale_policy is None:
+            del record["scale_policy"]
+        return record
 
 
 @dataclass(frozen=True)
@@ -164,10 +169,17 @@ class ModelSpec:
         check_scale_policy(self.scale_policy)
 
     def output_affecting(self) -> dict[str, Any]:
-        """Fields that change predictions (weights enter run_id through their checksum instead)."""
+        """Fields that change predictions (weights enter run_id through their checksum instead). Fields added
+        later appear only where they apply (references) or differ from the old behaviour (a scale policy), so
+        the run ids of runs they do not change stay as they were."""
         keep = ("backbone", "precision", "taps", "use_vv", "surgery", "sigma", "score_mode", "seed", "cls", "method",
-                "use_reference", "register_reference", "reference_weight", "memory", "region_head", "scale_policy")
-        return {k: getattr(self, k) for k in keep}
+                "use_reference", "memory", "region_head")
+        out = {k: getattr(self, k) for k in keep}
+        if self.use_reference:
+            out.update(register_reference=self.register_reference, reference_weight=self.reference_weight)
+        if self.scale_policy is not None:
+            out["scale_policy"] = self.scale_policy
+        return out
 
 
 @dataclass(frozen=True)

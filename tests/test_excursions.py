@@ -76,14 +76,14 @@ def test_lot_order_by_time_then_lot_id():
 
 
 def test_run_keeps_each_lots_earliest_time_and_time_is_not_part_of_run_id(tmp_path):
-    rows = "uri,lot_id,wafer_id,lot_time\na.png,L1,W1,2024-03-02\nb.png,L1,W2,2024-03-01\nc.png,L2,W1,\n"
+    rows = "uri,lot_id,wafer_id,lot_time\na.png,L1,W1,2024-10-02\nb.png,L1,W2,2024-9-30\nc.png,L2,W1,\n"
     (tmp_path / "m.csv").write_text(rows)
     table = read_manifest_table(str(tmp_path / "m.csv"))
     layout = OutLayout(str(tmp_path / "out"))
     _store_lot_times(layout, table, {})
     kept = pq.read_table(layout.lot_times).to_pydict()
-    assert kept == {"lot_id": ["L1"], "lot_time": ["2024-03-01"]}
-    (tmp_path / "n.csv").write_text(rows.replace("2024-03-02", "2025-01-01"))
+    assert kept == {"lot_id": ["L1"], "lot_time": ["2024-09-30T00:00:00+00:00"]}  # earliest in time, not as text
+    (tmp_path / "n.csv").write_text(rows.replace("2024-10-02", "2025-01-01"))
     assert content_digest(read_manifest_table(str(tmp_path / "n.csv"))) == content_digest(table)
     (tmp_path / "bad.csv").write_text("uri,lot_id,wafer_id,lot_time\na.png,L1,W1,last tuesday\n")
     with pytest.raises(ManifestError, match="row 1: lot_time 'last tuesday' is not an ISO 8601 time"):

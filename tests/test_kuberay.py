@@ -93,7 +93,7 @@ def test_gpu_worker_group_and_the_job_it_runs():
     argv = shlex.split(spec["entrypoint"])
     assert argv[:2] == ["python", "/app/jobs/process_lots.py"] and (ROOT / "jobs" / "process_lots.py").exists()
     assert argv[argv.index("--num-gpus") + 1] == "1"
-    assert int(argv[argv.index("--actors") + 1]) <= gpu["maxReplicas"]
+    assert int(argv[argv.index("--actors") + 1]) <= gpu["replicas"] <= gpu["maxReplicas"]  # every actor has a GPU
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"] == "/app"
 

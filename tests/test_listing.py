@@ -43,6 +43,26 @@ def test_local_prefix_to_csv_that_read_manifest_accepts(tmp_path):
     assert (df["url"].map(lambda u: (tmp_path / "archive").as_posix() in u)).all()
 
 
+def test_relative_prefix_gives_absolute_uris_and_a_failed_listing_leaves_no_file(tmp_path, monkeypatch):
+    _archive(tmp_path / "archive")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    listing.from_prefix("archive", PATTERN, "elsewhere/m.csv")
+    df = read_manifest(str(tmp_path / "elsewhere" / "m.csv"))
+    assert df["url"].iloc[0].startswith(str(tmp_path / "archive"))
+    (tmp_path / "elsewhere" / "m.csv").write_text("the earlier manifest\n")
+
+    def broken(*args, **kwargs):
+        yield "LOT1/W1/die0_0.png"
+        raise OSError("listing interrupted")
+
+    monkeypatch.setattr(listing, "_keys", broken)
+    with pytest.raises(OSError, match="interrupted"):
+        listing.from_prefix("archive", PATTERN, "elsewhere/m.csv")
+    assert (tmp_path / "elsewhere" / "m.csv").read_text() == "the earlier manifest\n"  # untouched
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["m.csv"]  # no partial file left
+
+
 def test_batches_become_row_groups(tmp_path, monkeypatch):
     keys = _archive(tmp_path / "archive")
     monkeypatch.setattr(listing, "BATCH_ROWS", 5)

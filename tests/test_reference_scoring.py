@@ -32,9 +32,11 @@ def test_pixel_difference_finds_a_small_particle_that_tokens_dilute():
     fused = scorer.fuse(torch.zeros(1, 64, 64), tokens, torch.tensor([True]), diff)
     y, x = np.unravel_index(int(fused[0].argmax()), (64, 64))
     assert 40 <= y < 44 and 20 <= x < 24 and 0.4 < float(fused.max()) < 0.5  # mean of 0 and d / (d + s) < 1
-    # without a pixel scale (checkpoints written before), tokens alone: flat here
+    # without a pixel scale (checkpoints written before), tokens alone as before: clamp(d / (2 scale)), flat here
     scorer.pixel_scale.fill_(0.0)
     assert float(scorer.fuse(torch.zeros(1, 64, 64), tokens, torch.tensor([True]), diff).max()) == 0.0
+    legacy = scorer.fuse(torch.zeros(1, 64, 64), torch.full((1, 16), 5.0), torch.tensor([True]), diff)
+    assert torch.allclose(legacy, torch.ones(1, 64, 64))  # 5 / (2 x 1) clamped to 1, weight 1
     # rows without a reference keep the method's map
     method = torch.rand(1, 64, 64)
     assert torch.equal(scorer.fuse(method, tokens, torch.tensor([False]), diff), method)

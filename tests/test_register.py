@@ -292,3 +292,11 @@ def test_strips_the_shift_brings_in_are_the_frames_own_pixels():
     assert np.abs(inner).mean() > 1.0  # elsewhere the reference's own (independent) noise: not the frame copied
     _, reg0 = register_reference(frame, frame.copy())
     assert (reg0.dy, reg0.dx) == pytest.approx((0.0, 0.0), abs=0.05)
+
+
+def test_a_frame_registered_onto_itself_is_itself_to_the_edge():
+    """A shift a hair below 0 (-1e-7 px) must not move the last row or column by a whole pixel."""
+    frame = noisy(routing(40, 40, seed=6), 3.0, seed=1)
+    aligned, reg = register_reference(frame, frame.copy())
+    assert (reg.dy, reg.dx) == (0.0, 0.0) or max(abs(reg.dy), abs(reg.dx)) > 1e-6
+    assert np.abs(aligned - frame).max() < 0.05 * (frame.max() - frame.min())

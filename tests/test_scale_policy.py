@@ -45,7 +45,9 @@ def test_tile_side_follows_the_policy_and_never_exceeds_tile_above():
     assert _prep(None).tile_side == 1024
     assert _prep(1.0).tile_side == 240  # the model input covers 240 frame pixels at native resolution
     assert _prep(0.5).tile_side == 480
-    assert _prep(0.1).tile_side == 1024  # 2,400 px would be coarser than the --tile-above rule
+    # with a policy, --tile-above does not apply: train (which never caps) and run cut the same tiles
+    assert _prep(0.2, tile_above=1024).tile_side == _prep(0.2, tile_above=10**9).tile_side == 1200
+    assert frame_tiles(1100, 1100, _prep(0.2, tile_above=1024)) == []
     # whole policy: a 600 px frame is one view; native: 240 px tiles with 25 % overlap (3 x 3) + the whole view
     assert frame_tiles(600, 600, _prep(None)) == []
     tiles = frame_tiles(600, 600, _prep(1.0))
@@ -167,5 +169,5 @@ def test_train_records_the_policy_and_run_scores_with_it(tmp_path, ray_cluster):
         record = json.loads(next((out / "runs").rglob("attempt-*.json")).read_text())
         ids[name] = record["run_id"]
         assert record["counts"] == {"ok": 6}
-        assert record["preprocessing"]["scale_policy"] == (None if name == "zero-shot-whole" else 1.0)
+        assert record["preprocessing"].get("scale_policy") == (None if name == "zero-shot-whole" else 1.0)
     assert len(set(ids.values())) == 3  # the policy is part of run_id

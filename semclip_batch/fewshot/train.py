@@ -96,11 +96,27 @@ def map_auroc(maps: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor) -
     return _pixel_counts(maps, masks, has_mask).auroc() or 0.0
 
 
-def fit_thresholds(out: SemClipOutput, data: TrainSet, score_mode: str = "mean") -> dict[str, float]:
-    """Image threshold: best balanced accuracy on the support scores; pixel: best F1 of the support maps."""
-    scores = np.array([anomaly_score(float(p[0]), float(m.max()), score_mode)
-                       for p, m in zip(out.class_probs, out.maps, strict=True)])
-    defect = (data.labels > 0).numpy()
+def frame_scores(out: SemClipOutput, data: TrainSet, score_mode: str, views: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per support frame, as ``run`` scores it: ``anomaly_score`` of its whole view's p(normal) and the maximum
+    over its views' maps (the whole view, or its tiles under a scale policy), and whether it is a defect frame.
+    Only the first ``views`` rows (the unaugmented copy) count."""
+    frame = data.frame[:views] if data.frame is not None else torch.arange(views)
+    scores, defect = [], []
+    for f in frame.unique():
+        rows = (frame == f).nonzero().flatten()
+        first = int(rows[0])  # the whole view comes first, then its tiles
+        tiles = rows[1:] if len(rows) > 1 else rows
+        peak = float(out.maps[tiles].amax())
+        scores.append(anomaly_score(float(out.class_probs[first][0]), peak, score_mode))
+        defect.append(bool(data.labels[first] > 0))
+    return np.array(scores), np.array(defect)
+
+
+def fit_thresholds(out: SemClipOutput, data: TrainSet, score_mode: str = "mean",
+                   views: int | None = None) -> dict[str, float]:
+    """Image threshold: best balanced accuracy on the support frames' scores (:func:`frame_scores`); pixel: best
+    F1 of the support maps."""
+    scores, defect = frame_scores(out, data, score_mode, len(data) if views is None else views)
     image = 0.5
     if defect.any() and (~defect).any():
         cands = np.unique(scores)
@@ -181,7 +197,7 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     size = (data.views.shape[-2], data.views.shape[-1])
     with torch.no_grad():
         out = score_features(model, feats, size, reference, ref_feats, data.has_ref, pixels)
-    return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode))
+    return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode, len(data) // n_copies))
 
 
 def _whole_rows(data: TrainSet) -> torch.Tensor:

@@ -3,17 +3,20 @@ listing the archive again.
 
 The listing is streamed: ``fs.walk`` yields one folder at a time (S3: one paginated listing per prefix level),
 keys are matched against ``--pattern`` (the fields of folder mode, :mod:`semclip_batch.io.manifest_files`) and
-written in batches of :data:`BATCH_ROWS` rows to a Parquet or CSV file through fsspec, so memory holds one
-folder's keys and one batch, whatever the archive's size. Uris are absolute (the prefix joined with each key),
-so the manifest can live anywhere. Hidden files (a leading dot) are skipped; keys that do not match the pattern
-are counted and skipped (one example reported), and a prefix with no matching key is refused.
+written in batches of :data:`BATCH_ROWS` rows to a Parquet or CSV file through fsspec (``OUT.partial``, renamed
+onto ``OUT`` once complete), so memory holds one folder's keys and one batch, whatever the archive's size. Uris
+are absolute (the prefix, made absolute when local, joined with each key), so the manifest can live anywhere.
+Hidden files (a leading dot) are skipped; keys that do not match the pattern are counted and skipped (one
+example reported), and a prefix with no matching key is refused.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 import posixpath
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,18 +56,40 @@ def _keys(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[str]:
 def from_prefix(url: str, pattern: str, out: str, storage_options: Mapping[str, Any] | None = None) -> Listed:
     """List ``url`` into the manifest ``out`` (``.parquet`` or ``.csv``, any fsspec URL)."""
     fmt = _format(out)
+    if not storage.has_protocol(url):
+        url = os.path.abspath(url)  # uris must not depend on where the manifest is read from
     regex = pattern_regex(pattern)
     fields = [c for c in COLUMNS if c == "uri" or c in regex.groupindex]
     schema = pa.schema([(c, pa.string()) for c in fields])
     prefix = url.rstrip("/")
-    rows = unmatched = hidden = 0
-    example: str | None = None
     source, root = storage.filesystem(url, storage_options)
     if not source.exists(root.rstrip("/")):
         raise ManifestError(f"prefix {storage.redact(url)} does not exist")
     fs, path = storage.filesystem(out, storage_options)
+    partial = f"{path}.partial"  # renamed onto the manifest only once complete: no half listing under its name
+    try:
+        rows, unmatched, hidden, example = _write(url, prefix, regex, fields, fs.open(partial, "wb"), fmt, schema,
+                                                  storage_options)
+    except BaseException:
+        if fs.exists(partial):
+            fs.rm(partial)
+        raise
+    if not rows:
+        fs.rm(partial)
+        reason = f"{unmatched} key(s) do not match --pattern {pattern!r}, e.g. {show(example or '', 200)}" \
+            if unmatched else "no files"
+        raise ManifestError(f"prefix {storage.redact(url)}: nothing listed ({reason})")
+    fs.mv(partial, path)
+    return Listed(rows=rows, unmatched=unmatched, unmatched_example=example, hidden=hidden)
+
+
+def _write(url: str, prefix: str, regex: re.Pattern[str], fields: list[str], handle: Any, fmt: str,
+           schema: pa.Schema, storage_options: Mapping[str, Any] | None = None) -> tuple[int, int, int, str | None]:
+    """Stream the matching keys of ``url`` into ``handle``: (rows, unmatched, hidden, an unmatched key)."""
+    rows = unmatched = hidden = 0
+    example: str | None = None
     batch: list[dict[str, str]] = []
-    with fs.open(path, "wb") as sink, _Writer(sink, fmt, schema) as writer:
+    with handle as sink, _Writer(sink, fmt, schema) as writer:
         for key in _keys(url, storage_options):
             if posixpath.basename(key).startswith("."):
                 hidden += 1
@@ -79,12 +104,7 @@ def from_prefix(url: str, pattern: str, out: str, storage_options: Mapping[str, 
                 rows += writer.write(batch)
                 batch = []
         rows += writer.write(batch)
-    if not rows:
-        fs.rm(path)
-        reason = f"{unmatched} key(s) do not match --pattern {pattern!r}, e.g. {show(example or '', 200)}" \
-            if unmatched else "no files"
-        raise ManifestError(f"prefix {storage.redact(url)}: nothing listed ({reason})")
-    return Listed(rows=rows, unmatched=unmatched, unmatched_example=example, hidden=hidden)
+    return rows, unmatched, hidden, example
 
 
 def _format(out: str) -> str:

@@ -107,12 +107,19 @@ def register_reference(frame: np.ndarray, reference: np.ndarray) -> tuple[np.nda
     """
     frame, reference = _check_pair(frame, reference)
     dy, dx, peak, aligned = _estimate(frame, reference, None)
+    dy, dx = _snapped(dy), _snapped(dx)
     shifted = shift_image(reference, dy, dx)
     gain, offset = _match_intensity(frame, shifted, math.ceil(max(abs(dy), abs(dx))) + 2, aligned)
     out = (gain * shifted.astype(np.float64) + offset).astype(np.float32)
     for axis, shift in ((0, dy), (1, dx)):
         _take_uncovered(out, frame, shift, axis)
     return out, Registration(dy=float(dy), dx=float(dx), gain=gain, offset=offset, peak=float(peak))
+
+
+def _snapped(shift: float) -> float:
+    """A shift within 1e-6 px of an integer is that integer (a -1e-7 px shift would move a whole row)."""
+    nearest = float(round(shift))
+    return nearest if abs(shift - nearest) < 1e-6 else float(shift)
 
 
 UNCOVERED_MARGIN = 2  # px beyond a shift's strip that the cubic kernel mixes with made-up border pixels

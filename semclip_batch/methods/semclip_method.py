@@ -122,7 +122,8 @@ def fill_memory(model: SemClip, enc: EncoderOutput, support: Support, rows: torc
     clean = clean_patches(data.masks[rows], data.has_mask[rows], _grid(enc))
     tokens = [t[rows] for t in memory.tokens(enc, model.cfg.taps)]
     if rescale and len(rows) >= 2:
-        frame = support.groups[rows % support.frames]  # the copies and tiles of one frame stay in one half
+        rank = support.groups.unique(return_inverse=True)[1]  # frames numbered 0.. among the kept ones
+        frame = rank[rows % support.frames]  # the copies and tiles of one frame stay in one half
         halves = (frame % 2 == 0, frame % 2 == 1)
         dists = []
         for held, kept in (halves, halves[::-1]):

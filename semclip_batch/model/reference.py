@@ -14,8 +14,10 @@ Gaussian-smoothed over :data:`PIXEL_SIGMA` px against shot noise, as ``d / (d + 
 ``pixel_scale`` the 99th percentile over the support set's normal frames. Patch tokens dilute a particle of a
 few pixels in a 16 px patch; the pixel difference does not (a routing fixture of 4-8 px particles: token
 distances alone ranked bright, noisy wires above the particle). The reference map is the mean of the two
-terms (tokens alone for checkpoints written before, whose ``pixel_scale`` is 0), fused as
-``(1 - weight) * method + weight * reference`` for rows that have a reference frame.
+terms, fused as
+``(1 - weight) * method + weight * reference`` for rows that have a reference frame. Checkpoints written before
+the pixel term (no ``reference.pixel_scale``, so 0 here) score as they did: tokens alone, as
+``clamp(d / (2 * scale), 0, 1)``.
 """
 
 from __future__ import annotations
@@ -72,8 +74,12 @@ class ReferenceScorer(nn.Module):
              pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Method maps ``(B, H, W)``, token distances ``(B, N)`` and :func:`pixel_difference` maps ``(B, H, W)``
         -> fused maps; rows without a reference unchanged."""
-        ref = gaussian_blur(grid_to_image(self.relative(distance), (maps.shape[-2], maps.shape[-1])), self.sigma)
-        if pixels is not None and float(self.pixel_scale) > 0:
+        legacy = float(self.pixel_scale) <= 0
+        tokens = distance / (2.0 * self.scale) if legacy else self.relative(distance)
+        ref = gaussian_blur(grid_to_image(tokens, (maps.shape[-2], maps.shape[-1])), self.sigma)
+        if legacy:
+            ref = ref.clamp(0.0, 1.0)
+        elif pixels is not None:
             d = pixels.to(ref.dtype).clamp_min(0.0)
             ref = 0.5 * (ref + d / (d + self.pixel_scale))
         fused = (1.0 - self.weight) * maps + self.weight * ref

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -256,9 +257,12 @@ def _store_lot_times(layout: OutLayout, manifest: pa.Table, so: dict[str, Any]) 
     if not times.num_rows:
         storage.remove(layout.lot_times, so)
         return
-    first = times.group_by("lot_id").aggregate([("lot_time", "min")]).rename_columns(["lot_id", "lot_time"])
+    df = times.to_pandas()
+    df["t"] = pd.to_datetime(df["lot_time"], format="ISO8601", utc=True)
+    first = df.loc[df.groupby("lot_id")["t"].idxmin()]
+    kept = pa.table({"lot_id": first["lot_id"].tolist(), "lot_time": [t.isoformat() for t in first["t"]]})
     sink = io.BytesIO()
-    pq.write_table(first, sink)
+    pq.write_table(kept, sink)
     storage.write_bytes(layout.lot_times, sink.getvalue(), so)
 
 
