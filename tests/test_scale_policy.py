@@ -14,9 +14,9 @@ from PIL import Image
 from semclip_batch.cli.commands import main
 from semclip_batch.config import ModelSpec, PreprocessConfig, parse_scale_policy, scale_policy_name
 from semclip_batch.errors import ConfigError
-from semclip_batch.fewshot.trainset import TrainSet, load_trainset, tile_views
+from semclip_batch.fewshot.trainset import TrainSet, frame_views, load_trainset
 from semclip_batch.io.manifest import read_manifest
-from semclip_batch.io.preprocess import frame_tiles, model_inputs
+from semclip_batch.io.preprocess import frame_tiles, model_inputs, normalize
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.fitting import Support, frame_folds, support_split
 from semclip_batch.methods.weights import preprocess_config
@@ -63,15 +63,18 @@ def test_tiles_as_support_views_take_their_own_labels():
     gray = rng.random((600, 600)).astype(np.float32)
     mask = np.zeros((600, 600), bool)
     mask[20:26, 30:36] = True  # a 6 px particle in the top-left corner: in the first tile only
-    views = tile_views(gray, mask, None, _prep(1.0), normal=False)
+    views = frame_views(gray, mask, None, _prep(1.0), normal=False)[1:]  # the tiles, after the whole view
     assert len(views) == 9
     assert [v.clean for v in views] == [False] + [True] * 8
     assert views[0].mask is not None and views[0].mask.max() == 1.0  # 6 px at native resolution fill pixels
-    assert tile_views(gray, None, None, _prep(1.0), normal=False) == []  # a defect frame without mask: no tiles
-    assert len(tile_views(gray, None, None, _prep(1.0), normal=True)) == 9  # a normal frame: all clean
+    assert frame_views(gray, None, None, _prep(1.0), normal=False)[1:] == []  # a defect frame without mask: no tiles
+    assert len(frame_views(gray, None, None, _prep(1.0), normal=True)[1:]) == 9  # a normal frame: all clean
     ref = gray + 0.1
-    with_ref = tile_views(gray, mask, ref, _prep(1.0), normal=False)
+    with_ref = frame_views(gray, mask, ref, _prep(1.0), normal=False)[1:]
     assert all(v.ref is not None and v.ref.shape == (240, 240) for v in with_ref)
+    # train fits on exactly the views run scores
+    fitted = torch.from_numpy(np.stack([v.view for v in frame_views(gray, mask, None, _prep(1.0), normal=False)]))
+    np.testing.assert_allclose(normalize(fitted, _prep(1.0)).numpy(), model_inputs(gray, _prep(1.0)), atol=1e-6)
 
 
 def _big_lot(tmp_path, n: int = 4):

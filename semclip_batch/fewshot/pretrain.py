@@ -204,9 +204,7 @@ def heldout_split(data: TrainSet, share: float, seed: int) -> tuple[torch.Tensor
     n_held = int(len(frames) * share) if len(frames) >= 20 else 0
     held_frames = frames[torch.randperm(len(frames), generator=torch.Generator().manual_seed(seed + 11))[:n_held]]
     held = torch.isin(frame, held_frames)
-    first = torch.ones(len(frame), dtype=torch.bool)
-    first[1:] = frame[1:] != frame[:-1]  # a frame's whole view comes before its crops
-    return (~held).nonzero().flatten(), (held & first).nonzero().flatten()
+    return (~held).nonzero().flatten(), (held & data.first_views()).nonzero().flatten()
 
 
 @torch.no_grad()

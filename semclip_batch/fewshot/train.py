@@ -38,6 +38,7 @@ from semclip_batch.model.reference import ReferenceScorer, pixel_difference, ref
 from semclip_batch.model.towers import vision_tower
 
 log = logging.getLogger(__name__)
+PIXEL_SAMPLE = 4_000_000  # normal pixels drawn for the reference's pixel scale (a 99th percentile)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Featur
     reference.scale.fill_(scale)
     if pixels is not None:
         sample = pixels[rows].flatten()
-        sample = sample[torch.randperm(sample.numel(), generator=torch.Generator().manual_seed(0))[:4_000_000]]
+        if sample.numel() > PIXEL_SAMPLE:  # draws with replacement: no permutation of every pixel
+            sample = sample[torch.randint(sample.numel(), (PIXEL_SAMPLE,), generator=torch.Generator().manual_seed(0))]
         reference.pixel_scale.fill_(float(torch.quantile(sample.float(), 0.99).clamp_min(1e-4)))
     return scale
 
@@ -200,15 +202,6 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode, len(data) // n_copies))
 
 
-def _whole_rows(data: TrainSet) -> torch.Tensor:
-    """Which rows are whole-frame views (the first view of each frame; the others are its tiles)."""
-    if data.frame is None:
-        return torch.ones(len(data), dtype=torch.bool)
-    first = torch.ones(len(data), dtype=torch.bool)
-    first[1:] = data.frame[1:] != data.frame[:-1]
-    return first
-
-
 def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointMeta:
     """Train, fit, write the checkpoint; returns its meta as stored."""
     t0 = time.perf_counter()
@@ -219,7 +212,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
     data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options,
                          references=cfg.model.use_reference, register=cfg.model.register_reference)
     views = len(data)
-    whole = _whole_rows(data)
+    whole = data.first_views()
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
     m = cfg.model

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import DECODE_ERROR, ConfigError, ImageError
 from semclip_batch.io.frames import load_frame, load_reference
-from semclip_batch.io.preprocess import frame_tiles, mask_view, resize, stretch, whole_view
+from semclip_batch.io.preprocess import frame_tiles, grey_views, mask_view, resize, stretch
 from semclip_batch.methods.prompts import NORMAL
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,13 @@ class TrainSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def first_views(self) -> torch.Tensor:
+        """``(N,)`` bool: each frame's whole view (its tiles and crops follow it; every row without ``frame``)."""
+        first = torch.ones(len(self), dtype=torch.bool)
+        if self.frame is not None:
+            first[1:] = self.frame[1:] != self.frame[:-1]
+        return first
+
 
 class Loaded(NamedTuple):
     """One view of a manifest row: the model-input view, its mask view (None: no mask), its reference view
@@ -62,43 +69,39 @@ CROP_SCALES = (1, 2)  # crop sides in model-input sizes: native resolution, then
 
 def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool,
               crops: int = 0, seed: int = 0, register: bool = True) -> list[Loaded]:
-    """The whole frame, then its tiles under ``prep`` (as ``run`` scores it: :func:`tile_views`), then up to
+    """The whole frame, then its tiles under ``prep`` (as ``run`` scores it: :func:`frame_views`), then up to
     ``crops`` crops."""
     gray = load_frame(row["url"], so)
-    ref_frame = _load_reference(row, gray, so, register) if references else None
+    ref = _load_reference(row, gray, so, register) if references else None
     mask = None
     if row["mask_url"]:
         mask = load_frame(row["mask_url"], so) > 0
         if mask.shape != gray.shape:
             raise ImageError(DECODE_ERROR, f"mask {mask.shape} does not match image {gray.shape}")
-    ref = None if ref_frame is None else whole_view(ref_frame, prep)
-    whole = Loaded(whole_view(gray, prep), None if mask is None else mask_view(mask, prep.image_size), ref)
-    views = [whole, *tile_views(gray, mask, ref_frame, prep, normal=row["label"] == NORMAL)]
+    views = frame_views(gray, mask, ref, prep, normal=row["label"] == NORMAL)
     if not crops:
         return views
     rng = np.random.default_rng([seed, int(row.name)])  # row.name: the row's position (index reset)
     return [*views, *crop_views(gray, mask, prep, rng, crops)]
 
 
-def tile_views(gray: np.ndarray, mask: np.ndarray | None, ref: np.ndarray | None, prep: PreprocessConfig,
-               normal: bool) -> list[Loaded]:
-    """The frame's tiles as ``run`` scores them under ``prep`` (``io.preprocess.frame_tiles``: with a scale
-    policy, at that fraction of native resolution). A tile without defect pixels is a normal view; tiles of a
-    defect frame without a mask are left out (nothing says which of them holds the defect)."""
+def frame_views(gray: np.ndarray, mask: np.ndarray | None, ref: np.ndarray | None, prep: PreprocessConfig,
+                normal: bool) -> list[Loaded]:
+    """The whole-frame view, then the frame's tiles as ``run`` scores them under ``prep``
+    (``io.preprocess.grey_views`` over ``frame_tiles``: with a scale policy, at that fraction of native
+    resolution), the reference cut alike. A tile without defect pixels is a normal view; tiles of a defect frame
+    without a mask are left out (nothing says which of them holds the defect)."""
     tiles = frame_tiles(gray.shape[0], gray.shape[1], prep)
-    if not tiles or (mask is None and not normal):
-        return []
-    size = (prep.image_size, prep.image_size)
-    full = torch.from_numpy(stretch(gray, prep.percentile_low, prep.percentile_high))[None, None]
-    full_ref = None if ref is None else torch.from_numpy(stretch(ref, prep.percentile_low, prep.percentile_high))[None, None]
-    out = []
-    for t in tiles:
-        window = (slice(t.y, t.y + t.height), slice(t.x, t.x + t.width))
-        tile_mask = None if mask is None else mask[window]
-        tile_ref = None if full_ref is None else resize(full_ref[(..., *window)], size)[0, 0].numpy()
-        out.append(Loaded(resize(full[(..., *window)], size)[0, 0].numpy(),
-                          None if tile_mask is None else mask_view(tile_mask, prep.image_size), tile_ref,
-                          clean=tile_mask is None or not tile_mask.any()))
+    if mask is None and not normal:
+        tiles = []
+    views = grey_views(gray, prep, tiles).numpy()
+    refs = None if ref is None else grey_views(ref, prep, tiles).numpy()
+    out = [Loaded(views[0], None if mask is None else mask_view(mask, prep.image_size),
+                  None if refs is None else refs[0])]
+    for k, t in enumerate(tiles, start=1):
+        tile_mask = None if mask is None else mask[t.y:t.y + t.height, t.x:t.x + t.width]
+        out.append(Loaded(views[k], None if tile_mask is None else mask_view(tile_mask, prep.image_size),
+                          None if refs is None else refs[k], clean=tile_mask is None or not tile_mask.any()))
     return out
 
 
@@ -144,7 +147,7 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
                   storage_options: Mapping[str, Any] | None = None, need_labels: bool = True,
                   references: bool = False, threads: int = 4, crops: int = 0, seed: int = 0,
                   register: bool = True) -> TrainSet:
-    """Decode every usable row (its whole-frame view, its :func:`tile_views` where ``prep`` tiles the frame, then
+    """Decode every usable row (its whole-frame view, its tiles where ``prep`` tiles the frame (:func:`frame_views`), then
     up to ``crops`` :func:`crop_views`, each one row of the set; references registered onto their frame unless
     ``register`` is False); unreadable rows are skipped with a warning and counted."""
     unknown = sorted(set(df["label"]) - set(classes) - {""})

@@ -122,19 +122,18 @@ def model_inputs(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     Returns:
         ``(1 + n_tiles, 3, S, S)`` float32, normalised with the backbone's mean/std.
     """
+    return normalize(grey_views(gray, cfg, frame_tiles(gray.shape[0], gray.shape[1], cfg)), cfg).numpy()
+
+
+def grey_views(gray: np.ndarray, cfg: PreprocessConfig, tiles: list[Tile]) -> torch.Tensor:
+    """The frame stretched once, then the whole frame and each of ``tiles`` resized to the model input, before
+    normalisation (what ``run`` scores and ``train`` fits on). ``(H, W)`` -> ``(1 + len(tiles), S, S)`` float32."""
     frame = torch.from_numpy(stretch(gray, cfg.percentile_low, cfg.percentile_high))[None, None]
     size = (cfg.image_size, cfg.image_size)
     views = [resize(frame, size)]
-    height, width = gray.shape
-    for t in frame_tiles(height, width, cfg):
+    for t in tiles:
         views.append(resize(frame[..., t.y:t.y + t.height, t.x:t.x + t.width], size))
-    return normalize(torch.cat(views)[:, 0], cfg).numpy()
-
-
-def whole_view(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """The whole frame stretched and resized, before normalisation. ``(H, W)`` -> ``(S, S)`` float32."""
-    frame = torch.from_numpy(stretch(gray, cfg.percentile_low, cfg.percentile_high))[None, None]
-    return resize(frame, (cfg.image_size, cfg.image_size))[0, 0].numpy()
+    return torch.cat(views)[:, 0]
 
 
 def normalize(views: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
