@@ -106,3 +106,49 @@ def test_over_64_mpx_refused_from_header():
     big = tif(np.zeros((8200, 8200), np.uint8), compression="zlib")
     with pytest.raises(ImageError, match="64 Mpx"):
         decode_image(big)
+
+
+class _CountingReader(io.BytesIO):
+    """A seekable file that counts the bytes read from it."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.bytes_read = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        out = super().read(size)
+        self.bytes_read += len(out)
+        return out
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        n = super().readinto(buffer)
+        self.bytes_read += n
+        return n
+
+
+def test_a_page_of_a_multi_page_tiff_reads_only_that_page(tmp_path):
+    from semclip_batch.io.decode import decode_file
+    from semclip_batch.io.frames import load_frame
+
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as writer:
+        for k in range(12):
+            writer.write(np.full((256 + 8 * k, 256), 20 * k, np.uint8))
+    data = buf.getvalue()
+    fh = _CountingReader(data)
+    page = decode_file(fh, 7)
+    assert page.shape == (312, 256) and np.allclose(page, 140 / 255)
+    assert fh.bytes_read < len(data) / 4  # headers on the way and one page of twelve
+    (tmp_path / "lot.tif").write_bytes(data)
+    assert load_frame(str(tmp_path / "lot.tif"), page=11).shape == (344, 256)
+    assert load_frame(str(tmp_path / "lot.tif"), page=0).shape == load_frame(str(tmp_path / "lot.tif")).shape
+    with pytest.raises(ImageError, match="TIFF has 12 pages, no page 12") as err:
+        load_frame(str(tmp_path / "lot.tif"), page=12)
+    assert err.value.kind == DECODE_ERROR
+    (tmp_path / "one.png").write_bytes(png(np.zeros((20, 20), np.uint8)))
+    assert load_frame(str(tmp_path / "one.png"), page=0).shape == (20, 20)
+    with pytest.raises(ImageError, match="not a TIFF, no page 1"):
+        load_frame(str(tmp_path / "one.png"), page=1)
+    with pytest.raises(ImageError, match="not found") as missing_err:
+        load_frame(str(tmp_path / "gone.tif"), page=3)
+    assert missing_err.value.kind == "read_error"

@@ -21,7 +21,7 @@ from semclip_batch.io.manifest import (
     read_manifest_table,
 )
 
-TABLE_SCHEMA = pa.schema([(c, pa.int64() if c in ("die_x", "die_y") else pa.string()) for c in COLUMNS])
+TABLE_SCHEMA = pa.schema([(c, pa.int64() if c in ("die_x", "die_y", "page") else pa.string()) for c in COLUMNS])
 
 
 def write_csv(path, rows):
@@ -128,7 +128,7 @@ def test_table_schema_text_without_nulls_and_integer_dies(tmp_path):
                                     'b.png,L1,W1,12.0,-4,NA\n')
     table = read_manifest_table(str(tmp_path / "m.csv"))
     assert table.schema == TABLE_SCHEMA
-    assert all(table.column(c).null_count == 0 for c in COLUMNS if c not in ("die_x", "die_y"))
+    assert all(table.column(c).null_count == 0 for c in COLUMNS if c not in ("die_x", "die_y", "page"))
     assert table.column("die_x").to_pylist() == [3, 12] and table.column("die_y").to_pylist() == [None, -4]
     assert table.column("uri").to_pylist() == ["a.png", "b.png"] and table.column("lot_id").to_pylist() == ["L1 ", "L1"]
     assert table.column("caption").to_pylist() == ["two\nlines", "NA"] and table.column("label").to_pylist() == ["", ""]
@@ -237,3 +237,32 @@ def test_parquet_unusual_types_as_cell_text(tmp_path):
     assert out.column("uri").to_pylist() == ["a.png", "b\ufffd.png"] and out.column("wafer_id").to_pylist() == ["3", "4"]
     assert out.column("label").to_pylist() == ["True", ""] and out.column("caption").to_pylist() == ["1.5", ""]
     assert out.column("defect_id").to_pylist() == [str(10**20), "2"]
+
+
+def test_page_column_parsed_refused_and_part_of_ids_only_where_set(tmp_path):
+    (tmp_path / "m.csv").write_text("uri,lot_id,wafer_id,defect_id,page\n"
+                                    "w.tif,L1,W1,1,0\nw.tif,L1,W1,2,3.0\nw.tif,L1,W1,3,\n")
+    table = read_manifest_table(str(tmp_path / "m.csv"))
+    assert table.column("page").to_pylist() == [0, 3, None]
+    assert table.column("image_id").to_pylist() == [
+        hashlib.sha256(b"w.tif#1#0").hexdigest()[:16], hashlib.sha256(b"w.tif#2#3").hexdigest()[:16],
+        default_image_id("w.tif", "3")]
+    assert default_image_id("w.tif", "2", 3) == table.column("image_id")[1].as_py()
+    for bad, why in (("-1", "out of range"), ("70000", "out of range"), ("two", "not an integer")):
+        (tmp_path / "bad.csv").write_text(f"uri,lot_id,wafer_id,page\na.tif,L1,W1,0\nb.tif,L1,W1,{bad}\n")
+        with pytest.raises(ManifestError, match=rf"^manifest row 2: page .*{why}"):
+            read_manifest_table(str(tmp_path / "bad.csv"))
+
+
+def test_page_joins_the_digest_only_where_a_row_sets_it(tmp_path):
+    (tmp_path / "plain.csv").write_text("uri,lot_id,wafer_id\na.tif,L1,W1\n")
+    (tmp_path / "empty.csv").write_text("uri,lot_id,wafer_id,page\na.tif,L1,W1,\n")
+    plain = read_manifest_table(str(tmp_path / "plain.csv"))
+    assert content_digest(read_manifest_table(str(tmp_path / "empty.csv"))) == content_digest(plain)
+    pages = []
+    for page in (0, 1):
+        (tmp_path / "set.csv").write_text(f"uri,lot_id,wafer_id,image_id,page\na.tif,L1,W1,{plain['image_id'][0]},{page}\n")
+        pages.append(content_digest(read_manifest_table(str(tmp_path / "set.csv"))))
+    assert len({content_digest(plain), *pages}) == 3
+    frame = read_manifest(str(tmp_path / "set.csv"))
+    assert frame.loc[0, "page"] == 1 and content_digest(frame) == pages[1]

@@ -21,6 +21,8 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import zarr
 
@@ -223,6 +225,7 @@ class FrameSource:
     base: str | None
     level: int
     _root: zarr.Group | None = None
+    _pages: dict[str, int] | None = None
 
     def url(self, uri: str) -> str | None:
         if storage.is_absolute(uri):
@@ -238,7 +241,23 @@ class FrameSource:
         url = self.url(row.uri)
         if url is None:
             raise ImageError("read_error", "relative uri, and the run record names no input folder to resolve it")
-        return load_frame(url, self.so)
+        if self._pages is None:
+            self._pages = plan_pages(self.layout, self.so)
+        return load_frame(url, self.so, self._pages.get(row.image_id))
+
+
+def plan_pages(layout: OutLayout, so: Mapping[str, Any]) -> dict[str, int]:
+    """image_id -> TIFF page of the rows whose manifest set a ``page``, from the stored shard plan (predictions
+    do not carry it); empty when the plan holds none or is gone."""
+    from semclip_batch.pipeline.shards import read_plan_columns
+
+    try:
+        table = read_plan_columns(layout, ["page"], so)
+    except (OSError, ValueError, pa.ArrowException) as exc:  # the overlay then shows the first page
+        log.warning("cannot read TIFF pages from the shard plan: %s", exc)
+        return {}
+    table = table.filter(pc.is_valid(table.column("page")))
+    return dict(zip(table.column("image_id").to_pylist(), table.column("page").to_pylist(), strict=True))
 
 
 def overlay(row: TopFrame, source: FrameSource) -> tuple[bytes | None, list[str]]:

@@ -19,6 +19,7 @@ from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import DECODE_ERROR, ConfigError, ImageError
 from semclip_batch.io.frames import load_frame, load_reference
 from semclip_batch.io.preprocess import frame_tiles, grey_views, mask_view, resize, stretch
+from semclip_batch.io.schema import missing
 from semclip_batch.methods.prompts import NORMAL
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | No
               crops: int = 0, seed: int = 0, register: bool = True) -> list[Loaded]:
     """The whole frame, then its tiles under ``prep`` (as ``run`` scores it: :func:`frame_views`), then up to
     ``crops`` crops."""
-    gray = load_frame(row["url"], so)
+    page = row.get("page")
+    gray = load_frame(row["url"], so, None if missing(page) else int(page))
     ref = _load_reference(row, gray, so, register) if references else None
     mask = None
     if row["mask_url"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -34,12 +35,25 @@ def decode_image(data: bytes, page: int = 0) -> np.ndarray:
     if not data:
         raise decode_error("empty file (0 bytes)")
     if data[:4] in _TIFF_MAGIC:
-        raw = _decode_tiff(data, page)
+        raw = _decode_tiff(io.BytesIO(data), page)
     elif page != 0:
         raise decode_error(f"not a TIFF, no page {page} (only TIFF files have pages)")
     else:
         raw = _decode_pillow(data)
     return to_gray_float(raw)
+
+
+def decode_file(fh: BinaryIO, page: int) -> np.ndarray:
+    """:func:`decode_image` of an open, seekable binary file: a TIFF reads only the headers on the way to
+    ``page`` and that page's pixels (one page of a multi-page TIFF on object storage costs ranged reads, not
+    the whole file); any other format reads the file."""
+    magic = fh.read(4)
+    fh.seek(0)
+    if not magic:
+        raise decode_error("empty file (0 bytes)")
+    if magic in _TIFF_MAGIC:
+        return to_gray_float(_decode_tiff(fh, page))
+    return decode_image(fh.read(), page)
 
 
 def decode_error(message: str) -> ImageError:
@@ -60,9 +74,9 @@ def check_size(height: int, width: int) -> None:
         raise decode_error(f"frame {height}x{width} exceeds 64 Mpx")
 
 
-def _decode_tiff(data: bytes, index: int) -> np.ndarray:
+def _decode_tiff(fh: BinaryIO, index: int) -> np.ndarray:
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        with tifffile.TiffFile(fh) as tif:
             n_pages = len(tif.pages)
             if n_pages == 0:
                 raise decode_error("TIFF holds no pages")

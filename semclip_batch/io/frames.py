@@ -8,15 +8,24 @@ from typing import Any
 import numpy as np
 
 from semclip_batch.errors import READ_ERROR, REFERENCE_ERROR, ImageError, one_line
-from semclip_batch.io.decode import decode_image
+from semclip_batch.io.decode import decode_file, decode_image
 from semclip_batch.io.register import register_reference
-from semclip_batch.io.storage import read_bytes, redact
+from semclip_batch.io.storage import read_bytes, read_with, redact
 
 
-def load_frame(url: str, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
-    """Read and decode one frame. Returns ``(H, W)`` float32. Raises :class:`ImageError`."""
+def load_frame(url: str, storage_options: Mapping[str, Any] | None = None, page: int | None = None) -> np.ndarray:
+    """Read and decode one frame. Returns ``(H, W)`` float32. Raises :class:`ImageError`.
+
+    ``page`` (a manifest's 0-based TIFF page): None reads the whole file and decodes its first page; a number
+    reads only what that page needs (:func:`~semclip_batch.io.decode.decode_file`), so N defects on pages of
+    one multi-page TIFF do not read the file N times over.
+    """
     try:
+        if page is not None:
+            return read_with(url, storage_options, lambda fh: decode_file(fh, page))
         data = read_bytes(url, storage_options)
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(READ_ERROR, f"not found: {redact(url)}") from None
     except IsADirectoryError:

@@ -24,9 +24,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semclip_batch.errors import ConfigError, ManifestError, show
+from semclip_batch.errors import ManifestError, show
 from semclip_batch.io import storage
-from semclip_batch.io.manifest_files import pattern_regex
+from semclip_batch.io.manifest_files import manifest_format, pattern_regex
 
 BATCH_ROWS = 50_000
 COLUMNS = ("uri", "lot_id", "wafer_id", "die_x", "die_y", "defect_id", "image_id")
@@ -55,7 +55,7 @@ def _keys(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[str]:
 
 def from_prefix(url: str, pattern: str, out: str, storage_options: Mapping[str, Any] | None = None) -> Listed:
     """List ``url`` into the manifest ``out`` (``.parquet`` or ``.csv``, any fsspec URL)."""
-    fmt = _format(out)
+    fmt = manifest_format(out)
     if not storage.has_protocol(url):
         url = os.path.abspath(url)  # uris must not depend on where the manifest is read from
     regex = pattern_regex(pattern)
@@ -105,15 +105,6 @@ def _write(url: str, prefix: str, regex: re.Pattern[str], fields: list[str], han
                 batch = []
         rows += writer.write(batch)
     return rows, unmatched, hidden, example
-
-
-def _format(out: str) -> str:
-    name = out.lower().rstrip("/")
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith(".csv"):
-        return "csv"
-    raise ConfigError(f"--out {out!r}: name the manifest .csv or .parquet")
 
 
 class _Writer:

@@ -28,10 +28,14 @@ __all__ = ["COLUMNS", "DEFAULT_PATTERN", "cell_text", "content_digest", "default
 
 REQUIRED = ("uri", "lot_id", "wafer_id")
 SCORED = ("image_id", "die_x", "die_y", "defect_id", "reference_uri", "label", "mask_uri", "caption")
-OPTIONAL = (*SCORED, "lot_time")  # lot_time orders lots for excursion limits only: not part of run_id
+# page: 0-based TIFF page (KLARF image lists name pages of one multi-page TIFF); part of run_id and of the
+# default image_id only where a row sets it, so manifests without it keep their ids and run ids.
+# lot_time orders lots for excursion limits only: not part of run_id.
+OPTIONAL = (*SCORED, "page", "lot_time")
 COLUMNS = (*REQUIRED, *OPTIONAL, "url", "reference_url", "mask_url")
-INT_COLUMNS = ("die_x", "die_y")
+INT_COLUMNS = ("die_x", "die_y", "page")
 DIGEST_COLUMNS = (*REQUIRED, *SCORED, "url", "reference_url")
+MAX_PAGE = 65_535  # TIFF files past this many pages are not review images
 MAX_LOT_BYTES = 128
 MAX_CELL_CHARS = 16_384  # object keys are at most 1,024 bytes on S3; a longer cell is a broken file
 RESERVED_LOTS = frozenset({"zarr.json", "__HIVE_DEFAULT_PARTITION__"})
@@ -66,9 +70,11 @@ def lot_id_problem(lot: str) -> str | None:
     return None
 
 
-def default_image_id(uri: str, defect_id: str) -> str:
-    """First 16 hex of sha256(utf-8(uri + "#" + defect_id))."""
-    return hashlib.sha256(f"{uri}#{defect_id}".encode()).hexdigest()[:16]
+def default_image_id(uri: str, defect_id: str, page: int | None = None) -> str:
+    """First 16 hex of sha256(utf-8(uri + "#" + defect_id)), or of uri + "#" + defect_id + "#" + page where the
+    row sets a page."""
+    key = f"{uri}#{defect_id}" if page is None else f"{uri}#{defect_id}#{page}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def read_manifest(source: str, *, pattern: str | None = None,
@@ -86,7 +92,7 @@ def read_manifest_table(source: str, *, pattern: str | None = None,
     """Read, normalise and validate a manifest file or an image folder.
 
     Returns the columns of :data:`COLUMNS` in order: ``pa.string()`` without nulls ("" when absent), except
-    ``die_x`` / ``die_y``, ``pa.int64()`` (null when absent). Raises :class:`ManifestError`.
+    ``die_x`` / ``die_y`` / ``page``, ``pa.int64()`` (null when absent). Raises :class:`ManifestError`.
     """
     try:
         fs, path = storage.filesystem(source, storage_options)
@@ -126,7 +132,8 @@ def normalize(raw: pa.Table, *, base_folder: str, source: str) -> pa.Table:
     _refuse_bad_times(cols["lot_time"])
     for col in INT_COLUMNS:
         cols[col] = _integers(cols[col], col)
-    cols["image_id"] = _with_default_ids(cols["image_id"], cols["uri"], cols["defect_id"])
+    _refuse_bad_pages(cols["page"])
+    cols["image_id"] = _with_default_ids(cols["image_id"], cols["uri"], cols["defect_id"], cols["page"])
     _refuse_duplicates(cols["image_id"])
     for url, uri in (("url", "uri"), ("reference_url", "reference_uri"), ("mask_url", "mask_uri")):
         cols[url] = _resolve(cols[uri], base_folder)
@@ -180,6 +187,15 @@ def _refuse_bad_times(times: pa.ChunkedArray) -> None:
                             "such as 2024-03-01 or 2024-03-01T14:05:00")
 
 
+def _refuse_bad_pages(pages: pa.ChunkedArray) -> None:
+    """``page`` cells must be empty or 0 .. :data:`MAX_PAGE` (0-based)."""
+    bad = pc.or_(pc.less(pages, 0), pc.greater(pages, MAX_PAGE))
+    row = _first(bad.fill_null(False))
+    if row >= 0:
+        raise ManifestError(f"manifest row {row + 1}: page {pages[row].as_py()} is out of range (a 0-based TIFF page, "
+                            f"0 to {MAX_PAGE})")
+
+
 def _refuse_url_credentials(cols: dict[str, pa.ChunkedArray]) -> None:
     for col in ("uri", "reference_uri", "mask_uri"):
         row = _first_with_credentials(cols[col])
@@ -231,14 +247,20 @@ def _parse_int(value: str, column: str, row: int) -> int | None:
     return int(number)
 
 
-def _with_default_ids(image_id: pa.ChunkedArray, uri: pa.ChunkedArray, defect_id: pa.ChunkedArray) -> pa.ChunkedArray:
+def _with_default_ids(image_id: pa.ChunkedArray, uri: pa.ChunkedArray, defect_id: pa.ChunkedArray,
+                      page: pa.ChunkedArray) -> pa.ChunkedArray:
     """``image_id`` with :func:`default_image_id` filled in where it is empty (hashed row by row: sha256 has no
     Arrow kernel; the hashed bytes are built column-wise)."""
     missing = pc.equal(image_id, "")
     rows = pc.indices_nonzero(missing)
     if len(rows) == 0:
         return image_id
-    keys = pc.binary_join_element_wise(uri.take(rows), defect_id.take(rows), "#").cast(pa.binary())
+    keys = pc.binary_join_element_wise(uri.take(rows), defect_id.take(rows), "#")
+    pages = page.take(rows)
+    if pages.null_count < len(pages):  # "#<page>" only where a row sets one
+        suffix = pc.binary_join_element_wise("#", pages.cast(pa.string()), "").fill_null("")
+        keys = pc.binary_join_element_wise(keys, suffix, "")
+    keys = keys.cast(pa.binary())
     sha256 = hashlib.sha256
     ids = pa.array([sha256(key).digest()[:8].hex() for key in keys.to_pylist()], pa.string())
     if len(rows) == len(image_id):
@@ -296,13 +318,27 @@ def content_digest(manifest: pa.Table | pd.DataFrame) -> str:
 
 
 def _digest_table(manifest: pa.Table | pd.DataFrame) -> pa.Table:
-    """The columns of :data:`DIGEST_COLUMNS` as text without nulls (die_x / die_y as decimal integers)."""
+    """The columns of :data:`DIGEST_COLUMNS` as text without nulls (die_x / die_y as decimal integers), and
+    ``page`` where any row sets one (so manifests without pages keep the digest they always had)."""
+    names = list(DIGEST_COLUMNS)
+    if "page" in _column_names(manifest) and _any_set(manifest, "page"):
+        names.append("page")
     if isinstance(manifest, pd.DataFrame):
-        manifest = pa.Table.from_pandas(manifest[list(DIGEST_COLUMNS)], preserve_index=False)
-    columns = [manifest.column(c) for c in DIGEST_COLUMNS]
+        manifest = pa.Table.from_pandas(manifest[names], preserve_index=False)
+    columns = [manifest.column(c) for c in names]
     text = [(col.cast(pa.int64()) if name in INT_COLUMNS else col).cast(pa.string()).fill_null(EMPTY)
-            for name, col in zip(DIGEST_COLUMNS, columns, strict=True)]
-    return pa.table(text, names=list(DIGEST_COLUMNS))
+            for name, col in zip(names, columns, strict=True)]
+    return pa.table(text, names=names)
+
+
+def _column_names(manifest: pa.Table | pd.DataFrame) -> list[str]:
+    return [str(c) for c in manifest.columns] if isinstance(manifest, pd.DataFrame) else manifest.column_names
+
+
+def _any_set(manifest: pa.Table | pd.DataFrame, column: str) -> bool:
+    if isinstance(manifest, pd.DataFrame):
+        return bool(manifest[column].notna().any())
+    return manifest.column(column).null_count < manifest.num_rows
 
 
 def _lengths_and_bytes(values: pa.Array) -> Iterator[bytes | memoryview]:

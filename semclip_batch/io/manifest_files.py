@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from semclip_batch.errors import ManifestError, one_line, show
+from semclip_batch.errors import ConfigError, ManifestError, one_line, show
 from semclip_batch.io import storage
 
 DEFAULT_PATTERN = "{lot_id}/{wafer_id}/{name}.{ext}"
@@ -229,3 +229,13 @@ def from_folder(folder: str, pattern: str, storage_options: Mapping[str, Any] | 
     if bad:
         raise ManifestError(f"{len(bad)} file(s) under {folder!r} do not match --pattern {pattern!r}, e.g. {show(bad[0], 200)}")
     return pa.Table.from_pylist(rows)
+
+
+def manifest_format(out: str) -> str:
+    """``parquet`` or ``csv`` by the name of a manifest to write. Raises :class:`ConfigError`."""
+    name = out.lower().rstrip("/")
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".csv"):
+        return "csv"
+    raise ConfigError(f"--out {out!r}: name the manifest .csv or .parquet")

@@ -19,6 +19,8 @@ INPUT = pa.schema([
     ("uri", pa.string()),
     ("url", pa.string()),
     ("reference_url", pa.string()),
+    ("page", pa.int64()),  # 0-based TIFF page; null = the first
+    ("defect_id", pa.string()),  # kept in the plan for `export klarf` (predictions do not carry it)
     ("lot_id", pa.string()),
     ("wafer_id", pa.string()),
     ("die_x", pa.int64()),

@@ -15,7 +15,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -155,6 +155,7 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
     return fs, path
 
 
+READ_BLOCK_BYTES = 1 << 20  # read-ahead of read_with: a TIFF page's header walk is a few small ranged reads
 RETRY_ATTEMPTS = 3
 """Tries of one :func:`read_bytes` / :func:`write_bytes` call, the first included. On S3 each try is itself up
 to 5 botocore attempts (its default "legacy" retry mode, up to 15 s of its own backoff), so this layer only
@@ -233,6 +234,19 @@ def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None, *, re
     object fails at once."""
     fs, path = filesystem(url, storage_options)
     return _with_retries("read of", url, lambda: fs.cat_file(path), retries)
+
+
+def read_with(url: str, storage_options: Mapping[str, Any] | None, reader: Callable[[BinaryIO], T], *,
+              retries: int = RETRY_ATTEMPTS) -> T:
+    """``reader`` applied to the object opened for reading (seekable; on object stores ranged reads through a
+    read-ahead cache), in up to ``retries`` tries like :func:`read_bytes`."""
+    fs, path = filesystem(url, storage_options)
+
+    def call() -> T:
+        with fs.open(path, "rb", cache_type="readahead", block_size=READ_BLOCK_BYTES) as fh:
+            return reader(fh)
+
+    return _with_retries("read of", url, call, retries)
 
 
 def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -32,12 +32,21 @@ def read_plan(batch: pa.Table, *, storage_options: Mapping[str, Any] | None) -> 
     their rows."""
     tables = []
     for url, keep in zip(batch.column("plan_file").to_pylist(), batch.column("keep").to_pylist(), strict=True):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(str(url), storage_options))).cast(INPUT)
+        table = _as_input(pq.read_table(io.BytesIO(storage.read_bytes(str(url), storage_options))))
         if keep is not None:
             keys = pc.binary_join_element_wise(table.column("lot_id"), table.column("shard"), SHARD_KEY_SEP)
             table = table.filter(pc.is_in(keys, value_set=pa.array(keep, pa.string())))
         tables.append(table)
     return pa.concat_tables(tables) if tables else INPUT.empty_table()
+
+
+def _as_input(plan: pa.Table) -> pa.Table:
+    """A plan file's rows as :data:`~semclip_batch.io.schema.INPUT`; plans written before the plan kept
+    ``page`` and ``defect_id`` read with them null (the first page; no defect id)."""
+    for name in ("page", "defect_id"):
+        if name not in plan.column_names:
+            plan = plan.append_column(name, pa.nulls(plan.num_rows, INPUT.field(name).type))
+    return plan.select(INPUT.names).cast(INPUT)
 
 
 def _model_inputs(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
@@ -47,6 +56,10 @@ def _model_inputs(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
     from semclip_batch.io.preprocess import model_inputs
 
     return model_inputs(gray, prep)
+
+
+def _page(value: Any) -> int | None:
+    return None if missing(value) else int(value)
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
@@ -63,7 +76,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
     for i, url in enumerate(batch["url"]):
         ref_url = batch["reference_url"][i] if references else None
         try:
-            gray = load_frame(str(url), storage_options)
+            gray = load_frame(str(url), storage_options, _page(batch["page"][i]))
             x = _model_inputs(gray, prep)
             if not missing(ref_url) and str(ref_url):
                 ref = _model_inputs(load_reference(str(ref_url), gray, storage_options, register), prep)
