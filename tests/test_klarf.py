@@ -210,6 +210,13 @@ def test_run_scores_the_listed_pages_and_export_reads_back(ray_cluster, klarf_lo
         shape = mask_array(root_group, row.mask_path)[row.mask_index].shape
         assert shape == PAGE_SHAPES[m.loc[row.image_id, "page"]]  # each defect's own page was scored
 
+    from semclip_batch.analysis.report import plan_pages, write_report
+    from semclip_batch.io.layout import OutLayout
+
+    assert plan_pages(OutLayout(str(out)), {}) == m["page"].to_dict()  # overlays read each defect's page
+    index = Path(write_report(str(out), top_n=5))
+    assert "not readable" not in (index.parent / "lot-LOT-K1.html").read_text()
+
     ours = {(m.loc[r.image_id, "wafer_id"], int(m.loc[r.image_id, "defect_id"])): r.defect_class for r in pred.itertuples()}
     numbers = {"particle": 11, "scratch": 12, "bridge": 13}
     res = runner.invoke(main, ["export", "klarf", str(out), "--lot", "LOT-K1", "--klarf", str(klarf), "--class-map",

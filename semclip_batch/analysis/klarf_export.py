@@ -39,9 +39,9 @@ from semclip_batch.io.klarf import (
     render,
 )
 from semclip_batch.io.layout import OutLayout
+from semclip_batch.io.plan import read_plan_columns
 from semclip_batch.io.runrecord import read_latest
 from semclip_batch.methods.prompts import NORMAL
-from semclip_batch.pipeline.shards import read_plan_columns
 
 PREDICTION_COLUMNS = ["image_id", "wafer_id", "die_x", "die_y", "status", "is_defect", "defect_class", "anomaly_score"]
 

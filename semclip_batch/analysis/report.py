@@ -35,6 +35,7 @@ from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.masks import mask_array, open_masks
+from semclip_batch.io.plan import read_plan_columns
 from semclip_batch.io.runrecord import read_latest
 from semclip_batch.methods.prompts import NORMAL
 
@@ -249,8 +250,6 @@ class FrameSource:
 def plan_pages(layout: OutLayout, so: Mapping[str, Any]) -> dict[str, int]:
     """image_id -> TIFF page of the rows whose manifest set a ``page``, from the stored shard plan (predictions
     do not carry it); empty when the plan holds none or is gone."""
-    from semclip_batch.pipeline.shards import read_plan_columns
-
     try:
         table = read_plan_columns(layout, ["page"], so)
     except (OSError, ValueError, pa.ArrowException) as exc:  # the overlay then shows the first page

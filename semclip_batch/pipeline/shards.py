@@ -141,24 +141,6 @@ def _write_plan_file(layout: OutLayout, number: int, chunk: pa.Table, storage_op
     return url
 
 
-def read_plan_columns(layout: OutLayout, columns: list[str], storage_options: Mapping[str, Any],
-                      lot_id: str | None = None) -> pa.Table:
-    """``image_id`` and ``columns`` of the stored plan (of one lot when ``lot_id``); a column an older plan lacks
-    reads as nulls. Empty when there is no plan."""
-    schema = pa.schema([INPUT.field("image_id"), *(INPUT.field(c) for c in columns)])
-    tables = []
-    for name in sorted(n for n in storage.list_names(layout.plan, storage_options) if n.endswith(".parquet")):
-        data = io.BytesIO(storage.read_bytes(storage.join(layout.plan, name), storage_options))
-        table = pq.read_table(data)
-        if lot_id is not None:
-            table = table.filter(pc.equal(table.column("lot_id"), lot_id))
-        for column in columns:
-            if column not in table.column_names:
-                table = table.append_column(column, pa.nulls(table.num_rows, INPUT.field(column).type))
-        tables.append(table.select(schema.names).cast(schema))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
 def read_json(url: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
     """A JSON object stored at ``url``; None when missing or damaged (a damaged file is logged, not trusted)."""
     try:
