@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/pipeline.py                      # semclip-tiny and ViT-B-16-plus-240
     .venv/bin/python benchmarks/pipeline.py --backbones semclip-tiny --images 400
+    .venv/bin/python benchmarks/pipeline.py --decode-only      # decode + preprocess ms per frame on one core
+    .venv/bin/python benchmarks/pipeline.py --model-stub 1000  # the pipeline around a stand-in accelerator
 
 Same synthetic lot, backbone (random weights: speed does not depend on their values), batch size and torch
 threads for all three. "plain loop" = read + decode + preprocess + SEM-CLIP + mask/regions in one process,
@@ -41,7 +43,8 @@ def make_lot(folder: Path, images: int) -> Path:
 
 def decoded_batches(manifest: Path, prep, batch_size: int) -> list[dict[str, np.ndarray]]:
     df = read_manifest(str(manifest))
-    cols = {c: df[c].to_numpy(dtype=object) for c in ("image_id", "uri", "url", "lot_id", "wafer_id", "die_x", "die_y")}
+    cols = {c: df[c].to_numpy(dtype=object) for c in ("image_id", "uri", "url", "reference_url", "page", "defect_id",
+                                                       "lot_id", "wafer_id", "die_x", "die_y")}
     cols["shard"] = np.full(len(df), "s00000", dtype=object)
     batches = []
     for start in range(0, len(df), batch_size):
@@ -84,6 +87,149 @@ def bench_backbone(name: str, images: int, batch_size: int, threads: int, precis
             "plain_loop_img_s": round(plain, 2)}
 
 
+# (name, height, width, format, bits, TIFF compression, TIFF tile side)
+DECODE_CASES = (("1024x1024 16-bit TIFF", 1024, 1024, "tif", 16, None, 0),
+                ("1024x1024 16-bit TIFF deflate", 1024, 1024, "tif", 16, "zlib", 0),
+                ("480x480 8-bit PNG", 480, 480, "png", 8, None, 0),
+                ("4096x4096 16-bit TIFF tiled 256", 4096, 4096, "tif", 16, None, 256))
+
+
+def frame_bytes(h: int, w: int, fmt: str, bits: int, compression: str | None, tile: int) -> bytes:
+    """A `logic` family frame (routing, 12-bit window, charging streaks) encoded as the case asks."""
+    import io
+
+    import tifffile
+    from PIL import Image
+
+    from semclip_batch.synth.generate import make_site
+
+    img, _, _ = make_site("particle", h, w, np.random.default_rng(5), None, "logic")
+    arr = np.rint(img * (255 if bits == 8 else 4095)).astype(np.uint8 if bits == 8 else np.uint16)
+    buf = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(arr).save(buf, format="PNG")
+    else:
+        tifffile.imwrite(buf, arr, photometric="minisblack", compression=compression, tile=(tile, tile) if tile else None)
+    return buf.getvalue()
+
+
+def bench_decode(repeats: int = 20) -> list[dict[str, float | str]]:
+    """Milliseconds per frame on one core: decode from bytes in memory (``decode_image``), then preprocess into
+    the model views ``run`` scores (``model_inputs``: stretch, resize, tiles above 1024 px, normalise)."""
+    from semclip_batch.io.decode import decode_image
+    from semclip_batch.io.preprocess import model_inputs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    prep = preprocess_config("ViT-B-16-plus-240", tile_above=1024)
+    rows: list[dict[str, float | str]] = []
+    try:
+        for name, h, w, fmt, bits, compression, tile in DECODE_CASES:
+            data = frame_bytes(h, w, fmt, bits, compression, tile)
+            n = max(3, repeats * 1024 * 1024 // (h * w))
+            views = model_inputs(decode_image(data), prep)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(n):
+                gray = decode_image(data)
+            t1 = time.perf_counter()
+            for _ in range(n):
+                views = model_inputs(gray, prep)
+            t2 = time.perf_counter()
+            decode_ms, prep_ms = (t1 - t0) / n * 1e3, (t2 - t1) / n * 1e3
+            rows.append({"frame": name, "bytes": len(data), "views": int(views.shape[0]),
+                         "decode_ms": round(decode_ms, 2), "preprocess_ms": round(prep_ms, 2),
+                         "total_ms": round(decode_ms + prep_ms, 2)})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def print_decode(rows: list[dict[str, float | str]]) -> None:
+    header = f"{'frame (one core)':<32} {'MB':>6} {'views':>5} {'decode':>8} {'preprocess':>10} {'total':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['frame']:<32} {int(r['bytes']) / 1e6:>6.2f} {r['views']:>5} {r['decode_ms']:>8} "
+              f"{r['preprocess_ms']:>10} {r['total_ms']:>8}   (ms per frame)")
+
+
+STUB_CASES = ("1024x1024 16-bit TIFF", "480x480 8-bit PNG", "4096x4096 16-bit TIFF tiled 256")
+
+
+class Receipts:
+    """The run's progress callback: when each receipt batch arrived, for the steady-state rate."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.done: list[int] = []
+
+    def __call__(self, n: int, total: int) -> None:
+        self.times.append(time.perf_counter())
+        self.done.append((self.done[-1] if self.done else 0) + n)
+
+    def steady_rate(self) -> float:
+        """img/s over the middle 80 % of receipts (from the receipt that passed 10 % to the one that passed 90 %)."""
+        total = self.done[-1]
+        first = next(i for i, d in enumerate(self.done) if d >= 0.1 * total)
+        last = next(i for i, d in enumerate(self.done) if d >= 0.9 * total)
+        if last <= first:
+            return float("nan")
+        return (self.done[last] - self.done[first]) / (self.times[last] - self.times[first])
+
+
+def bench_stub(rate: float, frames: int, gpu_rate: float) -> list[dict[str, float | str]]:
+    """The pipeline (Ray Data read + decode, the model stage replaced by :class:`StandIn` at ``rate`` model views
+    a second, writes and finalisation) on ``frames`` frames of each :data:`STUB_CASES` type; the steady frame
+    rate per core of this machine, and the cores a GPU scoring ``gpu_rate`` views a second (a frame above the
+    tile size is 1 + its tiles) would need to keep up."""
+    from semclip_batch.io.decode import decode_image
+    from semclip_batch.io.preprocess import frame_tiles
+    from semclip_batch.methods.weights import preprocess_config as prep_of
+
+    prep = prep_of("ViT-B-16-plus-240", tile_above=1024)
+    import os
+
+    rows: list[dict[str, float | str]] = []
+    cores = os.cpu_count() or 1
+    for case in (c for c in DECODE_CASES if c[0] in STUB_CASES):
+        name, h, w, fmt, bits, compression, tile = case
+        n = max(40, frames * 1024 * 1024 // (h * w))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "lot"
+            folder.mkdir()
+            data = frame_bytes(h, w, fmt, bits, compression, tile)
+            height, width = decode_image(data).shape
+            views = 1 + len(frame_tiles(height, width, prep))
+            lines = ["uri,lot_id,wafer_id,die_x,die_y"]
+            for k in range(n):
+                (folder / f"f{k:05d}.{fmt}").write_bytes(data)
+                lines.append(f"f{k:05d}.{fmt},STUB,W{k % 25:02d},{k % 7},{k // 7}")
+            (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+            spec = ModelSpec(backbone="ViT-B-16-plus-240", pretrained="none")
+            receipts = Receipts()
+            t0 = time.perf_counter()
+            record = run(RunConfig(input=str(folder / "manifest.csv"), out=str(Path(tmp) / "out"), model=spec,
+                                   batch_size=16, model_stub=rate), progress=receipts).record
+            wall = time.perf_counter() - t0
+        steady = receipts.steady_rate()
+        per_core = steady / cores
+        rows.append({"frame": name, "frames": n, "views": views, "stub_views_s": rate,
+                     "steady_img_s": round(steady, 1), "wall_img_s": round(n / wall, 1), "cores": cores,
+                     "img_s_per_core": round(per_core, 1), "gpu_img_s": round(gpu_rate / views, 1),
+                     "cores_per_gpu": round(gpu_rate / views / per_core, 1), "status": str(record["status"])})
+    return rows
+
+
+def print_stub(rows: list[dict[str, float | str]]) -> None:
+    header = (f"{'frame (stand-in model)':<32} {'frames':>6} {'views':>5} {'steady':>7} {'per core':>8} "
+              f"{'GPU img/s':>9} {'cores / GPU':>11}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['frame']:<32} {r['frames']:>6} {r['views']:>5} {r['steady_img_s']:>7} {r['img_s_per_core']:>8} "
+              f"{r['gpu_img_s']:>9} {r['cores_per_gpu']:>11}   (frames/s; stand-in at {r['stub_views_s']} views/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default="semclip-tiny,ViT-B-16-plus-240")
@@ -92,7 +238,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--decode-only", action="store_true", help="only decode + preprocess per frame, one core")
+    parser.add_argument("--model-stub", type=float, default=None, metavar="RATE",
+                        help="only the pipeline around a stand-in model stage scoring RATE img/s")
+    parser.add_argument("--stub-frames", type=int, default=400, help="1024x1024-equivalent frames per stub case")
+    parser.add_argument("--gpu-rate", type=float, default=1050.0,
+                        help="model views/s of one GPU on ViT-B-16-plus-240 (bf16), for the cores-per-GPU column")
     args = parser.parse_args()
+    if args.model_stub is not None:
+        stub = bench_stub(args.model_stub, args.stub_frames, args.gpu_rate)
+        print_stub(stub)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"stub": stub}, indent=2))
+        return
+    decode = bench_decode()
+    print_decode(decode)
+    if args.decode_only:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"decode": decode}, indent=2))
+        return
     rows = []
     for name in args.backbones.split(","):
         images = args.images or (420 if name == "semclip-tiny" else 35)
@@ -105,7 +269,7 @@ def main() -> None:
         print(f"{r['backbone']:<20} {r['images']:>6} {r['batch_size']:>5} {r['precision']:>5} "
               f"{r['pipeline_img_s']:>10} {r['model_stage_img_s']:>12} {r['plain_loop_img_s']:>11}   (img/s)")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"decode": decode, "pipeline": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -219,8 +219,13 @@ class RunConfig:
     address: str | None = None
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # benchmarks only: a stand-in for the model stage returning well-formed rows at this many model views a
+    # second per actor (an accelerator that costs no CPU); its outputs are not predictions, and its run_id says so
+    model_stub: float | None = None
 
     def __post_init__(self) -> None:
+        if self.model_stub is not None and not self.model_stub > 0:
+            raise ConfigError(f"--model-stub must be > 0 img/s, got {self.model_stub}")
         if self.shard_size < 1:
             raise ConfigError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.batch_size < 1:

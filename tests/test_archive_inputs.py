@@ -340,6 +340,7 @@ def test_read_and_reference_errors_are_rows_of_the_fixed_schema(tmp_path):
     batch["url"] = np.array([str(tmp_path / u) for u, *_ in cases], dtype=object)
     batch["reference_url"] = np.array([str(tmp_path / r) if r else None for _, r, *_ in cases], dtype=object)
     batch["die_x"] = batch["die_y"] = np.zeros(n, np.int64)
+    batch["page"] = np.full(n, None, dtype=object)
     table = decode_batch(batch, prep=preprocess_config("semclip-tiny", tile_above=1024), references=True)
     assert table.schema == DECODED
     rows = table.to_pylist()

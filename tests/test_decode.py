@@ -37,6 +37,17 @@ def test_uint16_tiff_scaled_by_65535():
     assert np.allclose(decode_image(tif(arr)), 4095 / 65535)
 
 
+@pytest.mark.parametrize("compression", [None, "zlib", "lzw", "packbits", "zstd"])
+def test_compressed_tiffs_as_archives_hold_them_decode_exactly(compression):
+    arr = (np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) * 7) % 4096  # 12 bits inside 16
+    assert np.array_equal(decode_image(tif(arr, compression=compression)), arr.astype(np.float32) / np.float32(65535))
+
+
+def test_jpeg_compressed_tiff_decodes():
+    arr = np.tile(np.linspace(40, 200, 64, dtype=np.uint8), (48, 1))
+    assert np.abs(decode_image(tif(arr, compression="jpeg")) * 255 - arr).max() < 8  # lossy
+
+
 def test_uint16_png():
     arr = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60
     out = decode_image(png(arr))

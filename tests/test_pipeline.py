@@ -203,3 +203,19 @@ def test_eval_writes_metrics_json(first_run, mixed_manifest, tmp_path):
     (tmp_path / "never_run.png").write_bytes(b"")
     with pytest.raises(OutputError, match="1 truth rows have no prediction"):
         evaluate(str(out), str(tmp_path / "truth.csv"))
+
+
+def test_a_stand_in_model_stage_keeps_the_contract_and_its_own_run_id(first_run, mixed_manifest, tmp_path):
+    """benchmarks/pipeline.py --model-stub: the rest of the pipeline against a fixed-rate stand-in model."""
+    out, first = first_run
+    result = run(cfg_for(mixed_manifest, tmp_path / "stub", model_stub=400.0))
+    assert result.run_id != first.run_id and result.record["status"] == "complete"
+    real, stub = predictions(out), predictions(tmp_path / "stub")
+    assert stub["image_id"].tolist() == real["image_id"].tolist()
+    assert stub["status"].tolist() == real["status"].tolist()  # read and decode errors are rows as before
+    ok = stub[stub["status"] == "ok"]
+    assert (ok["anomaly_score"] == 0).all() and (ok["defect_area_px"] == 0).all() and not ok["is_defect"].any()
+    root = zarr.open_group(str(tmp_path / "stub" / "masks.zarr"), mode="r")
+    for row, truth in zip(ok.itertuples(), real[real["status"] == "ok"].itertuples(), strict=True):
+        stored = root[row.mask_path][int(row.mask_index)]
+        assert stored.shape == root[truth.mask_path][int(truth.mask_index)].shape and not stored.any()

@@ -23,6 +23,17 @@ def test_stretch_uses_full_range_for_12_in_16_bit():
     assert np.mean(out) > 0.4
 
 
+def test_stretch_of_a_large_periodic_frame_sees_every_phase():
+    """Lines every 4 px on a 1024 x 1024 frame: a stride of 4 would sample one phase only."""
+    rng = np.random.default_rng(1)
+    frame = np.where(np.arange(1024) % 4 == 0, 0.8, 0.2)[None, :] + rng.normal(0, 0.01, (1024, 1024))
+    frame = frame.astype(np.float32)
+    out = stretch(frame, 0.5, 99.5)
+    lo, hi = np.percentile(frame, [0.5, 99.5])
+    exact = np.clip((frame - lo) / (hi - lo), 0, 1)
+    assert np.abs(out - exact).max() < 0.02 and out.dtype == np.float32
+
+
 def test_stretch_constant_frame_is_zero():
     assert not stretch(np.full((20, 20), 0.3, np.float32), 0.5, 99.5).any()
 

@@ -146,6 +146,10 @@ def _scale(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.bool_:
         return arr.astype(np.float64)
     if np.issubdtype(arr.dtype, np.unsignedinteger):
+        if arr.dtype.itemsize <= 2:  # exact in float32: no float64 copy of the frame
+            out = arr.astype(np.float32)
+            out /= np.float32(np.iinfo(arr.dtype).max)
+            return out
         return arr.astype(np.float64) / float(np.iinfo(arr.dtype).max)
     if np.issubdtype(arr.dtype, np.signedinteger):
         info = np.iinfo(arr.dtype)

@@ -46,7 +46,7 @@ from semclip_batch.methods.checkpoint import CheckpointMeta, load_checkpoint, mo
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import get_method
 from semclip_batch.methods.weights import load_backbone, preprocess_config
-from semclip_batch.pipeline.inference import Predictor, PredictorSetup, build_model
+from semclip_batch.pipeline.inference import Predictor, PredictorSetup, StandIn, build_model
 from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable, ray_log_level, ray_session
 from semclip_batch.pipeline.reader import SHARD_KEY_SEP, decode_batch, read_plan
 from semclip_batch.pipeline.receipts import collect_receipts
@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 # dozen decoded frames at a time, not hundreds, so memory does not grow with the run.
 MAX_BLOCK_BYTES = 32 << 20
 DECODE_CPUS = 0.5  # the plan read asks for the same, so Ray Data fuses it into the decode tasks
+STUB_CPUS = 0.1  # a stand-in model actor (benchmarks): its device time is slept, not computed
 # Retries, on purpose (README "Faults"): a decode or write task whose worker dies is retried up to
 # TASK_RETRIES times, and so is a model-actor task; a dead model actor is restarted without limit (node loss,
 # preemption). Exceptions inside a row never reach Ray: they become error rows.
@@ -174,15 +175,20 @@ def compute_run_id(manifest_digest: str, output_config: dict[str, Any], weights_
 
 
 def output_config(spec: ModelSpec, thresholds: Thresholds, prep: PreprocessConfig,
-                  ident: ModelIdentity) -> dict[str, Any]:
-    return {"model": spec.output_affecting(), "classes": list(ident.prompts.classes),
-            "prompts": ident.prompts.as_record(), "preprocessing": prep.as_record(),
-            "thresholds": {k: v for k, v in thresholds.as_record().items() if k != "source"}}
+                  ident: ModelIdentity, model_stub: float | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {"model": spec.output_affecting(), "classes": list(ident.prompts.classes),
+                              "prompts": ident.prompts.as_record(), "preprocessing": prep.as_record(),
+                              "thresholds": {k: v for k, v in thresholds.as_record().items() if k != "source"}}
+    if model_stub is not None:  # a stand-in's rows are not predictions: never the run id of a real run
+        config["model_stub"] = model_stub
+    return config
 
 
 def actor_resources(cfg: RunConfig, shape: ClusterShape) -> tuple[float, int]:
     """CPUs per model actor and torch threads. On CPU, leave 1 CPU so decode, write and finalise always
     progress."""
+    if cfg.model_stub is not None:  # stands in for an accelerator: takes no core from decode and write
+        return STUB_CPUS, 1
     if cfg.num_gpus > 0:
         return 1.0, max(1, int(shape.cpus // max(1, cfg.actors)) - 1)
     cpus = max(0.25, min(1.0, (shape.cpus - 1.0) / cfg.actors))
@@ -202,8 +208,8 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
         cfg, spec, ident = _identify_model(cfg)
         prep = preprocess_config(spec.backbone, tile_above=cfg.tile_above, scale_policy=spec.scale_policy)
     with timer.stage("run_id"):
-        run_id = compute_run_id(content_digest(manifest), output_config(spec, cfg.thresholds, prep, ident),
-                                ident.sha256)
+        run_id = compute_run_id(content_digest(manifest),
+                                output_config(spec, cfg.thresholds, prep, ident, cfg.model_stub), ident.sha256)
         shard_size = claim_out(layout, run_id=run_id, shard_size=cfg.shard_size, overwrite=cfg.overwrite,
                                storage_options=so)
     lots = pc.unique(manifest.column("lot_id")).to_pylist()
@@ -339,7 +345,8 @@ def _stream(work: _Work, todo: set[ShardKey],
     logging.getLogger("ray.data").setLevel(ray_log_level())
     actor_cpus, threads = actor_resources(cfg, work.shape)
     setup = PredictorSetup(spec=spec, prep=work.prep, text_embeddings=ident.text, weights_sha256=ident.weights_sha256,
-                           batch_size=cfg.batch_size, threads=threads, use_gpu=cfg.num_gpus > 0)
+                           batch_size=cfg.batch_size, threads=threads, use_gpu=cfg.num_gpus > 0,
+                           stub_rate=cfg.model_stub)
     wsetup = WriterSetup(out=work.layout.root, run_id=work.record["run_id"], model_id=ident.model_id,
                          classes=ident.prompts.classes, thresholds=cfg.thresholds, storage_options=work.so)
     with warnings.catch_warnings():
@@ -352,7 +359,8 @@ def _stream(work: _Work, todo: set[ShardKey],
                             fn_kwargs={"prep": work.prep, "storage_options": work.so,
                                        "references": spec.use_reference, "register": spec.register_reference},
                             batch_size=4, num_cpus=DECODE_CPUS, batch_format="numpy", max_retries=TASK_RETRIES)
-        ds = ds.map_batches(Predictor, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
+        model_stage = Predictor if cfg.model_stub is None else StandIn
+        ds = ds.map_batches(model_stage, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,
                             compute=ActorPoolStrategy(size=cfg.actors), num_cpus=actor_cpus,
                             num_gpus=cfg.num_gpus or None, batch_format="numpy",
                             max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)

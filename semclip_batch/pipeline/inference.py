@@ -7,6 +7,7 @@ scores and the image score. A failing batch becomes ``model_error`` rows (traceb
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class PredictorSetup:
     batch_size: int
     threads: int
     use_gpu: bool
+    stub_rate: float | None = None  # StandIn's img/s
 
 
 @dataclass
@@ -177,3 +179,38 @@ class Predictor:
             scores[i] = anomaly_score(float(p[0]), float(frame.max()), self.setup.spec.score_mode)
             class_scores[i] = p
             start += count
+
+
+class StandIn:
+    """The model stage's stand-in for benchmarks (``RunConfig.model_stub``): an accelerator that scores
+    ``setup.stub_rate`` model views a second (a frame is one view, or 1 + its tiles) and costs the host nothing
+    but the rows it returns. Same input and output as :class:`Predictor`: an all-zero uint8 mask at each ok
+    frame's H x W, anomaly score 0, every class score on ``normal``; the time a batch would take on the device
+    is slept (the device is busy until the last batch it took is done), so decode, Ray and writes are measured
+    against a fixed model rate."""
+
+    def __init__(self, setup: PredictorSetup) -> None:
+        if not setup.stub_rate:
+            raise ValueError("StandIn needs setup.stub_rate")
+        self.seconds_per_view = 1.0 / setup.stub_rate
+        self.classes = int(setup.text_embeddings.shape[0])
+        self.busy_until = 0.0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["image_id"])
+        ok = [i for i in range(n) if batch["status"][i] == OK]
+        now = time.perf_counter()
+        views = sum(int(batch["n_views"][i]) for i in ok)
+        self.busy_until = max(now, self.busy_until) + views * self.seconds_per_view
+        time.sleep(max(0.0, self.busy_until - now))
+        masks = np.full(n, b"", dtype=object)
+        scores = np.full(n, np.nan)
+        class_scores = np.full((n, self.classes), np.nan, dtype=np.float32)
+        for i in ok:
+            masks[i] = bytes(int(batch["height"][i]) * int(batch["width"][i]))
+            scores[i] = 0.0
+            class_scores[i] = np.eye(self.classes, dtype=np.float32)[0]
+        out: dict[str, np.ndarray | list[np.ndarray]] = {k: v for k, v in batch.items()
+                                                          if k not in ("pixels", "ref_pixels")}
+        out.update(mask=masks, anomaly_score=scores, class_scores=list(class_scores))
+        return to_table(out, SCORED)
