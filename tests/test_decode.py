@@ -120,20 +120,22 @@ def test_over_64_mpx_refused_from_header():
 
 
 class _CountingReader(io.BytesIO):
-    """A seekable file that counts the bytes read from it."""
+    """A seekable file that counts the reads and bytes read from it."""
 
     def __init__(self, data: bytes) -> None:
         super().__init__(data)
-        self.bytes_read = 0
+        self.bytes_read = self.reads = 0
 
     def read(self, size: int | None = -1) -> bytes:
         out = super().read(size)
         self.bytes_read += len(out)
+        self.reads += 1
         return out
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
         n = super().readinto(buffer)
         self.bytes_read += n
+        self.reads += 1
         return n
 
 
@@ -163,3 +165,19 @@ def test_a_page_of_a_multi_page_tiff_reads_only_that_page(tmp_path):
     with pytest.raises(ImageError, match="not found") as missing_err:
         load_frame(str(tmp_path / "gone.tif"), page=3)
     assert missing_err.value.kind == "read_error"
+
+
+def test_later_rows_of_one_multi_page_tiff_jump_to_their_page():
+    from semclip_batch.io.decode import decode_file
+
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as writer:
+        for k in range(60):
+            writer.write(np.full((32 + k % 3, 40), 4 * k, np.uint8))
+    first, later = _CountingReader(buf.getvalue()), _CountingReader(buf.getvalue())
+    assert np.allclose(decode_file(first, 50, "mem://lot.tif"), 200 / 255)
+    page = decode_file(later, 41, "mem://lot.tif")
+    assert page.shape == (34, 40) and np.allclose(page, 164 / 255)
+    assert first.reads >= 60 and later.reads * 10 < first.reads  # one header walk, then a jump to the page
+    with pytest.raises(ImageError, match="TIFF has 60 pages, no page 60"):
+        decode_file(_CountingReader(buf.getvalue()), 60, "mem://lot.tif")

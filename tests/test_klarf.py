@@ -101,6 +101,53 @@ def test_from_klarf_rows_match_the_defects_and_their_pages(klarf_lot):
     assert raw.set_index("defect_id").loc["4", "klarf_class"] == "99"
 
 
+def _rows_of(manifest: Path) -> list[tuple]:
+    m = read_manifest(str(manifest))
+    return sorted(zip(m["lot_id"], m["wafer_id"], m["defect_id"], m["die_x"], m["die_y"], m["page"],
+                      [u.rsplit("/", 1)[-1] for u in m["url"]], m["label"], strict=True))
+
+
+def _tiff_before_each_wafer(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if not ln.startswith("TiffFileName")]
+    out = []
+    for line in lines:
+        if line.startswith("WaferID"):
+            out.append(f"TiffFileName LOT-K1_{line.split(chr(34))[1]}.tif;")
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+VARIANTS = {  # how other tools write the same lot
+    "crlf": lambda t: t.replace("\n", "\r\n"),
+    "bom and a blank first line": lambda t: "\ufeff\n" + t,
+    "tabs, runs of spaces, trailing blanks": lambda t: t.replace("Slot 1;", "Slot\t1;  ").replace(
+        "FileVersion 1 2;", "FileVersion  1  2 ;").replace("SampleSize 1 300;", "SampleSize 1 300;\t"),
+    "indented records": lambda t: "\n".join("  " + ln if ln[:1].isalpha() and not ln.startswith("FileVersion")
+                                            else ln for ln in t.splitlines()) + "\n",
+    "unquoted ids": lambda t: t.replace('WaferID "W01";', "WaferID W01;").replace('StepID "M1";', "StepID M1;"),
+    "TiffFileName before each WaferID": _tiff_before_each_wafer,
+    "Windows paths": lambda t: t.replace("TiffFileName LOT-K1_W01.tif;", r"TiffFileName C:\Review\LOT-K1_W01.tif;"),
+    "vendor records named like the reader's": lambda t: t.replace("Slot 1;", 'Slot 1;\nWaferIDAlias "X9";\n'
+                                                                  'LotIDSuffix "A";\nSlotMap 1 2;'),
+    "a clean wafer": lambda t: t.replace("EndOfFile;", 'WaferID "W03";\nSlot 3;\nSampleCenterLocation 0 0;\n'
+                                         f"DefectRecordSpec 17 {SPEC_17};\nDefectList;\nEndOfFile;"),
+    "a record after the list's ';'": lambda t: t.replace(" 4 0;\nSummarySpec 5", " 4 0; SummarySpec 5"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_same_lot_written_other_ways_gives_the_same_rows(klarf_lot, tmp_path, variant):
+    klarf, root = klarf_lot
+    args = ["--images", str(root / "images"), "--class-map", str(root / "classes.csv")]
+    assert CliRunner().invoke(main, ["manifest", "from-klarf", str(klarf), *args, "--out",
+                                     str(tmp_path / "a.csv")]).exit_code == 0
+    (tmp_path / "v.001").write_bytes(VARIANTS[variant](klarf.read_text()).encode())
+    res = CliRunner().invoke(main, ["manifest", "from-klarf", str(tmp_path / "v.001"), *args, "--out",
+                                    str(tmp_path / "b.csv")])
+    assert res.exit_code == 0, res.output
+    assert _rows_of(tmp_path / "b.csv") == _rows_of(tmp_path / "a.csv")
+
+
 def test_all_images_gives_a_row_per_listed_image(klarf_lot, tmp_path):
     klarf, root = klarf_lot
     res = CliRunner().invoke(main, ["manifest", "from-klarf", str(klarf), "--images", str(root / "images"),
@@ -120,6 +167,28 @@ def test_layout_keeps_every_value_and_reads_back(klarf_lot):
     assert [(f.wafer_id, f.records, f.images, f.tiff_file) for f in again.lists] == \
            [(f.wafer_id, f.records, f.images, f.tiff_file) for f in laid.lists]
     assert laid.lists[0].images[1] == [(2, 0), (3, 1)] and laid.lists[1].tiff_file == "LOT-K1_W02.tif"
+
+
+def test_repeated_defects_are_refused_naming_the_files(klarf_lot, tmp_path):
+    klarf, root = klarf_lot
+    (tmp_path / "rescan.001").write_text(klarf.read_text())
+    res = CliRunner().invoke(main, ["manifest", "from-klarf", str(klarf), str(tmp_path / "rescan.001"), "--images",
+                                    str(root / "images"), "--out", str(tmp_path / "m.csv")])
+    assert res.exit_code != 0 and "defect 1 is listed and in" in res.output and "LOT-K1.001" in res.output
+    two_lots = klarf.read_text().replace('Slot 2;', 'Slot 2;\nLotID "LOT-K9";')
+    (tmp_path / "two.001").write_text(two_lots)
+    res = CliRunner().invoke(main, ["manifest", "from-klarf", str(tmp_path / "two.001"), "--images", str(root),
+                                    "--out", str(tmp_path / "m.csv")])
+    assert res.exit_code != 0 and "holds several lots ('LOT-K1', 'LOT-K9')" in res.output
+
+
+def test_images_template_and_padded_image_names(klarf_lot, tmp_path):
+    klarf, _ = klarf_lot
+    res = CliRunner().invoke(main, ["manifest", "from-klarf", str(klarf), "--images", "s3://fab/{lot_id}/review",
+                                    "--image-name", "{wafer_id}/{defect_id:05d}.png", "--out", str(tmp_path / "m.csv")])
+    assert res.exit_code == 0, res.output
+    urls = set(read_manifest(str(tmp_path / "m.csv"))["url"])
+    assert "s3://fab/LOT-K1/review/LOT-K1_W01.tif" in urls and "s3://fab/LOT-K1/review/W01/00003.png" in urls
 
 
 def test_a_reader_style_file_without_images_and_one_file_per_defect(tmp_path):
@@ -173,11 +242,15 @@ def test_broken_klarfs_are_refused_in_one_line(tmp_path, text, message):
 @pytest.mark.parametrize("extra, message", [
     (["--image-name", "{wafer}/{defect_id}.tif"], "unknown field {wafer}"),
     (["--image-name", "../{defect_id}.tif"], "must be a path below --images"),
+    (["--image-name", "{defect_id!r}.tif"], "no !r / !s / !a conversions"),
+    (["--image-name", "{wafer_id:05d}/{defect_id}.tif"], "Unknown format code"),
     (["--class-map", "missing.csv"], "does not exist"),
+    (["--class-map", "nulls.json"], "give a JSON object of class number -> class name"),
 ])
 def test_bad_options_are_refused_in_one_line(klarf_lot, extra, message):
     klarf, root = klarf_lot
-    extra = [str(root / e) if e.endswith(".csv") else e for e in extra]
+    (root / "nulls.json").write_text('{"11": null}')
+    extra = [str(root / e) if e.endswith((".csv", ".json")) else e for e in extra]
     res = CliRunner().invoke(main, ["manifest", "from-klarf", str(klarf), "--images", str(root / "images"), *extra,
                                     "--out", str(root / "m.csv")])
     assert res.exit_code != 0 and message in res.output, res.output
@@ -232,6 +305,19 @@ def test_run_scores_the_listed_pages_and_export_reads_back(ray_cluster, klarf_lo
             assert d.class_number == want, key
             assert (d.x_index, d.y_index) == (old.die_x, old.die_y)
     assert [d.images for d in read_klarf(str(tmp_path / "back.001"))] == [d.images for d in before]
+    defect_lines = ("DefectList", " ")
+    kept = [ln for ln in klarf.read_text().splitlines() if not ln.startswith(defect_lines)]
+    assert [ln for ln in (tmp_path / "back.001").read_text().splitlines() if not ln.startswith(defect_lines)] == kept
+
+    other = klarf.read_text().replace(" 2 -3 1.200", " 9 9 1.200")  # another step's KLARF of the lot
+    (tmp_path / "other.001").write_text(other)
+    for extra, message in ((["--klarf", str(tmp_path / "other.001")], "is on die (9, 9), the run scored it on die"),
+                           (["--klarf", str(klarf), "--out", str(klarf)], "is the --klarf source"),
+                           (["--out", str(out / "predictions" / "x.001")], "is inside OUT")):
+        res = runner.invoke(main, ["export", "klarf", str(out), "--lot", "LOT-K1", "--out", str(tmp_path / "x.001"),
+                                   *extra])
+        assert res.exit_code != 0 and message in res.output, res.output
+    assert not (tmp_path / "x.001").exists() and not (out / "predictions" / "x.001").exists()
 
     res = runner.invoke(main, ["export", "klarf", str(out), "--lot", "LOT-K1", "--out", str(tmp_path / "new.001")])
     assert res.exit_code == 0, res.output

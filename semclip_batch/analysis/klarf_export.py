@@ -5,7 +5,9 @@ several images per defect, the row with the highest anomaly score). Defects are 
 (``wafer_id``, ``defect_id``): predictions do not carry ``defect_id``, the stored shard plan does.
 
 - ``--klarf SOURCE`` (the KLARF the manifest was made from): that file comes back with only ``CLASSNUMBER``
-  changed, for every defect the run scored; the others keep theirs (each defect on one line, image lists kept).
+  changed, for every defect the run scored; the others keep theirs (each defect on one line, image lists kept,
+  every other line, the encoding and the line ends as they were). The source must be that lot's file: every
+  scored defect must be in it, on the die the run scored.
 - Without it: a new KLARF 1.2 listing the lot's scored defects (die indices, class; positions and sizes 0).
 
 Class numbers come from ``--class-map`` (the same file ``manifest from-klarf`` takes; a class several numbers map
@@ -16,7 +18,7 @@ klarf-reader before it is written.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,16 +27,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from semclip_batch.errors import OutputError, show
+from semclip_batch.errors import ConfigError, OutputError, show
 from semclip_batch.io import storage
 from semclip_batch.io.klarf import (
     UNCLASSIFIED,
     KlarfError,
+    Layout,
     class_numbers,
+    encode,
     layout,
     new_klarf,
     parse,
-    read_text,
+    read_layout,
     relabel,
     render,
 )
@@ -43,7 +47,8 @@ from semclip_batch.io.plan import read_plan_columns
 from semclip_batch.io.runrecord import read_latest
 from semclip_batch.methods.prompts import NORMAL
 
-PREDICTION_COLUMNS = ["image_id", "wafer_id", "die_x", "die_y", "status", "is_defect", "defect_class", "anomaly_score"]
+PREDICTION_COLUMNS = ["image_id", "uri", "wafer_id", "die_x", "die_y", "status", "is_defect", "defect_class",
+                      "anomaly_score"]
 
 
 @dataclass(frozen=True)
@@ -57,39 +62,63 @@ class Exported:
     renumbered: bool  # defect ids were not integers and were numbered 1.. per wafer
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One scored defect: its die and our class."""
+
+    die: tuple[int, int]
+    name: str
+    has_defect_id: bool  # keyed by the manifest's defect_id (else by image_id)
+
+
 def export_klarf(out: str, lot_id: str, dest: str, *, class_map: Mapping[int, str] | None = None,
                  source: str | None = None, storage_options: Mapping[str, Any] | None = None) -> Exported:
     """Write lot ``lot_id`` of OUT as KLARF 1.2 to ``dest``. Raises ``OutputError`` / ``KlarfError`` /
     ``ConfigError`` with one line."""
     so = dict(storage_options or {})
     layout_ = OutLayout(storage.normalize_root(out))
+    _check_dest(dest, layout_, source, so)
     rows = _lot_rows(layout_, lot_id, so)
-    numbers = dict(class_numbers(class_map)) if class_map is not None else _default_numbers(layout_, so)
-    unnumbered: Counter[str] = Counter()
-    classes: dict[tuple[str, str], int] = {}
-    for (wafer, defect), name in _defect_classes(rows).items():
-        number = numbers.get(name)
-        if number is None:
-            unnumbered[name] += 1
-        classes[(wafer, defect)] = UNCLASSIFIED if number is None else number
     errors = sum(1 for r in rows if r["status"] != "ok")
+    scored = _scored_defects(rows, lot_id)
+    numbers = dict(class_numbers(class_map)) if class_map is not None else _default_numbers(layout_, so)
+    unnumbered: Counter[str] = Counter(d.name for d in scored.values() if d.name not in numbers)
+    classes = {key: numbers.get(d.name, UNCLASSIFIED) for key, d in scored.items()}
     if source is not None:
-        laid = layout(read_text(source, so), source)
+        laid = read_layout(source, so)
         content = parse(laid, source)
         if str(content.lot_id) != lot_id:
             raise KlarfError(f"KLARF {storage.redact(source)} is lot {show(str(content.lot_id))}, not {show(lot_id)}")
-        given, kept = relabel(laid, _by_integer_id(classes))
-        renumbered = False
+        by_id = _integer_ids(scored, source)
+        _check_source(laid, by_id, scored, source)
+        given, kept = relabel(laid, {k: classes[key] for k, key in by_id.items()})
+        data, renumbered = encode(laid), False
     else:
-        wafers, renumbered = _new_defects(rows, classes)
+        if not scored:
+            raise OutputError(f"lot {show(lot_id)} has no scored row ({errors} error row(s)): nothing to export")
+        wafers, renumbered = _new_defects(scored, classes)
         lookup = class_map if class_map is not None else {n: c for c, n in numbers.items()}
         laid = new_klarf(lot_id, wafers, {UNCLASSIFIED: "unclassified", **lookup}, datetime.now(UTC))
         given, kept = sum(len(v) for v in wafers.values()), 0
-    text = render(laid)
-    parse(layout(text, dest), dest)  # what we write reads back through the same reader, or nothing is written
-    storage.write_bytes(dest, text.encode(), so)
+        data = encode(laid)
+    parse(layout(render(laid), dest), dest)  # what we write reads back through the same reader, or nothing is
+    storage.write_bytes(dest, data, so)
     return Exported(defects=given, kept=kept, error_rows=errors, unnumbered=dict(sorted(unnumbered.items())),
                     renumbered=renumbered)
+
+
+def _check_dest(dest: str, layout_: OutLayout, source: str | None, so: Mapping[str, Any]) -> None:
+    target = storage.normalize_root(dest if storage.is_absolute(dest) else storage.resolve(dest, "."))
+    root = layout_.root.rstrip("/") + "/"
+    if target.rstrip("/") + "/" == root or target.startswith(root):
+        raise ConfigError(f"--out {dest!r} is inside OUT {layout_.root}: write the KLARF elsewhere (OUT holds the "
+                          "run's own outputs only)")
+    if source is not None and target == storage.normalize_root(
+            source if storage.is_absolute(source) else storage.resolve(source, ".")):
+        raise ConfigError(f"--out {dest!r} is the --klarf source: write the relabelled KLARF to another file")
+    fs, path = storage.filesystem(dest, so)
+    if fs.isdir(path):
+        raise ConfigError(f"--out {dest!r} is a folder: name the KLARF file to write")
 
 
 def _lot_rows(layout_: OutLayout, lot_id: str, so: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -103,9 +132,9 @@ def _lot_rows(layout_: OutLayout, lot_id: str, so: Mapping[str, Any]) -> list[di
         listed = ", ".join(show(lot) for lot in lots[:10]) + (" ..." if len(lots) > 10 else "")
         raise OutputError(f"{layout_.root} has no predictions for lot {show(lot_id)} (lots: {listed})")
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=PREDICTION_COLUMNS)
-    plan = read_plan_columns(layout_, ["defect_id"], so, lot_id=lot_id)
+    plan = read_plan_columns(layout_, ["defect_id"], so, lot_id=lot_id, required=True)
     ids = dict(zip(plan.column("image_id").to_pylist(), plan.column("defect_id").to_pylist(), strict=True))
-    table = table.append_column("defect_id", pa.array([ids.get(i) for i in table.column("image_id").to_pylist()],
+    table = table.append_column("defect_id", pa.array([ids.get(i) or None for i in table.column("image_id").to_pylist()],
                                                       pa.string()))
     return table.sort_by([("wafer_id", "ascending"), ("image_id", "ascending")]).to_pylist()
 
@@ -116,45 +145,79 @@ def _default_numbers(layout_: OutLayout, so: Mapping[str, Any]) -> dict[str, int
     return {name: k for k, name in enumerate(names, start=1)}
 
 
-def _defect_classes(rows: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
-    """(wafer_id, defect_id or image_id) -> our class of the defect's most anomalous ok row."""
-    best: dict[tuple[str, str], tuple[float, str]] = {}
+def _scored_defects(rows: list[dict[str, Any]], lot_id: str) -> dict[tuple[str, str], Scored]:
+    """(wafer_id, defect_id) -> the defect's die and the class of its most anomalous ok row; rows without a
+    defect_id are keyed by their image_id. A defect id that names images of two files in one wafer (two
+    inspections of it in one run) is refused: the KLARF could not tell them apart."""
+    best: dict[tuple[str, str], tuple[float, Scored]] = {}
+    files: dict[tuple[str, str], set[str]] = defaultdict(set)
     for row in rows:
         if row["status"] != "ok":
             continue
         key = (str(row["wafer_id"]), str(row["defect_id"] or row["image_id"]))
+        files[key].add(str(row["uri"]))
         name = str(row["defect_class"]) if row["is_defect"] and row["defect_class"] else NORMAL
         score = float(row["anomaly_score"] if row["anomaly_score"] is not None else -1.0)
+        scored = Scored(die=(int(row["die_x"] or 0), int(row["die_y"] or 0)), name=name,
+                        has_defect_id=row["defect_id"] is not None)
         if key not in best or score > best[key][0]:
-            best[key] = (score, name)
-    return {k: name for k, (_, name) in best.items()}
+            best[key] = (score, scored)
+    for (wafer, defect), uris in files.items():
+        if len(uris) > 1:
+            raise OutputError(f"lot {show(lot_id)} wafer {show(wafer)}: defect id {show(defect)} names images of "
+                              f"{len(uris)} files (two inspections in one run?): export needs one KLARF's defects per "
+                              "run")
+    return {k: s for k, (_, s) in best.items()}
 
 
-def _by_integer_id(classes: Mapping[tuple[str, str], int]) -> dict[tuple[str, int], int]:
+def _integer_ids(scored: Mapping[tuple[str, str], Scored], source: str) -> dict[tuple[str, int], tuple[str, str]]:
+    """(wafer_id, KLARF defect id) -> the scored key, for rows whose defect_id is an integer (a KLARF's)."""
     out = {}
-    for (wafer, defect), number in classes.items():
+    for (wafer, defect), s in scored.items():
+        if not s.has_defect_id:
+            continue
         try:
-            out[(wafer, int(defect))] = number
+            out[(wafer, int(defect))] = (wafer, defect)
         except ValueError:
-            continue  # not a KLARF defect id: such a row did not come from this KLARF
+            continue
+    if scored and not out:
+        raise KlarfError(f"no scored row of this lot has a KLARF defect id, so none can be matched in "
+                         f"{storage.redact(source)}: run a manifest from `manifest from-klarf`, or export without --klarf")
     return out
 
 
-def _new_defects(rows: list[dict[str, Any]], classes: Mapping[tuple[str, str], int]
+def _check_source(laid: Layout, by_id: Mapping[tuple[str, int], tuple[str, str]],
+                  scored: Mapping[tuple[str, str], Scored], source: str) -> None:
+    """Every scored defect is in the source, on the die the run scored: else it is another inspection's file."""
+    dies = {}
+    for found in laid.lists:
+        kx, ky = found.column("XINDEX"), found.column("YINDEX")
+        for record, defect_id in zip(found.records, found.defect_ids(), strict=True):
+            dies[(found.wafer_id, int(float(defect_id)))] = (int(float(record[kx])), int(float(record[ky])))
+    missing = [k for k in by_id if k not in dies]
+    if missing:
+        wafers = sorted({w for w, _ in missing})
+        raise KlarfError(f"KLARF {storage.redact(source)} lacks {len(missing)} scored defect(s), e.g. wafer "
+                         f"{show(missing[0][0])} defect {missing[0][1]} (wafers {', '.join(map(show, wafers[:5]))}): "
+                         "not the file the manifest was made from")
+    moved = [(k, dies[k]) for k, key in by_id.items() if dies[k] != scored[key].die]
+    if moved:
+        (wafer, defect), die = moved[0]
+        raise KlarfError(f"KLARF {storage.redact(source)}: wafer {show(wafer)} defect {defect} is on die {die}, the run "
+                         f"scored it on die {scored[by_id[(wafer, defect)]].die} ({len(moved)} such defect(s)): not the "
+                         "file the manifest was made from")
+
+
+def _new_defects(scored: Mapping[tuple[str, str], Scored], classes: Mapping[tuple[str, str], int]
                  ) -> tuple[dict[str, list[tuple[int, int, int, int]]], bool]:
-    """Per wafer, ``(defect_id, die_x, die_y, class_number)`` of the scored defects; defect ids numbered 1.. per
-    wafer when any is not an integer."""
-    dies: dict[tuple[str, str], tuple[int, int]] = {}
-    for row in rows:
-        key = (str(row["wafer_id"]), str(row["defect_id"] or row["image_id"]))
-        dies.setdefault(key, (int(row["die_x"] or 0), int(row["die_y"] or 0)))
-    keys = [k for k in dies if k in classes]
-    renumber = not all(_is_int(d) for _, d in keys)
+    """Per wafer, ``(defect_id, die_x, die_y, class_number)`` sorted by id; defect ids numbered 1.. per wafer when
+    any is not an integer."""
+    renumber = not all(_is_int(d) for _, d in scored)
     wafers: dict[str, list[tuple[int, int, int, int]]] = {}
-    for wafer, defect in keys:
+    for (wafer, defect), s in scored.items():
         listed = wafers.setdefault(wafer, [])
         number = len(listed) + 1 if renumber else int(defect)
-        listed.append((number, *dies[(wafer, defect)], classes[(wafer, defect)]))
+        listed.append((number, *s.die, classes[(wafer, defect)]))
     return {w: sorted(listed) for w, listed in wafers.items()}, renumber
 
 
@@ -164,4 +227,3 @@ def _is_int(text: str) -> bool:
     except ValueError:
         return False
     return True
-

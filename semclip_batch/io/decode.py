@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections import OrderedDict
 from typing import BinaryIO
 
 import numpy as np
@@ -43,17 +44,41 @@ def decode_image(data: bytes, page: int = 0) -> np.ndarray:
     return to_gray_float(raw)
 
 
-def decode_file(fh: BinaryIO, page: int) -> np.ndarray:
-    """:func:`decode_image` of an open, seekable binary file: a TIFF reads only the headers on the way to
-    ``page`` and that page's pixels (one page of a multi-page TIFF on object storage costs ranged reads, not
-    the whole file); any other format reads the file."""
+def decode_file(fh: BinaryIO, page: int, name: str = "") -> np.ndarray:
+    """:func:`decode_image` of an open, seekable binary file: a TIFF reads its headers and that page's pixels,
+    not the other pages' (on object storage: ranged reads); any other format reads the file.
+
+    With a ``name`` (the file's URL), the offsets of a multi-page TIFF's pages are kept for this process
+    (:data:`PAGE_INDEX_FILES` files): its first row past page 0 walks the header chain once, every later row of
+    that file jumps to its page. Rows of one wafer's review TIFF then cost about one header walk per worker, not
+    one walk each.
+    """
     magic = fh.read(4)
     fh.seek(0)
     if not magic:
         raise decode_error("empty file (0 bytes)")
     if magic in _TIFF_MAGIC:
-        return to_gray_float(_decode_tiff(fh, page))
+        return to_gray_float(_decode_tiff(fh, page, (name, fh.seek(0, 2)) if name and page else None))
+    fh.seek(0)
     return decode_image(fh.read(), page)
+
+
+PAGE_INDEX_FILES = 64
+_page_offsets: OrderedDict[tuple[str, int], list[int]] = OrderedDict()  # (url, size) -> page offsets
+
+
+def _page_index(tif: tifffile.TiffFile, key: tuple[str, int]) -> list[int]:
+    """The byte offsets of every page of ``tif`` (one pass over the header chain), kept for the
+    :data:`PAGE_INDEX_FILES` files used last."""
+    if key in _page_offsets:
+        _page_offsets.move_to_end(key)
+        return _page_offsets[key]
+    tif.pages.cache = False
+    offsets = [int(page.offset) for page in tif.pages]
+    _page_offsets[key] = offsets
+    if len(_page_offsets) > PAGE_INDEX_FILES:
+        _page_offsets.popitem(last=False)
+    return offsets
 
 
 def decode_error(message: str) -> ImageError:
@@ -74,15 +99,13 @@ def check_size(height: int, width: int) -> None:
         raise decode_error(f"frame {height}x{width} exceeds 64 Mpx")
 
 
-def _decode_tiff(fh: BinaryIO, index: int) -> np.ndarray:
+def _decode_tiff(fh: BinaryIO, index: int, key: tuple[str, int] | None = None) -> np.ndarray:
     try:
+        fh.seek(0)
         with tifffile.TiffFile(fh) as tif:
-            n_pages = len(tif.pages)
-            if n_pages == 0:
-                raise decode_error("TIFF holds no pages")
-            if not 0 <= index < n_pages:
-                raise decode_error(f"TIFF has {n_pages} pages, no page {index}")
-            page = tif.pages.first if index == 0 else tif.pages[index]
+            if index < 0:
+                raise decode_error(f"no TIFF page {index}")
+            page = _tiff_page(tif, index, key)
             shape = page.shape
             if len(shape) < 2:
                 raise decode_error(f"TIFF page has shape {shape}, not an image")
@@ -93,6 +116,21 @@ def _decode_tiff(fh: BinaryIO, index: int) -> np.ndarray:
         raise
     except Exception as exc:
         raise decode_error(f"unreadable TIFF: {_reason(exc)}") from exc
+
+
+def _tiff_page(tif: tifffile.TiffFile, index: int, key: tuple[str, int] | None) -> tifffile.TiffPage | tifffile.TiffFrame:
+    if index == 0:
+        return tif.pages.first
+    if key is None:
+        try:  # through the headers before it only (len() would walk every page)
+            return tif.pages[index]
+        except IndexError:
+            raise decode_error(f"TIFF has {len(tif.pages)} pages, no page {index}") from None
+    offsets = _page_index(tif, key)
+    if index >= len(offsets):
+        raise decode_error(f"TIFF has {len(offsets)} pages, no page {index}")
+    tif.filehandle.seek(offsets[index])
+    return tifffile.TiffPage(tif, index=index)
 
 
 def _decode_pillow(data: bytes) -> np.ndarray:

@@ -17,12 +17,12 @@ def load_frame(url: str, storage_options: Mapping[str, Any] | None = None, page:
     """Read and decode one frame. Returns ``(H, W)`` float32. Raises :class:`ImageError`.
 
     ``page`` (a manifest's 0-based TIFF page): None reads the whole file and decodes its first page; a number
-    reads only what that page needs (:func:`~semclip_batch.io.decode.decode_file`), so N defects on pages of
-    one multi-page TIFF do not read the file N times over.
+    reads the file's headers and that page's pixels (:func:`~semclip_batch.io.decode.decode_file`, with the
+    page offsets of recent files kept), so N defects on pages of one multi-page TIFF do not read it N times.
     """
     try:
         if page is not None:
-            return read_with(url, storage_options, lambda fh: decode_file(fh, page))
+            return read_with(url, storage_options, lambda fh: decode_file(fh, page, url))
         data = read_bytes(url, storage_options)
     except ImageError:
         raise

@@ -33,6 +33,14 @@ STANDARD_COLUMNS = ("DEFECTID", "XREL", "YREL", "XINDEX", "YINDEX", "XSIZE", "YS
                     "IMAGECOUNT", IMAGELIST)
 UNCLASSIFIED = 0  # KLARF's class number for "not classified"
 _QUOTED = re.compile(r'"([^"]*)"')
+_KEYWORD = re.compile(r"\s*([A-Za-z][A-Za-z0-9_]*)")
+# The records klarf-reader recognises, each by the start of a line: a vendor record whose name merely starts
+# with one (LotIDSuffix, SlotMap) would overwrite it there, so such lines are not shown to the reader.
+READER_KEYS = ("fileversion", "filetimestamp", "inspectionstationid", "sampletype", "resulttimestamp", "lotid",
+               "samplesize", "deviceid", "setupid", "stepid", "sampleorientationmarktype", "orientationmarklocation",
+               "diepitch", "dieorigin", "samplecenterlocation", "waferid", "slot", "inspectiontest", "areapertest",
+               "defectrecordspec", "defectlist", "summarylist", "sampletestplan")
+_QUOTED_IDS = ("lotid", "waferid", "deviceid", "stepid", "setupid")
 
 
 class KlarfError(ManifestError):
@@ -59,9 +67,13 @@ class DefectList:
 
 @dataclass
 class Layout:
-    """A KLARF file as lines and defect lists, in file order."""
+    """A KLARF file as lines and defect lists, in file order, and how its text was written (for writing it
+    back byte for byte where nothing changed)."""
 
     blocks: list[str | DefectList] = field(default_factory=list)
+    newline: str = "\n"
+    encoding: str = "utf-8"
+    bom: bool = False
 
     @property
     def lists(self) -> list[DefectList]:
@@ -83,106 +95,167 @@ class KlarfDefect:
     result_time: str  # ISO 8601, "" when the file's ResultTimestamp is not a time
 
 
-def read_text(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+def read_text(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """The file's text and the encoding it was read with (UTF-8, else Latin-1: tools write ASCII, and a stray
+    byte in a free-text field must not stop a lot)."""
     try:
         data = storage.read_bytes(url, storage_options)
     except FileNotFoundError:
         raise KlarfError(f"KLARF {storage.redact(url)} does not exist") from None
+    except IsADirectoryError:
+        raise KlarfError(f"KLARF {storage.redact(url)} is a folder, not a file") from None
     except (OSError, ValueError) as exc:
         raise KlarfError(f"cannot read KLARF {storage.redact(url)}: {one_line(exc)}") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        return data.decode("latin-1")  # tools write ASCII; a stray byte in a free-text field must not stop a lot
+        return data.decode("latin-1"), "latin-1"
 
 
 def read_klarf(url: str, storage_options: Mapping[str, Any] | None = None) -> list[KlarfDefect]:
     """Every defect of one KLARF 1.1 / 1.2 file. Raises :class:`KlarfError`."""
-    text = read_text(url, storage_options)
+    laid = read_layout(url, storage_options)
+    return defects(parse(laid, url), laid)
+
+
+def read_layout(url: str, storage_options: Mapping[str, Any] | None = None) -> Layout:
+    text, encoding = read_text(url, storage_options)
     laid = layout(text, url)
-    content = parse(laid, url)
-    return defects(content, laid, url)
+    laid.encoding = encoding
+    return laid
 
 
 def layout(text: str, where: str) -> Layout:
     """Lay out a KLARF 1.1 / 1.2 text (see the module docstring). Raises :class:`KlarfError`."""
-    lines = text.splitlines()
+    out = Layout(newline="\r\n" if "\r\n" in text else "\n", bom=text.startswith("\ufeff"))
+    lines = text.removeprefix("\ufeff").splitlines()
     head = next((line.strip() for line in lines if line.strip()), "")
     if head.lower().startswith("record") and "filerecord" in head.lower().replace(" ", ""):
         raise KlarfError(f"KLARF {storage.redact(where)} is KLARF 1.8 (Record FileRecord): klarf-reader, the reader "
                          "used, parses KLARF 1.1 and 1.2; export 1.2 from the inspection or review tool")
-    if not head.lower().startswith("fileversion"):
+    if _key(head) != "fileversion":
         raise KlarfError(f"{storage.redact(where)} is not a KLARF file (it does not start with FileVersion)")
-    out = Layout()
     columns: list[str] = []
-    wafer, tiff_lot, tiff_wafer = "", "", ""
-    pending: list[DefectList] = []  # this wafer's lists still without a TiffFileName
+    events: list[tuple[str, str | DefectList]] = []  # ("wafer", id) / ("tiff", name) / ("list", DefectList)
+    lots: list[str] = []
+    wafer = ""
     i = 0
     while i < len(lines):
         key = _key(lines[i])
         if key in ("defectrecordspec", "defectlist"):
-            body, i = _statement(lines, i, where)
+            body, i, rest = _statement(lines, i, where)
+            if rest.strip():  # another record after the ';' on the same line: read it as a line of its own
+                i -= 1
+                lines[i] = rest
             if key == "defectrecordspec":
                 columns = body.split()[1:]  # the first token is the column count
                 out.blocks.append(f"DefectRecordSpec {len(columns)} {' '.join(columns)} ;")
                 continue
             found = _defect_list(body.split(), columns, wafer, where)
-            found.tiff_file = tiff_wafer
-            if not tiff_wafer:
-                pending.append(found)
+            events.append(("list", found))
             out.blocks.append(found)
             continue
         line = lines[i]
         if key == "waferid":
-            wafer, tiff_wafer = _first_quoted(line), ""
-            for orphan in pending:
-                orphan.tiff_file = tiff_lot
-            pending = []
+            wafer = _value(line).strip()
+            events.append(("wafer", wafer))
         elif key == "tifffilename":
-            name = _value(line)
-            if wafer:
-                tiff_wafer = name
-                for orphan in pending:
-                    orphan.tiff_file = name
-                pending = []
-            else:
-                tiff_lot = name
+            events.append(("tiff", _file_name(_value(line))))
+        elif key == "lotid":
+            lots.append(_value(line))
         out.blocks.append(line)
         i += 1
-    for orphan in pending:
-        orphan.tiff_file = tiff_lot
+    if len(set(lots)) > 1:
+        raise KlarfError(f"KLARF {storage.redact(where)} holds several lots ({', '.join(map(show, sorted(set(lots))))}): "
+                         "give one file per lot")
+    _assign_tiff_files(events)
     return out
 
 
+def _assign_tiff_files(events: list[tuple[str, str | DefectList]]) -> None:
+    """Each defect list's ``TiffFileName``. Tools write it inside the wafer's records (before or after its
+    defect list), once before the first WaferID for the whole lot, or before each wafer's WaferID. The last
+    layout is recognised when every name sits before the first WaferID or between a defect list and the next
+    WaferID, one precedes the first WaferID and none follows the last list; each list then takes the last name
+    before it."""
+    kinds = [kind for kind, _ in events]
+    if "list" not in kinds or "tiff" not in kinds:
+        return
+    first_wafer = kinds.index("wafer") if "wafer" in kinds else len(kinds)
+    last_list = max(k for k, kind in enumerate(kinds) if kind == "list")
+    tiffs = [k for k, kind in enumerate(kinds) if kind == "tiff"]
+    if tiffs[0] < first_wafer and tiffs[-1] < last_list and all(_previous(kinds, k) in (None, "list") for k in tiffs):
+        current = ""
+        for kind, value in events:
+            if isinstance(value, DefectList):
+                value.tiff_file = current
+            elif kind == "tiff":
+                current = value
+        return
+    lot_level = next((str(v) for kind, v in reversed(events[:first_wafer]) if kind == "tiff"), "")
+    section: list[tuple[str, str | DefectList]] = []
+    for kind, value in [*events[first_wafer:], ("wafer", "")]:
+        if kind == "wafer":
+            _name_lists(section, lot_level)
+            section = []
+        section.append((kind, value))
+    _name_lists(events[:first_wafer], lot_level)
+
+
+def _previous(kinds: list[str], k: int) -> str | None:
+    """The kind of the nearest wafer or list event before ``k``."""
+    return next((kinds[j] for j in range(k - 1, -1, -1) if kinds[j] != "tiff"), None)
+
+
+def _name_lists(section: list[tuple[str, str | DefectList]], lot_level: str) -> None:
+    """Within one wafer's records: each list takes the last name before it, else the first after it, else the
+    lot's."""
+    names = [(k, str(v)) for k, (kind, v) in enumerate(section) if kind == "tiff"]
+    for k, (kind, value) in enumerate(section):
+        if kind != "list":
+            continue
+        assert isinstance(value, DefectList)
+        before = [n for j, n in names if j < k]
+        after = [n for j, n in names if j > k]
+        value.tiff_file = before[-1] if before else after[0] if after else lot_level
+
+
 def _key(line: str) -> str:
-    stripped = line.lstrip()
-    return stripped.split(None, 1)[0].rstrip(";").lower() if stripped else ""
-
-
-def _first_quoted(line: str) -> str:
-    found = _QUOTED.search(line)
-    return found.group(1) if found else _value(line)
+    found = _KEYWORD.match(line)
+    return found.group(1).lower() if found else ""
 
 
 def _value(line: str) -> str:
-    parts = line.strip().rstrip(";").split(None, 1)
-    return parts[1].strip().strip('"') if len(parts) > 1 else ""
+    """A one-value record's value: the first quoted string, else the first word after the keyword."""
+    quoted = _QUOTED.search(line)
+    if quoted:
+        return quoted.group(1)
+    parts = line.strip().split(";", 1)[0].split(None, 1)
+    return parts[1].strip() if len(parts) > 1 else ""
 
 
-def _statement(lines: Sequence[str], start: int, where: str) -> tuple[str, int]:
-    """The text of the statement starting at ``lines[start]`` after its keyword, up to its ``;`` (across lines),
-    and the index of the line after it."""
-    first = lines[start].lstrip()
-    parts = [first.split(None, 1)[1] if len(first.split(None, 1)) > 1 else ""]
+def _file_name(name: str) -> str:
+    """A ``TiffFileName`` as a name below ``--images``: a Windows or UNC path written by the review station
+    (``C:\\Review\\x.tif``, ``\\\\server\\share\\x.tif``) gives its last part."""
+    if "\\" in name or re.match(r"^[A-Za-z]:", name):
+        return re.split(r"[\\/]", name)[-1]
+    return name
+
+
+def _statement(lines: Sequence[str], start: int, where: str) -> tuple[str, int, str]:
+    """The text of the statement starting at ``lines[start]`` after its keyword, up to its ``;`` (across lines);
+    the index of the line after it; and what follows the ``;`` on its last line."""
+    found = _KEYWORD.match(lines[start])
+    keyword = found.group(1) if found else ""
+    parts = [lines[start][found.end():] if found else lines[start]]
     i = start
     while ";" not in parts[-1]:
         i += 1
         if i >= len(lines):
-            raise KlarfError(f"KLARF {storage.redact(where)}: {first.split(None, 1)[0]} on line {start + 1} never ends "
-                             "(no ';')")
+            raise KlarfError(f"KLARF {storage.redact(where)}: {keyword} on line {start + 1} never ends (no ';')")
         parts.append(lines[i])
-    parts[-1] = parts[-1].split(";", 1)[0]
-    return " ".join(parts), i + 1
+    parts[-1], rest = parts[-1].split(";", 1)
+    return " ".join(parts), i + 1, rest
 
 
 def _defect_list(tokens: list[str], columns: list[str], wafer: str, where: str) -> DefectList:
@@ -227,9 +300,9 @@ def _int(token: str, where: str, what: str) -> int:
         raise KlarfError(f"KLARF {storage.redact(where)}: {what} {show(token)} is not an integer") from None
 
 
-def render(laid: Layout, *, with_images: bool = True) -> str:
-    """The laid-out file as KLARF text: each defect on one line, its image list after it when ``with_images``
-    (as the file gave it), else only the image count in the IMAGELIST column (what klarf-reader reads)."""
+def render(laid: Layout) -> str:
+    """The laid-out file as KLARF text, as it was written except that each defect sits on one line with its
+    image list after it (klarf-reader and people read that; so does every KLARF 1.2 reader)."""
     out: list[str] = []
     for block in laid.blocks:
         if isinstance(block, str):
@@ -237,22 +310,74 @@ def render(laid: Layout, *, with_images: bool = True) -> str:
             continue
         out.append("DefectList")
         for record, images in zip(block.records, block.images, strict=True):
-            tokens = list(record)
-            if with_images and IMAGELIST in block.columns:
-                k = block.column(IMAGELIST)
-                tokens[k] = " ".join([str(len(images)), *(f"{n} {t}" for n, t in images)])
-            out.append(" " + " ".join(tokens))
+            out.append(" " + " ".join(_with_images(block, record, images)))
         out[-1] += ";"
-    return "\n".join(out) + "\n"
+    return ("\ufeff" if laid.bom else "") + laid.newline.join(out) + laid.newline
+
+
+def encode(laid: Layout) -> bytes:
+    """:func:`render` in the encoding the file was read with."""
+    return render(laid).encode(laid.encoding)
+
+
+def _with_images(found: DefectList, record: list[str], images: list[tuple[int, int]]) -> list[str]:
+    if IMAGELIST not in found.columns:
+        return record
+    tokens = list(record)
+    tokens[found.column(IMAGELIST)] = " ".join([str(len(images)), *(f"{n} {t}" for n, t in images)])
+    return tokens
+
+
+def reader_text(laid: Layout) -> list[str]:
+    """The lines klarf-reader is given: records one per line with single spaces, continuation lines indented by
+    one space (how it tells them apart), ids quoted, blank lines and records it would mistake for its own left
+    out; each defect on one line with IMAGELIST as its image count."""
+    out: list[str] = []
+    for block in laid.blocks:
+        if isinstance(block, DefectList):
+            out += ["DefectList\n", *(f" {' '.join(r)}\n" for r in block.records)]
+            out[-1] = out[-1][:-1] + ";\n"
+        elif (line := _for_reader(block)) is not None:
+            out.append(line + "\n")
+    return out
+
+
+def _for_reader(line: str) -> str | None:
+    text = _collapse(line)
+    if not text:
+        return None
+    key = _key(text)
+    if not key:
+        return " " + text  # a continuation line: numbers or quoted names
+    if key not in READER_KEYS and any(key.startswith(k) for k in READER_KEYS):
+        return None
+    if key in _QUOTED_IDS and '"' not in text:
+        value = text.split(None, 1)[1].rstrip(";").strip() if " " in text else ""
+        first, _, rest = value.partition(" ")
+        text = f'{text.split(None, 1)[0]} "{first if key == "setupid" else value}"'
+        text += f" {rest};" if key == "setupid" and rest else ";"
+    if key == "inspectionstationid":
+        fields = _QUOTED.findall(text)
+        if 0 < len(fields) < 3:
+            text = text.split(None, 1)[0] + " " + " ".join(f'"{f}"' for f in [*fields, "", ""][:3]) + ";"
+    return text
+
+
+def _collapse(line: str) -> str:
+    """Whitespace runs outside double quotes as one space, none before ';', and nothing after the last ';'."""
+    pieces = line.split('"')
+    pieces[::2] = [re.sub(r"\s+", " ", p) for p in pieces[::2]]  # the even pieces lie outside quotes
+    text = '"'.join(pieces).strip().replace(" ;", ";")
+    return text[: text.rfind(";") + 1] if ";" in text and text.count('"') % 2 == 0 else text
 
 
 def parse(laid: Layout, where: str) -> Any:
-    """klarf-reader's ``KlarfContent`` of the laid-out text, checked against the layout. Raises
-    :class:`KlarfError`."""
+    """klarf-reader's ``KlarfContent`` of the laid-out text, checked against the layout (same wafers, same defect
+    ids in order). Raises :class:`KlarfError`."""
     from klarf_reader.readers.klarf_file_reader import convert_raw_to_klarf_content
 
     try:
-        content = convert_raw_to_klarf_content(raw_content=iter(render(laid, with_images=False).splitlines(True)))
+        content = convert_raw_to_klarf_content(raw_content=iter(reader_text(laid)))
     except Exception as exc:  # noqa: BLE001 - the reader's errors are bare Exceptions, NameErrors on missing fields
         raise KlarfError(f"KLARF {storage.redact(where)} could not be parsed by klarf-reader: {_reader_reason(exc)}"
                          ) from None
@@ -261,9 +386,12 @@ def parse(laid: Layout, where: str) -> Any:
         raise KlarfError(f"KLARF {storage.redact(where)}: klarf-reader read {len(content.wafers)} wafers, the file has "
                          f"{len(lists)} defect lists")
     for wafer, found in zip(content.wafers, lists, strict=True):
+        if str(wafer.id).strip() != found.wafer_id:
+            raise KlarfError(f"KLARF {storage.redact(where)}: klarf-reader read wafer {show(str(wafer.id))} where the "
+                             f"file has {show(found.wafer_id)}")
         if [str(d.id) for d in wafer.defects] != [str(_int(t, where, "DEFECTID")) for t in found.defect_ids()]:
-            raise KlarfError(f"KLARF {storage.redact(where)}: wafer {show(wafer.id)}: klarf-reader's defects differ from "
-                             "the file's defect list")
+            raise KlarfError(f"KLARF {storage.redact(where)}: wafer {show(found.wafer_id)}: klarf-reader's defects "
+                             "differ from the file's defect list")
     return content
 
 
@@ -277,13 +405,13 @@ def _reader_reason(exc: BaseException) -> str:
     return one_line(exc) or type(exc).__name__
 
 
-def defects(content: Any, laid: Layout, where: str) -> list[KlarfDefect]:
+def defects(content: Any, laid: Layout) -> list[KlarfDefect]:
     """The defects of a parsed file, each with its wafer's image file and image list."""
     when = result_time(str(getattr(content, "result_timestamp", "") or ""))
     out = []
     for wafer, found in zip(content.wafers, laid.lists, strict=True):
         for defect, images in zip(wafer.defects, found.images, strict=True):
-            out.append(KlarfDefect(lot_id=str(content.lot_id), wafer_id=str(wafer.id), defect_id=int(defect.id),
+            out.append(KlarfDefect(lot_id=str(content.lot_id), wafer_id=found.wafer_id, defect_id=int(defect.id),
                                    die_x=int(defect.x_index), die_y=int(defect.y_index),
                                    class_number=int(defect.class_number), tiff_file=found.tiff_file,
                                    images=tuple(images), result_time=when))
@@ -316,12 +444,13 @@ def read_class_map(url: str, storage_options: Mapping[str, Any] | None = None) -
     pairs: list[tuple[str, str]]
     if url.lower().endswith(".json"):
         try:
-            loaded = json.loads(text)
+            loaded = json.loads(text, object_pairs_hook=_Pairs)
         except ValueError as exc:
             raise ConfigError(f"class map {storage.redact(url)} is not JSON: {one_line(exc)}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"class map {storage.redact(url)}: give a JSON object of class number -> class name")
-        pairs = [(str(k), str(v)) for k, v in loaded.items()]
+        if not isinstance(loaded, _Pairs) or any(not isinstance(v, str) for _, v in loaded):
+            raise ConfigError(f"class map {storage.redact(url)}: give a JSON object of class number -> class name "
+                              '(e.g. {"11": "particle"})')
+        pairs = [(str(k), v) for k, v in loaded]
     else:
         rows = list(csv.DictReader(io.StringIO(text)))
         if not rows or not {"class_number", "label"} <= set(rows[0]):
@@ -339,6 +468,10 @@ def read_class_map(url: str, storage_options: Mapping[str, Any] | None = None) -
             raise ConfigError(f"class map {storage.redact(url)}: class number {key} is given twice")
         out[key] = label.strip()
     return out
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object's (key, value) pairs, in order and with repeated keys kept (to refuse them)."""
 
 
 def class_numbers(class_map: Mapping[int, str]) -> dict[str, int]:

@@ -6,7 +6,9 @@ One row per defect that lists an image (``--all-images``: per listed image): ``u
 class map ("" where the map has no entry or none is given), ``lot_time`` from ResultTimestamp. ``klarf_class``
 (the tool's class number) and ``klarf_file`` ride along for people; ``run`` reads only its own columns.
 
-Defects without an image list (or whose wafer names no ``TiffFileName``) are skipped and counted, unless
+``--images`` may hold ``{lot_id}`` / ``{wafer_id}`` (lots whose files are named alike). A lot's defect ids must
+be unique per wafer (one inspection per manifest). Defects without an image list (or whose wafer names no
+``TiffFileName``) are skipped and counted, unless
 ``--image-name`` names their files (review tools that save one image per defect): a template below ``--images``
 with the fields ``{lot_id} {wafer_id} {defect_id} {die_x} {die_y}``, e.g. ``{wafer_id}/{defect_id}.tif``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import posixpath
 import string
 from collections import Counter
@@ -25,10 +28,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semclip_batch.errors import ConfigError
+from semclip_batch.errors import ConfigError, show
 from semclip_batch.io import storage
 from semclip_batch.io.klarf import KlarfDefect, KlarfError, read_klarf
-from semclip_batch.io.manifest import normalize
+from semclip_batch.io.manifest import MAX_PAGE, lot_id_problem, normalize
 from semclip_batch.io.manifest_files import manifest_format
 
 COLUMNS = ("uri", "lot_id", "wafer_id", "die_x", "die_y", "defect_id", "page", "label", "lot_time", "klarf_class",
@@ -56,29 +59,70 @@ def from_klarf(klarfs: Sequence[str], images: str, out: str, class_map: Mapping[
     if image_name is not None:
         check_image_name(image_name)
     so = dict(storage_options or {})
-    prefix = images if storage.is_absolute(images) else posixpath.abspath(images)
+    check_images(images)
+    _refuse_folder(out, so)
     rows: list[dict[str, str]] = []
     found = without = 0
-    wafers: set[tuple[str, str]] = set()
+    seen: dict[tuple[str, str, int], str] = {}  # (lot, wafer, defect id) -> the KLARF it came from
     unmapped: Counter[int] = Counter()
     for url in klarfs:
+        source = url if storage.is_absolute(url) else posixpath.abspath(url)
         for defect in read_klarf(url, so):
             found += 1
-            wafers.add((defect.lot_id, defect.wafer_id))
+            _refuse_repeats(defect, source, seen)
             label = (class_map or {}).get(defect.class_number, "")
             if class_map is not None and not label:
                 unmapped[defect.class_number] += 1
-            made = _rows(defect, prefix, label, url, all_images, image_name)
+            made = _rows(defect, image_prefix(images, defect), label, source, all_images, image_name)
             without += not made
             rows += made
     if not rows:
         raise KlarfError(f"no defect in {len(klarfs)} KLARF file(s) lists an image ({found} defects, none with an "
                          "IMAGELIST entry and a TiffFileName): give --image-name to name one file per defect")
     table = pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.string()) for c in COLUMNS]))
-    normalize(table, base_folder=prefix, source=out)  # lot ids, duplicates... refused here, not at `run`
+    normalize(table, base_folder=posixpath.abspath("."), source=out)  # what `run` would refuse, refused now
     storage.write_bytes(out, encode(table, fmt), so)
-    return FromKlarf(rows=len(rows), defects=found, wafers=len(wafers), without_images=without,
+    return FromKlarf(rows=len(rows), defects=found, wafers=len({k[:2] for k in seen}), without_images=without,
                      unmapped=dict(sorted(unmapped.items())))
+
+
+IMAGES_FIELDS = ("lot_id", "wafer_id")
+
+
+def check_images(images: str) -> None:
+    """``--images``: a folder or prefix, optionally with ``{lot_id}`` / ``{wafer_id}`` (lots whose KLARFs name
+    their TIFFs alike, e.g. ``W01.tif``, kept apart). Raises :class:`ConfigError`."""
+    if not images.strip():
+        raise ConfigError("--images is empty: give the folder or prefix holding the review TIFFs")
+    _check_template(images, "--images", IMAGES_FIELDS, {"lot_id": "L", "wafer_id": "W"})
+
+
+def image_prefix(images: str, defect: KlarfDefect) -> str:
+    prefix = images.format(lot_id=defect.lot_id, wafer_id=defect.wafer_id) if "{" in images else images
+    if storage.is_absolute(prefix):
+        return prefix
+    return posixpath.abspath(os.path.expanduser(prefix))
+
+
+def _refuse_repeats(defect: KlarfDefect, source: str, seen: dict[tuple[str, str, int], str]) -> None:
+    """One defect id per wafer of a lot: a rescan or a second step's KLARF of the same lot would repeat ids, and
+    predictions, reports and `export klarf` could not tell those defects apart."""
+    problem = lot_id_problem(defect.lot_id)
+    if problem:
+        raise KlarfError(f"KLARF {storage.redact(source)}: lot id {show(defect.lot_id)} {problem}")
+    key = (defect.lot_id, defect.wafer_id, defect.defect_id)
+    if key in seen:
+        where = "twice in it" if seen[key] == source else f"and in {storage.redact(seen[key])}"
+        raise KlarfError(f"KLARF {storage.redact(source)}: lot {show(defect.lot_id)} wafer {show(defect.wafer_id)} "
+                         f"defect {defect.defect_id} is listed {where} (a rescan or another step?): make one manifest "
+                         "per inspection")
+    seen[key] = source
+
+
+def _refuse_folder(out: str, so: Mapping[str, Any]) -> None:
+    fs, path = storage.filesystem(out, so)
+    if fs.isdir(path):
+        raise ConfigError(f"--out {out!r} is a folder: name the manifest file to write (.csv or .parquet)")
 
 
 def _rows(defect: KlarfDefect, prefix: str, label: str, source: str, all_images: bool,
@@ -92,9 +136,9 @@ def _rows(defect: KlarfDefect, prefix: str, label: str, source: str, all_images:
         return [{**row, "uri": storage.join(prefix, image_name.format(**_fields(defect))), "page": ""}]
     out = []
     for number, _kind in defect.images if all_images else defect.images[:1]:
-        if number < 1:
+        if not 1 <= number <= MAX_PAGE + 1:
             raise KlarfError(f"KLARF {storage.redact(source)}: wafer {defect.wafer_id} defect {defect.defect_id} lists "
-                             f"image number {number} (image numbers count TIFF pages from 1)")
+                             f"image number {number} (image numbers count TIFF pages from 1, up to {MAX_PAGE + 1})")
         out.append({**row, "uri": storage.join(prefix, defect.tiff_file), "page": str(number - 1)})
     return out
 
@@ -102,25 +146,42 @@ def _rows(defect: KlarfDefect, prefix: str, label: str, source: str, all_images:
 IMAGE_NAME_FIELDS = ("lot_id", "wafer_id", "defect_id", "die_x", "die_y")
 
 
-def _fields(defect: KlarfDefect) -> dict[str, str]:
-    return {name: str(getattr(defect, name)) for name in IMAGE_NAME_FIELDS}
+def _fields(defect: KlarfDefect) -> dict[str, str | int]:
+    """The template fields: ids as text, die indices and the defect id as numbers (``{defect_id:05d}`` works)."""
+    return {"lot_id": defect.lot_id, "wafer_id": defect.wafer_id, "defect_id": defect.defect_id,
+            "die_x": defect.die_x, "die_y": defect.die_y}
 
 
 def check_image_name(template: str) -> None:
-    """``--image-name`` must be a relative path template using only :data:`IMAGE_NAME_FIELDS`. Raises
-    :class:`ConfigError`."""
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as exc:
-        raise ConfigError(f"--image-name {template!r}: {exc}") from None
-    unknown = sorted(names - set(IMAGE_NAME_FIELDS))
-    if unknown:
-        raise ConfigError(f"--image-name {template!r}: unknown field {{{unknown[0]}}} (use "
-                          f"{' '.join('{' + f + '}' for f in IMAGE_NAME_FIELDS)})")
+    """``--image-name`` must be a relative path template using only :data:`IMAGE_NAME_FIELDS`, with
+    ``{defect_id}``. Raises :class:`ConfigError`."""
+    names = _check_template(template, "--image-name", IMAGE_NAME_FIELDS,
+                            {"lot_id": "L", "wafer_id": "W", "defect_id": 1, "die_x": -1, "die_y": 2})
     if "defect_id" not in names:
         raise ConfigError(f"--image-name {template!r} must contain {{defect_id}} (one file per defect)")
     if template.startswith("/") or "://" in template or ".." in template.split("/"):
         raise ConfigError(f"--image-name {template!r} must be a path below --images")
+
+
+def _check_template(template: str, flag: str, fields: tuple[str, ...], sample: Mapping[str, str | int]) -> set[str]:
+    """The field names of a ``str.format`` template, checked: known fields, no conversions, a format that
+    formats ``sample``. Raises :class:`ConfigError`."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {template!r}: {exc}") from None
+    names = {f for _, f, _, _ in parsed if f is not None}
+    unknown = sorted(names - set(fields))
+    if unknown:
+        raise ConfigError(f"{flag} {template!r}: unknown field {{{unknown[0]}}} (use "
+                          f"{' '.join('{' + f + '}' for f in fields)})")
+    if any(conversion for _, _, _, conversion in parsed):
+        raise ConfigError(f"{flag} {template!r}: no !r / !s / !a conversions")
+    try:
+        template.format(**sample)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ConfigError(f"{flag} {template!r}: {exc}") from None
+    return names
 
 
 def encode(table: pa.Table, fmt: str) -> bytes:

@@ -41,6 +41,7 @@ MAX_CELL_CHARS = 16_384  # object keys are at most 1,024 bytes on S3; a longer c
 RESERVED_LOTS = frozenset({"zarr.json", "__HIVE_DEFAULT_PARTITION__"})
 DIGEST_CHUNK_ROWS = 65_536
 _LOT_BAD_CHAR = re.compile(r"[/\\%=*?\[\]\x00-\x1f\x7f-\x9f]")
+_DECIMAL = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 _PLAIN_INT = r"^-?[0-9]{1,18}(\.0*)?$"  # what float() reads as the same integer, within int64 (else: Python)
 _NOT_NORMPATH = r"(^|/)\.\.?(/|$)|//|/$"  # a relative path posixpath.normpath would change
 
@@ -237,6 +238,8 @@ def _parse_int(value: str, column: str, row: int) -> int | None:
     if value == "":
         return None
     try:
+        if not _DECIMAL.match(value):  # float() would also read 1_0, Arabic-Indic digits, inf
+            raise ValueError
         number = float(value)
         if not number.is_integer():
             raise ValueError

@@ -155,7 +155,7 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
     return fs, path
 
 
-READ_BLOCK_BYTES = 1 << 20  # read-ahead of read_with: a TIFF page's header walk is a few small ranged reads
+READ_BLOCK_BYTES = 1 << 16  # read-ahead of read_with: each TIFF header on the way to a page costs one such read
 RETRY_ATTEMPTS = 3
 """Tries of one :func:`read_bytes` / :func:`write_bytes` call, the first included. On S3 each try is itself up
 to 5 botocore attempts (its default "legacy" retry mode, up to 15 s of its own backoff), so this layer only
