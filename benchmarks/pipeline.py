@@ -4,22 +4,28 @@
     .venv/bin/python benchmarks/pipeline.py --backbones semclip-tiny --images 400
     .venv/bin/python benchmarks/pipeline.py --decode-only      # decode + preprocess ms per frame on one core
     .venv/bin/python benchmarks/pipeline.py --model-stub 1000  # the pipeline around a stand-in accelerator
+    .venv/bin/python benchmarks/pipeline.py --flops-only       # model FLOPs per frame against the matmul peak
 
 Same synthetic lot, backbone (random weights: speed does not depend on their values), batch size and torch
 threads for all three. "plain loop" = read + decode + preprocess + SEM-CLIP + mask/regions in one process,
 no Ray and no output writes; "model stage" = the Predictor actor's work on already-decoded batches;
-"pipeline" = `semclip-batch run` end to end (Ray Data, writes to Zarr + Parquet), from the first block to the
-last receipt: it includes starting the actor (importing torch, building the model: a few seconds).
+"pipeline" = `semclip-batch run` end to end (Ray Data, writes to Zarr + Parquet, finalisation), start-up
+included; "steady" = the same run over the middle 80 % of its receipts; "start-up" = run start to the first
+receipt (Ray, the actor importing torch and building the model). Each stage's busy, CPU and span seconds come
+from Ray Data's own stats (also in the run record, `stages`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +35,7 @@ from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.decisions import defect_regions
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.weights import load_backbone, preprocess_config
+from semclip_batch.model.towers import vision_tower
 from semclip_batch.pipeline.driver import run
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup
 from semclip_batch.pipeline.reader import decode_batch
@@ -52,7 +59,7 @@ def decoded_batches(manifest: Path, prep, batch_size: int) -> list[dict[str, np.
     return batches
 
 
-def bench_backbone(name: str, images: int, batch_size: int, threads: int, precision: str) -> dict[str, float | str]:
+def bench_backbone(name: str, images: int, batch_size: int, threads: int, precision: str) -> dict[str, Any]:
     torch.set_num_threads(threads)
     spec = ModelSpec(backbone=name, pretrained="none", precision=precision)
     prep = preprocess_config(name, tile_above=1024)
@@ -80,11 +87,14 @@ def bench_backbone(name: str, images: int, batch_size: int, threads: int, precis
         model_only = n / (time.perf_counter() - t0)
         del predictor
         cfg = RunConfig(input=str(manifest), out=str(Path(tmp) / "out"), model=spec, batch_size=batch_size)
-        record = run(cfg).record
-        pipeline = record["throughput_img_s"]
+        receipts = Receipts()
+        t0 = time.perf_counter()
+        record = run(cfg, progress=receipts).record
+        wall = time.perf_counter() - t0
     return {"backbone": name, "images": n, "batch_size": batch_size, "threads": threads, "precision": precision,
-            "pipeline_img_s": round(pipeline, 2), "model_stage_img_s": round(model_only, 2),
-            "plain_loop_img_s": round(plain, 2)}
+            "pipeline_img_s": round(n / wall, 2), "pipeline_steady_img_s": round(receipts.steady_rate(), 2),
+            "startup_s": round(receipts.times[0] - t0, 2), "model_stage_img_s": round(model_only, 2),
+            "plain_loop_img_s": round(plain, 2), "stages": record.get("stages", [])}
 
 
 # (name, height, width, format, bits, TIFF compression, TIFF tile side)
@@ -151,6 +161,70 @@ def print_decode(rows: list[dict[str, float | str]]) -> None:
     for r in rows:
         print(f"{r['frame']:<32} {int(r['bytes']) / 1e6:>6.2f} {r['views']:>5} {r['decode_ms']:>8} "
               f"{r['preprocess_ms']:>10} {r['total_ms']:>8}   (ms per frame)")
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` 4096 x 4096 ``torch.mm`` on the current threads."""
+    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * 4096 ** 3 / best
+
+
+def _timed(call: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def bench_flops(name: str, batch: int, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[dict[str, float | str]]:
+    """The model stage's forward pass (all taps, both paths, maps and class scores) on ``batch`` views: FLOPs per
+    view counted by ``torch.utils.flop_counter``, best of 3 times, and the rate against the matmul peak of the
+    same dtype on the same threads; open_clip's plain image tower alongside."""
+    backbone = load_backbone(name, "none")
+    text = text_embeddings(backbone, load_prompts())
+    prep = preprocess_config(name, tile_above=1024)
+    views = np.random.default_rng(0).normal(size=(batch, 3, prep.image_size, prep.image_size)).astype(np.float32)
+    rows: list[dict[str, float | str]] = []
+    for precision in precisions:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        peak = matmul_peak(dtype)
+        predictor = Predictor(PredictorSetup(spec=ModelSpec(backbone=name, pretrained="none", precision=precision),
+                                             prep=prep, text_embeddings=text, weights_sha256=backbone.sha256,
+                                             batch_size=batch, threads=torch.get_num_threads(), use_gpu=False))
+        tower = cast(torch.nn.Module, vision_tower(backbone.clip)).to(dtype)
+        x = torch.from_numpy(views).to(dtype)
+        rows.append(_forward_row(name, "SEM-CLIP model stage", precision, batch, peak,
+                                 functools.partial(predictor._forward, views, None, None)))
+        rows.append(_forward_row(name, "open_clip image tower", precision, batch, peak, functools.partial(tower, x)))
+        tower.float()
+    return rows
+
+
+def _forward_row(name: str, path: str, precision: str, batch: int, peak: float,
+                 call: Callable[[], object]) -> dict[str, float | str]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode():
+        call()
+        with FlopCounterMode(display=False) as counter:
+            call()
+        seconds = min(_timed(call) for _ in range(3))
+    flops = counter.get_total_flops()
+    return {"backbone": name, "path": path, "precision": precision, "batch": batch,
+            "gflop_per_view": round(flops / batch / 1e9, 2), "ms_per_batch": round(seconds * 1e3),
+            "gflop_s": round(flops / seconds / 1e9, 1), "peak_gflop_s": round(peak / 1e9, 1),
+            "of_peak": round(flops / seconds / peak, 2)}
+
+
+def print_flops(rows: list[dict[str, float | str]]) -> None:
+    header = (f"{'forward (batch ' + str(rows[0]['batch']) + ')':<24} {'prec':>5} {'GFLOP/view':>10} {'ms':>6} "
+              f"{'GFLOP/s':>8} {'mm peak':>8} {'of peak':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['path']:<24} {r['precision']:>5} {r['gflop_per_view']:>10} {r['ms_per_batch']:>6} {r['gflop_s']:>8} "
+              f"{r['peak_gflop_s']:>8} {r['of_peak']:>7}")
 
 
 STUB_CASES = ("1024x1024 16-bit TIFF", "480x480 8-bit PNG", "4096x4096 16-bit TIFF tiled 256")
@@ -244,7 +318,14 @@ def main() -> None:
     parser.add_argument("--stub-frames", type=int, default=400, help="1024x1024-equivalent frames per stub case")
     parser.add_argument("--gpu-rate", type=float, default=1050.0,
                         help="model views/s of one GPU on ViT-B-16-plus-240 (bf16), for the cores-per-GPU column")
+    parser.add_argument("--flops-only", action="store_true", help="only the model FLOPs against the matmul peak")
     args = parser.parse_args()
+    if args.flops_only:
+        flops = bench_flops("ViT-B-16-plus-240", 8)
+        print_flops(flops)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"flops": flops}, indent=2))
+        return
     if args.model_stub is not None:
         stub = bench_stub(args.model_stub, args.stub_frames, args.gpu_rate)
         print_stub(stub)
@@ -262,12 +343,17 @@ def main() -> None:
         images = args.images or (420 if name == "semclip-tiny" else 35)
         rows.append(bench_backbone(name, images, args.batch_size, args.threads, args.precision))
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU")
-    header = f"{'backbone':<20} {'images':>6} {'batch':>5} {'prec':>5} {'pipeline':>10} {'model stage':>12} {'plain loop':>11}"
+    header = (f"{'backbone':<20} {'images':>6} {'batch':>5} {'prec':>5} {'pipeline':>9} {'steady':>7} {'start-up':>8} "
+              f"{'model stage':>11} {'plain loop':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['backbone']:<20} {r['images']:>6} {r['batch_size']:>5} {r['precision']:>5} "
-              f"{r['pipeline_img_s']:>10} {r['model_stage_img_s']:>12} {r['plain_loop_img_s']:>11}   (img/s)")
+        print(f"{r['backbone']:<20} {r['images']:>6} {r['batch_size']:>5} {r['precision']:>5} {r['pipeline_img_s']:>9} "
+              f"{r['pipeline_steady_img_s']:>7} {r['startup_s']:>7}s {r['model_stage_img_s']:>11} "
+              f"{r['plain_loop_img_s']:>10}   (img/s)")
+        for stage in r["stages"]:
+            print(f"    {stage['stage']:<52} busy {stage['busy_s']:>7} s  cpu {stage['cpu_s']:>7} s  "
+                  f"span {stage['span_s']:>7} s  tasks {stage['tasks']:>4}")
     if args.json:
         Path(args.json).write_text(json.dumps({"decode": decode, "pipeline": rows}, indent=2))
 

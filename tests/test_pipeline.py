@@ -125,6 +125,15 @@ def test_parquet_schema_and_duckdb_hive(first_run):
     assert {lot for lot, _ in rows} == {"LOT-S11-00", "LOT-S11-01", "LOT-X"}
 
 
+def test_run_record_holds_ray_datas_stage_stats(first_run):
+    _, result = first_run
+    names = [s["stage"] for s in result.record["stages"]]
+    assert "decode_batch" in names[1] and "Predictor" in names[2] and "write_batch" in names[3]  # pipeline order
+    model, writer = result.record["stages"][2], result.record["stages"][3]
+    assert model["rows"] == writer["rows"] == result.record["rows"]["total"]  # error rows pass through too
+    assert model["cpu_s"] > 0 and model["busy_s"] > 0 and model["span_s"] > 0 and model["tasks"] >= 1
+
+
 def test_run_record(first_run):
     _out, result = first_run
     rec = json.loads(Path(result.record_url).read_text())

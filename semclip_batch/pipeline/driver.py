@@ -373,5 +373,35 @@ def _stream(work: _Work, todo: set[ShardKey],
     def shard_done() -> None:  # the first one sets the timing
         timings.setdefault("first_shard_done", round(time.perf_counter() - launched, 3))
 
-    return collect_receipts(ds, work.layout, work.so, expected, progress=progress, retries=TASK_RETRIES,
-                            on_shard_done=shard_done)
+    received = collect_receipts(ds, work.layout, work.so, expected, progress=progress, retries=TASK_RETRIES,
+                                on_shard_done=shard_done)
+    work.record["stages"] = stage_stats(ds)
+    return received
+
+
+def stage_stats(ds: ray.data.Dataset) -> list[dict[str, Any]]:
+    """Per Ray Data operator (fused stages as Ray names them), from its own stats once the run is done: the time
+    its tasks ran (``busy_s``, summed over tasks), their CPU time, the span from its first start to its last
+    end (where a stage was busy less than its span times its parallelism, it waited) and its input rows, in
+    pipeline order. [] when Ray keeps none."""
+    try:
+        summary = ds.get_stats_summary()
+    except Exception:  # stats are a report, never a reason to fail a finished run
+        log.debug("no Ray Data stats", exc_info=True)
+        return []
+    out, pending = [], [summary]
+    while pending:
+        node = pending.pop()
+        pending.extend(node.parents)
+        for op in node.operators_stats:
+            if op.is_sub_operator:
+                continue
+            span = (op.latest_end_time - op.earliest_start_time
+                    if op.latest_end_time is not None and op.earliest_start_time is not None else None)
+            out.append({"stage": op.operator_name,
+                        "tasks": op.wall_time.count if op.wall_time else 0,
+                        "busy_s": round(op.wall_time.sum, 3) if op.wall_time else None,
+                        "cpu_s": round(op.cpu_time.sum, 3) if op.cpu_time else None,
+                        "span_s": round(span, 3) if span is not None else None,
+                        "rows": op.total_input_num_rows})
+    return out[::-1]  # from the plan read to the writer
