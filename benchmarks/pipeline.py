@@ -55,7 +55,8 @@ def decoded_batches(manifest: Path, prep, batch_size: int) -> list[dict[str, np.
     cols["shard"] = np.full(len(df), "s00000", dtype=object)
     batches = []
     for start in range(0, len(df), batch_size):
-        batches.append(decode_batch({k: v[start:start + batch_size] for k, v in cols.items()}, prep=prep))
+        table = decode_batch({k: v[start:start + batch_size] for k, v in cols.items()}, prep=prep)
+        batches.append({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names})
     return batches
 
 

@@ -325,6 +325,44 @@ def status(out: str, fmt: str, stale_after: float, storage_option: tuple[str, ..
     click.echo(render(st, fmt), nl=False)
 
 
+@main.command()
+@click.argument("out")
+@click.option("--n", "n", default=50, show_default=True, type=int, help="Frames to suggest.")
+@click.option("--out", "dest", required=True,
+              help="Manifest to write: .csv or .parquet, local path or fsspec URL (label column left empty).")
+@click.option("--exclude", multiple=True, metavar="MANIFEST",
+              help="Manifest of frames labelled already (repeatable); the run's own labelled rows and its checkpoint's "
+                   "support rows are skipped anyway.")
+@click.option("--shortlist", default=1, show_default=True, type=int,
+              help="1: the N most informative frames, near-duplicates skipped (chosen on the validation family); "
+                   "K > 1: a diverse N (informativeness x embedding distance) among the K x N most informative.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Breaks ties; same OUT and seed, same manifest.")
+@click.option("--overwrite", is_flag=True, help="Replace the manifest at --out if it exists.")
+@storage_option_flag
+@user_errors
+def suggest(out: str, n: int, dest: str, exclude: tuple[str, ...], shortlist: int, seed: int, overwrite: bool,
+            storage_option: tuple[str, ...]) -> None:
+    """Suggest the N frames of a finished run in OUT whose labels would teach the model most: uncertain class
+    scores, scores and map peaks near the run's thresholds; no two alike in the backbone's image embedding. Writes
+    a manifest (uri, lot_id, wafer_id, image_id, die_x, die_y, reference_uri, label, mask_uri, suggest_rank,
+    suggest_reason): fill `label` (and optionally `mask_uri`), then give it to `train`. Error rows and frames
+    labelled already (in the run's manifest, its checkpoint's support set, or --exclude) are never suggested.
+
+    \b
+    Example:
+      semclip-batch suggest out/ --n 50 --out to-label.csv
+      semclip-batch train to-label.csv --out ckpt2/ --backbone semclip-tiny --pretrained sem-tiny.safetensors
+    """
+    from semclip_batch.analysis.suggest import SuggestConfig
+    from semclip_batch.analysis.suggest import suggest as suggest_frames
+
+    result = suggest_frames(SuggestConfig(out=out, dest=dest, n=n, seed=seed, overwrite=overwrite, shortlist=shortlist,
+                                          exclude=exclude, storage_options=parse_storage_options(storage_option)))
+    skipped = f", {result.excluded} labelled already skipped" if result.excluded else ""
+    click.echo(f"wrote {dest}: {len(result.rows)} of {result.candidates} unlabelled ok frames{skipped}; "
+               f"frames compared by {result.diversity}")
+
+
 @main.command(name="eval")
 @click.argument("out")
 @click.option("--truth", required=True, help="Manifest with label and/or mask_uri (the one that was run, or a subset).")

@@ -1,0 +1,475 @@
+"""``suggest``: the frames of a finished run whose labels would teach the model most, as a manifest to label.
+
+The rule (README "Label suggestions"), over the run's ok rows that nobody has labelled yet:
+
+1. *Informativeness* ``u`` per row, the weighted mean of three terms, each turned into its rank in [0, 1] among
+   the candidates (rank, not raw value: the three live on different scales, and thresholds calibrated by
+   ``train`` sit anywhere in [0, 1]):
+   - class uncertainty: ``1 - (p1 - p2)``, the margin between the two highest class scores;
+   - image threshold: how close ``anomaly_score`` is to the run's image threshold;
+   - pixel threshold: how close the map's peak ``max A`` is to the run's pixel threshold (``max A`` follows
+     exactly from ``anomaly_score`` and ``p(normal)``: :func:`map_peak`).
+2. *Pick* (``shortlist`` 1, the default, chosen on the validation family): the ``n`` highest ``u``, walking down
+   the ranking and skipping a frame within cosine distance :data:`DUPLICATE` of one taken, in the run's own
+   backbone image embedding (only the frames walked over are read and embedded). ``shortlist`` K > 1: among the
+   K x n highest ``u``, the most informative first, then greedily the row maximising ``u x d``, ``d`` = cosine
+   distance to the nearest pick. Where the backbone cannot be loaded from the run record, the square roots of
+   the class scores stand in (logged; no near-duplicate test then).
+
+Ties are broken by a permutation drawn from ``seed``: the result is a pure function of OUT and the seed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from semclip_batch.analysis.results import read_predictions
+from semclip_batch.config import PreprocessConfig
+from semclip_batch.errors import OK, ConfigError, ImageError, OutputError, SemclipError, one_line
+from semclip_batch.io import storage
+from semclip_batch.io.layout import OutLayout
+from semclip_batch.io.manifest import read_manifest_table
+from semclip_batch.io.plan import read_plan_columns
+
+log = logging.getLogger(__name__)
+SUFFIXES = (".csv", ".parquet", ".pq")
+EMBED_BATCH = 16
+# Cosine distance under which two frames count as one: the same frame stored twice, re-encoded or listed under
+# several defect_ids. Of the benchmark pools' 2 x 210 synthetic frames (tiny backbone), one pair was closer (0.0005).
+DUPLICATE = 1e-3
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Shares of the three informativeness terms (normalised to sum 1 where used)."""
+
+    classes: float = 1.0
+    image: float = 1.0
+    pixel: float = 1.0
+
+    def __post_init__(self) -> None:
+        values = (self.classes, self.image, self.pixel)
+        if min(values) < 0 or sum(values) <= 0:
+            raise ConfigError(f"suggestion weights must be >= 0 and not all 0, got {values}")
+
+
+@dataclass(frozen=True)
+class SuggestConfig:
+    out: str
+    dest: str
+    n: int
+    seed: int = 0
+    overwrite: bool = False
+    weights: Weights = field(default_factory=Weights)
+    shortlist: int = 1  # 1: the n most informative, near-duplicates skipped; K > 1: diverse pick among K x n
+    exclude: tuple[str, ...] = ()  # manifests of frames labelled already
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"--n must be >= 1, got {self.n}")
+        if self.shortlist < 1:
+            raise ConfigError(f"--shortlist must be >= 1, got {self.shortlist}")
+        if not self.dest.lower().split("?", 1)[0].endswith(SUFFIXES):
+            raise ConfigError(f"--out {storage.redact(self.dest)}: give a .csv or .parquet file name")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per candidate row: class probabilities ``(N, C)`` in the run's ``classes`` order, ``anomaly_score`` and
+    map peak ``(N,)``; the run's thresholds."""
+
+    probs: np.ndarray
+    score: np.ndarray
+    peak: np.ndarray
+    image_threshold: float
+    pixel_threshold: float
+
+
+class Embeddings(Protocol):
+    """Unit embeddings ``(M, E)`` of the candidates ``idx``; rows closer than ``duplicate`` (cosine distance) are
+    near-duplicates."""
+
+    @property
+    def duplicate(self) -> float: ...
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class FixedEmbeddings:
+    """Embeddings computed beforehand ``(N, E)`` (the benchmark's)."""
+
+    emb: np.ndarray
+    duplicate: float = DUPLICATE
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        return self.emb[idx]
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    rows: pd.DataFrame  # the manifest written, in rank order
+    candidates: int
+    excluded: int
+    diversity: str  # what the distances were measured in
+
+
+# ---- the rule (pure functions of arrays) ----------------------------------------------------------------------------
+
+def rank01(values: np.ndarray) -> np.ndarray:
+    """Average ranks scaled to [0, 1] (largest -> 1; all equal -> 1). ``(N,)`` -> ``(N,)``."""
+    n = len(values)
+    if n <= 1:
+        return np.ones(n)
+    ranks = pd.Series(values).rank(method="average").to_numpy()
+    span = ranks.max() - ranks.min()
+    return (ranks - ranks.min()) / span if span > 0 else np.ones(n)
+
+
+def class_uncertainty(probs: np.ndarray) -> np.ndarray:
+    """``1 - (p1 - p2)``: 1 when the two best classes tie, 0 when one class takes all. ``(N, C)`` -> ``(N,)``."""
+    if probs.shape[1] < 2:
+        return np.zeros(len(probs))
+    top = np.sort(probs, axis=1)[:, ::-1]
+    return 1.0 - (top[:, 0] - top[:, 1])
+
+
+def map_peak(score: np.ndarray, p_normal: np.ndarray, score_mode: str) -> np.ndarray:
+    """``max A`` of each frame's map from its ``anomaly_score`` (``mean``: ½ (1 − p(normal)) + ½ max A)."""
+    if score_mode == "max":
+        return score.astype(float)
+    return np.clip(2.0 * score - (1.0 - p_normal), 0.0, 1.0)
+
+
+def terms(s: Scores) -> dict[str, np.ndarray]:
+    """The three informativeness terms as ranks in [0, 1] (1 = most informative)."""
+    return {"classes": rank01(class_uncertainty(s.probs)),
+            "image": rank01(-np.abs(s.score - s.image_threshold)),
+            "pixel": rank01(-np.abs(s.peak - s.pixel_threshold))}
+
+
+def informativeness(s: Scores, w: Weights) -> np.ndarray:
+    """The weighted mean of :func:`terms`, in [0, 1]. ``(N,)``."""
+    t = terms(s)
+    total = w.classes + w.image + w.pixel
+    return (w.classes * t["classes"] + w.image * t["image"] + w.pixel * t["pixel"]) / total
+
+
+def diverse_pick(u: np.ndarray, emb: np.ndarray, n: int, duplicate: float = DUPLICATE) -> list[int]:
+    """Greedy pick of up to ``n`` rows (``u`` ``(M,)``, unit embeddings ``(M, E)``, rows in tie-break order): first
+    the largest ``u``, then the largest ``u x d``, ``d`` = cosine distance to the nearest row picked.
+
+    Rows closer than ``duplicate`` to a pick, or whose embedding is not finite (frames unreadable now), are never
+    picked (so fewer than ``n`` may come back).
+    """
+    blocked = ~np.isfinite(emb).all(axis=1) if len(emb) else np.zeros(0, dtype=bool)
+    emb = np.where(blocked[:, None], 0.0, emb)
+    weight = np.maximum(u, 1e-6)  # a shortlisted row with the lowest rank can still be picked for its distance
+    nearest = np.full(len(u), 2.0)  # cosine distance to the nearest pick; 2 = none yet (the first pick is max u)
+    picked: list[int] = []
+    while len(picked) < n and not blocked.all():
+        nxt = int(np.argmax(np.where(blocked, -1.0, weight * nearest)))
+        picked.append(nxt)
+        nearest = np.minimum(nearest, np.clip(1.0 - emb @ emb[nxt], 0.0, 2.0))
+        blocked |= nearest < duplicate
+        blocked[nxt] = True
+    return picked
+
+
+def top_distinct(order: np.ndarray, emb_of: Embeddings, n: int) -> list[int]:
+    """The first ``n`` rows of ``order`` (most informative first) that are no near-duplicate of a row taken before
+    them; embedded ``n`` at a time, so usually only ``n`` frames are."""
+    picked: list[int] = []
+    kept = np.zeros((0, 1))
+    for start in range(0, len(order), max(n, 1)):
+        chunk = order[start:start + max(n, 1)]
+        emb = np.asarray(emb_of(chunk), dtype=np.float64)
+        for i, e in zip(chunk, emb, strict=True):
+            if not np.isfinite(e).all() or (len(kept) and float((1.0 - kept @ e).min()) < emb_of.duplicate):
+                continue
+            picked.append(int(i))
+            kept = e[None] if not len(kept) else np.vstack([kept, e])
+            if len(picked) == n:
+                return picked
+    return picked
+
+
+def select(s: Scores, emb_of: Embeddings, n: int, w: Weights, shortlist_factor: int,
+           seed: int) -> tuple[list[int], np.ndarray]:
+    """The rule end to end: indexes into the candidates, in rank order, and ``u``.
+
+    ``shortlist_factor`` 1: the ``n`` most informative rows, near-duplicates skipped; K > 1: a diverse pick
+    (:func:`diverse_pick`) among the ``K x n`` most informative. ``emb_of(indexes)`` returns unit embeddings
+    ``(M, E)`` of those candidates (only these are embedded).
+    """
+    u = informativeness(s, w)
+    order = np.lexsort((np.random.default_rng(seed).permutation(len(u)), -u))
+    if shortlist_factor <= 1:
+        return top_distinct(order, emb_of, n), u
+    short = order[:shortlist_factor * n]
+    emb = np.asarray(emb_of(short), dtype=np.float64)
+    return [int(short[i]) for i in diverse_pick(u[short], emb, n, emb_of.duplicate)], u
+
+
+def reason(s: Scores, t: Mapping[str, np.ndarray], i: int, classes: Sequence[str]) -> str:
+    """Why row ``i`` was suggested, in a few words (the terms where it ranks in the top quarter)."""
+    parts = []
+    if t["classes"][i] >= 0.75 and s.probs.shape[1] >= 2:
+        a, b = np.argsort(-s.probs[i])[:2]
+        parts.append(f"{classes[a]} {s.probs[i, a]:.2f} vs {classes[b]} {s.probs[i, b]:.2f}")
+    if t["image"][i] >= 0.75:
+        parts.append(f"score {s.score[i]:.3f} near threshold {s.image_threshold:.3f}")
+    if t["pixel"][i] >= 0.75:
+        parts.append(f"map peak {s.peak[i]:.3f} near pixel threshold {s.pixel_threshold:.3f}")
+    return "; ".join(parts) or "informative on all terms together"
+
+
+# ---- reading OUT ------------------------------------------------------------------------------------------------------
+
+def finished_record(layout: OutLayout, so: Mapping[str, Any]) -> dict[str, Any]:
+    """The latest attempt record of the run whose outputs OUT holds, which must be ``complete``."""
+    try:
+        info = json.loads(storage.read_bytes(layout.run_info, so))
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        info = None
+    run_id = info.get("run_id") if isinstance(info, dict) else None
+    if not run_id:
+        raise OutputError(f"{layout.root} is not a finished run (no _state/run.json); run `semclip-batch run ... "
+                          f"--out {layout.root}` first")
+    records = []
+    for name in storage.list_names(storage.join(layout.runs, run_id), so):
+        try:
+            body = json.loads(storage.read_bytes(storage.join(layout.runs, run_id, name), so))
+        except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(body, dict):
+            records.append(body)
+    latest = max(records, key=lambda r: (str(r.get("started_at") or ""), int(r.get("attempt") or 0)), default=None)
+    if latest is None or latest.get("status") != "complete":
+        state = "no record" if latest is None else f"attempt {latest.get('attempt')} is {latest.get('status')!r}"
+        raise OutputError(f"run {run_id} in {layout.root} has not finished ({state}); rerun `semclip-batch run` "
+                          "into it, then suggest")
+    return latest
+
+
+PLAN_COLUMNS = ["url", "reference_url", "lot_id", "wafer_id", "die_x", "die_y", "page", "defect_id"]
+
+
+def read_plan(layout: OutLayout, so: Mapping[str, Any]) -> pa.Table:
+    """The stored plan's ``image_id`` and :data:`PLAN_COLUMNS` (``page`` / ``defect_id`` null in older plans)."""
+    plan = read_plan_columns(layout, PLAN_COLUMNS, so)
+    if plan.num_rows == 0:
+        raise OutputError(f"{layout.root} has no stored plan (_state/plan/); rerun `semclip-batch run` into it")
+    return plan
+
+
+def candidates(out: str, record: Mapping[str, Any], so: Mapping[str, Any]) -> pd.DataFrame:
+    """This run's ok prediction rows joined with their plan rows (one row per frame, sorted by image_id)."""
+    layout = OutLayout(storage.normalize_root(out))
+    preds = read_predictions(out, so)
+    keep = pc.and_(pc.equal(preds.column("status"), OK), pc.equal(preds.column("run_id"), record["run_id"]))
+    preds = preds.filter(keep).select(["image_id", "anomaly_score", "class_scores"])
+    plan = read_plan(layout, so)
+    joined = preds.to_pandas().merge(plan.to_pandas(), on="image_id", how="inner", validate="one_to_one")
+    return joined.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+
+def labelled_keys(record: Mapping[str, Any], exclude: Sequence[str], so: Mapping[str, Any]) -> set[str]:
+    """image_ids and URLs of frames labelled already: rows of the run's input manifest with a label or mask, every
+    row of the support manifest its checkpoint was trained on, and every row of ``exclude``."""
+    keys: set[str] = set()
+    config = record.get("config") or {}
+    sources = [(str(config["input"]), config.get("pattern"), True)] if config.get("input") else []
+    support = _support_manifest((config.get("model") or {}).get("checkpoint"), so)
+    sources += [(support, None, False)] if support else []
+    for source, pattern, only_labelled in sources:
+        try:
+            keys |= _manifest_keys(source, pattern, only_labelled, so)
+        except (SemclipError, OSError) as exc:
+            log.warning("cannot read %s to skip frames labelled there: %s", storage.redact(source), one_line(exc))
+    for source in exclude:
+        keys |= _manifest_keys(source, None, False, so)  # named by the user: an unreadable one is refused
+    return keys
+
+
+def _manifest_keys(source: str, pattern: str | None, only_labelled: bool, so: Mapping[str, Any]) -> set[str]:
+    table = read_manifest_table(source, pattern=pattern, storage_options=so)
+    if only_labelled:
+        has = pc.or_(pc.not_equal(table.column("label"), ""), pc.not_equal(table.column("mask_uri"), ""))
+        table = table.filter(has)
+    return set(table.column("image_id").to_pylist()) | set(table.column("url").to_pylist())
+
+
+def _support_manifest(checkpoint: str | None, so: Mapping[str, Any]) -> str | None:
+    if not checkpoint:
+        return None
+    try:
+        body = json.loads(storage.read_bytes(storage.join(checkpoint, "checkpoint.json"), so))
+        support = body["training"]["config"]["support"]
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("cannot read the support manifest of checkpoint %s: %s", storage.redact(checkpoint), one_line(exc))
+        return None
+    return str(support) if support else None
+
+
+def scores_of(rows: pd.DataFrame, record: Mapping[str, Any]) -> Scores:
+    probs = np.stack([np.asarray(v, dtype=np.float64) for v in rows["class_scores"]])
+    score = rows["anomaly_score"].to_numpy(dtype=np.float64)
+    mode = str((record.get("config") or {}).get("model", {}).get("score_mode") or "mean")
+    thresholds = record.get("thresholds") or {}
+    return Scores(probs, score, map_peak(score, probs[:, 0], mode), float(thresholds.get("image", 0.5)),
+                  float(thresholds.get("pixel", 0.5)))
+
+
+# ---- embeddings -------------------------------------------------------------------------------------------------------
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def image_embeddings(clip: torch.nn.Module, views: torch.Tensor) -> np.ndarray:
+    """The backbone's unit image embeddings of whole-frame views ``(N, 3, S, S)`` -> ``(N, E)``."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(views), EMBED_BATCH):
+            out.append(clip.encode_image(views[start:start + EMBED_BATCH]).float().numpy())  # type: ignore[operator]
+    return unit(np.concatenate(out)) if out else np.zeros((0, 1))
+
+
+class Embedder:
+    """Embeds candidate frames with the run's backbone (loaded once, on first use); remembers what it measured in.
+    Where the backbone cannot be loaded, the square roots of the class scores stand in, and nothing counts as a
+    near-duplicate (distinct frames often score alike)."""
+
+    def __init__(self, rows: pd.DataFrame, record: Mapping[str, Any], scores: Scores, so: Mapping[str, Any]) -> None:
+        self.rows, self.record, self.scores, self.so = rows, record, scores, so
+        self.kind = ""
+        self.duplicate = DUPLICATE
+        self.unreadable: list[int] = []
+        self._backbone: Any = None
+
+    def _load(self) -> Any:
+        from semclip_batch.methods.weights import load_backbone
+
+        if self._backbone is None and not self.kind:
+            model = dict((self.record.get("config") or {}).get("model") or {})
+            try:
+                self._backbone = load_backbone(str(model["backbone"]), str(model["pretrained"]),
+                                               seed=int(model.get("seed") or 0), storage_options=self.so)
+                self.kind = f"image embeddings of backbone {self._backbone.name}"
+            except (SemclipError, OSError, KeyError, ValueError, RuntimeError) as exc:
+                self.kind = f"class scores (the run's backbone could not be loaded: {one_line(exc)})"
+                self.duplicate = 0.0
+                log.warning("frames compared by %s", self.kind)
+        return self._backbone
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        from semclip_batch.io.frames import load_frame
+        from semclip_batch.io.preprocess import grey_views, normalize
+
+        backbone = self._load()
+        if backbone is None:
+            return unit(np.sqrt(np.clip(self.scores.probs[idx], 0.0, None)))
+        prep = preprocess_of(self.record, backbone.name)
+        views, gone = [], []
+        for k, i in enumerate(idx):
+            row = self.rows.iloc[int(i)]
+            page = int(row["page"]) if "page" in row and pd.notna(row["page"]) else None
+            try:
+                gray = load_frame(str(row["url"]), self.so, page)
+            except ImageError as exc:  # readable at run time, gone since: nobody can label it now
+                log.warning("skipping %s: %s", row["image_id"], one_line(exc))
+                self.unreadable.append(int(i))
+                gone.append(k)
+                gray = np.zeros((16, 16), np.float32)
+            views.append(normalize(grey_views(gray, prep, []), prep))
+        emb = image_embeddings(backbone.clip, torch.cat(views))
+        emb[gone] = np.nan
+        return emb
+
+
+def preprocess_of(record: Mapping[str, Any], backbone: str) -> PreprocessConfig:
+    from semclip_batch.methods.weights import preprocess_config
+
+    rec = dict(record.get("preprocessing") or {})
+    try:
+        return PreprocessConfig(image_size=int(rec["image_size"]), mean=tuple(rec["mean"]), std=tuple(rec["std"]),
+                                percentile_low=float(rec.get("percentile_low", 0.5)),
+                                percentile_high=float(rec.get("percentile_high", 99.5)))
+    except (KeyError, TypeError, ValueError, ConfigError):
+        return preprocess_config(backbone, tile_above=10**9)
+
+
+# ---- orchestration ----------------------------------------------------------------------------------------------------
+
+def suggest(cfg: SuggestConfig) -> Suggestion:
+    """Choose ``cfg.n`` frames of the finished run in ``cfg.out`` and write them to ``cfg.dest`` as a manifest."""
+    so = storage.check_storage_options(cfg.storage_options)
+    if storage.exists(cfg.dest, so) and not cfg.overwrite:
+        raise OutputError(f"{storage.redact(cfg.dest)} exists; pass --overwrite to replace it")
+    layout = OutLayout(storage.normalize_root(cfg.out))
+    record = finished_record(layout, so)
+    rows = candidates(cfg.out, record, so)
+    labelled = labelled_keys(record, cfg.exclude, so)
+    fresh = ~(rows["image_id"].isin(labelled) | rows["url"].isin(labelled))
+    excluded = int((~fresh).sum())
+    rows = rows[fresh].reset_index(drop=True)
+    if rows.empty:
+        raise OutputError(f"{layout.root} has no unlabelled ok frames to suggest ({excluded} labelled already: in the "
+                          "run's manifest, its checkpoint's support manifest or --exclude)")
+    s = scores_of(rows, record)
+    embedder = Embedder(rows, record, s, so)
+    picked, _ = select(s, embedder, cfg.n, cfg.weights, cfg.shortlist, cfg.seed)
+    out = manifest_rows(rows, s, picked, [str(c) for c in record.get("classes") or []])
+    write_manifest(out, cfg.dest, so)
+    return Suggestion(out, len(rows), excluded, embedder.kind)
+
+
+def manifest_rows(rows: pd.DataFrame, s: Scores, picked: Sequence[int], classes: Sequence[str]) -> pd.DataFrame:
+    """The picked rows as manifest rows for ``train`` (``label`` and ``mask_uri`` empty), in rank order."""
+    t = terms(s)
+    names = list(classes) if len(classes) == s.probs.shape[1] else [f"class {k}" for k in range(s.probs.shape[1])]
+    sel = rows.iloc[list(picked)]
+    out = pd.DataFrame({
+        "uri": sel["url"].to_numpy(), "lot_id": sel["lot_id"].to_numpy(), "wafer_id": sel["wafer_id"].to_numpy(),
+        "image_id": sel["image_id"].to_numpy(), "die_x": sel["die_x"].astype("Int64").to_numpy(),
+        "die_y": sel["die_y"].astype("Int64").to_numpy(), "reference_uri": sel["reference_url"].fillna("").to_numpy(),
+    })
+    if sel["defect_id"].fillna("").astype(bool).any():  # ids from the manifest (KLARF's DEFECTID)
+        out["defect_id"] = sel["defect_id"].fillna("").to_numpy()
+    if sel["page"].notna().any():  # one of these frames sets a TIFF page
+        out["page"] = sel["page"].astype("Int64").to_numpy()
+    out["label"] = ""  # for the labeller to fill, and mask_uri where they draw a mask
+    out["mask_uri"] = ""
+    out["suggest_rank"] = np.arange(1, len(out) + 1)
+    out["suggest_reason"] = [reason(s, t, int(i), names) for i in picked]
+    return out
+
+
+def write_manifest(rows: pd.DataFrame, dest: str, so: Mapping[str, Any]) -> None:
+    """CSV or Parquet by ``dest``'s extension, one whole-object write through storage."""
+    if posixpath.splitext(dest.lower().split("?", 1)[0])[1] == ".csv":
+        data = rows.to_csv(index=False).encode()
+    else:
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), buf)
+        data = buf.getvalue()
+    try:
+        storage.write_bytes(dest, data, so)
+    except OSError as exc:
+        raise OutputError(f"cannot write {storage.redact(dest)}: {one_line(exc)}") from None
+

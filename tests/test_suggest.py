@@ -1,0 +1,264 @@
+"""``suggest``: the rule on hand-made scores, and the command on an OUT written by the real pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from semclip_batch.analysis.results import read_predictions
+from semclip_batch.analysis.suggest import (
+    FixedEmbeddings,
+    Scores,
+    SuggestConfig,
+    Weights,
+    class_uncertainty,
+    diverse_pick,
+    informativeness,
+    manifest_rows,
+    map_peak,
+    select,
+    suggest,
+    write_manifest,
+)
+from semclip_batch.cli import main
+from semclip_batch.config import ModelSpec, RunConfig
+from semclip_batch.io.manifest import read_manifest
+from semclip_batch.methods.decisions import anomaly_score
+from semclip_batch.pipeline.driver import run
+
+LABELLED = 2  # rows of the run's manifest that keep their label: never suggested
+
+
+def scores(probs: list[list[float]], score: list[float], peak: list[float]) -> Scores:
+    return Scores(np.array(probs), np.array(score), np.array(peak), 0.9, 0.9)
+
+
+# ---- the rule ---------------------------------------------------------------------------------------------------------
+
+def test_class_uncertainty_is_one_minus_the_top_two_margin():
+    u = class_uncertainty(np.array([[0.5, 0.5, 0.0], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5], [1.0, 0.0, 0.0]]))
+    np.testing.assert_allclose(u, [1.0, 0.15, 0.8, 0.0])
+
+
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_map_peak_inverts_anomaly_score(mode):
+    for p_normal, peak in [(0.1, 0.93), (0.8, 0.2), (0.0, 1.0), (1.0, 0.0)]:
+        s = anomaly_score(p_normal, peak, mode)
+        assert map_peak(np.array([s]), np.array([p_normal]), mode)[0] == pytest.approx(peak)
+
+
+def test_uncertain_rows_rank_above_confident_ones():
+    confident = [0.97, 0.01, 0.01, 0.01]
+    torn = [0.40, 0.38, 0.12, 0.10]
+    s = scores([confident, torn, confident, torn], score=[0.2, 0.88, 0.99, 0.91], peak=[0.1, 0.91, 0.5, 0.89])
+    u = informativeness(s, Weights())
+    assert min(u[1], u[3]) > max(u[0], u[2])
+    for shortlist in (1, 4):
+        picked, _ = select(s, FixedEmbeddings(np.eye(4)), 2, Weights(), shortlist, seed=0)
+        assert sorted(picked) == [1, 3]
+    # each term alone orders the rows by its own quantity
+    assert np.argmax(informativeness(s, Weights(0, 1, 0))) == 3  # score 0.91 is nearest the threshold 0.9
+    assert np.argmax(informativeness(s, Weights(0, 0, 1))) in (1, 3)  # peaks 0.91 and 0.89, both 0.01 away
+
+
+def test_near_duplicates_are_never_both_chosen():
+    emb = np.eye(5)
+    emb[1] = emb[0]  # frame 1 is frame 0 again (the most informative pair)
+    u = np.array([1.0, 0.99, 0.5, 0.4, 0.3])
+    assert diverse_pick(u, emb, 3) == [0, 2, 3]
+    assert diverse_pick(u, emb, 5) == [0, 2, 3, 4]  # fewer than asked rather than a frame twice
+    emb[2] = np.nan  # a frame that cannot be read any more is never picked
+    assert 2 not in diverse_pick(u, emb, 5)
+
+
+def test_default_takes_the_most_informative_and_skips_their_twins():
+    probs = [[0.40, 0.38, 0.22], [0.40, 0.38, 0.22], [0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.98, 0.01, 0.01]]
+    s = scores(probs, score=[0.5] * 5, peak=[0.5] * 5)
+    emb = np.eye(5)
+    emb[1] = emb[0]
+    seen: list[list[int]] = []
+
+    def embed(idx):
+        seen.append(list(idx))
+        return emb[idx]
+
+    embed.duplicate = 1e-3  # type: ignore[attr-defined]
+    picked, _ = select(s, embed, 3, Weights(1, 0, 0), 1, seed=0)
+    assert picked[0] in (0, 1) and picked[1:] == [2, 3]  # one of the twins, then the next most uncertain
+    assert seen[0] == sorted(seen[0], key=lambda i: -class_uncertainty(np.array(probs))[i])  # most informative first
+    assert select(s, FixedEmbeddings(emb), 3, Weights(1, 0, 0), 1, seed=0)[0] == picked
+
+
+def test_page_and_defect_id_are_carried_when_the_plan_sets_them(tmp_path):
+    rows = pd.DataFrame({"image_id": ["a", "b"], "url": ["/x/a.tif", "/x/b.tif"], "reference_url": ["", "/x/r.tif"],
+                         "lot_id": ["001", "001"], "wafer_id": ["W1", "W1"], "die_x": [3, None], "die_y": [4, None],
+                         "page": [None, 2], "defect_id": ["", "17"]})
+    s = scores([[0.5, 0.5], [0.9, 0.1]], score=[0.5, 0.9], peak=[0.3, 0.9])
+    write_manifest(manifest_rows(rows, s, [1, 0], ["normal", "particle"]), str(tmp_path / "m.csv"), {})
+    back = read_manifest(str(tmp_path / "m.csv"))
+    assert list(back["image_id"]) == ["b", "a"] and list(back["page"]) == [2, None]
+    assert list(back["lot_id"]) == ["001", "001"] and list(back["die_x"]) == [None, 3]
+    assert list(back["reference_uri"]) == ["/x/r.tif", ""] and list(back["defect_id"]) == ["17", ""]
+    no_pages = manifest_rows(rows.assign(page=None, defect_id=None), s, [0], ["normal", "particle"])
+    assert "page" not in no_pages.columns and "defect_id" not in no_pages.columns
+
+
+def test_weights_must_be_usable():
+    with pytest.raises(Exception, match="weights"):
+        Weights(0, 0, 0)
+
+
+# ---- the command on a real OUT -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(ray_cluster, synth_lot, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    """A run of the synthetic lots (labels dropped but on LABELLED rows), three frames listed twice (same file,
+    other defect_id: near-duplicates) and a missing file (a read_error row)."""
+    root = tmp_path_factory.mktemp("suggest")
+    m = pd.read_csv(synth_lot / "manifest.csv", dtype=str, keep_default_na=False)
+    for col in ("uri", "mask_uri", "reference_uri"):
+        m[col] = [str(synth_lot / u) for u in m[col]]
+    m.loc[LABELLED:, ["label", "mask_uri"]] = ""
+    twins = m.iloc[LABELLED:LABELLED + 3].assign(defect_id="again")
+    missing = pd.DataFrame([{"uri": str(root / "gone.png"), "lot_id": m["lot_id"][0], "wafer_id": "W9"}])
+    manifest = pd.concat([m, twins, missing], ignore_index=True).fillna("")
+    manifest.to_csv(root / "manifest.csv", index=False)
+    out = root / "out"
+    run(RunConfig(input=str(root / "manifest.csv"), out=str(out), shard_size=8, batch_size=8,
+                  model=ModelSpec(backbone="semclip-tiny", pretrained="none", seed=0)))
+    return out, read_predictions(str(out)).to_pandas()
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line_error(result, fragment: str) -> None:
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_suggested_manifest_is_ready_for_train(finished, tmp_path):
+    out, preds = finished
+    dest = tmp_path / "to-label.csv"
+    result = invoke("suggest", str(out), "--n", "6", "--out", str(dest))
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "image embeddings of backbone semclip-tiny" in result.output
+    rows = read_manifest(str(dest))
+    raw = pd.read_csv(dest, dtype=str, keep_default_na=False)
+    assert len(rows) == 6 and list(raw["suggest_rank"]) == [str(k) for k in range(1, 7)]
+    assert (raw["label"] == "").all() and (raw["mask_uri"] == "").all() and (raw["suggest_reason"] != "").all()
+    assert {"uri", "lot_id", "wafer_id", "image_id", "die_x", "die_y", "reference_uri"} <= set(raw.columns)
+    assert "page" not in raw.columns  # no frame of this manifest names a page
+    by_id = preds.set_index("image_id")
+    assert set(by_id.loc[rows["image_id"], "status"]) == {"ok"}  # never an error row
+    assert all(Path(u).is_absolute() and Path(u).exists() for u in rows["uri"])
+    assert list(rows["lot_id"]) == list(by_id.loc[rows["image_id"], "lot_id"])
+    labelled = set(pd.read_csv(out.parent / "manifest.csv", dtype=str, keep_default_na=False)["uri"][:LABELLED])
+    assert not labelled & set(rows["uri"])  # frames labelled in the run's manifest are skipped
+    assert rows["uri"].is_unique  # 12 distinct unlabelled frames exist: a frame and its twin never both
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_labelled_suggestions_train(finished, synth_lot, tmp_path):
+    """The labelling loop: suggest, fill label (here from the synthetic truth), train on it."""
+    out, _ = finished
+    suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "s.csv"), n=6))
+    truth = pd.read_csv(synth_lot / "manifest.csv", dtype=str, keep_default_na=False)
+    label_of = {str(synth_lot / u): lab for u, lab in zip(truth["uri"], truth["label"], strict=True)}
+    filled = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)
+    filled["label"] = [label_of[u] for u in filled["uri"]]
+    filled.to_csv(tmp_path / "filled.csv", index=False)
+    result = invoke("train", str(tmp_path / "filled.csv"), "--out", str(tmp_path / "ckpt"), "--backbone",
+                    "semclip-tiny", "--pretrained", "none", "--epochs", "1", "--recipe", "paper")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
+    assert meta["training"]["support_rows"] == 6
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_deterministic_and_parquet_reads_back(finished, tmp_path):
+    out, _ = finished
+    cfg = SuggestConfig(out=str(out), dest=str(tmp_path / "a.parquet"), n=5, seed=3)
+    first = suggest(cfg)
+    again = suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "b.parquet"), n=5, seed=3))
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    assert list(read_manifest(str(tmp_path / "a.parquet"))["image_id"]) == list(first.rows["image_id"])
+    assert list(again.rows["suggest_reason"]) == list(first.rows["suggest_reason"])
+    diverse = suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "c.parquet"), n=5, seed=3, shortlist=4))
+    assert len(diverse.rows) == 5 and diverse.rows["uri"].is_unique
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_class_uncertainty_alone_picks_the_smallest_margins(finished, tmp_path):
+    out, preds = finished
+    ok = preds[preds["status"] == "ok"].copy()
+    labelled = set(pd.read_csv(out.parent / "manifest.csv", dtype=str, keep_default_na=False)["uri"][:LABELLED])
+    ok = ok[~ok["uri"].isin(labelled)].drop_duplicates("uri")  # a frame listed twice is suggested once
+    top2 = np.sort(np.stack(ok["class_scores"].to_numpy()), axis=1)[:, -2:]
+    ok["margin"] = top2[:, 1] - top2[:, 0]
+    got = suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "m.csv"), n=4, weights=Weights(1, 0, 0)))
+    margins = preds.set_index("image_id").loc[got.rows["image_id"], "class_scores"]
+    got_margins = [float(np.diff(np.sort(m)[-2:])[0]) for m in margins]
+    assert sorted(ok.nsmallest(4, "margin")["margin"]) == pytest.approx(sorted(got_margins))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_exclude_skips_frames_labelled_since(finished, tmp_path):
+    out, _ = finished
+    first = suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "1.csv"), n=3))
+    done = first.rows.assign(label="particle")
+    done.to_csv(tmp_path / "labelled.csv", index=False)
+    second = suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "2.csv"), n=3,
+                                   exclude=(str(tmp_path / "labelled.csv"),)))
+    assert not set(first.rows["image_id"]) & set(second.rows["image_id"])
+    assert second.excluded >= first.excluded + 3  # by image_id, and by URL (a twin of a pick goes too)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_mistakes_end_in_one_line(finished, tmp_path):
+    out, _ = finished
+    dest = tmp_path / "s.csv"
+    one_line_error(invoke("suggest", str(out), "--n", "0", "--out", str(dest)), "--n must be >= 1")
+    one_line_error(invoke("suggest", str(out), "--out", str(tmp_path / "s.txt")), ".csv or .parquet")
+    one_line_error(invoke("suggest", str(tmp_path / "nothing"), "--out", str(dest)), "is not a finished run")
+    dest.write_text("keep me")
+    one_line_error(invoke("suggest", str(out), "--out", str(dest)), "exists; pass --overwrite")
+    assert dest.read_text() == "keep me"
+    assert invoke("suggest", str(out), "--n", "2", "--out", str(dest), "--overwrite").exit_code == 0
+    one_line_error(invoke("suggest", str(out), "--out", str(tmp_path / "x.csv"), "--exclude", str(tmp_path / "no.csv")),
+                   "does not exist")
+
+
+def test_unfinished_run_is_refused(tmp_path):
+    (tmp_path / "_state").mkdir()
+    (tmp_path / "_state" / "run.json").write_text(json.dumps({"run_id": "abc"}))
+    (tmp_path / "runs" / "abc").mkdir(parents=True)
+    (tmp_path / "runs" / "abc" / "attempt-1.json").write_text(json.dumps({"run_id": "abc", "attempt": 1,
+                                                                           "status": "failed"}))
+    result = invoke("suggest", str(tmp_path), "--out", str(tmp_path / "s.csv"))
+    one_line_error(result, "has not finished (attempt 1 is 'failed')")
+
+
+def test_help_has_an_example():
+    result = invoke("suggest", "--help")
+    assert result.exit_code == 0 and "Example" in result.output and "--storage-option" in result.output
