@@ -308,7 +308,7 @@ def print_stub(rows: list[dict[str, float | str]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default="semclip-tiny,ViT-B-16-plus-240")
-    parser.add_argument("--images", type=int, default=0, help="images per backbone (default: 420 tiny, 35 others)")
+    parser.add_argument("--images", type=int, default=0, help="images per backbone (default: 1400 tiny, 140 others)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -341,7 +341,7 @@ def main() -> None:
         return
     rows = []
     for name in args.backbones.split(","):
-        images = args.images or (420 if name == "semclip-tiny" else 35)
+        images = args.images or (1400 if name == "semclip-tiny" else 140)
         rows.append(bench_backbone(name, images, args.batch_size, args.threads, args.precision))
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU")
     header = (f"{'backbone':<20} {'images':>6} {'batch':>5} {'prec':>5} {'pipeline':>9} {'steady':>7} {'start-up':>8} "

@@ -169,12 +169,12 @@ def test_layout_keeps_every_value_and_reads_back(klarf_lot):
     assert laid.lists[0].images[1] == [(2, 0), (3, 1)] and laid.lists[1].tiff_file == "LOT-K1_W02.tif"
 
 
-def test_repeated_defects_are_refused_naming_the_files(klarf_lot, tmp_path):
+def test_one_image_read_by_two_defects_is_refused_naming_them(klarf_lot, tmp_path):
     klarf, root = klarf_lot
     (tmp_path / "rescan.001").write_text(klarf.read_text())
     res = CliRunner().invoke(main, ["manifest", "from-klarf", str(klarf), str(tmp_path / "rescan.001"), "--images",
                                     str(root / "images"), "--out", str(tmp_path / "m.csv")])
-    assert res.exit_code != 0 and "defect 1 is listed and in" in res.output and "LOT-K1.001" in res.output
+    assert res.exit_code != 0 and "reads the image" in res.output and "LOT-K1.001 wafer W01 defect 1" in res.output
     two_lots = klarf.read_text().replace('Slot 2;', 'Slot 2;\nLotID "LOT-K9";')
     (tmp_path / "two.001").write_text(two_lots)
     res = CliRunner().invoke(main, ["manifest", "from-klarf", str(tmp_path / "two.001"), "--images", str(root),
@@ -192,8 +192,9 @@ def test_images_template_and_padded_image_names(klarf_lot, tmp_path):
 
 
 def test_a_reader_style_file_without_images_and_one_file_per_defect(tmp_path):
-    """The layout of klarfio's own example (no image list, the wafer id record over two lines, a test plan over
-    two lines, the list's ';' on its own line), read with --image-name naming one file per defect."""
+    """The layout of klarfio's own example (no image list, a defect id repeated, the wafer id record over two
+    lines, a test plan over two lines, the list's ';' on its own line), read with --image-name naming one file
+    per defect by its position."""
     text = "\n".join([
         "FileVersion 1 2;", "FileTimeStamp 12-04-23 11:06:21;", 'InspectionStationID "VND" "1000" "TOOL41";',
         "SampleType WAFER;", "ResultTimestamp 12-04-23 11:07:26;", 'LotID "A 17";', "SampleSize 1 300;",
@@ -203,23 +204,27 @@ def test_a_reader_style_file_without_images_and_one_file_per_defect(tmp_path):
         'WaferID "EJ-59-50" ', " Lrt 1;", "Slot 0;", "SampleCenterLocation 1.1155190315E+004 9.3489813130E+004;",
         "InspectionTest 1;", "SampleTestPlan 0 ", " 0 0;", "AreaPerTest 2.5993025260E+010;",
         f"DefectRecordSpec 17 {SPEC_17};", "DefectList ",
-        " 3 99987.06 7257.76 0 0 1588.45 106.00 2150202.89 0.0 0 0 0 1469 0 0 0 0",
+        " 0 99987.06 7257.76 0 0 1588.45 106.00 2150202.89 0.0 0 0 0 1469 0 0 0 0",
+        " 0 9894.07 2429.43 0 0 1256.41 70.66 455963.20 0.0 0 1 1 1777 0 0 0 0",
         " 9 19410.75 708.84 1 -2 1217.85 128.85 2706582.63 0.0 5 0 1 1548 0 0 0 0", ";",
         "SummarySpec 6 ", " TESTNO NDEFECT DEFDENSITY NDIE NDEFDIE;", "SummaryList", " 0 2 5.3E-001 383 392;",
         "EndOfFile;"])
     (tmp_path / "a17.klarf").write_text(text)
     found = read_klarf(str(tmp_path / "a17.klarf"))
-    assert [(d.wafer_id, d.defect_id, d.die_x, d.die_y, d.class_number) for d in found] == \
-           [("EJ-59-50", 3, 0, 0, 0), ("EJ-59-50", 9, 1, -2, 5)]
+    assert [(d.wafer_id, d.defect_id, d.die_x, d.die_y, d.class_number, d.index) for d in found] == \
+           [("EJ-59-50", 0, 0, 0, 0, 1), ("EJ-59-50", 0, 0, 0, 0, 2), ("EJ-59-50", 9, 1, -2, 5, 3)]
     args = ["manifest", "from-klarf", str(tmp_path / "a17.klarf"), "--images", str(tmp_path / "img"), "--out",
             str(tmp_path / "m.csv")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code != 0 and "give --image-name" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, [*args, "--image-name", "{wafer_id}/{defect_id}.png"])
+    assert res.exit_code != 0 and "defect 0 (#2) reads the image" in res.output  # the id repeats in this file
+    res = CliRunner().invoke(main, [*args, "--image-name", "{wafer_id}/{index:03d}.png"])
     assert res.exit_code == 0, res.output
     m = read_manifest(str(tmp_path / "m.csv"))
-    assert m["url"].tolist() == [str(tmp_path / "img" / "EJ-59-50" / f"{d}.png") for d in (3, 9)]
-    assert m["lot_id"].tolist() == ["A 17", "A 17"] and m["page"].tolist() == [None, None]
+    assert m["url"].tolist() == [str(tmp_path / "img" / "EJ-59-50" / f"{k:03d}.png") for k in (1, 2, 3)]
+    assert m["defect_id"].tolist() == ["0", "0", "9"] and m["die_x"].tolist() == [0, 0, 1]
+    assert m["lot_id"].tolist() == ["A 17"] * 3 and m["page"].tolist() == [None] * 3
 
 
 @pytest.mark.parametrize("text, message", [

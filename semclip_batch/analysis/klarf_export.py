@@ -189,11 +189,19 @@ def _integer_ids(scored: Mapping[tuple[str, str], Scored], source: str) -> dict[
 def _check_source(laid: Layout, by_id: Mapping[tuple[str, int], tuple[str, str]],
                   scored: Mapping[tuple[str, str], Scored], source: str) -> None:
     """Every scored defect is in the source, on the die the run scored: else it is another inspection's file."""
-    dies = {}
+    dies: dict[tuple[str, int], tuple[int, int]] = {}
+    repeated: set[tuple[str, int]] = set()
     for found in laid.lists:
         kx, ky = found.column("XINDEX"), found.column("YINDEX")
         for record, defect_id in zip(found.records, found.defect_ids(), strict=True):
-            dies[(found.wafer_id, int(float(defect_id)))] = (int(float(record[kx])), int(float(record[ky])))
+            key = (found.wafer_id, int(float(defect_id)))
+            if key in dies:
+                repeated.add(key)
+            dies[key] = (int(float(record[kx])), int(float(record[ky])))
+    ambiguous = sorted(k for k in by_id if k in repeated)
+    if ambiguous:
+        raise KlarfError(f"KLARF {storage.redact(source)} lists wafer {show(ambiguous[0][0])} defect {ambiguous[0][1]} "
+                         "more than once: its records cannot be told apart to relabel (export without --klarf)")
     missing = [k for k in by_id if k not in dies]
     if missing:
         wafers = sorted({w for w, _ in missing})

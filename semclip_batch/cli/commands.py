@@ -207,7 +207,7 @@ def from_prefix_cmd(url: str, pattern: str, out: str, storage_option: tuple[str,
 @click.option("--all-images", is_flag=True, help="One row per listed image of a defect (default: its first image).")
 @click.option("--image-name", default=None,
               help="For defects without an image list: their file below --images, e.g. '{wafer_id}/{defect_id}.tif' "
-                   "(fields lot_id wafer_id defect_id die_x die_y).")
+                   "(fields lot_id wafer_id defect_id die_x die_y index; index = position in the wafer's list).")
 @storage_option_flag
 @user_errors
 def from_klarf_cmd(klarf: tuple[str, ...], images: str, out: str, class_map: str | None, all_images: bool,

@@ -93,6 +93,7 @@ class KlarfDefect:
     tiff_file: str
     images: tuple[tuple[int, int], ...]
     result_time: str  # ISO 8601, "" when the file's ResultTimestamp is not a time
+    index: int = 1  # 1-based position in its wafer's defect list
 
 
 def read_text(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, str]:
@@ -410,11 +411,11 @@ def defects(content: Any, laid: Layout) -> list[KlarfDefect]:
     when = result_time(str(getattr(content, "result_timestamp", "") or ""))
     out = []
     for wafer, found in zip(content.wafers, laid.lists, strict=True):
-        for defect, images in zip(wafer.defects, found.images, strict=True):
+        for index, (defect, images) in enumerate(zip(wafer.defects, found.images, strict=True), start=1):
             out.append(KlarfDefect(lot_id=str(content.lot_id), wafer_id=found.wafer_id, defect_id=int(defect.id),
                                    die_x=int(defect.x_index), die_y=int(defect.y_index),
                                    class_number=int(defect.class_number), tiff_file=found.tiff_file,
-                                   images=tuple(images), result_time=when))
+                                   images=tuple(images), result_time=when, index=index))
     return out
 
 

@@ -6,11 +6,12 @@ One row per defect that lists an image (``--all-images``: per listed image): ``u
 class map ("" where the map has no entry or none is given), ``lot_time`` from ResultTimestamp. ``klarf_class``
 (the tool's class number) and ``klarf_file`` ride along for people; ``run`` reads only its own columns.
 
-``--images`` may hold ``{lot_id}`` / ``{wafer_id}`` (lots whose files are named alike). A lot's defect ids must
-be unique per wafer (one inspection per manifest). Defects without an image list (or whose wafer names no
-``TiffFileName``) are skipped and counted, unless
+``--images`` may hold ``{lot_id}`` / ``{wafer_id}`` (lots whose files are named alike). Two defects never read
+the same image (file and page). Defects without an image list (or whose wafer names no ``TiffFileName``) are
+skipped and counted, unless
 ``--image-name`` names their files (review tools that save one image per defect): a template below ``--images``
-with the fields ``{lot_id} {wafer_id} {defect_id} {die_x} {die_y}``, e.g. ``{wafer_id}/{defect_id}.tif``.
+with the fields ``{lot_id} {wafer_id} {defect_id} {die_x} {die_y} {index}`` (``index``: the defect's 1-based
+position in its wafer's list), e.g. ``{wafer_id}/{defect_id:05d}.tif``.
 """
 
 from __future__ import annotations
@@ -63,18 +64,21 @@ def from_klarf(klarfs: Sequence[str], images: str, out: str, class_map: Mapping[
     _refuse_folder(out, so)
     rows: list[dict[str, str]] = []
     found = without = 0
-    seen: dict[tuple[str, str, int], str] = {}  # (lot, wafer, defect id) -> the KLARF it came from
+    seen: dict[tuple[str, str], str] = {}  # (uri, page) -> the defect reading it
+    wafers: set[tuple[str, str]] = set()
     unmapped: Counter[int] = Counter()
     for url in klarfs:
         source = url if storage.is_absolute(url) else posixpath.abspath(url)
         for defect in read_klarf(url, so):
             found += 1
-            _refuse_repeats(defect, source, seen)
+            _check_lot(defect, source)
+            wafers.add((defect.lot_id, defect.wafer_id))
             label = (class_map or {}).get(defect.class_number, "")
             if class_map is not None and not label:
                 unmapped[defect.class_number] += 1
             made = _rows(defect, image_prefix(images, defect), label, source, all_images, image_name)
             without += not made
+            _refuse_shared_images(made, defect, source, seen)
             rows += made
     if not rows:
         raise KlarfError(f"no defect in {len(klarfs)} KLARF file(s) lists an image ({found} defects, none with an "
@@ -82,7 +86,7 @@ def from_klarf(klarfs: Sequence[str], images: str, out: str, class_map: Mapping[
     table = pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.string()) for c in COLUMNS]))
     normalize(table, base_folder=posixpath.abspath("."), source=out)  # what `run` would refuse, refused now
     storage.write_bytes(out, encode(table, fmt), so)
-    return FromKlarf(rows=len(rows), defects=found, wafers=len({k[:2] for k in seen}), without_images=without,
+    return FromKlarf(rows=len(rows), defects=found, wafers=len(wafers), without_images=without,
                      unmapped=dict(sorted(unmapped.items())))
 
 
@@ -104,19 +108,24 @@ def image_prefix(images: str, defect: KlarfDefect) -> str:
     return posixpath.abspath(os.path.expanduser(prefix))
 
 
-def _refuse_repeats(defect: KlarfDefect, source: str, seen: dict[tuple[str, str, int], str]) -> None:
-    """One defect id per wafer of a lot: a rescan or a second step's KLARF of the same lot would repeat ids, and
-    predictions, reports and `export klarf` could not tell those defects apart."""
+def _check_lot(defect: KlarfDefect, source: str) -> None:
     problem = lot_id_problem(defect.lot_id)
     if problem:
         raise KlarfError(f"KLARF {storage.redact(source)}: lot id {show(defect.lot_id)} {problem}")
-    key = (defect.lot_id, defect.wafer_id, defect.defect_id)
-    if key in seen:
-        where = "twice in it" if seen[key] == source else f"and in {storage.redact(seen[key])}"
-        raise KlarfError(f"KLARF {storage.redact(source)}: lot {show(defect.lot_id)} wafer {show(defect.wafer_id)} "
-                         f"defect {defect.defect_id} is listed {where} (a rescan or another step?): make one manifest "
-                         "per inspection")
-    seen[key] = source
+
+
+def _refuse_shared_images(rows: list[dict[str, str]], defect: KlarfDefect, source: str,
+                          seen: dict[tuple[str, str], str]) -> None:
+    """Two defects may not read the same image (file and page): the same KLARF given twice, or an --image-name
+    that does not tell defects apart."""
+    for row in rows:
+        key = (row["uri"], row["page"])
+        this = f"{storage.redact(source)} wafer {defect.wafer_id} defect {defect.defect_id} (#{defect.index})"
+        if key in seen:
+            raise KlarfError(f"KLARF {this} reads the image {storage.redact(row['uri'])}"
+                             f"{' page ' + row['page'] if row['page'] else ''} that {seen[key]} reads too: give each "
+                             "KLARF once, or name files per defect ({index} numbers a wafer's defects)")
+        seen[key] = this
 
 
 def _refuse_folder(out: str, so: Mapping[str, Any]) -> None:
@@ -143,22 +152,22 @@ def _rows(defect: KlarfDefect, prefix: str, label: str, source: str, all_images:
     return out
 
 
-IMAGE_NAME_FIELDS = ("lot_id", "wafer_id", "defect_id", "die_x", "die_y")
+IMAGE_NAME_FIELDS = ("lot_id", "wafer_id", "defect_id", "die_x", "die_y", "index")
 
 
 def _fields(defect: KlarfDefect) -> dict[str, str | int]:
     """The template fields: ids as text, die indices and the defect id as numbers (``{defect_id:05d}`` works)."""
     return {"lot_id": defect.lot_id, "wafer_id": defect.wafer_id, "defect_id": defect.defect_id,
-            "die_x": defect.die_x, "die_y": defect.die_y}
+            "die_x": defect.die_x, "die_y": defect.die_y, "index": defect.index}
 
 
 def check_image_name(template: str) -> None:
     """``--image-name`` must be a relative path template using only :data:`IMAGE_NAME_FIELDS`, with
-    ``{defect_id}``. Raises :class:`ConfigError`."""
+    ``{defect_id}`` or ``{index}``. Raises :class:`ConfigError`."""
     names = _check_template(template, "--image-name", IMAGE_NAME_FIELDS,
-                            {"lot_id": "L", "wafer_id": "W", "defect_id": 1, "die_x": -1, "die_y": 2})
-    if "defect_id" not in names:
-        raise ConfigError(f"--image-name {template!r} must contain {{defect_id}} (one file per defect)")
+                            {"lot_id": "L", "wafer_id": "W", "defect_id": 1, "die_x": -1, "die_y": 2, "index": 1})
+    if not names & {"defect_id", "index"}:
+        raise ConfigError(f"--image-name {template!r} must contain {{defect_id}} or {{index}} (one file per defect)")
     if template.startswith("/") or "://" in template or ".." in template.split("/"):
         raise ConfigError(f"--image-name {template!r} must be a path below --images")
 
