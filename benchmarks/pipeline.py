@@ -10,9 +10,10 @@ Same synthetic lot, backbone (random weights: speed does not depend on their val
 threads for all three. "plain loop" = read + decode + preprocess + SEM-CLIP + mask/regions in one process,
 no Ray and no output writes; "model stage" = the Predictor actor's work on already-decoded batches;
 "pipeline" = `semclip-batch run` end to end (Ray Data, writes to Zarr + Parquet, finalisation), start-up
-included; "steady" = the same run over the middle 80 % of its receipts; "start-up" = run start to the first
-receipt (Ray, the actor importing torch and building the model). Each stage's busy, CPU and span seconds come
-from Ray Data's own stats (also in the run record, `stages`).
+included; "steady" = frames over the span of the model stage inside that run, from its first batch to its last
+(the rate the pipeline feeds the model once running); "start-up" = run start to the model stage's first batch
+(manifest, plan, Ray, the actor importing torch and building the model). Each stage's busy, CPU and span
+seconds come from Ray Data's own stats (also in the run record, `stages`).
 """
 
 from __future__ import annotations
@@ -88,14 +89,15 @@ def bench_backbone(name: str, images: int, batch_size: int, threads: int, precis
         model_only = n / (time.perf_counter() - t0)
         del predictor
         cfg = RunConfig(input=str(manifest), out=str(Path(tmp) / "out"), model=spec, batch_size=batch_size)
-        receipts = Receipts()
         t0 = time.perf_counter()
-        record = run(cfg, progress=receipts).record
+        record = run(cfg).record
         wall = time.perf_counter() - t0
+    stages = record.get("stages", [])
+    model = next(s for s in stages if "Predictor" in s["stage"])
     return {"backbone": name, "images": n, "batch_size": batch_size, "threads": threads, "precision": precision,
-            "pipeline_img_s": round(n / wall, 2), "pipeline_steady_img_s": round(receipts.steady_rate(), 2),
-            "startup_s": round(receipts.times[0] - t0, 2), "model_stage_img_s": round(model_only, 2),
-            "plain_loop_img_s": round(plain, 2), "stages": record.get("stages", [])}
+            "pipeline_img_s": round(n / wall, 2), "pipeline_steady_img_s": round(n / model["span_s"], 2),
+            "startup_s": round(model["start_s"], 2), "model_stage_img_s": round(model_only, 2),
+            "plain_loop_img_s": round(plain, 2), "stages": stages}
 
 
 # (name, height, width, format, bits, TIFF compression, TIFF tile side)
@@ -153,6 +155,12 @@ def bench_decode(repeats: int = 20) -> list[dict[str, float | str]]:
     finally:
         torch.set_num_threads(threads)
     return rows
+
+
+def print_stages(stages: list[dict[str, Any]]) -> None:
+    for stage in stages:
+        print(f"    {stage['stage']:<52} busy {stage['busy_s']:>7} s  cpu {stage['cpu_s']:>7} s  "
+              f"span {stage['span_s']:>7} s  tasks {stage['tasks']:>4}")
 
 
 def print_decode(rows: list[dict[str, float | str]]) -> None:
@@ -231,28 +239,7 @@ def print_flops(rows: list[dict[str, float | str]]) -> None:
 STUB_CASES = ("1024x1024 16-bit TIFF", "480x480 8-bit PNG", "4096x4096 16-bit TIFF tiled 256")
 
 
-class Receipts:
-    """The run's progress callback: when each receipt batch arrived, for the steady-state rate."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.done: list[int] = []
-
-    def __call__(self, n: int, total: int) -> None:
-        self.times.append(time.perf_counter())
-        self.done.append((self.done[-1] if self.done else 0) + n)
-
-    def steady_rate(self) -> float:
-        """img/s over the middle 80 % of receipts (from the receipt that passed 10 % to the one that passed 90 %)."""
-        total = self.done[-1]
-        first = next(i for i, d in enumerate(self.done) if d >= 0.1 * total)
-        last = next(i for i, d in enumerate(self.done) if d >= 0.9 * total)
-        if last <= first:
-            return float("nan")
-        return (self.done[last] - self.done[first]) / (self.times[last] - self.times[first])
-
-
-def bench_stub(rate: float, frames: int, gpu_rate: float) -> list[dict[str, float | str]]:
+def bench_stub(rate: float, frames: int, gpu_rate: float) -> list[dict[str, Any]]:
     """The pipeline (Ray Data read + decode, the model stage replaced by :class:`StandIn` at ``rate`` model views
     a second, writes and finalisation) on ``frames`` frames of each :data:`STUB_CASES` type; the steady frame
     rate per core of this machine, and the cores a GPU scoring ``gpu_rate`` views a second (a frame above the
@@ -264,7 +251,7 @@ def bench_stub(rate: float, frames: int, gpu_rate: float) -> list[dict[str, floa
     prep = prep_of("ViT-B-16-plus-240", tile_above=1024)
     import os
 
-    rows: list[dict[str, float | str]] = []
+    rows: list[dict[str, Any]] = []
     cores = os.cpu_count() or 1
     for case in (c for c in DECODE_CASES if c[0] in STUB_CASES):
         name, h, w, fmt, bits, compression, tile = case
@@ -281,21 +268,22 @@ def bench_stub(rate: float, frames: int, gpu_rate: float) -> list[dict[str, floa
                 lines.append(f"f{k:05d}.{fmt},STUB,W{k % 25:02d},{k % 7},{k // 7}")
             (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
             spec = ModelSpec(backbone="ViT-B-16-plus-240", pretrained="none")
-            receipts = Receipts()
             t0 = time.perf_counter()
             record = run(RunConfig(input=str(folder / "manifest.csv"), out=str(Path(tmp) / "out"), model=spec,
-                                   batch_size=16, model_stub=rate), progress=receipts).record
+                                   batch_size=16, model_stub=rate)).record
             wall = time.perf_counter() - t0
-        steady = receipts.steady_rate()
+        stand_in = next(s for s in record["stages"] if "StandIn" in s["stage"])
+        steady = n / stand_in["span_s"]
         per_core = steady / cores
         rows.append({"frame": name, "frames": n, "views": views, "stub_views_s": rate,
                      "steady_img_s": round(steady, 1), "wall_img_s": round(n / wall, 1), "cores": cores,
                      "img_s_per_core": round(per_core, 1), "gpu_img_s": round(gpu_rate / views, 1),
-                     "cores_per_gpu": round(gpu_rate / views / per_core, 1), "status": str(record["status"])})
+                     "cores_per_gpu": round(gpu_rate / views / per_core, 1), "status": str(record["status"]),
+                     "stages": record["stages"]})
     return rows
 
 
-def print_stub(rows: list[dict[str, float | str]]) -> None:
+def print_stub(rows: list[dict[str, Any]]) -> None:
     header = (f"{'frame (stand-in model)':<32} {'frames':>6} {'views':>5} {'steady':>7} {'per core':>8} "
               f"{'GPU img/s':>9} {'cores / GPU':>11}")
     print(header)
@@ -303,6 +291,7 @@ def print_stub(rows: list[dict[str, float | str]]) -> None:
     for r in rows:
         print(f"{r['frame']:<32} {r['frames']:>6} {r['views']:>5} {r['steady_img_s']:>7} {r['img_s_per_core']:>8} "
               f"{r['gpu_img_s']:>9} {r['cores_per_gpu']:>11}   (frames/s; stand-in at {r['stub_views_s']} views/s)")
+        print_stages(r["stages"])
 
 
 def main() -> None:
@@ -352,9 +341,7 @@ def main() -> None:
         print(f"{r['backbone']:<20} {r['images']:>6} {r['batch_size']:>5} {r['precision']:>5} {r['pipeline_img_s']:>9} "
               f"{r['pipeline_steady_img_s']:>7} {r['startup_s']:>7}s {r['model_stage_img_s']:>11} "
               f"{r['plain_loop_img_s']:>10}   (img/s)")
-        for stage in r["stages"]:
-            print(f"    {stage['stage']:<52} busy {stage['busy_s']:>7} s  cpu {stage['cpu_s']:>7} s  "
-                  f"span {stage['span_s']:>7} s  tasks {stage['tasks']:>4}")
+        print_stages(r["stages"])
     if args.json:
         Path(args.json).write_text(json.dumps({"decode": decode, "pipeline": rows}, indent=2))
 

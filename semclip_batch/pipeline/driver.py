@@ -375,15 +375,16 @@ def _stream(work: _Work, todo: set[ShardKey],
 
     received = collect_receipts(ds, work.layout, work.so, expected, progress=progress, retries=TASK_RETRIES,
                                 on_shard_done=shard_done)
-    work.record["stages"] = stage_stats(ds)
+    work.record["stages"] = stage_stats(ds, origin=launched)
     return received
 
 
-def stage_stats(ds: ray.data.Dataset) -> list[dict[str, Any]]:
+def stage_stats(ds: ray.data.Dataset, origin: float = 0.0) -> list[dict[str, Any]]:
     """Per Ray Data operator (fused stages as Ray names them), from its own stats once the run is done: the time
-    its tasks ran (``busy_s``, summed over tasks), their CPU time, the span from its first start to its last
-    end (where a stage was busy less than its span times its parallelism, it waited) and its input rows, in
-    pipeline order. [] when Ray keeps none."""
+    its tasks ran (``busy_s``, summed over tasks), their CPU time, its first start and last end in seconds after
+    ``origin`` (the run's start on ``time.perf_counter``'s clock, the one Ray stamps tasks with: meaningful on the
+    driver's node) and the span between them (where a stage was busy less than its span times its parallelism,
+    it waited), and its input rows, in pipeline order. [] when Ray keeps none."""
     try:
         summary = ds.get_stats_summary()
     except Exception:  # stats are a report, never a reason to fail a finished run
@@ -403,5 +404,11 @@ def stage_stats(ds: ray.data.Dataset) -> list[dict[str, Any]]:
                         "busy_s": round(op.wall_time.sum, 3) if op.wall_time else None,
                         "cpu_s": round(op.cpu_time.sum, 3) if op.cpu_time else None,
                         "span_s": round(span, 3) if span is not None else None,
+                        "start_s": _after(op.earliest_start_time, origin),
+                        "end_s": _after(op.latest_end_time, origin),
                         "rows": op.total_input_num_rows})
     return out[::-1]  # from the plan read to the writer
+
+
+def _after(moment: float | None, origin: float) -> float | None:
+    return None if moment is None else round(moment - origin, 3)
