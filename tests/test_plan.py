@@ -23,7 +23,9 @@ def _manifest(n: int, seed: int) -> pa.Table:
     lots = rng.choice(["001", "1", "L #ü"], n).tolist()
     text = {c: [f"{c}-{i}" for i in range(n)] for c in ("uri", "url", "wafer_id")}
     return pa.table({"image_id": ids, "lot_id": lots, **text, "reference_url": [""] * n,
-                     "die_x": pa.array([None] * n, pa.int64()), "die_y": pa.array(range(n), pa.int64())})
+                     "die_x": pa.array([None] * n, pa.int64()), "die_y": pa.array(range(n), pa.int64()),
+                     "page": pa.array([k % 3 if k % 2 else None for k in range(n)], pa.int64()),
+                     "defect_id": [str(k) for k in range(n)]})
 
 
 def _read(url: str) -> pa.Table:
@@ -38,6 +40,8 @@ def test_plan_files_hold_every_row_once_in_shard_order(tmp_path, monkeypatch, n,
     table = pa.concat_tables([_read(f) for f in plan.files])
     assert table.schema == INPUT and table.num_rows == n == plan.total_rows
     assert sorted(table.column("image_id").to_pylist()) == sorted(manifest.column("image_id").to_pylist())
+    given = {r["image_id"]: (r["page"], r["defect_id"]) for r in manifest.to_pylist()}
+    assert {r["image_id"]: (r["page"], r["defect_id"]) for r in table.to_pylist()} == given  # kept for readers
     rows = table.to_pylist()
     assert [(r["lot_id"], r["image_id"]) for r in rows] == sorted((r["lot_id"], r["image_id"]) for r in rows)
     for lot in {r["lot_id"] for r in rows}:

@@ -104,7 +104,7 @@ def _decode_tiff(fh: BinaryIO, index: int, key: tuple[str, int] | None = None) -
         fh.seek(0)
         with tifffile.TiffFile(fh) as tif:
             if index < 0:
-                raise decode_error(f"no TIFF page {index}")
+                raise decode_error(f"TIFF has {len(tif.pages)} pages, no page {index}")
             page = _tiff_page(tif, index, key)
             shape = page.shape
             if len(shape) < 2:

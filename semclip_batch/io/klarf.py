@@ -15,7 +15,6 @@ what is written reads back through the same reader.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ from typing import Any
 
 from semclip_batch.errors import ConfigError, ManifestError, one_line, show
 from semclip_batch.io import storage
-
-log = logging.getLogger(__name__)
 
 IMAGELIST = "IMAGELIST"
 STANDARD_COLUMNS = ("DEFECTID", "XREL", "YREL", "XINDEX", "YINDEX", "XSIZE", "YSIZE", "DEFECTAREA", "DSIZE",
