@@ -64,7 +64,7 @@ def ray_head():
         wait_for_dashboard(url, proc)
         yield url
     finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):  # a throwaway head: no need to wait long
             try:
                 os.killpg(proc.pid, sig)
                 proc.wait(timeout=wait)

@@ -215,7 +215,7 @@ def test_class_uncertainty_alone_picks_the_smallest_margins(finished, tmp_path):
     got = suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "m.csv"), n=4, weights=Weights(1, 0, 0)))
     margins = preds.set_index("image_id").loc[got.rows["image_id"], "class_scores"]
     got_margins = [float(np.diff(np.sort(m)[-2:])[0]) for m in margins]
-    assert sorted(ok.nsmallest(4, "margin")["margin"]) == pytest.approx(sorted(got_margins))
+    assert sorted(ok.nsmallest(4, "margin")["margin"]) == pytest.approx(sorted(got_margins), abs=1e-6)  # near-ties
 
 
 @pytest.mark.ray
