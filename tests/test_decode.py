@@ -181,3 +181,8 @@ def test_later_rows_of_one_multi_page_tiff_jump_to_their_page():
     assert first.reads >= 60 and later.reads * 10 < first.reads  # one header walk, then a jump to the page
     with pytest.raises(ImageError, match="TIFF has 60 pages, no page 60"):
         decode_file(_CountingReader(buf.getvalue()), 60, "mem://lot.tif")
+    from semclip_batch.io import decode
+
+    stale = len(buf.getvalue()) - 3  # as if the file had changed: no header there
+    decode._page_offsets[("mem://lot.tif", len(buf.getvalue()))] = [stale] * 60
+    assert np.allclose(decode_file(_CountingReader(buf.getvalue()), 41, "mem://lot.tif"), 164 / 255)

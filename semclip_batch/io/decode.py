@@ -51,7 +51,8 @@ def decode_file(fh: BinaryIO, page: int, name: str = "") -> np.ndarray:
     With a ``name`` (the file's URL), the offsets of a multi-page TIFF's pages are kept for this process
     (:data:`PAGE_INDEX_FILES` files): its first row past page 0 walks the header chain once, every later row of
     that file jumps to its page. Rows of one wafer's review TIFF then cost about one header walk per worker, not
-    one walk each.
+    one walk each. The offsets are keyed by URL and size: a file rewritten in place with the same size during a
+    run is read at its old offsets (a broken header there is noticed and walked again).
     """
     magic = fh.read(4)
     fh.seek(0)
@@ -130,7 +131,11 @@ def _tiff_page(tif: tifffile.TiffFile, index: int, key: tuple[str, int] | None) 
     if index >= len(offsets):
         raise decode_error(f"TIFF has {len(offsets)} pages, no page {index}")
     tif.filehandle.seek(offsets[index])
-    return tifffile.TiffPage(tif, index=index)
+    try:
+        return tifffile.TiffPage(tif, index=index)
+    except tifffile.TiffFileError:  # the file changed under its name and size: forget it, walk again
+        _page_offsets.pop(key, None)
+        return _tiff_page(tif, index, None)
 
 
 def _decode_pillow(data: bytes) -> np.ndarray:
