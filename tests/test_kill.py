@@ -50,10 +50,12 @@ def kill_lot(tmp_path_factory):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_rays_own_warnings_stay_off_the_terminal(kill_lot):
-    """The uninterrupted CLI run (no -v) on its private Ray: Ray's Python warnings are not on stderr."""
+    """The uninterrupted CLI run (no -v) on its private Ray: Ray's Python warnings are not on stderr, nor its
+    core worker's native lines (Ray Data's actors always have constructor arguments in the object store)."""
     work, _spec, _baseline = kill_lot
     text = (work / "baseline.log").read_text()
     assert "Token authentication" not in text and "Progress bars disabled" not in text, text[-2000:]
+    assert "core_worker" not in text and "constructor arguments" not in text, text[-2000:]
 
 
 def _assert_killed_mid_run(kill, shards: int, log: Path) -> None:

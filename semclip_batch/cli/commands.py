@@ -35,6 +35,7 @@ from semclip_batch.config import (
     ModelSpec,
     parse_scale_policy,
 )
+from semclip_batch.pipeline.native_stderr import split_stderr
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -48,6 +49,7 @@ def main(verbose: int) -> None:
           --backbone semclip-tiny --pretrained none
     """
     level = logging.WARNING - 10 * min(verbose, 2)
+    split_stderr()  # first: Python's output keeps the terminal when a private Ray moves native lines to its log
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 

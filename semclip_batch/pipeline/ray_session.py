@@ -10,13 +10,15 @@ import logging
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from semclip_batch.errors import ConfigError, OutputError, shorten
+from semclip_batch.pipeline.native_stderr import native_stderr_to
 from semclip_batch.pipeline.ray_watchdog import Watchdog, start_watchdog, tagged_environment
 
 log = logging.getLogger(__name__)
+NATIVE_LOG = "semclip-driver-native.err"  # the driver's native stderr while a private Ray runs quietly
 # Ray kills idle workers above one per CPU after 1 s; the pipeline's stages (plan read, decode, write, finalise)
 # take fractions of a CPU, so their workers idle between blocks and would be killed and started again (each start
 # imports torch: seconds of CPU). Keep a few warm.
@@ -41,6 +43,7 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
 
     started = False
     watchdog: Watchdog | None = None
+    quiet = ExitStack()
     try:
         if not ray.is_initialized():
             target = address or os.environ.get("RAY_ADDRESS") or None
@@ -57,6 +60,8 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
                                  log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)
                     if watchdog is not None:
                         watchdog.nudge()
+                    if ray_log_level() > logging.WARNING:  # its core worker's lines too (README "Progress")
+                        quiet.enter_context(native_stderr_to(os.path.join(session_logs_dir(), NATIVE_LOG)))
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 raise ConfigError(f"cannot attach to Ray at {target or 'local'}: "
                                   f"{shorten(str(exc), 200)}") from None
@@ -67,8 +72,17 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
             if started:
                 ray.shutdown()
     finally:
+        quiet.close()
         if watchdog is not None:
             watchdog.release()
+
+
+def session_logs_dir() -> str:
+    """The running local Ray session's log folder (where its own processes log)."""
+    from ray._private import worker  # no public accessor in Ray 2.60
+
+    node = getattr(worker, "_global_node", None)
+    return str(node.get_logs_dir_path()) if node is not None else os.path.join(os.sep, "tmp", "ray")
 
 
 def ray_log_level() -> int:
