@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from semclip_batch.config import Thresholds
-from semclip_batch.methods.decisions import anomaly_score, decide, defect_regions, pixel_level, to_mask
+from semclip_batch.methods.decisions import (
+    anomaly_score,
+    decide,
+    defect_regions,
+    pixel_level,
+    to_mask,
+    to_mask_tensor,
+)
 
 CLASSES = ("normal", "bridge", "particle")
 
 
 def test_mask_rounding():
     assert to_mask(np.array([[0.0, 0.5, 1.0, 0.002]])).tolist() == [[0, 128, 255, 1]]
+
+
+def test_mask_on_the_device_gives_the_same_bytes():
+    """The model actor quantises where the map is; halves (k + 0.5) / 255 included, values outside [0, 1] too."""
+    gen = np.random.default_rng(0)
+    amap = np.concatenate([gen.random(5000), (np.arange(255) + 0.5) / 255, [-0.2, 1.3]]).astype(np.float32)
+    assert np.array_equal(to_mask_tensor(torch.from_numpy(amap)).numpy(), to_mask(amap))
 
 
 def test_pixel_level_is_ceil():

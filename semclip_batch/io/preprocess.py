@@ -172,13 +172,14 @@ def maps_to_frame(maps: torch.Tensor, height: int, width: int, tiles: list[Tile]
     Args:
         maps: ``(1 + n_tiles, S, S)``; the first is the whole-frame view, used only when untiled.
     Returns:
-        ``(H, W)`` float32: the whole-frame map resized, or the tiles' maps averaged where they overlap.
+        ``(H, W)`` float32 on the maps' device: the whole-frame map resized, or the tiles' maps averaged where
+        they overlap.
     """
     maps = maps.float()
     if not tiles:
         return resize(maps[:1, None], (height, width))[0, 0]
-    acc = torch.zeros(height, width)
-    hits = torch.zeros(height, width)
+    acc = torch.zeros(height, width, device=maps.device)
+    hits = torch.zeros(height, width, device=maps.device)
     for tile, tile_map in zip(tiles, maps[1:], strict=False):
         up = resize(tile_map[None, None], (tile.height, tile.width))[0, 0]
         acc[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width] += up

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from semclip_batch.config import Thresholds
@@ -23,6 +24,12 @@ class Regions:
 def to_mask(amap: np.ndarray) -> np.ndarray:
     """Stored mask = round(255 * A), uint8. ``(H, W)`` float in [0, 1] -> ``(H, W)`` uint8."""
     return np.rint(np.clip(amap, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def to_mask_tensor(amap: torch.Tensor) -> torch.Tensor:
+    """:func:`to_mask` where the map is (on the accelerator, in the model actor): ``(H, W)`` float -> uint8,
+    rounding half to even as ``np.rint`` does, so both give the same bytes."""
+    return torch.round(amap.float().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 
 def anomaly_score(p_normal: float, map_max: float, mode: str = "mean") -> float:

@@ -20,7 +20,7 @@ from semclip_batch.errors import MODEL_ERROR, OK, WeightsError, one_line
 from semclip_batch.io.preprocess import frame_tiles, maps_to_frame
 from semclip_batch.io.schema import SCORED, to_table
 from semclip_batch.methods.checkpoint import load_checkpoint
-from semclip_batch.methods.decisions import anomaly_score, to_mask
+from semclip_batch.methods.decisions import anomaly_score, to_mask_tensor
 from semclip_batch.methods.features import encode_batch
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
@@ -119,8 +119,9 @@ class Predictor:
     @torch.inference_mode()
     def _forward(self, views: np.ndarray, refs: np.ndarray | None,
                  has_ref: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(V, 3, S, S)`` (and the reference views, same shape, with a ``(V,)`` flag) -> maps ``(V, S, S)`` and
-        class probabilities ``(V, C)`` on the CPU."""
+        """``(V, 3, S, S)`` (and the reference views, same shape, with a ``(V,)`` flag) -> maps ``(V, S, S)`` left
+        on the device (resized, averaged and quantised there: only uint8 masks leave it) and class probabilities
+        ``(V, C)`` on the CPU."""
         maps, probs = [], []
         step = self.setup.batch_size
         for start in range(0, views.shape[0], step):
@@ -130,7 +131,7 @@ class Predictor:
                 r = torch.from_numpy(refs[start:start + step]).to(self.device, self.dtype)
                 flag = torch.from_numpy(has_ref[start:start + step]).to(self.device)
             out = self.scoring(x, r, flag)
-            maps.append(out.maps.float().cpu())
+            maps.append(out.maps.float())
             probs.append(out.class_probs.float().cpu())
         return torch.cat(maps), torch.cat(probs)
 
@@ -154,6 +155,7 @@ class Predictor:
         out.update(mask=masks, anomaly_score=scores, class_scores=list(class_scores))
         return to_table(out, SCORED)
 
+    @torch.inference_mode()
     def _score(self, batch: dict[str, np.ndarray], ok: list[int], masks: np.ndarray, scores: np.ndarray,
                class_scores: np.ndarray) -> None:
         if not ok:
@@ -173,9 +175,9 @@ class Predictor:
         for i, count in zip(ok, counts, strict=False):
             h, w = int(batch["height"][i]), int(batch["width"][i])
             tiles = frame_tiles(h, w, self.setup.prep)
-            frame = maps_to_frame(maps[start:start + count], h, w, tiles).numpy()
+            frame = maps_to_frame(maps[start:start + count], h, w, tiles)
             p = probs[start].numpy().astype(np.float32)
-            masks[i] = to_mask(frame).tobytes()
+            masks[i] = to_mask_tensor(frame).cpu().numpy().tobytes()
             scores[i] = anomaly_score(float(p[0]), float(frame.max()), self.setup.spec.score_mode)
             class_scores[i] = p
             start += count
