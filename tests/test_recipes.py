@@ -152,6 +152,15 @@ def test_transfer_checkpoint_scores_as_fitted(synth_lot, tmp_path):
         out0 = model(x)
     if float(ckpt.tensors["memory.weight"]) > 0:
         assert not torch.allclose(out1.maps, out0.maps)  # the memory takes part in the map
+    # `run --precision bf16` holds the whole model, memory banks included, in bf16: it scores, close to fp32
+    model.memory.weight.copy_(ckpt.tensors["memory.weight"])
+    half = build_model(spec, ckpt.tensors["text_embeddings"].numpy(), tensors=ckpt.tensors).to(
+        torch.device("cpu"), torch.bfloat16)
+    with torch.inference_mode():
+        out16 = half(x.to(torch.bfloat16))
+    assert half.model.memory.banks()[0].dtype == torch.bfloat16
+    assert float((out16.maps.float() - out1.maps).abs().max()) < 0.05
+    assert float((out16.class_probs - out1.class_probs).abs().max()) < 0.05
 
 
 def test_crop_views_show_small_defects_at_native_resolution():

@@ -73,7 +73,8 @@ class PatchMemory(nn.Module):
 
     def token_distance(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`distance` of tokens already taken by :meth:`tokens`, one ``(B, N, W)`` per memory tap."""
-        terms = [nearest_distance(t, bank) for t, bank in zip(tokens, self.banks(), strict=True)]
+        # in the tokens' dtype (float32): a model held in bf16 holds its banks in bf16 too
+        terms = [nearest_distance(t, bank.to(t.dtype)) for t, bank in zip(tokens, self.banks(), strict=True)]
         return torch.stack(terms).mean(dim=0)
 
     def patch_scores(self, distance: torch.Tensor) -> torch.Tensor:
