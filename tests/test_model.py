@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from semclip_batch.model import SemClip, SemClipConfig, default_taps
-from semclip_batch.model.encoder import embed_patches, encode_dual_path, vv_attention
+from semclip_batch.model.encoder import dual_block, embed_patches, encode_dual_path, fuses, vv_attention
 from semclip_batch.model.surgery import feature_surgery
 
 
@@ -34,6 +34,24 @@ def test_vv_attention_matches_naive_per_head(tiny_clip):
     h = torch.randn(2, 226, block.attn.embed_dim)
     with torch.no_grad():
         assert torch.allclose(vv_attention(block.attn, h), naive_vv(block.attn, h), atol=1e-5)
+
+
+def test_dual_block_is_the_block_and_its_vv_attention_in_one_projection(tiny_clip):
+    """The fused block (Q, K, V projected once for both paths) equals open_clip's block and the V-V attention of
+    its own ln_1; open_clip's ViT blocks take that path."""
+    torch.manual_seed(4)
+    blocks = tiny_clip.clip.visual.transformer.resblocks
+    assert all(fuses(b) for b in blocks)
+    x = torch.randn(2, 226, blocks[0].attn.embed_dim)
+    with torch.no_grad():
+        for block in blocks:
+            fused, a_vv = dual_block(block, x)
+            assert torch.allclose(fused, block(x), atol=1e-5)
+            assert torch.allclose(a_vv, vv_attention(block.attn, block.ln_1(x)), atol=1e-5)
+            x = fused
+    odd = torch.nn.Module()
+    odd.attn = torch.nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    assert not fuses(odd)  # anything else runs the block and the V-V path apart
 
 
 @pytest.mark.parametrize("vv_from", [None, 1, 3])

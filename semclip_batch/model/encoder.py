@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .towers import VisionTower
+from .towers import Block, VisionTower
 
 
 @dataclass
@@ -53,6 +53,31 @@ def vv_attention(attn: nn.MultiheadAttention, h: torch.Tensor) -> torch.Tensor:
     return attn.out_proj(a.transpose(1, 2).reshape(b, n, w))
 
 
+def fuses(block: Block) -> bool:
+    """Whether :func:`dual_block` reproduces this block: open_clip's self-attention block with one packed
+    ``in_proj``, no extra key/value biases, no zero-attention row, no dropout and no cross-attention norm."""
+    attn = getattr(block, "attn", None)
+    return (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.in_proj_weight is not None
+            and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn
+            and (attn.dropout == 0.0 or not attn.training) and not hasattr(block, "ln_1_kv")
+            and all(hasattr(block, name) for name in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")))
+
+
+def dual_block(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block on the original path and its V-V attention from the same ``ln_1`` and ``in_proj``: the block's own
+    values are the V-V path's (``h = ln_1(x_ori)``), so Q, K and V are projected once, and both attentions go
+    through ``out_proj`` in one matrix product. ``(B, N, W)`` -> (the block's output, ``out_proj(a_vv)``)."""
+    attn = block.attn
+    b, n, w = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(b, n, 3, heads, w // heads).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
+    both = torch.cat([F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(v, v, v)])
+    out = attn.out_proj(both.transpose(1, 2).reshape(2 * b, n, w))
+    x = x + block.ls_1(out[:b])
+    return x + block.ls_2(block.mlp(block.ln_2(x))), out[b:]
+
+
 def embed_patches(visual: VisionTower, images: torch.Tensor) -> torch.Tensor:
     """Patch + class + position embeddings and ``ln_pre``. ``(B, 3, S, S)`` -> ``(B, 1 + N, W)``."""
     x = visual.conv1(images)
@@ -82,7 +107,8 @@ def keep_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def encode_dual_path(visual: VisionTower, images: torch.Tensor, taps: tuple[int, ...], vv_from: int | None,
                      keep: torch.Tensor | None = None) -> EncoderOutput:
-    """Run the blocks once, both paths, keeping the tokens after each tapped block.
+    """Run the blocks once, both paths, keeping the tokens after each tapped block (a dual-path block projects its
+    queries, keys and values once for both: :func:`dual_block`).
 
     Args:
         taps: 1-based block indices to tap.
@@ -101,8 +127,14 @@ def encode_dual_path(visual: VisionTower, images: torch.Tensor, taps: tuple[int,
         if vv_from is not None and index >= vv_from:
             if x_vv is None:
                 x_vv = x
-            x_vv = x_vv + block.ls_1(vv_attention(block.attn, block.ln_1(x)))
-        x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            if fuses(block):
+                x, a_vv = dual_block(block, x)
+                x_vv = x_vv + block.ls_1(a_vv)
+            else:
+                x_vv = x_vv + block.ls_1(vv_attention(block.attn, block.ln_1(x)))
+                x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+        else:
+            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
         if index in taps:
             original.append(x)
             vv.append(x_vv)

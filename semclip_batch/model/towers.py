@@ -22,6 +22,9 @@ class Block(Protocol):
     attn: nn.MultiheadAttention  # check_supported refuses towers whose blocks have another attention
     ln_1: nn.Module
     ls_1: nn.Module  # LayerScale or nn.Identity
+    ln_2: nn.Module
+    mlp: nn.Module
+    ls_2: nn.Module
 
     def __call__(self, x: torch.Tensor, /) -> torch.Tensor: ...
 
