@@ -97,7 +97,13 @@ def bench_backbone(name: str, images: int, batch_size: int, threads: int, precis
     return {"backbone": name, "images": n, "batch_size": batch_size, "threads": threads, "precision": precision,
             "pipeline_img_s": round(n / wall, 2), "pipeline_steady_img_s": round(n / model["span_s"], 2),
             "startup_s": round(model["start_s"], 2), "model_stage_img_s": round(model_only, 2),
-            "plain_loop_img_s": round(plain, 2), "stages": stages}
+            "plain_loop_img_s": round(plain, 2), "object_store_bytes_per_frame": store_bytes_per_frame(stages, n),
+            "stages": stages}
+
+
+def store_bytes_per_frame(stages: list[dict[str, Any]], frames: int) -> int:
+    """Bytes every stage put into Ray's object store (its output blocks), summed, per frame."""
+    return round(sum(s.get("out_bytes") or 0 for s in stages) / max(1, frames))
 
 
 # (name, height, width, format, bits, TIFF compression, TIFF tile side)
@@ -159,8 +165,9 @@ def bench_decode(repeats: int = 20) -> list[dict[str, float | str]]:
 
 def print_stages(stages: list[dict[str, Any]]) -> None:
     for stage in stages:
+        per_row = stage["out_bytes"] / stage["rows"] if stage.get("out_bytes") and stage["rows"] else 0.0
         print(f"    {stage['stage']:<52} busy {stage['busy_s']:>7} s  cpu {stage['cpu_s']:>7} s  "
-              f"span {stage['span_s']:>7} s  tasks {stage['tasks']:>4}")
+              f"span {stage['span_s']:>7} s  tasks {stage['tasks']:>4}  out {per_row / 1e3:>8.1f} kB/frame")
 
 
 def print_decode(rows: list[dict[str, float | str]]) -> None:
@@ -363,6 +370,7 @@ def main() -> None:
               f"{r['pipeline_steady_img_s']:>7} {r['startup_s']:>7}s {r['model_stage_img_s']:>11} "
               f"{r['plain_loop_img_s']:>10}   (img/s)")
         print_stages(r["stages"])
+        print(f"    object store, all stages: {r['object_store_bytes_per_frame'] / 1e3:.1f} kB/frame")
     if args.json:
         Path(args.json).write_text(json.dumps({"decode": decode, "pipeline": rows}, indent=2))
 

@@ -133,6 +133,8 @@ def test_run_record_holds_ray_datas_stage_stats(first_run):
     assert model["rows"] == writer["rows"] == result.record["rows"]["total"]  # error rows pass through too
     assert model["cpu_s"] > 0 and model["busy_s"] > 0 and model["span_s"] > 0 and model["tasks"] >= 1
     assert 0 < model["start_s"] < model["end_s"] <= writer["end_s"] + 1e-3  # seconds after the run's start
+    decode = result.record["stages"][1]  # float32 model views in, uint8 masks and small rows out
+    assert decode["out_bytes"] > model["out_bytes"] > 0
 
 
 def test_run_record(first_run):

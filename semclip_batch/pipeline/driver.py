@@ -384,7 +384,8 @@ def stage_stats(ds: ray.data.Dataset, origin: float = 0.0) -> list[dict[str, Any
     its tasks ran (``busy_s``, summed over tasks), their CPU time, its first start and last end in seconds after
     ``origin`` (the run's start on ``time.perf_counter``'s clock, the one Ray stamps tasks with: meaningful on the
     driver's node) and the span between them (where a stage was busy less than its span times its parallelism,
-    it waited), and its input rows, in pipeline order. [] when Ray keeps none."""
+    it waited), its input rows and the bytes of the blocks it put into the object store, in pipeline order. []
+    when Ray keeps none."""
     try:
         summary = ds.get_stats_summary()
     except Exception:  # stats are a report, never a reason to fail a finished run
@@ -406,7 +407,8 @@ def stage_stats(ds: ray.data.Dataset, origin: float = 0.0) -> list[dict[str, Any
                         "span_s": round(span, 3) if span is not None else None,
                         "start_s": _after(op.earliest_start_time, origin),
                         "end_s": _after(op.latest_end_time, origin),
-                        "rows": op.total_input_num_rows})
+                        "rows": op.total_input_num_rows,
+                        "out_bytes": int(op.output_size_bytes.sum) if op.output_size_bytes else None})
     return out[::-1]  # from the plan read to the writer
 
 
