@@ -163,9 +163,9 @@ def bench_decode(repeats: int = 20) -> list[dict[str, float | str]]:
     return rows
 
 
-def print_stages(stages: list[dict[str, Any]]) -> None:
+def print_stages(stages: list[dict[str, Any]], frames: int) -> None:
     for stage in stages:
-        per_row = stage["out_bytes"] / stage["rows"] if stage.get("out_bytes") and stage["rows"] else 0.0
+        per_row = (stage.get("out_bytes") or 0) / max(1, frames)
         print(f"    {stage['stage']:<52} busy {stage['busy_s']:>7} s  cpu {stage['cpu_s']:>7} s  "
               f"span {stage['span_s']:>7} s  tasks {stage['tasks']:>4}  out {per_row / 1e3:>8.1f} kB/frame")
 
@@ -319,7 +319,7 @@ def print_stub(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f"{r['frame']:<32} {r['frames']:>6} {r['views']:>5} {r['steady_img_s']:>7} {r['img_s_per_core']:>8} "
               f"{r['gpu_img_s']:>9} {r['cores_per_gpu']:>11}   (frames/s; stand-in at {r['stub_views_s']} views/s)")
-        print_stages(r["stages"])
+        print_stages(r["stages"], int(r["frames"]))
 
 
 def main() -> None:
@@ -369,7 +369,7 @@ def main() -> None:
         print(f"{r['backbone']:<20} {r['images']:>6} {r['batch_size']:>5} {r['precision']:>5} {r['pipeline_img_s']:>9} "
               f"{r['pipeline_steady_img_s']:>7} {r['startup_s']:>7}s {r['model_stage_img_s']:>11} "
               f"{r['plain_loop_img_s']:>10}   (img/s)")
-        print_stages(r["stages"])
+        print_stages(r["stages"], int(r["images"]))
         print(f"    object store, all stages: {r['object_store_bytes_per_frame'] / 1e3:.1f} kB/frame")
     if args.json:
         Path(args.json).write_text(json.dumps({"decode": decode, "pipeline": rows}, indent=2))
