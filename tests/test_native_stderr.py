@@ -36,6 +36,16 @@ def test_native_lines_go_to_the_log_and_python_keeps_the_terminal(tmp_path):
     assert log == "[E core_worker.cc:1] native inside\n"
 
 
+def test_a_closed_descriptor_2_is_left_alone(tmp_path):
+    """`2>&-`: no descriptor to move, no traceback, nothing written."""
+    log = tmp_path / "native.err"
+    code = ("import os, sys\nfrom semclip_batch.pipeline.native_stderr import native_stderr_to, split_stderr\n"
+            "os.close(2)\nsys.stderr = None\nsplit_stderr()\n"
+            f"with native_stderr_to({str(log)!r}):\n    print('inside')\nprint('after')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.splitlines() == ["inside", "after"] and not log.exists()
+
+
 def test_without_the_split_nothing_moves(tmp_path):
     """Python's stderr still on descriptor 2 (a library caller): moving it would hide Python's output, so no-op."""
     terminal, log = _child(tmp_path, "nosplit")

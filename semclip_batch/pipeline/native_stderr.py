@@ -42,17 +42,22 @@ def split_stderr() -> None:
 @contextmanager
 def native_stderr_to(path: str) -> Iterator[None]:
     """Descriptor 2 appends to ``path`` inside the block and is restored after it. A no-op when Python's
-    ``sys.stderr`` still writes to descriptor 2 (:func:`split_stderr` not called), or when ``path`` cannot be
-    opened: native lines are then shown rather than lost."""
+    ``sys.stderr`` still writes to descriptor 2 (:func:`split_stderr` not called), when ``path`` cannot be opened
+    (native lines are then shown rather than lost) or when descriptor 2 is closed."""
     if python_stderr_on_fd2():
+        yield
+        return
+    try:
+        saved = os.dup(STDERR_FD)  # fails when descriptor 2 is closed (`2>&-`): nothing to keep off a terminal
+    except OSError:
         yield
         return
     try:
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError:
+        os.close(saved)
         yield
         return
-    saved = os.dup(STDERR_FD)
     try:
         os.dup2(target, STDERR_FD)
     finally:
