@@ -7,8 +7,9 @@
     .venv/bin/python benchmarks/pipeline.py --flops-only       # model FLOPs per frame against the matmul peak
 
 Same synthetic lot, backbone (random weights: speed does not depend on their values), batch size and torch
-threads for all three. "plain loop" = read + decode + preprocess + SEM-CLIP + mask/regions in one process,
-no Ray and no output writes; "model stage" = the Predictor actor's work on already-decoded batches;
+threads for all three. "plain loop" = the pipeline's work in one process without Ray: plan, read + decode +
+preprocess, SEM-CLIP, parts written, each shard finalised into Parquet + Zarr with its done marker (the same
+functions the pipeline's stages call, local disk); "model stage" = the Predictor actor's work on already-decoded batches;
 "pipeline" = `semclip-batch run` end to end (Ray Data, writes to Zarr + Parquet, finalisation), start-up
 included; "steady" = frames over the span of the model stage inside that run, from its first batch to its last
 (the rate the pipeline feeds the model once running); "start-up" = run start to the model stage's first batch
@@ -24,22 +25,28 @@ import json
 import platform
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from semclip_batch.config import ModelSpec, RunConfig, Thresholds
-from semclip_batch.io.manifest import read_manifest
-from semclip_batch.methods.decisions import defect_regions
+from semclip_batch.io.layout import OutLayout
+from semclip_batch.io.manifest import read_manifest, read_manifest_table
+from semclip_batch.io.preprocess import normalize, unpack_views
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.model.towers import vision_tower
 from semclip_batch.pipeline.driver import run
+from semclip_batch.pipeline.finalise import FinaliseSetup, finalise_shard
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup
 from semclip_batch.pipeline.reader import decode_batch
+from semclip_batch.pipeline.shards import create_mask_groups, plan_shards, write_marker
+from semclip_batch.pipeline.writer import WriterSetup, write_batch
 from semclip_batch.synth.generate import SynthConfig, synth
 
 
@@ -49,16 +56,46 @@ def make_lot(folder: Path, images: int) -> Path:
     return folder / "manifest.csv"
 
 
+def as_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """A table as the numpy batch Ray Data hands a ``batch_format="numpy"`` stage."""
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def planned_rows(manifest: Path) -> pa.Table:
+    """The manifest's rows as the pipeline plans them (sorted, with their shards)."""
+    return plan_shards(read_manifest_table(str(manifest)), RunConfig.shard_size)
+
+
 def decoded_batches(manifest: Path, prep, batch_size: int) -> list[dict[str, np.ndarray]]:
-    df = read_manifest(str(manifest))
-    cols = {c: df[c].to_numpy(dtype=object) for c in ("image_id", "uri", "url", "reference_url", "page", "defect_id",
-                                                       "lot_id", "wafer_id", "die_x", "die_y")}
-    cols["shard"] = np.full(len(df), "s00000", dtype=object)
-    batches = []
-    for start in range(0, len(df), batch_size):
-        table = decode_batch({k: v[start:start + batch_size] for k, v in cols.items()}, prep=prep)
-        batches.append({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names})
-    return batches
+    rows = planned_rows(manifest)
+    return [as_batch(decode_batch(as_batch(rows.slice(start, batch_size)), prep=prep))
+            for start in range(0, rows.num_rows, batch_size)]
+
+
+def plain_loop(manifest: Path, out: Path, predictor: Predictor, prep, batch_size: int, model_id: str,
+               classes: tuple[str, ...]) -> float:
+    """The pipeline's work in this process, batch by batch, without Ray (see the module's docstring): frames a
+    second, plan to last marker."""
+    t0 = time.perf_counter()
+    layout, so = OutLayout(str(out)), cast(dict[str, Any], {})
+    rows = planned_rows(manifest)
+    keys = list(zip(rows.column("lot_id").to_pylist(), rows.column("shard").to_pylist(), strict=True))
+    size, left = Counter(keys), Counter(keys)
+    create_mask_groups(layout, {lot for lot, _ in keys}, so)
+    writer = WriterSetup(out=layout.root, run_id="plain-loop", model_id=model_id, classes=classes,
+                         thresholds=Thresholds(), storage_options=so)
+    finaliser = FinaliseSetup(out=layout.root, storage_options=so)
+    for start in range(0, rows.num_rows, batch_size):
+        decoded = decode_batch(as_batch(rows.slice(start, batch_size)), prep=prep)
+        write_batch(as_batch(predictor(as_batch(decoded))), setup=writer)
+        for key in keys[start:start + batch_size]:
+            left[key] -= 1
+            if not left[key]:
+                done = finalise_shard(finaliser, *key, expected_rows=size[key])
+                if done.error is not None:
+                    raise RuntimeError(done.error)
+                write_marker(layout, key, done.counts, so)
+    return rows.num_rows / (time.perf_counter() - t0)
 
 
 def bench_backbone(name: str, images: int, batch_size: int, threads: int, precision: str) -> dict[str, Any]:
@@ -73,14 +110,8 @@ def bench_backbone(name: str, images: int, batch_size: int, threads: int, precis
         manifest = make_lot(Path(tmp) / "data", images)
         n = len(read_manifest(str(manifest)))
         predictor = Predictor(setup)
-        # plain loop: everything in one process, batch by batch
-        t0 = time.perf_counter()
-        for batch in decoded_batches(manifest, prep, batch_size):
-            out = predictor(batch)
-            for i in range(len(out["image_id"])):
-                mask = np.frombuffer(out["mask"][i], np.uint8).reshape(int(out["height"][i]), int(out["width"][i]))
-                defect_regions(mask, Thresholds().pixel, Thresholds().min_region_px)
-        plain = n / (time.perf_counter() - t0)
+        plain = plain_loop(manifest, Path(tmp) / "plain-out", predictor, prep, batch_size, "benchmark",
+                           load_prompts().classes)
         # model stage alone on already-decoded batches
         batches = decoded_batches(manifest, prep, batch_size)
         t0 = time.perf_counter()
@@ -134,9 +165,10 @@ def frame_bytes(h: int, w: int, fmt: str, bits: int, compression: str | None, ti
 
 def bench_decode(repeats: int = 20) -> list[dict[str, float | str]]:
     """Milliseconds per frame on one core: decode from bytes in memory (``decode_image``), then preprocess into
-    the model views ``run`` scores (``model_inputs``: stretch, resize, tiles above 1024 px, normalise)."""
+    the model views ``run`` ships to the model stage (``packed_views``: stretch, resize, tiles above 1024 px,
+    uint16 grey; the actor normalises)."""
     from semclip_batch.io.decode import decode_image
-    from semclip_batch.io.preprocess import model_inputs
+    from semclip_batch.io.preprocess import packed_views
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -146,13 +178,13 @@ def bench_decode(repeats: int = 20) -> list[dict[str, float | str]]:
         for name, h, w, fmt, bits, compression, tile in DECODE_CASES:
             data = frame_bytes(h, w, fmt, bits, compression, tile)
             n = max(3, repeats * 1024 * 1024 // (h * w))
-            views = model_inputs(decode_image(data), prep)  # warm-up
+            views = packed_views(decode_image(data), prep)  # warm-up
             t0 = time.perf_counter()
             for _ in range(n):
                 gray = decode_image(data)
             t1 = time.perf_counter()
             for _ in range(n):
-                views = model_inputs(gray, prep)
+                views = packed_views(gray, prep)
             t2 = time.perf_counter()
             decode_ms, prep_ms = (t1 - t0) / n * 1e3, (t2 - t1) / n * 1e3
             rows.append({"frame": name, "bytes": len(data), "views": int(views.shape[0]),
@@ -200,7 +232,8 @@ def bench_flops(name: str, batch: int, precisions: tuple[str, ...] = ("fp32", "b
     backbone = load_backbone(name, "none")
     text = text_embeddings(backbone, load_prompts())
     prep = preprocess_config(name, tile_above=1024)
-    views = np.random.default_rng(0).normal(size=(batch, 3, prep.image_size, prep.image_size)).astype(np.float32)
+    views = np.random.default_rng(0).integers(0, 1 << 16, size=(batch, prep.image_size, prep.image_size),
+                                              dtype=np.uint16)  # packed grey views, as the decode stage ships them
     rows: list[dict[str, float | str]] = []
     for precision in precisions:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
@@ -209,7 +242,7 @@ def bench_flops(name: str, batch: int, precisions: tuple[str, ...] = ("fp32", "b
                                              prep=prep, text_embeddings=text, weights_sha256=backbone.sha256,
                                              batch_size=batch, threads=torch.get_num_threads(), use_gpu=False))
         tower = cast(torch.nn.Module, vision_tower(backbone.clip)).to(dtype)
-        x = torch.from_numpy(views).to(dtype)
+        x = normalize(unpack_views(torch.from_numpy(views)), prep).to(dtype)
         rows.append(_forward_row(name, "SEM-CLIP model stage", precision, batch, peak,
                                  functools.partial(predictor._forward, views, None, None)))
         rows.append(_forward_row(name, "open_clip image tower", precision, batch, peak, functools.partial(tower, x)))

@@ -18,6 +18,7 @@ from PIL import Image
 from semclip_batch.analysis.results import read_predictions
 from semclip_batch.config import ModelSpec, RunConfig
 from semclip_batch.errors import OutputError
+from semclip_batch.io.preprocess import tile_grid
 from semclip_batch.io.schema import PREDICTIONS, RESULT_COLUMNS
 from semclip_batch.pipeline.driver import run
 
@@ -133,8 +134,10 @@ def test_run_record_holds_ray_datas_stage_stats(first_run):
     assert model["rows"] == writer["rows"] == result.record["rows"]["total"]  # error rows pass through too
     assert model["cpu_s"] > 0 and model["busy_s"] > 0 and model["span_s"] > 0 and model["tasks"] >= 1
     assert 0 < model["start_s"] < model["end_s"] <= writer["end_s"] + 1e-3  # seconds after the run's start
-    decode = result.record["stages"][1]  # float32 model views in, uint8 masks and small rows out
-    assert decode["out_bytes"] > model["out_bytes"] > 0
+    decode = result.record["stages"][1]  # one uint16 grey channel per model view, not 3 float32 channels
+    views = result.record["counts"]["ok"] + len(tile_grid(4096, 4096, 1024))  # the 4096 px frame is tiled
+    view_bytes = 2 * result.record["preprocessing"]["image_size"] ** 2 * views
+    assert view_bytes <= decode["out_bytes"] < 1.5 * view_bytes and model["out_bytes"] > 0
 
 
 def test_run_record(first_run):

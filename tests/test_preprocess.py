@@ -10,7 +10,18 @@ import pytest
 import torch
 
 from semclip_batch.config import PreprocessConfig
-from semclip_batch.io.preprocess import MAX_TILES, Tile, maps_to_frame, model_inputs, stretch, tile_grid
+from semclip_batch.io.preprocess import (
+    MAX_TILES,
+    VIEW_LEVELS,
+    Tile,
+    maps_to_frame,
+    model_inputs,
+    normalize,
+    packed_views,
+    stretch,
+    tile_grid,
+    unpack_views,
+)
 
 CFG = PreprocessConfig(image_size=240, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -68,6 +79,20 @@ def test_model_inputs_shape_and_normalisation():
     assert np.isclose(x.min(), (0 - 0.5) / 0.25, atol=0.05) and np.isclose(x.max(), (1 - 0.5) / 0.25, atol=0.05)
     big = model_inputs(np.zeros((1500, 1100), np.float32), CFG)
     assert big.shape[0] == 1 + len(tile_grid(1500, 1100, 1024))
+
+
+def test_packed_views_are_the_model_inputs_in_uint16():
+    """What run's decode stage ships (one grey channel in uint16) normalises in the actor to the model inputs,
+    within half a level; every view (whole frame and tiles) is packed."""
+    rng = np.random.default_rng(3)
+    for shape in ((200, 320), (1500, 1100)):
+        ramp = np.linspace(0.0, 1.0, shape[1], dtype=np.float32)[None, :] ** 2
+        frame = ramp + 0.05 * rng.random(shape, dtype=np.float32)
+        packed = packed_views(frame, CFG)
+        assert packed.dtype == np.uint16 and packed.shape == (1 + len(tile_grid(*shape, 1024)), 240, 240)
+        assert int(packed.max()) - int(packed.min()) > 0.9 * VIEW_LEVELS  # the stretch spans the levels
+        x = normalize(unpack_views(torch.from_numpy(packed)), CFG).numpy()
+        assert np.abs(x - model_inputs(frame, CFG)).max() <= 0.5 / VIEW_LEVELS / 0.25 + 1e-6
 
 
 def test_maps_back_to_frame_untiled_and_tiled():

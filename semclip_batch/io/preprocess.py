@@ -25,6 +25,7 @@ from semclip_batch.config import PreprocessConfig
 # the 17 ms its preprocessing cost on one core (benchmarks/pipeline.py --decode).
 _STATS_SAMPLES = 1 << 18
 MAX_TILES = 63  # so that a frame is at most 1 + 63 = 64 model views
+VIEW_LEVELS = 65535  # grey levels of a packed view (uint16)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,26 @@ def model_inputs(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return normalize(grey_views(gray, cfg, frame_tiles(gray.shape[0], gray.shape[1], cfg)), cfg).numpy()
 
 
+def packed_views(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """The views :func:`model_inputs` normalises, as ``run``'s decode stage ships them to the model actor: one
+    grey channel in uint16 (:func:`pack_views`). ``(H, W)`` -> ``(1 + n_tiles, S, S)`` uint16."""
+    return pack_views(grey_views(gray, cfg, frame_tiles(gray.shape[0], gray.shape[1], cfg)))
+
+
+def pack_views(views: torch.Tensor) -> np.ndarray:
+    """Grey views in [0, 1] to uint16 levels (rounded; a step of 1/65535, far below bf16's resolution and any
+    SEM detector's noise): 2 bytes a pixel through the object store instead of the 12 of three normalised float32
+    channels. ``(N, S, S)`` float -> ``(N, S, S)`` uint16."""
+    levels = np.rint(views.float().clamp(0.0, 1.0).numpy() * np.float32(VIEW_LEVELS))
+    return levels.astype(np.uint16)
+
+
+def unpack_views(levels: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_views`' inverse, on the tensor's device. ``(N, S, S)`` uint16 -> ``(N, S, S)`` float32 in
+    [0, 1]."""
+    return levels.to(torch.float32).div_(VIEW_LEVELS)
+
+
 def grey_views(gray: np.ndarray, cfg: PreprocessConfig, tiles: list[Tile]) -> torch.Tensor:
     """The frame stretched once, then the whole frame and each of ``tiles`` resized to the model input, before
     normalisation (what ``run`` scores and ``train`` fits on). ``(H, W)`` -> ``(1 + len(tiles), S, S)`` float32."""
@@ -153,10 +174,11 @@ def grey_views(gray: np.ndarray, cfg: PreprocessConfig, tiles: list[Tile]) -> to
 
 
 def normalize(views: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """Grey views in [0, 1] to 3 normalised channels. ``(N, S, S)`` -> ``(N, 3, S, S)`` float32."""
+    """Grey views in [0, 1] to 3 normalised channels, on the views' device. ``(N, S, S)`` -> ``(N, 3, S, S)``
+    float32."""
     x = views.float()[:, None].expand(-1, 3, -1, -1)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=views.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32, device=views.device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()
 
 

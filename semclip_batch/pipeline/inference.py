@@ -1,6 +1,7 @@
 """The model stage: a Ray Data actor that builds the model (SEM-CLIP or a baseline) once in ``__init__`` and scores batches.
 
-Input rows carry the preprocessed views; output rows carry the uint8 mask at the frame's H x W, the class
+Input rows carry the preprocessed views (one grey channel in uint16, expanded and normalised here, on the
+device); output rows carry the uint8 mask at the frame's H x W, the class
 scores and the image score. A failing batch becomes ``model_error`` rows (traceback logged), never a crash.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from semclip_batch.config import ModelSpec, PreprocessConfig
 from semclip_batch.errors import MODEL_ERROR, OK, WeightsError, one_line
-from semclip_batch.io.preprocess import frame_tiles, maps_to_frame
+from semclip_batch.io.preprocess import frame_tiles, maps_to_frame, normalize, unpack_views
 from semclip_batch.io.schema import SCORED, to_table
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.decisions import anomaly_score, to_mask_tensor
@@ -119,21 +120,27 @@ class Predictor:
     @torch.inference_mode()
     def _forward(self, views: np.ndarray, refs: np.ndarray | None,
                  has_ref: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(V, 3, S, S)`` (and the reference views, same shape, with a ``(V,)`` flag) -> maps ``(V, S, S)`` left
-        on the device (resized, averaged and quantised there: only uint8 masks leave it) and class probabilities
-        ``(V, C)`` on the CPU."""
+        """Packed views ``(V, S, S)`` uint16 (and the reference views, same shape, with a ``(V,)`` flag) -> maps
+        ``(V, S, S)`` left on the device (resized, averaged and quantised there: only uint8 masks leave it) and
+        class probabilities ``(V, C)`` on the CPU."""
         maps, probs = [], []
         step = self.setup.batch_size
         for start in range(0, views.shape[0], step):
-            x = torch.from_numpy(views[start:start + step]).to(self.device, self.dtype)
+            x = self._model_input(views[start:start + step])
             r = flag = None
             if refs is not None and has_ref is not None:
-                r = torch.from_numpy(refs[start:start + step]).to(self.device, self.dtype)
+                r = self._model_input(refs[start:start + step])
                 flag = torch.from_numpy(has_ref[start:start + step]).to(self.device)
             out = self.scoring(x, r, flag)
             maps.append(out.maps.float())
             probs.append(out.class_probs.float().cpu())
         return torch.cat(maps), torch.cat(probs)
+
+    def _model_input(self, packed: np.ndarray) -> torch.Tensor:
+        """Packed uint16 views -> the model's normalised 3-channel input in its dtype, converted on the device
+        (2 bytes a pixel cross to it, not 12)."""
+        levels = torch.from_numpy(np.ascontiguousarray(packed)).to(self.device, non_blocking=True)
+        return normalize(unpack_views(levels), self.setup.prep).to(self.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Score a batch of :data:`~semclip_batch.io.schema.DECODED` rows -> a table of
@@ -162,12 +169,12 @@ class Predictor:
             return
         size = self.setup.prep.image_size
         counts = [int(batch["n_views"][i]) for i in ok]
-        views = np.concatenate([np.frombuffer(batch["pixels"][i], dtype=np.float32).reshape(c, 3, size, size)
+        views = np.concatenate([np.frombuffer(batch["pixels"][i], dtype=np.uint16).reshape(c, size, size)
                                 for i, c in zip(ok, counts, strict=False)])
         refs = has_ref = None
         if bool(np.any(batch["has_ref"][ok])):
-            refs = np.concatenate([np.frombuffer(batch["ref_pixels"][i], dtype=np.float32).reshape(c, 3, size, size)
-                                   if batch["has_ref"][i] else np.zeros((c, 3, size, size), np.float32)
+            refs = np.concatenate([np.frombuffer(batch["ref_pixels"][i], dtype=np.uint16).reshape(c, size, size)
+                                   if batch["has_ref"][i] else np.zeros((c, size, size), np.uint16)
                                    for i, c in zip(ok, counts, strict=False)])
             has_ref = np.concatenate([np.full(c, bool(batch["has_ref"][i])) for i, c in zip(ok, counts, strict=False)])
         maps, probs = self._forward(views, refs, has_ref)

@@ -1,7 +1,8 @@
 """The CPU stages: read the stored plan; read each image's bytes through fsspec, decode, preprocess.
 
 Every input row leaves as exactly one output row: ``status`` ``ok`` with the model views in ``pixels``
-(float32 bytes of ``(n_views, 3, S, S)``), or an error kind with a one-line ``error``.
+(uint16 bytes of ``(n_views, S, S)``: one grey channel, expanded and normalised in the model actor), or an error
+kind with a one-line ``error``.
 """
 
 from __future__ import annotations
@@ -50,12 +51,12 @@ def _as_input(plan: pa.Table) -> pa.Table:
 
 
 def _model_inputs(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
-    """:func:`semclip_batch.io.preprocess.model_inputs`, imported on the first frame that was read: preprocessing
+    """:func:`semclip_batch.io.preprocess.packed_views`, imported on the first frame that was read: preprocessing
     needs torch (seconds and ~600 MB per worker to import), and a task whose rows all fail to read (missing
     files, a dead bucket) then never pays for it."""
-    from semclip_batch.io.preprocess import model_inputs
+    from semclip_batch.io.preprocess import packed_views
 
-    return model_inputs(gray, prep)
+    return packed_views(gray, prep)
 
 
 def _page(value: Any) -> int | None:
