@@ -179,3 +179,22 @@ def test_uniform_text_gives_uniform_defect_probability(tiny_clip):
 def test_bad_taps_refused(tiny_clip):
     with pytest.raises(ValueError, match="taps"):
         SemClip(tiny_clip.clip, SemClipConfig(taps=(5,)), n_classes=2)
+
+
+@pytest.mark.parametrize(("shape", "sigma"), [((4, 240, 240), 4.0), ((3, 224, 300), 1.5), ((2, 40, 33), 4.0)])
+def test_gaussian_blur_is_the_separable_reflected_convolution(shape, sigma):
+    """The maps' smoothing, done as two matrix products, equals the direct separable convolution with reflected
+    borders; it keeps a constant map constant, and works under inference mode and with autograd alike."""
+    from semclip_batch.model.semclip import gaussian_blur, gaussian_kernel
+
+    maps = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    k = gaussian_kernel(sigma)
+    r = k.numel() // 2
+    x = F.conv2d(F.pad(maps[:, None], (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    direct = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))[:, 0]
+    with torch.inference_mode():
+        assert torch.allclose(gaussian_blur(maps, sigma), direct, atol=1e-5)
+    assert torch.allclose(gaussian_blur(torch.full(shape, 0.3), sigma), torch.full(shape, 0.3), atol=1e-5)
+    grad_in = maps.clone().requires_grad_(True)
+    gaussian_blur(grad_in, sigma).sum().backward()
+    assert grad_in.grad is not None and torch.isfinite(grad_in.grad).all()

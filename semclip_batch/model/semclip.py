@@ -6,6 +6,7 @@ lives in a registered buffer, so it travels with ``state_dict``. Class 0 is alwa
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -119,15 +120,28 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian with reflected borders. ``(B, H, W)`` -> ``(B, H, W)``."""
+    """Separable Gaussian with reflected borders. ``(B, H, W)`` -> ``(B, H, W)``.
+
+    Each axis is one matrix product with :func:`blur_matrix` (the padded 1-D convolution as a linear map): a
+    one-channel ``conv2d`` with a 33-tap kernel ran at a few GFLOP/s on CPU and took a third of
+    semclip-tiny's forward pass; the product does more arithmetic at the matmul rate, 10-20x faster here."""
     if sigma <= 0:
         return maps
-    k = gaussian_kernel(sigma).to(maps)
+    along_w = blur_matrix(maps.shape[-1], sigma).to(maps)
+    along_h = blur_matrix(maps.shape[-2], sigma).to(maps)
+    return along_h.t() @ (maps @ along_w)
+
+
+@functools.lru_cache(maxsize=16)
+def blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """The 1-D Gaussian of ``sigma`` with reflected borders on ``n`` samples, as the ``(n, n)`` matrix ``A``
+    with ``blurred = x @ A`` for rows ``x``: the padded convolution applied to each unit vector."""
+    k = gaussian_kernel(sigma)
     r = k.numel() // 2
-    x = maps[:, None]
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-    return x[:, 0]
+    # a plain tensor even when first asked for under inference mode: training saves it for backward
+    with torch.inference_mode(False), torch.no_grad():
+        unit = torch.eye(n, dtype=torch.float32)[:, None, None]  # (n, 1, 1, n): one unit row per batch entry
+        return F.conv2d(F.pad(unit, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))[:, 0, 0]
 
 
 class SemClip(Scorer):
