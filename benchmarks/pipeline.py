@@ -98,14 +98,15 @@ def plain_loop(manifest: Path, out: Path, predictor: Predictor, prep, batch_size
     return rows.num_rows / (time.perf_counter() - t0)
 
 
-def bench_backbone(name: str, images: int, batch_size: int, threads: int, precision: str) -> dict[str, Any]:
+def bench_backbone(name: str, images: int, batch_size: int, threads: int, precision: str,
+                   num_gpus: float = 0.0) -> dict[str, Any]:
     torch.set_num_threads(threads)
     spec = ModelSpec(backbone=name, pretrained="none", precision=precision)
     prep = preprocess_config(name, tile_above=1024)
     backbone = load_backbone(name, "none")
     text = text_embeddings(backbone, load_prompts())
     setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text, weights_sha256=backbone.sha256,
-                           batch_size=batch_size, threads=threads, use_gpu=False)
+                           batch_size=batch_size, threads=threads, use_gpu=num_gpus > 0)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = make_lot(Path(tmp) / "data", images)
         n = len(read_manifest(str(manifest)))
@@ -119,13 +120,15 @@ def bench_backbone(name: str, images: int, batch_size: int, threads: int, precis
             predictor(batch)
         model_only = n / (time.perf_counter() - t0)
         del predictor
-        cfg = RunConfig(input=str(manifest), out=str(Path(tmp) / "out"), model=spec, batch_size=batch_size)
+        cfg = RunConfig(input=str(manifest), out=str(Path(tmp) / "out"), model=spec, batch_size=batch_size,
+                        num_gpus=num_gpus)
         t0 = time.perf_counter()
         record = run(cfg).record
         wall = time.perf_counter() - t0
     stages = record.get("stages", [])
     model = next(s for s in stages if "Predictor" in s["stage"])
     return {"backbone": name, "images": n, "batch_size": batch_size, "threads": threads, "precision": precision,
+            "device": "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu",
             "pipeline_img_s": round(n / wall, 2), "pipeline_steady_img_s": round(n / model["span_s"], 2),
             "startup_s": round(model["start_s"], 2), "model_stage_img_s": round(model_only, 2),
             "plain_loop_img_s": round(plain, 2), "object_store_bytes_per_frame": store_bytes_per_frame(stages, n),
@@ -362,6 +365,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--num-gpus", type=float, default=0.0,
+                        help="GPUs for the model actor (and the model stage alone / plain loop on cuda)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--decode-only", action="store_true", help="only decode + preprocess per frame, one core")
     parser.add_argument("--model-stub", type=float, default=None, metavar="RATE",
@@ -392,8 +397,9 @@ def main() -> None:
     rows = []
     for name in args.backbones.split(","):
         images = args.images or (1400 if name == "semclip-tiny" else 140)
-        rows.append(bench_backbone(name, images, args.batch_size, args.threads, args.precision))
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU")
+        rows.append(bench_backbone(name, images, args.batch_size, args.threads, args.precision, args.num_gpus))
+    device = torch.cuda.get_device_name() if args.num_gpus > 0 and torch.cuda.is_available() else "CPU"
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {device}")
     header = (f"{'backbone':<20} {'images':>6} {'batch':>5} {'prec':>5} {'pipeline':>9} {'steady':>7} {'start-up':>8} "
               f"{'model stage':>11} {'plain loop':>10}")
     print(header)

@@ -234,3 +234,33 @@ def test_a_stand_in_model_stage_keeps_the_contract_and_its_own_run_id(first_run,
     for row, truth in zip(ok.itertuples(), real[real["status"] == "ok"].itertuples(), strict=True):
         stored = root[row.mask_path][int(row.mask_index)]
         assert stored.shape == root[truth.mask_path][int(truth.mask_index)].shape and not stored.any()
+
+
+def test_the_benchmarks_plain_loop_stores_what_the_pipeline_stores(first_run, mixed_manifest, tmp_path):
+    """benchmarks/pipeline.py's plain loop (the pipeline's work in one process, writes and finalisation
+    included) stores the same rows, statuses and scores as `run`, with a done marker per shard."""
+    import importlib.util
+
+    from semclip_batch.methods.prompts import load_prompts, text_embeddings
+    from semclip_batch.methods.weights import load_backbone, preprocess_config
+    from semclip_batch.pipeline.inference import Predictor, PredictorSetup
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
+    spec = importlib.util.spec_from_file_location("semclip_bench_pipeline", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, _ = first_run
+    prep = preprocess_config(SPEC.backbone, tile_above=1024)
+    backbone = load_backbone(SPEC.backbone, SPEC.pretrained, seed=SPEC.seed)
+    prompts = load_prompts()
+    predictor = Predictor(PredictorSetup(spec=SPEC, prep=prep, text_embeddings=text_embeddings(backbone, prompts),
+                                         weights_sha256=backbone.sha256, batch_size=8, threads=2, use_gpu=False))
+    rate = bench.plain_loop(mixed_manifest, tmp_path / "plain", predictor, prep, 8, "plain", prompts.classes)
+    assert rate > 0
+    real, plain = predictions(out), predictions(tmp_path / "plain")
+    assert plain["image_id"].tolist() == real["image_id"].tolist()
+    assert plain["status"].tolist() == real["status"].tolist()
+    assert np.allclose(plain["anomaly_score"].to_numpy(float), real["anomaly_score"].to_numpy(float), atol=1e-5,
+                       equal_nan=True)
+    lots = sorted(set(real["lot_id"]))
+    assert all(list((tmp_path / "plain" / "_state" / "done" / lot).glob("*.json")) for lot in lots)

@@ -138,8 +138,11 @@ class Predictor:
 
     def _model_input(self, packed: np.ndarray) -> torch.Tensor:
         """Packed uint16 views -> the model's normalised 3-channel input in its dtype, converted on the device
-        (2 bytes a pixel cross to it, not 12)."""
-        levels = torch.from_numpy(np.ascontiguousarray(packed)).to(self.device, non_blocking=True)
+        (2 bytes a pixel cross to it, not 12; from pinned host memory on a GPU, so the copy is asynchronous)."""
+        levels = torch.from_numpy(np.ascontiguousarray(packed))
+        if self.device.type == "cuda":
+            levels = levels.pin_memory()
+        levels = levels.to(self.device, non_blocking=True)
         return normalize(unpack_views(levels), self.setup.prep).to(self.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
