@@ -184,7 +184,7 @@ def test_bad_taps_refused(tiny_clip):
 @pytest.mark.parametrize(("shape", "sigma"), [((4, 240, 240), 4.0), ((3, 224, 300), 1.5), ((2, 40, 33), 4.0)])
 def test_gaussian_blur_is_the_separable_reflected_convolution(shape, sigma):
     """The maps' smoothing, done as two matrix products, equals the direct separable convolution with reflected
-    borders; it keeps a constant map constant, and works under inference mode and with autograd alike."""
+    borders; it keeps a constant map constant, works under inference mode and with autograd alike, and in bf16."""
     from semclip_batch.model.semclip import gaussian_blur, gaussian_kernel
 
     maps = torch.rand(shape, generator=torch.Generator().manual_seed(1))
@@ -198,3 +198,5 @@ def test_gaussian_blur_is_the_separable_reflected_convolution(shape, sigma):
     grad_in = maps.clone().requires_grad_(True)
     gaussian_blur(grad_in, sigma).sum().backward()
     assert grad_in.grad is not None and torch.isfinite(grad_in.grad).all()
+    half = gaussian_blur(maps.to(torch.bfloat16), sigma)  # the matrices follow the maps' dtype (cached per dtype)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), direct, atol=2e-2)

@@ -159,7 +159,7 @@ def pack_views(views: torch.Tensor) -> np.ndarray:
 def unpack_views(levels: torch.Tensor) -> torch.Tensor:
     """:func:`pack_views`' inverse, on the tensor's device. ``(N, S, S)`` uint16 -> ``(N, S, S)`` float32 in
     [0, 1]."""
-    return levels.to(torch.float32).div_(VIEW_LEVELS)
+    return levels.to(torch.float32) / VIEW_LEVELS
 
 
 def grey_views(gray: np.ndarray, cfg: PreprocessConfig, tiles: list[Tile]) -> torch.Tensor:

@@ -32,7 +32,8 @@ INPUT_COLUMNS = tuple(INPUT.names)
 _FRAME = [("status", pa.string()), ("error", pa.string()), ("height", pa.int64()), ("width", pa.int64()),
           ("n_views", pa.int64())]
 
-# Decode stage out: the model views as float32 bytes of (n_views, 3, S, S); the reference views alike.
+# Decode stage out: the model views as uint16 grey levels, bytes of (n_views, S, S) (io/preprocess.pack_views);
+# the reference views alike.
 DECODED = pa.schema([*INPUT, *_FRAME, ("pixels", pa.large_binary()), ("ref_pixels", pa.large_binary()),
                      ("has_ref", pa.bool_())])
 
