@@ -25,6 +25,9 @@ from semclip_batch.pipeline.driver import run
 from semclip_batch.synth.generate import SynthConfig, synth
 
 SIZES = ((256, 256), (240, 320), (300, 200))
+LOT_SIZES = (*SIZES, (1200, 900))  # the test lots' frames; the support set is drawn at the same sizes, as a fab
+# labels frames of its own lots (a support set without 1200x900 frames gave pAUROC 0.881 instead of 0.928 on
+# classic lots of other seeds: README "The two commands")
 DEMO_STEPS = 350
 DEMO_RECIPE = {"steps": str(DEMO_STEPS), "keep": str(PretrainConfig.keep)}
 
@@ -59,9 +62,9 @@ def run_demo(folder: str, *, backbone: str = "semclip-tiny", with_pretrain: bool
     data, support, pre, out = (storage.join(root, p) for p in ("data", "support", "pretrain", "out"))
     ckpt = storage.join(root, "checkpoint")
     yield f"[1/8] synth: test lots -> {data}, 10-shot support set -> {support}"
-    manifest = synth(data, SynthConfig(seed=7, lots=2, per_class=3, sizes=(*SIZES, (1200, 900))))
-    synth(support, SynthConfig(seed=2000, lots=1, per_class=10, sizes=SIZES))
-    yield f"      {len(manifest)} test images in {manifest['lot_id'].nunique()} lots (one 1200x900 frame per lot is tiled)"
+    manifest = synth(data, SynthConfig(seed=7, lots=2, per_class=3, sizes=LOT_SIZES))
+    synth(support, SynthConfig(seed=2000, lots=1, per_class=10, sizes=LOT_SIZES))
+    yield f"      {len(manifest)} test images in {manifest['lot_id'].nunique()} lots (about a quarter of them 1200x900, tiled)"
     if with_pretrain:
         weights = storage.join(pre, "weights.safetensors")
         yield from _short_pretrain(pre, weights, backbone)

@@ -121,6 +121,18 @@ def test_kept_patches_hold_every_defect_patch_first():
     assert kept_patches(targets, 1.0, gen) is None
 
 
+def test_alpha_weighs_the_scores_that_classify_held_out_frames():
+    """The fusion weight follows whichever scores classify the frames it is chosen on; on a tie, the text."""
+    from semclip_batch.methods.semclip_method import best_alpha
+
+    labels = torch.tensor([0, 1, 2, 1])
+    right = torch.nn.functional.one_hot(labels, 3).float() * 0.8 + 0.1 / 1.5
+    wrong = torch.nn.functional.one_hot((labels + 1) % 3, 3).float() * 0.8 + 0.1 / 1.5
+    assert best_alpha(right, wrong, labels) == 1.0
+    assert best_alpha(wrong, right, labels) == 0.0
+    assert best_alpha(right, right, labels) == 1.0
+
+
 def test_focal_dice_prefers_the_right_map():
     target = torch.zeros(1, 8, 8)
     target[0, 2:5, 2:5] = 1

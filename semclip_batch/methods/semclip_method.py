@@ -4,9 +4,9 @@ Fitting: the text temperature; with a memory (``ModelSpec.memory``), the normal-
 rows and its distance scale; the Transformation Layers (focal + dice on the defect map of every tapped layer
 and path, at half the input size, plus an L2-SP pull of the layers towards their zero-shot start) and the
 classification head (cross-entropy) trained on 80 % of the support frames, keeping the epochs that do best on
-the other 20 % (epoch 0 being the zero-shot layers); the fusion weight alpha (5-fold cross-validation of the
-head); the memory's fusion weight (5-fold cross-validation over the frames); then the memory of every support
-frame."""
+the other 20 % (epoch 0 being the zero-shot layers); the fusion weight alpha (on those 20 %, which the head
+never trained on); the memory's fusion weight (5-fold cross-validation over the frames); then the memory of
+every support frame."""
 
 from __future__ import annotations
 
@@ -248,8 +248,16 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
 
 
 def fit_alpha(model: SemClip, enc: EncoderOutput, support: Support, dist: torch.Tensor | None, folds: int = 5) -> float:
-    """alpha in 0..1 maximising 5-fold cross-validated accuracy (then log-likelihood) of the fused scores on the
-    support frames (folds by frame: no copy of a held-out frame is fitted on; scored on first copies)."""
+    """alpha in 0..1 maximising accuracy (then log-likelihood) of the fused scores on the validation frames that
+    early stopping held out (:func:`support_split`): the head never trained on them. Below 10 support frames there
+    are none; then 5-fold cross-validation by frame, each fold's head continued from the trained head (which has
+    seen the held-out frames, so it overrates the head; kept only for supports too small to hold frames out)."""
+    _, val = support_split(support)
+    if len(val):
+        sub = subset_encoded(enc, val)
+        head_probs = model.head(head_inputs(model, sub, _rows(dist, val))).softmax(-1)
+        text_probs = model.text_logits(F.normalize(sub.pooled, dim=-1)).softmax(-1)
+        return best_alpha(text_probs.detach(), head_probs.detach(), support.data.labels[val])
     labels = support.data.labels
     x = head_inputs(model, enc, dist)
     text_logits = model.text_logits(F.normalize(enc.pooled, dim=-1))
@@ -267,11 +275,16 @@ def fit_alpha(model: SemClip, enc: EncoderOutput, support: Support, dist: torch.
             opt.step()
         with torch.no_grad():
             head_probs[held] = head(x[held]).softmax(-1)
-    text_probs = text_logits[:n].softmax(-1)
+    return best_alpha(text_logits[:n].softmax(-1).detach(), head_probs, labels[:n])
+
+
+def best_alpha(text_probs: torch.Tensor, head_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The weight on a 0.1 grid whose ``alpha * text + (1 - alpha) * head`` has the best accuracy on ``labels``,
+    then the best log-likelihood, then the larger alpha (the text scores need no training)."""
     best = (-1.0, -1e9, 1.0)
     for a in np.linspace(0, 1, 11):
         p = a * text_probs + (1 - a) * head_probs
-        acc = float((p.argmax(-1) == labels[:n]).float().mean())
-        ll = float(p.clamp_min(1e-9).log().gather(1, labels[:n, None]).mean())
+        acc = float((p.argmax(-1) == labels).float().mean())
+        ll = float(p.clamp_min(1e-9).log().gather(1, labels[:, None]).mean())
         best = max(best, (acc, ll, float(a)))
     return best[2]

@@ -50,7 +50,7 @@ def _as_input(plan: pa.Table) -> pa.Table:
     return plan.select(INPUT.names).cast(INPUT)
 
 
-def _model_inputs(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
+def _packed_views(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
     """:func:`semclip_batch.io.preprocess.packed_views`, imported on the first frame that was read: preprocessing
     needs torch (seconds and ~600 MB per worker to import), and a task whose rows all fail to read (missing
     files, a dead bucket) then never pays for it."""
@@ -78,9 +78,9 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
         ref_url = batch["reference_url"][i] if references else None
         try:
             gray = load_frame(str(url), storage_options, _page(batch["page"][i]))
-            x = _model_inputs(gray, prep)
+            x = _packed_views(gray, prep)
             if not missing(ref_url) and str(ref_url):
-                ref = _model_inputs(load_reference(str(ref_url), gray, storage_options, register), prep)
+                ref = _packed_views(load_reference(str(ref_url), gray, storage_options, register), prep)
                 ref_pixels[i], has_ref[i] = ref.tobytes(), True
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)
