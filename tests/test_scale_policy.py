@@ -174,3 +174,15 @@ def test_train_records_the_policy_and_run_scores_with_it(tmp_path, ray_cluster):
         assert record["counts"] == {"ok": 6}
         assert record["preprocessing"].get("scale_policy") == (None if name == "zero-shot-whole" else 1.0)
     assert len(set(ids.values())) == 3  # the policy is part of run_id
+
+
+def test_alpha_is_chosen_on_the_held_out_frames_whole_views():
+    """alpha is fitted where run reads class scores: one whole-frame view per held-out frame, no tile."""
+    from semclip_batch.methods.semclip_method import alpha_rows
+
+    frames = [f for f in range(60) for _ in range(1 + f % 3)]  # 60 frames with 1-3 views each
+    support = _support(frames, copies=2)
+    _, val = support_split(support)
+    rows = alpha_rows(support)
+    assert len(rows) == 12 and set(support.data.frame[rows].tolist()) == set(support.data.frame[val].tolist())
+    assert all(r == 0 or frames[r - 1] != frames[r] for r in rows.tolist())  # each frame's first view

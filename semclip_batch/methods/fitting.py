@@ -34,6 +34,8 @@ class SupportSet(Protocol):
 
     def __len__(self) -> int: ...
 
+    def first_views(self) -> torch.Tensor: ...  # (N,) bool: each frame's whole view (tiles and crops follow it)
+
 
 @dataclass(frozen=True)
 class Support:

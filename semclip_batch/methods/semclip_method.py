@@ -41,6 +41,7 @@ SEMCLIP_EPOCHS = 40
 LOSS_DOWNSCALE = 2  # focal + dice on maps at half the model-input size: 4x cheaper, same patch grid
 MEMORY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fusion weights tried by cross-validation over the support frames
 DEFAULT_MEMORY_WEIGHT = 0.5  # below 5 support frames, or none with a mask (nothing to cross-validate)
+MIN_ALPHA_FRAMES = 10  # held-out frames needed to choose alpha on them (14 of a 70-frame support set)
 
 
 @register
@@ -248,12 +249,14 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
 
 
 def fit_alpha(model: SemClip, enc: EncoderOutput, support: Support, dist: torch.Tensor | None, folds: int = 5) -> float:
-    """alpha in 0..1 maximising accuracy (then log-likelihood) of the fused scores on the validation frames that
-    early stopping held out (:func:`support_split`): the head never trained on them. Below 10 support frames there
-    are none; then 5-fold cross-validation by frame, each fold's head continued from the trained head (which has
-    seen the held-out frames, so it overrates the head; kept only for supports too small to hold frames out)."""
-    _, val = support_split(support)
-    if len(val):
+    """alpha in 0..1 maximising accuracy (then log-likelihood) of the fused scores on the frames early stopping held
+    out (:func:`support_split`, same seed: the same rows). The head never trained on them, though its epoch was
+    chosen on them, so its score there is still a little optimistic. Scored on whole-frame views, the ones ``run``
+    takes class scores from. With fewer than :data:`MIN_ALPHA_FRAMES` held out: 5-fold cross-validation by frame,
+    each fold's head continued from the trained head (which has seen the held-out frames, so it overrates the
+    head more)."""
+    val = alpha_rows(support)
+    if len(val) >= MIN_ALPHA_FRAMES:
         sub = subset_encoded(enc, val)
         head_probs = model.head(head_inputs(model, sub, _rows(dist, val))).softmax(-1)
         text_probs = model.text_logits(F.normalize(sub.pooled, dim=-1)).softmax(-1)
@@ -275,7 +278,14 @@ def fit_alpha(model: SemClip, enc: EncoderOutput, support: Support, dist: torch.
             opt.step()
         with torch.no_grad():
             head_probs[held] = head(x[held]).softmax(-1)
-    return best_alpha(text_logits[:n].softmax(-1).detach(), head_probs, labels[:n])
+    keep = support.data.first_views()[:n]
+    return best_alpha(text_logits[:n][keep].softmax(-1).detach(), head_probs[keep], labels[:n][keep])
+
+
+def alpha_rows(support: Support) -> torch.Tensor:
+    """The rows alpha is chosen on: the whole-frame view of each frame early stopping held out."""
+    _, val = support_split(support)
+    return val[support.data.first_views()[val]]
 
 
 def best_alpha(text_probs: torch.Tensor, head_probs: torch.Tensor, labels: torch.Tensor) -> float:
