@@ -29,10 +29,9 @@ def free_port() -> int:
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1; the code sees only the standard AWS_* variables, as with real S3.
 
-    Started before Ray so every Ray worker inherits the same environment. ``AWS_MAX_ATTEMPTS=2`` (botocore's
-    own setting, as a fab may set it) keeps botocore's retries of an object that always fails to one, instead of
-    4 with up to 15 s of backoff under each of the storage layer's tries: the fault tests' persistent failures
-    then take seconds, not minutes; the storage layer's own retry policy is what they exercise.
+    Started before Ray so every Ray worker inherits the same environment. botocore keeps its default retries
+    (5 attempts), as users get them: the storage layer relies on them for every request it does not wrap in its
+    own tries, and with ``AWS_MAX_ATTEMPTS=2`` a run under 10 % faults lost a shard to an unwrapped request.
     """
     from moto.server import ThreadedMotoServer
 
@@ -43,8 +42,7 @@ def s3_endpoint():
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                       "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_MAX_ATTEMPTS": "2"})
+                       "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"})
     import boto3
 
     boto3.client("s3").create_bucket(Bucket=BUCKET)
