@@ -103,6 +103,7 @@ class PreprocessConfig:
     tile_above: int = DEFAULT_TILE_ABOVE
     tile_overlap: float = 0.25
     scale_policy: float | None = None  # see parse_scale_policy; None: the whole frame (tiled above tile_above)
+    defect_view: bool = False  # large frames' class scores also read a native crop at the map's maximum (io.preprocess)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
@@ -125,10 +126,13 @@ class PreprocessConfig:
         return max(16, round(self.image_size / self.scale_policy))
 
     def as_record(self) -> dict[str, Any]:
-        """The recipe as stored (run records, run_id); ``scale_policy`` only when set (run ids stay as they were)."""
+        """The recipe as stored (run records, run_id); ``scale_policy`` and ``defect_view`` only when set (run ids
+        stay as they were)."""
         record = dataclasses.asdict(self)
         if self.scale_policy is None:
             del record["scale_policy"]
+        if not self.defect_view:
+            del record["defect_view"]
         return record
 
 
@@ -156,6 +160,7 @@ class ModelSpec:
     memory: bool = False  # SEM-CLIP: a normal-patch memory fused into the map (train's recipe sets it)
     region_head: bool = False  # SEM-CLIP: the head also reads the most anomalous patches' embedding
     scale_policy: float | None = None  # maps of large frames at this fraction of native resolution (parse_scale_policy)
+    defect_view: bool = False  # class scores of large frames also from a native crop at the map's maximum
     checkpoint: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -179,6 +184,8 @@ class ModelSpec:
             out.update(register_reference=self.register_reference, reference_weight=self.reference_weight)
         if self.scale_policy is not None:
             out["scale_policy"] = self.scale_policy
+        if self.defect_view:
+            out["defect_view"] = True
         return out
 
 
@@ -193,6 +200,7 @@ class CheckpointRequest:
     pretrained_sha256: str | None = None
     precision: str = "fp32"
     scale_policy: str | None = None  # must name the checkpoint's policy when given (parse_scale_policy)
+    defect_view: bool | None = None  # None: the checkpoint's
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

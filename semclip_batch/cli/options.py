@@ -152,6 +152,10 @@ def run_options(fn: F) -> F:
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                      help="Model precision (bf16 is fastest on CPU)."),
         scale_policy_option("[default: whole; with --model: the checkpoint's, which a given value must equal]"),
+        click.option("--defect-view/--no-defect-view", default=None,
+                     help="Class scores of frames at least twice the model input also read a native-resolution crop "
+                          "at the map's maximum (one more model view per such frame) [default: on; with --model: "
+                          "the checkpoint's]."),
     ]
     fn = model_options(fn)
     for option in reversed(options):
@@ -169,7 +173,7 @@ def scale_policy_option(default: str) -> Callable[[F], F]:
 
 
 def run_config(*, input: str, out: str, model: str | None, backbone: str | None, pretrained: str | None,
-               pretrained_sha256: str | None, scale_policy: str | None,
+               pretrained_sha256: str | None, scale_policy: str | None, defect_view: bool | None,
                seed: int, prompts: str | None, precision: str, storage_option: tuple[str, ...],
                threshold: float | None, pixel_threshold: float | None, min_region_px: int | None, batch_size: int,
                actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None,
@@ -185,12 +189,13 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
     if model is not None:
         spec = CheckpointRequest(url=model, backbone=backbone, pretrained=pretrained,
                                  pretrained_sha256=pretrained_sha256, precision=precision, scale_policy=scale_policy,
-                                 storage_options=so)
+                                 defect_view=defect_view, storage_options=so)
     else:
         assert pretrained is not None  # refused above
         spec = ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                          pretrained_sha256=pretrained_sha256, seed=seed, precision=precision, prompts=prompts,
-                         scale_policy=parse_scale_policy(scale_policy or "whole"), storage_options=so)
+                         scale_policy=parse_scale_policy(scale_policy or "whole"),
+                         defect_view=True if defect_view is None else defect_view, storage_options=so)
     return RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
                      tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,
                      actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)

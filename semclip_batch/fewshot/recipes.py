@@ -21,11 +21,12 @@ class Recipe:
     augment: bool = False  # the support frames flipped and turned (fewshot.augment.TRANSFORMS)
     memory: bool = False  # normal-patch memory fused into the map (model.memory)
     region_head: bool = False  # the head also reads the region embedding (model.semclip.SemClipConfig)
+    defect_view: bool = False  # run: large frames' class scores also from a native crop at the map's maximum
 
 
 RECIPES = {
     "paper": Recipe("paper"),
-    "transfer": Recipe("transfer", augment=True, memory=True, region_head=True),
+    "transfer": Recipe("transfer", augment=True, memory=True, region_head=True, defect_view=True),
 }
 DEFAULT_RECIPE = "transfer"
 
@@ -40,7 +41,7 @@ def applied(recipe: Recipe, spec: ModelSpec) -> ModelSpec:
     """The model description a recipe trains (SEM-CLIP gains its memory / region head; baselines unchanged)."""
     if not get_method(spec.method).recipes:
         return spec
-    return replace(spec, memory=recipe.memory, region_head=recipe.region_head)
+    return replace(spec, memory=recipe.memory, region_head=recipe.region_head, defect_view=recipe.defect_view)
 
 
 def recorded(recipe: Recipe, method: str) -> str:

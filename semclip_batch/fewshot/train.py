@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
                   "seconds": round(time.perf_counter() - t0, 1)},
         score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
         memory=spec.memory, region_head=spec.region_head, scale_policy=spec.scale_policy,
-        register_reference=cfg.model.register_reference and cfg.model.use_reference,
+        defect_view=spec.defect_view, register_reference=cfg.model.register_reference and cfg.model.use_reference,
         reference_weight=cfg.model.reference_weight,
     )
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)

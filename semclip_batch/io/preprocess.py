@@ -26,6 +26,8 @@ from semclip_batch.config import PreprocessConfig
 _STATS_SAMPLES = 1 << 18
 MAX_TILES = 63  # so that a frame is at most 1 + 63 = 64 model views
 VIEW_LEVELS = 65535  # grey levels of a packed view (uint16)
+FRAME_LEVELS = 255  # grey levels of a packed frame (uint8), shipped for the defect view
+DEFECT_VIEW_ABOVE = 2  # frames whose longer side is at least this many model inputs get a defect view
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,42 @@ def packed_views(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return pack_views(grey_views(gray, cfg, frame_tiles(gray.shape[0], gray.shape[1], cfg)))
 
 
+def decoded_views(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """What ``run``'s decode stage ships for one frame: :func:`packed_views`, and for a frame that gets a defect
+    view (:func:`needs_defect_view`) the whole stretched frame in uint8 (:func:`pack_frame`), else None."""
+    frame = stretch(gray, cfg.percentile_low, cfg.percentile_high)
+    views = pack_views(stretched_views(frame, cfg, frame_tiles(gray.shape[0], gray.shape[1], cfg)))
+    return views, pack_frame(frame) if needs_defect_view(gray.shape[0], gray.shape[1], cfg) else None
+
+
+def needs_defect_view(height: int, width: int, cfg: PreprocessConfig) -> bool:
+    """Whether a frame's class scores also read its defect view: with ``cfg.defect_view``, frames whose longer
+    side is at least :data:`DEFECT_VIEW_ABOVE` model inputs (below that the whole view is already near native
+    resolution)."""
+    return cfg.defect_view and max(height, width) >= DEFECT_VIEW_ABOVE * cfg.image_size
+
+
+def pack_frame(stretched: np.ndarray) -> np.ndarray:
+    """A stretched frame in [0, 1] to uint8 levels (1 byte a pixel: the defect view is for class scores only).
+    ``(H, W)`` float -> ``(H, W)`` uint8."""
+    return np.rint(np.clip(stretched, 0.0, 1.0) * np.float32(FRAME_LEVELS)).astype(np.uint8)
+
+
+def defect_view(frame: torch.Tensor, frame_map: torch.Tensor, size: int) -> torch.Tensor:
+    """The window of ``size`` frame pixels (native resolution; the frame's short side where it is shorter,
+    resized) centred on the anomaly map's maximum and kept inside the frame, in [0, 1].
+    ``frame`` ``(H, W)`` uint8 levels, ``frame_map`` ``(H, W)`` -> ``(size, size)`` float32, on their device."""
+    h, w = frame.shape
+    cy, cx = divmod(int(frame_map.argmax()), w)
+    side_h, side_w = min(size, h), min(size, w)
+    y = min(max(cy - side_h // 2, 0), h - side_h)
+    x = min(max(cx - side_w // 2, 0), w - side_w)
+    window = frame[y:y + side_h, x:x + side_w].to(torch.float32) / FRAME_LEVELS
+    if (side_h, side_w) != (size, size):
+        window = resize(window[None, None], (size, size))[0, 0]
+    return window
+
+
 def pack_views(views: torch.Tensor) -> np.ndarray:
     """Grey views in [0, 1] to uint16 levels (rounded; a step of 1/65535, far below bf16's resolution and any
     SEM detector's noise): 2 bytes a pixel through the object store instead of the 12 of three normalised float32
@@ -165,7 +203,12 @@ def unpack_views(levels: torch.Tensor) -> torch.Tensor:
 def grey_views(gray: np.ndarray, cfg: PreprocessConfig, tiles: list[Tile]) -> torch.Tensor:
     """The frame stretched once, then the whole frame and each of ``tiles`` resized to the model input, before
     normalisation (what ``run`` scores and ``train`` fits on). ``(H, W)`` -> ``(1 + len(tiles), S, S)`` float32."""
-    frame = torch.from_numpy(stretch(gray, cfg.percentile_low, cfg.percentile_high))[None, None]
+    return stretched_views(stretch(gray, cfg.percentile_low, cfg.percentile_high), cfg, tiles)
+
+
+def stretched_views(stretched: np.ndarray, cfg: PreprocessConfig, tiles: list[Tile]) -> torch.Tensor:
+    """:func:`grey_views` of a frame already stretched to [0, 1]."""
+    frame = torch.from_numpy(stretched)[None, None]
     size = (cfg.image_size, cfg.image_size)
     views = [resize(frame, size)]
     for t in tiles:

@@ -33,9 +33,10 @@ _FRAME = [("status", pa.string()), ("error", pa.string()), ("height", pa.int64()
           ("n_views", pa.int64())]
 
 # Decode stage out: the model views as uint16 grey levels, bytes of (n_views, S, S) (io/preprocess.pack_views);
-# the reference views alike.
+# the reference views alike; for a frame that gets a defect view, the stretched frame as uint8 bytes of (H, W)
+# (io/preprocess.pack_frame), else empty.
 DECODED = pa.schema([*INPUT, *_FRAME, ("pixels", pa.large_binary()), ("ref_pixels", pa.large_binary()),
-                     ("has_ref", pa.bool_())])
+                     ("has_ref", pa.bool_()), ("frame_pixels", pa.large_binary())])
 
 # Model stage out: the uint8 mask at H x W as bytes, the image score and the class probabilities.
 SCORED = pa.schema([*INPUT, *_FRAME, ("mask", pa.large_binary()), ("anomaly_score", pa.float64()),

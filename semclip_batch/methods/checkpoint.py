@@ -77,6 +77,7 @@ class CheckpointMeta:
     register_reference: bool = False  # references registered before scoring (io.register); older: never
     reference_weight: float = 0.5  # the reference map's share of the fused map
     scale_policy: float | None = None  # train's --scale-policy (config.parse_scale_policy): run scores with it
+    defect_view: bool = False  # the recipe's defect view (io.preprocess.defect_view); older: none
     version: int = CHECKPOINT_VERSION
     tensors_sha256: str = ""
 
@@ -114,7 +115,7 @@ class CheckpointMeta:
                 region_head=bool(body.get("region_head", False)),
                 register_reference=bool(body.get("register_reference", False)),
                 reference_weight=float(body.get("reference_weight", 0.5)), scale_policy=_policy(body.get("scale_policy")),
-                version=CHECKPOINT_VERSION,
+                defect_view=bool(body.get("defect_view", False)), version=CHECKPOINT_VERSION,
                 tensors_sha256=str(body.get("tensors_sha256", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -60,7 +60,7 @@ def check_backbone(name: str) -> None:
 
 
 def preprocess_config(name: str, *, tile_above: int, image_size: int | None = None,
-                      scale_policy: float | None = None) -> PreprocessConfig:
+                      scale_policy: float | None = None, defect_view: bool = False) -> PreprocessConfig:
     """The backbone's own input size and mean/std, without building the model."""
     check_backbone(name)
     vision = open_clip.get_model_config(name)["vision_cfg"]
@@ -69,7 +69,7 @@ def preprocess_config(name: str, *, tile_above: int, image_size: int | None = No
     mean = _rgb(vision.get("image_mean", OPENAI_DATASET_MEAN))
     std = _rgb(vision.get("image_std", OPENAI_DATASET_STD))
     return PreprocessConfig(image_size=image_size or size, mean=mean, std=std, tile_above=tile_above,
-                            scale_policy=scale_policy)
+                            scale_policy=scale_policy, defect_view=defect_view)
 
 
 def _rgb(values: Iterable[float]) -> tuple[float, float, float]:

@@ -143,7 +143,9 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
                      seed=meta.weights.seed, precision=req.precision, taps=meta.taps, use_vv=meta.use_vv,
                      surgery=meta.surgery, cls=meta.cls, method=meta.method, use_reference=meta.use_reference,
                      score_mode=meta.score_mode, sigma=meta.sigma, memory=meta.memory, region_head=meta.region_head,
-                     scale_policy=meta.scale_policy, register_reference=meta.register_reference,
+                     scale_policy=meta.scale_policy,
+                     defect_view=meta.defect_view if req.defect_view is None else req.defect_view,
+                     register_reference=meta.register_reference,
                      reference_weight=meta.reference_weight, checkpoint=req.url,
                      storage_options=req.storage_options)
     get_method(spec.method)
@@ -206,7 +208,8 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
         manifest = read_manifest_table(cfg.input, pattern=cfg.pattern, storage_options=so)
     with timer.stage("model_load"):
         cfg, spec, ident = _identify_model(cfg)
-        prep = preprocess_config(spec.backbone, tile_above=cfg.tile_above, scale_policy=spec.scale_policy)
+        prep = preprocess_config(spec.backbone, tile_above=cfg.tile_above, scale_policy=spec.scale_policy,
+                                 defect_view=spec.defect_view)
     with timer.stage("run_id"):
         run_id = compute_run_id(content_digest(manifest),
                                 output_config(spec, cfg.thresholds, prep, ident, cfg.model_stub), ident.sha256)

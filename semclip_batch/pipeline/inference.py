@@ -18,7 +18,13 @@ import torch
 
 from semclip_batch.config import ModelSpec, PreprocessConfig
 from semclip_batch.errors import MODEL_ERROR, OK, WeightsError, one_line
-from semclip_batch.io.preprocess import frame_tiles, maps_to_frame, normalize, unpack_views
+from semclip_batch.io.preprocess import (
+    defect_view,
+    frame_tiles,
+    maps_to_frame,
+    normalize,
+    unpack_views,
+)
 from semclip_batch.io.schema import SCORED, to_table
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.decisions import anomaly_score, to_mask_tensor
@@ -151,7 +157,8 @@ class Predictor:
         """Score a batch of :data:`~semclip_batch.io.schema.DECODED` rows -> a table of
         :data:`~semclip_batch.io.schema.SCORED` (a failing forward pass makes its rows ``model_error``)."""
         n = len(batch["image_id"])
-        out: dict[str, np.ndarray | list[np.ndarray]] = {k: v for k, v in batch.items() if k not in ("pixels", "ref_pixels")}
+        out: dict[str, np.ndarray | list[np.ndarray]] = {k: v for k, v in batch.items()
+                                                         if k not in ("pixels", "ref_pixels", "frame_pixels")}
         masks = np.full(n, b"", dtype=object)
         scores = np.full(n, np.nan)
         class_scores = np.full((n, self.setup.text_embeddings.shape[0]), np.nan, dtype=np.float32)
@@ -184,20 +191,40 @@ class Predictor:
             has_ref = np.concatenate([np.full(c, bool(batch["has_ref"][i])) for i, c in zip(ok, counts, strict=False)])
         maps, probs = self._forward(views, refs, has_ref)
         start = 0
+        peaks: dict[int, float] = {}
+        crops: dict[int, torch.Tensor] = {}
         for i, count in zip(ok, counts, strict=False):
             h, w = int(batch["height"][i]), int(batch["width"][i])
             tiles = frame_tiles(h, w, self.setup.prep)
             frame = maps_to_frame(maps[start:start + count], h, w, tiles)
-            p = probs[start].numpy().astype(np.float32)
             masks[i] = to_mask_tensor(frame).cpu().numpy().tobytes()
-            scores[i] = anomaly_score(float(p[0]), float(frame.max()), self.setup.spec.score_mode)
-            class_scores[i] = p
+            peaks[i] = float(frame.max())
+            class_scores[i] = probs[start].numpy().astype(np.float32)
+            if batch["frame_pixels"][i]:
+                crops[i] = defect_view(self._frame(batch["frame_pixels"][i], h, w), frame, size)
             start += count
+        if crops:  # class scores: the mean of the whole view's and the defect view's
+            crop_probs = self._class_probs(torch.stack(list(crops.values())))
+            for i, p in zip(crops, crop_probs.numpy(), strict=True):
+                class_scores[i] = 0.5 * (class_scores[i] + p.astype(np.float32))
+        for i in ok:
+            scores[i] = anomaly_score(float(class_scores[i][0]), peaks[i], self.setup.spec.score_mode)
+
+    def _class_probs(self, views: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(V, C)`` on the CPU of grey views ``(V, S, S)`` in [0, 1] on the device."""
+        step = self.setup.batch_size
+        return torch.cat([self.scoring(normalize(views[k:k + step], self.setup.prep).to(self.dtype)).class_probs
+                          .float().cpu() for k in range(0, views.shape[0], step)])
+
+    def _frame(self, packed: bytes, height: int, width: int) -> torch.Tensor:
+        """A frame's uint8 levels (:func:`~semclip_batch.io.preprocess.pack_frame`) on the device."""
+        levels = np.frombuffer(packed, dtype=np.uint8).reshape(height, width).copy()  # writable, as torch wants
+        return torch.from_numpy(levels).to(self.device)
 
 
 class StandIn:
     """The model stage's stand-in for benchmarks (``RunConfig.model_stub``): an accelerator that scores
-    ``setup.stub_rate`` model views a second (a frame is one view, or 1 + its tiles) and costs the host nothing
+    ``setup.stub_rate`` model views a second (a frame is one view, or 1 + its tiles, + its defect view) and costs the host nothing
     but the rows it returns. Same input and output as :class:`Predictor`: an all-zero uint8 mask at each ok
     frame's H x W, anomaly score 0, every class score on ``normal``; the time a batch would take on the device
     is slept (the device is busy until the last batch it took is done), so decode, Ray and writes are measured
@@ -214,7 +241,7 @@ class StandIn:
         n = len(batch["image_id"])
         ok = [i for i in range(n) if batch["status"][i] == OK]
         now = time.perf_counter()
-        views = sum(int(batch["n_views"][i]) for i in ok)
+        views = sum(int(batch["n_views"][i]) + bool(batch["frame_pixels"][i]) for i in ok)  # + defect views
         self.busy_until = max(now, self.busy_until) + views * self.seconds_per_view
         time.sleep(max(0.0, self.busy_until - now))
         masks = np.full(n, b"", dtype=object)
@@ -225,6 +252,6 @@ class StandIn:
             scores[i] = 0.0
             class_scores[i] = np.eye(self.classes, dtype=np.float32)[0]
         out: dict[str, np.ndarray | list[np.ndarray]] = {k: v for k, v in batch.items()
-                                                          if k not in ("pixels", "ref_pixels")}
+                                                          if k not in ("pixels", "ref_pixels", "frame_pixels")}
         out.update(mask=masks, anomaly_score=scores, class_scores=list(class_scores))
         return to_table(out, SCORED)

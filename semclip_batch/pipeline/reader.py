@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -50,13 +51,13 @@ def _as_input(plan: pa.Table) -> pa.Table:
     return plan.select(INPUT.names).cast(INPUT)
 
 
-def _packed_views(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
-    """:func:`semclip_batch.io.preprocess.packed_views`, imported on the first frame that was read: preprocessing
+def _decoded_views(gray: np.ndarray, prep: PreprocessConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`semclip_batch.io.preprocess.decoded_views`, imported on the first frame that was read: preprocessing
     needs torch (seconds and ~600 MB per worker to import), and a task whose rows all fail to read (missing
     files, a dead bucket) then never pays for it."""
-    from semclip_batch.io.preprocess import packed_views
+    from semclip_batch.io.preprocess import decoded_views
 
-    return packed_views(gray, prep)
+    return decoded_views(gray, prep)
 
 
 def _page(value: Any) -> int | None:
@@ -67,20 +68,21 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
                  storage_options: Mapping[str, Any] | None = None, references: bool = False,
                  register: bool = True) -> pa.Table:
     """Ray Data map function: the input columns plus ``status, error, height, width, n_views, pixels,
-    ref_pixels, has_ref`` (references read from each row's ``reference_url`` when ``references``, registered onto
+    ref_pixels, has_ref, frame_pixels`` (references read from each row's ``reference_url`` when ``references``, registered onto
     the frame when ``register``), as a table of :data:`~semclip_batch.io.schema.DECODED` whatever failed."""
     n = len(batch["image_id"])
     status, error = np.full(n, OK, dtype=object), np.full(n, None, dtype=object)
     height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
-    pixels, ref_pixels = np.full(n, b"", dtype=object), np.full(n, b"", dtype=object)
+    pixels, ref_pixels, frames = (np.full(n, b"", dtype=object) for _ in range(3))
     has_ref = np.zeros(n, bool)
     for i, url in enumerate(batch["url"]):
         ref_url = batch["reference_url"][i] if references else None
         try:
             gray = load_frame(str(url), storage_options, _page(batch["page"][i]))
-            x = _packed_views(gray, prep)
+            x, frame = _decoded_views(gray, prep)
             if not missing(ref_url) and str(ref_url):
-                ref = _packed_views(load_reference(str(ref_url), gray, storage_options, register), prep)
+                ref, _ = _decoded_views(load_reference(str(ref_url), gray, storage_options, register),
+                                        replace(prep, defect_view=False))
                 ref_pixels[i], has_ref[i] = ref.tobytes(), True
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)
@@ -91,7 +93,9 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
             continue
         height[i], width[i] = gray.shape
         views[i], pixels[i] = x.shape[0], x.tobytes()
+        if frame is not None:
+            frames[i] = frame.tobytes()
     out = dict(batch)
     out.update(status=status, error=error, height=height, width=width, n_views=views, pixels=pixels,
-               ref_pixels=ref_pixels, has_ref=has_ref)
+               ref_pixels=ref_pixels, has_ref=has_ref, frame_pixels=frames)
     return to_table(out, DECODED)

@@ -1,0 +1,191 @@
+"""The defect view: large frames' class scores also read a native-resolution crop at the anomaly map's maximum
+(``io.preprocess.defect_view``, shipped by the decode stage, scored in the model actor)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import tifffile
+import torch
+
+from semclip_batch.config import ModelSpec, PreprocessConfig
+from semclip_batch.fewshot.recipes import RECIPES, applied
+from semclip_batch.io.preprocess import (
+    DEFECT_VIEW_ABOVE,
+    FRAME_LEVELS,
+    decoded_views,
+    defect_view,
+    needs_defect_view,
+    pack_frame,
+    packed_views,
+    stretch,
+)
+from semclip_batch.io.schema import DECODED, INPUT_COLUMNS
+
+CFG = PreprocessConfig(image_size=240, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), defect_view=True)
+
+
+def test_only_frames_of_at_least_twice_the_model_input_get_one():
+    side = DEFECT_VIEW_ABOVE * CFG.image_size
+    assert needs_defect_view(side, 100, CFG) and needs_defect_view(100, side, CFG)
+    assert not needs_defect_view(side - 1, side - 1, CFG)
+    assert not needs_defect_view(4096, 4096, replace(CFG, defect_view=False))
+
+
+def test_decoded_views_ship_the_stretched_frame_in_uint8_next_to_the_same_views():
+    rng = np.random.default_rng(0)
+    gray = rng.random((600, 800), dtype=np.float32)
+    views, frame = decoded_views(gray, CFG)
+    assert np.array_equal(views, packed_views(gray, CFG))  # the model views are unchanged
+    assert frame is not None and frame.dtype == np.uint8 and frame.shape == gray.shape
+    assert np.abs(frame / FRAME_LEVELS - stretch(gray, 0.5, 99.5)).max() <= 0.5 / FRAME_LEVELS + 1e-6
+    assert decoded_views(gray[:300, :300], CFG)[1] is None
+    assert decoded_views(gray, replace(CFG, defect_view=False))[1] is None
+
+
+@pytest.mark.parametrize(("peak", "corner"), [((300, 400), (180, 280)), ((5, 7), (0, 0)), ((599, 799), (360, 560))])
+def test_the_window_is_native_centred_on_the_maximum_and_kept_inside(peak, corner):
+    levels = np.random.default_rng(1).integers(0, 256, (600, 800), dtype=np.uint8)
+    heat = torch.zeros(600, 800)
+    heat[peak] = 1.0
+    view = defect_view(torch.from_numpy(levels), heat, 240)
+    y, x = corner
+    assert view.shape == (240, 240) and view.dtype == torch.float32
+    assert torch.equal(view, torch.from_numpy(levels[y:y + 240, x:x + 240]).float() / FRAME_LEVELS)
+
+
+def test_a_frame_shorter_than_the_input_gives_its_short_side_resized():
+    levels = np.full((100, 900), 200, np.uint8)
+    heat = torch.zeros(100, 900)
+    heat[50, 450] = 1.0
+    view = defect_view(torch.from_numpy(levels), heat, 240)
+    assert view.shape == (240, 240) and torch.allclose(view, torch.full((240, 240), 200 / FRAME_LEVELS))
+
+
+def test_pack_frame_clips_and_rounds():
+    assert pack_frame(np.array([[-0.1, 0.0, 0.5, 1.0, 1.2]], np.float32)).tolist() == [[0, 0, 128, 255, 255]]
+
+
+def test_the_transfer_recipe_turns_it_on_and_the_paper_recipe_keeps_it_off():
+    spec = ModelSpec(backbone="semclip-tiny")
+    assert applied(RECIPES["transfer"], spec).defect_view
+    assert not applied(RECIPES["paper"], spec).defect_view
+    assert "defect_view" not in spec.output_affecting()  # run ids of runs without it stay as they were
+    assert applied(RECIPES["transfer"], spec).output_affecting()["defect_view"] is True
+
+
+def test_decode_stage_ships_frames_only_where_a_defect_view_is_taken(tmp_path):
+    from semclip_batch.pipeline.reader import decode_batch
+
+    rng = np.random.default_rng(2)
+    urls = []
+    for name, shape in (("big", (640, 700)), ("small", (256, 256))):
+        path = tmp_path / f"{name}.tif"
+        tifffile.imwrite(path, (rng.random(shape) * 65535).astype(np.uint16))
+        urls.append(str(path))
+    urls = [*urls, str(tmp_path / "none.tif")]
+    batch = {c: np.array([f"{c}{i}" for i in range(3)], dtype=object) for c in INPUT_COLUMNS}
+    batch.update(url=np.array(urls, dtype=object), reference_url=np.full(3, None, dtype=object),
+                 die_x=np.zeros(3, np.int64), die_y=np.zeros(3, np.int64), page=np.full(3, None, dtype=object))
+    table: pa.Table = decode_batch(batch, prep=CFG)
+    assert table.schema == DECODED
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "read_error"]
+    assert len(rows[0]["frame_pixels"]) == 640 * 700 and rows[1]["frame_pixels"] == b"" == rows[2]["frame_pixels"]
+
+
+def test_a_large_frames_class_scores_are_the_mean_of_its_whole_and_defect_views(tmp_path):
+    """The model actor: the defect view is cut at the maximum of the frame's own map (the one stored as its
+    mask) and scored by the same model; a small frame keeps its whole view's scores; the image score reads the
+    mean."""
+    from semclip_batch.io.preprocess import frame_tiles, maps_to_frame, normalize, unpack_views
+    from semclip_batch.methods.decisions import anomaly_score
+    from semclip_batch.methods.prompts import load_prompts, text_embeddings
+    from semclip_batch.methods.weights import load_backbone, preprocess_config
+    from semclip_batch.pipeline.inference import Predictor, PredictorSetup, build_model
+    from semclip_batch.pipeline.reader import decode_batch
+
+    spec = ModelSpec(backbone="semclip-tiny", defect_view=True)
+    prep = preprocess_config(spec.backbone, tile_above=1024, defect_view=True)
+    backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed)
+    text = text_embeddings(backbone, load_prompts())
+    rng = np.random.default_rng(3)
+    shapes = ((700, 1100), (256, 256))
+    urls = []
+    for k, shape in enumerate(shapes):
+        urls.append(str(tmp_path / f"{k}.tif"))
+        tifffile.imwrite(urls[-1], (rng.random(shape) * 65535).astype(np.uint16))
+    batch = {c: np.array([f"{c}{i}" for i in range(2)], dtype=object) for c in INPUT_COLUMNS}
+    batch.update(url=np.array(urls, dtype=object), reference_url=np.full(2, None, dtype=object),
+                 die_x=np.zeros(2, np.int64), die_y=np.zeros(2, np.int64), page=np.full(2, None, dtype=object))
+    decoded = {k: np.array(v, dtype=object) for k, v in decode_batch(batch, prep=prep).to_pydict().items()}
+    setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text, weights_sha256=backbone.sha256,
+                           batch_size=4, threads=1, use_gpu=False)
+    rows = Predictor(setup)(decoded).to_pylist()
+
+    scoring = build_model(spec, text, backbone=backbone)
+    with torch.no_grad():
+        for row, shape, packed, levels in zip(rows, shapes, decoded["pixels"], decoded["frame_pixels"], strict=True):
+            views = unpack_views(torch.from_numpy(np.frombuffer(packed, np.uint16).reshape(-1, 240, 240).copy()))
+            out = scoring(normalize(views, prep))
+            expected = out.class_probs[0]
+            frame_map = maps_to_frame(out.maps, *shape, frame_tiles(*shape, prep))
+            if levels:
+                frame = torch.from_numpy(np.frombuffer(levels, np.uint8).reshape(shape).copy())
+                crop = scoring(normalize(defect_view(frame, frame_map, 240)[None], prep)).class_probs[0]
+                expected = 0.5 * (expected + crop)
+                assert not torch.allclose(crop, out.class_probs[0], atol=1e-4)  # the view changes the scores
+            assert np.allclose(row["class_scores"], expected.numpy(), atol=1e-5)
+            assert row["anomaly_score"] == pytest.approx(anomaly_score(float(expected[0]), float(frame_map.max())),
+                                                         abs=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_run_takes_the_checkpoints_choice_zero_shot_takes_it_on_and_the_flag_turns_it_off(tmp_path, ray_cluster):
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from semclip_batch.analysis.results import read_predictions
+    from semclip_batch.cli import main
+    from semclip_batch.methods.checkpoint import load_checkpoint
+
+    rng = np.random.default_rng(4)
+    rows = ["uri,lot_id,wafer_id,die_x,die_y,label,mask_uri"]
+    for i in range(6):  # 520 px: at least twice the 240 px input
+        img = (rng.random((520, 520)) * 60 + 80).astype(np.uint8)
+        mask = np.zeros((520, 520), np.uint8)
+        label = "normal" if i < 3 else "particle"
+        if label == "particle":
+            y, x = rng.integers(20, 500, size=2)
+            img[y - 4:y + 4, x - 4:x + 4], mask[y - 4:y + 4, x - 4:x + 4] = 250, 255
+        Image.fromarray(img).save(tmp_path / f"f{i}.png")
+        Image.fromarray(mask).save(tmp_path / f"m{i}.png")
+        rows.append(f"f{i}.png,L1,W1,{i},0,{label},m{i}.png")
+    manifest = tmp_path / "lot.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    runner = CliRunner()
+    ckpt = tmp_path / "ckpt"
+    res = runner.invoke(main, ["train", str(manifest), "--out", str(ckpt), "--backbone", "semclip-tiny",
+                               "--pretrained", "shipped", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(str(ckpt)).meta.defect_view  # the default recipe, transfer
+    zero = ["--backbone", "semclip-tiny", "--pretrained", "shipped"]
+    found = {}
+    for name, args in (("model", ["--model", str(ckpt)]), ("model-off", ["--model", str(ckpt), "--no-defect-view"]),
+                       ("zero-shot", zero), ("zero-shot-off", [*zero, "--no-defect-view"])):
+        out = tmp_path / f"out-{name}"
+        res = runner.invoke(main, ["run", str(manifest), "--out", str(out), *args])
+        assert res.exit_code == 0, res.output
+        record = json.loads(next((out / "runs").rglob("attempt-*.json")).read_text())
+        assert record["counts"] == {"ok": 6}
+        assert record["preprocessing"].get("defect_view", False) == (not name.endswith("-off"))
+        scores = read_predictions(str(out)).to_pandas().sort_values("image_id")["class_scores"]
+        found[name] = (record["run_id"], np.stack(scores.to_list()))
+    assert len({run_id for run_id, _ in found.values()}) == 4
+    for name in ("model", "zero-shot"):  # the view moved the class scores of every (520 px) frame
+        assert (np.abs(found[name][1] - found[f"{name}-off"][1]).max(axis=1) > 1e-4).all()
