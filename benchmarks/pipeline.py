@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/pipeline.py --decode-only      # decode + preprocess ms per frame on one core
     .venv/bin/python benchmarks/pipeline.py --model-stub 1000  # the pipeline around a stand-in accelerator
     .venv/bin/python benchmarks/pipeline.py --flops-only       # model FLOPs per frame against the matmul peak
+    .venv/bin/python benchmarks/pipeline.py --defect-view-cost  # the model stage with the defect view off / on
 
 Same synthetic lot, backbone (random weights: speed does not depend on their values), batch size and torch
 threads for all three. "plain loop" = the pipeline's work in one process without Ray: plan, read + decode +
@@ -358,6 +359,40 @@ def print_stub(rows: list[dict[str, Any]]) -> None:
         print_stages(r["stages"], int(r["frames"]))
 
 
+DEFECT_VIEW_SIZES = ((256, 256), (600, 600), (1024, 1024))
+
+
+def bench_defect_view(name: str, frames: int, batch_size: int, threads: int, precision: str) -> list[dict[str, Any]]:
+    """The model stage alone (already-decoded batches), img/s with the defect view off and on, per frame size:
+    frames under twice the model input take none, larger ones one more model view each."""
+    torch.set_num_threads(threads)
+    rows = []
+    for size in DEFECT_VIEW_SIZES:
+        with tempfile.TemporaryDirectory() as tmp:
+            synth(tmp, SynthConfig(seed=98, lots=1, per_class=max(1, frames // 7), family="logic", sizes=(size,)))
+            manifest = Path(tmp) / "manifest.csv"
+            row: dict[str, Any] = {"backbone": name, "frame": f"{size[0]}x{size[1]}", "precision": precision}
+            for on in (False, True):
+                spec = ModelSpec(backbone=name, pretrained="none", precision=precision, defect_view=on)
+                prep = preprocess_config(name, tile_above=1024, defect_view=on)
+                backbone = load_backbone(name, "none")
+                setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text_embeddings(backbone, load_prompts()),
+                                       weights_sha256=backbone.sha256, batch_size=batch_size, threads=threads,
+                                       use_gpu=False)
+                predictor = Predictor(setup)
+                batches = decoded_batches(manifest, prep, batch_size)
+                predictor(batches[0])  # warm-up
+                t0 = time.perf_counter()
+                n = sum(len(predictor(b)) for b in batches)
+                row["on" if on else "off"] = round(n / (time.perf_counter() - t0), 2)
+                row["frame_kb"] = round(sum(len(f) for b in batches for f in b["frame_pixels"]) / n / 1e3, 1)
+            row["cost"] = round(row["off"] / row["on"], 2)
+            rows.append(row)
+            print(f"{name:<20} {row['frame']:>10} {row['off']:>8} {row['on']:>8} {row['cost']:>6}x "
+                  f"{row['frame_kb']:>9} kB", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default="semclip-tiny,ViT-B-16-plus-240")
@@ -375,7 +410,17 @@ def main() -> None:
     parser.add_argument("--gpu-rate", type=float, default=1050.0,
                         help="model views/s of one GPU on ViT-B-16-plus-240 (bf16), for the cores-per-GPU column")
     parser.add_argument("--flops-only", action="store_true", help="only the model FLOPs against the matmul peak")
+    parser.add_argument("--defect-view-cost", action="store_true",
+                        help="only the model stage's img/s with the defect view off and on, per frame size")
     args = parser.parse_args()
+    if args.defect_view_cost:
+        print(f"{'backbone':<20} {'frame':>10} {'off':>8} {'on':>8} {'cost':>7} {'shipped':>12}   (img/s, model stage)")
+        cost = [r for name in args.backbones.split(",")
+                for r in bench_defect_view(name, args.images or (70 if name == "semclip-tiny" else 14),
+                                           args.batch_size, args.threads, args.precision)]
+        if args.json:
+            Path(args.json).write_text(json.dumps({"defect_view": cost}, indent=2))
+        return
     if args.flops_only:
         flops = bench_flops("ViT-B-16-plus-240", 8)
         print_flops(flops)

@@ -28,10 +28,11 @@ from semclip_batch.io.schema import DECODED, INPUT_COLUMNS
 CFG = PreprocessConfig(image_size=240, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), defect_view=True)
 
 
-def test_only_frames_of_at_least_twice_the_model_input_get_one():
+def test_only_frames_of_at_least_twice_the_model_input_and_at_most_16_mpx_get_one():
     side = DEFECT_VIEW_ABOVE * CFG.image_size
     assert needs_defect_view(side, 100, CFG) and needs_defect_view(100, side, CFG)
     assert not needs_defect_view(side - 1, side - 1, CFG)
+    assert needs_defect_view(4096, 4096, CFG) and not needs_defect_view(4097, 4096, CFG)  # 16 MB at most
     assert not needs_defect_view(4096, 4096, replace(CFG, defect_view=False))
 
 

@@ -28,6 +28,7 @@ MAX_TILES = 63  # so that a frame is at most 1 + 63 = 64 model views
 VIEW_LEVELS = 65535  # grey levels of a packed view (uint16)
 FRAME_LEVELS = 255  # grey levels of a packed frame (uint8), shipped for the defect view
 DEFECT_VIEW_ABOVE = 2  # frames whose longer side is at least this many model inputs get a defect view
+DEFECT_VIEW_MAX_PIXELS = 4096 * 4096  # ... up to 16 MB of uint8 levels each; larger frames keep their tiles only
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,9 @@ def decoded_views(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, 
 def needs_defect_view(height: int, width: int, cfg: PreprocessConfig) -> bool:
     """Whether a frame's class scores also read its defect view: with ``cfg.defect_view``, frames whose longer
     side is at least :data:`DEFECT_VIEW_ABOVE` model inputs (below that the whole view is already near native
-    resolution)."""
-    return cfg.defect_view and max(height, width) >= DEFECT_VIEW_ABOVE * cfg.image_size
+    resolution), up to :data:`DEFECT_VIEW_MAX_PIXELS` (the uint8 frame crosses the object store)."""
+    return (cfg.defect_view and max(height, width) >= DEFECT_VIEW_ABOVE * cfg.image_size
+            and height * width <= DEFECT_VIEW_MAX_PIXELS)
 
 
 def pack_frame(stretched: np.ndarray) -> np.ndarray:
