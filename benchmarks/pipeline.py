@@ -372,6 +372,7 @@ def bench_defect_view(name: str, frames: int, batch_size: int, threads: int, pre
             synth(tmp, SynthConfig(seed=98, lots=1, per_class=max(1, frames // 7), family="logic", sizes=(size,)))
             manifest = Path(tmp) / "manifest.csv"
             row: dict[str, Any] = {"backbone": name, "frame": f"{size[0]}x{size[1]}", "precision": precision}
+            rates: dict[bool, float] = {}
             for on in (False, True):
                 spec = ModelSpec(backbone=name, pretrained="none", precision=precision, defect_view=on)
                 prep = preprocess_config(name, tile_above=1024, defect_view=on)
@@ -384,9 +385,10 @@ def bench_defect_view(name: str, frames: int, batch_size: int, threads: int, pre
                 predictor(batches[0])  # warm-up
                 t0 = time.perf_counter()
                 n = sum(len(predictor(b)) for b in batches)
-                row["on" if on else "off"] = round(n / (time.perf_counter() - t0), 2)
+                rates[on] = n / (time.perf_counter() - t0)
+                row["on" if on else "off"] = round(rates[on], 2)
                 row["frame_kb"] = round(sum(len(f) for b in batches for f in b["frame_pixels"]) / n / 1e3, 1)
-            row["cost"] = round(row["off"] / row["on"], 2)
+            row["cost"] = round(rates[False] / rates[True], 2)
             rows.append(row)
             print(f"{name:<20} {row['frame']:>10} {row['off']:>8} {row['on']:>8} {row['cost']:>6}x "
                   f"{row['frame_kb']:>9} kB", flush=True)

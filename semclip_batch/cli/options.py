@@ -155,7 +155,7 @@ def run_options(fn: F) -> F:
         click.option("--defect-view/--no-defect-view", default=None,
                      help="Class scores of frames at least twice the model input also read a native-resolution crop "
                           "at the map's maximum (one more model view per such frame) [default: on; with --model: "
-                          "the checkpoint's]."),
+                          "the checkpoint's, which either flag overrides]."),
     ]
     fn = model_options(fn)
     for option in reversed(options):

@@ -7,6 +7,10 @@ a scale policy the frame pixels the model input covers at that fraction of nativ
 of those tiles are averaged back at ``H x W``. At most :data:`MAX_TILES`
 tiles per frame: where more would be needed (extreme aspect ratios, huge frames), the tiles grow and are scored at
 reduced resolution, and stop being square once they reach the frame's short side.
+
+One addition for class scores only, in ``run`` only: the *defect view* (:func:`defect_view`), a crop of the
+stretched frame at native resolution around the anomaly map's maximum, for frames of at least
+:data:`DEFECT_VIEW_ABOVE` model inputs when the model asks for it (``PreprocessConfig.defect_view``).
 """
 
 from __future__ import annotations
@@ -168,22 +172,29 @@ def needs_defect_view(height: int, width: int, cfg: PreprocessConfig) -> bool:
 
 
 def pack_frame(stretched: np.ndarray) -> np.ndarray:
-    """A stretched frame in [0, 1] to uint8 levels (1 byte a pixel: the defect view is for class scores only).
-    ``(H, W)`` float -> ``(H, W)`` uint8."""
+    """A stretched frame in [0, 1] to uint8 levels: 1 byte a pixel, half the views' 2, because the whole frame
+    crosses the object store; a step of 1/255 is coarser than the views' but finer than bf16's near 1 and than a
+    stretched SEM frame's noise, and the defect view serves class scores only. ``(H, W)`` float -> ``(H, W)``
+    uint8."""
     return np.rint(np.clip(stretched, 0.0, 1.0) * np.float32(FRAME_LEVELS)).astype(np.uint8)
 
 
 def defect_view(frame: torch.Tensor, frame_map: torch.Tensor, size: int) -> torch.Tensor:
-    """The window of ``size`` frame pixels (native resolution; the frame's short side where it is shorter,
-    resized) centred on the anomaly map's maximum and kept inside the frame, in [0, 1].
+    """The square window of ``size`` frame pixels (native resolution; of the frame's short side where that is
+    shorter, resized) centred on the anomaly map's maximum (the frame's centre where the map is flat or not
+    finite) and kept inside the frame, in [0, 1].
     ``frame`` ``(H, W)`` uint8 levels, ``frame_map`` ``(H, W)`` -> ``(size, size)`` float32, on their device."""
     h, w = frame.shape
-    cy, cx = divmod(int(frame_map.argmax()), w)
-    side_h, side_w = min(size, h), min(size, w)
-    y = min(max(cy - side_h // 2, 0), h - side_h)
-    x = min(max(cx - side_w // 2, 0), w - side_w)
-    window = frame[y:y + side_h, x:x + side_w].to(torch.float32) / FRAME_LEVELS
-    if (side_h, side_w) != (size, size):
+    lo, hi = frame_map.aminmax()
+    if bool(torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)):
+        cy, cx = divmod(int(frame_map.argmax()), w)
+    else:
+        cy, cx = h // 2, w // 2
+    side = min(size, h, w)
+    y = min(max(cy - side // 2, 0), h - side)
+    x = min(max(cx - side // 2, 0), w - side)
+    window = frame[y:y + side, x:x + side].to(torch.float32) / FRAME_LEVELS
+    if side != size:
         window = resize(window[None, None], (size, size))[0, 0]
     return window
 

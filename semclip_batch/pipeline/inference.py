@@ -1,8 +1,10 @@
 """The model stage: a Ray Data actor that builds the model (SEM-CLIP or a baseline) once in ``__init__`` and scores batches.
 
 Input rows carry the preprocessed views (one grey channel in uint16, expanded and normalised here, on the
-device); output rows carry the uint8 mask at the frame's H x W, the class
-scores and the image score. A failing batch becomes ``model_error`` rows (traceback logged), never a crash.
+device) and, for frames that take a defect view, the frame's uint8 levels; output rows carry the uint8 mask at
+the frame's H x W, the class scores (with a defect view: the mean of the whole view's and those of a native crop
+at the map's maximum) and the image score. A failing batch becomes ``model_error`` rows (traceback logged),
+never a crash.
 """
 
 from __future__ import annotations
@@ -191,24 +193,24 @@ class Predictor:
             has_ref = np.concatenate([np.full(c, bool(batch["has_ref"][i])) for i, c in zip(ok, counts, strict=False)])
         maps, probs = self._forward(views, refs, has_ref)
         start = 0
-        peaks: dict[int, float] = {}
+        frame_levels = batch.get("frame_pixels")  # the defect views' frames (absent: none)
         crops: dict[int, torch.Tensor] = {}
         for i, count in zip(ok, counts, strict=False):
             h, w = int(batch["height"][i]), int(batch["width"][i])
             tiles = frame_tiles(h, w, self.setup.prep)
             frame = maps_to_frame(maps[start:start + count], h, w, tiles)
+            p = probs[start].numpy().astype(np.float32)
             masks[i] = to_mask_tensor(frame).cpu().numpy().tobytes()
-            peaks[i] = float(frame.max())
-            class_scores[i] = probs[start].numpy().astype(np.float32)
-            if batch["frame_pixels"][i]:
-                crops[i] = defect_view(self._frame(batch["frame_pixels"][i], h, w), frame, size)
+            # the whole view's p(normal), as train calibrated the image threshold on it
+            scores[i] = anomaly_score(float(p[0]), float(frame.max()), self.setup.spec.score_mode)
+            class_scores[i] = p
+            if frame_levels is not None and frame_levels[i]:
+                crops[i] = defect_view(self._frame(frame_levels[i], h, w), frame, size)
             start += count
         if crops:  # class scores: the mean of the whole view's and the defect view's
             crop_probs = self._class_probs(torch.stack(list(crops.values())))
             for i, p in zip(crops, crop_probs.numpy(), strict=True):
                 class_scores[i] = 0.5 * (class_scores[i] + p.astype(np.float32))
-        for i in ok:
-            scores[i] = anomaly_score(float(class_scores[i][0]), peaks[i], self.setup.spec.score_mode)
 
     def _class_probs(self, views: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(V, C)`` on the CPU of grey views ``(V, S, S)`` in [0, 1] on the device."""
@@ -224,8 +226,8 @@ class Predictor:
 
 class StandIn:
     """The model stage's stand-in for benchmarks (``RunConfig.model_stub``): an accelerator that scores
-    ``setup.stub_rate`` model views a second (a frame is one view, or 1 + its tiles, + its defect view) and costs the host nothing
-    but the rows it returns. Same input and output as :class:`Predictor`: an all-zero uint8 mask at each ok
+    ``setup.stub_rate`` model views a second (a frame is one view, or 1 + its tiles, + its defect view) and costs
+    the host nothing but the rows it returns. Same input and output as :class:`Predictor`: an all-zero uint8 mask at each ok
     frame's H x W, anomaly score 0, every class score on ``normal``; the time a batch would take on the device
     is slept (the device is busy until the last batch it took is done), so decode, Ray and writes are measured
     against a fixed model rate."""
@@ -241,7 +243,9 @@ class StandIn:
         n = len(batch["image_id"])
         ok = [i for i in range(n) if batch["status"][i] == OK]
         now = time.perf_counter()
-        views = sum(int(batch["n_views"][i]) + bool(batch["frame_pixels"][i]) for i in ok)  # + defect views
+        frame_levels = batch.get("frame_pixels")
+        views = sum(int(batch["n_views"][i]) + bool(frame_levels is not None and frame_levels[i])  # + defect views
+                    for i in ok)
         self.busy_until = max(now, self.busy_until) + views * self.seconds_per_view
         time.sleep(max(0.0, self.busy_until - now))
         masks = np.full(n, b"", dtype=object)
