@@ -11,9 +11,11 @@ labelled frames each: one on ``--source`` (family A), one on ``--siblings``. The
 
 Per family, apart seeds: support (seed 2000, 10 per class = 70 frames), test (seed 6000, ``--test-lots`` x 70
 frames). Every configuration is fitted with ``train``'s own code (:func:`semclip_batch.fewshot.train.fit`, over
-``--seeds`` support draws, 0 and 1 by default) and scored as ``run`` + ``eval`` score (whole-frame view, map resized to the frame,
-uint8 masks, the same metric code). ``--validation`` names the family on which settings were chosen (the
-recipe's parts, the default recipe); its rows are marked ``val``. Nothing is chosen on the other families.
+``--seeds`` support draws, 0 and 1 by default) and scored as ``run`` + ``eval`` score (whole-frame view, map
+resized to the frame, uint8 masks, the same metric code; class scores with ``run``'s defect view where ``run``
+takes one: SEM-CLIP zero-shot and the ``transfer`` recipe, frames of at least twice the model input).
+``--validation`` names the family on which settings were chosen (the recipe's parts, the default recipe); its
+rows are marked ``val``. Nothing is chosen on the other families.
 
 Configurations: SEM-CLIP zero-shot; ``--recipe paper`` and ``transfer`` (the default) and ``transfer`` without
 each of its parts (augmentation, memory, region head); WinCLIP+ and PromptAD. Prints one table (mean +- std
@@ -26,7 +28,7 @@ import argparse
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +39,16 @@ from semclip_batch.analysis.metrics import PixelCounts, classification_report, r
 from semclip_batch.config import ModelSpec
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table, pretrain
-from semclip_batch.fewshot.recipes import RECIPES, Recipe, copies
+from semclip_batch.fewshot.recipes import RECIPES, Recipe, applied, copies
 from semclip_batch.fewshot.train import TrainConfig, fit, sample_shots
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
-from semclip_batch.io.preprocess import maps_to_frame
+from semclip_batch.io.preprocess import decoded_views, defect_view, maps_to_frame
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
-from semclip_batch.methods.registry import depth_of, new_model, score_features
+from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.towers import vision_tower
@@ -68,13 +70,15 @@ PRETRAIN_LOTS = 29  # x 70 frames = 2,030
 
 @dataclass
 class Lot:
-    """One encoded set: the frames (and, for support sets, their augmented copies) and the backbone's features."""
+    """One encoded set: the frames (and, for support sets, their augmented copies) and the backbone's features;
+    for test sets, the uint8 levels of the frames that take a defect view (``run``'s decode stage ships them)."""
 
     df: pd.DataFrame
     data: TrainSet
     feats: Features
     shapes: list[tuple[int, int]]
     truth: list[np.ndarray]
+    levels: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], name: str, augmented: bool) -> Lot:
@@ -89,8 +93,33 @@ def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], n
     t0 = time.perf_counter()
     feats = encode_views(vision_tower(backbone.clip), data.views, prep, tuple(range(1, depth + 1)), windows=True)
     truth = [load_frame(u) > 0 for u in df["mask_url"]]
+    levels = {}
+    if not augmented:
+        with_view = replace(prep, defect_view=True)
+        for i, url in enumerate(df["url"]):
+            frame = decoded_views(load_frame(url), with_view)[1]
+            if frame is not None:
+                levels[i] = frame
     print(f"  encoded {name}: {len(data)} views in {time.perf_counter() - t0:.0f} s", flush=True)
-    return Lot(df, data, feats, [t.shape for t in truth], truth)
+    return Lot(df, data, feats, [t.shape for t in truth], truth, levels)
+
+
+@torch.no_grad()
+def with_defect_view(model: Scorer, backbone: LoadedBackbone, out: SemClipOutput, test: Lot) -> SemClipOutput:
+    """``run``'s class scores with the defect view: frames of at least twice the model input average their whole
+    view's class probabilities with those of a native crop at their map's maximum (maps unchanged)."""
+    if not test.levels:
+        return out
+    size = test.data.views.shape[-1]
+    rows = sorted(test.levels)
+    crops = torch.stack([defect_view(torch.from_numpy(test.levels[i]),
+                                     maps_to_frame(out.maps[i:i + 1], *test.shapes[i], []), size) for i in rows])
+    prep = preprocess_config(backbone.name, tile_above=10**9)
+    feats = encode_views(vision_tower(backbone.clip), crops, prep, tuple(range(1, depth_of(backbone.clip) + 1)),
+                         windows=get_method(model.method).windows)
+    probs = out.class_probs.clone()
+    probs[rows] = 0.5 * (probs[rows] + score_features(model, feats, (size, size)).class_probs)
+    return SemClipOutput(maps=out.maps, class_probs=probs, embeddings=out.embeddings)
 
 
 def subset(lot: Lot, rows: torch.Tensor) -> tuple[TrainSet, Features]:
@@ -134,6 +163,8 @@ def run_config(name: str, method: str, recipe: Recipe, backbone: LoadedBackbone,
     fitted = fit(cfg, backbone, text, data, feats)
     with torch.no_grad():
         out = score_features(fitted.model, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]))
+    if applied(recipe, cfg.model).defect_view:
+        out = with_defect_view(fitted.model, backbone, out, test)
     figures = metrics(out, test)
     figures["seconds"] = time.perf_counter() - t0
     print(f"    {name:<24} seed {seed}: " + " ".join(f"{k} {figures[k]:.3f}" for k in (*KEYS, "seconds")), flush=True)
@@ -202,7 +233,8 @@ def evaluate_family(work: Path, weights: str, pretrained_on: str, family: str, b
     base = {"pretrained_on": pretrained_on, "family": f"{family} ({role})", "role": role}
     zero = new_model(ModelSpec(backbone=backbone_name, pretrained=weights), backbone.clip, text)
     with torch.no_grad():
-        figures = metrics(score_features(zero, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1])),
+        figures = metrics(with_defect_view(zero, backbone, score_features(
+                              zero, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1])), test),
                           test)
     figures["seconds"] = 0.0
     print("    zero-shot: " + " ".join(f"{k} {figures[k]:.3f}" for k in KEYS), flush=True)
