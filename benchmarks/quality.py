@@ -105,11 +105,11 @@ def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], n
 
 
 @torch.no_grad()
-def with_defect_view(model: Scorer, backbone: LoadedBackbone, out: SemClipOutput, test: Lot) -> SemClipOutput:
+def defect_view_probs(model: Scorer, backbone: LoadedBackbone, out: SemClipOutput, test: Lot) -> torch.Tensor:
     """``run``'s class scores with the defect view: frames of at least twice the model input average their whole
-    view's class probabilities with those of a native crop at their map's maximum (maps unchanged)."""
+    view's class probabilities with those of a native crop at their map's maximum."""
     if not test.levels:
-        return out
+        return out.class_probs
     size = test.data.views.shape[-1]
     rows = sorted(test.levels)
     crops = torch.stack([defect_view(torch.from_numpy(test.levels[i]),
@@ -119,7 +119,7 @@ def with_defect_view(model: Scorer, backbone: LoadedBackbone, out: SemClipOutput
                          windows=get_method(model.method).windows)
     probs = out.class_probs.clone()
     probs[rows] = 0.5 * (probs[rows] + score_features(model, feats, (size, size)).class_probs)
-    return SemClipOutput(maps=out.maps, class_probs=probs, embeddings=out.embeddings)
+    return probs
 
 
 def subset(lot: Lot, rows: torch.Tensor) -> tuple[TrainSet, Features]:
@@ -129,8 +129,10 @@ def subset(lot: Lot, rows: torch.Tensor) -> tuple[TrainSet, Features]:
     return data, lot.feats.subset(rows)
 
 
-def metrics(out: SemClipOutput, test: Lot) -> dict[str, float | None]:
-    """The figures ``eval`` computes, from maps at model size resized to each frame as ``run`` does."""
+def metrics(out: SemClipOutput, test: Lot, class_probs: torch.Tensor | None = None) -> dict[str, float | None]:
+    """The figures ``eval`` computes, from maps at model size resized to each frame as ``run`` does; classes from
+    ``class_probs`` where given (the defect view's), the image score from the whole view's p(normal) as in
+    ``run``."""
     pixels = PixelCounts()
     scores, truth_cls, pred_cls = [], [], []
     classes = list(test.data.classes)
@@ -138,10 +140,9 @@ def metrics(out: SemClipOutput, test: Lot) -> dict[str, float | None]:
     for i, (shape, truth) in enumerate(zip(test.shapes, test.truth, strict=True)):
         frame = maps_to_frame(out.maps[i:i + 1], shape[0], shape[1], []).numpy()
         pixels.add(to_mask(frame), truth)
-        p = out.class_probs[i].numpy()
-        scores.append(anomaly_score(float(p[0]), float(frame.max())))
+        scores.append(anomaly_score(float(out.class_probs[i, 0]), float(frame.max())))
         truth_cls.append(labels[i])
-        pred_cls.append(classes[int(np.argmax(p))])
+        pred_cls.append(classes[int(np.argmax((out.class_probs if class_probs is None else class_probs)[i].numpy()))])
     report = classification_report(truth_cls, pred_cls, classes)
     is_defect = np.array([label != "normal" for label in labels])
     return {"iAUROC": roc_auc(np.array(scores), is_defect), "pAUROC": pixels.auroc(), "F1max": pixels.f1_max(),
@@ -163,9 +164,8 @@ def run_config(name: str, method: str, recipe: Recipe, backbone: LoadedBackbone,
     fitted = fit(cfg, backbone, text, data, feats)
     with torch.no_grad():
         out = score_features(fitted.model, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]))
-    if applied(recipe, cfg.model).defect_view:
-        out = with_defect_view(fitted.model, backbone, out, test)
-    figures = metrics(out, test)
+    probs = defect_view_probs(fitted.model, backbone, out, test) if applied(recipe, cfg.model).defect_view else None
+    figures = metrics(out, test, probs)
     figures["seconds"] = time.perf_counter() - t0
     print(f"    {name:<24} seed {seed}: " + " ".join(f"{k} {figures[k]:.3f}" for k in (*KEYS, "seconds")), flush=True)
     return figures
@@ -233,9 +233,8 @@ def evaluate_family(work: Path, weights: str, pretrained_on: str, family: str, b
     base = {"pretrained_on": pretrained_on, "family": f"{family} ({role})", "role": role}
     zero = new_model(ModelSpec(backbone=backbone_name, pretrained=weights), backbone.clip, text)
     with torch.no_grad():
-        figures = metrics(with_defect_view(zero, backbone, score_features(
-                              zero, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1])), test),
-                          test)
+        out = score_features(zero, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]))
+        figures = metrics(out, test, defect_view_probs(zero, backbone, out, test))
     figures["seconds"] = 0.0
     print("    zero-shot: " + " ".join(f"{k} {figures[k]:.3f}" for k in KEYS), flush=True)
     rows = [summarise({**base, "config": "semclip zero-shot", "seeds": 1}, [figures])]
