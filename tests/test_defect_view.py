@@ -158,10 +158,23 @@ def test_a_large_frames_class_scores_are_the_mean_of_its_whole_and_defect_views(
                                                          abs=atol)
 
 
+def test_zero_shot_run_takes_it_on_unless_told_and_a_checkpoint_run_follows_the_flag_if_given():
+    from semclip_batch.cli.options import run_config
+
+    base = dict(input="lot.csv", out="out", model=None, backbone="semclip-tiny", pretrained="shipped",
+                pretrained_sha256=None, scale_policy=None, seed=0, prompts=None, precision="fp32", storage_option=(),
+                threshold=None, pixel_threshold=None, min_region_px=None, batch_size=8, actors=1, num_gpus=0.0,
+                shard_size=64, tile_above=1024, pattern=None, address=None, overwrite=False)
+    assert run_config(**base, defect_view=None).model.defect_view is True
+    assert run_config(**base, defect_view=False).model.defect_view is False
+    for given in (None, True, False):  # None: the checkpoint's choice, resolved by the driver
+        assert run_config(**{**base, "model": "ckpt"}, defect_view=given).model.defect_view is given
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_run_takes_the_checkpoints_choice_zero_shot_takes_it_on_and_the_flag_turns_it_off(tmp_path, ray_cluster):
+def test_a_transfer_checkpoint_takes_it_and_no_defect_view_turns_it_off(tmp_path, ray_cluster):
     import json
 
     from click.testing import CliRunner
@@ -191,18 +204,16 @@ def test_run_takes_the_checkpoints_choice_zero_shot_takes_it_on_and_the_flag_tur
                                "--pretrained", "shipped", "--epochs", "2"])
     assert res.exit_code == 0, res.output
     assert load_checkpoint(str(ckpt)).meta.defect_view  # the default recipe, transfer
-    zero = ["--backbone", "semclip-tiny", "--pretrained", "shipped"]
     found = {}
-    for name, args in (("model", ["--model", str(ckpt)]), ("model-off", ["--model", str(ckpt), "--no-defect-view"]),
-                       ("zero-shot", zero), ("zero-shot-off", [*zero, "--no-defect-view"])):
+    for name, flags in (("on", []), ("off", ["--no-defect-view"])):
         out = tmp_path / f"out-{name}"
-        res = runner.invoke(main, ["run", str(manifest), "--out", str(out), *args])
+        res = runner.invoke(main, ["run", str(manifest), "--out", str(out), "--model", str(ckpt), *flags])
         assert res.exit_code == 0, res.output
         record = json.loads(next((out / "runs").rglob("attempt-*.json")).read_text())
         assert record["counts"] == {"ok": 6}
-        assert record["preprocessing"].get("defect_view", False) == (not name.endswith("-off"))
-        scores = read_predictions(str(out)).to_pandas().sort_values("image_id")["class_scores"]
-        found[name] = (record["run_id"], np.stack(scores.to_list()))
-    assert len({run_id for run_id, _ in found.values()}) == 4
-    for name in ("model", "zero-shot"):  # the view moved the class scores of every (520 px) frame
-        assert (np.abs(found[name][1] - found[f"{name}-off"][1]).max(axis=1) > 1e-4).all()
+        assert record["preprocessing"].get("defect_view", False) == (name == "on")
+        table = read_predictions(str(out)).to_pandas().sort_values("image_id")
+        found[name] = (record["run_id"], np.stack(table["class_scores"].to_list()), table["anomaly_score"].to_numpy())
+    assert found["on"][0] != found["off"][0]
+    assert (np.abs(found["on"][1] - found["off"][1]).max(axis=1) > 1e-4).all()  # every (520 px) frame's classes
+    assert np.allclose(found["on"][2], found["off"][2])  # image scores read the whole view either way
