@@ -366,6 +366,8 @@ def bench_defect_view(name: str, frames: int, batch_size: int, threads: int, pre
     """The model stage alone (already-decoded batches), img/s with the defect view off and on, per frame size:
     frames under twice the model input take none, larger ones one more model view each."""
     torch.set_num_threads(threads)
+    backbone = load_backbone(name, "none")
+    text = text_embeddings(backbone, load_prompts())
     rows = []
     for size in DEFECT_VIEW_SIZES:
         with tempfile.TemporaryDirectory() as tmp:
@@ -376,8 +378,7 @@ def bench_defect_view(name: str, frames: int, batch_size: int, threads: int, pre
             for on in (False, True):
                 spec = ModelSpec(backbone=name, pretrained="none", precision=precision, defect_view=on)
                 prep = preprocess_config(name, tile_above=1024, defect_view=on)
-                backbone = load_backbone(name, "none")
-                setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text_embeddings(backbone, load_prompts()),
+                setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text,
                                        weights_sha256=backbone.sha256, batch_size=batch_size, threads=threads,
                                        use_gpu=False)
                 predictor = Predictor(setup)

@@ -44,7 +44,7 @@ from semclip_batch.fewshot.train import TrainConfig, fit, sample_shots
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
-from semclip_batch.io.preprocess import decoded_views, defect_view, maps_to_frame
+from semclip_batch.io.preprocess import defect_view, maps_to_frame, needs_defect_view, pack_frame, stretch
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
@@ -94,12 +94,12 @@ def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], n
     feats = encode_views(vision_tower(backbone.clip), data.views, prep, tuple(range(1, depth + 1)), windows=True)
     truth = [load_frame(u) > 0 for u in df["mask_url"]]
     levels = {}
-    if not augmented:
+    if not augmented:  # the frames run ships for a defect view (load_trainset keeps only the model views)
         with_view = replace(prep, defect_view=True)
         for i, url in enumerate(df["url"]):
-            frame = decoded_views(load_frame(url), with_view)[1]
-            if frame is not None:
-                levels[i] = frame
+            gray = load_frame(url)
+            if needs_defect_view(gray.shape[0], gray.shape[1], with_view):
+                levels[i] = pack_frame(stretch(gray, prep.percentile_low, prep.percentile_high))
     print(f"  encoded {name}: {len(data)} views in {time.perf_counter() - t0:.0f} s", flush=True)
     return Lot(df, data, feats, [t.shape for t in truth], truth, levels)
 

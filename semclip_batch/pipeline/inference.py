@@ -115,6 +115,14 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
     return Scoring(model, reference, taps, vv_from, windows=method.windows)
 
 
+def defect_frames(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The batch's ``frame_pixels``: per row the frame's uint8 levels for its defect view, or empty bytes (every
+    row of a batch that lacks the column)."""
+    if "frame_pixels" in batch:
+        return batch["frame_pixels"]
+    return np.full(len(batch["image_id"]), b"", dtype=object)
+
+
 class Predictor:
     """Callable class for ``map_batches(compute=ActorPoolStrategy(...))``."""
 
@@ -193,7 +201,7 @@ class Predictor:
             has_ref = np.concatenate([np.full(c, bool(batch["has_ref"][i])) for i, c in zip(ok, counts, strict=False)])
         maps, probs = self._forward(views, refs, has_ref)
         start = 0
-        frame_levels = batch.get("frame_pixels")  # the defect views' frames (absent: none)
+        frame_levels = defect_frames(batch)
         crops: dict[int, torch.Tensor] = {}
         for i, count in zip(ok, counts, strict=False):
             h, w = int(batch["height"][i]), int(batch["width"][i])
@@ -204,7 +212,7 @@ class Predictor:
             # the whole view's p(normal), as train calibrated the image threshold on it
             scores[i] = anomaly_score(float(p[0]), float(frame.max()), self.setup.spec.score_mode)
             class_scores[i] = p
-            if frame_levels is not None and frame_levels[i]:
+            if frame_levels[i]:
                 crops[i] = defect_view(self._frame(frame_levels[i], h, w), frame, size)
             start += count
         if crops:  # class scores: the mean of the whole view's and the defect view's
@@ -243,9 +251,8 @@ class StandIn:
         n = len(batch["image_id"])
         ok = [i for i in range(n) if batch["status"][i] == OK]
         now = time.perf_counter()
-        frame_levels = batch.get("frame_pixels")
-        views = sum(int(batch["n_views"][i]) + bool(frame_levels is not None and frame_levels[i])  # + defect views
-                    for i in ok)
+        frame_levels = defect_frames(batch)
+        views = sum(int(batch["n_views"][i]) + bool(frame_levels[i]) for i in ok)  # + defect views
         self.busy_until = max(now, self.busy_until) + views * self.seconds_per_view
         time.sleep(max(0.0, self.busy_until - now))
         masks = np.full(n, b"", dtype=object)

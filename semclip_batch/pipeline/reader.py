@@ -75,14 +75,14 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
     height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
     pixels, ref_pixels, frames = (np.full(n, b"", dtype=object) for _ in range(3))
     has_ref = np.zeros(n, bool)
+    ref_prep = replace(prep, defect_view=False)  # a reference never takes a defect view
     for i, url in enumerate(batch["url"]):
         ref_url = batch["reference_url"][i] if references else None
         try:
             gray = load_frame(str(url), storage_options, _page(batch["page"][i]))
             x, frame = _decoded_views(gray, prep)
             if not missing(ref_url) and str(ref_url):
-                ref, _ = _decoded_views(load_reference(str(ref_url), gray, storage_options, register),
-                                        replace(prep, defect_view=False))
+                ref, _ = _decoded_views(load_reference(str(ref_url), gray, storage_options, register), ref_prep)
                 ref_pixels[i], has_ref[i] = ref.tobytes(), True
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)
