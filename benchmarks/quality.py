@@ -45,7 +45,7 @@ from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.preprocess import defect_view, maps_to_frame, needs_defect_view, pack_frame, stretch
-from semclip_batch.methods.decisions import anomaly_score, to_mask
+from semclip_batch.methods.decisions import anomaly_score, to_mask, with_defect_view
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
@@ -96,10 +96,9 @@ def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], n
     levels = {}
     if not augmented:  # the frames run ships for a defect view (load_trainset keeps only the model views)
         with_view = replace(prep, defect_view=True)
-        for i, url in enumerate(df["url"]):
-            gray = load_frame(url)
-            if needs_defect_view(gray.shape[0], gray.shape[1], with_view):
-                levels[i] = pack_frame(stretch(gray, prep.percentile_low, prep.percentile_high))
+        for i, (url, mask) in enumerate(zip(df["url"], truth, strict=True)):  # a truth mask has its frame's shape
+            if needs_defect_view(mask.shape[0], mask.shape[1], with_view):
+                levels[i] = pack_frame(stretch(load_frame(url), prep.percentile_low, prep.percentile_high))
     print(f"  encoded {name}: {len(data)} views in {time.perf_counter() - t0:.0f} s", flush=True)
     return Lot(df, data, feats, [t.shape for t in truth], truth, levels)
 
@@ -118,7 +117,7 @@ def defect_view_probs(model: Scorer, backbone: LoadedBackbone, out: SemClipOutpu
     feats = encode_views(vision_tower(backbone.clip), crops, prep, tuple(range(1, depth_of(backbone.clip) + 1)),
                          windows=get_method(model.method).windows)
     probs = out.class_probs.clone()
-    probs[rows] = 0.5 * (probs[rows] + score_features(model, feats, (size, size)).class_probs)
+    probs[rows] = with_defect_view(probs[rows], score_features(model, feats, (size, size)).class_probs)
     return probs
 
 
@@ -137,12 +136,13 @@ def metrics(out: SemClipOutput, test: Lot, class_probs: torch.Tensor | None = No
     scores, truth_cls, pred_cls = [], [], []
     classes = list(test.data.classes)
     labels = list(test.df["label"])
+    probs = out.class_probs if class_probs is None else class_probs
     for i, (shape, truth) in enumerate(zip(test.shapes, test.truth, strict=True)):
         frame = maps_to_frame(out.maps[i:i + 1], shape[0], shape[1], []).numpy()
         pixels.add(to_mask(frame), truth)
         scores.append(anomaly_score(float(out.class_probs[i, 0]), float(frame.max())))
         truth_cls.append(labels[i])
-        pred_cls.append(classes[int(np.argmax((out.class_probs if class_probs is None else class_probs)[i].numpy()))])
+        pred_cls.append(classes[int(np.argmax(probs[i].numpy()))])
     report = classification_report(truth_cls, pred_cls, classes)
     is_defect = np.array([label != "normal" for label in labels])
     return {"iAUROC": roc_auc(np.array(scores), is_defect), "pAUROC": pixels.auroc(), "F1max": pixels.f1_max(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from scipy import ndimage
 from semclip_batch.config import Thresholds
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,12 @@ def to_mask_tensor(amap: torch.Tensor) -> torch.Tensor:
     """:func:`to_mask` where the map is (on the accelerator, in the model actor): ``(H, W)`` float -> uint8,
     rounding half to even as ``np.rint`` does, so both give the same bytes."""
     return torch.round(amap.float().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+
+
+def with_defect_view(whole: ArrayT, crop: ArrayT) -> ArrayT:
+    """A frame's class probabilities with its defect view: the mean of the whole view's and the crop's (numpy
+    or torch, any matching shapes)."""
+    return 0.5 * (whole + crop)
 
 
 def anomaly_score(p_normal: float, map_max: float, mode: str = "mean") -> float:

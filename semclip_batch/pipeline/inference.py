@@ -29,7 +29,7 @@ from semclip_batch.io.preprocess import (
 )
 from semclip_batch.io.schema import SCORED, to_table
 from semclip_batch.methods.checkpoint import load_checkpoint
-from semclip_batch.methods.decisions import anomaly_score, to_mask_tensor
+from semclip_batch.methods.decisions import anomaly_score, to_mask_tensor, with_defect_view
 from semclip_batch.methods.features import encode_batch
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
@@ -218,7 +218,7 @@ class Predictor:
         if crops:  # class scores: the mean of the whole view's and the defect view's
             crop_probs = self._class_probs(torch.stack(list(crops.values())))
             for i, p in zip(crops, crop_probs.numpy(), strict=True):
-                class_scores[i] = 0.5 * (class_scores[i] + p.astype(np.float32))
+                class_scores[i] = with_defect_view(class_scores[i], p.astype(np.float32))
 
     def _class_probs(self, views: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(V, C)`` on the CPU of grey views ``(V, S, S)`` in [0, 1] on the device."""
