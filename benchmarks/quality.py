@@ -18,7 +18,9 @@ takes one: SEM-CLIP zero-shot and the ``transfer`` recipe, frames of at least tw
 rows are marked ``val``. Nothing is chosen on the other families.
 
 Configurations: SEM-CLIP zero-shot; ``--recipe paper`` and ``transfer`` (the default) and ``transfer`` without
-each of its parts (augmentation, memory, region head); WinCLIP+ and PromptAD. Prints one table (mean +- std
+each of its parts (augmentation, memory, region head, cell references); WinCLIP+ and PromptAD. Frames that
+repeat take their cell reference (``io.cell_reference``) as ``train`` and ``run`` do under ``transfer``; the
+other configurations ignore it. Prints one table (mean +- std
 over seeds) and writes it as JSON to ``--work/quality.json``.
 """
 
@@ -40,7 +42,7 @@ from semclip_batch.config import ModelSpec
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table, pretrain
 from semclip_batch.fewshot.recipes import RECIPES, Recipe, applied, copies
-from semclip_batch.fewshot.train import TrainConfig, fit, sample_shots
+from semclip_batch.fewshot.train import TrainConfig, fit, sample_shots, support_pixel_differences
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
@@ -51,6 +53,7 @@ from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
 from semclip_batch.model import SemClipOutput
+from semclip_batch.model.reference import reference_taps
 from semclip_batch.model.towers import vision_tower
 from semclip_batch.synth.generate import SynthConfig, synth
 
@@ -62,6 +65,7 @@ CONFIGS: dict[str, tuple[str, Recipe]] = {  # name -> (method, SEM-CLIP recipe)
     "transfer - augment": ("semclip", replace(TRANSFER, name="transfer-augment", augment=False)),
     "transfer - memory": ("semclip", replace(TRANSFER, name="transfer-memory", memory=False)),
     "transfer - region head": ("semclip", replace(TRANSFER, name="transfer-region", region_head=False)),
+    "transfer - self reference": ("semclip", replace(TRANSFER, name="transfer-self", self_reference=False)),
     "winclip": ("winclip", TRANSFER),
     "promptad": ("promptad", TRANSFER),
 }
@@ -79,12 +83,13 @@ class Lot:
     shapes: list[tuple[int, int]]
     truth: list[np.ndarray]
     levels: dict[int, np.ndarray] = field(default_factory=dict)
+    ref_feats: Features | None = None  # the cell references' features (data.refs / has_ref: where a frame repeats)
 
 
 def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], name: str, augmented: bool) -> Lot:
     prep = preprocess_config(backbone.name, tile_above=10**9)
     df = read_manifest(str(folder / "manifest.csv"))
-    data = load_trainset(df, classes, prep)
+    data = load_trainset(df, classes, prep, self_reference=True)  # as train and run take them (transfer recipe)
     if data.skipped:
         raise SystemExit(f"{folder}: {data.skipped} rows did not decode")
     if augmented:
@@ -92,6 +97,8 @@ def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], n
     depth = depth_of(backbone.clip)
     t0 = time.perf_counter()
     feats = encode_views(vision_tower(backbone.clip), data.views, prep, tuple(range(1, depth + 1)), windows=True)
+    assert data.refs is not None
+    ref_feats = encode_views(vision_tower(backbone.clip), data.refs, prep, reference_taps(depth), vv_from=None)
     truth = [load_frame(u) > 0 for u in df["mask_url"]]
     levels = {}
     if not augmented:  # the frames run ships for a defect view (load_trainset keeps only the model views)
@@ -99,8 +106,9 @@ def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], n
         for i, (url, mask) in enumerate(zip(df["url"], truth, strict=True)):  # a truth mask has its frame's shape
             if needs_defect_view(mask.shape[0], mask.shape[1], with_view):
                 levels[i] = pack_frame(stretch(load_frame(url), prep.percentile_low, prep.percentile_high))
-    print(f"  encoded {name}: {len(data)} views in {time.perf_counter() - t0:.0f} s", flush=True)
-    return Lot(df, data, feats, [t.shape for t in truth], truth, levels)
+    print(f"  encoded {name}: {len(data)} views in {time.perf_counter() - t0:.0f} s "
+          f"({int(data.has_ref.sum()) if data.has_ref is not None else 0} with a cell reference)", flush=True)
+    return Lot(df, data, feats, [t.shape for t in truth], truth, levels, ref_feats)
 
 
 @torch.no_grad()
@@ -121,11 +129,12 @@ def defect_view_probs(model: Scorer, backbone: LoadedBackbone, out: SemClipOutpu
     return probs
 
 
-def subset(lot: Lot, rows: torch.Tensor) -> tuple[TrainSet, Features]:
+def subset(lot: Lot, rows: torch.Tensor) -> tuple[TrainSet, Features, Features | None]:
     d = lot.data
     data = TrainSet(d.views[rows], d.masks[rows], d.labels[rows], d.has_mask[rows], [d.captions[i] for i in rows],
-                    d.classes, 0)
-    return data, lot.feats.subset(rows)
+                    d.classes, 0, refs=None if d.refs is None else d.refs[rows],
+                    has_ref=None if d.has_ref is None else d.has_ref[rows])
+    return data, lot.feats.subset(rows), None if lot.ref_feats is None else lot.ref_feats.subset(rows)
 
 
 def metrics(out: SemClipOutput, test: Lot, class_probs: torch.Tensor | None = None) -> dict[str, float | None]:
@@ -156,14 +165,18 @@ def run_config(name: str, method: str, recipe: Recipe, backbone: LoadedBackbone,
     picked = torch.from_numpy(np.flatnonzero(support.df["image_id"].isin(ids).to_numpy()))
     n_copies = copies(recipe, method)
     rows = (picked[None, :] + frames * torch.arange(n_copies)[:, None]).flatten()  # copy-major, as augment()
-    data, feats = subset(support, rows)
+    data, feats, ref_feats = subset(support, rows)
     cfg = TrainConfig(support="", out="", shots=shots, recipe=recipe,
                       model=ModelSpec(backbone=backbone.name, pretrained=backbone.source, cls="fused", method=method,
                                       seed=seed))
     t0 = time.perf_counter()
-    fitted = fit(cfg, backbone, text, data, feats)
+    fitted = fit(cfg, backbone, text, data, feats, ref_feats)
+    reference = fitted.reference
+    pixels = None if reference is None else support_pixel_differences(test.data, preprocess_config(
+        backbone.name, tile_above=10**9).std[0])
     with torch.no_grad():
-        out = score_features(fitted.model, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]))
+        out = score_features(fitted.model, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]),
+                             reference, None if reference is None else test.ref_feats, test.data.has_ref, pixels)
     probs = defect_view_probs(fitted.model, backbone, out, test) if applied(recipe, cfg.model).defect_view else None
     figures = metrics(out, test, probs)
     figures["seconds"] = time.perf_counter() - t0

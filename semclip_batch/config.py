@@ -154,8 +154,9 @@ class ModelSpec:
     score_mode: str = "mean"
     cls: str = "text"
     method: str = "semclip"  # a registered method: validated by methods.registry.get_method where it is built
-    use_reference: bool = False
+    use_reference: bool = False  # each row's reference_uri frame (die-to-die)
     register_reference: bool = True  # references shifted and intensity-matched onto the frame (io.register)
+    self_reference: bool = False  # rows without a reference frame compared with their own repeats (io.cell_reference)
     reference_weight: float = DEFAULT_REFERENCE_WEIGHT
     memory: bool = False  # SEM-CLIP: a normal-patch memory fused into the map (train's recipe sets it)
     region_head: bool = False  # SEM-CLIP: the head also reads the most anomalous patches' embedding
@@ -173,6 +174,11 @@ class ModelSpec:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         check_scale_policy(self.scale_policy)
 
+    @property
+    def reference_scorer(self) -> bool:
+        """Whether maps are fused with a reference map: from ``reference_uri`` frames, cell references, or both."""
+        return self.use_reference or self.self_reference
+
     def output_affecting(self) -> dict[str, Any]:
         """Fields that change predictions (weights enter run_id through their checksum instead). Fields added
         later appear only where they apply (references) or differ from the old behaviour (a scale policy), so
@@ -180,8 +186,10 @@ class ModelSpec:
         keep = ("backbone", "precision", "taps", "use_vv", "surgery", "sigma", "score_mode", "seed", "cls", "method",
                 "use_reference", "memory", "region_head")
         out = {k: getattr(self, k) for k in keep}
-        if self.use_reference:
+        if self.reference_scorer:
             out.update(register_reference=self.register_reference, reference_weight=self.reference_weight)
+        if self.self_reference:
+            out["self_reference"] = True
         if self.scale_policy is not None:
             out["scale_policy"] = self.scale_policy
         if self.defect_view:

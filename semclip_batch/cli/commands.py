@@ -456,13 +456,17 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @click.option("--no-register", is_flag=True,
               help="With --use-reference: compare references as they are, not shifted and intensity-matched onto the "
                    "frame first (stored in the checkpoint).")
+@click.option("--self-reference/--no-self-reference", default=None,
+              help="Frames without a reference frame are compared with their own pattern shifted by one and two "
+                   "periods (cell-to-cell, where the pattern repeats; stored in the checkpoint) [default: on with "
+                   "recipe transfer, off with paper].")
 @scale_policy_option("[default: whole; stored in the checkpoint, run scores with it]")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
           method: str, recipe: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
           taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool,
-          no_register: bool, scale_policy: str | None) -> None:
+          no_register: bool, self_reference: bool | None, scale_policy: str | None) -> None:
     """Few-shot SEM-CLIP (or a baseline) on a frozen backbone from a labelled SUPPORT manifest -> checkpoint.
 
     \b
@@ -471,7 +475,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
       semclip-batch train support.csv --out ckpt-winclip/ --method winclip --pretrained sem-tiny.safetensors --shots 10
     """
     from semclip_batch.errors import ConfigError
-    from semclip_batch.fewshot.recipes import get_recipe
+    from semclip_batch.fewshot.recipes import get_recipe, with_self_reference
     from semclip_batch.fewshot.train import TrainConfig
     from semclip_batch.fewshot.train import train as run_train
 
@@ -482,11 +486,12 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     except ValueError:
         raise ConfigError(f"--taps {taps!r}: expected block numbers such as 3,6") from None
     cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
-                      recipe=get_recipe(recipe),
+                      recipe=with_self_reference(get_recipe(recipe), self_reference),
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
                                       use_reference=use_reference, register_reference=not no_register,
+                                      self_reference=bool(self_reference),
                                       score_mode=score_mode, sigma=sigma,
                                       scale_policy=parse_scale_policy(scale_policy or "whole"),
                                       storage_options=parse_storage_options(storage_option)))

@@ -1,9 +1,11 @@
 """``train --recipe``: how SEM-CLIP is fitted on the support set. ``paper`` is the paper's recipe as SEMCLIP.md
 rebuilds it (Transformation Layers + head on the pooled token, frozen backbone); ``transfer`` (the default)
-adds what made few shots work on families the backbone never saw (README "Quality that transfers"):
-the support frames in four orientations, a normal-patch memory fused into the map and a head that also reads
-the most anomalous patches. Each part is one field, so the benchmark ablates them one at a time. Recipes
-apply to SEM-CLIP only; the baselines keep their papers' recipes."""
+adds what made few shots work on families the backbone never saw (README "Quality that transfers"): the
+support frames in four orientations, a normal-patch memory fused into the map, a head that also reads the most
+anomalous patches, class scores of large frames also from a crop at the map's maximum, and frames whose pattern
+repeats compared with their own cells (a cell reference, README "Cell references"). Each part is one field, so
+the benchmark ablates them one at a time. Recipes apply to SEM-CLIP only; the baselines keep their papers'
+recipes."""
 
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ class Recipe:
     memory: bool = False  # normal-patch memory fused into the map (model.memory)
     region_head: bool = False  # the head also reads the region embedding (model.semclip.SemClipConfig)
     defect_view: bool = False  # run: large frames' class scores also from a native crop at the map's maximum
+    self_reference: bool = False  # frames without a reference frame compared with their own repeats (io.cell_reference)
 
 
 RECIPES = {
     "paper": Recipe("paper"),
-    "transfer": Recipe("transfer", augment=True, memory=True, region_head=True, defect_view=True),
+    "transfer": Recipe("transfer", augment=True, memory=True, region_head=True, defect_view=True, self_reference=True),
 }
 DEFAULT_RECIPE = "transfer"
 
@@ -41,7 +44,8 @@ def applied(recipe: Recipe, spec: ModelSpec) -> ModelSpec:
     """The model description a recipe trains (SEM-CLIP gains its memory / region head; baselines unchanged)."""
     if not get_method(spec.method).recipes:
         return spec
-    return replace(spec, memory=recipe.memory, region_head=recipe.region_head, defect_view=recipe.defect_view)
+    return replace(spec, memory=recipe.memory, region_head=recipe.region_head, defect_view=recipe.defect_view,
+                   self_reference=spec.self_reference or recipe.self_reference)
 
 
 def recorded(recipe: Recipe, method: str) -> str:
@@ -52,3 +56,8 @@ def recorded(recipe: Recipe, method: str) -> str:
 def copies(recipe: Recipe, method: str) -> int:
     """Rows per support frame once augmented."""
     return len(TRANSFORMS) if recipe.augment and get_method(method).recipes else 1
+
+
+def with_self_reference(recipe: Recipe, on: bool | None) -> Recipe:
+    """``train --self-reference / --no-self-reference`` over the recipe's own setting (None: the recipe's)."""
+    return recipe if on is None else replace(recipe, self_reference=on)

@@ -3,15 +3,15 @@
 Method-agnostic orchestration: load the support set, encode the frozen backbone's features once per support
 image, let the registered method fit itself (``get_method(cfg.model.method).fit``: SEM-CLIP's Transformation Layers,
 head, temperature and alpha in :mod:`semclip_batch.methods.semclip_method`; WinCLIP+'s memories and PromptAD's
-prompts in their own modules), then fit the thresholds on the support set (and, with ``use_reference``, the
-reference-distance scale) and write the checkpoint.
+prompts in their own modules), then fit the thresholds on the support set (and, with reference frames or cell
+references, the reference scales) and write the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -170,7 +170,7 @@ class Fitted:
 def support_taps(cfg: TrainConfig, depth: int) -> tuple[int, ...]:
     """Every block whose tokens this configuration reads."""
     taps = set(method_taps(cfg.model, depth)) | {depth}
-    if cfg.model.use_reference:
+    if applied(cfg.recipe, cfg.model).reference_scorer:
         taps |= set(reference_taps(depth))
     return tuple(sorted(taps))
 
@@ -178,7 +178,8 @@ def support_taps(cfg: TrainConfig, depth: int) -> tuple[int, ...]:
 def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: TrainSet, feats: Features,
         ref_feats: Features | None = None, progress: LossProgress | None = None) -> Fitted:
     """Fit ``cfg.model.method`` on precomputed support features (shared across configurations by the benchmark).
-    With an augmenting recipe, ``data`` and the features are already :func:`~semclip_batch.fewshot.augment.augment`-ed."""
+    With an augmenting recipe, ``data`` and the features are already :func:`~semclip_batch.fewshot.augment.augment`-ed.
+    Cell references alone, where no normal support row has one, fit no reference scorer (nothing to scale it on)."""
     torch.manual_seed(cfg.model.seed)
     spec = applied(cfg.recipe, cfg.model)
     n_copies = copies(cfg.recipe, spec.method)
@@ -191,7 +192,7 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     summary = get_method(spec.method).fit(model, spec, support)
     model.eval().requires_grad_(False)
     reference = pixels = None
-    if cfg.model.use_reference and ref_feats is not None:
+    if spec.reference_scorer and ref_feats is not None and (spec.use_reference or _normal_with_reference(data)):
         reference = ReferenceScorer(reference_taps(depth_of(backbone.clip)), weight=cfg.model.reference_weight)
         pixels = support_pixel_differences(data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
         summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
@@ -202,6 +203,11 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode, len(data) // n_copies))
 
 
+def _normal_with_reference(data: TrainSet) -> bool:
+    """Whether a normal support row has a reference view: what the reference scales are fitted on."""
+    return data.has_ref is not None and bool((data.has_ref & (data.labels == 0)).any())
+
+
 def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointMeta:
     """Train, fit, write the checkpoint; returns its meta as stored."""
     t0 = time.perf_counter()
@@ -209,8 +215,16 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
     # the views run scores: the whole frame, and with a scale policy its tiles (whatever run's --tile-above)
     prep = preprocess_config(cfg.model.backbone, tile_above=10**9, scale_policy=cfg.model.scale_policy)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
+    spec = applied(cfg.recipe, cfg.model)
     data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options,
-                         references=cfg.model.use_reference, register=cfg.model.register_reference)
+                         references=spec.use_reference, register=spec.register_reference,
+                         self_reference=spec.self_reference)
+    if spec.self_reference and not spec.use_reference and not _normal_with_reference(data):
+        log.warning("no normal support frame repeats its pattern: trained without cell references")
+        cfg = replace(cfg, model=replace(cfg.model, self_reference=False),
+                      recipe=replace(cfg.recipe, self_reference=False))
+        spec = applied(cfg.recipe, cfg.model)
+        data.refs = data.has_ref = None
     views = len(data)
     whole = data.first_views()
     if copies(cfg.recipe, cfg.model.method) > 1:
@@ -226,7 +240,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
     feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, data.views, prep, taps, 1, windows),
                             lambda: encode_views(visual, data.views, prep, taps, windows=windows), cfg.model.storage_options)
     ref_feats = None
-    if cfg.model.use_reference:
+    if spec.reference_scorer:
         assert data.refs is not None
         refs, ref_taps = data.refs, reference_taps(depth)
         ref_feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, refs, prep, ref_taps, None, False),
@@ -236,13 +250,12 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
     state = dict(model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
-    spec = applied(cfg.recipe, cfg.model)
     meta = CheckpointMeta(
         method=cfg.model.method, backbone=cfg.model.backbone,
         weights=WeightsRef(source=backbone.source, sha256=backbone.sha256, seed=cfg.model.seed),
         classes=prompts.classes, prompts=dict(zip(prompts.classes, prompts.prompts, strict=True)),
         taps=method_taps(spec, depth), use_vv=cfg.model.use_vv, surgery=cfg.model.surgery, cls=cfg.model.cls,
-        use_reference=cfg.model.use_reference, alpha=float(getattr(model, "alpha", torch.tensor(1.0))),
+        use_reference=spec.use_reference, alpha=float(getattr(model, "alpha", torch.tensor(1.0))),
         temperature=float(model.text_scale),
         thresholds=CheckpointThresholds(image=float(fitted.thresholds["image"]), pixel=float(fitted.thresholds["pixel"]),
                                         min_region_px=int(fitted.thresholds["min_region_px"])),
@@ -255,7 +268,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
                   "seconds": round(time.perf_counter() - t0, 1)},
         score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
         memory=spec.memory, region_head=spec.region_head, scale_policy=spec.scale_policy,
-        defect_view=spec.defect_view, register_reference=cfg.model.register_reference and cfg.model.use_reference,
-        reference_weight=cfg.model.reference_weight,
+        defect_view=spec.defect_view, register_reference=spec.register_reference and spec.use_reference,
+        reference_weight=spec.reference_weight, self_reference=spec.self_reference,
     )
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)

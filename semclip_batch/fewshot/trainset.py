@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import DECODE_ERROR, ConfigError, ImageError
+from semclip_batch.io.cell_reference import cell_reference
 from semclip_batch.io.frames import load_frame, load_reference
 from semclip_batch.io.preprocess import frame_tiles, grey_views, mask_view, resize, stretch
 from semclip_batch.io.schema import missing
@@ -69,12 +70,14 @@ CROP_SCALES = (1, 2)  # crop sides in model-input sizes: native resolution, then
 
 
 def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool,
-              crops: int = 0, seed: int = 0, register: bool = True) -> list[Loaded]:
+              crops: int = 0, seed: int = 0, register: bool = True, self_reference: bool = False) -> list[Loaded]:
     """The whole frame, then its tiles under ``prep`` (as ``run`` scores it: :func:`frame_views`), then up to
     ``crops`` crops."""
     page = row.get("page")
     gray = load_frame(row["url"], so, None if missing(page) else int(page))
     ref = _load_reference(row, gray, so, register) if references else None
+    if ref is None and self_reference:
+        ref = cell_reference(gray)
     mask = None
     if row["mask_url"]:
         mask = load_frame(row["mask_url"], so) > 0
@@ -148,10 +151,11 @@ def _load_reference(row: pd.Series, gray: np.ndarray, so: Mapping[str, Any] | No
 def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessConfig, *,
                   storage_options: Mapping[str, Any] | None = None, need_labels: bool = True,
                   references: bool = False, threads: int = 4, crops: int = 0, seed: int = 0,
-                  register: bool = True) -> TrainSet:
+                  register: bool = True, self_reference: bool = False) -> TrainSet:
     """Decode every usable row (its whole-frame view, its tiles where ``prep`` tiles the frame (:func:`frame_views`), then
     up to ``crops`` :func:`crop_views`, each one row of the set; references registered onto their frame unless
-    ``register`` is False); unreadable rows are skipped with a warning and counted."""
+    ``register`` is False; with ``self_reference``, rows without one take their frame's cell reference where its
+    pattern repeats, as ``run`` does); unreadable rows are skipped with a warning and counted."""
     unknown = sorted(set(df["label"]) - set(classes) - {""})
     if unknown:
         raise ConfigError(f"label {unknown[0]!r} is not a class of the prompt file ({', '.join(classes)})")
@@ -160,7 +164,8 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
         raise ConfigError(f"every support row needs a label; {row['uri']} has none")
     df = df.reset_index(drop=True)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references, crops, seed, register),
+        results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references, crops, seed, register,
+                                                            self_reference),
                                 [r for _, r in df.iterrows()]))
     keep = [i for i, r in enumerate(results) for _ in (r or [])]  # the manifest row of every view
     loaded = [view for r in results for view in (r or [])]
@@ -181,7 +186,7 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     captions = [str(df["caption"].iloc[i]) for i in keep]
     skipped = sum(r is None for r in results)
     data = TrainSet(views, masks, labels, has_mask, captions, classes, skipped=skipped, frame=torch.tensor(keep))
-    if references:
+    if references or self_reference:
         refs = [v.ref for v in loaded]
         data.has_ref = torch.tensor([r is not None for r in refs], dtype=torch.bool)
         data.refs = torch.from_numpy(np.stack([np.zeros((size, size), np.float32) if r is None else r
@@ -190,9 +195,9 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
 
 
 def _safe_load(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool, crops: int,
-               seed: int, register: bool) -> list[Loaded] | None:
+               seed: int, register: bool, self_reference: bool = False) -> list[Loaded] | None:
     try:
-        return _load_row(row, prep, so, references, crops, seed, register)
+        return _load_row(row, prep, so, references, crops, seed, register, self_reference)
     except ImageError as exc:
         log.warning("skipping %s: %s", row["uri"], exc)
         return None

@@ -145,7 +145,7 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
                      score_mode=meta.score_mode, sigma=meta.sigma, memory=meta.memory, region_head=meta.region_head,
                      scale_policy=meta.scale_policy,
                      defect_view=meta.defect_view if req.defect_view is None else req.defect_view,
-                     register_reference=meta.register_reference,
+                     register_reference=meta.register_reference, self_reference=meta.self_reference,
                      reference_weight=meta.reference_weight, checkpoint=req.url,
                      storage_options=req.storage_options)
     get_method(spec.method)
@@ -360,7 +360,8 @@ def _stream(work: _Work, todo: set[ShardKey],
         # arguments, which fn_kwargs supplies: hence the two ignores below
         ds = ds.map_batches(decode_batch,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
                             fn_kwargs={"prep": work.prep, "storage_options": work.so,
-                                       "references": spec.use_reference, "register": spec.register_reference},
+                                       "references": spec.use_reference, "register": spec.register_reference,
+                                       "self_reference": spec.self_reference},
                             batch_size=4, num_cpus=DECODE_CPUS, batch_format="numpy", max_retries=TASK_RETRIES)
         model_stage = Predictor if cfg.model_stub is None else StandIn
         ds = ds.map_batches(model_stage, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import DECODE_ERROR, OK, ImageError, one_line
 from semclip_batch.io import storage
+from semclip_batch.io.cell_reference import cell_reference
 from semclip_batch.io.frames import load_frame, load_reference
 from semclip_batch.io.schema import DECODED, INPUT, missing, to_table
 
@@ -66,10 +67,12 @@ def _page(value: Any) -> int | None:
 
 def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
                  storage_options: Mapping[str, Any] | None = None, references: bool = False,
-                 register: bool = True) -> pa.Table:
+                 register: bool = True, self_reference: bool = False) -> pa.Table:
     """Ray Data map function: the input columns plus ``status, error, height, width, n_views, pixels,
     ref_pixels, has_ref, frame_pixels`` (references read from each row's ``reference_url`` when ``references``, registered onto
-    the frame when ``register``), as a table of :data:`~semclip_batch.io.schema.DECODED` whatever failed."""
+    the frame when ``register``; with ``self_reference``, a row without one takes its frame's cell reference where the
+    pattern repeats: :mod:`semclip_batch.io.cell_reference`), as a table of :data:`~semclip_batch.io.schema.DECODED`
+    whatever failed."""
     n = len(batch["image_id"])
     status, error = np.full(n, OK, dtype=object), np.full(n, None, dtype=object)
     height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -81,9 +84,13 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
         try:
             gray = load_frame(str(url), storage_options, _page(batch["page"][i]))
             x, frame = _decoded_views(gray, prep)
+            ref = None
             if not missing(ref_url) and str(ref_url):
-                ref, _ = _decoded_views(load_reference(str(ref_url), gray, storage_options, register), ref_prep)
-                ref_pixels[i], has_ref[i] = ref.tobytes(), True
+                ref = load_reference(str(ref_url), gray, storage_options, register)
+            elif self_reference:
+                ref = cell_reference(gray)
+            if ref is not None:
+                ref_pixels[i], has_ref[i] = _decoded_views(ref, ref_prep)[0].tobytes(), True
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)
             continue
