@@ -7,6 +7,7 @@ array, blurred noise), not by ``semclip_batch.synth``."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from scipy import ndimage
 
 from semclip_batch.config import ModelSpec
 from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.recipes import RECIPES, applied, with_self_reference
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.io.cell_reference import cell_difference, cell_reference, frame_period
 from semclip_batch.io.preprocess import unpack_views
@@ -126,18 +128,23 @@ def _lot(tmp_path, n: int = 4):
 
 def test_train_fits_the_reference_on_cell_references_and_records_it(tmp_path):
     manifest = _lot(tmp_path)
-    spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused", self_reference=True)
+    spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused")
+    cell = replace(spec, self_reference=True)
     meta = train(TrainConfig(support=str(manifest), out=str(tmp_path / "ck"), model=spec, epochs=1))
-    assert meta.self_reference and not meta.use_reference
+    assert meta.recipe == "transfer" and meta.self_reference and not meta.use_reference  # the recipe's default
     assert meta.training["with_reference"] == 8  # every frame repeats: every one took its cell reference
     assert meta.training["reference_pixel_scale"] > 0
     body = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
     assert body["self_reference"] is True
-    # without --self-reference the same rows have no reference at all, and train says so
+    # --no-self-reference: the recipe without them, and paper: none
+    off = with_self_reference(RECIPES["transfer"], False)
+    assert not train(TrainConfig(support=str(manifest), out=str(tmp_path / "ck2"), model=spec, epochs=1,
+                                 recipe=off)).self_reference
+    assert not applied(RECIPES["paper"], spec).self_reference and applied(RECIPES["paper"], cell).self_reference
+    # with --use-reference and no reference_uri or cell reference, the same rows have nothing, and train says so
     with pytest.raises(ConfigError, match="reference_uri"):
-        train(TrainConfig(support=str(manifest), out=str(tmp_path / "ck2"), epochs=1,
-                          model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused",
-                                          use_reference=True)))
+        train(TrainConfig(support=str(manifest), out=str(tmp_path / "ck3"), epochs=1, recipe=off,
+                          model=replace(spec, use_reference=True)))
 
 
 def _views(packed: bytes, size: int) -> torch.Tensor:

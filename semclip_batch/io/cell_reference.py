@@ -27,6 +27,7 @@ MIN_PROMINENCE = 0.5  # the peak's rise above the lowest correlation before it
 PEAK_TIE = 0.1  # peaks this close to the highest count as high (noise orders a grating's equal peaks at random)
 SHIFTS = (-2, -1, 1, 2)  # periods
 MAX_LINES = 128  # lines whose autocorrelation is averaged
+CHUNK_LINES = 256  # lines shifted at a time
 
 
 @dataclass(frozen=True)
@@ -83,34 +84,41 @@ def frame_period(gray: np.ndarray) -> Period | None:
     return best if best.strength >= MIN_STRENGTH else None
 
 
-def _shifted(gray: np.ndarray, by: float, axis: int) -> np.ndarray:
-    """``gray`` read ``by`` pixels further along ``axis`` (linear interpolation); NaN where that leaves the frame."""
-    n = gray.shape[axis]
+def _shifted(lines: np.ndarray, by: float) -> np.ndarray:
+    """``lines`` ``(R, N)`` read ``by`` pixels further along their last axis (linear interpolation); NaN where that
+    leaves them."""
+    n = lines.shape[1]
     pos = np.arange(n) + by
     lo = np.floor(pos).astype(np.int64)
-    frac = (pos - lo).astype(gray.dtype)
+    frac = (pos - lo).astype(lines.dtype)
     inside = (lo >= 0) & (lo + 1 <= n - 1) | (lo == n - 1) & (frac == 0)
-    lo_c, hi_c = np.clip(lo, 0, n - 1), np.clip(lo + 1, 0, n - 1)
-    shape = [1, 1]
-    shape[axis] = n
-    a, b = np.take(gray, lo_c, axis=axis), np.take(gray, hi_c, axis=axis)
-    out = a + (b - a) * frac.reshape(shape)
-    return np.where(inside.reshape(shape), out, np.nan)
+    a, b = lines[:, np.clip(lo, 0, n - 1)], lines[:, np.clip(lo + 1, 0, n - 1)]
+    return np.where(inside, a + (b - a) * frac, np.nan)
 
 
-def cell_reference(gray: np.ndarray) -> np.ndarray | None:
-    """A frame's cell-to-cell reference ``(H, W)`` float32, or None where its pattern does not repeat
-    (:func:`frame_period`)."""
-    period = frame_period(gray)
-    if period is None:
-        return None
-    frame = gray.astype(np.float32)
-    ahead = {k: _shifted(frame, k * period.pixels, period.axis) for k in SHIFTS}
+def _median_of_shifts(lines: np.ndarray, period: float) -> np.ndarray:
+    """Per pixel of ``lines`` ``(R, N)`` float32, the median of the copies shifted by :data:`SHIFTS` periods along
+    the last axis."""
+    ahead = {k: _shifted(lines, k * period) for k in SHIFTS}
     # where a shift leaves the frame, its mirror (-k) stands in: a period is at most a fifth of the frame, so one
     # of the two is always inside, and the median is then that of the copies inside
     copies = np.stack([np.where(np.isnan(ahead[k]), ahead[-k], ahead[k]) for k in SHIFTS])
     # the median of four values, without sorting: their sum less the largest and the smallest, halved
-    return (0.5 * (copies.sum(axis=0) - copies.max(axis=0) - copies.min(axis=0))).astype(np.float32)
+    return 0.5 * (copies.sum(axis=0) - copies.max(axis=0) - copies.min(axis=0))
+
+
+def cell_reference(gray: np.ndarray) -> np.ndarray | None:
+    """A frame's cell-to-cell reference ``(H, W)`` float32, or None where its pattern does not repeat
+    (:func:`frame_period`). Built :data:`CHUNK_LINES` lines at a time, so a large frame needs a few times one
+    chunk's memory, not the frame's."""
+    period = frame_period(gray)
+    if period is None:
+        return None
+    lines = np.moveaxis(gray.astype(np.float32), period.axis, -1)  # the repeating axis last: shifts along lines
+    out = np.empty_like(lines)
+    for start in range(0, lines.shape[0], CHUNK_LINES):
+        out[start:start + CHUNK_LINES] = _median_of_shifts(lines[start:start + CHUNK_LINES], period.pixels)
+    return np.ascontiguousarray(np.moveaxis(out, -1, period.axis))
 
 
 def cell_difference(gray: np.ndarray, sigma: float = 1.5) -> np.ndarray | None:
