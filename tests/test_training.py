@@ -56,13 +56,16 @@ def test_checkpoint_contents(checkpoint, weights):
     assert body["weights"] == {"source": str(weights[0]), "sha256": weights[1], "seed": 0}
     assert body["classes"][0] == "normal" and 0.0 <= body["alpha"] <= 1.0
     loaded = load_checkpoint(str(ckpt))
-    assert all(k.startswith(("transform.", "head.", "memory.", "text_embeddings", "alpha", "text_scale"))
+    assert all(k.startswith(("transform.", "head.", "memory.", "reference.", "text_embeddings", "alpha", "text_scale"))
                for k in loaded.tensors)
     assert not any(k.startswith("visual.") for k in loaded.tensors)  # the frozen backbone is not copied
     # the default recipe: a memory of clean support patches, fused with a weight chosen on held-out frames
     assert (body["recipe"], body["memory"], body["region_head"]) == ("transfer", True, True)
     assert loaded.tensors["memory.bank0"].shape[0] > 0 and 0.0 <= float(loaded.tensors["memory.weight"]) <= 1.0
     assert body["training"]["rows_augmented"] == 4 * body["training"]["used"]
+    # and cell references (synth's line/space and contact frames repeat): the reference scorer's two scales
+    assert body["self_reference"] and not body["use_reference"] and body["training"]["with_reference"] > 0
+    assert float(loaded.tensors["reference.scale"]) > 0 and float(loaded.tensors["reference.pixel_scale"]) > 0
 
 
 def test_tampered_checkpoint_refused(checkpoint, tmp_path):
