@@ -42,7 +42,7 @@ from semclip_batch.config import ModelSpec
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table, pretrain
 from semclip_batch.fewshot.recipes import RECIPES, Recipe, applied, copies
-from semclip_batch.fewshot.train import TrainConfig, fit, sample_shots, support_pixel_differences
+from semclip_batch.fewshot.train import Fitted, TrainConfig, fit, sample_shots, support_pixel_differences
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
@@ -158,6 +158,17 @@ def metrics(out: SemClipOutput, test: Lot, class_probs: torch.Tensor | None = No
             "AUPRO": pixels.aupro(), "accuracy": report["accuracy"], "macro_F1": report["macro_F1"]}
 
 
+def score_test(fitted: Fitted, backbone: LoadedBackbone, test: Lot) -> SemClipOutput:
+    """Score the test lot's cached features with a fitted model, against its references (read or cell) where the
+    fit built a reference scorer."""
+    reference = fitted.reference
+    pixels = None if reference is None else support_pixel_differences(test.data, preprocess_config(
+        backbone.name, tile_above=10**9).std[0])
+    with torch.no_grad():
+        return score_features(fitted.model, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]),
+                              reference, None if reference is None else test.ref_feats, test.data.has_ref, pixels)
+
+
 def run_config(name: str, method: str, recipe: Recipe, backbone: LoadedBackbone, text: torch.Tensor, support: Lot,
                test: Lot, seed: int, shots: int = 10) -> dict[str, float | None]:
     frames = len(support.df)
@@ -171,12 +182,7 @@ def run_config(name: str, method: str, recipe: Recipe, backbone: LoadedBackbone,
                                       seed=seed))
     t0 = time.perf_counter()
     fitted = fit(cfg, backbone, text, data, feats, ref_feats)
-    reference = fitted.reference
-    pixels = None if reference is None else support_pixel_differences(test.data, preprocess_config(
-        backbone.name, tile_above=10**9).std[0])
-    with torch.no_grad():
-        out = score_features(fitted.model, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]),
-                             reference, None if reference is None else test.ref_feats, test.data.has_ref, pixels)
+    out = score_test(fitted, backbone, test)
     probs = defect_view_probs(fitted.model, backbone, out, test) if applied(recipe, cfg.model).defect_view else None
     figures = metrics(out, test, probs)
     figures["seconds"] = time.perf_counter() - t0

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import KEYS, TRANSFER, Lot, load_lot, metrics, subset
+from quality import KEYS, TRANSFER, Lot, load_lot, metrics, score_test, subset
 
 from semclip_batch.analysis.suggest import FixedEmbeddings, Scores, Weights, image_embeddings, map_peak, select
 from semclip_batch.config import ModelSpec, Thresholds
@@ -102,13 +102,12 @@ def train_and_score(name: str, picked: np.ndarray, pool: Lot, test: Lot, backbon
     frames = len(pool.df)
     idx = torch.from_numpy(np.sort(picked))
     rows = (idx[None, :] + frames * torch.arange(copies(TRANSFER, "semclip"))[:, None]).flatten()
-    data, feats = subset(pool, rows)
+    data, feats, ref_feats = subset(pool, rows)
     cfg = TrainConfig(support="", out="", shots=None, recipe=TRANSFER,
                       model=ModelSpec(backbone=backbone.name, pretrained=backbone.source, cls="fused", seed=seed))
     t0 = time.perf_counter()
-    fitted = fit(cfg, backbone, text, data, feats)
-    with torch.no_grad():
-        out = score_features(fitted.model, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]))
+    fitted = fit(cfg, backbone, text, data, feats, ref_feats)
+    out = score_test(fitted, backbone, test)
     figures = metrics(out, test)
     labels = pool.df["label"].to_numpy()[picked]
     figures["classes_covered"] = float(len(set(labels)))
