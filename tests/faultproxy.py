@@ -6,7 +6,12 @@ probability ``p`` (per method; GET, PUT and POST by default) or whenever the URL
 
 - ``"slowdown"``: 503 with an S3 ``SlowDown`` XML error body,
 - ``"internal"``: 500 with an S3 ``InternalError`` XML error body,
-- ``"reset"``: the connection is dropped with a TCP reset (``SO_LINGER`` 0), no response at all.
+- ``"reset"``: the connection is dropped with a TCP reset (``SO_LINGER`` 0), no response at all,
+
+the transient faults every layer retries (the default ``kinds``); and, named on purpose, a permanent one:
+
+- ``"denied"``: 403 with an S3 ``AccessDenied`` XML error body (e.g. a bucket policy denying a prefix), which
+  no layer retries.
 
 A fault is injected before the request reaches the upstream (the request body is read first, so the client
 sees the fault while waiting for the response), so a faulted request never takes effect.
@@ -35,7 +40,8 @@ from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger(__name__)
 
-FAULT_KINDS: tuple[str, ...] = ("slowdown", "internal", "reset")
+FAULT_KINDS: tuple[str, ...] = ("slowdown", "internal", "reset")  # transient: the default kinds
+KNOWN_KINDS: tuple[str, ...] = (*FAULT_KINDS, "denied")
 FAULTED_METHODS: tuple[str, ...] = ("GET", "PUT", "POST")
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 UPSTREAM_TIMEOUT_S = 30.0
@@ -46,6 +52,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 ERRORS: dict[str, tuple[int, str, str]] = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
+    "denied": (403, "AccessDenied", "Access Denied"),
 }
 
 
@@ -83,9 +90,9 @@ class FaultProxy:
         self.p_by_method: dict[str, float] = {m: p_fail for m in FAULTED_METHODS}
         self.p_by_method.update({m.upper(): p for m, p in (p_by_method or {}).items()})
         self.kinds: tuple[str, ...] = tuple(kinds)
-        unknown = set(self.kinds) - set(FAULT_KINDS)
+        unknown = set(self.kinds) - set(KNOWN_KINDS)
         if unknown or not self.kinds:
-            raise ValueError(f"fault kinds must be a non-empty subset of {FAULT_KINDS}, got {self.kinds}")
+            raise ValueError(f"fault kinds must be a non-empty subset of {KNOWN_KINDS}, got {self.kinds}")
         self.fail_paths: set[str] = set(fail_paths)
         self.requests: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()

@@ -176,15 +176,18 @@ def test_run_completes_with_every_row_under_ten_percent_faults(ray_cluster, prox
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("stage", ["part", "final_file"])
-def test_a_shard_that_cannot_be_stored_is_named_and_rerun(ray_cluster, proxied_archive, faulty_s3, stage):
-    """A writer's part, or the finaliser's Parquet file, that keeps failing: that shard fails, the others
-    finish, and a rerun redoes only it."""
+@pytest.mark.parametrize(("stage", "fault"), [("part", "transient"), ("final_file", "denied")])
+def test_a_shard_that_cannot_be_stored_is_named_and_rerun(ray_cluster, proxied_archive, faulty_s3, stage, fault):
+    """A writer's part that keeps failing with transient errors (every retry layer gives up), or the finaliser's
+    Parquet file refused outright (403 AccessDenied, as a bucket policy denying the prefix answers; no layer
+    retries it): that shard fails, the others finish, and a rerun redoes only it."""
     from test_archive_inputs import check_rows
 
     data, manifest = proxied_archive
     proxy, url = faulty_s3
     proxy.p_by_method.update({"GET": 0.0, "PUT": 0.0, "POST": 0.0})
+    if fault == "denied":
+        proxy.kinds = ("denied",)
     out = f"{data}/out-write-fail-{stage}"
     failing = {"part": "_state/parts/1/s00001/", "final_file": "predictions/lot_id=1/s00001.parquet"}[stage]
     proxy.fail_paths.add(f"out-write-fail-{stage}/{failing}")
