@@ -98,7 +98,8 @@ def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], n
     t0 = time.perf_counter()
     feats = encode_views(vision_tower(backbone.clip), data.views, prep, tuple(range(1, depth + 1)), windows=True)
     assert data.refs is not None
-    ref_feats = encode_views(vision_tower(backbone.clip), data.refs, prep, reference_taps(depth), vv_from=None)
+    ref_feats = encode_views(vision_tower(backbone.clip), data.refs, prep, reference_taps(depth), vv_from=None,
+                             pooled=False)
     truth = [load_frame(u) > 0 for u in df["mask_url"]]
     levels = {}
     if not augmented:  # the frames run ships for a defect view (load_trainset keeps only the model views)

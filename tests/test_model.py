@@ -107,6 +107,29 @@ def test_kept_tokens_run_like_a_shorter_sequence(tiny_clip):
     assert torch.allclose(single.vv[0], first_vv, atol=1e-5)
 
 
+def test_stopping_at_the_last_tap_keeps_its_tokens_and_runs_no_further_block(tiny_clip):
+    """``pooled=False`` (the reference views): the tapped tokens equal the full pass's, no block past the last tap
+    runs, and the pooled embedding is empty."""
+    visual = tiny_clip.clip.visual
+    blocks = visual.transformer.resblocks
+    ran: list[int] = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(blocks, start=1)]
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 240, 240)
+    try:
+        with torch.no_grad():
+            full = encode_dual_path(visual, x, (1, 2), None)
+            ran.clear()
+            short = encode_dual_path(visual, x, (1, 2), None, pooled=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(blocks) > 2 and ran == [1, 2]
+    assert short.pooled.shape == (2, 0) and full.pooled.shape[0] == 2 and full.pooled.shape[1] > 0
+    for a, b in zip(short.original, full.original, strict=True):
+        assert torch.equal(a, b)
+
+
 def hand_surgery(f: torch.Tensor, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The elementwise formula of SEMCLIP.md for one patch f (D,), guide g (D,), classes t (C, D)."""
     prob = torch.softmax(2 * (t @ g), dim=0)

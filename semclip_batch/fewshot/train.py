@@ -244,7 +244,8 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
         assert data.refs is not None
         refs, ref_taps = data.refs, reference_taps(depth)
         ref_feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, refs, prep, ref_taps, None, False),
-                                    lambda: encode_views(visual, refs, prep, ref_taps, vv_from=None), cfg.model.storage_options)
+                                    lambda: encode_views(visual, refs, prep, ref_taps, vv_from=None, pooled=False),
+                                    cfg.model.storage_options)
     fitted = fit(cfg, backbone, text, data, feats, ref_feats, progress)
     model = fitted.model
     state = dict(model.state_dict())

@@ -46,12 +46,12 @@ class Features:
 
 
 def encode_batch(visual: VisionTower, x: torch.Tensor, taps: tuple[int, ...], *, vv_from: int | None = 1,
-                 windows: bool = False) -> Features:
+                 windows: bool = False, pooled: bool = True) -> Features:
     """Encode normalised images ``(B, 3, S, S)``: both paths at ``taps`` (+ the penultimate block and WinCLIP's
-    window embeddings when ``windows``)."""
+    window embeddings when ``windows``); without ``pooled``, only up to the last tap (no pooled embedding)."""
     depth = len(visual.transformer.resblocks)
     taps = tuple(sorted({*taps, penultimate_block(depth)} if windows else set(taps)))
-    dual = encode_dual_path(visual, x, taps, vv_from)
+    dual = encode_dual_path(visual, x, taps, vv_from, pooled=pooled)
     return Features(dual, taps, [encode_windows(visual, x, s) for s in WINDOW_SCALES] if windows else None)
 
 
@@ -71,7 +71,7 @@ def concat(parts: list[Features]) -> Features:
 
 @torch.no_grad()
 def encode_views(visual: VisionTower, views: torch.Tensor, prep: PreprocessConfig, taps: tuple[int, ...], *,
-                 vv_from: int | None = 1, windows: bool = False, batch: int = 32) -> Features:
+                 vv_from: int | None = 1, windows: bool = False, pooled: bool = True, batch: int = 32) -> Features:
     """Encode grey views ``(N, S, S)`` in [0, 1] once, in batches (see :func:`encode_batch`)."""
-    return concat([encode_batch(visual, normalize(views[i:i + batch], prep), taps, vv_from=vv_from, windows=windows)
-                   for i in range(0, views.shape[0], batch)])
+    return concat([encode_batch(visual, normalize(views[i:i + batch], prep), taps, vv_from=vv_from, windows=windows,
+                                pooled=pooled) for i in range(0, views.shape[0], batch)])

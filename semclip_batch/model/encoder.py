@@ -21,8 +21,9 @@ from .towers import Block, VisionTower
 class EncoderOutput:
     """Pooled embedding and the tapped tokens (CLS first) of both paths.
 
-    ``pooled``: ``(B, E)``; ``original[i]`` / ``vv[i]``: ``(B, 1 + N, W)`` after tapped block ``taps[i]``
-    (``vv[i]`` is ``None`` when that block is not dual-path or the V-V path is off).
+    ``pooled``: ``(B, E)``, or ``(B, 0)`` where the encoder stopped at the last tap (``pooled=False``);
+    ``original[i]`` / ``vv[i]``: ``(B, 1 + N, W)`` after tapped block ``taps[i]`` (``vv[i]`` is ``None`` when that
+    block is not dual-path or the V-V path is off).
     """
 
     pooled: torch.Tensor
@@ -106,7 +107,7 @@ def keep_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def encode_dual_path(visual: VisionTower, images: torch.Tensor, taps: tuple[int, ...], vv_from: int | None,
-                     keep: torch.Tensor | None = None) -> EncoderOutput:
+                     keep: torch.Tensor | None = None, pooled: bool = True) -> EncoderOutput:
     """Run the blocks once, both paths, keeping the tokens after each tapped block (a dual-path block projects its
     queries, keys and values once for both: :func:`dual_block`).
 
@@ -115,6 +116,8 @@ def encode_dual_path(visual: VisionTower, images: torch.Tensor, taps: tuple[int,
         vv_from: 1-based first dual-path block, or ``None`` for no V-V path.
         keep: ``(B, K)`` 0-based patch indices to run (the rest are dropped after the position embedding, as
             in token-dropping CLIP training; the outputs then hold ``1 + K`` tokens). ``None``: every patch.
+        pooled: False stops after the last tapped block (the reference views need its tokens only: a quarter of
+            the tower's blocks); the output's ``pooled`` is then empty, ``(B, 0)``.
     """
     x = embed_patches(visual, images)
     if keep is not None:
@@ -138,7 +141,9 @@ def encode_dual_path(visual: VisionTower, images: torch.Tensor, taps: tuple[int,
         if index in taps:
             original.append(x)
             vv.append(x_vv)
-    pooled = visual.ln_post(x[:, 0])
+            if not pooled and len(original) == len(taps):
+                return EncoderOutput(pooled=x.new_zeros((x.shape[0], 0)), original=original, vv=vv)
+    embedding = visual.ln_post(x[:, 0])
     if visual.proj is not None:
-        pooled = pooled @ visual.proj
-    return EncoderOutput(pooled=pooled, original=original, vv=vv)
+        embedding = embedding @ visual.proj
+    return EncoderOutput(pooled=embedding, original=original, vv=vv)

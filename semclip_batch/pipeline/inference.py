@@ -77,7 +77,7 @@ class Scoring:
         feats = encode_batch(visual, x, self.taps, vv_from=self.vv_from, windows=self.windows)
         ref_feats = pixels = None
         if self.reference is not None and refs is not None and has_ref is not None and bool(has_ref.any()):
-            ref_feats = encode_batch(visual, refs, self.reference.taps, vv_from=None)
+            ref_feats = encode_batch(visual, refs, self.reference.taps, vv_from=None, pooled=False)
             pixels = pixel_difference(x[:, 0], refs[:, 0])  # channel 0: grey in the backbone's normalised units
         return score_features(self.model, feats, (x.shape[-2], x.shape[-1]), self.reference, ref_feats, has_ref,
                               pixels)
