@@ -16,8 +16,10 @@ fraction and the reference fusion weight were chosen on it. ``logic`` (512-1024 
 ``metal`` (400-900 px, 20-60 px) are held out: nothing was chosen on them.
 
 Configurations (``--configs``): a scale policy name (``whole``, ``native``, ``0.5``...), optionally with
-``+ref`` (``train --use-reference``, registered), ``+ref-noreg`` (references as they come) and ``@W`` (the
-reference fusion weight, e.g. ``whole+ref@0.3``). ``--throughput-frames`` 1024x1024 frames of the first
+``+ref`` (``train --use-reference``, registered), ``+ref-noreg`` (references as they come), ``+mean`` or
+``+max`` (how the reference map joins its token and pixel terms) and ``@W`` (the reference fusion weight,
+e.g. ``whole+ref+max@0.3``); a weight or a join other than the default scores the same trained tensors with
+the checkpoint's field changed. ``--throughput-frames`` 1024x1024 frames of the first
 family are also scored by ``run`` with each policy's checkpoint (img/s from the run record: the pipeline
 stage, Ray's start excluded). Prints a table and writes ``--work/resolution.json``.
 """
@@ -37,7 +39,7 @@ from scipy import ndimage
 
 from semclip_batch.analysis.evaluate import _truth_mask, joined_rows
 from semclip_batch.analysis.metrics import PixelCounts, roc_auc
-from semclip_batch.config import CheckpointRequest, ModelSpec, RunConfig, parse_scale_policy
+from semclip_batch.config import REFERENCE_FUSIONS, CheckpointRequest, ModelSpec, RunConfig, parse_scale_policy
 from semclip_batch.errors import OK
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.io.layout import OutLayout
@@ -63,13 +65,15 @@ class Config:
     reference: bool = False
     register: bool = True
     weight: float | None = None  # None: the default
+    fusion: str | None = None  # None: the default
 
 
 def parse_config(text: str) -> Config:
     head, _, weight = text.partition("@")
     policy, *flags = head.split("+")
-    return Config(name=text, policy=parse_scale_policy(policy), reference=bool(flags),
-                  register="ref-noreg" not in flags, weight=float(weight) if weight else None)
+    fusion = next((f for f in flags if f in REFERENCE_FUSIONS), None)
+    return Config(name=text, policy=parse_scale_policy(policy), reference=any(f.startswith("ref") for f in flags),
+                  register="ref-noreg" not in flags, weight=float(weight) if weight else None, fusion=fusion)
 
 
 def lot(work: Path, name: str, seed: int, per_class: int, sizes: tuple[tuple[int, int], ...] | None = None) -> Path:
@@ -90,15 +94,17 @@ def checkpoint(work: Path, family: str, support: Path, cfg: Config, seed: int) -
         t0 = time.perf_counter()
         train(TrainConfig(support=str(support / "manifest.csv"), out=str(folder), model=spec))
         print(f"  trained {folder.name} in {time.perf_counter() - t0:.0f} s", flush=True)
-    if cfg.weight is None:
+    if cfg.weight is None and cfg.fusion is None:
         return str(folder)
-    weighted = folder.with_name(f"{folder.name}@{cfg.weight}")  # same tensors, another fusion weight
-    if not weighted.exists():
-        shutil.copytree(folder, weighted)
-        meta = json.loads((weighted / "checkpoint.json").read_text())
-        meta["reference_weight"] = cfg.weight
-        (weighted / "checkpoint.json").write_text(json.dumps(meta, indent=2))
-    return str(weighted)
+    changed = {"reference_weight": cfg.weight, "reference_fusion": cfg.fusion}
+    changed = {k: v for k, v in changed.items() if v is not None}
+    variant = folder.with_name(f"{folder.name}@{cfg.weight}+{cfg.fusion}")  # same tensors, other fusion fields
+    if not variant.exists():
+        shutil.copytree(folder, variant)
+        meta = json.loads((variant / "checkpoint.json").read_text())
+        meta.update(changed)
+        (variant / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+    return str(variant)
 
 
 def score(ckpt: str, test: Path, out: Path) -> dict[str, Any]:

@@ -25,6 +25,9 @@ DEFAULT_PIXEL_THRESHOLD = 0.95
 DEFAULT_MIN_REGION_PX = 16
 DEFAULT_TILE_ABOVE = 1024
 DEFAULT_REFERENCE_WEIGHT = 0.75  # the reference map's share of the fused map: chosen on the validation family (README)
+# how the reference map joins its token and pixel terms (model.reference): chosen on the validation family (README)
+REFERENCE_FUSIONS = ("mean", "max")
+DEFAULT_REFERENCE_FUSION = "mean"
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_REPORT_TOP_N = 12  # overlay thumbnails per lot page of `report`
 # `status`: a record still `running` with nothing new under _state/ for this long is reported as likely killed
@@ -158,6 +161,7 @@ class ModelSpec:
     register_reference: bool = True  # references shifted and intensity-matched onto the frame (io.register)
     self_reference: bool = False  # rows without a reference frame compared with their own repeats (io.cell_reference)
     reference_weight: float = DEFAULT_REFERENCE_WEIGHT
+    reference_fusion: str = DEFAULT_REFERENCE_FUSION  # the reference map: mean or max of its token and pixel terms
     memory: bool = False  # SEM-CLIP: a normal-patch memory fused into the map (train's recipe sets it)
     region_head: bool = False  # SEM-CLIP: the head also reads the most anomalous patches' embedding
     scale_policy: float | None = None  # maps of large frames at this fraction of native resolution (parse_scale_policy)
@@ -173,6 +177,9 @@ class ModelSpec:
         if self.sigma < 0:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         check_scale_policy(self.scale_policy)
+        if self.reference_fusion not in REFERENCE_FUSIONS:
+            raise ConfigError(f"reference fusion must be one of {', '.join(REFERENCE_FUSIONS)}, "
+                              f"got {self.reference_fusion!r}")
 
     @property
     def reference_scorer(self) -> bool:
@@ -188,6 +195,8 @@ class ModelSpec:
         out = {k: getattr(self, k) for k in keep}
         if self.reference_scorer:
             out.update(register_reference=self.register_reference, reference_weight=self.reference_weight)
+            if self.reference_fusion != "mean":
+                out["reference_fusion"] = self.reference_fusion
         if self.self_reference:
             out["self_reference"] = True
         if self.scale_policy is not None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from semclip_batch.config import DEFAULT_REFERENCE_WEIGHT, ModelSpec
+from semclip_batch.config import DEFAULT_REFERENCE_FUSION, DEFAULT_REFERENCE_WEIGHT, ModelSpec
+from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference
@@ -40,6 +41,34 @@ def test_pixel_difference_finds_a_small_particle_that_tokens_dilute():
     # rows without a reference keep the method's map
     method = torch.rand(1, 64, 64)
     assert torch.equal(scorer.fuse(method, tokens, torch.tensor([False]), diff), method)
+
+
+def test_max_join_keeps_what_one_term_alone_sees():
+    """A particle only the pixel term sees and a pattern change only the tokens see: ``mean`` halves each and
+    lets a place where both are mildly raised (an edge) outrank both; ``max`` keeps each at its own score."""
+    tokens = torch.zeros(1, 16)  # a 4 x 4 patch grid over 64 x 64 px
+    tokens[0, 0] = 3.0  # a pattern change in the top-left patch: relative 0.75
+    tokens[0, 15] = 1.0  # a mild mismatch in the bottom-right patch: relative 0.5
+    pixels = torch.zeros(1, 64, 64)
+    pixels[0, 36:40, 4:8] = 3.0  # a particle in the bottom-left patch: 0.75
+    pixels[0, 48:64, 48:64] = 1.0  # and the mild mismatch's pixels: 0.5
+    at = {"tokens": (4, 4), "particle": (38, 6), "edge": (60, 60)}  # bilinear upsampling: exact in the corners
+    scores = {}
+    for fusion in ("mean", "max"):
+        scorer = ReferenceScorer((1,), weight=1.0, sigma=0.0, fusion=fusion)
+        scorer.scale.fill_(1.0)
+        scorer.pixel_scale.fill_(1.0)
+        fused = scorer.fuse(torch.zeros(1, 64, 64), tokens, torch.tensor([True]), pixels)[0]
+        scores[fusion] = {k: float(fused[y, x]) for k, (y, x) in at.items()}
+    assert scores["mean"]["edge"] > max(scores["mean"]["tokens"], scores["mean"]["particle"])
+    assert scores["max"] == pytest.approx({"tokens": 0.75, "particle": 0.75, "edge": 0.5})
+    with pytest.raises(ValueError, match="fusion"):
+        ReferenceScorer((1,), fusion="sum")
+    with pytest.raises(ConfigError, match="reference fusion"):
+        ModelSpec(reference_fusion="sum")
+    # run ids of runs whose join did not change stay as they were
+    assert "reference_fusion" not in ModelSpec(use_reference=True, reference_fusion="mean").output_affecting()
+    assert ModelSpec(use_reference=True, reference_fusion="max").output_affecting()["reference_fusion"] == "max"
 
 
 def test_relative_distances_rank_without_saturating():
@@ -82,13 +111,15 @@ def test_checkpoint_records_registration_weight_and_both_scales(tmp_path):
                         ckpt.tensors["text_embeddings"].numpy())
     assert built.reference is not None and float(built.reference.pixel_scale) > 0
     assert built.reference.weight == DEFAULT_REFERENCE_WEIGHT
+    assert meta.reference_fusion == built.reference.fusion == DEFAULT_REFERENCE_FUSION
     # a checkpoint written before registration existed reads as unregistered, weight 0.5, tokens only
     body = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
-    for key in ("register_reference", "reference_weight", "scale_policy"):
+    for key in ("register_reference", "reference_weight", "reference_fusion", "scale_policy"):
         body.pop(key)
     (tmp_path / "ck" / "checkpoint.json").write_text(json.dumps(body))
     old = load_checkpoint(str(tmp_path / "ck")).meta
     assert not old.register_reference and old.reference_weight == 0.5 and old.scale_policy is None
+    assert old.reference_fusion == "mean"
     no_reg = train(TrainConfig(support=str(manifest), out=str(tmp_path / "ck2"), epochs=1,
                                model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused",
                                                use_reference=True, register_reference=False)))

@@ -29,8 +29,10 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_CROPS,
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_STEPS,
+    DEFAULT_REFERENCE_FUSION,
     DEFAULT_REPORT_TOP_N,
     DEFAULT_STALE_AFTER_S,
+    REFERENCE_FUSIONS,
     SCORE_MODES,
     ModelSpec,
     parse_scale_policy,
@@ -456,6 +458,11 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @click.option("--no-register", is_flag=True,
               help="With --use-reference: compare references as they are, not shifted and intensity-matched onto the "
                    "frame first (stored in the checkpoint).")
+@click.option("--reference-fusion", type=click.Choice(REFERENCE_FUSIONS), default=DEFAULT_REFERENCE_FUSION,
+              show_default=True,
+              help="How the reference map joins its token distances and pixel differences: their mean, or their "
+                   "maximum (a particle only the pixel difference sees keeps its score; README: better on a held-out "
+                   "routing family, not chosen on the validation one). Stored in the checkpoint.")
 @click.option("--self-reference/--no-self-reference", default=None,
               help="Frames without a reference frame are compared with their own pattern shifted by one and two "
                    "periods (cell-to-cell, where the pattern repeats; stored in the checkpoint) [default: on with "
@@ -466,7 +473,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
           method: str, recipe: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
           taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool,
-          no_register: bool, self_reference: bool | None, scale_policy: str | None) -> None:
+          no_register: bool, reference_fusion: str, self_reference: bool | None, scale_policy: str | None) -> None:
     """Few-shot SEM-CLIP (or a baseline) on a frozen backbone from a labelled SUPPORT manifest -> checkpoint.
 
     \b
@@ -491,7 +498,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
                                       use_reference=use_reference, register_reference=not no_register,
-                                      self_reference=bool(self_reference),
+                                      reference_fusion=reference_fusion, self_reference=bool(self_reference),
                                       score_mode=score_mode, sigma=sigma,
                                       scale_policy=parse_scale_policy(scale_policy or "whole"),
                                       storage_options=parse_storage_options(storage_option)))

@@ -193,7 +193,8 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     model.eval().requires_grad_(False)
     reference = pixels = None
     if spec.reference_scorer and ref_feats is not None and (spec.use_reference or _normal_with_reference(data)):
-        reference = ReferenceScorer(reference_taps(depth_of(backbone.clip)), weight=cfg.model.reference_weight)
+        reference = ReferenceScorer(reference_taps(depth_of(backbone.clip)), weight=cfg.model.reference_weight,
+                                    fusion=cfg.model.reference_fusion)
         pixels = support_pixel_differences(data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
         summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
         summary["reference_pixel_scale"] = float(reference.pixel_scale)
@@ -270,6 +271,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
         score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
         memory=spec.memory, region_head=spec.region_head, scale_policy=spec.scale_policy,
         defect_view=spec.defect_view, register_reference=spec.register_reference and spec.use_reference,
-        reference_weight=spec.reference_weight, self_reference=spec.self_reference,
+        reference_weight=spec.reference_weight, reference_fusion=spec.reference_fusion,
+        self_reference=spec.self_reference,
     )
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)

@@ -76,6 +76,7 @@ class CheckpointMeta:
     region_head: bool = False
     register_reference: bool = False  # references registered before scoring (io.register); older: never
     reference_weight: float = 0.5  # the reference map's share of the fused map
+    reference_fusion: str = "mean"  # the reference map from its token and pixel terms (model.reference); older: mean
     self_reference: bool = False  # rows without a reference_uri take a cell reference (io.cell_reference); older: never
     scale_policy: float | None = None  # train's --scale-policy (config.parse_scale_policy): run scores with it
     defect_view: bool = False  # the recipe's defect view (io.preprocess.defect_view); older: none
@@ -116,6 +117,7 @@ class CheckpointMeta:
                 region_head=bool(body.get("region_head", False)),
                 register_reference=bool(body.get("register_reference", False)),
                 reference_weight=float(body.get("reference_weight", 0.5)),
+                reference_fusion=str(body.get("reference_fusion", "mean")),
                 self_reference=bool(body.get("self_reference", False)), scale_policy=_policy(body.get("scale_policy")),
                 defect_view=bool(body.get("defect_view", False)), version=CHECKPOINT_VERSION,
                 tensors_sha256=str(body.get("tensors_sha256", "")),

@@ -13,8 +13,10 @@ Pixel difference (die-to-die, as inspection tools compare): ``|view - reference 
 Gaussian-smoothed over :data:`PIXEL_SIGMA` px against shot noise, as ``d / (d + pixel_scale)`` with
 ``pixel_scale`` the 99th percentile over the support set's normal frames. Patch tokens dilute a particle of a
 few pixels in a 16 px patch; the pixel difference does not (a routing fixture of 4-8 px particles: token
-distances alone ranked bright, noisy wires above the particle). The reference map is the mean of the two
-terms, fused as
+distances alone ranked bright, noisy wires above the particle). The reference map joins the two terms by
+``fusion``: their ``mean`` (checkpoints written before the choice), or their ``max`` (a defect that only one
+of the two sees, a particle below a patch or a pattern change the pixels of a noisy pair hide, keeps its
+score instead of half of it), and is fused as
 ``(1 - weight) * method + weight * reference`` for rows that have a reference frame. Checkpoints written before
 the pixel term (no ``reference.pixel_scale``, so 0 here) score as they did: tokens alone, as
 ``clamp(d / (2 * scale), 0, 1)``.
@@ -49,9 +51,12 @@ class ReferenceScorer(nn.Module):
     scale: torch.Tensor  # buffers, registered in __init__
     pixel_scale: torch.Tensor
 
-    def __init__(self, taps: tuple[int, ...], radius: int = 1, weight: float = 0.5, sigma: float = 4.0) -> None:
+    def __init__(self, taps: tuple[int, ...], radius: int = 1, weight: float = 0.5, sigma: float = 4.0,
+                 fusion: str = "mean") -> None:
         super().__init__()
-        self.taps, self.radius, self.weight, self.sigma = taps, radius, weight, sigma
+        if fusion not in ("mean", "max"):
+            raise ValueError(f"fusion must be 'mean' or 'max', got {fusion!r}")
+        self.taps, self.radius, self.weight, self.sigma, self.fusion = taps, radius, weight, sigma, fusion
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("pixel_scale", torch.tensor(0.0))  # 0: no pixel term (checkpoints written before)
 
@@ -81,6 +86,7 @@ class ReferenceScorer(nn.Module):
             ref = ref.clamp(0.0, 1.0)
         elif pixels is not None:
             d = pixels.to(ref.dtype).clamp_min(0.0)
-            ref = 0.5 * (ref + d / (d + self.pixel_scale))
+            pix = d / (d + self.pixel_scale)
+            ref = torch.maximum(ref, pix) if self.fusion == "max" else 0.5 * (ref + pix)
         fused = (1.0 - self.weight) * maps + self.weight * ref
         return torch.where(has_reference.view(-1, 1, 1), fused, maps)

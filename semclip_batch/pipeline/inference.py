@@ -94,7 +94,8 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
     method = get_method(spec.method)
     model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
     depth = depth_of(backbone.clip)
-    reference = ReferenceScorer(reference_taps(depth), weight=spec.reference_weight) if spec.reference_scorer else None
+    reference = (ReferenceScorer(reference_taps(depth), weight=spec.reference_weight, fusion=spec.reference_fusion)
+                 if spec.reference_scorer else None)
     if spec.checkpoint is not None:
         if tensors is None:
             tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
