@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from semclip_batch.config import DEFAULT_REFERENCE_FUSION, DEFAULT_REFERENCE_WEIGHT, ModelSpec
-from semclip_batch.errors import ConfigError
+from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference
@@ -120,6 +120,10 @@ def test_checkpoint_records_registration_weight_and_both_scales(tmp_path):
     old = load_checkpoint(str(tmp_path / "ck")).meta
     assert not old.register_reference and old.reference_weight == 0.5 and old.scale_policy is None
     assert old.reference_fusion == "mean"
+    body["reference_fusion"] = "sum"  # a join this release does not know: refused in one line, as other fields
+    (tmp_path / "ck" / "checkpoint.json").write_text(json.dumps(body))
+    with pytest.raises(WeightsError, match="reference_fusion"):
+        load_checkpoint(str(tmp_path / "ck"))
     no_reg = train(TrainConfig(support=str(manifest), out=str(tmp_path / "ck2"), epochs=1,
                                model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused",
                                                use_reference=True, register_reference=False)))

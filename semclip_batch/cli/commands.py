@@ -461,8 +461,9 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @click.option("--reference-fusion", type=click.Choice(REFERENCE_FUSIONS), default=DEFAULT_REFERENCE_FUSION,
               show_default=True,
               help="How the reference map joins its token distances and pixel differences: their mean, or their "
-                   "maximum (a particle only the pixel difference sees keeps its score; README: better on a held-out "
-                   "routing family, not chosen on the validation one). Stored in the checkpoint.")
+                   "maximum (a particle only the pixel difference sees keeps its score; the README measures both: "
+                   "max found more small defects on a held-out routing family and lost F1max on another). Stored "
+                   "in the checkpoint.")
 @click.option("--self-reference/--no-self-reference", default=None,
               help="Frames without a reference frame are compared with their own pattern shifted by one and two "
                    "periods (cell-to-cell, where the pattern repeats; stored in the checkpoint) [default: on with "

@@ -117,7 +117,7 @@ class CheckpointMeta:
                 region_head=bool(body.get("region_head", False)),
                 register_reference=bool(body.get("register_reference", False)),
                 reference_weight=float(body.get("reference_weight", 0.5)),
-                reference_fusion=str(body.get("reference_fusion", "mean")),
+                reference_fusion=_fusion(body.get("reference_fusion", "mean")),
                 self_reference=bool(body.get("self_reference", False)), scale_policy=_policy(body.get("scale_policy")),
                 defect_view=bool(body.get("defect_view", False)), version=CHECKPOINT_VERSION,
                 tensors_sha256=str(body.get("tensors_sha256", "")),
@@ -133,6 +133,12 @@ def _policy(value: Any) -> float | None:
     if not 0.0 < policy <= 1.0:
         raise ValueError("scale_policy")
     return policy
+
+
+def _fusion(value: Any) -> str:
+    if value not in ("mean", "max"):
+        raise ValueError("reference_fusion")
+    return str(value)
 
 
 @dataclass(frozen=True)
