@@ -165,10 +165,14 @@ def test_decode_stage_ships_a_cell_reference_only_where_asked_and_where_the_fram
     assert on.schema == DECODED
     rows = on.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok"] and [r["has_ref"] for r in rows] == [True, False]
+    assert [r["cell_ref"] for r in rows] == [True, False]  # counted in the run record
     ref, view = _views(rows[0]["ref_pixels"], prep.image_size), _views(rows[0]["pixels"], prep.image_size)
     assert ref.shape == view.shape and float((ref - view).abs().mean()) < 0.05  # a clean grating: its own pattern
     off = decode_batch(dict(batch), prep=prep, references=True).to_pylist()
-    assert [r["has_ref"] for r in off] == [False, False]
+    assert [r["has_ref"] for r in off] == [False, False] and [r["cell_ref"] for r in off] == [False, False]
+    framed = dict(batch, reference_url=np.array([str(tmp_path / "grid.png")] * 2, dtype=object))
+    rows = decode_batch(framed, prep=prep, references=True, self_reference=True).to_pylist()
+    assert [r["has_ref"] for r in rows] == [True, True] and [r["cell_ref"] for r in rows] == [False, False]
 
 
 def test_a_support_set_that_does_not_repeat_trains_without_cell_references(tmp_path, caplog):

@@ -39,6 +39,7 @@ def _batch(lot: str, shard: str, ids: list[str], sizes: list[tuple[int, int]], b
         "height": np.array([h for h, _ in sizes]), "width": np.array([w for _, w in sizes]),
         "mask": np.array([b"" if s != OK else m for s, m in zip(status, masks, strict=True)], object),
         "anomaly_score": rng.random(n), "class_scores": rng.random((n, 3)).astype(np.float32),
+        "cell_ref": np.zeros(n, bool),
     }
 
 

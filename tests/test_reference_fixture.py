@@ -110,7 +110,8 @@ def test_map_maximum_lands_on_the_particle_with_references(routing_lot, tmp_path
     assert body["training"]["with_reference"] == 2 * N_SUPPORT
     run_s = run_cli(routing_lot["test"], out, ckpt)
     attempts = sorted((out / "runs").glob("*/attempt-*.json"))
-    assert json.loads(attempts[-1].read_text())["rows"]["without_reference"] == 0
+    rows = json.loads(attempts[-1].read_text())["rows"]
+    assert rows["without_reference"] == 0 and rows["with_cell_reference"] == 0  # reference frames come first
     report = argmax_report(out, routing_lot["defects"])
     print(f"\ntrain {train_s:.1f} s, run {run_s:.1f} s (references on)\n{report.to_string()}")
     assert len(report) == N_TEST and all(shape == (512, 512) for shape in report["shape"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import boto3
+import fsspec
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,7 +18,10 @@ from semclip_batch.analysis.query import run_query
 from semclip_batch.analysis.results import read_predictions
 from semclip_batch.cli import main
 from semclip_batch.errors import ManifestError
+from semclip_batch.io.cell_reference import cell_reference
+from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
+from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.synth.generate import SynthConfig, synth
 
 pytestmark = [pytest.mark.s3, pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -109,6 +113,14 @@ def test_pretrain_train_run_eval_all_on_s3(s3_run):
     assert trained.exit_code == 0, trained.output
     ran = runner.invoke(main, ["run", f"{data}/manifest.csv", "--out", out, "--model", f"{models}/ckpt"])
     assert ran.exit_code == 0, ran.output
+    # the run record counts the frames scored against their cell reference: those whose pattern repeats
+    assert load_checkpoint(f"{models}/ckpt").meta.self_reference  # the transfer recipe's; these frames repeat
+    (attempt,) = fsspec.filesystem("s3").glob(f"{out.removeprefix('s3://')}/runs/*/attempt-1.json")
+    record = json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=attempt.split("/", 1)[1])["Body"].read())
+    preds = read_predictions(out).to_pandas()
+    urls = read_manifest(f"{data}/manifest.csv").set_index("image_id")["url"]
+    repeating = sum(cell_reference(load_frame(urls[i])) is not None for i in preds.loc[preds["status"] == "ok", "image_id"])
+    assert 0 < record["rows"]["with_cell_reference"] == repeating
     evaluated = runner.invoke(main, ["eval", out, "--truth", f"{data}/manifest.csv"])
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key="results/fewshot/metrics.json")["Body"].read())

@@ -34,18 +34,20 @@ _FRAME = [("status", pa.string()), ("error", pa.string()), ("height", pa.int64()
 
 # Decode stage out: the model views as uint16 grey levels, bytes of (n_views, S, S) (io/preprocess.pack_views);
 # the reference views alike; for a frame that gets a defect view, the stretched frame as uint8 bytes of (H, W)
-# (io/preprocess.pack_frame), else empty.
+# (io/preprocess.pack_frame), else empty. ``cell_ref``: the reference views are the frame's cell reference.
 DECODED = pa.schema([*INPUT, *_FRAME, ("pixels", pa.large_binary()), ("ref_pixels", pa.large_binary()),
-                     ("has_ref", pa.bool_()), ("frame_pixels", pa.large_binary())])
+                     ("has_ref", pa.bool_()), ("cell_ref", pa.bool_()), ("frame_pixels", pa.large_binary())])
 
-# Model stage out: the uint8 mask at H x W as bytes, the image score and the class probabilities.
+# Model stage out: the uint8 mask at H x W as bytes, the image score and the class probabilities (and
+# ``cell_ref`` passed on, for the run record's count).
 SCORED = pa.schema([*INPUT, *_FRAME, ("mask", pa.large_binary()), ("anomaly_score", pa.float64()),
-                    ("class_scores", pa.list_(pa.float32()))])
+                    ("class_scores", pa.list_(pa.float32())), ("cell_ref", pa.bool_())])
 
 # Write stage out: one receipt per row; ``written`` is False (and ``error`` says why) when the row's part could
-# not be stored.
+# not be stored; ``cell_ref``: the row was scored against its cell reference.
 RECEIPTS = pa.schema([("lot_id", pa.string()), ("shard", pa.string()), ("image_id", pa.string()),
-                      ("status", pa.string()), ("written", pa.bool_()), ("error", pa.string())])
+                      ("status", pa.string()), ("written", pa.bool_()), ("error", pa.string()),
+                      ("cell_ref", pa.bool_())])
 
 PREDICTIONS = pa.schema([
     ("image_id", pa.string()),

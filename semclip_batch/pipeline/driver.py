@@ -49,7 +49,7 @@ from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup, StandIn, build_model
 from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable, ray_log_level, ray_session
 from semclip_batch.pipeline.reader import SHARD_KEY_SEP, decode_batch, read_plan
-from semclip_batch.pipeline.receipts import collect_receipts
+from semclip_batch.pipeline.receipts import Collected, collect_receipts
 from semclip_batch.pipeline.shards import (
     Plan,
     ShardKey,
@@ -311,10 +311,13 @@ def _execute(work: _Work, lots: list[str], progress: Progress | None) -> None:
     if todo:
         n_todo = sum(work.plan.rows[k] for k in todo)
         with timer.stage("pipeline"):
-            received, stored, failed = _stream(work, todo, progress)
-        counts.update(stored)
+            collected = _stream(work, todo, progress)
+        received, failed = collected.received, collected.failed
+        counts.update(collected.stored)
         record["rows"]["sent_to_model"] = sum(n for status, n in received.items()
                                               if status in (OK, MODEL_ERROR, WRITE_ERROR))
+        if work.spec.self_reference:
+            record["rows"]["with_cell_reference"] = collected.cell_references
         if failed:
             record["failed_shards"] = [f"{lot}/{shard}" for lot, shard in sorted(failed)]
             record["error"] = failed[min(failed)]
@@ -341,7 +344,7 @@ def _plan_dataset(work: _Work, todo: set[ShardKey]) -> ray.data.Dataset:
 
 
 def _stream(work: _Work, todo: set[ShardKey],
-            progress: Progress | None) -> tuple[Counter[str], Counter[str], dict[ShardKey, str]]:
+            progress: Progress | None) -> Collected:
     cfg, spec, ident = work.cfg, work.spec, work.ident
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -378,10 +381,10 @@ def _stream(work: _Work, todo: set[ShardKey],
     def shard_done() -> None:  # the first one sets the timing
         timings.setdefault("first_shard_done", round(time.perf_counter() - launched, 3))
 
-    received = collect_receipts(ds, work.layout, work.so, expected, progress=progress, retries=TASK_RETRIES,
-                                on_shard_done=shard_done)
+    collected = collect_receipts(ds, work.layout, work.so, expected, progress=progress, retries=TASK_RETRIES,
+                                 on_shard_done=shard_done)
     work.record["stages"] = stage_stats(ds, origin=launched)
-    return received
+    return collected
 
 
 def stage_stats(ds: ray.data.Dataset, origin: float = 0.0) -> list[dict[str, Any]]:

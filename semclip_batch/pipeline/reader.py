@@ -69,28 +69,30 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
                  storage_options: Mapping[str, Any] | None = None, references: bool = False,
                  register: bool = True, self_reference: bool = False) -> pa.Table:
     """Ray Data map function: the input columns plus ``status, error, height, width, n_views, pixels,
-    ref_pixels, has_ref, frame_pixels`` (references read from each row's ``reference_url`` when ``references``, registered onto
-    the frame when ``register``; with ``self_reference``, a row without one takes its frame's cell reference where the
-    pattern repeats: :mod:`semclip_batch.io.cell_reference`), as a table of :data:`~semclip_batch.io.schema.DECODED`
-    whatever failed."""
+    ref_pixels, has_ref, cell_ref, frame_pixels`` (references read from each row's ``reference_url`` when
+    ``references``, registered onto the frame when ``register``; with ``self_reference``, a row without one takes
+    its frame's cell reference where the pattern repeats, flagged in ``cell_ref``:
+    :mod:`semclip_batch.io.cell_reference`), as a table of :data:`~semclip_batch.io.schema.DECODED` whatever
+    failed."""
     n = len(batch["image_id"])
     status, error = np.full(n, OK, dtype=object), np.full(n, None, dtype=object)
     height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
     pixels, ref_pixels, frames = (np.full(n, b"", dtype=object) for _ in range(3))
-    has_ref = np.zeros(n, bool)
+    has_ref, cell_ref = np.zeros(n, bool), np.zeros(n, bool)
     ref_prep = replace(prep, defect_view=False)  # a reference never takes a defect view
     for i, url in enumerate(batch["url"]):
         ref_url = batch["reference_url"][i] if references else None
         try:
             gray = load_frame(str(url), storage_options, _page(batch["page"][i]))
             x, frame = _decoded_views(gray, prep)
-            ref = None
+            ref, cell = None, False
             if not missing(ref_url) and str(ref_url):
                 ref = load_reference(str(ref_url), gray, storage_options, register)
             elif self_reference:
                 ref = cell_reference(gray)
+                cell = ref is not None
             if ref is not None:
-                ref_pixels[i], has_ref[i] = _decoded_views(ref, ref_prep)[0].tobytes(), True
+                ref_pixels[i], has_ref[i], cell_ref[i] = _decoded_views(ref, ref_prep)[0].tobytes(), True, cell
         except ImageError as exc:
             status[i], error[i] = exc.kind, one_line(exc)
             continue
@@ -104,5 +106,5 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
             frames[i] = frame.tobytes()
     out = dict(batch)
     out.update(status=status, error=error, height=height, width=width, n_views=views, pixels=pixels,
-               ref_pixels=ref_pixels, has_ref=has_ref, frame_pixels=frames)
+               ref_pixels=ref_pixels, has_ref=has_ref, cell_ref=cell_ref, frame_pixels=frames)
     return to_table(out, DECODED)

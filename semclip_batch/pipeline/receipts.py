@@ -6,18 +6,30 @@ from __future__ import annotations
 import threading
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from semclip_batch.config import Progress
-from semclip_batch.errors import RunFailed, one_line
+from semclip_batch.errors import OK, RunFailed, one_line
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.pipeline.finalise import Finalised, FinaliseSetup, finalise_shard, finaliser_ready
 from semclip_batch.pipeline.shards import ShardKey, write_marker
 
 MAX_FINALISING = 4
 MARKER_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What came back: the rows by status (what the model saw), the rows stored by status (from the finalised
+    shards), the shards that could not be stored (with why) and the ok rows scored against a cell reference."""
+
+    received: Counter[str]
+    stored: Counter[str]
+    failed: dict[ShardKey, str]
+    cell_references: int
 
 
 class Finalisers:
@@ -96,22 +108,22 @@ class Finalisers:
 
 def collect_receipts(ds: ray.data.Dataset, layout: OutLayout, storage_options: dict[str, Any],
                      expected: dict[ShardKey, int], *, progress: Progress | None, retries: int,
-                     on_shard_done: Callable[[], None]) -> tuple[Counter[str], Counter[str], dict[ShardKey, str]]:
+                     on_shard_done: Callable[[], None]) -> Collected:
     """Count each row once (a retried task can repeat receipts); once all of a shard's rows are stored, start
-    its finaliser, whose success the shard's marker records. Returns the rows that came back by status (what the
-    model saw), the rows stored by status (from the finalised shards) and the shards that could not be stored,
-    with why. Finalisers already started are always waited for, even when the stream fails."""
+    its finaliser, whose success the shard's marker records. Returns what came back (:class:`Collected`).
+    Finalisers already started are always waited for, even when the stream fails."""
     seen: dict[ShardKey, set[str]] = defaultdict(set)
     complete: set[ShardKey] = set()
     received: Counter[str] = Counter()
+    cell_refs = 0
     unwritten: dict[ShardKey, str] = {}
     finalisers = Finalisers(layout, storage_options, retries=retries, on_shard_done=on_shard_done)
     n_rows = sum(expected.values())
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             receipts = zip(batch["lot_id"], batch["shard"], batch["image_id"], batch["status"], batch["written"],
-                           batch["error"], strict=True)
-            for lot, shard, image_id, status, written, error in receipts:
+                           batch["error"], batch["cell_ref"], strict=True)
+            for lot, shard, image_id, status, written, error, cell_ref in receipts:
                 key = (str(lot), str(shard))
                 if key in complete:
                     continue
@@ -123,6 +135,7 @@ def collect_receipts(ds: ray.data.Dataset, layout: OutLayout, storage_options: d
                     continue
                 ids.add(str(image_id))
                 received[str(status)] += 1
+                cell_refs += bool(cell_ref) and status == OK
                 if len(ids) == expected[key]:
                     complete.add(key)
                     del seen[key]
@@ -137,4 +150,4 @@ def collect_receipts(ds: ray.data.Dataset, layout: OutLayout, storage_options: d
     if missing:
         raise RunFailed(f"{len(missing)} shard(s) came back with rows missing, e.g. {'/'.join(min(missing))}; "
                         "rerun the same command to complete them")
-    return received, finalisers.counts, failed
+    return Collected(received, finalisers.counts, failed, cell_refs)

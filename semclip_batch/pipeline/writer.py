@@ -63,7 +63,7 @@ def write_batch(batch: dict[str, np.ndarray], *, setup: WriterSetup) -> pa.Table
         except Exception as exc:
             log.exception("could not store a part of shard %s/%s (%d rows)", lot, shard, len(rows))
             written[rows], errors[rows] = False, one_line(exc)
-    receipts = {c: batch[c] for c in ("lot_id", "shard", "image_id", "status")}
+    receipts = {c: batch[c] for c in ("lot_id", "shard", "image_id", "status", "cell_ref")}
     return to_table({**receipts, "written": written, "error": errors}, RECEIPTS)
 
 
