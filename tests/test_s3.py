@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import boto3
-import fsspec
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,6 +17,7 @@ from semclip_batch.analysis.query import run_query
 from semclip_batch.analysis.results import read_predictions
 from semclip_batch.cli import main
 from semclip_batch.errors import ManifestError
+from semclip_batch.io import storage
 from semclip_batch.io.cell_reference import cell_reference
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
@@ -115,8 +115,8 @@ def test_pretrain_train_run_eval_all_on_s3(s3_run):
     assert ran.exit_code == 0, ran.output
     # the run record counts the frames scored against their cell reference: those whose pattern repeats
     assert load_checkpoint(f"{models}/ckpt").meta.self_reference  # the transfer recipe's; these frames repeat
-    (attempt,) = fsspec.filesystem("s3").glob(f"{out.removeprefix('s3://')}/runs/*/attempt-1.json")
-    record = json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=attempt.split("/", 1)[1])["Body"].read())
+    (run_id,) = storage.list_names(f"{out}/runs")
+    record = json.loads(storage.read_bytes(f"{out}/runs/{run_id}/attempt-1.json"))
     preds = read_predictions(out).to_pandas()
     urls = read_manifest(f"{data}/manifest.csv").set_index("image_id")["url"]
     repeating = sum(cell_reference(load_frame(urls[i])) is not None for i in preds.loc[preds["status"] == "ok", "image_id"])

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from semclip_batch.config import REFERENCE_FUSIONS
 from semclip_batch.errors import WeightsError, one_line, show
 from semclip_batch.io import storage
 from semclip_batch.methods.weights import canonical_sha256
@@ -136,7 +137,7 @@ def _policy(value: Any) -> float | None:
 
 
 def _fusion(value: Any) -> str:
-    if value not in ("mean", "max"):
+    if value not in REFERENCE_FUSIONS:
         raise ValueError("reference_fusion")
     return str(value)
 
