@@ -190,9 +190,11 @@ def test_balanced_draws_and_heldout_frames():
     frame = torch.arange(40).repeat_interleave(3)  # 40 frames, each a whole view and two crops
     big = TrainSet(torch.zeros(120, 2, 2), torch.zeros(120, 2, 2), torch.zeros(120, dtype=torch.long),
                    torch.ones(120, dtype=torch.bool), [""] * 120, ("n",), 0, frame=frame)
-    train_rows, held = heldout_split(big, 0.1, seed=0)
-    assert len(held) == 4 and torch.all(held % 3 == 0)  # whole views of 4 frames
-    assert not set(frame[train_rows].tolist()) & set(frame[held].tolist())
+    held = heldout_split(big, 0.1, seed=0)
+    assert len(held.whole) == 4 and torch.all(held.whole % 3 == 0)  # whole views of 4 frames
+    assert len(held.crops) == 8 and set(frame[held.crops].tolist()) == set(frame[held.whole].tolist())
+    assert not set(frame[held.train].tolist()) & set(frame[held.whole].tolist())
+    assert len(held.train) + len(held.whole) + len(held.crops) == 120
 
 
 def test_pretrain_reports_a_heldout_check(tmp_path):
@@ -210,6 +212,10 @@ def test_pretrain_reports_a_heldout_check(tmp_path):
     assert meta["crops"] == "2" and meta["steps"] == "4"
     heldout = json.loads(meta["heldout_check"])
     assert set(heldout) == {"before", "after"} and "accuracy" in heldout["after"]
+    # the 2 held-out frames' crops are measured too (a class without a patch among them reads None)
+    assert "patch AUROC particle (crops)" in result.output
+    crops = {k for k in heldout["after"] if k.startswith("crop_patch_AUROC/")}
+    assert len(crops) == 6 and crops == {k for k in heldout["before"] if k.startswith("crop_patch_AUROC/")}
     # 21 frames of 300 px: whole view + one native-resolution crop each, 2 frames held out
     data = load_trainset(read_manifest(str(tmp_path / "d" / "manifest.csv")), ("normal", "bridge", "copper_residue",
                          "hole", "infilm", "particle", "scratch"), preprocess_config("semclip-tiny", tile_above=10**9), crops=2)

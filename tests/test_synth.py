@@ -305,3 +305,27 @@ def test_cli_synth_family(tmp_path):
     assert res.exit_code == 2 and "dram" in res.output
     res = runner.invoke(synth_cmd, [str(tmp_path / "e"), "--family", "metal", "--bits", "12"])
     assert res.exit_code == 1 and res.output.strip().count("\n") == 0 and "--bits" in res.output
+
+
+def test_defect_px_sets_the_defect_scale_of_a_family(tmp_path):
+    """``synth --defect-px``: contact arrays with logic-sized particles (a small-defect validation family); one
+    line and exit 1 for classic (its own sizes) or a malformed range."""
+    from click.testing import CliRunner
+
+    from semclip_batch.cli.commands import synth as synth_cmd
+
+    runner = CliRunner()
+    res = runner.invoke(synth_cmd, [str(tmp_path / "s"), "--family", "contacts", "--lots", "1", "--per-class", "4",
+                                    "--sizes", "512x512", "--defect-px", "3-6", "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    m = pd.read_csv(tmp_path / "s" / "manifest.csv")
+    sizes = []
+    for uri in m.loc[m["label"] == "particle", "mask_uri"]:
+        mask = np.asarray(Image.open(tmp_path / "s" / uri)) > 0
+        sizes.append(2 * np.sqrt(mask.sum() / np.pi))
+    assert len(sizes) == 4 and max(sizes) <= 8, sizes  # contacts' own particles are 7-32 px
+    for args, flag in ((["--defect-px", "3-10"], "--defect-px"), (["--family", "logic", "--defect-px", "ten"], "ten"),
+                       (["--family", "logic", "--defect-px", "9-3"], "9-3")):
+        res = runner.invoke(synth_cmd, [str(tmp_path / "e"), *args])
+        assert res.exit_code == 1 and res.output.strip().count("\n") == 0 and flag in res.output, res.output
+    assert SynthConfig(family="mixed", defect_px=(3.0, 3.0)).defect_px == (3.0, 3.0)

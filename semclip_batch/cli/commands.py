@@ -75,9 +75,12 @@ def main(verbose: int) -> None:
                                            "classic: 8,16]")
 @click.option("--banner-frac", default=None, type=float,
               help="Share of frames with an info banner.  [default: the family's; classic: 0.3]")
+@click.option("--defect-px", default=None,
+              help="Defect size range LO-HI in px at frame resolution, e.g. 3-10 (not classic).  [default: the "
+                   "family's]")
 @user_errors
 def synth(out: str, family: str, seed: int, lots: int, wafers: int, dies: int, per_class: int, sizes: str | None,
-          formats: str, bits: str | None, banner_frac: float | None) -> None:
+          formats: str, bits: str | None, banner_frac: float | None, defect_px: str | None) -> None:
     """Write synthetic SEM lots (images, masks, reference frames, manifest.csv/.parquet) to OUT.
 
     \b
@@ -86,7 +89,7 @@ def synth(out: str, family: str, seed: int, lots: int, wafers: int, dies: int, p
       semclip-batch synth logic/ --family logic --per-class 4
     """
     from semclip_batch.errors import ConfigError
-    from semclip_batch.synth.generate import SynthConfig, parse_sizes
+    from semclip_batch.synth.generate import SynthConfig, parse_defect_px, parse_sizes
     from semclip_batch.synth.generate import synth as make
 
     bit_list = None
@@ -98,7 +101,8 @@ def synth(out: str, family: str, seed: int, lots: int, wafers: int, dies: int, p
     cfg = SynthConfig(seed=seed, lots=lots, wafers=wafers, dies=dies, per_class=per_class,
                       sizes=None if sizes is None else parse_sizes(sizes),
                       formats=tuple(f.strip().lower() for f in formats.split(",") if f), bits=bit_list,
-                      banner_frac=banner_frac, family=family)
+                      banner_frac=banner_frac, family=family,
+                      defect_px=None if defect_px is None else parse_defect_px(defect_px))
     manifest = make(out, cfg)
     click.echo(f"wrote {len(manifest)} images in {manifest['lot_id'].nunique()} lots; manifest: {out}/manifest.csv")
 

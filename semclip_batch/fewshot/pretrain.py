@@ -16,8 +16,10 @@ a defect pixel: ``fewshot.trainset.crop_views``), so a 5 px particle of a 1024 p
 at 1; steps draw rows balanced over (class, defect-area bucket), so small defects are not outnumbered by large
 ones; the learning rate warms up over the first ``warmup`` share of the steps (one-cycle schedule). A seeded
 ``heldout`` share of the frames is never trained on: per-class patch AUROC (each class's patches against normal
-patches, by 1 - p(normal), on whole-frame views as ``run`` scores them) and image accuracy of the text scores
-are measured on it before and after, returned and stored in the weights file's metadata (``heldout_check``).
+patches, by 1 - p(normal)) on their whole-frame views as ``run`` scores them, the same on their crops (where a
+family's small defects are big enough to be seen at all: on a whole view of a 1024 px frame a 5 px particle
+covers no patch), and image accuracy of the text scores on the whole views are measured on it before and after,
+returned and stored in the weights file's metadata (``heldout_check``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import open_clip
 import torch
@@ -196,22 +198,35 @@ def balanced_weights(keys: torch.Tensor) -> torch.Tensor:
     return 1.0 / counts[inverse].float()
 
 
-def heldout_split(data: TrainSet, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training rows (every view of ~(1 - share) of the frames) and held-out rows (the whole-frame view of the
-    others; none below 20 frames)."""
+class HeldOut(NamedTuple):
+    """Row indices of a :func:`heldout_split`."""
+
+    train: torch.Tensor  # every view of ~(1 - share) of the frames
+    whole: torch.Tensor  # the whole-frame view of the others
+    crops: torch.Tensor  # their crops (frames larger than the model input)
+
+
+CROP_PREFIX = "crop_patch_AUROC"  # held-out figures on the crops (native and half resolution), not whole views
+
+
+def heldout_split(data: TrainSet, share: float, seed: int) -> HeldOut:
+    """Training rows and the held-out frames' rows (none held out below 20 frames)."""
     frame = data.frame if data.frame is not None else torch.arange(len(data))
     frames = frame.unique()
     n_held = int(len(frames) * share) if len(frames) >= 20 else 0
     held_frames = frames[torch.randperm(len(frames), generator=torch.Generator().manual_seed(seed + 11))[:n_held]]
     held = torch.isin(frame, held_frames)
-    return (~held).nonzero().flatten(), (held & data.first_views()).nonzero().flatten()
+    first = data.first_views()
+    return HeldOut((~held).nonzero().flatten(), (held & first).nonzero().flatten(), (held & ~first).nonzero().flatten())
 
 
 @torch.no_grad()
 def heldout_figures(clip: nn.Module, data: TrainSet, rows: torch.Tensor, text: torch.Tensor, taps: tuple[int, ...],
-                    prep: PreprocessConfig, batch: int = 32) -> dict[str, float | None]:
-    """Per-class patch AUROC (each class's patches against normal ones, by 1 - p(normal) averaged over taps and
-    paths) and text-score accuracy of the pooled embeddings, on ``rows``."""
+                    prep: PreprocessConfig, batch: int = 32, prefix: str = "patch_AUROC",
+                    accuracy: bool = True) -> dict[str, float | None]:
+    """Per-class patch AUROC (``{prefix}/{class}``: each class's patches against normal ones, by 1 - p(normal)
+    averaged over taps and paths) and, with ``accuracy``, text-score accuracy of the pooled embeddings, on
+    ``rows``."""
     if rows.numel() == 0:
         return {}
     parts = as_clip(clip)
@@ -233,9 +248,10 @@ def heldout_figures(clip: nn.Module, data: TrainSet, rows: torch.Tensor, text: t
     figures: dict[str, float | None] = {}
     for c, name in enumerate(data.classes[1:], start=1):
         pick = (t == c) | (t == 0)
-        figures[f"patch_AUROC/{name}"] = roc_auc((1.0 - p[pick, 0]).numpy(), (t[pick] == c).numpy())
-    hits = torch.cat(correct)
-    figures["accuracy"] = float(hits.mean()) if hits.numel() else None
+        figures[f"{prefix}/{name}"] = roc_auc((1.0 - p[pick, 0]).numpy(), (t[pick] == c).numpy())
+    if accuracy:
+        hits = torch.cat(correct)
+        figures["accuracy"] = float(hits.mean()) if hits.numel() else None
     return figures
 
 
@@ -258,14 +274,17 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     owner = torch.cat([torch.full((len(p),), c) for c, p in enumerate(prompts.prompts)])
     caption_tokens = tokenizer(data.captions) if any(data.captions) else None
     taps = default_taps(depth_of(clip))
-    train_rows, held = heldout_split(data, cfg.heldout, cfg.model.seed)
+    held = heldout_split(data, cfg.heldout, cfg.model.seed)
+    train_rows = held.train
     weights = balanced_weights(area_buckets(data)[train_rows])
 
     def figures() -> dict[str, float | None]:
         clip.eval()
         with torch.no_grad():
             text = class_text(clip, tokens, owner, len(prompts.classes))
-        out = heldout_figures(clip, data, held, text, taps, prep)
+        out = heldout_figures(clip, data, held.whole, text, taps, prep)
+        if held.crops.numel():
+            out |= heldout_figures(clip, data, held.crops, text, taps, prep, prefix=CROP_PREFIX, accuracy=False)
         clip.train()
         return out
 
@@ -289,7 +308,8 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     after = figures()
     seconds = time.perf_counter() - t0
     log.info("pretrained %s for %d steps in %.0f s on %d views of %d frames (%d skipped, %d held out)",
-             cfg.model.backbone, cfg.steps, seconds, len(train_rows), len(df) - data.skipped, data.skipped, len(held))
+             cfg.model.backbone, cfg.steps, seconds, len(train_rows), len(df) - data.skipped, data.skipped,
+             len(held.whole))
     meta = {**cfg.recipe(), **(metadata or {}), "heldout_check": json.dumps({"before": before, "after": after})}
     digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
     return Pretrained(digest, before, after, seconds)
@@ -299,10 +319,11 @@ def heldout_table(result: Pretrained) -> list[str]:
     """The held-out figures as lines: one per class, then accuracy; before -> after."""
     show = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"held-out check ({'before':>6} -> after)"]
-    for key, after in result.after.items():
-        name = key.removeprefix("patch_AUROC/")
-        what = "image accuracy (text)" if key == "accuracy" else f"patch AUROC {name}"
-        lines.append(f"  {what:<28} {show(result.before.get(key))} -> {show(after)}")
+    for key, after in sorted(result.after.items(), key=lambda kv: kv[0] == "accuracy"):
+        view, _, name = key.partition("/")
+        what = ("image accuracy (text)" if key == "accuracy"
+                else f"patch AUROC {name}" + (" (crops)" if view == CROP_PREFIX else ""))
+        lines.append(f"  {what:<36} {show(result.before.get(key))} -> {show(after)}")
     return lines
 
 

@@ -9,7 +9,7 @@ families add a ``family`` manifest column (for ``mixed``: the member drawn for t
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -49,9 +49,16 @@ class SynthConfig:
     bits: tuple[int, ...] | None = None  # None: the family's
     banner_frac: float | None = None  # None: the family's
     family: str = "classic"
+    defect_px: tuple[float, float] | None = None  # None: the family's defect scale (px at frame resolution)
 
     def __post_init__(self) -> None:
         get_family(self.family)
+        if self.defect_px is not None:
+            lo, hi = self.defect_px
+            if self.family == "classic":
+                raise ConfigError("--defect-px applies to the non-classic families (classic draws its own sizes)")
+            if not 1.0 <= lo <= hi:
+                raise ConfigError(f"--defect-px must be LO-HI with 1 <= LO <= HI, got {lo:g}-{hi:g}")
         for name in ("lots", "wafers", "dies", "per_class"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -88,6 +95,15 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
         return tuple((int(a), int(b)) for a, b in (s.lower().split("x") for s in text.split(",") if s))
     except ValueError:
         raise ConfigError(f"--sizes {text!r}: expected HxW[,HxW...] such as 256x256,240x320") from None
+
+
+def parse_defect_px(text: str) -> tuple[float, float]:
+    """``"3-10"`` -> (3.0, 10.0): a defect's size range in px at frame resolution."""
+    lo, sep, hi = text.partition("-")
+    try:
+        return (float(lo), float(hi)) if sep else (float(lo), float(lo))
+    except ValueError:
+        raise ConfigError(f"--defect-px {text!r}: expected LO-HI in px such as 3-10") from None
 
 
 def encode(img: np.ndarray, fmt: str, bits: int, window: tuple[float, float] = (0.0, 1.0)) -> bytes:
@@ -194,6 +210,8 @@ def _write_site(root: str, lot: str, n: int, label: str, k: int, rng: np.random.
     bits = cfg.bit_depths[(n // len(cfg.formats)) % len(cfg.bit_depths)]
     banner = f"SEM HV 1.0kV MAG 100kx {lot} {wafer}" if rng.random() < cfg.banner_share else None
     fam = pick_member(get_family(cfg.family), rng)
+    if cfg.defect_px is not None:
+        fam = replace(fam, defect_px=cfg.defect_px)
     img, mask, ref = make_site(label, h, w, rng, banner, fam)
     window = (0.0, 1.0)
     if fam.name != "classic":
