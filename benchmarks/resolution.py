@@ -12,8 +12,10 @@ its regions' pixels, its negatives every defect-free pixel of the lot.
 
 Families (``synth --family``; support seed 3000, test seed 7000): ``contacts@1024`` (contacts drawn at
 768-1024 px, so its 8-30 px defects shrink below a patch) is the validation family: the scale policy's
-fraction and the reference fusion weight were chosen on it. ``logic`` (512-1024 px, 3-10 px defects) and
-``metal`` (400-900 px, 20-60 px) are held out: nothing was chosen on them.
+fraction and the reference fusion weight were chosen on it. ``contacts-small@1024`` (the same with 3-10 px
+defects, ``synth --defect-px 3-10``) is a second validation family, for the reference join and weight where
+defects are small. ``logic`` (512-1024 px, 3-10 px defects) and ``metal`` (400-900 px, 20-60 px) are held out:
+nothing was chosen on them.
 
 Configurations (``--configs``): a scale policy name (``whole``, ``native``, ``0.5``...), optionally with
 ``+ref`` (``train --use-reference``, registered), ``+ref-noreg`` (references as they come), ``+mean`` or
