@@ -177,6 +177,8 @@ class ModelSpec:
         if self.sigma < 0:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         check_scale_policy(self.scale_policy)
+        if not 0.0 <= self.reference_weight <= 1.0:
+            raise ConfigError(f"--reference-weight must be in [0, 1], got {self.reference_weight:g}")
         if self.reference_fusion not in REFERENCE_FUSIONS:
             raise ConfigError(f"reference fusion must be one of {', '.join(REFERENCE_FUSIONS)}, "
                               f"got {self.reference_fusion!r}")

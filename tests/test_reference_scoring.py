@@ -130,3 +130,24 @@ def test_checkpoint_records_registration_weight_and_both_scales(tmp_path):
     # unregistered references (2, -3 px off) differ along every edge: a larger normal pixel scale
     assert not no_reg.register_reference
     assert no_reg.training["reference_pixel_scale"] > meta.training["reference_pixel_scale"]
+
+
+def test_train_reference_weight_flag_is_stored_and_checked(tmp_path):
+    """``train --reference-weight``: the fused map's reference share as the user sets it, in the checkpoint (which
+    ``run --model`` reads it from, as every reference field); outside [0, 1] one line and exit 1 before anything
+    is trained."""
+    from click.testing import CliRunner
+
+    from semclip_batch.cli import main
+
+    manifest = _lot(tmp_path)
+    base = ["train", str(manifest), "--backbone", "semclip-tiny", "--pretrained", "shipped", "--use-reference",
+            "--epochs", "1"]
+    runner = CliRunner()
+    for bad in ("-0.1", "1.5"):
+        res = runner.invoke(main, [*base, "--out", str(tmp_path / "bad"), "--reference-weight", bad])
+        assert res.exit_code == 1 and res.output.strip().count("\n") == 0 and "--reference-weight" in res.output
+        assert not (tmp_path / "bad").exists()
+    res = runner.invoke(main, [*base, "--out", str(tmp_path / "ck"), "--reference-weight", "0.9"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(str(tmp_path / "ck")).meta.reference_weight == 0.9  # run --model scores with it

@@ -30,6 +30,7 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_STEPS,
     DEFAULT_REFERENCE_FUSION,
+    DEFAULT_REFERENCE_WEIGHT,
     DEFAULT_REPORT_TOP_N,
     DEFAULT_STALE_AFTER_S,
     REFERENCE_FUSIONS,
@@ -468,6 +469,10 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "maximum (a particle only the pixel difference sees keeps its score; the README measures both: "
                    "max found more small defects on a held-out routing family and lost F1max on another). Stored "
                    "in the checkpoint.")
+@click.option("--reference-weight", type=float, default=DEFAULT_REFERENCE_WEIGHT, show_default=True,
+              help="The reference map's share w of the fused map, (1 - w) * method + w * reference, in [0, 1]. The "
+                   "default was chosen on contact arrays, which the shipped backbone knows; on layouts the backbone "
+                   "has not seen the README measured a larger w doing better. Stored in the checkpoint.")
 @click.option("--self-reference/--no-self-reference", default=None,
               help="Frames without a reference frame are compared with their own pattern shifted by one and two "
                    "periods (cell-to-cell, where the pattern repeats; stored in the checkpoint) [default: on with "
@@ -478,7 +483,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
           method: str, recipe: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
           taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool,
-          no_register: bool, reference_fusion: str, self_reference: bool | None, scale_policy: str | None) -> None:
+          no_register: bool, reference_fusion: str, reference_weight: float, self_reference: bool | None,
+          scale_policy: str | None) -> None:
     """Few-shot SEM-CLIP (or a baseline) on a frozen backbone from a labelled SUPPORT manifest -> checkpoint.
 
     \b
@@ -503,7 +509,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
                                       use_reference=use_reference, register_reference=not no_register,
-                                      reference_fusion=reference_fusion, self_reference=bool(self_reference),
+                                      reference_fusion=reference_fusion, reference_weight=reference_weight,
+                                      self_reference=bool(self_reference),
                                       score_mode=score_mode, sigma=sigma,
                                       scale_policy=parse_scale_policy(scale_policy or "whole"),
                                       storage_options=parse_storage_options(storage_option)))
