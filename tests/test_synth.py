@@ -325,7 +325,8 @@ def test_defect_px_sets_the_defect_scale_of_a_family(tmp_path):
         sizes.append(2 * np.sqrt(mask.sum() / np.pi))
     assert len(sizes) == 4 and max(sizes) <= 8, sizes  # contacts' own particles are 7-32 px
     for args, flag in ((["--defect-px", "3-10"], "--defect-px"), (["--family", "logic", "--defect-px", "ten"], "ten"),
-                       (["--family", "logic", "--defect-px", "9-3"], "9-3")):
+                       (["--family", "logic", "--defect-px", "9-3"], "9-3"),
+                       (["--family", "metal", "--defect-px", "2-inf"], "2-inf")):
         res = runner.invoke(synth_cmd, [str(tmp_path / "e"), *args])
         assert res.exit_code == 1 and res.output.strip().count("\n") == 0 and flag in res.output, res.output
     assert SynthConfig(family="mixed", defect_px=(3.0, 3.0)).defect_px == (3.0, 3.0)

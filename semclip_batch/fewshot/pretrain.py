@@ -316,7 +316,8 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
 
 
 def heldout_table(result: Pretrained) -> list[str]:
-    """The held-out figures as lines: one per class, then accuracy; before -> after."""
+    """The held-out figures as lines: one per class on whole views, one per class on crops, then accuracy;
+    before -> after."""
     show = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"held-out check ({'before':>6} -> after)"]
     for key, after in sorted(result.after.items(), key=lambda kv: kv[0] == "accuracy"):

@@ -57,7 +57,7 @@ class SynthConfig:
             lo, hi = self.defect_px
             if self.family == "classic":
                 raise ConfigError("--defect-px applies to the non-classic families (classic draws its own sizes)")
-            if not 1.0 <= lo <= hi:
+            if not 1.0 <= lo <= hi < float("inf"):
                 raise ConfigError(f"--defect-px must be LO-HI with 1 <= LO <= HI, got {lo:g}-{hi:g}")
         for name in ("lots", "wafers", "dies", "per_class"):
             if getattr(self, name) < 1:
