@@ -1,4 +1,4 @@
-"""Small defects at any frame size, and reference frames registered: the scale policy and registration measured.
+r"""Small defects at any frame size, and reference frames registered: the scale policy and registration measured.
 
     .venv/bin/python benchmarks/resolution.py --work /tmp/resolution            # data and checkpoints cached there
     .venv/bin/python benchmarks/resolution.py --families logic --configs whole,0.5 --throughput-frames 0
@@ -25,8 +25,14 @@ the checkpoint's field changed. ``--throughput-frames`` 1024x1024 frames of the 
 family are also scored by ``run`` with each policy's checkpoint (img/s from the run record: the pipeline
 stage, Ray's start excluded). ``--pretrained`` trains on other ``semclip-tiny`` weights instead of the shipped
 ones (a ``pretrain`` output, e.g. on a family's own archive, as a fab would pretrain on its own lots). Each row
-also counts the defect frames whose map peaks within 30 px of a truth pixel (``argmax<=30px``). Prints a table
-and writes ``--work/resolution.json``.
+also counts the defect frames whose map peaks within 30 px of a truth pixel (``argmax<=30px``; the peak is the
+first pixel of the stored uint8 map's maximum in row order, as numpy's argmax). Prints a table and writes
+``--work/resolution.json``.
+
+    .venv/bin/python benchmarks/resolution.py --families contacts-small@1024 --throughput-frames 0 \
+        --configs "0.5+ref+mean@0.5,0.5+ref+mean@0.75,0.5+ref+mean@1.0,0.5+ref+max@0.5,0.5+ref+max@0.75,whole,0.5"
+    .venv/bin/python benchmarks/resolution.py --families logic --test-per-class 14 --throughput-frames 0 \
+        --configs whole,0.5,whole+ref --pretrained pretrained-logic.safetensors     # a `pretrain` on logic
 """
 
 from __future__ import annotations
@@ -92,10 +98,15 @@ def lot(work: Path, name: str, seed: int, per_class: int, sizes: tuple[tuple[int
     return folder
 
 
+def weights_tag(pretrained: str) -> str:
+    """The prefix of cached checkpoints and outputs trained on other weights than the shipped ones (their file
+    name: weights written again under the same name need a fresh ``--work``)."""
+    return "" if pretrained == "shipped" else f"{Path(pretrained).stem}-"
+
+
 def checkpoint(work: Path, family: str, support: Path, cfg: Config, seed: int, pretrained: str = "shipped") -> str:
     base = Config(name="", policy=cfg.policy, reference=cfg.reference, register=cfg.register)
-    tag = "" if pretrained == "shipped" else f"{Path(pretrained).stem}-"
-    folder = work / "ckpt" / f"{tag}{family}-{base.policy}-{base.reference}-{base.register}-{seed}"
+    folder = work / "ckpt" / f"{weights_tag(pretrained)}{family}-{base.policy}-{base.reference}-{base.register}-{seed}"
     if not (folder / "checkpoint.json").exists():
         spec = ModelSpec(backbone="semclip-tiny", pretrained=pretrained, seed=seed, cls="fused",
                          use_reference=cfg.reference, register_reference=cfg.register, scale_policy=cfg.policy)
@@ -198,11 +209,10 @@ def main() -> None:
         test = lot(work, family, 7000, args.test_per_class)
         for cfg in configs:
             ckpt = checkpoint(work, family, support, cfg, args.seed, args.pretrained)
-            tag = "" if args.pretrained == "shipped" else f"{Path(args.pretrained).stem}-"
-            out = work / "out" / f"{tag}{family}-{cfg.name}"
+            out = work / "out" / f"{weights_tag(args.pretrained)}{family}-{cfg.name}"
             record = score(ckpt, test, out)
             row = {"family": family, "set": "val" if family in VALIDATION else "held-out", "config": cfg.name,
-                   **bucket_metrics(out, test), "img_s": record["throughput_img_s"]}
+                   **bucket_metrics(out, test), "img_s": record["throughput_img_s"], "pretrained": args.pretrained}
             results.append(row)
             print("  " + "  ".join(f"{k} {fmt(v)}" for k, v in row.items()), flush=True)
     first = args.families.split(",")[0]
@@ -212,7 +222,7 @@ def main() -> None:
         support = lot(work, first, 3000, args.shots)
         for cfg in {c.policy: c for c in configs if not c.reference}.values():
             record = score(checkpoint(work, first, support, replace(cfg, weight=None), args.seed, args.pretrained), big,
-                           work / "out" / f"speed-{cfg.name}")
+                           work / "out" / f"speed-{weights_tag(args.pretrained)}{cfg.name}")
             results.append({"family": f"{first} 1024x1024", "set": "throughput", "config": cfg.name,
                             "img_s": record["throughput_img_s"], "frames": record["rows"]["total"]})
             print(f"  throughput {cfg.name}: {record['throughput_img_s']} img/s", flush=True)

@@ -178,7 +178,8 @@ class ModelSpec:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         check_scale_policy(self.scale_policy)
         if not 0.0 <= self.reference_weight <= 1.0:
-            raise ConfigError(f"--reference-weight must be in [0, 1], got {self.reference_weight:g}")
+            raise ConfigError(f"the reference weight (train --reference-weight, reference_weight in a checkpoint) must be "
+                              f"in [0, 1], got {self.reference_weight:g}")
         if self.reference_fusion not in REFERENCE_FUSIONS:
             raise ConfigError(f"reference fusion must be one of {', '.join(REFERENCE_FUSIONS)}, "
                               f"got {self.reference_fusion!r}")

@@ -151,3 +151,4 @@ def test_train_reference_weight_flag_is_stored_and_checked(tmp_path):
     res = runner.invoke(main, [*base, "--out", str(tmp_path / "ck"), "--reference-weight", "0.9"])
     assert res.exit_code == 0, res.output
     assert load_checkpoint(str(tmp_path / "ck")).meta.reference_weight == 0.9  # run --model scores with it
+    assert ModelSpec(reference_weight=0.0).reference_weight == 0.0 and ModelSpec(reference_weight=1.0).reference_weight == 1.0

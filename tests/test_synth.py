@@ -323,10 +323,17 @@ def test_defect_px_sets_the_defect_scale_of_a_family(tmp_path):
     for uri in m.loc[m["label"] == "particle", "mask_uri"]:
         mask = np.asarray(Image.open(tmp_path / "s" / uri)) > 0
         sizes.append(2 * np.sqrt(mask.sum() / np.pi))
-    assert len(sizes) == 4 and max(sizes) <= 8, sizes  # contacts' own particles are 7-32 px
+    assert len(sizes) == 4 and max(sizes) <= 7, sizes  # contacts' own are drawn at 8-30 px
     for args, flag in ((["--defect-px", "3-10"], "--defect-px"), (["--family", "logic", "--defect-px", "ten"], "ten"),
                        (["--family", "logic", "--defect-px", "9-3"], "9-3"),
                        (["--family", "metal", "--defect-px", "2-inf"], "2-inf")):
         res = runner.invoke(synth_cmd, [str(tmp_path / "e"), *args])
         assert res.exit_code == 1 and res.output.strip().count("\n") == 0 and flag in res.output, res.output
-    assert SynthConfig(family="mixed", defect_px=(3.0, 3.0)).defect_px == (3.0, 3.0)
+    res = runner.invoke(synth_cmd, [str(tmp_path / "m"), "--family", "mixed", "--lots", "1", "--per-class", "6",
+                                    "--sizes", "512x512", "--defect-px", "3-5", "--seed", "4"])
+    assert res.exit_code == 0, res.output
+    m = pd.read_csv(tmp_path / "m" / "manifest.csv")
+    particles = m[m["label"] == "particle"]
+    assert particles["family"].nunique() >= 2  # members drawn, each at the range (metal's own: 20-60 px)
+    for uri in particles["mask_uri"]:
+        assert 2 * np.sqrt((np.asarray(Image.open(tmp_path / "m" / uri)) > 0).sum() / np.pi) <= 7

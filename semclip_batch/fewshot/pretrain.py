@@ -98,7 +98,8 @@ class PretrainConfig:
 @dataclass(frozen=True)
 class Pretrained:
     """``sha256``: the weights' canonical checksum; ``before`` / ``after``: the held-out figures
-    (``patch_AUROC/<class>``, ``accuracy``; None where undefined) at the start and the end."""
+    (``patch_AUROC/<class>`` on whole views, ``crop_patch_AUROC/<class>`` on crops, ``accuracy``; None where
+    undefined) at the start and the end."""
 
     sha256: str
     before: dict[str, float | None]
