@@ -152,3 +152,26 @@ def test_train_reference_weight_flag_is_stored_and_checked(tmp_path):
     assert res.exit_code == 0, res.output
     assert load_checkpoint(str(tmp_path / "ck")).meta.reference_weight == 0.9  # run --model scores with it
     assert ModelSpec(reference_weight=0.0).reference_weight == 0.0 and ModelSpec(reference_weight=1.0).reference_weight == 1.0
+
+
+@pytest.mark.parametrize(("flags", "given"), [
+    (["--recipe", "paper", "--reference-weight", "0.9"], "--reference-weight"),
+    (["--no-self-reference", "--reference-fusion", "max", "--no-register"],
+     "--reference-fusion, --no-register"),
+    (["--method", "winclip", "--reference-weight", "0.75"], "--reference-weight"),  # the default value, but given
+])
+def test_reference_options_without_references_are_refused(tmp_path, flags, given):
+    """A reference option for a model that compares with no reference would be stored and do nothing: refused in
+    one line (naming what was given) before anything is read or trained. The transfer recipe's cell references
+    count as references."""
+    from click.testing import CliRunner
+
+    from semclip_batch.cli import main
+    from semclip_batch.fewshot.recipes import applied, get_recipe
+
+    res = CliRunner().invoke(main, ["train", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "ck"),
+                                    "--backbone", "semclip-tiny", "--pretrained", "shipped", *flags])
+    assert res.exit_code == 1 and res.output.strip().count("\n") == 0, res.output
+    assert res.output.startswith(f"Error: {given} only apply when") and "--use-reference" in res.output
+    assert not (tmp_path / "ck").exists()
+    assert applied(get_recipe("transfer"), ModelSpec()).reference_scorer  # the default recipe takes them

@@ -494,7 +494,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
       semclip-batch train support.csv --out ckpt-winclip/ --method winclip --pretrained sem-tiny.safetensors --shots 10
     """
     from semclip_batch.errors import ConfigError
-    from semclip_batch.fewshot.recipes import get_recipe, with_self_reference
+    from semclip_batch.fewshot.recipes import applied, get_recipe, with_self_reference
     from semclip_batch.fewshot.train import TrainConfig
     from semclip_batch.fewshot.train import train as run_train
 
@@ -515,6 +515,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       score_mode=score_mode, sigma=sigma,
                                       scale_policy=parse_scale_policy(scale_policy or "whole"),
                                       storage_options=parse_storage_options(storage_option)))
+    _refuse_unused_reference_options(click.get_current_context(), applied(cfg.recipe, cfg.model))
     try:
         with loss_progress("epoch", f"train {method}") as progress:
             meta = run_train(cfg, progress=progress)
@@ -526,6 +527,23 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                f"temperature {meta.temperature:.1f}, "
                f"thresholds image {th.image:.3f} pixel {th.pixel:.3f}, {meta.training['used']} images, "
                f"{meta.training['seconds']} s")
+
+
+def _refuse_unused_reference_options(ctx: click.Context, spec: ModelSpec) -> None:
+    """``--reference-weight``, ``--reference-fusion`` and ``--no-register`` given for a model that compares with no
+    reference (neither ``--use-reference`` nor cell references): a one-line refusal, not a setting stored and
+    silently without effect."""
+    from click.core import ParameterSource
+
+    from semclip_batch.errors import ConfigError
+
+    if spec.reference_scorer:
+        return
+    given = [f"--{name.replace('_', '-')}" for name in ("reference_weight", "reference_fusion", "no_register")
+             if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} only apply when the model compares frames with references: add "
+                          "--use-reference (a reference_uri per row) or --self-reference (cell to cell), or omit them")
 
 
 @main.command()

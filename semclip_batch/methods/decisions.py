@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from semclip_batch.config import Thresholds
 
+if TYPE_CHECKING:  # the writer's workers use this module without torch (seconds and ~600 MB to import)
+    import torch
+
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ def to_mask(amap: np.ndarray) -> np.ndarray:
 def to_mask_tensor(amap: torch.Tensor) -> torch.Tensor:
     """:func:`to_mask` where the map is (on the accelerator, in the model actor): ``(H, W)`` float -> uint8,
     rounding half to even as ``np.rint`` does, so both give the same bytes."""
+    import torch
+
     return torch.round(amap.float().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 
