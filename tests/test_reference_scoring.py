@@ -154,16 +154,18 @@ def test_train_reference_weight_flag_is_stored_and_checked(tmp_path):
     assert ModelSpec(reference_weight=0.0).reference_weight == 0.0 and ModelSpec(reference_weight=1.0).reference_weight == 1.0
 
 
-@pytest.mark.parametrize(("flags", "given"), [
-    (["--recipe", "paper", "--reference-weight", "0.9"], "--reference-weight"),
-    (["--no-self-reference", "--reference-fusion", "max", "--no-register"],
-     "--reference-fusion, --no-register"),
-    (["--method", "winclip", "--reference-weight", "0.75"], "--reference-weight"),  # the default value, but given
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--recipe", "paper", "--reference-weight", "0.9"], "without references the model ignores --reference-weight:"),
+    (["--no-self-reference", "--reference-fusion", "max", "--reference-weight", "0.5"],
+     "without references the model ignores --reference-weight and --reference-fusion:"),
+    (["--method", "winclip", "--reference-weight", "0.75"],  # the default value, but given
+     "without references the model ignores --reference-weight:"),
+    (["--no-register"], "--no-register applies to reference frames only"),  # cell references by default
 ])
-def test_reference_options_without_references_are_refused(tmp_path, flags, given):
-    """A reference option for a model that compares with no reference would be stored and do nothing: refused in
-    one line (naming what was given) before anything is read or trained. The transfer recipe's cell references
-    count as references."""
+def test_reference_options_without_references_are_refused(tmp_path, flags, message):
+    """A reference option the model would store and ignore is refused in one line (naming what was given)
+    before anything is read or trained. The transfer recipe's cell references count as references for the
+    weight and the fusion; registration applies to reference frames only."""
     from click.testing import CliRunner
 
     from semclip_batch.cli import main
@@ -172,6 +174,6 @@ def test_reference_options_without_references_are_refused(tmp_path, flags, given
     res = CliRunner().invoke(main, ["train", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "ck"),
                                     "--backbone", "semclip-tiny", "--pretrained", "shipped", *flags])
     assert res.exit_code == 1 and res.output.strip().count("\n") == 0, res.output
-    assert res.output.startswith(f"Error: {given} only apply when") and "--use-reference" in res.output
+    assert res.output.startswith(f"Error: {message}") and "--use-reference" in res.output, res.output
     assert not (tmp_path / "ck").exists()
     assert applied(get_recipe("transfer"), ModelSpec()).reference_scorer  # the default recipe takes them

@@ -531,20 +531,21 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
 
 
 def _refuse_unused_reference_options(ctx: click.Context, spec: ModelSpec) -> None:
-    """``--reference-weight``, ``--reference-fusion`` and ``--no-register`` given for a model that compares with no
-    reference (neither ``--use-reference`` nor cell references): a one-line refusal, not a setting stored and
-    silently without effect."""
+    """A reference option the model would store and ignore is refused in one line: ``--reference-weight`` and
+    ``--reference-fusion`` without any reference (neither ``--use-reference`` nor cell references), and
+    ``--no-register`` without ``--use-reference`` (only reference frames are registered)."""
     from click.core import ParameterSource
 
     from semclip_batch.errors import ConfigError
 
-    if spec.reference_scorer:
-        return
-    given = [f"--{name.replace('_', '-')}" for name in ("reference_weight", "reference_fusion", "no_register")
+    given = [f"--{name.replace('_', '-')}" for name in ("reference_weight", "reference_fusion")
              if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
-    if given:
-        raise ConfigError(f"{', '.join(given)} only apply when the model compares frames with references: add "
-                          "--use-reference (a reference_uri per row) or --self-reference (cell to cell), or omit them")
+    if given and not spec.reference_scorer:
+        raise ConfigError(f"without references the model ignores {' and '.join(given)}: add --use-reference (a "
+                          "reference_uri per row) or --self-reference (cell to cell), or omit it")
+    if ctx.params.get("no_register") and not spec.use_reference:
+        raise ConfigError("--no-register applies to reference frames only (cell references need no registration): "
+                          "add --use-reference or omit it")
 
 
 @main.command()
