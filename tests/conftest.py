@@ -54,8 +54,8 @@ def s3_endpoint():
 def ray_cluster(s3_endpoint):
     """The one local Ray every pipeline test shares (the pipeline uses an initialised Ray as it is), with the
     worker settings of the private Ray a CLI run starts: idle workers (torch imported) are kept between runs, as
-    they are between the stages of one run. With Ray's default (one idle worker per CPU, killed after 1 s) every
-    run started its decode and write workers afresh, 3 s of imports each (a run of 80 frames: 16 s -> 11 s)."""
+    they are between the stages of one run. With Ray's default (idle workers above one per CPU killed after 1 s)
+    every run started its decode and write workers afresh, 3 s of imports each (a run of 80 frames: 16 s -> 11 s)."""
     import ray
 
     from semclip_batch.pipeline.ray_session import LOCAL_SYSTEM_CONFIG

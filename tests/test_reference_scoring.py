@@ -169,11 +169,24 @@ def test_reference_options_without_references_are_refused(tmp_path, flags, messa
     from click.testing import CliRunner
 
     from semclip_batch.cli import main
-    from semclip_batch.fewshot.recipes import applied, get_recipe
 
     res = CliRunner().invoke(main, ["train", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "ck"),
                                     "--backbone", "semclip-tiny", "--pretrained", "shipped", *flags])
     assert res.exit_code == 1 and res.output.strip().count("\n") == 0, res.output
     assert res.output.startswith(f"Error: {message}") and "--use-reference" in res.output, res.output
-    assert not (tmp_path / "ck").exists()
-    assert applied(get_recipe("transfer"), ModelSpec()).reference_scorer  # the default recipe takes them
+
+
+@pytest.mark.parametrize("flags", [
+    ["--reference-weight", "0.9", "--reference-fusion", "max"],  # cell references (recipe transfer's default)
+    ["--method", "winclip", "--self-reference", "--reference-weight", "0.5"],
+    ["--recipe", "paper", "--use-reference", "--no-register", "--reference-weight", "0.5"],
+])
+def test_reference_options_with_references_pass_the_check(tmp_path, flags):
+    """Where the model has a reference scorer, the options pass on to reading the support set (absent here)."""
+    from click.testing import CliRunner
+
+    from semclip_batch.cli import main
+
+    res = CliRunner().invoke(main, ["train", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "ck"),
+                                    "--backbone", "semclip-tiny", "--pretrained", "shipped", *flags])
+    assert res.exit_code == 1 and "absent.csv" in res.output and "ignores" not in res.output, res.output

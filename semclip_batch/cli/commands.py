@@ -399,7 +399,7 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
 @model_options
 @click.option("--steps", default=DEFAULT_PRETRAIN_STEPS, show_default=True, type=int,
               help="Optimiser steps (the default took 9.2 min for semclip-tiny on 4.2k images here, loading included, "
-                   "on a day when a step of 32 took ~0.3 s; on others a step took 0.52 s: ~13 min).")
+                   "on a day when a step of 32 took ~0.3 s; on others a step took 0.52 s: 13 min of steps alone).")
 @click.option("--batch-size", default=DEFAULT_PRETRAIN_BATCH, show_default=True, type=int)
 @click.option("--lr", default=DEFAULT_PRETRAIN_LR, show_default=True, type=float)
 @click.option("--crops", default=DEFAULT_PRETRAIN_CROPS, show_default=True, type=int,
@@ -478,7 +478,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @click.option("--self-reference/--no-self-reference", default=None,
               help="Frames without a reference frame are compared with their own pattern shifted by one and two "
                    "periods (cell-to-cell, where the pattern repeats; stored in the checkpoint) [default: on with "
-                   "recipe transfer, off with paper].")
+                   "SEM-CLIP's recipe transfer; off with paper and for the baselines].")
 @scale_policy_option("[default: whole; stored in the checkpoint, run scores with it]")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
