@@ -50,12 +50,11 @@ from scipy import ndimage
 
 from semclip_batch.analysis.evaluate import _truth_mask, joined_rows
 from semclip_batch.analysis.metrics import PixelCounts, roc_auc
-from semclip_batch.config import REFERENCE_FUSIONS, CheckpointRequest, ModelSpec, RunConfig, parse_scale_policy
+from semclip_batch.config import NORMAL, REFERENCE_FUSIONS, CheckpointRequest, ModelSpec, RunConfig, parse_scale_policy
 from semclip_batch.errors import OK
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.masks import mask_array, open_masks
-from semclip_batch.methods.prompts import NORMAL
 from semclip_batch.pipeline.driver import run
 from semclip_batch.synth.generate import SynthConfig, synth
 

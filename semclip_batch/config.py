@@ -20,6 +20,7 @@ LossProgress = Callable[[int, int, float], None]
 """Called with (step, steps, loss) as training goes."""
 
 DEFAULT_BACKBONE = "ViT-B-16-plus-240"
+NORMAL = "normal"  # the class of defect-free frames, always class 0 of a prompt file
 DEFAULT_IMAGE_THRESHOLD = 0.95
 DEFAULT_PIXEL_THRESHOLD = 0.95
 DEFAULT_MIN_REGION_PX = 16

@@ -210,6 +210,32 @@ def test_pages_for_every_lot_and_every_link_resolves(report):
             assert img.format == "PNG" and min(img.size) > 8
 
 
+def test_lot_pages_drawn_by_worker_processes_equal_those_drawn_here(report, tmp_path, monkeypatch):
+    """The worker processes (spawned, each with its own DuckDB connection and handle on masks and frames) write
+    the same files, byte for byte, as drawing every lot in this process (the fixture's report); the progress
+    callback still counts every lot."""
+    import semclip_batch.analysis.report as report_module
+
+    out = report[0]
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("reports"))
+    monkeypatch.setattr(report_module, "PARALLEL_FROM_LOTS", 2)  # the fixture has 3 lots
+    monkeypatch.setattr(report_module, "_pages_here", lambda *_: pytest.fail("lot pages drawn in this process"))
+    calls = []
+    write_report(str(copy), top_n=TOP_N, workers=2, progress=lambda n, total: calls.append((n, total)))
+    assert calls == [(1, len(LOTS))] * len(LOTS)
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    here, workers = files(out / "reports"), files(copy / "reports")
+    assert sorted(here) == sorted(workers) and len(here) > 3 * len(LOTS)
+    assert [name for name in here if here[name] != workers[name]] == []
+    refused = CliRunner().invoke(main, ["report", str(copy), "--workers", "0"])
+    assert refused.exit_code == 1 and refused.output == "Error: --workers must be at least 1, got 0\n"
+    assert (copy / "reports" / "index.html").exists()  # refused before anything was removed
+
+
 def test_index_summarises_the_run_and_escapes_error_messages(report):
     out, by_lot, _ = report
     text = (out / "reports" / "index.html").read_text(encoding="utf-8")

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 
 from semclip_batch.analysis.excursions import write_excursions
 from semclip_batch.analysis.query import connect
+from semclip_batch.config import NORMAL
 from semclip_batch.errors import OutputError
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.runrecord import read_latest
-from semclip_batch.methods.prompts import NORMAL
 
 LOT_STATS = pa.schema([
     ("wafer_id", pa.string()),

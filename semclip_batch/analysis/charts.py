@@ -19,7 +19,7 @@ from matplotlib.patches import Arc, Circle, Patch, Rectangle
 from PIL import Image
 from scipy import ndimage
 
-from semclip_batch.io.preprocess import stretch
+from semclip_batch.io.levels import stretch
 
 ERROR = "(error)"
 """The category of rows that were not scored (any non-ok status); not a class name a run can have."""

@@ -17,14 +17,13 @@ import pandas as pd
 from semclip_batch.analysis.aggregate import run_classes
 from semclip_batch.analysis.metrics import ClassificationReport, PixelCounts, classification_report, roc_auc
 from semclip_batch.analysis.results import read_predictions
-from semclip_batch.config import Progress
+from semclip_batch.config import NORMAL, Progress
 from semclip_batch.errors import OK, ImageError, OutputError
 from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.masks import mask_array, open_masks
-from semclip_batch.methods.prompts import NORMAL
 
 METRIC_KEYS = ("iAUROC", "pAUROC", "F1max", "AUPRO", "accuracy", "macro_precision", "macro_recall", "macro_F1")
 

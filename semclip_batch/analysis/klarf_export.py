@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from semclip_batch.config import NORMAL
 from semclip_batch.errors import ConfigError, OutputError, show
 from semclip_batch.io import storage
 from semclip_batch.io.klarf import (
@@ -45,7 +46,6 @@ from semclip_batch.io.klarf import (
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.plan import read_plan_columns
 from semclip_batch.io.runrecord import read_latest
-from semclip_batch.methods.prompts import NORMAL
 
 PREDICTION_COLUMNS = ["image_id", "uri", "wafer_id", "die_x", "die_y", "status", "is_defect", "defect_class",
                       "anomaly_score"]

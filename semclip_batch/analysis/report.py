@@ -6,16 +6,23 @@ defect rate per wafer and overlays of the lot's top-N most anomalous ok frames. 
 ``lot-<lot_id>.files/``. Everything is written through :func:`storage.write_bytes`, so OUT may be any fsspec URL.
 
 One lot at a time: its Parquet files (found by listing the lot's exact folder, never a glob) are scanned by
-DuckDB, which returns counts per (wafer, die, category) and the top-N rows only; masks are read for those.
+DuckDB, which returns counts per (wafer, die, category) and the top-N rows only; masks are read for those. With
+:data:`PARALLEL_FROM_LOTS` lots or more, lot pages are written by a pool of worker processes (one per CPU, at most
+:data:`MAX_WORKERS`; drawing a lot's charts is CPU-bound Python, ~1 s a lot here), each with its own DuckDB
+connection and its own handle on the masks and the plan's TIFF pages; the index is written last, by this process.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import posixpath
 import re
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +36,7 @@ import zarr
 from semclip_batch.analysis import report_html as pages
 from semclip_batch.analysis.charts import ERROR, Palette, overlay_png, pareto_png, rate_png, wafer_map_png
 from semclip_batch.analysis.excursions import out_of_control
-from semclip_batch.config import DEFAULT_PIXEL_THRESHOLD, DEFAULT_REPORT_TOP_N, Progress
+from semclip_batch.config import DEFAULT_PIXEL_THRESHOLD, DEFAULT_REPORT_TOP_N, NORMAL, Progress
 from semclip_batch.errors import ConfigError, ImageError, OutputError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame
@@ -37,11 +44,12 @@ from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.masks import mask_array, open_masks
 from semclip_batch.io.plan import read_plan_columns
 from semclip_batch.io.runrecord import read_latest
-from semclip_batch.methods.prompts import NORMAL
 
 log = logging.getLogger(__name__)
 MAX_TOP_N = 500
 LOT_FOLDER = "lot_id="
+PARALLEL_FROM_LOTS = 8  # fewer lots are drawn in this process: starting a worker costs ~2.5 s of imports
+MAX_WORKERS = 8
 
 # Frames per (wafer, die, category): the category is the defect class of a flagged ok row, the normal class
 # for an ok row not flagged, ERROR for any other status.
@@ -123,14 +131,18 @@ class Lot:
 
 
 def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options: Mapping[str, Any] | None = None,
-                 progress: Progress | None = None) -> str:
+                 progress: Progress | None = None, workers: int | None = None) -> str:
     """Write ``OUT/reports/`` anew (index last) and return the URL of ``index.html``; ``progress`` is called
-    with (1, lots) after each lot page.
+    with (1, lots) after each lot page. ``workers``: processes drawing lot pages (None: one per CPU, at most
+    :data:`MAX_WORKERS`; 1: all in this process).
 
-    Raises :class:`OutputError` when OUT has no predictions, :class:`ConfigError` for a bad ``top_n``.
+    Raises :class:`OutputError` when OUT has no predictions, :class:`ConfigError` for a bad ``top_n`` or
+    ``workers``.
     """
     if not 0 <= top_n <= MAX_TOP_N:
         raise ConfigError(f"--top-n must be between 0 and {MAX_TOP_N}, got {top_n}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
     so = dict(storage_options or {})
     layout = OutLayout(storage.normalize_root(out))
     lots = sorted((n[len(LOT_FOLDER):] for n in storage.list_names(layout.predictions, so) if n.startswith(LOT_FOLDER)),
@@ -141,22 +153,83 @@ def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options
     classes = [str(c) for c in (record or {}).get("classes") or []]
     frames = FrameSource(layout, so, frame_base(record, so), _defect_level(record))
     storage.remove(layout.reports, so)
-    rows = []
-    con = duckdb.connect()
-    try:
-        for lot_id in lots:
-            lot = read_lot(con, layout, lot_id, top_n, so)
-            if lot is not None:
-                rows.append(_write_lot(layout, lot, _palette(classes, lot), frames, so))
-            if progress is not None:
-                progress(1, len(lots))
-    finally:
-        con.close()
+    job = LotJob(layout=layout, top_n=top_n, classes=tuple(classes), frames=frames, so=so)
+    n_workers = min(workers or os.cpu_count() or 1, MAX_WORKERS, len(lots))
+    if n_workers > 1 and len(lots) >= PARALLEL_FROM_LOTS:
+        rows = _pages_in_workers(job, lots, n_workers, progress)
+    else:
+        rows = _pages_here(job, lots, progress)
     flagged = out_of_control(layout, so)
     rows.sort(key=lambda r: r.lot_id not in flagged)  # lots with excursions first, otherwise in lot order
     index = storage.join(layout.reports, "index.html")
     storage.write_bytes(index, pages.index_page(record, rows, _by_status(rows), flagged), so)
     return index
+
+
+@dataclass(frozen=True)
+class LotJob:
+    """What drawing any lot's page needs (picklable: a worker process gets it once)."""
+
+    layout: OutLayout
+    top_n: int
+    classes: tuple[str, ...]
+    frames: FrameSource
+    so: Mapping[str, Any]
+
+    def page(self, con: duckdb.DuckDBPyConnection, lot_id: str) -> pages.LotRow | None:
+        """Write one lot's page and pictures; its line of the index, or None for a lot folder without files."""
+        lot = read_lot(con, self.layout, lot_id, self.top_n, self.so)
+        if lot is None:
+            return None
+        return _write_lot(self.layout, lot, _palette(list(self.classes), lot), self.frames, self.so)
+
+
+def _pages_here(job: LotJob, lots: list[str], progress: Progress | None) -> list[pages.LotRow]:
+    rows = []
+    con = duckdb.connect()
+    try:
+        for lot_id in lots:
+            row = job.page(con, lot_id)
+            if row is not None:
+                rows.append(row)
+            if progress is not None:
+                progress(1, len(lots))
+    finally:
+        con.close()
+    return rows
+
+
+def _pages_in_workers(job: LotJob, lots: list[str], workers: int, progress: Progress | None) -> list[pages.LotRow]:
+    """The lot pages drawn by ``workers`` processes (spawned: this process may hold threads that a fork would
+    copy mid-work), the index lines in lot order. An error in a lot's page is raised here as it would be in
+    this process."""
+    done: dict[int, pages.LotRow | None] = {}
+    context = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job,)) as pool:
+            futures = {pool.submit(_worker_page, lot_id): i for i, lot_id in enumerate(lots)}
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                if progress is not None:
+                    progress(1, len(lots))
+    except BrokenProcessPool as exc:
+        raise OutputError(f"a report worker process died ({one_line(exc)}); rerun with --workers 1 to draw the "
+                          "pages in one process") from None
+    return [row for _, row in sorted(done.items()) if row is not None]
+
+
+_WORKER: tuple[LotJob, duckdb.DuckDBPyConnection] | None = None  # a worker process's job and DuckDB connection
+
+
+def _start_worker(job: LotJob) -> None:
+    global _WORKER
+    _WORKER = (job, duckdb.connect())
+
+
+def _worker_page(lot_id: str) -> pages.LotRow | None:
+    assert _WORKER is not None, "not a report worker"
+    job, con = _WORKER
+    return job.page(con, lot_id)
 
 
 def read_lot(con: duckdb.DuckDBPyConnection, layout: OutLayout, lot_id: str, top_n: int,

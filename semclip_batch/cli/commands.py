@@ -155,9 +155,11 @@ def aggregate(out: str, storage_option: tuple[str, ...], report: bool) -> None:
 @click.argument("out")
 @click.option("--top-n", default=DEFAULT_REPORT_TOP_N, show_default=True, type=int,
               help="Overlay thumbnails per lot: the lot's most anomalous ok frames.")
+@click.option("--workers", type=int, default=None,
+              help="Processes drawing lot pages, from 8 lots on [default: one per CPU, at most 8; 1: one process].")
 @storage_option_flag
 @user_errors
-def report(out: str, top_n: int, storage_option: tuple[str, ...]) -> None:
+def report(out: str, top_n: int, workers: int | None, storage_option: tuple[str, ...]) -> None:
     """Write static lot reports (HTML + PNG) to OUT/reports/ and print the path of its index.html.
 
     index.html: the latest run's summary, rows by status with an example error each, the lots. One page per lot:
@@ -171,7 +173,8 @@ def report(out: str, top_n: int, storage_option: tuple[str, ...]) -> None:
     from semclip_batch.analysis.report import write_report
 
     with row_progress("report", "lot", plain=False) as progress:
-        index = write_report(out, top_n=top_n, storage_options=parse_storage_options(storage_option), progress=progress)
+        index = write_report(out, top_n=top_n, storage_options=parse_storage_options(storage_option), progress=progress,
+                             workers=workers)
     click.echo(index)
 
 

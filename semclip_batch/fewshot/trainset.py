@@ -15,13 +15,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from semclip_batch.config import PreprocessConfig
+from semclip_batch.config import NORMAL, PreprocessConfig
 from semclip_batch.errors import DECODE_ERROR, ConfigError, ImageError
 from semclip_batch.io.cell_reference import cell_reference
 from semclip_batch.io.frames import load_frame, load_reference
 from semclip_batch.io.preprocess import frame_tiles, grey_views, mask_view, resize, stretch
 from semclip_batch.io.schema import missing
-from semclip_batch.methods.prompts import NORMAL
 
 log = logging.getLogger(__name__)
 IGNORE = -100

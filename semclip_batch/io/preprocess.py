@@ -23,11 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from semclip_batch.config import PreprocessConfig
+from semclip_batch.io.levels import stretch
 
-# Percentiles come from a regular subsample of at most this many pixels: a 1024 x 1024 frame's 0.5 / 99.5 %
-# levels move by well under one 12-bit grey level, and np.percentile's selection over all 1 M pixels took 11 of
-# the 17 ms its preprocessing cost on one core (benchmarks/pipeline.py --decode).
-_STATS_SAMPLES = 1 << 18
 MAX_TILES = 63  # so that a frame is at most 1 + 63 = 64 model views
 VIEW_LEVELS = 65535  # grey levels of a packed view (uint16)
 FRAME_LEVELS = 255  # grey levels of a packed frame (uint8), shipped for the defect view
@@ -50,30 +47,6 @@ class Tile:
         if self.height != self.width:
             raise ValueError(f"tile {self.height}x{self.width} is not square")
         return self.height
-
-
-def stretch(gray: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Per-image percentile stretch to [0, 1]. ``(H, W)`` -> ``(H, W)`` float32."""
-    sample = _stats_sample(gray)
-    lo, hi = (np.float32(v) for v in np.percentile(sample, [low, high]))
-    if hi - lo <= 1e-12:
-        return np.zeros_like(gray, dtype=np.float32)
-    out = np.subtract(gray, lo, dtype=np.float32)  # float32 throughout: one pass, no float64 copy
-    out /= hi - lo
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def _stats_sample(gray: np.ndarray) -> np.ndarray:
-    """At most :data:`_STATS_SAMPLES` pixels of ``gray`` taken every ``step`` pixels in raster order, ``step``
-    coprime with the width: each row then starts at another phase, so a layout whose period divides the step
-    (line/space every 4 or 16 px) is not sampled at one phase only."""
-    flat = gray.ravel()
-    if flat.size <= _STATS_SAMPLES:
-        return flat
-    step = math.ceil(flat.size / _STATS_SAMPLES)
-    while math.gcd(step, gray.shape[-1]) != 1:
-        step += 1
-    return flat[::step]
 
 
 def tile_grid(height: int, width: int, tile_above: int, overlap: float = 0.25) -> list[Tile]:

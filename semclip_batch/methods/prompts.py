@@ -11,12 +11,11 @@ from typing import Any
 import numpy as np
 import open_clip
 
+from semclip_batch.config import NORMAL
 from semclip_batch.errors import ConfigError
 from semclip_batch.io import storage
 from semclip_batch.methods.weights import LoadedBackbone
 from semclip_batch.model.text import class_embeddings
-
-NORMAL = "normal"
 
 
 @dataclass(frozen=True)
