@@ -21,6 +21,7 @@ LossProgress = Callable[[int, int, float], None]
 
 DEFAULT_BACKBONE = "ViT-B-16-plus-240"
 NORMAL = "normal"  # the class of defect-free frames, always class 0 of a prompt file
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # log lines of the CLI (and of its report workers)
 DEFAULT_IMAGE_THRESHOLD = 0.95
 DEFAULT_PIXEL_THRESHOLD = 0.95
 DEFAULT_MIN_REGION_PX = 16

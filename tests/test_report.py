@@ -236,6 +236,26 @@ def test_lot_pages_drawn_by_worker_processes_equal_those_drawn_here(report, tmp_
     assert (copy / "reports" / "index.html").exists()  # refused before anything was removed
 
 
+def test_a_lot_that_fails_in_a_worker_fails_the_report_as_in_one_process(report, tmp_path, monkeypatch):
+    """A lot whose Parquet file is not Parquet: the same exception, type and message, from a worker as from this
+    process, and the CLI's one line."""
+    import semclip_batch.analysis.report as report_module
+
+    copy = tmp_path / "out"
+    shutil.copytree(report[0], copy, ignore=shutil.ignore_patterns("reports"))
+    lot_folder = sorted((copy / "predictions").iterdir())[1]
+    next(lot_folder.glob("*.parquet")).write_bytes(b"not a parquet file")
+    monkeypatch.setattr(report_module, "PARALLEL_FROM_LOTS", 2)
+    raised = []
+    for workers in (1, 2):
+        with pytest.raises(Exception) as info:
+            write_report(str(copy), top_n=TOP_N, workers=workers)
+        raised.append((type(info.value), str(info.value)))
+    assert raised[0] == raised[1], raised
+    res = CliRunner().invoke(main, ["report", str(copy), "--workers", "2"])
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and res.output.count("\n") == 1, res.output
+
+
 def test_index_summarises_the_run_and_escapes_error_messages(report):
     out, by_lot, _ = report
     text = (out / "reports" / "index.html").read_text(encoding="utf-8")

@@ -5,11 +5,12 @@ the lots; ``lot-<lot_id>.html`` per lot holds a wafer map per wafer, the Pareto 
 defect rate per wafer and overlays of the lot's top-N most anomalous ok frames. A lot's pictures live in
 ``lot-<lot_id>.files/``. Everything is written through :func:`storage.write_bytes`, so OUT may be any fsspec URL.
 
-One lot at a time: its Parquet files (found by listing the lot's exact folder, never a glob) are scanned by
-DuckDB, which returns counts per (wafer, die, category) and the top-N rows only; masks are read for those. With
-:data:`PARALLEL_FROM_LOTS` lots or more, lot pages are written by a pool of worker processes (one per CPU, at most
-:data:`MAX_WORKERS`; drawing a lot's charts is CPU-bound Python, ~1 s a lot here), each with its own DuckDB
-connection and its own handle on the masks and the plan's TIFF pages; the index is written last, by this process.
+Per lot, its Parquet files (found by listing the lot's exact folder, never a glob) are scanned by DuckDB, which
+returns counts per (wafer, die, category) and the top-N rows only; masks are read for those. Lots are drawn one at
+a time in this process, or, when the caller asks for workers (``report`` does: one per CPU this process may use,
+at most :data:`MAX_WORKERS`) and there are :data:`PARALLEL_FROM_LOTS` lots or more, by a pool of spawned worker
+processes (drawing a lot's charts is CPU-bound Python, ~1 s a lot here), each with its own DuckDB connection and
+its own handle on the masks and the plan's TIFF pages; the index is written last, by this process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import multiprocessing
 import os
 import posixpath
 import re
+import sys
 from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -36,7 +38,7 @@ import zarr
 from semclip_batch.analysis import report_html as pages
 from semclip_batch.analysis.charts import ERROR, Palette, overlay_png, pareto_png, rate_png, wafer_map_png
 from semclip_batch.analysis.excursions import out_of_control
-from semclip_batch.config import DEFAULT_PIXEL_THRESHOLD, DEFAULT_REPORT_TOP_N, NORMAL, Progress
+from semclip_batch.config import DEFAULT_PIXEL_THRESHOLD, DEFAULT_REPORT_TOP_N, LOG_FORMAT, NORMAL, Progress
 from semclip_batch.errors import ConfigError, ImageError, OutputError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame
@@ -131,10 +133,12 @@ class Lot:
 
 
 def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options: Mapping[str, Any] | None = None,
-                 progress: Progress | None = None, workers: int | None = None) -> str:
+                 progress: Progress | None = None, workers: int | None = 1) -> str:
     """Write ``OUT/reports/`` anew (index last) and return the URL of ``index.html``; ``progress`` is called
-    with (1, lots) after each lot page. ``workers``: processes drawing lot pages (None: one per CPU, at most
-    :data:`MAX_WORKERS`; 1: all in this process).
+    with (1, lots) after each lot page. ``workers``: processes drawing lot pages (1, the default: all in this
+    process; None: one per CPU this process may use; at most :data:`MAX_WORKERS` and the number of lots). Spawned
+    workers import the caller's main module: a script that asks for them needs an ``if __name__ == "__main__"``
+    guard.
 
     Raises :class:`OutputError` when OUT has no predictions, :class:`ConfigError` for a bad ``top_n`` or
     ``workers``.
@@ -154,7 +158,7 @@ def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options
     frames = FrameSource(layout, so, frame_base(record, so), _defect_level(record))
     storage.remove(layout.reports, so)
     job = LotJob(layout=layout, top_n=top_n, classes=tuple(classes), frames=frames, so=so)
-    n_workers = min(workers or os.cpu_count() or 1, MAX_WORKERS, len(lots))
+    n_workers = min(workers or usable_cpus(), MAX_WORKERS, len(lots))
     if n_workers > 1 and len(lots) >= PARALLEL_FROM_LOTS:
         rows = _pages_in_workers(job, lots, n_workers, progress)
     else:
@@ -199,30 +203,45 @@ def _pages_here(job: LotJob, lots: list[str], progress: Progress | None) -> list
     return rows
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which container runtimes set; else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _pages_in_workers(job: LotJob, lots: list[str], workers: int, progress: Progress | None) -> list[pages.LotRow]:
     """The lot pages drawn by ``workers`` processes (spawned: this process may hold threads that a fork would
     copy mid-work), the index lines in lot order. An error in a lot's page is raised here as it would be in
-    this process."""
+    this process, and the lots not yet started are cancelled; workers log at this process's level, in the
+    CLI's format."""
     done: dict[int, pages.LotRow | None] = {}
     context = multiprocessing.get_context("spawn")
     try:
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                 initargs=(job, logging.getLogger().getEffectiveLevel())) as pool:
             futures = {pool.submit(_worker_page, lot_id): i for i, lot_id in enumerate(lots)}
-            for future in as_completed(futures):
-                done[futures[future]] = future.result()
-                if progress is not None:
-                    progress(1, len(lots))
+            try:
+                for future in as_completed(futures):
+                    done[futures[future]] = future.result()
+                    if progress is not None:
+                        progress(1, len(lots))
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     except BrokenProcessPool as exc:
-        raise OutputError(f"a report worker process died ({one_line(exc)}); rerun with --workers 1 to draw the "
-                          "pages in one process") from None
+        raise OutputError(f"a report worker process failed or died ({one_line(exc)}); `report --workers 1` draws "
+                          "the pages in one process and shows why") from exc
     return [row for _, row in sorted(done.items()) if row is not None]
 
 
 _WORKER: tuple[LotJob, duckdb.DuckDBPyConnection] | None = None  # a worker process's job and DuckDB connection
 
 
-def _start_worker(job: LotJob) -> None:
+def _start_worker(job: LotJob, level: int) -> None:
     global _WORKER
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
     _WORKER = (job, duckdb.connect())
 
 

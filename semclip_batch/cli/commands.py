@@ -33,6 +33,7 @@ from semclip_batch.config import (
     DEFAULT_REFERENCE_WEIGHT,
     DEFAULT_REPORT_TOP_N,
     DEFAULT_STALE_AFTER_S,
+    LOG_FORMAT,
     REFERENCE_FUSIONS,
     SCORE_MODES,
     ModelSpec,
@@ -53,7 +54,7 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     split_stderr()  # first: Python's output keeps the terminal when a private Ray moves native lines to its log
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
 
 
 @main.command()
@@ -156,7 +157,8 @@ def aggregate(out: str, storage_option: tuple[str, ...], report: bool) -> None:
 @click.option("--top-n", default=DEFAULT_REPORT_TOP_N, show_default=True, type=int,
               help="Overlay thumbnails per lot: the lot's most anomalous ok frames.")
 @click.option("--workers", type=int, default=None,
-              help="Processes drawing lot pages, from 8 lots on [default: one per CPU, at most 8; 1: one process].")
+              help="Processes drawing lot pages, from 8 lots on [default: one per CPU this process may use, at most 8 "
+                   "and the number of lots; 1: one process].")
 @storage_option_flag
 @user_errors
 def report(out: str, top_n: int, workers: int | None, storage_option: tuple[str, ...]) -> None:

@@ -77,7 +77,8 @@ def write_report_line(out: str, storage_option: tuple[str, ...]) -> None:
     from semclip_batch.cli.progress import row_progress
 
     with row_progress("report", "lot", plain=False) as progress:
-        index = write_report(out, storage_options=parse_storage_options(storage_option), progress=progress)
+        index = write_report(out, storage_options=parse_storage_options(storage_option), progress=progress,
+                             workers=None)
     click.echo(f"report: {index}")
 
 
