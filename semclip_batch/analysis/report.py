@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 MAX_TOP_N = 500
 LOT_FOLDER = "lot_id="
 PARALLEL_FROM_LOTS = 8  # fewer lots are drawn in this process: starting a worker costs ~2.5 s of imports
-MAX_WORKERS = 8
+MAX_WORKERS = 8  # the default's cap: each worker holds matplotlib, DuckDB and a lot's pictures (~200 MB)
 
 # Frames per (wafer, die, category): the category is the defect class of a flagged ok row, the normal class
 # for an ok row not flagged, ERROR for any other status.
@@ -136,7 +136,7 @@ def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options
                  progress: Progress | None = None, workers: int | None = 1) -> str:
     """Write ``OUT/reports/`` anew (index last) and return the URL of ``index.html``; ``progress`` is called
     with (1, lots) after each lot page. ``workers``: processes drawing lot pages (1, the default: all in this
-    process; None: one per CPU this process may use; at most :data:`MAX_WORKERS` and the number of lots). Spawned
+    process; None: one per CPU this process may use, at most :data:`MAX_WORKERS`; never more than lots). Spawned
     workers import the caller's main module: a script that asks for them needs an ``if __name__ == "__main__"``
     guard.
 
@@ -158,7 +158,7 @@ def write_report(out: str, *, top_n: int = DEFAULT_REPORT_TOP_N, storage_options
     frames = FrameSource(layout, so, frame_base(record, so), _defect_level(record))
     storage.remove(layout.reports, so)
     job = LotJob(layout=layout, top_n=top_n, classes=tuple(classes), frames=frames, so=so)
-    n_workers = min(workers or usable_cpus(), MAX_WORKERS, len(lots))
+    n_workers = min(workers or min(usable_cpus(), MAX_WORKERS), len(lots))
     if n_workers > 1 and len(lots) >= PARALLEL_FROM_LOTS:
         rows = _pages_in_workers(job, lots, n_workers, progress)
     else:

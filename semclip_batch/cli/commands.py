@@ -157,8 +157,8 @@ def aggregate(out: str, storage_option: tuple[str, ...], report: bool) -> None:
 @click.option("--top-n", default=DEFAULT_REPORT_TOP_N, show_default=True, type=int,
               help="Overlay thumbnails per lot: the lot's most anomalous ok frames.")
 @click.option("--workers", type=int, default=None,
-              help="Processes drawing lot pages, from 8 lots on [default: one per CPU this process may use, at most 8 "
-                   "and the number of lots; 1: one process].")
+              help="Processes drawing lot pages, from 8 lots on, never more than lots [default: one per CPU this "
+                   "process may use, at most 8; 1: one process].")
 @storage_option_flag
 @user_errors
 def report(out: str, top_n: int, workers: int | None, storage_option: tuple[str, ...]) -> None:
