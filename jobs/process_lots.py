@@ -47,9 +47,10 @@ def main(do_aggregate: bool, report: bool, **options: Any) -> None:
     import logging
 
     from semclip_batch.analysis.aggregate import aggregate
+    from semclip_batch.config import LOG_FORMAT
     from semclip_batch.pipeline.driver import run
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if options["address"] is None and "RAY_ADDRESS" not in os.environ:
         click.echo("note: RAY_ADDRESS is not set (not inside `ray job submit`?); starting a private local Ray", err=True)
     result = run(run_config(**options))
