@@ -41,6 +41,8 @@ DEFAULT_PRETRAIN_BATCH = 32
 DEFAULT_PRETRAIN_LR = 1e-3
 DEFAULT_KEEP_TOKENS = 0.25
 DEFAULT_PRETRAIN_CROPS = 2  # per frame larger than the model input: at native resolution and at half of it
+# pretrain's wall-clock budget: a slower machine runs fewer of the steps rather than overrunning (0: no limit)
+DEFAULT_PRETRAIN_MINUTES = 10.0
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_MODES = ("mean", "max")
 

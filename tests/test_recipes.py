@@ -4,6 +4,7 @@ pretraining that learns on new data (crops at native resolution, area-balanced d
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from semclip_batch.fewshot.pretrain import (
     PretrainConfig,
     area_buckets,
     balanced_weights,
+    budgeted_steps,
     heldout_split,
     pretrain,
 )
@@ -222,6 +224,32 @@ def test_pretrain_reports_a_heldout_check(tmp_path):
     res = pretrain(PretrainConfig(manifest=str(tmp_path / "d" / "manifest.csv"), out=str(tmp_path / "w2.safetensors"),
                                   steps=2, batch_size=2, model=ModelSpec(backbone="semclip-tiny")))
     assert res.sha256 and set(res.before) == set(res.after)
+
+
+def test_budgeted_steps():
+    assert budgeted_steps(1500, 20, 0.3, 600.0) == 1500  # 1,480 more at 0.3 s fit in 600 s
+    assert budgeted_steps(1500, 20, 0.5, 600.0) == 1220  # 1,200 more fit
+    assert budgeted_steps(1500, 20, 0.5, -5.0) == 20  # the budget is spent: no more, never fewer than done
+
+
+def test_pretrain_shortens_its_schedule_to_the_time_budget(synth_lot, tmp_path, monkeypatch, caplog):
+    """A budget that leaves no time after the timed steps stops there and records the steps run and planned;
+    a budget with room to spare changes nothing (the same weights as without one)."""
+    import semclip_batch.fewshot.pretrain as module
+
+    monkeypatch.setattr(module, "CALIBRATION_STEPS", 3)
+    cfg = PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(tmp_path / "cut.safetensors"), steps=12,
+                         batch_size=2, max_minutes=0.001, model=ModelSpec(backbone="semclip-tiny"))
+    cut = pretrain(cfg)
+    assert cut.steps == 3 and "leaves time for 3 of the 12 steps" in caplog.text
+    with safe_open(cfg.out, "pt") as f:
+        meta = f.metadata()
+    assert (meta["steps"], meta["planned_steps"], meta["max_minutes"]) == ("3", "12", "0.001")
+    free = pretrain(replace(cfg, out=str(tmp_path / "free.safetensors"), steps=5, max_minutes=0.0))
+    roomy = pretrain(replace(cfg, out=str(tmp_path / "roomy.safetensors"), steps=5, max_minutes=60.0))
+    assert free.steps == roomy.steps == 5 and free.sha256 == roomy.sha256 != cut.sha256
+    with pytest.raises(ConfigError, match="--max-minutes must be >= 0"):
+        replace(cfg, max_minutes=-1.0)
 
 
 def test_layers_of_the_last_epoch_when_validation_frames_hold_no_defect_pixel(tmp_path):

@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import open_clip
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 from torch import nn
+from torch.optim.lr_scheduler import OneCycleLR
 
 from semclip_batch.analysis.metrics import roc_auc
 from semclip_batch.config import (
@@ -44,6 +45,7 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_BATCH,
     DEFAULT_PRETRAIN_CROPS,
     DEFAULT_PRETRAIN_LR,
+    DEFAULT_PRETRAIN_MINUTES,
     DEFAULT_PRETRAIN_STEPS,
     LossProgress,
     ModelSpec,
@@ -78,6 +80,7 @@ class PretrainConfig:
     crops: int = DEFAULT_PRETRAIN_CROPS
     warmup: float = 0.1
     heldout: float = 0.1
+    max_minutes: float = DEFAULT_PRETRAIN_MINUTES  # wall-clock budget, loading included; 0: none
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -88,6 +91,8 @@ class PretrainConfig:
             raise ConfigError(f"--crops must be >= 0, got {self.crops}")
         if not 0.0 < self.warmup < 1.0 or not 0.0 <= self.heldout < 0.5:
             raise ConfigError("--warmup must be in (0, 1) and --heldout in [0, 0.5)")
+        if not self.max_minutes >= 0.0:
+            raise ConfigError(f"--max-minutes must be >= 0 (0: no limit), got {self.max_minutes}")
 
     def recipe(self) -> dict[str, str]:
         """The settings that shape the weights, as stored in the weights file's metadata."""
@@ -105,6 +110,7 @@ class Pretrained:
     before: dict[str, float | None]
     after: dict[str, float | None]
     seconds: float
+    steps: int  # run: the planned ones unless --max-minutes cut the schedule short
 
 
 def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -186,6 +192,16 @@ def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Te
     return loss
 
 
+CALIBRATION_STEPS = 20  # steps timed before a --max-minutes budget sizes the rest of the schedule
+BUDGET_MARGIN_S = 10.0  # of the budget kept for saving the weights and the step time's drift
+
+
+def budgeted_steps(planned: int, done: int, per_step: float, seconds_left: float) -> int:
+    """The steps a budget allows: all ``planned`` ones if the rest fit in ``seconds_left`` at ``per_step``
+    seconds each, else ``done`` plus as many as do (never fewer than ``done``)."""
+    return min(planned, done + max(0, int(seconds_left / per_step)))
+
+
 def area_buckets(data: TrainSet) -> torch.Tensor:
     """Per row: ``class * 4 + bucket`` of the defect's share of the view (< 0.2 %, < 1 %, < 5 %, more)."""
     area = data.masks.float().mean(dim=(1, 2))
@@ -259,7 +275,10 @@ def heldout_figures(clip: nn.Module, data: TrainSet, rows: torch.Tensor, text: t
 def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
              metadata: Mapping[str, str] | None = None) -> Pretrained:
     """Train and write the weights file (safetensors, backbone, canonical sha256, recipe and held-out figures
-    in its metadata)."""
+    in its metadata). With ``max_minutes``, the schedule is shortened when the steps would not fit: the first
+    :data:`CALIBRATION_STEPS` are timed and the rest of the one-cycle schedule is laid over the steps that fit
+    in what is left of the budget, the final held-out check and saving included."""
+    started = time.perf_counter()
     torch.manual_seed(cfg.model.seed)
     prompts: PromptSet = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
@@ -289,13 +308,17 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
         clip.train()
         return out
 
+    t_check = time.perf_counter()
     before = figures()
+    check_s = time.perf_counter() - t_check  # the final check takes as long
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.warmup)
+    sched = OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.warmup)
     gen = torch.Generator().manual_seed(cfg.model.seed)
     t0 = time.perf_counter()
     draw = min(cfg.batch_size, len(train_rows))
-    for step in range(1, cfg.steps + 1):
+    steps, step = cfg.steps, 0
+    while step < steps:
+        step += 1
         idx = train_rows[torch.multinomial(weights, draw, replacement=False, generator=gen)]
         pick = prompt_sample(owner, cfg.prompts_per_step, gen)
         text = class_text(clip, tokens[pick], owner[pick], len(prompts.classes))
@@ -304,16 +327,27 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
         loss.backward()
         opt.step()
         sched.step()
-        if progress is not None and (step % 25 == 0 or step == cfg.steps):
-            progress(step, cfg.steps, float(loss.detach()))
+        if cfg.max_minutes and step == CALIBRATION_STEPS < steps:
+            now = time.perf_counter()
+            left = cfg.max_minutes * 60.0 - (now - started) - check_s - BUDGET_MARGIN_S
+            fitted = budgeted_steps(steps, step, (now - t0) / step, left)
+            if fitted < steps:
+                log.warning("pretrain: --max-minutes %g leaves time for %d of the %d steps (%.2f s a step here); "
+                            "the schedule is shortened to fit (--max-minutes 0: no limit)",
+                            cfg.max_minutes, fitted, steps, (now - t0) / step)
+                steps = fitted
+                sched = OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=cfg.warmup, last_epoch=step - 1)
+        if progress is not None and (step % 25 == 0 or step == steps):
+            progress(step, steps, float(loss.detach()))
     after = figures()
     seconds = time.perf_counter() - t0
     log.info("pretrained %s for %d steps in %.0f s on %d views of %d frames (%d skipped, %d held out)",
-             cfg.model.backbone, cfg.steps, seconds, len(train_rows), len(df) - data.skipped, data.skipped,
+             cfg.model.backbone, steps, seconds, len(train_rows), len(df) - data.skipped, data.skipped,
              len(held.whole))
-    meta = {**cfg.recipe(), **(metadata or {}), "heldout_check": json.dumps({"before": before, "after": after})}
+    meta = {**replace(cfg, steps=steps).recipe(), "planned_steps": str(cfg.steps), "max_minutes": str(cfg.max_minutes),
+            **(metadata or {}), "heldout_check": json.dumps({"before": before, "after": after})}
     digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
-    return Pretrained(digest, before, after, seconds)
+    return Pretrained(digest, before, after, seconds, steps)
 
 
 def heldout_table(result: Pretrained) -> list[str]:
