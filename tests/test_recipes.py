@@ -23,6 +23,7 @@ from semclip_batch.fewshot.pretrain import (
     budgeted_steps,
     heldout_split,
     pretrain,
+    text_separation,
 )
 from semclip_batch.fewshot.recipes import RECIPES, get_recipe
 from semclip_batch.fewshot.train import TrainConfig, train
@@ -213,6 +214,7 @@ def test_pretrain_reports_a_heldout_check(tmp_path):
     assert meta["crops"] == "2" and meta["steps"] == "4"
     heldout = json.loads(meta["heldout_check"])
     assert set(heldout) == {"before", "after"} and "accuracy" in heldout["after"]
+    assert "class-text cosine (mean)" in result.output and 0.5 < heldout["before"]["text_cosine"] < 1.0  # random: alike
     # the 2 held-out frames' crops are measured too (a class without a patch among them reads None)
     assert "patch AUROC particle (crops)" in result.output
     crops = {k for k in heldout["after"] if k.startswith("crop_patch_AUROC/")}
@@ -232,6 +234,20 @@ def test_budgeted_steps():
     assert budgeted_steps(1500, 20, 0.5, -5.0) == 20  # the budget is spent: no more, never fewer than done
 
 
+def test_text_separation_is_zero_for_orthogonal_classes_and_one_for_identical_ones(synth_lot, tmp_path):
+    assert float(text_separation(torch.eye(3, 8))) == 0.0
+    assert float(text_separation(torch.nn.functional.normalize(torch.ones(3, 8), dim=-1))) == pytest.approx(1.0)
+    # the weights file records the term when it is on (off, nothing is recorded: the budget test below)
+    cfg = PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(tmp_path / "sep.safetensors"), steps=6,
+                         batch_size=2, separation=1.0, model=ModelSpec(backbone="semclip-tiny"))
+    pretrain(cfg)
+    with safe_open(cfg.out, "pt") as f:
+        assert f.metadata()["text_separation"] == "1.0"
+    res = CliRunner().invoke(main, ["pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "x"),
+                                    "--text-separation", "-1"])
+    assert res.exit_code != 0 and "--text-separation must be >= 0" in res.output and "Traceback" not in res.output
+
+
 def test_pretrain_shortens_its_schedule_to_the_time_budget(synth_lot, tmp_path, monkeypatch, caplog):
     """A budget that leaves no time after the timed steps stops there and records the steps run and planned;
     a budget with room to spare changes nothing (the same weights as without one)."""
@@ -242,9 +258,11 @@ def test_pretrain_shortens_its_schedule_to_the_time_budget(synth_lot, tmp_path, 
                          batch_size=2, max_minutes=0.001, model=ModelSpec(backbone="semclip-tiny"))
     cut = pretrain(cfg)
     assert cut.steps == 3 and "leaves time for 3 of the 12 steps" in caplog.text
+    assert "text embeddings are still alike" in caplog.text  # 3 steps from random weights: the hint is given
     with safe_open(cfg.out, "pt") as f:
         meta = f.metadata()
     assert (meta["steps"], meta["planned_steps"], meta["max_minutes"]) == ("3", "12", "0.001")
+    assert "text_separation" not in meta  # off unless asked
     free = pretrain(replace(cfg, out=str(tmp_path / "free.safetensors"), steps=5, max_minutes=0.0))
     roomy = pretrain(replace(cfg, out=str(tmp_path / "roomy.safetensors"), steps=5, max_minutes=60.0))
     assert free.steps == roomy.steps == 5 and free.sha256 == roomy.sha256 != cut.sha256

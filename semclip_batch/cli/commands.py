@@ -414,13 +414,18 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
 @click.option("--crops", default=DEFAULT_PRETRAIN_CROPS, show_default=True, type=int,
               help="Crops per frame larger than the model input (native resolution, then half), around a defect: "
                    "small defects of large frames seen at their size. 0: whole frames only.")
+@click.option("--text-separation", default=0.0, show_default=True, type=float,
+              help="Weight of a term pushing the classes' text embeddings apart (mean squared cosine between "
+                   "classes): for archives whose loss sits near chance (a held-out check near 0.5), where a "
+                   "randomly initialised text tower embeds every class alike. 0: off.")
 @click.option("--keep-tokens", default=DEFAULT_KEEP_TOKENS, show_default=True, type=float,
               help="Fraction of each image's patch tokens a step runs (token dropping; patches touching a defect "
                    "go first, the rest at random). 1 runs every patch.")
 @user_errors
 def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
              seed: int, prompts: str | None, storage_option: tuple[str, ...],
-             steps: int, max_minutes: float, batch_size: int, lr: float, crops: int, keep_tokens: float) -> None:
+             steps: int, max_minutes: float, batch_size: int, lr: float, crops: int, text_separation: float,
+             keep_tokens: float) -> None:
     """Adapt a backbone to SEM images (dense patch-text alignment) and write its weights to --out.
 
     Text comes from the prompt file per `label` (or a `caption` column). Prints the canonical sha256 last.
@@ -433,7 +438,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     from semclip_batch.fewshot.pretrain import pretrain as run_pretrain
 
     cfg = PretrainConfig(manifest=manifest, out=out, steps=steps, batch_size=batch_size, lr=lr, keep=keep_tokens, crops=crops,
-                         max_minutes=max_minutes,
+                         max_minutes=max_minutes, separation=text_separation,
                          model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
                                          pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts,
                                          storage_options=parse_storage_options(storage_option)))

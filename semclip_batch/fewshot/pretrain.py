@@ -81,6 +81,7 @@ class PretrainConfig:
     warmup: float = 0.1
     heldout: float = 0.1
     max_minutes: float = DEFAULT_PRETRAIN_MINUTES  # wall-clock budget, loading included; 0: none
+    separation: float = 0.0  # weight of the class-text separation term (text_separation)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -91,6 +92,8 @@ class PretrainConfig:
             raise ConfigError(f"--crops must be >= 0, got {self.crops}")
         if not 0.0 < self.warmup < 1.0 or not 0.0 <= self.heldout < 0.5:
             raise ConfigError("--warmup must be in (0, 1) and --heldout in [0, 0.5)")
+        if not self.separation >= 0.0:
+            raise ConfigError(f"--text-separation must be >= 0 (0: off), got {self.separation}")
         if not self.max_minutes >= 0.0:
             raise ConfigError(f"--max-minutes must be >= 0 (0: no limit), got {self.max_minutes}")
 
@@ -104,7 +107,7 @@ class PretrainConfig:
 class Pretrained:
     """``sha256``: the weights' canonical checksum; ``before`` / ``after``: the held-out figures
     (``patch_AUROC/<class>`` on whole views, ``crop_patch_AUROC/<class>`` on crops, ``accuracy``; None where
-    undefined) at the start and the end."""
+    undefined; ``text_cosine``: between the classes' text embeddings) at the start and the end."""
 
     sha256: str
     before: dict[str, float | None]
@@ -202,6 +205,18 @@ def budgeted_steps(planned: int, done: int, per_step: float, seconds_left: float
     return min(planned, done + max(0, int(seconds_left / per_step)))
 
 
+def text_separation(text: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between different classes' text embeddings ``(C, E)``: 0 when they are orthogonal.
+    A randomly initialised text tower embeds every class's prompts almost alike (cosine ~0.9), and while the
+    class texts are that close no image feature can tell the classes apart: the dense loss sits near chance."""
+    return between_classes(text).pow(2).mean()
+
+
+def between_classes(text: torch.Tensor) -> torch.Tensor:
+    """The cosines between different classes' (normalised) text embeddings ``(C, E)`` -> ``(C * (C - 1),)``."""
+    return (text @ text.t())[~torch.eye(len(text), dtype=torch.bool)]
+
+
 def area_buckets(data: TrainSet) -> torch.Tensor:
     """Per row: ``class * 4 + bucket`` of the defect's share of the view (< 0.2 %, < 1 %, < 5 %, more)."""
     area = data.masks.float().mean(dim=(1, 2))
@@ -224,6 +239,8 @@ class HeldOut(NamedTuple):
 
 
 CROP_PREFIX = "crop_patch_AUROC"  # held-out figures on the crops (native and half resolution), not whole views
+TEXT_COSINE = "text_cosine"  # mean cosine between the classes' text embeddings
+ALIKE_TEXT = 0.8  # above it after training, the text tower has not told the classes apart (README: ~0.9 at random)
 
 
 def heldout_split(data: TrainSet, share: float, seed: int) -> HeldOut:
@@ -305,6 +322,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
         out = heldout_figures(clip, data, held.whole, text, taps, prep)
         if held.crops.numel():
             out |= heldout_figures(clip, data, held.crops, text, taps, prep, prefix=CROP_PREFIX, accuracy=False)
+        out[TEXT_COSINE] = float(between_classes(text).mean())
         clip.train()
         return out
 
@@ -323,6 +341,8 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
         pick = prompt_sample(owner, cfg.prompts_per_step, gen)
         text = class_text(clip, tokens[pick], owner[pick], len(prompts.classes))
         loss = step_loss(clip, data, idx, text, taps, prep, gen, caption_tokens, cfg.keep)
+        if cfg.separation:
+            loss = loss + cfg.separation * text_separation(text)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -341,23 +361,29 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
             progress(step, steps, float(loss.detach()))
     after = figures()
     seconds = time.perf_counter() - t0
+    if not cfg.separation and (after[TEXT_COSINE] or 0.0) > ALIKE_TEXT:
+        log.warning("pretrain: the classes' text embeddings are still alike (mean cosine %.2f between classes; "
+                    "%.2f before training): the loss likely sat near chance; --text-separation 1 pushes them apart",
+                    after[TEXT_COSINE], before[TEXT_COSINE])
     log.info("pretrained %s for %d steps in %.0f s on %d views of %d frames (%d skipped, %d held out)",
              cfg.model.backbone, steps, seconds, len(train_rows), len(df) - data.skipped, data.skipped,
              len(held.whole))
     meta = {**replace(cfg, steps=steps).recipe(), "planned_steps": str(cfg.steps), "max_minutes": str(cfg.max_minutes),
+            **({"text_separation": str(cfg.separation)} if cfg.separation else {}),  # absent: off, as before it
             **(metadata or {}), "heldout_check": json.dumps({"before": before, "after": after})}
     digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
     return Pretrained(digest, before, after, seconds, steps)
 
 
 def heldout_table(result: Pretrained) -> list[str]:
-    """The held-out figures as lines: one per class on whole views, one per class on crops, then accuracy;
-    before -> after."""
+    """The held-out figures as lines: one per class on whole views, one per class on crops, the classes' text
+    cosine, then accuracy; before -> after."""
     show = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"held-out check ({'before':>6} -> after)"]
-    for key, after in sorted(result.after.items(), key=lambda kv: kv[0] == "accuracy"):
+    last = {TEXT_COSINE: 1, "accuracy": 2}
+    for key, after in sorted(result.after.items(), key=lambda kv: last.get(kv[0], 0)):
         view, _, name = key.partition("/")
-        what = ("image accuracy (text)" if key == "accuracy"
+        what = ("image accuracy (text)" if key == "accuracy" else "class-text cosine (mean)" if key == TEXT_COSINE
                 else f"patch AUROC {name}" + (" (crops)" if view == CROP_PREFIX else ""))
         lines.append(f"  {what:<36} {show(result.before.get(key))} -> {show(after)}")
     return lines
