@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/quality.py --work /tmp/quality        # data, pretraining and features cached in --work
 
 A *family* is a kind of data (``synth --family``: layout, defect scale, contrast and noise); *siblings* are
-other seeds of one family. Two backbones are pretrained once by ``pretrain`` with its defaults, on 2,030
-labelled frames each: one on ``--source`` (family A), one on ``--siblings``. Then, per (backbone, family):
+other seeds of one family. Two backbones are pretrained once by ``pretrain`` with its defaults (every step: no
+time budget), on 2,030 labelled frames each: one on ``--source`` (family A), one on ``--siblings``. Then, per (backbone, family):
 
 - (a) transfer: the family-A backbone, zero-shot and 10-shot, on every ``--families`` member (never A);
 - (b) siblings: the siblings backbone, zero-shot and 10-shot, on other seeds of its own family.
@@ -233,11 +233,13 @@ def ensure_weights(work: Path, family: str, backbone: str, steps: int | None) ->
     record = work / f"pretrained-{family}.json"
     if not path.exists():
         cfg = PretrainConfig(manifest=str(work / f"pretrain-{family}" / "manifest.csv"), out=str(path),
-                             model=ModelSpec(backbone=backbone))
+                             model=ModelSpec(backbone=backbone), max_minutes=0.0)  # every step: rows do not
+        # depend on the day's speed (pretrain's default budget would cut them on a slow day)
         result = pretrain(cfg if steps is None else replace(cfg, steps=steps))
         print("\n".join(heldout_table(result)), flush=True)
-        record.write_text(json.dumps({"seconds": result.seconds, "before": result.before, "after": result.after}))
-        print(f"pretrain on {family}: {result.seconds:.0f} s (cached in {path})", flush=True)
+        record.write_text(json.dumps({"seconds": result.seconds, "steps": result.steps, "before": result.before,
+                                      "after": result.after}))
+        print(f"pretrain on {family}: {result.steps} steps in {result.seconds:.0f} s (cached in {path})", flush=True)
     return str(path), json.loads(record.read_text())
 
 

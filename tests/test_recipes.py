@@ -23,6 +23,7 @@ from semclip_batch.fewshot.pretrain import (
     budgeted_steps,
     heldout_split,
     pretrain,
+    resumed_schedule,
     text_separation,
 )
 from semclip_batch.fewshot.recipes import RECIPES, get_recipe
@@ -234,13 +235,39 @@ def test_budgeted_steps():
     assert budgeted_steps(1500, 20, 0.5, -5.0) == 20  # the budget is spent: no more, never fewer than done
 
 
+def test_a_shortened_schedule_takes_over_where_the_long_one_stands_and_ends_at_its_floor():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    cfg = PretrainConfig(manifest="", out="", lr=1e-3, warmup=0.1)
+    sched, lrs = resumed_schedule(opt, cfg, 1500, 0), []
+    for step in range(1, 401):
+        opt.step()
+        sched.step()
+        if step == 20:
+            sched = resumed_schedule(opt, cfg, 400, 20)  # cut to 400 steps in all
+        lrs.append(opt.param_groups[0]["lr"])
+    fresh_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    fresh, planned = resumed_schedule(fresh_opt, cfg, 400, 0), []
+    for _ in range(400):
+        fresh_opt.step()
+        fresh.step()
+        planned.append(fresh_opt.param_groups[0]["lr"])
+    assert lrs[19] > lrs[18]  # the long schedule's warm-up until the cut
+    assert lrs[20:] == pytest.approx(planned[20:], rel=1e-9)  # then the 400-step one-cycle, to its last step
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < 1e-6
+
+
 def test_text_separation_is_zero_for_orthogonal_classes_and_one_for_identical_ones(synth_lot, tmp_path):
     assert float(text_separation(torch.eye(3, 8))) == 0.0
     assert float(text_separation(torch.nn.functional.normalize(torch.ones(3, 8), dim=-1))) == pytest.approx(1.0)
-    # the weights file records the term when it is on (off, nothing is recorded: the budget test below)
-    cfg = PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(tmp_path / "sep.safetensors"), steps=6,
+    # a few steps with the term leave the class texts further apart than without it, and it is recorded
+    cfg = PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(tmp_path / "sep.safetensors"), steps=12,
                          batch_size=2, separation=1.0, model=ModelSpec(backbone="semclip-tiny"))
-    pretrain(cfg)
+    apart = pretrain(cfg)
+    alike = pretrain(replace(cfg, out=str(tmp_path / "plain.safetensors"), separation=0.0))
+    assert apart.before["text_cosine"] == alike.before["text_cosine"]
+    # (the first steps draw every class text together, 0.90 -> 0.99 here; the term holds them apart: 0.988 vs 0.993)
+    assert apart.after["text_cosine"] < alike.after["text_cosine"] - 0.003, (apart.after, alike.after)
     with safe_open(cfg.out, "pt") as f:
         assert f.metadata()["text_separation"] == "1.0"
     res = CliRunner().invoke(main, ["pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "x"),
@@ -256,12 +283,12 @@ def test_pretrain_shortens_its_schedule_to_the_time_budget(synth_lot, tmp_path, 
     monkeypatch.setattr(module, "CALIBRATION_STEPS", 3)
     cfg = PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(tmp_path / "cut.safetensors"), steps=12,
                          batch_size=2, max_minutes=0.001, model=ModelSpec(backbone="semclip-tiny"))
-    cut = pretrain(cfg)
+    cut = pretrain(cfg, metadata={"steps": "12", "note": "kept"})  # a caller's record cannot hide the cut
     assert cut.steps == 3 and "leaves time for 3 of the 12 steps" in caplog.text
     assert "text embeddings are still alike" in caplog.text  # 3 steps from random weights: the hint is given
     with safe_open(cfg.out, "pt") as f:
         meta = f.metadata()
-    assert (meta["steps"], meta["planned_steps"], meta["max_minutes"]) == ("3", "12", "0.001")
+    assert (meta["steps"], meta["planned_steps"], meta["max_minutes"], meta["note"]) == ("3", "12", "0.001", "kept")
     assert "text_separation" not in meta  # off unless asked
     free = pretrain(replace(cfg, out=str(tmp_path / "free.safetensors"), steps=5, max_minutes=0.0))
     roomy = pretrain(replace(cfg, out=str(tmp_path / "roomy.safetensors"), steps=5, max_minutes=60.0))

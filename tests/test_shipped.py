@@ -35,6 +35,7 @@ def test_shipped_weights_were_made_by_todays_pretrain_defaults():
     meta = recorded_metadata("semclip-tiny")
     assert {k: meta.get(k) for k in PretrainConfig(manifest="", out="").recipe()} == \
         PretrainConfig(manifest="", out="").recipe()
+    assert PretrainConfig(manifest="", out="").separation == 0.0 and "text_separation" not in meta  # off in both
     assert meta["backbone"] == "semclip-tiny" and meta["stored"] == "fp16"
     assert json.loads(meta["synth"]) == WEIGHTS["semclip-tiny"].synth
     assert WEIGHTS["semclip-tiny"].synth["seed"] not in (7, 2000)  # the demo's test lots and support set

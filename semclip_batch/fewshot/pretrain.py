@@ -205,6 +205,13 @@ def budgeted_steps(planned: int, done: int, per_step: float, seconds_left: float
     return min(planned, done + max(0, int(seconds_left / per_step)))
 
 
+def resumed_schedule(opt: torch.optim.Optimizer, cfg: PretrainConfig, steps: int, done: int) -> OneCycleLR:
+    """The one-cycle schedule over ``steps`` in all, taking over after the ``done`` steps already taken (0: a
+    fresh one). Its warm-up is the first ``cfg.warmup`` of ``steps``: a schedule cut to fewer than
+    ``done / cfg.warmup`` steps has passed it already and goes on from where it stands."""
+    return OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=cfg.warmup, last_epoch=done - 1)
+
+
 def text_separation(text: torch.Tensor) -> torch.Tensor:
     """Mean squared cosine between different classes' text embeddings ``(C, E)``: 0 when they are orthogonal.
     A randomly initialised text tower embeds every class's prompts almost alike (cosine ~0.9), and while the
@@ -330,7 +337,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     before = figures()
     check_s = time.perf_counter() - t_check  # the final check takes as long
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05)
-    sched = OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.warmup)
+    sched = resumed_schedule(opt, cfg, cfg.steps, 0)
     gen = torch.Generator().manual_seed(cfg.model.seed)
     t0 = time.perf_counter()
     draw = min(cfg.batch_size, len(train_rows))
@@ -356,7 +363,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
                             "the schedule is shortened to fit (--max-minutes 0: no limit)",
                             cfg.max_minutes, fitted, steps, (now - t0) / step)
                 steps = fitted
-                sched = OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=cfg.warmup, last_epoch=step - 1)
+                sched = resumed_schedule(opt, cfg, steps, step)
         if progress is not None and (step % 25 == 0 or step == steps):
             progress(step, steps, float(loss.detach()))
     after = figures()
@@ -368,9 +375,10 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     log.info("pretrained %s for %d steps in %.0f s on %d views of %d frames (%d skipped, %d held out)",
              cfg.model.backbone, steps, seconds, len(train_rows), len(df) - data.skipped, data.skipped,
              len(held.whole))
-    meta = {**replace(cfg, steps=steps).recipe(), "planned_steps": str(cfg.steps), "max_minutes": str(cfg.max_minutes),
+    meta = {**(metadata or {}),  # the caller's first: what was run wins
+            **replace(cfg, steps=steps).recipe(), "planned_steps": str(cfg.steps), "max_minutes": str(cfg.max_minutes),
             **({"text_separation": str(cfg.separation)} if cfg.separation else {}),  # absent: off, as before it
-            **(metadata or {}), "heldout_check": json.dumps({"before": before, "after": after})}
+            "heldout_check": json.dumps({"before": before, "after": after})}
     digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
     return Pretrained(digest, before, after, seconds, steps)
 
