@@ -208,7 +208,8 @@ def budgeted_steps(planned: int, done: int, per_step: float, seconds_left: float
 def resumed_schedule(opt: torch.optim.Optimizer, cfg: PretrainConfig, steps: int, done: int) -> OneCycleLR:
     """The one-cycle schedule over ``steps`` in all, taking over after the ``done`` steps already taken (0: a
     fresh one). Its warm-up is the first ``cfg.warmup`` of ``steps``: a schedule cut to fewer than
-    ``done / cfg.warmup`` steps has passed it already and goes on from where it stands."""
+    ``done / cfg.warmup`` steps is past its warm-up at ``done`` and takes over in its decay (the rate jumps up
+    to it)."""
     return OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=cfg.warmup, last_epoch=done - 1)
 
 
