@@ -4,7 +4,8 @@
 
 A *family* is a kind of data (``synth --family``: layout, defect scale, contrast and noise); *siblings* are
 other seeds of one family. Two backbones are pretrained once by ``pretrain`` with its defaults (every step: no
-time budget), on 2,030 labelled frames each: one on ``--source`` (family A), one on ``--siblings``. Then, per (backbone, family):
+time budget), on 2,030 labelled frames each: one on ``--source`` (family A), one on ``--siblings``. Then, per
+(backbone, family):
 
 - (a) transfer: the family-A backbone, zero-shot and 10-shot, on every ``--families`` member (never A);
 - (b) siblings: the siblings backbone, zero-shot and 10-shot, on other seeds of its own family.
