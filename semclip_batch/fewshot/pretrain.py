@@ -357,12 +357,13 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
         sched.step()
         if cfg.max_minutes and step == CALIBRATION_STEPS < steps:
             now = time.perf_counter()
+            per_step = (now - t0) / step
             left = cfg.max_minutes * 60.0 - (now - started) - check_s - BUDGET_MARGIN_S
-            fitted = budgeted_steps(steps, step, (now - t0) / step, left)
+            fitted = budgeted_steps(steps, step, per_step, left)
             if fitted < steps:
                 log.warning("pretrain: --max-minutes %g leaves time for %d of the %d steps (%.2f s a step here); "
                             "the schedule is shortened to fit (--max-minutes 0: no limit)",
-                            cfg.max_minutes, fitted, steps, (now - t0) / step)
+                            cfg.max_minutes, fitted, steps, per_step)
                 steps = fitted
                 sched = resumed_schedule(opt, cfg, steps, step)
         if progress is not None and (step % 25 == 0 or step == steps):
