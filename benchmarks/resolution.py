@@ -17,17 +17,17 @@ defects, ``synth --defect-px 3-10``) is a second validation family, for the refe
 defects are small. ``logic`` (512-1024 px, 3-10 px defects) and ``metal`` (400-900 px, 20-60 px) are held out:
 nothing was chosen on them.
 
-Configurations (``--configs``): a scale policy name (``whole``, ``native``, ``0.5``...), optionally with
-``+ref`` (``train --use-reference``, registered), ``+ref-noreg`` (references as they come), ``+mean`` or
-``+max`` (how the reference map joins its token and pixel terms) and ``@W`` (the reference fusion weight,
-e.g. ``whole+ref+max@0.3``); a weight or a join other than the default scores the same trained tensors with
-the checkpoint's field changed. ``--throughput-frames`` 1024x1024 frames of the first
-family are also scored by ``run`` with each policy's checkpoint (img/s from the run record: the pipeline
-stage, Ray's start excluded). ``--pretrained`` trains on other ``semclip-tiny`` weights instead of the shipped
-ones (a ``pretrain`` output, e.g. on a family's own archive, as a fab would pretrain on its own lots). Each row
-also counts the defect frames whose map peaks within 30 px of a truth pixel (``argmax<=30px``; the peak is the
-first pixel of the stored uint8 map's maximum in row order, as numpy's argmax). Prints a table and writes
-``--work/resolution.json``.
+Configurations (``--configs``): a scale policy name (``whole``, ``native``, ``0.5``...), optionally with ``+ref``
+(``train --use-reference``, registered), ``+ref-noreg`` (references as they come), ``+mean`` or ``+max`` (how the
+reference map joins its token and pixel terms) and ``@W`` (the reference fusion weight, e.g.
+``whole+ref+max@0.3``, or ``@auto``: ``train --reference-weight auto``, trained apart); a weight or a join other
+than the default scores the same trained tensors with the checkpoint's field changed. ``--throughput-frames``
+1024x1024 frames of the first family are also scored by ``run`` with each policy's checkpoint (img/s from the run
+record: the pipeline stage, Ray's start excluded). ``--pretrained`` trains on other ``semclip-tiny`` weights
+instead of the shipped ones (a ``pretrain`` output, e.g. on a family's own archive, as a fab would pretrain on its
+own lots). Each row also counts the defect frames whose map peaks within 30 px of a truth pixel (``argmax<=30px``;
+the peak is the first pixel of the stored uint8 map's maximum in row order, as numpy's argmax). Prints a table and
+writes ``--work/resolution.json``.
 
     .venv/bin/python benchmarks/resolution.py --families contacts-small@1024 --throughput-frames 0 \
         --configs "0.5+ref+mean@0.5,0.5+ref+mean@0.75,0.5+ref+mean@1.0,0.5+ref+max@0.5,0.5+ref+max@0.75,whole,0.5"
@@ -78,14 +78,17 @@ class Config:
     register: bool = True
     weight: float | None = None  # None: the default
     fusion: str | None = None  # None: the default
+    auto: bool = False  # @auto: train --reference-weight auto (chosen on the support frames the fit held out)
 
 
 def parse_config(text: str) -> Config:
     head, _, weight = text.partition("@")
     policy, *flags = head.split("+")
     fusion = next((f for f in flags if f in REFERENCE_FUSIONS), None)
+    auto = weight == "auto"
     return Config(name=text, policy=parse_scale_policy(policy), reference=any(f.startswith("ref") for f in flags),
-                  register="ref-noreg" not in flags, weight=float(weight) if weight else None, fusion=fusion)
+                  register="ref-noreg" not in flags, weight=float(weight) if weight and not auto else None,
+                  fusion=fusion, auto=auto)
 
 
 def lot(work: Path, name: str, seed: int, per_class: int, sizes: tuple[tuple[int, int], ...] | None = None) -> Path:
@@ -105,13 +108,17 @@ def weights_tag(pretrained: str) -> str:
 
 def checkpoint(work: Path, family: str, support: Path, cfg: Config, seed: int, pretrained: str = "shipped") -> str:
     base = Config(name="", policy=cfg.policy, reference=cfg.reference, register=cfg.register)
-    folder = work / "ckpt" / f"{weights_tag(pretrained)}{family}-{base.policy}-{base.reference}-{base.register}-{seed}"
+    folder = work / "ckpt" / (f"{weights_tag(pretrained)}{family}-{base.policy}-{base.reference}-{base.register}-{seed}"
+                              + ("-auto" if cfg.auto else ""))
     if not (folder / "checkpoint.json").exists():
         spec = ModelSpec(backbone="semclip-tiny", pretrained=pretrained, seed=seed, cls="fused",
                          use_reference=cfg.reference, register_reference=cfg.register, scale_policy=cfg.policy)
         t0 = time.perf_counter()
-        train(TrainConfig(support=str(support / "manifest.csv"), out=str(folder), model=spec))
+        meta = train(TrainConfig(support=str(support / "manifest.csv"), out=str(folder), model=spec,
+                                 choose_reference_weight=cfg.auto))
         print(f"  trained {folder.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        if cfg.auto:
+            print(f"  reference weight chosen: {json.dumps(meta.training.get('reference_weight_choice'))}", flush=True)
     if cfg.weight is None and cfg.fusion is None:
         return str(folder)
     changed = {"reference_weight": cfg.weight, "reference_fusion": cfg.fusion}

@@ -190,3 +190,73 @@ def test_reference_options_with_references_pass_the_check(tmp_path, flags):
     res = CliRunner().invoke(main, ["train", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "ck"),
                                     "--backbone", "semclip-tiny", "--pretrained", "shipped", *flags])
     assert res.exit_code == 1 and "absent.csv" in res.output and "ignores" not in res.output, res.output
+
+
+def _particles(n: int = 4, size: int = 64) -> torch.Tensor:
+    """Truth masks: a 6 px square in each frame but the last (a normal frame)."""
+    masks = torch.zeros(n, size, size)
+    for i in range(n - 1):
+        masks[i, 10 + 12 * i:16 + 12 * i, 30:36] = 1.0
+    return masks
+
+
+def test_auto_weight_follows_the_map_that_finds_the_defects():
+    """``--reference-weight auto``'s rule on maps with known answers: where only the reference sees the
+    particles the whole weight goes to it; where only the method does, the weight falls, to the largest one that
+    still ranks every particle pixel first (ties go to the weight nearest the one given)."""
+    from semclip_batch.fewshot.train import REFERENCE_WEIGHTS, choose_reference_weight
+
+    gen = torch.Generator().manual_seed(3)
+    masks = _particles()
+    has_ref, has_mask, tokens = torch.ones(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool), torch.zeros(4, 16)
+    scorer = ReferenceScorer((1,), weight=DEFAULT_REFERENCE_WEIGHT, sigma=0.0, fusion="max")
+    scorer.scale.fill_(1.0)
+    scorer.pixel_scale.fill_(1.0)
+
+    noise = torch.rand(4, 64, 64, generator=gen)
+    # pixel differences: 0.5 on particles, up to 0.4 elsewhere; under w < 1 the method's noise mixes them up
+    seen = masks + (1 - masks) * torch.rand(4, 64, 64, generator=gen) * (2 / 3)
+    choice = choose_reference_weight(scorer, noise, tokens, has_ref, seen, masks, has_mask)
+    assert choice["weight"] == scorer.weight == 1.0
+    assert set(choice["pAUROC"]) == {str(w) for w in REFERENCE_WEIGHTS} and choice["pAUROC"]["1.0"] > 0.99
+    assert choice["pAUROC"]["0.0"] < 0.6  # the method's noise alone
+
+    found = masks * 0.9 + 0.05  # the method's map: 0.95 on particles, 0.05 elsewhere
+    blind = torch.rand(4, 64, 64, generator=gen) * 3.0  # pixel differences everywhere alike: up to 0.75
+    choice = choose_reference_weight(scorer, found, tokens, has_ref, blind, masks, has_mask)
+    # w 0 / 0.25 / 0.5 rank every particle pixel first (0.95 (1 - w) > 0.05 (1 - w) + 0.75 w); 0.75 does not
+    assert choice["F1max"]["0.5"] == 1.0 and choice["F1max"]["0.75"] < 1.0
+    assert choice["weight"] == scorer.weight == 0.5
+
+
+def test_train_auto_reference_weight_is_chosen_stored_and_scored_with(tmp_path):
+    """``train --reference-weight auto`` on a support set of 20 frames with references: the checkpoint holds the
+    weight chosen on the frames early stopping held out (which it records, with every weight's figures), and
+    ``run --model`` builds its reference scorer with that weight. A word other than 'auto' is one line."""
+    from click.testing import CliRunner
+
+    from semclip_batch.cli import main
+    from semclip_batch.fewshot.train import REFERENCE_WEIGHTS
+
+    manifest = _lot(tmp_path, n=10)
+    base = ["train", str(manifest), "--backbone", "semclip-tiny", "--pretrained", "shipped", "--use-reference",
+            "--epochs", "2"]
+    runner = CliRunner()
+    res = runner.invoke(main, [*base, "--out", str(tmp_path / "bad"), "--reference-weight", "heavy"])
+    assert res.exit_code == 1 and res.output.strip().count("\n") == 0 and "'auto'" in res.output, res.output
+    res = runner.invoke(main, [*base, "--out", str(tmp_path / "ck"), "--reference-weight", "auto"])
+    assert res.exit_code == 0, res.output
+    meta = load_checkpoint(str(tmp_path / "ck")).meta
+    choice = meta.training["reference_weight_choice"]
+    assert "kept" not in choice, choice
+    assert choice["frames"] == choice["views"] == choice["views_with_reference"] == 4  # 20 % of 20, referenced
+    assert meta.reference_weight == choice["weight"] and choice["weight"] in REFERENCE_WEIGHTS
+    auroc, f1 = choice["pAUROC"], choice["F1max"]
+    near = [w for w in auroc if auroc[w] >= max(auroc.values()) - 0.01]
+    assert f1[str(choice["weight"])] == max(f1[w] for w in near)
+    assert meta.training["config"]["choose_reference_weight"] is True
+    built = build_model(ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused", use_reference=True,
+                                  memory=meta.memory, region_head=meta.region_head,
+                                  reference_weight=meta.reference_weight, checkpoint=str(tmp_path / "ck")),
+                        load_checkpoint(str(tmp_path / "ck")).tensors["text_embeddings"].numpy())
+    assert built.reference is not None and built.reference.weight == choice["weight"]

@@ -11,6 +11,7 @@ import click
 from semclip_batch.cli.options import (
     MethodChoice,
     model_options,
+    parse_reference_weight,
     parse_storage_options,
     print_result,
     report_flag,
@@ -486,8 +487,9 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "maximum (a particle only the pixel difference sees keeps its score; the README measures both: "
                    "max found more small defects on a held-out routing family and lost F1max on another). Stored "
                    "in the checkpoint.")
-@click.option("--reference-weight", type=float, default=DEFAULT_REFERENCE_WEIGHT, show_default=True,
-              help="The reference map's share w of the fused map, (1 - w) * method + w * reference, in [0, 1]. The "
+@click.option("--reference-weight", default=str(DEFAULT_REFERENCE_WEIGHT), show_default=True,
+              help="The reference map's share w of the fused map, (1 - w) * method + w * reference, in [0, 1], or "
+                   "'auto': chosen from 0, 0.25 .. 1 on the support frames the fit held out (SEM-CLIP only). The "
                    "default was chosen on contact arrays, which the shipped backbone knows; on layouts it has not seen "
                    "the README measured 0.75 beating 0.5. Stored in the checkpoint.")
 @click.option("--self-reference/--no-self-reference", default=None,
@@ -500,7 +502,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
           method: str, recipe: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
           taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool,
-          no_register: bool, reference_fusion: str, reference_weight: float, self_reference: bool | None,
+          no_register: bool, reference_fusion: str, reference_weight: str, self_reference: bool | None,
           scale_policy: str | None) -> None:
     """Few-shot SEM-CLIP (or a baseline) on a frozen backbone from a labelled SUPPORT manifest -> checkpoint.
 
@@ -520,13 +522,17 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
         tap_list = tuple(int(t) for t in taps.split(",")) if taps else None
     except ValueError:
         raise ConfigError(f"--taps {taps!r}: expected block numbers such as 3,6") from None
+    auto_weight = reference_weight.strip().lower() == "auto"
     cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
                       recipe=with_self_reference(get_recipe(recipe), self_reference),
+                      choose_reference_weight=auto_weight,
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
                                       use_reference=use_reference, register_reference=not no_register,
-                                      reference_fusion=reference_fusion, reference_weight=reference_weight,
+                                      reference_fusion=reference_fusion,
+                                      reference_weight=DEFAULT_REFERENCE_WEIGHT if auto_weight
+                                      else parse_reference_weight(reference_weight),
                                       self_reference=bool(self_reference),
                                       score_mode=score_mode, sigma=sigma,
                                       scale_policy=parse_scale_policy(scale_policy or "whole"),

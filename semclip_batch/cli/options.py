@@ -62,6 +62,16 @@ def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return check_storage_options(opts)
 
 
+def parse_reference_weight(text: str) -> float:
+    """``train --reference-weight W`` as a number (range checked by :class:`ModelSpec`); 'auto' is the caller's."""
+    from semclip_batch.errors import ConfigError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--reference-weight {shorten(text, 30)!r}: expected a number in [0, 1] or 'auto'") from None
+
+
 storage_option_flag = click.option(
     "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
     help="Non-secret fsspec storage option (e.g. endpoint_url=...); secrets come from AWS_* env.")

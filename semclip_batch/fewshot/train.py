@@ -39,6 +39,8 @@ from semclip_batch.model.towers import vision_tower
 
 log = logging.getLogger(__name__)
 PIXEL_SAMPLE = 4_000_000  # normal pixels drawn for the reference's pixel scale (a 99th percentile)
+REFERENCE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # what --reference-weight auto chooses from
+WITHIN_AUROC = 0.01  # the weight rule: best F1max among the weights this close to the best pixel AUROC
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class TrainConfig:
     anchor: float = 1.0  # L2-SP weight pulling the Transformation Layers towards their zero-shot start
     cache_dir: str | None = None  # frozen-backbone features of the support frames (methods.feature_cache)
     recipe: Recipe = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE])  # SEM-CLIP's (fewshot.recipes)
+    choose_reference_weight: bool = False  # --reference-weight auto: chosen on held-out support frames
 
     def __post_init__(self) -> None:
         m = self.model
@@ -189,7 +192,8 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     support = Support(data=data, feats=feats, clip=backbone.clip, clip_name=cfg.model.backbone, map_auroc=map_auroc,
                       seed=cfg.model.seed, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, anchor=cfg.anchor,
                       progress=progress, copies=n_copies)
-    summary = get_method(spec.method).fit(model, spec, support)
+    method = get_method(spec.method)
+    summary = method.fit(model, spec, support)
     model.eval().requires_grad_(False)
     reference = pixels = None
     if spec.reference_scorer and ref_feats is not None and (spec.use_reference or _normal_with_reference(data)):
@@ -198,10 +202,60 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
         pixels = support_pixel_differences(data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
         summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
         summary["reference_pixel_scale"] = float(reference.pixel_scale)
+        if cfg.choose_reference_weight:
+            assert ref_feats is not None
+            choice = held_out_reference_weight(reference, method.held_out_maps(model, support), feats,
+                                               ref_feats, data, pixels)
+            if "kept" in choice:
+                log.warning("--reference-weight auto kept %g: %s", choice["weight"], choice["kept"])
+            summary["reference_weight_choice"] = choice
     size = (data.views.shape[-2], data.views.shape[-1])
     with torch.no_grad():
         out = score_features(model, feats, size, reference, ref_feats, data.has_ref, pixels)
     return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode, len(data) // n_copies))
+
+
+@torch.no_grad()
+def held_out_reference_weight(reference: ReferenceScorer, held_out: tuple[torch.Tensor, torch.Tensor] | None,
+                              feats: Features, ref_feats: Features, data: TrainSet,
+                              pixels: torch.Tensor | None) -> dict[str, Any]:
+    """``--reference-weight auto``: :func:`choose_reference_weight` on the support rows the method's fit held out
+    (:meth:`~semclip_batch.methods.registry.Method.held_out_maps`). Keeps the given weight where those rows cannot
+    rank maps (none, no reference among them, or no defect pixel). Returns what was chosen, from what and why."""
+    if held_out is None:
+        return {"weight": reference.weight, "kept": "the method holds no support frames out of its fit"}
+    rows, maps = held_out
+    assert data.has_ref is not None
+    has_ref, masks, has_mask = data.has_ref[rows], data.masks[rows], data.has_mask[rows]
+    counted = {"frames": len(rows) if data.frame is None else len(data.frame[rows].unique()), "views": len(rows),
+               "views_with_reference": int(has_ref.sum())}  # views: a frame's whole view and its tiles
+    if not bool(has_ref.any()) or not bool((masks[has_mask] >= 0.5).any()):
+        return {"weight": reference.weight, **counted,
+                "kept": "no held-out support frame has both a reference and a defect pixel"}
+    dist = reference.distance(feats.subset(rows).dual, feats.taps, ref_feats.subset(rows).dual, ref_feats.taps)
+    choice = choose_reference_weight(reference, maps, dist, has_ref, None if pixels is None else pixels[rows],
+                                     masks, has_mask)
+    return {**choice, **counted}
+
+
+@torch.no_grad()
+def choose_reference_weight(reference: ReferenceScorer, maps: torch.Tensor, distance: torch.Tensor,
+                            has_ref: torch.Tensor, pixels: torch.Tensor | None, masks: torch.Tensor,
+                            has_mask: torch.Tensor) -> dict[str, Any]:
+    """Set ``reference.weight`` to the one of :data:`REFERENCE_WEIGHTS` whose fused maps (the method's ``maps``
+    with ``reference.fuse``) do best against ``masks``: the best F1max among the weights within
+    :data:`WITHIN_AUROC` of the best pixel AUROC (the rule the default was chosen by on the validation
+    families), ties to the one nearest the weight given. Returns the weight and every weight's figures."""
+    given, scores = reference.weight, {}
+    for w in REFERENCE_WEIGHTS:
+        reference.weight = w
+        counts = _pixel_counts(reference.fuse(maps, distance, has_ref, pixels), masks, has_mask)
+        scores[w] = (counts.auroc() or 0.0, counts.f1_max() or 0.0)
+    best_auroc = max(a for a, _ in scores.values())
+    near = [w for w, (a, _) in scores.items() if a >= best_auroc - WITHIN_AUROC]
+    reference.weight = max(near, key=lambda w: (round(scores[w][1], 4), -abs(w - given)))
+    return {"weight": reference.weight, "pAUROC": {str(w): round(a, 4) for w, (a, _) in scores.items()},
+            "F1max": {str(w): round(f, 4) for w, (_, f) in scores.items()}}
 
 
 def _normal_with_reference(data: TrainSet) -> bool:
@@ -271,7 +325,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
         score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
         memory=spec.memory, region_head=spec.region_head, scale_policy=spec.scale_policy,
         defect_view=spec.defect_view, register_reference=spec.register_reference and spec.use_reference,
-        reference_weight=spec.reference_weight, reference_fusion=spec.reference_fusion,
-        self_reference=spec.self_reference,
+        reference_weight=spec.reference_weight if fitted.reference is None else fitted.reference.weight,
+        reference_fusion=spec.reference_fusion, self_reference=spec.self_reference,
     )
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)

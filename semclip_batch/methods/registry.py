@@ -80,6 +80,13 @@ class Method(ABC, Generic[M]):
     def fit(self, model: M, spec: ModelSpec, support: Support) -> dict[str, Any]:
         """Fit ``model`` (built from ``spec``) on the support set, in place; returns the training summary."""
 
+    def held_out_maps(self, model: M, support: Support) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """After :meth:`fit`: support rows whose frames the fit did not learn from, and the fitted model's maps
+        of them (model-input size), scored as ``run`` would score frames it never saw; ``model`` is left as
+        :meth:`fit` left it. None where the method keeps no such rows (the default): a choice made after the fit
+        on the support set, such as ``train --reference-weight auto``'s, then has nothing unbiased to go on."""
+        return None
+
 
 def register(cls: C) -> C:
     """Class decorator: register one instance of ``cls`` under ``cls.name``."""

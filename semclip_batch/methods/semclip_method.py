@@ -97,6 +97,23 @@ class SemClipMethod(Method[SemClip]):
         return summary
 
 
+    @torch.no_grad()
+    def held_out_maps(self, model: SemClip, support: Support) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows early stopping held out (:func:`support_split`: the layers and head never trained on them,
+        though their epoch was chosen on them), scored with a memory of the fitting rows only."""
+        fit_rows, val = support_split(support)
+        if not len(val):
+            return None
+        enc = support.feats.select(model.cfg.taps, model.cfg.use_vv)
+        dist = None
+        if model.memory is not None:
+            fill_memory(model, enc, support, fit_rows, rescale=False)
+            dist = model.memory_distance(subset_encoded(enc, val))
+            fill_memory(model, enc, support, torch.arange(len(support.data)), rescale=False)  # as fit left it
+        size = (support.data.views.shape[-2], support.data.views.shape[-1])
+        return val, model.from_encoded(subset_encoded(enc, val), size, dist).maps
+
+
 MIN_EPOCHS = 3  # early stopping needs a few epochs to choose from
 
 
