@@ -50,7 +50,15 @@ from scipy import ndimage
 
 from semclip_batch.analysis.evaluate import _truth_mask, joined_rows
 from semclip_batch.analysis.metrics import PixelCounts, roc_auc
-from semclip_batch.config import NORMAL, REFERENCE_FUSIONS, CheckpointRequest, ModelSpec, RunConfig, parse_scale_policy
+from semclip_batch.config import (
+    DEFAULT_REFERENCE_FUSION,
+    NORMAL,
+    REFERENCE_FUSIONS,
+    CheckpointRequest,
+    ModelSpec,
+    RunConfig,
+    parse_scale_policy,
+)
 from semclip_batch.errors import OK
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.io.layout import OutLayout
@@ -85,7 +93,7 @@ def parse_config(text: str) -> Config:
     head, _, weight = text.partition("@")
     policy, *flags = head.split("+")
     fusion = next((f for f in flags if f in REFERENCE_FUSIONS), None)
-    auto = weight == "auto"
+    auto = weight.strip().lower() == "auto"
     return Config(name=text, policy=parse_scale_policy(policy), reference=any(f.startswith("ref") for f in flags),
                   register="ref-noreg" not in flags, weight=float(weight) if weight and not auto else None,
                   fusion=fusion, auto=auto)
@@ -109,17 +117,18 @@ def weights_tag(pretrained: str) -> str:
 def checkpoint(work: Path, family: str, support: Path, cfg: Config, seed: int, pretrained: str = "shipped") -> str:
     base = Config(name="", policy=cfg.policy, reference=cfg.reference, register=cfg.register)
     folder = work / "ckpt" / (f"{weights_tag(pretrained)}{family}-{base.policy}-{base.reference}-{base.register}-{seed}"
-                              + ("-auto" if cfg.auto else ""))
+                              + (f"-auto-{cfg.fusion or DEFAULT_REFERENCE_FUSION}" if cfg.auto else ""))
     if not (folder / "checkpoint.json").exists():
         spec = ModelSpec(backbone="semclip-tiny", pretrained=pretrained, seed=seed, cls="fused",
-                         use_reference=cfg.reference, register_reference=cfg.register, scale_policy=cfg.policy)
+                         use_reference=cfg.reference, register_reference=cfg.register, scale_policy=cfg.policy,
+                         reference_fusion=(cfg.fusion or DEFAULT_REFERENCE_FUSION) if cfg.auto else DEFAULT_REFERENCE_FUSION)
         t0 = time.perf_counter()
         meta = train(TrainConfig(support=str(support / "manifest.csv"), out=str(folder), model=spec,
                                  choose_reference_weight=cfg.auto))
         print(f"  trained {folder.name} in {time.perf_counter() - t0:.0f} s", flush=True)
         if cfg.auto:
             print(f"  reference weight chosen: {json.dumps(meta.training.get('reference_weight_choice'))}", flush=True)
-    if cfg.weight is None and cfg.fusion is None:
+    if cfg.auto or (cfg.weight is None and cfg.fusion is None):  # auto: trained with its join, its weight chosen
         return str(folder)
     changed = {"reference_weight": cfg.weight, "reference_fusion": cfg.fusion}
     changed = {k: v for k, v in changed.items() if v is not None}

@@ -489,9 +489,10 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "in the checkpoint.")
 @click.option("--reference-weight", default=str(DEFAULT_REFERENCE_WEIGHT), show_default=True,
               help="The reference map's share w of the fused map, (1 - w) * method + w * reference, in [0, 1], or "
-                   "'auto': chosen from 0, 0.25 .. 1 on the support frames the fit held out (SEM-CLIP only). The "
-                   "default was chosen on contact arrays, which the shipped backbone knows; on layouts it has not seen "
-                   "the README measured 0.75 beating 0.5. Stored in the checkpoint.")
+                   "'auto': chosen from 0, 0.25 .. 1 on the support frames the fit held out (SEM-CLIP; the baselines "
+                   "keep the default). The default was chosen on contact arrays, which the shipped backbone knows; on "
+                   "layouts it has not seen the README measured 0.75 beating 0.5, and 'auto' not beating 0.75 on the "
+                   "validation families. Stored in the checkpoint.")
 @click.option("--self-reference/--no-self-reference", default=None,
               help="Frames without a reference frame are compared with their own pattern shifted by one and two "
                    "periods (cell-to-cell, where the pattern repeats; stored in the checkpoint) [default: on with "

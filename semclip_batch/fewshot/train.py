@@ -9,6 +9,7 @@ references, the reference scales) and write the checkpoint.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -29,7 +30,7 @@ from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThreshold
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.feature_cache import cached_features, feature_key
 from semclip_batch.methods.features import Features, encode_views
-from semclip_batch.methods.fitting import Support
+from semclip_batch.methods.fitting import HeldOut, Support
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
@@ -40,6 +41,7 @@ from semclip_batch.model.towers import vision_tower
 log = logging.getLogger(__name__)
 PIXEL_SAMPLE = 4_000_000  # normal pixels drawn for the reference's pixel scale (a 99th percentile)
 REFERENCE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # what --reference-weight auto chooses from
+MIN_WEIGHT_FRAMES = 3  # held-out defect frames with a reference needed to choose it (~12 of a 70-frame support)
 WITHIN_AUROC = 0.01  # the weight rule: best F1max among the weights this close to the best pixel AUROC
 
 
@@ -142,11 +144,14 @@ def support_pixel_differences(data: TrainSet, unit: float, chunk: int = 256) -> 
 
 
 def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet,
-                  pixels: torch.Tensor | None = None) -> float:
+                  pixels: torch.Tensor | None = None, among: torch.Tensor | None = None) -> float:
     """The reference scales: 99th percentiles of the normal support patches' token distances and of their
-    pixels' differences."""
+    pixels' differences (of the rows ``among`` only, where given)."""
     assert data.has_ref is not None
-    rows = ((data.labels == 0) & data.has_ref).nonzero().flatten()
+    normal = (data.labels == 0) & data.has_ref
+    if among is not None:
+        normal &= torch.isin(torch.arange(len(data)), among)
+    rows = normal.nonzero().flatten()
     if rows.numel() == 0:
         raise ConfigError("--use-reference needs normal support rows with a readable reference_uri frame")
     dist = reference.distance(feats.subset(rows).dual, feats.taps, ref_feats.subset(rows).dual, ref_feats.taps)
@@ -203,7 +208,6 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
         summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
         summary["reference_pixel_scale"] = float(reference.pixel_scale)
         if cfg.choose_reference_weight:
-            assert ref_feats is not None
             choice = held_out_reference_weight(reference, method.held_out_maps(model, support), feats,
                                                ref_feats, data, pixels)
             if "kept" in choice:
@@ -215,26 +219,44 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode, len(data) // n_copies))
 
 
+def emitted_views(data: TrainSet, rows: torch.Tensor) -> torch.Tensor:
+    """Which of ``rows`` (every view of some frames, one copy) hold a map ``run`` writes: a frame's tiles, or its
+    whole view where it has none (the whole view of a tiled frame gives class scores only)."""
+    if data.frame is None:
+        return torch.ones(len(rows), dtype=torch.bool)
+    _, inverse, counts = data.frame[rows].unique(return_inverse=True, return_counts=True)
+    return ~(data.first_views()[rows] & (counts[inverse] > 1))
+
+
 @torch.no_grad()
-def held_out_reference_weight(reference: ReferenceScorer, held_out: tuple[torch.Tensor, torch.Tensor] | None,
-                              feats: Features, ref_feats: Features, data: TrainSet,
-                              pixels: torch.Tensor | None) -> dict[str, Any]:
-    """``--reference-weight auto``: :func:`choose_reference_weight` on the support rows the method's fit held out
-    (:meth:`~semclip_batch.methods.registry.Method.held_out_maps`). Keeps the given weight where those rows cannot
-    rank maps (none, no reference among them, or no defect pixel). Returns what was chosen, from what and why."""
-    if held_out is None:
+def held_out_reference_weight(reference: ReferenceScorer, held: HeldOut | None, feats: Features, ref_feats: Features,
+                              data: TrainSet, pixels: torch.Tensor | None) -> dict[str, Any]:
+    """``--reference-weight auto``: :func:`choose_reference_weight` on the views ``run`` writes of the support
+    frames the method's fit held out (:meth:`~semclip_batch.methods.registry.Method.held_out_maps`), with a copy
+    of the reference scorer whose scales are fitted on the other frames only. Keeps the given weight, saying
+    why, with fewer than :data:`MIN_WEIGHT_FRAMES` held-out defect frames that have a reference."""
+    if held is None:
         return {"weight": reference.weight, "kept": "the method holds no support frames out of its fit"}
-    rows, maps = held_out
+    keep = emitted_views(data, held.rows)
+    rows, maps = held.rows[keep], held.maps[keep]
     assert data.has_ref is not None
     has_ref, masks, has_mask = data.has_ref[rows], data.masks[rows], data.has_mask[rows]
-    counted = {"frames": len(rows) if data.frame is None else len(data.frame[rows].unique()), "views": len(rows),
-               "views_with_reference": int(has_ref.sum())}  # views: a frame's whole view and its tiles
-    if not bool(has_ref.any()) or not bool((masks[has_mask] >= 0.5).any()):
+    usable = has_ref & has_mask & (masks >= 0.5).flatten(1).any(1)
+    frames = data.frame[rows] if data.frame is not None else rows
+    counted = {"frames": len(frames.unique()), "views": len(rows), "defect_frames_with_reference":
+               len(frames[usable].unique())}
+    if counted["defect_frames_with_reference"] < MIN_WEIGHT_FRAMES:
         return {"weight": reference.weight, **counted,
-                "kept": "no held-out support frame has both a reference and a defect pixel"}
-    dist = reference.distance(feats.subset(rows).dual, feats.taps, ref_feats.subset(rows).dual, ref_feats.taps)
-    choice = choose_reference_weight(reference, maps, dist, has_ref, None if pixels is None else pixels[rows],
+                "kept": f"fewer than {MIN_WEIGHT_FRAMES} held-out support frames with a defect and a reference"}
+    scorer = copy.deepcopy(reference)
+    try:
+        fit_reference(scorer, feats, ref_feats, data, pixels, among=held.fitted)
+    except ConfigError:
+        return {"weight": reference.weight, **counted, "kept": "no normal frame the fit learned from has a reference"}
+    dist = scorer.distance(feats.subset(rows).dual, feats.taps, ref_feats.subset(rows).dual, ref_feats.taps)
+    choice = choose_reference_weight(scorer, maps, dist, has_ref, None if pixels is None else pixels[rows],
                                      masks, has_mask)
+    reference.weight = scorer.weight
     return {**choice, **counted}
 
 
@@ -245,7 +267,8 @@ def choose_reference_weight(reference: ReferenceScorer, maps: torch.Tensor, dist
     """Set ``reference.weight`` to the one of :data:`REFERENCE_WEIGHTS` whose fused maps (the method's ``maps``
     with ``reference.fuse``) do best against ``masks``: the best F1max among the weights within
     :data:`WITHIN_AUROC` of the best pixel AUROC (the rule the default was chosen by on the validation
-    families), ties to the one nearest the weight given. Returns the weight and every weight's figures."""
+    families), ties to the one nearest the weight given (then the smaller). Returns the weight and every weight's
+    figures."""
     given, scores = reference.weight, {}
     for w in REFERENCE_WEIGHTS:
         reference.weight = w

@@ -74,6 +74,17 @@ class Support:
         return torch.arange(self.frames) if frame is None else frame[:self.frames]
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """What :meth:`~semclip_batch.methods.registry.Method.held_out_maps` returns: support ``rows`` whose frames the
+    fit did not learn from, the fitted model's ``maps`` of them (model-input size), and ``fitted``: every row
+    (copy, tile) of the frames it did learn from."""
+
+    rows: torch.Tensor
+    maps: torch.Tensor
+    fitted: torch.Tensor
+
+
 def grouped(support: Support, seed: int) -> list[torch.Tensor]:
     """First-copy rows grouped by frame, the groups in a seeded random order (one row per group without tiles,
     in the order ``randperm(frames)`` gives)."""

@@ -22,6 +22,7 @@ from torch import nn
 from semclip_batch.config import ModelSpec
 from semclip_batch.methods.features import Features
 from semclip_batch.methods.fitting import (
+    HeldOut,
     Support,
     clean_patches,
     fit_temperature,
@@ -91,27 +92,30 @@ class SemClipMethod(Method[SemClip]):
         with torch.enable_grad():
             alpha = fit_alpha(model, enc, support, dist) if spec.cls == "fused" else float(spec.cls == "text")
         if model.memory is not None:
-            fill_memory(model, enc, support, torch.arange(len(support.data)), rescale=False)
+            fill_whole_memory(model, enc, support)
             summary["memory_tokens"] = int(model.memory.banks()[0].shape[0])
         model.alpha.fill_(alpha)
         return summary
 
 
     @torch.no_grad()
-    def held_out_maps(self, model: SemClip, support: Support) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def held_out_maps(self, model: SemClip, support: Support) -> HeldOut | None:
         """The rows early stopping held out (:func:`support_split`: the layers and head never trained on them,
-        though their epoch was chosen on them), scored with a memory of the fitting rows only."""
+        though their epoch was chosen on them, and the memory's weight was cross-validated over every frame),
+        scored with a memory of the fitting rows only."""
         fit_rows, val = support_split(support)
         if not len(val):
             return None
         enc = support.feats.select(model.cfg.taps, model.cfg.use_vv)
-        dist = None
-        if model.memory is not None:
-            fill_memory(model, enc, support, fit_rows, rescale=False)
-            dist = model.memory_distance(subset_encoded(enc, val))
-            fill_memory(model, enc, support, torch.arange(len(support.data)), rescale=False)  # as fit left it
         size = (support.data.views.shape[-2], support.data.views.shape[-1])
-        return val, model.from_encoded(subset_encoded(enc, val), size, dist).maps
+        if model.memory is None:
+            return HeldOut(val, model.from_encoded(subset_encoded(enc, val), size).maps, fit_rows)
+        fill_memory(model, enc, support, fit_rows, rescale=False)
+        try:
+            maps = model.from_encoded(subset_encoded(enc, val), size).maps
+        finally:
+            fill_whole_memory(model, enc, support)  # as fit left it
+        return HeldOut(val, maps, fit_rows)
 
 
 MIN_EPOCHS = 3  # early stopping needs a few epochs to choose from
@@ -153,6 +157,11 @@ def fill_memory(model: SemClip, enc: EncoderOutput, support: Support, rows: torc
             memory.scale.fill_(float(torch.quantile(flat.float(), 0.99).clamp_min(1e-4)))
     memory.set_banks([t[clean] for t in tokens], support.seed)
     return float(memory.scale)
+
+
+def fill_whole_memory(model: SemClip, enc: EncoderOutput, support: Support) -> None:
+    """The memory a fitted model keeps: the clean patches of every support row, at the scale already fitted."""
+    fill_memory(model, enc, support, torch.arange(len(support.data)), rescale=False)
 
 
 def _rows(dist: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
