@@ -278,6 +278,7 @@ def test_train_auto_reference_weight_is_chosen_stored_and_scored_with(tmp_path):
     ckpt = load_checkpoint(str(tmp_path / "ck"))
     meta = ckpt.meta
     choice = meta.training["reference_weight_choice"]
+    assert f"reference weight {choice['weight']:g} (auto)" in res.output
     assert "kept" not in choice, choice
     assert choice["frames"] == choice["views"] == 4 and choice["defect_frames_with_reference"] >= MIN_WEIGHT_FRAMES
     assert set(choice["pAUROC"]) == set(choice["F1max"]) == {str(w) for w in REFERENCE_WEIGHTS}

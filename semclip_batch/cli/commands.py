@@ -546,7 +546,9 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
         raise ConfigError(str(exc)) from None
     th = meta.thresholds
     recipe = "" if meta.recipe == meta.method else f" (recipe {meta.recipe})"
-    click.echo(f"wrote {meta.method} checkpoint {out}{recipe}: alpha {meta.alpha:.2f}, "
+    choice = meta.training.get("reference_weight_choice")
+    weight = "" if choice is None else f"reference weight {meta.reference_weight:g} ({'kept' if 'kept' in choice else 'auto'}), "
+    click.echo(f"wrote {meta.method} checkpoint {out}{recipe}: alpha {meta.alpha:.2f}, {weight}"
                f"temperature {meta.temperature:.1f}, "
                f"thresholds image {th.image:.3f} pixel {th.pixel:.3f}, {meta.training['used']} images, "
                f"{meta.training['seconds']} s")
