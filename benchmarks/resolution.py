@@ -226,8 +226,10 @@ def main() -> None:
             ckpt = checkpoint(work, family, support, cfg, args.seed, args.pretrained)
             out = work / "out" / f"{weights_tag(args.pretrained)}{family}-{cfg.name}"
             record = score(ckpt, test, out)
+            weight = json.loads((Path(ckpt) / "checkpoint.json").read_text()).get("reference_weight")
             row = {"family": family, "set": "val" if family in VALIDATION else "held-out", "config": cfg.name,
-                   **bucket_metrics(out, test), "img_s": record["throughput_img_s"], "pretrained": args.pretrained}
+                   "weight": weight if cfg.reference else None, **bucket_metrics(out, test),
+                   "img_s": record["throughput_img_s"], "pretrained": args.pretrained}
             results.append(row)
             print("  " + "  ".join(f"{k} {fmt(v)}" for k, v in row.items()), flush=True)
     first = args.families.split(",")[0]
@@ -241,7 +243,7 @@ def main() -> None:
             results.append({"family": f"{first} 1024x1024", "set": "throughput", "config": cfg.name,
                             "img_s": record["throughput_img_s"], "frames": record["rows"]["total"]})
             print(f"  throughput {cfg.name}: {record['throughput_img_s']} img/s", flush=True)
-    keys = ["family", "set", "config", "pAUROC<8", "pAUROC8-32", "pAUROC>32", "F1max<8", "F1max8-32", "F1max>32",
+    keys = ["family", "set", "config", "weight", "pAUROC<8", "pAUROC8-32", "pAUROC>32", "F1max<8", "F1max8-32", "F1max>32",
             "pAUROC", "F1max", "iAUROC", "argmax<=30px", "img_s"]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

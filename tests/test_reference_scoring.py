@@ -318,3 +318,25 @@ def test_auto_weight_reads_the_maps_run_writes():
     assert emitted_views(data, torch.arange(5)).tolist() == [True, False, True, True, True]
     assert emitted_views(data, torch.tensor([0, 4])).tolist() == [True, True]
     assert emitted_views(replace(data, frame=None), torch.arange(3)).tolist() == [True, True, True]
+
+
+def test_auto_weight_is_kept_with_too_few_held_out_defect_frames_with_a_reference():
+    """Held-out frames whose defects have no reference, and normal frames that have one, rank no weight: the
+    given weight is kept and the record says why, before any feature is read."""
+    from semclip_batch.fewshot.train import MIN_WEIGHT_FRAMES, held_out_reference_weight
+    from semclip_batch.fewshot.trainset import TrainSet
+    from semclip_batch.methods.fitting import HeldOutMaps
+
+    n = 8
+    masks = _particles(n, size=96)  # frames 0-6 with a particle, 7 normal
+    has_ref = torch.zeros(n, dtype=torch.bool)
+    has_ref[[0, 7]] = True  # one defect frame and the normal frame have a reference
+    data = TrainSet(views=torch.zeros(n, 96, 96), masks=masks, labels=(masks.flatten(1).amax(1) > 0).long(),
+                    has_mask=torch.ones(n, dtype=torch.bool), captions=[""] * n, classes=("normal", "particle"),
+                    skipped=0, refs=torch.zeros(n, 96, 96), has_ref=has_ref, frame=torch.arange(n))
+    scorer = ReferenceScorer((1,), weight=0.6)
+    held = HeldOutMaps(rows=torch.arange(n), maps=torch.zeros(n, 96, 96), fitted=torch.zeros(0, dtype=torch.long))
+    choice = held_out_reference_weight(scorer, held, None, None, data, None)
+    assert int(data.labels.sum()) == 7 and MIN_WEIGHT_FRAMES > 1 and choice["defect_frames_with_reference"] == 1
+    assert choice["weight"] == scorer.weight == 0.6 and choice["kept"].startswith(f"fewer than {MIN_WEIGHT_FRAMES}")
+    assert choice["frames"] == choice["views"] == n

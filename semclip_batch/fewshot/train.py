@@ -30,7 +30,7 @@ from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThreshold
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.feature_cache import cached_features, feature_key
 from semclip_batch.methods.features import Features, encode_views
-from semclip_batch.methods.fitting import HeldOut, Support
+from semclip_batch.methods.fitting import HeldOutMaps, Support
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
@@ -41,7 +41,8 @@ from semclip_batch.model.towers import vision_tower
 log = logging.getLogger(__name__)
 PIXEL_SAMPLE = 4_000_000  # normal pixels drawn for the reference's pixel scale (a 99th percentile)
 REFERENCE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # what --reference-weight auto chooses from
-MIN_WEIGHT_FRAMES = 3  # held-out defect frames with a reference needed to choose it (~12 of a 70-frame support)
+# held-out defect frames with a reference needed to choose it (a 70-frame support holds out 14, ~12 with a defect)
+MIN_WEIGHT_FRAMES = 3
 WITHIN_AUROC = 0.01  # the weight rule: best F1max among the weights this close to the best pixel AUROC
 
 
@@ -229,14 +230,16 @@ def emitted_views(data: TrainSet, rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_reference_weight(reference: ReferenceScorer, held: HeldOut | None, feats: Features, ref_feats: Features,
-                              data: TrainSet, pixels: torch.Tensor | None) -> dict[str, Any]:
+def held_out_reference_weight(reference: ReferenceScorer, held: HeldOutMaps | None, feats: Features,
+                              ref_feats: Features, data: TrainSet, pixels: torch.Tensor | None) -> dict[str, Any]:
     """``--reference-weight auto``: :func:`choose_reference_weight` on the views ``run`` writes of the support
     frames the method's fit held out (:meth:`~semclip_batch.methods.registry.Method.held_out_maps`), with a copy
     of the reference scorer whose scales are fitted on the other frames only. Keeps the given weight, saying
-    why, with fewer than :data:`MIN_WEIGHT_FRAMES` held-out defect frames that have a reference."""
+    why (the record's ``kept``), where the method held no frames out (a baseline, or SEM-CLIP under 10 support
+    frames), with fewer than :data:`MIN_WEIGHT_FRAMES` held-out defect frames that have a reference, or where no
+    normal frame the fit learned from has one."""
     if held is None:
-        return {"weight": reference.weight, "kept": "the method holds no support frames out of its fit"}
+        return _kept(reference, "the method holds no support frames out of its fit")
     keep = emitted_views(data, held.rows)
     rows, maps = held.rows[keep], held.maps[keep]
     assert data.has_ref is not None
@@ -246,18 +249,23 @@ def held_out_reference_weight(reference: ReferenceScorer, held: HeldOut | None, 
     counted = {"frames": len(frames.unique()), "views": len(rows), "defect_frames_with_reference":
                len(frames[usable].unique())}
     if counted["defect_frames_with_reference"] < MIN_WEIGHT_FRAMES:
-        return {"weight": reference.weight, **counted,
-                "kept": f"fewer than {MIN_WEIGHT_FRAMES} held-out support frames with a defect and a reference"}
+        return _kept(reference, f"fewer than {MIN_WEIGHT_FRAMES} held-out support frames with a defect and a "
+                                "reference", counted)
     scorer = copy.deepcopy(reference)
     try:
         fit_reference(scorer, feats, ref_feats, data, pixels, among=held.fitted)
     except ConfigError:
-        return {"weight": reference.weight, **counted, "kept": "no normal frame the fit learned from has a reference"}
+        return _kept(reference, "no normal frame the fit learned from has a reference", counted)
     dist = scorer.distance(feats.subset(rows).dual, feats.taps, ref_feats.subset(rows).dual, ref_feats.taps)
     choice = choose_reference_weight(scorer, maps, dist, has_ref, None if pixels is None else pixels[rows],
                                      masks, has_mask)
     reference.weight = scorer.weight
     return {**choice, **counted}
+
+
+def _kept(reference: ReferenceScorer, why: str, counted: dict[str, int] | None = None) -> dict[str, Any]:
+    """The record of an ``auto`` weight that was not chosen: the given one, and why."""
+    return {"weight": reference.weight, **(counted or {}), "kept": why}
 
 
 @torch.no_grad()

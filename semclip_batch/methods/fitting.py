@@ -75,7 +75,7 @@ class Support:
 
 
 @dataclass(frozen=True)
-class HeldOut:
+class HeldOutMaps:
     """What :meth:`~semclip_batch.methods.registry.Method.held_out_maps` returns: support ``rows`` whose frames the
     fit did not learn from, the fitted model's ``maps`` of them (model-input size), and ``fitted``: every row
     (copy, tile) of the frames it did learn from."""

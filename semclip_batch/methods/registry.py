@@ -18,7 +18,7 @@ from semclip_batch.config import ModelSpec
 from semclip_batch.errors import ConfigError
 from semclip_batch.methods.checkpoint import BACKBONE_PREFIXES
 from semclip_batch.methods.features import Features
-from semclip_batch.methods.fitting import HeldOut, Support
+from semclip_batch.methods.fitting import HeldOutMaps, Support
 from semclip_batch.model import SemClipOutput, default_taps
 from semclip_batch.model.reference import ReferenceScorer
 from semclip_batch.model.scorer import Scorer
@@ -80,7 +80,7 @@ class Method(ABC, Generic[M]):
     def fit(self, model: M, spec: ModelSpec, support: Support) -> dict[str, Any]:
         """Fit ``model`` (built from ``spec``) on the support set, in place; returns the training summary."""
 
-    def held_out_maps(self, model: M, support: Support) -> HeldOut | None:
+    def held_out_maps(self, model: M, support: Support) -> HeldOutMaps | None:
         """After :meth:`fit`: support rows whose frames the fit did not learn from, and the fitted model's maps
         of them, scored as ``run`` would score frames it never saw; ``model`` is left as :meth:`fit` left it. None
         where the method keeps no such rows (the default): a choice made after the fit on the support set, such

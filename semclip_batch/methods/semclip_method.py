@@ -22,7 +22,7 @@ from torch import nn
 from semclip_batch.config import ModelSpec
 from semclip_batch.methods.features import Features
 from semclip_batch.methods.fitting import (
-    HeldOut,
+    HeldOutMaps,
     Support,
     clean_patches,
     fit_temperature,
@@ -97,9 +97,8 @@ class SemClipMethod(Method[SemClip]):
         model.alpha.fill_(alpha)
         return summary
 
-
     @torch.no_grad()
-    def held_out_maps(self, model: SemClip, support: Support) -> HeldOut | None:
+    def held_out_maps(self, model: SemClip, support: Support) -> HeldOutMaps | None:
         """The rows early stopping held out (:func:`support_split`: the layers and head never trained on them,
         though their epoch was chosen on them, and the memory's weight was cross-validated over every frame),
         scored with a memory of the fitting rows only."""
@@ -109,13 +108,13 @@ class SemClipMethod(Method[SemClip]):
         enc = support.feats.select(model.cfg.taps, model.cfg.use_vv)
         size = (support.data.views.shape[-2], support.data.views.shape[-1])
         if model.memory is None:
-            return HeldOut(val, model.from_encoded(subset_encoded(enc, val), size).maps, fit_rows)
+            return HeldOutMaps(val, model.from_encoded(subset_encoded(enc, val), size).maps, fit_rows)
         fill_memory(model, enc, support, fit_rows, rescale=False)
         try:
             maps = model.from_encoded(subset_encoded(enc, val), size).maps
         finally:
             fill_whole_memory(model, enc, support)  # as fit left it
-        return HeldOut(val, maps, fit_rows)
+        return HeldOutMaps(val, maps, fit_rows)
 
 
 MIN_EPOCHS = 3  # early stopping needs a few epochs to choose from
