@@ -108,12 +108,12 @@ def frame_scores(out: SemClipOutput, data: TrainSet, score_mode: str, views: int
     over its views' maps (the whole view, or its tiles under a scale policy), and whether it is a defect frame.
     Only the first ``views`` rows (the unaugmented copy) count."""
     frame = data.frame[:views] if data.frame is not None else torch.arange(views)
+    written = emitted_views(data, torch.arange(views))
     scores, defect = [], []
     for f in frame.unique():
         rows = (frame == f).nonzero().flatten()
         first = int(rows[0])  # the whole view comes first, then its tiles
-        tiles = rows[1:] if len(rows) > 1 else rows
-        peak = float(out.maps[tiles].amax())
+        peak = float(out.maps[rows[written[rows]]].amax())
         scores.append(anomaly_score(float(out.class_probs[first][0]), peak, score_mode))
         defect.append(bool(data.labels[first] > 0))
     return np.array(scores), np.array(defect)
