@@ -523,17 +523,16 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
         tap_list = tuple(int(t) for t in taps.split(",")) if taps else None
     except ValueError:
         raise ConfigError(f"--taps {taps!r}: expected block numbers such as 3,6") from None
-    auto_weight = reference_weight.strip().lower() == "auto"
+    weight = parse_reference_weight(reference_weight)  # None: auto
     cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
                       recipe=with_self_reference(get_recipe(recipe), self_reference),
-                      choose_reference_weight=auto_weight,
+                      choose_reference_weight=weight is None,
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
                                       use_reference=use_reference, register_reference=not no_register,
                                       reference_fusion=reference_fusion,
-                                      reference_weight=DEFAULT_REFERENCE_WEIGHT if auto_weight
-                                      else parse_reference_weight(reference_weight),
+                                      reference_weight=DEFAULT_REFERENCE_WEIGHT if weight is None else weight,
                                       self_reference=bool(self_reference),
                                       score_mode=score_mode, sigma=sigma,
                                       scale_policy=parse_scale_policy(scale_policy or "whole"),
@@ -547,8 +546,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     th = meta.thresholds
     recipe = "" if meta.recipe == meta.method else f" (recipe {meta.recipe})"
     choice = meta.training.get("reference_weight_choice")
-    weight = "" if choice is None else f"reference weight {meta.reference_weight:g} ({'kept' if 'kept' in choice else 'auto'}), "
-    click.echo(f"wrote {meta.method} checkpoint {out}{recipe}: alpha {meta.alpha:.2f}, {weight}"
+    chosen = "" if choice is None else f"reference weight {meta.reference_weight:g} ({'kept' if 'kept' in choice else 'auto'}), "
+    click.echo(f"wrote {meta.method} checkpoint {out}{recipe}: alpha {meta.alpha:.2f}, {chosen}"
                f"temperature {meta.temperature:.1f}, "
                f"thresholds image {th.image:.3f} pixel {th.pixel:.3f}, {meta.training['used']} images, "
                f"{meta.training['seconds']} s")

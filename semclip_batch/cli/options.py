@@ -62,10 +62,12 @@ def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return check_storage_options(opts)
 
 
-def parse_reference_weight(text: str) -> float:
-    """``train --reference-weight W`` as a number (range checked by :class:`ModelSpec`); 'auto' is the caller's."""
+def parse_reference_weight(text: str) -> float | None:
+    """``train --reference-weight W`` as a number (range checked by :class:`ModelSpec`), or None for 'auto'."""
     from semclip_batch.errors import ConfigError
 
+    if text.strip().lower() == "auto":
+        return None
     try:
         return float(text)
     except ValueError:
