@@ -233,6 +233,9 @@ def test_budgeted_steps():
     assert budgeted_steps(1500, 20, 0.3, 600.0) == 1500  # 1,480 more at 0.3 s fit in 600 s
     assert budgeted_steps(1500, 20, 0.5, 600.0) == 1220  # 1,200 more fit
     assert budgeted_steps(1500, 20, 0.5, -5.0) == 20  # the budget is spent: no more, never fewer than done
+    assert budgeted_steps(1500, 20, 0.1, 600.0, fill=True) == 6020  # --steps auto: the budget, not the plan
+    assert budgeted_steps(1500, 20, 0.5, 600.0, fill=True) == 1220
+    assert budgeted_steps(1500, 20, 0.5, -5.0, fill=True) == 20
 
 
 def test_a_shortened_schedule_takes_over_where_the_long_one_stands_and_ends_at_its_floor():
@@ -295,6 +298,36 @@ def test_pretrain_shortens_its_schedule_to_the_time_budget(synth_lot, tmp_path, 
     assert free.steps == roomy.steps == 5 and free.sha256 == roomy.sha256 != cut.sha256
     with pytest.raises(ConfigError, match="--max-minutes must be >= 0"):
         replace(cfg, max_minutes=-1.0)
+
+
+def test_pretrain_steps_auto_runs_the_steps_the_budget_allows(synth_lot, tmp_path, monkeypatch):
+    """``--steps auto``: after the timed steps the schedule is as long as the budget allows, more than the first
+    plan as readily as fewer; the weights record it; without a budget it is refused in one line."""
+    import semclip_batch.fewshot.pretrain as module
+
+    asked: list[tuple[int, int, bool]] = []
+
+    def roomy(planned: int, done: int, per_step: float, seconds_left: float, fill: bool = False) -> int:
+        asked.append((planned, done, fill))
+        return 7  # as if the budget held 7 steps in all
+
+    monkeypatch.setattr(module, "CALIBRATION_STEPS", 3)
+    monkeypatch.setattr(module, "budgeted_steps", roomy)
+    cfg = PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(tmp_path / "auto.safetensors"), steps=5,
+                         batch_size=2, max_minutes=5.0, fill_budget=True, model=ModelSpec(backbone="semclip-tiny"))
+    seen: list[tuple[int, int]] = []
+    result = pretrain(cfg, progress=lambda step, total, loss: seen.append((step, total)))
+    assert asked == [(5, 3, True)] and result.steps == 7 and seen[-1] == (7, 7)
+    with safe_open(cfg.out, "pt") as f:
+        meta = f.metadata()
+    assert (meta["steps"], meta["planned_steps"], meta["max_minutes"]) == ("7", "auto", "5.0")
+    with pytest.raises(ConfigError, match="--steps auto fills the --max-minutes budget"):
+        replace(cfg, max_minutes=0.0)
+    for flags, message in ((["--steps", "auto", "--max-minutes", "0"], "--steps auto fills the --max-minutes budget"),
+                           (["--steps", "many"], "--steps 'many': expected a whole number or 'auto'")):
+        res = CliRunner().invoke(main, ["pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "x"),
+                                        *flags])
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
 
 
 def test_layers_of_the_last_epoch_when_validation_frames_hold_no_defect_pixel(tmp_path):

@@ -12,6 +12,7 @@ from semclip_batch.cli.options import (
     MethodChoice,
     model_options,
     parse_reference_weight,
+    parse_steps,
     parse_storage_options,
     print_result,
     report_flag,
@@ -404,9 +405,10 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
 @click.argument("manifest")
 @click.option("--out", required=True, help="The weights file to write (.safetensors, any fsspec URL).")
 @model_options
-@click.option("--steps", default=DEFAULT_PRETRAIN_STEPS, show_default=True, type=int,
-              help="Optimiser steps, fewer if --max-minutes would be overrun (a step of 32 took 0.3-0.5 s for "
-                   "semclip-tiny here, CPU).")
+@click.option("--steps", default=str(DEFAULT_PRETRAIN_STEPS), show_default=True,
+              help="Optimiser steps, fewer if --max-minutes would be overrun (a step of 32 took 0.15-0.5 s for "
+                   "semclip-tiny on 2 CPU cores), or 'auto': as many as fit in --max-minutes (timed on the first "
+                   "20), for a faster machine than that.")
 @click.option("--max-minutes", default=DEFAULT_PRETRAIN_MINUTES, show_default=True, type=float,
               help="Wall-clock budget, loading and the held-out check included: the first 20 steps are timed and the "
                    "schedule is shortened to the steps that fit (a warning says so). 0: run every step.")
@@ -425,7 +427,7 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
 @user_errors
 def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
              seed: int, prompts: str | None, storage_option: tuple[str, ...],
-             steps: int, max_minutes: float, batch_size: int, lr: float, crops: int, text_separation: float,
+             steps: str, max_minutes: float, batch_size: int, lr: float, crops: int, text_separation: float,
              keep_tokens: float) -> None:
     """Adapt a backbone to SEM images (dense patch-text alignment) and write its weights to --out.
 
@@ -438,7 +440,10 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table
     from semclip_batch.fewshot.pretrain import pretrain as run_pretrain
 
-    cfg = PretrainConfig(manifest=manifest, out=out, steps=steps, batch_size=batch_size, lr=lr, keep=keep_tokens, crops=crops,
+    planned = parse_steps(steps)
+    cfg = PretrainConfig(manifest=manifest, out=out, steps=DEFAULT_PRETRAIN_STEPS if planned is None else planned,
+                         fill_budget=planned is None,
+                         batch_size=batch_size, lr=lr, keep=keep_tokens, crops=crops,
                          max_minutes=max_minutes, separation=text_separation,
                          model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
                                          pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts,

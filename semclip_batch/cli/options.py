@@ -28,6 +28,7 @@ from semclip_batch.io.storage import check_storage_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 P = ParamSpec("P")
+N = TypeVar("N", int, float)
 R = TypeVar("R")
 
 
@@ -62,16 +63,26 @@ def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return check_storage_options(opts)
 
 
-def parse_reference_weight(text: str) -> float | None:
-    """``train --reference-weight W`` as a number (range checked by :class:`ModelSpec`), or None for 'auto'."""
+def number_or_auto(text: str, flag: str, cast: Callable[[str], N], expected: str) -> N | None:
+    """A flag's value as ``cast(text)``, or None for 'auto' (any case); anything else refused in one line."""
     from semclip_batch.errors import ConfigError
 
     if text.strip().lower() == "auto":
         return None
     try:
-        return float(text)
+        return cast(text)
     except ValueError:
-        raise ConfigError(f"--reference-weight {shorten(text, 30)!r}: expected a number in [0, 1] or 'auto'") from None
+        raise ConfigError(f"{flag} {shorten(text, 30)!r}: expected {expected} or 'auto'") from None
+
+
+def parse_reference_weight(text: str) -> float | None:
+    """``train --reference-weight W`` as a number (range checked by :class:`ModelSpec`), or None for 'auto'."""
+    return number_or_auto(text, "--reference-weight", float, "a number in [0, 1]")
+
+
+def parse_steps(text: str) -> int | None:
+    """``pretrain --steps N`` (checked by :class:`PretrainConfig`), or None for 'auto': fill the time budget."""
+    return number_or_auto(text, "--steps", int, "a whole number")
 
 
 storage_option_flag = click.option(
