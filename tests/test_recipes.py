@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from semclip_batch.cli.commands import main
-from semclip_batch.config import ModelSpec
+from semclip_batch.cli.options import pretrain_steps
+from semclip_batch.config import DEFAULT_PRETRAIN_STEPS, ModelSpec
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.augment import TRANSFORMS, augment
 from semclip_batch.fewshot.pretrain import (
@@ -302,7 +303,8 @@ def test_pretrain_shortens_its_schedule_to_the_time_budget(synth_lot, tmp_path, 
 
 def test_pretrain_steps_auto_runs_the_steps_the_budget_allows(synth_lot, tmp_path, monkeypatch):
     """``--steps auto``: after the timed steps the schedule is as long as the budget allows, more than the first
-    plan as readily as fewer; the weights record it; without a budget it is refused in one line."""
+    plan as readily as fewer; the weights record it; without a budget it is refused in one line; the command
+    takes it by default where there is a budget."""
     import semclip_batch.fewshot.pretrain as module
 
     asked: list[tuple[int, int, bool]] = []
@@ -313,16 +315,21 @@ def test_pretrain_steps_auto_runs_the_steps_the_budget_allows(synth_lot, tmp_pat
 
     monkeypatch.setattr(module, "CALIBRATION_STEPS", 3)
     monkeypatch.setattr(module, "budgeted_steps", roomy)
-    cfg = PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(tmp_path / "auto.safetensors"), steps=5,
+    cfg = PretrainConfig(manifest=str(synth_lot / "manifest.csv"), out=str(tmp_path / "auto.safetensors"), steps=2,
                          batch_size=2, max_minutes=5.0, fill_budget=True, model=ModelSpec(backbone="semclip-tiny"))
     seen: list[tuple[int, int]] = []
     result = pretrain(cfg, progress=lambda step, total, loss: seen.append((step, total)))
-    assert asked == [(5, 3, True)] and result.steps == 7 and seen[-1] == (7, 7)
+    assert asked == [(4, 3, True)]  # a plan shorter than the timed steps is stretched past them first
+    assert result.steps == 7 and seen[-1] == (7, 7)
     with safe_open(cfg.out, "pt") as f:
         meta = f.metadata()
     assert (meta["steps"], meta["planned_steps"], meta["max_minutes"]) == ("7", "auto", "5.0")
     with pytest.raises(ConfigError, match="--steps auto fills the --max-minutes budget"):
         replace(cfg, max_minutes=0.0)
+    # the command's default: the budget decides, or the fixed schedule where --max-minutes 0 leaves none
+    assert pretrain_steps(None, 10.0) == (DEFAULT_PRETRAIN_STEPS, True)
+    assert pretrain_steps(None, 0.0) == (DEFAULT_PRETRAIN_STEPS, False)
+    assert pretrain_steps(" Auto ", 5.0) == (DEFAULT_PRETRAIN_STEPS, True) and pretrain_steps("300", 10.0) == (300, False)
     for flags, message in ((["--steps", "auto", "--max-minutes", "0"], "--steps auto fills the --max-minutes budget"),
                            (["--steps", "many"], "--steps 'many': expected a whole number or 'auto'")):
         res = CliRunner().invoke(main, ["pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "x"),

@@ -12,8 +12,8 @@ from semclip_batch.cli.options import (
     MethodChoice,
     model_options,
     parse_reference_weight,
-    parse_steps,
     parse_storage_options,
+    pretrain_steps,
     print_result,
     report_flag,
     run_config,
@@ -405,13 +405,13 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
 @click.argument("manifest")
 @click.option("--out", required=True, help="The weights file to write (.safetensors, any fsspec URL).")
 @model_options
-@click.option("--steps", default=str(DEFAULT_PRETRAIN_STEPS), show_default=True,
-              help="Optimiser steps, fewer if --max-minutes would be overrun (a step of 32 took 0.15-0.5 s for "
-                   "semclip-tiny on 2 CPU cores), or 'auto': as many as fit in --max-minutes (timed on the first "
-                   "20), for a faster machine than that.")
+@click.option("--steps", default=None,
+              help="Optimiser steps, fewer if --max-minutes would be overrun, or 'auto': as many as fit in "
+                   "--max-minutes (timed on the first 20; a step of 32 took 0.15-0.5 s for semclip-tiny on 2 CPU "
+                   f"cores).  [default: auto; with --max-minutes 0: {DEFAULT_PRETRAIN_STEPS}]")
 @click.option("--max-minutes", default=DEFAULT_PRETRAIN_MINUTES, show_default=True, type=float,
               help="Wall-clock budget, loading and the held-out check included: the first 20 steps are timed and the "
-                   "schedule is shortened to the steps that fit (a warning says so). 0: run every step.")
+                   "schedule is laid over the steps that fit (fewer than a --steps N: a warning says so). 0: none.")
 @click.option("--batch-size", default=DEFAULT_PRETRAIN_BATCH, show_default=True, type=int)
 @click.option("--lr", default=DEFAULT_PRETRAIN_LR, show_default=True, type=float)
 @click.option("--crops", default=DEFAULT_PRETRAIN_CROPS, show_default=True, type=int,
@@ -427,7 +427,7 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
 @user_errors
 def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
              seed: int, prompts: str | None, storage_option: tuple[str, ...],
-             steps: str, max_minutes: float, batch_size: int, lr: float, crops: int, text_separation: float,
+             steps: str | None, max_minutes: float, batch_size: int, lr: float, crops: int, text_separation: float,
              keep_tokens: float) -> None:
     """Adapt a backbone to SEM images (dense patch-text alignment) and write its weights to --out.
 
@@ -440,11 +440,9 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table
     from semclip_batch.fewshot.pretrain import pretrain as run_pretrain
 
-    planned = parse_steps(steps)
-    cfg = PretrainConfig(manifest=manifest, out=out, steps=DEFAULT_PRETRAIN_STEPS if planned is None else planned,
-                         fill_budget=planned is None,
-                         batch_size=batch_size, lr=lr, keep=keep_tokens, crops=crops,
-                         max_minutes=max_minutes, separation=text_separation,
+    plan, fill = pretrain_steps(steps, max_minutes)
+    cfg = PretrainConfig(manifest=manifest, out=out, steps=plan, fill_budget=fill, max_minutes=max_minutes,
+                         batch_size=batch_size, lr=lr, keep=keep_tokens, crops=crops, separation=text_separation,
                          model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
                                          pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts,
                                          storage_options=parse_storage_options(storage_option)))
@@ -452,6 +450,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
         result = run_pretrain(cfg, progress=progress)
     for line in heldout_table(result):
         click.echo(line)
+    click.echo(f"{result.steps} steps in {result.seconds:.0f} s" + (" (--steps auto)" if fill else ""))
     click.echo(f"wrote {out}")
     click.echo(result.sha256)
 

@@ -14,6 +14,7 @@ from semclip_batch.config import (
     DEFAULT_IMAGE_THRESHOLD,
     DEFAULT_MIN_REGION_PX,
     DEFAULT_PIXEL_THRESHOLD,
+    DEFAULT_PRETRAIN_STEPS,
     DEFAULT_SHARD_SIZE,
     DEFAULT_TILE_ABOVE,
     PRECISIONS,
@@ -80,9 +81,14 @@ def parse_reference_weight(text: str) -> float | None:
     return number_or_auto(text, "--reference-weight", float, "a number in [0, 1]")
 
 
-def parse_steps(text: str) -> int | None:
-    """``pretrain --steps N`` (checked by :class:`PretrainConfig`), or None for 'auto': fill the time budget."""
-    return number_or_auto(text, "--steps", int, "a whole number")
+def pretrain_steps(text: str | None, max_minutes: float) -> tuple[int, bool]:
+    """``pretrain --steps N|auto`` -> (the planned steps, whether the budget decides instead). Not given: 'auto'
+    where there is a budget, else the fixed default schedule. 'auto' plans the first steps as the default does
+    (they are timed, then the schedule is laid over the steps that fit). N is checked by :class:`PretrainConfig`."""
+    if text is None:
+        return DEFAULT_PRETRAIN_STEPS, max_minutes > 0
+    steps = number_or_auto(text, "--steps", int, "a whole number")
+    return (DEFAULT_PRETRAIN_STEPS, True) if steps is None else (steps, False)
 
 
 storage_option_flag = click.option(

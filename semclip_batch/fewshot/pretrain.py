@@ -306,7 +306,8 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     """Train and write the weights file (safetensors, backbone, canonical sha256, recipe and held-out figures
     in its metadata). With ``max_minutes``, the schedule is shortened when the steps would not fit: the first
     :data:`CALIBRATION_STEPS` are timed and the rest of the one-cycle schedule is laid over the steps that fit
-    in what is left of the budget, the final held-out check and saving included."""
+    in what is left of the budget, the final held-out check and saving included; with ``fill_budget``
+    (``--steps auto``) it is laid over every step that fits, more than ``steps`` as readily as fewer."""
     started = time.perf_counter()
     torch.manual_seed(cfg.model.seed)
     prompts: PromptSet = load_prompts(cfg.model.prompts, cfg.model.storage_options)
@@ -342,11 +343,11 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     before = figures()
     check_s = time.perf_counter() - t_check  # the final check takes as long
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05, fused=True)  # one kernel: ~15 % a step here
-    sched = resumed_schedule(opt, cfg, cfg.steps, 0)
+    steps, step = (max(cfg.steps, CALIBRATION_STEPS + 1) if cfg.fill_budget else cfg.steps), 0  # auto: time some
+    sched = resumed_schedule(opt, cfg, steps, 0)
     gen = torch.Generator().manual_seed(cfg.model.seed)
     t0 = time.perf_counter()
     draw = min(cfg.batch_size, len(train_rows))
-    steps, step = cfg.steps, 0
     while step < steps:
         step += 1
         idx = train_rows[torch.multinomial(weights, draw, replacement=False, generator=gen)]
