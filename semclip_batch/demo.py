@@ -17,7 +17,7 @@ from semclip_batch.analysis.evaluate import evaluate
 from semclip_batch.analysis.report import write_report
 from semclip_batch.analysis.results import lot_summary
 from semclip_batch.config import CheckpointRequest, ModelSpec, RunConfig
-from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
+from semclip_batch.fewshot.pretrain import OPTIMIZER, PretrainConfig, pretrain
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.io import storage
 from semclip_batch.methods.shipped import SHIPPED, shipped_weights
@@ -29,7 +29,7 @@ LOT_SIZES = (*SIZES, (1200, 900))  # the test lots' frames; the support set is d
 # labels frames of its own lots (a support set without 1200x900 frames gave pAUROC 0.881 instead of 0.928 on
 # classic lots of other seeds: README "The two commands")
 DEMO_STEPS = 350
-DEMO_RECIPE = {"steps": str(DEMO_STEPS), "keep": str(PretrainConfig.keep)}
+DEMO_RECIPE = {"steps": str(DEMO_STEPS), "keep": str(PretrainConfig.keep), "optimizer": OPTIMIZER}
 
 
 def _cached_weights(path: str, backbone: str) -> str | None:

@@ -297,8 +297,9 @@ def test_pretrain_shortens_its_schedule_to_the_time_budget(synth_lot, tmp_path, 
     free = pretrain(replace(cfg, out=str(tmp_path / "free.safetensors"), steps=5, max_minutes=0.0))
     roomy = pretrain(replace(cfg, out=str(tmp_path / "roomy.safetensors"), steps=5, max_minutes=60.0))
     assert free.steps == roomy.steps == 5 and free.sha256 == roomy.sha256 != cut.sha256
-    with pytest.raises(ConfigError, match="--max-minutes must be >= 0"):
-        replace(cfg, max_minutes=-1.0)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="--max-minutes must be a number >= 0"):
+            replace(cfg, max_minutes=bad)
 
 
 def test_pretrain_steps_auto_runs_the_steps_the_budget_allows(synth_lot, tmp_path, monkeypatch):
@@ -324,12 +325,22 @@ def test_pretrain_steps_auto_runs_the_steps_the_budget_allows(synth_lot, tmp_pat
     with safe_open(cfg.out, "pt") as f:
         meta = f.metadata()
     assert (meta["steps"], meta["planned_steps"], meta["max_minutes"]) == ("7", "auto", "5.0")
+    assert meta["optimizer"] == module.OPTIMIZER == "adamw-fused"
     with pytest.raises(ConfigError, match="--steps auto fills the --max-minutes budget"):
         replace(cfg, max_minutes=0.0)
+
     # the command's default: the budget decides, or the fixed schedule where --max-minutes 0 leaves none
     assert pretrain_steps(None, 10.0) == (DEFAULT_PRETRAIN_STEPS, True)
     assert pretrain_steps(None, 0.0) == (DEFAULT_PRETRAIN_STEPS, False)
     assert pretrain_steps(" Auto ", 5.0) == (DEFAULT_PRETRAIN_STEPS, True) and pretrain_steps("300", 10.0) == (300, False)
+    given: list[PretrainConfig] = []
+    monkeypatch.setattr(module, "pretrain", lambda c, progress=None: given.append(c) or result)
+    for flags in ([], ["--max-minutes", "0"], ["--steps", "40"]):
+        res = CliRunner().invoke(main, ["pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "y"),
+                                        "--backbone", "semclip-tiny", *flags])
+        assert res.exit_code == 0 and res.output.strip().splitlines()[-1] == result.sha256, res.output
+    assert [(c.steps, c.fill_budget, c.max_minutes) for c in given] == \
+        [(DEFAULT_PRETRAIN_STEPS, True, 10.0), (DEFAULT_PRETRAIN_STEPS, False, 0.0), (40, False, 10.0)]
     for flags, message in ((["--steps", "auto", "--max-minutes", "0"], "--steps auto fills the --max-minutes budget"),
                            (["--steps", "many"], "--steps 'many': expected a whole number or 'auto'")):
         res = CliRunner().invoke(main, ["pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "x"),

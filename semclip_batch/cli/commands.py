@@ -405,7 +405,7 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
 @click.argument("manifest")
 @click.option("--out", required=True, help="The weights file to write (.safetensors, any fsspec URL).")
 @model_options
-@click.option("--steps", default=None,
+@click.option("--steps", default=None, metavar="N|auto",
               help="Optimiser steps, fewer if --max-minutes would be overrun, or 'auto': as many as fit in "
                    "--max-minutes (timed on the first 20; a step of 32 took 0.15-0.5 s for semclip-tiny on 2 CPU "
                    f"cores).  [default: auto; with --max-minutes 0: {DEFAULT_PRETRAIN_STEPS}]")
@@ -450,7 +450,8 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
         result = run_pretrain(cfg, progress=progress)
     for line in heldout_table(result):
         click.echo(line)
-    click.echo(f"{result.steps} steps in {result.seconds:.0f} s" + (" (--steps auto)" if fill else ""))
+    click.echo(f"{result.steps} steps" + (" (--steps auto)" if fill else "")
+               + f", {result.seconds:.0f} s of training and the final check")
     click.echo(f"wrote {out}")
     click.echo(result.sha256)
 

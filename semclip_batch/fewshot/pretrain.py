@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -95,8 +96,8 @@ class PretrainConfig:
             raise ConfigError("--warmup must be in (0, 1) and --heldout in [0, 0.5)")
         if not self.separation >= 0.0:
             raise ConfigError(f"--text-separation must be >= 0 (0: off), got {self.separation}")
-        if not self.max_minutes >= 0.0:
-            raise ConfigError(f"--max-minutes must be >= 0 (0: no limit), got {self.max_minutes}")
+        if not (self.max_minutes >= 0.0 and math.isfinite(self.max_minutes)):
+            raise ConfigError(f"--max-minutes must be a number >= 0 (0: no limit), got {self.max_minutes}")
         if self.fill_budget and not self.max_minutes:
             raise ConfigError("--steps auto fills the --max-minutes budget; it needs one (> 0)")
 
@@ -116,7 +117,7 @@ class Pretrained:
     before: dict[str, float | None]
     after: dict[str, float | None]
     seconds: float
-    steps: int  # run: the planned ones unless --max-minutes cut the schedule short
+    steps: int  # run: the planned ones, or those --max-minutes left room for (cut, or --steps auto)
 
 
 def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -200,6 +201,10 @@ def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Te
 
 CALIBRATION_STEPS = 20  # steps timed before a --max-minutes budget sizes the rest of the schedule
 BUDGET_MARGIN_S = 10.0  # of the budget kept for saving the weights and the step time's drift
+OPTIMIZER = "adamw-fused"  # recorded: weights before it (the per-parameter loop) differ at float rounding; fused
+# is ~15 % cheaper a step here
+AUTO_RESERVE = 0.03  # --steps auto: share of the time left kept back (its length rests on 20 timed steps alone)
+FEW_STEPS = 200  # --steps auto below it: warned (under 200, the 20 timed steps are more than the warm-up)
 
 
 def budgeted_steps(planned: int, done: int, per_step: float, seconds_left: float, fill: bool = False) -> int:
@@ -342,8 +347,10 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     t_check = time.perf_counter()
     before = figures()
     check_s = time.perf_counter() - t_check  # the final check takes as long
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05, fused=True)  # one kernel: ~15 % a step here
-    steps, step = (max(cfg.steps, CALIBRATION_STEPS + 1) if cfg.fill_budget else cfg.steps), 0  # auto: time some
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05, fused=True)
+    steps, step = cfg.steps, 0
+    if cfg.fill_budget:  # a plan long enough to time its first steps
+        steps = max(steps, CALIBRATION_STEPS + 1)
     sched = resumed_schedule(opt, cfg, steps, 0)
     gen = torch.Generator().manual_seed(cfg.model.seed)
     t0 = time.perf_counter()
@@ -364,10 +371,14 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
             now = time.perf_counter()
             per_step = (now - t0) / step
             left = cfg.max_minutes * 60.0 - (now - started) - check_s - BUDGET_MARGIN_S
+            if cfg.fill_budget:
+                left *= 1.0 - AUTO_RESERVE
             fitted = budgeted_steps(steps, step, per_step, left, cfg.fill_budget)
             if cfg.fill_budget:
-                log.info("pretrain: --steps auto: %d steps fit in --max-minutes %g (%.2f s a step here)",
-                         fitted, cfg.max_minutes, per_step)
+                (log.warning if fitted < FEW_STEPS else log.info)(
+                    "pretrain: --steps auto: %d steps fit in --max-minutes %g (%.2f s a step here)%s", fitted,
+                    cfg.max_minutes, per_step, "; too few to learn much: a larger --max-minutes" if fitted < FEW_STEPS
+                    else "")
             elif fitted < steps:
                 log.warning("pretrain: --max-minutes %g leaves time for %d of the %d steps (%.2f s a step here); "
                             "the schedule is shortened to fit (--max-minutes 0: no limit)",
@@ -388,7 +399,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
              len(held.whole))
     meta = {**(metadata or {}),  # the caller's first: what was run wins
             **replace(cfg, steps=steps).recipe(), "planned_steps": "auto" if cfg.fill_budget else str(cfg.steps),
-            "max_minutes": str(cfg.max_minutes),
+            "max_minutes": str(cfg.max_minutes), "optimizer": OPTIMIZER,
             **({"text_separation": str(cfg.separation)} if cfg.separation else {}),  # absent: off, as before it
             "heldout_check": json.dumps({"before": before, "after": after})}
     digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
