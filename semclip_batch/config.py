@@ -35,13 +35,14 @@ DEFAULT_REPORT_TOP_N = 12  # overlay thumbnails per lot page of `report`
 # `status`: a record still `running` with nothing new under _state/ for this long is reported as likely killed
 # (a 256-row shard of large frames takes minutes on CPU)
 DEFAULT_STALE_AFTER_S = 600.0
-# pretrain (the CLI and PretrainConfig): the ≤ 10-minute schedule of the README, a quarter of the tokens per step
+# pretrain (the CLI and PretrainConfig): the fixed schedule (--steps N or --max-minutes 0; the CLI's default is
+# --steps auto, as many as fit in the budget), a quarter of the tokens per step
 DEFAULT_PRETRAIN_STEPS = 1500
 DEFAULT_PRETRAIN_BATCH = 32
 DEFAULT_PRETRAIN_LR = 1e-3
 DEFAULT_KEEP_TOKENS = 0.25
 DEFAULT_PRETRAIN_CROPS = 2  # per frame larger than the model input: at native resolution and at half of it
-# pretrain's wall-clock budget: a slower machine runs fewer of the steps rather than overrunning (0: no limit)
+# pretrain's wall-clock budget: --steps auto fills it; a fixed --steps N runs fewer steps rather than overrun (0: none)
 DEFAULT_PRETRAIN_MINUTES = 10.0
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_MODES = ("mean", "max")

@@ -302,7 +302,7 @@ def test_pretrain_shortens_its_schedule_to_the_time_budget(synth_lot, tmp_path, 
             replace(cfg, max_minutes=bad)
 
 
-def test_pretrain_steps_auto_runs_the_steps_the_budget_allows(synth_lot, tmp_path, monkeypatch):
+def test_pretrain_steps_auto_runs_the_steps_the_budget_allows(synth_lot, tmp_path, monkeypatch, caplog):
     """``--steps auto``: after the timed steps the schedule is as long as the budget allows, more than the first
     plan as readily as fewer; the weights record it; without a budget it is refused in one line; the command
     takes it by default where there is a budget."""
@@ -322,6 +322,7 @@ def test_pretrain_steps_auto_runs_the_steps_the_budget_allows(synth_lot, tmp_pat
     result = pretrain(cfg, progress=lambda step, total, loss: seen.append((step, total)))
     assert asked == [(4, 3, True)]  # a plan shorter than the timed steps is stretched past them first
     assert result.steps == 7 and seen[-1] == (7, 7)
+    assert "--steps auto: 7 steps fit" in caplog.text and "too few to learn much" in caplog.text  # under 200: warned
     with safe_open(cfg.out, "pt") as f:
         meta = f.metadata()
     assert (meta["steps"], meta["planned_steps"], meta["max_minutes"]) == ("7", "auto", "5.0")
@@ -339,6 +340,7 @@ def test_pretrain_steps_auto_runs_the_steps_the_budget_allows(synth_lot, tmp_pat
         res = CliRunner().invoke(main, ["pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "y"),
                                         "--backbone", "semclip-tiny", *flags])
         assert res.exit_code == 0 and res.output.strip().splitlines()[-1] == result.sha256, res.output
+        assert ("7 steps (--steps auto), " in res.output) == (not flags), res.output
     assert [(c.steps, c.fill_budget, c.max_minutes) for c in given] == \
         [(DEFAULT_PRETRAIN_STEPS, True, 10.0), (DEFAULT_PRETRAIN_STEPS, False, 0.0), (40, False, 10.0)]
     for flags, message in ((["--steps", "auto", "--max-minutes", "0"], "--steps auto fills the --max-minutes budget"),

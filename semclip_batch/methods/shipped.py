@@ -1,7 +1,8 @@
 """Weights shipped with the package (``--pretrained shipped``): ``semclip-tiny`` pretrained by this project's own
-``pretrain`` with its defaults on ``synth`` lots (family ``classic``, seed 1000, 29 lots x 70 frames), seeds
-disjoint from every demo and benchmark test lot. Stored in fp16 (8.4 MB instead of 16.8; the model loads them
-into fp32), checksum pinned here: the canonical sha256 of the loaded model, which checkpoints record.
+``pretrain`` with its fixed default schedule (1,500 steps, no time budget) on ``synth`` lots (family ``classic``,
+seed 1000, 29 lots x 70 frames), seeds disjoint from every demo and benchmark test lot. Stored in fp16 (8.4 MB
+instead of 16.8; the model loads them into fp32), checksum pinned here: the canonical sha256 of the loaded model,
+which checkpoints record.
 
 Rebuild them whenever ``pretrain``'s defaults change (``tests/test_shipped.py`` compares the recipe recorded
 in the file with today's defaults)::
