@@ -375,10 +375,10 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
                 left *= 1.0 - AUTO_RESERVE
             fitted = budgeted_steps(steps, step, per_step, left, cfg.fill_budget)
             if cfg.fill_budget:
-                (log.warning if fitted < FEW_STEPS else log.info)(
-                    "pretrain: --steps auto: %d steps fit in --max-minutes %g (%.2f s a step here)%s", fitted,
-                    cfg.max_minutes, per_step, "; too few to learn much: a larger --max-minutes" if fitted < FEW_STEPS
-                    else "")
+                few = fitted < FEW_STEPS
+                log.log(logging.WARNING if few else logging.INFO,
+                        "pretrain: --steps auto: %d steps fit in --max-minutes %g (%.2f s a step here)%s", fitted,
+                        cfg.max_minutes, per_step, "; too few to learn much: a larger --max-minutes" if few else "")
             elif fitted < steps:
                 log.warning("pretrain: --max-minutes %g leaves time for %d of the %d steps (%.2f s a step here); "
                             "the schedule is shortened to fit (--max-minutes 0: no limit)",
