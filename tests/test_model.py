@@ -223,3 +223,39 @@ def test_gaussian_blur_is_the_separable_reflected_convolution(shape, sigma):
     assert grad_in.grad is not None and torch.isfinite(grad_in.grad).all()
     half = gaussian_blur(maps.to(torch.bfloat16), sigma)  # the matrices follow the maps' dtype (cached per dtype)
     assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), direct, atol=2e-2)
+
+
+def test_prompts_encode_on_their_used_columns_as_on_the_full_context(tiny_clip):
+    """The text tower run up to the longest prompt's last token gives the full context's embeddings (the
+    padding after the pooled end-of-text token never reaches it under the causal mask); a tower pooled at its
+    last column runs the full context."""
+    import open_clip
+
+    from semclip_batch.model.text import encode_prompts
+
+    clip = tiny_clip.clip.eval()
+    tokens = open_clip.get_tokenizer("semclip-tiny")(["a scratch.", "a sem image of a wafer with a long bridge defect"])
+    assert (tokens != 0).sum(1).max() < 20  # the trimmed run is a fraction of the 77 columns
+    with torch.no_grad():
+        full, trimmed = clip.encode_text(tokens), encode_prompts(clip, tokens)
+        assert trimmed.shape == full.shape
+        assert torch.allclose(trimmed, full, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(trimmed[0], trimmed[1], atol=1e-3)  # the two prompts differ: not a constant
+        clip.text_pool_type = "last"
+        try:
+            assert torch.equal(encode_prompts(clip, tokens), clip.encode_text(tokens))
+        finally:
+            clip.text_pool_type = "argmax"
+
+
+def test_normalize_equals_expanding_the_grey_channel_first():
+    from semclip_batch.config import PreprocessConfig
+    from semclip_batch.io.preprocess import normalize
+
+    cfg = PreprocessConfig(image_size=16, mean=(0.48, 0.45, 0.40), std=(0.26, 0.26, 0.27))
+    views = torch.rand(3, 16, 16)
+    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+    want = (views[:, None].expand(-1, 3, -1, -1) - mean) / std
+    got = normalize(views, cfg)
+    assert got.shape == (3, 3, 16, 16) and got.is_contiguous()
+    assert torch.equal(got, want)

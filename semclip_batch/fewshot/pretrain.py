@@ -63,6 +63,7 @@ from semclip_batch.methods.weights import canonical_sha256, load_backbone, prepr
 from semclip_batch.model import default_taps
 from semclip_batch.model.encoder import encode_dual_path
 from semclip_batch.model.semclip import patch_logits
+from semclip_batch.model.text import encode_prompts
 from semclip_batch.model.towers import VisionTower, as_clip
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class Pretrained:
 
 def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Differentiable class embeddings: mean of normalised prompt embeddings per class. -> ``(C, E)``."""
-    emb = F.normalize(as_clip(clip).encode_text(tokens), dim=-1)
+    emb = F.normalize(encode_prompts(clip, tokens), dim=-1)
     sums = torch.zeros(n_classes, emb.shape[1], dtype=emb.dtype).index_add(0, owner, emb)
     return F.normalize(sums, dim=-1)
 
@@ -192,7 +193,7 @@ def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Te
     if (labels != IGNORE).any():
         loss = loss + _balanced_ce(scale * emb @ text.t(), labels, n_classes)
     if caption_tokens is not None:
-        cap = F.normalize(parts.encode_text(caption_tokens[idx]), dim=-1)
+        cap = F.normalize(encode_prompts(clip, caption_tokens[idx]), dim=-1)
         logits = scale * emb @ cap.t()
         target = torch.arange(len(idx))
         loss = loss + 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))

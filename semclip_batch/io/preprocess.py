@@ -205,10 +205,11 @@ def stretched_views(stretched: np.ndarray, cfg: PreprocessConfig, tiles: list[Ti
 def normalize(views: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """Grey views in [0, 1] to 3 normalised channels, on the views' device. ``(N, S, S)`` -> ``(N, 3, S, S)``
     float32."""
-    x = views.float()[:, None].expand(-1, 3, -1, -1)
     mean = torch.tensor(cfg.mean, dtype=torch.float32, device=views.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32, device=views.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    # the grey channel broadcast against (1, 3, 1, 1) writes the 3 channels in one pass, then divides in place:
+    # the same values as expanding to 3 channels first, at half the cost (a step of pretrain spent ~15 % here)
+    return (views.float()[:, None] - mean).div_(std)
 
 
 def mask_view(mask: np.ndarray, size: int) -> np.ndarray:
