@@ -18,8 +18,9 @@ takes one: SEM-CLIP zero-shot and the ``transfer`` recipe, frames of at least tw
 ``--validation`` names the family on which settings were chosen (the recipe's parts, the default recipe); its
 rows are marked ``val``. Nothing is chosen on the other families.
 
-Configurations: SEM-CLIP zero-shot; ``--recipe paper`` and ``transfer`` (the default) and ``transfer`` without
-each of its parts (augmentation, memory, region head, cell references); WinCLIP+ and PromptAD. Frames that
+Configurations: SEM-CLIP zero-shot (as ``run`` scores without a checkpoint: with the in-frame self-similarity
+map) and without self-similarity; ``--recipe paper`` and ``transfer`` (the default) and ``transfer`` without
+each of its parts (augmentation, memory, region head, cell references, self-similarity); WinCLIP+ and PromptAD. Frames that
 repeat take their cell reference (``io.cell_reference``) as ``train`` and ``run`` do under ``transfer``; the
 other configurations ignore it. Prints one table (mean +- std
 over seeds) and writes it as JSON to ``--work/quality.json``.
@@ -39,7 +40,7 @@ import pandas as pd
 import torch
 
 from semclip_batch.analysis.metrics import PixelCounts, classification_report, roc_auc
-from semclip_batch.config import ModelSpec
+from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table, pretrain
 from semclip_batch.fewshot.recipes import RECIPES, Recipe, applied, copies
@@ -67,6 +68,7 @@ CONFIGS: dict[str, tuple[str, Recipe]] = {  # name -> (method, SEM-CLIP recipe)
     "transfer - memory": ("semclip", replace(TRANSFER, name="transfer-memory", memory=False)),
     "transfer - region head": ("semclip", replace(TRANSFER, name="transfer-region", region_head=False)),
     "transfer - self reference": ("semclip", replace(TRANSFER, name="transfer-self", self_reference=False)),
+    "transfer - self similarity": ("semclip", replace(TRANSFER, name="transfer-selfsim", self_similarity=0.0)),
     "winclip": ("winclip", TRANSFER),
     "promptad": ("promptad", TRANSFER),
 }
@@ -254,13 +256,16 @@ def evaluate_family(work: Path, weights: str, pretrained_on: str, family: str, b
     support = load_lot(work / family / "support", backbone, prompts.classes, "support x4", augmented=True)
     test = load_lot(work / family / "test", backbone, prompts.classes, "test", augmented=False)
     base = {"pretrained_on": pretrained_on, "family": f"{family} ({role})", "role": role}
-    zero = new_model(ModelSpec(backbone=backbone_name, pretrained=weights), backbone.clip, text)
-    with torch.no_grad():
-        out = score_features(zero, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]))
-        figures = metrics(out, test, defect_view_probs(zero, backbone, out, test))
-    figures["seconds"] = 0.0
-    print("    zero-shot: " + " ".join(f"{k} {figures[k]:.3f}" for k in KEYS), flush=True)
-    rows = [summarise({**base, "config": "semclip zero-shot", "seeds": 1}, [figures])]
+    rows = []
+    for name, weight in (("semclip zero-shot", DEFAULT_SELF_SIMILARITY), ("zero-shot - self similarity", 0.0)):
+        zero = new_model(ModelSpec(backbone=backbone_name, pretrained=weights, self_similarity=weight), backbone.clip,
+                         text)
+        with torch.no_grad():
+            out = score_features(zero, test.feats, (test.data.views.shape[-2], test.data.views.shape[-1]))
+            figures = metrics(out, test, defect_view_probs(zero, backbone, out, test))
+        figures["seconds"] = 0.0
+        print(f"    {name}: " + " ".join(f"{k} {figures[k]:.3f}" for k in KEYS), flush=True)
+        rows.append(summarise({**base, "config": name, "seeds": 1}, [figures]))
     for name in configs:
         method, recipe = CONFIGS[name]
         runs = [run_config(name, method, recipe, backbone, text, support, test, seed) for seed in seeds]

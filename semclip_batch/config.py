@@ -30,6 +30,9 @@ DEFAULT_REFERENCE_WEIGHT = 0.75  # the reference map's share of the fused map: c
 # how the reference map joins its token and pixel terms (model.reference): chosen on the validation family (README)
 REFERENCE_FUSIONS = ("mean", "max")
 DEFAULT_REFERENCE_FUSION = "mean"
+# the in-frame self-similarity map's share of SEM-CLIP's map (model.selfsim): zero-shot `run` and train's recipe
+# transfer; chosen on the validation families (README "Self-similarity")
+DEFAULT_SELF_SIMILARITY = 0.8
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_REPORT_TOP_N = 12  # overlay thumbnails per lot page of `report`
 # `status`: a record still `running` with nothing new under _state/ for this long is reported as likely killed
@@ -169,6 +172,7 @@ class ModelSpec:
     reference_fusion: str = DEFAULT_REFERENCE_FUSION  # the reference map: mean or max of its token and pixel terms
     memory: bool = False  # SEM-CLIP: a normal-patch memory fused into the map (train's recipe sets it)
     region_head: bool = False  # SEM-CLIP: the head also reads the most anomalous patches' embedding
+    self_similarity: float = 0.0  # SEM-CLIP: the in-frame self-similarity map's share of the map (model.selfsim)
     scale_policy: float | None = None  # maps of large frames at this fraction of native resolution (parse_scale_policy)
     defect_view: bool = False  # class scores of large frames also from a native crop at the map's maximum
     checkpoint: str | None = None
@@ -185,6 +189,7 @@ class ModelSpec:
         if not 0.0 <= self.reference_weight <= 1.0:
             raise ConfigError(f"the reference weight (train --reference-weight, reference_weight in a checkpoint) must be "
                               f"in [0, 1], got {self.reference_weight:g}")
+        check_self_similarity(self.self_similarity)
         if self.reference_fusion not in REFERENCE_FUSIONS:
             raise ConfigError(f"reference fusion must be one of {', '.join(REFERENCE_FUSIONS)}, "
                               f"got {self.reference_fusion!r}")
@@ -207,11 +212,19 @@ class ModelSpec:
                 out["reference_fusion"] = self.reference_fusion
         if self.self_reference:
             out["self_reference"] = True
+        if self.self_similarity:
+            out["self_similarity"] = self.self_similarity
         if self.scale_policy is not None:
             out["scale_policy"] = self.scale_policy
         if self.defect_view:
             out["defect_view"] = True
         return out
+
+
+def check_self_similarity(weight: float) -> None:
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"the self-similarity weight (--self-similarity, self_similarity in a checkpoint) must be "
+                          f"in [0, 1], got {weight:g}")
 
 
 @dataclass(frozen=True)

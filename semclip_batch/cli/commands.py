@@ -19,6 +19,7 @@ from semclip_batch.cli.options import (
     run_config,
     run_options,
     scale_policy_option,
+    self_similarity_option,
     storage_option_flag,
     user_errors,
     write_report_line,
@@ -503,13 +504,15 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "periods (cell-to-cell, where the pattern repeats; stored in the checkpoint) [default: on with "
                    "SEM-CLIP's recipe transfer; off with paper and for the baselines].")
 @scale_policy_option("[default: whole; stored in the checkpoint, run scores with it]")
+@self_similarity_option("[default: 0.8 with SEM-CLIP's recipe transfer, 0 with paper; baselines have none; stored in "
+                        "the checkpoint]")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
           method: str, recipe: str, shots: int | None, epochs: int | None, lr: float, no_vv: bool, no_surgery: bool,
           taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool,
           no_register: bool, reference_fusion: str, reference_weight: str, self_reference: bool | None,
-          scale_policy: str | None) -> None:
+          scale_policy: str | None, self_similarity: float | None) -> None:
     """Few-shot SEM-CLIP (or a baseline) on a frozen backbone from a labelled SUPPORT manifest -> checkpoint.
 
     \b
@@ -518,7 +521,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
       semclip-batch train support.csv --out ckpt-winclip/ --method winclip --pretrained sem-tiny.safetensors --shots 10
     """
     from semclip_batch.errors import ConfigError
-    from semclip_batch.fewshot.recipes import applied, get_recipe, with_self_reference
+    from semclip_batch.fewshot.recipes import applied, get_recipe, with_self_reference, with_self_similarity
     from semclip_batch.fewshot.train import TrainConfig
     from semclip_batch.fewshot.train import train as run_train
 
@@ -530,7 +533,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
         raise ConfigError(f"--taps {taps!r}: expected block numbers such as 3,6") from None
     weight = parse_reference_weight(reference_weight)  # None: auto
     cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
-                      recipe=with_self_reference(get_recipe(recipe), self_reference),
+                      recipe=with_self_similarity(with_self_reference(get_recipe(recipe), self_reference),
+                                                  self_similarity),
                       choose_reference_weight=weight is None,
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
@@ -543,6 +547,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       scale_policy=parse_scale_policy(scale_policy or "whole"),
                                       storage_options=parse_storage_options(storage_option)))
     _refuse_unused_reference_options(click.get_current_context(), applied(cfg.recipe, cfg.model))
+    if self_similarity is not None and applied(cfg.recipe, cfg.model).self_similarity != self_similarity:
+        raise ConfigError(f"--self-similarity is a SEM-CLIP option; --method {method} has none: omit it")
     try:
         with loss_progress("epoch", f"train {method}") as progress:
             meta = run_train(cfg, progress=progress)

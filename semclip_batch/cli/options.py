@@ -15,6 +15,7 @@ from semclip_batch.config import (
     DEFAULT_MIN_REGION_PX,
     DEFAULT_PIXEL_THRESHOLD,
     DEFAULT_PRETRAIN_STEPS,
+    DEFAULT_SELF_SIMILARITY,
     DEFAULT_SHARD_SIZE,
     DEFAULT_TILE_ABOVE,
     PRECISIONS,
@@ -182,6 +183,7 @@ def run_options(fn: F) -> F:
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                      help="Model precision (bf16 is fastest on CPU)."),
         scale_policy_option("[default: whole; with --model: the checkpoint's, which a given value must equal]"),
+        self_similarity_option("[default: 0.8; not with --model: a checkpoint scores with its own]"),
         click.option("--defect-view/--no-defect-view", default=None,
                      help="Class scores of frames at least twice the model input also read a native-resolution crop "
                           "at the map's maximum (one more model view per such frame) [default: on; with --model: "
@@ -202,8 +204,18 @@ def scale_policy_option(default: str) -> Callable[[F], F]:
              f"overlapping tiles (class scores from the whole frame) {default}.")
 
 
+def self_similarity_option(default: str) -> Callable[[F], F]:
+    """``--self-similarity`` (model.selfsim), for ``run`` and ``train``."""
+    return click.option(
+        "--self-similarity", type=float, default=None, metavar="W",
+        help="Share w in [0, 1] of the in-frame self-similarity map in SEM-CLIP's defect map, (1 - w) * map + w * "
+             "self, where each patch scores by how unlike the rest of its own frame it is (0: off; chosen on the "
+             f"validation families, README \"Self-similarity\") {default}.")
+
+
 def run_config(*, input: str, out: str, model: str | None, backbone: str | None, pretrained: str | None,
-               pretrained_sha256: str | None, scale_policy: str | None, defect_view: bool | None,
+               pretrained_sha256: str | None, scale_policy: str | None, self_similarity: float | None,
+               defect_view: bool | None,
                seed: int, prompts: str | None, precision: str, storage_option: tuple[str, ...],
                threshold: float | None, pixel_threshold: float | None, min_region_px: int | None, batch_size: int,
                actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None,
@@ -216,6 +228,9 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
                           "or --model")
     so = parse_storage_options(storage_option)
     spec: ModelSpec | CheckpointRequest
+    if model is not None and self_similarity is not None:
+        raise ConfigError("--self-similarity applies to zero-shot runs: a checkpoint scores with the weight it was "
+                          "trained with (train --self-similarity); omit it")
     if model is not None:
         spec = CheckpointRequest(url=model, backbone=backbone, pretrained=pretrained,
                                  pretrained_sha256=pretrained_sha256, precision=precision, scale_policy=scale_policy,
@@ -225,6 +240,7 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
         spec = ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                          pretrained_sha256=pretrained_sha256, seed=seed, precision=precision, prompts=prompts,
                          scale_policy=parse_scale_policy(scale_policy or "whole"),
+                         self_similarity=DEFAULT_SELF_SIMILARITY if self_similarity is None else self_similarity,
                          defect_view=True if defect_view is None else defect_view, storage_options=so)
     return RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
                      tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,

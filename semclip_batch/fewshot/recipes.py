@@ -2,8 +2,9 @@
 rebuilds it (Transformation Layers + head on the pooled token, frozen backbone); ``transfer`` (the default)
 adds what made few shots work on families the backbone never saw (README "Quality that transfers"): the
 support frames in four orientations, a normal-patch memory fused into the map, a head that also reads the most
-anomalous patches, class scores of large frames also from a crop at the map's maximum, and frames whose pattern
-repeats compared with their own cells (a cell reference, README "Cell references"). Each part is one field, so
+anomalous patches, class scores of large frames also from a crop at the map's maximum, frames whose pattern
+repeats compared with their own cells (a cell reference, README "Cell references"), and each patch scored by
+its likeness to the rest of its frame (README "Self-similarity"). Each part is one field, so
 the benchmark ablates them one at a time. Recipes apply to SEM-CLIP only; the baselines keep their papers'
 recipes."""
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from semclip_batch.config import ModelSpec
+from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, check_self_similarity
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.augment import TRANSFORMS
 from semclip_batch.methods.registry import get_method
@@ -25,11 +26,13 @@ class Recipe:
     region_head: bool = False  # the head also reads the region embedding (model.semclip.SemClipConfig)
     defect_view: bool = False  # run: large frames' class scores also from a native crop at the map's maximum
     self_reference: bool = False  # frames without a reference frame compared with their own repeats (io.cell_reference)
+    self_similarity: float = 0.0  # the in-frame self-similarity map's share of the map (model.selfsim)
 
 
 RECIPES = {
     "paper": Recipe("paper"),
-    "transfer": Recipe("transfer", augment=True, memory=True, region_head=True, defect_view=True, self_reference=True),
+    "transfer": Recipe("transfer", augment=True, memory=True, region_head=True, defect_view=True, self_reference=True,
+                       self_similarity=DEFAULT_SELF_SIMILARITY),
 }
 DEFAULT_RECIPE = "transfer"
 
@@ -45,7 +48,7 @@ def applied(recipe: Recipe, spec: ModelSpec) -> ModelSpec:
     if not get_method(spec.method).recipes:
         return spec
     return replace(spec, memory=recipe.memory, region_head=recipe.region_head, defect_view=recipe.defect_view,
-                   self_reference=spec.self_reference or recipe.self_reference)
+                   self_reference=spec.self_reference or recipe.self_reference, self_similarity=recipe.self_similarity)
 
 
 def recorded(recipe: Recipe, method: str) -> str:
@@ -61,3 +64,11 @@ def copies(recipe: Recipe, method: str) -> int:
 def with_self_reference(recipe: Recipe, on: bool | None) -> Recipe:
     """``train --self-reference / --no-self-reference`` over the recipe's own setting (None: the recipe's)."""
     return recipe if on is None else replace(recipe, self_reference=on)
+
+
+def with_self_similarity(recipe: Recipe, weight: float | None) -> Recipe:
+    """``train --self-similarity W`` over the recipe's own weight (None: the recipe's)."""
+    if weight is None:
+        return recipe
+    check_self_similarity(weight)
+    return replace(recipe, self_similarity=weight)

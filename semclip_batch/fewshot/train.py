@@ -358,5 +358,6 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
         defect_view=spec.defect_view, register_reference=spec.register_reference and spec.use_reference,
         reference_weight=spec.reference_weight if fitted.reference is None else fitted.reference.weight,
         reference_fusion=spec.reference_fusion, self_reference=spec.self_reference,
+        self_similarity=spec.self_similarity,
     )
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)

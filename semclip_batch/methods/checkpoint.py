@@ -81,6 +81,7 @@ class CheckpointMeta:
     self_reference: bool = False  # rows without a reference_uri take a cell reference (io.cell_reference); older: never
     scale_policy: float | None = None  # train's --scale-policy (config.parse_scale_policy): run scores with it
     defect_view: bool = False  # the recipe's defect view (io.preprocess.defect_view); older: none
+    self_similarity: float = 0.0  # the in-frame self-similarity map's share (model.selfsim); older: none
     version: int = CHECKPOINT_VERSION
     tensors_sha256: str = ""
 
@@ -120,11 +121,19 @@ class CheckpointMeta:
                 reference_weight=float(body.get("reference_weight", 0.5)),
                 reference_fusion=_fusion(body.get("reference_fusion", "mean")),
                 self_reference=bool(body.get("self_reference", False)), scale_policy=_policy(body.get("scale_policy")),
-                defect_view=bool(body.get("defect_view", False)), version=CHECKPOINT_VERSION,
+                defect_view=bool(body.get("defect_view", False)),
+                self_similarity=_self_similarity(body.get("self_similarity", 0.0)), version=CHECKPOINT_VERSION,
                 tensors_sha256=str(body.get("tensors_sha256", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{where}: {META} lacks or mangles {show(str(exc).strip(chr(39)), 40)}") from None
+
+
+def _self_similarity(value: Any) -> float:
+    weight = float(value)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError("self_similarity")
+    return weight
 
 
 def _policy(value: Any) -> float | None:

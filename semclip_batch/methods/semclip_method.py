@@ -53,7 +53,8 @@ class SemClipMethod(Method[SemClip]):
 
     def build(self, spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> SemClip:
         cfg = SemClipConfig(taps=method_taps(spec, depth_of(clip)), use_vv=spec.use_vv, surgery=spec.surgery,
-                            sigma=spec.sigma, cls=spec.cls, memory=spec.memory, region_head=spec.region_head)
+                            sigma=spec.sigma, cls=spec.cls, memory=spec.memory, region_head=spec.region_head,
+                            self_similarity=spec.self_similarity)
         model = SemClip(clip, cfg, n_classes=text.shape[0])
         model.set_text_embeddings(text)
         return model

@@ -16,7 +16,9 @@ from torch import nn
 
 from .encoder import EncoderOutput, check_supported, encode_dual_path
 from .memory import PatchMemory, memory_taps
+from .patchops import grid_to_image
 from .scorer import Scorer
+from .selfsim import self_distance, self_scores
 from .surgery import feature_surgery, plain_similarity
 from .towers import as_clip, vision_tower
 
@@ -36,7 +38,8 @@ class SemClipConfig:
     ``cls``: class probabilities from the text scores only (zero-shot), the trained head only, or both fused
     as ``alpha * softmax(text) + (1 - alpha) * softmax(head)``. ``memory``: a normal-patch memory fused into
     the map (:mod:`.memory`). ``region_head``: the head also reads the *region embedding*, the mean projected
-    token of the most anomalous patches (a small defect barely moves the pooled token).
+    token of the most anomalous patches (a small defect barely moves the pooled token). ``self_similarity``: the
+    weight of the in-frame self-similarity map (:mod:`.selfsim`) in the fused map, 0 for none.
     """
 
     taps: tuple[int, ...]
@@ -50,6 +53,7 @@ class SemClipConfig:
     memory: bool = False
     region_head: bool = False
     region_share: float = 0.02  # of the patches, at least one
+    self_similarity: float = 0.0
 
 
 def head_input(emb: torch.Tensor, text: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
@@ -165,6 +169,8 @@ class SemClip(Scorer):
             raise ValueError(f"vv_from {cfg.vv_from} must lie in 1..{depth}")
         if cfg.cls not in CLS_MODES:
             raise ValueError(f"cls mode {cfg.cls!r} not in {CLS_MODES}")
+        if not 0.0 <= cfg.self_similarity <= 1.0:
+            raise ValueError(f"self-similarity weight {cfg.self_similarity:g} must lie in [0, 1]")
         self.cfg = cfg
         self.visual = visual
         logit_scale = as_clip(clip).logit_scale
@@ -225,6 +231,13 @@ class SemClip(Scorer):
             return None
         return self.memory.distance(enc, self.cfg.taps)
 
+    def self_similarity_map(self, enc: EncoderOutput, size: tuple[int, int]) -> torch.Tensor:
+        """``(B, H, W)`` in-frame self-similarity scores (:mod:`.selfsim`) of the middle taps' original-path
+        patches, bilinear to ``size``."""
+        taps = memory_taps(self.cfg.taps)
+        dist = torch.stack([self_distance(enc.original[self.cfg.taps.index(t)][:, 1:]) for t in taps]).mean(dim=0)
+        return grid_to_image(self_scores(dist), size)
+
     @torch.no_grad()
     def region_embedding(self, enc: EncoderOutput, terms: list[torch.Tensor],
                          distance: torch.Tensor | None) -> torch.Tensor | None:
@@ -254,6 +267,9 @@ class SemClip(Scorer):
             distance = self.memory_distance(enc)
         if distance is not None and self.memory is not None:
             total = self.memory.fuse(total, distance)
+        if self.cfg.self_similarity > 0:
+            w = self.cfg.self_similarity
+            total = (1.0 - w) * total + w * self.self_similarity_map(enc, size)
         maps = gaussian_blur(total, self.cfg.sigma).clamp(0.0, 1.0)
         emb = F.normalize(enc.pooled, dim=-1)
         region = self.region_embedding(enc, terms, distance)

@@ -1,0 +1,158 @@
+"""In-frame self-similarity (model.selfsim): the patch unlike the rest of its frame scores, its own neighbours do not
+vouch for it, and the weight travels from the CLI through the checkpoint to run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from semclip_batch.analysis.metrics import PixelCounts
+from semclip_batch.cli.commands import main
+from semclip_batch.config import DEFAULT_SELF_SIMILARITY, CheckpointRequest, ModelSpec, RunConfig
+from semclip_batch.errors import ConfigError, WeightsError
+from semclip_batch.fewshot.recipes import RECIPES, applied, with_self_similarity
+from semclip_batch.fewshot.train import TrainConfig, train
+from semclip_batch.fewshot.trainset import load_trainset
+from semclip_batch.io.frames import load_frame
+from semclip_batch.io.manifest import read_manifest
+from semclip_batch.io.preprocess import maps_to_frame
+from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.features import encode_views
+from semclip_batch.methods.prompts import load_prompts, text_embeddings
+from semclip_batch.methods.registry import new_model, score_features
+from semclip_batch.methods.weights import load_backbone, preprocess_config
+from semclip_batch.model.encoder import EncoderOutput
+from semclip_batch.model.selfsim import SCALE, self_distance, self_scores
+from semclip_batch.model.semclip import SemClip, SemClipConfig
+from semclip_batch.model.towers import vision_tower
+from semclip_batch.pipeline.driver import _identify_model
+
+
+def _grating(grid: int, width: int = 16, seed: int = 0) -> torch.Tensor:
+    """``(1, grid * grid, width)`` tokens of a pattern that repeats every 3 columns."""
+    gen = torch.Generator().manual_seed(seed)
+    period = torch.randn(3, width, generator=gen)
+    cols = torch.arange(grid).repeat(grid) % 3
+    return period[cols][None]
+
+
+def test_the_one_unlike_patch_scores_and_its_neighbours_do_not_vouch_for_it():
+    grid = 9
+    tokens = _grating(grid)
+    odd = torch.randn(tokens.shape[-1], generator=torch.Generator().manual_seed(5))
+    tokens[0, 4 * grid + 4] = odd
+    tokens[0, 4 * grid + 5] = odd  # a defect two patches long: each half matches only the other
+    d = self_distance(tokens)
+    assert d.shape == (1, grid * grid)
+    assert set(d[0].topk(2).indices.tolist()) == {4 * grid + 4, 4 * grid + 5}
+    normal = torch.ones(grid * grid, dtype=torch.bool)
+    normal[[4 * grid + 4, 4 * grid + 5]] = False
+    assert float(d[0, normal].max()) < 1e-5  # the pattern recurs away from every normal patch
+    # with no exclusion the two halves would match each other
+    assert float(self_distance(tokens, radius=0)[0, 4 * grid + 4]) < 1e-5
+
+
+def test_tiny_grids_score_nothing_and_odd_token_counts_are_refused():
+    assert torch.equal(self_distance(torch.randn(2, 9, 8)), torch.zeros(2, 9))  # 3 x 3: every patch is a neighbour
+    with pytest.raises(ValueError, match="square grid"):
+        self_distance(torch.randn(1, 10, 8))
+
+
+def test_scores_are_relative_to_the_frame_and_scaled():
+    d = torch.tensor([[0.3, 0.3, 0.3, 0.3 + SCALE, 0.3 + 5 * SCALE], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    s = self_scores(d)
+    assert torch.allclose(s, torch.tensor([[0.0, 0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]]))
+
+
+def _encoding(tokens: torch.Tensor) -> EncoderOutput:
+    cls = torch.zeros(tokens.shape[0], 1, tokens.shape[-1])
+    full = torch.cat([cls, tokens], dim=1)
+    return EncoderOutput(pooled=torch.randn(tokens.shape[0], 64), original=[full] * 4, vv=[None] * 4)
+
+
+def test_the_weight_mixes_the_map_linearly(tiny_clip):
+    grid = 15
+    tokens = _grating(grid, width=128)
+    tokens[0, 2 * grid + 11] = torch.randn(128, generator=torch.Generator().manual_seed(3))
+    enc = _encoding(tokens)
+    maps = {}
+    for w in (0.0, 0.5, 1.0):
+        model = SemClip(tiny_clip.clip, SemClipConfig(taps=(1, 2, 3, 4), self_similarity=w), n_classes=3).eval()
+        model.set_text_embeddings(F.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(1)), dim=-1))
+        with torch.no_grad():
+            maps[w] = model.from_encoded(enc, (240, 240)).maps[0]
+    y, x = divmod(int(maps[1.0].argmax()), 240)
+    assert (y // 16, x // 16) == (2, 11)  # the map's maximum on the unlike patch
+    assert torch.allclose(maps[0.5], 0.5 * maps[0.0] + 0.5 * maps[1.0], atol=1e-5)  # blur and mix commute
+    with pytest.raises(ValueError, match="must lie in"):
+        SemClip(tiny_clip.clip, SemClipConfig(taps=(4,), self_similarity=1.5), n_classes=3)
+
+
+def test_zero_shot_maps_find_more_defect_pixels_with_self_similarity(synth_lot):
+    """The shipped backbone on the session's synthetic lot: pixel AUROC rises with the default weight."""
+    backbone = load_backbone("semclip-tiny", "shipped")
+    prompts = load_prompts()
+    prep = preprocess_config("semclip-tiny", tile_above=10**9)
+    df = read_manifest(str(synth_lot / "manifest.csv"))
+    data = load_trainset(df, prompts.classes, prep)
+    feats = encode_views(vision_tower(backbone.clip), data.views, prep, (1, 2, 3, 4))
+    text = torch.from_numpy(text_embeddings(backbone, prompts))
+    truth = [load_frame(u) > 0 for u in df["mask_url"]]
+    auroc = {}
+    for w in (0.0, DEFAULT_SELF_SIMILARITY):
+        model = new_model(ModelSpec(backbone="semclip-tiny", pretrained="shipped", self_similarity=w), backbone.clip,
+                          text)
+        with torch.no_grad():
+            out = score_features(model, feats, (data.views.shape[-2], data.views.shape[-1]))
+        counts = PixelCounts()
+        for i, mask in enumerate(truth):
+            frame = maps_to_frame(out.maps[i:i + 1], mask.shape[0], mask.shape[1], []).numpy()
+            counts.add(np.round(frame * 255).astype(np.uint8), mask)
+        auroc[w] = counts.auroc()
+    assert auroc[DEFAULT_SELF_SIMILARITY] > auroc[0.0] + 0.01, auroc
+
+
+def test_the_weight_is_recorded_and_refused_where_it_does_not_apply(synth_lot, tmp_path):
+    support = str(synth_lot / "manifest.csv")
+    spec = ModelSpec(backbone="semclip-tiny", pretrained="none", cls="fused")
+    assert applied(RECIPES["transfer"], spec).self_similarity == DEFAULT_SELF_SIMILARITY
+    assert applied(RECIPES["paper"], spec).self_similarity == 0.0  # the paper's recipe stays the paper's
+    assert applied(RECIPES["transfer"], replace(spec, method="winclip")).self_similarity == 0.0
+    custom = train(TrainConfig(support=support, out=str(tmp_path / "c"), epochs=1, model=spec,
+                               recipe=with_self_similarity(RECIPES["transfer"], 0.3)))
+    assert custom.self_similarity == 0.3
+    _, resolved, _ = _identify_model(RunConfig(input=support, out=str(tmp_path / "o"),
+                                               model=CheckpointRequest(url=str(tmp_path / "c"))))
+    assert resolved.self_similarity == 0.3  # run scores with the checkpoint's weight
+    assert load_checkpoint(str(tmp_path / "c")).meta.self_similarity == 0.3
+    with pytest.raises(ConfigError, match=r"self-similarity weight .* must be in \[0, 1\], got 2"):
+        with_self_similarity(RECIPES["paper"], 2.0)
+    # a checkpoint written before the field reads as without it; a mangled value is refused in one line
+    body = json.loads((tmp_path / "c" / "checkpoint.json").read_text())
+    body.pop("self_similarity")
+    (tmp_path / "c" / "checkpoint.json").write_text(json.dumps(body))
+    assert load_checkpoint(str(tmp_path / "c")).meta.self_similarity == 0.0
+    body["self_similarity"] = 7
+    (tmp_path / "c" / "checkpoint.json").write_text(json.dumps(body))
+    with pytest.raises(WeightsError, match="lacks or mangles 'self_similarity'"):
+        load_checkpoint(str(tmp_path / "c"))
+    # zero-shot runs carry it in their run id; older run ids (weight 0) stay as they were
+    assert ModelSpec(self_similarity=0.8).output_affecting()["self_similarity"] == 0.8
+    assert "self_similarity" not in ModelSpec().output_affecting()
+    runner = CliRunner()
+    baseline = runner.invoke(main, ["train", support, "--out", str(tmp_path / "w"), "--pretrained", "none",
+                                    "--backbone", "semclip-tiny", "--method", "winclip", "--self-similarity", "0.5"])
+    assert baseline.exit_code != 0 and "--self-similarity is a SEM-CLIP option" in baseline.output
+    with_model = runner.invoke(main, ["run", support, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "c"),
+                                      "--self-similarity", "0.5"])
+    assert with_model.exit_code != 0 and "--self-similarity applies to zero-shot runs" in with_model.output
+    bad = runner.invoke(main, ["run", support, "--out", str(tmp_path / "out"), "--pretrained", "none", "--self-similarity",
+                               "1.5"])
+    assert bad.exit_code != 0 and "must be in [0, 1], got 1.5" in bad.output
+    assert not (tmp_path / "out").exists()
