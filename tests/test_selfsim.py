@@ -125,8 +125,8 @@ def test_the_weight_is_recorded_and_refused_where_it_does_not_apply(synth_lot, t
     assert applied(RECIPES["paper"], spec).self_similarity == 0.0  # the paper's recipe stays the paper's
     assert applied(RECIPES["transfer"], replace(spec, method="winclip")).self_similarity == 0.0
     custom = train(TrainConfig(support=support, out=str(tmp_path / "c"), epochs=1, model=spec,
-                               recipe=with_self_similarity(RECIPES["transfer"], 0.3)))
-    assert custom.self_similarity == 0.3
+                               recipe=with_self_similarity(RECIPES["paper"], 0.3)))
+    assert custom.self_similarity == 0.3  # without a memory nothing is chosen: the weight given
     _, resolved, _ = _identify_model(RunConfig(input=support, out=str(tmp_path / "o"),
                                                model=CheckpointRequest(url=str(tmp_path / "c"))))
     assert resolved.self_similarity == 0.3  # run scores with the checkpoint's weight

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -166,6 +167,19 @@ def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Featur
     return scale
 
 
+def reference_fusion(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet,
+                     pixels: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``fuse(maps, rows)``: support rows' method maps fused with their references as ``run`` fuses them."""
+    assert data.has_ref is not None
+    has_ref = data.has_ref
+    distance = reference.distance(feats.dual, feats.taps, ref_feats.dual, ref_feats.taps)
+
+    def fuse(maps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return reference.fuse(maps, distance[rows], has_ref[rows], None if pixels is None else pixels[rows])
+
+    return fuse
+
+
 @dataclass
 class Fitted:
     """A trained model and what ``train`` records about it."""
@@ -195,19 +209,24 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     if len(data) % n_copies:
         raise ValueError(f"{len(data)} support rows are not {n_copies} copies of the same frames")
     model = new_model(spec, backbone.clip, text)
-    support = Support(data=data, feats=feats, clip=backbone.clip, clip_name=cfg.model.backbone, map_auroc=map_auroc,
-                      seed=cfg.model.seed, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, anchor=cfg.anchor,
-                      progress=progress, copies=n_copies)
-    method = get_method(spec.method)
-    summary = method.fit(model, spec, support)
-    model.eval().requires_grad_(False)
-    reference = pixels = None
+    summary: dict[str, Any] = {}
+    reference = pixels = fuse = None
     if spec.reference_scorer and ref_feats is not None and (spec.use_reference or _normal_with_reference(data)):
+        # scaled on the normal support rows alone, before the method's fit: its map weights are chosen on maps
+        # fused with the reference as run fuses them
         reference = ReferenceScorer(reference_taps(depth_of(backbone.clip)), weight=cfg.model.reference_weight,
                                     fusion=cfg.model.reference_fusion)
         pixels = support_pixel_differences(data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
         summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
         summary["reference_pixel_scale"] = float(reference.pixel_scale)
+        fuse = reference_fusion(reference, feats, ref_feats, data, pixels)
+    support = Support(data=data, feats=feats, clip=backbone.clip, clip_name=cfg.model.backbone, map_auroc=map_auroc,
+                      seed=cfg.model.seed, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, anchor=cfg.anchor,
+                      progress=progress, copies=n_copies, fuse_reference=fuse)
+    method = get_method(spec.method)
+    summary = {**method.fit(model, spec, support), **summary}
+    model.eval().requires_grad_(False)
+    if reference is not None and ref_feats is not None:
         if cfg.choose_reference_weight:
             choice = held_out_reference_weight(reference, method.held_out_maps(model, support), feats,
                                                ref_feats, data, pixels)
@@ -358,6 +377,6 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
         defect_view=spec.defect_view, register_reference=spec.register_reference and spec.use_reference,
         reference_weight=spec.reference_weight if fitted.reference is None else fitted.reference.weight,
         reference_fusion=spec.reference_fusion, self_reference=spec.self_reference,
-        self_similarity=spec.self_similarity,
+        self_similarity=float(fitted.summary.get("self_similarity", spec.self_similarity)),  # the fit's choice
     )
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)

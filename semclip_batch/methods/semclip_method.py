@@ -5,13 +5,14 @@ rows and its distance scale; the Transformation Layers (focal + dice on the defe
 and path, at half the input size, plus an L2-SP pull of the layers towards their zero-shot start) and the
 classification head (cross-entropy) trained on 80 % of the support frames, keeping the epochs that do best on
 the other 20 % (epoch 0 being the zero-shot layers); the fusion weight alpha (on those 20 %, which the head
-never trained on); the memory's fusion weight (5-fold cross-validation over the frames); then the memory of
-every support frame."""
+never trained on); the memory's fusion weight and the self-similarity weight (together, 5-fold
+cross-validation over the frames); then the memory of every support frame."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ SEMCLIP_EPOCHS = 40
 LOSS_DOWNSCALE = 2  # focal + dice on maps at half the model-input size: 4x cheaper, same patch grid
 MEMORY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fusion weights tried by cross-validation over the support frames
 DEFAULT_MEMORY_WEIGHT = 0.5  # below 5 support frames, or none with a mask (nothing to cross-validate)
+SELF_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # self-similarity weights tried with the memory's (and the model's own)
 MIN_ALPHA_FRAMES = 10  # held-out frames needed to choose alpha on them (14 of a 70-frame support set)
 
 
@@ -89,7 +91,7 @@ class SemClipMethod(Method[SemClip]):
         summary.update(train_layers(model, enc, support, fit_rows, val, dist))
         model.eval().requires_grad_(False)
         if model.memory is not None:
-            summary["memory_weight"] = choose_memory_weight(model, enc, support)
+            summary["memory_weight"], summary["self_similarity"] = choose_memory_weight(model, enc, support)
         with torch.enable_grad():
             alpha = fit_alpha(model, enc, support, dist) if spec.cls == "fused" else float(spec.cls == "text")
         if model.memory is not None:
@@ -169,18 +171,23 @@ def _rows(dist: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, folds: int = 5) -> float:
-    """The fusion weight whose maps have the best pixel AUROC over the support frames, each scored against a
-    memory of the *other* folds' frames (5-fold by frame; ties: the smaller weight). Every frame votes, not only
-    the 20 % held out for early stopping: a weight chosen on 14 frames was noisy."""
+def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, folds: int = 5) -> tuple[float, float]:
+    """The memory's fusion weight and the self-similarity weight (:mod:`semclip_batch.model.selfsim`) whose maps
+    have the best pixel AUROC over the support frames, each scored against a memory of the *other* folds' frames
+    (5-fold by frame) and fused with its reference where it has one, as ``run`` fuses them (a cell reference
+    and the self-similarity map both compare a frame with itself). The self-similarity weights tried are
+    :data:`SELF_WEIGHTS` and the model's own, or 0 alone where the model's is 0 (turned off). Ties: the smaller
+    memory weight, then the self-similarity weight nearest the model's. Every frame votes, not only the 20 %
+    held out for early stopping: a weight chosen on 14 frames was noisy. Leaves both set on the model."""
     memory = model.memory
     assert memory is not None
     data = support.data
     n = support.frames
+    given = model.cfg.self_similarity
     fold_rows = frame_folds(support, folds, support.seed + 3)
     if len(fold_rows) < folds or not data.has_mask[:n].any():
         memory.weight.fill_(DEFAULT_MEMORY_WEIGHT)
-        return DEFAULT_MEMORY_WEIGHT
+        return DEFAULT_MEMORY_WEIGHT, given
     first = torch.arange(n)
     dist = torch.zeros(n, enc.original[0].shape[1] - 1)
     for held in fold_rows:
@@ -188,13 +195,19 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
         dist[held] = memory.distance(subset_encoded(enc, held), model.cfg.taps)
     sub = subset_encoded(enc, first)
     size = (data.views.shape[-2], data.views.shape[-1])
-    best = (-1.0, 0.0)
+    best = (-1.0, 0.0, 0.0, given)  # (AUROC, -memory weight, -distance to the given weight, self weight)
     for w in MEMORY_WEIGHTS:
         memory.weight.fill_(w)
-        maps = model.from_encoded(sub, size, dist).maps
-        best = max(best, (support.map_auroc(maps, data.masks[first], data.has_mask[first]), -w))
+        for sw in sorted({*SELF_WEIGHTS, given}) if given > 0 else (0.0,):
+            model.cfg = replace(model.cfg, self_similarity=sw)
+            maps = model.from_encoded(sub, size, dist).maps
+            if support.fuse_reference is not None:
+                maps = support.fuse_reference(maps, first)
+            auroc = support.map_auroc(maps, data.masks[first], data.has_mask[first])
+            best = max(best, (auroc, -w, -abs(sw - given), sw))
     memory.weight.fill_(-best[1])
-    return -best[1]
+    model.cfg = replace(model.cfg, self_similarity=best[3])
+    return -best[1], best[3]
 
 
 @torch.no_grad()
