@@ -75,6 +75,7 @@ FAMILIES: dict[str, tuple[str, tuple[tuple[int, int], ...] | None, tuple[float, 
     "metal": ("metal", None, None),
 }
 VALIDATION = ("contacts@1024", "contacts-small@1024")
+TEST_SEED = 7000  # the test lots (support: seed 3000)
 EIGHT = np.ones((3, 3), bool)
 
 
@@ -210,6 +211,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--test-per-class", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-seed", type=int, default=TEST_SEED, help="seed of the test lots (another draw of them)")
     ap.add_argument("--pretrained", default="shipped",
                     help="semclip-tiny weights to train on (a `pretrain` output; default: the shipped classic ones)")
     ap.add_argument("--throughput-frames", type=int, default=42, help="1024x1024 frames per throughput run (0: none)")
@@ -221,10 +223,11 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for family in [] if args.throughput_only else args.families.split(","):
         support = lot(work, family, 3000, args.shots)
-        test = lot(work, family, 7000, args.test_per_class)
+        test = lot(work, family, args.test_seed, args.test_per_class)
         for cfg in configs:
             ckpt = checkpoint(work, family, support, cfg, args.seed, args.pretrained)
-            out = work / "out" / f"{weights_tag(args.pretrained)}{family}-{cfg.name}"
+            out = work / "out" / (f"{weights_tag(args.pretrained)}{family}-{cfg.name}"
+                                  + ("" if args.test_seed == TEST_SEED else f"-test{args.test_seed}"))
             record = score(ckpt, test, out)
             weight = json.loads((Path(ckpt) / "checkpoint.json").read_text()).get("reference_weight")
             row = {"family": family, "set": "val" if family in VALIDATION else "held-out", "config": cfg.name,
