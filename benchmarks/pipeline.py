@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from semclip_batch.config import ModelSpec, RunConfig, Thresholds
+from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, RunConfig, Thresholds
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import read_manifest, read_manifest_table
 from semclip_batch.io.preprocess import normalize, unpack_views
@@ -102,7 +102,7 @@ def plain_loop(manifest: Path, out: Path, predictor: Predictor, prep, batch_size
 def bench_backbone(name: str, images: int, batch_size: int, threads: int, precision: str,
                    num_gpus: float = 0.0) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    spec = ModelSpec(backbone=name, pretrained="none", precision=precision)
+    spec = ModelSpec(backbone=name, pretrained="none", precision=precision, self_similarity=DEFAULT_SELF_SIMILARITY)
     prep = preprocess_config(name, tile_above=1024)
     backbone = load_backbone(name, "none")
     text = text_embeddings(backbone, load_prompts())
@@ -242,7 +242,8 @@ def bench_flops(name: str, batch: int, precisions: tuple[str, ...] = ("fp32", "b
     for precision in precisions:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         peak = matmul_peak(dtype)
-        predictor = Predictor(PredictorSetup(spec=ModelSpec(backbone=name, pretrained="none", precision=precision),
+        predictor = Predictor(PredictorSetup(spec=ModelSpec(backbone=name, pretrained="none", precision=precision,
+                                                            self_similarity=DEFAULT_SELF_SIMILARITY),
                                              prep=prep, text_embeddings=text, weights_sha256=backbone.sha256,
                                              batch_size=batch, threads=torch.get_num_threads(), use_gpu=False))
         tower = cast(torch.nn.Module, vision_tower(backbone.clip)).to(dtype)
@@ -332,7 +333,7 @@ def bench_stub(rate: float, frames: int, gpu_rate: float) -> list[dict[str, Any]
                 (folder / f"f{k:05d}.{fmt}").write_bytes(data)
                 lines.append(f"f{k:05d}.{fmt},STUB,W{k % 25:02d},{k % 7},{k // 7}")
             (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
-            spec = ModelSpec(backbone="ViT-B-16-plus-240", pretrained="none")
+            spec = ModelSpec(backbone="ViT-B-16-plus-240", pretrained="none", self_similarity=DEFAULT_SELF_SIMILARITY)
             t0 = time.perf_counter()
             record = run(RunConfig(input=str(folder / "manifest.csv"), out=str(Path(tmp) / "out"), model=spec,
                                    batch_size=16, model_stub=rate)).record
@@ -376,7 +377,8 @@ def bench_defect_view(name: str, frames: int, batch_size: int, threads: int, pre
             row: dict[str, Any] = {"backbone": name, "frame": f"{size[0]}x{size[1]}", "precision": precision}
             rates: dict[bool, float] = {}
             for on in (False, True):
-                spec = ModelSpec(backbone=name, pretrained="none", precision=precision, defect_view=on)
+                spec = ModelSpec(backbone=name, pretrained="none", precision=precision, defect_view=on,
+                                 self_similarity=DEFAULT_SELF_SIMILARITY)
                 prep = preprocess_config(name, tile_above=1024, defect_view=on)
                 setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text,
                                        weights_sha256=backbone.sha256, batch_size=batch_size, threads=threads,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import KEYS, TRANSFER, Lot, load_lot, metrics, score_test, subset
 
 from semclip_batch.analysis.suggest import FixedEmbeddings, Scores, Weights, image_embeddings, map_peak, select
-from semclip_batch.config import ModelSpec, Thresholds
+from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, Thresholds
 from semclip_batch.fewshot.recipes import copies
 from semclip_batch.fewshot.train import TrainConfig, fit
 from semclip_batch.io.preprocess import maps_to_frame, normalize
@@ -77,7 +77,8 @@ def score_pool(pool: Lot, backbone: LoadedBackbone, text: torch.Tensor, weights:
     """The zero-shot run over the pool's un-augmented frames (the first copy of each)."""
     n = len(pool.df)
     first = torch.arange(n)
-    zero = new_model(ModelSpec(backbone=backbone.name, pretrained=weights), backbone.clip, text)
+    zero = new_model(ModelSpec(backbone=backbone.name, pretrained=weights, self_similarity=DEFAULT_SELF_SIMILARITY),
+                     backbone.clip, text)
     size = (pool.data.views.shape[-2], pool.data.views.shape[-1])
     with torch.no_grad():
         out = score_features(zero, pool.feats.subset(first), size)

@@ -162,7 +162,8 @@ def test_zero_shot_run_takes_it_on_unless_told_and_a_checkpoint_run_follows_the_
     from semclip_batch.cli.options import run_config
 
     base = dict(input="lot.csv", out="out", model=None, backbone="semclip-tiny", pretrained="shipped",
-                pretrained_sha256=None, scale_policy=None, seed=0, prompts=None, precision="fp32", storage_option=(),
+                pretrained_sha256=None, scale_policy=None, self_similarity=None, seed=0, prompts=None, precision="fp32",
+                storage_option=(),
                 threshold=None, pixel_threshold=None, min_region_px=None, batch_size=8, actors=1, num_gpus=0.0,
                 shard_size=64, tile_above=1024, pattern=None, address=None, overwrite=False)
     assert run_config(**base, defect_view=None).model.defect_view is True

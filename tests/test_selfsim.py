@@ -18,14 +18,16 @@ from semclip_batch.config import DEFAULT_SELF_SIMILARITY, CheckpointRequest, Mod
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.recipes import RECIPES, applied, with_self_similarity
 from semclip_batch.fewshot.train import TrainConfig, train
-from semclip_batch.fewshot.trainset import load_trainset
+from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.preprocess import maps_to_frame
 from semclip_batch.methods.checkpoint import load_checkpoint
-from semclip_batch.methods.features import encode_views
+from semclip_batch.methods.features import Features, encode_views
+from semclip_batch.methods.fitting import Support
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import new_model, score_features
+from semclip_batch.methods.semclip_method import MEMORY_WEIGHTS, SELF_WEIGHTS, choose_memory_weight
 from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.model.encoder import EncoderOutput
 from semclip_batch.model.selfsim import SCALE, self_distance, self_scores
@@ -125,8 +127,8 @@ def test_the_weight_is_recorded_and_refused_where_it_does_not_apply(synth_lot, t
     assert applied(RECIPES["paper"], spec).self_similarity == 0.0  # the paper's recipe stays the paper's
     assert applied(RECIPES["transfer"], replace(spec, method="winclip")).self_similarity == 0.0
     custom = train(TrainConfig(support=support, out=str(tmp_path / "c"), epochs=1, model=spec,
-                               recipe=with_self_similarity(RECIPES["paper"], 0.3)))
-    assert custom.self_similarity == 0.3  # without a memory nothing is chosen: the weight given
+                               recipe=with_self_similarity(RECIPES["transfer"], 0.3)))
+    assert custom.self_similarity == 0.3 and custom.memory  # a weight given is used as given, not chosen
     _, resolved, _ = _identify_model(RunConfig(input=support, out=str(tmp_path / "o"),
                                                model=CheckpointRequest(url=str(tmp_path / "c"))))
     assert resolved.self_similarity == 0.3  # run scores with the checkpoint's weight
@@ -147,7 +149,7 @@ def test_the_weight_is_recorded_and_refused_where_it_does_not_apply(synth_lot, t
     assert "self_similarity" not in ModelSpec().output_affecting()
     runner = CliRunner()
     baseline = runner.invoke(main, ["train", support, "--out", str(tmp_path / "w"), "--pretrained", "none",
-                                    "--backbone", "semclip-tiny", "--method", "winclip", "--self-similarity", "0.5"])
+                                    "--backbone", "semclip-tiny", "--method", "winclip", "--self-similarity", "0"])
     assert baseline.exit_code != 0 and "--self-similarity is a SEM-CLIP option" in baseline.output
     with_model = runner.invoke(main, ["run", support, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "c"),
                                       "--self-similarity", "0.5"])
@@ -156,3 +158,60 @@ def test_the_weight_is_recorded_and_refused_where_it_does_not_apply(synth_lot, t
                                "1.5"])
     assert bad.exit_code != 0 and "must be in [0, 1], got 1.5" in bad.output
     assert not (tmp_path / "out").exists()
+
+
+def _search_support(model: SemClip, scores: dict, calls: list, choose: bool) -> Support:
+    """Ten 240 px frames with a defect patch each, their features, and a map AUROC that reads the model's weights
+    (a stand-in for real maps: the search must find the best-scoring pair and leave it set)."""
+    n, grid = 10, 15
+    tokens = torch.cat([_grating(grid, width=128, seed=k) for k in range(n)])
+    masks = torch.zeros(n, 240, 240)
+    masks[:, 32:48, 64:80] = 1.0
+    data = TrainSet(torch.zeros(n, 240, 240), masks, torch.ones(n, dtype=torch.long), torch.ones(n, dtype=torch.bool),
+                    [""] * n, ("normal", "x", "y"), 0)
+    cls = torch.zeros(n, 1, 128)
+    full = torch.cat([cls, tokens], dim=1)
+    feats = Features(EncoderOutput(pooled=torch.randn(n, 64), original=[full] * 4, vv=[None] * 4), (1, 2, 3, 4))
+
+    def auroc(maps: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor) -> float:
+        assert model.memory is not None
+        return scores[(float(model.memory.weight), model.cfg.self_similarity)]
+
+    def fuse(maps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        calls.append(rows)
+        return maps
+
+    return Support(data=data, feats=feats, clip=model.visual, clip_name="semclip-tiny", map_auroc=auroc,
+                   fuse_reference=fuse, choose_self_similarity=choose)
+
+
+def test_the_fit_chooses_the_self_similarity_weight_with_the_memorys(tiny_clip):
+    model = SemClip(tiny_clip.clip, SemClipConfig(taps=(1, 2, 3, 4), memory=True, self_similarity=0.8), 3).eval()
+    enc = _search_support(model, {}, [], True).feats.select((1, 2, 3, 4))
+    grid = [(wm, ws) for wm in MEMORY_WEIGHTS for ws in (*SELF_WEIGHTS, 0.8)]
+    scores = {(wm, ws): -(wm - 0.25) ** 2 - (ws - 0.5) ** 2 for wm, ws in grid}
+    calls: list = []
+    support = _search_support(model, scores, calls, True)
+    assert choose_memory_weight(model, enc, support) == (0.25, 0.5)
+    assert model.cfg.self_similarity == 0.5 and float(model.memory.weight) == 0.25  # left set for what follows
+    assert len(calls) == len(grid) and all(torch.equal(c, torch.arange(10)) for c in calls)  # every map fused
+    # ties: the weight given wins
+    flat = dict.fromkeys(scores, 0.0)
+    model.cfg = replace(model.cfg, self_similarity=0.8)
+    assert choose_memory_weight(model, enc, _search_support(model, flat, [], True)) == (0.0, 0.8)
+    # not asked to choose (train --self-similarity W): the weight given, whatever the maps say
+    model.cfg = replace(model.cfg, self_similarity=0.3)
+    scores.update({(wm, 0.3): -1.0 - (wm - 0.25) ** 2 for wm in MEMORY_WEIGHTS})  # worse than any chosen pair
+    assert choose_memory_weight(model, enc, _search_support(model, scores, [], False)) == (0.25, 0.3)
+
+
+def test_grids_too_small_to_compare_leave_the_map_as_it_was(tiny_clip):
+    """3 x 3 patches: every patch is in every other's neighbourhood; the map is not scaled down by the weight."""
+    tokens = torch.randn(2, 9, 128)
+    maps = []
+    for w in (0.0, 0.8):
+        model = SemClip(tiny_clip.clip, SemClipConfig(taps=(1, 2, 3, 4), self_similarity=w), n_classes=3).eval()
+        model.set_text_embeddings(F.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(1)), dim=-1))
+        with torch.no_grad():
+            maps.append(model.from_encoded(_encoding(tokens), (48, 48)).maps)
+    assert torch.equal(maps[0], maps[1])

@@ -504,8 +504,9 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "periods (cell-to-cell, where the pattern repeats; stored in the checkpoint) [default: on with "
                    "SEM-CLIP's recipe transfer; off with paper and for the baselines].")
 @scale_policy_option("[default: whole; stored in the checkpoint, run scores with it]")
-@self_similarity_option("[default: 0.8 with SEM-CLIP's recipe transfer, 0 with paper; baselines have none; stored in "
-                        "the checkpoint]")
+@self_similarity_option("[default: with SEM-CLIP's recipe transfer chosen on the support frames with the memory's "
+                        "weight (0, 0.25 .. 1 or 0.8), 0 with paper; a given W is used as given; baselines have none; "
+                        "stored in the checkpoint]")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
@@ -524,6 +525,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     from semclip_batch.fewshot.recipes import applied, get_recipe, with_self_reference, with_self_similarity
     from semclip_batch.fewshot.train import TrainConfig
     from semclip_batch.fewshot.train import train as run_train
+    from semclip_batch.methods.registry import get_method
 
     if pretrained is None:
         raise ConfigError("train needs --pretrained (a weights path/URL, 'shipped', or 'none' for seeded random weights)")
@@ -547,7 +549,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       scale_policy=parse_scale_policy(scale_policy or "whole"),
                                       storage_options=parse_storage_options(storage_option)))
     _refuse_unused_reference_options(click.get_current_context(), applied(cfg.recipe, cfg.model))
-    if self_similarity is not None and applied(cfg.recipe, cfg.model).self_similarity != self_similarity:
+    if self_similarity is not None and not get_method(method).recipes:
         raise ConfigError(f"--self-similarity is a SEM-CLIP option; --method {method} has none: omit it")
     try:
         with loss_progress("epoch", f"train {method}") as progress:

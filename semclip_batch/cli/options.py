@@ -183,7 +183,8 @@ def run_options(fn: F) -> F:
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                      help="Model precision (bf16 is fastest on CPU)."),
         scale_policy_option("[default: whole; with --model: the checkpoint's, which a given value must equal]"),
-        self_similarity_option("[default: 0.8; not with --model: a checkpoint scores with its own]"),
+        self_similarity_option("[default: 0.8, chosen on the validation families; not with --model: a checkpoint "
+                               "scores with its own]"),
         click.option("--defect-view/--no-defect-view", default=None,
                      help="Class scores of frames at least twice the model input also read a native-resolution crop "
                           "at the map's maximum (one more model view per such frame) [default: on; with --model: "
@@ -209,8 +210,8 @@ def self_similarity_option(default: str) -> Callable[[F], F]:
     return click.option(
         "--self-similarity", type=float, default=None, metavar="W",
         help="Share w in [0, 1] of the in-frame self-similarity map in SEM-CLIP's defect map, (1 - w) * map + w * "
-             "self, where each patch scores by how unlike the rest of its own frame it is (0: off; chosen on the "
-             f"validation families, README \"Self-similarity\") {default}.")
+             "self, where each patch scores by how unlike the rest of its own frame it is (0: off; README "
+             f"\"Self-similarity\") {default}.")
 
 
 def run_config(*, input: str, out: str, model: str | None, backbone: str | None, pretrained: str | None,

@@ -27,12 +27,13 @@ class Recipe:
     defect_view: bool = False  # run: large frames' class scores also from a native crop at the map's maximum
     self_reference: bool = False  # frames without a reference frame compared with their own repeats (io.cell_reference)
     self_similarity: float = 0.0  # the in-frame self-similarity map's share of the map (model.selfsim)
+    choose_self_similarity: bool = False  # the fit chooses the share with the memory's (self_similarity: ties)
 
 
 RECIPES = {
     "paper": Recipe("paper"),
     "transfer": Recipe("transfer", augment=True, memory=True, region_head=True, defect_view=True, self_reference=True,
-                       self_similarity=DEFAULT_SELF_SIMILARITY),
+                       self_similarity=DEFAULT_SELF_SIMILARITY, choose_self_similarity=True),
 }
 DEFAULT_RECIPE = "transfer"
 
@@ -44,7 +45,8 @@ def get_recipe(name: str) -> Recipe:
 
 
 def applied(recipe: Recipe, spec: ModelSpec) -> ModelSpec:
-    """The model description a recipe trains (SEM-CLIP gains its memory / region head; baselines unchanged)."""
+    """The model description a recipe trains (SEM-CLIP gains its memory / region head; baselines unchanged). The
+    recipe's self-similarity weight replaces the spec's (``train --self-similarity`` sets the recipe's)."""
     if not get_method(spec.method).recipes:
         return spec
     return replace(spec, memory=recipe.memory, region_head=recipe.region_head, defect_view=recipe.defect_view,
@@ -67,8 +69,9 @@ def with_self_reference(recipe: Recipe, on: bool | None) -> Recipe:
 
 
 def with_self_similarity(recipe: Recipe, weight: float | None) -> Recipe:
-    """``train --self-similarity W`` over the recipe's own weight (None: the recipe's)."""
+    """``train --self-similarity W`` over the recipe's own weight, used as given (not chosen by the fit); None:
+    the recipe's."""
     if weight is None:
         return recipe
     check_self_similarity(weight)
-    return replace(recipe, self_similarity=weight)
+    return replace(recipe, self_similarity=weight, choose_self_similarity=False)

@@ -222,7 +222,8 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
         fuse = reference_fusion(reference, feats, ref_feats, data, pixels)
     support = Support(data=data, feats=feats, clip=backbone.clip, clip_name=cfg.model.backbone, map_auroc=map_auroc,
                       seed=cfg.model.seed, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, anchor=cfg.anchor,
-                      progress=progress, copies=n_copies, fuse_reference=fuse)
+                      progress=progress, copies=n_copies, fuse_reference=fuse,
+                      choose_self_similarity=cfg.recipe.choose_self_similarity)
     method = get_method(spec.method)
     summary = {**method.fit(model, spec, support), **summary}
     model.eval().requires_grad_(False)

@@ -25,9 +25,11 @@ META = "checkpoint.json"
 BACKBONE_PREFIXES = ("visual.", "logit_scale")
 
 
-CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSION = 4
 """1: the unversioned checkpoints written before the version field (read with the defaults below);
-2: adds ``version``, ``score_mode`` and ``sigma``; 3: adds ``recipe``, ``memory`` and ``region_head``."""
+2: adds ``version``, ``score_mode`` and ``sigma``; 3: adds ``recipe``, ``memory`` and ``region_head``; 4: adds
+``self_similarity`` (a release before it would score a version-4 checkpoint's maps without the self-similarity
+its thresholds were fitted with: it refuses the version instead)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class CheckpointMeta:
         if not isinstance(body, dict):
             raise WeightsError(f"{where}: {META} is not a JSON object")
         version = body.get("version", 1)
-        if version not in (1, 2, CHECKPOINT_VERSION):
+        if version not in (1, 2, 3, CHECKPOINT_VERSION):
             raise WeightsError(f"{where}: checkpoint version {show(version)} is not one this release reads "
                                f"(1 to {CHECKPOINT_VERSION}); use the release that wrote it, or train again")
         try:

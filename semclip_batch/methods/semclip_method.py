@@ -175,9 +175,11 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
     """The memory's fusion weight and the self-similarity weight (:mod:`semclip_batch.model.selfsim`) whose maps
     have the best pixel AUROC over the support frames, each scored against a memory of the *other* folds' frames
     (5-fold by frame) and fused with its reference where it has one, as ``run`` fuses them (a cell reference
-    and the self-similarity map both compare a frame with itself). The self-similarity weights tried are
-    :data:`SELF_WEIGHTS` and the model's own, or 0 alone where the model's is 0 (turned off). Ties: the smaller
-    memory weight, then the self-similarity weight nearest the model's. Every frame votes, not only the 20 %
+    and the self-similarity map both compare a frame with itself). The self-similarity weights tried, where
+    ``support.choose_self_similarity``, are :data:`SELF_WEIGHTS` and the model's own (0 alone where the model's
+    is 0: turned off); otherwise the model's alone. Ties: the smaller memory weight, then the self-similarity
+    weight nearest the model's. The layers' epochs were ranked with the model's own weight, and the reference
+    joins at the given ``--reference-weight`` (``auto`` chooses it afterwards). Every frame votes, not only the 20 %
     held out for early stopping: a weight chosen on 14 frames was noisy. Leaves both set on the model."""
     memory = model.memory
     assert memory is not None
@@ -195,10 +197,10 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
         dist[held] = memory.distance(subset_encoded(enc, held), model.cfg.taps)
     sub = subset_encoded(enc, first)
     size = (data.views.shape[-2], data.views.shape[-1])
-    best = (-1.0, 0.0, 0.0, given)  # (AUROC, -memory weight, -distance to the given weight, self weight)
+    best = (float("-inf"), 0.0, 0.0, given)  # (AUROC, -memory weight, -distance to the given weight, self weight)
     for w in MEMORY_WEIGHTS:
         memory.weight.fill_(w)
-        for sw in sorted({*SELF_WEIGHTS, given}) if given > 0 else (0.0,):
+        for sw in sorted({*SELF_WEIGHTS, given}) if support.choose_self_similarity and given > 0 else (given,):
             model.cfg = replace(model.cfg, self_similarity=sw)
             maps = model.from_encoded(sub, size, dist).maps
             if support.fuse_reference is not None:

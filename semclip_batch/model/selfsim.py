@@ -34,6 +34,12 @@ def neighbourhood(grid: int, radius: int) -> torch.Tensor:
     return ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
 
 
+def has_matches(n_patches: int, radius: int = EXCLUDE_RADIUS) -> bool:
+    """Whether a square grid of ``n_patches`` has patches outside each other's neighbourhoods (more than
+    ``2 * radius + 1`` a side): below that the map has nothing to say and is not fused."""
+    return round(n_patches ** 0.5) > 2 * radius + 1
+
+
 def self_distance(patches: torch.Tensor, radius: int = EXCLUDE_RADIUS) -> torch.Tensor:
     """``(1 - max cosine) / 2`` of each patch to the patches of its own frame outside its neighbourhood.
     ``(B, N, D)`` patch tokens of square grids -> ``(B, N)`` in [0, 1]; zeros where no patch lies outside
@@ -42,7 +48,7 @@ def self_distance(patches: torch.Tensor, radius: int = EXCLUDE_RADIUS) -> torch.
     grid = round(n ** 0.5)
     if grid * grid != n:
         raise ValueError(f"{n} patches do not form a square grid")
-    if grid <= 2 * radius + 1:
+    if not has_matches(n, radius):
         return patches.new_zeros(b, n, dtype=torch.float32)
     feats = F.normalize(patches.float(), dim=-1)
     cos = (feats @ feats.transpose(1, 2)).masked_fill(neighbourhood(grid, radius).to(feats.device), -1.0)

@@ -18,7 +18,7 @@ from .encoder import EncoderOutput, check_supported, encode_dual_path
 from .memory import PatchMemory, memory_taps
 from .patchops import grid_to_image
 from .scorer import Scorer
-from .selfsim import self_distance, self_scores
+from .selfsim import has_matches, self_distance, self_scores
 from .surgery import feature_surgery, plain_similarity
 from .towers import as_clip, vision_tower
 
@@ -231,9 +231,11 @@ class SemClip(Scorer):
             return None
         return self.memory.distance(enc, self.cfg.taps)
 
-    def self_similarity_map(self, enc: EncoderOutput, size: tuple[int, int]) -> torch.Tensor:
+    def self_similarity_map(self, enc: EncoderOutput, size: tuple[int, int]) -> torch.Tensor | None:
         """``(B, H, W)`` in-frame self-similarity scores (:mod:`.selfsim`) of the middle taps' original-path
-        patches, bilinear to ``size``."""
+        patches, bilinear to ``size``; None where the grid is too small for any patch to have a match."""
+        if not has_matches(enc.original[0].shape[1] - 1):
+            return None
         taps = memory_taps(self.cfg.taps)
         dist = torch.stack([self_distance(enc.original[self.cfg.taps.index(t)][:, 1:]) for t in taps]).mean(dim=0)
         return grid_to_image(self_scores(dist), size)
@@ -267,9 +269,10 @@ class SemClip(Scorer):
             distance = self.memory_distance(enc)
         if distance is not None and self.memory is not None:
             total = self.memory.fuse(total, distance)
-        if self.cfg.self_similarity > 0:
+        self_map = self.self_similarity_map(enc, size) if self.cfg.self_similarity > 0 else None
+        if self_map is not None:
             w = self.cfg.self_similarity
-            total = (1.0 - w) * total + w * self.self_similarity_map(enc, size)
+            total = (1.0 - w) * total + w * self_map
         maps = gaussian_blur(total, self.cfg.sigma).clamp(0.0, 1.0)
         emb = F.normalize(enc.pooled, dim=-1)
         region = self.region_embedding(enc, terms, distance)
