@@ -55,8 +55,8 @@ class Support:
     anchor: float = 1.0  # L2-SP weight (SEM-CLIP's Transformation Layers)
     progress: LossProgress | None = None
     copies: int = 1  # rows are `copies` augmented copies of the same frames, copy-major (fewshot.augment)
-    # fuse_reference(maps, rows): the rows' maps fused with their references as run fuses them (None: no references)
     choose_self_similarity: bool = False  # SEM-CLIP: choose the self-similarity weight with the memory's
+    # fuse_reference(maps, rows): the rows' maps fused with their references as run fuses them (None: no references)
     fuse_reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @property

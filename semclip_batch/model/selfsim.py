@@ -9,8 +9,9 @@ compared with every patch of the same frame outside its own neighbourhood (Cheby
 with a bank: no support set is needed, so zero-shot models have it too). The map is
 ``clamp(centred / (2 * SCALE), 0, 1)`` and joins the method's map as ``(1 - w) * map + w * self``.
 
-:data:`SCALE`, :data:`EXCLUDE_RADIUS`, the taps and the default weight were chosen on the validation families
-(``classic`` with the shipped backbone, ``contacts`` with a ``metal``-pretrained one; README "Self-similarity").
+:data:`SCALE` and the default weight were chosen on the validation families (``classic`` with the shipped
+backbone, ``contacts`` with a ``metal``-pretrained one; README "Self-similarity"); the taps, the radius and the
+nearest match follow the memory (the alternatives measured there moved the figures little).
 A defect that repeats across the frame, or a frame with no recurring pattern at the patch scale, gets little
 from it.
 """
