@@ -167,8 +167,8 @@ def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Featur
     return scale
 
 
-def reference_fusion(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet,
-                     pixels: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def support_reference_fuser(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet,
+                            pixels: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``fuse(maps, rows)``: support rows' method maps fused with their references as ``run`` fuses them."""
     assert data.has_ref is not None
     has_ref = data.has_ref
@@ -219,7 +219,7 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
         pixels = support_pixel_differences(data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
         summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
         summary["reference_pixel_scale"] = float(reference.pixel_scale)
-        fuse = reference_fusion(reference, feats, ref_feats, data, pixels)
+        fuse = support_reference_fuser(reference, feats, ref_feats, data, pixels)
     support = Support(data=data, feats=feats, clip=backbone.clip, clip_name=cfg.model.backbone, map_auroc=map_auroc,
                       seed=cfg.model.seed, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, anchor=cfg.anchor,
                       progress=progress, copies=n_copies, fuse_reference=fuse,
