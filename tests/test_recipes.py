@@ -35,7 +35,8 @@ from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.weights import preprocess_config
 from semclip_batch.model.encoder import EncoderOutput
 from semclip_batch.model.memory import MAX_MEMORY, PatchMemory
-from semclip_batch.model.semclip import SemClip, SemClipConfig
+from semclip_batch.model.patchops import grid_to_image
+from semclip_batch.model.semclip import MapParts, SemClip, SemClipConfig, join_parts
 from semclip_batch.pipeline.inference import build_model
 
 
@@ -82,11 +83,12 @@ def test_memory_distance_scale_and_fusion():
     mem.scale.fill_(0.25)
     assert torch.allclose(mem.patch_scores(d), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
     maps = torch.full((1, 8, 8), 0.3)
-    mem.weight.fill_(0.0)
-    assert torch.equal(mem.fuse(maps, d), maps)
-    mem.weight.fill_(1.0)
-    fused = mem.fuse(maps, d)
+    parts = MapParts(maps, grid_to_image(mem.patch_scores(d), (8, 8)), None)
+    assert torch.equal(join_parts(parts, 0.0, 0.8), maps)  # no self-similarity part: its weight is ignored
+    fused = join_parts(parts, 1.0, 0.0)
     assert fused[0, 0, 0] < 0.01 and fused[0, -1, -1] > 0.99  # the grid's top-left patch is remembered
+    half = join_parts(MapParts(maps, parts.memory, torch.ones(1, 8, 8)), 0.5, 0.5)
+    assert torch.allclose(half, 0.5 * (0.5 * maps + 0.5 * parts.memory) + 0.5)
 
 
 def test_memory_scores_are_relative_to_the_frame():

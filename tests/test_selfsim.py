@@ -27,7 +27,7 @@ from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import Support
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import new_model, score_features
-from semclip_batch.methods.semclip_method import MEMORY_WEIGHTS, SELF_WEIGHTS, choose_memory_weight
+from semclip_batch.methods.semclip_method import MEMORY_WEIGHTS, SELF_WEIGHTS, choose_memory_weight, one_se_choice
 from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.model.encoder import EncoderOutput
 from semclip_batch.model.selfsim import SCALE, self_distance, self_scores
@@ -203,6 +203,18 @@ def test_the_fit_chooses_the_self_similarity_weight_with_the_memorys(tiny_clip):
     model.cfg = replace(model.cfg, self_similarity=0.3)
     scores.update({(wm, 0.3): -1.0 - (wm - 0.25) ** 2 for wm in MEMORY_WEIGHTS})  # worse than any chosen pair
     assert choose_memory_weight(model, enc, _search_support(model, scores, [], False)) == (0.25, 0.3)
+
+
+def test_the_zero_shot_map_is_kept_unless_the_best_weights_beat_it_by_more_than_one_standard_error():
+    anchor, best = (0.0, 0.8), (0.5, 0.25)
+    steady = {anchor: (0.90, [0.90, 0.89, 0.91, 0.90, 0.90]), best: (0.93, [0.93, 0.92, 0.94, 0.93, 0.93]),
+              (1.0, 0.8): (0.80, [0.80] * 5)}
+    assert one_se_choice(steady, 0.8) == best  # +0.03 on every fold: the support's memory helps
+    noisy = {**steady, best: (0.93, [0.99, 0.84, 0.98, 0.85, 0.99])}  # the same +0.03 overall, from two folds
+    assert one_se_choice(noisy, 0.8) == anchor
+    assert one_se_choice({best: steady[best], (1.0, 0.8): steady[(1.0, 0.8)]}, 0.8) == best  # no zero-shot map tried
+    assert one_se_choice({anchor: (0.9, [0.9]), best: (0.95, [0.95])}, 0.8) == best  # one fold: no standard error
+    assert one_se_choice({anchor: (0.9, [0.9] * 5), (0.0, 0.5): (0.9, [0.9] * 5)}, 0.8) == anchor  # ties: the given
 
 
 def test_grids_too_small_to_compare_leave_the_map_as_it_was(tiny_clip):

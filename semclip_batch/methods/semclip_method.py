@@ -6,7 +6,8 @@ and path, at half the input size, plus an L2-SP pull of the layers towards their
 classification head (cross-entropy) trained on 80 % of the support frames, keeping the epochs that do best on
 the other 20 % (epoch 0 being the zero-shot layers); the fusion weight alpha (on those 20 %, which the head
 never trained on); the memory's fusion weight and the self-similarity weight (together, 5-fold
-cross-validation over the frames); then the memory of every support frame."""
+cross-validation over the frames, the zero-shot map's weights kept unless the best beat them by more than one
+standard error); then the memory of every support frame."""
 
 from __future__ import annotations
 
@@ -177,10 +178,11 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
     (5-fold by frame) and fused with its reference where it has one, as ``run`` fuses them (a cell reference
     and the self-similarity map both compare a frame with itself). The self-similarity weights tried, where
     ``support.choose_self_similarity``, are :data:`SELF_WEIGHTS` and the model's own (0 alone where the model's
-    is 0: turned off); otherwise the model's alone. Ties: the smaller memory weight, then the self-similarity
-    weight nearest the model's. The layers' epochs were ranked with the model's own weight, and the reference
-    joins at the given ``--reference-weight`` (``auto`` chooses it afterwards). Every frame votes, not only the 20 %
-    held out for early stopping: a weight chosen on 14 frames was noisy. Leaves both set on the model."""
+    is 0: turned off); otherwise the model's alone. The pair is :func:`one_se_choice`'s: the best, unless it is
+    within one standard error of the map without the memory at the model's own weight. The layers' epochs were
+    ranked with the model's own weight, and the reference joins at the given ``--reference-weight`` (``auto``
+    chooses it afterwards). Every frame votes, not only the 20 % held out for early stopping: a weight chosen on
+    14 frames was noisy. The map's parts are computed once and joined per pair. Leaves both set on the model."""
     memory = model.memory
     assert memory is not None
     data = support.data
@@ -195,21 +197,46 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
     for held in fold_rows:
         fill_memory(model, enc, support, support.rows_of(first[torch.isin(first, held, invert=True)]), rescale=False)
         dist[held] = memory.distance(subset_encoded(enc, held), model.cfg.taps)
-    sub = subset_encoded(enc, first)
     size = (data.views.shape[-2], data.views.shape[-1])
-    best = (float("-inf"), 0.0, 0.0, given)  # (AUROC, -memory weight, -distance to the given weight, self weight)
+    self_weights = sorted({*SELF_WEIGHTS, given}) if support.choose_self_similarity and given > 0 else [given]
+    parts = model.map_parts(subset_encoded(enc, first), size, dist, with_self=given > 0)
+    # the smoothing is linear: the parts smoothed once, joined for every pair (as from_encoded joins, then smooths)
+    parts = parts.smoothed(model.cfg.sigma)
+    scores: dict[tuple[float, float], tuple[float, list[float]]] = {}
     for w in MEMORY_WEIGHTS:
         memory.weight.fill_(w)
-        for sw in sorted({*SELF_WEIGHTS, given}) if support.choose_self_similarity and given > 0 else (given,):
+        for sw in self_weights:
             model.cfg = replace(model.cfg, self_similarity=sw)
-            maps = model.from_encoded(sub, size, dist).maps
+            maps = model.fused_map(parts).clamp(0.0, 1.0)
             if support.fuse_reference is not None:
                 maps = support.fuse_reference(maps, first)
-            auroc = support.map_auroc(maps, data.masks[first], data.has_mask[first])
-            best = max(best, (auroc, -w, -abs(sw - given), sw))
-    memory.weight.fill_(-best[1])
-    model.cfg = replace(model.cfg, self_similarity=best[3])
-    return -best[1], best[3]
+            scores[w, sw] = (support.map_auroc(maps, data.masks[first], data.has_mask[first]),
+                             [support.map_auroc(maps[held], data.masks[held], data.has_mask[held])
+                              for held in fold_rows])
+    w, sw = one_se_choice(scores, given)
+    memory.weight.fill_(w)
+    model.cfg = replace(model.cfg, self_similarity=sw)
+    return w, sw
+
+
+def one_se_choice(scores: Mapping[tuple[float, float], tuple[float, list[float]]],
+                  given: float) -> tuple[float, float]:
+    """From ``(memory weight, self-similarity weight) -> (pixel AUROC over every support frame, per fold)``: the
+    weights of the best AUROC (ties: the smaller memory weight, then the self-similarity weight nearest
+    ``given``), unless their gain over the map without the memory at the given self-similarity weight,
+    ``(0, given)``, is within one standard error of the per-fold gains: then that map, as a zero-shot model scores.
+    The one-standard-error rule of cross-validation (Breiman et al., 1984: the simplest model within one SE of the
+    best): the best of some 30 weight pairs scored on the same frames is overrated, and a few shots should not
+    move the map from the zero-shot one on noise."""
+    best = max(scores, key=lambda k: (scores[k][0], -k[0], -abs(k[1] - given)))
+    anchor = (0.0, given)
+    if anchor not in scores or best == anchor:
+        return best
+    gains = np.subtract(scores[best][1], scores[anchor][1])
+    if len(gains) < 2:
+        return best
+    se = float(gains.std(ddof=1) / np.sqrt(len(gains)))
+    return anchor if scores[best][0] - scores[anchor][0] <= se else best
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ the patches of defect frames that hold no defect pixel. A patch scores ``(1 - ma
 memory token, averaged over the memory taps, less the frame's median distance (:func:`centred`); the map is
 ``clamp(centred / (2 * scale), 0, 1)`` with ``scale`` the 99th percentile of held-out clean patches' centred
 distances, and the fused map is
-``(1 - weight) * method + weight * memory``. ``scale`` and ``weight`` are fitted on the support set.
+``(1 - weight) * method + weight * memory`` (:meth:`.semclip.SemClip.fused_map`). ``scale`` and ``weight`` are
+fitted on the support set.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import EncoderOutput
-from .patchops import grid_to_image, nearest_distance
+from .patchops import nearest_distance
 
 MAX_MEMORY = 8192  # tokens per memory tap (a seeded random subset beyond it): ~2 GFLOP per frame at width 896
 
@@ -81,9 +82,3 @@ class PatchMemory(nn.Module):
         """Distances ``(B, N)`` -> scores in [0, 1], after :func:`centred`."""
         return (centred(distance) / (2.0 * self.scale)).clamp(0.0, 1.0)
 
-    def fuse(self, maps: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
-        """Method maps ``(B, H, W)`` (already smoothed) and distances ``(B, N)`` -> fused maps (unsmoothed memory
-        part: the caller smooths the sum)."""
-        mem = grid_to_image(self.patch_scores(distance), (maps.shape[-2], maps.shape[-1]))
-        w = self.weight.float()
-        return (1.0 - w) * maps + w * mem

@@ -65,6 +65,33 @@ def head_input(emb: torch.Tensor, text: torch.Tensor, region: torch.Tensor | Non
 
 
 @dataclass
+class MapParts:
+    """The anomaly map's parts ``(B, H, W)`` before they are joined and smoothed: the method's own (the mean
+    over the taps' and paths' defect maps), the normal-patch memory's scores and the self-similarity scores
+    (None where the model has no such part)."""
+
+    method: torch.Tensor
+    memory: torch.Tensor | None
+    self_similarity: torch.Tensor | None
+
+    def smoothed(self, sigma: float) -> MapParts:
+        """Each part smoothed by :func:`gaussian_blur` (linear: joining smoothed parts smooths the joined map)."""
+        def blur(part: torch.Tensor | None) -> torch.Tensor | None:
+            return None if part is None else gaussian_blur(part, sigma)
+        return MapParts(gaussian_blur(self.method, sigma), blur(self.memory), blur(self.self_similarity))
+
+
+def join_parts(parts: MapParts, memory_weight: float, self_weight: float) -> torch.Tensor:
+    """``(1 - s)·((1 - m)·method + m·memory) + s·self``, unsmoothed; a missing part's weight is ignored."""
+    total = parts.method
+    if parts.memory is not None:
+        total = (1.0 - memory_weight) * total + memory_weight * parts.memory
+    if parts.self_similarity is not None:
+        total = (1.0 - self_weight) * total + self_weight * parts.self_similarity
+    return total
+
+
+@dataclass
 class SemClipOutput:
     """``maps``: ``(B, S, S)`` anomaly map in [0, 1] at model input size; ``class_probs``: ``(B, C)``;
     ``embeddings``: ``(B, E)`` normalised pooled image embeddings."""
@@ -257,23 +284,36 @@ class SemClip(Scorer):
         proj = self.visual.ln_post(picked) @ self.visual.proj
         return F.normalize(F.normalize(proj.float(), dim=-1).mean(dim=1), dim=-1).to(enc.pooled.dtype)
 
+    def map_parts(self, enc: EncoderOutput, size: tuple[int, int], distance: torch.Tensor | None = None,
+                  terms: list[torch.Tensor] | None = None, with_self: bool | None = None) -> MapParts:
+        """The map's unsmoothed parts at ``size`` (``distance``: the memory distances, when already computed;
+        ``terms``: :meth:`term_logits`, when already computed; ``with_self``: whether to compute the
+        self-similarity part, by default where the model's weight is non-zero)."""
+        terms = self.term_logits(enc) if terms is None else terms
+        total = sum(defect_map(t, size) for t in terms)
+        assert isinstance(total, torch.Tensor)  # not sum()'s 0: every tap has its original-path term
+        if distance is None:
+            distance = self.memory_distance(enc)
+        memory = None
+        if distance is not None and self.memory is not None:
+            memory = grid_to_image(self.memory.patch_scores(distance), size)
+        if with_self is None:
+            with_self = self.cfg.self_similarity > 0
+        return MapParts(total / len(terms), memory, self.self_similarity_map(enc, size) if with_self else None)
+
+    def fused_map(self, parts: MapParts) -> torch.Tensor:
+        """``parts`` joined with the model's memory and self-similarity weights (:func:`join_parts`)."""
+        memory_weight = 0.0 if self.memory is None else float(self.memory.weight)
+        return join_parts(parts, memory_weight, self.cfg.self_similarity)
+
     def from_encoded(self, enc: EncoderOutput, size: tuple[int, int],
                      distance: torch.Tensor | None = None) -> SemClipOutput:
         """Maps, class probabilities and embeddings of an encoding (``distance``: its memory distances, when
         already computed)."""
         terms = self.term_logits(enc)
-        total = sum(defect_map(t, size) for t in terms)
-        assert isinstance(total, torch.Tensor)  # not sum()'s 0: every tap has its original-path term
-        total = total / len(terms)
         if distance is None:
             distance = self.memory_distance(enc)
-        if distance is not None and self.memory is not None:
-            total = self.memory.fuse(total, distance)
-        self_map = self.self_similarity_map(enc, size) if self.cfg.self_similarity > 0 else None
-        if self_map is not None:
-            w = self.cfg.self_similarity
-            total = (1.0 - w) * total + w * self_map
-        maps = gaussian_blur(total, self.cfg.sigma).clamp(0.0, 1.0)
+        maps = gaussian_blur(self.fused_map(self.map_parts(enc, size, distance, terms)), self.cfg.sigma).clamp(0.0, 1.0)
         emb = F.normalize(enc.pooled, dim=-1)
         region = self.region_embedding(enc, terms, distance)
         return SemClipOutput(maps=maps, class_probs=self.class_probs(emb, region), embeddings=emb.float())
