@@ -198,6 +198,7 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
         fill_memory(model, enc, support, support.rows_of(first[torch.isin(first, held, invert=True)]), rescale=False)
         dist[held] = memory.distance(subset_encoded(enc, held), model.cfg.taps)
     size = (data.views.shape[-2], data.views.shape[-1])
+    ranked = [held for held in fold_rows if bool((data.masks[held][data.has_mask[held]] >= 0.5).any())]
     self_weights = sorted({*SELF_WEIGHTS, given}) if support.choose_self_similarity and given > 0 else [given]
     parts = model.map_parts(subset_encoded(enc, first), size, dist, with_self=given > 0)
     # the smoothing is linear: the parts smoothed once, joined for every pair (as from_encoded joins, then smooths)
@@ -212,7 +213,7 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
                 maps = support.fuse_reference(maps, first)
             scores[w, sw] = (support.map_auroc(maps, data.masks[first], data.has_mask[first]),
                              [support.map_auroc(maps[held], data.masks[held], data.has_mask[held])
-                              for held in fold_rows])
+                              for held in ranked])  # folds with a defect pixel: the others have no AUROC
     w, sw = one_se_choice(scores, given)
     memory.weight.fill_(w)
     model.cfg = replace(model.cfg, self_similarity=sw)
