@@ -205,12 +205,33 @@ def test_the_fit_chooses_the_self_similarity_weight_with_the_memorys(tiny_clip):
     assert choose_memory_weight(model, enc, _search_support(model, scores, [], False)) == (0.25, 0.3)
 
 
+def test_the_searchs_smoothed_parts_joined_per_pair_give_the_maps_from_encoded_gives(tiny_clip):
+    """The weight search smooths the map's parts once and joins them per pair: the same maps as scoring the model
+    at each pair (join, then smooth), for every pair tried."""
+    model = SemClip(tiny_clip.clip, SemClipConfig(taps=(1, 2, 3, 4), memory=True, self_similarity=0.8), 3).eval()
+    model.set_text_embeddings(F.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(2)), dim=-1))
+    enc = _search_support(model, {}, [], True).feats.select((1, 2, 3, 4))
+    assert model.memory is not None
+    model.memory.set_banks([t[:3].flatten(0, 1) for t in model.memory.tokens(enc, model.cfg.taps)])
+    model.memory.scale.fill_(0.05)
+    with torch.no_grad():
+        dist = model.memory_distance(enc)
+        parts = model.map_parts(enc, (240, 240), dist, with_self=True).smoothed(model.cfg.sigma)
+        for w, sw in [(0.0, 0.8), (0.25, 0.0), (0.75, 0.5), (1.0, 1.0)]:
+            model.memory.weight.fill_(w)
+            model.cfg = replace(model.cfg, self_similarity=sw)
+            expected = model.from_encoded(enc, (240, 240), dist).maps
+            assert expected.std() > 0
+            assert torch.allclose(model.fused_map(parts).clamp(0.0, 1.0), expected, atol=1e-5)
+
+
 def test_the_zero_shot_map_is_kept_unless_the_best_weights_beat_it_by_more_than_one_standard_error():
     anchor, best = (0.0, 0.8), (0.5, 0.25)
     steady = {anchor: (0.90, [0.90, 0.89, 0.91, 0.90, 0.90]), best: (0.93, [0.93, 0.92, 0.94, 0.93, 0.93]),
               (1.0, 0.8): (0.80, [0.80] * 5)}
     assert one_se_choice(steady, 0.8) == best  # +0.03 on every fold: the support's memory helps
-    noisy = {**steady, best: (0.93, [0.99, 0.84, 0.98, 0.85, 0.99])}  # the same +0.03 overall, from two folds
+    # the same +0.03 overall, from noisy folds: SE 0.033 (ddof 1) just above the gain, 0.029 with ddof 0
+    noisy = {**steady, best: (0.93, [0.99, 0.84, 0.98, 0.85, 0.99])}
     assert one_se_choice(noisy, 0.8) == anchor
     assert one_se_choice({best: steady[best], (1.0, 0.8): steady[(1.0, 0.8)]}, 0.8) == best  # no zero-shot map tried
     assert one_se_choice({anchor: (0.9, [0.9]), best: (0.95, [0.95])}, 0.8) == best  # one fold: no standard error

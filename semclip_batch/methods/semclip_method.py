@@ -222,14 +222,16 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
 
 def one_se_choice(scores: Mapping[tuple[float, float], tuple[float, list[float]]],
                   given: float) -> tuple[float, float]:
-    """From ``(memory weight, self-similarity weight) -> (pixel AUROC over every support frame, per fold)``: the
-    weights of the best AUROC (ties: the smaller memory weight, then the self-similarity weight nearest
-    ``given``), unless their gain over the map without the memory at the given self-similarity weight,
-    ``(0, given)``, is within one standard error of the per-fold gains: then that map, as a zero-shot model scores.
-    The one-standard-error rule of cross-validation (Breiman et al., 1984: the simplest model within one SE of the
-    best): the best of some 30 weight pairs scored on the same frames is overrated, and a few shots should not
-    move the map from the zero-shot one on noise."""
-    best = max(scores, key=lambda k: (scores[k][0], -k[0], -abs(k[1] - given)))
+    """From ``(memory weight, self-similarity weight) -> (pixel AUROC over every support frame, per fold with a
+    defect pixel)``: the weights of the best AUROC (ties: the smaller memory weight, then the self-similarity
+    weight nearest ``given``, then the larger), unless their pooled gain over the map without the memory at the
+    given self-similarity weight, ``(0, given)``, is within one standard error of their per-fold (paired) gains:
+    then that map, as a zero-shot model scores. With fewer than two folds there is no standard error and the best
+    is taken. A paired variant of the one-standard-error rule of cross-validation (Breiman et al., 1984: the
+    simplest model within one SE of the best), against one simpler pair only: the best of some 30 weight pairs
+    scored on the same frames is overrated, and a few shots should not move the map from the zero-shot one on
+    noise."""
+    best = max(scores, key=lambda k: (scores[k][0], -k[0], -abs(k[1] - given), k[1]))
     anchor = (0.0, given)
     if anchor not in scores or best == anchor:
         return best
@@ -237,7 +239,7 @@ def one_se_choice(scores: Mapping[tuple[float, float], tuple[float, list[float]]
     if len(gains) < 2:
         return best
     se = float(gains.std(ddof=1) / np.sqrt(len(gains)))
-    return anchor if scores[best][0] - scores[anchor][0] <= se else best
+    return best if scores[best][0] - scores[anchor][0] > se else anchor  # NaN: the anchor
 
 
 @torch.no_grad()

@@ -81,7 +81,7 @@ class MapParts:
         return MapParts(gaussian_blur(self.method, sigma), blur(self.memory), blur(self.self_similarity))
 
 
-def join_parts(parts: MapParts, memory_weight: float, self_weight: float) -> torch.Tensor:
+def join_parts(parts: MapParts, memory_weight: float | torch.Tensor, self_weight: float) -> torch.Tensor:
     """``(1 - s)·((1 - m)·method + m·memory) + s·self``, unsmoothed; a missing part's weight is ignored."""
     total = parts.method
     if parts.memory is not None:
@@ -288,7 +288,8 @@ class SemClip(Scorer):
                   terms: list[torch.Tensor] | None = None, with_self: bool | None = None) -> MapParts:
         """The map's unsmoothed parts at ``size`` (``distance``: the memory distances, when already computed;
         ``terms``: :meth:`term_logits`, when already computed; ``with_self``: whether to compute the
-        self-similarity part, by default where the model's weight is non-zero)."""
+        self-similarity part, by default where the model's weight is non-zero). ``distance`` None means "compute
+        them": a model with a filled memory always has its memory part."""
         terms = self.term_logits(enc) if terms is None else terms
         total = sum(defect_map(t, size) for t in terms)
         assert isinstance(total, torch.Tensor)  # not sum()'s 0: every tap has its original-path term
@@ -303,7 +304,7 @@ class SemClip(Scorer):
 
     def fused_map(self, parts: MapParts) -> torch.Tensor:
         """``parts`` joined with the model's memory and self-similarity weights (:func:`join_parts`)."""
-        memory_weight = 0.0 if self.memory is None else float(self.memory.weight)
+        memory_weight = 0.0 if self.memory is None else self.memory.weight.float()  # a tensor: no device sync
         return join_parts(parts, memory_weight, self.cfg.self_similarity)
 
     def from_encoded(self, enc: EncoderOutput, size: tuple[int, int],
