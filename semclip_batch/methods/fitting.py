@@ -131,6 +131,11 @@ def clean_patches(masks: torch.Tensor, has_mask: torch.Tensor, grid: int) -> tor
     return (frac == 0) & has_mask[:, None]
 
 
+def has_defect_pixel(data: SupportSet, rows: torch.Tensor) -> bool:
+    """Whether any of ``rows`` with a mask holds a defect pixel (mask >= 0.5): what a map AUROC over them needs."""
+    return bool((data.masks[rows][data.has_mask[rows]] >= 0.5).any())
+
+
 def focal_dice(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Focal (gamma 2) + dice loss of a defect probability map. ``(B, S, S)`` each."""
     p = prob.clamp(1e-6, 1 - 1e-6)

@@ -30,6 +30,7 @@ from semclip_batch.methods.fitting import (
     fit_temperature,
     focal_dice,
     frame_folds,
+    has_defect_pixel,
     pooled_embeddings,
     subset_encoded,
     support_split,
@@ -198,7 +199,7 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
         fill_memory(model, enc, support, support.rows_of(first[torch.isin(first, held, invert=True)]), rescale=False)
         dist[held] = memory.distance(subset_encoded(enc, held), model.cfg.taps)
     size = (data.views.shape[-2], data.views.shape[-1])
-    ranked = [held for held in fold_rows if bool((data.masks[held][data.has_mask[held]] >= 0.5).any())]
+    ranked = [held for held in fold_rows if has_defect_pixel(data, held)]
     self_weights = sorted({*SELF_WEIGHTS, given}) if support.choose_self_similarity and given > 0 else [given]
     parts = model.map_parts(subset_encoded(enc, first), size, dist, with_self=given > 0)
     # the smoothing is linear: the parts smoothed once, joined for every pair (as from_encoded joins, then smooths)
@@ -289,7 +290,7 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
     targets = (F.interpolate(data.masks.float()[:, None], size=size, mode="area")[:, 0] >= 0.5).float()
     init = [p.detach().clone() for p in model.transform.parameters()]
     best_map = (*_validate(model, enc, support, val, dist), 0) if len(val) else None
-    rank_maps = bool(len(val)) and bool((data.masks[val][data.has_mask[val]] >= 0.5).any())
+    rank_maps = bool(len(val)) and has_defect_pixel(data, val)
     best_tl, best_head = copy.deepcopy(model.transform.state_dict()), copy.deepcopy(model.head.state_dict())
     best_head_score, best_head_epoch = -1.0, 0
     loss = torch.tensor(0.0)
