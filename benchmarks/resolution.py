@@ -14,14 +14,15 @@ Families (``synth --family``; support seed 3000, test seed 7000): ``contacts@102
 768-1024 px, so its 8-30 px defects shrink below a patch) is the validation family: the scale policy's
 fraction and the reference fusion weight were chosen on it. ``contacts-small@1024`` (the same with 3-10 px
 defects, ``synth --defect-px 3-10``) is a second validation family, for the reference join and weight where
-defects are small. ``logic`` (512-1024 px, 3-10 px defects) and ``metal`` (400-900 px, 20-60 px) are held out:
-nothing was chosen on them.
+defects are small. ``logic`` (512-1024 px, 3-10 px defects), ``metal`` (400-900 px, 20-60 px) and
+``metal-small`` (``metal`` drawn with 3-10 px defects) are held out: nothing was chosen on them.
 
 Configurations (``--configs``): a scale policy name (``whole``, ``native``, ``0.5``...), optionally with ``+ref``
 (``train --use-reference``, registered), ``+ref-noreg`` (references as they come), ``+mean`` or ``+max`` (how the
 reference map joins its token and pixel terms) and ``@W`` (the reference fusion weight, e.g.
 ``whole+ref+max@0.3``, or ``@auto``: ``train --reference-weight auto``, trained apart); a weight or a join other
-than the default scores the same trained tensors with the checkpoint's field changed. ``--throughput-frames``
+than the default scores the same trained tensors with the checkpoint's field changed. ``+zs`` (e.g. ``native+zs``)
+scores zero-shot, as ``run --pretrained P --scale-policy X`` does with its defaults, instead of training. ``--throughput-frames``
 1024x1024 frames of the first family are also scored by ``run`` with each policy's checkpoint (img/s from the run
 record: the pipeline stage, Ray's start excluded). ``--pretrained`` trains on other ``semclip-tiny`` weights
 instead of the shipped ones (a ``pretrain`` output, e.g. on a family's own archive, as a fab would pretrain on its
@@ -52,6 +53,7 @@ from semclip_batch.analysis.evaluate import _truth_mask, joined_rows
 from semclip_batch.analysis.metrics import PixelCounts, roc_auc
 from semclip_batch.config import (
     DEFAULT_REFERENCE_FUSION,
+    DEFAULT_SELF_SIMILARITY,
     NORMAL,
     REFERENCE_FUSIONS,
     CheckpointRequest,
@@ -73,6 +75,7 @@ FAMILIES: dict[str, tuple[str, tuple[tuple[int, int], ...] | None, tuple[float, 
     "contacts-small@1024": ("contacts", ((1024, 1024), (768, 768), (1024, 768)), (3.0, 10.0)),
     "logic": ("logic", None, None),
     "metal": ("metal", None, None),
+    "metal-small": ("metal", None, (3.0, 10.0)),
 }
 VALIDATION = ("contacts@1024", "contacts-small@1024")
 TEST_SEED = 7000  # the test lots (support: seed 3000)
@@ -88,6 +91,7 @@ class Config:
     weight: float | None = None  # None: the default
     fusion: str | None = None  # None: the default
     auto: bool = False  # @auto: train --reference-weight auto (chosen on the support frames the fit held out)
+    zero_shot: bool = False  # +zs: zero-shot ``run --scale-policy P`` (its defaults), no checkpoint
 
 
 def parse_config(text: str) -> Config:
@@ -95,9 +99,27 @@ def parse_config(text: str) -> Config:
     policy, *flags = head.split("+")
     fusion = next((f for f in flags if f in REFERENCE_FUSIONS), None)
     auto = weight.strip().lower() == "auto"
-    return Config(name=text, policy=parse_scale_policy(policy), reference=any(f.startswith("ref") for f in flags),
-                  register="ref-noreg" not in flags, weight=float(weight) if weight and not auto else None,
-                  fusion=fusion, auto=auto)
+    cfg = Config(name=text, policy=parse_scale_policy(policy), reference=any(f.startswith("ref") for f in flags),
+                 register="ref-noreg" not in flags, weight=float(weight) if weight and not auto else None,
+                 fusion=fusion, auto=auto, zero_shot="zs" in flags)
+    if cfg.zero_shot and (cfg.reference or cfg.weight is not None or cfg.fusion or cfg.auto):
+        raise SystemExit(f"{text}: a zero-shot configuration takes no references (they are fitted by train)")
+    return cfg
+
+
+def zero_shot_spec(cfg: Config, pretrained: str) -> ModelSpec:
+    """What ``run --backbone semclip-tiny --pretrained P --scale-policy X`` scores with (the CLI's zero-shot
+    defaults: self-similarity and the defect view on)."""
+    return ModelSpec(backbone="semclip-tiny", pretrained=pretrained, scale_policy=cfg.policy,
+                     self_similarity=DEFAULT_SELF_SIMILARITY, defect_view=True)
+
+
+def model_of(work: Path, family: str, support: Path, cfg: Config, seed: int,
+             pretrained: str) -> ModelSpec | CheckpointRequest:
+    """The zero-shot spec, or the (cached) checkpoint ``train`` writes for ``cfg``."""
+    if cfg.zero_shot:
+        return zero_shot_spec(cfg, pretrained)
+    return CheckpointRequest(url=checkpoint(work, family, support, cfg, seed, pretrained))
 
 
 def lot(work: Path, name: str, seed: int, per_class: int, sizes: tuple[tuple[int, int], ...] | None = None) -> Path:
@@ -142,11 +164,11 @@ def checkpoint(work: Path, family: str, support: Path, cfg: Config, seed: int, p
     return str(variant)
 
 
-def score(ckpt: str, test: Path, out: Path) -> dict[str, Any]:
-    """``run`` the checkpoint on the test lot; its run record."""
+def score(model: ModelSpec | CheckpointRequest, test: Path, out: Path) -> dict[str, Any]:
+    """``run`` the model (zero-shot spec or checkpoint) on the test lot; its run record."""
     if out.exists():
         shutil.rmtree(out)
-    result = run(RunConfig(input=str(test / "manifest.csv"), out=str(out), model=CheckpointRequest(url=ckpt)))
+    result = run(RunConfig(input=str(test / "manifest.csv"), out=str(out), model=model))
     return result.record
 
 
@@ -225,11 +247,12 @@ def main() -> None:
         support = lot(work, family, 3000, args.shots)
         test = lot(work, family, args.test_seed, args.test_per_class)
         for cfg in configs:
-            ckpt = checkpoint(work, family, support, cfg, args.seed, args.pretrained)
+            model = model_of(work, family, support, cfg, args.seed, args.pretrained)
             out = work / "out" / (f"{weights_tag(args.pretrained)}{family}-{cfg.name}"
                                   + ("" if args.test_seed == TEST_SEED else f"-test{args.test_seed}"))
-            record = score(ckpt, test, out)
-            weight = json.loads((Path(ckpt) / "checkpoint.json").read_text()).get("reference_weight")
+            record = score(model, test, out)
+            weight = (json.loads((Path(model.url) / "checkpoint.json").read_text()).get("reference_weight")
+                      if isinstance(model, CheckpointRequest) else None)
             row = {"family": family, "set": "val" if family in VALIDATION else "held-out", "config": cfg.name,
                    "weight": weight if cfg.reference else None, **bucket_metrics(out, test),
                    "img_s": record["throughput_img_s"], "pretrained": args.pretrained}
@@ -240,8 +263,8 @@ def main() -> None:
         per_class = max(1, args.throughput_frames // 7)
         big = lot(work, first, 9000, per_class, sizes=((1024, 1024),))
         support = lot(work, first, 3000, args.shots)
-        for cfg in {c.policy: c for c in configs if not c.reference}.values():
-            record = score(checkpoint(work, first, support, replace(cfg, weight=None), args.seed, args.pretrained), big,
+        for cfg in {(c.policy, c.zero_shot): c for c in configs if not c.reference}.values():
+            record = score(model_of(work, first, support, replace(cfg, weight=None), args.seed, args.pretrained), big,
                            work / "out" / f"speed-{weights_tag(args.pretrained)}{cfg.name}")
             results.append({"family": f"{first} 1024x1024", "set": "throughput", "config": cfg.name,
                             "img_s": record["throughput_img_s"], "frames": record["rows"]["total"]})

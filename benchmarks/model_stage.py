@@ -1,0 +1,132 @@
+r"""What each scale policy costs `run` per 1024x1024 frame, stage by stage, without Ray: the decode stage's work on
+one CPU core and the model actor's on its device (a GPU where there is one).
+
+    .venv/bin/python benchmarks/model_stage.py --policies whole,0.5,0.75,native            # CPU here
+    python3 benchmarks/model_stage.py --device cuda --batch-size 64                          # a GPU machine
+
+``run``'s own figure (img/s in the run record) is what a user sees, and on a 2-core CPU the model stage bounds it
+(README "Small defects at any frame size"). On a GPU actor the model stage is a small share of a frame's cost and
+the decode workers (one per CPU core) bound the pipeline: this prints both stages' seconds per frame, so the policy's
+cost can be read where the device is not this machine. Frames: a ``synth`` ``logic`` lot drawn at 1024x1024 (seed
+9100, uncompressed TIFF and PNG as ``synth`` writes them), zero-shot ``semclip-tiny`` with the shipped weights and
+``run``'s zero-shot defaults (self-similarity and the defect view on). The decode stage is
+:func:`~semclip_batch.pipeline.reader.decode_batch` (file read and decode, stretch, views, packing) and the model
+stage :class:`~semclip_batch.pipeline.inference.Predictor` on the packed rows, each on the whole lot after one
+warm-up batch; the model's time is measured with the device synchronised. Prints one line per policy and a JSON
+line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, parse_scale_policy, scale_policy_name
+from semclip_batch.io.schema import INPUT
+from semclip_batch.methods.prompts import load_prompts, text_embeddings
+from semclip_batch.methods.weights import load_backbone, preprocess_config
+from semclip_batch.pipeline.inference import Predictor, PredictorSetup
+from semclip_batch.pipeline.reader import decode_batch
+from semclip_batch.synth.generate import SynthConfig, synth
+
+BACKBONE = "semclip-tiny"
+
+
+def lot(work: Path, frames: int) -> Path:
+    """A ``logic`` lot of 1024x1024 frames (about ``frames`` of them: whole per-class draws of 7 classes)."""
+    folder = work / f"logic-1024-{frames}"
+    if not (folder / "manifest.csv").exists():
+        synth(str(folder), SynthConfig(seed=9100, lots=1, wafers=1, dies=1, per_class=max(1, frames // 7),
+                                       family="logic", sizes=((1024, 1024),)))
+    return folder
+
+
+def input_rows(folder: Path) -> dict[str, np.ndarray]:
+    """The lot's manifest as the decode stage's input rows (:data:`~semclip_batch.io.schema.INPUT`)."""
+    import pandas as pd
+
+    man = pd.read_csv(folder / "manifest.csv")
+    n = len(man)
+    cols: dict[str, Any] = {name: [None] * n for name in INPUT.names}
+    cols.update(image_id=[f"f{i}" for i in range(n)], uri=list(man["uri"]),
+                url=[str(folder / u) for u in man["uri"]], lot_id=list(man["lot_id"]),
+                wafer_id=list(man["wafer_id"]), die_x=list(man["die_x"]), die_y=list(man["die_y"]),
+                shard=["0"] * n)
+    table = pa.table(cols, schema=INPUT)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in INPUT.names}
+
+
+def as_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def measure(policy: float | None, rows: dict[str, np.ndarray], device: str, batch_size: int,
+            threads: int) -> dict[str, Any]:
+    """Seconds per frame of the decode stage (one core) and the model stage under ``policy``."""
+    prep = preprocess_config(BACKBONE, tile_above=1024, scale_policy=policy, defect_view=True)
+    spec = ModelSpec(backbone=BACKBONE, pretrained="shipped", scale_policy=policy,
+                     self_similarity=DEFAULT_SELF_SIMILARITY, defect_view=True)
+    backbone = load_backbone(BACKBONE, "shipped")
+    setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text_embeddings(backbone, load_prompts(None)),
+                           weights_sha256=backbone.sha256, batch_size=batch_size, threads=threads,
+                           use_gpu=device == "cuda")
+    n = len(rows["image_id"])
+    torch.set_num_threads(1)  # a decode worker is one core
+    t0 = time.perf_counter()
+    decoded = as_numpy(decode_batch(rows, prep=prep))
+    decode_s = time.perf_counter() - t0
+    predictor = Predictor(setup)
+    per_batch = 8  # frames per model-stage batch
+    first = {k: v[:per_batch] for k, v in decoded.items()}
+    predictor(first)  # warm-up: kernels, caches
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    for start in range(0, n, per_batch):
+        out = predictor({k: v[start:start + per_batch] for k, v in decoded.items()})
+    sync()
+    model_s = time.perf_counter() - t0
+    assert set(out.column("status").to_pylist()) == {"ok"}, out.column("error").to_pylist()
+    views = int(decoded["n_views"].sum())
+    return {"policy": scale_policy_name(policy), "frames": n, "views_per_frame": views / n,
+            "decode_s_per_frame": decode_s / n, "model_s_per_frame": model_s / n, "device": device}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="/tmp/model-stage")
+    ap.add_argument("--frames", type=int, default=56)
+    ap.add_argument("--policies", default="whole,0.5,0.75,native")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--batch-size", type=int, default=16, help="model views per forward pass (run --batch-size)")
+    ap.add_argument("--threads", type=int, default=2, help="the model actor's CPU threads")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no GPU visible to torch")
+    rows = input_rows(lot(Path(args.work), args.frames))
+    results = []
+    for name in args.policies.split(","):
+        r = measure(parse_scale_policy(name), rows, args.device, args.batch_size, args.threads)
+        results.append(r)
+        base = results[0]
+        print(f"{r['policy']:>6}: {r['views_per_frame']:.0f} views/frame; decode {r['decode_s_per_frame'] * 1e3:.1f} ms "
+              f"(x{r['decode_s_per_frame'] / base['decode_s_per_frame']:.2f}), model {r['model_s_per_frame'] * 1e3:.1f} ms "
+              f"(x{r['model_s_per_frame'] / base['model_s_per_frame']:.2f}) per frame on {args.device}", flush=True)
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(0)}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
