@@ -1,19 +1,20 @@
 r"""What each scale policy costs `run` per 1024x1024 frame, stage by stage, without Ray: the decode stage's work on
 one CPU core and the model actor's on its device (a GPU where there is one).
 
-    .venv/bin/python benchmarks/model_stage.py --policies whole,0.5,0.75,native            # CPU here
-    python3 benchmarks/model_stage.py --device cuda --batch-size 64                          # a GPU machine
+    .venv/bin/python benchmarks/model_stage.py --frames 14 --policies whole,native           # CPU here
+    python3 benchmarks/model_stage.py --frames 70 --device cuda --batch-size 64              # a GPU machine
 
-``run``'s own figure (img/s in the run record) is what a user sees, and on a 2-core CPU the model stage bounds it
-(README "Small defects at any frame size"). On a GPU actor the model stage is a small share of a frame's cost and
-the decode workers (one per CPU core) bound the pipeline: this prints both stages' seconds per frame, so the policy's
-cost can be read where the device is not this machine. Frames: a ``synth`` ``logic`` lot drawn at 1024x1024 (seed
+``run``'s own figure (img/s in the run record) is what a user sees; on a 2-core CPU the model stage bounds it
+(README "Small defects at any frame size"). Where Ray is not installed (the GPU machine lent here) the stages can
+still be timed apart: a pipeline runs at the pace of its slowest stage, the model actor (one per GPU) or the decode
+tasks (about one per core, each :data:`~semclip_batch.pipeline.driver.DECODE_CPUS` of a CPU), so both stages'
+seconds per frame bound what a policy costs there. Frames: a ``synth`` ``logic`` lot drawn at 1024x1024 (seed
 9100, uncompressed TIFF and PNG as ``synth`` writes them), zero-shot ``semclip-tiny`` with the shipped weights and
 ``run``'s zero-shot defaults (self-similarity and the defect view on). The decode stage is
-:func:`~semclip_batch.pipeline.reader.decode_batch` (file read and decode, stretch, views, packing) and the model
-stage :class:`~semclip_batch.pipeline.inference.Predictor` on the packed rows, each on the whole lot after one
-warm-up batch; the model's time is measured with the device synchronised. Prints one line per policy and a JSON
-line at the end.
+:func:`~semclip_batch.pipeline.reader.decode_batch` (file read and decode, stretch, views, packing) on the whole lot
+after a warm-up on its first frames; the model stage is :class:`~semclip_batch.pipeline.inference.Predictor` called as
+Ray calls it (``--batch-size`` frames a call, split into forward passes of ``--batch-size`` views), on the whole lot
+after one warm-up call, with the device synchronised. Prints one line per policy and a JSON line at the end.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def as_numpy(table: pa.Table) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
+def check_ok(rows: dict[str, np.ndarray], stage: str) -> None:
+    """Refuse timings of a stage that failed on any row (a failing batch becomes fast error rows)."""
+    bad = [str(e) for s, e in zip(rows["status"], rows["error"], strict=True) if s != "ok"]
+    if bad:
+        sys.exit(f"{stage} stage failed on {len(bad)} rows: {bad[0]}")
+
+
 def measure(policy: float | None, rows: dict[str, np.ndarray], device: str, batch_size: int,
             threads: int) -> dict[str, Any]:
     """Seconds per frame of the decode stage (one core) and the model stage under ``policy``."""
@@ -79,25 +87,25 @@ def measure(policy: float | None, rows: dict[str, np.ndarray], device: str, batc
                            weights_sha256=backbone.sha256, batch_size=batch_size, threads=threads,
                            use_gpu=device == "cuda")
     n = len(rows["image_id"])
-    torch.set_num_threads(1)  # a decode worker is one core
+    torch.set_num_threads(1)  # a decode task is one core
+    decode_batch({k: v[:4] for k, v in rows.items()}, prep=prep)  # warm-up: lazy imports, first reads
     t0 = time.perf_counter()
     decoded = as_numpy(decode_batch(rows, prep=prep))
     decode_s = time.perf_counter() - t0
+    check_ok(decoded, "decode")
     predictor = Predictor(setup)
-    per_batch = 8  # frames per model-stage batch
-    first = {k: v[:per_batch] for k, v in decoded.items()}
-    predictor(first)  # warm-up: kernels, caches
+    per_call = batch_size  # frames per call, as run's map_batches(batch_size=--batch-size) hands them
+    check_ok(as_numpy(predictor({k: v[:per_call] for k, v in decoded.items()})), "model")  # warm-up
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
     sync()
     t0 = time.perf_counter()
-    for start in range(0, n, per_batch):
-        out = predictor({k: v[start:start + per_batch] for k, v in decoded.items()})
+    outs = [predictor({k: v[start:start + per_call] for k, v in decoded.items()}) for start in range(0, n, per_call)]
     sync()
     model_s = time.perf_counter() - t0
-    assert set(out.column("status").to_pylist()) == {"ok"}, out.column("error").to_pylist()
+    check_ok(as_numpy(pa.concat_tables(outs)), "model")
     views = int(decoded["n_views"].sum())
     return {"policy": scale_policy_name(policy), "frames": n, "views_per_frame": views / n,
             "decode_s_per_frame": decode_s / n, "model_s_per_frame": model_s / n, "device": device}

@@ -114,12 +114,13 @@ def zero_shot_spec(cfg: Config, pretrained: str) -> ModelSpec:
                      self_similarity=DEFAULT_SELF_SIMILARITY, defect_view=True)
 
 
-def model_of(work: Path, family: str, support: Path, cfg: Config, seed: int,
+def model_of(work: Path, family: str, shots: int, cfg: Config, seed: int,
              pretrained: str) -> ModelSpec | CheckpointRequest:
-    """The zero-shot spec, or the (cached) checkpoint ``train`` writes for ``cfg``."""
+    """The zero-shot spec, or the (cached) checkpoint ``train`` writes for ``cfg`` on the family's support lot
+    (seed 3000, ``shots`` frames a class; drawn here on first use)."""
     if cfg.zero_shot:
         return zero_shot_spec(cfg, pretrained)
-    return CheckpointRequest(url=checkpoint(work, family, support, cfg, seed, pretrained))
+    return CheckpointRequest(url=checkpoint(work, family, lot(work, family, 3000, shots), cfg, seed, pretrained))
 
 
 def lot(work: Path, name: str, seed: int, per_class: int, sizes: tuple[tuple[int, int], ...] | None = None) -> Path:
@@ -244,10 +245,9 @@ def main() -> None:
     configs = [parse_config(c) for c in args.configs.split(",")]
     results: list[dict[str, Any]] = []
     for family in [] if args.throughput_only else args.families.split(","):
-        support = lot(work, family, 3000, args.shots)
         test = lot(work, family, args.test_seed, args.test_per_class)
         for cfg in configs:
-            model = model_of(work, family, support, cfg, args.seed, args.pretrained)
+            model = model_of(work, family, args.shots, cfg, args.seed, args.pretrained)
             out = work / "out" / (f"{weights_tag(args.pretrained)}{family}-{cfg.name}"
                                   + ("" if args.test_seed == TEST_SEED else f"-test{args.test_seed}"))
             record = score(model, test, out)
@@ -262,9 +262,8 @@ def main() -> None:
     if args.throughput_frames:
         per_class = max(1, args.throughput_frames // 7)
         big = lot(work, first, 9000, per_class, sizes=((1024, 1024),))
-        support = lot(work, first, 3000, args.shots)
         for cfg in {(c.policy, c.zero_shot): c for c in configs if not c.reference}.values():
-            record = score(model_of(work, first, support, replace(cfg, weight=None), args.seed, args.pretrained), big,
+            record = score(model_of(work, first, args.shots, replace(cfg, weight=None), args.seed, args.pretrained), big,
                            work / "out" / f"speed-{weights_tag(args.pretrained)}{cfg.name}")
             results.append({"family": f"{first} 1024x1024", "set": "throughput", "config": cfg.name,
                             "img_s": record["throughput_img_s"], "frames": record["rows"]["total"]})
