@@ -22,13 +22,13 @@ Configurations (``--configs``): a scale policy name (``whole``, ``native``, ``0.
 reference map joins its token and pixel terms) and ``@W`` (the reference fusion weight, e.g.
 ``whole+ref+max@0.3``, or ``@auto``: ``train --reference-weight auto``, trained apart); a weight or a join other
 than the default scores the same trained tensors with the checkpoint's field changed. ``+zs`` (e.g. ``native+zs``)
-scores zero-shot, as ``run --pretrained P --scale-policy X`` does with its defaults, instead of training. ``--throughput-frames``
-1024x1024 frames of the first family are also scored by ``run`` with each policy's checkpoint (img/s from the run
-record: the pipeline stage, Ray's start excluded). ``--pretrained`` trains on other ``semclip-tiny`` weights
-instead of the shipped ones (a ``pretrain`` output, e.g. on a family's own archive, as a fab would pretrain on its
-own lots). Each row also counts the defect frames whose map peaks within 30 px of a truth pixel (``argmax<=30px``;
-the peak is the first pixel of the stored uint8 map's maximum in row order, as numpy's argmax). Prints a table and
-writes ``--work/resolution.json``.
+scores zero-shot, as ``run --pretrained P --scale-policy X`` does with its defaults, instead of training.
+``--throughput-frames`` 1024x1024 frames of the first family are also scored by ``run`` with each policy's
+checkpoint or zero-shot spec (img/s from the run record: the pipeline stage, Ray's start excluded).
+``--pretrained`` trains on other ``semclip-tiny`` weights instead of the shipped ones (a ``pretrain`` output, e.g.
+on a family's own archive, as a fab would pretrain on its own lots). Each row also counts the defect frames whose
+map peaks within 30 px of a truth pixel (``argmax<=30px``; the peak is the first pixel of the stored uint8 map's
+maximum in row order, as numpy's argmax). Prints a table and writes ``--work/resolution.json``.
 
     .venv/bin/python benchmarks/resolution.py --families contacts-small@1024 --throughput-frames 0 \
         --configs "0.5+ref+mean@0.5,0.5+ref+mean@0.75,0.5+ref+mean@1.0,0.5+ref+max@0.5,0.5+ref+max@0.75,whole,0.5"
