@@ -76,6 +76,12 @@ def check_ok(rows: dict[str, np.ndarray], stage: str) -> None:
         sys.exit(f"{stage} stage failed on {len(bad)} rows: {bad[0]}")
 
 
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(policy: float | None, rows: dict[str, np.ndarray], device: str, batch_size: int,
             threads: int) -> dict[str, Any]:
     """Seconds per frame of the decode stage (one core) and the model stage under ``policy``."""
@@ -96,14 +102,10 @@ def measure(policy: float | None, rows: dict[str, np.ndarray], device: str, batc
     predictor = Predictor(setup)
     per_call = batch_size  # frames per call, as run's map_batches(batch_size=--batch-size) hands them
     check_ok(as_numpy(predictor({k: v[:per_call] for k, v in decoded.items()})), "model")  # warm-up
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    sync()
+    synchronize(device)
     t0 = time.perf_counter()
     outs = [predictor({k: v[start:start + per_call] for k, v in decoded.items()}) for start in range(0, n, per_call)]
-    sync()
+    synchronize(device)
     model_s = time.perf_counter() - t0
     check_ok(as_numpy(pa.concat_tables(outs)), "model")
     views = int(decoded["n_views"].sum())
@@ -117,7 +119,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=56)
     ap.add_argument("--policies", default="whole,0.5,0.75,native")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--batch-size", type=int, default=16, help="model views per forward pass (run --batch-size)")
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="frames per model-stage call and views per forward pass (run --batch-size)")
     ap.add_argument("--threads", type=int, default=2, help="the model actor's CPU threads")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
