@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, parse_scale_policy, scale_policy_name
+from semclip_batch.io.manifest import read_manifest_table
 from semclip_batch.io.schema import INPUT
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.weights import load_backbone, preprocess_config
@@ -51,21 +52,16 @@ def lot(work: Path, frames: int) -> Path:
 
 
 def input_rows(folder: Path) -> dict[str, np.ndarray]:
-    """The lot's manifest as the decode stage's input rows (:data:`~semclip_batch.io.schema.INPUT`)."""
-    import pandas as pd
-
-    man = pd.read_csv(folder / "manifest.csv")
-    n = len(man)
-    cols: dict[str, Any] = {name: [None] * n for name in INPUT.names}
-    cols.update(image_id=[f"f{i}" for i in range(n)], uri=list(man["uri"]),
-                url=[str(folder / u) for u in man["uri"]], lot_id=list(man["lot_id"]),
-                wafer_id=list(man["wafer_id"]), die_x=list(man["die_x"]), die_y=list(man["die_y"]),
-                shard=["0"] * n)
-    table = pa.table(cols, schema=INPUT)
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in INPUT.names}
+    """The lot's manifest as the decode stage's input rows (:data:`~semclip_batch.io.schema.INPUT`), read and
+    validated as ``run`` reads it, all in one shard (``plan_shards`` would import Zarr, which a GPU machine without
+    Ray may lack too)."""
+    table = read_manifest_table(str(folder / "manifest.csv")).select([c for c in INPUT.names if c != "shard"])
+    return as_batch(table.append_column("shard", pa.array(["s00000"] * table.num_rows, pa.string())).cast(INPUT))
 
 
-def as_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+def as_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """A table as the numpy batch Ray Data hands a ``batch_format="numpy"`` stage (the twin of
+    ``benchmarks/pipeline.py``'s, which cannot be imported here: that module imports Ray)."""
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
@@ -96,18 +92,18 @@ def measure(policy: float | None, rows: dict[str, np.ndarray], device: str, batc
     torch.set_num_threads(1)  # a decode task is one core
     decode_batch({k: v[:4] for k, v in rows.items()}, prep=prep)  # warm-up: lazy imports, first reads
     t0 = time.perf_counter()
-    decoded = as_numpy(decode_batch(rows, prep=prep))
+    decoded = as_batch(decode_batch(rows, prep=prep))
     decode_s = time.perf_counter() - t0
     check_ok(decoded, "decode")
     predictor = Predictor(setup)
     per_call = batch_size  # frames per call, as run's map_batches(batch_size=--batch-size) hands them
-    check_ok(as_numpy(predictor({k: v[:per_call] for k, v in decoded.items()})), "model")  # warm-up
+    check_ok(as_batch(predictor({k: v[:per_call] for k, v in decoded.items()})), "model")  # warm-up
     synchronize(device)
     t0 = time.perf_counter()
     outs = [predictor({k: v[start:start + per_call] for k, v in decoded.items()}) for start in range(0, n, per_call)]
     synchronize(device)
     model_s = time.perf_counter() - t0
-    check_ok(as_numpy(pa.concat_tables(outs)), "model")
+    check_ok(as_batch(pa.concat_tables(outs)), "model")
     views = int(decoded["n_views"].sum())
     return {"policy": scale_policy_name(policy), "frames": n, "views_per_frame": views / n,
             "decode_s_per_frame": decode_s / n, "model_s_per_frame": model_s / n, "device": device}
