@@ -26,6 +26,10 @@ DEFAULT_IMAGE_THRESHOLD = 0.95
 DEFAULT_PIXEL_THRESHOLD = 0.95
 DEFAULT_MIN_REGION_PX = 16
 DEFAULT_TILE_ABOVE = 1024
+TILE_OVERLAP = 0.25  # least overlap of --tile-above's tiles (DESIGN.md)
+# least overlap of a scale policy's tiles: the frame's slack is spread evenly, so a 1024 px frame at native takes
+# 5 x 5 tiles of 240 px overlapping by 44 px (18 %) instead of 25 %'s 6 x 6 (README "Small defects at any frame size")
+SCALE_POLICY_OVERLAP = 0.125
 DEFAULT_REFERENCE_WEIGHT = 0.75  # the reference map's share of the fused map: chosen on the validation family (README)
 # how the reference map joins its token and pixel terms (model.reference): chosen on the validation family (README)
 REFERENCE_FUSIONS = ("mean", "max")
@@ -97,6 +101,12 @@ def check_scale_policy(value: float | None) -> None:
         raise ConfigError(f"--scale-policy must be whole, native or a fraction in (0, 1], got {value}")
 
 
+def tile_overlap_for(scale_policy: float | None) -> float:
+    """The least overlap of the tiles a frame is cut into: :data:`TILE_OVERLAP` for ``--tile-above``'s,
+    :data:`SCALE_POLICY_OVERLAP` under a scale policy (whose many small tiles make each one a cost)."""
+    return TILE_OVERLAP if scale_policy is None else SCALE_POLICY_OVERLAP
+
+
 def scale_policy_name(value: float | None) -> str:
     """The flag's spelling of a policy (inverse of :func:`parse_scale_policy`)."""
     return "whole" if value is None else "native" if value == 1.0 else f"{value:g}"
@@ -112,7 +122,7 @@ class PreprocessConfig:
     percentile_low: float = 0.5
     percentile_high: float = 99.5
     tile_above: int = DEFAULT_TILE_ABOVE
-    tile_overlap: float = 0.25
+    tile_overlap: float = TILE_OVERLAP  # a scale policy's constructors pass SCALE_POLICY_OVERLAP (tile_overlap_for)
     scale_policy: float | None = None  # see parse_scale_policy; None: the whole frame (tiled above tile_above)
     defect_view: bool = False  # large frames' class scores also read a native crop at the map's maximum (io.preprocess)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from semclip_batch.model import SemClip, SemClipConfig, default_taps
 from semclip_batch.model.encoder import dual_block, embed_patches, encode_dual_path, fuses, vv_attention
+from semclip_batch.model.semclip import defect_map
 from semclip_batch.model.surgery import feature_surgery
 
 
@@ -188,6 +189,20 @@ def test_forward_maps_and_state(tiny_clip):
     assert torch.allclose(out.class_probs.sum(-1), torch.ones(2), atol=1e-5)
     no_vv = SemClip(tiny_clip.clip, SemClipConfig(taps=(2, 4), use_vv=False), n_classes=3)
     assert no_vv.n_terms() == 2
+
+
+def test_method_part_is_the_mean_of_the_resized_terms(tiny_clip):
+    """map_parts resizes the terms' patch-grid mean once; bilinear resizing is linear, so that is the mean of each
+    term resized (what the map was before, 8 resizes a view)."""
+    model = SemClip(tiny_clip.clip, SemClipConfig(taps=(2, 4)), n_classes=3).eval()
+    model.set_text_embeddings(F.normalize(torch.randn(3, 64), dim=-1))
+    with torch.no_grad():
+        enc = model.encode(torch.randn(2, 3, 240, 240))
+        terms = model.term_logits(enc)
+        parts = model.map_parts(enc, (97, 131), terms=terms, with_self=False)
+    want = torch.stack([defect_map(t, (97, 131)) for t in terms]).mean(dim=0)
+    assert len(terms) == 4 and parts.method.shape == (2, 97, 131)
+    assert torch.allclose(parts.method, want, atol=1e-6)
 
 
 def test_uniform_text_gives_uniform_defect_probability(tiny_clip):

@@ -12,11 +12,19 @@ from click.testing import CliRunner
 from PIL import Image
 
 from semclip_batch.cli.commands import main
-from semclip_batch.config import ModelSpec, PreprocessConfig, parse_scale_policy, scale_policy_name
+from semclip_batch.config import (
+    SCALE_POLICY_OVERLAP,
+    TILE_OVERLAP,
+    ModelSpec,
+    PreprocessConfig,
+    parse_scale_policy,
+    scale_policy_name,
+    tile_overlap_for,
+)
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.trainset import TrainSet, frame_views, load_trainset
 from semclip_batch.io.manifest import read_manifest
-from semclip_batch.io.preprocess import frame_tiles, model_inputs, normalize
+from semclip_batch.io.preprocess import frame_tiles, model_inputs, normalize, resize
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.fitting import Support, frame_folds, support_split
 from semclip_batch.methods.weights import preprocess_config
@@ -26,7 +34,7 @@ CLASSES = ("normal", "bridge", "copper_residue", "hole", "infilm", "particle", "
 
 def _prep(policy: float | None, tile_above: int = 1024) -> PreprocessConfig:
     return PreprocessConfig(image_size=240, mean=(0.5,) * 3, std=(0.25,) * 3, tile_above=tile_above,
-                            scale_policy=policy)
+                            tile_overlap=tile_overlap_for(policy), scale_policy=policy)
 
 
 def test_parse_scale_policy_names_and_refusals():
@@ -56,6 +64,30 @@ def test_tile_side_follows_the_policy_and_never_exceeds_tile_above():
     assert model_inputs(np.random.default_rng(0).random((600, 600), np.float32), _prep(1.0)).shape == (10, 3, 240, 240)
     assert len(frame_tiles(1024, 1024, _prep(0.5))) == 9  # what the README's throughput figure pays for
     assert frame_tiles(240, 200, _prep(1.0)) == []  # frames the model input already covers stay whole
+
+
+def test_policy_tiles_overlap_less_than_tile_above_tiles():
+    """A policy's tiles overlap by at least 1/8 (the frame's slack spread evenly), --tile-above's by 1/4: a
+    1024 px frame at native is 5 x 5 tiles overlapping by 44 px, not 25 %'s 6 x 6; the constructor run, train and
+    eval share sets it from the policy, so the tiles trained on are the tiles scored."""
+    assert preprocess_config("semclip-tiny", tile_above=1024, scale_policy=1.0).tile_overlap == SCALE_POLICY_OVERLAP
+    assert preprocess_config("semclip-tiny", tile_above=1024).tile_overlap == TILE_OVERLAP == 0.25
+    tiles = frame_tiles(1024, 1024, _prep(1.0))
+    assert len(tiles) == 25 and {t.height for t in tiles} == {240}
+    xs = sorted({t.x for t in tiles})
+    assert xs == [0, 196, 392, 588, 784]  # seams of 240 - 196 = 44 px
+    quarter = PreprocessConfig(image_size=240, mean=(0.5,) * 3, std=(0.25,) * 3, tile_overlap=0.25, scale_policy=1.0)
+    assert len(frame_tiles(1024, 1024, quarter)) == 36  # what native cost before (README)
+    # sizes whose slack already gave the overlap keep their tiles: 600 px 3 x 3, 768 px 4 x 4
+    assert len(frame_tiles(768, 768, _prep(1.0))) == 16
+
+
+def test_resizing_to_the_same_size_is_an_exact_copy():
+    img = torch.rand(2, 1, 240, 240)
+    same = resize(img, (240, 240))
+    assert torch.equal(same, img) and same.data_ptr() != img.data_ptr()
+    smaller = resize(img, (120, 120))
+    assert smaller.shape == (2, 1, 120, 120)
 
 
 def test_tiles_as_support_views_take_their_own_labels():

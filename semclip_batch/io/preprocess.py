@@ -106,7 +106,10 @@ def _starts(length: int, side: int, stride: int) -> list[int]:
 
 
 def resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of ``(N, C, H, W)``; antialiased when shrinking."""
+    """Bilinear resize of ``(N, C, H, W)``; antialiased when shrinking; to its own size, a copy of the input (what
+    bilinear sampling at unit scale returns; a native tile is one)."""
+    if (img.shape[-2], img.shape[-1]) == size:
+        return img.clone()
     shrink = size[0] < img.shape[-2] or size[1] < img.shape[-1]
     return F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 

@@ -22,7 +22,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from semclip_batch.config import PreprocessConfig
+from semclip_batch.config import PreprocessConfig, tile_overlap_for
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.io import storage
 from semclip_batch.methods.shipped import SHIPPED, shipped_path, shipped_weights
@@ -69,7 +69,8 @@ def preprocess_config(name: str, *, tile_above: int, image_size: int | None = No
     mean = _rgb(vision.get("image_mean", OPENAI_DATASET_MEAN))
     std = _rgb(vision.get("image_std", OPENAI_DATASET_STD))
     return PreprocessConfig(image_size=image_size or size, mean=mean, std=std, tile_above=tile_above,
-                            scale_policy=scale_policy, defect_view=defect_view)
+                            tile_overlap=tile_overlap_for(scale_policy), scale_policy=scale_policy,
+                            defect_view=defect_view)
 
 
 def _rgb(values: Iterable[float]) -> tuple[float, float, float]:

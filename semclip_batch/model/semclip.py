@@ -109,11 +109,14 @@ def patch_logits(feats: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, s
     return scale * sim
 
 
+def patch_defect(logits: torch.Tensor) -> torch.Tensor:
+    """1 - p(normal) per patch, in float32. ``(B, N, C)`` -> ``(B, N)``."""
+    return 1.0 - logits.float().softmax(dim=-1)[..., 0]
+
+
 def defect_map(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """1 - p(normal) per patch, bilinear to ``size``. ``(B, N, C)`` -> ``(B, H, W)``."""
-    defect = 1.0 - logits.float().softmax(dim=-1)[..., 0]
-    grid = round(defect.shape[1] ** 0.5)
-    return F.interpolate(defect.view(-1, 1, grid, grid), size=size, mode="bilinear", align_corners=False)[:, 0]
+    """:func:`patch_defect` bilinear to ``size``. ``(B, N, C)`` -> ``(B, H, W)``."""
+    return grid_to_image(patch_defect(logits), size)
 
 
 class ClassHead(nn.Module):
@@ -291,8 +294,9 @@ class SemClip(Scorer):
         self-similarity part, by default where the model's weight is non-zero). ``distance`` None means "compute
         them": a model with a filled memory always has its memory part."""
         terms = self.term_logits(enc) if terms is None else terms
-        total = sum(defect_map(t, size) for t in terms)
-        assert isinstance(total, torch.Tensor)  # not sum()'s 0: every tap has its original-path term
+        # the terms' mean on the patch grid, resized once: bilinear resizing is linear, so this is the mean of the
+        # resized terms at a term's cost (a native-resolution frame resizes 25 tiles' maps, 8 terms each)
+        method = grid_to_image(torch.stack([patch_defect(t) for t in terms]).mean(dim=0), size)
         if distance is None:
             distance = self.memory_distance(enc)
         memory = None
@@ -300,7 +304,7 @@ class SemClip(Scorer):
             memory = grid_to_image(self.memory.patch_scores(distance), size)
         if with_self is None:
             with_self = self.cfg.self_similarity > 0
-        return MapParts(total / len(terms), memory, self.self_similarity_map(enc, size) if with_self else None)
+        return MapParts(method, memory, self.self_similarity_map(enc, size) if with_self else None)
 
     def fused_map(self, parts: MapParts) -> torch.Tensor:
         """``parts`` joined with the model's memory and self-similarity weights (:func:`join_parts`)."""
