@@ -60,6 +60,7 @@ from semclip_batch.config import (
     ModelSpec,
     RunConfig,
     parse_scale_policy,
+    tile_overlap_for,
 )
 from semclip_batch.errors import OK
 from semclip_batch.fewshot.train import TrainConfig, train
@@ -140,8 +141,11 @@ def weights_tag(pretrained: str) -> str:
 
 def checkpoint(work: Path, family: str, support: Path, cfg: Config, seed: int, pretrained: str = "shipped") -> str:
     base = Config(name="", policy=cfg.policy, reference=cfg.reference, register=cfg.register)
+    # a policy's checkpoints are named with their tiles' overlap: those cached before SCALE_POLICY_OVERLAP (0.25)
+    # are trained again, not scored on other tiles than they trained on
+    overlap = "" if cfg.policy is None else f"-ov{tile_overlap_for(cfg.policy):g}"
     folder = work / "ckpt" / (f"{weights_tag(pretrained)}{family}-{base.policy}-{base.reference}-{base.register}-{seed}"
-                              + (f"-auto-{cfg.fusion or DEFAULT_REFERENCE_FUSION}" if cfg.auto else ""))
+                              + (f"-auto-{cfg.fusion or DEFAULT_REFERENCE_FUSION}" if cfg.auto else "") + overlap)
     if not (folder / "checkpoint.json").exists():
         spec = ModelSpec(backbone="semclip-tiny", pretrained=pretrained, seed=seed, cls="fused",
                          use_reference=cfg.reference, register_reference=cfg.register, scale_policy=cfg.policy,

@@ -185,6 +185,8 @@ class ModelSpec:
     self_similarity: float = 0.0  # SEM-CLIP: the in-frame self-similarity map's share of the map (model.selfsim)
     scale_policy: float | None = None  # maps of large frames at this fraction of native resolution (parse_scale_policy)
     defect_view: bool = False  # class scores of large frames also from a native crop at the map's maximum
+    # the tiles' least overlap a checkpoint was trained with (its preprocessing record); None: tile_overlap_for(policy)
+    tile_overlap: float | None = None
     checkpoint: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
 

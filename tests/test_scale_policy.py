@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
@@ -56,7 +57,7 @@ def test_tile_side_follows_the_policy_and_never_exceeds_tile_above():
     # with a policy, --tile-above does not apply: train (which never caps) and run cut the same tiles
     assert _prep(0.2, tile_above=1024).tile_side == _prep(0.2, tile_above=10**9).tile_side == 1200
     assert frame_tiles(1100, 1100, _prep(0.2, tile_above=1024)) == []
-    # whole policy: a 600 px frame is one view; native: 240 px tiles with 25 % overlap (3 x 3) + the whole view
+    # whole policy: a 600 px frame is one view; native: 240 px tiles overlapping by >= 1/8 (3 x 3) + the whole view
     assert frame_tiles(600, 600, _prep(None)) == []
     tiles = frame_tiles(600, 600, _prep(1.0))
     assert len(tiles) == 9 and {t.height for t in tiles} == {240}
@@ -79,13 +80,18 @@ def test_policy_tiles_overlap_less_than_tile_above_tiles():
     quarter = PreprocessConfig(image_size=240, mean=(0.5,) * 3, std=(0.25,) * 3, tile_overlap=0.25, scale_policy=1.0)
     assert len(frame_tiles(1024, 1024, quarter)) == 36  # what native cost before (README)
     # sizes whose slack already gave the overlap keep their tiles: 600 px 3 x 3, 768 px 4 x 4
-    assert len(frame_tiles(768, 768, _prep(1.0))) == 16
+    for side, count in ((600, 9), (768, 16)):
+        assert len(frame_tiles(side, side, _prep(1.0))) == len(frame_tiles(side, side, quarter)) == count
 
 
 def test_resizing_to_the_same_size_is_an_exact_copy():
     img = torch.rand(2, 1, 240, 240)
     same = resize(img, (240, 240))
     assert torch.equal(same, img) and same.data_ptr() != img.data_ptr()
+    # what bilinear resampling at unit scale returns, antialiased or not: the shortcut changes no value
+    for antialias in (False, True):
+        assert torch.equal(same, F.interpolate(img, size=(240, 240), mode="bilinear", align_corners=False,
+                                               antialias=antialias))
     smaller = resize(img, (120, 120))
     assert smaller.shape == (2, 1, 120, 120)
 
@@ -205,7 +211,19 @@ def test_train_records_the_policy_and_run_scores_with_it(tmp_path, ray_cluster):
         ids[name] = record["run_id"]
         assert record["counts"] == {"ok": 6}
         assert record["preprocessing"].get("scale_policy") == (None if name == "zero-shot-whole" else 1.0)
+        assert record["preprocessing"]["tile_overlap"] == (TILE_OVERLAP if name == "zero-shot-whole"
+                                                           else SCALE_POLICY_OVERLAP)
     assert len(set(ids.values())) == 3  # the policy is part of run_id
+    assert meta.preprocessing["tile_overlap"] == meta.tile_overlap == SCALE_POLICY_OVERLAP
+    # a policy checkpoint trained before SCALE_POLICY_OVERLAP recorded 0.25: run cuts the tiles it trained on
+    body = json.loads((ckpt / "checkpoint.json").read_text())
+    body["preprocessing"]["tile_overlap"] = 0.25
+    (ckpt / "checkpoint.json").write_text(json.dumps(body))
+    out = tmp_path / "out-older"
+    res = runner.invoke(main, ["run", str(manifest), "--out", str(out), "--model", str(ckpt)])
+    assert res.exit_code == 0, res.output
+    record = json.loads(next((out / "runs").rglob("attempt-*.json")).read_text())
+    assert record["preprocessing"]["tile_overlap"] == 0.25 and record["run_id"] != ids["policy"]
 
 
 def test_alpha_is_chosen_on_the_held_out_frames_whole_views():

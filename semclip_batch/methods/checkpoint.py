@@ -87,6 +87,16 @@ class CheckpointMeta:
     version: int = CHECKPOINT_VERSION
     tensors_sha256: str = ""
 
+    @property
+    def tile_overlap(self) -> float | None:
+        """The tiles' least overlap ``train`` cut its support frames with (its preprocessing record), so that ``run``
+        scores the tiles it trained on: a scale-policy checkpoint from before SCALE_POLICY_OVERLAP records 0.25.
+        None where not recorded or not a number in [0, 1)."""
+        value = self.preprocessing.get("tile_overlap")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0:
+            return float(value)
+        return None
+
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
         body["classes"], body["taps"] = list(self.classes), list(self.taps)

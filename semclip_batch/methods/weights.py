@@ -60,8 +60,10 @@ def check_backbone(name: str) -> None:
 
 
 def preprocess_config(name: str, *, tile_above: int, image_size: int | None = None,
-                      scale_policy: float | None = None, defect_view: bool = False) -> PreprocessConfig:
-    """The backbone's own input size and mean/std, without building the model."""
+                      scale_policy: float | None = None, defect_view: bool = False,
+                      tile_overlap: float | None = None) -> PreprocessConfig:
+    """The backbone's own input size and mean/std, without building the model; the tiles' least overlap is
+    ``tile_overlap`` where given (a checkpoint's own), else the policy's (:func:`~semclip_batch.config.tile_overlap_for`)."""
     check_backbone(name)
     vision = open_clip.get_model_config(name)["vision_cfg"]
     size = vision.get("image_size", 224)
@@ -69,7 +71,8 @@ def preprocess_config(name: str, *, tile_above: int, image_size: int | None = No
     mean = _rgb(vision.get("image_mean", OPENAI_DATASET_MEAN))
     std = _rgb(vision.get("image_std", OPENAI_DATASET_STD))
     return PreprocessConfig(image_size=image_size or size, mean=mean, std=std, tile_above=tile_above,
-                            tile_overlap=tile_overlap_for(scale_policy), scale_policy=scale_policy,
+                            tile_overlap=tile_overlap_for(scale_policy) if tile_overlap is None else tile_overlap,
+                            scale_policy=scale_policy,
                             defect_view=defect_view)
 
 

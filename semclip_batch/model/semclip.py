@@ -295,7 +295,7 @@ class SemClip(Scorer):
         them": a model with a filled memory always has its memory part."""
         terms = self.term_logits(enc) if terms is None else terms
         # the terms' mean on the patch grid, resized once: bilinear resizing is linear, so this is the mean of the
-        # resized terms at a term's cost (a native-resolution frame resizes 25 tiles' maps, 8 terms each)
+        # resized terms (to float32 rounding) at a term's cost (a 1024 px frame at native: 26 views, 8 terms each)
         method = grid_to_image(torch.stack([patch_defect(t) for t in terms]).mean(dim=0), size)
         if distance is None:
             distance = self.memory_distance(enc)

@@ -143,7 +143,7 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
                      seed=meta.weights.seed, precision=req.precision, taps=meta.taps, use_vv=meta.use_vv,
                      surgery=meta.surgery, cls=meta.cls, method=meta.method, use_reference=meta.use_reference,
                      score_mode=meta.score_mode, sigma=meta.sigma, memory=meta.memory, region_head=meta.region_head,
-                     scale_policy=meta.scale_policy,
+                     scale_policy=meta.scale_policy, tile_overlap=meta.tile_overlap,
                      defect_view=meta.defect_view if req.defect_view is None else req.defect_view,
                      register_reference=meta.register_reference, self_reference=meta.self_reference,
                      reference_weight=meta.reference_weight, reference_fusion=meta.reference_fusion,
@@ -210,7 +210,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     with timer.stage("model_load"):
         cfg, spec, ident = _identify_model(cfg)
         prep = preprocess_config(spec.backbone, tile_above=cfg.tile_above, scale_policy=spec.scale_policy,
-                                 defect_view=spec.defect_view)
+                                 defect_view=spec.defect_view, tile_overlap=spec.tile_overlap)
     with timer.stage("run_id"):
         run_id = compute_run_id(content_digest(manifest),
                                 output_config(spec, cfg.thresholds, prep, ident, cfg.model_stub), ident.sha256)
