@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, parse_scale_policy, scale_policy_name
+from semclip_batch.config import parse_scale_policy, scale_policy_name, zero_shot_spec
 from semclip_batch.io.manifest import read_manifest_table
 from semclip_batch.io.schema import INPUT
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
@@ -82,8 +82,7 @@ def measure(policy: float | None, rows: dict[str, np.ndarray], device: str, batc
             threads: int) -> dict[str, Any]:
     """Seconds per frame of the decode stage (one core) and the model stage under ``policy``."""
     prep = preprocess_config(BACKBONE, tile_above=1024, scale_policy=policy, defect_view=True)
-    spec = ModelSpec(backbone=BACKBONE, pretrained="shipped", scale_policy=policy,
-                     self_similarity=DEFAULT_SELF_SIMILARITY, defect_view=True)
+    spec = zero_shot_spec(BACKBONE, "shipped", scale_policy=policy)
     backbone = load_backbone(BACKBONE, "shipped")
     setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text_embeddings(backbone, load_prompts(None)),
                            weights_sha256=backbone.sha256, batch_size=batch_size, threads=threads,

@@ -53,7 +53,6 @@ from semclip_batch.analysis.evaluate import _truth_mask, joined_rows
 from semclip_batch.analysis.metrics import PixelCounts, roc_auc
 from semclip_batch.config import (
     DEFAULT_REFERENCE_FUSION,
-    DEFAULT_SELF_SIMILARITY,
     NORMAL,
     REFERENCE_FUSIONS,
     CheckpointRequest,
@@ -61,6 +60,7 @@ from semclip_batch.config import (
     RunConfig,
     parse_scale_policy,
     tile_overlap_for,
+    zero_shot_spec,
 )
 from semclip_batch.errors import OK
 from semclip_batch.fewshot.train import TrainConfig, train
@@ -108,19 +108,12 @@ def parse_config(text: str) -> Config:
     return cfg
 
 
-def zero_shot_spec(cfg: Config, pretrained: str) -> ModelSpec:
-    """What ``run --backbone semclip-tiny --pretrained P --scale-policy X`` scores with (the CLI's zero-shot
-    defaults: self-similarity and the defect view on)."""
-    return ModelSpec(backbone="semclip-tiny", pretrained=pretrained, scale_policy=cfg.policy,
-                     self_similarity=DEFAULT_SELF_SIMILARITY, defect_view=True)
-
-
 def model_of(work: Path, family: str, shots: int, cfg: Config, seed: int,
              pretrained: str) -> ModelSpec | CheckpointRequest:
     """The zero-shot spec, or the (cached) checkpoint ``train`` writes for ``cfg`` on the family's support lot
     (seed 3000, ``shots`` frames a class; drawn here on first use)."""
     if cfg.zero_shot:
-        return zero_shot_spec(cfg, pretrained)
+        return zero_shot_spec("semclip-tiny", pretrained, scale_policy=cfg.policy)  # zero-shot run's defaults
     return CheckpointRequest(url=checkpoint(work, family, lot(work, family, 3000, shots), cfg, seed, pretrained))
 
 

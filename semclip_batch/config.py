@@ -233,6 +233,16 @@ class ModelSpec:
         return out
 
 
+def zero_shot_spec(backbone: str, pretrained: str, *, scale_policy: float | None = None,
+                   self_similarity: float | None = None, defect_view: bool | None = None, **fields: Any) -> ModelSpec:
+    """The model zero-shot ``run`` scores with: its own defaults where None (self-similarity
+    :data:`DEFAULT_SELF_SIMILARITY`, the defect view on; ``ModelSpec``'s, for library callers, are off), ``fields``
+    (other :class:`ModelSpec` fields) as given. The CLI and the benchmarks that measure zero-shot ``run`` share it."""
+    return ModelSpec(backbone=backbone, pretrained=pretrained, scale_policy=scale_policy,
+                     self_similarity=DEFAULT_SELF_SIMILARITY if self_similarity is None else self_similarity,
+                     defect_view=True if defect_view is None else defect_view, **fields)
+
+
 def check_self_similarity(weight: float) -> None:
     if not 0.0 <= weight <= 1.0:
         raise ConfigError(f"the self-similarity weight (--self-similarity, self_similarity in a checkpoint) must be "

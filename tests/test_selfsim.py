@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from semclip_batch.analysis.metrics import PixelCounts
 from semclip_batch.cli.commands import main
-from semclip_batch.config import DEFAULT_SELF_SIMILARITY, CheckpointRequest, ModelSpec, RunConfig
+from semclip_batch.config import DEFAULT_SELF_SIMILARITY, CheckpointRequest, ModelSpec, RunConfig, zero_shot_spec
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.recipes import RECIPES, applied, with_self_similarity
 from semclip_batch.fewshot.train import TrainConfig, train
@@ -118,6 +118,23 @@ def test_zero_shot_maps_find_more_defect_pixels_with_self_similarity(synth_lot):
             counts.add(np.round(frame * 255).astype(np.uint8), mask)
         auroc[w] = counts.auroc()
     assert auroc[DEFAULT_SELF_SIMILARITY] > auroc[0.0] + 0.01, auroc
+
+
+def test_zero_shot_spec_is_zero_shot_runs_defaults_with_given_values_kept():
+    spec = zero_shot_spec("semclip-tiny", "shipped", scale_policy=1.0, seed=3)
+    assert (spec.self_similarity, spec.defect_view, spec.scale_policy, spec.seed) == (DEFAULT_SELF_SIMILARITY, True, 1.0, 3)
+    assert ModelSpec(backbone="semclip-tiny", pretrained="shipped").self_similarity == 0.0  # the library's stays off
+    given = zero_shot_spec("semclip-tiny", "none", self_similarity=0.0, defect_view=False, precision="bf16")
+    assert (given.self_similarity, given.defect_view, given.precision) == (0.0, False, "bf16")
+    # the CLI's zero-shot run builds exactly this spec
+    from semclip_batch.cli.options import run_config
+
+    cfg = run_config(input="lot.csv", out="out", model=None, backbone="semclip-tiny", pretrained="shipped",
+                     pretrained_sha256=None, scale_policy="native", self_similarity=None, defect_view=None, seed=0,
+                     prompts=None, precision="fp32", storage_option=(), threshold=None, pixel_threshold=None,
+                     min_region_px=None, batch_size=8, actors=1, num_gpus=0.0, shard_size=64, tile_above=1024,
+                     pattern=None, address=None, overwrite=False)
+    assert cfg.model == zero_shot_spec("semclip-tiny", "shipped", scale_policy=1.0)
 
 
 def test_the_weight_is_recorded_and_refused_where_it_does_not_apply(synth_lot, tmp_path):

@@ -15,7 +15,6 @@ from semclip_batch.config import (
     DEFAULT_MIN_REGION_PX,
     DEFAULT_PIXEL_THRESHOLD,
     DEFAULT_PRETRAIN_STEPS,
-    DEFAULT_SELF_SIMILARITY,
     DEFAULT_SHARD_SIZE,
     DEFAULT_TILE_ABOVE,
     PRECISIONS,
@@ -24,6 +23,7 @@ from semclip_batch.config import (
     RunConfig,
     Thresholds,
     parse_scale_policy,
+    zero_shot_spec,
 )
 from semclip_batch.errors import SemclipError, one_line, shorten
 from semclip_batch.io.storage import check_storage_options
@@ -238,11 +238,10 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
                                  defect_view=defect_view, storage_options=so)
     else:
         assert pretrained is not None  # refused above
-        spec = ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
-                         pretrained_sha256=pretrained_sha256, seed=seed, precision=precision, prompts=prompts,
-                         scale_policy=parse_scale_policy(scale_policy or "whole"),
-                         self_similarity=DEFAULT_SELF_SIMILARITY if self_similarity is None else self_similarity,
-                         defect_view=True if defect_view is None else defect_view, storage_options=so)
+        spec = zero_shot_spec(backbone or DEFAULT_BACKBONE, pretrained,
+                              scale_policy=parse_scale_policy(scale_policy or "whole"), self_similarity=self_similarity,
+                              defect_view=defect_view, pretrained_sha256=pretrained_sha256, seed=seed,
+                              precision=precision, prompts=prompts, storage_options=so)
     return RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
                      tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,
                      actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)

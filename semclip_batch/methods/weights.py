@@ -72,8 +72,7 @@ def preprocess_config(name: str, *, tile_above: int, image_size: int | None = No
     std = _rgb(vision.get("image_std", OPENAI_DATASET_STD))
     return PreprocessConfig(image_size=image_size or size, mean=mean, std=std, tile_above=tile_above,
                             tile_overlap=tile_overlap_for(scale_policy) if tile_overlap is None else tile_overlap,
-                            scale_policy=scale_policy,
-                            defect_view=defect_view)
+                            scale_policy=scale_policy, defect_view=defect_view)
 
 
 def _rgb(values: Iterable[float]) -> tuple[float, float, float]:
