@@ -65,7 +65,11 @@ log = logging.getLogger(__name__)
 # Blocks of at most this many bytes between stages (Ray's default is 128 MiB): a worker then holds a few
 # dozen decoded frames at a time, not hundreds, so memory does not grow with the run.
 MAX_BLOCK_BYTES = 32 << 20
-DECODE_CPUS = 0.5  # the plan read asks for the same, so Ray Data fuses it into the decode tasks
+DECODE_CPUS = 0.5
+# The plan read asks for less than decode, so Ray Data keeps it a stage of its own: fused into decode, its input (one
+# row per plan file) took decode's batch size as its bundle size, and each task read and decoded 4 plan files, all of
+# a run of up to ~1,000 rows in one task (README "Pipeline throughput benchmark").
+READ_PLAN_CPUS = 0.25
 STUB_CPUS = 0.1  # a stand-in model actor (benchmarks): its device time is slept, not computed
 # Retries, on purpose (README "Faults"): a decode or write task whose worker dies is retried up to
 # TASK_RETRIES times, and so is a model-actor task; a dead model actor is restarted without limit (node loss,
@@ -326,9 +330,9 @@ def _execute(work: _Work, lots: list[str], progress: Progress | None) -> None:
 
 
 def _plan_dataset(work: _Work, todo: set[ShardKey]) -> ray.data.Dataset:
-    """The rows still to do, read by Ray from the stored plan: one read-and-decode task per plan file holding
-    rows to do (see shards.PLAN_FILES). A file that also holds rows of done shards names the shards to keep,
-    and only their rows are read on."""
+    """The rows still to do, read by Ray from the stored plan: one read task, then one decode task, per plan file
+    holding rows to do (see shards.PLAN_FILES; :data:`READ_PLAN_CPUS` keeps the two apart). A file that also
+    holds rows of done shards names the shards to keep, and only their rows are read on."""
     keep: dict[int, set[ShardKey]] = defaultdict(set)
     for key in todo:
         for k in work.plan.shard_files[key]:
@@ -340,7 +344,7 @@ def _plan_dataset(work: _Work, todo: set[ShardKey]) -> ray.data.Dataset:
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(read_plan,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
                           fn_kwargs={"storage_options": work.so}, batch_size=1, batch_format="pyarrow",
-                          num_cpus=DECODE_CPUS, max_retries=TASK_RETRIES)
+                          num_cpus=READ_PLAN_CPUS, max_retries=TASK_RETRIES)
 
 
 def _stream(work: _Work, todo: set[ShardKey],
