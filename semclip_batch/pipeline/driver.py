@@ -68,10 +68,10 @@ MAX_BLOCK_BYTES = 32 << 20
 DECODE_CPUS = 0.5
 # The plan read asks for less than decode, so Ray Data keeps it a stage of its own: fused into decode, its input (one
 # row per plan file) took decode's batch size as its bundle size, and each task read and decoded 4 plan files, all of
-# a run of up to ~1,000 rows in one task (README "Pipeline throughput benchmark").
+# a run of up to 1,024 rows in one task (README "Pipeline throughput benchmark"). Keep the two CPU asks different.
 READ_PLAN_CPUS = 0.25
 STUB_CPUS = 0.1  # a stand-in model actor (benchmarks): its device time is slept, not computed
-# Retries, on purpose (README "Faults"): a decode or write task whose worker dies is retried up to
+# Retries, on purpose (README "Faults"): a plan-read, decode or write task whose worker dies is retried up to
 # TASK_RETRIES times, and so is a model-actor task; a dead model actor is restarted without limit (node loss,
 # preemption). Exceptions inside a row never reach Ray: they become error rows.
 TASK_RETRIES = 5
