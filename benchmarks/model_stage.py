@@ -32,7 +32,7 @@ import torch
 
 from semclip_batch.config import parse_scale_policy, scale_policy_name, zero_shot_spec
 from semclip_batch.io.manifest import read_manifest_table
-from semclip_batch.io.schema import INPUT
+from semclip_batch.io.schema import INPUT, numpy_batch
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup
@@ -56,13 +56,7 @@ def input_rows(folder: Path) -> dict[str, np.ndarray]:
     validated as ``run`` reads it, all in one shard (``plan_shards`` would import Zarr, which a GPU machine without
     Ray may lack too)."""
     table = read_manifest_table(str(folder / "manifest.csv")).select([c for c in INPUT.names if c != "shard"])
-    return as_batch(table.append_column("shard", pa.array(["s00000"] * table.num_rows, pa.string())).cast(INPUT))
-
-
-def as_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    """A table as the numpy batch Ray Data hands a ``batch_format="numpy"`` stage (the twin of
-    ``benchmarks/pipeline.py``'s, which cannot be imported here: that module imports Ray)."""
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    return numpy_batch(table.append_column("shard", pa.array(["s00000"] * table.num_rows, pa.string())).cast(INPUT))
 
 
 def check_ok(rows: dict[str, np.ndarray], stage: str) -> None:
@@ -91,18 +85,18 @@ def measure(policy: float | None, rows: dict[str, np.ndarray], device: str, batc
     torch.set_num_threads(1)  # a decode task is one core
     decode_batch({k: v[:4] for k, v in rows.items()}, prep=prep)  # warm-up: lazy imports, first reads
     t0 = time.perf_counter()
-    decoded = as_batch(decode_batch(rows, prep=prep))
+    decoded = numpy_batch(decode_batch(rows, prep=prep))
     decode_s = time.perf_counter() - t0
     check_ok(decoded, "decode")
     predictor = Predictor(setup)
     per_call = batch_size  # frames per call, as run's map_batches(batch_size=--batch-size) hands them
-    check_ok(as_batch(predictor({k: v[:per_call] for k, v in decoded.items()})), "model")  # warm-up
+    check_ok(numpy_batch(predictor({k: v[:per_call] for k, v in decoded.items()})), "model")  # warm-up
     synchronize(device)
     t0 = time.perf_counter()
     outs = [predictor({k: v[start:start + per_call] for k, v in decoded.items()}) for start in range(0, n, per_call)]
     synchronize(device)
     model_s = time.perf_counter() - t0
-    check_ok(as_batch(pa.concat_tables(outs)), "model")
+    check_ok(numpy_batch(pa.concat_tables(outs)), "model")
     views = int(decoded["n_views"].sum())
     return {"policy": scale_policy_name(policy), "frames": n, "views_per_frame": views / n,
             "decode_s_per_frame": decode_s / n, "model_s_per_frame": model_s / n, "device": device}

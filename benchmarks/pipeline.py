@@ -39,6 +39,7 @@ from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, RunConfig, 
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import read_manifest, read_manifest_table
 from semclip_batch.io.preprocess import normalize, unpack_views
+from semclip_batch.io.schema import numpy_batch
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.model.towers import vision_tower
@@ -57,11 +58,6 @@ def make_lot(folder: Path, images: int) -> Path:
     return folder / "manifest.csv"
 
 
-def as_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    """A table as the numpy batch Ray Data hands a ``batch_format="numpy"`` stage."""
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-
-
 def planned_rows(manifest: Path) -> pa.Table:
     """The manifest's rows as the pipeline plans them (sorted, with their shards)."""
     return plan_shards(read_manifest_table(str(manifest)), RunConfig.shard_size)
@@ -69,7 +65,7 @@ def planned_rows(manifest: Path) -> pa.Table:
 
 def decoded_batches(manifest: Path, prep, batch_size: int) -> list[dict[str, np.ndarray]]:
     rows = planned_rows(manifest)
-    return [as_batch(decode_batch(as_batch(rows.slice(start, batch_size)), prep=prep))
+    return [numpy_batch(decode_batch(numpy_batch(rows.slice(start, batch_size)), prep=prep))
             for start in range(0, rows.num_rows, batch_size)]
 
 
@@ -87,8 +83,8 @@ def plain_loop(manifest: Path, out: Path, predictor: Predictor, prep, batch_size
                          thresholds=Thresholds(), storage_options=so)
     finaliser = FinaliseSetup(out=layout.root, storage_options=so)
     for start in range(0, rows.num_rows, batch_size):
-        decoded = decode_batch(as_batch(rows.slice(start, batch_size)), prep=prep)
-        write_batch(as_batch(predictor(as_batch(decoded))), setup=writer)
+        decoded = decode_batch(numpy_batch(rows.slice(start, batch_size)), prep=prep)
+        write_batch(numpy_batch(predictor(numpy_batch(decoded))), setup=writer)
         for key in keys[start:start + batch_size]:
             left[key] -= 1
             if not left[key]:

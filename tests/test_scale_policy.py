@@ -23,6 +23,7 @@ from semclip_batch.config import (
     tile_overlap_for,
 )
 from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.fewshot.trainset import TrainSet, frame_views, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.preprocess import frame_tiles, model_inputs, normalize, resize
@@ -215,6 +216,11 @@ def test_train_records_the_policy_and_run_scores_with_it(tmp_path, ray_cluster):
                                                            else SCALE_POLICY_OVERLAP)
     assert len(set(ids.values())) == 3  # the policy is part of run_id
     assert meta.preprocessing["tile_overlap"] == meta.tile_overlap == SCALE_POLICY_OVERLAP
+    # train cuts the overlap a spec names, as run does (library callers; run passes a checkpoint's own)
+    quarter = train(TrainConfig(support=str(manifest), out=str(tmp_path / "ckpt-quarter"), epochs=1,
+                                model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", scale_policy=1.0,
+                                                tile_overlap=0.25)))
+    assert quarter.preprocessing["tile_overlap"] == 0.25
     # a policy checkpoint trained before SCALE_POLICY_OVERLAP recorded 0.25: run cuts the tiles it trained on
     body = json.loads((ckpt / "checkpoint.json").read_text())
     body["preprocessing"]["tile_overlap"] = 0.25

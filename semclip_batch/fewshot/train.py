@@ -319,7 +319,8 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     # the views run scores: the whole frame, and with a scale policy its tiles (whatever run's --tile-above)
-    prep = preprocess_config(cfg.model.backbone, tile_above=10**9, scale_policy=cfg.model.scale_policy)
+    prep = preprocess_config(cfg.model.backbone, tile_above=10**9, scale_policy=cfg.model.scale_policy,
+                             tile_overlap=cfg.model.tile_overlap)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
     spec = applied(cfg.recipe, cfg.model)
     data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options,

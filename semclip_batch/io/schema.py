@@ -96,6 +96,12 @@ def _column(values: Any, dtype: pa.DataType) -> pa.Array:
     return pa.array(cleaned, type=dtype)
 
 
+def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """A table as the numpy batch Ray Data hands a ``batch_format="numpy"`` stage (benchmarks call the stages'
+    functions without Ray through it; :func:`to_table` is the way back)."""
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
 def to_table(columns: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
     """A table of exactly ``schema`` from column values (numpy arrays or sequences; NaN in a non-float column
     and None become null). Extra columns are dropped; a missing one is a bug and raises KeyError."""
