@@ -30,6 +30,14 @@ TILE_OVERLAP = 0.25  # least overlap of --tile-above's tiles (DESIGN.md)
 # least overlap of a scale policy's tiles: the frame's slack is spread evenly, so a 1024 px frame at native takes
 # 5 x 5 tiles of 240 px overlapping by 44 px (18 %) instead of 25 %'s 6 x 6 (README "Small defects at any frame size")
 SCALE_POLICY_OVERLAP = 0.125
+# pretrain's scale check (fewshot.scale_check): the policies its held-out frames are scored at, cheapest first; the
+# recommendation is the cheapest within the tolerance of the best pixel AUROC (issue 13's own 0.01), on at most
+# SCALE_CHECK_FRAMES of them. Fixed before any measurement with them (README "Scale check").
+SCALE_CHECK_POLICIES = ("whole", "0.5", "0.75", "native")
+SCALE_CHECK_TOLERANCE = 0.01
+SCALE_CHECK_FRAMES = 100
+SCALE_CHECK_KEY = "scale_check"  # a weights file's metadata: {policy: {"pAUROC": .., "views": ..}} (JSON)
+SCALE_POLICY_KEY = "scale_policy"  # a weights file's metadata: the recommended policy's name (--scale-policy's spelling)
 DEFAULT_REFERENCE_WEIGHT = 0.75  # the reference map's share of the fused map: chosen on the validation family (README)
 # how the reference map joins its token and pixel terms (model.reference): chosen on the validation family (README)
 REFERENCE_FUSIONS = ("mean", "max")

@@ -56,17 +56,19 @@ class PixelCounts:
     region_overlap: np.ndarray = field(default_factory=lambda: np.zeros(LEVELS + 1, np.float64))
     n_regions: int = 0
 
-    def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
-        """``pred``: ``(H, W)`` uint8 map; ``truth``: ``(H, W)`` bool."""
+    def add(self, pred: np.ndarray, truth: np.ndarray, regions: bool = True) -> None:
+        """``pred``: ``(H, W)`` uint8 map; ``truth``: ``(H, W)`` bool. Without ``regions`` only the pixel
+        counts (AUROC, F1) are kept, not the per-region overlaps AUPRO needs (labelling them is most of the cost)."""
         self.pos += np.bincount(pred[truth].ravel(), minlength=LEVELS)
         self.neg += np.bincount(pred[~truth].ravel(), minlength=LEVELS)
+        if not regions:
+            return
         labels, n = ndimage.label(truth, structure=_EIGHT)
         if n == 0:
             return
         # per region, per level: counts -> share of the region at level >= t
-        hist = np.zeros((n + 1, LEVELS), np.int64)
-        np.add.at(hist, (labels.ravel(), pred.ravel()), 1)
-        hist = hist[1:]
+        flat = labels.ravel().astype(np.int64) * LEVELS + pred.ravel()
+        hist = np.bincount(flat, minlength=(n + 1) * LEVELS).reshape(n + 1, LEVELS)[1:]
         suffix = np.concatenate([np.cumsum(hist[:, ::-1], axis=1)[:, ::-1], np.zeros((n, 1))], axis=1)
         self.region_overlap += (suffix / hist.sum(axis=1, keepdims=True)).sum(axis=0)
         self.n_regions += n

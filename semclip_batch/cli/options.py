@@ -182,7 +182,8 @@ def run_options(fn: F) -> F:
                      help="Few-shot checkpoint folder/URL from `train` (its thresholds apply unless given as flags)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                      help="Model precision (bf16 is fastest on CPU)."),
-        scale_policy_option("[default: whole; with --model: the checkpoint's, which a given value must equal]"),
+        scale_policy_option("[default: the one the --pretrained weights' scale check recommends (pretrain), else "
+                            "whole; with --model: the checkpoint's, which a given value must equal]"),
         self_similarity_option("[default: 0.8, chosen on the validation families; not with --model: a checkpoint "
                                "scores with its own]"),
         click.option("--defect-view/--no-defect-view", default=None,
@@ -238,13 +239,28 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
                                  defect_view=defect_view, storage_options=so)
     else:
         assert pretrained is not None  # refused above
-        spec = zero_shot_spec(backbone or DEFAULT_BACKBONE, pretrained,
-                              scale_policy=parse_scale_policy(scale_policy or "whole"), self_similarity=self_similarity,
+        name = backbone or DEFAULT_BACKBONE
+        spec = zero_shot_spec(name, pretrained,
+                              scale_policy=parse_scale_policy(scale_policy or default_scale_policy(name, pretrained, so)),
+                              self_similarity=self_similarity,
                               defect_view=defect_view, pretrained_sha256=pretrained_sha256, seed=seed,
                               precision=precision, prompts=prompts, storage_options=so)
     return RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
                      tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,
                      actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)
+
+
+def default_scale_policy(backbone: str, pretrained: str, storage_options: dict[str, Any]) -> str:
+    """``--scale-policy`` not given: the policy the weights' scale check recommends (``pretrain``; said on
+    stderr), else ``whole``."""
+    from semclip_batch.methods.weights import recommended_scale_policy
+
+    name = recommended_scale_policy(backbone, pretrained, storage_options)
+    if name is None:
+        return "whole"
+    click.echo(f"--scale-policy {name}: recommended by the weights' scale check (pretrain); --scale-policy whole "
+               "scores the whole frame resized", err=True)
+    return name
 
 
 def print_result(record: dict[str, Any], out: str) -> None:

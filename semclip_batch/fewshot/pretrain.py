@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import open_clip
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
@@ -48,11 +49,22 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_MINUTES,
     DEFAULT_PRETRAIN_STEPS,
+    SCALE_CHECK_FRAMES,
+    SCALE_CHECK_KEY,
+    SCALE_POLICY_KEY,
     LossProgress,
     ModelSpec,
     PreprocessConfig,
 )
 from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.scale_check import (
+    CheckFrame,
+    check_views,
+    policy_auroc,
+    recommend,
+    scale_check,
+)
+from semclip_batch.fewshot.scale_check import check_frames as load_check_frames
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, load_trainset, patch_labels
 from semclip_batch.io import storage
 from semclip_batch.io.manifest import read_manifest
@@ -63,7 +75,7 @@ from semclip_batch.methods.weights import canonical_sha256, load_backbone, prepr
 from semclip_batch.model import default_taps
 from semclip_batch.model.encoder import encode_dual_path
 from semclip_batch.model.semclip import patch_logits
-from semclip_batch.model.text import encode_prompts
+from semclip_batch.model.text import class_embeddings, encode_prompts
 from semclip_batch.model.towers import VisionTower, as_clip
 
 log = logging.getLogger(__name__)
@@ -85,6 +97,7 @@ class PretrainConfig:
     max_minutes: float = DEFAULT_PRETRAIN_MINUTES  # wall-clock budget, loading included; 0: none
     separation: float = 0.0  # weight of the class-text separation term (text_separation)
     fill_budget: bool = False  # --steps auto: as many steps as max_minutes allows (``steps``: the first 20 steps' plan)
+    scale_check: bool = True  # score held-out frames at each scale policy and recommend one (fewshot.scale_check)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -119,6 +132,8 @@ class Pretrained:
     after: dict[str, float | None]
     seconds: float
     steps: int  # run: the planned ones, or those --max-minutes left room for (cut, or --steps auto)
+    scale_check: dict[str, dict[str, float | int | None]] = field(default_factory=dict)  # policy -> pAUROC, views
+    scale_policy: str | None = None  # the recommended policy (scale_check.recommend); None: none measured
 
 
 def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -332,6 +347,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     taps = default_taps(depth_of(clip))
     held = heldout_split(data, cfg.heldout, cfg.model.seed)
     train_rows = held.train
+    check_frames = scale_frames(df, data, held, cfg) if cfg.scale_check else []
     weights = balanced_weights(area_buckets(data)[train_rows])
 
     def figures() -> dict[str, float | None]:
@@ -348,6 +364,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     t_check = time.perf_counter()
     before = figures()
     check_s = time.perf_counter() - t_check  # the final check takes as long
+    check_s += scale_check_seconds(clip, cfg.model.backbone, prompts, check_frames)
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05, fused=True)
     steps, step = cfg.steps, 0
     if cfg.fill_budget:  # a plan long enough to time its first steps
@@ -391,6 +408,11 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
             progress(step, steps, float(loss.detach()))
     after = figures()
     seconds = time.perf_counter() - t0
+    scales, chosen = {}, None
+    if check_frames:
+        clip.eval()
+        scales = scale_check(clip, cfg.model.backbone, backbone_text(clip, cfg.model.backbone, prompts), check_frames)
+        chosen = recommend(scales)
     if not cfg.separation and (after[TEXT_COSINE] or 0.0) > ALIKE_TEXT:
         log.warning("pretrain: the classes' text embeddings are still alike (mean cosine %.2f between classes; "
                     "%.2f before training): the loss likely sat near chance; --text-separation 1 pushes them apart",
@@ -402,9 +424,40 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
             **replace(cfg, steps=steps).recipe(), "planned_steps": "auto" if cfg.fill_budget else str(cfg.steps),
             "max_minutes": str(cfg.max_minutes), "optimizer": OPTIMIZER,
             **({"text_separation": str(cfg.separation)} if cfg.separation else {}),  # absent: off, as before it
-            "heldout_check": json.dumps({"before": before, "after": after})}
+            "heldout_check": json.dumps({"before": before, "after": after}),
+            **({SCALE_CHECK_KEY: json.dumps(scales)} if scales else {}),
+            **({SCALE_POLICY_KEY: chosen} if chosen is not None else {})}
     digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
-    return Pretrained(digest, before, after, seconds, steps)
+    return Pretrained(digest, before, after, seconds, steps, scales, chosen)
+
+
+def scale_frames(df: pd.DataFrame, data: TrainSet, held: HeldOut, cfg: PretrainConfig) -> list[CheckFrame]:
+    """Up to :data:`SCALE_CHECK_FRAMES` of the held-out frames, evenly spread over them, decoded with their truth."""
+    frames = data.frame[held.whole] if data.frame is not None else held.whole
+    step = max(1, math.ceil(len(frames) / SCALE_CHECK_FRAMES))
+    rows = df.reset_index(drop=True).iloc[frames[::step].tolist()]
+    return load_check_frames(rows, cfg.model.storage_options)
+
+
+def backbone_text(clip: nn.Module, backbone: str, prompts: PromptSet) -> torch.Tensor:
+    """The class embeddings ``run`` scores with (``methods.prompts.text_embeddings``) of the weights as they are."""
+    tokenizer = open_clip.get_tokenizer(backbone)
+    with torch.no_grad():
+        return class_embeddings(clip, [tokenizer(list(p)) for p in prompts.prompts])
+
+
+def scale_check_seconds(clip: nn.Module, backbone: str, prompts: PromptSet, frames: list[CheckFrame]) -> float:
+    """What the final scale check will take: the whole-frame policy timed now (the same cost at any weights),
+    scaled by the views every policy will take (a tile costs at most what a whole view does)."""
+    if not frames:
+        return 0.0
+    was_training = clip.training
+    clip.eval()
+    t0 = time.perf_counter()
+    _, views = policy_auroc(clip, backbone, backbone_text(clip, backbone, prompts), frames, None)
+    per_view = (time.perf_counter() - t0) / max(views, 1)
+    clip.train(was_training)
+    return per_view * sum(check_views(frames, backbone))
 
 
 def heldout_table(result: Pretrained) -> list[str]:

@@ -95,7 +95,7 @@ def _pixel_counts(maps: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tenso
     counts = PixelCounts()
     for m, t, has in zip(maps, masks, has_mask, strict=True):
         if has:
-            counts.add(to_mask(m.numpy()), t.float().numpy() >= 0.5)
+            counts.add(to_mask(m.numpy()), t.float().numpy() >= 0.5, regions=False)
     return counts
 
 

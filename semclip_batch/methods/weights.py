@@ -10,25 +10,27 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, BinaryIO
 
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from semclip_batch.config import PreprocessConfig, tile_overlap_for
+from semclip_batch.config import SCALE_POLICY_KEY, PreprocessConfig, parse_scale_policy, tile_overlap_for
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.io import storage
 from semclip_batch.methods.shipped import SHIPPED, shipped_path, shipped_weights
 
 log = logging.getLogger(__name__)
 RANDOM = "none"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,45 @@ def _check_expected(expected: str | None, canonical: str, file_sha: str | None, 
     if want not in {canonical, file_sha}:
         raise WeightsError(f"checksum mismatch for {what}: expected {want}, got canonical {canonical}"
                            + (f" / file {file_sha}" if file_sha else ""))
+
+
+def weights_metadata(backbone: str, pretrained: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The ``__metadata__`` of a ``.safetensors`` weights file (``pretrain`` writes its recipe, held-out and scale
+    checks there), read from its header alone; empty for random, ``.pt`` or unreadable weights (loading them
+    reports the error)."""
+    try:
+        url = shipped_path(backbone) if pretrained == SHIPPED else pretrained
+        if pretrained == RANDOM or not url.lower().split("?", 1)[0].endswith(".safetensors"):
+            return {}
+        return storage.read_with(url, storage_options, safetensors_metadata)
+    except (OSError, ValueError, WeightsError) as exc:
+        log.debug("no metadata read from %s: %s", url, exc)
+        return {}
+
+
+def recommended_scale_policy(backbone: str, pretrained: str,
+                             storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The scale policy ``pretrain``'s scale check recommends for these weights (``--scale-policy``'s spelling),
+    or None (no check recorded, or an unreadable record: warned)."""
+    name = weights_metadata(backbone, pretrained, storage_options).get(SCALE_POLICY_KEY)
+    if name is None:
+        return None
+    try:
+        parse_scale_policy(name)
+    except ConfigError:
+        log.warning("weights %s recommend an unknown scale policy %r; ignored", pretrained, name)
+        return None
+    return name
+
+
+def safetensors_metadata(fh: BinaryIO) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file open at its start (8 bytes of header length, the JSON header)."""
+    size = int.from_bytes(fh.read(8), "little")
+    if not 0 < size <= MAX_HEADER_BYTES:
+        raise ValueError(f"not a safetensors header ({size} bytes)")
+    header = json.loads(fh.read(size))
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def _read_weights(url: str, storage_options: Mapping[str, Any] | None) -> bytes:

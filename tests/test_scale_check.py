@@ -1,0 +1,140 @@
+"""pretrain's scale check: its held-out frames scored zero-shot as ``run`` scores them at each scale policy; the
+cheapest policy within 0.01 pixel AUROC of the best is recorded in the weights file and becomes ``run``'s and
+``train``'s ``--scale-policy`` when none is given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from semclip_batch.cli.commands import main
+from semclip_batch.cli.options import run_config
+from semclip_batch.config import SCALE_CHECK_POLICIES, SCALE_POLICY_KEY, ModelSpec
+from semclip_batch.fewshot.pretrain import backbone_text
+from semclip_batch.fewshot.scale_check import check_frames, check_views, policy_auroc, recommend, scale_check
+from semclip_batch.io.manifest import read_manifest
+from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.prompts import load_prompts
+from semclip_batch.methods.shipped import shipped_path
+from semclip_batch.methods.weights import load_backbone, recommended_scale_policy, weights_metadata
+from semclip_batch.synth.generate import SynthConfig, synth
+
+
+@pytest.fixture(scope="module")
+def logic_lot(tmp_path_factory):
+    """7 frames of 512 px of the `logic` family (3-10 px defects), one per class."""
+    root = tmp_path_factory.mktemp("logic")
+    synth(str(root), SynthConfig(seed=41, lots=1, per_class=1, family="logic", sizes=((512, 512),)))
+    return root / "manifest.csv"
+
+
+def test_recommend_takes_the_cheapest_policy_near_the_best():
+    check = {"whole": {"pAUROC": 0.893, "views": 203}, "0.5": {"pAUROC": 0.929, "views": 831},
+             "0.75": {"pAUROC": 0.944, "views": 1737}, "native": {"pAUROC": 0.939, "views": 2781}}
+    assert recommend(check) == "0.75"  # native is within 0.01 but dearer; 0.5 is 0.015 short
+    assert recommend(check, tolerance=0.02) == "0.5"
+    assert recommend(check, tolerance=0.06) == "whole"
+    # frames no policy tiles: every policy is the whole view (same figure, same views): whole
+    assert recommend({n: {"pAUROC": 0.9, "views": 10} for n in SCALE_CHECK_POLICIES}) == "whole"
+    # no defect pixel among the frames: nothing measured, nothing recommended
+    assert recommend({n: {"pAUROC": None, "views": 10} for n in SCALE_CHECK_POLICIES}) is None
+
+
+def test_the_check_scores_as_run_and_eval_do(tmp_path, logic_lot, ray_cluster):
+    frames = check_frames(read_manifest(str(logic_lot)), None)
+    assert len(frames) == 7 and sum(bool(f.truth.any()) for f in frames) == 6
+    backbone = load_backbone("semclip-tiny", "shipped")
+    text = backbone_text(backbone.clip, "semclip-tiny", load_prompts(None))
+    runner = CliRunner()
+    for name, policy in (("native", 1.0), ("whole", None)):
+        out = tmp_path / f"out-{name}"
+        res = runner.invoke(main, ["run", str(logic_lot), "--out", str(out), "--backbone", "semclip-tiny",
+                                   "--pretrained", "shipped", "--scale-policy", name])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(main, ["eval", str(out), "--truth", str(logic_lot)])
+        assert res.exit_code == 0, res.output
+        measured = json.loads((out / "metrics.json").read_text())["pAUROC"]
+        auroc, views = policy_auroc(backbone.clip, "semclip-tiny", text, frames, policy)
+        assert auroc == pytest.approx(measured, abs=1e-6)  # a pixel or two may round the other way
+        assert views == 7 * (1 if policy is None else 1 + 9)  # 512 px at native: 3 x 3 tiles of 240 px
+    check = scale_check(backbone.clip, "semclip-tiny", text, frames)
+    assert list(check) == list(SCALE_CHECK_POLICIES)
+    assert [row["views"] for row in check.values()] == check_views(frames, "semclip-tiny")
+
+
+def test_pretrain_records_the_check_and_its_recommendation(tmp_path):
+    synth(str(tmp_path / "d"), SynthConfig(seed=5, lots=3, per_class=2, family="logic", sizes=((512, 512),)))
+    out = tmp_path / "w.safetensors"
+    runner = CliRunner()
+    res = runner.invoke(main, ["pretrain", str(tmp_path / "d" / "manifest.csv"), "--out", str(out),
+                               "--backbone", "semclip-tiny", "--steps", "3", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert "scale check (held-out frames" in res.output
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    check = json.loads(meta["scale_check"])
+    assert list(check) == list(SCALE_CHECK_POLICIES)  # 4 of 42 frames held out, each scored at every policy
+    assert [row["views"] for row in check.values()] == [4, 4 * 5, 4 * 5, 4 * 10]
+    assert meta[SCALE_POLICY_KEY] == recommend(check) and f"{meta[SCALE_POLICY_KEY]:<8}" in res.output
+    assert weights_metadata("semclip-tiny", str(out))[SCALE_POLICY_KEY] == meta[SCALE_POLICY_KEY]
+    quiet = tmp_path / "q.safetensors"
+    res = runner.invoke(main, ["pretrain", str(tmp_path / "d" / "manifest.csv"), "--out", str(quiet),
+                               "--backbone", "semclip-tiny", "--steps", "2", "--batch-size", "4", "--no-scale-check"])
+    assert res.exit_code == 0, res.output
+    assert "scale check" not in res.output and SCALE_POLICY_KEY not in weights_metadata("semclip-tiny", str(quiet))
+
+
+def _weights_recommending(tmp_path, policy: str) -> str:
+    """The shipped semclip-tiny weights, as a file whose scale check recommended ``policy``."""
+    with safe_open(shipped_path("semclip-tiny"), "pt") as f:
+        state = {k: f.get_tensor(k).float() for k in f.keys()}
+        meta = dict(f.metadata() or {})
+    path = str(tmp_path / f"rec-{policy}.safetensors")
+    save_file(state, path, metadata={**meta, SCALE_POLICY_KEY: policy})
+    return path
+
+
+def _run_spec(weights: str, scale_policy: str | None) -> ModelSpec:
+    cfg = run_config(input="m.csv", out="o", model=None, backbone="semclip-tiny", pretrained=weights,
+                     pretrained_sha256=None, scale_policy=scale_policy, self_similarity=None, defect_view=None, seed=0,
+                     prompts=None, precision="fp32", storage_option=(), threshold=None, pixel_threshold=None,
+                     min_region_px=None, batch_size=16, actors=1, num_gpus=0.0, shard_size=256, tile_above=1024,
+                     pattern=None, address=None, overwrite=False)
+    assert isinstance(cfg.model, ModelSpec)
+    return cfg.model
+
+
+def test_run_and_train_take_the_recommended_policy_unless_given(tmp_path, logic_lot):
+    weights = _weights_recommending(tmp_path, "0.5")
+    assert recommended_scale_policy("semclip-tiny", weights) == "0.5"
+    assert _run_spec(weights, None).scale_policy == 0.5
+    assert _run_spec(weights, "whole").scale_policy is None  # a given policy wins
+    assert _run_spec(weights, "native").scale_policy == 1.0
+    assert _run_spec("shipped", None).scale_policy is None  # no check recorded: the whole frame, as before
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / "ck"), "--backbone", "semclip-tiny",
+                               "--pretrained", weights, "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert "--scale-policy 0.5: recommended by the weights' scale check" in res.output
+    assert load_checkpoint(str(tmp_path / "ck")).meta.scale_policy == 0.5
+    res = runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / "ck-whole"), "--backbone",
+                               "semclip-tiny", "--pretrained", weights, "--epochs", "1", "--scale-policy", "whole"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(str(tmp_path / "ck-whole")).meta.scale_policy is None
+
+
+def test_weights_without_a_readable_record_recommend_nothing(tmp_path):
+    pt = tmp_path / "w.pt"
+    torch.save({"a": torch.zeros(1)}, pt)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\xff" * 16)
+    for weights in ("none", str(pt), str(broken), str(tmp_path / "missing.safetensors")):
+        assert weights_metadata("semclip-tiny", weights) == {}
+        assert recommended_scale_policy("semclip-tiny", weights) is None
+    odd = _weights_recommending(tmp_path, "sideways")
+    assert recommended_scale_policy("semclip-tiny", odd) is None  # an unknown name is warned about and ignored
