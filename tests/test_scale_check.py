@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from semclip_batch.cli.commands import main
 from semclip_batch.cli.options import run_config
 from semclip_batch.config import SCALE_CHECK_POLICIES, SCALE_POLICY_KEY, ModelSpec
+from semclip_batch.fewshot.fit_memory import BASE_BYTES, BYTES_PER_ROW, available_bytes, coarser, needed_bytes, too_large
 from semclip_batch.fewshot.pretrain import backbone_text
 from semclip_batch.fewshot.scale_check import check_frames, check_views, policy_auroc, recommend, scale_check
 from semclip_batch.io.manifest import read_manifest
@@ -138,3 +139,37 @@ def test_weights_without_a_readable_record_recommend_nothing(tmp_path):
         assert recommended_scale_policy("semclip-tiny", weights) is None
     odd = _weights_recommending(tmp_path, "sideways")
     assert recommended_scale_policy("semclip-tiny", odd) is None  # an unknown name is warned about and ignored
+
+
+def test_fit_memory_estimate_and_the_coarser_policies(tmp_path):
+    assert [coarser(p) for p in (1.0, 0.75, 0.6, 0.5, None)] == [0.75, 0.5, 0.5, None, None]
+    assert needed_bytes(100) == BASE_BYTES + 100 * BYTES_PER_ROW
+    assert too_large(100, 1.0, None) is None  # memory unknown: no refusal
+    assert too_large(100, 1.0, needed_bytes(100)) is None
+    why = too_large(2352, 0.75, 8_000_000_000)
+    assert why is not None and "2352 support rows at --scale-policy 0.75 need ~12.3 GB, 8.0 GB are available" in why
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n")
+    assert available_bytes(meminfo) == 20_000_000 * 1024
+    assert available_bytes(tmp_path / "absent") is None
+
+
+def test_train_steps_down_from_a_recommended_policy_that_does_not_fit(tmp_path, logic_lot, monkeypatch, caplog):
+    import semclip_batch.fewshot.train as train_module
+
+    weights = _weights_recommending(tmp_path, "native")
+    # 7 frames of 512 px, 4 orientations: native 7 x 10 views (280 rows), 0.75 and 0.5 7 x 5 (140), whole 7 (28)
+    monkeypatch.setattr(train_module, "available_bytes", lambda: needed_bytes(140))
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / "ck"), "--backbone", "semclip-tiny",
+                               "--pretrained", weights, "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert "280 support rows at --scale-policy native need" in caplog.text
+    assert "trained at --scale-policy 0.75 instead of the weights' recommendation" in caplog.text
+    assert load_checkpoint(str(tmp_path / "ck")).meta.scale_policy == 0.75
+    # a policy the user gave is refused in one line instead
+    res = runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / "ck2"), "--backbone", "semclip-tiny",
+                               "--pretrained", weights, "--epochs", "1", "--scale-policy", "native"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "280 support rows at --scale-policy native need" in res.output and "--shots" in res.output
+    assert not (tmp_path / "ck2").exists()

@@ -545,10 +545,12 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     except ValueError:
         raise ConfigError(f"--taps {taps!r}: expected block numbers such as 3,6") from None
     weight = parse_reference_weight(reference_weight)  # None: auto
+    so = parse_storage_options(storage_option)
+    policy = scale_policy or default_scale_policy(backbone or DEFAULT_BACKBONE, pretrained, so)
     cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
                       recipe=with_self_similarity(with_self_reference(get_recipe(recipe), self_reference),
                                                   self_similarity),
-                      choose_reference_weight=weight is None,
+                      choose_reference_weight=weight is None, policy_from_weights=scale_policy is None,
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
@@ -557,10 +559,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       reference_weight=DEFAULT_REFERENCE_WEIGHT if weight is None else weight,
                                       self_reference=bool(self_reference),
                                       score_mode=score_mode, sigma=sigma,
-                                      scale_policy=parse_scale_policy(
-                                          scale_policy or default_scale_policy(backbone or DEFAULT_BACKBONE, pretrained,
-                                                                               parse_storage_options(storage_option))),
-                                      storage_options=parse_storage_options(storage_option)))
+                                      scale_policy=parse_scale_policy(policy), storage_options=so))
     _refuse_unused_reference_options(click.get_current_context(), applied(cfg.recipe, cfg.model))
     if self_similarity is not None and not get_method(method).recipes:
         raise ConfigError(f"--self-similarity is a SEM-CLIP option; --method {method} has none: omit it")

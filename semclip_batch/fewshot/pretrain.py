@@ -364,7 +364,8 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     t_check = time.perf_counter()
     before = figures()
     check_s = time.perf_counter() - t_check  # the final check takes as long
-    check_s += scale_check_seconds(clip, cfg.model.backbone, prompts, check_frames)
+    scale_s = scale_check_seconds(clip, cfg.model.backbone, prompts, check_frames)
+    check_s += scale_s
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05, fused=True)
     steps, step = cfg.steps, 0
     if cfg.fill_budget:  # a plan long enough to time its first steps
@@ -411,8 +412,11 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     scales, chosen = {}, None
     if check_frames:
         clip.eval()
+        t_scale = time.perf_counter()
         scales = scale_check(clip, cfg.model.backbone, backbone_text(clip, cfg.model.backbone, prompts), check_frames)
         chosen = recommend(scales)
+        log.info("scale check: %d held-out frames, %d model views, %.0f s (%.0f s reserved)", len(check_frames),
+                 sum(int(row["views"] or 0) for row in scales.values()), time.perf_counter() - t_scale, scale_s)
     if not cfg.separation and (after[TEXT_COSINE] or 0.0) > ALIKE_TEXT:
         log.warning("pretrain: the classes' text embeddings are still alike (mean cosine %.2f between classes; "
                     "%.2f before training): the loss likely sat near chance; --text-separation 1 pushes them apart",
@@ -434,9 +438,9 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
 def scale_frames(df: pd.DataFrame, data: TrainSet, held: HeldOut, cfg: PretrainConfig) -> list[CheckFrame]:
     """Up to :data:`SCALE_CHECK_FRAMES` of the held-out frames, evenly spread over them, decoded with their truth."""
     frames = data.frame[held.whole] if data.frame is not None else held.whole
-    step = max(1, math.ceil(len(frames) / SCALE_CHECK_FRAMES))
-    rows = df.reset_index(drop=True).iloc[frames[::step].tolist()]
-    return load_check_frames(rows, cfg.model.storage_options)
+    if len(frames) > SCALE_CHECK_FRAMES:
+        frames = frames[torch.linspace(0, len(frames) - 1, SCALE_CHECK_FRAMES).round().long()]
+    return load_check_frames(df.reset_index(drop=True).iloc[frames.tolist()], cfg.model.storage_options)
 
 
 def backbone_text(clip: nn.Module, backbone: str, prompts: PromptSet) -> torch.Tensor:

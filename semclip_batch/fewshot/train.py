@@ -21,9 +21,10 @@ import pandas as pd
 import torch
 
 from semclip_batch.analysis.metrics import PixelCounts
-from semclip_batch.config import DEFAULT_MIN_REGION_PX, LossProgress, ModelSpec
+from semclip_batch.config import DEFAULT_MIN_REGION_PX, LossProgress, ModelSpec, PreprocessConfig, scale_policy_name
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.augment import augment
+from semclip_batch.fewshot.fit_memory import available_bytes, coarser, too_large
 from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, recorded
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
@@ -60,6 +61,9 @@ class TrainConfig:
     cache_dir: str | None = None  # frozen-backbone features of the support frames (methods.feature_cache)
     recipe: Recipe = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE])  # SEM-CLIP's (fewshot.recipes)
     choose_reference_weight: bool = False  # --reference-weight auto: chosen on held-out support frames
+    # the scale policy is the weights' recommendation (pretrain's scale check), not the user's: where the support
+    # rows would not fit in memory at it, the next coarser one is taken (fewshot.fit_memory)
+    policy_from_weights: bool = False
 
     def __post_init__(self) -> None:
         m = self.model
@@ -314,18 +318,36 @@ def _normal_with_reference(data: TrainSet) -> bool:
     return data.has_ref is not None and bool((data.has_ref & (data.labels == 0)).any())
 
 
+def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
+                       classes: tuple[str, ...]) -> tuple[TrainConfig, PreprocessConfig, TrainSet]:
+    """The support set decoded as ``run`` will score it (the whole frame, and with a scale policy its tiles,
+    whatever run's --tile-above), at the config's policy or, where its rows would not fit in memory and the policy
+    came from the weights, the next coarser one that does (the config returned names it)."""
+    while True:
+        spec = applied(cfg.recipe, cfg.model)
+        prep = preprocess_config(cfg.model.backbone, tile_above=10**9, scale_policy=cfg.model.scale_policy,
+                                 tile_overlap=cfg.model.tile_overlap)
+        data = load_trainset(df, classes, prep, storage_options=cfg.model.storage_options,
+                             references=spec.use_reference, register=spec.register_reference,
+                             self_reference=spec.self_reference)
+        why = too_large(len(data) * copies(cfg.recipe, cfg.model.method), cfg.model.scale_policy, available_bytes())
+        if why is None:
+            return cfg, prep, data
+        if not cfg.policy_from_weights or cfg.model.scale_policy is None:
+            raise ConfigError(f"{why}: train on fewer support frames (--shots) or at a coarser --scale-policy")
+        policy = coarser(cfg.model.scale_policy)
+        log.warning("%s: trained at --scale-policy %s instead of the weights' recommendation", why,
+                    scale_policy_name(policy))
+        cfg = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
+
+
 def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointMeta:
     """Train, fit, write the checkpoint; returns its meta as stored."""
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
-    # the views run scores: the whole frame, and with a scale policy its tiles (whatever run's --tile-above)
-    prep = preprocess_config(cfg.model.backbone, tile_above=10**9, scale_policy=cfg.model.scale_policy,
-                             tile_overlap=cfg.model.tile_overlap)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
+    cfg, prep, data = _support_that_fits(cfg, df, prompts.classes)
     spec = applied(cfg.recipe, cfg.model)
-    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options,
-                         references=spec.use_reference, register=spec.register_reference,
-                         self_reference=spec.self_reference)
     if spec.self_reference and not spec.use_reference and not _normal_with_reference(data):
         log.warning("no normal support frame repeats its pattern: trained without cell references")
         cfg = replace(cfg, model=replace(cfg.model, self_reference=False),
