@@ -445,7 +445,6 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     """
     from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table
     from semclip_batch.fewshot.pretrain import pretrain as run_pretrain
-    from semclip_batch.fewshot.scale_check import check_lines
 
     plan, fill = pretrain_steps(steps, max_minutes)
     cfg = PretrainConfig(manifest=manifest, out=out, steps=plan, fill_budget=fill, max_minutes=max_minutes,
@@ -458,8 +457,8 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
         result = run_pretrain(cfg, progress=progress)
     for line in heldout_table(result):
         click.echo(line)
-    if result.scale_check:
-        for line in check_lines(result.scale_check, result.scale_policy):
+    if result.scale_check is not None:
+        for line in result.scale_check.lines():
             click.echo(line)
     click.echo(f"{result.steps} steps" + (" (--steps auto)" if fill else "")
                + f", {result.seconds:.0f} s of training and the final check")

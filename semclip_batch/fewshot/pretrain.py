@@ -34,7 +34,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import open_clip
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
@@ -49,22 +48,12 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_MINUTES,
     DEFAULT_PRETRAIN_STEPS,
-    SCALE_CHECK_FRAMES,
-    SCALE_CHECK_KEY,
-    SCALE_POLICY_KEY,
     LossProgress,
     ModelSpec,
     PreprocessConfig,
 )
 from semclip_batch.errors import ConfigError
-from semclip_batch.fewshot.scale_check import (
-    CheckFrame,
-    check_views,
-    policy_auroc,
-    recommend,
-    scale_check,
-)
-from semclip_batch.fewshot.scale_check import check_frames as load_check_frames
+from semclip_batch.fewshot.scale_check import ScaleCheck, check_rows, reserve_seconds, run_check
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, load_trainset, patch_labels
 from semclip_batch.io import storage
 from semclip_batch.io.manifest import read_manifest
@@ -75,7 +64,7 @@ from semclip_batch.methods.weights import canonical_sha256, load_backbone, prepr
 from semclip_batch.model import default_taps
 from semclip_batch.model.encoder import encode_dual_path
 from semclip_batch.model.semclip import patch_logits
-from semclip_batch.model.text import class_embeddings, encode_prompts
+from semclip_batch.model.text import encode_prompts
 from semclip_batch.model.towers import VisionTower, as_clip
 
 log = logging.getLogger(__name__)
@@ -132,8 +121,7 @@ class Pretrained:
     after: dict[str, float | None]
     seconds: float
     steps: int  # run: the planned ones, or those --max-minutes left room for (cut, or --steps auto)
-    scale_check: dict[str, dict[str, float | int | None]] = field(default_factory=dict)  # policy -> pAUROC, views
-    scale_policy: str | None = None  # the recommended policy (scale_check.recommend); None: none measured
+    scale_check: ScaleCheck | None = None  # the scale check's figures and recommendation; None: not run
 
 
 def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -276,6 +264,11 @@ TEXT_COSINE = "text_cosine"  # mean cosine between the classes' text embeddings
 ALIKE_TEXT = 0.8  # above it after training, the text tower has not told the classes apart (README: ~0.9 at random)
 
 
+def held_frames(data: TrainSet, held: HeldOut) -> torch.Tensor:
+    """The manifest positions (``load_trainset``'s, the index reset) of the held-out frames."""
+    return data.frame[held.whole] if data.frame is not None else held.whole
+
+
 def heldout_split(data: TrainSet, share: float, seed: int) -> HeldOut:
     """Training rows and the held-out frames' rows (none held out below 20 frames)."""
     frame = data.frame if data.frame is not None else torch.arange(len(data))
@@ -347,7 +340,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     taps = default_taps(depth_of(clip))
     held = heldout_split(data, cfg.heldout, cfg.model.seed)
     train_rows = held.train
-    check_frames = scale_frames(df, data, held, cfg) if cfg.scale_check else []
+    scale_rows = check_rows(df, held_frames(data, held)) if cfg.scale_check else None
     weights = balanced_weights(area_buckets(data)[train_rows])
 
     def figures() -> dict[str, float | None]:
@@ -364,8 +357,8 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     t_check = time.perf_counter()
     before = figures()
     check_s = time.perf_counter() - t_check  # the final check takes as long
-    scale_s = scale_check_seconds(clip, cfg.model.backbone, prompts, check_frames)
-    check_s += scale_s
+    if scale_rows is not None and cfg.max_minutes:
+        check_s += reserve_seconds(clip, cfg.model.backbone, prompts, scale_rows, cfg.model.storage_options)
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05, fused=True)
     steps, step = cfg.steps, 0
     if cfg.fill_budget:  # a plan long enough to time its first steps
@@ -409,14 +402,8 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
             progress(step, steps, float(loss.detach()))
     after = figures()
     seconds = time.perf_counter() - t0
-    scales, chosen = {}, None
-    if check_frames:
-        clip.eval()
-        t_scale = time.perf_counter()
-        scales = scale_check(clip, cfg.model.backbone, backbone_text(clip, cfg.model.backbone, prompts), check_frames)
-        chosen = recommend(scales)
-        log.info("scale check: %d held-out frames, %d model views, %.0f s (%.0f s reserved)", len(check_frames),
-                 sum(int(row["views"] or 0) for row in scales.values()), time.perf_counter() - t_scale, scale_s)
+    scales = (run_check(clip.eval(), cfg.model.backbone, prompts, scale_rows, cfg.model.storage_options)
+              if scale_rows is not None else None)
     if not cfg.separation and (after[TEXT_COSINE] or 0.0) > ALIKE_TEXT:
         log.warning("pretrain: the classes' text embeddings are still alike (mean cosine %.2f between classes; "
                     "%.2f before training): the loss likely sat near chance; --text-separation 1 pushes them apart",
@@ -429,39 +416,9 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
             "max_minutes": str(cfg.max_minutes), "optimizer": OPTIMIZER,
             **({"text_separation": str(cfg.separation)} if cfg.separation else {}),  # absent: off, as before it
             "heldout_check": json.dumps({"before": before, "after": after}),
-            **({SCALE_CHECK_KEY: json.dumps(scales)} if scales else {}),
-            **({SCALE_POLICY_KEY: chosen} if chosen is not None else {})}
+            **(scales.metadata() if scales is not None else {})}
     digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
-    return Pretrained(digest, before, after, seconds, steps, scales, chosen)
-
-
-def scale_frames(df: pd.DataFrame, data: TrainSet, held: HeldOut, cfg: PretrainConfig) -> list[CheckFrame]:
-    """Up to :data:`SCALE_CHECK_FRAMES` of the held-out frames, evenly spread over them, decoded with their truth."""
-    frames = data.frame[held.whole] if data.frame is not None else held.whole
-    if len(frames) > SCALE_CHECK_FRAMES:
-        frames = frames[torch.linspace(0, len(frames) - 1, SCALE_CHECK_FRAMES).round().long()]
-    return load_check_frames(df.reset_index(drop=True).iloc[frames.tolist()], cfg.model.storage_options)
-
-
-def backbone_text(clip: nn.Module, backbone: str, prompts: PromptSet) -> torch.Tensor:
-    """The class embeddings ``run`` scores with (``methods.prompts.text_embeddings``) of the weights as they are."""
-    tokenizer = open_clip.get_tokenizer(backbone)
-    with torch.no_grad():
-        return class_embeddings(clip, [tokenizer(list(p)) for p in prompts.prompts])
-
-
-def scale_check_seconds(clip: nn.Module, backbone: str, prompts: PromptSet, frames: list[CheckFrame]) -> float:
-    """What the final scale check will take: the whole-frame policy timed now (the same cost at any weights),
-    scaled by the views every policy will take (a tile costs at most what a whole view does)."""
-    if not frames:
-        return 0.0
-    was_training = clip.training
-    clip.eval()
-    t0 = time.perf_counter()
-    _, views = policy_auroc(clip, backbone, backbone_text(clip, backbone, prompts), frames, None)
-    per_view = (time.perf_counter() - t0) / max(views, 1)
-    clip.train(was_training)
-    return per_view * sum(check_views(frames, backbone))
+    return Pretrained(digest, before, after, seconds, steps, scales)
 
 
 def heldout_table(result: Pretrained) -> list[str]:

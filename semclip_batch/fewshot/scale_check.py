@@ -12,12 +12,15 @@ within :data:`~semclip_batch.config.SCALE_CHECK_TOLERANCE` of the best: ``run`` 
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import open_clip
 import pandas as pd
 import torch
 
@@ -25,22 +28,29 @@ from semclip_batch.analysis.metrics import PixelCounts
 from semclip_batch.config import (
     DEFAULT_TILE_ABOVE,
     NORMAL,
+    SCALE_CHECK_FRAMES,
+    SCALE_CHECK_KEY,
     SCALE_CHECK_POLICIES,
     SCALE_CHECK_TOLERANCE,
+    SCALE_POLICY_KEY,
     parse_scale_policy,
     zero_shot_spec,
 )
 from semclip_batch.errors import ImageError
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.preprocess import decoded_views, frame_tiles, maps_to_frame, normalize, unpack_views
+from semclip_batch.io.schema import missing
 from semclip_batch.methods.decisions import to_mask_tensor
 from semclip_batch.methods.features import encode_batch
+from semclip_batch.methods.prompts import PromptSet
 from semclip_batch.methods.registry import get_method, new_model, score_features
 from semclip_batch.methods.weights import preprocess_config
+from semclip_batch.model.text import class_embeddings
 from semclip_batch.model.towers import vision_tower
 
 log = logging.getLogger(__name__)
 BATCH = 32  # model views per forward pass
+TIMED_FRAMES = 10  # frames the check's time is estimated on, before training
 
 
 @dataclass(frozen=True)
@@ -51,15 +61,19 @@ class CheckFrame:
     truth: np.ndarray
 
 
+def with_truth(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows ``eval`` has a pixel truth for: a mask file, or a normal label (no defect pixel)."""
+    return df[(df["mask_url"] != "") | (df["label"] == NORMAL)]
+
+
 def check_frames(df: pd.DataFrame, storage_options: Mapping[str, Any] | None) -> list[CheckFrame]:
-    """The rows of ``df`` with a pixel truth, decoded as ``eval`` reads them: a mask file, or a normal label (no
-    defect pixel); defect rows without a mask and unreadable rows are left out."""
+    """The rows of ``df`` with a pixel truth (:func:`with_truth`), decoded as ``run`` and ``eval`` read them (the
+    row's ``page`` of a multi-page TIFF); unreadable rows are left out, warned."""
     frames = []
-    for _, row in df.iterrows():
-        if not row["mask_url"] and row["label"] != NORMAL:
-            continue
+    for _, row in with_truth(df).iterrows():
+        page = row.get("page")
         try:
-            gray = load_frame(row["url"], storage_options)
+            gray = load_frame(row["url"], storage_options, None if missing(page) else int(page))
             truth = (load_frame(row["mask_url"], storage_options) > 0 if row["mask_url"]
                      else np.zeros(gray.shape, bool))
         except ImageError as exc:
@@ -117,20 +131,91 @@ def recommend(check: Mapping[str, Mapping[str, float | int | None]],
               tolerance: float = SCALE_CHECK_TOLERANCE) -> str | None:
     """The policy with the fewest views whose pixel AUROC is within ``tolerance`` of the best; None when no
     policy could be measured (no defect pixel among the frames)."""
-    measured = {name: row for name, row in check.items() if row.get("pAUROC") is not None}
-    if not measured:
+    auroc = {name: float(a) for name, row in check.items() if (a := row.get("pAUROC")) is not None}
+    if not auroc:
         return None
-    best = max(float(row["pAUROC"] or 0.0) for row in measured.values())
-    near = [name for name, row in measured.items() if float(row["pAUROC"] or 0.0) >= best - tolerance]
-    return min(near, key=lambda name: (int(measured[name].get("views") or 0), SCALE_CHECK_POLICIES.index(name)
-                                       if name in SCALE_CHECK_POLICIES else len(SCALE_CHECK_POLICIES)))
+    best = max(auroc.values())
+    near = [name for name, a in auroc.items() if a >= best - tolerance]
+    order = {name: k for k, name in enumerate(SCALE_CHECK_POLICIES)}  # ties in views: the coarser
+    return min(near, key=lambda name: (int(check[name].get("views") or 0), order.get(name, len(order))))
 
 
-def check_lines(check: Mapping[str, Mapping[str, float | int | None]], chosen: str | None) -> list[str]:
+def check_lines(check: Mapping[str, Mapping[str, float | int | None]], chosen: str | None, frames: int) -> list[str]:
     """The scale check as lines for ``pretrain``'s output."""
-    lines = ["scale check (held-out frames, zero-shot run's maps): policy, pixel AUROC, model views"]
+    lines = [f"scale check ({frames} held-out frames, zero-shot run's maps): policy, pixel AUROC, model views"]
     for name, row in check.items():
         auroc = row.get("pAUROC")
         mark = "  <- recommended: run and train use it unless --scale-policy is given" if name == chosen else ""
         lines.append(f"  {name:<8} {'  n/a' if auroc is None else f'{auroc:.3f}'} {row.get('views') or 0:>7}{mark}")
     return lines
+
+
+@dataclass(frozen=True)
+class ScaleCheck:
+    """``pretrain``'s scale check: per policy its pixel AUROC and model views, the recommended policy, and why
+    nothing was recommended (``note``) where nothing was."""
+
+    figures: dict[str, dict[str, float | int | None]]
+    chosen: str | None
+    note: str | None = None
+    frames: int = 0
+
+    def metadata(self) -> dict[str, str]:
+        """The weights file's metadata entries (none without figures)."""
+        out = {SCALE_CHECK_KEY: json.dumps(self.figures)} if self.figures else {}
+        return out | ({SCALE_POLICY_KEY: self.chosen} if self.chosen is not None else {})
+
+    def lines(self) -> list[str]:
+        if self.note is not None:
+            return [f"scale check: {self.note}; run and train score the whole frame unless --scale-policy is given"]
+        return check_lines(self.figures, self.chosen, self.frames)
+
+
+def check_rows(df: pd.DataFrame, positions: torch.Tensor) -> pd.DataFrame:
+    """Up to :data:`SCALE_CHECK_FRAMES` of the rows at ``positions`` of ``df`` (its index reset) that have a pixel
+    truth, evenly spread over them."""
+    rows = with_truth(df.reset_index(drop=True).iloc[positions.tolist()])
+    if len(rows) > SCALE_CHECK_FRAMES:
+        rows = rows.iloc[np.linspace(0, len(rows) - 1, SCALE_CHECK_FRAMES).round().astype(int)]
+    return rows
+
+
+def backbone_text(clip: torch.nn.Module, backbone: str, prompts: PromptSet) -> torch.Tensor:
+    """The class embeddings ``run`` scores with (``methods.prompts.text_embeddings``) of the weights as they are."""
+    tokenizer = open_clip.get_tokenizer(backbone)
+    with torch.no_grad():
+        return class_embeddings(clip, [tokenizer(list(p)) for p in prompts.prompts])
+
+
+def reserve_seconds(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd.DataFrame,
+                    storage_options: Mapping[str, Any] | None) -> float:
+    """What the check of ``rows`` will take after training: the whole-frame policy timed now on a few of them
+    (its cost does not depend on the weights), scaled to the views every policy will take (a tile costs at most
+    what a whole view does: frame-sized work is per frame). The frames are not kept."""
+    frames = check_frames(rows, storage_options)
+    if not frames:
+        return 0.0
+    timed = frames[:TIMED_FRAMES]
+    was_training = clip.training
+    clip.eval()
+    t0 = time.perf_counter()
+    _, views = policy_auroc(clip, backbone, backbone_text(clip, backbone, prompts), timed, None)
+    per_view = (time.perf_counter() - t0) / max(views, 1)
+    clip.train(was_training)
+    return per_view * sum(check_views(frames, backbone))
+
+
+def run_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd.DataFrame,
+              storage_options: Mapping[str, Any] | None) -> ScaleCheck:
+    """The scale check of the held-out ``rows`` with the weights as they are (eval mode)."""
+    if rows.empty:
+        return ScaleCheck({}, None, "no held-out frame with a pixel truth (archives under 20 frames hold none out; "
+                                    "defect rows need a mask_uri)")
+    frames = check_frames(rows, storage_options)
+    if not any(bool(f.truth.any()) for f in frames):
+        return ScaleCheck({}, None, f"no defect pixel among the {len(frames)} held-out frames", len(frames))
+    t0 = time.perf_counter()
+    figures = scale_check(clip, backbone, backbone_text(clip, backbone, prompts), frames)
+    log.info("scale check: %d held-out frames, %d model views, %.0f s", len(frames),
+             sum(int(row["views"] or 0) for row in figures.values()), time.perf_counter() - t0)
+    return ScaleCheck(figures, recommend(figures), None, len(frames))

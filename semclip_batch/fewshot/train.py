@@ -321,8 +321,9 @@ def _normal_with_reference(data: TrainSet) -> bool:
 def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
                        classes: tuple[str, ...]) -> tuple[TrainConfig, PreprocessConfig, TrainSet]:
     """The support set decoded as ``run`` will score it (the whole frame, and with a scale policy its tiles,
-    whatever run's --tile-above), at the config's policy or, where its rows would not fit in memory and the policy
-    came from the weights, the next coarser one that does (the config returned names it)."""
+    whatever run's --tile-above), at the config's policy. Where its rows would not fit in memory
+    (:mod:`~semclip_batch.fewshot.fit_memory`): without the recipe's augmentation if that fits, else, when the
+    policy came from the weights, at the next coarser policy (the config returned says which); else refused."""
     while True:
         spec = applied(cfg.recipe, cfg.model)
         prep = preprocess_config(cfg.model.backbone, tile_above=10**9, scale_policy=cfg.model.scale_policy,
@@ -330,10 +331,18 @@ def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
         data = load_trainset(df, classes, prep, storage_options=cfg.model.storage_options,
                              references=spec.use_reference, register=spec.register_reference,
                              self_reference=spec.self_reference)
-        why = too_large(len(data) * copies(cfg.recipe, cfg.model.method), cfg.model.scale_policy, available_bytes())
+        if not get_method(cfg.model.method).recipes:  # the estimate was measured on SEM-CLIP's fit
+            return cfg, prep, data
+        available, n = available_bytes(), copies(cfg.recipe, cfg.model.method)
+        why = too_large(len(data) * n, cfg.model.scale_policy, available)
         if why is None:
             return cfg, prep, data
-        if not cfg.policy_from_weights or cfg.model.scale_policy is None:
+        if n > 1 and too_large(len(data), cfg.model.scale_policy, available) is None:
+            log.warning("%s: trained without the recipe's augmentation (%d rows, not %d)", why, len(data), len(data) * n)
+            return replace(cfg, recipe=replace(cfg.recipe, augment=False)), prep, data
+        if cfg.model.scale_policy is None:
+            raise ConfigError(f"{why}: train on fewer support frames (--shots)")
+        if not cfg.policy_from_weights:
             raise ConfigError(f"{why}: train on fewer support frames (--shots) or at a coarser --scale-policy")
         policy = coarser(cfg.model.scale_policy)
         log.warning("%s: trained at --scale-policy %s instead of the weights' recommendation", why,

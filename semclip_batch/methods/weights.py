@@ -155,8 +155,8 @@ def weights_metadata(backbone: str, pretrained: str, storage_options: Mapping[st
         if pretrained == RANDOM or not url.lower().split("?", 1)[0].endswith(".safetensors"):
             return {}
         return storage.read_with(url, storage_options, safetensors_metadata)
-    except (OSError, ValueError, WeightsError) as exc:
-        log.debug("no metadata read from %s: %s", url, exc)
+    except (OSError, ValueError, WeightsError) as exc:  # loading the weights reports what is wrong
+        log.debug("no metadata read from %s: %s", pretrained, exc)
         return {}
 
 
