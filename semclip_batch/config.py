@@ -32,7 +32,7 @@ TILE_OVERLAP = 0.25  # least overlap of --tile-above's tiles (DESIGN.md)
 SCALE_POLICY_OVERLAP = 0.125
 # pretrain's scale check (fewshot.scale_check): the policies its held-out frames are scored at, cheapest first; the
 # recommendation is the cheapest within the tolerance of the best pixel AUROC (issue 13's own 0.01), on at most
-# SCALE_CHECK_FRAMES of them. Fixed before any measurement with them (README "Scale check").
+# SCALE_CHECK_FRAMES of them. Fixed before any measurement with them (README "The scale check").
 SCALE_CHECK_POLICIES = ("whole", "0.5", "0.75", "native")
 SCALE_CHECK_TOLERANCE = 0.01
 SCALE_CHECK_FRAMES = 100

@@ -21,7 +21,6 @@ from semclip_batch.fewshot.scale_check import (
     backbone_text,
     check_frames,
     check_rows,
-    check_views,
     policy_auroc,
     recommend,
     scale_check,
@@ -74,7 +73,7 @@ def test_the_check_scores_as_run_and_eval_do(tmp_path, logic_lot, ray_cluster):
         assert views == 7 * (1 if policy is None else 1 + 9)  # 512 px at native: 3 x 3 tiles of 240 px
     check = scale_check(backbone.clip, "semclip-tiny", text, frames)
     assert list(check) == list(SCALE_CHECK_POLICIES)
-    assert [row["views"] for row in check.values()] == check_views(frames, "semclip-tiny")
+    assert [row["views"] for row in check.values()] == [7, 7 * 5, 7 * 5, 7 * 10]  # 512 px: 2 x 2 tiles at 0.5, 0.75
 
 
 def test_pretrain_records_the_check_and_its_recommendation(tmp_path):

@@ -7,7 +7,7 @@ say which: each is scored zero-shot exactly as ``run`` scores it (:func:`~semcli
 its tiles under each candidate policy, maps joined at the frame's size and stored as uint8) and the pixel AUROC
 pooled over them is measured per policy. The recommendation is the cheapest policy (fewest model views)
 within :data:`~semclip_batch.config.SCALE_CHECK_TOLERANCE` of the best: ``run`` and ``train`` take it when no
-``--scale-policy`` is given (README "Scale check").
+``--scale-policy`` is given (README "The scale check").
 """
 
 from __future__ import annotations
@@ -109,13 +109,6 @@ def policy_auroc(clip: torch.nn.Module, backbone: str, text: torch.Tensor, frame
     return counts.auroc(), views
 
 
-def check_views(frames: Sequence[CheckFrame], backbone: str) -> list[int]:
-    """Per candidate policy, the model views ``frames`` take at it (the whole view and its tiles)."""
-    preps = [preprocess_config(backbone, tile_above=DEFAULT_TILE_ABOVE, scale_policy=parse_scale_policy(name))
-             for name in SCALE_CHECK_POLICIES]
-    return [sum(1 + len(frame_tiles(f.gray.shape[0], f.gray.shape[1], prep)) for f in frames) for prep in preps]
-
-
 def scale_check(clip: torch.nn.Module, backbone: str, text: torch.Tensor,
                 frames: Sequence[CheckFrame]) -> dict[str, dict[str, float | int | None]]:
     """Per candidate policy (:data:`~semclip_batch.config.SCALE_CHECK_POLICIES`, by name): its pixel AUROC on
@@ -189,20 +182,20 @@ def backbone_text(clip: torch.nn.Module, backbone: str, prompts: PromptSet) -> t
 
 def reserve_seconds(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd.DataFrame,
                     storage_options: Mapping[str, Any] | None) -> float:
-    """What the check of ``rows`` will take after training: the whole-frame policy timed now on a few of them
-    (its cost does not depend on the weights), scaled to the views every policy will take (a tile costs at most
-    what a whole view does: frame-sized work is per frame). The frames are not kept."""
+    """What the check of ``rows`` will take after training: the whole check timed now on a few of them (its cost
+    does not depend on the weights), scaled to all of them. The frames are not kept."""
     frames = check_frames(rows, storage_options)
     if not frames:
         return 0.0
-    timed = frames[:TIMED_FRAMES]
+    timed = frames[:: max(1, len(frames) // TIMED_FRAMES)][:TIMED_FRAMES]  # spread over the sizes
     was_training = clip.training
     clip.eval()
     t0 = time.perf_counter()
-    _, views = policy_auroc(clip, backbone, backbone_text(clip, backbone, prompts), timed, None)
-    per_view = (time.perf_counter() - t0) / max(views, 1)
+    scale_check(clip, backbone, backbone_text(clip, backbone, prompts), timed)
+    seconds = (time.perf_counter() - t0) * len(frames) / len(timed)
     clip.train(was_training)
-    return per_view * sum(check_views(frames, backbone))
+    log.info("scale check: %.0f s reserved for %d held-out frames", seconds, len(frames))
+    return seconds
 
 
 def run_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd.DataFrame,
