@@ -412,7 +412,7 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
                    "--max-minutes (timed on the first 20; a step of 32 took 0.15-0.5 s for semclip-tiny on 2 CPU "
                    f"cores).  [default: auto; with --max-minutes 0: {DEFAULT_PRETRAIN_STEPS}]")
 @click.option("--max-minutes", default=DEFAULT_PRETRAIN_MINUTES, show_default=True, type=float,
-              help="Wall-clock budget, loading and the held-out check included: the first 20 steps are timed and the "
+              help="Wall-clock budget, loading and the held-out and scale checks included: the first 20 steps are timed and the "
                    "schedule is laid over the steps that fit (fewer than a --steps N: a warning says so). 0: none.")
 @click.option("--batch-size", default=DEFAULT_PRETRAIN_BATCH, show_default=True, type=int)
 @click.option("--lr", default=DEFAULT_PRETRAIN_LR, show_default=True, type=float)
