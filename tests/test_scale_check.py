@@ -178,23 +178,27 @@ def test_train_steps_down_from_a_recommended_policy_that_does_not_fit(tmp_path, 
         return runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / name), "--backbone",
                                     "semclip-tiny", "--pretrained", weights, "--epochs", "1", *args])
 
-    # 7 frames of 512 px in 4 orientations: native 7 x 10 views (280 rows), 0.75 7 x 5 (140), whole 7 (28)
-    res = train_with(100, "ck-native")  # native fits without the augmentation: kept, the augmentation dropped
+    # 7 frames of 512 px: native 7 x 10 views, 0.75 7 x 5, whole 7 in 4 orientations (28 rows); a scale policy's
+    # tiles are its extra views, the recipe's orientations apply at whole only (recipes.for_policy)
+    res = train_with(100, "ck-native")
     assert res.exit_code == 0, res.output
-    assert "280 support rows at --scale-policy native need" in caplog.text
-    assert "trained without the recipe's augmentation (70 rows, not 280)" in caplog.text
     meta = load_checkpoint(str(tmp_path / "ck-native")).meta
-    assert meta.scale_policy == 1.0 and meta.training["rows_augmented"] == 70
-    res = train_with(50, "ck")  # not even that: the next coarser policy, again without the augmentation
+    assert meta.scale_policy == 1.0 and meta.training["rows_augmented"] == 70 and "support rows" not in caplog.text
+    res = train_with(50, "ck")  # native does not fit: the next coarser policy
     assert res.exit_code == 0, res.output
+    assert "70 support rows at --scale-policy native need" in caplog.text
     assert "trained at --scale-policy 0.75 instead of the weights' recommendation" in caplog.text
     meta = load_checkpoint(str(tmp_path / "ck")).meta
     assert meta.scale_policy == 0.75 and meta.training["rows_augmented"] == 35
     # a policy the user gave is refused in one line instead
     res = train_with(50, "ck2", "--scale-policy", "native")
     assert res.exit_code != 0 and "Traceback" not in res.output
-    assert "280 support rows at --scale-policy native need" in res.output and "--shots" in res.output
+    assert "70 support rows at --scale-policy native need" in res.output and "--shots" in res.output
     assert not (tmp_path / "ck2").exists()
+    res = train_with(20, "ck-whole", "--scale-policy", "whole")  # whole fits without its 4 orientations
+    assert res.exit_code == 0, res.output
+    assert "trained without the recipe's augmentation (7 rows, not 28)" in caplog.text
+    assert load_checkpoint(str(tmp_path / "ck-whole")).meta.training["rows_augmented"] == 7
     res = train_with(5, "ck3", "--scale-policy", "whole")  # at whole, only fewer frames help
     assert res.exit_code != 0 and "(--shots)" in res.output and "coarser" not in res.output
 

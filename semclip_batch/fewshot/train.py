@@ -25,7 +25,7 @@ from semclip_batch.config import DEFAULT_MIN_REGION_PX, LossProgress, ModelSpec,
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.fit_memory import available_bytes, coarser, too_large
-from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, recorded
+from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, for_policy, recorded
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
@@ -321,10 +321,12 @@ def _normal_with_reference(data: TrainSet) -> bool:
 def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
                        classes: tuple[str, ...]) -> tuple[TrainConfig, PreprocessConfig, TrainSet]:
     """The support set decoded as ``run`` will score it (the whole frame, and with a scale policy its tiles,
-    whatever run's --tile-above), at the config's policy. Where its rows would not fit in memory
+    whatever run's --tile-above), at the config's policy (the recipe's augmentation at ``whole`` only:
+    :func:`~semclip_batch.fewshot.recipes.for_policy`). Where its rows would not fit in memory
     (:mod:`~semclip_batch.fewshot.fit_memory`): without the recipe's augmentation if that fits, else, when the
     policy came from the weights, at the next coarser policy (the config returned says which); else refused."""
     while True:
+        cfg = replace(cfg, recipe=for_policy(cfg.recipe, cfg.model.scale_policy))
         spec = applied(cfg.recipe, cfg.model)
         prep = preprocess_config(cfg.model.backbone, tile_above=10**9, scale_policy=cfg.model.scale_policy,
                                  tile_overlap=cfg.model.tile_overlap)
