@@ -190,6 +190,11 @@ def test_train_steps_down_from_a_recommended_policy_that_does_not_fit(tmp_path, 
     assert "trained at --scale-policy 0.75 instead of the weights' recommendation" in caplog.text
     meta = load_checkpoint(str(tmp_path / "ck")).meta
     assert meta.scale_policy == 0.75 and meta.training["rows_augmented"] == 35
+    res = train_with(30, "ck-down")  # down to whole, where the recipe's 4 orientations apply again
+    assert res.exit_code == 0, res.output
+    assert "trained at --scale-policy whole instead of the weights' recommendation" in caplog.text
+    meta = load_checkpoint(str(tmp_path / "ck-down")).meta
+    assert meta.scale_policy is None and meta.training["rows_augmented"] == 28
     # a policy the user gave is refused in one line instead
     res = train_with(50, "ck2", "--scale-policy", "native")
     assert res.exit_code != 0 and "Traceback" not in res.output

@@ -476,7 +476,8 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @click.option("--method", type=MethodChoice(), default="semclip", show_default=True,
               help="SEM-CLIP, or a baseline it is measured against: WinCLIP+ or PromptAD (normal images only).")
 @click.option("--recipe", type=click.Choice(["transfer", "paper"]), default="transfer", show_default=True,
-              help="SEM-CLIP's fitting recipe: transfer (support frames flipped and turned, a normal-patch memory fused "
+              help="SEM-CLIP's fitting recipe: transfer (support frames flipped and turned at --scale-policy whole, a "
+                   "normal-patch memory fused "
                    "into the map, a head that also reads the most anomalous patches) or paper (Transformation Layers + "
                    "head on the pooled token). Baselines keep their papers' recipes.")
 @click.option("--shots", type=int, default=None, help="K images per class, seeded [default: all rows].")

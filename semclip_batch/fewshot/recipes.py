@@ -1,7 +1,8 @@
 """``train --recipe``: how SEM-CLIP is fitted on the support set. ``paper`` is the paper's recipe as SEMCLIP.md
 rebuilds it (Transformation Layers + head on the pooled token, frozen backbone); ``transfer`` (the default)
 adds what made few shots work on families the backbone never saw (README "Quality that transfers"): the
-support frames in four orientations, a normal-patch memory fused into the map, a head that also reads the most
+support frames in four orientations (at the whole view only: under a scale policy the tiles are the extra
+views, :func:`for_policy`), a normal-patch memory fused into the map, a head that also reads the most
 anomalous patches, class scores of large frames also from a crop at the map's maximum, frames whose pattern
 repeats compared with their own cells (a cell reference, README "Cell references"), and each patch scored by
 its likeness to the rest of its frame (README "Self-similarity"). Each part is one field, so

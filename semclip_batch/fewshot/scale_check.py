@@ -182,19 +182,24 @@ def backbone_text(clip: torch.nn.Module, backbone: str, prompts: PromptSet) -> t
 
 def reserve_seconds(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd.DataFrame,
                     storage_options: Mapping[str, Any] | None) -> float:
-    """What the check of ``rows`` will take after training: the whole check timed now on a few of them (its cost
-    does not depend on the weights), scaled to all of them. The frames are not kept."""
-    frames = check_frames(rows, storage_options)
-    if not frames:
+    """What the check of ``rows`` will take after training: the whole check, reading included, timed now on a few
+    of them evenly spread over the rows (its cost does not depend on the weights), scaled to all of them. The
+    frames are not kept."""
+    if rows.empty:
         return 0.0
-    timed = frames[:: max(1, len(frames) // TIMED_FRAMES)][:TIMED_FRAMES]  # spread over the sizes
+    picks = np.unique(np.linspace(0, len(rows) - 1, min(TIMED_FRAMES, len(rows))).round().astype(int))
+    t0 = time.perf_counter()  # reading the frames counts too: the check reads them again after training
+    timed = check_frames(rows.iloc[picks], storage_options)
+    if not timed:
+        return 0.0
     was_training = clip.training
     clip.eval()
-    t0 = time.perf_counter()
-    scale_check(clip, backbone, backbone_text(clip, backbone, prompts), timed)
-    seconds = (time.perf_counter() - t0) * len(frames) / len(timed)
-    clip.train(was_training)
-    log.info("scale check: %.0f s reserved for %d held-out frames", seconds, len(frames))
+    try:
+        scale_check(clip, backbone, backbone_text(clip, backbone, prompts), timed)
+    finally:
+        clip.train(was_training)
+    seconds = (time.perf_counter() - t0) * len(rows) / len(picks)
+    log.info("scale check: %.0f s reserved for %d held-out frames", seconds, len(rows))
     return seconds
 
 

@@ -325,8 +325,9 @@ def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
     :func:`~semclip_batch.fewshot.recipes.for_policy`). Where its rows would not fit in memory
     (:mod:`~semclip_batch.fewshot.fit_memory`): without the recipe's augmentation if that fits, else, when the
     policy came from the weights, at the next coarser policy (the config returned says which); else refused."""
+    recipe = cfg.recipe
     while True:
-        cfg = replace(cfg, recipe=for_policy(cfg.recipe, cfg.model.scale_policy))
+        cfg = replace(cfg, recipe=for_policy(recipe, cfg.model.scale_policy))  # a step down to whole augments again
         spec = applied(cfg.recipe, cfg.model)
         prep = preprocess_config(cfg.model.backbone, tile_above=10**9, scale_policy=cfg.model.scale_policy,
                                  tile_overlap=cfg.model.tile_overlap)
