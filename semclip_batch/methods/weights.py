@@ -155,7 +155,7 @@ def weights_metadata(backbone: str, pretrained: str, storage_options: Mapping[st
         if pretrained == RANDOM or not url.lower().split("?", 1)[0].endswith(".safetensors"):
             return {}
         return storage.read_with(url, storage_options, safetensors_metadata)
-    except (OSError, ValueError, WeightsError) as exc:  # loading the weights reports what is wrong
+    except Exception as exc:  # noqa: BLE001 - best effort (e.g. botocore's own errors): loading the weights reports it
         log.debug("no metadata read from %s: %s", pretrained, exc)
         return {}
 
