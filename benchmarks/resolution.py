@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from semclip_batch.analysis.evaluate import _truth_mask, joined_rows
+from semclip_batch.analysis.evaluate import joined_rows, truth_mask
 from semclip_batch.analysis.metrics import PixelCounts, roc_auc
 from semclip_batch.config import (
     DEFAULT_REFERENCE_FUSION,
@@ -195,7 +195,7 @@ def bucket_metrics(out: Path, test: Path) -> dict[str, Any]:
     hits = defects = 0
     for _, row in ok.iterrows():
         pred = np.asarray(mask_array(root, row["mask_path"])[int(row["mask_index"])])
-        mask = _truth_mask(row, pred.shape, None)
+        mask = truth_mask(row, pred.shape, None)
         scores.append(float(row["anomaly_score"]))
         truth.append(row["label"] != NORMAL)
         if mask is None:

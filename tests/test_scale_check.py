@@ -18,7 +18,6 @@ from semclip_batch.config import SCALE_CHECK_POLICIES, SCALE_POLICY_KEY, ModelSp
 from semclip_batch.fewshot.fit_memory import BASE_BYTES, BYTES_PER_ROW, available_bytes, coarser, needed_bytes, too_large
 from semclip_batch.fewshot.pretrain import held_frames, heldout_split
 from semclip_batch.fewshot.scale_check import (
-    backbone_text,
     check_frames,
     check_rows,
     policy_auroc,
@@ -28,7 +27,7 @@ from semclip_batch.fewshot.scale_check import (
 from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import load_checkpoint
-from semclip_batch.methods.prompts import load_prompts
+from semclip_batch.methods.prompts import clip_text_embeddings, load_prompts
 from semclip_batch.methods.shipped import shipped_path
 from semclip_batch.methods.weights import load_backbone, recommended_scale_policy, weights_metadata
 from semclip_batch.synth.generate import SynthConfig, synth
@@ -58,7 +57,7 @@ def test_the_check_scores_as_run_and_eval_do(tmp_path, logic_lot, ray_cluster):
     frames = check_frames(read_manifest(str(logic_lot)), None)
     assert len(frames) == 7 and sum(bool(f.truth.any()) for f in frames) == 6
     backbone = load_backbone("semclip-tiny", "shipped")
-    text = backbone_text(backbone.clip, "semclip-tiny", load_prompts(None))
+    text = clip_text_embeddings(backbone.clip, "semclip-tiny", load_prompts(None))
     runner = CliRunner()
     for name, policy in (("native", 1.0), ("whole", None)):
         out = tmp_path / f"out-{name}"

@@ -43,7 +43,7 @@ def joined_rows(out: str, truth: str, storage_options: Mapping[str, Any] | None)
     return joined, unmatched
 
 
-def _truth_mask(row: pd.Series, shape: tuple[int, int], storage_options: Mapping[str, Any] | None) -> np.ndarray | None:
+def truth_mask(row: pd.Series, shape: tuple[int, int], storage_options: Mapping[str, Any] | None) -> np.ndarray | None:
     if row["mask_url"]:
         try:
             mask = load_frame(row["mask_url"], storage_options) > 0
@@ -72,7 +72,7 @@ def evaluate(out: str, truth: str, storage_options: Mapping[str, Any] | None = N
         if progress is not None:
             progress(1, len(ok))
         pred = np.asarray(mask_array(root, row["mask_path"])[int(row["mask_index"])])
-        mask = _truth_mask(row, pred.shape, storage_options)
+        mask = truth_mask(row, pred.shape, storage_options)
         if mask is not None:
             pixels.add(pred, mask)
         if row["label"]:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import open_clip
 import pandas as pd
 import torch
 
+from semclip_batch.analysis.evaluate import truth_mask
 from semclip_batch.analysis.metrics import PixelCounts
 from semclip_batch.config import (
     DEFAULT_TILE_ABOVE,
@@ -36,16 +36,14 @@ from semclip_batch.config import (
     parse_scale_policy,
     zero_shot_spec,
 )
-from semclip_batch.errors import ImageError
-from semclip_batch.io.frames import load_frame
+from semclip_batch.errors import ImageError, OutputError
+from semclip_batch.fewshot.trainset import row_frame
 from semclip_batch.io.preprocess import decoded_views, frame_tiles, maps_to_frame, normalize, unpack_views
-from semclip_batch.io.schema import missing
 from semclip_batch.methods.decisions import to_mask_tensor
 from semclip_batch.methods.features import encode_batch
-from semclip_batch.methods.prompts import PromptSet
+from semclip_batch.methods.prompts import PromptSet, clip_text_embeddings
 from semclip_batch.methods.registry import get_method, new_model, score_features
 from semclip_batch.methods.weights import preprocess_config
-from semclip_batch.model.text import class_embeddings
 from semclip_batch.model.towers import vision_tower
 
 log = logging.getLogger(__name__)
@@ -67,19 +65,17 @@ def with_truth(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def check_frames(df: pd.DataFrame, storage_options: Mapping[str, Any] | None) -> list[CheckFrame]:
-    """The rows of ``df`` with a pixel truth (:func:`with_truth`), decoded as ``run`` and ``eval`` read them (the
-    row's ``page`` of a multi-page TIFF); unreadable rows are left out, warned."""
+    """The rows of ``df`` with a pixel truth (:func:`with_truth`), decoded as ``run`` and ``eval`` read them
+    (``trainset.row_frame``, ``evaluate.truth_mask``); unreadable rows are left out, warned."""
     frames = []
     for _, row in with_truth(df).iterrows():
-        page = row.get("page")
         try:
-            gray = load_frame(row["url"], storage_options, None if missing(page) else int(page))
-            truth = (load_frame(row["mask_url"], storage_options) > 0 if row["mask_url"]
-                     else np.zeros(gray.shape, bool))
-        except ImageError as exc:
+            gray = row_frame(row, storage_options)
+            truth = truth_mask(row, gray.shape, storage_options)
+        except (ImageError, OutputError) as exc:
             log.warning("scale check: %s left out (%s)", row["uri"], exc)
             continue
-        if truth.shape == gray.shape:
+        if truth is not None:
             frames.append(CheckFrame(gray, truth))
     return frames
 
@@ -173,13 +169,6 @@ def check_rows(df: pd.DataFrame, positions: torch.Tensor) -> pd.DataFrame:
     return rows
 
 
-def backbone_text(clip: torch.nn.Module, backbone: str, prompts: PromptSet) -> torch.Tensor:
-    """The class embeddings ``run`` scores with (``methods.prompts.text_embeddings``) of the weights as they are."""
-    tokenizer = open_clip.get_tokenizer(backbone)
-    with torch.no_grad():
-        return class_embeddings(clip, [tokenizer(list(p)) for p in prompts.prompts])
-
-
 def reserve_seconds(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd.DataFrame,
                     storage_options: Mapping[str, Any] | None) -> float:
     """What the check of ``rows`` will take after training: the whole check, reading included, timed now on a few
@@ -195,7 +184,7 @@ def reserve_seconds(clip: torch.nn.Module, backbone: str, prompts: PromptSet, ro
     was_training = clip.training
     clip.eval()
     try:
-        scale_check(clip, backbone, backbone_text(clip, backbone, prompts), timed)
+        scale_check(clip, backbone, clip_text_embeddings(clip, backbone, prompts), timed)
     finally:
         clip.train(was_training)
     seconds = (time.perf_counter() - t0) * len(rows) / len(picks)
@@ -213,7 +202,7 @@ def run_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd
     if not any(bool(f.truth.any()) for f in frames):
         return ScaleCheck({}, None, f"no defect pixel among the {len(frames)} held-out frames", len(frames))
     t0 = time.perf_counter()
-    figures = scale_check(clip, backbone, backbone_text(clip, backbone, prompts), frames)
+    figures = scale_check(clip, backbone, clip_text_embeddings(clip, backbone, prompts), frames)
     log.info("scale check: %d held-out frames, %d model views, %.0f s", len(frames),
              sum(int(row["views"] or 0) for row in figures.values()), time.perf_counter() - t0)
     return ScaleCheck(figures, recommend(figures), None, len(frames))

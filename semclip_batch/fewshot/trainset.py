@@ -68,12 +68,17 @@ class Loaded(NamedTuple):
 CROP_SCALES = (1, 2)  # crop sides in model-input sizes: native resolution, then half of it
 
 
+def row_frame(row: pd.Series, so: Mapping[str, Any] | None) -> np.ndarray:
+    """A manifest row's frame as ``run`` decodes it (its ``page`` of a multi-page TIFF where set)."""
+    page = row.get("page")
+    return load_frame(row["url"], so, None if missing(page) else int(page))
+
+
 def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool,
               crops: int = 0, seed: int = 0, register: bool = True, self_reference: bool = False) -> list[Loaded]:
     """The whole frame, then its tiles under ``prep`` (as ``run`` scores it: :func:`frame_views`), then up to
     ``crops`` crops."""
-    page = row.get("page")
-    gray = load_frame(row["url"], so, None if missing(page) else int(page))
+    gray = row_frame(row, so)
     ref = _load_reference(row, gray, so, register) if references else None
     if ref is None and self_reference:
         ref = cell_reference(gray)

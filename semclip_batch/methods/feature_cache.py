@@ -8,6 +8,7 @@ files written whole through storage (any fsspec URL); a damaged entry is recompu
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from safetensors.torch import save as save_safetensors
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.io import storage
 from semclip_batch.methods.features import Features
+from semclip_batch.methods.weights import safetensors_metadata
 from semclip_batch.model.encoder import EncoderOutput
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ def cached_features(cache_dir: str | None, key: str, compute: Callable[[], Featu
     try:
         blob = storage.read_bytes(url, storage_options)
         tensors = load_safetensors(blob)
-        meta = json.loads(_metadata(blob).get("semclip", "{}"))
+        meta = json.loads(safetensors_metadata(io.BytesIO(blob)).get("semclip", "{}"))
         log.info("features from cache %s", url)
         return _unflatten(tensors, tuple(meta["taps"]), bool(meta["windows"]))
     except FileNotFoundError:
@@ -74,9 +76,3 @@ def cached_features(cache_dir: str | None, key: str, compute: Callable[[], Featu
     storage.write_bytes(url, save_safetensors(_flatten(feats), metadata=meta), storage_options)
     return feats
 
-
-def _metadata(blob: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (its JSON header)."""
-    size = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + size])
-    return dict(header.get("__metadata__", {}))

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import open_clip
+import torch
+from torch import nn
 
 from semclip_batch.config import NORMAL
 from semclip_batch.errors import ConfigError
@@ -66,5 +68,11 @@ def parse_prompts(data: Any, name: str) -> PromptSet:
 
 def text_embeddings(backbone: LoadedBackbone, prompts: PromptSet) -> np.ndarray:
     """``(C, E)`` class embeddings from the backbone's own text tower."""
-    tokenizer = open_clip.get_tokenizer(backbone.name)
-    return class_embeddings(backbone.clip, [tokenizer(list(p)) for p in prompts.prompts]).numpy()
+    return clip_text_embeddings(backbone.clip, backbone.name, prompts).numpy()
+
+
+def clip_text_embeddings(clip: nn.Module, name: str, prompts: PromptSet) -> torch.Tensor:
+    """:func:`text_embeddings` of a CLIP model ``clip`` of backbone ``name`` (weights in memory, e.g. mid-training)."""
+    tokenizer = open_clip.get_tokenizer(name)
+    with torch.no_grad():
+        return class_embeddings(clip, [tokenizer(list(p)) for p in prompts.prompts])
