@@ -204,7 +204,11 @@ def test_a_transfer_checkpoint_takes_it_and_no_defect_view_turns_it_off(tmp_path
     res = runner.invoke(main, ["train", str(manifest), "--out", str(ckpt), "--backbone", "semclip-tiny",
                                "--pretrained", "shipped", "--epochs", "2"])
     assert res.exit_code == 0, res.output
-    assert load_checkpoint(str(ckpt)).meta.defect_view  # the default recipe, transfer
+    meta = load_checkpoint(str(ckpt)).meta
+    assert meta.defect_view  # the default recipe, transfer
+    w, sw = meta.training["weights_choice"]["chosen"]  # the fit's weights, and the line that reports their evidence
+    assert f"memory weight {w:g}, self-similarity {sw:g}" in res.output and "for the zero-shot pair (0, 0.8)" in res.output
+    assert sw == meta.self_similarity
     found = {}
     for name, flags in (("on", []), ("off", ["--no-defect-view"])):
         out = tmp_path / f"out-{name}"

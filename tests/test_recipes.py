@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from semclip_batch.cli.commands import main
 from semclip_batch.cli.options import pretrain_steps
-from semclip_batch.config import DEFAULT_PRETRAIN_STEPS, ModelSpec
+from semclip_batch.config import DEFAULT_PRETRAIN_STEPS, DEFAULT_SELF_SIMILARITY, ModelSpec
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.augment import TRANSFORMS, augment
 from semclip_batch.fewshot.pretrain import (
@@ -146,6 +146,9 @@ def test_transfer_checkpoint_scores_as_fitted(synth_lot, tmp_path):
                              model=ModelSpec(backbone="semclip-tiny", pretrained="none", cls="fused")))
     ckpt = load_checkpoint(str(out))
     assert meta.self_similarity == meta.training["self_similarity"]  # the weight the fit chose is the one recorded
+    choice = ckpt.meta.training["weights_choice"]  # and the support folds' evidence for it, read back
+    assert choice["chosen"] == [meta.training["memory_weight"], meta.self_similarity]
+    assert len(choice["pairs"]) == 30 and choice["zero_shot_pair"] == [0.0, DEFAULT_SELF_SIMILARITY]
     spec = ModelSpec(backbone="semclip-tiny", pretrained="none", taps=meta.taps, cls=meta.cls, memory=meta.memory,
                      region_head=meta.region_head, self_similarity=meta.self_similarity, checkpoint=str(out))
     scoring = build_model(spec, ckpt.tensors["text_embeddings"].numpy(), tensors=ckpt.tensors)

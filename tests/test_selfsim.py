@@ -3,8 +3,11 @@ vouch for it, and the weight travels from the CLI through the checkpoint to run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +30,14 @@ from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import Support
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import new_model, score_features
-from semclip_batch.methods.semclip_method import MEMORY_WEIGHTS, SELF_WEIGHTS, choose_memory_weight, one_se_choice
+from semclip_batch.methods.semclip_method import (
+    MEMORY_WEIGHTS,
+    SELF_WEIGHTS,
+    choice_evidence,
+    choose_memory_weight,
+    describe_choice,
+    one_se_choice,
+)
 from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.model.encoder import EncoderOutput
 from semclip_batch.model.selfsim import SCALE, self_distance, self_scores
@@ -209,17 +219,21 @@ def test_the_fit_chooses_the_self_similarity_weight_with_the_memorys(tiny_clip):
     scores = {(wm, ws): -(wm - 0.25) ** 2 - (ws - 0.5) ** 2 for wm, ws in grid}
     calls: list = []
     support = _search_support(model, scores, calls, True)
-    assert choose_memory_weight(model, enc, support) == (0.25, 0.5)
+    choice = choose_memory_weight(model, enc, support)
+    assert choice[:2] == (0.25, 0.5)
     assert model.cfg.self_similarity == 0.5 and float(model.memory.weight) == 0.25  # left set for what follows
     assert len(calls) == len(grid) and all(torch.equal(c, torch.arange(10)) for c in calls)  # every map fused
+    # the evidence the checkpoint records: every pair tried, the chosen one's and the zero-shot pair's AUROC
+    assert choice.evidence["chosen"] == [0.25, 0.5] and len(choice.evidence["pairs"]) == len(grid)
+    assert choice.evidence["pairs"]["0.25,0.5"] == 0.0 and choice.evidence["zero_shot_pAUROC"] == round(scores[0.0, 0.8], 4)
     # ties: the weight given wins
     flat = dict.fromkeys(scores, 0.0)
     model.cfg = replace(model.cfg, self_similarity=0.8)
-    assert choose_memory_weight(model, enc, _search_support(model, flat, [], True)) == (0.0, 0.8)
+    assert choose_memory_weight(model, enc, _search_support(model, flat, [], True))[:2] == (0.0, 0.8)
     # not asked to choose (train --self-similarity W): the weight given, whatever the maps say
     model.cfg = replace(model.cfg, self_similarity=0.3)
     scores.update({(wm, 0.3): -1.0 - (wm - 0.25) ** 2 for wm in MEMORY_WEIGHTS})  # worse than any chosen pair
-    assert choose_memory_weight(model, enc, _search_support(model, scores, [], False)) == (0.25, 0.3)
+    assert choose_memory_weight(model, enc, _search_support(model, scores, [], False))[:2] == (0.25, 0.3)
 
 
 def test_the_searchs_smoothed_parts_joined_per_pair_give_the_maps_from_encoded_gives(tiny_clip):
@@ -255,6 +269,27 @@ def test_the_zero_shot_map_is_kept_unless_the_best_weights_beat_it_by_more_than_
     assert one_se_choice({anchor: (0.9, [0.9] * 5), (0.0, 0.5): (0.9, [0.9] * 5)}, 0.8) == anchor  # ties: the given
 
 
+def test_the_choice_is_recorded_with_its_evidence_and_described_in_one_line():
+    anchor, best = (0.0, 0.8), (0.5, 0.25)
+    steady = {anchor: (0.90, [0.90, 0.89, 0.91, 0.90, 0.90]), best: (0.93, [0.93, 0.92, 0.94, 0.93, 0.93]),
+              (1.0, 0.8): (float("nan"), [0.80] * 5)}
+    record = choice_evidence(steady, 0.8, one_se_choice(steady, 0.8))
+    assert record["chosen"] == [0.5, 0.25] and record["best"] == [0.5, 0.25] and record["zero_shot_pair"] == [0.0, 0.8]
+    assert record["gain"] == 0.03 and record["folds"] == 5 and record["standard_error"] == 0.0
+    assert record["pairs"] == {"0,0.8": 0.9, "0.5,0.25": 0.93, "1,0.8": None}  # NaN (no AUROC) -> null in JSON
+    json.dumps(record, allow_nan=False)  # the checkpoint's metadata is strict JSON
+    line = describe_choice(record)
+    assert line is not None and line.startswith("memory weight 0.5, self-similarity 0.25: pixel AUROC 0.930")
+    assert "gain +0.030" in line
+    noisy = {**steady, best: (0.93, [0.99, 0.84, 0.98, 0.85, 0.99])}
+    kept = choice_evidence(noisy, 0.8, one_se_choice(noisy, 0.8))
+    assert kept["chosen"] == [0.0, 0.8] and kept["best"] == [0.5, 0.25]
+    assert kept["standard_error"] == pytest.approx(0.033, abs=5e-4)
+    line = describe_choice(kept)
+    assert line is not None and "(the zero-shot pair, kept)" in line and "0.9 standard errors, within one" in line
+    assert describe_choice({}) is None  # nothing cross-validated (under 5 frames): no line
+
+
 def test_grids_too_small_to_compare_leave_the_map_as_it_was(tiny_clip):
     """3 x 3 patches: every patch is in every other's neighbourhood; the map is not scaled down by the weight."""
     tokens = torch.randn(2, 9, 128)
@@ -265,3 +300,27 @@ def test_grids_too_small_to_compare_leave_the_map_as_it_was(tiny_clip):
         with torch.no_grad():
             maps.append(model.from_encoded(_encoding(tokens), (48, 48)).maps)
     assert torch.equal(maps[0], maps[1])
+
+
+def test_the_weight_choice_benchmark_reads_each_rules_pair_off_the_record():
+    """benchmarks/weight_choice.py: one-SE is the fit's own choice; two-SE keeps the zero-shot pair unless the best
+    gained more than two standard errors; with no standard error every rule takes the best."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "weight_choice.py"
+    spec = importlib.util.spec_from_file_location("semclip_weight_choice_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    anchor, best = (0.0, 0.8), (0.5, 0.25)
+    scores = {anchor: (0.90, [0.90, 0.89, 0.91, 0.90, 0.90]), best: (0.93, [0.95, 0.90, 0.96, 0.91, 0.93])}
+    record = choice_evidence(scores, 0.8, one_se_choice(scores, 0.8))  # +0.03, SE 0.0089: 3.4 standard errors
+    assert bench.rule_choices(record) == {"one-SE": "0.5,0.25", "two-SE": "0.5,0.25", "zero-shot pair": "0,0.8"}
+    scores[best] = (0.93, [0.97, 0.88, 0.97, 0.89, 0.94])  # +0.03, SE 0.0170: 1.8 standard errors
+    record = choice_evidence(scores, 0.8, one_se_choice(scores, 0.8))
+    assert bench.rule_choices(record) == {"one-SE": "0.5,0.25", "two-SE": "0,0.8", "zero-shot pair": "0,0.8"}
+    scores[best] = (0.93, [0.99, 0.84, 0.98, 0.85, 0.99])  # within one standard error: every rule keeps zero-shot
+    record = choice_evidence(scores, 0.8, one_se_choice(scores, 0.8))
+    assert set(bench.rule_choices(record).values()) == {"0,0.8"}
+    scores[best] = (0.93, [0.93])  # one fold: no standard error, the best
+    record = choice_evidence(scores, 0.8, one_se_choice(scores, 0.8))
+    assert bench.rule_choices(record)["two-SE"] == "0.5,0.25"

@@ -537,6 +537,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     from semclip_batch.fewshot.train import TrainConfig
     from semclip_batch.fewshot.train import train as run_train
     from semclip_batch.methods.registry import get_method
+    from semclip_batch.methods.semclip_method import describe_choice
 
     if pretrained is None:
         raise ConfigError("train needs --pretrained (a weights path/URL, 'shipped', or 'none' for seeded random weights)")
@@ -576,6 +577,9 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                f"temperature {meta.temperature:.1f}, "
                f"thresholds image {th.image:.3f} pixel {th.pixel:.3f}, {meta.training['used']} images, "
                f"{meta.training['seconds']} s")
+    weights = describe_choice(meta.training.get("weights_choice") or {})
+    if weights is not None:
+        click.echo(weights)
 
 
 def _refuse_unused_reference_options(ctx: click.Context, spec: ModelSpec) -> None:

@@ -7,14 +7,15 @@ classification head (cross-entropy) trained on 80 % of the support frames, keepi
 the other 20 % (epoch 0 being the zero-shot layers); the fusion weight alpha (on those 20 %, which the head
 never trained on); the memory's fusion weight and the self-similarity weight (together, 5-fold
 cross-validation over the frames, the zero-shot map's weights kept unless the best beat them by more than one
-standard error); then the memory of every support frame."""
+standard error; the evidence is recorded, :func:`choice_evidence`); then the memory of every support frame."""
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -93,7 +94,9 @@ class SemClipMethod(Method[SemClip]):
         summary.update(train_layers(model, enc, support, fit_rows, val, dist))
         model.eval().requires_grad_(False)
         if model.memory is not None:
-            summary["memory_weight"], summary["self_similarity"] = choose_memory_weight(model, enc, support)
+            choice = choose_memory_weight(model, enc, support)
+            summary["memory_weight"], summary["self_similarity"] = choice.memory_weight, choice.self_similarity
+            summary["weights_choice"] = choice.evidence
         with torch.enable_grad():
             alpha = fit_alpha(model, enc, support, dist) if spec.cls == "fused" else float(spec.cls == "text")
         if model.memory is not None:
@@ -172,8 +175,17 @@ def _rows(dist: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if dist is None else dist[idx]
 
 
+class WeightChoice(NamedTuple):
+    """The memory's and the self-similarity's weights a fit chose, and the support folds' evidence for them
+    (:func:`choice_evidence`; empty where nothing was cross-validated)."""
+
+    memory_weight: float
+    self_similarity: float
+    evidence: dict[str, Any]
+
+
 @torch.no_grad()
-def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, folds: int = 5) -> tuple[float, float]:
+def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, folds: int = 5) -> WeightChoice:
     """The memory's fusion weight and the self-similarity weight (:mod:`semclip_batch.model.selfsim`) whose maps
     have the best pixel AUROC over the support frames, each scored against a memory of the *other* folds' frames
     (5-fold by frame) and fused with its reference where it has one, as ``run`` fuses them (a cell reference
@@ -192,7 +204,7 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
     fold_rows = frame_folds(support, folds, support.seed + 3)
     if len(fold_rows) < folds or not data.has_mask[:n].any():
         memory.weight.fill_(DEFAULT_MEMORY_WEIGHT)
-        return DEFAULT_MEMORY_WEIGHT, given
+        return WeightChoice(DEFAULT_MEMORY_WEIGHT, given, {})
     first = torch.arange(n)
     dist = torch.zeros(n, enc.original[0].shape[1] - 1)
     for held in fold_rows:
@@ -218,7 +230,7 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
     w, sw = one_se_choice(scores, given)
     memory.weight.fill_(w)
     model.cfg = replace(model.cfg, self_similarity=sw)
-    return w, sw
+    return WeightChoice(w, sw, choice_evidence(scores, given, (w, sw)))
 
 
 def one_se_choice(scores: Mapping[tuple[float, float], tuple[float, list[float]]],
@@ -232,15 +244,74 @@ def one_se_choice(scores: Mapping[tuple[float, float], tuple[float, list[float]]
     simplest model within one SE of the best), against one simpler pair only: the best of some 30 weight pairs
     scored on the same frames is overrated, and a few shots should not move the map from the zero-shot one on
     noise."""
-    best = max(scores, key=lambda k: (scores[k][0], -k[0], -abs(k[1] - given), k[1]))
+    best = _best_pair(scores, given)
     anchor = (0.0, given)
     if anchor not in scores or best == anchor:
         return best
-    gains = np.subtract(scores[best][1], scores[anchor][1])
-    if len(gains) < 2:
+    se = _paired_standard_error(scores, best, anchor)
+    if se is None:
         return best
-    se = float(gains.std(ddof=1) / np.sqrt(len(gains)))
     return best if scores[best][0] - scores[anchor][0] > se else anchor  # NaN: the anchor
+
+
+def _best_pair(scores: Mapping[tuple[float, float], tuple[float, list[float]]], given: float) -> tuple[float, float]:
+    return max(scores, key=lambda k: (scores[k][0], -k[0], -abs(k[1] - given), k[1]))
+
+
+def _paired_standard_error(scores: Mapping[tuple[float, float], tuple[float, list[float]]], best: tuple[float, float],
+                           anchor: tuple[float, float]) -> float | None:
+    """The standard error of ``best``'s per-fold gains over ``anchor`` (None under two folds)."""
+    gains = np.subtract(scores[best][1], scores[anchor][1])
+    return float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) >= 2 else None
+
+
+def _figure(value: float | None) -> float | None:
+    """A figure for the checkpoint's JSON record: 4 decimals, None for an undefined AUROC (NaN)."""
+    return None if value is None or math.isnan(value) else round(float(value), 4)
+
+
+def choice_evidence(scores: Mapping[tuple[float, float], tuple[float, list[float]]], given: float,
+                    chosen: tuple[float, float]) -> dict[str, Any]:
+    """What the checkpoint records about :func:`one_se_choice`'s pair (``training.weights_choice``) and ``train``
+    prints: the pooled support-fold pixel AUROC of the pair chosen, of the best pair and of the zero-shot pair
+    ``(0, given)``, the best's gain over the zero-shot pair and its standard error in folds, and every pair's
+    AUROC, so that a user can see whether a few shots moved the map on evidence or kept it."""
+    best = _best_pair(scores, given)
+    anchor = (0.0, given)
+    record: dict[str, Any] = {
+        "chosen": list(chosen), "chosen_pAUROC": _figure(scores[chosen][0]),
+        "best": list(best), "best_pAUROC": _figure(scores[best][0]),
+        "pairs": {f"{w:g},{sw:g}": _figure(v[0]) for (w, sw), v in sorted(scores.items())},
+    }
+    if anchor in scores:
+        se = _paired_standard_error(scores, best, anchor)
+        gain = scores[best][0] - scores[anchor][0]
+        record.update(zero_shot_pair=list(anchor), zero_shot_pAUROC=_figure(scores[anchor][0]), gain=_figure(gain),
+                      standard_error=_figure(se), folds=len(scores[best][1]),
+                      gain_in_standard_errors=None if not se else _figure(gain / se))
+    return record
+
+
+def describe_choice(evidence: Mapping[str, Any]) -> str | None:
+    """One line for ``train``'s output from :func:`choice_evidence`'s record (None for an empty one)."""
+    if not evidence:
+        return None
+    w, sw = evidence["chosen"]
+    head = f"memory weight {w:g}, self-similarity {sw:g}"
+    if "zero_shot_pAUROC" not in evidence:
+        return f"{head}: the best pair in the support folds (pixel AUROC {_text(evidence['chosen_pAUROC'])})"
+    gain, ratio = evidence["gain"], evidence.get("gain_in_standard_errors")
+    margin = "" if ratio is None else f", {ratio:.1f} standard errors"
+    bw, bsw = evidence["best"]
+    versus = (f"{_text(evidence['best_pAUROC'])} against {_text(evidence['zero_shot_pAUROC'])} for the zero-shot pair"
+              f" (0, {evidence['zero_shot_pair'][1]:g}) in the support folds: gain {_text(gain, '+.3f')}{margin}")
+    if evidence["chosen"] == evidence["zero_shot_pair"] and evidence["best"] != evidence["chosen"]:
+        return f"{head} (the zero-shot pair, kept): the best, ({bw:g}, {bsw:g}), scored {versus}, within one"
+    return f"{head}: pixel AUROC {versus}"
+
+
+def _text(value: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, fmt)
 
 
 @torch.no_grad()
