@@ -1,7 +1,7 @@
 """How the `transfer` fit's weight choice carries to other lots: every (memory, self-similarity) pair it tried,
 scored on several test lots, against zero-shot.
 
-    .venv/bin/python benchmarks/weight_choice.py --work /tmp/weights      # ~12 min here; lots cached in --work
+    .venv/bin/python benchmarks/weight_choice.py --work /tmp/weights      # ~15 min here; lots cached in --work
 
 Per family (``--families``; the first is the validation family, the others held out): support lots
 (``--support-seeds``, 70 frames each) and test lots (``--test-seeds``, 70 frames each), written by ``synth`` unless
@@ -43,6 +43,7 @@ from semclip_batch.io.preprocess import maps_to_frame
 from semclip_batch.methods.decisions import to_mask
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import new_model, score_features
+from semclip_batch.methods.semclip_method import pair_key
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
 from semclip_batch.model import SemClip, SemClipOutput
 from semclip_batch.synth.generate import SynthConfig, synth
@@ -60,18 +61,21 @@ def pixel_auroc(out: SemClipOutput, lot: Lot) -> float:
 
 
 def ensure_lot(folder: Path, family: str, seed: int) -> Path:
+    """One 70-frame lot of ``family`` (seed ``seed``) in ``folder``, written by ``synth`` unless already there."""
     if not (folder / "manifest.csv").exists():
         synth(str(folder), SynthConfig(seed=seed, lots=1, per_class=10, family=family))
     return folder
 
 
 def rule_choices(evidence: dict[str, Any]) -> dict[str, str]:
-    """Each rule's pair, as the key of ``evidence["pairs"]``."""
-    key = lambda pair: f"{pair[0]:g},{pair[1]:g}"  # noqa: E731
-    anchor, best = key(evidence["zero_shot_pair"]), key(evidence["best"])
-    ratio = evidence.get("gain_in_standard_errors")  # None: no standard error, and every rule takes the best
-    two_se = key(evidence["chosen"]) if ratio is None else (best if ratio > 2 else anchor)
-    return {"one-SE": key(evidence["chosen"]), "two-SE": two_se, "zero-shot pair": anchor}
+    """Each rule's pair, as the key of ``evidence["pairs"]`` (:func:`pair_key`)."""
+    if "zero_shot_pair" not in evidence:
+        raise SystemExit("the fit recorded no weight choice against the zero-shot pair (under 5 support frames, or "
+                         "none with a defect pixel): nothing to compare")
+    anchor, best = pair_key(evidence["zero_shot_pair"]), pair_key(evidence["best"])
+    ratio = evidence["gain_in_standard_errors"]  # None: no standard error, and the two-SE rule is the fit's own
+    two_se = pair_key(evidence["chosen"]) if ratio is None else (best if ratio > 2 else anchor)
+    return {"one-SE": pair_key(evidence["chosen"]), "two-SE": two_se, "zero-shot pair": anchor}
 
 
 @torch.no_grad()
@@ -95,6 +99,8 @@ def score_pairs(fitted: Fitted, backbone: LoadedBackbone, tests: dict[int, Lot],
 
 def family_rows(work: Path, family: str, backbone: LoadedBackbone, text: torch.Tensor, support_seeds: list[int],
                 test_seeds: list[int]) -> dict[str, Any]:
+    """Zero-shot on every test lot, then per support lot a `transfer` fit, its record and every pair it tried
+    scored on every test lot."""
     prompts = load_prompts()
     tests = {s: load_lot(ensure_lot(work / family / f"test-{s}", family, s), backbone, prompts.classes, f"test {s}",
                          augmented=False) for s in test_seeds}
@@ -115,11 +121,15 @@ def family_rows(work: Path, family: str, backbone: LoadedBackbone, text: torch.T
         per_lot = score_pairs(fitted, backbone, tests, list(evidence["pairs"]))
         print(f"  support {seed}: fit and {len(evidence['pairs'])} pairs x {len(tests)} lots scored in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-        result["supports"][seed] = {"evidence": evidence, "test": per_lot, "rules": rule_choices(evidence)}
+        fit_figures = {k: v for k, v in fitted.summary.items() if isinstance(v, int | float | str)}  # epochs, accuracy
+        result["supports"][seed] = {"evidence": evidence, "test": per_lot, "rules": rule_choices(evidence),
+                                    "fit": fit_figures}
     return result
 
 
 def print_family(family: str, result: dict[str, Any]) -> None:
+    """Per support lot and rule: the pair, its pAUROC per test lot, the mean, and the gain over zero-shot (mean
+    and worst lot)."""
     zs = result["zero_shot"]
     lots = list(zs)
     print(f"\n{family}: zero-shot " + " / ".join(f"{zs[s]:.3f}" for s in lots) + f" (mean {np.mean(list(zs.values())):.3f})")

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import torch
 
-from semclip_batch.config import ModelSpec, PreprocessConfig
+from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, PreprocessConfig
 from semclip_batch.fewshot.recipes import RECIPES, applied
 from semclip_batch.io.preprocess import (
     DEFECT_VIEW_ABOVE,
@@ -207,7 +207,8 @@ def test_a_transfer_checkpoint_takes_it_and_no_defect_view_turns_it_off(tmp_path
     meta = load_checkpoint(str(ckpt)).meta
     assert meta.defect_view  # the default recipe, transfer
     w, sw = meta.training["weights_choice"]["chosen"]  # the fit's weights, and the line that reports their evidence
-    assert f"memory weight {w:g}, self-similarity {sw:g}" in res.output and "for the zero-shot pair (0, 0.8)" in res.output
+    assert f"memory weight {w:g}, self-similarity {sw:g}" in res.output
+    assert f"zero-shot pair (0, {DEFAULT_SELF_SIMILARITY:g})" in res.output
     assert sw == meta.self_similarity
     found = {}
     for name, flags in (("on", []), ("off", ["--no-defect-view"])):

@@ -32,6 +32,7 @@ from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.fewshot.trainset import TrainSet, crop_views, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.semclip_method import MEMORY_WEIGHTS, SELF_WEIGHTS
 from semclip_batch.methods.weights import preprocess_config
 from semclip_batch.model.encoder import EncoderOutput
 from semclip_batch.model.memory import MAX_MEMORY, PatchMemory
@@ -148,7 +149,8 @@ def test_transfer_checkpoint_scores_as_fitted(synth_lot, tmp_path):
     assert meta.self_similarity == meta.training["self_similarity"]  # the weight the fit chose is the one recorded
     choice = ckpt.meta.training["weights_choice"]  # and the support folds' evidence for it, read back
     assert choice["chosen"] == [meta.training["memory_weight"], meta.self_similarity]
-    assert len(choice["pairs"]) == 30 and choice["zero_shot_pair"] == [0.0, DEFAULT_SELF_SIMILARITY]
+    assert len(choice["pairs"]) == len(MEMORY_WEIGHTS) * len({*SELF_WEIGHTS, DEFAULT_SELF_SIMILARITY})
+    assert choice["zero_shot_pair"] == [0.0, DEFAULT_SELF_SIMILARITY]
     spec = ModelSpec(backbone="semclip-tiny", pretrained="none", taps=meta.taps, cls=meta.cls, memory=meta.memory,
                      region_head=meta.region_head, self_similarity=meta.self_similarity, checkpoint=str(out))
     scoring = build_model(spec, ckpt.tensors["text_embeddings"].numpy(), tensors=ckpt.tensors)

@@ -220,7 +220,7 @@ def test_the_fit_chooses_the_self_similarity_weight_with_the_memorys(tiny_clip):
     calls: list = []
     support = _search_support(model, scores, calls, True)
     choice = choose_memory_weight(model, enc, support)
-    assert choice[:2] == (0.25, 0.5)
+    assert (choice.memory_weight, choice.self_similarity) == (0.25, 0.5)
     assert model.cfg.self_similarity == 0.5 and float(model.memory.weight) == 0.25  # left set for what follows
     assert len(calls) == len(grid) and all(torch.equal(c, torch.arange(10)) for c in calls)  # every map fused
     # the evidence the checkpoint records: every pair tried, the chosen one's and the zero-shot pair's AUROC
@@ -229,11 +229,13 @@ def test_the_fit_chooses_the_self_similarity_weight_with_the_memorys(tiny_clip):
     # ties: the weight given wins
     flat = dict.fromkeys(scores, 0.0)
     model.cfg = replace(model.cfg, self_similarity=0.8)
-    assert choose_memory_weight(model, enc, _search_support(model, flat, [], True))[:2] == (0.0, 0.8)
+    choice = choose_memory_weight(model, enc, _search_support(model, flat, [], True))
+    assert (choice.memory_weight, choice.self_similarity) == (0.0, 0.8)
     # not asked to choose (train --self-similarity W): the weight given, whatever the maps say
     model.cfg = replace(model.cfg, self_similarity=0.3)
     scores.update({(wm, 0.3): -1.0 - (wm - 0.25) ** 2 for wm in MEMORY_WEIGHTS})  # worse than any chosen pair
-    assert choose_memory_weight(model, enc, _search_support(model, scores, [], False))[:2] == (0.25, 0.3)
+    choice = choose_memory_weight(model, enc, _search_support(model, scores, [], False))
+    assert (choice.memory_weight, choice.self_similarity) == (0.25, 0.3)
 
 
 def test_the_searchs_smoothed_parts_joined_per_pair_give_the_maps_from_encoded_gives(tiny_clip):
@@ -271,22 +273,31 @@ def test_the_zero_shot_map_is_kept_unless_the_best_weights_beat_it_by_more_than_
 
 def test_the_choice_is_recorded_with_its_evidence_and_described_in_one_line():
     anchor, best = (0.0, 0.8), (0.5, 0.25)
-    steady = {anchor: (0.90, [0.90, 0.89, 0.91, 0.90, 0.90]), best: (0.93, [0.93, 0.92, 0.94, 0.93, 0.93]),
-              (1.0, 0.8): (float("nan"), [0.80] * 5)}
+    steady = {(1.0, 0.8): (float("nan"), [0.80] * 5), anchor: (0.90, [0.90, 0.89, 0.91, 0.90, 0.90]),
+              best: (0.93, [0.93, 0.92, 0.94, 0.93, 0.93])}  # an undefined AUROC first: it never ranks best
     record = choice_evidence(steady, 0.8, one_se_choice(steady, 0.8))
     assert record["chosen"] == [0.5, 0.25] and record["best"] == [0.5, 0.25] and record["zero_shot_pair"] == [0.0, 0.8]
-    assert record["gain"] == 0.03 and record["folds"] == 5 and record["standard_error"] == 0.0
+    assert record["gain"] == 0.03 and record["folds"] == 5
+    assert record["standard_error"] == 0.0 and record["gain_in_standard_errors"] is None  # +0.03 on every fold
     assert record["pairs"] == {"0,0.8": 0.9, "0.5,0.25": 0.93, "1,0.8": None}  # NaN (no AUROC) -> null in JSON
     json.dumps(record, allow_nan=False)  # the checkpoint's metadata is strict JSON
     line = describe_choice(record)
-    assert line is not None and line.startswith("memory weight 0.5, self-similarity 0.25: pixel AUROC 0.930")
-    assert "gain +0.030" in line
+    assert line == ("memory weight 0.5, self-similarity 0.25: pixel AUROC 0.930 against 0.900 for the zero-shot pair "
+                    "(0, 0.8) in the support folds: gain +0.030, no standard error")
     noisy = {**steady, best: (0.93, [0.99, 0.84, 0.98, 0.85, 0.99])}
     kept = choice_evidence(noisy, 0.8, one_se_choice(noisy, 0.8))
-    assert kept["chosen"] == [0.0, 0.8] and kept["best"] == [0.5, 0.25]
-    assert kept["standard_error"] == pytest.approx(0.033, abs=5e-4)
+    assert kept["chosen"] == [0.0, 0.8] and kept["best"] == [0.5, 0.25] and kept["chosen_pAUROC"] == 0.9
+    assert kept["standard_error"] == pytest.approx(0.033, abs=5e-4) and kept["gain_in_standard_errors"] == 0.9129
     line = describe_choice(kept)
-    assert line is not None and "(the zero-shot pair, kept)" in line and "0.9 standard errors, within one" in line
+    assert line is not None and line.startswith("memory weight 0, self-similarity 0.8 (the zero-shot pair, kept): "
+                                                "the best, (0.5, 0.25), scored 0.930 against 0.900")
+    assert line.endswith("gain +0.030, 0.9 standard errors, not more than one")
+    only = {anchor: (0.9, [0.9] * 5), (1.0, 0.8): (0.8, [0.8] * 5)}
+    line = describe_choice(choice_evidence(only, 0.8, one_se_choice(only, 0.8)))
+    assert line == "memory weight 0, self-similarity 0.8 (the zero-shot pair): the best in the support folds (pixel AUROC 0.900)"
+    one_fold = {anchor: (0.9, [0.9]), best: (0.93, [0.93])}  # no standard error: the best is taken, and said so
+    record = choice_evidence(one_fold, 0.8, one_se_choice(one_fold, 0.8))
+    assert record["chosen"] == [0.5, 0.25] and record["standard_error"] is None and record["gain_in_standard_errors"] is None
     assert describe_choice({}) is None  # nothing cross-validated (under 5 frames): no line
 
 
@@ -321,6 +332,8 @@ def test_the_weight_choice_benchmark_reads_each_rules_pair_off_the_record():
     scores[best] = (0.93, [0.99, 0.84, 0.98, 0.85, 0.99])  # within one standard error: every rule keeps zero-shot
     record = choice_evidence(scores, 0.8, one_se_choice(scores, 0.8))
     assert set(bench.rule_choices(record).values()) == {"0,0.8"}
-    scores[best] = (0.93, [0.93])  # one fold: no standard error, the best
-    record = choice_evidence(scores, 0.8, one_se_choice(scores, 0.8))
-    assert bench.rule_choices(record)["two-SE"] == "0.5,0.25"
+    one_fold = {anchor: (0.9, [0.9]), best: (0.93, [0.93])}  # no standard error: the best, under every rule
+    record = choice_evidence(one_fold, 0.8, one_se_choice(one_fold, 0.8))
+    assert record["gain_in_standard_errors"] is None and bench.rule_choices(record)["two-SE"] == "0.5,0.25"
+    with pytest.raises(SystemExit, match="no weight choice"):
+        bench.rule_choices({})  # under 5 support frames the fit records nothing to compare
