@@ -43,7 +43,7 @@ from semclip_batch.io.preprocess import maps_to_frame
 from semclip_batch.methods.decisions import to_mask
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import new_model, score_features
-from semclip_batch.methods.semclip_method import pair_key
+from semclip_batch.methods.weight_choice import pair_key
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
 from semclip_batch.model import SemClip, SemClipOutput
 from semclip_batch.synth.generate import SynthConfig, synth

@@ -30,14 +30,8 @@ from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import Support
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import new_model, score_features
-from semclip_batch.methods.semclip_method import (
-    MEMORY_WEIGHTS,
-    SELF_WEIGHTS,
-    choice_evidence,
-    choose_memory_weight,
-    describe_choice,
-    one_se_choice,
-)
+from semclip_batch.methods.semclip_method import MEMORY_WEIGHTS, SELF_WEIGHTS, choose_memory_weight
+from semclip_batch.methods.weight_choice import choice_evidence, describe_choice, one_se_choice
 from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.model.encoder import EncoderOutput
 from semclip_batch.model.selfsim import SCALE, self_distance, self_scores

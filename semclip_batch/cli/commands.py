@@ -537,7 +537,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     from semclip_batch.fewshot.train import TrainConfig
     from semclip_batch.fewshot.train import train as run_train
     from semclip_batch.methods.registry import get_method
-    from semclip_batch.methods.semclip_method import describe_choice
+    from semclip_batch.methods.weight_choice import describe_choice
 
     if pretrained is None:
         raise ConfigError("train needs --pretrained (a weights path/URL, 'shipped', or 'none' for seeded random weights)")
