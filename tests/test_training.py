@@ -171,6 +171,27 @@ def test_checkpoint_meta_is_versioned_and_reads_unversioned_ones(checkpoint, tmp
         load_checkpoint(variant("no-thresholds", lambda b: b.pop("thresholds")))
 
 
+def test_checkpoint_json_is_strict_where_the_training_summary_is_undefined(checkpoint, tmp_path):
+    """An undefined figure (a held-out AUROC without a defect pixel is NaN) is written as null: NaN is not JSON,
+    and other readers (jq, DuckDB's read_json) refuse it."""
+    from dataclasses import replace
+
+    from semclip_batch.methods.checkpoint import save_checkpoint
+
+    ckpt, meta = checkpoint
+    tensors = load_checkpoint(str(ckpt)).tensors
+    odd = replace(meta, training={**meta.training, "val_pAUROC": float("nan"), "scores": {"a": [1.0, float("inf")]}})
+    save_checkpoint(str(tmp_path / "odd"), tensors, odd)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    body = json.loads((tmp_path / "odd" / "checkpoint.json").read_text(), parse_constant=refuse)
+    assert body["training"]["val_pAUROC"] is None and body["training"]["scores"] == {"a": [1.0, None]}
+    assert body["training"]["used"] == meta.training["used"]  # finite figures as they were
+    assert load_checkpoint(str(tmp_path / "odd")).meta.training["val_pAUROC"] is None
+
+
 def test_feature_cache_is_keyed_by_content_and_survives_damage(tmp_path):
     from semclip_batch.methods.feature_cache import cached_features, feature_key
     from semclip_batch.methods.features import Features

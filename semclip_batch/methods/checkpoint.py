@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -188,8 +189,21 @@ def save_checkpoint(url: str, state: Mapping[str, torch.Tensor], meta: Checkpoin
     stored = replace(meta, tensors_sha256=digest)
     storage.write_bytes(storage.join(url, TENSORS), save_safetensors(tensors, metadata={"sha256": digest}),
                         storage_options)
-    storage.write_bytes(storage.join(url, META), json.dumps(stored.to_json(), indent=2).encode(), storage_options)
+    body = json.dumps(finite_json(stored.to_json()), indent=2, allow_nan=False)
+    storage.write_bytes(storage.join(url, META), body.encode(), storage_options)
     return stored
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (an undefined AUROC in the training summary, say) as None: the
+    checkpoint's JSON stays strict, readable by any JSON reader (``NaN`` is not JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def load_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
