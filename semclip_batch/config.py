@@ -59,6 +59,7 @@ DEFAULT_KEEP_TOKENS = 0.25
 DEFAULT_PRETRAIN_CROPS = 2  # per frame larger than the model input: at native resolution and at half of it
 # pretrain's wall-clock budget: --steps auto fills it; a fixed --steps N runs fewer steps rather than overrun (0: none)
 DEFAULT_PRETRAIN_MINUTES = 10.0
+DEFAULT_PRETRAIN_HELDOUT = 0.1  # share of the frames never trained on (the final check; none below 20 frames)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_MODES = ("mean", "max")
 

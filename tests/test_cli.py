@@ -87,6 +87,9 @@ def test_options_are_offered_only_where_used(synth_lot, tmp_path):
     result = invoke("pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "w.safetensors"),
                     "--backbone", "semclip-tiny", "--keep-tokens", "0")
     assert_one_line_error(result, "--keep-tokens")
+    result = invoke("pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "w.safetensors"),
+                    "--backbone", "semclip-tiny", "--heldout", "0.5")
+    assert_one_line_error(result, "--heldout in [0, 0.5)")
 
 
 def test_train_method_options_end_in_one_line(synth_lot, tmp_path):

@@ -221,7 +221,7 @@ def test_pretrain_reports_a_heldout_check(tmp_path):
     assert "held-out check" in result.output and "patch AUROC particle" in result.output
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    assert meta["crops"] == "2" and meta["steps"] == "4"
+    assert meta["crops"] == "2" and meta["steps"] == "4" and float(meta["heldout"]) == 0.1
     heldout = json.loads(meta["heldout_check"])
     assert set(heldout) == {"before", "after"} and "accuracy" in heldout["after"]
     assert "class-text cosine (mean)" in result.output and 0.5 < heldout["before"]["text_cosine"] < 1.0  # random: alike
@@ -233,6 +233,12 @@ def test_pretrain_reports_a_heldout_check(tmp_path):
     data = load_trainset(read_manifest(str(tmp_path / "d" / "manifest.csv")), ("normal", "bridge", "copper_residue",
                          "hole", "infilm", "particle", "scratch"), preprocess_config("semclip-tiny", tile_above=10**9), crops=2)
     assert len(data) == 42
+    # --heldout 0: every frame trains (a backbone adapted to a support set), and the weights say so
+    every = runner.invoke(main, ["pretrain", str(tmp_path / "d" / "manifest.csv"), "--out", str(tmp_path / "w0.safetensors"),
+                                 "--backbone", "semclip-tiny", "--steps", "2", "--batch-size", "4", "--heldout", "0"])
+    assert every.exit_code == 0, every.output
+    with safe_open(str(tmp_path / "w0.safetensors"), "pt") as f:
+        assert float(f.metadata()["heldout"]) == 0.0
     res = pretrain(PretrainConfig(manifest=str(tmp_path / "d" / "manifest.csv"), out=str(tmp_path / "w2.safetensors"),
                                   steps=2, batch_size=2, model=ModelSpec(backbone="semclip-tiny")))
     assert res.sha256 and set(res.before) == set(res.after)

@@ -31,6 +31,7 @@ from semclip_batch.config import (
     DEFAULT_KEEP_TOKENS,
     DEFAULT_PRETRAIN_BATCH,
     DEFAULT_PRETRAIN_CROPS,
+    DEFAULT_PRETRAIN_HELDOUT,
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_MINUTES,
     DEFAULT_PRETRAIN_STEPS,
@@ -426,6 +427,10 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
 @click.option("--keep-tokens", default=DEFAULT_KEEP_TOKENS, show_default=True, type=float,
               help="Fraction of each image's patch tokens a step runs (token dropping; patches touching a defect "
                    "go first, the rest at random). 1 runs every patch.")
+@click.option("--heldout", default=DEFAULT_PRETRAIN_HELDOUT, show_default=True, type=float,
+              help="Share of the frames never trained on, for the check printed at the end and the scale check "
+                   "(none are held out below 20 frames). 0: every frame trains, e.g. to adapt a backbone to a "
+                   "70-frame support set before train (README: \"The backbone adapted on the support lot\").")
 @click.option("--scale-check/--no-scale-check", default=True, show_default=True,
               help="After training, score up to 100 held-out frames zero-shot as run does at each scale policy "
                    "(whole, 0.5, 0.75, native) and record the cheapest within 0.01 pixel AUROC of the best in the "
@@ -434,7 +439,7 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
 def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
              seed: int, prompts: str | None, storage_option: tuple[str, ...],
              steps: str | None, max_minutes: float, batch_size: int, lr: float, crops: int, text_separation: float,
-             keep_tokens: float, scale_check: bool) -> None:
+             keep_tokens: float, heldout: float, scale_check: bool) -> None:
     """Adapt a backbone to SEM images (dense patch-text alignment) and write its weights to --out.
 
     Text comes from the prompt file per `label` (or a `caption` column). Prints the canonical sha256 last.
@@ -449,7 +454,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     plan, fill = pretrain_steps(steps, max_minutes)
     cfg = PretrainConfig(manifest=manifest, out=out, steps=plan, fill_budget=fill, max_minutes=max_minutes,
                          batch_size=batch_size, lr=lr, keep=keep_tokens, crops=crops, separation=text_separation,
-                         scale_check=scale_check,
+                         heldout=heldout, scale_check=scale_check,
                          model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained or "none",
                                          pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts,
                                          storage_options=parse_storage_options(storage_option)))

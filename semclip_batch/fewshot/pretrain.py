@@ -45,6 +45,7 @@ from semclip_batch.config import (
     DEFAULT_KEEP_TOKENS,
     DEFAULT_PRETRAIN_BATCH,
     DEFAULT_PRETRAIN_CROPS,
+    DEFAULT_PRETRAIN_HELDOUT,
     DEFAULT_PRETRAIN_LR,
     DEFAULT_PRETRAIN_MINUTES,
     DEFAULT_PRETRAIN_STEPS,
@@ -82,7 +83,7 @@ class PretrainConfig:
     keep: float = DEFAULT_KEEP_TOKENS
     crops: int = DEFAULT_PRETRAIN_CROPS
     warmup: float = 0.1
-    heldout: float = 0.1
+    heldout: float = DEFAULT_PRETRAIN_HELDOUT
     max_minutes: float = DEFAULT_PRETRAIN_MINUTES  # wall-clock budget, loading included; 0: none
     separation: float = 0.0  # weight of the class-text separation term (text_separation)
     fill_budget: bool = False  # --steps auto: as many steps as max_minutes allows (``steps``: the first 20 steps' plan)
