@@ -11,7 +11,7 @@ pair and the best pair's gain over the zero-shot pair with its standard error (`
 pair is then scored on every test lot (pixel AUROC at frame resolution, as ``run`` + ``eval``), so each rule's
 choice is read off the same fits:
 
-- ``one-SE``: the shipped rule (:func:`semclip_batch.methods.semclip_method.one_se_choice`);
+- ``one-SE``: the shipped rule (:func:`semclip_batch.methods.weight_choice.one_se_choice`);
 - ``two-SE``: the zero-shot pair unless the best gains more than two standard errors;
 - ``zero-shot pair``: no memory, the recipe's self-similarity weight (the fitted layers, cell references fused).
 

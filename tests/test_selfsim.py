@@ -269,7 +269,7 @@ def test_the_choice_is_recorded_with_its_evidence_and_described_in_one_line():
     anchor, best = (0.0, 0.8), (0.5, 0.25)
     steady = {(1.0, 0.8): (float("nan"), [0.80] * 5), anchor: (0.90, [0.90, 0.89, 0.91, 0.90, 0.90]),
               best: (0.93, [0.93, 0.92, 0.94, 0.93, 0.93])}  # an undefined AUROC first: it never ranks best
-    record = choice_evidence(steady, 0.8, one_se_choice(steady, 0.8))
+    record = choice_evidence(steady, 0.8)
     assert record["chosen"] == [0.5, 0.25] and record["best"] == [0.5, 0.25] and record["zero_shot_pair"] == [0.0, 0.8]
     assert record["gain"] == 0.03 and record["folds"] == 5
     assert record["standard_error"] == 0.0 and record["gain_in_standard_errors"] is None  # +0.03 on every fold
@@ -279,7 +279,7 @@ def test_the_choice_is_recorded_with_its_evidence_and_described_in_one_line():
     assert line == ("memory weight 0.5, self-similarity 0.25: pixel AUROC 0.930 against 0.900 for the zero-shot pair "
                     "(0, 0.8) in the support folds: gain +0.030, no standard error")
     noisy = {**steady, best: (0.93, [0.99, 0.84, 0.98, 0.85, 0.99])}
-    kept = choice_evidence(noisy, 0.8, one_se_choice(noisy, 0.8))
+    kept = choice_evidence(noisy, 0.8)
     assert kept["chosen"] == [0.0, 0.8] and kept["best"] == [0.5, 0.25] and kept["chosen_pAUROC"] == 0.9
     assert kept["standard_error"] == pytest.approx(0.033, abs=5e-4) and kept["gain_in_standard_errors"] == 0.9129
     line = describe_choice(kept)
@@ -287,10 +287,10 @@ def test_the_choice_is_recorded_with_its_evidence_and_described_in_one_line():
                                                 "the best, (0.5, 0.25), scored 0.930 against 0.900")
     assert line.endswith("gain +0.030, 0.9 standard errors, not more than one")
     only = {anchor: (0.9, [0.9] * 5), (1.0, 0.8): (0.8, [0.8] * 5)}
-    line = describe_choice(choice_evidence(only, 0.8, one_se_choice(only, 0.8)))
+    line = describe_choice(choice_evidence(only, 0.8))
     assert line == "memory weight 0, self-similarity 0.8 (the zero-shot pair): the best in the support folds (pixel AUROC 0.900)"
     one_fold = {anchor: (0.9, [0.9]), best: (0.93, [0.93])}  # no standard error: the best is taken, and said so
-    record = choice_evidence(one_fold, 0.8, one_se_choice(one_fold, 0.8))
+    record = choice_evidence(one_fold, 0.8)
     assert record["chosen"] == [0.5, 0.25] and record["standard_error"] is None and record["gain_in_standard_errors"] is None
     assert describe_choice({}) is None  # nothing cross-validated (under 5 frames): no line
 
@@ -318,16 +318,16 @@ def test_the_weight_choice_benchmark_reads_each_rules_pair_off_the_record():
     spec.loader.exec_module(bench)
     anchor, best = (0.0, 0.8), (0.5, 0.25)
     scores = {anchor: (0.90, [0.90, 0.89, 0.91, 0.90, 0.90]), best: (0.93, [0.95, 0.90, 0.96, 0.91, 0.93])}
-    record = choice_evidence(scores, 0.8, one_se_choice(scores, 0.8))  # +0.03, SE 0.0089: 3.4 standard errors
+    record = choice_evidence(scores, 0.8)  # +0.03, SE 0.0089: 3.4 standard errors
     assert bench.rule_choices(record) == {"one-SE": "0.5,0.25", "two-SE": "0.5,0.25", "zero-shot pair": "0,0.8"}
     scores[best] = (0.93, [0.97, 0.88, 0.97, 0.89, 0.94])  # +0.03, SE 0.0170: 1.8 standard errors
-    record = choice_evidence(scores, 0.8, one_se_choice(scores, 0.8))
+    record = choice_evidence(scores, 0.8)
     assert bench.rule_choices(record) == {"one-SE": "0.5,0.25", "two-SE": "0,0.8", "zero-shot pair": "0,0.8"}
     scores[best] = (0.93, [0.99, 0.84, 0.98, 0.85, 0.99])  # within one standard error: every rule keeps zero-shot
-    record = choice_evidence(scores, 0.8, one_se_choice(scores, 0.8))
+    record = choice_evidence(scores, 0.8)
     assert set(bench.rule_choices(record).values()) == {"0,0.8"}
     one_fold = {anchor: (0.9, [0.9]), best: (0.93, [0.93])}  # no standard error: the best, under every rule
-    record = choice_evidence(one_fold, 0.8, one_se_choice(one_fold, 0.8))
+    record = choice_evidence(one_fold, 0.8)
     assert record["gain_in_standard_errors"] is None and bench.rule_choices(record)["two-SE"] == "0.5,0.25"
     with pytest.raises(SystemExit, match="no weight choice"):
         bench.rule_choices({})  # under 5 support frames the fit records nothing to compare

@@ -231,7 +231,7 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
     w, sw = one_se_choice(scores, given)
     memory.weight.fill_(w)
     model.cfg = replace(model.cfg, self_similarity=sw)
-    return WeightChoice(w, sw, choice_evidence(scores, given, (w, sw)))
+    return WeightChoice(w, sw, choice_evidence(scores, given))
 
 
 @torch.no_grad()

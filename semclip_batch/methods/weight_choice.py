@@ -17,8 +17,7 @@ import numpy as np
 Scores = Mapping[tuple[float, float], tuple[float, list[float]]]
 
 
-def one_se_choice(scores: Scores,
-                  given: float) -> tuple[float, float]:
+def one_se_choice(scores: Scores, given: float) -> tuple[float, float]:
     """From ``(memory weight, self-similarity weight) -> (pixel AUROC over every support frame, per fold with a
     defect pixel)``: the weights of the best AUROC (ties: the smaller memory weight, then the self-similarity
     weight nearest ``given``, then the larger), unless their pooled gain over the map without the memory at the
@@ -67,14 +66,13 @@ def _figure(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 4)
 
 
-def choice_evidence(scores: Scores, given: float,
-                    chosen: tuple[float, float]) -> dict[str, Any]:
+def choice_evidence(scores: Scores, given: float) -> dict[str, Any]:
     """What the checkpoint records about :func:`one_se_choice`'s pair (``training.weights_choice``) and ``train``
     prints: the pooled support-fold pixel AUROC of the pair chosen, of the best pair and of the zero-shot pair
     ``(0, given)``, the best's gain over the zero-shot pair, its standard error over the folds and the gain in
     standard errors (None without a standard error), and every pair's AUROC, so that a user can see whether a few
     shots moved the map on evidence or kept it. Undefined figures are None (strict JSON)."""
-    best = _best_pair(scores, given)
+    chosen, best = one_se_choice(scores, given), _best_pair(scores, given)
     anchor = (0.0, given)
     record: dict[str, Any] = {
         "chosen": list(chosen), "chosen_pAUROC": _figure(scores[chosen][0]),
