@@ -67,6 +67,16 @@ def ensure_lot(folder: Path, family: str, seed: int) -> Path:
     return folder
 
 
+def lot_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that name the lots (shared with ``benchmarks/adapt.py``): the work folder, the families (the
+    first the validation family), the support and the test seeds."""
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--families", default="contacts,metal,logic", help="the first is the validation family")
+    parser.add_argument("--support-seeds", default="2000,2001")
+    parser.add_argument("--test-seeds", default="6000,6001,6002,6003")
+    return parser
+
+
 def rule_choices(evidence: dict[str, Any]) -> dict[str, str]:
     """Each rule's pair, as the key of ``evidence["pairs"]`` (:func:`pair_key`)."""
     if "zero_shot_pair" not in evidence:
@@ -145,12 +155,8 @@ def print_family(family: str, result: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--families", default="contacts,metal,logic", help="the first is the validation family")
-    parser.add_argument("--support-seeds", default="2000,2001")
-    parser.add_argument("--test-seeds", default="6000,6001,6002,6003")
-    args = parser.parse_args()
+    args = lot_arguments(argparse.ArgumentParser(description=__doc__,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter)).parse_args()
     work = Path(args.work)
     started = time.perf_counter()
     backbone = load_backbone(BACKBONE, "shipped")

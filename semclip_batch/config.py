@@ -60,6 +60,8 @@ DEFAULT_PRETRAIN_CROPS = 2  # per frame larger than the model input: at native r
 # pretrain's wall-clock budget: --steps auto fills it; a fixed --steps N runs fewer steps rather than overrun (0: none)
 DEFAULT_PRETRAIN_MINUTES = 10.0
 DEFAULT_PRETRAIN_HELDOUT = 0.1  # share of the frames never trained on (the final check; none below 20 frames)
+DEFAULT_ADAPT_STEPS = 200  # train's, with SEM-CLIP's transfer recipe: chosen on the validation family (README)
+DEFAULT_ADAPT_LR = 3e-4  # train --adapt-steps: chosen on the validation family's support lot (README)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_MODES = ("mean", "max")
 

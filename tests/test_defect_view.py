@@ -201,7 +201,7 @@ def test_a_transfer_checkpoint_takes_it_and_no_defect_view_turns_it_off(tmp_path
     manifest.write_text("\n".join(rows) + "\n")
     runner = CliRunner()
     ckpt = tmp_path / "ckpt"
-    res = runner.invoke(main, ["train", str(manifest), "--out", str(ckpt), "--backbone", "semclip-tiny",
+    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(manifest), "--out", str(ckpt), "--backbone", "semclip-tiny",
                                "--pretrained", "shipped", "--epochs", "2"])
     assert res.exit_code == 0, res.output
     meta = load_checkpoint(str(ckpt)).meta

@@ -143,7 +143,8 @@ def test_train_reference_weight_flag_is_stored_and_checked(tmp_path):
     from semclip_batch.cli import main
 
     manifest = _lot(tmp_path)
-    base = ["train", str(manifest), "--backbone", "semclip-tiny", "--pretrained", "shipped", "--use-reference",
+    base = ["train", "--adapt-steps", "0", str(manifest),
+            "--backbone", "semclip-tiny", "--pretrained", "shipped", "--use-reference",
             "--epochs", "1"]
     runner = CliRunner()
     for bad in ("-0.1", "1.5"):
@@ -172,7 +173,7 @@ def test_reference_options_without_references_are_refused(tmp_path, flags, messa
 
     from semclip_batch.cli import main
 
-    res = CliRunner().invoke(main, ["train", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "ck"),
+    res = CliRunner().invoke(main, ["train", "--adapt-steps", "0", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "ck"),
                                     "--backbone", "semclip-tiny", "--pretrained", "shipped", *flags])
     assert res.exit_code == 1 and res.output.strip().count("\n") == 0, res.output
     assert res.output.startswith(f"Error: {message}") and "--use-reference" in res.output, res.output
@@ -189,7 +190,7 @@ def test_reference_options_with_references_pass_the_check(tmp_path, flags):
 
     from semclip_batch.cli import main
 
-    res = CliRunner().invoke(main, ["train", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "ck"),
+    res = CliRunner().invoke(main, ["train", "--adapt-steps", "0", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "ck"),
                                     "--backbone", "semclip-tiny", "--pretrained", "shipped", *flags])
     assert res.exit_code == 1 and "absent.csv" in res.output and "ignores" not in res.output, res.output
 
@@ -268,7 +269,8 @@ def test_train_auto_reference_weight_is_chosen_stored_and_scored_with(tmp_path):
     from semclip_batch.fewshot.train import MIN_WEIGHT_FRAMES, REFERENCE_WEIGHTS
 
     manifest = _lot(tmp_path, n=4, defects=16)
-    base = ["train", str(manifest), "--backbone", "semclip-tiny", "--pretrained", "shipped", "--use-reference",
+    base = ["train", "--adapt-steps", "0", str(manifest),
+            "--backbone", "semclip-tiny", "--pretrained", "shipped", "--use-reference",
             "--epochs", "2"]
     runner = CliRunner()
     res = runner.invoke(main, [*base, "--out", str(tmp_path / "bad"), "--reference-weight", "heavy"])
@@ -296,7 +298,8 @@ def test_train_auto_reference_weight_is_chosen_stored_and_scored_with(tmp_path):
 
     (tmp_path / "few").mkdir()
     few = _lot(tmp_path / "few", n=4)
-    res = runner.invoke(main, ["train", str(few), "--out", str(tmp_path / "ck-few"), "--backbone", "semclip-tiny",
+    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(few),
+                               "--out", str(tmp_path / "ck-few"), "--backbone", "semclip-tiny",
                                "--pretrained", "shipped", "--use-reference", "--epochs", "1", "--reference-weight", "auto"])
     assert res.exit_code == 0, res.output
     few_meta = load_checkpoint(str(tmp_path / "ck-few")).meta

@@ -17,6 +17,7 @@ from semclip_batch.analysis.query import run_query
 from semclip_batch.analysis.results import read_predictions
 from semclip_batch.cli import main
 from semclip_batch.errors import ManifestError
+from semclip_batch.fewshot.adapt import ADAPTED_BACKBONE, ADAPTED_SOURCE
 from semclip_batch.io import storage
 from semclip_batch.io.cell_reference import cell_reference
 from semclip_batch.io.frames import load_frame
@@ -109,8 +110,11 @@ def test_pretrain_train_run_eval_all_on_s3(s3_run):
     assert len(digest) == 64
     trained = runner.invoke(main, ["train", f"{data}/manifest.csv", "--out", f"{models}/ckpt", "--backbone", "semclip-tiny",
                                    "--pretrained", f"{models}/tiny.safetensors", "--pretrained-sha256", digest,
-                                   "--epochs", "2"])
+                                   "--epochs", "2", "--adapt-steps", "3"])
     assert trained.exit_code == 0, trained.output
+    # the adapted backbone went into the checkpoint folder on S3, and run reads it from there
+    assert load_checkpoint(f"{models}/ckpt").meta.weights.source == ADAPTED_SOURCE
+    assert storage.exists(f"{models}/ckpt/{ADAPTED_BACKBONE}")
     ran = runner.invoke(main, ["run", f"{data}/manifest.csv", "--out", out, "--model", f"{models}/ckpt"])
     assert ran.exit_code == 0, ran.output
     # the run record counts the frames scored against their cell reference: those whose pattern repeats

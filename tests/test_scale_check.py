@@ -129,12 +129,13 @@ def test_run_and_train_take_the_recommended_policy_unless_given(tmp_path, logic_
     assert _run_spec(weights, "native").scale_policy == 1.0
     assert _run_spec("shipped", None).scale_policy is None  # no check recorded: the whole frame, as before
     runner = CliRunner()
-    res = runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / "ck"), "--backbone", "semclip-tiny",
+    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot),
+                               "--out", str(tmp_path / "ck"), "--backbone", "semclip-tiny",
                                "--pretrained", weights, "--epochs", "1"])
     assert res.exit_code == 0, res.output
     assert "--scale-policy 0.5: recommended by the weights' scale check" in res.output
     assert load_checkpoint(str(tmp_path / "ck")).meta.scale_policy == 0.5
-    res = runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / "ck-whole"), "--backbone",
+    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / "ck-whole"), "--backbone",
                                "semclip-tiny", "--pretrained", weights, "--epochs", "1", "--scale-policy", "whole"])
     assert res.exit_code == 0, res.output
     assert load_checkpoint(str(tmp_path / "ck-whole")).meta.scale_policy is None
@@ -174,7 +175,7 @@ def test_train_steps_down_from_a_recommended_policy_that_does_not_fit(tmp_path, 
     def train_with(memory_rows: int, name: str, *args: str):
         monkeypatch.setattr(train_module, "available_bytes", lambda: needed_bytes(memory_rows))
         caplog.clear()
-        return runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / name), "--backbone",
+        return runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / name), "--backbone",
                                     "semclip-tiny", "--pretrained", weights, "--epochs", "1", *args])
 
     # 7 frames of 512 px: native 7 x 10 views, 0.75 7 x 5, whole 7 in 4 orientations (28 rows); a scale policy's

@@ -4,6 +4,7 @@ scored alike, recorded in the checkpoint and in run_id; support splits that keep
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from semclip_batch.fewshot.trainset import TrainSet, frame_views, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.preprocess import frame_tiles, model_inputs, normalize, resize
 from semclip_batch.methods.checkpoint import load_checkpoint
-from semclip_batch.methods.fitting import Support, frame_folds, support_split
+from semclip_batch.methods.fitting import Support, frame_folds, support_split, validation_frames
 from semclip_batch.methods.weights import preprocess_config
 
 CLASSES = ("normal", "bridge", "copper_residue", "hole", "infilm", "particle", "scratch")
@@ -175,6 +176,11 @@ def test_splits_keep_a_frames_tiles_together():
     assert val_frames and not fit_frames & val_frames
     assert len(val) == sum(frames.count(f) for f in val_frames)  # first copy only
     assert len(fit) == 2 * sum(frames.count(f) for f in fit_frames)  # every copy
+    # known before the fit (train --adapt-steps keeps them out of the backbone's adaptation)
+    for seed in (0, 3):
+        held = validation_frames(support.data.frame, seed)
+        _, val = support_split(replace(support, seed=seed))
+        assert sorted(held.tolist()) == sorted(set(support.data.frame[val].tolist()))
 
 
 def test_splits_without_tiles_are_the_per_frame_splits_of_before():
@@ -191,7 +197,7 @@ def test_train_records_the_policy_and_run_scores_with_it(tmp_path, ray_cluster):
     manifest = _big_lot(tmp_path, n=3)
     runner = CliRunner()
     ckpt = tmp_path / "ckpt"
-    res = runner.invoke(main, ["train", str(manifest), "--out", str(ckpt), "--backbone", "semclip-tiny",
+    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(manifest), "--out", str(ckpt), "--backbone", "semclip-tiny",
                                "--pretrained", "shipped", "--scale-policy", "native", "--epochs", "2"])
     assert res.exit_code == 0, res.output
     meta = load_checkpoint(str(ckpt)).meta

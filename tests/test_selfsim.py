@@ -169,7 +169,7 @@ def test_the_weight_is_recorded_and_refused_where_it_does_not_apply(synth_lot, t
     assert ModelSpec(self_similarity=0.8).output_affecting()["self_similarity"] == 0.8
     assert "self_similarity" not in ModelSpec().output_affecting()
     runner = CliRunner()
-    baseline = runner.invoke(main, ["train", support, "--out", str(tmp_path / "w"), "--pretrained", "none",
+    baseline = runner.invoke(main, ["train", "--adapt-steps", "0", support, "--out", str(tmp_path / "w"), "--pretrained", "none",
                                     "--backbone", "semclip-tiny", "--method", "winclip", "--self-similarity", "0"])
     assert baseline.exit_code != 0 and "--self-similarity is a SEM-CLIP option" in baseline.output
     with_model = runner.invoke(main, ["run", support, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "c"),

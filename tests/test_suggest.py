@@ -180,7 +180,7 @@ def test_labelled_suggestions_train(finished, synth_lot, tmp_path):
     filled = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)
     filled["label"] = [label_of[u] for u in filled["uri"]]
     filled.to_csv(tmp_path / "filled.csv", index=False)
-    result = invoke("train", str(tmp_path / "filled.csv"), "--out", str(tmp_path / "ckpt"), "--backbone",
+    result = invoke("train", "--adapt-steps", "0", str(tmp_path / "filled.csv"), "--out", str(tmp_path / "ckpt"), "--backbone",
                     "semclip-tiny", "--pretrained", "none", "--epochs", "1", "--recipe", "paper")
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import open_clip
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
@@ -123,6 +124,7 @@ class Pretrained:
     seconds: float
     steps: int  # run: the planned ones, or those --max-minutes left room for (cut, or --steps auto)
     scale_check: ScaleCheck | None = None  # the scale check's figures and recommendation; None: not run
+    start_sha256: str = ""  # the canonical checksum of the weights it started from
 
 
 def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -317,17 +319,18 @@ def heldout_figures(clip: nn.Module, data: TrainSet, rows: torch.Tensor, text: t
 
 
 def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
-             metadata: Mapping[str, str] | None = None) -> Pretrained:
+             metadata: Mapping[str, str] | None = None, frames: pd.DataFrame | None = None) -> Pretrained:
     """Train and write the weights file (safetensors, backbone, canonical sha256, recipe and held-out figures
     in its metadata). With ``max_minutes``, the schedule is shortened when the steps would not fit: the first
     :data:`CALIBRATION_STEPS` are timed and the rest of the one-cycle schedule is laid over the steps that fit
     in what is left of the budget, the final held-out check and saving included; with ``fill_budget``
-    (``--steps auto``) it is laid over every step that fits, more than ``steps`` as readily as fewer."""
+    (``--steps auto``) it is laid over every step that fits, more than ``steps`` as readily as fewer. ``frames``:
+    manifest rows already read (``train --adapt-steps``: its sampled support rows), instead of ``cfg.manifest``'s."""
     started = time.perf_counter()
     torch.manual_seed(cfg.model.seed)
     prompts: PromptSet = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
-    df = read_manifest(cfg.manifest, storage_options=cfg.model.storage_options)
+    df = read_manifest(cfg.manifest, storage_options=cfg.model.storage_options) if frames is None else frames
     data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options, need_labels=False,
                          crops=cfg.crops, seed=cfg.model.seed)
     m = cfg.model
@@ -419,7 +422,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
             "heldout_check": json.dumps({"before": before, "after": after}),
             **(scales.metadata() if scales is not None else {})}
     digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
-    return Pretrained(digest, before, after, seconds, steps, scales)
+    return Pretrained(digest, before, after, seconds, steps, scales, backbone.sha256)
 
 
 def heldout_table(result: Pretrained) -> list[str]:

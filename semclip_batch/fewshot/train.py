@@ -1,10 +1,12 @@
-"""``train``: K-shot SEM-CLIP (or a baseline) on a frozen backbone (SEMCLIP.md "Training" and "Classification").
+"""``train``: K-shot SEM-CLIP (or a baseline) from a labelled support set (SEMCLIP.md "Training" and "Classification").
 
-Method-agnostic orchestration: load the support set, encode the frozen backbone's features once per support
-image, let the registered method fit itself (``get_method(cfg.model.method).fit``: SEM-CLIP's Transformation Layers,
-head, temperature and alpha in :mod:`semclip_batch.methods.semclip_method`; WinCLIP+'s memories and PromptAD's
-prompts in their own modules), then fit the thresholds on the support set (and, with reference frames or cell
-references, the reference scales) and write the checkpoint.
+Method-agnostic orchestration: load the support set; with ``adapt_steps`` (``train``'s default with SEM-CLIP's
+``transfer`` recipe) adapt the backbone on the support frames first (:mod:`semclip_batch.fewshot.adapt`, the
+weights written into the checkpoint folder); encode the backbone's features once per support image, the
+backbone frozen from there on; let the registered method fit itself (``get_method(cfg.model.method).fit``:
+SEM-CLIP's Transformation Layers, head, temperature and alpha in :mod:`semclip_batch.methods.semclip_method`;
+WinCLIP+'s memories and PromptAD's prompts in their own modules), then fit the thresholds on the support set
+(and, with reference frames or cell references, the reference scales) and write the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,8 +23,16 @@ import pandas as pd
 import torch
 
 from semclip_batch.analysis.metrics import PixelCounts
-from semclip_batch.config import DEFAULT_MIN_REGION_PX, LossProgress, ModelSpec, PreprocessConfig, scale_policy_name
+from semclip_batch.config import (
+    DEFAULT_ADAPT_LR,
+    DEFAULT_MIN_REGION_PX,
+    LossProgress,
+    ModelSpec,
+    PreprocessConfig,
+    scale_policy_name,
+)
 from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, adapt_backbone, adaptation_rows
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.fit_memory import available_bytes, coarser, too_large
 from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, for_policy, recorded
@@ -64,6 +74,8 @@ class TrainConfig:
     # the scale policy is the weights' recommendation (pretrain's scale check), not the user's: where the support
     # rows would not fit in memory at it, the next coarser one is taken (fewshot.fit_memory)
     policy_from_weights: bool = False
+    adapt_steps: int = 0  # --adapt-steps: the backbone adapted on the support frames first (fewshot.adapt); 0: frozen
+    adapt_lr: float = DEFAULT_ADAPT_LR
 
     def __post_init__(self) -> None:
         m = self.model
@@ -77,6 +89,9 @@ class TrainConfig:
             raise ConfigError(f"--shots must be >= 1, got {self.shots}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.adapt_steps < 0 or not self.adapt_lr > 0:
+            raise ConfigError(f"--adapt-steps must be >= 0 (0: a frozen backbone) and --adapt-lr > 0, got "
+                              f"{self.adapt_steps} and {self.adapt_lr}")
 
 
 def _public(cfg: TrainConfig) -> dict[str, Any]:
@@ -227,7 +242,8 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     support = Support(data=data, feats=feats, clip=backbone.clip, clip_name=cfg.model.backbone, map_auroc=map_auroc,
                       seed=cfg.model.seed, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, anchor=cfg.anchor,
                       progress=progress, copies=n_copies, fuse_reference=fuse,
-                      choose_self_similarity=cfg.recipe.choose_self_similarity)
+                      choose_self_similarity=cfg.recipe.choose_self_similarity,
+                      fit_map_layers=not cfg.adapt_steps)  # an adapted backbone's own layers are the maps' (fewshot.adapt)
     method = get_method(spec.method)
     summary = {**method.fit(model, spec, support), **summary}
     model.eval().requires_grad_(False)
@@ -371,7 +387,12 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
     m = cfg.model
-    backbone = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
+    adapted = None
+    if cfg.adapt_steps:
+        rows, held = adaptation_rows(df, data.frame if data.frame is not None else torch.arange(len(data)), m.seed)
+        adapted = adapt_backbone(m, cfg.support, rows, cfg.out, cfg.adapt_steps, cfg.adapt_lr, held_out=held)
+    backbone = load_backbone(m.backbone, m.pretrained if adapted is None else adapted.url, seed=m.seed,
+                             expected_sha256=m.pretrained_sha256 if adapted is None else adapted.sha256,
                              storage_options=m.storage_options)
     text = torch.from_numpy(text_embeddings(backbone, prompts))
     visual = vision_tower(backbone.clip)
@@ -394,7 +415,8 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
     meta = CheckpointMeta(
         method=cfg.model.method, backbone=cfg.model.backbone,
-        weights=WeightsRef(source=backbone.source, sha256=backbone.sha256, seed=cfg.model.seed),
+        weights=WeightsRef(source=backbone.source if adapted is None else ADAPTED_SOURCE, sha256=backbone.sha256,
+                           seed=cfg.model.seed),
         classes=prompts.classes, prompts=dict(zip(prompts.classes, prompts.prompts, strict=True)),
         taps=method_taps(spec, depth), use_vv=cfg.model.use_vv, surgery=cfg.model.surgery, cls=cfg.model.cls,
         use_reference=spec.use_reference, alpha=float(getattr(model, "alpha", torch.tensor(1.0))),
@@ -406,7 +428,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
                   "support_rows": len(df), "used": int(whole.sum()), "views": views, "rows_augmented": len(data),
                   "skipped": data.skipped,
                   "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum()),
-                  **fitted.summary,
+                  **fitted.summary, **({} if adapted is None else {"adapted_backbone": adapted.record}),
                   "seconds": round(time.perf_counter() - t0, 1)},
         score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
         memory=spec.memory, region_head=spec.region_head, scale_policy=spec.scale_policy,

@@ -26,11 +26,14 @@ META = "checkpoint.json"
 BACKBONE_PREFIXES = ("visual.", "logit_scale")
 
 
-CHECKPOINT_VERSION = 4
+CHECKPOINT_VERSION = 5
 """1: the unversioned checkpoints written before the version field (read with the defaults below);
 2: adds ``version``, ``score_mode`` and ``sigma``; 3: adds ``recipe``, ``memory`` and ``region_head``; 4: adds
 ``self_similarity`` (a release before it would score a version-4 checkpoint's maps without the self-similarity
-its thresholds were fitted with: it refuses the version instead)."""
+its thresholds were fitted with: it refuses the version instead); 5: the backbone weights may lie in the
+checkpoint folder itself (``weights.source`` ``checkpoint:<file>``, ``train --adapt-steps``), which a release
+before it would read as a path of that name."""
+IN_CHECKPOINT = "checkpoint:"  # a WeightsRef source naming a file inside the checkpoint folder
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,16 @@ class WeightsRef:
 
     @property
     def pretrained(self) -> str:
-        """The ``--pretrained`` value that gives these weights again."""
+        """The ``--pretrained`` value that gives these weights again (a file in the checkpoint folder: its name
+        after :data:`IN_CHECKPOINT`; :meth:`resolved` makes it a URL)."""
         return "none" if self.source.startswith("random:") else self.source
+
+    def resolved(self, checkpoint_url: str) -> str:
+        """:attr:`pretrained`, with weights kept in the checkpoint folder as their URL beside the checkpoint's
+        files, wherever the folder was copied to."""
+        if self.source.startswith(IN_CHECKPOINT):
+            return storage.join(checkpoint_url, self.source.removeprefix(IN_CHECKPOINT))
+        return self.pretrained
 
 
 @dataclass(frozen=True)
@@ -110,7 +121,7 @@ class CheckpointMeta:
         if not isinstance(body, dict):
             raise WeightsError(f"{where}: {META} is not a JSON object")
         version = body.get("version", 1)
-        if version not in (1, 2, 3, CHECKPOINT_VERSION):
+        if version not in (1, 2, 3, 4, CHECKPOINT_VERSION):
             raise WeightsError(f"{where}: checkpoint version {show(version)} is not one this release reads "
                                f"(1 to {CHECKPOINT_VERSION}); use the release that wrote it, or train again")
         try:

@@ -58,6 +58,9 @@ class Support:
     choose_self_similarity: bool = False  # SEM-CLIP: choose the self-similarity weight with the memory's
     # fuse_reference(maps, rows): the rows' maps fused with their references as run fuses them (None: no references)
     fuse_reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # SEM-CLIP: whether the maps take the trained Transformation Layers (the epoch early stopping keeps) or keep the
+    # zero-shot ones (a backbone already adapted on these frames for dense alignment: train --adapt-steps)
+    fit_map_layers: bool = True
 
     @property
     def frames(self) -> int:
@@ -115,10 +118,22 @@ def pooled_embeddings(feats: Features) -> torch.Tensor:
     return F.normalize(feats.dual.pooled.float(), dim=-1)
 
 
-def support_split(support: Support, share: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+VALIDATION_SHARE = 0.2  # of the support frames early stopping holds out (none below 10 frames)
+SPLIT_SEED = 7  # added to the support's seed for the split
+
+
+def validation_frames(groups: torch.Tensor, seed: int, share: float = VALIDATION_SHARE) -> torch.Tensor:
+    """The frames (values of ``groups``, e.g. ``TrainSet.frame``) :func:`support_split` holds out at ``seed``:
+    known before the fit, so that ``train --adapt-steps`` can keep them out of the backbone's adaptation too."""
+    ids = groups.unique()
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed + SPLIT_SEED))
+    return ids[order[:int(len(ids) * share) if len(ids) >= 10 else 0]]
+
+
+def support_split(support: Support, share: float = VALIDATION_SHARE) -> tuple[torch.Tensor, torch.Tensor]:
     """Fitting rows (every augmented copy of 80 % of the frames) and validation rows (the first copy of the
     other 20 %, none below 10 frames): no copy or tile of a validation frame is fitted on."""
-    groups = grouped(support, support.seed + 7)
+    groups = grouped(support, support.seed + SPLIT_SEED)
     n_val = int(len(groups) * share) if len(groups) >= 10 else 0
     fit = torch.cat(groups[n_val:])
     val = torch.cat(groups[:n_val]) if n_val else torch.zeros(0, dtype=torch.long)

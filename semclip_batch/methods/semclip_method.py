@@ -272,7 +272,9 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
                  val: torch.Tensor, dist: torch.Tensor | None) -> dict[str, float]:
     """Train the Transformation Layers and the head on the fitting rows; keep, separately, the epoch
     (0 = the zero-shot layers) whose maps / head do best on the validation rows (early stopping on support data).
-    Validation rows without a defect pixel cannot rank maps: the layers of the last epoch are kept then."""
+    Validation rows without a defect pixel cannot rank maps: the layers of the last epoch are kept then. Without
+    ``support.fit_map_layers`` the maps keep the zero-shot layers whatever the validation rows say (the layers
+    still train, for the head's region input)."""
     data, epochs = support.data, epochs_of(support)
     params = list(model.transform.parameters()) + list(model.head.parameters())
     opt = torch.optim.Adam(params, lr=support.lr, betas=(0.5, 0.999))
@@ -281,7 +283,7 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
     targets = (F.interpolate(data.masks.float()[:, None], size=size, mode="area")[:, 0] >= 0.5).float()
     init = [p.detach().clone() for p in model.transform.parameters()]
     best_map = (*_validate(model, enc, support, val, dist), 0) if len(val) else None
-    rank_maps = bool(len(val)) and has_defect_pixel(data, val)
+    rank_maps = bool(len(val)) and has_defect_pixel(data, val) and support.fit_map_layers
     best_tl, best_head = copy.deepcopy(model.transform.state_dict()), copy.deepcopy(model.head.state_dict())
     best_head_score, best_head_epoch = -1.0, 0
     loss = torch.tensor(0.0)
@@ -300,11 +302,14 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
                 best_head = copy.deepcopy(model.head.state_dict())
         if support.progress is not None:
             support.progress(epoch, epochs, float(loss.detach()))
+    if not support.fit_map_layers:  # the maps keep the zero-shot layers (epoch 0; best_tl was never replaced)
+        model.transform.load_state_dict(best_tl)
     if best_map is None:
-        return {"final_loss": float(loss.detach()), "map_epoch": epochs, "head_epoch": epochs}
+        return {"final_loss": float(loss.detach()), "map_epoch": epochs if support.fit_map_layers else 0,
+                "head_epoch": epochs}
     if rank_maps:
         model.transform.load_state_dict(best_tl)
-    else:
+    elif support.fit_map_layers:
         best_map = (best_map[0], best_map[1], epochs)
     model.head.load_state_dict(best_head)
     return {"final_loss": float(loss.detach()), "map_epoch": best_map[2], "val_pAUROC": best_map[0],

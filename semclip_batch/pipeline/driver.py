@@ -133,7 +133,7 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
     meta = ckpt.meta
     if req.backbone not in (None, meta.backbone):
         raise ConfigError(f"--backbone {req.backbone} differs from the checkpoint's {meta.backbone}; omit it")
-    pretrained = req.pretrained or meta.weights.pretrained
+    pretrained = req.pretrained or meta.weights.resolved(req.url)
     backbone = load_backbone(meta.backbone, pretrained, seed=meta.weights.seed,
                              expected_sha256=req.pretrained_sha256, storage_options=cfg.storage_options)
     if backbone.sha256 != meta.weights.sha256:

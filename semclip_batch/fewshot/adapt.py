@@ -1,0 +1,73 @@
+"""``train --adapt-steps N``: the backbone adapted on the support frames before the few-shot fit.
+
+``pretrain``'s objective (dense patch-text alignment and the class-aware image-text loss, crops around defects,
+draws balanced over class and defect area, a warmed-up one-cycle schedule) run for N steps on the support rows
+``train`` sampled, from the ``--pretrained`` weights, except the frames the few-shot fit holds out for its early
+stopping and fusion weight (:func:`adaptation_rows`; 14 of 70): those judge the fit, and a backbone adapted on
+them too makes every epoch of the fitted layers look alike there. The text tower adapts with the image tower, so
+the class texts follow the images. The weights are written into the checkpoint folder as
+:data:`ADAPTED_BACKBONE` and the checkpoint names them ``checkpoint:backbone.safetensors`` with their checksum:
+the folder carries all ``run`` needs wherever it is copied, and no second file can go astray.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+
+from semclip_batch.config import DEFAULT_ADAPT_STEPS, ModelSpec
+from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
+from semclip_batch.io import storage
+from semclip_batch.methods.checkpoint import IN_CHECKPOINT
+from semclip_batch.methods.fitting import validation_frames
+
+log = logging.getLogger(__name__)
+ADAPTED_BACKBONE = "backbone.safetensors"
+ADAPTED_SOURCE = IN_CHECKPOINT + ADAPTED_BACKBONE  # the checkpoint's weights.source for them
+
+
+def adaptation_rows(df: pd.DataFrame, frame: torch.Tensor, seed: int) -> tuple[pd.DataFrame, int]:
+    """The support manifest rows the backbone adapts on: all but the frames the fit will hold out
+    (:func:`~semclip_batch.methods.fitting.validation_frames` of ``frame``, the manifest row of each support view
+    as ``load_trainset`` numbers them), and how many were held out."""
+    held = validation_frames(frame, seed)
+    rows = df.reset_index(drop=True)
+    return rows[~rows.index.isin(held.tolist())], len(held)
+
+
+def default_adapt_steps(method: str, recipe: str) -> int:
+    """``train``'s ``--adapt-steps`` when not given: :data:`~semclip_batch.config.DEFAULT_ADAPT_STEPS` for SEM-CLIP's
+    ``transfer`` recipe (the default recipe); 0 for the ``paper`` recipe (the faithful one: a frozen backbone) and
+    the baselines (their papers' recipes). Library callers of ``TrainConfig`` get 0 unless they ask."""
+    return DEFAULT_ADAPT_STEPS if (method, recipe) == ("semclip", "transfer") else 0
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """The adapted weights: their URL (in the checkpoint folder), checksum, and what the checkpoint records."""
+
+    url: str
+    sha256: str
+    record: dict[str, Any]
+
+
+def adapt_backbone(model: ModelSpec, support: str, frames: pd.DataFrame, checkpoint_url: str, steps: int,
+                   lr: float, held_out: int = 0) -> Adapted:
+    """Adapt ``model``'s backbone on ``frames`` (rows of the ``support`` manifest; ``held_out`` others kept out)
+    for ``steps`` at peak rate ``lr``; write the weights into ``checkpoint_url``."""
+    url = storage.join(checkpoint_url, ADAPTED_BACKBONE)
+    started = time.perf_counter()
+    cfg = PretrainConfig(manifest=support, out=url, model=model, steps=steps, lr=lr, heldout=0.0, max_minutes=0.0,
+                         scale_check=False)
+    result = pretrain(cfg, frames=frames, metadata={"adapted_from": storage.redact(model.pretrained)})
+    seconds = round(time.perf_counter() - started, 1)
+    log.info("adapted the backbone on %d support frames: %d steps in %.0f s", len(frames), result.steps, seconds)
+    record = {"steps": result.steps, "lr": lr, "batch_size": cfg.batch_size, "crops": cfg.crops,
+              "from": storage.redact(model.pretrained), "from_sha256": result.start_sha256,
+              "sha256": result.sha256, "frames": len(frames), "held_out_frames": held_out, "seconds": seconds}
+    return Adapted(url=url, sha256=result.sha256, record=record)
