@@ -16,7 +16,8 @@ from semclip_batch.analysis.aggregate import aggregate
 from semclip_batch.analysis.evaluate import evaluate
 from semclip_batch.analysis.report import write_report
 from semclip_batch.analysis.results import lot_summary
-from semclip_batch.config import DEFAULT_ADAPT_STEPS, CheckpointRequest, ModelSpec, RunConfig
+from semclip_batch.config import DEFAULT_ADAPT_BELOW, DEFAULT_ADAPT_STEPS, CheckpointRequest, ModelSpec, RunConfig
+from semclip_batch.fewshot.adapt import adaptation_lines
 from semclip_batch.fewshot.pretrain import OPTIMIZER, PretrainConfig, pretrain
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.io import storage
@@ -75,13 +76,14 @@ def run_demo(folder: str, *, backbone: str = "semclip-tiny", with_pretrain: bool
         yield (f"[2/8] pretrain: skipped; the shipped {backbone} weights (pretrained by `pretrain` with its defaults on "
                f"2,030 synthetic frames of other seeds; `demo --pretrain` shows the step)")
         yield f"      weights sha256 {shipped_weights(backbone).sha256}"
-    yield (f"[3/8] train: 10-shot SEM-CLIP (recipe transfer), the backbone adapted on the support frames first "
-           f"({DEFAULT_ADAPT_STEPS} steps, train's default)")
+    yield ("[3/8] train: 10-shot SEM-CLIP (recipe transfer; as train's default, the backbone adapted on the support "
+           "frames first if it does not know them)")
     meta = train(TrainConfig(support=storage.join(support, "manifest.csv"), out=ckpt, shots=10,
-                             adapt_steps=DEFAULT_ADAPT_STEPS,
+                             adapt_steps=DEFAULT_ADAPT_STEPS, adapt_below=DEFAULT_ADAPT_BELOW,
                              model=ModelSpec(backbone=backbone, pretrained=weights, cls="fused")))
     yield (f"      checkpoint {ckpt}: alpha {meta.alpha:.2f}, thresholds image {meta.thresholds.image:.3f} "
            f"pixel {meta.thresholds.pixel:.3f}, {meta.training['seconds']} s")
+    yield from ("      " + line for line in adaptation_lines(meta.training))
     yield f"[4/8] run: the checkpoint on the test lots, on a private local Ray -> {out}"
     cfg = RunConfig(input=storage.join(data, "manifest.csv"), out=out,
                     model=CheckpointRequest(url=ckpt), overwrite=True)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from semclip_batch.cli import main
-from semclip_batch.config import DEFAULT_ADAPT_STEPS, CheckpointRequest, ModelSpec, RunConfig
+from semclip_batch.config import DEFAULT_ADAPT_BELOW, DEFAULT_ADAPT_STEPS, CheckpointRequest, ModelSpec, RunConfig
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.adapt import ADAPTED_BACKBONE, ADAPTED_SOURCE, adaptation_rows
 from semclip_batch.fewshot.train import TrainConfig, train
@@ -104,10 +104,23 @@ def test_cli_adapts_and_says_so(synth_lot, tmp_path):
     assert result.exit_code == 0, result.output
     assert "backbone adapted on 12 support frames first (2 held out for the fit's checks): 2 steps" in result.output
     assert (tmp_path / "c" / ADAPTED_BACKBONE).exists()
-    # the default: adapted with SEM-CLIP's transfer recipe; frozen with the paper's recipe and for the baselines
-    result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "d")])
+    # the default with SEM-CLIP's transfer recipe: adapted where the weights do not know the frames (random weights
+    # classify about one in seven right zero-shot), kept frozen where they do (the shipped weights, on frames of
+    # the family they were pretrained on)
+    result = CliRunner().invoke(main, [*base[:-4], "--pretrained", "none", "--epochs", "1", "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
-    assert load_checkpoint(str(tmp_path / "d")).meta.training["adapted_backbone"]["steps"] == DEFAULT_ADAPT_STEPS
+    training = load_checkpoint(str(tmp_path / "d")).meta.training
+    assert training["adapted_backbone"]["steps"] == DEFAULT_ADAPT_STEPS and training["adapt_check"]["adapted"]
+    assert training["adapt_check"]["zero_shot_accuracy"] < DEFAULT_ADAPT_BELOW == training["adapt_check"]["adapt_below"]
+    assert "it is adapted first: adapted" in result.output and "backbone adapted on 12 support frames" in result.output
+    result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "known")])
+    assert result.exit_code == 0, result.output
+    meta = load_checkpoint(str(tmp_path / "known")).meta
+    assert meta.training["adapt_check"]["zero_shot_accuracy"] >= DEFAULT_ADAPT_BELOW
+    assert "adapted_backbone" not in meta.training and meta.weights.source == "shipped"
+    assert meta.training["config"]["adapt_steps"] == 0  # the fit then maps as a frozen fit does
+    assert "kept frozen (--adapt-steps N adapts it anyway)" in result.output
+    assert not (tmp_path / "known" / ADAPTED_BACKBONE).exists()
     for other in (["--recipe", "paper"], ["--method", "winclip"]):
         result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / other[1]), *other])
         assert result.exit_code == 0, result.output

@@ -27,6 +27,7 @@ from semclip_batch.cli.options import (
 )
 from semclip_batch.cli.progress import loss_progress, row_progress
 from semclip_batch.config import (
+    DEFAULT_ADAPT_BELOW,
     DEFAULT_ADAPT_LR,
     DEFAULT_ADAPT_STEPS,
     DEFAULT_BACKBONE,
@@ -494,8 +495,10 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
               help="First adapt the backbone on the support frames with pretrain's objective for this many steps "
                    "(200: ~26 s for semclip-tiny on 70 frames here), all but those the fit holds out for its checks; "
                    "the weights go into the checkpoint folder and the maps keep the adapted backbone's own layers. "
-                   f"0: a frozen backbone.  [default: {DEFAULT_ADAPT_STEPS} with SEM-CLIP's recipe transfer, chosen on "
-                   "the validation family (README); 0 with paper and for the baselines]")
+                   f"0: a frozen backbone.  [default: {DEFAULT_ADAPT_STEPS} with SEM-CLIP's recipe transfer where the "
+                   f"--pretrained weights classify under {DEFAULT_ADAPT_BELOW:g} of the support frames right zero-shot "
+                   "(data they do not know), chosen on the validation families (README); else 0, and 0 with paper and "
+                   "for the baselines]")
 @click.option("--adapt-lr", default=DEFAULT_ADAPT_LR, show_default=True, type=float,
               help="Peak learning rate of --adapt-steps.")
 @click.option("--no-vv", is_flag=True, help="Ablation: original path only.")
@@ -550,7 +553,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
       semclip-batch train support.csv --out ckpt-winclip/ --method winclip --pretrained sem-tiny.safetensors --shots 10
     """
     from semclip_batch.errors import ConfigError
-    from semclip_batch.fewshot.adapt import default_adapt_steps
+    from semclip_batch.fewshot.adapt import adaptation_lines, default_adapt_steps
     from semclip_batch.fewshot.recipes import applied, get_recipe, with_self_reference, with_self_similarity
     from semclip_batch.fewshot.train import TrainConfig
     from semclip_batch.fewshot.train import train as run_train
@@ -568,7 +571,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     policy = scale_policy or default_scale_policy(backbone or DEFAULT_BACKBONE, pretrained, so)
     cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
                       adapt_steps=default_adapt_steps(method, recipe) if adapt_steps is None else adapt_steps,
-                      adapt_lr=adapt_lr,
+                      adapt_lr=adapt_lr, adapt_below=DEFAULT_ADAPT_BELOW if adapt_steps is None else None,
                       recipe=with_self_similarity(with_self_reference(get_recipe(recipe), self_reference),
                                                   self_similarity),
                       choose_reference_weight=weight is None, policy_from_weights=scale_policy is None,
@@ -600,11 +603,9 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     weights = describe_choice(meta.training.get("weights_choice") or {})
     if weights is not None:
         click.echo(weights)
-    adapted = meta.training.get("adapted_backbone")
-    if adapted is not None:
-        held = f" ({adapted['held_out_frames']} held out for the fit's checks)" if adapted.get("held_out_frames") else ""
-        click.echo(f"backbone adapted on {adapted['frames']} support frames first{held}: {adapted['steps']} steps in "
-                   f"{adapted['seconds']:.0f} s, weights in the checkpoint folder ({meta.weights.sha256[:12]})")
+    for line in adaptation_lines(meta.training):
+        click.echo(line)
+
 
 
 def _refuse_unused_reference_options(ctx: click.Context, spec: ModelSpec) -> None:

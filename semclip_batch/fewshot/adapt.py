@@ -20,11 +20,17 @@ from typing import Any
 import pandas as pd
 import torch
 
-from semclip_batch.config import DEFAULT_ADAPT_STEPS, ModelSpec
+from semclip_batch.config import DEFAULT_ADAPT_STEPS, ModelSpec, PreprocessConfig
 from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
+from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.io import storage
 from semclip_batch.methods.checkpoint import IN_CHECKPOINT
-from semclip_batch.methods.fitting import validation_frames
+from semclip_batch.methods.features import encode_views
+from semclip_batch.methods.fitting import pooled_embeddings, validation_frames
+from semclip_batch.methods.prompts import PromptSet, text_embeddings
+from semclip_batch.methods.registry import depth_of
+from semclip_batch.methods.weights import LoadedBackbone, load_backbone
+from semclip_batch.model.towers import vision_tower
 
 log = logging.getLogger(__name__)
 ADAPTED_BACKBONE = "backbone.safetensors"
@@ -45,6 +51,45 @@ def default_adapt_steps(method: str, recipe: str) -> int:
     ``transfer`` recipe (the default recipe); 0 for the ``paper`` recipe (the faithful one: a frozen backbone) and
     the baselines (their papers' recipes). Library callers of ``TrainConfig`` get 0 unless they ask."""
     return DEFAULT_ADAPT_STEPS if (method, recipe) == ("semclip", "transfer") else 0
+
+
+@torch.no_grad()
+def zero_shot_accuracy(backbone: LoadedBackbone, prompts: PromptSet, data: TrainSet, prep: PreprocessConfig) -> float:
+    """The share of the labelled support frames (their whole views) whose pooled embedding lies nearest their own
+    class text: how well the backbone already knows this data (``run``'s zero-shot class decision, text alone)."""
+    rows = data.first_views().nonzero().flatten()
+    rows = rows[data.labels[rows] >= 0]
+    if rows.numel() == 0:
+        return 0.0
+    feats = encode_views(vision_tower(backbone.clip), data.views[rows], prep, (depth_of(backbone.clip),))
+    text = torch.from_numpy(text_embeddings(backbone, prompts))
+    pred = (pooled_embeddings(feats) @ text.t()).argmax(-1)
+    return float((pred == data.labels[rows]).float().mean())
+
+
+def backbone_for_fit(model: ModelSpec, support: str, df: pd.DataFrame, data: TrainSet, prompts: PromptSet,
+                     prep: PreprocessConfig, checkpoint_url: str, steps: int, lr: float,
+                     adapt_below: float | None) -> tuple[LoadedBackbone, Adapted | None, dict[str, Any] | None]:
+    """The backbone ``train`` fits on: ``model``'s weights, or those weights adapted for ``steps`` on ``df``
+    (:func:`adaptation_rows`; ``data``: its support set as loaded, before augmentation). With ``adapt_below``
+    (``train``'s default), only where the weights classify fewer than that share of the support frames right
+    zero-shot (:func:`zero_shot_accuracy`); the check's record is returned with the backbone (None: no check)."""
+    start = load_backbone(model.backbone, model.pretrained, seed=model.seed, expected_sha256=model.pretrained_sha256,
+                          storage_options=model.storage_options)
+    check = None
+    if steps and adapt_below is not None:
+        accuracy = zero_shot_accuracy(start, prompts, data, prep)
+        check = {"zero_shot_accuracy": round(accuracy, 4), "adapt_below": adapt_below, "adapted": accuracy < adapt_below}
+        if not check["adapted"]:
+            log.info("backbone kept frozen: zero-shot it classifies %.2f of the support frames right (adapted below "
+                     "%.2f)", accuracy, adapt_below)
+    if not steps or (check is not None and not check["adapted"]):
+        return start, None, check
+    rows, held = adaptation_rows(df, data.frame if data.frame is not None else torch.arange(len(data)), model.seed)
+    adapted = adapt_backbone(model, support, rows, checkpoint_url, steps, lr, held_out=held)
+    backbone = load_backbone(model.backbone, adapted.url, seed=model.seed, expected_sha256=adapted.sha256,
+                             storage_options=model.storage_options)
+    return backbone, adapted, check
 
 
 @dataclass(frozen=True)
@@ -71,3 +116,18 @@ def adapt_backbone(model: ModelSpec, support: str, frames: pd.DataFrame, checkpo
               "from": storage.redact(model.pretrained), "from_sha256": result.start_sha256,
               "sha256": result.sha256, "frames": len(frames), "held_out_frames": held_out, "seconds": seconds}
     return Adapted(url=url, sha256=result.sha256, record=record)
+
+
+def adaptation_lines(training: dict[str, Any]) -> list[str]:
+    """What ``train`` says about the backbone's adaptation: the zero-shot check (default) and the adaptation."""
+    lines = []
+    check, adapted = training.get("adapt_check"), training.get("adapted_backbone")
+    if check is not None:
+        verb = "adapted" if check["adapted"] else "kept frozen (--adapt-steps N adapts it anyway)"
+        lines.append(f"zero-shot the backbone classifies {check['zero_shot_accuracy']:.2f} of the support frames right; "
+                     f"below {check['adapt_below']:.2f} it is adapted first: {verb}")
+    if adapted is not None:
+        held = f" ({adapted['held_out_frames']} held out for the fit's checks)" if adapted.get("held_out_frames") else ""
+        lines.append(f"backbone adapted on {adapted['frames']} support frames first{held}: {adapted['steps']} steps in "
+                     f"{adapted['seconds']:.0f} s, weights in the checkpoint folder ({adapted['sha256'][:12]})")
+    return lines

@@ -32,7 +32,7 @@ from semclip_batch.config import (
     scale_policy_name,
 )
 from semclip_batch.errors import ConfigError
-from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, adapt_backbone, adaptation_rows
+from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, backbone_for_fit
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.fit_memory import available_bytes, coarser, too_large
 from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, for_policy, recorded
@@ -45,7 +45,7 @@ from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import HeldOutMaps, Support
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
-from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
+from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
 from semclip_batch.model.towers import vision_tower
@@ -76,6 +76,8 @@ class TrainConfig:
     policy_from_weights: bool = False
     adapt_steps: int = 0  # --adapt-steps: the backbone adapted on the support frames first (fewshot.adapt); 0: frozen
     adapt_lr: float = DEFAULT_ADAPT_LR
+    # train's default: adapt only where the weights classify fewer of the support frames right zero-shot; None: as asked
+    adapt_below: float | None = None
 
     def __post_init__(self) -> None:
         m = self.model
@@ -89,6 +91,8 @@ class TrainConfig:
             raise ConfigError(f"--shots must be >= 1, got {self.shots}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.adapt_below is not None and not 0.0 < self.adapt_below <= 1.0:
+            raise ConfigError(f"the adaptation's accuracy bound must be in (0, 1], got {self.adapt_below}")
         if self.adapt_steps < 0 or not self.adapt_lr > 0:
             raise ConfigError(f"--adapt-steps must be >= 0 (0: a frozen backbone) and --adapt-lr > 0, got "
                               f"{self.adapt_steps} and {self.adapt_lr}")
@@ -384,16 +388,12 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
         data.refs = data.has_ref = None
     views = len(data)
     whole = data.first_views()
+    backbone, adapted, adapt_check = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.out,
+                                                      cfg.adapt_steps, cfg.adapt_lr, cfg.adapt_below)
+    if adapted is None and cfg.adapt_steps:  # kept frozen by the check: the fit maps as without adaptation
+        cfg = replace(cfg, adapt_steps=0)
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
-    m = cfg.model
-    adapted = None
-    if cfg.adapt_steps:
-        rows, held = adaptation_rows(df, data.frame if data.frame is not None else torch.arange(len(data)), m.seed)
-        adapted = adapt_backbone(m, cfg.support, rows, cfg.out, cfg.adapt_steps, cfg.adapt_lr, held_out=held)
-    backbone = load_backbone(m.backbone, m.pretrained if adapted is None else adapted.url, seed=m.seed,
-                             expected_sha256=m.pretrained_sha256 if adapted is None else adapted.sha256,
-                             storage_options=m.storage_options)
     text = torch.from_numpy(text_embeddings(backbone, prompts))
     visual = vision_tower(backbone.clip)
     depth = depth_of(backbone.clip)
@@ -429,6 +429,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
                   "skipped": data.skipped,
                   "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum()),
                   **fitted.summary, **({} if adapted is None else {"adapted_backbone": adapted.record}),
+                  **({} if adapt_check is None else {"adapt_check": adapt_check}),
                   "seconds": round(time.perf_counter() - t0, 1)},
         score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
         memory=spec.memory, region_head=spec.region_head, scale_policy=spec.scale_policy,
