@@ -32,13 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import TRANSFER, Lot, defect_view_probs, load_lot, metrics, score_test
 from weight_choice import ensure_lot, lot_arguments
 
-from semclip_batch.config import DEFAULT_ADAPT_LR, DEFAULT_SELF_SIMILARITY, ModelSpec
-from semclip_batch.fewshot.adapt import adapt_backbone, adaptation_rows
+from semclip_batch.config import DEFAULT_ADAPT_BELOW, DEFAULT_ADAPT_LR, DEFAULT_SELF_SIMILARITY, ModelSpec
+from semclip_batch.fewshot.adapt import adapt_backbone, adaptation_rows, zero_shot_accuracy
 from semclip_batch.fewshot.train import TrainConfig, fit, sample_shots
+from semclip_batch.fewshot.trainset import load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import new_model, score_features
-from semclip_batch.methods.weights import LoadedBackbone, load_backbone
+from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
 
 BACKBONE = "semclip-tiny"
 KEYS = ("pAUROC", "F1max", "macro_F1", "iAUROC", "accuracy")
@@ -82,7 +83,7 @@ def few_shot(backbone: LoadedBackbone, support: Lot, tests: dict[int, Lot], meth
     text = torch.from_numpy(text_embeddings(backbone, load_prompts()))
     cfg = TrainConfig(support="", out="", shots=SHOTS, recipe=TRANSFER, adapt_steps=steps,
                       model=ModelSpec(backbone=BACKBONE, pretrained=backbone.source, cls="fused", method=method))
-    fitted = fit(cfg, backbone, text, support.data, support.feats, support.ref_feats)
+    fitted = fit(cfg, backbone, text, support.data, support.feats, support.ref_feats, adapted=steps > 0)
     out = {}
     for s, lot in tests.items():
         scored = score_test(fitted, backbone, lot)
@@ -100,7 +101,11 @@ def support_rows(work: Path, family: str, seeds: list[int], test_seeds: list[int
         manifest = read_manifest(str(folder / "manifest.csv"))
         if len(sample_shots(manifest, SHOTS, 0)) != len(manifest):
             raise SystemExit(f"{folder}: the support lot must hold {SHOTS} frames a class at most (train --shots {SHOTS})")
-        result[str(seed)] = {}
+        plain = load_trainset(manifest, classes, preprocess_config(BACKBONE, tile_above=10**9))
+        check = zero_shot_accuracy(shipped, load_prompts(), plain, preprocess_config(BACKBONE, tile_above=10**9))
+        print(f"  support {seed}: the shipped weights classify {check:.3f} of its frames right zero-shot (train adapts "
+              f"below {DEFAULT_ADAPT_BELOW})", flush=True)
+        result[str(seed)] = {"zero_shot_support_accuracy": check, "steps": {}}
         for n in steps:
             t0 = time.perf_counter()
             record: dict[str, Any] = {}
@@ -119,7 +124,7 @@ def support_rows(work: Path, family: str, seeds: list[int], test_seeds: list[int
             for method in methods:
                 row[method] = few_shot(backbone, support, tests, method, n)
             row["seconds"] = round(time.perf_counter() - t0, 1)
-            result[str(seed)][str(n)] = row
+            result[str(seed)]["steps"][str(n)] = row
             print(f"  support {seed}, {n} steps: " + ", ".join(
                 f"{k} pAUROC {mean_figures(row[k])['pAUROC']:.3f} macro F1 {mean_figures(row[k])['macro_F1']:.3f}"
                 for k in ("zero_shot", *methods)) + f" ({row['seconds']:.0f} s)", flush=True)
@@ -132,7 +137,7 @@ def choose_steps(result: dict[str, Any], baseline: dict[str, float]) -> dict[str
     :data:`WITHIN_PAUROC` of the frozen fit's (0 steps) and of the shipped zero-shot's (``baseline``); the chosen
     one has the best macro F1 averaged over the support lots (ties: fewer steps). It becomes the default only
     where it is not 0 and beats 0's macro F1 by :data:`MIN_MACRO_F1_GAIN` on every support lot."""
-    supports = list(result.values())
+    supports = [s["steps"] for s in result.values()]
     steps = sorted({int(n) for s in supports for n in s})
     mean = {n: [mean_figures(s[str(n)]["semclip"]) for s in supports] for n in steps}
     eligible = [n for n in steps if all(m["pAUROC"] >= max(f["pAUROC"], baseline["pAUROC"]) - WITHIN_PAUROC
@@ -148,8 +153,9 @@ def print_family(family: str, result: dict[str, Any], methods: list[str]) -> Non
     print(f"\n{family}: shipped zero-shot " + " ".join(f"{k} {zs[k]:.3f}" for k in KEYS))
     print(f"  {'support':<8}{'steps':>6} {'scored':<11}" + "".join(f"{k:>10}" for k in (*KEYS, "worst_pAUROC"))
           + f"{'vs zs pAUROC':>14}{'macro F1':>10}{'s':>6}")
-    for seed, rows in result["supports"].items():
-        for n, row in rows.items():
+    for seed, support in result["supports"].items():
+        print(f"  support {seed}: zero-shot support accuracy {support['zero_shot_support_accuracy']:.3f}")
+        for n, row in support["steps"].items():
             for what in ("zero_shot", *methods):
                 m = mean_figures(row[what])
                 print(f"  {seed:<8}{n:>6} {what:<11}" + "".join(f"{m[k]:>10.3f}" for k in (*KEYS, "worst_pAUROC"))

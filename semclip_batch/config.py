@@ -64,7 +64,7 @@ DEFAULT_ADAPT_STEPS = 200  # train's, with SEM-CLIP's transfer recipe: chosen on
 # train's default adapts only a backbone whose zero-shot text scores classify fewer of the support frames right; on the
 # validation families with the shipped weights: contacts 0.16-0.17 (adapting helps), classic 0.81-0.90 (it costs)
 DEFAULT_ADAPT_BELOW = 0.5
-DEFAULT_ADAPT_LR = 3e-4  # train --adapt-steps: chosen on the validation family's support lot (README)
+DEFAULT_ADAPT_LR = 3e-4  # train --adapt-steps: chosen with 600 steps on a contacts support lot (README: not re-chosen at 200)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_MODES = ("mean", "max")
 

@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import semclip_batch.fewshot.adapt as adapt_module
 from semclip_batch.cli import main
-from semclip_batch.config import DEFAULT_ADAPT_BELOW, DEFAULT_ADAPT_STEPS, CheckpointRequest, ModelSpec, RunConfig
+from semclip_batch.config import DEFAULT_ADAPT_BELOW, CheckpointRequest, ModelSpec, RunConfig
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.adapt import ADAPTED_BACKBONE, ADAPTED_SOURCE, adaptation_rows
 from semclip_batch.fewshot.train import TrainConfig, train
@@ -40,7 +41,7 @@ def test_adapted_weights_live_in_the_checkpoint_folder(adapted):
     ckpt, meta = adapted
     assert sorted(p.name for p in ckpt.iterdir()) == [ADAPTED_BACKBONE, "checkpoint.json", "model.safetensors"]
     body = json.loads((ckpt / "checkpoint.json").read_text())
-    assert body["weights"]["source"] == ADAPTED_SOURCE == meta.weights.source
+    assert body["weights"]["source"] == ADAPTED_SOURCE == meta.weights.source and body["version"] == 5
     shipped = load_backbone("semclip-tiny", "shipped")
     weights = load_backbone("semclip-tiny", str(ckpt / ADAPTED_BACKBONE), expected_sha256=meta.weights.sha256)
     record = body["training"]["adapted_backbone"]
@@ -85,6 +86,19 @@ def test_adaptation_leaves_out_the_frames_the_fit_validates_on():
     assert set(rows["image_id"]) == {f"f{i:02d}" for i in range(20) if i not in val}
     small, none = adaptation_rows(df.iloc[:8], torch.arange(8), seed=0)  # under 10 frames the fit holds none out
     assert none == 0 and len(small) == 8
+    decoded = torch.tensor([f for f in range(20) if f != 5])  # row 5 did not decode: not adapted on either
+    rows, held = adaptation_rows(df, decoded, seed=0)
+    assert "f05" not in set(rows["image_id"]) and len(rows) == 19 - held
+
+
+def test_a_folder_trained_again_keeps_only_what_its_checkpoint_names(adapted, synth_lot, tmp_path):
+    """Retrained frozen into a folder that held an adapted checkpoint: the old weights go (nothing names them)."""
+    ckpt, _ = adapted
+    again = tmp_path / "again"
+    shutil.copytree(ckpt, again)
+    meta = train(TrainConfig(support=str(synth_lot / "manifest.csv"), out=str(again), epochs=1,
+                             model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused")))
+    assert meta.weights.source == "shipped" and not (again / ADAPTED_BACKBONE).exists()
 
 
 def test_adapt_settings_are_checked():
@@ -93,7 +107,7 @@ def test_adapt_settings_are_checked():
             TrainConfig(support="s.csv", out="o", **bad)
 
 
-def test_cli_adapts_and_says_so(synth_lot, tmp_path):
+def test_cli_adapts_and_says_so(synth_lot, tmp_path, monkeypatch):
     base = ["train", str(synth_lot / "manifest.csv"), "--backbone", "semclip-tiny", "--pretrained", "shipped",
             "--epochs", "1"]
     result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "bad"), "--adapt-steps", "-2"])
@@ -104,13 +118,14 @@ def test_cli_adapts_and_says_so(synth_lot, tmp_path):
     assert result.exit_code == 0, result.output
     assert "backbone adapted on 12 support frames first (2 held out for the fit's checks): 2 steps" in result.output
     assert (tmp_path / "c" / ADAPTED_BACKBONE).exists()
+    monkeypatch.setattr(adapt_module, "DEFAULT_ADAPT_STEPS", 4)  # the default's count, shorter here
     # the default with SEM-CLIP's transfer recipe: adapted where the weights do not know the frames (random weights
     # classify about one in seven right zero-shot), kept frozen where they do (the shipped weights, on frames of
     # the family they were pretrained on)
     result = CliRunner().invoke(main, [*base[:-4], "--pretrained", "none", "--epochs", "1", "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     training = load_checkpoint(str(tmp_path / "d")).meta.training
-    assert training["adapted_backbone"]["steps"] == DEFAULT_ADAPT_STEPS and training["adapt_check"]["adapted"]
+    assert training["adapted_backbone"]["steps"] == 4 and training["adapt_check"]["adapted"]
     assert training["adapt_check"]["zero_shot_accuracy"] < DEFAULT_ADAPT_BELOW == training["adapt_check"]["adapt_below"]
     assert "it is adapted first: adapted" in result.output and "backbone adapted on 12 support frames" in result.output
     result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "known")])
@@ -118,7 +133,7 @@ def test_cli_adapts_and_says_so(synth_lot, tmp_path):
     meta = load_checkpoint(str(tmp_path / "known")).meta
     assert meta.training["adapt_check"]["zero_shot_accuracy"] >= DEFAULT_ADAPT_BELOW
     assert "adapted_backbone" not in meta.training and meta.weights.source == "shipped"
-    assert meta.training["config"]["adapt_steps"] == 0  # the fit then maps as a frozen fit does
+    assert meta.training["config"]["adapt_steps"] == 4  # the config as asked; adapt_check says why not adapted
     assert "kept frozen (--adapt-steps N adapts it anyway)" in result.output
     assert not (tmp_path / "known" / ADAPTED_BACKBONE).exists()
     for other in (["--recipe", "paper"], ["--method", "winclip"]):
@@ -146,7 +161,7 @@ def test_run_finds_the_adapted_weights_wherever_the_folder_is_copied(ray_cluster
     first = next(iter(state))
     state[first] = state[first] + 1.0
     save_file(state, path, metadata=metadata)
-    with pytest.raises(WeightsError, match="checksum"):
+    with pytest.raises(WeightsError, match="damaged or was replaced"):
         run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o2"),
                       model=CheckpointRequest(url=str(moved))))
     assert not (tmp_path / "o2" / "predictions").exists()

@@ -5,16 +5,21 @@ draws balanced over class and defect area, a warmed-up one-cycle schedule) run f
 ``train`` sampled, from the ``--pretrained`` weights, except the frames the few-shot fit holds out for its early
 stopping and fusion weight (:func:`adaptation_rows`; 14 of 70): those judge the fit, and a backbone adapted on
 them too makes every epoch of the fitted layers look alike there. The text tower adapts with the image tower, so
-the class texts follow the images. The weights are written into the checkpoint folder as
-:data:`ADAPTED_BACKBONE` and the checkpoint names them ``checkpoint:backbone.safetensors`` with their checksum:
-the folder carries all ``run`` needs wherever it is copied, and no second file can go astray.
+the class texts follow the images. With ``train``'s default the backbone is adapted only where it does not know the
+support frames (:func:`zero_shot_accuracy` under the bound). The weights are written into the checkpoint folder,
+with the checkpoint, as :data:`ADAPTED_BACKBONE` and the checkpoint names them
+``checkpoint:backbone.safetensors`` with their checksum: the folder carries all ``run`` needs wherever it is
+copied, and no second file can go astray.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -38,12 +43,12 @@ ADAPTED_SOURCE = IN_CHECKPOINT + ADAPTED_BACKBONE  # the checkpoint's weights.so
 
 
 def adaptation_rows(df: pd.DataFrame, frame: torch.Tensor, seed: int) -> tuple[pd.DataFrame, int]:
-    """The support manifest rows the backbone adapts on: all but the frames the fit will hold out
-    (:func:`~semclip_batch.methods.fitting.validation_frames` of ``frame``, the manifest row of each support view
-    as ``load_trainset`` numbers them), and how many were held out."""
+    """The support manifest rows the backbone adapts on: those ``load_trainset`` decoded (``frame``: the manifest
+    row of each support view, as it numbers them) except the frames the fit will hold out
+    (:func:`~semclip_batch.methods.fitting.validation_frames`), and how many were held out."""
     held = validation_frames(frame, seed)
     rows = df.reset_index(drop=True)
-    return rows[~rows.index.isin(held.tolist())], len(held)
+    return rows[rows.index.isin(frame.unique().tolist()) & ~rows.index.isin(held.tolist())], len(held)
 
 
 def default_adapt_steps(method: str, recipe: str) -> int:
@@ -51,6 +56,15 @@ def default_adapt_steps(method: str, recipe: str) -> int:
     ``transfer`` recipe (the default recipe); 0 for the ``paper`` recipe (the faithful one: a frozen backbone) and
     the baselines (their papers' recipes). Library callers of ``TrainConfig`` get 0 unless they ask."""
     return DEFAULT_ADAPT_STEPS if (method, recipe) == ("semclip", "transfer") else 0
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """The adapted weights: where :func:`adapt_backbone` wrote them, their checksum, and what the checkpoint records."""
+
+    url: str
+    sha256: str
+    record: dict[str, Any]
 
 
 @torch.no_grad()
@@ -67,45 +81,57 @@ def zero_shot_accuracy(backbone: LoadedBackbone, prompts: PromptSet, data: Train
     return float((pred == data.labels[rows]).float().mean())
 
 
+@dataclass(frozen=True)
+class FitBackbone:
+    """What ``train`` fits on: the backbone, the adaptation (None: the given weights as they are) with the adapted
+    weights file's bytes (written into the checkpoint folder with the checkpoint, :func:`write_weights`), and the
+    zero-shot check's record (None: no check)."""
+
+    backbone: LoadedBackbone
+    adapted: Adapted | None = None
+    weights_file: bytes | None = None
+    check: dict[str, Any] | None = None
+
+
 def backbone_for_fit(model: ModelSpec, support: str, df: pd.DataFrame, data: TrainSet, prompts: PromptSet,
-                     prep: PreprocessConfig, checkpoint_url: str, steps: int, lr: float,
-                     adapt_below: float | None) -> tuple[LoadedBackbone, Adapted | None, dict[str, Any] | None]:
-    """The backbone ``train`` fits on: ``model``'s weights, or those weights adapted for ``steps`` on ``df``
-    (:func:`adaptation_rows`; ``data``: its support set as loaded, before augmentation). With ``adapt_below``
-    (``train``'s default), only where the weights classify fewer than that share of the support frames right
-    zero-shot (:func:`zero_shot_accuracy`); the check's record is returned with the backbone (None: no check)."""
+                     prep: PreprocessConfig, steps: int, lr: float, adapt_below: float | None) -> FitBackbone:
+    """``model``'s weights, or those weights adapted for ``steps`` at ``lr`` on ``df`` (:func:`adaptation_rows`;
+    ``data``: its support set as loaded, before augmentation). With ``adapt_below`` (``train``'s default), only
+    where the weights classify fewer than that share of the support frames right zero-shot
+    (:func:`zero_shot_accuracy`). The adapted weights are written to a temporary folder and kept in memory: the
+    checkpoint folder gets them with the checkpoint, never before the fit has succeeded."""
     start = load_backbone(model.backbone, model.pretrained, seed=model.seed, expected_sha256=model.pretrained_sha256,
                           storage_options=model.storage_options)
     check = None
     if steps and adapt_below is not None:
         accuracy = zero_shot_accuracy(start, prompts, data, prep)
         check = {"zero_shot_accuracy": round(accuracy, 4), "adapt_below": adapt_below, "adapted": accuracy < adapt_below}
-        if not check["adapted"]:
-            log.info("backbone kept frozen: zero-shot it classifies %.2f of the support frames right (adapted below "
-                     "%.2f)", accuracy, adapt_below)
     if not steps or (check is not None and not check["adapted"]):
-        return start, None, check
+        return FitBackbone(start, check=check)
+    del start  # pretrain loads its own copy
     rows, held = adaptation_rows(df, data.frame if data.frame is not None else torch.arange(len(data)), model.seed)
-    adapted = adapt_backbone(model, support, rows, checkpoint_url, steps, lr, held_out=held)
-    backbone = load_backbone(model.backbone, adapted.url, seed=model.seed, expected_sha256=adapted.sha256,
-                             storage_options=model.storage_options)
-    return backbone, adapted, check
+    with tempfile.TemporaryDirectory(prefix="semclip-adapt-") as folder:
+        adapted = adapt_backbone(model, support, rows, folder, steps, lr, held_out=held)
+        backbone = load_backbone(model.backbone, adapted.url, seed=model.seed, expected_sha256=adapted.sha256)
+        blob = Path(adapted.url).read_bytes()
+    return FitBackbone(backbone, adapted, blob, check)
 
 
-@dataclass(frozen=True)
-class Adapted:
-    """The adapted weights: their URL (in the checkpoint folder), checksum, and what the checkpoint records."""
+def write_weights(checkpoint_url: str, fitted: FitBackbone, storage_options: Mapping[str, Any]) -> None:
+    """The adapted weights into the checkpoint folder (before its tensors and JSON); a folder trained into again
+    without adaptation loses the adapted weights of the checkpoint it held (nothing would name them)."""
+    url = storage.join(checkpoint_url, ADAPTED_BACKBONE)
+    if fitted.weights_file is not None:
+        storage.write_bytes(url, fitted.weights_file, storage_options)
+    elif storage.exists(url, storage_options):
+        storage.remove(url, storage_options)
 
-    url: str
-    sha256: str
-    record: dict[str, Any]
 
-
-def adapt_backbone(model: ModelSpec, support: str, frames: pd.DataFrame, checkpoint_url: str, steps: int,
+def adapt_backbone(model: ModelSpec, support: str, frames: pd.DataFrame, folder: str, steps: int,
                    lr: float, held_out: int = 0) -> Adapted:
     """Adapt ``model``'s backbone on ``frames`` (rows of the ``support`` manifest; ``held_out`` others kept out)
-    for ``steps`` at peak rate ``lr``; write the weights into ``checkpoint_url``."""
-    url = storage.join(checkpoint_url, ADAPTED_BACKBONE)
+    for ``steps`` at peak rate ``lr``; write the weights into ``folder`` as :data:`ADAPTED_BACKBONE`."""
+    url = storage.join(folder, ADAPTED_BACKBONE)
     started = time.perf_counter()
     cfg = PretrainConfig(manifest=support, out=url, model=model, steps=steps, lr=lr, heldout=0.0, max_minutes=0.0,
                          scale_check=False)

@@ -32,7 +32,7 @@ from semclip_batch.config import (
     scale_policy_name,
 )
 from semclip_batch.errors import ConfigError
-from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, backbone_for_fit
+from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, backbone_for_fit, write_weights
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.fit_memory import available_bytes, coarser, too_large
 from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, for_policy, recorded
@@ -222,8 +222,10 @@ def support_taps(cfg: TrainConfig, depth: int) -> tuple[int, ...]:
 
 
 def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: TrainSet, feats: Features,
-        ref_feats: Features | None = None, progress: LossProgress | None = None) -> Fitted:
+        ref_feats: Features | None = None, progress: LossProgress | None = None, adapted: bool = False) -> Fitted:
     """Fit ``cfg.model.method`` on precomputed support features (shared across configurations by the benchmark).
+    ``adapted``: the backbone was adapted on these frames (:mod:`~semclip_batch.fewshot.adapt`), and SEM-CLIP's
+    Transformation Layers stay at its own zero-shot layers (the head alone trains).
     With an augmenting recipe, ``data`` and the features are already :func:`~semclip_batch.fewshot.augment.augment`-ed.
     Cell references alone, where no normal support row has one, fit no reference scorer (nothing to scale it on)."""
     torch.manual_seed(cfg.model.seed)
@@ -247,7 +249,7 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
                       seed=cfg.model.seed, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, anchor=cfg.anchor,
                       progress=progress, copies=n_copies, fuse_reference=fuse,
                       choose_self_similarity=cfg.recipe.choose_self_similarity,
-                      fit_map_layers=not cfg.adapt_steps)  # an adapted backbone's own layers are the maps' (fewshot.adapt)
+                      fit_layers=not adapted)
     method = get_method(spec.method)
     summary = {**method.fit(model, spec, support), **summary}
     model.eval().requires_grad_(False)
@@ -388,10 +390,9 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
         data.refs = data.has_ref = None
     views = len(data)
     whole = data.first_views()
-    backbone, adapted, adapt_check = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.out,
-                                                      cfg.adapt_steps, cfg.adapt_lr, cfg.adapt_below)
-    if adapted is None and cfg.adapt_steps:  # kept frozen by the check: the fit maps as without adaptation
-        cfg = replace(cfg, adapt_steps=0)
+    chosen = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.adapt_steps, cfg.adapt_lr,
+                              cfg.adapt_below)
+    backbone, adapted = chosen.backbone, chosen.adapted
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
     text = torch.from_numpy(text_embeddings(backbone, prompts))
@@ -408,7 +409,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
         ref_feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, refs, prep, ref_taps, None, False),
                                     lambda: encode_views(visual, refs, prep, ref_taps, vv_from=None, pooled=False),
                                     cfg.model.storage_options)
-    fitted = fit(cfg, backbone, text, data, feats, ref_feats, progress)
+    fitted = fit(cfg, backbone, text, data, feats, ref_feats, progress, adapted=adapted is not None)
     model = fitted.model
     state = dict(model.state_dict())
     if fitted.reference is not None:
@@ -429,7 +430,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
                   "skipped": data.skipped,
                   "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum()),
                   **fitted.summary, **({} if adapted is None else {"adapted_backbone": adapted.record}),
-                  **({} if adapt_check is None else {"adapt_check": adapt_check}),
+                  **({} if chosen.check is None else {"adapt_check": chosen.check}),
                   "seconds": round(time.perf_counter() - t0, 1)},
         score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
         memory=spec.memory, region_head=spec.region_head, scale_policy=spec.scale_policy,
@@ -438,4 +439,5 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
         reference_fusion=spec.reference_fusion, self_reference=spec.self_reference,
         self_similarity=float(fitted.summary.get("self_similarity", spec.self_similarity)),  # the fit's choice
     )
+    write_weights(cfg.out, chosen, cfg.model.storage_options)
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)

@@ -197,7 +197,8 @@ def save_checkpoint(url: str, state: Mapping[str, torch.Tensor], meta: Checkpoin
     """Write the trained tensors and the JSON; returns the meta as stored (with the tensors' checksum)."""
     tensors = trained_state(state)
     digest = canonical_sha256(tensors)
-    stored = replace(meta, tensors_sha256=digest)
+    own = meta.weights.source.startswith(IN_CHECKPOINT)  # version 5 only then: the others stay readable by a release
+    stored = replace(meta, tensors_sha256=digest, version=CHECKPOINT_VERSION if own else 4)  # before it
     storage.write_bytes(storage.join(url, TENSORS), save_safetensors(tensors, metadata={"sha256": digest}),
                         storage_options)
     body = json.dumps(finite_json(stored.to_json()), indent=2, allow_nan=False)

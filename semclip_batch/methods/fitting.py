@@ -58,9 +58,9 @@ class Support:
     choose_self_similarity: bool = False  # SEM-CLIP: choose the self-similarity weight with the memory's
     # fuse_reference(maps, rows): the rows' maps fused with their references as run fuses them (None: no references)
     fuse_reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    # SEM-CLIP: whether the maps take the trained Transformation Layers (the epoch early stopping keeps) or keep the
-    # zero-shot ones (a backbone already adapted on these frames for dense alignment: train --adapt-steps)
-    fit_map_layers: bool = True
+    # SEM-CLIP: whether the Transformation Layers train with the head, or keep the backbone's zero-shot layers and
+    # the head alone trains (a backbone adapted on these frames for dense alignment: fewshot.adapt)
+    fit_layers: bool = True
 
     @property
     def frames(self) -> int:

@@ -89,7 +89,7 @@ class SemClipMethod(Method[SemClip]):
             summary["memory_scale"] = fill_memory(model, enc, support, fit_rows)
             with torch.no_grad():
                 dist = model.memory_distance(enc)
-        model.transform.train().requires_grad_(True)
+        model.transform.train().requires_grad_(support.fit_layers)
         model.head.requires_grad_(True)
         summary.update(train_layers(model, enc, support, fit_rows, val, dist))
         model.eval().requires_grad_(False)
@@ -262,7 +262,7 @@ def _loss(model: SemClip, enc: EncoderOutput, support: Support, idx: torch.Tenso
     seg_rows = data.has_mask[idx]
     terms = model.term_logits(sub)
     seg = torch.stack([focal_dice(defect_map(t, size)[seg_rows], targets[idx][seg_rows]) for t in terms]).mean() \
-        if seg_rows.any() else torch.tensor(0.0)
+        if seg_rows.any() and support.fit_layers else torch.tensor(0.0)
     head_logits = model.head(head_inputs(model, sub, _rows(dist, idx)))
     anchor = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.transform.parameters(), init, strict=True))
     return seg + F.cross_entropy(head_logits, data.labels[idx]) + support.anchor * anchor
@@ -273,17 +273,17 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
     """Train the Transformation Layers and the head on the fitting rows; keep, separately, the epoch
     (0 = the zero-shot layers) whose maps / head do best on the validation rows (early stopping on support data).
     Validation rows without a defect pixel cannot rank maps: the layers of the last epoch are kept then. Without
-    ``support.fit_map_layers`` the maps keep the zero-shot layers whatever the validation rows say (the layers
-    still train, for the head's region input)."""
+    ``support.fit_layers`` the layers stay at their zero-shot start and the head alone trains, on region inputs
+    from the layers it will score with."""
     data, epochs = support.data, epochs_of(support)
-    params = list(model.transform.parameters()) + list(model.head.parameters())
+    params = list(model.head.parameters()) + (list(model.transform.parameters()) if support.fit_layers else [])
     opt = torch.optim.Adam(params, lr=support.lr, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(support.seed)
     size = (data.views.shape[-2] // LOSS_DOWNSCALE, data.views.shape[-1] // LOSS_DOWNSCALE)
     targets = (F.interpolate(data.masks.float()[:, None], size=size, mode="area")[:, 0] >= 0.5).float()
     init = [p.detach().clone() for p in model.transform.parameters()]
     best_map = (*_validate(model, enc, support, val, dist), 0) if len(val) else None
-    rank_maps = bool(len(val)) and has_defect_pixel(data, val) and support.fit_map_layers
+    rank_maps = bool(len(val)) and has_defect_pixel(data, val) and support.fit_layers
     best_tl, best_head = copy.deepcopy(model.transform.state_dict()), copy.deepcopy(model.head.state_dict())
     best_head_score, best_head_epoch = -1.0, 0
     loss = torch.tensor(0.0)
@@ -302,14 +302,12 @@ def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: 
                 best_head = copy.deepcopy(model.head.state_dict())
         if support.progress is not None:
             support.progress(epoch, epochs, float(loss.detach()))
-    if not support.fit_map_layers:  # the maps keep the zero-shot layers (epoch 0; best_tl was never replaced)
-        model.transform.load_state_dict(best_tl)
     if best_map is None:
-        return {"final_loss": float(loss.detach()), "map_epoch": epochs if support.fit_map_layers else 0,
+        return {"final_loss": float(loss.detach()), "map_epoch": epochs if support.fit_layers else 0,
                 "head_epoch": epochs}
     if rank_maps:
         model.transform.load_state_dict(best_tl)
-    elif support.fit_map_layers:
+    elif support.fit_layers:
         best_map = (best_map[0], best_map[1], epochs)
     model.head.load_state_dict(best_head)
     return {"final_loss": float(loss.detach()), "map_epoch": best_map[2], "val_pAUROC": best_map[0],

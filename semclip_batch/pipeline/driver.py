@@ -42,7 +42,7 @@ from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import content_digest, read_manifest_table
 from semclip_batch.io.runrecord import now_iso, start_record, write_record
-from semclip_batch.methods.checkpoint import CheckpointMeta, load_checkpoint, model_checksum
+from semclip_batch.methods.checkpoint import IN_CHECKPOINT, CheckpointMeta, load_checkpoint, model_checksum
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import get_method
 from semclip_batch.methods.weights import load_backbone, preprocess_config
@@ -137,13 +137,18 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
     backbone = load_backbone(meta.backbone, pretrained, seed=meta.weights.seed,
                              expected_sha256=req.pretrained_sha256, storage_options=cfg.storage_options)
     if backbone.sha256 != meta.weights.sha256:
+        if req.pretrained is None and meta.weights.source.startswith(IN_CHECKPOINT):
+            raise WeightsError(f"the checkpoint's own backbone weights {storage.redact(pretrained)} have checksum "
+                               f"{backbone.sha256[:12]}, not the {meta.weights.sha256[:12]} it was trained on: the file "
+                               "is damaged or was replaced; copy the checkpoint folder again, or train again")
         raise WeightsError(f"--pretrained {pretrained} has checksum {backbone.sha256[:12]}, but the checkpoint was "
                            f"trained on {meta.weights.sha256[:12]} ({meta.weights.source})")
     if req.scale_policy is not None and parse_scale_policy(req.scale_policy) != meta.scale_policy:
         raise ConfigError(f"--scale-policy {req.scale_policy} differs from the checkpoint's "
                           f"{scale_policy_name(meta.scale_policy)}: a model scores with the policy it was trained "
                           "with; omit it, or train with it")
-    spec = ModelSpec(backbone=meta.backbone, pretrained=pretrained, pretrained_sha256=req.pretrained_sha256,
+    spec = ModelSpec(backbone=meta.backbone, pretrained=pretrained,  # actors check the weights they load too
+                     pretrained_sha256=req.pretrained_sha256 or meta.weights.sha256,
                      seed=meta.weights.seed, precision=req.precision, taps=meta.taps, use_vv=meta.use_vv,
                      surgery=meta.surgery, cls=meta.cls, method=meta.method, use_reference=meta.use_reference,
                      score_mode=meta.score_mode, sigma=meta.sigma, memory=meta.memory, region_head=meta.region_head,
