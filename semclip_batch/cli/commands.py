@@ -607,7 +607,6 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
         click.echo(line)
 
 
-
 def _refuse_unused_reference_options(ctx: click.Context, spec: ModelSpec) -> None:
     """A reference option the model would store and ignore is refused in one line: ``--reference-weight`` and
     ``--reference-fusion`` without any reference (neither ``--use-reference`` nor cell references), and
