@@ -433,7 +433,8 @@ def eval_cmd(out: str, truth: str, storage_option: tuple[str, ...]) -> None:
 @click.option("--heldout", default=DEFAULT_PRETRAIN_HELDOUT, show_default=True, type=float,
               help="Share of the frames never trained on, for the check printed at the end and the scale check "
                    "(none are held out below 20 frames). 0: every frame trains, e.g. to adapt a backbone to a "
-                   "70-frame support set before train (README: \"The backbone adapted on the support lot\").")
+                   "70-frame support set (train --adapt-steps does it inside train; README: \"The backbone adapted "
+                   "on the support frames\").")
 @click.option("--scale-check/--no-scale-check", default=True, show_default=True,
               help="After training, score up to 100 held-out frames zero-shot as run does at each scale policy "
                    "(whole, 0.5, 0.75, native) and record the cheapest within 0.01 pixel AUROC of the best in the "
@@ -544,8 +545,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
           taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool,
           no_register: bool, reference_fusion: str, reference_weight: str, self_reference: bool | None,
           scale_policy: str | None, self_similarity: float | None) -> None:
-    """Few-shot SEM-CLIP (or a baseline) from a labelled SUPPORT manifest -> checkpoint (the backbone adapted on it
-    first with the default recipe, --adapt-steps).
+    """Few-shot SEM-CLIP (or a baseline) from a labelled SUPPORT manifest -> checkpoint (with the default recipe
+    the backbone is first adapted on it where the weights do not know its frames, --adapt-steps).
 
     \b
     Examples:
