@@ -81,7 +81,7 @@ def few_shot(backbone: LoadedBackbone, support: Lot, tests: dict[int, Lot], meth
     """``train``'s 10-shot fit of ``method`` on the (augmented) support lot, scored on every test lot (``steps``:
     the adaptation's, which the fit is told of as ``train`` tells it)."""
     text = torch.from_numpy(text_embeddings(backbone, load_prompts()))
-    cfg = TrainConfig(support="", out="", shots=SHOTS, recipe=TRANSFER, adapt_steps=steps,
+    cfg = TrainConfig(support="", out="", shots=SHOTS, recipe=TRANSFER,
                       model=ModelSpec(backbone=BACKBONE, pretrained=backbone.source, cls="fused", method=method))
     fitted = fit(cfg, backbone, text, support.data, support.feats, support.ref_feats, adapted=steps > 0)
     out = {}
@@ -101,8 +101,8 @@ def support_rows(work: Path, family: str, seeds: list[int], test_seeds: list[int
         manifest = read_manifest(str(folder / "manifest.csv"))
         if len(sample_shots(manifest, SHOTS, 0)) != len(manifest):
             raise SystemExit(f"{folder}: the support lot must hold {SHOTS} frames a class at most (train --shots {SHOTS})")
-        plain = load_trainset(manifest, classes, preprocess_config(BACKBONE, tile_above=10**9))
-        check = zero_shot_accuracy(shipped, load_prompts(), plain, preprocess_config(BACKBONE, tile_above=10**9))
+        prep = preprocess_config(BACKBONE, tile_above=10**9)
+        check = zero_shot_accuracy(shipped, load_prompts(), load_trainset(manifest, classes, prep), prep)
         print(f"  support {seed}: the shipped weights classify {check:.3f} of its frames right zero-shot (train adapts "
               f"below {DEFAULT_ADAPT_BELOW})", flush=True)
         result[str(seed)] = {"zero_shot_support_accuracy": check, "steps": {}}

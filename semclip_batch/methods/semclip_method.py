@@ -256,16 +256,20 @@ def _validate(model: SemClip, enc: EncoderOutput, support: Support, val: torch.T
 
 def _loss(model: SemClip, enc: EncoderOutput, support: Support, idx: torch.Tensor, targets: torch.Tensor,
           init: list[torch.Tensor], dist: torch.Tensor | None) -> torch.Tensor:
+    """The head's cross-entropy; with ``support.fit_layers``, plus the layers' own terms (the maps' focal + dice
+    and the pull towards their start). Without, the layers do not train and neither term is computed."""
     data = support.data
-    size = (targets.shape[-2], targets.shape[-1])
     sub = subset_encoded(enc, idx)
+    head = F.cross_entropy(model.head(head_inputs(model, sub, _rows(dist, idx))), data.labels[idx])
+    if not support.fit_layers:
+        return head
+    size = (targets.shape[-2], targets.shape[-1])
     seg_rows = data.has_mask[idx]
     terms = model.term_logits(sub)
     seg = torch.stack([focal_dice(defect_map(t, size)[seg_rows], targets[idx][seg_rows]) for t in terms]).mean() \
-        if seg_rows.any() and support.fit_layers else torch.tensor(0.0)
-    head_logits = model.head(head_inputs(model, sub, _rows(dist, idx)))
+        if seg_rows.any() else torch.tensor(0.0)
     anchor = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.transform.parameters(), init, strict=True))
-    return seg + F.cross_entropy(head_logits, data.labels[idx]) + support.anchor * anchor
+    return seg + head + support.anchor * anchor
 
 
 def train_layers(model: SemClip, enc: EncoderOutput, support: Support, fit_idx: torch.Tensor,
