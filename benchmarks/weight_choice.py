@@ -60,10 +60,20 @@ def pixel_auroc(out: SemClipOutput, lot: Lot) -> float:
     return float("nan") if auroc is None else auroc  # no defect pixel in the lot
 
 
+def family_config(family: str, seed: int) -> SynthConfig:
+    """``synth``'s settings for one 70-frame lot of ``family``: a family name, or ``NAME:LO-HI`` for that family
+    with its defects drawn LO-HI px at frame resolution (``synth --defect-px``)."""
+    name, _, scale = family.partition(":")
+    lo, _, hi = scale.partition("-")
+    return SynthConfig(seed=seed, lots=1, per_class=10, family=name,
+                       defect_px=(float(lo), float(hi)) if scale else None)
+
+
 def ensure_lot(folder: Path, family: str, seed: int) -> Path:
-    """One 70-frame lot of ``family`` (seed ``seed``) in ``folder``, written by ``synth`` unless already there."""
+    """One 70-frame lot of ``family`` (:func:`family_config`, seed ``seed``) in ``folder``, written by ``synth``
+    unless already there."""
     if not (folder / "manifest.csv").exists():
-        synth(str(folder), SynthConfig(seed=seed, lots=1, per_class=10, family=family))
+        synth(str(folder), family_config(family, seed))
     return folder
 
 
@@ -71,7 +81,8 @@ def lot_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options that name the lots (shared with ``benchmarks/adapt.py``): the work folder, the families (the
     first the validation family), the support and the test seeds."""
     parser.add_argument("--work", required=True)
-    parser.add_argument("--families", default="contacts,metal,logic", help="the first is the validation family")
+    parser.add_argument("--families", default="contacts,metal,logic",
+                        help="the first is the validation family; NAME:LO-HI: that family, its defects LO-HI px")
     parser.add_argument("--support-seeds", default="2000,2001")
     parser.add_argument("--test-seeds", default="6000,6001,6002,6003")
     return parser

@@ -117,6 +117,7 @@ def test_cli_adapts_and_says_so(synth_lot, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "c"), "--adapt-steps", "2"])
     assert result.exit_code == 0, result.output
     assert "backbone adapted on 12 support frames first (2 held out for the fit's checks): 2 steps" in result.output
+    assert "adaptation step 2/2  loss " in result.output  # the adaptation's progress (plain form: not a terminal)
     assert (tmp_path / "c" / ADAPTED_BACKBONE).exists()
     monkeypatch.setattr(adapt_module, "DEFAULT_ADAPT_STEPS", 4)  # the default's count, shorter here
     # the default with SEM-CLIP's transfer recipe: adapted where the weights do not know the frames (random weights
@@ -136,6 +137,11 @@ def test_cli_adapts_and_says_so(synth_lot, tmp_path, monkeypatch):
     assert meta.training["config"]["adapt_steps"] == 4  # the config as asked; adapt_check says why not adapted
     assert "kept frozen (--adapt-steps N adapts it anyway)" in result.output
     assert not (tmp_path / "known" / ADAPTED_BACKBONE).exists()
+    for nothing in (["--adapt-steps", "0"], ["--method", "winclip"], ["--recipe", "paper"]):
+        result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "lr"), "--adapt-lr", "1e-3", *nothing])
+        errors = [ln for ln in result.output.splitlines() if ln.startswith("Error")]
+        assert result.exit_code != 0 and "Traceback" not in result.output and len(errors) == 1, result.output
+        assert "--adapt-lr" in errors[0] and "adapts nothing" in errors[0] and not (tmp_path / "lr").exists()
     for other in (["--recipe", "paper"], ["--method", "winclip"]):
         result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / other[1]), *other])
         assert result.exit_code == 0, result.output

@@ -553,6 +553,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
       semclip-batch train support.csv --out ckpt/ --backbone semclip-tiny --pretrained sem-tiny.safetensors --shots 10
       semclip-batch train support.csv --out ckpt-winclip/ --method winclip --pretrained sem-tiny.safetensors --shots 10
     """
+    from click.core import ParameterSource
+
     from semclip_batch.errors import ConfigError
     from semclip_batch.fewshot.adapt import adaptation_lines, default_adapt_steps
     from semclip_batch.fewshot.recipes import applied, get_recipe, with_self_reference, with_self_similarity
@@ -586,11 +588,15 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       score_mode=score_mode, sigma=sigma,
                                       scale_policy=parse_scale_policy(policy), storage_options=so))
     _refuse_unused_reference_options(click.get_current_context(), applied(cfg.recipe, cfg.model))
+    if not cfg.adapt_steps and click.get_current_context().get_parameter_source("adapt_lr") != ParameterSource.DEFAULT:
+        raise ConfigError(f"--adapt-lr is the rate of the backbone's adaptation, and --method {method} --recipe {recipe}"
+                          f"{' --adapt-steps 0' if adapt_steps == 0 else ''} adapts nothing: omit it or give --adapt-steps N")
     if self_similarity is not None and not get_method(method).recipes:
         raise ConfigError(f"--self-similarity is a SEM-CLIP option; --method {method} has none: omit it")
     try:
-        with loss_progress("epoch", f"train {method}") as progress:
-            meta = run_train(cfg, progress=progress)
+        with (loss_progress("adaptation step", "adapt backbone") as adapt_progress,
+              loss_progress("epoch", f"train {method}") as progress):
+            meta = run_train(cfg, progress=progress, adapt_progress=adapt_progress)
     except ValueError as exc:  # e.g. taps outside the backbone's depth
         raise ConfigError(str(exc)) from None
     th = meta.thresholds

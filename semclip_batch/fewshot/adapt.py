@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from semclip_batch.config import DEFAULT_ADAPT_STEPS, ModelSpec, PreprocessConfig
+from semclip_batch.config import DEFAULT_ADAPT_STEPS, LossProgress, ModelSpec, PreprocessConfig
 from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
 from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.io import storage
@@ -94,12 +94,14 @@ class FitBackbone:
 
 
 def backbone_for_fit(model: ModelSpec, support: str, df: pd.DataFrame, data: TrainSet, prompts: PromptSet,
-                     prep: PreprocessConfig, steps: int, lr: float, adapt_below: float | None) -> FitBackbone:
+                     prep: PreprocessConfig, steps: int, lr: float, adapt_below: float | None,
+                     progress: LossProgress | None = None) -> FitBackbone:
     """``model``'s weights, or those weights adapted for ``steps`` at ``lr`` on ``df`` (:func:`adaptation_rows`;
     ``data``: its support set as loaded, before augmentation). With ``adapt_below`` (``train``'s default), only
     where the weights classify fewer than that share of the support frames right zero-shot
     (:func:`zero_shot_accuracy`). The adapted weights are written to a temporary folder and kept in memory: the
-    checkpoint folder gets them with the checkpoint, never before the fit has succeeded."""
+    checkpoint folder gets them with the checkpoint, never before the fit has succeeded. ``progress``: the
+    adaptation's steps and loss."""
     check = None
     if not steps or adapt_below is not None:  # the given weights are fitted on, or checked first
         start = load_backbone(model.backbone, model.pretrained, seed=model.seed,
@@ -113,7 +115,7 @@ def backbone_for_fit(model: ModelSpec, support: str, df: pd.DataFrame, data: Tra
         del start  # pretrain loads its own copy
     rows, held = adaptation_rows(df, data.frame if data.frame is not None else torch.arange(len(data)), model.seed)
     with tempfile.TemporaryDirectory(prefix="semclip-adapt-") as folder:
-        adapted = adapt_backbone(model, support, rows, folder, steps, lr, held_out=held)
+        adapted = adapt_backbone(model, support, rows, folder, steps, lr, held_out=held, progress=progress)
         backbone = load_backbone(model.backbone, adapted.url, seed=model.seed, expected_sha256=adapted.sha256)
         blob = Path(adapted.url).read_bytes()
     return FitBackbone(backbone, adapted, blob, check)
@@ -130,14 +132,14 @@ def write_weights(checkpoint_url: str, fitted: FitBackbone, storage_options: Map
 
 
 def adapt_backbone(model: ModelSpec, support: str, frames: pd.DataFrame, folder: str, steps: int,
-                   lr: float, held_out: int = 0) -> Adapted:
+                   lr: float, held_out: int = 0, progress: LossProgress | None = None) -> Adapted:
     """Adapt ``model``'s backbone on ``frames`` (rows of the ``support`` manifest; ``held_out`` others kept out)
     for ``steps`` at peak rate ``lr``; write the weights into ``folder`` as :data:`ADAPTED_BACKBONE`."""
     url = storage.join(folder, ADAPTED_BACKBONE)
     started = time.perf_counter()
     cfg = PretrainConfig(manifest=support, out=url, model=model, steps=steps, lr=lr, heldout=0.0, max_minutes=0.0,
                          scale_check=False)
-    result = pretrain(cfg, frames=frames, metadata={"adapted_from": storage.redact(model.pretrained)})
+    result = pretrain(cfg, progress, frames=frames, metadata={"adapted_from": storage.redact(model.pretrained)})
     seconds = round(time.perf_counter() - started, 1)
     log.info("adapted the backbone on %d support frames: %d steps in %.0f s", len(frames), result.steps, seconds)
     record = {"steps": result.steps, "lr": lr, "batch_size": cfg.batch_size, "crops": cfg.crops,

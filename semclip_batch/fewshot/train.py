@@ -375,8 +375,10 @@ def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
         cfg = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
 
 
-def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointMeta:
-    """Train, fit, write the checkpoint; returns its meta as stored."""
+def train(cfg: TrainConfig, progress: LossProgress | None = None,
+          adapt_progress: LossProgress | None = None) -> CheckpointMeta:
+    """Train, fit, write the checkpoint; returns its meta as stored. ``progress``: the fit's epochs;
+    ``adapt_progress``: the backbone's adaptation steps, where it is adapted."""
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
@@ -391,7 +393,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None) -> CheckpointM
     views = len(data)
     whole = data.first_views()
     chosen = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.adapt_steps, cfg.adapt_lr,
-                              cfg.adapt_below)
+                              cfg.adapt_below, adapt_progress)
     backbone, adapted = chosen.backbone, chosen.adapted
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
