@@ -29,11 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import TRANSFER, Lot, defect_view_probs, load_lot, metrics, score_test
+from quality import TRANSFER, Lot, defect_view_probs, load_lot, metrics, score_test, subset
 from weight_choice import ensure_lot, lot_arguments
 
 from semclip_batch.config import DEFAULT_ADAPT_BELOW, DEFAULT_ADAPT_LR, DEFAULT_SELF_SIMILARITY, ModelSpec
 from semclip_batch.fewshot.adapt import adapt_backbone, adaptation_rows, zero_shot_accuracy
+from semclip_batch.fewshot.recipes import copies
 from semclip_batch.fewshot.train import TrainConfig, fit, sample_shots
 from semclip_batch.fewshot.trainset import load_trainset
 from semclip_batch.io.manifest import read_manifest
@@ -83,7 +84,11 @@ def few_shot(backbone: LoadedBackbone, support: Lot, tests: dict[int, Lot], meth
     text = torch.from_numpy(text_embeddings(backbone, load_prompts()))
     cfg = TrainConfig(support="", out="", shots=SHOTS, recipe=TRANSFER,
                       model=ModelSpec(backbone=BACKBONE, pretrained=backbone.source, cls="fused", method=method))
-    fitted = fit(cfg, backbone, text, support.data, support.feats, support.ref_feats, adapted=steps > 0)
+    data, feats, ref_feats = support.data, support.feats, support.ref_feats
+    rows = len(support.df) * copies(TRANSFER, method)  # the copies train gives it: one for a baseline
+    if rows != len(data):
+        data, feats, ref_feats = subset(support, torch.arange(rows))  # copy-major, as augment()
+    fitted = fit(cfg, backbone, text, data, feats, ref_feats, adapted=steps > 0)
     out = {}
     for s, lot in tests.items():
         scored = score_test(fitted, backbone, lot)
