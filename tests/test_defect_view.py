@@ -117,8 +117,9 @@ def test_a_large_frames_class_scores_are_the_mean_of_its_whole_and_defect_views(
     from semclip_batch.io.preprocess import frame_tiles, maps_to_frame, normalize, unpack_views
     from semclip_batch.methods.decisions import anomaly_score
     from semclip_batch.methods.prompts import load_prompts, text_embeddings
+    from semclip_batch.methods.scoring import build_model
     from semclip_batch.methods.weights import load_backbone, preprocess_config
-    from semclip_batch.pipeline.inference import Predictor, PredictorSetup, build_model
+    from semclip_batch.pipeline.inference import Predictor, PredictorSetup
     from semclip_batch.pipeline.reader import decode_batch
 
     spec = ModelSpec(backbone="semclip-tiny", defect_view=True, precision=precision)

@@ -32,13 +32,13 @@ from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.fewshot.trainset import TrainSet, crop_views, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.scoring import build_model
 from semclip_batch.methods.semclip_method import MEMORY_WEIGHTS, SELF_WEIGHTS
 from semclip_batch.methods.weights import preprocess_config
 from semclip_batch.model.encoder import EncoderOutput
 from semclip_batch.model.memory import MAX_MEMORY, PatchMemory
 from semclip_batch.model.patchops import grid_to_image
 from semclip_batch.model.semclip import MapParts, SemClip, SemClipConfig, join_parts
-from semclip_batch.pipeline.inference import build_model
 
 
 def _set(n: int = 3, size: int = 16) -> TrainSet:

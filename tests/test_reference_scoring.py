@@ -15,8 +15,8 @@ from semclip_batch.config import DEFAULT_REFERENCE_FUSION, DEFAULT_REFERENCE_WEI
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.scoring import build_model
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference
-from semclip_batch.pipeline.inference import build_model
 
 
 def test_pixel_difference_finds_a_small_particle_that_tokens_dilute():

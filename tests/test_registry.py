@@ -1,5 +1,6 @@
 """The method registry: a fourth method registered here, from the test, trains (``fewshot.train``) and scores
-(``pipeline.inference``) with no other module changed; unknown names are refused in one line."""
+(``methods.scoring.build_model``, what ``run``'s actors build) with no other module changed; unknown names are
+refused in one line."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import Support, normal_rows
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Method, depth_of, get_method, method_names, new_model, register, score_features
+from semclip_batch.methods.scoring import build_model
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.encoder import EncoderOutput
 from semclip_batch.model.scorer import Scorer
 from semclip_batch.model.towers import vision_tower
-from semclip_batch.pipeline.inference import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +147,7 @@ def test_unknown_method_is_refused_in_one_line(tiny_clip):
 
 
 def test_orchestration_never_branches_on_the_method():
-    files = ["semclip_batch/pipeline/inference.py", "semclip_batch/fewshot/train.py",
+    files = ["semclip_batch/pipeline/inference.py", "semclip_batch/methods/scoring.py", "semclip_batch/fewshot/train.py",
              "semclip_batch/methods/features.py", "semclip_batch/methods/registry.py", "benchmarks/quality.py"]
     pattern = re.compile(r"method\s*[!=]=|isinstance\([^)]*(SemClip|WinClip|PromptAd)\b")
     hits = [f"{f}:{i}" for f in files for i, line in enumerate((ROOT / f).read_text().splitlines(), 1)

@@ -45,8 +45,9 @@ from semclip_batch.io.runrecord import now_iso, start_record, write_record
 from semclip_batch.methods.checkpoint import IN_CHECKPOINT, CheckpointMeta, load_checkpoint, model_checksum
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import get_method
+from semclip_batch.methods.scoring import build_model
 from semclip_batch.methods.weights import load_backbone, preprocess_config
-from semclip_batch.pipeline.inference import Predictor, PredictorSetup, StandIn, build_model
+from semclip_batch.pipeline.inference import Predictor, PredictorSetup, StandIn
 from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable, ray_log_level, ray_session
 from semclip_batch.pipeline.reader import SHARD_KEY_SEP, decode_batch, read_plan
 from semclip_batch.pipeline.receipts import Collected, collect_receipts

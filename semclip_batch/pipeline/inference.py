@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from semclip_batch.config import ModelSpec, PreprocessConfig
-from semclip_batch.errors import MODEL_ERROR, OK, WeightsError, one_line
+from semclip_batch.errors import MODEL_ERROR, OK, one_line
 from semclip_batch.io.preprocess import (
     defect_view,
     frame_tiles,
@@ -28,14 +27,8 @@ from semclip_batch.io.preprocess import (
     unpack_views,
 )
 from semclip_batch.io.schema import SCORED, to_table
-from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.decisions import anomaly_score, to_mask_tensor, with_defect_view
-from semclip_batch.methods.features import encode_batch
-from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
-from semclip_batch.methods.weights import LoadedBackbone, load_backbone
-from semclip_batch.model import SemClipOutput
-from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
-from semclip_batch.model.towers import vision_tower
+from semclip_batch.methods.scoring import build_model
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,67 +46,6 @@ class PredictorSetup:
     threads: int
     use_gpu: bool
     stub_rate: float | None = None  # StandIn's img/s
-
-
-@dataclass
-class Scoring:
-    """A method's model (+ reference scorer) and what to encode for it."""
-
-    model: Scorer
-    reference: ReferenceScorer | None
-    taps: tuple[int, ...]
-    vv_from: int | None
-    windows: bool
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> Scoring:
-        self.model = self.model.to(device=device, dtype=dtype)
-        if self.reference is not None:
-            self.reference = self.reference.to(device=device)
-        return self
-
-    def __call__(self, x: torch.Tensor, refs: torch.Tensor | None = None,
-                 has_ref: torch.Tensor | None = None) -> SemClipOutput:
-        visual = vision_tower(self.model)
-        feats = encode_batch(visual, x, self.taps, vv_from=self.vv_from, windows=self.windows)
-        ref_feats = pixels = None
-        if self.reference is not None and refs is not None and has_ref is not None and bool(has_ref.any()):
-            ref_feats = encode_batch(visual, refs, self.reference.taps, vv_from=None, pooled=False)
-            pixels = pixel_difference(x[:, 0], refs[:, 0])  # channel 0: grey in the backbone's normalised units
-        return score_features(self.model, feats, (x.shape[-2], x.shape[-1]), self.reference, ref_feats, has_ref,
-                              pixels)
-
-
-def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: str | None = None,
-                backbone: LoadedBackbone | None = None, tensors: Mapping[str, torch.Tensor] | None = None) -> Scoring:
-    """Load the backbone (unless given) and build ``spec.method`` around it with the given class embeddings;
-    with a checkpoint in the spec, its trained tensors (read here unless given, already verified) are loaded
-    too (eval mode, fp32, CPU)."""
-    if backbone is None:
-        backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
-                                 storage_options=spec.storage_options)
-    method = get_method(spec.method)
-    model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
-    depth = depth_of(backbone.clip)
-    reference = (ReferenceScorer(reference_taps(depth), weight=spec.reference_weight, fusion=spec.reference_fusion)
-                 if spec.reference_scorer else None)
-    if spec.checkpoint is not None:
-        if tensors is None:
-            tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
-        problems = method.load(model, tensors)
-        if reference is not None:
-            if "reference.scale" not in tensors:
-                problems.append("missing reference.scale")
-            else:
-                reference.scale.copy_(tensors["reference.scale"])
-                if "reference.pixel_scale" in tensors:  # absent from checkpoints written before: tokens only
-                    reference.pixel_scale.copy_(tensors["reference.pixel_scale"])
-        if problems:
-            raise WeightsError(f"checkpoint {spec.checkpoint!r} does not fit this model ({', '.join(problems[:3])})")
-    taps, vv_from = method.taps(model), method.vv_from(model)
-    if reference is not None:
-        taps = tuple(sorted({*taps, *reference.taps}))
-    model = model.eval().requires_grad_(False)
-    return Scoring(model, reference, taps, vv_from, windows=method.windows)
 
 
 def defect_frames(batch: dict[str, np.ndarray]) -> np.ndarray:

@@ -1,0 +1,82 @@
+"""A method's model built for scoring frames: the backbone and ``spec.method``'s model around it, a checkpoint's
+trained tensors and reference scales loaded, and what to encode for it (:class:`Scoring`). The pipeline's model
+stage (:mod:`semclip_batch.pipeline.inference`) builds one per actor; tests and benchmarks build them the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from semclip_batch.config import ModelSpec
+from semclip_batch.errors import WeightsError
+from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.features import encode_batch
+from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
+from semclip_batch.methods.weights import LoadedBackbone, load_backbone
+from semclip_batch.model import SemClipOutput
+from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
+from semclip_batch.model.towers import vision_tower
+
+
+@dataclass
+class Scoring:
+    """A method's model (+ reference scorer) and what to encode for it."""
+
+    model: Scorer
+    reference: ReferenceScorer | None
+    taps: tuple[int, ...]
+    vv_from: int | None
+    windows: bool
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Scoring:
+        self.model = self.model.to(device=device, dtype=dtype)
+        if self.reference is not None:
+            self.reference = self.reference.to(device=device)
+        return self
+
+    def __call__(self, x: torch.Tensor, refs: torch.Tensor | None = None,
+                 has_ref: torch.Tensor | None = None) -> SemClipOutput:
+        visual = vision_tower(self.model)
+        feats = encode_batch(visual, x, self.taps, vv_from=self.vv_from, windows=self.windows)
+        ref_feats = pixels = None
+        if self.reference is not None and refs is not None and has_ref is not None and bool(has_ref.any()):
+            ref_feats = encode_batch(visual, refs, self.reference.taps, vv_from=None, pooled=False)
+            pixels = pixel_difference(x[:, 0], refs[:, 0])  # channel 0: grey in the backbone's normalised units
+        return score_features(self.model, feats, (x.shape[-2], x.shape[-1]), self.reference, ref_feats, has_ref,
+                              pixels)
+
+
+def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: str | None = None,
+                backbone: LoadedBackbone | None = None, tensors: Mapping[str, torch.Tensor] | None = None) -> Scoring:
+    """Load the backbone (unless given) and build ``spec.method`` around it with the given class embeddings;
+    with a checkpoint in the spec, its trained tensors (read here unless given, already verified) are loaded
+    too (eval mode, fp32, CPU)."""
+    if backbone is None:
+        backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
+                                 storage_options=spec.storage_options)
+    method = get_method(spec.method)
+    model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
+    depth = depth_of(backbone.clip)
+    reference = (ReferenceScorer(reference_taps(depth), weight=spec.reference_weight, fusion=spec.reference_fusion)
+                 if spec.reference_scorer else None)
+    if spec.checkpoint is not None:
+        if tensors is None:
+            tensors = load_checkpoint(spec.checkpoint, spec.storage_options).tensors
+        problems = method.load(model, tensors)
+        if reference is not None:
+            if "reference.scale" not in tensors:
+                problems.append("missing reference.scale")
+            else:
+                reference.scale.copy_(tensors["reference.scale"])
+                if "reference.pixel_scale" in tensors:  # absent from checkpoints written before: tokens only
+                    reference.pixel_scale.copy_(tensors["reference.pixel_scale"])
+        if problems:
+            raise WeightsError(f"checkpoint {spec.checkpoint!r} does not fit this model ({', '.join(problems[:3])})")
+    taps, vv_from = method.taps(model), method.vv_from(model)
+    if reference is not None:
+        taps = tuple(sorted({*taps, *reference.taps}))
+    model = model.eval().requires_grad_(False)
+    return Scoring(model, reference, taps, vv_from, windows=method.windows)
