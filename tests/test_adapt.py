@@ -19,6 +19,7 @@ from semclip_batch.config import DEFAULT_ADAPT_BELOW, CheckpointRequest, ModelSp
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.adapt import ADAPTED_BACKBONE, ADAPTED_SOURCE, adaptation_rows
 from semclip_batch.fewshot.train import TrainConfig, train
+from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import WeightsRef, load_checkpoint
 from semclip_batch.methods.fitting import validation_frames
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
@@ -55,6 +56,16 @@ def test_adapted_weights_live_in_the_checkpoint_folder(adapted):
     prompts = load_prompts()
     assert torch.allclose(stored, torch.from_numpy(text_embeddings(weights, prompts)), atol=1e-5)
     assert not torch.allclose(stored, torch.from_numpy(text_embeddings(shipped, prompts)), atol=1e-5)
+
+
+def test_adaptation_warnings_name_options_train_users_have(synth_lot, tmp_path, caplog):
+    """From random weights a few steps leave the class texts alike: the warning points to pretrain's option, not
+    to one train does not have."""
+    frames = read_manifest(str(synth_lot / "manifest.csv")).head(6)
+    adapt_module.adapt_backbone(ModelSpec(backbone="semclip-tiny", pretrained="none"), str(synth_lot / "manifest.csv"),
+                                frames, str(tmp_path), 2, 3e-4)
+    assert "text embeddings are still alike" in caplog.text
+    assert "pretrain --text-separation 1" in caplog.text and "--text-separation 1 pushes them apart" not in caplog.text
 
 
 def test_the_maps_keep_the_adapted_backbones_own_layers(adapted):

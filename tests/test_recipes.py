@@ -304,6 +304,7 @@ def test_pretrain_shortens_its_schedule_to_the_time_budget(synth_lot, tmp_path, 
     cut = pretrain(cfg, metadata={"steps": "12", "note": "kept"})  # a caller's record cannot hide the cut
     assert cut.steps == 3 and "leaves time for 3 of the 12 steps" in caplog.text
     assert "text embeddings are still alike" in caplog.text  # 3 steps from random weights: the hint is given
+    assert "--text-separation 1 pushes them apart" in caplog.text  # pretrain's own option
     with safe_open(cfg.out, "pt") as f:
         meta = f.metadata()
     assert (meta["steps"], meta["planned_steps"], meta["max_minutes"], meta["note"]) == ("3", "12", "0.001", "kept")

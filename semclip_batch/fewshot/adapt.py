@@ -139,7 +139,8 @@ def adapt_backbone(model: ModelSpec, support: str, frames: pd.DataFrame, folder:
     started = time.perf_counter()
     cfg = PretrainConfig(manifest=support, out=url, model=model, steps=steps, lr=lr, heldout=0.0, max_minutes=0.0,
                          scale_check=False)
-    result = pretrain(cfg, progress, frames=frames, metadata={"adapted_from": storage.redact(model.pretrained)})
+    result = pretrain(cfg, progress, frames=frames, metadata={"adapted_from": storage.redact(model.pretrained)},
+                      alike_hint="weights pretrained with pretrain --text-separation 1 start further apart")
     seconds = round(time.perf_counter() - started, 1)
     log.info("adapted the backbone on %d support frames: %d steps in %.0f s", len(frames), result.steps, seconds)
     record = {"steps": result.steps, "lr": lr, "batch_size": cfg.batch_size, "crops": cfg.crops,
