@@ -79,8 +79,9 @@ def zero_shot(backbone: LoadedBackbone, tests: dict[int, Lot]) -> dict[int, dict
 
 def few_shot(backbone: LoadedBackbone, support: Lot, tests: dict[int, Lot], method: str,
              steps: int) -> dict[int, dict[str, float | None]]:
-    """``train``'s 10-shot fit of ``method`` on the (augmented) support lot, scored on every test lot (``steps``:
-    the adaptation's, which the fit is told of as ``train`` tells it)."""
+    """``train``'s 10-shot fit of ``method`` on the support lot (augmented where ``train`` augments: one copy for a
+    baseline), scored on every test lot (``steps``: the adaptation's, which the fit is told of as ``train`` tells
+    it)."""
     text = torch.from_numpy(text_embeddings(backbone, load_prompts()))
     cfg = TrainConfig(support="", out="", shots=SHOTS, recipe=TRANSFER,
                       model=ModelSpec(backbone=BACKBONE, pretrained=backbone.source, cls="fused", method=method))

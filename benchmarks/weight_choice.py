@@ -46,7 +46,7 @@ from semclip_batch.methods.registry import new_model, score_features
 from semclip_batch.methods.weight_choice import pair_key
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
 from semclip_batch.model import SemClip, SemClipOutput
-from semclip_batch.synth.generate import SynthConfig, synth
+from semclip_batch.synth.generate import SynthConfig, parse_defect_px, synth
 
 BACKBONE = "semclip-tiny"
 
@@ -63,10 +63,8 @@ def pixel_auroc(out: SemClipOutput, lot: Lot) -> float:
 def family_config(family: str, seed: int) -> SynthConfig:
     """``synth``'s settings for one 70-frame lot of ``family``: a family name, or ``NAME:LO-HI`` for that family
     with its defects drawn LO-HI px at frame resolution (``synth --defect-px``)."""
-    name, _, scale = family.partition(":")
-    lo, _, hi = scale.partition("-")
-    return SynthConfig(seed=seed, lots=1, per_class=10, family=name,
-                       defect_px=(float(lo), float(hi)) if scale else None)
+    name, sep, scale = family.partition(":")
+    return SynthConfig(seed=seed, lots=1, per_class=10, family=name, defect_px=parse_defect_px(scale) if sep else None)
 
 
 def ensure_lot(folder: Path, family: str, seed: int) -> Path:

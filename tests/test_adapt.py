@@ -65,6 +65,7 @@ def test_adaptation_warnings_name_options_train_users_have(synth_lot, tmp_path, 
     adapt_module.adapt_backbone(ModelSpec(backbone="semclip-tiny", pretrained="none"), str(synth_lot / "manifest.csv"),
                                 frames, str(tmp_path), 2, 3e-4)
     assert "text embeddings are still alike" in caplog.text
+    assert "train's adaptation: the classes' text embeddings are still alike" in caplog.text
     assert "pretrain --text-separation 1" in caplog.text and "--text-separation 1 pushes them apart" not in caplog.text
 
 
@@ -125,8 +126,9 @@ def test_cli_adapts_and_says_so(synth_lot, tmp_path, monkeypatch):
     errors = [ln for ln in result.output.splitlines() if ln.startswith("Error")]
     assert result.exit_code != 0 and "Traceback" not in result.output and len(errors) == 1
     assert "--adapt-steps must be >= 0" in errors[0] and not (tmp_path / "bad").exists()
-    result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "c"), "--adapt-steps", "2"])
+    result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "c"), "--adapt-steps", "2", "--adapt-lr", "1e-3"])
     assert result.exit_code == 0, result.output
+    assert load_checkpoint(str(tmp_path / "c")).meta.training["adapted_backbone"]["lr"] == 1e-3
     assert "backbone adapted on 12 support frames first (2 held out for the fit's checks): 2 steps" in result.output
     assert "adaptation step 2/2  loss " in result.output  # the adaptation's progress (plain form: not a terminal)
     assert (tmp_path / "c" / ADAPTED_BACKBONE).exists()
@@ -152,7 +154,7 @@ def test_cli_adapts_and_says_so(synth_lot, tmp_path, monkeypatch):
         result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "lr"), "--adapt-lr", "1e-3", *nothing])
         errors = [ln for ln in result.output.splitlines() if ln.startswith("Error")]
         assert result.exit_code != 0 and "Traceback" not in result.output and len(errors) == 1, result.output
-        assert "--adapt-lr" in errors[0] and "adapts nothing" in errors[0] and not (tmp_path / "lr").exists()
+        assert "--adapt-lr" in errors[0] and f"with {' '.join(nothing)}" in errors[0] and "nothing adapts" in errors[0]
     for other in (["--recipe", "paper"], ["--method", "winclip"]):
         result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / other[1]), *other])
         assert result.exit_code == 0, result.output

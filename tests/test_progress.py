@@ -68,6 +68,21 @@ def test_loss_on_a_terminal_is_a_bar_with_the_latest_loss() -> None:
     assert "train semclip" in text and "4/4" in text and "loss=0.2500" in text and "epoch" in text
 
 
+def test_a_finished_bar_stays_above_the_next() -> None:
+    """train: the adaptation's steps, then the fit's epochs, both contexts open: the first bar is closed when it
+    reaches its total, so it is not redrawn below the second; its unit is the bar's own."""
+    stream = Terminal()
+    with (loss_progress("adaptation step", "adapt backbone", stream=stream, unit="step") as first,
+          loss_progress("epoch", "train semclip", stream=stream) as second):
+        for step in (1, 2):
+            first(step, 2, 0.5)
+        for epoch in (1, 2, 3):
+            second(epoch, 3, 0.25)
+    text = stream.getvalue()
+    assert "2/2" in text and "3/3" in text and "step/s" in text and "adaptation step/s" not in text
+    assert text.rindex("adapt backbone") < text.index("train semclip")
+
+
 def test_bar_closes_when_the_command_fails() -> None:
     stream = Terminal()
     try:

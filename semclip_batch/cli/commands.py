@@ -501,7 +501,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "(data they do not know), chosen on the validation families (README); else 0, and 0 with paper and "
                    "for the baselines]")
 @click.option("--adapt-lr", default=DEFAULT_ADAPT_LR, show_default=True, type=float,
-              help="Peak learning rate of --adapt-steps.")
+              help="Peak learning rate of --adapt-steps (refused where nothing adapts).")
 @click.option("--no-vv", is_flag=True, help="Ablation: original path only.")
 @click.option("--no-surgery", is_flag=True, help="Ablation: plain cosine similarities.")
 @click.option("--taps", default=None, help="Tapped blocks, e.g. 3,6 [default: L/4, L/2, 3L/4, L].")
@@ -588,13 +588,16 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       score_mode=score_mode, sigma=sigma,
                                       scale_policy=parse_scale_policy(policy), storage_options=so))
     _refuse_unused_reference_options(click.get_current_context(), applied(cfg.recipe, cfg.model))
-    if not cfg.adapt_steps and click.get_current_context().get_parameter_source("adapt_lr") != ParameterSource.DEFAULT:
-        raise ConfigError(f"--adapt-lr is the rate of the backbone's adaptation, and --method {method} --recipe {recipe}"
-                          f"{' --adapt-steps 0' if adapt_steps == 0 else ''} adapts nothing: omit it or give --adapt-steps N")
+    if not cfg.adapt_steps and click.get_current_context().get_parameter_source("adapt_lr") not in (
+            None, ParameterSource.DEFAULT):
+        why = ("--adapt-steps 0" if adapt_steps == 0 else f"--recipe {recipe}" if get_method(method).recipes
+               else f"--method {method} (a baseline: a frozen backbone unless --adapt-steps N)")
+        raise ConfigError(f"--adapt-lr is the rate of the backbone's adaptation, and with {why} nothing adapts: "
+                          "omit it or give --adapt-steps N")
     if self_similarity is not None and not get_method(method).recipes:
         raise ConfigError(f"--self-similarity is a SEM-CLIP option; --method {method} has none: omit it")
     try:
-        with (loss_progress("adaptation step", "adapt backbone") as adapt_progress,
+        with (loss_progress("adaptation step", "adapt backbone", unit="step") as adapt_progress,
               loss_progress("epoch", f"train {method}") as progress):
             meta = run_train(cfg, progress=progress, adapt_progress=adapt_progress)
     except ValueError as exc:  # e.g. taps outside the backbone's depth

@@ -52,7 +52,7 @@ class _Bar:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.close()  # a second close does nothing
 
 
 def row_printer(stream: TextIO | None = None) -> Progress:
@@ -93,17 +93,21 @@ def row_progress(desc: str = "scored", unit: str = "img", *, plain: bool = True,
 
 
 @contextmanager
-def loss_progress(what: str, desc: str, stream: TextIO | None = None) -> Iterator[LossProgress]:
-    """A :data:`LossProgress`: a bar of ``what`` (step, epoch) with the latest loss on a terminal, else
-    :func:`loss_printer`. ``stream`` defaults to stderr."""
+def loss_progress(what: str, desc: str, stream: TextIO | None = None, unit: str | None = None) -> Iterator[LossProgress]:
+    """A :data:`LossProgress`: a bar of ``unit`` (default ``what``: step, epoch) with the latest loss on a terminal,
+    else :func:`loss_printer` (its lines name ``what``). ``stream`` defaults to stderr. The bar is closed when it
+    reaches its total, so a second one opened meanwhile (``train``: the adaptation's steps, then the fit's epochs)
+    is drawn below a finished first one."""
     out = stream if stream is not None else sys.stderr
     if not is_terminal(out):
         yield loss_printer(what, stream)
         return
-    bar = _Bar(out, desc, what)
+    bar = _Bar(out, desc, unit or what)
 
     def show(step: int, total: int, loss: float) -> None:
         bar.update(step - bar.done, total, loss=f"{loss:.4f}")
+        if step >= total:
+            bar.close()
 
     try:
         with logging_redirect_tqdm():

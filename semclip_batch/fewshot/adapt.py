@@ -140,6 +140,7 @@ def adapt_backbone(model: ModelSpec, support: str, frames: pd.DataFrame, folder:
     cfg = PretrainConfig(manifest=support, out=url, model=model, steps=steps, lr=lr, heldout=0.0, max_minutes=0.0,
                          scale_check=False)
     result = pretrain(cfg, progress, frames=frames, metadata={"adapted_from": storage.redact(model.pretrained)},
+                      caller="train's adaptation",
                       alike_hint="weights pretrained with pretrain --text-separation 1 start further apart")
     seconds = round(time.perf_counter() - started, 1)
     log.info("adapted the backbone on %d support frames: %d steps in %.0f s", len(frames), result.steps, seconds)

@@ -320,14 +320,15 @@ def heldout_figures(clip: nn.Module, data: TrainSet, rows: torch.Tensor, text: t
 
 def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
              metadata: Mapping[str, str] | None = None, frames: pd.DataFrame | None = None,
-             alike_hint: str = "--text-separation 1 pushes them apart") -> Pretrained:
+             caller: str = "pretrain", alike_hint: str = "--text-separation 1 pushes them apart") -> Pretrained:
     """Train and write the weights file (safetensors, backbone, canonical sha256, recipe and held-out figures
     in its metadata). With ``max_minutes``, the schedule is shortened when the steps would not fit: the first
     :data:`CALIBRATION_STEPS` are timed and the rest of the one-cycle schedule is laid over the steps that fit
     in what is left of the budget, the final held-out check and saving included; with ``fill_budget``
     (``--steps auto``) it is laid over every step that fits, more than ``steps`` as readily as fewer. ``frames``:
     manifest rows already read (``train --adapt-steps``: its sampled support rows), instead of ``cfg.manifest``'s.
-    ``alike_hint``: what the warning on class texts still alike after training advises (the caller's options)."""
+    ``caller`` / ``alike_hint``: who warns that the class texts are still alike after training, and what it advises
+    (the options the caller's user has)."""
     started = time.perf_counter()
     torch.manual_seed(cfg.model.seed)
     prompts: PromptSet = load_prompts(cfg.model.prompts, cfg.model.storage_options)
@@ -411,8 +412,8 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     scales = (run_check(clip.eval(), cfg.model.backbone, prompts, scale_rows, cfg.model.storage_options)
               if scale_rows is not None else None)
     if not cfg.separation and (after[TEXT_COSINE] or 0.0) > ALIKE_TEXT:
-        log.warning("pretrain: the classes' text embeddings are still alike (mean cosine %.2f between classes; "
-                    "%.2f before training): the loss likely sat near chance; %s", after[TEXT_COSINE],
+        log.warning("%s: the classes' text embeddings are still alike (mean cosine %.2f between classes; "
+                    "%.2f before training): the loss likely sat near chance; %s", caller, after[TEXT_COSINE],
                     before[TEXT_COSINE], alike_hint)
     log.info("pretrained %s for %d steps in %.0f s on %d views of %d frames (%d skipped, %d held out)",
              cfg.model.backbone, steps, seconds, len(train_rows), len(df) - data.skipped, data.skipped,

@@ -1,6 +1,7 @@
 """A method's model built for scoring frames: the backbone and ``spec.method``'s model around it, a checkpoint's
 trained tensors and reference scales loaded, and what to encode for it (:class:`Scoring`). The pipeline's model
-stage (:mod:`semclip_batch.pipeline.inference`) builds one per actor; tests and benchmarks build them the same way."""
+stage (:mod:`semclip_batch.pipeline.inference`) builds one per actor (benchmarks reach it through that stage); tests
+build them directly."""
 
 from __future__ import annotations
 
