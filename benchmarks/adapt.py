@@ -6,7 +6,8 @@ per family, over several support and test lots.
 Per family (``--families``; the first is the validation family, the others held out) and support lot
 (``--support-seeds``, 70 frames each), for every step count of ``--steps`` (0: the frozen shipped `semclip-tiny`):
 the backbone adapted with ``train``'s own code (:func:`semclip_batch.fewshot.adapt.adapt_backbone`, ``--lr``), then
-zero-shot (its text scores, no fit) and the 10-shot `transfer` fit of ``train`` (``--methods``: baselines too)
+zero-shot (its text scores, no fit) and the 10-shot `transfer` fit of ``train`` (``--methods``: baselines too;
+``--shots K``: on the K frames a class ``train --shots K`` samples from each support lot)
 scored on every test lot (``--test-seeds``, 70 frames each; whole views, as ``benchmarks/quality.py``). Figures
 as ``eval`` computes them. The shipped backbone's zero-shot is the baseline every gain is read against.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,12 +80,12 @@ def zero_shot(backbone: LoadedBackbone, tests: dict[int, Lot]) -> dict[int, dict
 
 
 def few_shot(backbone: LoadedBackbone, support: Lot, tests: dict[int, Lot], method: str,
-             steps: int) -> dict[int, dict[str, float | None]]:
-    """``train``'s 10-shot fit of ``method`` on the support lot (augmented where ``train`` augments: one copy for a
+             steps: int, shots: int = SHOTS) -> dict[int, dict[str, float | None]]:
+    """``train``'s ``shots``-shot fit of ``method`` on the support lot (augmented where ``train`` augments: one copy for a
     baseline), scored on every test lot (``steps``: the adaptation's, which the fit is told of as ``train`` tells
     it)."""
     text = torch.from_numpy(text_embeddings(backbone, load_prompts()))
-    cfg = TrainConfig(support="", out="", shots=SHOTS, recipe=TRANSFER,
+    cfg = TrainConfig(support="", out="", shots=shots, recipe=TRANSFER,
                       model=ModelSpec(backbone=BACKBONE, pretrained=backbone.source, cls="fused", method=method))
     data, feats, ref_feats = support.data, support.feats, support.ref_feats
     rows = len(support.df) * copies(TRANSFER, method)  # the copies train gives it: one for a baseline
@@ -97,16 +99,34 @@ def few_shot(backbone: LoadedBackbone, support: Lot, tests: dict[int, Lot], meth
     return out
 
 
+def fewer_shots(folder: Path, shots: int) -> Path:
+    """A sibling of the support lot ``folder`` holding the ``shots`` frames a class ``train --shots`` samples from it
+    (seed 0): its manifest rows, the frames linked."""
+    if shots == SHOTS:
+        return folder
+    out = folder.with_name(f"{folder.name}-{shots}shot")
+    if not (out / "manifest.csv").exists():
+        out.mkdir(exist_ok=True)
+        for sub in ("images", "masks", "reference"):
+            if (folder / sub).exists() and not (out / sub).exists():
+                (out / sub).symlink_to((folder / sub).resolve())
+        kept = set(sample_shots(read_manifest(str(folder / "manifest.csv")), shots, 0)["uri"])
+        raw = pd.read_csv(folder / "manifest.csv")
+        raw[raw["uri"].isin(kept)].to_csv(out / "manifest.csv", index=False)
+    return out
+
+
 def support_rows(work: Path, family: str, seeds: list[int], test_seeds: list[int], steps: list[int], lr: float,
-                 methods: list[str], shipped: LoadedBackbone, shipped_tests: dict[int, Lot]) -> dict[str, Any]:
-    """Per support lot and step count: the adaptation's record, zero-shot and each method's 10-shot figures."""
+                 methods: list[str], shipped: LoadedBackbone, shipped_tests: dict[int, Lot],
+                 shots: int = SHOTS) -> dict[str, Any]:
+    """Per support lot and step count: the adaptation's record, zero-shot and each method's ``shots``-shot figures."""
     result: dict[str, Any] = {}
     classes = load_prompts().classes
     for seed in seeds:
-        folder = ensure_lot(work / family / f"support-{seed}", family, seed)
+        folder = fewer_shots(ensure_lot(work / family / f"support-{seed}", family, seed), shots)
         manifest = read_manifest(str(folder / "manifest.csv"))
-        if len(sample_shots(manifest, SHOTS, 0)) != len(manifest):
-            raise SystemExit(f"{folder}: the support lot must hold {SHOTS} frames a class at most (train --shots {SHOTS})")
+        if len(sample_shots(manifest, shots, 0)) != len(manifest):
+            raise SystemExit(f"{folder}: the support lot must hold {shots} frames a class at most (train --shots {shots})")
         prep = preprocess_config(BACKBONE, tile_above=10**9)
         check = zero_shot_accuracy(shipped, load_prompts(), load_trainset(manifest, classes, prep), prep)
         print(f"  support {seed}: the shipped weights classify {check:.3f} of its frames right zero-shot (train adapts "
@@ -128,7 +148,7 @@ def support_rows(work: Path, family: str, seeds: list[int], test_seeds: list[int
             support = load_lot(folder, backbone, classes, f"support {seed} x4", augmented=True)
             row: dict[str, Any] = {"adapted": record, "zero_shot": zero_shot(backbone, tests)}
             for method in methods:
-                row[method] = few_shot(backbone, support, tests, method, n)
+                row[method] = few_shot(backbone, support, tests, method, n, shots)
             row["seconds"] = round(time.perf_counter() - t0, 1)
             result[str(seed)]["steps"][str(n)] = row
             print(f"  support {seed}, {n} steps: " + ", ".join(
@@ -175,6 +195,7 @@ def main() -> None:
     parser.add_argument("--steps", default="0,200,400", help="adaptation steps; 0: the frozen shipped backbone")
     parser.add_argument("--lr", type=float, default=DEFAULT_ADAPT_LR)
     parser.add_argument("--methods", default="semclip", help="semclip first; winclip, promptad: the baselines")
+    parser.add_argument("--shots", type=int, default=SHOTS, help="frames a class of each support lot (train --shots)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -190,7 +211,7 @@ def main() -> None:
         tests = load_tests(work, family, test_seeds, shipped)
         results[family] = {"shipped_zero_shot": zero_shot(shipped, tests)}
         results[family]["supports"] = support_rows(work, family, [int(s) for s in args.support_seeds.split(",")],
-                                                   test_seeds, steps, args.lr, methods, shipped, tests)
+                                                   test_seeds, steps, args.lr, methods, shipped, tests, args.shots)
         if family == families[0] and methods[0] == "semclip":
             results[family]["choice"] = choose_steps(results[family]["supports"],
                                                      mean_figures(results[family]["shipped_zero_shot"]))
