@@ -95,8 +95,12 @@ def grouped(support: Support, seed: int) -> list[torch.Tensor]:
     """First-copy rows grouped by frame, the groups in a seeded random order (one row per group without tiles,
     in the order ``randperm(frames)`` gives)."""
     ids, inverse = support.groups.unique(return_inverse=True)
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
-    return [(inverse == g).nonzero().flatten() for g in order]
+    return [(inverse == g).nonzero().flatten() for g in frame_order(len(ids), seed)]
+
+
+def frame_order(frames: int, seed: int) -> torch.Tensor:
+    """The seeded random order of ``frames`` frames that folds and splits draw them in."""
+    return torch.randperm(frames, generator=torch.Generator().manual_seed(seed))
 
 
 def frame_folds(support: Support, folds: int, seed: int) -> list[torch.Tensor]:
@@ -126,15 +130,19 @@ def validation_frames(groups: torch.Tensor, seed: int, share: float = VALIDATION
     """The frames (values of ``groups``, e.g. ``TrainSet.frame``) :func:`support_split` holds out at ``seed``:
     known before the fit, so that ``train --adapt-steps`` can keep them out of the backbone's adaptation too."""
     ids = groups.unique()
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed + SPLIT_SEED))
-    return ids[order[:int(len(ids) * share) if len(ids) >= 10 else 0]]
+    return ids[frame_order(len(ids), seed + SPLIT_SEED)[:validation_count(len(ids), share)]]
+
+
+def validation_count(frames: int, share: float = VALIDATION_SHARE) -> int:
+    """How many of ``frames`` support frames early stopping holds out: ``share`` of them, none below 10."""
+    return int(frames * share) if frames >= 10 else 0
 
 
 def support_split(support: Support, share: float = VALIDATION_SHARE) -> tuple[torch.Tensor, torch.Tensor]:
     """Fitting rows (every augmented copy of 80 % of the frames) and validation rows (the first copy of the
     other 20 %, none below 10 frames): no copy or tile of a validation frame is fitted on."""
     groups = grouped(support, support.seed + SPLIT_SEED)
-    n_val = int(len(groups) * share) if len(groups) >= 10 else 0
+    n_val = validation_count(len(groups), share)
     fit = torch.cat(groups[n_val:])
     val = torch.cat(groups[:n_val]) if n_val else torch.zeros(0, dtype=torch.long)
     return support.rows_of(fit), support.rows_of(val, first_copy_only=True)
