@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from semclip_batch.cli.commands import main
 from semclip_batch.cli.options import run_config
-from semclip_batch.config import SCALE_CHECK_POLICIES, SCALE_POLICY_KEY, ModelSpec
+from semclip_batch.config import SCALE_CHECK_POLICIES, SCALE_POLICY_KEY, ModelSpec, parse_scale_policy
 from semclip_batch.fewshot.fit_memory import BASE_BYTES, BYTES_PER_ROW, available_bytes, coarser, needed_bytes, too_large
 from semclip_batch.fewshot.pretrain import held_frames, heldout_split
 from semclip_batch.fewshot.scale_check import (
@@ -23,6 +23,8 @@ from semclip_batch.fewshot.scale_check import (
     policy_auroc,
     recommend,
     scale_check,
+    support_check,
+    support_check_lines,
 )
 from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.io.manifest import read_manifest
@@ -236,3 +238,58 @@ def test_an_archive_without_held_out_frames_says_why_it_has_no_check(tmp_path, l
     assert res.exit_code == 0, res.output
     assert "scale check: no held-out frame with a pixel truth (archives under 20 frames hold none out" in res.output
     assert SCALE_POLICY_KEY not in weights_metadata("semclip-tiny", str(out))
+
+
+def test_train_auto_chooses_the_policy_on_its_support_frames(tmp_path, logic_lot):
+    """``--scale-policy auto``: SEM-CLIP's ``train`` runs pretrain's check on its own support frames (zero-shot, the
+    starting weights), trains at the policy it chooses and records both in the checkpoint."""
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / "ck"),
+                               "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1",
+                               "--scale-policy", "auto"])
+    assert res.exit_code == 0, res.output
+    assert "scale check (7 support frames, zero-shot run's maps)" in res.output
+    meta = load_checkpoint(str(tmp_path / "ck")).meta
+    record = meta.training["scale_check"]
+    # the record is the check of these very frames: the same figures computed here, policy by policy
+    backbone = load_backbone("semclip-tiny", "shipped")
+    text = clip_text_embeddings(backbone.clip, "semclip-tiny", load_prompts(None))
+    expected = scale_check(backbone.clip.eval(), "semclip-tiny", text, check_frames(read_manifest(str(logic_lot)), None))
+    assert list(record["figures"]) == list(SCALE_CHECK_POLICIES) and record["frames"] == 7
+    for name, row in expected.items():
+        assert record["figures"][name]["views"] == row["views"]
+        assert record["figures"][name]["pAUROC"] == pytest.approx(row["pAUROC"], abs=1e-6)
+    assert record["chosen"] == recommend(expected)
+    assert meta.scale_policy == parse_scale_policy(record["chosen"])
+    assert meta.training["config"]["check_scale"] is True
+    assert f"{record['chosen']:<8}" in res.output and "<- chosen: trained at it" in res.output
+    # without auto (the default, or weights with a check of their own): no support check
+    for name, weights in (("default", "shipped"), ("weights", _weights_recommending(tmp_path, "0.5"))):
+        res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / name),
+                                   "--backbone", "semclip-tiny", "--pretrained", weights, "--epochs", "1"])
+        assert res.exit_code == 0, res.output
+        assert "support frames" not in res.output
+        meta = load_checkpoint(str(tmp_path / name)).meta
+        assert "scale_check" not in meta.training
+        assert meta.scale_policy == {"default": None, "weights": 0.5}[name]
+    # the baselines have no SEM-CLIP zero-shot map to choose on; run has no support frames
+    res = runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / "w"), "--backbone", "semclip-tiny",
+                               "--pretrained", "shipped", "--method", "winclip", "--scale-policy", "auto"])
+    assert res.exit_code == 1 and not (tmp_path / "w").exists()
+    assert res.output.strip().splitlines()[-1].endswith("--method winclip takes whole, native or a fraction")
+    res = runner.invoke(main, ["run", str(logic_lot), "--out", str(tmp_path / "r"), "--backbone", "semclip-tiny",
+                               "--pretrained", "shipped", "--scale-policy", "auto"])
+    assert res.exit_code != 0 and "--scale-policy must be whole, native or a fraction" in res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_support_set_without_pixel_truth_is_trained_whole_and_says_why(logic_lot):
+    df = read_manifest(str(logic_lot))
+    df = df[df["label"] != "normal"].assign(mask_url="")
+    record = support_check(torch.nn.Identity(), "semclip-tiny", load_prompts(None), df, None)
+    assert record == {"figures": {}, "chosen": None, "frames": 0,
+                      "note": "no support frame with a pixel truth (defect rows need a mask_uri)"}
+    assert support_check_lines({"scale_check": record}) == [
+        "scale check: no support frame with a pixel truth (defect rows need a mask_uri); trained at whole "
+        "(--scale-policy sets another)"]
+    assert support_check_lines({}) == []

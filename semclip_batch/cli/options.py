@@ -197,13 +197,13 @@ def run_options(fn: F) -> F:
     return fn
 
 
-def scale_policy_option(default: str) -> Callable[[F], F]:
-    """``--scale-policy`` (config.parse_scale_policy), for ``run`` and ``train``."""
+def scale_policy_option(default: str, auto: str = "") -> Callable[[F], F]:
+    """``--scale-policy`` (config.parse_scale_policy), for ``run`` and ``train`` (``auto``: its help)."""
     return click.option(
-        "--scale-policy", default=None, metavar="whole|native|FRACTION",
+        "--scale-policy", default=None, metavar="whole|native|FRACTION" + ("|auto" if auto else ""),
         help="Resolution of the defect map: whole (the frame resized to the model input), native, or a fraction "
              "such as 0.5 of native resolution; frames larger than the model input covers at it are scored as "
-             f"overlapping tiles (class scores from the whole frame) {default}.")
+             f"overlapping tiles (class scores from the whole frame){auto} {default}.")
 
 
 def self_similarity_option(default: str) -> Callable[[F], F]:

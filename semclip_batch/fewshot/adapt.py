@@ -95,17 +95,18 @@ class FitBackbone:
 
 def backbone_for_fit(model: ModelSpec, support: str, df: pd.DataFrame, data: TrainSet, prompts: PromptSet,
                      prep: PreprocessConfig, steps: int, lr: float, adapt_below: float | None,
-                     progress: LossProgress | None = None) -> FitBackbone:
+                     progress: LossProgress | None = None, start: LoadedBackbone | None = None) -> FitBackbone:
     """``model``'s weights, or those weights adapted for ``steps`` at ``lr`` on ``df`` (:func:`adaptation_rows`;
     ``data``: its support set as loaded, before augmentation). With ``adapt_below`` (``train``'s default), only
     where the weights classify fewer than that share of the support frames right zero-shot
     (:func:`zero_shot_accuracy`). The adapted weights are written to a temporary folder and kept in memory: the
     checkpoint folder gets them with the checkpoint, never before the fit has succeeded. ``progress``: the
-    adaptation's steps and loss."""
+    adaptation's steps and loss; ``start``: ``model``'s weights where the caller loaded them already."""
     check = None
     if not steps or adapt_below is not None:  # the given weights are fitted on, or checked first
-        start = load_backbone(model.backbone, model.pretrained, seed=model.seed,
-                              expected_sha256=model.pretrained_sha256, storage_options=model.storage_options)
+        if start is None:
+            start = load_backbone(model.backbone, model.pretrained, seed=model.seed,
+                                  expected_sha256=model.pretrained_sha256, storage_options=model.storage_options)
         if steps and adapt_below is not None:
             accuracy = zero_shot_accuracy(start, prompts, data, prep)
             check = {"zero_shot_accuracy": round(accuracy, 4), "adapt_below": adapt_below,

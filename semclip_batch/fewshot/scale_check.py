@@ -129,13 +129,18 @@ def recommend(check: Mapping[str, Mapping[str, float | int | None]],
     return min(near, key=lambda name: (int(check[name].get("views") or 0), order.get(name, len(order))))
 
 
-def check_lines(check: Mapping[str, Mapping[str, float | int | None]], chosen: str | None, frames: int) -> list[str]:
-    """The scale check as lines for ``pretrain``'s output."""
-    lines = [f"scale check ({frames} held-out frames, zero-shot run's maps): policy, pixel AUROC, model views"]
+PRETRAIN_MARK = "recommended: run and train use it unless --scale-policy is given"
+TRAIN_MARK = "chosen: trained at it and stored in the checkpoint (run --model scores with it)"
+
+
+def check_lines(check: Mapping[str, Mapping[str, float | int | None]], chosen: str | None, frames: int,
+                source: str = "held-out", mark: str = PRETRAIN_MARK) -> list[str]:
+    """The scale check as lines for ``pretrain``'s (``train``'s: ``source``, ``mark``) output."""
+    lines = [f"scale check ({frames} {source} frames, zero-shot run's maps): policy, pixel AUROC, model views"]
     for name, row in check.items():
         auroc = row.get("pAUROC")
-        mark = "  <- recommended: run and train use it unless --scale-policy is given" if name == chosen else ""
-        lines.append(f"  {name:<8} {'  n/a' if auroc is None else f'{auroc:.3f}'} {row.get('views') or 0:>7}{mark}")
+        mark_here = f"  <- {mark}" if name == chosen else ""
+        lines.append(f"  {name:<8} {'  n/a' if auroc is None else f'{auroc:.3f}'} {row.get('views') or 0:>7}{mark_here}")
     return lines
 
 
@@ -193,16 +198,47 @@ def reserve_seconds(clip: torch.nn.Module, backbone: str, prompts: PromptSet, ro
 
 
 def run_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd.DataFrame,
-              storage_options: Mapping[str, Any] | None) -> ScaleCheck:
-    """The scale check of the held-out ``rows`` with the weights as they are (eval mode)."""
+              storage_options: Mapping[str, Any] | None, source: str = "held-out") -> ScaleCheck:
+    """The scale check of the ``source`` (held-out) ``rows`` with the weights as they are (eval mode)."""
     if rows.empty:
         return ScaleCheck({}, None, "no held-out frame with a pixel truth (archives under 20 frames hold none out; "
                                     "defect rows need a mask_uri)")
     frames = check_frames(rows, storage_options)
     if not any(bool(f.truth.any()) for f in frames):
-        return ScaleCheck({}, None, f"no defect pixel among the {len(frames)} held-out frames", len(frames))
+        return ScaleCheck({}, None, f"no defect pixel among the {len(frames)} {source} frames", len(frames))
     t0 = time.perf_counter()
     figures = scale_check(clip, backbone, clip_text_embeddings(clip, backbone, prompts), frames)
-    log.info("scale check: %d held-out frames, %d model views, %.0f s", len(frames),
+    log.info("scale check: %d %s frames, %d model views, %.0f s", len(frames), source,
              sum(int(row["views"] or 0) for row in figures.values()), time.perf_counter() - t0)
     return ScaleCheck(figures, recommend(figures), None, len(frames))
+
+
+def support_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, df: pd.DataFrame,
+                  storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``train``'s scale check, where no ``--scale-policy`` is given and its weights carry no check of their own:
+    ``pretrain``'s check (the same candidates, tolerance and rule) on the support frames of ``df`` that have a pixel
+    truth, scored zero-shot with the starting weights, before any adaptation, so on frames those weights never
+    trained on. The checkpoint's record: per policy the figures, the chosen policy (None: whole, ``note`` says
+    why nothing was measured) and the frames checked."""
+    rows = with_truth(df)
+    if rows.empty:
+        return {"figures": {}, "chosen": None, "frames": 0,
+                "note": "no support frame with a pixel truth (defect rows need a mask_uri)"}
+    was_training = clip.training
+    clip.eval()
+    try:
+        result = run_check(clip, backbone, prompts, rows, storage_options, source="support")
+    finally:
+        clip.train(was_training)
+    return {"figures": result.figures, "chosen": result.chosen, "frames": result.frames,
+            **({} if result.note is None else {"note": result.note})}
+
+
+def support_check_lines(training: Mapping[str, Any]) -> list[str]:
+    """``train``'s output for the support check recorded in a checkpoint's ``training`` (none where none ran)."""
+    record = training.get("scale_check")
+    if not isinstance(record, Mapping):
+        return []
+    if record.get("note"):
+        return [f"scale check: {record['note']}; trained at whole (--scale-policy sets another)"]
+    return check_lines(record["figures"], record["chosen"], int(record["frames"]), "support", TRAIN_MARK)

@@ -29,6 +29,7 @@ from semclip_batch.config import (
     LossProgress,
     ModelSpec,
     PreprocessConfig,
+    parse_scale_policy,
     scale_policy_name,
 )
 from semclip_batch.errors import ConfigError
@@ -36,6 +37,7 @@ from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, backbone_for_fit, write_
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.fit_memory import available_bytes, coarser, too_large
 from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, for_policy, recorded
+from semclip_batch.fewshot.scale_check import support_check
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
@@ -45,7 +47,7 @@ from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import HeldOutMaps, Support
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
-from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
+from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
 from semclip_batch.model.towers import vision_tower
@@ -74,6 +76,9 @@ class TrainConfig:
     # the scale policy is the weights' recommendation (pretrain's scale check), not the user's: where the support
     # rows would not fit in memory at it, the next coarser one is taken (fewshot.fit_memory)
     policy_from_weights: bool = False
+    # --scale-policy auto: SEM-CLIP's policy is chosen on the support frames (fewshot.scale_check.support_check, the
+    # starting weights' zero-shot maps); the checkpoint records the check
+    check_scale: bool = False
     adapt_steps: int = 0  # --adapt-steps: the backbone adapted on the support frames first (fewshot.adapt); 0: frozen
     adapt_lr: float = DEFAULT_ADAPT_LR
     # train's default: adapt only where the weights classify fewer of the support frames right zero-shot; None: as asked
@@ -85,6 +90,8 @@ class TrainConfig:
                                                        or m.cls != "fused"):
             raise ConfigError("--taps, --no-vv, --no-surgery and --cls are SEM-CLIP options; "
                               f"--method {m.method} takes none of them")
+        if self.check_scale and not get_method(m.method).recipes:
+            raise ConfigError(f"--scale-policy auto chooses SEM-CLIP's policy; --method {m.method} takes a given one")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.shots is not None and self.shots < 1:
@@ -382,6 +389,13 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
+    start, scale = None, None
+    if cfg.check_scale:
+        start = load_backbone(cfg.model.backbone, cfg.model.pretrained, seed=cfg.model.seed,
+                              expected_sha256=cfg.model.pretrained_sha256, storage_options=cfg.model.storage_options)
+        scale = support_check(start.clip, cfg.model.backbone, prompts, df, cfg.model.storage_options)
+        policy = None if scale["chosen"] is None else parse_scale_policy(scale["chosen"])
+        cfg = replace(cfg, policy_from_weights=True, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
     cfg, prep, data = _support_that_fits(cfg, df, prompts.classes)
     spec = applied(cfg.recipe, cfg.model)
     if spec.self_reference and not spec.use_reference and not _normal_with_reference(data):
@@ -393,7 +407,8 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     views = len(data)
     whole = data.first_views()
     chosen = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.adapt_steps, cfg.adapt_lr,
-                              cfg.adapt_below, adapt_progress)
+                              cfg.adapt_below, adapt_progress, start=start)
+    del start
     backbone, adapted = chosen.backbone, chosen.adapted
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
@@ -433,6 +448,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
                   "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum()),
                   **fitted.summary, **({} if adapted is None else {"adapted_backbone": adapted.record}),
                   **({} if chosen.check is None else {"adapt_check": chosen.check}),
+                  **({} if scale is None else {"scale_check": scale}),
                   "seconds": round(time.perf_counter() - t0, 1)},
         score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
         memory=spec.memory, region_head=spec.region_head, scale_policy=spec.scale_policy,
