@@ -189,12 +189,12 @@ def test_train_steps_down_from_a_recommended_policy_that_does_not_fit(tmp_path, 
     res = train_with(50, "ck")  # native does not fit: the next coarser policy
     assert res.exit_code == 0, res.output
     assert "70 support rows at --scale-policy native need" in caplog.text
-    assert "trained at --scale-policy 0.75 instead of the weights' recommendation" in caplog.text
+    assert "trained at --scale-policy 0.75 instead of the weights' recommendation (native)" in caplog.text
     meta = load_checkpoint(str(tmp_path / "ck")).meta
     assert meta.scale_policy == 0.75 and meta.training["rows_augmented"] == 35
     res = train_with(30, "ck-down")  # down to whole, where the recipe's 4 orientations apply again
     assert res.exit_code == 0, res.output
-    assert "trained at --scale-policy whole instead of the weights' recommendation" in caplog.text
+    assert "trained at --scale-policy whole instead of the weights' recommendation (native)" in caplog.text
     meta = load_checkpoint(str(tmp_path / "ck-down")).meta
     assert meta.scale_policy is None and meta.training["rows_augmented"] == 28
     # a policy the user gave is refused in one line instead
@@ -293,3 +293,23 @@ def test_a_support_set_without_pixel_truth_is_trained_whole_and_says_why(logic_l
         "scale check: no support frame with a pixel truth (defect rows need a mask_uri); trained at whole "
         "(--scale-policy sets another)"]
     assert support_check_lines({}) == []
+
+
+def test_auto_steps_down_from_its_choice_and_says_so(tmp_path, logic_lot, monkeypatch, caplog):
+    """The support check chose native, the rows do not fit there: ``train`` takes the next coarser policy, the
+    warning names the support check, and the printed check marks native as chosen but not trained at."""
+    import semclip_batch.fewshot.train as train_module
+
+    figures = {name: {"pAUROC": 0.5 + 0.1 * k, "views": 7 * (k + 1)} for k, name in enumerate(SCALE_CHECK_POLICIES)}
+    monkeypatch.setattr(train_module, "support_check",
+                        lambda *a: {"figures": figures, "chosen": "native", "frames": 7})
+    monkeypatch.setattr(train_module, "available_bytes", lambda: needed_bytes(50))  # 70 native rows do not fit
+    res = CliRunner().invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / "ck"),
+                                    "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1",
+                                    "--scale-policy", "auto"])
+    assert res.exit_code == 0, res.output
+    assert "trained at --scale-policy 0.75 instead of the support frames' scale check (native)" in caplog.text
+    meta = load_checkpoint(str(tmp_path / "ck")).meta
+    assert meta.scale_policy == 0.75 and meta.training["scale_check"]["trained_at"] == "0.75"
+    assert "native   0.800      28  <- chosen; trained at 0.75: the support rows would not fit in memory at it" in res.output
+    assert meta.training["config"]["policy_from_weights"] is False

@@ -166,7 +166,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @scale_policy_option("[default: the one the --pretrained weights' scale check recommends (pretrain), else whole; "
                      "stored in the checkpoint, run scores with it]",
                      auto="; auto: the one pretrain's scale check chooses on the support frames, scored zero-shot "
-                          "(SEM-CLIP; README \"The scale check\")")
+                          "(SEM-CLIP; README \"The scale check of the support frames\")")
 @self_similarity_option("[default: with SEM-CLIP's recipe transfer chosen on the support frames with the memory's "
                         "weight (0, 0.25 .. 1 or 0.8), 0 with paper; a given W is used as given; baselines have none; "
                         "stored in the checkpoint]")
@@ -215,7 +215,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                       adapt_lr=adapt_lr, adapt_below=DEFAULT_ADAPT_BELOW if adapt_steps is None else None,
                       recipe=with_self_similarity(with_self_reference(get_recipe(recipe), self_reference),
                                                   self_similarity),
-                      choose_reference_weight=weight is None, policy_from_weights=scale_policy is None or auto,
+                      choose_reference_weight=weight is None, policy_from_weights=scale_policy is None,
                       check_scale=auto,
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,

@@ -215,12 +215,13 @@ def run_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd
 
 def support_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, df: pd.DataFrame,
                   storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``train``'s scale check, where no ``--scale-policy`` is given and its weights carry no check of their own:
-    ``pretrain``'s check (the same candidates, tolerance and rule) on the support frames of ``df`` that have a pixel
-    truth, scored zero-shot with the starting weights, before any adaptation, so on frames those weights never
-    trained on. The checkpoint's record: per policy the figures, the chosen policy (None: whole, ``note`` says
-    why nothing was measured) and the frames checked."""
-    rows = with_truth(df)
+    """``train --scale-policy auto``'s scale check (whatever the weights recommend): ``pretrain``'s check (the same
+    candidates, tolerance and rule, and like it up to :data:`SCALE_CHECK_FRAMES` frames evenly spread) on the support
+    frames of ``df`` that have a pixel truth, scored zero-shot with the starting weights, before any adaptation, so on
+    frames those weights never trained on. The checkpoint's record: per policy the figures, the chosen policy (None:
+    whole, ``note`` says why nothing was measured) and the frames checked; ``train`` adds ``trained_at`` where the
+    support rows did not fit in memory at the chosen policy and it stepped down."""
+    rows = check_rows(df, torch.arange(len(df)))
     if rows.empty:
         return {"figures": {}, "chosen": None, "frames": 0,
                 "note": "no support frame with a pixel truth (defect rows need a mask_uri)"}
@@ -241,4 +242,6 @@ def support_check_lines(training: Mapping[str, Any]) -> list[str]:
         return []
     if record.get("note"):
         return [f"scale check: {record['note']}; trained at whole (--scale-policy sets another)"]
-    return check_lines(record["figures"], record["chosen"], int(record["frames"]), "support", TRAIN_MARK)
+    stepped = record.get("trained_at")
+    mark = TRAIN_MARK if stepped is None else f"chosen; trained at {stepped}: the support rows would not fit in memory at it"
+    return check_lines(record["figures"], record["chosen"], int(record["frames"]), "support", mark)

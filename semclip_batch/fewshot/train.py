@@ -354,7 +354,7 @@ def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
     :func:`~semclip_batch.fewshot.recipes.for_policy`). Where its rows would not fit in memory
     (:mod:`~semclip_batch.fewshot.fit_memory`): without the recipe's augmentation if that fits, else, when the
     policy came from the weights, at the next coarser policy (the config returned says which); else refused."""
-    recipe = cfg.recipe
+    recipe, asked = cfg.recipe, scale_policy_name(cfg.model.scale_policy)
     while True:
         cfg = replace(cfg, recipe=for_policy(recipe, cfg.model.scale_policy))  # a step down to whole augments again
         spec = applied(cfg.recipe, cfg.model)
@@ -374,11 +374,11 @@ def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
             return replace(cfg, recipe=replace(cfg.recipe, augment=False)), prep, data
         if cfg.model.scale_policy is None:
             raise ConfigError(f"{why}: train on fewer support frames (--shots)")
-        if not cfg.policy_from_weights:
+        if not (cfg.policy_from_weights or cfg.check_scale):
             raise ConfigError(f"{why}: train on fewer support frames (--shots) or at a coarser --scale-policy")
         policy = coarser(cfg.model.scale_policy)
-        log.warning("%s: trained at --scale-policy %s instead of the weights' recommendation", why,
-                    scale_policy_name(policy))
+        source = "the support frames' scale check" if cfg.check_scale else "the weights' recommendation"
+        log.warning("%s: trained at --scale-policy %s instead of %s (%s)", why, scale_policy_name(policy), source, asked)
         cfg = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
 
 
@@ -389,14 +389,18 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
-    start, scale = None, None
+    loaded: list[LoadedBackbone] = []  # the starting weights where the support check loaded them (handed on below)
+    scale = None
     if cfg.check_scale:
-        start = load_backbone(cfg.model.backbone, cfg.model.pretrained, seed=cfg.model.seed,
-                              expected_sha256=cfg.model.pretrained_sha256, storage_options=cfg.model.storage_options)
-        scale = support_check(start.clip, cfg.model.backbone, prompts, df, cfg.model.storage_options)
+        loaded.append(load_backbone(cfg.model.backbone, cfg.model.pretrained, seed=cfg.model.seed,
+                                    expected_sha256=cfg.model.pretrained_sha256,
+                                    storage_options=cfg.model.storage_options))
+        scale = support_check(loaded[0].clip, cfg.model.backbone, prompts, df, cfg.model.storage_options)
         policy = None if scale["chosen"] is None else parse_scale_policy(scale["chosen"])
-        cfg = replace(cfg, policy_from_weights=True, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
+        cfg = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
     cfg, prep, data = _support_that_fits(cfg, df, prompts.classes)
+    if scale is not None and scale["chosen"] is not None and scale_policy_name(cfg.model.scale_policy) != scale["chosen"]:
+        scale["trained_at"] = scale_policy_name(cfg.model.scale_policy)  # stepped down: the rows did not fit
     spec = applied(cfg.recipe, cfg.model)
     if spec.self_reference and not spec.use_reference and not _normal_with_reference(data):
         log.warning("no normal support frame repeats its pattern: trained without cell references")
@@ -406,9 +410,9 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
         data.refs = data.has_ref = None
     views = len(data)
     whole = data.first_views()
+    # popped, not passed: where the backbone adapts, the starting weights are freed before the adapted ones load
     chosen = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.adapt_steps, cfg.adapt_lr,
-                              cfg.adapt_below, adapt_progress, start=start)
-    del start
+                              cfg.adapt_below, adapt_progress, start=loaded.pop() if loaded else None)
     backbone, adapted = chosen.backbone, chosen.adapted
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
