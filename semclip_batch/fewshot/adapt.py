@@ -113,7 +113,7 @@ def backbone_for_fit(model: ModelSpec, support: str, df: pd.DataFrame, data: Tra
                      "adapted": accuracy < adapt_below}
         if check is None or not check["adapted"]:
             return FitBackbone(start, check=check)
-        del start  # pretrain loads its own copy
+    start = None  # freed: pretrain loads its own copy
     rows, held = adaptation_rows(df, data.frame if data.frame is not None else torch.arange(len(data)), model.seed)
     with tempfile.TemporaryDirectory(prefix="semclip-adapt-") as folder:
         adapted = adapt_backbone(model, support, rows, folder, steps, lr, held_out=held, progress=progress)

@@ -353,7 +353,8 @@ def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
     whatever run's --tile-above), at the config's policy (the recipe's augmentation at ``whole`` only:
     :func:`~semclip_batch.fewshot.recipes.for_policy`). Where its rows would not fit in memory
     (:mod:`~semclip_batch.fewshot.fit_memory`): without the recipe's augmentation if that fits, else, when the
-    policy came from the weights, at the next coarser policy (the config returned says which); else refused."""
+    policy came from the weights or the support frames' scale check, at the next coarser policy (the config returned
+    says which); else refused."""
     recipe, asked = cfg.recipe, scale_policy_name(cfg.model.scale_policy)
     while True:
         cfg = replace(cfg, recipe=for_policy(recipe, cfg.model.scale_policy))  # a step down to whole augments again
