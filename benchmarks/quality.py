@@ -44,7 +44,8 @@ from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table, pretrain
 from semclip_batch.fewshot.recipes import RECIPES, Recipe, applied, copies
-from semclip_batch.fewshot.train import Fitted, TrainConfig, fit, sample_shots, support_pixel_differences
+from semclip_batch.fewshot.reference_fit import support_pixel_differences
+from semclip_batch.fewshot.train import Fitted, TrainConfig, fit, sample_shots
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest

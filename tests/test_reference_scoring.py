@@ -207,7 +207,7 @@ def test_auto_weight_follows_the_map_that_finds_the_defects():
     """``--reference-weight auto``'s rule on maps with known answers: where only the reference sees the
     particles the whole weight goes to it; where only the method does, the weight falls, to the largest one that
     still ranks every particle pixel first (ties go to the weight nearest the one given)."""
-    from semclip_batch.fewshot.train import REFERENCE_WEIGHTS, choose_reference_weight
+    from semclip_batch.fewshot.reference_fit import REFERENCE_WEIGHTS, choose_reference_weight
 
     gen = torch.Generator().manual_seed(3)
     masks = _particles()
@@ -237,7 +237,7 @@ def test_auto_weight_ranks_by_pixel_auroc_before_f1max():
     not chosen. The method finds two of three particles (F1max 0.8 at w <= 0.5, AUROC 2/3 alone); the
     reference ranks all three above most of the background, with a hot spot on the normal frame that outranks
     the particles from w 0.75 on (F1max 0.38), where the AUROC peaks (0.93 against 0.91 at w 0.5)."""
-    from semclip_batch.fewshot.train import choose_reference_weight
+    from semclip_batch.fewshot.reference_fit import choose_reference_weight
 
     gen = torch.Generator().manual_seed(4)
     masks = _particles()
@@ -266,7 +266,7 @@ def test_train_auto_reference_weight_is_chosen_stored_and_scored_with(tmp_path):
     from click.testing import CliRunner
 
     from semclip_batch.cli import main
-    from semclip_batch.fewshot.train import MIN_WEIGHT_FRAMES, REFERENCE_WEIGHTS
+    from semclip_batch.fewshot.reference_fit import MIN_WEIGHT_FRAMES, REFERENCE_WEIGHTS
 
     manifest = _lot(tmp_path, n=4, defects=16)
     base = ["train", "--adapt-steps", "0", str(manifest),
@@ -310,7 +310,7 @@ def test_train_auto_reference_weight_is_chosen_stored_and_scored_with(tmp_path):
 def test_auto_weight_reads_the_maps_run_writes():
     """A tiled frame's whole view gives class scores only (run writes its tiles' maps); an untiled frame's whole
     view is its map. Augmented copies repeat the frames and do not make an untiled frame look tiled."""
-    from semclip_batch.fewshot.train import emitted_views
+    from semclip_batch.fewshot.support_maps import emitted_views
     from semclip_batch.fewshot.trainset import TrainSet
 
     frame = torch.tensor([3, 5, 5, 5, 8] * 2)  # frame 5: whole view + 2 tiles; two copies
@@ -326,7 +326,7 @@ def test_auto_weight_reads_the_maps_run_writes():
 def test_auto_weight_is_kept_with_too_few_held_out_defect_frames_with_a_reference():
     """Held-out frames whose defects have no reference, and normal frames that have one, rank no weight: the
     given weight is kept and the record says why, before any feature is read."""
-    from semclip_batch.fewshot.train import MIN_WEIGHT_FRAMES, held_out_reference_weight
+    from semclip_batch.fewshot.reference_fit import MIN_WEIGHT_FRAMES, held_out_reference_weight
     from semclip_batch.fewshot.trainset import TrainSet
     from semclip_batch.methods.fitting import HeldOutMaps
 

@@ -10,7 +10,8 @@ import torch
 from semclip_batch.config import ModelSpec
 from semclip_batch.errors import WeightsError
 from semclip_batch.fewshot.pretrain import PretrainConfig
-from semclip_batch.fewshot.train import TrainConfig, map_auroc, train
+from semclip_batch.fewshot.support_maps import map_auroc
+from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.fewshot.trainset import load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.preprocess import normalize

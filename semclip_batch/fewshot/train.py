@@ -11,10 +11,8 @@ WinCLIP+'s memories and PromptAD's prompts in their own modules), then fit the t
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -22,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from semclip_batch.analysis.metrics import PixelCounts
 from semclip_batch.config import (
     DEFAULT_ADAPT_LR,
     DEFAULT_MIN_REGION_PX,
@@ -37,27 +34,30 @@ from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, backbone_for_fit, write_
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.fit_memory import available_bytes, coarser, too_large
 from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, for_policy, recorded
+from semclip_batch.fewshot.reference_fit import (
+    fit_reference,
+    held_out_reference_weight,
+    normal_with_reference,
+    support_pixel_differences,
+    support_reference_fuser,
+)
 from semclip_batch.fewshot.scale_check import support_check
+from semclip_batch.fewshot.support_maps import emitted_views, map_auroc, pixel_counts
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
-from semclip_batch.methods.decisions import anomaly_score, to_mask
+from semclip_batch.methods.decisions import anomaly_score
 from semclip_batch.methods.feature_cache import cached_features, feature_key
 from semclip_batch.methods.features import Features, encode_views
-from semclip_batch.methods.fitting import HeldOutMaps, Support
+from semclip_batch.methods.fitting import Support
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
 from semclip_batch.model import SemClipOutput
-from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
+from semclip_batch.model.reference import ReferenceScorer, reference_taps
 from semclip_batch.model.towers import vision_tower
 
 log = logging.getLogger(__name__)
-PIXEL_SAMPLE = 4_000_000  # normal pixels drawn for the reference's pixel scale (a 99th percentile)
-REFERENCE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # what --reference-weight auto chooses from
-# held-out defect frames with a reference needed to choose it (a 70-frame support holds out 14, ~12 with a defect)
-MIN_WEIGHT_FRAMES = 3
-WITHIN_AUROC = 0.01  # the weight rule: best F1max among the weights this close to the best pixel AUROC
 
 
 @dataclass(frozen=True)
@@ -120,20 +120,6 @@ def sample_shots(df: pd.DataFrame, shots: int | None, seed: int) -> pd.DataFrame
     return pd.concat(parts).sort_values("image_id").reset_index(drop=True)
 
 
-def _pixel_counts(maps: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor) -> PixelCounts:
-    """Per-level counts of the stored-mask form of ``maps`` against ``masks`` >= 0.5, rows with a mask only."""
-    counts = PixelCounts()
-    for m, t, has in zip(maps, masks, has_mask, strict=True):
-        if has:
-            counts.add(to_mask(m.numpy()), t.float().numpy() >= 0.5, regions=False)
-    return counts
-
-
-def map_auroc(maps: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor) -> float:
-    """Pixel AUROC of ``maps`` against ``masks`` (rows with a mask only); 0 when undefined."""
-    return _pixel_counts(maps, masks, has_mask).auroc() or 0.0
-
-
 def frame_scores(out: SemClipOutput, data: TrainSet, score_mode: str, views: int) -> tuple[np.ndarray, np.ndarray]:
     """Per support frame, as ``run`` scores it: ``anomaly_score`` of its whole view's p(normal) and the maximum
     over its views' maps (the whole view, or its tiles under a scale policy), and whether it is a defect frame.
@@ -161,53 +147,9 @@ def fit_thresholds(out: SemClipOutput, data: TrainSet, score_mode: str = "mean",
         bal = [0.5 * ((scores[defect] >= c).mean() + (scores[~defect] < c).mean()) for c in cands]
         i = int(np.argmax(bal))
         image = float((cands[i] + (cands[i - 1] if i > 0 else cands[i] - 0.01)) / 2)
-    counts = _pixel_counts(out.maps, data.masks, data.has_mask)
+    counts = pixel_counts(out.maps, data.masks, data.has_mask)
     pixel = float(int(np.argmax(counts.f1_curve()[:256])) / 255.0) if counts.pos.sum() else 0.5
     return {"image": float(np.clip(image, 0, 1)), "pixel": pixel, "min_region_px": DEFAULT_MIN_REGION_PX}
-
-
-def support_pixel_differences(data: TrainSet, unit: float, chunk: int = 256) -> torch.Tensor | None:
-    """:func:`~semclip_batch.model.reference.pixel_difference` of every support row and its reference, in the
-    backbone's normalised grey units (``unit``: its std), as ``run`` computes it; None without references."""
-    if data.refs is None:
-        return None
-    return torch.cat([pixel_difference(data.views[i:i + chunk], data.refs[i:i + chunk]) / unit
-                      for i in range(0, len(data), chunk)])
-
-
-def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet,
-                  pixels: torch.Tensor | None = None, among: torch.Tensor | None = None) -> float:
-    """The reference scales: 99th percentiles of the normal support patches' token distances and of their
-    pixels' differences (of the rows ``among`` only, where given)."""
-    assert data.has_ref is not None
-    normal = (data.labels == 0) & data.has_ref
-    if among is not None:
-        normal &= torch.isin(torch.arange(len(data)), among)
-    rows = normal.nonzero().flatten()
-    if rows.numel() == 0:
-        raise ConfigError("--use-reference needs normal support rows with a readable reference_uri frame")
-    dist = reference.distance(feats.subset(rows).dual, feats.taps, ref_feats.subset(rows).dual, ref_feats.taps)
-    scale = float(torch.quantile(dist.flatten().float(), 0.99).clamp_min(1e-4))
-    reference.scale.fill_(scale)
-    if pixels is not None:
-        sample = pixels[rows].flatten()
-        if sample.numel() > PIXEL_SAMPLE:  # draws with replacement: no permutation of every pixel
-            sample = sample[torch.randint(sample.numel(), (PIXEL_SAMPLE,), generator=torch.Generator().manual_seed(0))]
-        reference.pixel_scale.fill_(float(torch.quantile(sample.float(), 0.99).clamp_min(1e-4)))
-    return scale
-
-
-def support_reference_fuser(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet,
-                            pixels: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``fuse(maps, rows)``: support rows' method maps fused with their references as ``run`` fuses them."""
-    assert data.has_ref is not None
-    has_ref = data.has_ref
-    distance = reference.distance(feats.dual, feats.taps, ref_feats.dual, ref_feats.taps)
-
-    def fuse(maps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return reference.fuse(maps, distance[rows], has_ref[rows], None if pixels is None else pixels[rows])
-
-    return fuse
 
 
 @dataclass
@@ -243,7 +185,7 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     model = new_model(spec, backbone.clip, text)
     summary: dict[str, Any] = {}
     reference = pixels = fuse = None
-    if spec.reference_scorer and ref_feats is not None and (spec.use_reference or _normal_with_reference(data)):
+    if spec.reference_scorer and ref_feats is not None and (spec.use_reference or normal_with_reference(data)):
         # scaled on the normal support rows alone, before the method's fit: its map weights are chosen on maps
         # fused with the reference as run fuses them
         reference = ReferenceScorer(reference_taps(depth_of(backbone.clip)), weight=cfg.model.reference_weight,
@@ -271,80 +213,6 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     with torch.no_grad():
         out = score_features(model, feats, size, reference, ref_feats, data.has_ref, pixels)
     return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode, len(data) // n_copies))
-
-
-def emitted_views(data: TrainSet, rows: torch.Tensor) -> torch.Tensor:
-    """Which of ``rows`` (every view of some frames, one copy) hold a map ``run`` writes: a frame's tiles, or its
-    whole view where it has none (the whole view of a tiled frame gives class scores only)."""
-    if data.frame is None:
-        return torch.ones(len(rows), dtype=torch.bool)
-    _, inverse, counts = data.frame[rows].unique(return_inverse=True, return_counts=True)
-    return ~(data.first_views()[rows] & (counts[inverse] > 1))
-
-
-@torch.no_grad()
-def held_out_reference_weight(reference: ReferenceScorer, held: HeldOutMaps | None, feats: Features,
-                              ref_feats: Features, data: TrainSet, pixels: torch.Tensor | None) -> dict[str, Any]:
-    """``--reference-weight auto``: :func:`choose_reference_weight` on the views ``run`` writes of the support
-    frames the method's fit held out (:meth:`~semclip_batch.methods.registry.Method.held_out_maps`), with a copy
-    of the reference scorer whose scales are fitted on the other frames only. Keeps the given weight, saying
-    why (the record's ``kept``), where the method held no frames out (a baseline, or SEM-CLIP under 10 support
-    frames), with fewer than :data:`MIN_WEIGHT_FRAMES` held-out defect frames that have a reference, or where no
-    normal frame the fit learned from has one."""
-    if held is None:
-        return _kept(reference, "the method holds no support frames out of its fit")
-    keep = emitted_views(data, held.rows)
-    rows, maps = held.rows[keep], held.maps[keep]
-    assert data.has_ref is not None
-    has_ref, masks, has_mask = data.has_ref[rows], data.masks[rows], data.has_mask[rows]
-    usable = has_ref & has_mask & (masks >= 0.5).flatten(1).any(1)
-    frames = data.frame[rows] if data.frame is not None else rows
-    counted = {"frames": len(frames.unique()), "views": len(rows), "defect_frames_with_reference":
-               len(frames[usable].unique())}
-    if counted["defect_frames_with_reference"] < MIN_WEIGHT_FRAMES:
-        return _kept(reference, f"fewer than {MIN_WEIGHT_FRAMES} held-out support frames with a defect and a "
-                                "reference", counted)
-    scorer = copy.deepcopy(reference)
-    try:
-        fit_reference(scorer, feats, ref_feats, data, pixels, among=held.fitted)
-    except ConfigError:
-        return _kept(reference, "no normal frame the fit learned from has a reference", counted)
-    dist = scorer.distance(feats.subset(rows).dual, feats.taps, ref_feats.subset(rows).dual, ref_feats.taps)
-    choice = choose_reference_weight(scorer, maps, dist, has_ref, None if pixels is None else pixels[rows],
-                                     masks, has_mask)
-    reference.weight = scorer.weight
-    return {**choice, **counted}
-
-
-def _kept(reference: ReferenceScorer, why: str, counted: dict[str, int] | None = None) -> dict[str, Any]:
-    """The record of an ``auto`` weight that was not chosen: the given one, and why."""
-    return {"weight": reference.weight, **(counted or {}), "kept": why}
-
-
-@torch.no_grad()
-def choose_reference_weight(reference: ReferenceScorer, maps: torch.Tensor, distance: torch.Tensor,
-                            has_ref: torch.Tensor, pixels: torch.Tensor | None, masks: torch.Tensor,
-                            has_mask: torch.Tensor) -> dict[str, Any]:
-    """Set ``reference.weight`` to the one of :data:`REFERENCE_WEIGHTS` whose fused maps (the method's ``maps``
-    with ``reference.fuse``) do best against ``masks``: the best F1max among the weights within
-    :data:`WITHIN_AUROC` of the best pixel AUROC (the rule the default was chosen by on the validation
-    families), ties to the one nearest the weight given (then the smaller). Returns the weight and every weight's
-    figures."""
-    given, scores = reference.weight, {}
-    for w in REFERENCE_WEIGHTS:
-        reference.weight = w
-        counts = _pixel_counts(reference.fuse(maps, distance, has_ref, pixels), masks, has_mask)
-        scores[w] = (counts.auroc() or 0.0, counts.f1_max() or 0.0)
-    best_auroc = max(a for a, _ in scores.values())
-    near = [w for w, (a, _) in scores.items() if a >= best_auroc - WITHIN_AUROC]
-    reference.weight = max(near, key=lambda w: (round(scores[w][1], 4), -abs(w - given)))
-    return {"weight": reference.weight, "pAUROC": {str(w): round(a, 4) for w, (a, _) in scores.items()},
-            "F1max": {str(w): round(f, 4) for w, (_, f) in scores.items()}}
-
-
-def _normal_with_reference(data: TrainSet) -> bool:
-    """Whether a normal support row has a reference view: what the reference scales are fitted on."""
-    return data.has_ref is not None and bool((data.has_ref & (data.labels == 0)).any())
 
 
 def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
@@ -403,7 +271,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     if scale is not None and scale["chosen"] is not None and scale_policy_name(cfg.model.scale_policy) != scale["chosen"]:
         scale["trained_at"] = scale_policy_name(cfg.model.scale_policy)  # stepped down: the rows did not fit
     spec = applied(cfg.recipe, cfg.model)
-    if spec.self_reference and not spec.use_reference and not _normal_with_reference(data):
+    if spec.self_reference and not spec.use_reference and not normal_with_reference(data):
         log.warning("no normal support frame repeats its pattern: trained without cell references")
         cfg = replace(cfg, model=replace(cfg.model, self_reference=False),
                       recipe=replace(cfg.recipe, self_reference=False))
