@@ -1,0 +1,145 @@
+"""`train --scale-policy auto` against `train`'s default, run as a user runs them.
+
+    .venv/bin/python benchmarks/support_scale.py --work /tmp/support-scale \
+        --families contacts:4-10,metal,logic                # ~35 min here; lots and checkpoints cached in --work
+
+Per family (``--families``; ``NAME:LO-HI``: its defects drawn LO-HI px) and support lot (``--support-seeds``, 70
+frames each, written by ``synth`` unless already in ``--work``): ``semclip-batch train`` on the shipped
+`semclip-tiny` weights with its defaults, then again with ``--scale-policy auto``; each checkpoint ``run --model``
+on the test lots (``--test-seeds``) pooled into one manifest, then ``eval``; the shipped weights zero-shot on the
+same pooled lots. Where the check keeps ``whole`` the two checkpoints are the same fit and the second is not
+scored. Prints per support lot the policy the check chose, ``train``'s wall seconds, pAUROC, F1max, AUPRO, iAUROC,
+macro F1, and the share of test frames whose class scores say ``normal``; writes ``--work/support_scale.json``.
+The README's table ("The scale check of the support frames") was measured this way (by hand, before this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from weight_choice import ensure_lot, lot_arguments
+
+KEYS = ("pAUROC", "F1max", "AUPRO", "iAUROC", "macro_F1")
+URI_COLUMNS = ("uri", "mask_uri", "reference_uri")
+
+
+def cli(*args: str) -> float:
+    """``semclip-batch ARGS`` (this interpreter's), output to the caller's stderr only on failure; its wall seconds."""
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", "from semclip_batch.cli import main; main()", *args], env=env,
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"semclip-batch {args[0]} failed (exit {done.returncode})")
+    return time.perf_counter() - started
+
+
+def pooled(work: Path, family: str, seeds: list[int]) -> Path:
+    """The test lots of ``family`` in one manifest, their paths made absolute (``work/family/pooled``)."""
+    folder = work / family / f"pooled-{'-'.join(map(str, seeds))}"
+    if not (folder / "manifest.csv").exists():
+        parts = []
+        for seed in seeds:
+            lot = ensure_lot(work / family / f"test-{seed}", family, seed).resolve()
+            df = pd.read_csv(lot / "manifest.csv", dtype=str, keep_default_na=False)
+            for col in URI_COLUMNS:
+                if col in df:
+                    df[col] = [v if v == "" or os.path.isabs(v) else str(lot / v) for v in df[col]]
+            parts.append(df)
+        folder.mkdir(parents=True, exist_ok=True)
+        pd.concat(parts).to_csv(folder / "manifest.csv", index=False)
+    return folder / "manifest.csv"
+
+
+def scored(out: Path, truth: Path, classes: list[str], *model: str) -> dict[str, Any]:
+    """``run`` (``model``: ``--model CK`` or zero-shot options) on ``truth``'s rows into ``out``, then ``eval``;
+    the figures and the share of frames whose class scores' arg-max is ``normal``."""
+    cli("run", str(truth), "--out", str(out), "--overwrite", *model)
+    cli("eval", str(out), "--truth", str(truth))
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores = pd.read_parquet(out / "predictions", columns=["class_scores", "status"])
+    ok = scores[scores["status"] == "ok"]["class_scores"]
+    normal = float(np.mean([int(np.argmax(s)) == classes.index("normal") for s in ok])) if len(ok) else float("nan")
+    return {**{k: metrics.get(k) for k in KEYS}, "called_normal": normal}
+
+
+def fit(work: Path, family: str, seed: int, auto: bool) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint of ``train`` on the support lot (cached), and its policy, check and wall seconds."""
+    support = ensure_lot(work / family / f"support-{seed}", family, seed)
+    folder = work / family / f"ckpt-{seed}-{'auto' if auto else 'default'}"
+    record = folder / "bench.json"
+    if not record.exists():
+        seconds = cli("train", str(support / "manifest.csv"), "--out", str(folder), "--backbone", "semclip-tiny",
+                      "--pretrained", "shipped", *(["--scale-policy", "auto"] if auto else []))
+        meta = json.loads((folder / "checkpoint.json").read_text())
+        check = meta["training"].get("scale_check", {})
+        record.write_text(json.dumps({"seconds": round(seconds, 1), "classes": meta["classes"],
+                                      "chosen": check.get("chosen") or "whole", "trained_at": meta["scale_policy"],
+                                      "check": check.get("figures")}))
+    return folder, json.loads(record.read_text())
+
+
+def family_rows(work: Path, family: str, supports: list[int], tests: list[int]) -> dict[str, Any]:
+    truth = pooled(work, family, tests)
+    rows: dict[str, Any] = {}
+    for seed in supports:
+        default, d_info = fit(work, family, seed, auto=False)
+        auto, a_info = fit(work, family, seed, auto=True)
+        row = {"chosen": a_info["chosen"], "seconds": {"default": d_info["seconds"], "auto": a_info["seconds"]},
+               "default": scored(work / family / f"out-{seed}-default", truth, d_info["classes"], "--model", str(default))}
+        row["auto"] = row["default"] if a_info["chosen"] == "whole" else scored(
+            work / family / f"out-{seed}-auto", truth, a_info["classes"], "--model", str(auto))
+        rows[str(seed)] = row
+        print(f"  support {seed}: check chose {row['chosen']}", flush=True)
+    classes = d_info["classes"]
+    zero_shot = scored(work / family / "out-zero-shot", truth, classes, "--backbone", "semclip-tiny",
+                       "--pretrained", "shipped")
+    return {"supports": rows, "zero_shot": zero_shot}
+
+
+def print_family(family: str, result: dict[str, Any]) -> None:
+    print(f"\n[{family}] zero-shot: " + ", ".join(f"{k} {result['zero_shot'][k]:.3f}" for k in KEYS))
+    print(f"  {'support':<8}{'chose':<8}{'what':<8}{'s':>6}" + "".join(f"{k:>10}" for k in KEYS) + f"{'normal':>8}")
+    for seed, row in result["supports"].items():
+        for what in ("default", "auto"):
+            m = row[what]
+            print(f"  {seed:<8}{row['chosen']:<8}{what:<8}{row['seconds'][what]:>6.0f}"
+                  + "".join(f"{m[k]:>10.3f}" for k in KEYS) + f"{m['called_normal']:>8.2f}")
+
+
+def main() -> None:
+    parser = lot_arguments(argparse.ArgumentParser(description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.set_defaults(families="contacts:4-10,metal,logic")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    supports = [int(s) for s in args.support_seeds.split(",")]
+    tests = [int(s) for s in args.test_seeds.split(",")]
+    results = {}
+    for family in (f for f in args.families.split(",") if f):
+        print(f"[{family}]", flush=True)
+        results[family] = family_rows(work, family, supports, tests)
+        (work / "support_scale.json").write_text(json.dumps(results, indent=1))
+    for family, result in results.items():
+        print_family(family, result)
+    print(f"\ntotal {(time.perf_counter() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
