@@ -1,7 +1,7 @@
 """`train --scale-policy auto` against `train`'s default, run as a user runs them.
 
     .venv/bin/python benchmarks/support_scale.py --work /tmp/support-scale \
-        --families contacts:4-10,metal,logic                # ~35 min here; lots and checkpoints cached in --work
+        --families contacts:4-10,metal,logic                # ~27 min here; lots and checkpoints cached in --work
 
 Per family (``--families``; ``NAME:LO-HI``: its defects drawn LO-HI px) and support lot (``--support-seeds``, 70
 frames each, written by ``synth`` unless already in ``--work``): ``semclip-batch train`` on the shipped
@@ -10,7 +10,7 @@ on the test lots (``--test-seeds``) pooled into one manifest, then ``eval``; the
 same pooled lots. Where the check keeps ``whole`` the two checkpoints are the same fit and the second is not
 scored. Prints per support lot the policy the check chose, ``train``'s wall seconds, pAUROC, F1max, AUPRO, iAUROC,
 macro F1, and the share of test frames whose class scores say ``normal``; writes ``--work/support_scale.json``.
-The README's table ("The scale check of the support frames") was measured this way (by hand, before this script).
+The README's table ("The scale check of the support frames") is this script's run.
 """
 
 from __future__ import annotations

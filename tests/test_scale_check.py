@@ -272,6 +272,14 @@ def test_train_auto_chooses_the_policy_on_its_support_frames(tmp_path, logic_lot
         meta = load_checkpoint(str(tmp_path / name)).meta
         assert "scale_check" not in meta.training
         assert meta.scale_policy == {"default": None, "weights": 0.5}[name]
+    # auto with weights that recommend a policy: the support frames decide, not the weights' record
+    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / "over"),
+                               "--backbone", "semclip-tiny", "--pretrained", _weights_recommending(tmp_path, "0.5"),
+                               "--epochs", "1", "--scale-policy", "auto"])
+    assert res.exit_code == 0, res.output
+    meta = load_checkpoint(str(tmp_path / "over")).meta
+    assert meta.training["scale_check"]["chosen"] == record["chosen"]  # the same frames, the same starting weights
+    assert meta.scale_policy == parse_scale_policy(record["chosen"])
     # the baselines have no SEM-CLIP zero-shot map to choose on; run has no support frames
     res = runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / "w"), "--backbone", "semclip-tiny",
                                "--pretrained", "shipped", "--method", "winclip", "--scale-policy", "auto"])
