@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,23 +187,35 @@ def reserve_seconds(clip: torch.nn.Module, backbone: str, prompts: PromptSet, ro
     timed = check_frames(rows.iloc[picks], storage_options)
     if not timed:
         return 0.0
-    was_training = clip.training
-    clip.eval()
-    try:
+    with evaluating(clip):
         scale_check(clip, backbone, clip_text_embeddings(clip, backbone, prompts), timed)
-    finally:
-        clip.train(was_training)
     seconds = (time.perf_counter() - t0) * len(rows) / len(picks)
     log.info("scale check: %.0f s reserved for %d held-out frames", seconds, len(rows))
     return seconds
 
 
+@contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block, its own mode back afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+HELD_OUT_WITHOUT_TRUTH = ("no held-out frame with a pixel truth (archives under 20 frames hold none out; defect rows "
+                          "need a mask_uri)")
+
+
 def run_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd.DataFrame,
-              storage_options: Mapping[str, Any] | None, source: str = "held-out") -> ScaleCheck:
-    """The scale check of the ``source`` (held-out) ``rows`` with the weights as they are (eval mode)."""
+              storage_options: Mapping[str, Any] | None, source: str = "held-out",
+              without_truth: str = HELD_OUT_WITHOUT_TRUTH) -> ScaleCheck:
+    """The scale check of the ``source`` (held-out) ``rows`` with the weights as they are (eval mode);
+    ``without_truth``: the note where no row has a pixel truth."""
     if rows.empty:
-        return ScaleCheck({}, None, "no held-out frame with a pixel truth (archives under 20 frames hold none out; "
-                                    "defect rows need a mask_uri)")
+        return ScaleCheck({}, None, without_truth)
     frames = check_frames(rows, storage_options)
     if not any(bool(f.truth.any()) for f in frames):
         return ScaleCheck({}, None, f"no defect pixel among the {len(frames)} {source} frames", len(frames))
@@ -221,16 +234,10 @@ def support_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, df: 
     frames those weights never trained on. The checkpoint's record: per policy the figures, the chosen policy (None:
     whole, ``note`` says why nothing was measured) and the frames checked; ``train`` adds ``trained_at`` where the
     support rows did not fit in memory at the chosen policy and it stepped down."""
-    rows = check_rows(df, torch.arange(len(df)))
-    if rows.empty:
-        return {"figures": {}, "chosen": None, "frames": 0,
-                "note": "no support frame with a pixel truth (defect rows need a mask_uri)"}
-    was_training = clip.training
-    clip.eval()
-    try:
-        result = run_check(clip, backbone, prompts, rows, storage_options, source="support")
-    finally:
-        clip.train(was_training)
+    with evaluating(clip):
+        result = run_check(clip, backbone, prompts, check_rows(df, torch.arange(len(df))), storage_options,
+                           source="support",
+                           without_truth="no support frame with a pixel truth (defect rows need a mask_uri)")
     return {"figures": result.figures, "chosen": result.chosen, "frames": result.frames,
             **({} if result.note is None else {"note": result.note})}
 
