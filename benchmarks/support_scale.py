@@ -31,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from weight_choice import ensure_lot, lot_arguments
 
+from semclip_batch.io.manifest import read_manifest
+
 KEYS = ("pAUROC", "F1max", "AUPRO", "iAUROC", "macro_F1")
-URI_COLUMNS = ("uri", "mask_uri", "reference_uri")
+URI_COLUMNS = (("uri", "url"), ("mask_uri", "mask_url"), ("reference_uri", "reference_url"))
 
 
 def cli(*args: str) -> float:
@@ -54,11 +56,12 @@ def pooled(work: Path, family: str, seeds: list[int]) -> Path:
     if not (folder / "manifest.csv").exists():
         parts = []
         for seed in seeds:
-            lot = ensure_lot(work / family / f"test-{seed}", family, seed).resolve()
-            df = pd.read_csv(lot / "manifest.csv", dtype=str, keep_default_na=False)
-            for col in URI_COLUMNS:
-                if col in df:
-                    df[col] = [v if v == "" or os.path.isabs(v) else str(lot / v) for v in df[col]]
+            manifest = (ensure_lot(work / family / f"test-{seed}", family, seed) / "manifest.csv").resolve()
+            df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+            resolved = read_manifest(str(manifest))  # the paths as run reads them
+            for uri, url in URI_COLUMNS:
+                if uri in df:
+                    df[uri] = resolved[url].to_numpy()
             parts.append(df)
         folder.mkdir(parents=True, exist_ok=True)
         pd.concat(parts).to_csv(folder / "manifest.csv", index=False)
