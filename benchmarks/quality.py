@@ -42,7 +42,8 @@ import torch
 from semclip_batch.analysis.metrics import PixelCounts, classification_report, roc_auc
 from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec
 from semclip_batch.fewshot.augment import augment
-from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table, pretrain
+from semclip_batch.fewshot.heldout import heldout_table
+from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
 from semclip_batch.fewshot.recipes import RECIPES, Recipe, applied, copies
 from semclip_batch.fewshot.reference_fit import support_pixel_differences
 from semclip_batch.fewshot.train import Fitted, TrainConfig, fit, sample_shots
@@ -240,7 +241,7 @@ def ensure_weights(work: Path, family: str, backbone: str, steps: int | None) ->
                              model=ModelSpec(backbone=backbone), max_minutes=0.0)  # every step: rows do not
         # depend on the day's speed (pretrain's default budget would cut them on a slow day)
         result = pretrain(cfg if steps is None else replace(cfg, steps=steps))
-        print("\n".join(heldout_table(result)), flush=True)
+        print("\n".join(heldout_table(result.before, result.after)), flush=True)
         record.write_text(json.dumps({"seconds": result.seconds, "steps": result.steps, "before": result.before,
                                       "after": result.after}))
         print(f"pretrain on {family}: {result.steps} steps in {result.seconds:.0f} s (cached in {path})", flush=True)

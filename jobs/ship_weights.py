@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from semclip_batch.config import ModelSpec
-from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table, pretrain
+from semclip_batch.fewshot.heldout import heldout_table
+from semclip_batch.fewshot.pretrain import PretrainConfig, pretrain
 from semclip_batch.methods.shipped import shipped_path, shipped_weights, to_fp16_file
 from semclip_batch.methods.weights import load_backbone
 from semclip_batch.synth.generate import SynthConfig, synth
@@ -28,7 +29,7 @@ def build(work: Path, backbone: str = "semclip-tiny") -> str:
     fp32 = work / "weights-fp32.safetensors"
     result = pretrain(PretrainConfig(manifest=str(lots / "manifest.csv"), out=str(fp32),
                                      model=ModelSpec(backbone=backbone), max_minutes=0.0))
-    print("\n".join(heldout_table(result)))
+    print("\n".join(heldout_table(result.before, result.after)))
     to_fp16_file(str(fp32), shipped_path(backbone), {"synth": json.dumps(spec.synth)})
     return load_backbone(backbone, shipped_path(backbone)).sha256
 

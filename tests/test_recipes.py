@@ -17,12 +17,12 @@ from semclip_batch.cli.options import pretrain_steps
 from semclip_batch.config import DEFAULT_PRETRAIN_STEPS, DEFAULT_SELF_SIMILARITY, ModelSpec
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.augment import TRANSFORMS, augment
+from semclip_batch.fewshot.heldout import heldout_split
 from semclip_batch.fewshot.pretrain import (
     PretrainConfig,
     area_buckets,
     balanced_weights,
     budgeted_steps,
-    heldout_split,
     pretrain,
     resumed_schedule,
     text_separation,

@@ -343,3 +343,41 @@ def test_auto_weight_is_kept_with_too_few_held_out_defect_frames_with_a_referenc
     assert int(data.labels.sum()) == 7 and MIN_WEIGHT_FRAMES > 1 and choice["defect_frames_with_reference"] == 1
     assert choice["weight"] == scorer.weight == 0.6 and choice["kept"].startswith(f"fewer than {MIN_WEIGHT_FRAMES}")
     assert choice["frames"] == choice["views"] == n
+
+
+def test_the_support_fuser_keeps_the_reference_map_and_fuses_as_fuse_does():
+    """train fuses one set of rows once per weight pair: the reference's own map is computed once for them, and the
+    result is fuse's to the bit; other rows, other scales and another weight are not served from what was kept."""
+    from types import SimpleNamespace
+
+    from semclip_batch.fewshot.reference_fit import support_reference_fuser
+    from semclip_batch.model.encoder import EncoderOutput
+
+    gen = torch.Generator().manual_seed(2)
+    tokens = lambda: EncoderOutput(pooled=torch.zeros(6, 8), original=[torch.randn(6, 17, 8, generator=gen)],  # noqa: E731
+                                   vv=[None])
+    image, reference = tokens(), tokens()
+    has_ref = torch.tensor([True, False, True, True, False, True])
+    pixels = torch.rand(6, 64, 64, generator=gen)
+    scorer = ReferenceScorer((1,), weight=0.6, sigma=2.0)
+    scorer.scale.fill_(0.3)
+    scorer.pixel_scale.fill_(0.2)
+    fuse = support_reference_fuser(scorer, SimpleNamespace(dual=image, taps=(1,)),  # type: ignore[arg-type]
+                                   SimpleNamespace(dual=reference, taps=(1,)),  # type: ignore[arg-type]
+                                   SimpleNamespace(has_ref=has_ref), pixels)  # type: ignore[arg-type]
+    dist = scorer.distance(image, (1,), reference, (1,))
+    calls = []
+    real = scorer.reference_map
+    scorer.reference_map = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    rows = torch.arange(6)
+    for _ in range(3):  # the same rows, other maps: one reference map
+        maps = torch.rand(6, 64, 64, generator=gen)
+        assert torch.equal(fuse(maps, rows), ReferenceScorer.fuse(scorer, maps, dist, has_ref, pixels))
+    assert len(calls) == 1 + 3  # the fuser's once, fuse's own three
+    sub = torch.tensor([4, 1, 2])
+    maps = torch.rand(3, 64, 64, generator=gen)
+    assert torch.equal(fuse(maps, sub), ReferenceScorer.fuse(scorer, maps, dist[sub], has_ref[sub], pixels[sub]))
+    scorer.scale.fill_(0.9)
+    scorer.weight = 0.2
+    assert torch.equal(fuse(maps, sub), ReferenceScorer.fuse(scorer, maps, dist[sub], has_ref[sub], pixels[sub]))
+    assert not torch.equal(fuse(maps, sub), maps)  # rows with a reference moved

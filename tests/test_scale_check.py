@@ -16,7 +16,7 @@ from semclip_batch.cli.commands import main
 from semclip_batch.cli.options import run_config
 from semclip_batch.config import SCALE_CHECK_POLICIES, SCALE_POLICY_KEY, ModelSpec, parse_scale_policy
 from semclip_batch.fewshot.fit_memory import BASE_BYTES, BYTES_PER_ROW, available_bytes, coarser, needed_bytes, too_large
-from semclip_batch.fewshot.pretrain import held_frames, heldout_split
+from semclip_batch.fewshot.heldout import held_frames, heldout_split
 from semclip_batch.fewshot.scale_check import (
     check_frames,
     check_rows,

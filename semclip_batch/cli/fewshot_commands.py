@@ -83,7 +83,8 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
     Example:
       semclip-batch pretrain data/manifest.csv --out sem-tiny.safetensors --backbone semclip-tiny --steps 200
     """
-    from semclip_batch.fewshot.pretrain import PretrainConfig, heldout_table
+    from semclip_batch.fewshot.heldout import heldout_table
+    from semclip_batch.fewshot.pretrain import PretrainConfig
     from semclip_batch.fewshot.pretrain import pretrain as run_pretrain
 
     plan, fill = pretrain_steps(steps, max_minutes)
@@ -95,7 +96,7 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                                          storage_options=parse_storage_options(storage_option)))
     with loss_progress("step", "pretrain") as progress:
         result = run_pretrain(cfg, progress=progress)
-    for line in heldout_table(result):
+    for line in heldout_table(result.before, result.after):
         click.echo(line)
     if result.scale_check is not None:
         for line in result.scale_check.lines():

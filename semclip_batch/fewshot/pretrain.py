@@ -19,7 +19,7 @@ ones; the learning rate warms up over the first ``warmup`` share of the steps (o
 patches, by 1 - p(normal)) on their whole-frame views as ``run`` scores them, the same on their crops (where a
 family's small defects are big enough to be seen at all: on a whole view of a 1024 px frame a 5 px particle
 covers no patch), and image accuracy of the text scores on the whole views are measured on it before and after,
-returned and stored in the weights file's metadata (``heldout_check``).
+returned and stored in the weights file's metadata (``heldout_check``; :mod:`.heldout`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import open_clip
 import pandas as pd
@@ -41,7 +41,6 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR
 
-from semclip_batch.analysis.metrics import roc_auc
 from semclip_batch.config import (
     DEFAULT_KEEP_TOKENS,
     DEFAULT_PRETRAIN_BATCH,
@@ -52,9 +51,16 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_STEPS,
     LossProgress,
     ModelSpec,
-    PreprocessConfig,
 )
 from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.heldout import (
+    CROP_PREFIX,
+    TEXT_COSINE,
+    held_frames,
+    heldout_figures,
+    heldout_split,
+    project_tokens,
+)
 from semclip_batch.fewshot.scale_check import ScaleCheck, check_rows, reserve_seconds, run_check
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, load_trainset, patch_labels
 from semclip_batch.io import storage
@@ -67,7 +73,7 @@ from semclip_batch.model import default_taps
 from semclip_batch.model.encoder import encode_dual_path
 from semclip_batch.model.semclip import patch_logits
 from semclip_batch.model.text import encode_prompts
-from semclip_batch.model.towers import VisionTower, as_clip
+from semclip_batch.model.towers import as_clip
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +150,6 @@ def prompt_sample(owner: torch.Tensor, per_class: int, gen: torch.Generator) -> 
     return torch.cat(picks)
 
 
-def _project(visual: VisionTower, tokens: torch.Tensor) -> torch.Tensor:
-    return F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1)
-
-
 def _balanced_ce(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
     valid = target[target != IGNORE]
     if valid.numel() == 0:
@@ -191,7 +193,7 @@ def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Te
     scale = parts.logit_scale.exp().clamp(max=100.0)
     n_classes = text.shape[0]
     terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
-    dense = torch.stack([_balanced_ce(patch_logits(_project(parts.visual, t), text, scale, True), targets, n_classes)
+    dense = torch.stack([_balanced_ce(patch_logits(project_tokens(parts.visual, t), text, scale, True), targets, n_classes)
                          for t in terms]).mean()
     emb = F.normalize(enc.pooled, dim=-1)
     labels = data.labels[idx]
@@ -254,68 +256,7 @@ def balanced_weights(keys: torch.Tensor) -> torch.Tensor:
     return 1.0 / counts[inverse].float()
 
 
-class HeldOut(NamedTuple):
-    """Row indices of a :func:`heldout_split`."""
-
-    train: torch.Tensor  # every view of ~(1 - share) of the frames
-    whole: torch.Tensor  # the whole-frame view of the others
-    crops: torch.Tensor  # their crops (frames larger than the model input)
-
-
-CROP_PREFIX = "crop_patch_AUROC"  # held-out figures on the crops (native and half resolution), not whole views
-TEXT_COSINE = "text_cosine"  # mean cosine between the classes' text embeddings
 ALIKE_TEXT = 0.8  # above it after training, the text tower has not told the classes apart (README: ~0.9 at random)
-
-
-def held_frames(data: TrainSet, held: HeldOut) -> torch.Tensor:
-    """The manifest positions (``load_trainset``'s, the index reset) of the held-out frames."""
-    return data.frame[held.whole] if data.frame is not None else held.whole
-
-
-def heldout_split(data: TrainSet, share: float, seed: int) -> HeldOut:
-    """Training rows and the held-out frames' rows (none held out below 20 frames)."""
-    frame = data.frame if data.frame is not None else torch.arange(len(data))
-    frames = frame.unique()
-    n_held = int(len(frames) * share) if len(frames) >= 20 else 0
-    held_frames = frames[torch.randperm(len(frames), generator=torch.Generator().manual_seed(seed + 11))[:n_held]]
-    held = torch.isin(frame, held_frames)
-    first = data.first_views()
-    return HeldOut((~held).nonzero().flatten(), (held & first).nonzero().flatten(), (held & ~first).nonzero().flatten())
-
-
-@torch.no_grad()
-def heldout_figures(clip: nn.Module, data: TrainSet, rows: torch.Tensor, text: torch.Tensor, taps: tuple[int, ...],
-                    prep: PreprocessConfig, batch: int = 32, prefix: str = "patch_AUROC",
-                    accuracy: bool = True) -> dict[str, float | None]:
-    """Per-class patch AUROC (``{prefix}/{class}``: each class's patches against normal ones, by 1 - p(normal)
-    averaged over taps and paths) and, with ``accuracy``, text-score accuracy of the pooled embeddings, on
-    ``rows``."""
-    if rows.numel() == 0:
-        return {}
-    parts = as_clip(clip)
-    scale = parts.logit_scale.exp().clamp(max=100.0)
-    probs, targets, correct = [], [], []
-    for idx in rows.split(batch):
-        x = normalize(data.views[idx], prep)
-        grid = x.shape[-1] // parts.visual.conv1.kernel_size[0]
-        enc = encode_dual_path(parts.visual, x, taps, 1)
-        terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
-        probs.append(torch.stack([patch_logits(_project(parts.visual, t), text, scale, True).softmax(-1)
-                                  for t in terms]).mean(0).flatten(0, 1))
-        targets.append(patch_labels(data.masks[idx], data.labels[idx], data.has_mask[idx], grid).flatten())
-        labels = data.labels[idx]
-        known = labels != IGNORE
-        pred = (F.normalize(enc.pooled, dim=-1) @ text.t()).argmax(-1)
-        correct.append((pred[known] == labels[known]).float())
-    p, t = torch.cat(probs), torch.cat(targets)
-    figures: dict[str, float | None] = {}
-    for c, name in enumerate(data.classes[1:], start=1):
-        pick = (t == c) | (t == 0)
-        figures[f"{prefix}/{name}"] = roc_auc((1.0 - p[pick, 0]).numpy(), (t[pick] == c).numpy())
-    if accuracy:
-        hits = torch.cat(correct)
-        figures["accuracy"] = float(hits.mean()) if hits.numel() else None
-    return figures
 
 
 def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
@@ -426,20 +367,6 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
             **(scales.metadata() if scales is not None else {})}
     digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
     return Pretrained(digest, before, after, seconds, steps, scales, backbone.sha256)
-
-
-def heldout_table(result: Pretrained) -> list[str]:
-    """The held-out figures as lines: one per class on whole views, one per class on crops, the classes' text
-    cosine, then accuracy; before -> after."""
-    show = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [f"held-out check ({'before':>6} -> after)"]
-    last = {TEXT_COSINE: 1, "accuracy": 2}
-    for key, after in sorted(result.after.items(), key=lambda kv: last.get(kv[0], 0)):
-        view, _, name = key.partition("/")
-        what = ("image accuracy (text)" if key == "accuracy" else "class-text cosine (mean)" if key == TEXT_COSINE
-                else f"patch AUROC {name}" + (" (crops)" if view == CROP_PREFIX else ""))
-        lines.append(f"  {what:<36} {show(result.before.get(key))} -> {show(after)}")
-    return lines
 
 
 def save_weights(clip: nn.Module, backbone: str, url: str, storage_options: Mapping[str, Any],

@@ -57,13 +57,22 @@ def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Featur
 
 def support_reference_fuser(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet,
                             pixels: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``fuse(maps, rows)``: support rows' method maps fused with their references as ``run`` fuses them."""
+    """``fuse(maps, rows)``: support rows' method maps fused with their references as ``run`` fuses them. The
+    fit fuses the same rows' maps once per weight pair it tries (30 at the defaults): the references' own map
+    does not depend on the method's and is kept for the last rows asked (while the scorer's scales stay), so it
+    is computed once, not per pair (at a fine scale policy the recomputation was a fifth of ``train``)."""
     assert data.has_ref is not None
     has_ref = data.has_ref
     distance = reference.distance(feats.dual, feats.taps, ref_feats.dual, ref_feats.taps)
+    kept: list[tuple[torch.Tensor, tuple[float, float], torch.Tensor]] = []
 
     def fuse(maps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return reference.fuse(maps, distance[rows], has_ref[rows], None if pixels is None else pixels[rows])
+        scales = (float(reference.scale), float(reference.pixel_scale))
+        if not kept or kept[0][1] != scales or not torch.equal(kept[0][0], rows):
+            ref = reference.reference_map(distance[rows], (maps.shape[-2], maps.shape[-1]),
+                                          None if pixels is None else pixels[rows])
+            kept[:] = [(rows.clone(), scales, ref)]
+        return reference.join(maps, kept[0][2], has_ref[rows])
 
     return fuse
 

@@ -79,14 +79,24 @@ class ReferenceScorer(nn.Module):
              pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Method maps ``(B, H, W)``, token distances ``(B, N)`` and :func:`pixel_difference` maps ``(B, H, W)``
         -> fused maps; rows without a reference unchanged."""
+        return self.join(maps, self.reference_map(distance, (maps.shape[-2], maps.shape[-1]), pixels), has_reference)
+
+    def reference_map(self, distance: torch.Tensor, size: tuple[int, int],
+                      pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference's own map ``(B, H, W)`` at ``size``, from token distances ``(B, N)`` and pixel differences:
+        what :meth:`fuse` joins with the method's maps (it does not depend on them)."""
         legacy = float(self.pixel_scale) <= 0
         tokens = distance / (2.0 * self.scale) if legacy else self.relative(distance)
-        ref = gaussian_blur(grid_to_image(tokens, (maps.shape[-2], maps.shape[-1])), self.sigma)
+        ref = gaussian_blur(grid_to_image(tokens, size), self.sigma)
         if legacy:
-            ref = ref.clamp(0.0, 1.0)
-        elif pixels is not None:
+            return ref.clamp(0.0, 1.0)
+        if pixels is not None:
             d = pixels.to(ref.dtype).clamp_min(0.0)
             pix = d / (d + self.pixel_scale)
             ref = torch.maximum(ref, pix) if self.fusion == "max" else 0.5 * (ref + pix)
+        return ref
+
+    def join(self, maps: torch.Tensor, ref: torch.Tensor, has_reference: torch.Tensor) -> torch.Tensor:
+        """``(1 - weight) * maps + weight * ref`` on rows with a reference; the others' maps unchanged."""
         fused = (1.0 - self.weight) * maps + self.weight * ref
         return torch.where(has_reference.view(-1, 1, 1), fused, maps)
