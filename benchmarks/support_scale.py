@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +125,13 @@ def print_family(family: str, result: dict[str, Any]) -> None:
                   + "".join(f"{m[k]:>10.3f}" for k in KEYS) + f"{m['called_normal']:>8.2f}")
 
 
-def main() -> None:
-    parser = lot_arguments(argparse.ArgumentParser(description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    parser.set_defaults(families="contacts:4-10,metal,logic")
-    args = parser.parse_args()
+FamilyRows = Callable[[Path, str, list[int], list[int]], dict[str, Any]]
+
+
+def run_families(args: argparse.Namespace, rows: FamilyRows, show: Callable[[str, dict[str, Any]], None],
+                 name: str) -> None:
+    """Each family of ``args`` through ``rows(work, family, supports, tests)``, the results written to
+    ``--work/NAME`` as they come, then shown per family; the total minutes."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -137,11 +140,18 @@ def main() -> None:
     results = {}
     for family in (f for f in args.families.split(",") if f):
         print(f"[{family}]", flush=True)
-        results[family] = family_rows(work, family, supports, tests)
-        (work / "support_scale.json").write_text(json.dumps(results, indent=1))
+        results[family] = rows(work, family, supports, tests)
+        (work / name).write_text(json.dumps(results, indent=1))
     for family, result in results.items():
-        print_family(family, result)
+        show(family, result)
     print(f"\ntotal {(time.perf_counter() - started) / 60:.1f} min")
+
+
+def main() -> None:
+    parser = lot_arguments(argparse.ArgumentParser(description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.set_defaults(families="contacts:4-10,metal,logic")
+    run_families(parser.parse_args(), family_rows, print_family, "support_scale.json")
 
 
 if __name__ == "__main__":

@@ -347,7 +347,7 @@ def test_auto_weight_is_kept_with_too_few_held_out_defect_frames_with_a_referenc
 
 def test_the_support_fuser_keeps_the_reference_map_and_fuses_as_fuse_does():
     """train fuses one set of rows once per weight pair: the reference's own map is computed once for them, and the
-    result is fuse's to the bit; other rows, other scales and another weight are not served from what was kept."""
+    result is fuse's to the bit; other rows (same count), other scales and another weight are not served stale."""
     from types import SimpleNamespace
 
     from semclip_batch.fewshot.reference_fit import support_reference_fuser
@@ -369,15 +369,25 @@ def test_the_support_fuser_keeps_the_reference_map_and_fuses_as_fuse_does():
     calls = []
     real = scorer.reference_map
     scorer.reference_map = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[method-assign]
+
+    def check(maps: torch.Tensor, rows: torch.Tensor) -> None:
+        expected = ReferenceScorer.fuse(scorer, maps, dist[rows], has_ref[rows], pixels[rows])
+        assert torch.equal(fuse(maps, rows), expected)
+
     rows = torch.arange(6)
     for _ in range(3):  # the same rows, other maps: one reference map
-        maps = torch.rand(6, 64, 64, generator=gen)
-        assert torch.equal(fuse(maps, rows), ReferenceScorer.fuse(scorer, maps, dist, has_ref, pixels))
+        check(torch.rand(6, 64, 64, generator=gen), rows)
     assert len(calls) == 1 + 3  # the fuser's once, fuse's own three
-    sub = torch.tensor([4, 1, 2])
-    maps = torch.rand(3, 64, 64, generator=gen)
-    assert torch.equal(fuse(maps, sub), ReferenceScorer.fuse(scorer, maps, dist[sub], has_ref[sub], pixels[sub]))
-    scorer.scale.fill_(0.9)
-    scorer.weight = 0.2
-    assert torch.equal(fuse(maps, sub), ReferenceScorer.fuse(scorer, maps, dist[sub], has_ref[sub], pixels[sub]))
-    assert not torch.equal(fuse(maps, sub), maps)  # rows with a reference moved
+    maps = torch.rand(6, 64, 64, generator=gen)
+    check(maps, rows.flip(0))  # other rows, as many
+    scorer.pixel_scale.fill_(0.05)  # another pixel scale alone
+    check(maps, rows.flip(0))
+    scorer.scale.fill_(0.9)  # another token scale alone
+    check(maps, rows.flip(0))
+    calls.clear()
+    scorer.weight = 0.2  # another weight: read at every join, the kept map still serves
+    check(maps, rows.flip(0))
+    assert len(calls) == 1  # fuse's own only
+    scorer.pixel_scale.fill_(0.0)  # the legacy form (tokens alone, clamped) through the fuser too
+    check(maps, rows.flip(0))
+    assert not torch.equal(fuse(maps, rows), maps)  # rows with a reference moved

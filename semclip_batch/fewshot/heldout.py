@@ -21,7 +21,7 @@ from semclip_batch.model.semclip import patch_logits
 from semclip_batch.model.towers import VisionTower, as_clip
 
 
-def project_tokens(visual: VisionTower, tokens: torch.Tensor) -> torch.Tensor:
+def to_text_space(visual: VisionTower, tokens: torch.Tensor) -> torch.Tensor:
     """Patch tokens through the backbone's own ``ln_post`` + ``proj`` (the zero-shot Transformation Layer),
     normalised: what the dense loss and the held-out figures compare with the class texts."""
     return F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1)
@@ -72,7 +72,7 @@ def heldout_figures(clip: nn.Module, data: TrainSet, rows: torch.Tensor, text: t
         grid = x.shape[-1] // parts.visual.conv1.kernel_size[0]
         enc = encode_dual_path(parts.visual, x, taps, 1)
         terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
-        probs.append(torch.stack([patch_logits(project_tokens(parts.visual, t), text, scale, True).softmax(-1)
+        probs.append(torch.stack([patch_logits(to_text_space(parts.visual, t), text, scale, True).softmax(-1)
                                   for t in terms]).mean(0).flatten(0, 1))
         targets.append(patch_labels(data.masks[idx], data.labels[idx], data.has_mask[idx], grid).flatten())
         labels = data.labels[idx]

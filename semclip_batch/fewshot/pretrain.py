@@ -59,7 +59,7 @@ from semclip_batch.fewshot.heldout import (
     held_frames,
     heldout_figures,
     heldout_split,
-    project_tokens,
+    to_text_space,
 )
 from semclip_batch.fewshot.scale_check import ScaleCheck, check_rows, reserve_seconds, run_check
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, load_trainset, patch_labels
@@ -193,7 +193,7 @@ def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Te
     scale = parts.logit_scale.exp().clamp(max=100.0)
     n_classes = text.shape[0]
     terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
-    dense = torch.stack([_balanced_ce(patch_logits(project_tokens(parts.visual, t), text, scale, True), targets, n_classes)
+    dense = torch.stack([_balanced_ce(patch_logits(to_text_space(parts.visual, t), text, scale, True), targets, n_classes)
                          for t in terms]).mean()
     emb = F.normalize(enc.pooled, dim=-1)
     labels = data.labels[idx]

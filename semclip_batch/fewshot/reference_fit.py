@@ -59,19 +59,21 @@ def support_reference_fuser(reference: ReferenceScorer, feats: Features, ref_fea
                             pixels: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``fuse(maps, rows)``: support rows' method maps fused with their references as ``run`` fuses them. The
     fit fuses the same rows' maps once per weight pair it tries (30 at the defaults): the references' own map
-    does not depend on the method's and is kept for the last rows asked (while the scorer's scales stay), so it
+    does not depend on the method's and is kept for the last rows asked (while nothing it reads changes), so it
     is computed once, not per pair (at a fine scale policy the recomputation was a fifth of ``train``)."""
     assert data.has_ref is not None
     has_ref = data.has_ref
     distance = reference.distance(feats.dual, feats.taps, ref_feats.dual, ref_feats.taps)
-    kept: list[tuple[torch.Tensor, tuple[float, float], torch.Tensor]] = []
+    kept: list[tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]] = []
 
     def fuse(maps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        scales = (float(reference.scale), float(reference.pixel_scale))
-        if not kept or kept[0][1] != scales or not torch.equal(kept[0][0], rows):
+        # everything reference_map reads besides the fixed distances and pixel differences
+        inputs = (float(reference.scale), float(reference.pixel_scale), reference.sigma, reference.fusion,
+                  maps.shape[-2], maps.shape[-1])
+        if not kept or kept[0][1] != inputs or not torch.equal(kept[0][0], rows):
             ref = reference.reference_map(distance[rows], (maps.shape[-2], maps.shape[-1]),
                                           None if pixels is None else pixels[rows])
-            kept[:] = [(rows.clone(), scales, ref)]
+            kept[:] = [(rows.clone(), inputs, ref)]
         return reference.join(maps, kept[0][2], has_ref[rows])
 
     return fuse
