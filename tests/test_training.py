@@ -260,3 +260,20 @@ def test_score_mode_and_sigma_travel_from_train_to_run(ray_cluster, synth_lot, t
         assert abs(row.anomaly_score - peak / 255) <= 0.5 / 255 + 1e-6
     with pytest.raises(ConfigError, match="score mode"):
         TrainConfig(support="s.csv", out="c", model=ModelSpec(score_mode="median", cls="fused"))
+
+
+def test_train_warns_where_no_support_frame_is_held_out(synth_lot, tmp_path, caplog):
+    """Under 10 support frames nothing is held out to check SEM-CLIP's fit: train says so; not at 10 or more, and not
+    for a baseline (it chooses nothing on held-out frames)."""
+    manifest = str(synth_lot / "manifest.csv")
+    spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused")
+    few = train(TrainConfig(support=manifest, out=str(tmp_path / "few"), model=spec, shots=1, epochs=1))
+    used = few.training["used"]
+    assert used < 10
+    assert f"{used} support frames: under 10 none are held out, so nothing checks the fit" in caplog.text
+    caplog.clear()
+    whole = train(TrainConfig(support=manifest, out=str(tmp_path / "all"), model=spec, epochs=1))
+    assert whole.training["used"] >= 10 and "none are held out" not in caplog.text
+    train(TrainConfig(support=manifest, out=str(tmp_path / "winclip"), shots=1,
+                      model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", method="winclip", cls="fused")))
+    assert "none are held out" not in caplog.text

@@ -49,7 +49,7 @@ from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThreshold
 from semclip_batch.methods.decisions import anomaly_score
 from semclip_batch.methods.feature_cache import cached_features, feature_key
 from semclip_batch.methods.features import Features, encode_views
-from semclip_batch.methods.fitting import Support
+from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES, Support, validation_count
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
@@ -279,6 +279,10 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
         data.refs = data.has_ref = None
     views = len(data)
     whole = data.first_views()
+    if get_method(cfg.model.method).recipes and validation_count(int(whole.sum())) == 0:
+        log.warning("%d support frames: under %d none are held out, so nothing checks the fit (its epochs, the map's "
+                    "weights and the class fusion are chosen on frames it learned from; README \"How many shots\": one "
+                    "shot lost pixel AUROC to zero-shot on four of six lots)", int(whole.sum()), MIN_VALIDATION_FRAMES)
     # popped, not passed: where the backbone adapts, the starting weights are freed before the adapted ones load
     chosen = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.adapt_steps, cfg.adapt_lr,
                               cfg.adapt_below, adapt_progress, start=loaded.pop() if loaded else None)

@@ -122,7 +122,8 @@ def pooled_embeddings(feats: Features) -> torch.Tensor:
     return F.normalize(feats.dual.pooled.float(), dim=-1)
 
 
-VALIDATION_SHARE = 0.2  # of the support frames early stopping holds out (none below 10 frames)
+VALIDATION_SHARE = 0.2  # of the support frames early stopping holds out
+MIN_VALIDATION_FRAMES = 10  # below it none are held out
 SPLIT_SEED = 7  # added to the support's seed for the split
 
 
@@ -134,8 +135,9 @@ def validation_frames(groups: torch.Tensor, seed: int, share: float = VALIDATION
 
 
 def validation_count(frames: int, share: float = VALIDATION_SHARE) -> int:
-    """How many of ``frames`` support frames early stopping holds out: ``share`` of them, none below 10."""
-    return int(frames * share) if frames >= 10 else 0
+    """How many of ``frames`` support frames early stopping holds out: ``share`` of them, none below
+    :data:`MIN_VALIDATION_FRAMES`."""
+    return int(frames * share) if frames >= MIN_VALIDATION_FRAMES else 0
 
 
 def support_split(support: Support, share: float = VALIDATION_SHARE) -> tuple[torch.Tensor, torch.Tensor]:
