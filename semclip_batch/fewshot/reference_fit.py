@@ -125,12 +125,13 @@ def choose_reference_weight(reference: ReferenceScorer, maps: torch.Tensor, dist
     """Set ``reference.weight`` to the one of :data:`REFERENCE_WEIGHTS` whose fused maps (the method's ``maps``
     with ``reference.fuse``) do best against ``masks``: the best F1max among the weights within
     :data:`WITHIN_AUROC` of the best pixel AUROC (the rule the default was chosen by on the validation
-    families), ties to the one nearest the weight given (then the smaller). Returns the weight and every weight's
-    figures."""
+    families), ties to the one nearest the weight given (then the smaller). The references' own map does not
+    depend on the weight: computed once, joined per weight. Returns the weight and every weight's figures."""
     given, scores = reference.weight, {}
+    ref = reference.reference_map(distance, (maps.shape[-2], maps.shape[-1]), pixels)
     for w in REFERENCE_WEIGHTS:
         reference.weight = w
-        counts = pixel_counts(reference.fuse(maps, distance, has_ref, pixels), masks, has_mask)
+        counts = pixel_counts(reference.join(maps, ref, has_ref), masks, has_mask)
         scores[w] = (counts.auroc() or 0.0, counts.f1_max() or 0.0)
     best_auroc = max(a for a, _ in scores.values())
     near = [w for w, (a, _) in scores.items() if a >= best_auroc - WITHIN_AUROC]

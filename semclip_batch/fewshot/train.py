@@ -279,10 +279,11 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
         data.refs = data.has_ref = None
     views = len(data)
     whole = data.first_views()
-    if get_method(cfg.model.method).recipes and validation_count(int(whole.sum())) == 0:
+    used = int(whole.sum())  # support frames (a frame's tiles follow its whole view)
+    if get_method(cfg.model.method).recipes and validation_count(used) == 0:
         log.warning("%d support frames: under %d none are held out, so nothing checks the fit (its epochs, the map's "
                     "weights and the class fusion are chosen on frames it learned from; README \"How many shots\": one "
-                    "shot lost pixel AUROC to zero-shot on four of six lots)", int(whole.sum()), MIN_VALIDATION_FRAMES)
+                    "shot lost pixel AUROC to zero-shot on four of six lots)", used, MIN_VALIDATION_FRAMES)
     # popped, not passed: where the backbone adapts, the starting weights are freed before the adapted ones load
     chosen = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.adapt_steps, cfg.adapt_lr,
                               cfg.adapt_below, adapt_progress, start=loaded.pop() if loaded else None)
@@ -320,7 +321,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
                                         min_region_px=int(fitted.thresholds["min_region_px"])),
         preprocessing={k: v for k, v in prep.as_record().items() if k != "tile_above"},
         training={"config": _public(cfg),
-                  "support_rows": len(df), "used": int(whole.sum()), "views": views, "rows_augmented": len(data),
+                  "support_rows": len(df), "used": used, "views": views, "rows_augmented": len(data),
                   "skipped": data.skipped,
                   "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum()),
                   **fitted.summary, **({} if adapted is None else {"adapted_backbone": adapted.record}),
