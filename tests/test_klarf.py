@@ -13,7 +13,8 @@ import zarr
 from click.testing import CliRunner
 
 from semclip_batch.cli import main
-from semclip_batch.io.klarf import layout, read_klarf, render
+from semclip_batch.io.klarf import layout, read_klarf
+from semclip_batch.io.klarf_write import render
 from semclip_batch.io.manifest import default_image_id, read_manifest
 
 SPEC_17 = ("DEFECTID XREL YREL XINDEX YINDEX XSIZE YSIZE DEFECTAREA DSIZE CLASSNUMBER TEST CLUSTERNUMBER "

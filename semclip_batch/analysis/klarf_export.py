@@ -30,19 +30,8 @@ import pyarrow.dataset as pads
 from semclip_batch.config import NORMAL
 from semclip_batch.errors import ConfigError, OutputError, show
 from semclip_batch.io import storage
-from semclip_batch.io.klarf import (
-    UNCLASSIFIED,
-    KlarfError,
-    Layout,
-    class_numbers,
-    encode,
-    layout,
-    new_klarf,
-    parse,
-    read_layout,
-    relabel,
-    render,
-)
+from semclip_batch.io.klarf import UNCLASSIFIED, KlarfError, Layout, layout, parse, read_layout
+from semclip_batch.io.klarf_write import class_numbers, encode, new_klarf, relabel, render
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.plan import read_plan_columns
 from semclip_batch.io.runrecord import read_latest

@@ -66,8 +66,8 @@ def from_klarf_cmd(klarf: tuple[str, ...], images: str, out: str, class_map: str
       semclip-batch manifest from-klarf s3://fab/klarf/LOT42.001 --images s3://fab/review/LOT42/ \\
           --class-map classes.csv --out lot42.csv
     """
-    from semclip_batch.io.klarf import read_class_map
     from semclip_batch.io.klarf_manifest import from_klarf
+    from semclip_batch.io.klarf_write import read_class_map
 
     so = parse_storage_options(storage_option)
     mapping = read_class_map(class_map, so) if class_map else None
@@ -108,7 +108,7 @@ def export_klarf_cmd(out: str, lot_id: str, dest: str, class_map: str | None, so
           --out LOT42.semclip.001
     """
     from semclip_batch.analysis.klarf_export import export_klarf
-    from semclip_batch.io.klarf import read_class_map
+    from semclip_batch.io.klarf_write import read_class_map
 
     so = parse_storage_options(storage_option)
     mapping = read_class_map(class_map, so) if class_map else None
