@@ -7,7 +7,7 @@ test lot of ``benchmarks/quality.py`` (seed 6000, 70 frames) and its backbone pr
 ``s``: a seeded ``--pool-frac`` of the pool is the pool of that seed; the zero-shot model scores it as ``run`` would
 (class scores, whole-frame map at the frame's size, ``anomaly_score``, default thresholds); then
 
-- ``suggest``: :func:`semclip_batch.analysis.suggest.select` (the command's own rule) picks n = ``--per-class`` x
+- ``suggest``: :func:`semclip_batch.analysis.suggest_rule.select` (the command's own rule) picks n = ``--per-class`` x
   (classes incl. normal) frames from those scores and the backbone's image embeddings;
 - ``random``: n frames drawn uniformly from the same pool (seed ``s``);
 
@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import KEYS, TRANSFER, Lot, load_lot, metrics, score_test, subset
 
-from semclip_batch.analysis.suggest import FixedEmbeddings, Scores, Weights, image_embeddings, map_peak, select
+from semclip_batch.analysis.suggest import image_embeddings
+from semclip_batch.analysis.suggest_rule import FixedEmbeddings, Scores, Weights, map_peak, select
 from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, Thresholds
 from semclip_batch.fewshot.recipes import copies
 from semclip_batch.fewshot.train import TrainConfig, fit

@@ -11,19 +11,16 @@ import pytest
 from click.testing import CliRunner
 
 from semclip_batch.analysis.results import read_predictions
-from semclip_batch.analysis.suggest import (
+from semclip_batch.analysis.suggest import SuggestConfig, manifest_rows, suggest, write_manifest
+from semclip_batch.analysis.suggest_rule import (
     FixedEmbeddings,
     Scores,
-    SuggestConfig,
     Weights,
     class_uncertainty,
     diverse_pick,
     informativeness,
-    manifest_rows,
     map_peak,
     select,
-    suggest,
-    write_manifest,
 )
 from semclip_batch.cli import main
 from semclip_batch.config import ModelSpec, RunConfig
