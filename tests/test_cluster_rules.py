@@ -6,7 +6,8 @@ import pytest
 
 from semclip_batch.config import ModelSpec, RunConfig
 from semclip_batch.errors import OutputError
-from semclip_batch.pipeline.driver import actor_resources, compute_run_id
+from semclip_batch.pipeline.driver import actor_resources
+from semclip_batch.pipeline.identity import compute_run_id
 from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable
 
 
@@ -49,7 +50,7 @@ def test_run_id_ignores_how_wide_and_where_a_run_goes():
     from semclip_batch.config import Thresholds
     from semclip_batch.methods.prompts import PromptSet
     from semclip_batch.methods.weights import preprocess_config
-    from semclip_batch.pipeline.driver import ModelIdentity, output_config
+    from semclip_batch.pipeline.identity import ModelIdentity, output_config
 
     ident = ModelIdentity(model_id="m", sha256="s", weights_sha256="w", text=np.zeros((2, 4), np.float32),
                           prompts=PromptSet(classes=("normal", "particle"), prompts=(("a",), ("b",))), mode="zero-shot")

@@ -37,7 +37,7 @@ from semclip_batch.model.encoder import EncoderOutput
 from semclip_batch.model.selfsim import SCALE, self_distance, self_scores
 from semclip_batch.model.semclip import SemClip, SemClipConfig
 from semclip_batch.model.towers import vision_tower
-from semclip_batch.pipeline.driver import _identify_model
+from semclip_batch.pipeline.identity import identify_model
 
 
 def _grating(grid: int, width: int = 16, seed: int = 0) -> torch.Tensor:
@@ -150,7 +150,7 @@ def test_the_weight_is_recorded_and_refused_where_it_does_not_apply(synth_lot, t
     custom = train(TrainConfig(support=support, out=str(tmp_path / "c"), epochs=1, model=spec,
                                recipe=with_self_similarity(RECIPES["transfer"], 0.3)))
     assert custom.self_similarity == 0.3 and custom.memory  # a weight given is used as given, not chosen
-    _, resolved, _ = _identify_model(RunConfig(input=support, out=str(tmp_path / "o"),
+    _, resolved, _ = identify_model(RunConfig(input=support, out=str(tmp_path / "o"),
                                                model=CheckpointRequest(url=str(tmp_path / "c"))))
     assert resolved.self_similarity == 0.3  # run scores with the checkpoint's weight
     assert load_checkpoint(str(tmp_path / "c")).meta.self_similarity == 0.3
