@@ -17,6 +17,7 @@ from semclip_batch.cli.options import pretrain_steps
 from semclip_batch.config import DEFAULT_PRETRAIN_STEPS, DEFAULT_SELF_SIMILARITY, ModelSpec
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.augment import TRANSFORMS, augment
+from semclip_batch.fewshot.class_texts import text_separation
 from semclip_batch.fewshot.heldout import heldout_split
 from semclip_batch.fewshot.pretrain import (
     PretrainConfig,
@@ -25,7 +26,6 @@ from semclip_batch.fewshot.pretrain import (
     budgeted_steps,
     pretrain,
     resumed_schedule,
-    text_separation,
 )
 from semclip_batch.fewshot.recipes import RECIPES, get_recipe
 from semclip_batch.fewshot.train import TrainConfig, train

@@ -51,11 +51,14 @@ from semclip_batch.config import (
     DEFAULT_PRETRAIN_STEPS,
     LossProgress,
     ModelSpec,
+    PreprocessConfig,
 )
 from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.class_texts import ClassTexts, between_classes, prompt_sample, text_separation
 from semclip_batch.fewshot.heldout import (
     CROP_PREFIX,
     TEXT_COSINE,
+    HeldOut,
     held_frames,
     heldout_figures,
     heldout_split,
@@ -131,23 +134,6 @@ class Pretrained:
     steps: int  # run: the planned ones, or those --max-minutes left room for (cut, or --steps auto)
     scale_check: ScaleCheck | None = None  # the scale check's figures and recommendation; None: not run
     start_sha256: str = ""  # the canonical checksum of the weights it started from
-
-
-def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Differentiable class embeddings: mean of normalised prompt embeddings per class. -> ``(C, E)``."""
-    emb = F.normalize(encode_prompts(clip, tokens), dim=-1)
-    sums = torch.zeros(n_classes, emb.shape[1], dtype=emb.dtype).index_add(0, owner, emb)
-    return F.normalize(sums, dim=-1)
-
-
-def prompt_sample(owner: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Tensor:
-    """Indices of up to ``per_class`` random prompts of every class (a fresh draw each step: the text tower
-    sees every prompt over the schedule at a fraction of the cost of all of them per step)."""
-    picks = []
-    for c in owner.unique():
-        members = (owner == c).nonzero().flatten()
-        picks.append(members[torch.randperm(members.numel(), generator=gen)[:per_class]])
-    return torch.cat(picks)
 
 
 def _balanced_ce(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -231,18 +217,6 @@ def resumed_schedule(opt: torch.optim.Optimizer, cfg: PretrainConfig, steps: int
     return OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=cfg.warmup, last_epoch=done - 1)
 
 
-def text_separation(text: torch.Tensor) -> torch.Tensor:
-    """Mean squared cosine between different classes' text embeddings ``(C, E)``: 0 when they are orthogonal.
-    A randomly initialised text tower embeds every class's prompts almost alike (cosine ~0.9), and while the
-    class texts are that close no image feature can tell the classes apart: the dense loss sits near chance."""
-    return between_classes(text).pow(2).mean()
-
-
-def between_classes(text: torch.Tensor) -> torch.Tensor:
-    """The cosines between different classes' (normalised) text embeddings ``(C, E)`` -> ``(C * (C - 1),)``."""
-    return (text @ text.t())[~torch.eye(len(text), dtype=torch.bool)]
-
-
 def area_buckets(data: TrainSet) -> torch.Tensor:
     """Per row: ``class * 4 + bucket`` of the defect's share of the view (< 0.2 %, < 1 %, < 5 %, more)."""
     area = data.masks.float().mean(dim=(1, 2))
@@ -272,41 +246,63 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     (the options the caller's user has)."""
     started = time.perf_counter()
     torch.manual_seed(cfg.model.seed)
-    prompts: PromptSet = load_prompts(cfg.model.prompts, cfg.model.storage_options)
-    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
-    df = read_manifest(cfg.manifest, storage_options=cfg.model.storage_options) if frames is None else frames
-    data = load_trainset(df, prompts.classes, prep, storage_options=cfg.model.storage_options, need_labels=False,
-                         crops=cfg.crops, seed=cfg.model.seed)
     m = cfg.model
+    prompts: PromptSet = load_prompts(m.prompts, m.storage_options)
+    prep = preprocess_config(m.backbone, tile_above=10**9)
+    df = read_manifest(cfg.manifest, storage_options=m.storage_options) if frames is None else frames
+    data = load_trainset(df, prompts.classes, prep, storage_options=m.storage_options, need_labels=False,
+                         crops=cfg.crops, seed=m.seed)
     backbone = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
                              storage_options=m.storage_options)
     clip = backbone.clip.train()
-    tokenizer = open_clip.get_tokenizer(cfg.model.backbone)
-    tokens = torch.cat([tokenizer(list(p)) for p in prompts.prompts])
-    owner = torch.cat([torch.full((len(p),), c) for c, p in enumerate(prompts.prompts)])
-    caption_tokens = tokenizer(data.captions) if any(data.captions) else None
+    texts = ClassTexts.of(m.backbone, prompts)
     taps = default_taps(depth_of(clip))
-    held = heldout_split(data, cfg.heldout, cfg.model.seed)
-    train_rows = held.train
+    held = heldout_split(data, cfg.heldout, m.seed)
     scale_rows = check_rows(df, held_frames(data, held)) if cfg.scale_check else None
-    weights = balanced_weights(area_buckets(data)[train_rows])
-
-    def figures() -> dict[str, float | None]:
-        clip.eval()
-        with torch.no_grad():
-            text = class_text(clip, tokens, owner, len(prompts.classes))
-        out = heldout_figures(clip, data, held.whole, text, taps, prep)
-        if held.crops.numel():
-            out |= heldout_figures(clip, data, held.crops, text, taps, prep, prefix=CROP_PREFIX, accuracy=False)
-        out[TEXT_COSINE] = float(between_classes(text).mean())
-        clip.train()
-        return out
 
     t_check = time.perf_counter()
-    before = figures()
+    before = _heldout_check(clip, data, held, texts, taps, prep)
     check_s = time.perf_counter() - t_check  # the final check takes as long
     if scale_rows is not None and cfg.max_minutes:
-        check_s += reserve_seconds(clip, cfg.model.backbone, prompts, scale_rows, cfg.model.storage_options)
+        check_s += reserve_seconds(clip, m.backbone, prompts, scale_rows, m.storage_options)
+    deadline = started + cfg.max_minutes * 60.0 - check_s - BUDGET_MARGIN_S  # when the steps must end (max_minutes)
+    t0 = time.perf_counter()
+    steps = _train(clip, data, held.train, texts, taps, prep, cfg, deadline, progress)
+    after = _heldout_check(clip, data, held, texts, taps, prep)
+    seconds = time.perf_counter() - t0
+    scales = run_check(clip.eval(), m.backbone, prompts, scale_rows, m.storage_options) if scale_rows is not None else None
+    if not cfg.separation and (after[TEXT_COSINE] or 0.0) > ALIKE_TEXT:
+        log.warning("%s: the classes' text embeddings are still alike (mean cosine %.2f between classes; "
+                    "%.2f before training): the loss likely sat near chance; %s", caller, after[TEXT_COSINE],
+                    before[TEXT_COSINE], alike_hint)
+    log.info("pretrained %s for %d steps in %.0f s on %d views of %d frames (%d skipped, %d held out)",
+             m.backbone, steps, seconds, len(held.train), len(df) - data.skipped, data.skipped, len(held.whole))
+    meta = {**(metadata or {}), **_recipe_metadata(cfg, steps, before, after, scales)}  # what was run wins
+    digest = save_weights(clip.eval(), m.backbone, cfg.out, m.storage_options, meta)
+    return Pretrained(digest, before, after, seconds, steps, scales, backbone.sha256)
+
+
+def _heldout_check(clip: nn.Module, data: TrainSet, held: HeldOut, texts: ClassTexts, taps: tuple[int, ...],
+                   prep: PreprocessConfig) -> dict[str, float | None]:
+    """The held-out figures (:mod:`.heldout`) of the model as it is now; it is left in training mode."""
+    clip.eval()
+    with torch.no_grad():
+        text = texts.embeddings(clip)
+    out = heldout_figures(clip, data, held.whole, text, taps, prep)
+    if held.crops.numel():
+        out |= heldout_figures(clip, data, held.crops, text, taps, prep, prefix=CROP_PREFIX, accuracy=False)
+    out[TEXT_COSINE] = float(between_classes(text).mean())
+    clip.train()
+    return out
+
+
+def _train(clip: nn.Module, data: TrainSet, rows: torch.Tensor, texts: ClassTexts, taps: tuple[int, ...],
+           prep: PreprocessConfig, cfg: PretrainConfig, deadline: float, progress: LossProgress | None) -> int:
+    """The optimisation on ``rows`` of ``data``: draws balanced over class and defect area, a sample of the prompts
+    a step, and with ``max_minutes`` the one-cycle schedule laid again once the first steps are timed, over the
+    steps that end by ``deadline`` (a ``time.perf_counter()`` time). Returns the steps run."""
+    caption_tokens = open_clip.get_tokenizer(cfg.model.backbone)(data.captions) if any(data.captions) else None
+    weights = balanced_weights(area_buckets(data)[rows])
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05, fused=True)
     steps, step = cfg.steps, 0
     if cfg.fill_budget:  # a plan long enough to time its first steps
@@ -314,12 +310,11 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     sched = resumed_schedule(opt, cfg, steps, 0)
     gen = torch.Generator().manual_seed(cfg.model.seed)
     t0 = time.perf_counter()
-    draw = min(cfg.batch_size, len(train_rows))
+    draw = min(cfg.batch_size, len(rows))
     while step < steps:
         step += 1
-        idx = train_rows[torch.multinomial(weights, draw, replacement=False, generator=gen)]
-        pick = prompt_sample(owner, cfg.prompts_per_step, gen)
-        text = class_text(clip, tokens[pick], owner[pick], len(prompts.classes))
+        idx = rows[torch.multinomial(weights, draw, replacement=False, generator=gen)]
+        text = texts.embeddings(clip, prompt_sample(texts.owner, cfg.prompts_per_step, gen))
         loss = step_loss(clip, data, idx, text, taps, prep, gen, caption_tokens, cfg.keep)
         if cfg.separation:
             loss = loss + cfg.separation * text_separation(text)
@@ -329,44 +324,40 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
         sched.step()
         if cfg.max_minutes and step == CALIBRATION_STEPS < steps:
             now = time.perf_counter()
-            per_step = (now - t0) / step
-            left = cfg.max_minutes * 60.0 - (now - started) - check_s - BUDGET_MARGIN_S
-            if cfg.fill_budget:
-                left *= 1.0 - AUTO_RESERVE
-            fitted = budgeted_steps(steps, step, per_step, left, cfg.fill_budget)
-            if cfg.fill_budget:
-                few = fitted < FEW_STEPS
-                log.log(logging.WARNING if few else logging.INFO,
-                        "pretrain: --steps auto: %d steps fit in --max-minutes %g (%.2f s a step here)%s", fitted,
-                        cfg.max_minutes, per_step, "; too few to learn much: a larger --max-minutes" if few else "")
-            elif fitted < steps:
-                log.warning("pretrain: --max-minutes %g leaves time for %d of the %d steps (%.2f s a step here); "
-                            "the schedule is shortened to fit (--max-minutes 0: no limit)",
-                            cfg.max_minutes, fitted, steps, per_step)
+            fitted = _replanned(cfg, steps, step, (now - t0) / step, deadline - now)
             if fitted != steps:
                 steps = fitted
                 sched = resumed_schedule(opt, cfg, steps, step)
         if progress is not None and (step % 25 == 0 or step == steps):
             progress(step, steps, float(loss.detach()))
-    after = figures()
-    seconds = time.perf_counter() - t0
-    scales = (run_check(clip.eval(), cfg.model.backbone, prompts, scale_rows, cfg.model.storage_options)
-              if scale_rows is not None else None)
-    if not cfg.separation and (after[TEXT_COSINE] or 0.0) > ALIKE_TEXT:
-        log.warning("%s: the classes' text embeddings are still alike (mean cosine %.2f between classes; "
-                    "%.2f before training): the loss likely sat near chance; %s", caller, after[TEXT_COSINE],
-                    before[TEXT_COSINE], alike_hint)
-    log.info("pretrained %s for %d steps in %.0f s on %d views of %d frames (%d skipped, %d held out)",
-             cfg.model.backbone, steps, seconds, len(train_rows), len(df) - data.skipped, data.skipped,
-             len(held.whole))
-    meta = {**(metadata or {}),  # the caller's first: what was run wins
-            **replace(cfg, steps=steps).recipe(), "planned_steps": "auto" if cfg.fill_budget else str(cfg.steps),
+    return steps
+
+
+def _replanned(cfg: PretrainConfig, steps: int, done: int, per_step: float, left: float) -> int:
+    """The schedule's length once ``done`` steps took ``per_step`` s each and ``left`` s remain (said on stderr)."""
+    if cfg.fill_budget:
+        left *= 1.0 - AUTO_RESERVE
+    fitted = budgeted_steps(steps, done, per_step, left, cfg.fill_budget)
+    if cfg.fill_budget:
+        few = fitted < FEW_STEPS
+        log.log(logging.WARNING if few else logging.INFO,
+                "pretrain: --steps auto: %d steps fit in --max-minutes %g (%.2f s a step here)%s", fitted,
+                cfg.max_minutes, per_step, "; too few to learn much: a larger --max-minutes" if few else "")
+    elif fitted < steps:
+        log.warning("pretrain: --max-minutes %g leaves time for %d of the %d steps (%.2f s a step here); "
+                    "the schedule is shortened to fit (--max-minutes 0: no limit)", cfg.max_minutes, fitted, steps,
+                    per_step)
+    return fitted
+
+
+def _recipe_metadata(cfg: PretrainConfig, steps: int, before: Mapping[str, float | None],
+                     after: Mapping[str, float | None], scales: ScaleCheck | None) -> dict[str, str]:
+    """What the weights file records of how it was trained: the recipe as run, the held-out check, the scale check."""
+    return {**replace(cfg, steps=steps).recipe(), "planned_steps": "auto" if cfg.fill_budget else str(cfg.steps),
             "max_minutes": str(cfg.max_minutes), "optimizer": OPTIMIZER,
             **({"text_separation": str(cfg.separation)} if cfg.separation else {}),  # absent: off, as before it
             "heldout_check": json.dumps({"before": before, "after": after}),
             **(scales.metadata() if scales is not None else {})}
-    digest = save_weights(clip.eval(), cfg.model.backbone, cfg.out, cfg.model.storage_options, meta)
-    return Pretrained(digest, before, after, seconds, steps, scales, backbone.sha256)
 
 
 def save_weights(clip: nn.Module, backbone: str, url: str, storage_options: Mapping[str, Any],
