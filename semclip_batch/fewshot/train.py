@@ -30,7 +30,7 @@ from semclip_batch.config import (
     scale_policy_name,
 )
 from semclip_batch.errors import ConfigError
-from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, backbone_for_fit, write_weights
+from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, FitBackbone, backbone_for_fit, write_weights
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.fit_memory import available_bytes, coarser, too_large
 from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, for_policy, recorded
@@ -50,7 +50,7 @@ from semclip_batch.methods.decisions import anomaly_score
 from semclip_batch.methods.feature_cache import cached_features, feature_key
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES, Support, validation_count
-from semclip_batch.methods.prompts import load_prompts, text_embeddings
+from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
 from semclip_batch.model import SemClipOutput
@@ -258,27 +258,13 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
-    loaded: list[LoadedBackbone] = []  # the starting weights where the support check loaded them (handed on below)
-    scale = None
-    if cfg.check_scale:
-        loaded.append(load_backbone(cfg.model.backbone, cfg.model.pretrained, seed=cfg.model.seed,
-                                    expected_sha256=cfg.model.pretrained_sha256,
-                                    storage_options=cfg.model.storage_options))
-        scale = support_check(loaded[0].clip, cfg.model.backbone, prompts, df, cfg.model.storage_options)
-        policy = None if scale["chosen"] is None else parse_scale_policy(scale["chosen"])
-        cfg = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
+    cfg, scale, loaded = _scale_checked(cfg, prompts, df)
     cfg, prep, data = _support_that_fits(cfg, df, prompts.classes)
     if scale is not None and scale["chosen"] is not None and scale_policy_name(cfg.model.scale_policy) != scale["chosen"]:
         scale["trained_at"] = scale_policy_name(cfg.model.scale_policy)  # stepped down: the rows did not fit
+    cfg = _cell_references_if_any(cfg, data)
     spec = applied(cfg.recipe, cfg.model)
-    if spec.self_reference and not spec.use_reference and not normal_with_reference(data):
-        log.warning("no normal support frame repeats its pattern: trained without cell references")
-        cfg = replace(cfg, model=replace(cfg.model, self_reference=False),
-                      recipe=replace(cfg.recipe, self_reference=False))
-        spec = applied(cfg.recipe, cfg.model)
-        data.refs = data.has_ref = None
-    views = len(data)
-    whole = data.first_views()
+    views, whole = len(data), data.first_views()
     used = int(whole.sum())  # support frames (a frame's tiles follow its whole view)
     if get_method(cfg.model.method).recipes and validation_count(used) == 0:
         log.warning("%d support frames: under %d none are held out, so nothing checks the fit (its epochs, the map's "
@@ -287,47 +273,86 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     # popped, not passed: where the backbone adapts, the starting weights are freed before the adapted ones load
     chosen = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.adapt_steps, cfg.adapt_lr,
                               cfg.adapt_below, adapt_progress, start=loaded.pop() if loaded else None)
-    backbone, adapted = chosen.backbone, chosen.adapted
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
-    text = torch.from_numpy(text_embeddings(backbone, prompts))
-    visual = vision_tower(backbone.clip)
-    depth = depth_of(backbone.clip)
-    taps = support_taps(cfg, depth)
-    windows = get_method(cfg.model.method).windows
-    feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, data.views, prep, taps, 1, windows),
-                            lambda: encode_views(visual, data.views, prep, taps, windows=windows), cfg.model.storage_options)
-    ref_feats = None
-    if spec.reference_scorer:
-        assert data.refs is not None
-        refs, ref_taps = data.refs, reference_taps(depth)
-        ref_feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, refs, prep, ref_taps, None, False),
-                                    lambda: encode_views(visual, refs, prep, ref_taps, vv_from=None, pooled=False),
-                                    cfg.model.storage_options)
-    fitted = fit(cfg, backbone, text, data, feats, ref_feats, progress, adapted=adapted is not None)
-    model = fitted.model
-    state = dict(model.state_dict())
+    feats, ref_feats = _support_features(cfg, spec, chosen.backbone, data, prep)
+    fitted = fit(cfg, chosen.backbone, torch.from_numpy(text_embeddings(chosen.backbone, prompts)), data, feats,
+                 ref_feats, progress, adapted=chosen.adapted is not None)
+    state = dict(fitted.model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
-    meta = CheckpointMeta(
+    record = {"config": _public(cfg), "support_rows": len(df), "used": used, "views": views,
+              "rows_augmented": len(data), "skipped": data.skipped,
+              "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum()),
+              **fitted.summary, **({} if chosen.adapted is None else {"adapted_backbone": chosen.adapted.record}),
+              **({} if chosen.check is None else {"adapt_check": chosen.check}),
+              **({} if scale is None else {"scale_check": scale}),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    meta = _checkpoint_meta(cfg, spec, prompts, chosen, fitted, prep, record)
+    write_weights(cfg.out, chosen, cfg.model.storage_options)
+    return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)
+
+
+def _scale_checked(cfg: TrainConfig, prompts: PromptSet,
+                   df: pd.DataFrame) -> tuple[TrainConfig, dict[str, Any] | None, list[LoadedBackbone]]:
+    """With ``check_scale`` (``--scale-policy auto``): the support frames' scale check (zero-shot, the starting
+    weights), the config at the policy it chose, its record, and the weights it loaded (in a list the fit pops
+    them from); else the config as given."""
+    if not cfg.check_scale:
+        return cfg, None, []
+    m = cfg.model
+    start = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
+                          storage_options=m.storage_options)
+    scale = support_check(start.clip, m.backbone, prompts, df, m.storage_options)
+    policy = None if scale["chosen"] is None else parse_scale_policy(scale["chosen"])
+    return replace(cfg, model=replace(m, scale_policy=policy, tile_overlap=None)), scale, [start]
+
+
+def _cell_references_if_any(cfg: TrainConfig, data: TrainSet) -> TrainConfig:
+    """The config without cell references where the recipe asks for them but no normal support frame repeats its
+    pattern (said on stderr; ``data`` loses the references it has)."""
+    spec = applied(cfg.recipe, cfg.model)
+    if not spec.self_reference or spec.use_reference or normal_with_reference(data):
+        return cfg
+    log.warning("no normal support frame repeats its pattern: trained without cell references")
+    data.refs = data.has_ref = None
+    return replace(cfg, model=replace(cfg.model, self_reference=False), recipe=replace(cfg.recipe, self_reference=False))
+
+
+def _support_features(cfg: TrainConfig, spec: ModelSpec, backbone: LoadedBackbone, data: TrainSet,
+                      prep: PreprocessConfig) -> tuple[Features, Features | None]:
+    """The support rows' features at the fit's taps, and the reference frames' where a reference scorer reads them
+    (both from ``cfg.cache_dir`` when it holds them)."""
+    visual, depth = vision_tower(backbone.clip), depth_of(backbone.clip)
+    taps, windows = support_taps(cfg, depth), get_method(cfg.model.method).windows
+    feats = cached_features(cfg.cache_dir, feature_key(backbone.sha256, data.views, prep, taps, 1, windows),
+                            lambda: encode_views(visual, data.views, prep, taps, windows=windows), cfg.model.storage_options)
+    if not spec.reference_scorer:
+        return feats, None
+    assert data.refs is not None
+    refs, ref_taps = data.refs, reference_taps(depth)
+    return feats, cached_features(cfg.cache_dir, feature_key(backbone.sha256, refs, prep, ref_taps, None, False),
+                                  lambda: encode_views(visual, refs, prep, ref_taps, vv_from=None, pooled=False),
+                                  cfg.model.storage_options)
+
+
+def _checkpoint_meta(cfg: TrainConfig, spec: ModelSpec, prompts: PromptSet, chosen: FitBackbone, fitted: Fitted,
+                     prep: PreprocessConfig, training: dict[str, Any]) -> CheckpointMeta:
+    """What the checkpoint records: the model as fitted (its options, taps, fusion and thresholds), the weights it
+    was fitted on and ``training``'s record."""
+    backbone, model = chosen.backbone, fitted.model
+    return CheckpointMeta(
         method=cfg.model.method, backbone=cfg.model.backbone,
-        weights=WeightsRef(source=backbone.source if adapted is None else ADAPTED_SOURCE, sha256=backbone.sha256,
+        weights=WeightsRef(source=backbone.source if chosen.adapted is None else ADAPTED_SOURCE, sha256=backbone.sha256,
                            seed=cfg.model.seed),
         classes=prompts.classes, prompts=dict(zip(prompts.classes, prompts.prompts, strict=True)),
-        taps=method_taps(spec, depth), use_vv=cfg.model.use_vv, surgery=cfg.model.surgery, cls=cfg.model.cls,
-        use_reference=spec.use_reference, alpha=float(getattr(model, "alpha", torch.tensor(1.0))),
+        taps=method_taps(spec, depth_of(backbone.clip)), use_vv=cfg.model.use_vv, surgery=cfg.model.surgery,
+        cls=cfg.model.cls, use_reference=spec.use_reference, alpha=float(getattr(model, "alpha", torch.tensor(1.0))),
         temperature=float(model.text_scale),
         thresholds=CheckpointThresholds(image=float(fitted.thresholds["image"]), pixel=float(fitted.thresholds["pixel"]),
                                         min_region_px=int(fitted.thresholds["min_region_px"])),
         preprocessing={k: v for k, v in prep.as_record().items() if k != "tile_above"},
-        training={"config": _public(cfg),
-                  "support_rows": len(df), "used": used, "views": views, "rows_augmented": len(data),
-                  "skipped": data.skipped,
-                  "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum()),
-                  **fitted.summary, **({} if adapted is None else {"adapted_backbone": adapted.record}),
-                  **({} if chosen.check is None else {"adapt_check": chosen.check}),
-                  **({} if scale is None else {"scale_check": scale}),
-                  "seconds": round(time.perf_counter() - t0, 1)},
+        training=training,
         score_mode=spec.score_mode, sigma=spec.sigma, recipe=recorded(cfg.recipe, spec.method),
         memory=spec.memory, region_head=spec.region_head, scale_policy=spec.scale_policy,
         defect_view=spec.defect_view, register_reference=spec.register_reference and spec.use_reference,
@@ -335,5 +360,3 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
         reference_fusion=spec.reference_fusion, self_reference=spec.self_reference,
         self_similarity=float(fitted.summary.get("self_similarity", spec.self_similarity)),  # the fit's choice
     )
-    write_weights(cfg.out, chosen, cfg.model.storage_options)
-    return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)
