@@ -289,7 +289,8 @@ def test_run_scores_the_listed_pages_and_export_reads_back(ray_cluster, klarf_lo
         shape = mask_array(root_group, row.mask_path)[row.mask_index].shape
         assert shape == PAGE_SHAPES[m.loc[row.image_id, "page"]]  # each defect's own page was scored
 
-    from semclip_batch.analysis.report import plan_pages, write_report
+    from semclip_batch.analysis.report import write_report
+    from semclip_batch.analysis.report_frames import plan_pages
     from semclip_batch.io.layout import OutLayout
 
     assert plan_pages(OutLayout(str(out)), {}) == m["page"].to_dict()  # overlays read each defect's page

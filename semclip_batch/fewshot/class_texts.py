@@ -4,9 +4,9 @@ and the held-out check's class-text cosine)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,8 +24,8 @@ class ClassTexts:
     n_classes: int
 
     @classmethod
-    def of(cls, backbone: str, prompts: PromptSet) -> ClassTexts:
-        tokenizer = open_clip.get_tokenizer(backbone)
+    def of(cls, tokenizer: Callable[[list[str]], torch.Tensor], prompts: PromptSet) -> ClassTexts:
+        """Every class's prompts through the backbone's ``tokenizer`` (``open_clip.get_tokenizer``)."""
         return cls(torch.cat([tokenizer(list(p)) for p in prompts.prompts]),
                    torch.cat([torch.full((len(p),), c) for c, p in enumerate(prompts.prompts)]), len(prompts.classes))
 

@@ -95,7 +95,7 @@ class PretrainConfig:
     warmup: float = 0.1
     heldout: float = DEFAULT_PRETRAIN_HELDOUT
     max_minutes: float = DEFAULT_PRETRAIN_MINUTES  # wall-clock budget, loading included; 0: none
-    separation: float = 0.0  # weight of the class-text separation term (text_separation)
+    separation: float = 0.0  # weight of the class-text separation term (class_texts.text_separation)
     fill_budget: bool = False  # --steps auto: as many steps as max_minutes allows (``steps``: the first 20 steps' plan)
     scale_check: bool = True  # score held-out frames at each scale policy and recommend one (fewshot.scale_check)
 
@@ -255,7 +255,9 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     backbone = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
                              storage_options=m.storage_options)
     clip = backbone.clip.train()
-    texts = ClassTexts.of(m.backbone, prompts)
+    tokenizer = open_clip.get_tokenizer(m.backbone)
+    texts = ClassTexts.of(tokenizer, prompts)
+    caption_tokens = tokenizer(data.captions) if any(data.captions) else None
     taps = default_taps(depth_of(clip))
     held = heldout_split(data, cfg.heldout, m.seed)
     scale_rows = check_rows(df, held_frames(data, held)) if cfg.scale_check else None
@@ -265,9 +267,8 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     check_s = time.perf_counter() - t_check  # the final check takes as long
     if scale_rows is not None and cfg.max_minutes:
         check_s += reserve_seconds(clip, m.backbone, prompts, scale_rows, m.storage_options)
-    deadline = started + cfg.max_minutes * 60.0 - check_s - BUDGET_MARGIN_S  # when the steps must end (max_minutes)
-    t0 = time.perf_counter()
-    steps = _train(clip, data, held.train, texts, taps, prep, cfg, deadline, progress)
+    deadline = started + cfg.max_minutes * 60.0 - check_s - BUDGET_MARGIN_S if cfg.max_minutes else None
+    steps, t0 = _train(clip, data, held.train, texts, caption_tokens, taps, prep, cfg, deadline, progress)
     after = _heldout_check(clip, data, held, texts, taps, prep)
     seconds = time.perf_counter() - t0
     scales = run_check(clip.eval(), m.backbone, prompts, scale_rows, m.storage_options) if scale_rows is not None else None
@@ -296,12 +297,13 @@ def _heldout_check(clip: nn.Module, data: TrainSet, held: HeldOut, texts: ClassT
     return out
 
 
-def _train(clip: nn.Module, data: TrainSet, rows: torch.Tensor, texts: ClassTexts, taps: tuple[int, ...],
-           prep: PreprocessConfig, cfg: PretrainConfig, deadline: float, progress: LossProgress | None) -> int:
+def _train(clip: nn.Module, data: TrainSet, rows: torch.Tensor, texts: ClassTexts, caption_tokens: torch.Tensor | None,
+           taps: tuple[int, ...], prep: PreprocessConfig, cfg: PretrainConfig, deadline: float | None,
+           progress: LossProgress | None) -> tuple[int, float]:
     """The optimisation on ``rows`` of ``data``: draws balanced over class and defect area, a sample of the prompts
-    a step, and with ``max_minutes`` the one-cycle schedule laid again once the first steps are timed, over the
-    steps that end by ``deadline`` (a ``time.perf_counter()`` time). Returns the steps run."""
-    caption_tokens = open_clip.get_tokenizer(cfg.model.backbone)(data.captions) if any(data.captions) else None
+    a step, and with a ``deadline`` (``max_minutes``: a ``time.perf_counter()`` time) the one-cycle schedule laid
+    again once the first steps are timed, over the steps that end by then. Returns the steps run and when the
+    first began."""
     weights = balanced_weights(area_buckets(data)[rows])
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05, fused=True)
     steps, step = cfg.steps, 0
@@ -322,7 +324,7 @@ def _train(clip: nn.Module, data: TrainSet, rows: torch.Tensor, texts: ClassText
         loss.backward()
         opt.step()
         sched.step()
-        if cfg.max_minutes and step == CALIBRATION_STEPS < steps:
+        if deadline is not None and step == CALIBRATION_STEPS < steps:
             now = time.perf_counter()
             fitted = _replanned(cfg, steps, step, (now - t0) / step, deadline - now)
             if fitted != steps:
@@ -330,11 +332,11 @@ def _train(clip: nn.Module, data: TrainSet, rows: torch.Tensor, texts: ClassText
                 sched = resumed_schedule(opt, cfg, steps, step)
         if progress is not None and (step % 25 == 0 or step == steps):
             progress(step, steps, float(loss.detach()))
-    return steps
+    return steps, t0
 
 
 def _replanned(cfg: PretrainConfig, steps: int, done: int, per_step: float, left: float) -> int:
-    """The schedule's length once ``done`` steps took ``per_step`` s each and ``left`` s remain (said on stderr)."""
+    """The schedule's length once ``done`` steps took ``per_step`` s each and ``left`` s remain (logged)."""
     if cfg.fill_budget:
         left *= 1.0 - AUTO_RESERVE
     fitted = budgeted_steps(steps, done, per_step, left, cfg.fill_budget)

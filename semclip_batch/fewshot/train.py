@@ -310,7 +310,7 @@ def _scale_checked(cfg: TrainConfig, prompts: PromptSet,
 
 def _cell_references_if_any(cfg: TrainConfig, data: TrainSet) -> TrainConfig:
     """The config without cell references where the recipe asks for them but no normal support frame repeats its
-    pattern (said on stderr; ``data`` loses the references it has)."""
+    pattern (a warning; ``data`` loses the references it has)."""
     spec = applied(cfg.recipe, cfg.model)
     if not spec.self_reference or spec.use_reference or normal_with_reference(data):
         return cfg

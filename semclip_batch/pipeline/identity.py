@@ -48,7 +48,7 @@ def identify_model(cfg: RunConfig) -> tuple[RunConfig, ModelSpec, ModelIdentity]
     With a checkpoint, its backbone, options, classes and thresholds apply (thresholds given as flags win).
     """
     if isinstance(cfg.model, CheckpointRequest):
-        return identify_checkpoint(cfg, cfg.model)
+        return _identify_checkpoint(cfg, cfg.model)
     spec = cfg.model
     get_method(spec.method)  # an unknown method is refused here (one line), before any weights load or actor starts
     prompts = load_prompts(spec.prompts, cfg.storage_options)
@@ -60,7 +60,7 @@ def identify_model(cfg: RunConfig) -> tuple[RunConfig, ModelSpec, ModelIdentity]
     return cfg, spec, ident
 
 
-def identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunConfig, ModelSpec, ModelIdentity]:
+def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunConfig, ModelSpec, ModelIdentity]:
     ckpt = load_checkpoint(req.url, cfg.storage_options)
     meta = ckpt.meta
     if req.backbone not in (None, meta.backbone):
@@ -91,7 +91,7 @@ def identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunConf
                      self_similarity=meta.self_similarity, checkpoint=req.url,
                      storage_options=req.storage_options)
     get_method(spec.method)
-    thresholds = checkpoint_thresholds(cfg.thresholds, meta)
+    thresholds = _checkpoint_thresholds(cfg.thresholds, meta)
     prompts = PromptSet(classes=meta.classes, prompts=tuple(meta.prompts[c] for c in meta.classes))
     # refuse a misfit here, once, with the tensors already read and verified
     build_model(spec, ckpt.tensors["text_embeddings"].numpy(), backbone=backbone, tensors=ckpt.tensors)
@@ -102,7 +102,7 @@ def identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunConf
     return replace(cfg, model=spec, thresholds=thresholds), spec, ident
 
 
-def checkpoint_thresholds(given: Thresholds, meta: CheckpointMeta) -> Thresholds:
+def _checkpoint_thresholds(given: Thresholds, meta: CheckpointMeta) -> Thresholds:
     """The checkpoint's calibrated thresholds, except those given as flags."""
     flag = {k for k, v in given.source.items() if v == "flag"}
     return Thresholds(image=given.image if "image" in flag else meta.thresholds.image,
