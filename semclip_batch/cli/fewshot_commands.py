@@ -3,6 +3,8 @@ registers them). User mistakes end in one line, exit != 0."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from semclip_batch.cli.options import (
@@ -36,6 +38,11 @@ from semclip_batch.config import (
     ModelSpec,
     parse_scale_policy,
 )
+from semclip_batch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from semclip_batch.fewshot.train import TrainConfig
+    from semclip_batch.methods.checkpoint import CheckpointMeta
 
 
 @click.command()
@@ -187,16 +194,11 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
       semclip-batch train support.csv --out ckpt/ --backbone semclip-tiny --pretrained sem-tiny.safetensors --shots 10
       semclip-batch train support.csv --out ckpt-winclip/ --method winclip --pretrained sem-tiny.safetensors --shots 10
     """
-    from click.core import ParameterSource
-
-    from semclip_batch.errors import ConfigError
-    from semclip_batch.fewshot.adapt import adaptation_lines, default_adapt_steps
+    from semclip_batch.fewshot.adapt import default_adapt_steps
     from semclip_batch.fewshot.recipes import applied, get_recipe, with_self_reference, with_self_similarity
-    from semclip_batch.fewshot.scale_check import support_check_lines
     from semclip_batch.fewshot.train import TrainConfig
     from semclip_batch.fewshot.train import train as run_train
     from semclip_batch.methods.registry import get_method
-    from semclip_batch.methods.weight_choice import describe_choice
 
     if pretrained is None:
         raise ConfigError("train needs --pretrained (a weights path/URL, 'shipped', or 'none' for seeded random weights)")
@@ -228,33 +230,52 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       score_mode=score_mode, sigma=sigma,
                                       scale_policy=parse_scale_policy(policy), storage_options=so))
     _refuse_unused_reference_options(click.get_current_context(), applied(cfg.recipe, cfg.model))
-    if not cfg.adapt_steps and click.get_current_context().get_parameter_source("adapt_lr") not in (
-            None, ParameterSource.DEFAULT):
-        why = ("--adapt-steps 0" if adapt_steps == 0 else f"--recipe {recipe}" if get_method(method).recipes
-               else f"--method {method} (a baseline: a frozen backbone unless --adapt-steps N)")
-        raise ConfigError(f"--adapt-lr is the rate of the backbone's adaptation, and with {why} nothing adapts: "
-                          "omit it or give --adapt-steps N")
-    if self_similarity is not None and not get_method(method).recipes:
-        raise ConfigError(f"--self-similarity is a SEM-CLIP option; --method {method} has none: omit it")
+    _refuse_unused_fit_options(click.get_current_context(), cfg, adapt_steps, recipe, self_similarity)
     try:
         with (loss_progress("adaptation step", "adapt backbone", unit="step") as adapt_progress,
               loss_progress("epoch", f"train {method}") as progress):
             meta = run_train(cfg, progress=progress, adapt_progress=adapt_progress)
     except ValueError as exc:  # e.g. taps outside the backbone's depth
         raise ConfigError(str(exc)) from None
+    for line in _train_summary(meta, out):
+        click.echo(line)
+
+
+def _refuse_unused_fit_options(ctx: click.Context, cfg: TrainConfig, adapt_steps: int | None, recipe: str,
+                               self_similarity: float | None) -> None:
+    """Refuse, in one line, ``--adapt-lr`` where nothing adapts and ``--self-similarity`` for a baseline (options
+    that would be stored and ignored)."""
+    from click.core import ParameterSource
+
+    from semclip_batch.methods.registry import get_method
+
+    method = cfg.model.method
+    if not cfg.adapt_steps and ctx.get_parameter_source("adapt_lr") not in (None, ParameterSource.DEFAULT):
+        why = ("--adapt-steps 0" if adapt_steps == 0 else f"--recipe {recipe}" if get_method(method).recipes
+               else f"--method {method} (a baseline: a frozen backbone unless --adapt-steps N)")
+        raise ConfigError(f"--adapt-lr is the rate of the backbone's adaptation, and with {why} nothing adapts: "
+                          "omit it or give --adapt-steps N")
+    if self_similarity is not None and not get_method(method).recipes:
+        raise ConfigError(f"--self-similarity is a SEM-CLIP option; --method {method} has none: omit it")
+
+
+def _train_summary(meta: CheckpointMeta, out: str) -> list[str]:
+    """What ``train`` prints once the checkpoint is written: the fit, the map's weights, the support scale check
+    and the backbone's adaptation."""
+    from semclip_batch.fewshot.adapt import adaptation_lines
+    from semclip_batch.fewshot.scale_check import support_check_lines
+    from semclip_batch.methods.weight_choice import describe_choice
+
     th = meta.thresholds
     recipe = "" if meta.recipe == meta.method else f" (recipe {meta.recipe})"
     choice = meta.training.get("reference_weight_choice")
     chosen = "" if choice is None else f"reference weight {meta.reference_weight:g} ({'kept' if 'kept' in choice else 'auto'}), "
-    click.echo(f"wrote {meta.method} checkpoint {out}{recipe}: alpha {meta.alpha:.2f}, {chosen}"
-               f"temperature {meta.temperature:.1f}, "
-               f"thresholds image {th.image:.3f} pixel {th.pixel:.3f}, {meta.training['used']} images, "
-               f"{meta.training['seconds']} s")
+    lines = [f"wrote {meta.method} checkpoint {out}{recipe}: alpha {meta.alpha:.2f}, {chosen}"
+             f"temperature {meta.temperature:.1f}, thresholds image {th.image:.3f} pixel {th.pixel:.3f}, "
+             f"{meta.training['used']} images, {meta.training['seconds']} s"]
     weights = describe_choice(meta.training.get("weights_choice") or {})
-    if weights is not None:
-        click.echo(weights)
-    for line in support_check_lines(meta.training) + adaptation_lines(meta.training):
-        click.echo(line)
+    return lines + ([] if weights is None else [weights]) + support_check_lines(meta.training) + adaptation_lines(
+        meta.training)
 
 
 def _refuse_unused_reference_options(ctx: click.Context, spec: ModelSpec) -> None:
@@ -263,7 +284,6 @@ def _refuse_unused_reference_options(ctx: click.Context, spec: ModelSpec) -> Non
     ``--no-register`` without ``--use-reference`` (only reference frames are registered)."""
     from click.core import ParameterSource
 
-    from semclip_batch.errors import ConfigError
 
     given = [f"--{name.replace('_', '-')}" for name in ("reference_weight", "reference_fusion")
              if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
