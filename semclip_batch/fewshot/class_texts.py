@@ -31,9 +31,8 @@ class ClassTexts:
 
     def embeddings(self, clip: nn.Module, pick: torch.Tensor | None = None) -> torch.Tensor:
         """``(C, E)`` class text embeddings from all prompts, or from the prompts ``pick``."""
-        if pick is None:
-            return class_text(clip, self.tokens, self.owner, self.n_classes)
-        return class_text(clip, self.tokens[pick], self.owner[pick], self.n_classes)
+        tokens, owner = (self.tokens, self.owner) if pick is None else (self.tokens[pick], self.owner[pick])
+        return class_text(clip, tokens, owner, self.n_classes)
 
 
 def class_text(clip: nn.Module, tokens: torch.Tensor, owner: torch.Tensor, n_classes: int) -> torch.Tensor:

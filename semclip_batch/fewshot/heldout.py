@@ -16,7 +16,7 @@ from semclip_batch.analysis.metrics import roc_auc
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, patch_labels
 from semclip_batch.io.preprocess import normalize
-from semclip_batch.model.encoder import encode_dual_path
+from semclip_batch.model.encoder import EncoderOutput, encode_dual_path
 from semclip_batch.model.semclip import patch_logits
 from semclip_batch.model.towers import VisionTower, as_clip
 
@@ -25,6 +25,14 @@ def to_text_space(visual: VisionTower, tokens: torch.Tensor) -> torch.Tensor:
     """Patch tokens through the backbone's own ``ln_post`` + ``proj`` (the zero-shot Transformation Layer),
     normalised: what the dense loss and the held-out figures compare with the class texts."""
     return F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1)
+
+
+def dense_logits(visual: VisionTower, enc: EncoderOutput, text: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
+    """Patch-text logits ``(B, N, C)`` of every tap and path of an encoding (the original path, and the v-v path
+    where it was computed), through :func:`to_text_space`: what the dense loss trains and the held-out check
+    scores."""
+    terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
+    return [patch_logits(to_text_space(visual, t), text, scale, True) for t in terms]
 
 
 class HeldOut(NamedTuple):
@@ -71,9 +79,8 @@ def heldout_figures(clip: nn.Module, data: TrainSet, rows: torch.Tensor, text: t
         x = normalize(data.views[idx], prep)
         grid = x.shape[-1] // parts.visual.conv1.kernel_size[0]
         enc = encode_dual_path(parts.visual, x, taps, 1)
-        terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
-        probs.append(torch.stack([patch_logits(to_text_space(parts.visual, t), text, scale, True).softmax(-1)
-                                  for t in terms]).mean(0).flatten(0, 1))
+        probs.append(torch.stack([lg.softmax(-1) for lg in dense_logits(parts.visual, enc, text, scale)])
+                     .mean(0).flatten(0, 1))
         targets.append(patch_labels(data.masks[idx], data.labels[idx], data.has_mask[idx], grid).flatten())
         labels = data.labels[idx]
         known = labels != IGNORE

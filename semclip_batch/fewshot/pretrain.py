@@ -59,10 +59,10 @@ from semclip_batch.fewshot.heldout import (
     CROP_PREFIX,
     TEXT_COSINE,
     HeldOut,
+    dense_logits,
     held_frames,
     heldout_figures,
     heldout_split,
-    to_text_space,
 )
 from semclip_batch.fewshot.scale_check import ScaleCheck, check_rows, reserve_seconds, run_check
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, load_trainset, patch_labels
@@ -74,7 +74,6 @@ from semclip_batch.methods.registry import depth_of
 from semclip_batch.methods.weights import canonical_sha256, load_backbone, preprocess_config
 from semclip_batch.model import default_taps
 from semclip_batch.model.encoder import encode_dual_path
-from semclip_batch.model.semclip import patch_logits
 from semclip_batch.model.text import encode_prompts
 from semclip_batch.model.towers import as_clip
 
@@ -166,7 +165,7 @@ def kept_patches(targets: torch.Tensor, ratio: float, gen: torch.Generator) -> t
 
 
 def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Tensor, taps: tuple[int, ...],
-              prep, gen: torch.Generator, caption_tokens: torch.Tensor | None, keep: float) -> torch.Tensor:
+              prep: PreprocessConfig, gen: torch.Generator, caption_tokens: torch.Tensor | None, keep: float) -> torch.Tensor:
     parts = as_clip(clip)
     views, masks = _flip(data.views[idx], data.masks[idx], gen)
     x = normalize(views, prep)
@@ -178,9 +177,8 @@ def step_loss(clip: nn.Module, data: TrainSet, idx: torch.Tensor, text: torch.Te
     enc = encode_dual_path(parts.visual, x, taps, 1, keep=kept)
     scale = parts.logit_scale.exp().clamp(max=100.0)
     n_classes = text.shape[0]
-    terms = [t for pair in zip(enc.original, enc.vv, strict=True) for t in pair if t is not None]
-    dense = torch.stack([_balanced_ce(patch_logits(to_text_space(parts.visual, t), text, scale, True), targets, n_classes)
-                         for t in terms]).mean()
+    dense = torch.stack([_balanced_ce(lg, targets, n_classes)
+                         for lg in dense_logits(parts.visual, enc, text, scale)]).mean()
     emb = F.normalize(enc.pooled, dim=-1)
     labels = data.labels[idx]
     loss = dense
