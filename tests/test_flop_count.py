@@ -1,4 +1,4 @@
-"""The pipeline benchmark's FLOP count (benchmarks/pipeline.py ``count_flops``): what torch's counter misses on CPU
+"""The pipeline benchmark's FLOP count (benchmarks/flops.py ``count_flops``): what torch's counter misses on CPU
 (its fused attention) is counted, against hand-computed products."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 
 
 def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
-    spec = importlib.util.spec_from_file_location("semclip_pipeline_bench", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "flops.py"
+    spec = importlib.util.spec_from_file_location("semclip_flops_bench", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
