@@ -34,7 +34,7 @@ import pyarrow as pa
 import torch
 from flops import bench_flops, print_flops
 
-from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, RunConfig, Thresholds
+from semclip_batch.config import DEFAULT_MAP_SHIFTS, DEFAULT_SELF_SIMILARITY, MAP_SHIFTS, ModelSpec, RunConfig, Thresholds
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import read_manifest, read_manifest_table
 from semclip_batch.io.schema import numpy_batch
@@ -93,9 +93,10 @@ def plain_loop(manifest: Path, out: Path, predictor: Predictor, prep, batch_size
 
 
 def bench_backbone(name: str, images: int, batch_size: int, threads: int, precision: str,
-                   num_gpus: float = 0.0) -> dict[str, Any]:
+                   num_gpus: float = 0.0, map_shifts: int = DEFAULT_MAP_SHIFTS) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    spec = ModelSpec(backbone=name, pretrained="none", precision=precision, self_similarity=DEFAULT_SELF_SIMILARITY)
+    spec = ModelSpec(backbone=name, pretrained="none", precision=precision, self_similarity=DEFAULT_SELF_SIMILARITY,
+                     map_shifts=map_shifts)
     prep = preprocess_config(name, tile_above=1024)
     backbone = load_backbone(name, "none")
     text = text_embeddings(backbone, load_prompts())
@@ -122,7 +123,7 @@ def bench_backbone(name: str, images: int, batch_size: int, threads: int, precis
     stages = record.get("stages", [])
     model = next(s for s in stages if "Predictor" in s["stage"])
     return {"backbone": name, "images": n, "batch_size": batch_size, "threads": threads, "precision": precision,
-            "device": "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu",
+            "map_shifts": map_shifts, "device": "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu",
             "pipeline_img_s": round(n / wall, 2), "pipeline_steady_img_s": round(n / model["span_s"], 2),
             "startup_s": round(model["start_s"], 2), "model_stage_img_s": round(model_only, 2),
             "plain_loop_img_s": round(plain, 2), "object_store_bytes_per_frame": store_bytes_per_frame(stages, n),
@@ -313,6 +314,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--num-gpus", type=float, default=0.0,
                         help="GPUs for the model actor (and the model stage alone / plain loop on cuda)")
+    parser.add_argument("--map-shifts", type=int, default=DEFAULT_MAP_SHIFTS, choices=MAP_SHIFTS,
+                        help="views scored per view for the map, as run --map-shifts (its default); the backbone "
+                             "rows only: --flops-only, --model-stub and --defect-view-cost score each view once")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--decode-only", action="store_true", help="only decode + preprocess per frame, one core")
     parser.add_argument("--model-stub", type=float, default=None, metavar="RATE",
@@ -353,9 +357,11 @@ def main() -> None:
     rows = []
     for name in args.backbones.split(","):
         images = args.images or (1400 if name == "semclip-tiny" else 140)
-        rows.append(bench_backbone(name, images, args.batch_size, args.threads, args.precision, args.num_gpus))
+        rows.append(bench_backbone(name, images, args.batch_size, args.threads, args.precision, args.num_gpus,
+                                   args.map_shifts))
     device = torch.cuda.get_device_name() if args.num_gpus > 0 and torch.cuda.is_available() else "CPU"
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {device}")
+    print(f"map shifts: {args.map_shifts} views scored per model view (run --map-shifts)")
     header = (f"{'backbone':<20} {'images':>6} {'batch':>5} {'prec':>5} {'pipeline':>9} {'steady':>7} {'start-up':>8} "
               f"{'model stage':>11} {'plain loop':>10}")
     print(header)

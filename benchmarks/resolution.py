@@ -113,7 +113,7 @@ def model_of(work: Path, family: str, shots: int, cfg: Config, seed: int,
     """The zero-shot spec, or the (cached) checkpoint ``train`` writes for ``cfg`` on the family's support lot
     (seed 3000, ``shots`` frames a class; drawn here on first use)."""
     if cfg.zero_shot:
-        return zero_shot_spec("semclip-tiny", pretrained, scale_policy=cfg.policy)  # zero-shot run's defaults
+        return zero_shot_spec("semclip-tiny", pretrained, scale_policy=cfg.policy)  # zero-shot run's defaults, 1 shift
     return CheckpointRequest(url=checkpoint(work, family, lot(work, family, 3000, shots), cfg, seed, pretrained))
 
 

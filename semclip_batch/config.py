@@ -45,6 +45,10 @@ DEFAULT_REFERENCE_FUSION = "mean"
 # the in-frame self-similarity map's share of SEM-CLIP's map (model.selfsim): zero-shot `run` and train's recipe
 # transfer; chosen on the validation families (README "Self-similarity")
 DEFAULT_SELF_SIMILARITY = 0.8
+# views scored per view, the maps of the half-patch shifted ones moved back and averaged (model.shifts): `run`'s
+# default; 1 for library callers (README "The map over half-patch shifts")
+MAP_SHIFTS = (1, 2, 4)
+DEFAULT_MAP_SHIFTS = 4
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_REPORT_TOP_N = 12  # overlay thumbnails per lot page of `report`
 # `status`: a record still `running` with nothing new under _state/ for this long is reported as likely killed
@@ -201,12 +205,14 @@ class ModelSpec:
     defect_view: bool = False  # class scores of large frames also from a native crop at the map's maximum
     # the tiles' least overlap a checkpoint was trained with (its preprocessing record); None: tile_overlap_for(policy)
     tile_overlap: float | None = None
+    map_shifts: int = 1  # views scored per view for the map (model.shifts; run's default DEFAULT_MAP_SHIFTS)
     checkpoint: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_map_shifts(self.map_shifts)
         if self.score_mode not in SCORE_MODES:
             raise ConfigError(f"score mode must be one of {', '.join(SCORE_MODES)}, got {self.score_mode!r}")
         if self.sigma < 0:
@@ -244,6 +250,8 @@ class ModelSpec:
             out["scale_policy"] = self.scale_policy
         if self.defect_view:
             out["defect_view"] = True
+        if self.map_shifts != 1:
+            out["map_shifts"] = self.map_shifts
         return out
 
 
@@ -251,10 +259,16 @@ def zero_shot_spec(backbone: str, pretrained: str, *, scale_policy: float | None
                    self_similarity: float | None = None, defect_view: bool | None = None, **fields: Any) -> ModelSpec:
     """The model zero-shot ``run`` scores with: its own defaults where None (self-similarity
     :data:`DEFAULT_SELF_SIMILARITY`, the defect view on; ``ModelSpec``'s, for library callers, are off), ``fields``
-    (other :class:`ModelSpec` fields) as given. The CLI and the benchmarks that measure zero-shot ``run`` share it."""
+    (other :class:`ModelSpec` fields) as given. The CLI and the benchmarks that measure zero-shot ``run`` share it;
+    the map shifts are the caller's (``run`` passes its ``--map-shifts``; the benchmarks keep 1)."""
     return ModelSpec(backbone=backbone, pretrained=pretrained, scale_policy=scale_policy,
                      self_similarity=DEFAULT_SELF_SIMILARITY if self_similarity is None else self_similarity,
                      defect_view=True if defect_view is None else defect_view, **fields)
+
+
+def check_map_shifts(shifts: int) -> None:
+    if shifts not in MAP_SHIFTS:
+        raise ConfigError(f"--map-shifts must be one of {', '.join(map(str, MAP_SHIFTS))}, got {shifts}")
 
 
 def check_self_similarity(weight: float) -> None:
@@ -275,9 +289,11 @@ class CheckpointRequest:
     precision: str = "fp32"
     scale_policy: str | None = None  # must name the checkpoint's policy when given (parse_scale_policy)
     defect_view: bool | None = None  # None: the checkpoint's
+    map_shifts: int = 1  # views scored per view for the map (a run option: checkpoints do not record it)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_map_shifts(self.map_shifts)
         if self.scale_policy is not None:
             parse_scale_policy(self.scale_policy)
         if self.precision not in PRECISIONS:

@@ -64,7 +64,8 @@ def test_the_check_scores_as_run_and_eval_do(tmp_path, logic_lot, ray_cluster):
     for name, policy in (("native", 1.0), ("whole", None)):
         out = tmp_path / f"out-{name}"
         res = runner.invoke(main, ["run", str(logic_lot), "--out", str(out), "--backbone", "semclip-tiny",
-                                   "--pretrained", "shipped", "--scale-policy", name])
+                                   "--pretrained", "shipped", "--scale-policy", name,
+                                   "--map-shifts", "1"])  # the check scores each view once
         assert res.exit_code == 0, res.output
         res = runner.invoke(main, ["eval", str(out), "--truth", str(logic_lot)])
         assert res.exit_code == 0, res.output

@@ -17,7 +17,14 @@ from click.testing import CliRunner
 
 from semclip_batch.analysis.metrics import PixelCounts
 from semclip_batch.cli.commands import main
-from semclip_batch.config import DEFAULT_SELF_SIMILARITY, CheckpointRequest, ModelSpec, RunConfig, zero_shot_spec
+from semclip_batch.config import (
+    DEFAULT_MAP_SHIFTS,
+    DEFAULT_SELF_SIMILARITY,
+    CheckpointRequest,
+    ModelSpec,
+    RunConfig,
+    zero_shot_spec,
+)
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.recipes import RECIPES, applied, with_self_similarity
 from semclip_batch.fewshot.train import TrainConfig, train
@@ -130,7 +137,7 @@ def test_zero_shot_spec_is_zero_shot_runs_defaults_with_given_values_kept():
     assert ModelSpec(backbone="semclip-tiny", pretrained="shipped").self_similarity == 0.0  # the library's stays off
     given = zero_shot_spec("semclip-tiny", "none", self_similarity=0.0, defect_view=False, precision="bf16")
     assert (given.self_similarity, given.defect_view, given.precision) == (0.0, False, "bf16")
-    # the CLI's zero-shot run builds exactly this spec
+    # the CLI's zero-shot run builds exactly this spec, with its --map-shifts (zero_shot_spec leaves them to the caller)
     from semclip_batch.cli.options import run_config
 
     cfg = run_config(input="lot.csv", out="out", model=None, backbone="semclip-tiny", pretrained="shipped",
@@ -138,7 +145,7 @@ def test_zero_shot_spec_is_zero_shot_runs_defaults_with_given_values_kept():
                      prompts=None, precision="fp32", storage_option=(), threshold=None, pixel_threshold=None,
                      min_region_px=None, batch_size=8, actors=1, num_gpus=0.0, shard_size=64, tile_above=1024,
                      pattern=None, address=None, overwrite=False)
-    assert cfg.model == zero_shot_spec("semclip-tiny", "shipped", scale_policy=1.0)
+    assert cfg.model == zero_shot_spec("semclip-tiny", "shipped", scale_policy=1.0, map_shifts=DEFAULT_MAP_SHIFTS)
 
 
 def test_the_weight_is_recorded_and_refused_where_it_does_not_apply(synth_lot, tmp_path):

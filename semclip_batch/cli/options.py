@@ -12,6 +12,7 @@ import click
 from semclip_batch.config import (
     DEFAULT_BACKBONE,
     DEFAULT_IMAGE_THRESHOLD,
+    DEFAULT_MAP_SHIFTS,
     DEFAULT_MIN_REGION_PX,
     DEFAULT_PIXEL_THRESHOLD,
     DEFAULT_PRETRAIN_STEPS,
@@ -190,6 +191,11 @@ def run_options(fn: F) -> F:
                      help="Class scores of frames at least twice the model input also read a native-resolution crop "
                           "at the map's maximum (one more model view per such frame) [default: on; with --model: "
                           "the checkpoint's, which either flag overrides]."),
+        click.option("--map-shifts", type=int, default=DEFAULT_MAP_SHIFTS, show_default=True, metavar="1|2|4",
+                     help="Views scored per model view for the defect map: 2 adds the view moved half a patch "
+                          "diagonally, 4 every half-patch offset; their maps are moved back and averaged (class "
+                          "scores stay the view's own, but the defect view's crop follows the averaged map; the model "
+                          "stage's cost scales with it). 1: the view alone, as before this option."),
     ]
     fn = model_options(fn)
     for option in reversed(options):
@@ -221,7 +227,7 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
                seed: int, prompts: str | None, precision: str, storage_option: tuple[str, ...],
                threshold: float | None, pixel_threshold: float | None, min_region_px: int | None, batch_size: int,
                actors: int, num_gpus: float, shard_size: int, tile_above: int, pattern: str | None,
-               address: str | None, overwrite: bool) -> RunConfig:
+               address: str | None, overwrite: bool, map_shifts: int = DEFAULT_MAP_SHIFTS) -> RunConfig:
     """The validated RunConfig for the options of :func:`run_options`."""
     from semclip_batch.errors import ConfigError
 
@@ -236,14 +242,14 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
     if model is not None:
         spec = CheckpointRequest(url=model, backbone=backbone, pretrained=pretrained,
                                  pretrained_sha256=pretrained_sha256, precision=precision, scale_policy=scale_policy,
-                                 defect_view=defect_view, storage_options=so)
+                                 defect_view=defect_view, map_shifts=map_shifts, storage_options=so)
     else:
         assert pretrained is not None  # refused above
         name = backbone or DEFAULT_BACKBONE
         spec = zero_shot_spec(name, pretrained,
                               scale_policy=parse_scale_policy(scale_policy or default_scale_policy(name, pretrained, so)),
                               self_similarity=self_similarity,
-                              defect_view=defect_view, pretrained_sha256=pretrained_sha256, seed=seed,
+                              defect_view=defect_view, map_shifts=map_shifts, pretrained_sha256=pretrained_sha256, seed=seed,
                               precision=precision, prompts=prompts, storage_options=so)
     return RunConfig(input=input, out=out, model=spec, thresholds=_thresholds(threshold, pixel_threshold, min_region_px),
                      tile_above=tile_above, pattern=pattern, shard_size=shard_size, batch_size=batch_size,

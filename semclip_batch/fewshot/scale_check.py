@@ -3,8 +3,9 @@
 A backbone pretrained on an archive whose defects are a few pixels wide at frame resolution cannot see them
 on the whole frame resized to the model input; one pretrained on large defects gains nothing from tiles but
 their cost. The frames ``pretrain`` held out (never trained on, labelled, of the archive the fab will score)
-say which: each is scored zero-shot exactly as ``run`` scores it (:func:`~semclip_batch.config.zero_shot_spec`,
-its tiles under each candidate policy, maps joined at the frame's size and stored as uint8) and the pixel AUROC
+say which: each is scored zero-shot as ``run`` scores it (:func:`~semclip_batch.config.zero_shot_spec`, its
+tiles under each candidate policy, maps joined at the frame's size and stored as uint8; each view once, without
+``run``'s half-patch shifts, which move every policy's map alike) and the pixel AUROC
 pooled over them is measured per policy. The recommendation is the cheapest policy (fewest model views)
 within :data:`~semclip_batch.config.SCALE_CHECK_TOLERANCE` of the best: ``run`` and ``train`` take it when no
 ``--scale-policy`` is given (README "The scale check").

@@ -106,9 +106,11 @@ class TrainConfig:
 
 
 def _public(cfg: TrainConfig) -> dict[str, Any]:
-    """The training config as stored in the checkpoint: storage options (endpoints) left out."""
+    """The training config as stored in the checkpoint: storage options (endpoints) left out, and the map shifts
+    (a ``run`` option: ``train`` never scores with them)."""
     body = asdict(cfg)
     body["model"].pop("storage_options", None)
+    body["model"].pop("map_shifts", None)
     return body
 
 

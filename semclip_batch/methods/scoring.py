@@ -19,6 +19,7 @@ from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_mod
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
+from semclip_batch.model.shifts import half_patch_offsets, patch_size, shift_views, unshift_maps
 from semclip_batch.model.towers import vision_tower
 
 
@@ -31,6 +32,7 @@ class Scoring:
     taps: tuple[int, ...]
     vv_from: int | None
     windows: bool
+    offsets: tuple[tuple[int, int], ...] = ()  # half-patch shifts whose maps are averaged with the view's (model.shifts)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Scoring:
         self.model = self.model.to(device=device, dtype=dtype)
@@ -40,6 +42,25 @@ class Scoring:
 
     def __call__(self, x: torch.Tensor, refs: torch.Tensor | None = None,
                  has_ref: torch.Tensor | None = None) -> SemClipOutput:
+        """Maps, class probabilities and embeddings of model inputs ``x`` (and their references). With
+        ``offsets``, the map is the mean of the view's and of each shifted view's map moved back; the class
+        scores and embeddings stay the view's own."""
+        out = self._once(x, refs, has_ref)
+        if not self.offsets:
+            return out
+        total = out.maps.float()
+        for down, right in self.offsets:
+            moved = self._once(shift_views(x, down, right), None if refs is None else shift_views(refs, down, right),
+                               has_ref)
+            total = total + unshift_maps(moved.maps.float(), down, right)
+        maps = (total / (1 + len(self.offsets))).to(out.maps.dtype)
+        return SemClipOutput(maps=maps, class_probs=out.class_probs, embeddings=out.embeddings)
+
+    def class_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The class probabilities of model inputs ``x`` alone (one pass: the shifts move only the map)."""
+        return self._once(x, None, None).class_probs
+
+    def _once(self, x: torch.Tensor, refs: torch.Tensor | None, has_ref: torch.Tensor | None) -> SemClipOutput:
         visual = vision_tower(self.model)
         feats = encode_batch(visual, x, self.taps, vv_from=self.vv_from, windows=self.windows)
         ref_feats = pixels = None
@@ -80,4 +101,5 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
     if reference is not None:
         taps = tuple(sorted({*taps, *reference.taps}))
     model = model.eval().requires_grad_(False)
-    return Scoring(model, reference, taps, vv_from, windows=method.windows)
+    offsets = half_patch_offsets(spec.map_shifts, patch_size(vision_tower(model).conv1))
+    return Scoring(model, reference, taps, vv_from, windows=method.windows, offsets=offsets)

@@ -156,7 +156,7 @@ class Predictor:
     def _class_probs(self, views: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(V, C)`` on the CPU of grey views ``(V, S, S)`` in [0, 1] on the device."""
         step = self.setup.batch_size
-        return torch.cat([self.scoring(normalize(views[k:k + step], self.setup.prep).to(self.dtype)).class_probs
+        return torch.cat([self.scoring.class_probs(normalize(views[k:k + step], self.setup.prep).to(self.dtype))
                           .float().cpu() for k in range(0, views.shape[0], step)])
 
     def _frame(self, packed: bytes, height: int, width: int) -> torch.Tensor:
