@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -147,3 +148,36 @@ def test_an_unknown_count_is_one_line_and_nothing_is_written(tmp_path):
     assert result.output.strip().splitlines() == ["Error: --map-shifts must be one of 1, 2, 4, got 3"]
     assert not out.exists()
 
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_run_at_the_default_moves_the_maps_not_the_classes_and_names_another_run(tmp_path, synth_lot, ray_cluster):
+    """Through the pipeline: the default run and ``--map-shifts 1`` score the same frames (under twice the model
+    input: no defect view) with the same class scores and other maps; the run ids differ, the record says which,
+    and an OUT of the one is refused to the other in one line."""
+    import json
+
+    from semclip_batch.analysis.results import read_predictions
+
+    runner, found = CliRunner(), {}
+    for name, flags in (("default", []), ("one", ["--map-shifts", "1"])):
+        out = tmp_path / name
+        res = runner.invoke(main, ["run", str(synth_lot / "manifest.csv"), "--out", str(out), "--backbone",
+                                   "semclip-tiny", "--pretrained", "shipped", *flags])
+        assert res.exit_code == 0, res.output
+        record = json.loads(next((out / "runs").rglob("attempt-*.json")).read_text())
+        table = read_predictions(str(out)).to_pandas().sort_values("image_id")
+        assert set(table["status"]) == {"ok"}
+        found[name] = (record, np.stack(table["class_scores"].to_list()), table["anomaly_score"].to_numpy())
+    default, one = found["default"], found["one"]
+    assert default[0]["config"]["model"]["map_shifts"] == DEFAULT_MAP_SHIFTS
+    assert one[0]["config"]["model"]["map_shifts"] == 1  # the record shows it; the run id leaves 1 out
+    assert default[0]["run_id"] != one[0]["run_id"]
+    assert np.allclose(default[1], one[1], atol=1e-6)  # the classes: the view's own either way
+    assert np.abs(default[2] - one[2]).max() > 1e-4  # the image score reads the map's maximum
+    res = runner.invoke(main, ["run", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "one"), "--backbone",
+                               "semclip-tiny", "--pretrained", "shipped"])
+    assert res.exit_code != 0
+    assert res.output.strip().splitlines()[-1].startswith(f"Error: {tmp_path / 'one'} holds run {one[0]['run_id']}")
