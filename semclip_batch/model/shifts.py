@@ -38,9 +38,8 @@ def unshift_maps(maps: torch.Tensor, down: int, right: int) -> torch.Tensor:
     """Maps of shifted views moved back onto the view (the inverse of :func:`shift_views` where both are defined);
     the ``down`` bottom rows and ``right`` last columns, which no shifted pixel covers, repeat their neighbours.
     ``(B, H, W)`` -> ``(B, H, W)``."""
-    h, w = maps.shape[-2], maps.shape[-1]
     back = maps[:, down:, right:]
-    return F.pad(back[:, None], (0, right, 0, down), mode="replicate")[:, 0].reshape(-1, h, w)
+    return F.pad(back[:, None], (0, right, 0, down), mode="replicate")[:, 0]
 
 
 def patch_size(conv: torch.nn.Conv2d) -> int:
