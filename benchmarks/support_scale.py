@@ -92,7 +92,7 @@ def fit(work: Path, family: str, seed: int, auto: bool) -> tuple[Path, dict[str,
         meta = json.loads((folder / "checkpoint.json").read_text())
         check = meta["training"].get("scale_check", {})
         record.write_text(json.dumps({"seconds": round(seconds, 1), "classes": meta["classes"],
-                                      "chosen": check.get("chosen") or "whole", "trained_at": meta["scale_policy"],
+                                      "chosen": check.get("chosen") or "whole", "maps_at": meta["scale_policy"],
                                       "check": check.get("figures")}))
     return folder, json.loads(record.read_text())
 

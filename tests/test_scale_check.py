@@ -243,7 +243,7 @@ def test_an_archive_without_held_out_frames_says_why_it_has_no_check(tmp_path, l
 
 def test_train_auto_chooses_the_policy_on_its_support_frames(tmp_path, logic_lot):
     """``--scale-policy auto``: SEM-CLIP's ``train`` runs pretrain's check on its own support frames (zero-shot, the
-    starting weights), trains at the policy it chooses and records both in the checkpoint."""
+    starting weights), fits at whole, and records the check and the policy it chose for the maps in the checkpoint."""
     runner = CliRunner()
     res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / "ck"),
                                "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1",
@@ -262,8 +262,9 @@ def test_train_auto_chooses_the_policy_on_its_support_frames(tmp_path, logic_lot
         assert record["figures"][name]["pAUROC"] == pytest.approx(row["pAUROC"], abs=1e-6)
     assert record["chosen"] == recommend(expected)
     assert meta.scale_policy == parse_scale_policy(record["chosen"])
-    assert meta.training["config"]["check_scale"] is True
-    assert f"{record['chosen']:<8}" in res.output and "<- chosen: trained at it" in res.output
+    assert meta.training["config"]["check_scale"] is True and record["fitted_at"] == "whole"
+    assert meta.training["config"]["model"]["scale_policy"] is None  # the fit's
+    assert f"{record['chosen']:<8}" in res.output and "<- chosen: run --model scores the maps at it" in res.output
     # without auto (the default, or weights with a check of their own): no support check
     for name, weights in (("default", "shipped"), ("weights", _weights_recommending(tmp_path, "0.5"))):
         res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / name),
@@ -299,14 +300,15 @@ def test_a_support_set_without_pixel_truth_is_trained_whole_and_says_why(logic_l
     assert record == {"figures": {}, "chosen": None, "frames": 0,
                       "note": "no support frame with a pixel truth (defect rows need a mask_uri)"}
     assert support_check_lines({"scale_check": record}) == [
-        "scale check: no support frame with a pixel truth (defect rows need a mask_uri); trained at whole "
+        "scale check: no support frame with a pixel truth (defect rows need a mask_uri); maps at whole "
         "(--scale-policy sets another)"]
     assert support_check_lines({}) == []
 
 
 def test_auto_steps_down_from_its_choice_and_says_so(tmp_path, logic_lot, monkeypatch, caplog):
-    """The support check chose native, the rows do not fit there: ``train`` takes the next coarser policy, the
-    warning names the support check, and the printed check marks native as chosen but not trained at."""
+    """The support check chose native, the support views do not fit there: ``train`` scores the maps' views at the
+    next coarser policy, the warning names the support check, and the printed check marks native as chosen but the
+    maps at 0.75."""
     import semclip_batch.fewshot.train as train_module
 
     figures = {name: {"pAUROC": 0.5 + 0.1 * k, "views": 7 * (k + 1)} for k, name in enumerate(SCALE_CHECK_POLICIES)}
@@ -317,8 +319,59 @@ def test_auto_steps_down_from_its_choice_and_says_so(tmp_path, logic_lot, monkey
                                     "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1",
                                     "--scale-policy", "auto"])
     assert res.exit_code == 0, res.output
-    assert "trained at --scale-policy 0.75 instead of the support frames' scale check (native)" in caplog.text
+    assert "maps at --scale-policy 0.75 instead of the support frames' scale check (native)" in caplog.text
     meta = load_checkpoint(str(tmp_path / "ck")).meta
-    assert meta.scale_policy == 0.75 and meta.training["scale_check"]["trained_at"] == "0.75"
-    assert "native   0.800      28  <- chosen; trained at 0.75: the support rows would not fit in memory at it" in res.output
+    assert meta.scale_policy == 0.75 and meta.training["scale_check"]["maps_at"] == "0.75"
+    assert meta.training["config"]["model"]["scale_policy"] is None  # the fit at whole, as always with auto
+    assert "native   0.800      28  <- chosen; maps at 0.75: the support views would not fit in memory at it" in res.output
     assert meta.training["config"]["policy_from_weights"] is False
+
+
+@pytest.fixture(scope="module")
+def repeating_lot(tmp_path_factory):
+    """7 frames of 640 px of the `classic` family (line/space or contact grids that repeat: cell references)."""
+    root = tmp_path_factory.mktemp("classic")
+    synth(str(root), SynthConfig(seed=43, lots=1, per_class=1, family="classic", sizes=((640, 640),)))
+    return root / "manifest.csv"
+
+
+def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeating_lot, monkeypatch):
+    """``--scale-policy auto`` whose check chose 0.5: the fit is the fit at whole to the bit (head, layers, alpha,
+    the map's weights, the thresholds it fitted), and what depends on the view scale is fitted again on the support
+    frames' views at 0.5 (their tiles): the memory's bank, the cell references' scales and the thresholds. The
+    checkpoint records 0.5 and its tiling, so ``run --model`` scores the maps there."""
+    import semclip_batch.fewshot.train as train_module
+
+    figures = {name: {"pAUROC": 0.5 + 0.1 * (name == "0.5"), "views": 7 * (k + 1)}
+               for k, name in enumerate(SCALE_CHECK_POLICIES)}
+    monkeypatch.setattr(train_module, "support_check", lambda *a: {"figures": figures, "chosen": "0.5", "frames": 7})
+    runner = CliRunner()
+    args = ["train", "--adapt-steps", "0", str(repeating_lot), "--backbone", "semclip-tiny", "--pretrained", "shipped",
+            "--epochs", "2"]
+    res = runner.invoke(main, [*args, "--out", str(tmp_path / "auto"), "--scale-policy", "auto"])
+    assert res.exit_code == 0, res.output
+    assert "0.5      0.600      14  <- chosen: run --model scores the maps at it (the fit at whole" in res.output
+    res = runner.invoke(main, [*args, "--out", str(tmp_path / "whole")])
+    assert res.exit_code == 0, res.output
+    auto, whole = load_checkpoint(str(tmp_path / "auto")).meta, load_checkpoint(str(tmp_path / "whole")).meta
+    assert auto.scale_policy == 0.5 and auto.preprocessing["scale_policy"] == 0.5 and whole.scale_policy is None
+    assert auto.training["map_views"] > auto.training["views"] == whole.training["views"] == 7  # tiles at 0.5
+    assert auto.training["thresholds_at_whole"] == {"image": whole.thresholds.image, "pixel": whole.thresholds.pixel,
+                                                    "min_region_px": whole.thresholds.min_region_px}
+    assert (auto.alpha, auto.self_similarity, auto.training["memory_weight"]) == (
+        whole.alpha, whole.self_similarity, whole.training["memory_weight"])
+    a, b = _tensors(tmp_path / "auto"), _tensors(tmp_path / "whole")
+    scale_bound = {k for k in a if k.startswith(("memory.bank", "reference."))}
+    assert a.keys() == b.keys() and {"memory.bank0", "reference.scale", "reference.pixel_scale"} <= scale_bound
+    for key in a.keys() - scale_bound:
+        assert torch.equal(a[key], b[key]), key
+    # the memory holds the clean patches of the views at 0.5 (the whole views and their tiles)
+    assert a["memory.bank0"].shape[0] == auto.training["memory_tokens"] != b["memory.bank0"].shape[0]
+    assert auto.self_reference and auto.training["reference_scale"] != whole.training["reference_scale"]
+    assert not torch.equal(a["reference.scale"], b["reference.scale"])
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))

@@ -173,8 +173,9 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "SEM-CLIP's recipe transfer; off with paper and for the baselines].")
 @scale_policy_option("[default: the one the --pretrained weights' scale check recommends (pretrain), else whole; "
                      "stored in the checkpoint, run scores with it]",
-                     auto="; auto: the one pretrain's scale check chooses on the support frames, scored zero-shot "
-                          "(SEM-CLIP; README \"The scale check of the support frames\")")
+                     auto="; auto: the fit at whole, its maps at the policy pretrain's scale check chooses on the "
+                          "support frames, scored zero-shot (SEM-CLIP; README \"The scale check of the support "
+                          "frames\")")
 @self_similarity_option("[default: with SEM-CLIP's recipe transfer chosen on the support frames with the memory's "
                         "weight (0, 0.25 .. 1 or 0.8), 0 with paper; a given W is used as given; baselines have none; "
                         "stored in the checkpoint]")

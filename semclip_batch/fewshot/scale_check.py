@@ -132,7 +132,7 @@ def recommend(check: Mapping[str, Mapping[str, float | int | None]],
 
 
 PRETRAIN_MARK = "recommended: run and train use it unless --scale-policy is given"
-TRAIN_MARK = "chosen: trained at it and stored in the checkpoint (run --model scores with it)"
+MAPS_MARK = "chosen: run --model scores the maps at it (the fit at whole; stored in the checkpoint)"
 
 
 def check_lines(check: Mapping[str, Mapping[str, float | int | None]], chosen: str | None, frames: int,
@@ -233,8 +233,9 @@ def support_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, df: 
     candidates, tolerance and rule, and like it up to :data:`SCALE_CHECK_FRAMES` frames evenly spread) on the support
     frames of ``df`` that have a pixel truth, scored zero-shot with the starting weights, before any adaptation, so on
     frames those weights never trained on. The checkpoint's record: per policy the figures, the chosen policy (None:
-    whole, ``note`` says why nothing was measured) and the frames checked; ``train`` adds ``trained_at`` where the
-    support rows did not fit in memory at the chosen policy and it stepped down."""
+    whole, ``note`` says why nothing was measured) and the frames checked; ``train`` adds ``fitted_at`` (whole: the
+    policy is the maps') and ``maps_at`` where the support views did not fit in memory at the chosen policy and it
+    stepped down."""
     with evaluating(clip):
         result = run_check(clip, backbone, prompts, check_rows(df, torch.arange(len(df))), storage_options,
                            source="support",
@@ -249,7 +250,7 @@ def support_check_lines(training: Mapping[str, Any]) -> list[str]:
     if not isinstance(record, Mapping):
         return []
     if record.get("note"):
-        return [f"scale check: {record['note']}; trained at whole (--scale-policy sets another)"]
-    stepped = record.get("trained_at")
-    mark = TRAIN_MARK if stepped is None else f"chosen; trained at {stepped}: the support rows would not fit in memory at it"
+        return [f"scale check: {record['note']}; maps at whole (--scale-policy sets another)"]
+    stepped = record.get("maps_at")
+    mark = MAPS_MARK if stepped is None else f"chosen; maps at {stepped}: the support views would not fit in memory at it"
     return check_lines(record["figures"], record["chosen"], int(record["frames"]), "support", mark)

@@ -52,8 +52,9 @@ from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES, Support, validation_count
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
+from semclip_batch.methods.semclip_method import refill_memory
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
-from semclip_batch.model import SemClipOutput
+from semclip_batch.model import SemClip, SemClipOutput
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
 from semclip_batch.model.towers import vision_tower
 
@@ -76,8 +77,9 @@ class TrainConfig:
     # the scale policy is the weights' recommendation (pretrain's scale check), not the user's: where the support
     # rows would not fit in memory at it, the next coarser one is taken (fewshot.fit_memory)
     policy_from_weights: bool = False
-    # --scale-policy auto: SEM-CLIP's policy is chosen on the support frames (fewshot.scale_check.support_check, the
-    # starting weights' zero-shot maps); the checkpoint records the check
+    # --scale-policy auto: the policy run scores SEM-CLIP's maps at is chosen on the support frames
+    # (fewshot.scale_check.support_check, the starting weights' zero-shot maps); the fit stays at whole, and what
+    # depends on the view scale is fitted again at it (maps_at_policy); the checkpoint records the check
     check_scale: bool = False
     adapt_steps: int = 0  # --adapt-steps: the backbone adapted on the support frames first (fewshot.adapt); 0: frozen
     adapt_lr: float = DEFAULT_ADAPT_LR
@@ -217,14 +219,14 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode, len(data) // n_copies))
 
 
-def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
-                       classes: tuple[str, ...]) -> tuple[TrainConfig, PreprocessConfig, TrainSet]:
+def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame, classes: tuple[str, ...],
+                       verb: str = "trained at") -> tuple[TrainConfig, PreprocessConfig, TrainSet]:
     """The support set decoded as ``run`` will score it (the whole frame, and with a scale policy its tiles,
     whatever run's --tile-above), at the config's policy (the recipe's augmentation at ``whole`` only:
     :func:`~semclip_batch.fewshot.recipes.for_policy`). Where its rows would not fit in memory
     (:mod:`~semclip_batch.fewshot.fit_memory`): without the recipe's augmentation if that fits, else, when the
     policy came from the weights or the support frames' scale check, at the next coarser policy (the config returned
-    says which); else refused."""
+    says which; ``verb`` says in the warning what is done at it); else refused."""
     recipe, asked = cfg.recipe, scale_policy_name(cfg.model.scale_policy)
     while True:
         cfg = replace(cfg, recipe=for_policy(recipe, cfg.model.scale_policy))  # a step down to whole augments again
@@ -249,7 +251,7 @@ def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame,
             raise ConfigError(f"{why}: train on fewer support frames (--shots) or at a coarser --scale-policy")
         policy = coarser(cfg.model.scale_policy)
         source = "the support frames' scale check" if cfg.check_scale else "the weights' recommendation"
-        log.warning("%s: trained at --scale-policy %s instead of %s (%s)", why, scale_policy_name(policy), source, asked)
+        log.warning("%s: %s --scale-policy %s instead of %s (%s)", why, verb, scale_policy_name(policy), source, asked)
         cfg = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
 
 
@@ -260,10 +262,8 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
-    cfg, scale, loaded = _scale_checked(cfg, prompts, df)
+    scale, loaded = _scale_checked(cfg, prompts, df)
     cfg, prep, data = _support_that_fits(cfg, df, prompts.classes)
-    if scale is not None and scale["chosen"] is not None and scale_policy_name(cfg.model.scale_policy) != scale["chosen"]:
-        scale["trained_at"] = scale_policy_name(cfg.model.scale_policy)  # stepped down: the rows did not fit
     cfg = _cell_references_if_any(cfg, data)
     spec = applied(cfg.recipe, cfg.model)
     views, whole = len(data), data.first_views()
@@ -280,6 +280,12 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     feats, ref_feats = _support_features(cfg, spec, chosen.backbone, data, prep)
     fitted = fit(cfg, chosen.backbone, torch.from_numpy(text_embeddings(chosen.backbone, prompts)), data, feats,
                  ref_feats, progress, adapted=chosen.adapted is not None)
+    at, at_prep = cfg, prep  # where run scores the maps: the fit's policy, or the one the support frames' check chose
+    policy = None if scale is None or scale["chosen"] is None else parse_scale_policy(scale["chosen"])
+    if scale is not None and policy is not None:
+        at, at_prep = maps_at_policy(cfg, policy, df, prompts.classes, chosen.backbone, fitted)
+        if scale_policy_name(at.model.scale_policy) != scale["chosen"]:
+            scale["maps_at"] = scale_policy_name(at.model.scale_policy)  # stepped down: the views did not fit
     state = dict(fitted.model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
@@ -290,24 +296,52 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
               **({} if chosen.check is None else {"adapt_check": chosen.check}),
               **({} if scale is None else {"scale_check": scale}),
               "seconds": round(time.perf_counter() - t0, 1)}
-    meta = _checkpoint_meta(cfg, spec, prompts, chosen, fitted, prep, record)
+    meta = _checkpoint_meta(cfg, applied(cfg.recipe, at.model), prompts, chosen, fitted, at_prep, record)
     write_weights(cfg.out, chosen, cfg.model.storage_options)
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)
 
 
 def _scale_checked(cfg: TrainConfig, prompts: PromptSet,
-                   df: pd.DataFrame) -> tuple[TrainConfig, dict[str, Any] | None, list[LoadedBackbone]]:
+                   df: pd.DataFrame) -> tuple[dict[str, Any] | None, list[LoadedBackbone]]:
     """With ``check_scale`` (``--scale-policy auto``): the support frames' scale check (zero-shot, the starting
-    weights), the config at the policy it chose, its record, and the weights it loaded (in a list the fit pops
-    them from); else the config as given."""
+    weights; ``chosen``: the maps' policy, None or ``"whole"`` where they stay whole) with ``fitted_at: "whole"``,
+    and the weights it loaded (in a list the fit pops them from); else nothing."""
     if not cfg.check_scale:
-        return cfg, None, []
+        return None, []
     m = cfg.model
     start = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
                           storage_options=m.storage_options)
     scale = support_check(start.clip, m.backbone, prompts, df, m.storage_options)
-    policy = None if scale["chosen"] is None else parse_scale_policy(scale["chosen"])
-    return replace(cfg, model=replace(m, scale_policy=policy, tile_overlap=None)), scale, [start]
+    return {**scale, "fitted_at": "whole"}, [start]
+
+
+def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: tuple[str, ...],
+                   backbone: LoadedBackbone, fitted: Fitted) -> tuple[TrainConfig, PreprocessConfig]:
+    """``fitted`` (fitted at whole) made ready for ``run`` to score its maps at ``policy`` (``--scale-policy auto``'s
+    choice): the support frames loaded again as ``run`` will score them there (their
+    tiles; the next coarser policy where those would not fit in memory), and what depends on the view scale fitted
+    again on those views: the memory's bank, the reference scorer's scales (cell references; the fit's where no
+    normal view there has one) and the image and pixel thresholds. The head, the Transformation Layers, alpha and
+    the map's weights stay the fit's. Returns the config and preprocessing at the policy (the checkpoint's)."""
+    at = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
+    at, prep, data = _support_that_fits(at, df, classes, verb="maps at")
+    feats, ref_feats = _support_features(at, applied(at.recipe, at.model), backbone, data, prep)
+    model, reference, pixels = fitted.model, fitted.reference, None
+    if reference is not None and ref_feats is not None:
+        pixels = support_pixel_differences(data, prep.std[0])
+        if normal_with_reference(data):
+            fitted.summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
+            fitted.summary["reference_pixel_scale"] = float(reference.pixel_scale)
+    if isinstance(model, SemClip) and model.memory is not None:
+        fitted.summary["memory_tokens"] = refill_memory(model, feats, data.masks, data.has_mask, cfg.model.seed)
+    size = (data.views.shape[-2], data.views.shape[-1])
+    with torch.no_grad():
+        out = score_features(model, feats, size, reference, ref_feats if reference is not None else None,
+                             data.has_ref, pixels)
+    fitted.summary["thresholds_at_whole"] = fitted.thresholds
+    fitted.thresholds = fit_thresholds(out, data, cfg.model.score_mode, len(data))
+    fitted.summary["map_views"] = len(data)
+    return at, prep
 
 
 def _cell_references_if_any(cfg: TrainConfig, data: TrainSet) -> TrainConfig:

@@ -171,6 +171,19 @@ def fill_whole_memory(model: SemClip, enc: EncoderOutput, support: Support) -> N
     fill_memory(model, enc, support, torch.arange(len(support.data)), rescale=False)
 
 
+def refill_memory(model: SemClip, feats: Features, masks: torch.Tensor, has_mask: torch.Tensor, seed: int) -> int:
+    """A fitted model's memory filled again from other views of its support frames (``train``'s map at a scale
+    policy: the tiles ``run`` will score), their clean patches as :func:`fill_memory` takes them; the distance scale
+    and the fusion weight stay the fit's. Returns the tokens kept per tap (0 without a memory)."""
+    memory = model.memory
+    if memory is None:
+        return 0
+    enc = feats.select(model.cfg.taps, model.cfg.use_vv)
+    clean = clean_patches(masks, has_mask, _grid(enc))
+    memory.set_banks([t[clean] for t in memory.tokens(enc, model.cfg.taps)], seed)
+    return int(memory.banks()[0].shape[0])
+
+
 def _rows(dist: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if dist is None else dist[idx]
 
