@@ -10,7 +10,9 @@ on the test lots (``--test-seeds``) pooled into one manifest, then ``eval``; the
 same pooled lots. Where the check keeps ``whole`` the two checkpoints are the same fit and the second is not
 scored. Prints per support lot the policy the check chose, ``train``'s wall seconds, pAUROC, F1max, AUPRO, iAUROC,
 macro F1, and the share of test frames whose class scores say ``normal``; writes ``--work/support_scale.json``.
-The README's table ("The scale check of the support frames") is this script's run.
+Since ``auto`` fits at whole (its maps at the checked policy) its rows are that fit's; the README's table of the
+previous ``auto`` ("The scale check of the support frames") is this script's run with the code before it.
+Checkpoints are cached in ``--work`` by family and seed alone: use a fresh folder for a new code.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def fit(work: Path, family: str, seed: int, auto: bool) -> tuple[Path, dict[str,
         meta = json.loads((folder / "checkpoint.json").read_text())
         check = meta["training"].get("scale_check", {})
         record.write_text(json.dumps({"seconds": round(seconds, 1), "classes": meta["classes"],
-                                      "chosen": check.get("chosen") or "whole", "maps_at": meta["scale_policy"],
+                                      "chosen": check.get("chosen") or "whole", "policy": meta["scale_policy"],
                                       "check": check.get("figures")}))
     return folder, json.loads(record.read_text())
 
@@ -105,7 +107,7 @@ def family_rows(work: Path, family: str, supports: list[int], tests: list[int]) 
         auto, a_info = fit(work, family, seed, auto=True)
         row = {"chosen": a_info["chosen"], "seconds": {"default": d_info["seconds"], "auto": a_info["seconds"]},
                "default": scored(work / family / f"out-{seed}-default", truth, d_info["classes"], "--model", str(default))}
-        row["auto"] = row["default"] if a_info["chosen"] == "whole" else scored(
+        row["auto"] = row["default"] if a_info.get("policy") is None else scored(
             work / family / f"out-{seed}-auto", truth, a_info["classes"], "--model", str(auto))
         rows[str(seed)] = row
         print(f"  support {seed}: check chose {row['chosen']}", flush=True)

@@ -323,6 +323,7 @@ def test_auto_steps_down_from_its_choice_and_says_so(tmp_path, logic_lot, monkey
     meta = load_checkpoint(str(tmp_path / "ck")).meta
     assert meta.scale_policy == 0.75 and meta.training["scale_check"]["maps_at"] == "0.75"
     assert meta.training["config"]["model"]["scale_policy"] is None  # the fit at whole, as always with auto
+    assert meta.training["maps_at_policy"]["policy"] == "0.75" and "thresholds_at_whole" in meta.training["maps_at_policy"]
     assert "native   0.800      28  <- chosen; maps at 0.75: the support views would not fit in memory at it" in res.output
     assert meta.training["config"]["policy_from_weights"] is False
 
@@ -335,16 +336,37 @@ def repeating_lot(tmp_path_factory):
     return root / "manifest.csv"
 
 
-def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeating_lot, monkeypatch):
-    """``--scale-policy auto`` whose check chose 0.5: the fit is the fit at whole to the bit (head, layers, alpha,
-    the map's weights, the thresholds it fitted), and what depends on the view scale is fitted again on the support
-    frames' views at 0.5 (their tiles): the memory's bank, the cell references' scales and the thresholds. The
-    checkpoint records 0.5 and its tiling, so ``run --model`` scores the maps there."""
+def _forced_check(monkeypatch, chosen: str) -> list[tuple[int, dict[str, float]]]:
+    """``train``'s support check answering ``chosen``, and a record of every threshold fit (rows, thresholds)."""
     import semclip_batch.fewshot.train as train_module
 
-    figures = {name: {"pAUROC": 0.5 + 0.1 * (name == "0.5"), "views": 7 * (k + 1)}
+    figures = {name: {"pAUROC": 0.5 + 0.1 * (name == chosen), "views": 7 * (k + 1)}
                for k, name in enumerate(SCALE_CHECK_POLICIES)}
-    monkeypatch.setattr(train_module, "support_check", lambda *a: {"figures": figures, "chosen": "0.5", "frames": 7})
+    monkeypatch.setattr(train_module, "support_check", lambda *a: {"figures": figures, "chosen": chosen, "frames": 7})
+    calls: list[tuple[int, dict[str, float]]] = []
+    real = train_module.fit_thresholds
+
+    def spy(out, data, *args):
+        calls.append((len(data), real(out, data, *args)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(train_module, "fit_thresholds", spy)
+    return calls
+
+
+def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeating_lot, monkeypatch):
+    """``--scale-policy auto`` whose check chose 0.5: the fit is the fit at whole to the bit (head, layers, alpha,
+    the map's weights, the thresholds it fitted), and fitted again on the support frames' views at 0.5 (whole views
+    and tiles): the memory's bank (their clean patches, computed here on their own), the cell references' scales and
+    the thresholds (on those views). The checkpoint records 0.5 and its tiling, so ``run --model`` scores there."""
+    import torch.nn.functional as F
+
+    from semclip_batch.fewshot.trainset import load_trainset
+    from semclip_batch.methods.features import encode_views
+    from semclip_batch.methods.weights import preprocess_config
+    from semclip_batch.model.towers import vision_tower
+
+    calls = _forced_check(monkeypatch, "0.5")
     runner = CliRunner()
     args = ["train", "--adapt-steps", "0", str(repeating_lot), "--backbone", "semclip-tiny", "--pretrained", "shipped",
             "--epochs", "2"]
@@ -354,10 +376,16 @@ def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeatin
     res = runner.invoke(main, [*args, "--out", str(tmp_path / "whole")])
     assert res.exit_code == 0, res.output
     auto, whole = load_checkpoint(str(tmp_path / "auto")).meta, load_checkpoint(str(tmp_path / "whole")).meta
+    record = auto.training["maps_at_policy"]
     assert auto.scale_policy == 0.5 and auto.preprocessing["scale_policy"] == 0.5 and whole.scale_policy is None
-    assert auto.training["map_views"] > auto.training["views"] == whole.training["views"] == 7  # tiles at 0.5
-    assert auto.training["thresholds_at_whole"] == {"image": whole.thresholds.image, "pixel": whole.thresholds.pixel,
-                                                    "min_region_px": whole.thresholds.min_region_px}
+    assert record["policy"] == "0.5" and record["views"] > auto.training["views"] == whole.training["views"] == 7
+    # thresholds: the whole fit's, recorded; the checkpoint's fitted on the views at 0.5
+    whole_thresholds = {"image": whole.thresholds.image, "pixel": whole.thresholds.pixel,
+                        "min_region_px": whole.thresholds.min_region_px}
+    assert [n for n, _ in calls] == [28, record["views"], 28]  # auto: the whole fit, the views at 0.5; whole
+    assert record["thresholds_at_whole"] == calls[0][1] == calls[2][1] == whole_thresholds
+    assert calls[1][1] == {"image": auto.thresholds.image, "pixel": auto.thresholds.pixel,
+                           "min_region_px": auto.thresholds.min_region_px}
     assert (auto.alpha, auto.self_similarity, auto.training["memory_weight"]) == (
         whole.alpha, whole.self_similarity, whole.training["memory_weight"])
     a, b = _tensors(tmp_path / "auto"), _tensors(tmp_path / "whole")
@@ -365,10 +393,51 @@ def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeatin
     assert a.keys() == b.keys() and {"memory.bank0", "reference.scale", "reference.pixel_scale"} <= scale_bound
     for key in a.keys() - scale_bound:
         assert torch.equal(a[key], b[key]), key
-    # the memory holds the clean patches of the views at 0.5 (the whole views and their tiles)
-    assert a["memory.bank0"].shape[0] == auto.training["memory_tokens"] != b["memory.bank0"].shape[0]
-    assert auto.self_reference and auto.training["reference_scale"] != whole.training["reference_scale"]
-    assert not torch.equal(a["reference.scale"], b["reference.scale"])
+    # the memory: every clean patch of the views at 0.5, at the first memory tap, as encoded here
+    prep = preprocess_config("semclip-tiny", tile_above=10**9, scale_policy=0.5)
+    data = load_trainset(read_manifest(str(repeating_lot)), load_prompts(None).classes, prep)
+    tap = tuple(auto.taps)[1]
+    feats = encode_views(vision_tower(load_backbone("semclip-tiny", "shipped").clip), data.views, prep, (tap,))
+    clean = (F.adaptive_avg_pool2d(data.masks.float()[:, None], 15)[:, 0].flatten(1) == 0) & data.has_mask[:, None]
+    expected = F.normalize(feats.dual.original[0][:, 1:].float(), dim=-1)[clean]
+    assert len(data) == record["views"] and expected.shape[0] == record["memory_tokens"] <= 8192
+    assert torch.allclose(a["memory.bank0"], expected, atol=1e-5)
+    assert auto.self_reference and record["reference_refit"]
+    assert record["reference_scale"] == pytest.approx(float(a["reference.scale"]))
+    assert record["reference_scale"] != whole.training["reference_scale"]
+
+
+def test_auto_whose_views_do_not_fit_keeps_the_whole_fit(tmp_path, repeating_lot, monkeypatch, caplog):
+    """The check chose 0.5, its 35 views would not fit but the whole fit's 28 rows do: the maps step down to
+    whole, and the checkpoint is the whole fit as it was (every tensor, the thresholds, no tiling)."""
+    import semclip_batch.fewshot.train as train_module
+
+    _forced_check(monkeypatch, "0.5")
+    monkeypatch.setattr(train_module, "available_bytes", lambda: needed_bytes(30))
+    runner = CliRunner()
+    args = ["train", "--adapt-steps", "0", str(repeating_lot), "--backbone", "semclip-tiny", "--pretrained", "shipped",
+            "--epochs", "1"]
+    res = runner.invoke(main, [*args, "--out", str(tmp_path / "auto"), "--scale-policy", "auto"])
+    assert res.exit_code == 0, res.output
+    assert "0.5      0.600      14  <- chosen; maps at whole: the support views would not fit in memory at it" in res.output
+    assert "maps at --scale-policy whole instead of the support frames' scale check (0.5)" in caplog.text
+    res = runner.invoke(main, [*args, "--out", str(tmp_path / "whole")])
+    assert res.exit_code == 0, res.output
+    auto, whole = load_checkpoint(str(tmp_path / "auto")).meta, load_checkpoint(str(tmp_path / "whole")).meta
+    assert auto.scale_policy is None and auto.training["scale_check"]["maps_at"] == "whole"
+    assert "maps_at_policy" not in auto.training and auto.thresholds == whole.thresholds
+    a, b = _tensors(tmp_path / "auto"), _tensors(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_from_the_library_fits_at_whole_whatever_the_spec_says(tmp_path, logic_lot, monkeypatch):
+    from semclip_batch.fewshot.train import TrainConfig, train
+
+    _forced_check(monkeypatch, "whole")
+    meta = train(TrainConfig(support=str(logic_lot), out=str(tmp_path / "ck"), epochs=1, check_scale=True,
+                             model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused", scale_policy=0.5)))
+    assert meta.scale_policy is None and meta.training["config"]["model"]["scale_policy"] is None
+    assert meta.training["scale_check"]["fitted_at"] == "whole" and "maps_at_policy" not in meta.training
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:

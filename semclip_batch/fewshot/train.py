@@ -263,6 +263,8 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
     scale, loaded = _scale_checked(cfg, prompts, df)
+    if cfg.check_scale:  # auto fits at whole, whatever policy a library caller's spec gives
+        cfg = replace(cfg, model=replace(cfg.model, scale_policy=None, tile_overlap=None))
     cfg, prep, data = _support_that_fits(cfg, df, prompts.classes)
     cfg = _cell_references_if_any(cfg, data)
     spec = applied(cfg.recipe, cfg.model)
@@ -280,19 +282,15 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     feats, ref_feats = _support_features(cfg, spec, chosen.backbone, data, prep)
     fitted = fit(cfg, chosen.backbone, torch.from_numpy(text_embeddings(chosen.backbone, prompts)), data, feats,
                  ref_feats, progress, adapted=chosen.adapted is not None)
-    at, at_prep = cfg, prep  # where run scores the maps: the fit's policy, or the one the support frames' check chose
-    policy = None if scale is None or scale["chosen"] is None else parse_scale_policy(scale["chosen"])
-    if scale is not None and policy is not None:
-        at, at_prep = maps_at_policy(cfg, policy, df, prompts.classes, chosen.backbone, fitted)
-        if scale_policy_name(at.model.scale_policy) != scale["chosen"]:
-            scale["maps_at"] = scale_policy_name(at.model.scale_policy)  # stepped down: the views did not fit
+    rows = {"config": _public(cfg), "support_rows": len(df), "used": used, "views": views,
+            "rows_augmented": len(data), "skipped": data.skipped,
+            "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum())}
+    del data, feats, ref_feats  # the fit's rows, freed before --scale-policy auto loads the maps' views
+    at, at_prep = _maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted)
     state = dict(fitted.model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
-    record = {"config": _public(cfg), "support_rows": len(df), "used": used, "views": views,
-              "rows_augmented": len(data), "skipped": data.skipped,
-              "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum()),
-              **fitted.summary, **({} if chosen.adapted is None else {"adapted_backbone": chosen.adapted.record}),
+    record = {**rows, **fitted.summary, **({} if chosen.adapted is None else {"adapted_backbone": chosen.adapted.record}),
               **({} if chosen.check is None else {"adapt_check": chosen.check}),
               **({} if scale is None else {"scale_check": scale}),
               "seconds": round(time.perf_counter() - t0, 1)}
@@ -315,32 +313,53 @@ def _scale_checked(cfg: TrainConfig, prompts: PromptSet,
     return {**scale, "fitted_at": "whole"}, [start]
 
 
+def _maps_checked(cfg: TrainConfig, prep: PreprocessConfig, scale: dict[str, Any] | None, df: pd.DataFrame,
+                  classes: tuple[str, ...], backbone: LoadedBackbone,
+                  fitted: Fitted) -> tuple[TrainConfig, PreprocessConfig]:
+    """Where ``run`` will score the maps: the fit's policy, or with ``--scale-policy auto`` the one its check chose
+    (:func:`maps_at_policy`; a step-down to a coarser one recorded as ``scale["maps_at"]``)."""
+    policy = None if scale is None or scale["chosen"] is None else parse_scale_policy(scale["chosen"])
+    if scale is None or policy is None:
+        return cfg, prep
+    moved = maps_at_policy(cfg, policy, df, classes, backbone, fitted)
+    at, at_prep = (cfg, prep) if moved is None else moved
+    if scale_policy_name(at.model.scale_policy) != scale["chosen"]:
+        scale["maps_at"] = scale_policy_name(at.model.scale_policy)  # stepped down: the views did not fit
+    return at, at_prep
+
+
 def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: tuple[str, ...],
-                   backbone: LoadedBackbone, fitted: Fitted) -> tuple[TrainConfig, PreprocessConfig]:
+                   backbone: LoadedBackbone, fitted: Fitted) -> tuple[TrainConfig, PreprocessConfig] | None:
     """``fitted`` (fitted at whole) made ready for ``run`` to score its maps at ``policy`` (``--scale-policy auto``'s
-    choice): the support frames loaded again as ``run`` will score them there (their
-    tiles; the next coarser policy where those would not fit in memory), and what depends on the view scale fitted
-    again on those views: the memory's bank, the reference scorer's scales (cell references; the fit's where no
-    normal view there has one) and the image and pixel thresholds. The head, the Transformation Layers, alpha and
-    the map's weights stay the fit's. Returns the config and preprocessing at the policy (the checkpoint's)."""
+    choice): the support frames loaded again as ``run`` will score them there (their whole views and tiles; the next
+    coarser policy where those would not fit in memory, None and ``fitted`` untouched where that is whole), and
+    fitted again on those views: the memory's bank (their clean patches), the reference scorer's two scales (cell
+    references; the fit's where no normal view there has one) and the image and pixel thresholds. The head, the
+    Transformation Layers, alpha, the map's weights and the memory's distance scale stay the fit's; what was fitted
+    again is recorded under ``maps_at_policy`` beside the fit's own figures. Returns the config and preprocessing at
+    the policy (the checkpoint's)."""
     at = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
     at, prep, data = _support_that_fits(at, df, classes, verb="maps at")
+    if at.model.scale_policy is None:
+        return None
     feats, ref_feats = _support_features(at, applied(at.recipe, at.model), backbone, data, prep)
     model, reference, pixels = fitted.model, fitted.reference, None
+    record: dict[str, Any] = {"policy": scale_policy_name(at.model.scale_policy), "views": len(data),
+                              "thresholds_at_whole": fitted.thresholds}
     if reference is not None and ref_feats is not None:
         pixels = support_pixel_differences(data, prep.std[0])
-        if normal_with_reference(data):
-            fitted.summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
-            fitted.summary["reference_pixel_scale"] = float(reference.pixel_scale)
+        record["reference_refit"] = normal_with_reference(data)
+        if record["reference_refit"]:
+            record["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
+            record["reference_pixel_scale"] = float(reference.pixel_scale)
     if isinstance(model, SemClip) and model.memory is not None:
-        fitted.summary["memory_tokens"] = refill_memory(model, feats, data.masks, data.has_mask, cfg.model.seed)
+        record["memory_tokens"] = refill_memory(model, feats, data.masks, data.has_mask, cfg.model.seed)
     size = (data.views.shape[-2], data.views.shape[-1])
     with torch.no_grad():
         out = score_features(model, feats, size, reference, ref_feats if reference is not None else None,
                              data.has_ref, pixels)
-    fitted.summary["thresholds_at_whole"] = fitted.thresholds
     fitted.thresholds = fit_thresholds(out, data, cfg.model.score_mode, len(data))
-    fitted.summary["map_views"] = len(data)
+    fitted.summary["maps_at_policy"] = record
     return at, prep
 
 
