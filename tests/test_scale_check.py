@@ -354,6 +354,19 @@ def _forced_check(monkeypatch, chosen: str) -> list[tuple[int, dict[str, float]]
     return calls
 
 
+def _auto_and_whole(tmp_path, lot, epochs: int) -> str:
+    """``train --scale-policy auto`` into ``tmp_path/auto`` and ``train`` (whole) into ``tmp_path/whole``, frozen
+    backbone, on ``lot``; the first command's output."""
+    runner = CliRunner()
+    args = ["train", "--adapt-steps", "0", str(lot), "--backbone", "semclip-tiny", "--pretrained", "shipped",
+            "--epochs", str(epochs)]
+    res = runner.invoke(main, [*args, "--out", str(tmp_path / "auto"), "--scale-policy", "auto"])
+    assert res.exit_code == 0, res.output
+    whole = runner.invoke(main, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    return res.output
+
+
 def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeating_lot, monkeypatch):
     """``--scale-policy auto`` whose check chose 0.5: the fit is the fit at whole to the bit (head, layers, alpha,
     the map's weights, the thresholds it fitted), and fitted again on the support frames' views at 0.5 (whole views
@@ -367,14 +380,8 @@ def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeatin
     from semclip_batch.model.towers import vision_tower
 
     calls = _forced_check(monkeypatch, "0.5")
-    runner = CliRunner()
-    args = ["train", "--adapt-steps", "0", str(repeating_lot), "--backbone", "semclip-tiny", "--pretrained", "shipped",
-            "--epochs", "2"]
-    res = runner.invoke(main, [*args, "--out", str(tmp_path / "auto"), "--scale-policy", "auto"])
-    assert res.exit_code == 0, res.output
-    assert "0.5      0.600      14  <- chosen: run --model scores the maps at it (the fit at whole" in res.output
-    res = runner.invoke(main, [*args, "--out", str(tmp_path / "whole")])
-    assert res.exit_code == 0, res.output
+    output = _auto_and_whole(tmp_path, repeating_lot, epochs=2)
+    assert "0.5      0.600      14  <- chosen: run --model scores the maps at it (the fit at whole" in output
     auto, whole = load_checkpoint(str(tmp_path / "auto")).meta, load_checkpoint(str(tmp_path / "whole")).meta
     record = auto.training["maps_at_policy"]
     assert auto.scale_policy == 0.5 and auto.preprocessing["scale_policy"] == 0.5 and whole.scale_policy is None
@@ -414,15 +421,9 @@ def test_auto_whose_views_do_not_fit_keeps_the_whole_fit(tmp_path, repeating_lot
 
     _forced_check(monkeypatch, "0.5")
     monkeypatch.setattr(train_module, "available_bytes", lambda: needed_bytes(30))
-    runner = CliRunner()
-    args = ["train", "--adapt-steps", "0", str(repeating_lot), "--backbone", "semclip-tiny", "--pretrained", "shipped",
-            "--epochs", "1"]
-    res = runner.invoke(main, [*args, "--out", str(tmp_path / "auto"), "--scale-policy", "auto"])
-    assert res.exit_code == 0, res.output
-    assert "0.5      0.600      14  <- chosen; maps at whole: the support views would not fit in memory at it" in res.output
+    output = _auto_and_whole(tmp_path, repeating_lot, epochs=1)
+    assert "0.5      0.600      14  <- chosen; maps at whole: the support views would not fit in memory at it" in output
     assert "maps at --scale-policy whole instead of the support frames' scale check (0.5)" in caplog.text
-    res = runner.invoke(main, [*args, "--out", str(tmp_path / "whole")])
-    assert res.exit_code == 0, res.output
     auto, whole = load_checkpoint(str(tmp_path / "auto")).meta, load_checkpoint(str(tmp_path / "whole")).meta
     assert auto.scale_policy is None and auto.training["scale_check"]["maps_at"] == "whole"
     assert "maps_at_policy" not in auto.training and auto.thresholds == whole.thresholds
