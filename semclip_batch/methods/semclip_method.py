@@ -172,9 +172,10 @@ def fill_whole_memory(model: SemClip, enc: EncoderOutput, support: Support) -> N
 
 
 def refill_memory(model: SemClip, feats: Features, masks: torch.Tensor, has_mask: torch.Tensor, seed: int) -> int:
-    """A fitted model's memory filled again from other views of its support frames (``train``'s map at a scale
-    policy: the tiles ``run`` will score), their clean patches as :func:`fill_memory` takes them; the distance scale
-    and the fusion weight stay the fit's. Returns the tokens kept per tap (0 without a memory)."""
+    """A fitted model's memory filled again from other views of its support frames (``train --scale-policy auto``:
+    the whole views and tiles ``run`` will score at the policy), their clean patches as :func:`fill_memory` takes
+    them; the distance scale and the fusion weight stay the fit's. Returns the tokens kept per tap (0 without a
+    memory)."""
     memory = model.memory
     if memory is None:
         return 0
