@@ -52,9 +52,8 @@ from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES, Support, validation_count
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
-from semclip_batch.methods.semclip_method import refill_memory
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
-from semclip_batch.model import SemClip, SemClipOutput
+from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
 from semclip_batch.model.towers import vision_tower
 
@@ -352,8 +351,9 @@ def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: t
         if record["reference_refit"]:
             record["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
             record["reference_pixel_scale"] = float(reference.pixel_scale)
-    if isinstance(model, SemClip) and model.memory is not None:
-        record["memory_tokens"] = refill_memory(model, feats, data.masks, data.has_mask, cfg.model.seed)
+    tokens = get_method(cfg.model.method).refill_memory(model, feats, data.masks, data.has_mask, cfg.model.seed)
+    if tokens is not None:
+        record["memory_tokens"] = tokens
     size = (data.views.shape[-2], data.views.shape[-1])
     with torch.no_grad():
         out = score_features(model, feats, size, reference, ref_feats if reference is not None else None,

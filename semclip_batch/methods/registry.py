@@ -87,6 +87,14 @@ class Method(ABC, Generic[M]):
         as ``train --reference-weight auto``'s, then has nothing unbiased to go on."""
         return None
 
+    def refill_memory(self, model: M, feats: Features, masks: torch.Tensor, has_mask: torch.Tensor,
+                      seed: int) -> int | None:
+        """After :meth:`fit`: the model's normal-patch memory filled again from other views of its support frames
+        (``train --scale-policy auto``: the views ``run`` scores at the checked policy, their ``masks``), the rest of
+        the fit kept; returns the tokens kept per memory tap. None where the method keeps no such memory of its own
+        fitting (the default)."""
+        return None
+
 
 def register(cls: C) -> C:
     """Class decorator: register one instance of ``cls`` under ``cls.name``."""

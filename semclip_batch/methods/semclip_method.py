@@ -105,6 +105,10 @@ class SemClipMethod(Method[SemClip]):
         model.alpha.fill_(alpha)
         return summary
 
+    def refill_memory(self, model: SemClip, feats: Features, masks: torch.Tensor, has_mask: torch.Tensor,
+                      seed: int) -> int | None:
+        return None if model.memory is None else refill_memory(model, feats, masks, has_mask, seed)
+
     @torch.no_grad()
     def held_out_maps(self, model: SemClip, support: Support) -> HeldOutMaps | None:
         """The rows early stopping held out (:func:`support_split`: the layers and head never trained on them,
