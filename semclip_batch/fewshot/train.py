@@ -212,10 +212,20 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
             if "kept" in choice:
                 log.warning("--reference-weight auto kept %g: %s", choice["weight"], choice["kept"])
             summary["reference_weight_choice"] = choice
-    size = (data.views.shape[-2], data.views.shape[-1])
-    with torch.no_grad():
-        out = score_features(model, feats, size, reference, ref_feats, data.has_ref, pixels)
-    return Fitted(model, reference, summary, fit_thresholds(out, data, cfg.model.score_mode, len(data) // n_copies))
+    thresholds = support_thresholds(model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
+                                    len(data) // n_copies)
+    return Fitted(model, reference, summary, thresholds)
+
+
+@torch.no_grad()
+def support_thresholds(model: Scorer, feats: Features, data: TrainSet, reference: ReferenceScorer | None,
+                       ref_feats: Features | None, pixels: torch.Tensor | None, score_mode: str,
+                       views: int) -> dict[str, float]:
+    """:func:`fit_thresholds` on the support rows' maps as ``run`` scores them (the reference fused in where
+    fitted); ``views``: the rows of the unaugmented copy."""
+    out = score_features(model, feats, (data.views.shape[-2], data.views.shape[-1]), reference, ref_feats,
+                         data.has_ref, pixels)
+    return fit_thresholds(out, data, score_mode, views)
 
 
 def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame, classes: tuple[str, ...],
@@ -354,11 +364,8 @@ def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: t
     tokens = get_method(cfg.model.method).refill_memory(model, feats, data.masks, data.has_mask, cfg.model.seed)
     if tokens is not None:
         record["memory_tokens"] = tokens
-    size = (data.views.shape[-2], data.views.shape[-1])
-    with torch.no_grad():
-        out = score_features(model, feats, size, reference, ref_feats if reference is not None else None,
-                             data.has_ref, pixels)
-    fitted.thresholds = fit_thresholds(out, data, cfg.model.score_mode, len(data))
+    fitted.thresholds = support_thresholds(model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
+                                           len(data))
     fitted.summary["maps_at_policy"] = record
     return at, prep
 

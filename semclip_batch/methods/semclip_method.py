@@ -178,11 +178,9 @@ def fill_whole_memory(model: SemClip, enc: EncoderOutput, support: Support) -> N
 def refill_memory(model: SemClip, feats: Features, masks: torch.Tensor, has_mask: torch.Tensor, seed: int) -> int:
     """A fitted model's memory filled again from other views of its support frames (``train --scale-policy auto``:
     the whole views and tiles ``run`` will score at the policy), their clean patches as :func:`fill_memory` takes
-    them; the distance scale and the fusion weight stay the fit's. Returns the tokens kept per tap (0 without a
-    memory)."""
+    them; the distance scale and the fusion weight stay the fit's. Returns the tokens kept per tap."""
     memory = model.memory
-    if memory is None:
-        return 0
+    assert memory is not None
     enc = feats.select(model.cfg.taps, model.cfg.use_vv)
     clean = clean_patches(masks, has_mask, _grid(enc))
     memory.set_banks([t[clean] for t in memory.tokens(enc, model.cfg.taps)], seed)
