@@ -338,19 +338,20 @@ def repeating_lot(tmp_path_factory):
 
 def _forced_check(monkeypatch, chosen: str) -> list[tuple[int, dict[str, float]]]:
     """``train``'s support check answering ``chosen``, and a record of every threshold fit (rows, thresholds)."""
+    import semclip_batch.fewshot.support_maps as support_maps
     import semclip_batch.fewshot.train as train_module
 
     figures = {name: {"pAUROC": 0.5 + 0.1 * (name == chosen), "views": 7 * (k + 1)}
                for k, name in enumerate(SCALE_CHECK_POLICIES)}
     monkeypatch.setattr(train_module, "support_check", lambda *a: {"figures": figures, "chosen": chosen, "frames": 7})
     calls: list[tuple[int, dict[str, float]]] = []
-    real = train_module.fit_thresholds
+    real = support_maps.fit_thresholds
 
     def spy(out, data, *args):
         calls.append((len(data), real(out, data, *args)))
         return calls[-1][1]
 
-    monkeypatch.setattr(train_module, "fit_thresholds", spy)
+    monkeypatch.setattr(support_maps, "fit_thresholds", spy)
     return calls
 
 

@@ -1,13 +1,20 @@
 """The support set's maps as ``run`` would write them, shared by ``train``'s thresholds and its reference fit: which
-views ``run`` writes a map for, and pixel counts of maps against the support masks."""
+views ``run`` writes a map for, pixel counts of maps against the support masks, and the image and pixel thresholds
+fitted on them."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from semclip_batch.analysis.metrics import PixelCounts
+from semclip_batch.config import DEFAULT_MIN_REGION_PX
 from semclip_batch.fewshot.trainset import TrainSet
-from semclip_batch.methods.decisions import to_mask
+from semclip_batch.methods.decisions import anomaly_score, to_mask
+from semclip_batch.methods.features import Features
+from semclip_batch.methods.registry import Scorer, score_features
+from semclip_batch.model import SemClipOutput
+from semclip_batch.model.reference import ReferenceScorer
 
 
 def emitted_views(data: TrainSet, rows: torch.Tensor) -> torch.Tensor:
@@ -31,3 +38,46 @@ def pixel_counts(maps: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor
 def map_auroc(maps: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor) -> float:
     """Pixel AUROC of ``maps`` against ``masks`` (rows with a mask only); 0 when undefined."""
     return pixel_counts(maps, masks, has_mask).auroc() or 0.0
+
+
+def frame_scores(out: SemClipOutput, data: TrainSet, score_mode: str, views: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per support frame, as ``run`` scores it: ``anomaly_score`` of its whole view's p(normal) and the maximum
+    over its views' maps (the whole view, or its tiles under a scale policy), and whether it is a defect frame.
+    Only the first ``views`` rows (the unaugmented copy) count."""
+    frame = data.frame[:views] if data.frame is not None else torch.arange(views)
+    written = emitted_views(data, torch.arange(views))
+    scores, defect = [], []
+    for f in frame.unique():
+        rows = (frame == f).nonzero().flatten()
+        first = int(rows[0])  # the whole view comes first, then its tiles
+        peak = float(out.maps[rows[written[rows]]].amax())
+        scores.append(anomaly_score(float(out.class_probs[first][0]), peak, score_mode))
+        defect.append(bool(data.labels[first] > 0))
+    return np.array(scores), np.array(defect)
+
+
+def fit_thresholds(out: SemClipOutput, data: TrainSet, score_mode: str = "mean",
+                   views: int | None = None) -> dict[str, float]:
+    """Image threshold: best balanced accuracy on the support frames' scores (:func:`frame_scores`); pixel: best
+    F1 of the support maps."""
+    scores, defect = frame_scores(out, data, score_mode, len(data) if views is None else views)
+    image = 0.5
+    if defect.any() and (~defect).any():
+        cands = np.unique(scores)
+        bal = [0.5 * ((scores[defect] >= c).mean() + (scores[~defect] < c).mean()) for c in cands]
+        i = int(np.argmax(bal))
+        image = float((cands[i] + (cands[i - 1] if i > 0 else cands[i] - 0.01)) / 2)
+    counts = pixel_counts(out.maps, data.masks, data.has_mask)
+    pixel = float(int(np.argmax(counts.f1_curve()[:256])) / 255.0) if counts.pos.sum() else 0.5
+    return {"image": float(np.clip(image, 0, 1)), "pixel": pixel, "min_region_px": DEFAULT_MIN_REGION_PX}
+
+
+@torch.no_grad()
+def support_thresholds(model: Scorer, feats: Features, data: TrainSet, reference: ReferenceScorer | None,
+                       ref_feats: Features | None, pixels: torch.Tensor | None, score_mode: str,
+                       views: int) -> dict[str, float]:
+    """:func:`fit_thresholds` on the support rows' maps as ``run`` scores them (the reference fused in where
+    fitted); ``views``: the rows of the unaugmented copy."""
+    out = score_features(model, feats, (data.views.shape[-2], data.views.shape[-1]), reference, ref_feats,
+                         data.has_ref, pixels)
+    return fit_thresholds(out, data, score_mode, views)

@@ -16,13 +16,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from semclip_batch.config import (
     DEFAULT_ADAPT_LR,
-    DEFAULT_MIN_REGION_PX,
     LossProgress,
     ModelSpec,
     PreprocessConfig,
@@ -42,18 +40,16 @@ from semclip_batch.fewshot.reference_fit import (
     support_reference_fuser,
 )
 from semclip_batch.fewshot.scale_check import support_check
-from semclip_batch.fewshot.support_maps import emitted_views, map_auroc, pixel_counts
+from semclip_batch.fewshot.support_maps import map_auroc, support_thresholds
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
-from semclip_batch.methods.decisions import anomaly_score
 from semclip_batch.methods.feature_cache import cached_features, feature_key
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES, Support, validation_count
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
-from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
+from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
-from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
 from semclip_batch.model.towers import vision_tower
 
@@ -123,38 +119,6 @@ def sample_shots(df: pd.DataFrame, shots: int | None, seed: int) -> pd.DataFrame
     return pd.concat(parts).sort_values("image_id").reset_index(drop=True)
 
 
-def frame_scores(out: SemClipOutput, data: TrainSet, score_mode: str, views: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per support frame, as ``run`` scores it: ``anomaly_score`` of its whole view's p(normal) and the maximum
-    over its views' maps (the whole view, or its tiles under a scale policy), and whether it is a defect frame.
-    Only the first ``views`` rows (the unaugmented copy) count."""
-    frame = data.frame[:views] if data.frame is not None else torch.arange(views)
-    written = emitted_views(data, torch.arange(views))
-    scores, defect = [], []
-    for f in frame.unique():
-        rows = (frame == f).nonzero().flatten()
-        first = int(rows[0])  # the whole view comes first, then its tiles
-        peak = float(out.maps[rows[written[rows]]].amax())
-        scores.append(anomaly_score(float(out.class_probs[first][0]), peak, score_mode))
-        defect.append(bool(data.labels[first] > 0))
-    return np.array(scores), np.array(defect)
-
-
-def fit_thresholds(out: SemClipOutput, data: TrainSet, score_mode: str = "mean",
-                   views: int | None = None) -> dict[str, float]:
-    """Image threshold: best balanced accuracy on the support frames' scores (:func:`frame_scores`); pixel: best
-    F1 of the support maps."""
-    scores, defect = frame_scores(out, data, score_mode, len(data) if views is None else views)
-    image = 0.5
-    if defect.any() and (~defect).any():
-        cands = np.unique(scores)
-        bal = [0.5 * ((scores[defect] >= c).mean() + (scores[~defect] < c).mean()) for c in cands]
-        i = int(np.argmax(bal))
-        image = float((cands[i] + (cands[i - 1] if i > 0 else cands[i] - 0.01)) / 2)
-    counts = pixel_counts(out.maps, data.masks, data.has_mask)
-    pixel = float(int(np.argmax(counts.f1_curve()[:256])) / 255.0) if counts.pos.sum() else 0.5
-    return {"image": float(np.clip(image, 0, 1)), "pixel": pixel, "min_region_px": DEFAULT_MIN_REGION_PX}
-
-
 @dataclass
 class Fitted:
     """A trained model and what ``train`` records about it."""
@@ -215,17 +179,6 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
     thresholds = support_thresholds(model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
                                     len(data) // n_copies)
     return Fitted(model, reference, summary, thresholds)
-
-
-@torch.no_grad()
-def support_thresholds(model: Scorer, feats: Features, data: TrainSet, reference: ReferenceScorer | None,
-                       ref_feats: Features | None, pixels: torch.Tensor | None, score_mode: str,
-                       views: int) -> dict[str, float]:
-    """:func:`fit_thresholds` on the support rows' maps as ``run`` scores them (the reference fused in where
-    fitted); ``views``: the rows of the unaugmented copy."""
-    out = score_features(model, feats, (data.views.shape[-2], data.views.shape[-1]), reference, ref_feats,
-                         data.has_ref, pixels)
-    return fit_thresholds(out, data, score_mode, views)
 
 
 def _support_that_fits(cfg: TrainConfig, df: pd.DataFrame, classes: tuple[str, ...],
