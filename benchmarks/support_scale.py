@@ -1,17 +1,20 @@
-"""`train --scale-policy auto` against `train`'s default, run as a user runs them.
+"""`train`'s default (its maps' policy checked on the support frames its fit held out) against
+`train --scale-policy whole`, run as a user runs them.
 
     .venv/bin/python benchmarks/support_scale.py --work /tmp/support-scale \
         --families contacts:4-10,metal,logic                # ~27 min here; lots and checkpoints cached in --work
 
 Per family (``--families``; ``NAME:LO-HI``: its defects drawn LO-HI px) and support lot (``--support-seeds``, 70
 frames each, written by ``synth`` unless already in ``--work``): ``semclip-batch train`` on the shipped
-`semclip-tiny` weights with its defaults, then again with ``--scale-policy auto``; each checkpoint ``run --model``
-on the test lots (``--test-seeds``) pooled into one manifest, then ``eval``; the shipped weights zero-shot on the
-same pooled lots. Where the check keeps ``whole`` the two checkpoints are the same fit and the second is not
-scored. Prints per support lot the policy the check chose, ``train``'s wall seconds, pAUROC, F1max, AUPRO, iAUROC,
-macro F1, and the share of test frames whose class scores say ``normal``; writes ``--work/support_scale.json``.
-Since ``auto`` fits at whole (its maps at the checked policy) its rows are that fit's; the README's table of the
-previous ``auto`` ("The scale check of the support frames") is this script's run with the code before it.
+`semclip-tiny` weights with ``--scale-policy whole``, then again with its defaults (the fit at whole, the maps at the
+policy its check chose); each checkpoint ``run --model`` on the test lots (``--test-seeds``) pooled into one
+manifest, then ``eval``; the shipped weights zero-shot on the same pooled lots. Where the check keeps ``whole``
+the two checkpoints are the same fit and the second is not scored. Prints per support lot the policy the check
+chose, ``train``'s wall seconds, pAUROC, F1max, AUPRO, iAUROC, macro F1, and the share of test frames whose class
+scores say ``normal``; writes ``--work/support_scale.json``.
+The README's tables of rules 15 and 14 were run by hand with the same commands; its table of the ``auto`` before
+them ("The `auto` before it", under "The maps' scale checked on the held-out support frames") is this script's
+run with the code of its time, when its arms were the default (whole) and ``--scale-policy auto``.
 Checkpoints are cached in ``--work`` by family and seed alone: use a fresh folder for a new code.
 """
 
@@ -83,14 +86,15 @@ def scored(out: Path, truth: Path, classes: list[str], *model: str) -> dict[str,
     return {**{k: metrics.get(k) for k in KEYS}, "called_normal": normal}
 
 
-def fit(work: Path, family: str, seed: int, auto: bool) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint of ``train`` on the support lot (cached), and its policy, check and wall seconds."""
+def fit(work: Path, family: str, seed: int, checked: bool) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint of ``train`` (``checked``: its defaults, else ``--scale-policy whole``) on the support lot
+    (cached), and its policy, check and wall seconds."""
     support = ensure_lot(work / family / f"support-{seed}", family, seed)
-    folder = work / family / f"ckpt-{seed}-{'auto' if auto else 'default'}"
+    folder = work / family / f"ckpt-{seed}-{'default' if checked else 'whole'}"
     record = folder / "bench.json"
     if not record.exists():
         seconds = cli("train", str(support / "manifest.csv"), "--out", str(folder), "--backbone", "semclip-tiny",
-                      "--pretrained", "shipped", *(["--scale-policy", "auto"] if auto else []))
+                      "--pretrained", "shipped", *([] if checked else ["--scale-policy", "whole"]))
         meta = json.loads((folder / "checkpoint.json").read_text())
         check = meta["training"].get("scale_check", {})
         record.write_text(json.dumps({"seconds": round(seconds, 1), "classes": meta["classes"],
@@ -103,12 +107,12 @@ def family_rows(work: Path, family: str, supports: list[int], tests: list[int]) 
     truth = pooled(work, family, tests)
     rows: dict[str, Any] = {}
     for seed in supports:
-        default, d_info = fit(work, family, seed, auto=False)
-        auto, a_info = fit(work, family, seed, auto=True)
-        row = {"chosen": a_info["chosen"], "seconds": {"default": d_info["seconds"], "auto": a_info["seconds"]},
-               "default": scored(work / family / f"out-{seed}-default", truth, d_info["classes"], "--model", str(default))}
-        row["auto"] = row["default"] if a_info.get("policy") is None else scored(
-            work / family / f"out-{seed}-auto", truth, a_info["classes"], "--model", str(auto))
+        whole, w_info = fit(work, family, seed, checked=False)
+        default, d_info = fit(work, family, seed, checked=True)
+        row = {"chosen": d_info["chosen"], "seconds": {"whole": w_info["seconds"], "default": d_info["seconds"]},
+               "whole": scored(work / family / f"out-{seed}-whole", truth, w_info["classes"], "--model", str(whole))}
+        row["default"] = row["whole"] if d_info.get("policy") is None else scored(
+            work / family / f"out-{seed}-default", truth, d_info["classes"], "--model", str(default))
         rows[str(seed)] = row
         print(f"  support {seed}: check chose {row['chosen']}", flush=True)
     classes = d_info["classes"]
@@ -121,7 +125,7 @@ def print_family(family: str, result: dict[str, Any]) -> None:
     print(f"\n[{family}] zero-shot: " + ", ".join(f"{k} {result['zero_shot'][k]:.3f}" for k in KEYS))
     print(f"  {'support':<8}{'chose':<8}{'what':<8}{'s':>6}" + "".join(f"{k:>10}" for k in KEYS) + f"{'normal':>8}")
     for seed, row in result["supports"].items():
-        for what in ("default", "auto"):
+        for what in ("whole", "default"):
             m = row[what]
             print(f"  {seed:<8}{row['chosen']:<8}{what:<8}{row['seconds'][what]:>6.0f}"
                   + "".join(f"{m[k]:>10.3f}" for k in KEYS) + f"{m['called_normal']:>8.2f}")

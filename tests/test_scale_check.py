@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -18,20 +20,23 @@ from semclip_batch.config import SCALE_CHECK_POLICIES, SCALE_POLICY_KEY, ModelSp
 from semclip_batch.fewshot.fit_memory import BASE_BYTES, BYTES_PER_ROW, available_bytes, coarser, needed_bytes, too_large
 from semclip_batch.fewshot.heldout import held_frames, heldout_split
 from semclip_batch.fewshot.scale_check import (
+    FITTED,
     check_frames,
     check_rows,
     policy_auroc,
     recommend,
     scale_check,
-    support_check,
     support_check_lines,
 )
 from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.io.manifest import read_manifest
+from semclip_batch.io.preprocess import frame_tiles
 from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.fitting import validation_frames
 from semclip_batch.methods.prompts import clip_text_embeddings, load_prompts
+from semclip_batch.methods.registry import new_model
 from semclip_batch.methods.shipped import shipped_path
-from semclip_batch.methods.weights import load_backbone, recommended_scale_policy, weights_metadata
+from semclip_batch.methods.weights import load_backbone, preprocess_config, recommended_scale_policy, weights_metadata
 from semclip_batch.synth.generate import SynthConfig, synth
 
 
@@ -241,68 +246,129 @@ def test_an_archive_without_held_out_frames_says_why_it_has_no_check(tmp_path, l
     assert SCALE_POLICY_KEY not in weights_metadata("semclip-tiny", str(out))
 
 
-def test_train_auto_chooses_the_policy_on_its_support_frames(tmp_path, logic_lot):
-    """``--scale-policy auto``: SEM-CLIP's ``train`` runs pretrain's check on its own support frames (zero-shot, the
-    starting weights), fits at whole, and records the check and the policy it chose for the maps in the checkpoint."""
-    runner = CliRunner()
-    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / "ck"),
-                               "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1",
-                               "--scale-policy", "auto"])
+@pytest.fixture(scope="module")
+def logic_lot14(tmp_path_factory):
+    """14 frames of the `logic` family (3-10 px defects), two per class, 512 or 768 x 640 px: the fit holds 2 out."""
+    root = tmp_path_factory.mktemp("logic14")
+    synth(str(root), SynthConfig(seed=41, lots=1, per_class=2, family="logic", sizes=((512, 512), (768, 640))))
+    return root / "manifest.csv"
+
+
+def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, logic_lot14, monkeypatch):
+    """``train`` with no options (SEM-CLIP's ``transfer`` recipe, no policy from the weights) fits at whole, then
+    scores the support frames the fit held out with the fitted model, its memory left out, at every candidate
+    policy; the cheapest near the best is the maps' policy, recorded with the figures in the checkpoint."""
+    import semclip_batch.fewshot.train as train_module
+
+    loads: list[list[str]] = []
+    calls: list[tuple[int, float]] = []
+    real_load, real_score = train_module._support_that_fits, train_module.score_features
+
+    def load_spy(cfg, df, *args, **kwargs):
+        loads.append(sorted(df["uri"]))
+        return real_load(cfg, df, *args, **kwargs)
+
+    def score_spy(model, feats, *args):
+        calls.append((feats.dual.pooled.shape[0], float(model.memory.weight)))
+        return real_score(model, feats, *args)
+
+    monkeypatch.setattr(train_module, "_support_that_fits", load_spy)
+    monkeypatch.setattr(train_module, "score_features", score_spy)
+    res = CliRunner().invoke(main, ["train", "--adapt-steps", "0", str(logic_lot14), "--out", str(tmp_path / "ck"),
+                                    "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1"])
     assert res.exit_code == 0, res.output
-    assert "scale check (7 support frames, zero-shot run's maps)" in res.output
+    assert "scale check (2 held-out support frames, the fitted model's maps, its memory left out)" in res.output
+    df = read_manifest(str(logic_lot14))
+    held = df.iloc[validation_frames(torch.arange(len(df)), 0).tolist()]
+    assert (held["label"] != "normal").any()  # a defect pixel to measure on
+    assert loads[0] == sorted(df["uri"]) and loads[1:5] == [sorted(held["uri"])] * 4  # the fit's; the check's
     meta = load_checkpoint(str(tmp_path / "ck")).meta
     record = meta.training["scale_check"]
-    # the record is the check of these very frames: the same figures computed here, policy by policy
-    backbone = load_backbone("semclip-tiny", "shipped")
-    text = clip_text_embeddings(backbone.clip, "semclip-tiny", load_prompts(None))
-    expected = scale_check(backbone.clip.eval(), "semclip-tiny", text, check_frames(read_manifest(str(logic_lot)), None))
-    assert list(record["figures"]) == list(SCALE_CHECK_POLICIES) and record["frames"] == 7
-    for name, row in expected.items():
-        assert record["figures"][name]["views"] == row["views"]
-        assert record["figures"][name]["pAUROC"] == pytest.approx(row["pAUROC"], abs=1e-6)
-    assert record["chosen"] == recommend(expected)
+    assert record["frames"] == 2 and record["fitted_at"] == "whole" and record["scored_by"] == FITTED
+    assert list(record["figures"]) == list(SCALE_CHECK_POLICIES)
+    # each policy's views: the whole views, and the tiles of a tiled frame
+    native = preprocess_config("semclip-tiny", tile_above=10**9, scale_policy=1.0)
+    sizes = [Image.open(url).size for url in held["url"]]
+    tiles = [len(frame_tiles(h, w, native)) for w, h in sizes]
+    assert min(tiles) >= 9  # 512 px and more: at least 3 x 3 tiles of 240 px at native
+    assert record["figures"]["whole"]["views"] == 2 and record["figures"]["native"]["views"] == 2 + sum(tiles)
+    assert [n for n, _ in calls[:4]] == [row["views"] for row in record["figures"].values()]
+    assert all(weight == 0.0 for _, weight in calls[:4])  # the memory left out of the check
+    assert record["chosen"] == recommend(record["figures"])
     assert meta.scale_policy == parse_scale_policy(record["chosen"])
-    assert meta.training["config"]["check_scale"] is True and record["fitted_at"] == "whole"
-    assert meta.training["config"]["model"]["scale_policy"] is None  # the fit's
+    assert meta.training["config"]["check_scale"] is True and meta.training["config"]["model"]["scale_policy"] is None
     assert f"{record['chosen']:<8}" in res.output and "<- chosen: run --model scores the maps at it" in res.output
-    # without auto (the default, or weights with a check of their own): no support check
-    for name, weights in (("default", "shipped"), ("weights", _weights_recommending(tmp_path, "0.5"))):
-        res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / name),
-                                   "--backbone", "semclip-tiny", "--pretrained", weights, "--epochs", "1"])
+
+
+def test_train_checks_nothing_where_a_policy_is_given_or_the_recipe_is_paper(tmp_path, logic_lot14):
+    """No check with a given ``--scale-policy``, weights that recommend one, the ``paper`` recipe or a baseline;
+    ``--scale-policy auto`` checks whatever the weights recommend; ``run`` has no support frames to check on."""
+    runner = CliRunner()
+    base = ["train", "--adapt-steps", "0", str(logic_lot14), "--backbone", "semclip-tiny", "--epochs", "1"]
+    for name, extra, policy in (("given", ["--pretrained", "shipped", "--scale-policy", "0.75"], 0.75),
+                                ("weights", ["--pretrained", _weights_recommending(tmp_path, "0.5")], 0.5),
+                                ("paper", ["--pretrained", "shipped", "--recipe", "paper"], None)):
+        res = runner.invoke(main, [*base, "--out", str(tmp_path / name), *extra])
         assert res.exit_code == 0, res.output
-        assert "support frames" not in res.output
+        assert "held-out support frames" not in res.output
         meta = load_checkpoint(str(tmp_path / name)).meta
-        assert "scale_check" not in meta.training
-        assert meta.scale_policy == {"default": None, "weights": 0.5}[name]
-    # auto with weights that recommend a policy: the support frames decide, not the weights' record
-    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / "over"),
-                               "--backbone", "semclip-tiny", "--pretrained", _weights_recommending(tmp_path, "0.5"),
-                               "--epochs", "1", "--scale-policy", "auto"])
+        assert "scale_check" not in meta.training and meta.scale_policy == policy
+    res = runner.invoke(main, [*base, "--out", str(tmp_path / "over"), "--scale-policy", "auto",
+                               "--pretrained", _weights_recommending(tmp_path, "0.5")])
     assert res.exit_code == 0, res.output
-    meta = load_checkpoint(str(tmp_path / "over")).meta
-    assert meta.training["scale_check"]["chosen"] == record["chosen"]  # the same frames, the same starting weights
-    assert meta.scale_policy == parse_scale_policy(record["chosen"])
-    # the baselines have no SEM-CLIP zero-shot map to choose on; run has no support frames
-    res = runner.invoke(main, ["train", str(logic_lot), "--out", str(tmp_path / "w"), "--backbone", "semclip-tiny",
+    record = load_checkpoint(str(tmp_path / "over")).meta.training["scale_check"]
+    assert record["scored_by"] == FITTED and record["frames"] == 2
+    res = runner.invoke(main, ["train", str(logic_lot14), "--out", str(tmp_path / "w"), "--backbone", "semclip-tiny",
                                "--pretrained", "shipped", "--method", "winclip", "--scale-policy", "auto"])
     assert res.exit_code == 1 and not (tmp_path / "w").exists()
     assert res.output.strip().splitlines()[-1].endswith("--method winclip takes whole, native or a fraction")
-    res = runner.invoke(main, ["run", str(logic_lot), "--out", str(tmp_path / "r"), "--backbone", "semclip-tiny",
+    res = runner.invoke(main, ["run", str(logic_lot14), "--out", str(tmp_path / "r"), "--backbone", "semclip-tiny",
                                "--pretrained", "shipped", "--scale-policy", "auto"])
     assert res.exit_code != 0 and "--scale-policy must be whole, native or a fraction" in res.output
     assert not (tmp_path / "r").exists()
 
 
-def test_a_support_set_without_pixel_truth_is_trained_whole_and_says_why(logic_lot):
-    df = read_manifest(str(logic_lot))
-    df = df[df["label"] != "normal"].assign(mask_url="")
-    record = support_check(torch.nn.Identity(), "semclip-tiny", load_prompts(None), df, None)
-    assert record == {"figures": {}, "chosen": None, "frames": 0,
-                      "note": "no support frame with a pixel truth (defect rows need a mask_uri)"}
-    assert support_check_lines({"scale_check": record}) == [
-        "scale check: no support frame with a pixel truth (defect rows need a mask_uri); maps at whole "
-        "(--scale-policy sets another)"]
+def test_without_held_out_frames_or_their_pixel_truth_the_maps_stay_whole(tmp_path, logic_lot, logic_lot14):
+    """Under 10 support frames the fit holds none out; held-out frames without a mask have no pixel to measure:
+    the maps stay whole, and the record and ``train``'s output say why."""
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / "few"),
+                               "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    meta = load_checkpoint(str(tmp_path / "few")).meta
+    note = "under 10 support frames the fit holds none out to check on"
+    assert meta.training["scale_check"] == {"figures": {}, "chosen": None, "frames": 0, "fitted_at": "whole",
+                                            "scored_by": FITTED, "note": note}
+    assert meta.scale_policy is None
+    assert f"scale check: {note}; maps at whole (--scale-policy sets another)" in res.output
+    unmasked = tmp_path / "unmasked.csv"
+    raw = pd.read_csv(logic_lot14, keep_default_na=False)
+    raw.assign(uri=[str(logic_lot14.parent / u) for u in raw["uri"]], mask_uri="").to_csv(unmasked, index=False)
+    res = runner.invoke(main, ["train", "--adapt-steps", "0", str(unmasked), "--out", str(tmp_path / "nomask"),
+                               "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    record = load_checkpoint(str(tmp_path / "nomask")).meta.training["scale_check"]
+    assert record["note"] == "no defect pixel among the 2 held-out support frames" and record["chosen"] is None
     assert support_check_lines({}) == []
+
+
+def test_the_memory_is_left_out_inside_the_block_and_back_after():
+    from semclip_batch.methods.registry import get_method
+
+    backbone = load_backbone("semclip-tiny", "shipped")
+    text = clip_text_embeddings(backbone.clip, "semclip-tiny", load_prompts(None))
+    spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused", memory=True)
+    model = new_model(spec, backbone.clip, text)
+    model.memory.weight.fill_(0.25)
+    with get_method("semclip").without_memory(model):
+        assert float(model.memory.weight) == 0.0
+    assert float(model.memory.weight) == 0.25
+    with pytest.raises(RuntimeError), get_method("semclip").without_memory(model):
+        raise RuntimeError("a failed check")
+    assert float(model.memory.weight) == 0.25
+    baseline = new_model(ModelSpec(backbone="semclip-tiny", pretrained="shipped", method="winclip"), backbone.clip, text)
+    with get_method("winclip").without_memory(baseline):
+        pass  # nothing to leave out
 
 
 def test_auto_steps_down_from_its_choice_and_says_so(tmp_path, logic_lot, monkeypatch, caplog):
@@ -312,8 +378,8 @@ def test_auto_steps_down_from_its_choice_and_says_so(tmp_path, logic_lot, monkey
     import semclip_batch.fewshot.train as train_module
 
     figures = {name: {"pAUROC": 0.5 + 0.1 * k, "views": 7 * (k + 1)} for k, name in enumerate(SCALE_CHECK_POLICIES)}
-    monkeypatch.setattr(train_module, "support_check",
-                        lambda *a: {"figures": figures, "chosen": "native", "frames": 7})
+    monkeypatch.setattr(train_module, "held_out_check",
+                        lambda *a: {"figures": figures, "chosen": "native", "frames": 7, "scored_by": FITTED})
     monkeypatch.setattr(train_module, "available_bytes", lambda: needed_bytes(50))  # 70 native rows do not fit
     res = CliRunner().invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / "ck"),
                                     "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1",
@@ -337,13 +403,14 @@ def repeating_lot(tmp_path_factory):
 
 
 def _forced_check(monkeypatch, chosen: str) -> list[tuple[int, dict[str, float]]]:
-    """``train``'s support check answering ``chosen``, and a record of every threshold fit (rows, thresholds)."""
+    """``train``'s check of the maps' policy answering ``chosen``, and a record of every threshold fit (rows, thresholds)."""
     import semclip_batch.fewshot.support_maps as support_maps
     import semclip_batch.fewshot.train as train_module
 
     figures = {name: {"pAUROC": 0.5 + 0.1 * (name == chosen), "views": 7 * (k + 1)}
                for k, name in enumerate(SCALE_CHECK_POLICIES)}
-    monkeypatch.setattr(train_module, "support_check", lambda *a: {"figures": figures, "chosen": chosen, "frames": 7})
+    monkeypatch.setattr(train_module, "held_out_check",
+                        lambda *a: {"figures": figures, "chosen": chosen, "frames": 7, "scored_by": FITTED})
     calls: list[tuple[int, dict[str, float]]] = []
     real = support_maps.fit_thresholds
 
@@ -356,14 +423,14 @@ def _forced_check(monkeypatch, chosen: str) -> list[tuple[int, dict[str, float]]
 
 
 def _auto_and_whole(tmp_path, lot, epochs: int) -> str:
-    """``train --scale-policy auto`` into ``tmp_path/auto`` and ``train`` (whole) into ``tmp_path/whole``, frozen
+    """``train --scale-policy auto`` into ``tmp_path/auto`` and ``--scale-policy whole`` into ``tmp_path/whole``, frozen
     backbone, on ``lot``; the first command's output."""
     runner = CliRunner()
     args = ["train", "--adapt-steps", "0", str(lot), "--backbone", "semclip-tiny", "--pretrained", "shipped",
             "--epochs", str(epochs)]
     res = runner.invoke(main, [*args, "--out", str(tmp_path / "auto"), "--scale-policy", "auto"])
     assert res.exit_code == 0, res.output
-    whole = runner.invoke(main, [*args, "--out", str(tmp_path / "whole")])
+    whole = runner.invoke(main, [*args, "--out", str(tmp_path / "whole"), "--scale-policy", "whole"])
     assert whole.exit_code == 0, whole.output
     return res.output
 
@@ -439,7 +506,7 @@ def test_auto_from_the_library_fits_at_whole_whatever_the_spec_says(tmp_path, lo
     meta = train(TrainConfig(support=str(logic_lot), out=str(tmp_path / "ck"), epochs=1, check_scale=True,
                              model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused", scale_policy=0.5)))
     assert meta.scale_policy is None and meta.training["config"]["model"]["scale_policy"] is None
-    assert meta.training["scale_check"]["fitted_at"] == "whole" and "maps_at_policy" not in meta.training
+    assert meta.training["scale_check"]["chosen"] == "whole" and "maps_at_policy" not in meta.training
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:

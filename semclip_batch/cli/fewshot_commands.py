@@ -171,11 +171,11 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
               help="Frames without a reference frame are compared with their own pattern shifted by one and two "
                    "periods (cell-to-cell, where the pattern repeats; stored in the checkpoint) [default: on with "
                    "SEM-CLIP's recipe transfer; off with paper and for the baselines].")
-@scale_policy_option("[default: the one the --pretrained weights' scale check recommends (pretrain), else whole; "
-                     "stored in the checkpoint, run scores with it]",
-                     auto="; auto: the fit at whole, its maps at the policy pretrain's scale check chooses on the "
-                          "support frames, scored zero-shot (SEM-CLIP; README \"The scale check of the support "
-                          "frames\")")
+@scale_policy_option("[default: the one the --pretrained weights' scale check recommends (pretrain); else, with "
+                     "SEM-CLIP's recipe transfer, auto; else whole; stored in the checkpoint, run scores with it]",
+                     auto="; auto: the fit at whole, its maps at the policy where the fitted model maps the support "
+                          "frames it held out best (pretrain's rule; SEM-CLIP; README \"The maps' scale checked "
+                          "on the held-out support frames\")")
 @self_similarity_option("[default: with SEM-CLIP's recipe transfer chosen on the support frames with the memory's "
                         "weight (0, 0.25 .. 1 or 0.8), 0 with paper; a given W is used as given; baselines have none; "
                         "stored in the checkpoint]")
@@ -214,6 +214,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
         raise ConfigError(f"--scale-policy auto chooses SEM-CLIP's policy on the support frames; --method {method} "
                           "takes whole, native or a fraction")
     policy = "whole" if auto else scale_policy or default_scale_policy(backbone or DEFAULT_BACKBONE, pretrained, so)
+    # with no --scale-policy and none from the weights, the transfer recipe's maps follow the check after the fit
+    auto = auto or (scale_policy is None and policy == "whole" and default_adapt_steps(method, recipe) > 0)
     cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
                       adapt_steps=default_adapt_steps(method, recipe) if adapt_steps is None else adapt_steps,
                       adapt_lr=adapt_lr, adapt_below=DEFAULT_ADAPT_BELOW if adapt_steps is None else None,

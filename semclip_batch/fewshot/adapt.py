@@ -95,25 +95,24 @@ class FitBackbone:
 
 def backbone_for_fit(model: ModelSpec, support: str, df: pd.DataFrame, data: TrainSet, prompts: PromptSet,
                      prep: PreprocessConfig, steps: int, lr: float, adapt_below: float | None,
-                     progress: LossProgress | None = None, start: LoadedBackbone | None = None) -> FitBackbone:
+                     progress: LossProgress | None = None) -> FitBackbone:
     """``model``'s weights, or those weights adapted for ``steps`` at ``lr`` on ``df`` (:func:`adaptation_rows`;
     ``data``: its support set as loaded, before augmentation). With ``adapt_below`` (``train``'s default), only
     where the weights classify fewer than that share of the support frames right zero-shot
     (:func:`zero_shot_accuracy`). The adapted weights are written to a temporary folder and kept in memory: the
     checkpoint folder gets them with the checkpoint, never before the fit has succeeded. ``progress``: the
-    adaptation's steps and loss; ``start``: ``model``'s weights where the caller loaded them already."""
+    adaptation's steps and loss."""
     check = None
     if not steps or adapt_below is not None:  # the given weights are fitted on, or checked first
-        if start is None:
-            start = load_backbone(model.backbone, model.pretrained, seed=model.seed,
-                                  expected_sha256=model.pretrained_sha256, storage_options=model.storage_options)
+        start = load_backbone(model.backbone, model.pretrained, seed=model.seed,
+                              expected_sha256=model.pretrained_sha256, storage_options=model.storage_options)
         if steps and adapt_below is not None:
             accuracy = zero_shot_accuracy(start, prompts, data, prep)
             check = {"zero_shot_accuracy": round(accuracy, 4), "adapt_below": adapt_below,
                      "adapted": accuracy < adapt_below}
         if check is None or not check["adapted"]:
             return FitBackbone(start, check=check)
-    start = None  # freed: pretrain loads its own copy
+        del start  # freed: pretrain loads its own copy
     rows, held = adaptation_rows(df, data.frame if data.frame is not None else torch.arange(len(data)), model.seed)
     with tempfile.TemporaryDirectory(prefix="semclip-adapt-") as folder:
         adapted = adapt_backbone(model, support, rows, folder, steps, lr, held_out=held, progress=progress)

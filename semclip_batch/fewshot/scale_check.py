@@ -131,14 +131,15 @@ def recommend(check: Mapping[str, Mapping[str, float | int | None]],
     return min(near, key=lambda name: (int(check[name].get("views") or 0), order.get(name, len(order))))
 
 
+FITTED = "the fitted model"  # train's check after the fit (its record's scored_by; before it: the starting weights)
 PRETRAIN_MARK = "recommended: run and train use it unless --scale-policy is given"
 MAPS_MARK = "chosen: run --model scores the maps at it (the fit at whole; stored in the checkpoint)"
 
 
 def check_lines(check: Mapping[str, Mapping[str, float | int | None]], chosen: str | None, frames: int,
-                source: str = "held-out", mark: str = PRETRAIN_MARK) -> list[str]:
-    """The scale check as lines for ``pretrain``'s (``train``'s: ``source``, ``mark``) output."""
-    lines = [f"scale check ({frames} {source} frames, zero-shot run's maps): policy, pixel AUROC, model views"]
+                source: str = "held-out", mark: str = PRETRAIN_MARK, maps: str = "zero-shot run's maps") -> list[str]:
+    """The scale check as lines for ``pretrain``'s (``train``'s: ``source``, ``mark``, ``maps``) output."""
+    lines = [f"scale check ({frames} {source} frames, {maps}): policy, pixel AUROC, model views"]
     for name, row in check.items():
         auroc = row.get("pAUROC")
         mark_here = f"  <- {mark}" if name == chosen else ""
@@ -211,41 +212,25 @@ HELD_OUT_WITHOUT_TRUTH = ("no held-out frame with a pixel truth (archives under 
 
 
 def run_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd.DataFrame,
-              storage_options: Mapping[str, Any] | None, source: str = "held-out",
-              without_truth: str = HELD_OUT_WITHOUT_TRUTH) -> ScaleCheck:
-    """The scale check of the ``source`` (held-out) ``rows`` with the weights as they are (eval mode);
-    ``without_truth``: the note where no row has a pixel truth."""
+              storage_options: Mapping[str, Any] | None) -> ScaleCheck:
+    """The scale check of the held-out ``rows`` with the weights as they are (eval mode)."""
     if rows.empty:
-        return ScaleCheck({}, None, without_truth)
+        return ScaleCheck({}, None, HELD_OUT_WITHOUT_TRUTH)
     frames = check_frames(rows, storage_options)
     if not any(bool(f.truth.any()) for f in frames):
-        return ScaleCheck({}, None, f"no defect pixel among the {len(frames)} {source} frames", len(frames))
+        return ScaleCheck({}, None, f"no defect pixel among the {len(frames)} held-out frames", len(frames))
     t0 = time.perf_counter()
     figures = scale_check(clip, backbone, clip_text_embeddings(clip, backbone, prompts), frames)
-    log.info("scale check: %d %s frames, %d model views, %.0f s", len(frames), source,
+    log.info("scale check: %d held-out frames, %d model views, %.0f s", len(frames),
              sum(int(row["views"] or 0) for row in figures.values()), time.perf_counter() - t0)
     return ScaleCheck(figures, recommend(figures), None, len(frames))
 
 
-def support_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, df: pd.DataFrame,
-                  storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``train --scale-policy auto``'s scale check (whatever the weights recommend): ``pretrain``'s check (the same
-    candidates, tolerance and rule, and like it up to :data:`SCALE_CHECK_FRAMES` frames evenly spread) on the support
-    frames of ``df`` that have a pixel truth, scored zero-shot with the starting weights, before any adaptation, so on
-    frames those weights never trained on. The checkpoint's record: per policy the figures, the chosen policy (None:
-    whole, ``note`` says why nothing was measured) and the frames checked; ``train`` adds ``fitted_at`` (whole: the
-    policy is the maps') and ``maps_at`` where the support views did not fit in memory at the chosen policy and it
-    stepped down."""
-    with evaluating(clip):
-        result = run_check(clip, backbone, prompts, check_rows(df, torch.arange(len(df))), storage_options,
-                           source="support",
-                           without_truth="no support frame with a pixel truth (defect rows need a mask_uri)")
-    return {"figures": result.figures, "chosen": result.chosen, "frames": result.frames,
-            **({} if result.note is None else {"note": result.note})}
-
-
 def support_check_lines(training: Mapping[str, Any]) -> list[str]:
-    """``train``'s output for the support check recorded in a checkpoint's ``training`` (none where none ran)."""
+    """``train``'s output for the check of the maps' policy recorded in a checkpoint's ``training`` (none where none
+    ran): since ``scored_by`` is :data:`FITTED`, the fitted model's on the held-out support frames
+    (``fewshot.train.held_out_check``); in checkpoints before it, the starting weights' zero-shot maps of the
+    support frames."""
     record = training.get("scale_check")
     if not isinstance(record, Mapping):
         return []
@@ -253,4 +238,7 @@ def support_check_lines(training: Mapping[str, Any]) -> list[str]:
         return [f"scale check: {record['note']}; maps at whole (--scale-policy sets another)"]
     stepped = record.get("maps_at")
     mark = MAPS_MARK if stepped is None else f"chosen; maps at {stepped}: the support views would not fit in memory at it"
+    if record.get("scored_by") == FITTED:
+        return check_lines(record["figures"], record["chosen"], int(record["frames"]), "held-out support", mark,
+                           "the fitted model's maps, its memory left out")
     return check_lines(record["figures"], record["chosen"], int(record["frames"]), "support", mark)

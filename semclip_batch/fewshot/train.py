@@ -21,6 +21,7 @@ import torch
 
 from semclip_batch.config import (
     DEFAULT_ADAPT_LR,
+    SCALE_CHECK_POLICIES,
     LossProgress,
     ModelSpec,
     PreprocessConfig,
@@ -39,17 +40,17 @@ from semclip_batch.fewshot.reference_fit import (
     support_pixel_differences,
     support_reference_fuser,
 )
-from semclip_batch.fewshot.scale_check import support_check
-from semclip_batch.fewshot.support_maps import map_auroc, support_thresholds
+from semclip_batch.fewshot.scale_check import FITTED, recommend
+from semclip_batch.fewshot.support_maps import emitted_views, map_auroc, pixel_counts, support_thresholds
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
 from semclip_batch.methods.feature_cache import cached_features, feature_key
 from semclip_batch.methods.features import Features, encode_views
-from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES, Support, validation_count
+from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES, Support, validation_count, validation_frames
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
-from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model
-from semclip_batch.methods.weights import LoadedBackbone, load_backbone, preprocess_config
+from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
+from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
 from semclip_batch.model.towers import vision_tower
 
@@ -72,9 +73,9 @@ class TrainConfig:
     # the scale policy is the weights' recommendation (pretrain's scale check), not the user's: where the support
     # rows would not fit in memory at it, the next coarser one is taken (fewshot.fit_memory)
     policy_from_weights: bool = False
-    # --scale-policy auto: the policy run scores SEM-CLIP's maps at is chosen on the support frames
-    # (fewshot.scale_check.support_check, the starting weights' zero-shot maps); the fit stays at whole, and what
-    # depends on the view scale is fitted again at it (maps_at_policy); the checkpoint records the check
+    # --scale-policy auto (train's default with the transfer recipe where no policy is given or recommended): the
+    # fit at whole, then the policy run scores SEM-CLIP's maps at is chosen by the fitted model on the support frames
+    # it held out (held_out_check), and what depends on the view scale is fitted again at it (maps_at_policy)
     check_scale: bool = False
     adapt_steps: int = 0  # --adapt-steps: the backbone adapted on the support frames first (fewshot.adapt); 0: frozen
     adapt_lr: float = DEFAULT_ADAPT_LR
@@ -224,10 +225,10 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
-    scale, loaded = _scale_checked(cfg, prompts, df)
-    if cfg.check_scale:  # auto fits at whole, whatever policy a library caller's spec gives
+    if cfg.check_scale:  # fitted at whole, whatever policy a library caller's spec gives; the maps' policy checked after
         cfg = replace(cfg, model=replace(cfg.model, scale_policy=None, tile_overlap=None))
     cfg, prep, data = _support_that_fits(cfg, df, prompts.classes)
+    held = validation_frames(data.frame if data.frame is not None else torch.arange(len(data)), cfg.model.seed)
     cfg = _cell_references_if_any(cfg, data)
     spec = applied(cfg.recipe, cfg.model)
     views, whole = len(data), data.first_views()
@@ -236,9 +237,8 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
         log.warning("%d support frames: under %d none are held out, so nothing checks the fit (its epochs, the map's "
                     "weights and the class fusion are chosen on frames it learned from; README \"How many shots\": one "
                     "shot lost pixel AUROC to zero-shot on four of six lots)", used, MIN_VALIDATION_FRAMES)
-    # popped, not passed: where the backbone adapts, the starting weights are freed before the adapted ones load
     chosen = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.adapt_steps, cfg.adapt_lr,
-                              cfg.adapt_below, adapt_progress, start=loaded.pop() if loaded else None)
+                              cfg.adapt_below, adapt_progress)
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
     feats, ref_feats = _support_features(cfg, spec, chosen.backbone, data, prep)
@@ -247,7 +247,9 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     rows = {"config": _public(cfg), "support_rows": len(df), "used": used, "views": views,
             "rows_augmented": len(data), "skipped": data.skipped,
             "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum())}
-    del data, feats, ref_feats  # the fit's rows, freed before --scale-policy auto loads the maps' views
+    del data, feats, ref_feats  # the fit's rows, freed before the check and the maps' views load
+    scale = held_out_check(cfg, df.reset_index(drop=True).iloc[held.tolist()], prompts.classes, chosen.backbone,
+                           fitted) if cfg.check_scale else None
     at, at_prep = _maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted)
     state = dict(fitted.model.state_dict())
     if fitted.reference is not None:
@@ -261,18 +263,49 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)
 
 
-def _scale_checked(cfg: TrainConfig, prompts: PromptSet,
-                   df: pd.DataFrame) -> tuple[dict[str, Any] | None, list[LoadedBackbone]]:
-    """With ``check_scale`` (``--scale-policy auto``): the support frames' scale check (zero-shot, the starting
-    weights; ``chosen``: the maps' policy, None or ``"whole"`` where they stay whole) with ``fitted_at: "whole"``,
-    and the weights it loaded (in a list the fit pops them from); else nothing."""
-    if not cfg.check_scale:
-        return None, []
-    m = cfg.model
-    start = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
-                          storage_options=m.storage_options)
-    scale = support_check(start.clip, m.backbone, prompts, df, m.storage_options)
-    return {**scale, "fitted_at": "whole"}, [start]
+def held_out_check(cfg: TrainConfig, rows: pd.DataFrame, classes: tuple[str, ...], backbone: LoadedBackbone,
+                   fitted: Fitted) -> dict[str, Any]:
+    """The check of the policy ``run`` scores the maps at, after the fit at whole: ``rows`` (the support frames the
+    fit held out: the backbone never adapted on them, the layers and head never trained on them) loaded at each
+    candidate policy (:data:`~semclip_batch.config.SCALE_CHECK_POLICIES`) and scored by the fitted model as ``run``
+    scores them (the cell references fused where fitted; the memory left out, as its bank holds these frames'
+    clean patches), pixel AUROC over the views ``run`` writes a map for; the cheapest policy within the tolerance
+    of the best is chosen (``pretrain``'s rule: :func:`~semclip_batch.fewshot.scale_check.recommend`). The
+    checkpoint's record: per policy the figures, the chosen policy (None: whole, ``note`` says why nothing was
+    measured), the frames checked, ``fitted_at: whole``."""
+    record: dict[str, Any] = {"figures": {}, "chosen": None, "frames": len(rows), "fitted_at": "whole",
+                              "scored_by": FITTED}
+    if rows.empty:
+        return record | {"note": f"under {MIN_VALIDATION_FRAMES} support frames the fit holds none out to check on"}
+    method, figures = get_method(cfg.model.method), {}
+    with method.without_memory(fitted.model):
+        for name in SCALE_CHECK_POLICIES:
+            figures[name] = _held_out_auroc(cfg, parse_scale_policy(name), rows, classes, backbone, fitted)
+    if all(row["pAUROC"] is None for row in figures.values()):
+        return record | {"note": f"no defect pixel among the {len(rows)} held-out support frames"}
+    return record | {"figures": figures, "chosen": recommend(figures)}
+
+
+@torch.no_grad()
+def _held_out_auroc(cfg: TrainConfig, policy: float | None, rows: pd.DataFrame, classes: tuple[str, ...],
+                    backbone: LoadedBackbone, fitted: Fitted) -> dict[str, float | int | None]:
+    """:func:`held_out_check`'s figures at one policy: pixel AUROC (None: no defect pixel, or the views would not
+    fit in memory there) and model views."""
+    at = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None), policy_from_weights=False,
+                 check_scale=False)
+    try:
+        at, prep, data = _support_that_fits(at, rows, classes)
+    except ConfigError as exc:
+        log.warning("scale check at %s left out: %s", scale_policy_name(policy), exc)
+        return {"pAUROC": None, "views": 0}
+    feats, ref_feats = _support_features(at, applied(at.recipe, at.model), backbone, data, prep)
+    reference = fitted.reference if ref_feats is not None else None
+    pixels = None if reference is None else support_pixel_differences(data, prep.std[0])
+    out = score_features(fitted.model, feats, (data.views.shape[-2], data.views.shape[-1]), reference, ref_feats,
+                         data.has_ref, pixels)
+    written = emitted_views(data, torch.arange(len(data)))
+    return {"pAUROC": pixel_counts(out.maps[written], data.masks[written], data.has_mask[written]).auroc(),
+            "views": len(data)}
 
 
 def _maps_checked(cfg: TrainConfig, prep: PreprocessConfig, scale: dict[str, Any] | None, df: pd.DataFrame,

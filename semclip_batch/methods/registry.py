@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -94,6 +95,11 @@ class Method(ABC, Generic[M]):
         the fit kept; returns the tokens kept per memory tap. None where the method keeps no such memory of its own
         fitting (the default)."""
         return None
+
+    def without_memory(self, model: M) -> AbstractContextManager[None]:
+        """Inside the block the model's maps leave its normal-patch memory out (``train``'s check of the maps'
+        policy scores frames whose clean patches that memory holds); nothing to leave out by default."""
+        return nullcontext()
 
 
 def register(cls: C) -> C:

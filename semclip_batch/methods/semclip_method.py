@@ -12,7 +12,8 @@ standard error; the evidence is recorded, :func:`choice_evidence`); then the mem
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -108,6 +109,19 @@ class SemClipMethod(Method[SemClip]):
     def refill_memory(self, model: SemClip, feats: Features, masks: torch.Tensor, has_mask: torch.Tensor,
                       seed: int) -> int | None:
         return None if model.memory is None else refill_memory(model, feats, masks, has_mask, seed)
+
+    @contextmanager
+    def without_memory(self, model: SemClip) -> Iterator[None]:
+        """The memory's fusion weight at 0 inside the block (its maps: the method's and the self-similarity's)."""
+        if model.memory is None:
+            yield
+            return
+        weight = model.memory.weight.clone()
+        model.memory.weight.zero_()
+        try:
+            yield
+        finally:
+            model.memory.weight.copy_(weight)
 
     @torch.no_grad()
     def held_out_maps(self, model: SemClip, support: Support) -> HeldOutMaps | None:
