@@ -16,13 +16,16 @@ from semclip_batch.analysis.aggregate import aggregate
 from semclip_batch.analysis.query import run_query
 from semclip_batch.analysis.results import read_predictions
 from semclip_batch.cli import main
+from semclip_batch.config import SCALE_CHECK_POLICIES
 from semclip_batch.errors import ManifestError
 from semclip_batch.fewshot.adapt import ADAPTED_BACKBONE, ADAPTED_SOURCE
+from semclip_batch.fewshot.scale_check import FITTED
 from semclip_batch.io import storage
 from semclip_batch.io.cell_reference import cell_reference
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import load_checkpoint
+from semclip_batch.methods.fitting import validation_count
 from semclip_batch.synth.generate import SynthConfig, synth
 
 pytestmark = [pytest.mark.s3, pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -110,10 +113,15 @@ def test_pretrain_train_run_eval_all_on_s3(s3_run):
     assert len(digest) == 64
     trained = runner.invoke(main, ["train", f"{data}/manifest.csv", "--out", f"{models}/ckpt", "--backbone", "semclip-tiny",
                                    "--pretrained", f"{models}/tiny.safetensors", "--pretrained-sha256", digest,
-                                   "--epochs", "2", "--adapt-steps", "3"])
+                                   "--epochs", "2", "--adapt-steps", "3", "--scale-policy", "auto"])
     assert trained.exit_code == 0, trained.output
     # the adapted backbone went into the checkpoint folder on S3, and run reads it from there
-    assert load_checkpoint(f"{models}/ckpt").meta.weights.source == ADAPTED_SOURCE
+    meta = load_checkpoint(f"{models}/ckpt").meta
+    assert meta.weights.source == ADAPTED_SOURCE
+    # auto: the maps' policy checked by the fitted model on the support frames the fit held out, read from S3
+    check = meta.training["scale_check"]
+    assert check["scored_by"] == FITTED and check["frames"] == validation_count(14) > 0
+    assert set(check["figures"]) == set(SCALE_CHECK_POLICIES) and "scale check (" in trained.output
     assert storage.exists(f"{models}/ckpt/{ADAPTED_BACKBONE}")
     ran = runner.invoke(main, ["run", f"{data}/manifest.csv", "--out", out, "--model", f"{models}/ckpt"])
     assert ran.exit_code == 0, ran.output
