@@ -90,7 +90,7 @@ def fit(work: Path, family: str, seed: int, checked: bool) -> tuple[Path, dict[s
     """The checkpoint of ``train`` (``checked``: its defaults, else ``--scale-policy whole``) on the support lot
     (cached), and its policy, check and wall seconds."""
     support = ensure_lot(work / family / f"support-{seed}", family, seed)
-    folder = work / family / f"ckpt-{seed}-{'default' if checked else 'whole'}"
+    folder = work / family / f"ckpt-{seed}-{'checked' if checked else 'whole'}"
     record = folder / "bench.json"
     if not record.exists():
         seconds = cli("train", str(support / "manifest.csv"), "--out", str(folder), "--backbone", "semclip-tiny",
@@ -112,7 +112,7 @@ def family_rows(work: Path, family: str, supports: list[int], tests: list[int]) 
         row = {"chosen": d_info["chosen"], "seconds": {"whole": w_info["seconds"], "default": d_info["seconds"]},
                "whole": scored(work / family / f"out-{seed}-whole", truth, w_info["classes"], "--model", str(whole))}
         row["default"] = row["whole"] if d_info.get("policy") is None else scored(
-            work / family / f"out-{seed}-default", truth, d_info["classes"], "--model", str(default))
+            work / family / f"out-{seed}-checked", truth, d_info["classes"], "--model", str(default))
         rows[str(seed)] = row
         print(f"  support {seed}: check chose {row['chosen']}", flush=True)
     classes = d_info["classes"]

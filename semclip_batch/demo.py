@@ -60,7 +60,7 @@ def _short_pretrain(pre: str, weights: str, backbone: str) -> Iterator[str]:
         yield f"[2/8] pretrain: {backbone} from random weights, {DEMO_STEPS} steps (the short schedule, ~3 min)"
         digest = pretrain(PretrainConfig(manifest=storage.join(pre, "manifest.csv"), out=weights, steps=DEMO_STEPS,
                                          model=ModelSpec(backbone=backbone), max_minutes=0.0,  # every step: cached
-                                         scale_check=False),  # the demo trains and runs at whole either way
+                                         scale_check=False),  # train's own check chooses the maps' policy
                           metadata=DEMO_RECIPE).sha256
     else:
         yield f"[2/8] pretrain: cached {weights}"

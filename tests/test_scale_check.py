@@ -5,6 +5,7 @@ cheapest policy within 0.01 pixel AUROC of the best is recorded in the weights f
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -31,6 +32,7 @@ from semclip_batch.fewshot.scale_check import (
 from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.preprocess import frame_tiles
+from semclip_batch.methods import semclip_method
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.fitting import validation_frames
 from semclip_batch.methods.prompts import clip_text_embeddings, load_prompts
@@ -272,6 +274,13 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
         calls.append((feats.dual.pooled.shape[0], float(model.memory.weight)))
         return real_score(model, feats, *args)
 
+    def weight_half(model, *args):  # the fit's choice, its memory's weight made 0.5: something to leave out
+        choice = real_choice(model, *args)
+        model.memory.weight.fill_(0.5)
+        return replace(choice, memory_weight=0.5)
+
+    real_choice = semclip_method.choose_memory_weight
+    monkeypatch.setattr(semclip_method, "choose_memory_weight", weight_half)
     monkeypatch.setattr(train_module, "_support_that_fits", load_spy)
     monkeypatch.setattr(train_module, "score_features", score_spy)
     res = CliRunner().invoke(main, ["train", "--adapt-steps", "0", str(logic_lot14), "--out", str(tmp_path / "ck"),
@@ -294,6 +303,7 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
     assert record["figures"]["whole"]["views"] == 2 and record["figures"]["native"]["views"] == 2 + sum(tiles)
     assert [n for n, _ in calls[:4]] == [row["views"] for row in record["figures"].values()]
     assert all(weight == 0.0 for _, weight in calls[:4])  # the memory left out of the check
+    assert meta.training["memory_weight"] == 0.5 and float(_tensors(tmp_path / "ck")["memory.weight"]) == 0.5  # back
     assert record["chosen"] == recommend(record["figures"])
     assert meta.scale_policy == parse_scale_policy(record["chosen"])
     assert meta.training["config"]["check_scale"] is True and meta.training["config"]["model"]["scale_policy"] is None
@@ -301,12 +311,14 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
 
 
 def test_train_checks_nothing_where_a_policy_is_given_or_the_recipe_is_paper(tmp_path, logic_lot14):
-    """No check with a given ``--scale-policy``, weights that recommend one, the ``paper`` recipe or a baseline;
+    """No check with a given ``--scale-policy``, weights that recommend one (``whole`` too), the ``paper`` recipe or a
+    baseline;
     ``--scale-policy auto`` checks whatever the weights recommend; ``run`` has no support frames to check on."""
     runner = CliRunner()
     base = ["train", "--adapt-steps", "0", str(logic_lot14), "--backbone", "semclip-tiny", "--epochs", "1"]
     for name, extra, policy in (("given", ["--pretrained", "shipped", "--scale-policy", "0.75"], 0.75),
                                 ("weights", ["--pretrained", _weights_recommending(tmp_path, "0.5")], 0.5),
+                                ("weights-whole", ["--pretrained", _weights_recommending(tmp_path, "whole")], None),
                                 ("paper", ["--pretrained", "shipped", "--recipe", "paper"], None)):
         res = runner.invoke(main, [*base, "--out", str(tmp_path / name), *extra])
         assert res.exit_code == 0, res.output
@@ -506,7 +518,7 @@ def test_auto_from_the_library_fits_at_whole_whatever_the_spec_says(tmp_path, lo
     meta = train(TrainConfig(support=str(logic_lot), out=str(tmp_path / "ck"), epochs=1, check_scale=True,
                              model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused", scale_policy=0.5)))
     assert meta.scale_policy is None and meta.training["config"]["model"]["scale_policy"] is None
-    assert meta.training["scale_check"]["chosen"] == "whole" and "maps_at_policy" not in meta.training
+    assert meta.training["config"]["check_scale"] is True and "maps_at_policy" not in meta.training
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:

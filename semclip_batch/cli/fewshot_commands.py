@@ -173,9 +173,9 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "SEM-CLIP's recipe transfer; off with paper and for the baselines].")
 @scale_policy_option("[default: the one the --pretrained weights' scale check recommends (pretrain); else, with "
                      "SEM-CLIP's recipe transfer, auto; else whole; stored in the checkpoint, run scores with it]",
-                     auto="; auto: the fit at whole, its maps at the policy where the fitted model maps the support "
-                          "frames it held out best (pretrain's rule; SEM-CLIP; README \"The maps' scale checked "
-                          "on the held-out support frames\")")
+                     auto="; auto: the fit at whole, its maps at the cheapest policy within 0.01 pixel AUROC of the best "
+                          "on the support frames the fit held out, scored by the fitted model (pretrain's rule; "
+                          "SEM-CLIP; README \"The maps' scale checked on the held-out support frames\")")
 @self_similarity_option("[default: with SEM-CLIP's recipe transfer chosen on the support frames with the memory's "
                         "weight (0, 0.25 .. 1 or 0.8), 0 with paper; a given W is used as given; baselines have none; "
                         "stored in the checkpoint]")
@@ -213,9 +213,10 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
     if auto and not get_method(method).recipes:
         raise ConfigError(f"--scale-policy auto chooses SEM-CLIP's policy on the support frames; --method {method} "
                           "takes whole, native or a fraction")
-    policy = "whole" if auto else scale_policy or default_scale_policy(backbone or DEFAULT_BACKBONE, pretrained, so)
+    recommended = None if scale_policy else default_scale_policy(backbone or DEFAULT_BACKBONE, pretrained, so)
+    policy = "whole" if auto else scale_policy or recommended or "whole"
     # with no --scale-policy and none from the weights, the transfer recipe's maps follow the check after the fit
-    auto = auto or (scale_policy is None and policy == "whole" and default_adapt_steps(method, recipe) > 0)
+    auto = auto or (scale_policy is None and recommended is None and default_adapt_steps(method, recipe) > 0)
     cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
                       adapt_steps=default_adapt_steps(method, recipe) if adapt_steps is None else adapt_steps,
                       adapt_lr=adapt_lr, adapt_below=DEFAULT_ADAPT_BELOW if adapt_steps is None else None,

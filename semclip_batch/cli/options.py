@@ -246,8 +246,8 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
     else:
         assert pretrained is not None  # refused above
         name = backbone or DEFAULT_BACKBONE
-        spec = zero_shot_spec(name, pretrained,
-                              scale_policy=parse_scale_policy(scale_policy or default_scale_policy(name, pretrained, so)),
+        policy = scale_policy or default_scale_policy(name, pretrained, so) or "whole"
+        spec = zero_shot_spec(name, pretrained, scale_policy=parse_scale_policy(policy),
                               self_similarity=self_similarity,
                               defect_view=defect_view, map_shifts=map_shifts, pretrained_sha256=pretrained_sha256, seed=seed,
                               precision=precision, prompts=prompts, storage_options=so)
@@ -256,14 +256,15 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
                      actors=actors, num_gpus=num_gpus, address=address, overwrite=overwrite, storage_options=so)
 
 
-def default_scale_policy(backbone: str, pretrained: str, storage_options: dict[str, Any]) -> str:
+def default_scale_policy(backbone: str, pretrained: str, storage_options: dict[str, Any]) -> str | None:
     """``--scale-policy`` not given: the policy the weights' scale check recommends (``pretrain``; said on
-    stderr), else ``whole``."""
+    stderr), else None (``run`` scores at ``whole``; ``train`` with the ``transfer`` recipe checks its maps'
+    policy)."""
     from semclip_batch.methods.weights import recommended_scale_policy
 
     name = recommended_scale_policy(backbone, pretrained, storage_options)
     if name is None:
-        return "whole"
+        return None
     click.echo(f"--scale-policy {name}: recommended by the weights' scale check (pretrain); --scale-policy whole "
                "scores the whole frame resized", err=True)
     return name

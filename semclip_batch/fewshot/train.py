@@ -281,6 +281,8 @@ def held_out_check(cfg: TrainConfig, rows: pd.DataFrame, classes: tuple[str, ...
     with method.without_memory(fitted.model):
         for name in SCALE_CHECK_POLICIES:
             figures[name] = _held_out_auroc(cfg, parse_scale_policy(name), rows, classes, backbone, fitted)
+    if not any(row["views"] for row in figures.values()):
+        return record | {"note": f"the {len(rows)} held-out support frames fit in memory at no policy"}
     if all(row["pAUROC"] is None for row in figures.values()):
         return record | {"note": f"no defect pixel among the {len(rows)} held-out support frames"}
     return record | {"figures": figures, "chosen": recommend(figures)}
