@@ -264,7 +264,7 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
 
     loads: list[list[str]] = []
     calls: list[tuple[int, float]] = []
-    real_load, real_score = train_module._support_that_fits, train_module.score_features
+    real_load, real_score = train_module._support_that_fits, train_module.support_output
 
     def load_spy(cfg, df, *args, **kwargs):
         loads.append(sorted(df["uri"]))
@@ -282,7 +282,7 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
     real_choice = semclip_method.choose_memory_weight
     monkeypatch.setattr(semclip_method, "choose_memory_weight", weight_half)
     monkeypatch.setattr(train_module, "_support_that_fits", load_spy)
-    monkeypatch.setattr(train_module, "score_features", score_spy)
+    monkeypatch.setattr(train_module, "support_output", score_spy)
     res = CliRunner().invoke(main, ["train", "--adapt-steps", "0", str(logic_lot14), "--out", str(tmp_path / "ck"),
                                     "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1"])
     assert res.exit_code == 0, res.output

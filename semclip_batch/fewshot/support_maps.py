@@ -73,11 +73,16 @@ def fit_thresholds(out: SemClipOutput, data: TrainSet, score_mode: str = "mean",
 
 
 @torch.no_grad()
+def support_output(model: Scorer, feats: Features, data: TrainSet, reference: ReferenceScorer | None,
+                   ref_feats: Features | None, pixels: torch.Tensor | None) -> SemClipOutput:
+    """The support rows' maps and class scores as ``run`` scores them (the reference fused in where fitted)."""
+    return score_features(model, feats, (data.views.shape[-2], data.views.shape[-1]), reference, ref_feats,
+                          data.has_ref, pixels)
+
+
 def support_thresholds(model: Scorer, feats: Features, data: TrainSet, reference: ReferenceScorer | None,
                        ref_feats: Features | None, pixels: torch.Tensor | None, score_mode: str,
                        views: int) -> dict[str, float]:
-    """:func:`fit_thresholds` on the support rows' maps as ``run`` scores them (the reference fused in where
-    fitted); ``views``: the rows of the unaugmented copy."""
-    out = score_features(model, feats, (data.views.shape[-2], data.views.shape[-1]), reference, ref_feats,
-                         data.has_ref, pixels)
-    return fit_thresholds(out, data, score_mode, views)
+    """:func:`fit_thresholds` on the support rows' maps as ``run`` scores them (:func:`support_output`);
+    ``views``: the rows of the unaugmented copy."""
+    return fit_thresholds(support_output(model, feats, data, reference, ref_feats, pixels), data, score_mode, views)

@@ -41,7 +41,7 @@ from semclip_batch.fewshot.reference_fit import (
     support_reference_fuser,
 )
 from semclip_batch.fewshot.scale_check import FITTED, recommend
-from semclip_batch.fewshot.support_maps import emitted_views, map_auroc, pixel_counts, support_thresholds
+from semclip_batch.fewshot.support_maps import emitted_views, map_auroc, pixel_counts, support_output, support_thresholds
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
@@ -49,7 +49,7 @@ from semclip_batch.methods.feature_cache import cached_features, feature_key
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES, Support, validation_count, validation_frames
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
-from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model, score_features
+from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps, new_model
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
 from semclip_batch.model.towers import vision_tower
@@ -248,7 +248,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
             "rows_augmented": len(data), "skipped": data.skipped,
             "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum())}
     del data, feats, ref_feats  # the fit's rows, freed before the check and the maps' views load
-    scale = held_out_check(cfg, df.reset_index(drop=True).iloc[held.tolist()], prompts.classes, chosen.backbone,
+    scale = held_out_check(cfg, df.iloc[held.tolist()], prompts.classes, chosen.backbone,
                            fitted) if cfg.check_scale else None
     at, at_prep = _maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted)
     state = dict(fitted.model.state_dict())
@@ -303,8 +303,7 @@ def _held_out_auroc(cfg: TrainConfig, policy: float | None, rows: pd.DataFrame, 
     feats, ref_feats = _support_features(at, applied(at.recipe, at.model), backbone, data, prep)
     reference = fitted.reference if ref_feats is not None else None
     pixels = None if reference is None else support_pixel_differences(data, prep.std[0])
-    out = score_features(fitted.model, feats, (data.views.shape[-2], data.views.shape[-1]), reference, ref_feats,
-                         data.has_ref, pixels)
+    out = support_output(fitted.model, feats, data, reference, ref_feats, pixels)
     written = emitted_views(data, torch.arange(len(data)))
     return {"pAUROC": pixel_counts(out.maps[written], data.masks[written], data.has_mask[written]).auroc(),
             "views": len(data)}
