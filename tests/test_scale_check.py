@@ -312,8 +312,8 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
 
 def test_train_checks_nothing_where_a_policy_is_given_or_the_recipe_is_paper(tmp_path, logic_lot14):
     """No check with a given ``--scale-policy``, weights that recommend one (``whole`` too), the ``paper`` recipe or a
-    baseline;
-    ``--scale-policy auto`` checks whatever the weights recommend; ``run`` has no support frames to check on."""
+    baseline; ``--scale-policy auto`` checks whatever the weights recommend; ``run`` has no support frames to check
+    on."""
     runner = CliRunner()
     base = ["train", "--adapt-steps", "0", str(logic_lot14), "--backbone", "semclip-tiny", "--epochs", "1"]
     for name, extra, policy in (("given", ["--pretrained", "shipped", "--scale-policy", "0.75"], 0.75),
