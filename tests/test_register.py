@@ -1,5 +1,5 @@
-"""``io.register``: shift estimate (accuracy, sign, search limit), sub-pixel shift, intensity match (robust to
-defects and to different noise), weak/flat pairs, odd shapes and ranges, large frames."""
+"""``io.phase_shift`` and ``io.register``: shift estimate (accuracy, sign, search limit), sub-pixel shift,
+intensity match (robust to defects and to different noise), weak/flat pairs, odd shapes and ranges, large frames."""
 
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from semclip_batch.io.register import (
-    MAX_SHIFT_FRACTION,
-    MIN_PEAK,
-    Registration,
-    estimate_shift,
-    register_reference,
-    shift_image,
-)
+from semclip_batch.io.phase_shift import MAX_SHIFT_FRACTION, MIN_PEAK, estimate_shift
+from semclip_batch.io.register import Registration, register_reference, shift_image
 
 DARK, BRIGHT = 40.0, 190.0  # background and line grey levels of the synthetic layout (8-bit range)
 

@@ -148,6 +148,7 @@ def test_unknown_method_is_refused_in_one_line(tiny_clip):
 
 def test_orchestration_never_branches_on_the_method():
     files = ["semclip_batch/pipeline/inference.py", "semclip_batch/methods/scoring.py", "semclip_batch/fewshot/train.py",
+             "semclip_batch/fewshot/support_set.py", "semclip_batch/fewshot/maps_policy.py",
              "semclip_batch/fewshot/reference_fit.py", "semclip_batch/fewshot/support_maps.py",
              "semclip_batch/methods/features.py", "semclip_batch/methods/registry.py", "benchmarks/quality.py"]
     pattern = re.compile(r"method\s*[!=]=|isinstance\([^)]*(SemClip|WinClip|PromptAd)\b")

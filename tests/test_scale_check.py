@@ -177,13 +177,13 @@ def test_fit_memory_estimate_and_the_coarser_policies(tmp_path):
 
 
 def test_train_steps_down_from_a_recommended_policy_that_does_not_fit(tmp_path, logic_lot, monkeypatch, caplog):
-    import semclip_batch.fewshot.train as train_module
+    import semclip_batch.fewshot.support_set as support_set
 
     weights = _weights_recommending(tmp_path, "native")
     runner = CliRunner()
 
     def train_with(memory_rows: int, name: str, *args: str):
-        monkeypatch.setattr(train_module, "available_bytes", lambda: needed_bytes(memory_rows))
+        monkeypatch.setattr(support_set, "available_bytes", lambda: needed_bytes(memory_rows))
         caplog.clear()
         return runner.invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / name), "--backbone",
                                     "semclip-tiny", "--pretrained", weights, "--epochs", "1", *args])
@@ -260,11 +260,12 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
     """``train`` with no options (SEM-CLIP's ``transfer`` recipe, no policy from the weights) fits at whole, then
     scores the support frames the fit held out with the fitted model, its memory left out, at every candidate
     policy; the cheapest near the best is the maps' policy, recorded with the figures in the checkpoint."""
+    import semclip_batch.fewshot.maps_policy as maps_policy
     import semclip_batch.fewshot.train as train_module
 
     loads: list[list[str]] = []
     calls: list[tuple[int, float]] = []
-    real_load, real_score = train_module._support_that_fits, train_module.support_output
+    real_load, real_score = train_module.support_that_fits, maps_policy.support_output
 
     def load_spy(cfg, df, *args, **kwargs):
         loads.append(sorted(df["uri"]))
@@ -281,8 +282,9 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
 
     real_choice = semclip_method.choose_memory_weight
     monkeypatch.setattr(semclip_method, "choose_memory_weight", weight_half)
-    monkeypatch.setattr(train_module, "_support_that_fits", load_spy)
-    monkeypatch.setattr(train_module, "support_output", score_spy)
+    monkeypatch.setattr(train_module, "support_that_fits", load_spy)  # the fit's load
+    monkeypatch.setattr(maps_policy, "support_that_fits", load_spy)  # the check's
+    monkeypatch.setattr(maps_policy, "support_output", score_spy)
     res = CliRunner().invoke(main, ["train", "--adapt-steps", "0", str(logic_lot14), "--out", str(tmp_path / "ck"),
                                     "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1"])
     assert res.exit_code == 0, res.output
@@ -387,12 +389,13 @@ def test_auto_steps_down_from_its_choice_and_says_so(tmp_path, logic_lot, monkey
     """The support check chose native, the support views do not fit there: ``train`` scores the maps' views at the
     next coarser policy, the warning names the support check, and the printed check marks native as chosen but the
     maps at 0.75."""
+    import semclip_batch.fewshot.support_set as support_set
     import semclip_batch.fewshot.train as train_module
 
     figures = {name: {"pAUROC": 0.5 + 0.1 * k, "views": 7 * (k + 1)} for k, name in enumerate(SCALE_CHECK_POLICIES)}
     monkeypatch.setattr(train_module, "held_out_check",
                         lambda *a: {"figures": figures, "chosen": "native", "frames": 7, "scored_by": FITTED})
-    monkeypatch.setattr(train_module, "available_bytes", lambda: needed_bytes(50))  # 70 native rows do not fit
+    monkeypatch.setattr(support_set, "available_bytes", lambda: needed_bytes(50))  # 70 native rows do not fit
     res = CliRunner().invoke(main, ["train", "--adapt-steps", "0", str(logic_lot), "--out", str(tmp_path / "ck"),
                                     "--backbone", "semclip-tiny", "--pretrained", "shipped", "--epochs", "1",
                                     "--scale-policy", "auto"])
@@ -497,10 +500,10 @@ def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeatin
 def test_auto_whose_views_do_not_fit_keeps_the_whole_fit(tmp_path, repeating_lot, monkeypatch, caplog):
     """The check chose 0.5, its 35 views would not fit but the whole fit's 28 rows do: the maps step down to
     whole, and the checkpoint is the whole fit as it was (every tensor, the thresholds, no tiling)."""
-    import semclip_batch.fewshot.train as train_module
+    import semclip_batch.fewshot.support_set as support_set
 
     _forced_check(monkeypatch, "0.5")
-    monkeypatch.setattr(train_module, "available_bytes", lambda: needed_bytes(30))
+    monkeypatch.setattr(support_set, "available_bytes", lambda: needed_bytes(30))
     output = _auto_and_whole(tmp_path, repeating_lot, epochs=1)
     assert "0.5      0.600      14  <- chosen; maps at whole: the support views would not fit in memory at it" in output
     assert "maps at --scale-policy whole instead of the support frames' scale check (0.5)" in caplog.text

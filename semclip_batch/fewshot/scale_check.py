@@ -229,7 +229,7 @@ def run_check(clip: torch.nn.Module, backbone: str, prompts: PromptSet, rows: pd
 def support_check_lines(training: Mapping[str, Any]) -> list[str]:
     """``train``'s output for the check of the maps' policy recorded in a checkpoint's ``training`` (none where none
     ran): since ``scored_by`` is :data:`FITTED`, the fitted model's on the held-out support frames
-    (``fewshot.train.held_out_check``); in checkpoints before it, the starting weights' zero-shot maps of the
+    (``fewshot.maps_policy.held_out_check``); in checkpoints before it, the starting weights' zero-shot maps of the
     support frames."""
     record = training.get("scale_check")
     if not isinstance(record, Mapping):

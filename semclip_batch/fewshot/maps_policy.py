@@ -1,0 +1,124 @@
+"""Where ``run`` scores a ``transfer`` fit's maps (``train``'s default with SEM-CLIP's ``transfer`` recipe and no
+policy given or recommended; ``--scale-policy auto``): the fit at whole checked on the support frames it held out at
+every candidate policy (:func:`held_out_check`), and the maps' scale-bound parts fitted again at the policy chosen
+(:func:`maps_at_policy`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import pandas as pd
+import torch
+
+from semclip_batch.config import SCALE_CHECK_POLICIES, PreprocessConfig, parse_scale_policy, scale_policy_name
+from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.recipes import applied
+from semclip_batch.fewshot.reference_fit import (
+    fit_reference,
+    normal_with_reference,
+    support_pixel_differences,
+)
+from semclip_batch.fewshot.scale_check import FITTED, recommend
+from semclip_batch.fewshot.support_maps import emitted_views, pixel_counts, support_output, support_thresholds
+from semclip_batch.fewshot.support_set import Fitted, TrainConfig, support_features, support_that_fits
+from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES
+from semclip_batch.methods.registry import get_method
+from semclip_batch.methods.weights import LoadedBackbone
+
+log = logging.getLogger(__name__)
+
+
+def held_out_check(cfg: TrainConfig, rows: pd.DataFrame, classes: tuple[str, ...], backbone: LoadedBackbone,
+                   fitted: Fitted) -> dict[str, Any]:
+    """The check of the policy ``run`` scores the maps at, after the fit at whole: ``rows`` (the support frames the
+    fit held out: the backbone never adapted on them, the layers and head never trained on them) loaded at each
+    candidate policy (:data:`~semclip_batch.config.SCALE_CHECK_POLICIES`) and scored by the fitted model as ``run``
+    scores them (the cell references fused where fitted; the memory left out, as its bank holds these frames'
+    clean patches), pixel AUROC over the views ``run`` writes a map for; the cheapest policy within the tolerance
+    of the best is chosen (``pretrain``'s rule: :func:`~semclip_batch.fewshot.scale_check.recommend`). The
+    checkpoint's record: per policy the figures, the chosen policy (None: whole, ``note`` says why nothing was
+    measured), the frames checked, ``fitted_at: whole``."""
+    record: dict[str, Any] = {"figures": {}, "chosen": None, "frames": len(rows), "fitted_at": "whole",
+                              "scored_by": FITTED}
+    if rows.empty:
+        return record | {"note": f"under {MIN_VALIDATION_FRAMES} support frames the fit holds none out to check on"}
+    method, figures = get_method(cfg.model.method), {}
+    with method.without_memory(fitted.model):
+        for name in SCALE_CHECK_POLICIES:
+            figures[name] = _held_out_auroc(cfg, parse_scale_policy(name), rows, classes, backbone, fitted)
+    if not any(row["views"] for row in figures.values()):
+        return record | {"note": f"the {len(rows)} held-out support frames fit in memory at no policy"}
+    if all(row["pAUROC"] is None for row in figures.values()):
+        return record | {"note": f"no defect pixel among the {len(rows)} held-out support frames"}
+    return record | {"figures": figures, "chosen": recommend(figures)}
+
+
+@torch.no_grad()
+def _held_out_auroc(cfg: TrainConfig, policy: float | None, rows: pd.DataFrame, classes: tuple[str, ...],
+                    backbone: LoadedBackbone, fitted: Fitted) -> dict[str, float | int | None]:
+    """:func:`held_out_check`'s figures at one policy: pixel AUROC (None: no defect pixel, or the views would not
+    fit in memory there) and model views."""
+    at = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None), policy_from_weights=False,
+                 check_scale=False)
+    try:
+        at, prep, data = support_that_fits(at, rows, classes)
+    except ConfigError as exc:
+        log.warning("scale check at %s left out: %s", scale_policy_name(policy), exc)
+        return {"pAUROC": None, "views": 0}
+    feats, ref_feats = support_features(at, applied(at.recipe, at.model), backbone, data, prep)
+    reference = fitted.reference if ref_feats is not None else None
+    pixels = None if reference is None else support_pixel_differences(data, prep.std[0])
+    out = support_output(fitted.model, feats, data, reference, ref_feats, pixels)
+    written = emitted_views(data, torch.arange(len(data)))
+    return {"pAUROC": pixel_counts(out.maps[written], data.masks[written], data.has_mask[written]).auroc(),
+            "views": len(data)}
+
+
+def maps_checked(cfg: TrainConfig, prep: PreprocessConfig, scale: dict[str, Any] | None, df: pd.DataFrame,
+                  classes: tuple[str, ...], backbone: LoadedBackbone,
+                  fitted: Fitted) -> tuple[TrainConfig, PreprocessConfig]:
+    """Where ``run`` will score the maps: the fit's policy, or with ``--scale-policy auto`` the one its check chose
+    (:func:`maps_at_policy`; a step-down to a coarser one recorded as ``scale["maps_at"]``)."""
+    policy = None if scale is None or scale["chosen"] is None else parse_scale_policy(scale["chosen"])
+    if scale is None or policy is None:
+        return cfg, prep
+    moved = maps_at_policy(cfg, policy, df, classes, backbone, fitted)
+    at, at_prep = (cfg, prep) if moved is None else moved
+    if scale_policy_name(at.model.scale_policy) != scale["chosen"]:
+        scale["maps_at"] = scale_policy_name(at.model.scale_policy)  # stepped down: the views did not fit
+    return at, at_prep
+
+
+def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: tuple[str, ...],
+                   backbone: LoadedBackbone, fitted: Fitted) -> tuple[TrainConfig, PreprocessConfig] | None:
+    """``fitted`` (fitted at whole) made ready for ``run`` to score its maps at ``policy`` (``--scale-policy auto``'s
+    choice): the support frames loaded again as ``run`` will score them there (their whole views and tiles; the next
+    coarser policy where those would not fit in memory, None and ``fitted`` untouched where that is whole), and
+    fitted again on those views: the memory's bank (their clean patches), the reference scorer's two scales (cell
+    references; the fit's where no normal view there has one) and the image and pixel thresholds. The head, the
+    Transformation Layers, alpha, the map's weights and the memory's distance scale stay the fit's; what was fitted
+    again is recorded under ``maps_at_policy`` beside the fit's own figures. Returns the config and preprocessing at
+    the policy (the checkpoint's)."""
+    at = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
+    at, prep, data = support_that_fits(at, df, classes, verb="maps at")
+    if at.model.scale_policy is None:
+        return None
+    feats, ref_feats = support_features(at, applied(at.recipe, at.model), backbone, data, prep)
+    model, reference, pixels = fitted.model, fitted.reference, None
+    record: dict[str, Any] = {"policy": scale_policy_name(at.model.scale_policy), "views": len(data),
+                              "thresholds_at_whole": fitted.thresholds}
+    if reference is not None and ref_feats is not None:
+        pixels = support_pixel_differences(data, prep.std[0])
+        record["reference_refit"] = normal_with_reference(data)
+        if record["reference_refit"]:
+            record["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
+            record["reference_pixel_scale"] = float(reference.pixel_scale)
+    tokens = get_method(cfg.model.method).refill_memory(model, feats, data.masks, data.has_mask, cfg.model.seed)
+    if tokens is not None:
+        record["memory_tokens"] = tokens
+    fitted.thresholds = support_thresholds(model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
+                                           len(data))
+    fitted.summary["maps_at_policy"] = record
+    return at, prep
