@@ -33,6 +33,10 @@ class WeightsError(SemclipError):
     """Backbone weights or a checkpoint cannot be loaded or do not match their checksum."""
 
 
+class WeightsNotFound(WeightsError):
+    """The backbone weights file named is not there."""
+
+
 class OutputError(SemclipError):
     """The output root cannot be used as asked (different run inside, local OUT on a multi-node cluster...)."""
 

@@ -184,3 +184,9 @@ def test_run_finds_the_adapted_weights_wherever_the_folder_is_copied(ray_cluster
         run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o2"),
                       model=CheckpointRequest(url=str(moved))))
     assert not (tmp_path / "o2" / "predictions").exists()
+    # the folder copied without its weights file: named as the checkpoint's own file, not as a --pretrained
+    (moved / ADAPTED_BACKBONE).unlink()
+    with pytest.raises(WeightsError, match=r"the checkpoint's own backbone weights .* are missing: copy the whole"):
+        run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o3"),
+                      model=CheckpointRequest(url=str(moved))))
+    assert not (tmp_path / "o3" / "predictions").exists()

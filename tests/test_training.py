@@ -274,6 +274,65 @@ def test_train_warns_where_no_support_frame_is_held_out(synth_lot, tmp_path, cap
     caplog.clear()
     whole = train(TrainConfig(support=manifest, out=str(tmp_path / "all"), model=spec, epochs=1))
     assert whole.training["used"] >= 10 and "none are held out" not in caplog.text
+    assert "cannot be fitted on pixels" not in caplog.text  # its masks hold defect pixels
     train(TrainConfig(support=manifest, out=str(tmp_path / "winclip"), shots=1,
                       model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", method="winclip", cls="fused")))
     assert "none are held out" not in caplog.text
+
+
+def _support_copy(synth_lot, folder, mask=None) -> tuple[pd.DataFrame, str]:
+    """``synth_lot``'s manifest written into ``folder`` with absolute paths; ``mask(row_index, size)``, where given,
+    writes each defect row's mask anew (a PNG in ``folder``) and returns it. Returns the rows and the manifest."""
+    from PIL import Image
+
+    df = pd.read_csv(synth_lot / "manifest.csv", dtype=str, keep_default_na=False)
+    for col in ("uri", "mask_uri", "reference_uri"):
+        df[col] = [str(synth_lot / v) if v else "" for v in df[col]]
+    if mask is not None:
+        for i, row in df[df["label"] != "normal"].iterrows():
+            path = folder / f"mask-{i}.png"
+            mask(i, Image.open(row["uri"]).size).save(path)
+            df.at[i, "mask_uri"] = str(path)
+    df.to_csv(folder / "manifest.csv", index=False)
+    return df, str(folder / "manifest.csv")
+
+
+def test_support_masks_without_a_defect_pixel_are_said_and_not_ranked_on(synth_lot, tmp_path, caplog):
+    """Every defect frame's mask empty: train warns that nothing is fitted on pixels, and the memory's weight is the
+    default, not a choice ranked on a pixel AUROC that does not exist (it printed 0.000)."""
+    from PIL import Image
+
+    _, manifest = _support_copy(synth_lot, tmp_path, lambda i, size: Image.new("L", size))
+    spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused")
+    meta = train(TrainConfig(support=manifest, out=str(tmp_path / "ck"), model=spec, epochs=1))
+    assert "no support frame's mask holds a defect pixel (no mask_uri, or empty masks)" in caplog.text
+    assert meta.training["memory_weight"] == 0.5 and meta.training["weights_choice"] == {}
+    assert meta.thresholds.pixel == 0.5
+
+
+def test_support_rows_whose_mask_or_labels_are_unusable_are_named(synth_lot, tmp_path, caplog):
+    """A mask too small to decode as a frame is named as the row's mask (the row skipped); a manifest whose label
+    column is missing (here misspelt ``Label``) is refused in one line that names the column."""
+    from PIL import Image
+
+    from semclip_batch.fewshot.trainset import load_trainset
+    from semclip_batch.io.manifest import read_manifest
+    from semclip_batch.methods.prompts import load_prompts
+    from semclip_batch.methods.weights import preprocess_config
+
+    first = None
+
+    def tiny_first(i: int, size: tuple[int, int]) -> Image.Image:
+        nonlocal first
+        first = i if first is None else first
+        return Image.new("L", (10, 10) if i == first else size)
+
+    df, manifest = _support_copy(synth_lot, tmp_path, tiny_first)
+    classes, prep = load_prompts(None).classes, preprocess_config("semclip-tiny", tile_above=10**9)
+    data = load_trainset(read_manifest(manifest), classes, prep)
+    assert data.skipped == 1
+    assert f"skipping {df.at[first, 'uri']}: its mask is unusable: frame 10x10 is smaller than 16 px" in caplog.text
+    df.rename(columns={"label": "Label"}).to_csv(tmp_path / "no-label.csv", index=False)
+    with pytest.raises(ConfigError, match=r"^no support row has a label: train reads each frame's class from the "
+                                          r"manifest's `label` column \(normal, "):
+        load_trainset(read_manifest(str(tmp_path / "no-label.csv")), classes, prep)

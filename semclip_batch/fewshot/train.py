@@ -44,7 +44,13 @@ from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
 from semclip_batch.methods.features import Features
-from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES, Support, validation_count, validation_frames
+from semclip_batch.methods.fitting import (
+    MIN_VALIDATION_FRAMES,
+    Support,
+    has_defect_pixel,
+    validation_count,
+    validation_frames,
+)
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import depth_of, get_method, method_taps, new_model
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
@@ -108,6 +114,9 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
         cfg = replace(cfg, model=replace(cfg.model, scale_policy=None, tile_overlap=None))
     cfg, prep, data = support_that_fits(cfg, df, prompts.classes)
     held = validation_frames(data.frame if data.frame is not None else torch.arange(len(data)), cfg.model.seed)
+    if not has_defect_pixel(data, torch.arange(len(data))):
+        log.warning("no support frame's mask holds a defect pixel (no mask_uri, or empty masks): the map's weights "
+                    "and the pixel threshold cannot be fitted on pixels and keep their defaults")
     cfg = cell_references_if_any(cfg, data)
     spec = applied(cfg.recipe, cfg.model)
     views, whole = len(data), data.first_views()

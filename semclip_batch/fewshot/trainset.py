@@ -84,7 +84,10 @@ def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | No
         ref = cell_reference(gray)
     mask = None
     if row["mask_url"]:
-        mask = load_frame(row["mask_url"], so) > 0
+        try:
+            mask = load_frame(row["mask_url"], so) > 0
+        except ImageError as exc:  # a mask too small to be a frame is still a mask: say which file failed
+            raise ImageError(exc.kind, f"its mask is unusable: {exc}") from None
         if mask.shape != gray.shape:
             raise ImageError(DECODE_ERROR, f"mask {mask.shape} does not match image {gray.shape}")
     views = frame_views(gray, mask, ref, prep, normal=row["label"] == NORMAL)
@@ -163,6 +166,9 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     unknown = sorted(set(df["label"]) - set(classes) - {""})
     if unknown:
         raise ConfigError(f"label {unknown[0]!r} is not a class of the prompt file ({', '.join(classes)})")
+    if need_labels and len(df) and (df["label"] == "").all():
+        raise ConfigError("no support row has a label: train reads each frame's class from the manifest's `label` "
+                          f"column ({', '.join(classes)})")
     if need_labels and (df["label"] == "").any():
         row = df[df["label"] == ""].iloc[0]
         raise ConfigError(f"every support row needs a label; {row['uri']} has none")

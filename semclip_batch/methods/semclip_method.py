@@ -46,7 +46,7 @@ from semclip_batch.model.semclip import defect_map, head_input
 SEMCLIP_EPOCHS = 40
 LOSS_DOWNSCALE = 2  # focal + dice on maps at half the model-input size: 4x cheaper, same patch grid
 MEMORY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fusion weights tried by cross-validation over the support frames
-DEFAULT_MEMORY_WEIGHT = 0.5  # below 5 support frames, or none with a mask (nothing to cross-validate)
+DEFAULT_MEMORY_WEIGHT = 0.5  # below 5 support frames, or no defect pixel in their masks (nothing to cross-validate)
 SELF_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # self-similarity weights tried with the memory's (and the model's own)
 MIN_ALPHA_FRAMES = 10  # held-out frames needed to choose alpha on them (14 of a 70-frame support set)
 
@@ -233,7 +233,7 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
     n = support.frames
     given = model.cfg.self_similarity
     fold_rows = frame_folds(support, folds, support.seed + 3)
-    if len(fold_rows) < folds or not data.has_mask[:n].any():
+    if len(fold_rows) < folds or not has_defect_pixel(data, torch.arange(n)):
         memory.weight.fill_(DEFAULT_MEMORY_WEIGHT)
         return WeightChoice(DEFAULT_MEMORY_WEIGHT, given, {})
     first = torch.arange(n)

@@ -22,7 +22,7 @@ from semclip_batch.config import (
     parse_scale_policy,
     scale_policy_name,
 )
-from semclip_batch.errors import ConfigError, WeightsError
+from semclip_batch.errors import ConfigError, WeightsError, WeightsNotFound
 from semclip_batch.io import storage
 from semclip_batch.methods.checkpoint import IN_CHECKPOINT, CheckpointMeta, load_checkpoint, model_checksum
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
@@ -66,10 +66,17 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
     if req.backbone not in (None, meta.backbone):
         raise ConfigError(f"--backbone {req.backbone} differs from the checkpoint's {meta.backbone}; omit it")
     pretrained = req.pretrained or meta.weights.resolved(req.url)
-    backbone = load_backbone(meta.backbone, pretrained, seed=meta.weights.seed,
-                             expected_sha256=req.pretrained_sha256, storage_options=cfg.storage_options)
+    own = req.pretrained is None and meta.weights.source.startswith(IN_CHECKPOINT)
+    try:
+        backbone = load_backbone(meta.backbone, pretrained, seed=meta.weights.seed,
+                                 expected_sha256=req.pretrained_sha256, storage_options=cfg.storage_options)
+    except WeightsNotFound:
+        if not own:
+            raise
+        raise WeightsError(f"the checkpoint's own backbone weights {storage.redact(pretrained)} are missing: copy the "
+                           "whole checkpoint folder (its backbone file with it), or train again") from None
     if backbone.sha256 != meta.weights.sha256:
-        if req.pretrained is None and meta.weights.source.startswith(IN_CHECKPOINT):
+        if own:
             raise WeightsError(f"the checkpoint's own backbone weights {storage.redact(pretrained)} have checksum "
                                f"{backbone.sha256[:12]}, not the {meta.weights.sha256[:12]} it was trained on: the file "
                                "is damaged or was replaced; copy the checkpoint folder again, or train again")
