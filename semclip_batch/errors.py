@@ -33,7 +33,7 @@ class WeightsError(SemclipError):
     """Backbone weights or a checkpoint cannot be loaded or do not match their checksum."""
 
 
-class WeightsNotFound(WeightsError):
+class MissingWeightsError(WeightsError):
     """The backbone weights file named is not there."""
 
 

@@ -82,6 +82,31 @@ def test_tampered_checkpoint_refused(checkpoint, tmp_path):
         load_checkpoint(str(tmp_path / "nothing"))
 
 
+def test_a_checkpoint_whose_weights_are_gone_says_which_and_how_to_give_them(checkpoint, weights, synth_lot, tmp_path):
+    """The weights file a checkpoint was trained on (a --pretrained path it records) moved away: ``run --model``
+    names it as the checkpoint's weights and asks for --pretrained; a --pretrained path that is not there stays a
+    --pretrained error."""
+    from semclip_batch.pipeline.identity import identify_model
+
+    ckpt, _ = checkpoint
+    moved = tmp_path / "ck"
+    moved.mkdir()
+    body = json.loads((ckpt / "checkpoint.json").read_text())
+    body["weights"]["source"] = str(tmp_path / "gone.safetensors")
+    (moved / "checkpoint.json").write_text(json.dumps(body))
+    (moved / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
+    cfg = RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o"), model=CheckpointRequest(url=str(moved)))
+    with pytest.raises(WeightsError, match=r"^the weights the checkpoint was trained on, .*gone.safetensors, are not "
+                                           r"there: give them with --pretrained"):
+        identify_model(cfg)
+    given = RunConfig(input=cfg.input, out=cfg.out, model=CheckpointRequest(url=str(moved), pretrained=str(weights[0])))
+    assert identify_model(given)[2] is not None  # given where they are now: scored with them
+    elsewhere = RunConfig(input=cfg.input, out=cfg.out,
+                          model=CheckpointRequest(url=str(moved), pretrained=str(tmp_path / "neither.safetensors")))
+    with pytest.raises(WeightsError, match=r"^--pretrained weights not found"):
+        identify_model(elsewhere)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -274,7 +299,7 @@ def test_train_warns_where_no_support_frame_is_held_out(synth_lot, tmp_path, cap
     caplog.clear()
     whole = train(TrainConfig(support=manifest, out=str(tmp_path / "all"), model=spec, epochs=1))
     assert whole.training["used"] >= 10 and "none are held out" not in caplog.text
-    assert "cannot be fitted on pixels" not in caplog.text  # its masks hold defect pixels
+    assert "nothing is fitted on pixels" not in caplog.text  # its masks hold defect pixels
     train(TrainConfig(support=manifest, out=str(tmp_path / "winclip"), shots=1,
                       model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", method="winclip", cls="fused")))
     assert "none are held out" not in caplog.text
@@ -334,5 +359,5 @@ def test_support_rows_whose_mask_or_labels_are_unusable_are_named(synth_lot, tmp
     assert f"skipping {df.at[first, 'uri']}: its mask is unusable: frame 10x10 is smaller than 16 px" in caplog.text
     df.rename(columns={"label": "Label"}).to_csv(tmp_path / "no-label.csv", index=False)
     with pytest.raises(ConfigError, match=r"^no support row has a label: train reads each frame's class from the "
-                                          r"manifest's `label` column \(normal, "):
+                                          r"manifest's `label` column \(missing or empty here; one of: normal, "):
         load_trainset(read_manifest(str(tmp_path / "no-label.csv")), classes, prep)

@@ -77,8 +77,8 @@ def _held_out_auroc(cfg: TrainConfig, policy: float | None, rows: pd.DataFrame, 
 
 
 def maps_checked(cfg: TrainConfig, prep: PreprocessConfig, scale: dict[str, Any] | None, df: pd.DataFrame,
-                  classes: tuple[str, ...], backbone: LoadedBackbone,
-                  fitted: Fitted) -> tuple[TrainConfig, PreprocessConfig]:
+                 classes: tuple[str, ...], backbone: LoadedBackbone,
+                 fitted: Fitted) -> tuple[TrainConfig, PreprocessConfig]:
     """Where ``run`` will score the maps: the fit's policy, or with ``--scale-policy auto`` the one its check chose
     (:func:`maps_at_policy`; a step-down to a coarser one recorded as ``scale["maps_at"]``)."""
     policy = None if scale is None or scale["chosen"] is None else parse_scale_policy(scale["chosen"])

@@ -108,7 +108,7 @@ def support_taps(cfg: TrainConfig, depth: int) -> tuple[int, ...]:
 
 
 def support_that_fits(cfg: TrainConfig, df: pd.DataFrame, classes: tuple[str, ...],
-                       verb: str = "trained at") -> tuple[TrainConfig, PreprocessConfig, TrainSet]:
+                      verb: str = "trained at") -> tuple[TrainConfig, PreprocessConfig, TrainSet]:
     """The support set decoded as ``run`` will score it (the whole frame, and with a scale policy its tiles,
     whatever run's --tile-above), at the config's policy (the recipe's augmentation at ``whole`` only:
     :func:`~semclip_batch.fewshot.recipes.for_policy`). Where its rows would not fit in memory
@@ -155,7 +155,7 @@ def cell_references_if_any(cfg: TrainConfig, data: TrainSet) -> TrainConfig:
 
 
 def support_features(cfg: TrainConfig, spec: ModelSpec, backbone: LoadedBackbone, data: TrainSet,
-                      prep: PreprocessConfig) -> tuple[Features, Features | None]:
+                     prep: PreprocessConfig) -> tuple[Features, Features | None]:
     """The support rows' features at the fit's taps, and the reference frames' where a reference scorer reads them
     (both from ``cfg.cache_dir`` when it holds them)."""
     visual, depth = vision_tower(backbone.clip), depth_of(backbone.clip)

@@ -115,8 +115,8 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     cfg, prep, data = support_that_fits(cfg, df, prompts.classes)
     held = validation_frames(data.frame if data.frame is not None else torch.arange(len(data)), cfg.model.seed)
     if not has_defect_pixel(data, torch.arange(len(data))):
-        log.warning("no support frame's mask holds a defect pixel (no mask_uri, or empty masks): the map's weights "
-                    "and the pixel threshold cannot be fitted on pixels and keep their defaults")
+        log.warning("no support frame's mask holds a defect pixel (no mask_uri, or empty masks): nothing is fitted on "
+                    "pixels; the pixel threshold and the weights a method chooses on its maps keep their defaults")
     cfg = cell_references_if_any(cfg, data)
     spec = applied(cfg.recipe, cfg.model)
     views, whole = len(data), data.first_views()

@@ -168,7 +168,7 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
         raise ConfigError(f"label {unknown[0]!r} is not a class of the prompt file ({', '.join(classes)})")
     if need_labels and len(df) and (df["label"] == "").all():
         raise ConfigError("no support row has a label: train reads each frame's class from the manifest's `label` "
-                          f"column ({', '.join(classes)})")
+                          f"column (missing or empty here; one of: {', '.join(classes)})")
     if need_labels and (df["label"] == "").any():
         row = df[df["label"] == ""].iloc[0]
         raise ConfigError(f"every support row needs a label; {row['uri']} has none")

@@ -1,16 +1,15 @@
 """Phase correlation: the sub-pixel shift between an SEM frame and its reference (:func:`estimate_shift`), used by
 :func:`semclip_batch.io.register.register_reference`.
 
-Both frames are normalised (mean 0, std 1) and tapered with a
-separable Tukey window (flat centre, cosine edges over ``MAX_SHIFT_FRACTION`` of each side) so that the frame
-borders, and the strips one frame has and the other has not, do not correlate. The cross-power spectrum is
-normalised to unit magnitude (``|X| < eps`` counts as 0) and weighted by a Gaussian low-pass whose correlation
-peak is a Gaussian of :data:`PEAK_SIGMA` px; high spatial frequencies, where SEM shot noise dominates, carry
-little weight, and the peak has a known shape. The integer peak is searched within ``|shift| <= max_shift``; the
-sub-pixel position comes from a Gaussian (log-parabola) fit through the peak and its two neighbours, per axis
-(plain parabola where a neighbour is <= 0). Frames longer than :data:`COARSE_SIDE` px on a side are estimated on
-a block-mean copy first, then refined on a full-resolution crop (the most textured one) of at most
-:data:`REFINE_SIDE` px with the coarse shift taken out.
+Both frames are normalised (mean 0, std 1) and tapered with a separable Tukey window (flat centre, cosine edges
+over ``MAX_SHIFT_FRACTION`` of each side) so that the frame borders, and the strips one frame has and the other has
+not, do not correlate. The cross-power spectrum is normalised to unit magnitude (``|X| < eps`` counts as 0) and
+weighted by a Gaussian low-pass whose correlation peak is a Gaussian of :data:`PEAK_SIGMA` px; high spatial
+frequencies, where SEM shot noise dominates, carry little weight, and the peak has a known shape. The integer peak
+is searched within ``|shift| <= max_shift``; the sub-pixel position comes from a Gaussian (log-parabola) fit
+through the peak and its two neighbours, per axis (plain parabola where a neighbour is <= 0). Frames longer than
+:data:`COARSE_SIDE` px on a side are estimated on a block-mean copy first, then refined on a full-resolution crop
+(the most textured one) of at most :data:`REFINE_SIDE` px with the coarse shift taken out.
 
 Sign convention: ``frame ~= scipy.ndimage.shift(reference, (dy, dx))``, i.e. ``frame[y, x] ~= reference[y - dy,
 x - dx]``; a reference whose content sits 3 px higher than the frame's (``dy = +3``) is moved 3 px down.

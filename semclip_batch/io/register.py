@@ -6,8 +6,8 @@ gain and charging change brightness, contrast and noise. Compared as they come, 
 as a difference. :func:`register_reference` therefore shifts the reference onto the frame (sub-pixel) and maps its
 grey values onto the frame's before anything is scored.
 
-Shift: :func:`semclip_batch.io.phase_shift.estimate_shift` (phase correlation; its docstring says how, with
-its sign convention and when a shift is not trusted: then the reference is not moved).
+Shift: :func:`semclip_batch.io.phase_shift.estimate_shift`, by phase correlation (that module's docstring says how,
+its sign convention, and when a shift is not trusted: then the reference is not moved).
 
 Intensity (:func:`register_reference`): ``aligned = gain * shifted + offset``. When the shift is trusted, the two
 frames correspond pixel by pixel and the map is measured on those correspondences (on block means, away from the
@@ -21,11 +21,10 @@ instead. A flat reference gets gain 1 and offset ``median(frame) - median(refere
 within ``GAIN_LIMITS``.
 
 Measured (one core; synthetic routing layouts of blurred 2-8 px lines, contrast 150 grey levels, independent
-Gaussian noise of 7.5 in both frames, shifts up to 8 px): shift error below 0.1 px at 192-256 px (mean 0.05 px),
-below 0.02 px at 1024 and 2048 px; with noise of 30 (60) grey levels still below 0.13 (0.3) px at 256 px. Gain
-within 0.2 % whether the noise of the two frames is equal or 7x different. ``estimate_shift`` takes about
-0.03 s at 1024 x 1024 and 0.04 s at 2048 x 2048 (coarse at 1024 + refine at 512), ``register_reference`` about
-0.08 s and 0.3 s (most of it the cubic shift and the intensity statistics).
+Gaussian noise of 7.5 in both frames, shifts up to 8 px; the shift's own figures in :mod:`~semclip_batch.io.phase_shift`):
+with noise of 30 (60) grey levels the shift error stays below 0.13 (0.3) px at 256 px (mean 0.05 px at 7.5); gain
+within 0.2 % whether the noise of the two frames is equal or 7x different. ``register_reference`` takes about
+0.08 s at 1024 x 1024 and 0.3 s at 2048 x 2048 (most of it the cubic shift and the intensity statistics).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from semclip_batch.config import SCALE_POLICY_KEY, PreprocessConfig, parse_scale_policy, tile_overlap_for
-from semclip_batch.errors import ConfigError, WeightsError, WeightsNotFound
+from semclip_batch.errors import ConfigError, MissingWeightsError, WeightsError
 from semclip_batch.io import storage
 from semclip_batch.methods.shipped import SHIPPED, shipped_path, shipped_weights
 
@@ -189,7 +189,7 @@ def _read_weights(url: str, storage_options: Mapping[str, Any] | None) -> bytes:
     try:
         return storage.read_bytes(url, storage_options)
     except FileNotFoundError:
-        raise WeightsNotFound(f"--pretrained weights not found: {url!r} (give a local path or URL, or 'none')") from None
+        raise MissingWeightsError(f"--pretrained weights not found: {url!r} (give a local path or URL, or 'none')") from None
     except (OSError, ValueError) as exc:
         raise WeightsError(f"cannot read weights {url!r}: {exc}") from None
 

@@ -22,7 +22,7 @@ from semclip_batch.config import (
     parse_scale_policy,
     scale_policy_name,
 )
-from semclip_batch.errors import ConfigError, WeightsError, WeightsNotFound
+from semclip_batch.errors import ConfigError, MissingWeightsError, WeightsError
 from semclip_batch.io import storage
 from semclip_batch.methods.checkpoint import IN_CHECKPOINT, CheckpointMeta, load_checkpoint, model_checksum
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
@@ -70,11 +70,14 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
     try:
         backbone = load_backbone(meta.backbone, pretrained, seed=meta.weights.seed,
                                  expected_sha256=req.pretrained_sha256, storage_options=cfg.storage_options)
-    except WeightsNotFound:
-        if not own:
-            raise
-        raise WeightsError(f"the checkpoint's own backbone weights {storage.redact(pretrained)} are missing: copy the "
-                           "whole checkpoint folder (its backbone file with it), or train again") from None
+    except MissingWeightsError:
+        if own:
+            raise WeightsError(f"the checkpoint's own backbone weights {storage.redact(pretrained)} are missing: copy "
+                               "the whole checkpoint folder (its backbone file with it), or train again") from None
+        if req.pretrained is None:
+            raise WeightsError(f"the weights the checkpoint was trained on, {storage.redact(pretrained)}, are not there: "
+                               "give them with --pretrained (checked against the checkpoint's checksum)") from None
+        raise
     if backbone.sha256 != meta.weights.sha256:
         if own:
             raise WeightsError(f"the checkpoint's own backbone weights {storage.redact(pretrained)} have checksum "
