@@ -215,8 +215,9 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                           "takes whole, native or a fraction")
     recommended = None if scale_policy else default_scale_policy(backbone or DEFAULT_BACKBONE, pretrained, so)
     policy = "whole" if auto else scale_policy or recommended or "whole"
-    # with no --scale-policy and none from the weights, the transfer recipe's maps follow the check after the fit
-    auto = auto or (scale_policy is None and recommended is None and default_adapt_steps(method, recipe) > 0)
+    # with no --scale-policy and none from the weights, SEM-CLIP's transfer recipe checks its maps' policy after the fit
+    auto = auto or (scale_policy is None and recommended is None and get_method(method).recipes
+                    and recipe == "transfer")
     cfg = TrainConfig(support=support, out=out, shots=shots, epochs=epochs, lr=lr, cache_dir=cache_dir,
                       adapt_steps=default_adapt_steps(method, recipe) if adapt_steps is None else adapt_steps,
                       adapt_lr=adapt_lr, adapt_below=DEFAULT_ADAPT_BELOW if adapt_steps is None else None,

@@ -166,12 +166,12 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     unknown = sorted(set(df["label"]) - set(classes) - {""})
     if unknown:
         raise ConfigError(f"label {unknown[0]!r} is not a class of the prompt file ({', '.join(classes)})")
-    if need_labels and len(df) and (df["label"] == "").all():
+    unlabelled = df["label"] == ""
+    if need_labels and len(df) and unlabelled.all():
         raise ConfigError("no support row has a label: train reads each frame's class from the manifest's `label` "
                           f"column (missing or empty here; one of: {', '.join(classes)})")
-    if need_labels and (df["label"] == "").any():
-        row = df[df["label"] == ""].iloc[0]
-        raise ConfigError(f"every support row needs a label; {row['uri']} has none")
+    if need_labels and unlabelled.any():
+        raise ConfigError(f"every support row needs a label; {df[unlabelled].iloc[0]['uri']} has none")
     df = df.reset_index(drop=True)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references, crops, seed, register,

@@ -233,10 +233,10 @@ def choose_memory_weight(model: SemClip, enc: EncoderOutput, support: Support, f
     n = support.frames
     given = model.cfg.self_similarity
     fold_rows = frame_folds(support, folds, support.seed + 3)
-    if len(fold_rows) < folds or not has_defect_pixel(data, torch.arange(n)):
+    first = torch.arange(n)
+    if len(fold_rows) < folds or not has_defect_pixel(data, first):
         memory.weight.fill_(DEFAULT_MEMORY_WEIGHT)
         return WeightChoice(DEFAULT_MEMORY_WEIGHT, given, {})
-    first = torch.arange(n)
     dist = torch.zeros(n, enc.original[0].shape[1] - 1)
     for held in fold_rows:
         fill_memory(model, enc, support, support.rows_of(first[torch.isin(first, held, invert=True)]), rescale=False)
