@@ -3,23 +3,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
+from benchmark_module import load_benchmark
 
-
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "flops.py"
-    spec = importlib.util.spec_from_file_location("semclip_flops_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("flops")
 
 
 def test_attention_is_counted_through_the_fast_path():

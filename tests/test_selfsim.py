@@ -3,16 +3,14 @@ vouch for it, and the weight travels from the CLI through the checkpoint to run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmark_module import load_benchmark
 from click.testing import CliRunner
 
 from semclip_batch.analysis.metrics import PixelCounts
@@ -317,12 +315,7 @@ def test_grids_too_small_to_compare_leave_the_map_as_it_was(tiny_clip):
 def test_the_weight_choice_benchmark_reads_each_rules_pair_off_the_record():
     """benchmarks/weight_choice.py: one-SE is the fit's own choice; two-SE keeps the zero-shot pair unless the best
     gained more than two standard errors; with no standard error every rule takes the best."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "weight_choice.py"
-    spec = importlib.util.spec_from_file_location("semclip_weight_choice_bench", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("weight_choice")
     anchor, best = (0.0, 0.8), (0.5, 0.25)
     scores = {anchor: (0.90, [0.90, 0.89, 0.91, 0.90, 0.90]), best: (0.93, [0.95, 0.90, 0.96, 0.91, 0.93])}
     record = choice_evidence(scores, 0.8)  # +0.03, SE 0.0089: 3.4 standard errors
