@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from semclip_batch.analysis.evaluate import joined_rows, truth_mask
 from semclip_batch.analysis.metrics import PixelCounts
+from semclip_batch.errors import OK
 from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.layout import OutLayout
@@ -50,9 +51,14 @@ class Bank:
     scale: float
 
 
-def levels(url: str) -> torch.Tensor:
+def levels(url: str, page: int | None = None) -> torch.Tensor:
     """A frame's grey levels stretched to [0, 1] as `run`'s preprocessing does."""
-    return torch.from_numpy(stretch(load_frame(url), 0.5, 99.5))
+    return torch.from_numpy(stretch(load_frame(url, page=page), 0.5, 99.5))
+
+
+def row_levels(row: pd.Series) -> torch.Tensor:
+    page = row.get("page")
+    return levels(row["url"], None if page is None or pd.isna(page) else int(page))
 
 
 def neighbourhoods(frame: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
@@ -78,8 +84,8 @@ def support_mask(row: pd.Series) -> np.ndarray | None:
 
 def fit_bank(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], patch: int, stride: int, size: int, dim: int,
              seed: int) -> Bank:
-    """The memory from four fifths of the support ``(levels, defect mask or None)`` frames, its distance scale
-    from the rest (at least two frames)."""
+    """The memory from four fifths of the support ``(levels, defect mask or None)`` frames (at most 2,048 clean
+    neighbourhoods of each, seeded), its distance scale from the rest (at least two frames)."""
     rng = np.random.default_rng(seed)
     held = set(rng.choice(len(frames), max(1, len(frames) // 5), replace=False).tolist())
     fit: list[torch.Tensor] = []
@@ -87,13 +93,22 @@ def fit_bank(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], patch: in
     for i, (frame, mask) in enumerate(frames):
         cols = neighbourhoods(frame, patch, stride)[clean(mask, (frame.shape[0], frame.shape[1]), patch, stride)]
         (check if i in held else fit).append(cols[torch.from_numpy(rng.permutation(len(cols))[:2048])])
+    if not fit or not check:
+        raise ValueError(f"the memory needs at least two support frames of {patch} px or more, got {len(frames)}")
     pool = torch.cat(fit)
     mean = pool.mean(dim=0)
-    _, _, v = torch.pca_lowrank(pool - mean, q=dim, center=False)
-    axes = v[:, :dim]
+    axes = principal_axes(pool - mean, dim)
     entries = (pool[torch.from_numpy(rng.permutation(len(pool))[:size])] - mean) @ axes
     held_out = nearest(torch.cat(check), Bank(mean, axes, entries, 1.0))
     return Bank(mean, axes, entries, float(torch.quantile(held_out, 0.99)))
+
+
+def principal_axes(centred: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(K*K, dim)`` eigenvectors of the neighbourhoods' covariance with the largest eigenvalues (exact and
+    deterministic: ``eigh`` of a K*K x K*K matrix)."""
+    cov = centred.T.double() @ centred.double() / max(len(centred) - 1, 1)
+    _, vectors = torch.linalg.eigh(cov)  # eigenvalues ascending
+    return vectors[:, -dim:].flip(1).float()
 
 
 def nearest(cols: torch.Tensor, bank: Bank) -> torch.Tensor:
@@ -133,9 +148,8 @@ def main() -> None:
     ap.add_argument("--weights", default="0.5")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
-    support = [(levels(row["url"]), support_mask(row)) for _, row in read_manifest(args.support).iterrows()]
+    support = [(row_levels(row), support_mask(row)) for _, row in read_manifest(args.support).iterrows()]
     bank = fit_bank(support, args.patch, args.stride, args.bank, args.dim, args.seed)
     print(f"memory: {len(bank.entries)} neighbourhoods of {args.patch} px in {args.dim} dims, "
           f"scale {bank.scale:.4f}, {time.perf_counter() - start:.0f} s")
@@ -144,17 +158,19 @@ def main() -> None:
                                                *(f"fused w={w:g}" for w in weights)]}
     if args.out:
         rows, _ = joined_rows(args.out, args.test, None)
-        rows = rows.merge(read_manifest(args.test)[["image_id", "url"]], on="image_id")
+        rows = rows[rows["status"] == OK].merge(read_manifest(args.test)[["image_id", "url", "page"]], on="image_id")
         root = open_masks(OutLayout(storage.normalize_root(args.out)).masks, None, mode="r")
     else:
         rows, root = read_manifest(args.test), None
-    start, n = time.perf_counter(), 0
+    seconds, n = 0.0, 0
     for _, row in rows.iterrows():
-        frame = levels(row["url"])
+        frame = row_levels(row)
         if min(frame.shape) < args.patch:
             continue
+        start = time.perf_counter()
         ours = pixel_map(frame, bank, args.patch, args.stride)
-        truth = truth_mask(row, ours.shape, None) if args.out else support_mask(row)
+        seconds += time.perf_counter() - start
+        truth = truth_mask(row, ours.shape, None)
         if truth is None:
             continue
         counts["pixel memory"].add(ours, truth)
@@ -166,8 +182,7 @@ def main() -> None:
         for w in weights:
             fused = (1 - w) * theirs.astype(np.float32) + w * ours.astype(np.float32)
             counts[f"fused w={w:g}"].add(fused.round().astype(np.uint8), truth)
-    seconds = time.perf_counter() - start
-    print(f"{n} test frames, pixel memory {seconds / max(n, 1):.2f} s a frame (this machine)")
+    print(f"{n} test frames, the memory's map {seconds / max(n, 1):.2f} s a frame (this machine; decode and scoring apart)")
     for name, c in counts.items():
         print(f"  {name:14s} {figures(c)}")
 

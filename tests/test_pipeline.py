@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import tifffile
 import zarr
+from benchmark_module import load_benchmark
 from PIL import Image
 
 from semclip_batch.analysis.results import read_predictions
@@ -246,16 +247,11 @@ def test_a_stand_in_model_stage_keeps_the_contract_and_its_own_run_id(first_run,
 def test_the_benchmarks_plain_loop_stores_what_the_pipeline_stores(first_run, mixed_manifest, tmp_path):
     """benchmarks/pipeline.py's plain loop (the pipeline's work in one process, writes and finalisation
     included) stores the same rows, statuses and scores as `run`, with a done marker per shard."""
-    import importlib.util
-
     from semclip_batch.methods.prompts import load_prompts, text_embeddings
     from semclip_batch.methods.weights import load_backbone, preprocess_config
     from semclip_batch.pipeline.inference import Predictor, PredictorSetup
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
-    spec = importlib.util.spec_from_file_location("semclip_bench_pipeline", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("pipeline")
     out, _ = first_run
     prep = preprocess_config(SPEC.backbone, tile_above=1024, defect_view=SPEC.defect_view)
     backbone = load_backbone(SPEC.backbone, SPEC.pretrained, seed=SPEC.seed)
