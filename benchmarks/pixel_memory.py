@@ -7,10 +7,11 @@ frames, which no map of the ViT's 16-px patches has found). Not part of `run`; n
 The support frames (grey levels stretched between their 0.5 and 99.5 % levels, as `run`'s preprocessing does) give
 every K x K neighbourhood (``--patch``) with no defect pixel within 4 px of it, each less its mean and divided by
 its norm plus a floor (so a flat noisy patch stays near zero and a charging streak's offset drops out), projected on
-its ``--dim`` principal components; a seeded subset of ``--bank`` of them is the memory. A fifth of the support
-frames (seeded) is held out of the memory to fix the distance scale (the 99th percentile of their clean patches'
-distances). A test frame's neighbourhoods, every ``--stride`` px, score their distance to the nearest memory entry;
-the grid is resized to the frame, smoothed over 5 px and stored as ``clamp(d / (2 * scale), 0, 1)`` in uint8.
+its ``--dim`` principal components (exact: the covariance's eigenvectors); of at most 2,048 a frame, a seeded
+subset of ``--bank`` is the memory. A fifth of the support frames (seeded) is held out of the memory to fix the
+distance scale (the 99th percentile of their clean patches' distances). A test frame's neighbourhoods, every
+``--stride`` px, score their distance to the nearest memory entry; the grid is resized to the frame, smoothed over
+5 px and stored as ``clamp(d / (2 * scale), 0, 1)`` in uint8.
 
 Scored with ``eval``'s own pixel counts (pAUROC, F1max, AUPRO) against the test manifest's masks, next to the maps
 `run` stored in RUN_OUT and their fusions ``(1 - w) * run + w * pixel`` for each ``--weights`` value. Which weight
