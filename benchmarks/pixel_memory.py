@@ -7,11 +7,12 @@ frames, which no map of the ViT's 16-px patches has found). Not part of `run`; n
 The support frames (grey levels stretched between their 0.5 and 99.5 % levels, as `run`'s preprocessing does) give
 every K x K neighbourhood (``--patch``) with no defect pixel within 4 px of it, each less its mean and divided by
 its norm plus a floor (so a flat noisy patch stays near zero and a charging streak's offset drops out), projected on
-its ``--dim`` principal components (exact: the covariance's eigenvectors); of at most 2,048 a frame, a seeded
-subset of ``--bank`` is the memory. A fifth of the support frames (seeded) is held out of the memory to fix the
-distance scale (the 99th percentile of their clean patches' distances). A test frame's neighbourhoods, every
-``--stride`` px, score their distance to the nearest memory entry; the grid is resized to the frame, smoothed over
-5 px and stored as ``clamp(d / (2 * scale), 0, 1)`` in uint8.
+its ``--dim`` principal components (exact: the covariance's eigenvectors); of at most 2,048 a frame (seeded),
+``--bank`` are kept, chosen greedily as PatchCore does (each the farthest from those already kept, so rare
+neighbourhoods stay; ``--random``: a seeded random subset). A fifth of the support frames (seeded) is held out of
+the memory to fix the distance scale (the 99th percentile of their clean patches' distances). A test frame's
+neighbourhoods, every ``--stride`` px, score their distance to the nearest memory entry; the grid is resized to the
+frame, smoothed over 5 px and stored as ``clamp(d / (2 * scale), 0, 1)`` in uint8.
 
 Scored with ``eval``'s own pixel counts (pAUROC, F1max, AUPRO) against the test manifest's masks, next to the maps
 `run` stored in RUN_OUT and their fusions ``(1 - w) * run + w * pixel`` for each ``--weights`` value. Which weight
@@ -84,7 +85,7 @@ def support_mask(row: pd.Series) -> np.ndarray | None:
 
 
 def fit_bank(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], patch: int, stride: int, size: int, dim: int,
-             seed: int) -> Bank:
+             seed: int, coreset: bool = True) -> Bank:
     """The memory from four fifths of the support ``(levels, defect mask or None)`` frames (at most 2,048 clean
     neighbourhoods of each, seeded), its distance scale from the rest (at least two frames)."""
     rng = np.random.default_rng(seed)
@@ -99,9 +100,27 @@ def fit_bank(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], patch: in
     pool = torch.cat(fit)
     mean = pool.mean(dim=0)
     axes = principal_axes(pool - mean, dim)
-    entries = (pool[torch.from_numpy(rng.permutation(len(pool))[:size])] - mean) @ axes
+    projected = (pool - mean) @ axes
+    if coreset:
+        entries = projected[greedy_coreset(projected, size)]
+    else:
+        entries = projected[torch.from_numpy(rng.permutation(len(pool))[:size])]
     held_out = nearest(torch.cat(check), Bank(mean, axes, entries, 1.0))
     return Bank(mean, axes, entries, float(torch.quantile(held_out, 0.99)))
+
+
+def greedy_coreset(points: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of ``size`` of ``(N, D)`` points chosen greedily, each the farthest from those already chosen
+    (PatchCore's k-centre selection: rare neighbourhoods are kept, common ones thinned), starting from the first."""
+    if len(points) <= size:
+        return torch.arange(len(points))
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = 0
+    gap = (points - points[0]).norm(dim=1)
+    for k in range(1, size):
+        chosen[k] = int(gap.argmax())
+        gap = torch.minimum(gap, (points - points[chosen[k]]).norm(dim=1))
+    return chosen
 
 
 def principal_axes(centred: torch.Tensor, dim: int) -> torch.Tensor:
@@ -144,15 +163,17 @@ def main() -> None:
     ap.add_argument("--out", help="a `run` of TEST on which to compare and fuse (its stored maps)")
     ap.add_argument("--patch", type=int, default=11)
     ap.add_argument("--stride", type=int, default=4)
-    ap.add_argument("--bank", type=int, default=8192)
+    ap.add_argument("--bank", type=int, default=4096)
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--weights", default="0.5")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--random", action="store_true", help="draw the memory at random instead of greedily (k-centre)")
     args = ap.parse_args()
     start = time.perf_counter()
     support = [(row_levels(row), support_mask(row)) for _, row in read_manifest(args.support).iterrows()]
-    bank = fit_bank(support, args.patch, args.stride, args.bank, args.dim, args.seed)
-    print(f"memory: {len(bank.entries)} neighbourhoods of {args.patch} px in {args.dim} dims, "
+    bank = fit_bank(support, args.patch, args.stride, args.bank, args.dim, args.seed, coreset=not args.random)
+    print(f"memory ({'random' if args.random else 'greedy'}): {len(bank.entries)} neighbourhoods of {args.patch} px "
+          f"in {args.dim} dims, "
           f"scale {bank.scale:.4f}, {time.perf_counter() - start:.0f} s")
     weights = [float(w) for w in args.weights.split(",")] if args.out else []
     counts = {name: PixelCounts() for name in ["pixel memory", *(["run"] if args.out else []),
