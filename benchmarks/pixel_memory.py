@@ -93,10 +93,14 @@ def fit_bank(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], patch: in
     fit: list[torch.Tensor] = []
     check: list[torch.Tensor] = []
     for i, (frame, mask) in enumerate(frames):
+        if min(frame.shape) < patch:
+            continue
+        if mask is not None and mask.shape != frame.shape:
+            raise ValueError(f"support frame {i}: mask {mask.shape} does not match the frame {tuple(frame.shape)}")
         cols = neighbourhoods(frame, patch, stride)[clean(mask, (frame.shape[0], frame.shape[1]), patch, stride)]
         (check if i in held else fit).append(cols[torch.from_numpy(rng.permutation(len(cols))[:2048])])
     if not fit or not check:
-        raise ValueError(f"the memory needs at least two support frames of {patch} px or more, got {len(frames)}")
+        raise ValueError(f"the memory needs support frames of {patch} px or more to fit and to hold out; got {len(frames)}")
     pool = torch.cat(fit)
     mean = pool.mean(dim=0)
     axes = principal_axes(pool - mean, dim)

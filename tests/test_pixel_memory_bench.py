@@ -5,6 +5,7 @@ score on its centre."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from benchmark_module import load_benchmark
 
@@ -131,3 +132,12 @@ def test_the_greedy_memory_keeps_rare_neighbourhoods_that_a_random_one_drops():
     drawn = torch.randperm(len(points), generator=gen)[:20]
     assert torch.cdist(points, points[kept]).amin(dim=1).max() < torch.cdist(points, points[drawn]).amin(dim=1).max()
     assert torch.equal(bench.greedy_coreset(points[:10], 20), torch.arange(10))  # fewer points than asked: all
+
+
+def test_a_support_set_it_cannot_fit_is_refused_in_one_line():
+    rng = np.random.default_rng(3)
+    tiny = [(torch.from_numpy(_routing(rng, size=8)), None) for _ in range(4)]
+    with pytest.raises(ValueError, match="support frames of 11 px or more"):
+        bench.fit_bank([*tiny, (torch.from_numpy(_routing(rng)), None)], PATCH, STRIDE, 64, 8, seed=0)
+    with pytest.raises(ValueError, match=r"mask \(10, 10\) does not match the frame \(160, 160\)"):
+        bench.fit_bank([(torch.from_numpy(_routing(rng)), np.ones((10, 10), bool))] * 3, PATCH, STRIDE, 64, 8, seed=0)
