@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from semclip_batch.analysis.evaluate import joined_rows, truth_mask
 from semclip_batch.analysis.metrics import PixelCounts
+from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import OK
 from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame
@@ -54,13 +55,19 @@ class Bank:
 
 
 def levels(url: str, page: int | None = None) -> torch.Tensor:
-    """A frame's grey levels stretched to [0, 1] as `run`'s preprocessing does."""
-    return torch.from_numpy(stretch(load_frame(url, page=page), 0.5, 99.5))
+    """A frame's grey levels stretched to [0, 1] as `run`'s preprocessing does (its default percentiles)."""
+    gray = load_frame(url, page=page)
+    return torch.from_numpy(stretch(gray, PreprocessConfig.percentile_low, PreprocessConfig.percentile_high))
 
 
 def row_levels(row: pd.Series) -> torch.Tensor:
     page = row.get("page")
     return levels(row["url"], None if page is None or pd.isna(page) else int(page))
+
+
+def grid_shape(height: int, width: int, patch: int, stride: int) -> tuple[int, int]:
+    """Rows and columns of the neighbourhoods :func:`neighbourhoods` takes from an ``(height, width)`` frame."""
+    return (height - patch) // stride + 1, (width - patch) // stride + 1
 
 
 def neighbourhoods(frame: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
@@ -72,9 +79,9 @@ def neighbourhoods(frame: torch.Tensor, patch: int, stride: int) -> torch.Tensor
 
 def clean(mask: np.ndarray | None, shape: tuple[int, int], patch: int, stride: int) -> torch.Tensor:
     """``(L,)`` True where a neighbourhood holds no defect pixel within :data:`MASK_MARGIN` px."""
-    grid = ((shape[0] - patch) // stride + 1) * ((shape[1] - patch) // stride + 1)
     if mask is None or not mask.any():
-        return torch.ones(grid, dtype=torch.bool)
+        rows, cols = grid_shape(shape[0], shape[1], patch, stride)
+        return torch.ones(rows * cols, dtype=torch.bool)
     grown = F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], 2 * MASK_MARGIN + 1, 1, MASK_MARGIN)
     return F.unfold(grown, patch, stride=stride)[0].amax(dim=0) == 0
 
@@ -144,7 +151,7 @@ def nearest(cols: torch.Tensor, bank: Bank) -> torch.Tensor:
 def pixel_map(frame: torch.Tensor, bank: Bank, patch: int, stride: int) -> np.ndarray:
     """The frame's uint8 map ``(H, W)`` of distances to the memory (see the module's docstring)."""
     h, w = frame.shape
-    gh, gw = (h - patch) // stride + 1, (w - patch) // stride + 1
+    gh, gw = grid_shape(h, w, patch, stride)
     grid = nearest(neighbourhoods(frame, patch, stride), bank).reshape(1, 1, gh, gw)
     inner = F.interpolate(grid, size=((gh - 1) * stride + 1, (gw - 1) * stride + 1), mode="bilinear",
                           align_corners=True)
