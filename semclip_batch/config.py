@@ -143,6 +143,7 @@ class PreprocessConfig:
     tile_overlap: float = TILE_OVERLAP  # a scale policy's constructors pass SCALE_POLICY_OVERLAP (tile_overlap_for)
     scale_policy: float | None = None  # see parse_scale_policy; None: the whole frame (tiled above tile_above)
     defect_view: bool = False  # large frames' class scores also read a native crop at the map's maximum (io.preprocess)
+    frame_levels: bool = False  # every frame ships its uint8 levels (io.preprocess.pack_frame): a grey-level memory reads them
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
@@ -165,13 +166,14 @@ class PreprocessConfig:
         return max(16, round(self.image_size / self.scale_policy))
 
     def as_record(self) -> dict[str, Any]:
-        """The recipe as stored (run records, run_id); ``scale_policy`` and ``defect_view`` only when set (run ids
-        stay as they were)."""
+        """The recipe as stored (run records, run_id); ``scale_policy``, ``defect_view`` and ``frame_levels`` only when
+        set (run ids stay as they were)."""
         record = dataclasses.asdict(self)
         if self.scale_policy is None:
             del record["scale_policy"]
-        if not self.defect_view:
-            del record["defect_view"]
+        for flag in ("defect_view", "frame_levels"):
+            if not record[flag]:
+                del record[flag]
         return record
 
 
@@ -203,6 +205,7 @@ class ModelSpec:
     self_similarity: float = 0.0  # SEM-CLIP: the in-frame self-similarity map's share of the map (model.selfsim)
     scale_policy: float | None = None  # maps of large frames at this fraction of native resolution (parse_scale_policy)
     defect_view: bool = False  # class scores of large frames also from a native crop at the map's maximum
+    grey_memory: bool = False  # a memory of normal grey-level neighbourhoods fused into the frame's map (model.grey_memory)
     # the tiles' least overlap a checkpoint was trained with (its preprocessing record); None: tile_overlap_for(policy)
     tile_overlap: float | None = None
     map_shifts: int = 1  # views scored per view for the map (model.shifts; run's default DEFAULT_MAP_SHIFTS)
@@ -250,6 +253,8 @@ class ModelSpec:
             out["scale_policy"] = self.scale_policy
         if self.defect_view:
             out["defect_view"] = True
+        if self.grey_memory:
+            out["grey_memory"] = True
         if self.map_shifts != 1:
             out["map_shifts"] = self.map_shifts
         return out

@@ -6,6 +6,7 @@ every candidate policy (:func:`held_out_check`), and the maps' scale-bound parts
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -23,9 +24,11 @@ from semclip_batch.fewshot.reference_fit import (
 from semclip_batch.fewshot.scale_check import FITTED, recommend
 from semclip_batch.fewshot.support_maps import emitted_views, pixel_counts, support_output, support_thresholds
 from semclip_batch.fewshot.support_set import Fitted, TrainConfig, support_features, support_that_fits
+from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES
 from semclip_batch.methods.registry import get_method
 from semclip_batch.methods.weights import LoadedBackbone
+from semclip_batch.model import SemClipOutput
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +66,28 @@ def _held_out_auroc(cfg: TrainConfig, policy: float | None, rows: pd.DataFrame, 
     at = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None), policy_from_weights=False,
                  check_scale=False)
     try:
-        at, prep, data = support_that_fits(at, rows, classes)
+        data, out, _ = support_maps_at(at, rows, classes, backbone, fitted)
     except ConfigError as exc:
         log.warning("scale check at %s left out: %s", scale_policy_name(policy), exc)
         return {"pAUROC": None, "views": 0}
-    feats, ref_feats = support_features(at, applied(at.recipe, at.model), backbone, data, prep)
-    reference = fitted.reference if ref_feats is not None else None
-    pixels = None if reference is None else support_pixel_differences(data, prep.std[0])
-    out = support_output(fitted.model, feats, data, reference, ref_feats, pixels)
     written = emitted_views(data, torch.arange(len(data)))
     return {"pAUROC": pixel_counts(out.maps[written], data.masks[written], data.has_mask[written]).auroc(),
             "views": len(data)}
+
+
+def support_maps_at(cfg: TrainConfig, rows: pd.DataFrame, classes: tuple[str, ...], backbone: LoadedBackbone,
+                    fitted: Fitted, with_memory: bool = True) -> tuple[TrainSet, SemClipOutput, PreprocessConfig]:
+    """``rows`` loaded at ``cfg``'s policy (refused with ConfigError where they would not fit in memory there) and
+    scored by the fitted model as ``run`` scores them (the reference fused where fitted; ``with_memory=False``: the
+    method's normal-patch memory left out): the set, its views' maps and class scores, and the preprocessing."""
+    at, prep, data = support_that_fits(cfg, rows, classes)
+    feats, ref_feats = support_features(at, applied(at.recipe, at.model), backbone, data, prep)
+    reference = fitted.reference if ref_feats is not None else None
+    pixels = None if reference is None else support_pixel_differences(data, prep.std[0])
+    memory = nullcontext() if with_memory else get_method(cfg.model.method).without_memory(fitted.model)
+    with memory:
+        out = support_output(fitted.model, feats, data, reference, ref_feats, pixels)
+    return data, out, prep
 
 
 def maps_checked(cfg: TrainConfig, prep: PreprocessConfig, scale: dict[str, Any] | None, df: pd.DataFrame,

@@ -29,12 +29,13 @@ class Recipe:
     self_reference: bool = False  # frames without a reference frame compared with their own repeats (io.cell_reference)
     self_similarity: float = 0.0  # the in-frame self-similarity map's share of the map (model.selfsim)
     choose_self_similarity: bool = False  # the fit chooses the share with the memory's (self_similarity: ties)
+    grey_memory: bool = False  # a memory of normal grey-level neighbourhoods, kept where the held-out frames gain (rule 17)
 
 
 RECIPES = {
     "paper": Recipe("paper"),
     "transfer": Recipe("transfer", augment=True, memory=True, region_head=True, defect_view=True, self_reference=True,
-                       self_similarity=DEFAULT_SELF_SIMILARITY, choose_self_similarity=True),
+                       self_similarity=DEFAULT_SELF_SIMILARITY, choose_self_similarity=True, grey_memory=True),
 }
 DEFAULT_RECIPE = "transfer"
 
@@ -51,7 +52,8 @@ def applied(recipe: Recipe, spec: ModelSpec) -> ModelSpec:
     if not get_method(spec.method).recipes:
         return spec
     return replace(spec, memory=recipe.memory, region_head=recipe.region_head, defect_view=recipe.defect_view,
-                   self_reference=spec.self_reference or recipe.self_reference, self_similarity=recipe.self_similarity)
+                   self_reference=spec.self_reference or recipe.self_reference, self_similarity=recipe.self_similarity,
+                   grey_memory=recipe.grey_memory)
 
 
 def recorded(recipe: Recipe, method: str) -> str:

@@ -61,15 +61,25 @@ def fit_thresholds(out: SemClipOutput, data: TrainSet, score_mode: str = "mean",
     """Image threshold: best balanced accuracy on the support frames' scores (:func:`frame_scores`); pixel: best
     F1 of the support maps."""
     scores, defect = frame_scores(out, data, score_mode, len(data) if views is None else views)
-    image = 0.5
-    if defect.any() and (~defect).any():
-        cands = np.unique(scores)
-        bal = [0.5 * ((scores[defect] >= c).mean() + (scores[~defect] < c).mean()) for c in cands]
-        i = int(np.argmax(bal))
-        image = float((cands[i] + (cands[i - 1] if i > 0 else cands[i] - 0.01)) / 2)
-    counts = pixel_counts(out.maps, data.masks, data.has_mask)
-    pixel = float(int(np.argmax(counts.f1_curve()[:256])) / 255.0) if counts.pos.sum() else 0.5
-    return {"image": float(np.clip(image, 0, 1)), "pixel": pixel, "min_region_px": DEFAULT_MIN_REGION_PX}
+    return {"image": image_threshold(scores, defect), "pixel": pixel_threshold(pixel_counts(out.maps, data.masks,
+                                                                                              data.has_mask)),
+            "min_region_px": DEFAULT_MIN_REGION_PX}
+
+
+def image_threshold(scores: np.ndarray, defect: np.ndarray) -> float:
+    """The frames' score threshold of best balanced accuracy (midway to the next lower score; 0.5 without both
+    kinds of frame), in [0, 1]."""
+    if not (defect.any() and (~defect).any()):
+        return 0.5
+    cands = np.unique(scores)
+    bal = [0.5 * ((scores[defect] >= c).mean() + (scores[~defect] < c).mean()) for c in cands]
+    i = int(np.argmax(bal))
+    return float(np.clip((cands[i] + (cands[i - 1] if i > 0 else cands[i] - 0.01)) / 2, 0, 1))
+
+
+def pixel_threshold(counts: PixelCounts) -> float:
+    """The map level of best pixel F1 (0.5 without a defect pixel)."""
+    return float(int(np.argmax(counts.f1_curve()[:256])) / 255.0) if counts.pos.sum() else 0.5
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import torch
 from semclip_batch.config import LossProgress, ModelSpec, PreprocessConfig
 from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, FitBackbone, backbone_for_fit, write_weights
 from semclip_batch.fewshot.augment import augment
+from semclip_batch.fewshot.grey_memory_fit import grey_memory_step
 from semclip_batch.fewshot.maps_policy import held_out_check, maps_checked
 from semclip_batch.fewshot.recipes import applied, copies, recorded
 from semclip_batch.fewshot.reference_fit import (
@@ -54,6 +55,7 @@ from semclip_batch.methods.fitting import (
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import depth_of, get_method, method_taps, new_model
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
+from semclip_batch.model.grey_memory import GREY_MEMORY
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
 
 log = logging.getLogger(__name__)
@@ -139,14 +141,21 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     scale = held_out_check(cfg, df.iloc[held.tolist()], prompts.classes, chosen.backbone,
                            fitted) if cfg.check_scale else None
     at, at_prep = maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted)
+    grey = None
+    if spec.grey_memory:  # after the maps' policy is settled: its weight is chosen, its thresholds fitted, there
+        grey, fitted.summary["grey_memory"] = grey_memory_step(at, df, held.tolist(), prompts.classes, chosen.backbone,
+                                                               fitted)
     state = dict(fitted.model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
+    if grey is not None:
+        state.update({f"{GREY_MEMORY}.{k}": v for k, v in grey.state_dict().items()})
     record = {**rows, **fitted.summary, **({} if chosen.adapted is None else {"adapted_backbone": chosen.adapted.record}),
               **({} if chosen.check is None else {"adapt_check": chosen.check}),
               **({} if scale is None else {"scale_check": scale}),
               "seconds": round(time.perf_counter() - t0, 1)}
-    meta = _checkpoint_meta(cfg, applied(cfg.recipe, at.model), prompts, chosen, fitted, at_prep, record)
+    meta = _checkpoint_meta(cfg, replace(applied(cfg.recipe, at.model), grey_memory=grey is not None), prompts, chosen,
+                            fitted, at_prep, record)
     write_weights(cfg.out, chosen, cfg.model.storage_options)
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)
 
@@ -174,4 +183,5 @@ def _checkpoint_meta(cfg: TrainConfig, spec: ModelSpec, prompts: PromptSet, chos
         reference_weight=spec.reference_weight if fitted.reference is None else fitted.reference.weight,
         reference_fusion=spec.reference_fusion, self_reference=spec.self_reference,
         self_similarity=float(fitted.summary.get("self_similarity", spec.self_similarity)),  # the fit's choice
+        grey_memory=spec.grey_memory,
     )

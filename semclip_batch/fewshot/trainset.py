@@ -74,6 +74,19 @@ def row_frame(row: pd.Series, so: Mapping[str, Any] | None) -> np.ndarray:
     return load_frame(row["url"], so, None if missing(page) else int(page))
 
 
+def row_mask(row: pd.Series, so: Mapping[str, Any] | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A manifest row's defect mask (bool, the frame's ``shape``), or None where it names none."""
+    if not row["mask_url"]:
+        return None
+    try:
+        mask = load_frame(row["mask_url"], so) > 0
+    except ImageError as exc:  # a mask too small to be a frame is still a mask: say which file failed
+        raise ImageError(exc.kind, f"its mask is unusable: {exc}") from None
+    if mask.shape != shape:
+        raise ImageError(DECODE_ERROR, f"mask {mask.shape} does not match image {shape}")
+    return mask
+
+
 def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool,
               crops: int = 0, seed: int = 0, register: bool = True, self_reference: bool = False) -> list[Loaded]:
     """The whole frame, then its tiles under ``prep`` (as ``run`` scores it: :func:`frame_views`), then up to
@@ -82,14 +95,7 @@ def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | No
     ref = _load_reference(row, gray, so, register) if references else None
     if ref is None and self_reference:
         ref = cell_reference(gray)
-    mask = None
-    if row["mask_url"]:
-        try:
-            mask = load_frame(row["mask_url"], so) > 0
-        except ImageError as exc:  # a mask too small to be a frame is still a mask: say which file failed
-            raise ImageError(exc.kind, f"its mask is unusable: {exc}") from None
-        if mask.shape != gray.shape:
-            raise ImageError(DECODE_ERROR, f"mask {mask.shape} does not match image {gray.shape}")
+    mask = row_mask(row, so, gray.shape)
     views = frame_views(gray, mask, ref, prep, normal=row["label"] == NORMAL)
     if not crops:
         return views

@@ -133,10 +133,12 @@ def packed_views(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 
 def decoded_views(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """What ``run``'s decode stage ships for one frame: :func:`packed_views`, and for a frame that gets a defect
-    view (:func:`needs_defect_view`) the whole stretched frame in uint8 (:func:`pack_frame`), else None."""
+    view (:func:`needs_defect_view`) or whose model reads every frame's levels (``cfg.frame_levels``: a grey-level
+    memory) the whole stretched frame in uint8 (:func:`pack_frame`), else None."""
     frame = stretch(gray, cfg.percentile_low, cfg.percentile_high)
     views = pack_views(stretched_views(frame, cfg, frame_tiles(gray.shape[0], gray.shape[1], cfg)))
-    return views, pack_frame(frame) if needs_defect_view(gray.shape[0], gray.shape[1], cfg) else None
+    shipped = cfg.frame_levels or needs_defect_view(gray.shape[0], gray.shape[1], cfg)
+    return views, pack_frame(frame) if shipped else None
 
 
 def needs_defect_view(height: int, width: int, cfg: PreprocessConfig) -> bool:
@@ -145,6 +147,11 @@ def needs_defect_view(height: int, width: int, cfg: PreprocessConfig) -> bool:
     resolution), up to :data:`DEFECT_VIEW_MAX_PIXELS` (the uint8 frame crosses the object store)."""
     return (cfg.defect_view and max(height, width) >= DEFECT_VIEW_ABOVE * cfg.image_size
             and height * width <= DEFECT_VIEW_MAX_PIXELS)
+
+
+def unpack_frame(packed: bytes, height: int, width: int) -> torch.Tensor:
+    """:func:`pack_frame`'s bytes -> ``(H, W)`` uint8 levels (a writable copy, as torch wants)."""
+    return torch.from_numpy(np.frombuffer(packed, dtype=np.uint8).reshape(height, width).copy())
 
 
 def pack_frame(stretched: np.ndarray) -> np.ndarray:

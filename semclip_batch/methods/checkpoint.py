@@ -96,6 +96,7 @@ class CheckpointMeta:
     scale_policy: float | None = None  # train's --scale-policy (config.parse_scale_policy): run scores with it
     defect_view: bool = False  # the recipe's defect view (io.preprocess.defect_view); older: none
     self_similarity: float = 0.0  # the in-frame self-similarity map's share (model.selfsim); older: none
+    grey_memory: bool = False  # the tensors hold a grey-level memory fused into the frame's map; older: none
     version: int = CHECKPOINT_VERSION
     tensors_sha256: str = ""
 
@@ -146,7 +147,8 @@ class CheckpointMeta:
                 reference_fusion=_fusion(body.get("reference_fusion", "mean")),
                 self_reference=bool(body.get("self_reference", False)), scale_policy=_policy(body.get("scale_policy")),
                 defect_view=bool(body.get("defect_view", False)),
-                self_similarity=_self_similarity(body.get("self_similarity", 0.0)), version=CHECKPOINT_VERSION,
+                self_similarity=_self_similarity(body.get("self_similarity", 0.0)),
+                grey_memory=bool(body.get("grey_memory", False)), version=CHECKPOINT_VERSION,
                 tensors_sha256=str(body.get("tensors_sha256", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -18,6 +18,7 @@ from semclip_batch.methods.features import encode_batch
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
 from semclip_batch.model import SemClipOutput
+from semclip_batch.model.grey_memory import GREY_MEMORY, GreyMemory
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
 from semclip_batch.model.shifts import half_patch_offsets, patch_size, shift_views, unshift_maps
 from semclip_batch.model.towers import vision_tower
@@ -33,11 +34,14 @@ class Scoring:
     vv_from: int | None
     windows: bool
     offsets: tuple[tuple[int, int], ...] = ()  # half-patch shifts whose maps are averaged with the view's (model.shifts)
+    grey: GreyMemory | None = None  # fused into each frame's map at its resolution (pipeline.inference), float32
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Scoring:
         self.model = self.model.to(device=device, dtype=dtype)
         if self.reference is not None:
             self.reference = self.reference.to(device=device)
+        if self.grey is not None:
+            self.grey = self.grey.to(device=device)
         return self
 
     def __call__(self, x: torch.Tensor, refs: torch.Tensor | None = None,
@@ -82,6 +86,7 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
     method = get_method(spec.method)
     model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
     depth = depth_of(backbone.clip)
+    grey = None
     reference = (ReferenceScorer(reference_taps(depth), weight=spec.reference_weight, fusion=spec.reference_fusion)
                  if spec.reference_scorer else None)
     if spec.checkpoint is not None:
@@ -95,6 +100,8 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
                 reference.scale.copy_(tensors["reference.scale"])
                 if "reference.pixel_scale" in tensors:  # absent from checkpoints written before: tokens only
                     reference.pixel_scale.copy_(tensors["reference.pixel_scale"])
+        if spec.grey_memory:
+            grey = grey_memory_from(tensors, problems)
         if problems:
             raise WeightsError(f"checkpoint {spec.checkpoint!r} does not fit this model ({', '.join(problems[:3])})")
     taps, vv_from = method.taps(model), method.vv_from(model)
@@ -102,4 +109,21 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
         taps = tuple(sorted({*taps, *reference.taps}))
     model = model.eval().requires_grad_(False)
     offsets = half_patch_offsets(spec.map_shifts, patch_size(vision_tower(model).conv1))
-    return Scoring(model, reference, taps, vv_from, windows=method.windows, offsets=offsets)
+    return Scoring(model, reference, taps, vv_from, windows=method.windows, offsets=offsets, grey=grey)
+
+
+def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -> GreyMemory | None:
+    """The checkpoint's grey-level memory (its size from the tensors); what is missing or misshapen is added to
+    ``problems`` (None then)."""
+    own = {k.removeprefix(f"{GREY_MEMORY}."): v for k, v in tensors.items() if k.startswith(f"{GREY_MEMORY}.")}
+    entries = own.get("entries")
+    if entries is None or entries.ndim != 2:
+        problems.append(f"missing {GREY_MEMORY}.entries")
+        return None
+    grey = GreyMemory(entries=int(entries.shape[0]))
+    try:
+        grey.load_state_dict(own)
+    except RuntimeError as exc:
+        problems.append(f"{GREY_MEMORY}: {str(exc).splitlines()[0][:120]}")
+        return None
+    return grey.eval()

@@ -63,7 +63,7 @@ def check_backbone(name: str) -> None:
 
 def preprocess_config(name: str, *, tile_above: int, image_size: int | None = None,
                       scale_policy: float | None = None, defect_view: bool = False,
-                      tile_overlap: float | None = None) -> PreprocessConfig:
+                      tile_overlap: float | None = None, frame_levels: bool = False) -> PreprocessConfig:
     """The backbone's own input size and mean/std, without building the model; the tiles' least overlap is
     ``tile_overlap`` where given (a checkpoint's own), else the policy's (:func:`~semclip_batch.config.tile_overlap_for`)."""
     check_backbone(name)
@@ -74,7 +74,7 @@ def preprocess_config(name: str, *, tile_above: int, image_size: int | None = No
     std = _rgb(vision.get("image_std", OPENAI_DATASET_STD))
     return PreprocessConfig(image_size=image_size or size, mean=mean, std=std, tile_above=tile_above,
                             tile_overlap=tile_overlap_for(scale_policy) if tile_overlap is None else tile_overlap,
-                            scale_policy=scale_policy, defect_view=defect_view)
+                            scale_policy=scale_policy, defect_view=defect_view, frame_levels=frame_levels)
 
 
 def _rgb(values: Iterable[float]) -> tuple[float, float, float]:

@@ -1,9 +1,10 @@
 """The model stage: a Ray Data actor that builds the model (SEM-CLIP or a baseline) once in ``__init__`` and scores batches.
 
 Input rows carry the preprocessed views (one grey channel in uint16, expanded and normalised here, on the
-device) and, for frames that take a defect view, the frame's uint8 levels; output rows carry the uint8 mask at
-the frame's H x W, the class scores (with a defect view: the mean of the whole view's and those of a native crop
-at the map's maximum) and the image score. A failing batch becomes ``model_error`` rows (traceback logged),
+device) and, for frames that take a defect view or whose model holds a grey-level memory, the frame's uint8 levels;
+output rows carry the uint8 mask at the frame's H x W (with a grey-level memory, fused with its map at the frame's
+resolution before anything reads it), the class scores (with a defect view: the mean of the whole view's and those
+of a native crop at the fused map's maximum) and the image score. A failing batch becomes ``model_error`` rows (traceback logged),
 never a crash.
 """
 
@@ -20,10 +21,13 @@ import torch
 from semclip_batch.config import ModelSpec, PreprocessConfig
 from semclip_batch.errors import MODEL_ERROR, OK, one_line
 from semclip_batch.io.preprocess import (
+    FRAME_LEVELS,
     defect_view,
     frame_tiles,
     maps_to_frame,
+    needs_defect_view,
     normalize,
+    unpack_frame,
     unpack_views,
 )
 from semclip_batch.io.schema import SCORED, to_table
@@ -48,9 +52,9 @@ class PredictorSetup:
     stub_rate: float | None = None  # StandIn's img/s
 
 
-def defect_frames(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """The batch's ``frame_pixels``: per row the frame's uint8 levels for its defect view, or empty bytes (every
-    row of a batch that lacks the column)."""
+def shipped_frames(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The batch's ``frame_pixels``: per row the frame's uint8 levels (for its defect view, its grey-level memory),
+    or empty bytes (every row of a batch that lacks the column)."""
     if "frame_pixels" in batch:
         return batch["frame_pixels"]
     return np.full(len(batch["image_id"]), b"", dtype=object)
@@ -134,19 +138,26 @@ class Predictor:
             has_ref = np.concatenate([np.full(c, bool(batch["has_ref"][i])) for i, c in zip(ok, counts, strict=False)])
         maps, probs = self._forward(views, refs, has_ref)
         start = 0
-        frame_levels = defect_frames(batch)
+        frame_levels = shipped_frames(batch)
         crops: dict[int, torch.Tensor] = {}
+        grey = self.scoring.grey
         for i, count in zip(ok, counts, strict=False):
             h, w = int(batch["height"][i]), int(batch["width"][i])
             tiles = frame_tiles(h, w, self.setup.prep)
             frame = maps_to_frame(maps[start:start + count], h, w, tiles)
+            levels = self._frame(frame_levels[i], h, w) if frame_levels[i] else None
+            if grey is not None:
+                if levels is None:
+                    raise ValueError("the model's grey-level memory needs every frame's levels; the decode stage "
+                                     "shipped none (its preprocessing lacks frame_levels)")
+                frame = grey.fuse(frame, levels.float() / FRAME_LEVELS)
             p = probs[start].numpy().astype(np.float32)
             masks[i] = to_mask_tensor(frame).cpu().numpy().tobytes()
             # the whole view's p(normal), as train calibrated the image threshold on it
             scores[i] = anomaly_score(float(p[0]), float(frame.max()), self.setup.spec.score_mode)
             class_scores[i] = p
-            if frame_levels[i]:
-                crops[i] = defect_view(self._frame(frame_levels[i], h, w), frame, size)
+            if levels is not None and needs_defect_view(h, w, self.setup.prep):
+                crops[i] = defect_view(levels, frame, size)
             start += count
         if crops:  # class scores: the mean of the whole view's and the defect view's
             crop_probs = self._class_probs(torch.stack(list(crops.values())))
@@ -161,8 +172,7 @@ class Predictor:
 
     def _frame(self, packed: bytes, height: int, width: int) -> torch.Tensor:
         """A frame's uint8 levels (:func:`~semclip_batch.io.preprocess.pack_frame`) on the device."""
-        levels = np.frombuffer(packed, dtype=np.uint8).reshape(height, width).copy()  # writable, as torch wants
-        return torch.from_numpy(levels).to(self.device)
+        return unpack_frame(packed, height, width).to(self.device)
 
 
 class StandIn:
@@ -178,14 +188,15 @@ class StandIn:
             raise ValueError("StandIn needs setup.stub_rate")
         self.seconds_per_view = 1.0 / setup.stub_rate
         self.classes = int(setup.text_embeddings.shape[0])
+        self.prep = setup.prep
         self.busy_until = 0.0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["image_id"])
         ok = [i for i in range(n) if batch["status"][i] == OK]
         now = time.perf_counter()
-        frame_levels = defect_frames(batch)
-        views = sum(int(batch["n_views"][i]) + bool(frame_levels[i]) for i in ok)  # + defect views
+        views = sum(int(batch["n_views"][i])  # + defect views
+                    + needs_defect_view(int(batch["height"][i]), int(batch["width"][i]), self.prep) for i in ok)
         self.busy_until = max(now, self.busy_until) + views * self.seconds_per_view
         time.sleep(max(0.0, self.busy_until - now))
         masks = np.full(n, b"", dtype=object)

@@ -79,7 +79,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
     height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
     pixels, ref_pixels, frames = (np.full(n, b"", dtype=object) for _ in range(3))
     has_ref, cell_ref = np.zeros(n, bool), np.zeros(n, bool)
-    ref_prep = replace(prep, defect_view=False)  # a reference never takes a defect view
+    ref_prep = replace(prep, defect_view=False, frame_levels=False)  # a reference ships its views only
     for i, url in enumerate(batch["url"]):
         ref_url = batch["reference_url"][i] if references else None
         try:

@@ -1,0 +1,277 @@
+"""``train``'s grey-level memory (:mod:`semclip_batch.model.grey_memory`), as docs/quality.md's rule 17 fixes it:
+fitted on the support frames the fit trains on (not those its checks hold out), its weight (0 or :data:`WEIGHT`)
+chosen on the held-out support frames at the policy ``run`` scores the maps at, and, where kept, the image and
+pixel thresholds fitted again on the support frames' fused maps at the frame's resolution, as ``run`` fuses them.
+
+The memory: every clean neighbourhood (no defect pixel within :data:`MASK_MARGIN` px) of the fitting frames' levels
+as ``run``'s decode stage ships them (stretched, in 1/255 steps), at most :data:`PER_FRAME` of a frame (seeded),
+projected on their principal axes (exact: the covariance's eigenvectors), :data:`ENTRIES` of them chosen greedily
+(PatchCore's k-centre selection: rare neighbourhoods such as wire ends and via meetings stay); a seeded fifth of the
+fitting frames is kept out of the entries to fix the distance scale (the 99th percentile of their clean
+neighbourhoods' distances).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from semclip_batch.analysis.metrics import PixelCounts
+from semclip_batch.config import NORMAL, PreprocessConfig
+from semclip_batch.errors import ConfigError, ImageError
+from semclip_batch.fewshot.maps_policy import support_maps_at
+from semclip_batch.fewshot.support_maps import image_threshold, pixel_threshold
+from semclip_batch.fewshot.support_set import Fitted, TrainConfig
+from semclip_batch.fewshot.trainset import TrainSet, row_frame, row_mask
+from semclip_batch.io.levels import stretch
+from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, maps_to_frame, pack_frame
+from semclip_batch.methods.decisions import anomaly_score, to_mask
+from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
+from semclip_batch.model import SemClipOutput
+from semclip_batch.model.grey_memory import DIM, PATCH, STRIDE, GreyMemory, grid_shape, neighbourhoods
+
+log = logging.getLogger(__name__)
+DEFAULT_STRETCH = (PreprocessConfig.percentile_low, PreprocessConfig.percentile_high)  # run's percentiles
+MASK_MARGIN = 4  # px around a defect pixel that no memory neighbourhood may touch
+PER_FRAME = 2048  # clean neighbourhoods drawn from one frame
+ENTRIES = 4096  # memory entries
+WEIGHT = 0.5  # the memory's share of the fused map where kept
+MIN_GAIN = 0.01  # pixel AUROC the held-out frames must gain at WEIGHT (and no F1max lost) for it to be kept
+
+
+@dataclass(frozen=True)
+class NativeFrame:
+    """A support frame as ``run``'s decode stage ships its levels (``(H, W)`` uint8) and its defect mask."""
+
+    levels: np.ndarray
+    mask: np.ndarray | None
+    normal: bool
+
+    def as_levels(self) -> torch.Tensor:
+        return torch.from_numpy(self.levels).float() / FRAME_LEVELS
+
+    def truth(self) -> np.ndarray | None:
+        """Its defect pixels (a normal frame without a mask: none), or None where nothing says which they are."""
+        if self.mask is not None:
+            return self.mask
+        return np.zeros(self.levels.shape, bool) if self.normal else None
+
+
+def native_frames(df: pd.DataFrame, so: Mapping[str, Any] | None,
+                  percentiles: tuple[float, float] = DEFAULT_STRETCH) -> dict[int, NativeFrame]:
+    """The rows of ``df`` by position, stretched between ``percentiles`` (unreadable rows left out, as the support
+    set leaves them out)."""
+    out: dict[int, NativeFrame] = {}
+    for pos, (_, row) in enumerate(df.reset_index(drop=True).iterrows()):
+        try:
+            gray = row_frame(row, so)
+            mask = row_mask(row, so, gray.shape)
+        except ImageError:
+            continue
+        stretched = stretch(gray, *percentiles)
+        out[pos] = NativeFrame(pack_frame(stretched), mask, row["label"] == NORMAL)
+    return out
+
+
+def clean(mask: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
+    """``(L,)`` True where a neighbourhood of an ``shape`` frame holds no defect pixel within :data:`MASK_MARGIN` px."""
+    if mask is None or not mask.any():
+        rows, cols = grid_shape(*shape)
+        return torch.ones(rows * cols, dtype=torch.bool)
+    grown = F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], 2 * MASK_MARGIN + 1, 1, MASK_MARGIN)
+    return F.unfold(grown, PATCH, stride=STRIDE)[0].amax(dim=0) == 0
+
+
+def principal_axes(centred: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(K*K, dim)`` eigenvectors of the neighbourhoods' covariance with the largest eigenvalues (exact and
+    deterministic: ``eigh`` of a K*K x K*K matrix)."""
+    cov = centred.T.double() @ centred.double() / max(len(centred) - 1, 1)
+    _, vectors = torch.linalg.eigh(cov)  # eigenvalues ascending
+    return vectors[:, -dim:].flip(1).float()
+
+
+def greedy_coreset(points: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of ``size`` of ``(N, D)`` points chosen greedily, each the farthest from those already chosen
+    (PatchCore's k-centre selection: rare neighbourhoods are kept, common ones thinned), starting from the first."""
+    if len(points) <= size:
+        return torch.arange(len(points))
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = 0
+    gap = (points - points[0]).norm(dim=1)
+    for k in range(1, size):
+        chosen[k] = int(gap.argmax())
+        gap = torch.minimum(gap, (points - points[chosen[k]]).norm(dim=1))
+    return chosen
+
+
+def fit_grey_memory(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], seed: int, entries: int = ENTRIES,
+                    coreset: bool = True) -> GreyMemory:
+    """The memory from four fifths of ``(levels in [0, 1], defect mask or None)`` frames, its distance scale from
+    the rest (weight 0: the caller chooses it). ``coreset=False``: a seeded random subset instead of the greedy
+    one. Raises ValueError where fewer than two frames of :data:`PATCH` px or more are given."""
+    usable = [(f, m) for f, m in frames if min(f.shape) >= PATCH]
+    if len(usable) < 2:
+        raise ValueError(f"the grey-level memory needs two support frames of {PATCH} px or more; got {len(usable)}")
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(len(usable), max(1, len(usable) // 5), replace=False).tolist())
+    fit: list[torch.Tensor] = []
+    check: list[torch.Tensor] = []
+    for i, (frame, mask) in enumerate(usable):
+        if mask is not None and mask.shape != tuple(frame.shape):
+            raise ValueError(f"support frame {i}: mask {mask.shape} does not match the frame {tuple(frame.shape)}")
+        cols = neighbourhoods(frame)[clean(mask, (frame.shape[0], frame.shape[1]))]
+        (check if i in held else fit).append(cols[torch.from_numpy(rng.permutation(len(cols))[:PER_FRAME])])
+    pool = torch.cat(fit)
+    if not len(pool) or not sum(len(c) for c in check):
+        raise ValueError("the grey-level memory found no clean neighbourhood to fit or to hold out")
+    memory = GreyMemory()
+    memory.mean.copy_(pool.mean(dim=0))
+    memory.axes.copy_(principal_axes(pool - memory.mean, DIM))
+    projected = (pool - memory.mean) @ memory.axes
+    pick = greedy_coreset(projected, entries) if coreset else torch.from_numpy(rng.permutation(len(pool))[:entries])
+    memory.entries = projected[pick].contiguous()
+    memory.scale.fill_(float(torch.quantile(memory.nearest(torch.cat(check)), 0.99)))
+    return memory
+
+
+@dataclass(frozen=True)
+class FrameMap:
+    """One support frame's map as ``run`` assembles it (its views' maps at the frame's resolution)."""
+
+    position: int  # in the rows the support set was loaded from
+    map: torch.Tensor  # (H, W) float
+    p_normal: float  # the whole view's
+    defect: bool
+
+
+def frame_maps(out: SemClipOutput, data: TrainSet, shapes: Mapping[int, tuple[int, int]],
+               prep: PreprocessConfig) -> Iterator[FrameMap]:
+    """Each frame's map from its views' (``maps_to_frame`` over the tiles ``prep`` cuts: a frame whose tiles the
+    support set left out, a defect frame without a mask, takes its whole view's). Frames missing from ``shapes``
+    are skipped. Only the first copy of augmented rows is read."""
+    frame = data.frame if data.frame is not None else torch.arange(len(data))
+    for f in frame.unique().tolist():
+        if f not in shapes:
+            continue
+        rows = (frame == f).nonzero().flatten()
+        h, w = shapes[f]
+        tiles = frame_tiles(h, w, prep)
+        views = out.maps[rows[:1 + len(tiles)]]
+        if len(views) != 1 + len(tiles):
+            tiles = []
+        first = int(rows[0])
+        yield FrameMap(f, maps_to_frame(views, h, w, tiles), float(out.class_probs[first][0]),
+                       bool(data.labels[first] > 0))
+
+
+def fused_counts(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], memory: GreyMemory,
+                 weights: Sequence[float]) -> dict[float, PixelCounts]:
+    """Pixel counts of the frames' maps fused with the memory at each of ``weights`` (frames with a truth only)."""
+    counts = {w: PixelCounts() for w in weights}
+    for item in maps:
+        truth = frames[item.position].truth()
+        if truth is None:
+            continue
+        grey = memory.frame_map(frames[item.position].as_levels())
+        for w in weights:
+            fused = (1 - w) * item.map + w * grey
+            counts[w].add(to_mask(fused.numpy()), truth, regions=False)
+    return counts
+
+
+def choose_weight(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], memory: GreyMemory) -> dict[str, Any]:
+    """Rule 17's choice on the held-out frames' maps: :data:`WEIGHT` where it gains at least :data:`MIN_GAIN` pixel
+    AUROC over 0 and loses no F1max, else 0; the figures of both."""
+    counts = fused_counts(maps, frames, memory, (0.0, WEIGHT))
+    figures = {f"{w:g}": {"pAUROC": c.auroc(), "F1max": c.f1_max()} for w, c in counts.items()}
+    without, within = figures["0"], figures[f"{WEIGHT:g}"]
+    if without["pAUROC"] is None or within["pAUROC"] is None:
+        return {"weight": 0.0, "figures": figures, "note": "no defect pixel among the held-out support frames"}
+    gain = within["pAUROC"] - without["pAUROC"]
+    kept = gain >= MIN_GAIN and (within["F1max"] or 0.0) >= (without["F1max"] or 0.0)
+    return {"weight": WEIGHT if kept else 0.0, "figures": figures, "gain": round(gain, 4)}
+
+
+def fused_thresholds(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], memory: GreyMemory,
+                     score_mode: str) -> dict[str, float]:
+    """The image threshold (best balanced accuracy of the frames' scores, each from the fused map's maximum) and
+    the pixel threshold (best F1 of the fused maps), as ``fit_thresholds`` fits them on views."""
+    scores, defect, counts = [], [], PixelCounts()
+    for item in maps:
+        fused = memory.fuse(item.map, frames[item.position].as_levels())
+        scores.append(anomaly_score(item.p_normal, float(fused.max()), score_mode))
+        defect.append(item.defect)
+        truth = frames[item.position].truth()
+        if truth is not None:
+            counts.add(to_mask(fused.numpy()), truth, regions=False)
+    return {"image": image_threshold(np.array(scores), np.array(defect)), "pixel": pixel_threshold(counts)}
+
+
+def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], classes: tuple[str, ...],
+                     backbone: LoadedBackbone, fitted: Fitted) -> tuple[GreyMemory | None, dict[str, Any]]:
+    """Rule 17 after the maps' policy is settled (``cfg``'s): the memory fitted on ``df``'s rows outside ``held``
+    (positions), its weight chosen on ``held`` (scored as the maps' scale check scores them: the method's own
+    memory left out), and with the weight kept, ``fitted``'s thresholds fitted again on every support frame's
+    fused map. Returns the memory (None: not kept) and the checkpoint's record."""
+    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)  # run's stretch
+    frames = native_frames(df, cfg.model.storage_options, (prep.percentile_low, prep.percentile_high))
+    held_set = set(held)
+    try:
+        memory = fit_grey_memory([(f.as_levels(), f.mask) for p, f in frames.items() if p not in held_set],
+                                 cfg.model.seed)
+    except ValueError as exc:
+        return None, {"weight": 0.0, "note": str(exc)}
+    record: dict[str, Any] = {"entries": len(memory.entries), "scale": round(float(memory.scale), 5),
+                              "fitted_on": len(frames) - len(held_set & set(frames))}
+    held_rows = [p for p in held if p in frames]
+    if not held_rows:
+        return None, record | {"weight": 0.0, "note": "no support frame is held out to choose the weight on"}
+    at = replace(cfg, policy_from_weights=False, check_scale=False)
+    try:
+        data, out, prep = support_maps_at(at, df.iloc[held_rows], classes, backbone, fitted, with_memory=False)
+    except ConfigError as exc:
+        return None, record | {"weight": 0.0, "note": f"the held-out frames do not load at the maps' policy: {exc}"}
+    local = {k: frames[p] for k, p in enumerate(held_rows)}
+    choice = choose_weight(list(frame_maps(out, data, shapes(local), prep)), local, memory)
+    record |= choice
+    del data, out
+    if not choice["weight"]:
+        return None, record
+    memory.weight.fill_(choice["weight"])
+    data, out, prep = support_maps_at(at, df, classes, backbone, fitted)
+    thresholds = fused_thresholds(list(frame_maps(out, data, shapes(frames), prep)), frames, memory,
+                                  cfg.model.score_mode)
+    record["thresholds_before"] = {k: fitted.thresholds[k] for k in ("image", "pixel")}
+    fitted.thresholds = {**fitted.thresholds, **thresholds}
+    return memory, record
+
+
+def shapes(frames: Mapping[int, NativeFrame]) -> dict[int, tuple[int, int]]:
+    return {p: (f.levels.shape[0], f.levels.shape[1]) for p, f in frames.items()}
+
+
+
+def grey_memory_lines(training: Mapping[str, Any]) -> list[str]:
+    """``train``'s line on the grey-level memory: kept or not, and on what figures (none where it was not fitted)."""
+    record = training.get("grey_memory")
+    if not record:
+        return []
+    if "figures" not in record:
+        return [f"grey-level memory: not kept ({record.get('note', 'not fitted')})"]
+    figures = record["figures"]
+    seen = "; ".join(f"weight {w}: pAUROC {_show(f['pAUROC'])}, F1max {_show(f['F1max'])}" for w, f in figures.items())
+    verdict = (f"kept at weight {record['weight']:g}, thresholds fitted again on the fused maps" if record["weight"]
+               else f"not kept (needs +{MIN_GAIN:g} pAUROC and no F1max lost{'; ' + record['note'] if 'note' in record else ''})")
+    return [f"grey-level memory ({record['entries']} entries from {record['fitted_on']} frames): {verdict}; "
+            f"on the held-out support frames {seen}"]
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,93 @@
+"""A memory of normal grey-level neighbourhoods at the frame's native resolution, fused into the frame's map: defects
+of a few pixels on large frames, which the ViT's 16-px patches blur (docs/quality.md, rule 17; beyond the paper:
+PatchCore's nearest-neighbour distance taken on pixels instead of tokens).
+
+Every :data:`PATCH` x :data:`PATCH` neighbourhood of the frame's stretched grey levels, every :data:`STRIDE` px, less
+its mean and divided by its norm plus a floor (a flat noisy patch stays near zero; a charging streak's offset drops
+out), projected on the support neighbourhoods' :data:`DIM` principal axes, scores its distance to the nearest memory
+entry; the grid is resized to the frame (each score on its neighbourhood's centre), smoothed over :data:`SMOOTH` px
+and mapped to ``clamp(d / (2 * scale), 0, 1)``, ``scale`` the 99th percentile of held-out clean support
+neighbourhoods' distances. The fused map is ``(1 - weight) * map + weight * memory``. The entries, axes, scale and
+weight are fitted by ``train`` (:mod:`semclip_batch.fewshot.grey_memory_fit`) and saved with the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PATCH = 11  # px: a neighbourhood's side
+STRIDE = 4  # px between neighbourhoods
+DIM = 16  # principal axes kept
+SMOOTH = 5  # px of the box filter over the resized map
+NORM_FLOOR = 0.05  # per px of the side: added to a neighbourhood's norm, so shot noise on a flat patch stays small
+GREY_MEMORY = "grey_memory"  # its tensors' prefix in a checkpoint's model.safetensors
+CHUNK = 4096  # neighbourhoods per distance block: a (CHUNK, entries) matrix, 64 MiB at 4,096 entries
+
+
+def grid_shape(height: int, width: int) -> tuple[int, int]:
+    """Rows and columns of the neighbourhoods :func:`neighbourhoods` takes from an ``(height, width)`` frame."""
+    return (height - PATCH) // STRIDE + 1, (width - PATCH) // STRIDE + 1
+
+
+def neighbourhoods(levels: torch.Tensor) -> torch.Tensor:
+    """``(L, PATCH * PATCH)`` neighbourhoods of ``(H, W)`` levels in [0, 1], row by row, each centred and norm-scaled."""
+    cols = F.unfold(levels.float()[None, None], PATCH, stride=STRIDE)[0].T
+    cols = cols - cols.mean(dim=1, keepdim=True)
+    return cols / (cols.norm(dim=1, keepdim=True) + NORM_FLOOR * PATCH)
+
+
+class GreyMemory(nn.Module):
+    """The memory's tensors (buffers: saved with the model, their sizes from the checkpoint) and its frame map."""
+
+    mean: torch.Tensor
+    axes: torch.Tensor
+    entries: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor
+
+    def __init__(self, entries: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(PATCH * PATCH))
+        self.register_buffer("axes", torch.zeros(PATCH * PATCH, DIM))
+        self.register_buffer("entries", torch.zeros(entries, DIM))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("weight", torch.tensor(0.0))
+
+    def nearest(self, cols: torch.Tensor) -> torch.Tensor:
+        """``(L,)`` distance of each neighbourhood ``(L, PATCH * PATCH)`` to its nearest entry (in the axes' space),
+        :data:`CHUNK` neighbourhoods at a time."""
+        q = (cols.float() - self.mean) @ self.axes
+        return torch.cat([torch.cdist(part, self.entries).amin(dim=1) for part in q.split(CHUNK)])
+
+    def grid_distances(self, levels: torch.Tensor) -> torch.Tensor:
+        """``(gh * gw,)`` :meth:`nearest` distances of the frame's neighbourhoods, row by row, taken in bands of about
+        :data:`CHUNK` neighbourhoods (a large frame's neighbourhoods are never all held at once)."""
+        h, w = levels.shape
+        gh, gw = grid_shape(h, w)
+        band = max(1, CHUNK // gw)
+        return torch.cat([self.nearest(neighbourhoods(levels[r * STRIDE:(min(gh, r + band) - 1) * STRIDE + PATCH]))
+                          for r in range(0, gh, band)])
+
+    def frame_map(self, levels: torch.Tensor) -> torch.Tensor:
+        """``(H, W)`` levels in [0, 1] -> the memory's map ``(H, W)`` in [0, 1] (float32, on their device); all zero
+        on a frame under :data:`PATCH` px."""
+        h, w = levels.shape
+        if min(h, w) < PATCH:
+            return torch.zeros(h, w, device=levels.device)
+        gh, gw = grid_shape(h, w)
+        grid = self.grid_distances(levels).reshape(1, 1, gh, gw)
+        inner = F.interpolate(grid, size=((gh - 1) * STRIDE + 1, (gw - 1) * STRIDE + 1), mode="bilinear",
+                              align_corners=True)
+        lo = PATCH // 2
+        full = F.pad(inner, (lo, w - lo - inner.shape[-1], lo, h - lo - inner.shape[-2]), mode="replicate")
+        full = F.avg_pool2d(full, SMOOTH, 1, SMOOTH // 2, count_include_pad=False)[0, 0]
+        return torch.clamp(full / (2 * self.scale), 0, 1)
+
+    def fuse(self, frame_map: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """``(1 - weight) * frame_map + weight * memory`` for the frame's ``(H, W)`` map and levels in [0, 1]."""
+        w = float(self.weight)
+        if w == 0.0:
+            return frame_map
+        return (1.0 - w) * frame_map.float() + w * self.frame_map(levels)

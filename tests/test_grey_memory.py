@@ -1,0 +1,412 @@
+"""The grey-level memory (``model/grey_memory.py``, ``fewshot/grey_memory_fit.py``; docs/quality.md rule 17): it finds
+a few-pixel defect on routing it never saw, ignores a charging streak's offset, never learns from pixels near a
+defect, puts each neighbourhood's score on its centre; ``train`` keeps it only where the held-out frames gain and
+``run`` fuses it into every frame's map at the frame's resolution."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from semclip_batch.fewshot import grey_memory_fit as fit
+from semclip_batch.model.grey_memory import DIM, PATCH, STRIDE, GreyMemory, grid_shape
+
+
+def _routing(rng: np.random.Generator, size: int = 160, pitch: int = 20, width: int = 6) -> np.ndarray:
+    """Routing as real layers draw it: wires of one width on tracks of one pitch, broken into runs (line ends),
+    some jogging down to the next track (corners, T-junctions), on a dark field with shot noise; levels in [0, 1]."""
+    frame = np.full((size, size), 0.2, np.float32)
+    for y0 in range(4, size - width, pitch):
+        x = int(rng.integers(-20, 10))
+        while x < size:
+            run = int(rng.integers(25, 90))
+            frame[y0:y0 + width, max(x, 0):x + run] = 0.8
+            if rng.random() < 0.5 and y0 + pitch + width < size:
+                jog = min(max(x + run - width, 0), size - width)
+                frame[y0:y0 + pitch + width, jog:jog + width] = 0.8
+            x += run + int(rng.integers(8, 20))
+    return np.clip(frame + rng.normal(0, 0.03, frame.shape), 0, 1).astype(np.float32)
+
+
+def _support(seed: int, n: int = 30) -> list:
+    rng = np.random.default_rng(seed)
+    return [(torch.from_numpy(_routing(rng)), None) for _ in range(n)]
+
+
+def _particle_site(frame: np.ndarray) -> tuple[int, int]:
+    """The centre of a 13 x 13 window of field (no wire) between two tracks, away from the border."""
+    for y in range(17, frame.shape[0] - 10, 20):
+        for x in range(20, frame.shape[1] - 20, 3):
+            if frame[y - 6:y + 7, x - 6:x + 7].max() < 0.5:
+                return y, x
+    raise AssertionError("no empty field in the frame")
+
+
+def _levels(amap: np.ndarray) -> np.ndarray:
+    """A map in the stored masks' uint8 levels (as ints)."""
+    return np.rint(amap * 255).astype(int)
+
+
+def test_a_five_pixel_particle_on_unseen_routing_is_the_maps_maximum():
+    memory = fit.fit_grey_memory(_support(0), seed=0, entries=8192, coreset=False)
+    frame = _routing(np.random.default_rng(99))
+    clean_max = _levels(memory.frame_map(torch.from_numpy(frame)).numpy()).max()
+    y, x = _particle_site(frame)
+    rows, cols = np.ogrid[:frame.shape[0], :frame.shape[1]]
+    frame[(rows - y) ** 2 + (cols - x) ** 2 <= 6] = 0.95  # a particle 5 px across
+    scored = _levels(memory.frame_map(torch.from_numpy(frame)).numpy())
+    peak = np.unravel_index(int(np.argmax(scored)), scored.shape)
+    assert abs(peak[0] - y) <= 6 and abs(peak[1] - x) <= 6, (peak, (y, x))
+    assert scored.max() > clean_max + 40  # uint8 levels: the particle stands well above the same frame without it
+
+
+def test_a_charging_streaks_offset_is_not_scored():
+    memory = fit.fit_grey_memory(_support(1, 10), seed=0, coreset=False)
+    frame = _routing(np.random.default_rng(7))
+    plain = _levels(memory.frame_map(torch.from_numpy(frame)).numpy())
+    streaked = frame.copy()
+    streaked[60:100] = np.clip(streaked[60:100] + 0.1, 0, 1)  # a band 0.1 brighter, as charging draws it
+    moved = _levels(memory.frame_map(torch.from_numpy(streaked)).numpy())
+    inside = slice(60 + PATCH, 100 - PATCH)  # neighbourhoods wholly inside the band
+    assert np.abs(moved[inside] - plain[inside]).mean() < 3
+
+
+def test_no_neighbourhood_near_a_defect_pixel_is_clean():
+    mask = np.zeros((60, 60), bool)
+    mask[30, 30] = True
+    gh, gw = grid_shape(60, 60)
+    keep = fit.clean(mask, (60, 60)).reshape(gh, gw).numpy()
+    starts = np.arange(gh) * STRIDE  # a neighbourhood covers start .. start + PATCH - 1
+    near_axis = (starts + PATCH - 1 >= 30 - fit.MASK_MARGIN) & (starts <= 30 + fit.MASK_MARGIN)
+    near = near_axis[:, None] & near_axis[None, :]
+    assert near.sum() > 4 and not keep[near].any() and keep[~near].all()
+    assert fit.clean(None, (60, 60)).all()
+
+
+def test_a_neighbourhoods_score_lands_on_its_centre_pixel(monkeypatch):
+    """The grid of neighbourhood scores is put back on the frame where each neighbourhood's centre is: one
+    neighbourhood scoring alone makes a maximum at ``(PATCH // 2 + i * STRIDE, PATCH // 2 + j * STRIDE)`` that
+    reaches no farther than one stride from it (to the frame's edge where the neighbourhood is the first or last
+    of its row or column: the pixels no centre covers repeat their nearest one)."""
+    memory = GreyMemory(entries=1)
+    h, w = 83, 97
+    gh, gw = grid_shape(h, w)
+    for i, j in ((0, 0), (5, 7), (gh - 1, gw - 1), (3, gw - 2)):
+        hot = torch.zeros(gh * gw)
+        hot[i * gw + j] = 1.0
+        monkeypatch.setattr(memory, "nearest", lambda cols, hot=hot: hot)
+        scored = _levels(memory.frame_map(torch.zeros(h, w)).numpy())
+        ci, cj = PATCH // 2 + i * STRIDE, PATCH // 2 + j * STRIDE
+        if 0 < i < gh - 1 and 0 < j < gw - 1:  # at an edge the maximum is the plateau between the centre and the edge
+            assert scored[ci, cj] >= scored.max() - 1, (i, j)
+        rows, cols = np.nonzero(scored >= scored.max() - 1)
+        assert rows.min() >= (0 if i == 0 else ci - STRIDE) and rows.max() <= (h - 1 if i == gh - 1 else ci + STRIDE)
+        assert cols.min() >= (0 if j == 0 else cj - STRIDE) and cols.max() <= (w - 1 if j == gw - 1 else cj + STRIDE)
+
+
+def test_the_greedy_memory_keeps_rare_neighbourhoods_that_a_random_one_drops():
+    """k-centre selection: three far points among 5,000 near ones are all kept in a memory of 20, and the kept
+    set covers every point more tightly than a random draw of 20 does."""
+    gen = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(5000, 16, generator=gen) * 0.1, torch.randn(3, 16, generator=gen) + 10.0])
+    kept = fit.greedy_coreset(points, 20)
+    assert len(set(kept.tolist())) == 20 and {5000, 5001, 5002} <= set(kept.tolist())
+    drawn = torch.randperm(len(points), generator=gen)[:20]
+    assert torch.cdist(points, points[kept]).amin(dim=1).max() < torch.cdist(points, points[drawn]).amin(dim=1).max()
+    assert torch.equal(fit.greedy_coreset(points[:10], 20), torch.arange(10))  # fewer points than asked: all
+
+
+def test_a_support_set_it_cannot_fit_is_refused_in_one_line():
+    rng = np.random.default_rng(3)
+    tiny = [(torch.from_numpy(_routing(rng, size=8)), None) for _ in range(4)]
+    with pytest.raises(ValueError, match="two support frames of 11 px or more; got 1"):
+        fit.fit_grey_memory([*tiny, (torch.from_numpy(_routing(rng)), None)], seed=0)
+    with pytest.raises(ValueError, match=r"mask \(10, 10\) does not match the frame \(160, 160\)"):
+        fit.fit_grey_memory([(torch.from_numpy(_routing(rng)), np.ones((10, 10), bool))] * 3, seed=0)
+
+
+@pytest.mark.parametrize("chunk", [50, 80, 3 * 38 + 1])  # bands of 1, 2 and 3 grid rows (38 neighbourhoods a row)
+def test_a_frame_is_scored_in_bands_with_the_result_of_one_pass(monkeypatch, chunk):
+    from semclip_batch.model import grey_memory
+
+    memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64)
+    levels = torch.from_numpy(_routing(np.random.default_rng(1), size=160)[:, :155])
+    whole = memory.nearest(grey_memory.neighbourhoods(levels))
+    monkeypatch.setattr(grey_memory, "CHUNK", chunk)
+    assert torch.allclose(memory.grid_distances(levels), whole, atol=1e-5)  # cdist: the same up to rounding
+
+
+def test_a_frame_under_a_neighbourhood_gets_an_empty_map_and_fusion_weights_the_maps():
+    memory = fit.fit_grey_memory(_support(2, 5), seed=0)
+    assert memory.frame_map(torch.rand(8, 40)).eq(0).all()
+    levels = torch.from_numpy(_routing(np.random.default_rng(5)))
+    base = torch.rand(levels.shape)
+    assert torch.equal(memory.fuse(base, levels), base)  # weight 0: the map as it was
+    memory.weight.fill_(0.5)
+    assert torch.allclose(memory.fuse(base, levels), 0.5 * base + 0.5 * memory.frame_map(levels))
+    assert memory.entries.shape[1] == DIM and 0 < float(memory.scale) < 1
+
+
+def test_particles_on_an_independent_routing_lot_rank_high(tmp_path):
+    """tests/routing_fixture.py (its own router and SEM-like rendering: three wire widths, vias, edge brightness,
+    shot noise), the levels as run ships them: with the greedy memory of 4,096 the particles' pixels rank high
+    (pixel AUROC 0.987 when written on float levels), though few are the frame's maximum (docs/quality.md)."""
+    import pandas as pd
+    from routing_fixture import write_routing_lot
+
+    from semclip_batch.analysis.metrics import PixelCounts
+    from semclip_batch.io.manifest import read_manifest
+
+    lot = write_routing_lot(tmp_path, n_support=6, n_test=6, seed=31)
+    support = fit.native_frames(read_manifest(str(lot["support"])), None)
+    assert len(support) == len(pd.read_csv(lot["support"]))
+    memory = fit.fit_grey_memory([(f.as_levels(), f.mask) for f in support.values()], seed=0)
+    test = fit.native_frames(read_manifest(str(lot["test"])), None)
+    counts = PixelCounts()
+    for frame in test.values():
+        counts.add(_levels(memory.frame_map(frame.as_levels()).numpy()).astype(np.uint8), frame.truth())
+    assert counts.auroc() > 0.95
+
+
+class _Fixed(GreyMemory):
+    """A memory whose map of a frame is given (keyed by the frame's first level)."""
+
+    def __init__(self, maps: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.maps = maps
+
+    def frame_map(self, levels: torch.Tensor) -> torch.Tensor:
+        return self.maps[round(float(levels[0, 0]) * 255)]
+
+
+def _frames(n: int, seed: int) -> tuple[dict, dict]:
+    """``n`` 64 x 64 frames, half with a 6-px square defect: truths, NativeFrames (frame k's first level is k)."""
+    rng = np.random.default_rng(seed)
+    truths, frames = {}, {}
+    for k in range(n):
+        truth = np.zeros((64, 64), bool)
+        if k % 2:
+            y, x = rng.integers(5, 53, size=2)
+            truth[y:y + 6, x:x + 6] = True
+        levels = np.zeros((64, 64), np.uint8)
+        levels[0, 0] = k
+        truths[k], frames[k] = truth, fit.NativeFrame(levels, truth if k % 2 else None, normal=not k % 2)
+    return truths, frames
+
+
+def test_the_held_out_frames_keep_the_memory_only_where_it_gains_pixel_auroc_and_keeps_f1max():
+    truths, frames = _frames(8, 0)
+    gen = torch.Generator().manual_seed(1)
+    noisy = {k: torch.rand(64, 64, generator=gen) * 0.6 + torch.from_numpy(t).float() * 0.3 for k, t in truths.items()}
+    maps = [fit.FrameMap(k, noisy[k], 0.5, bool(k % 2)) for k in truths]
+    sharp = _Fixed({k: torch.from_numpy(t).float() for k, t in truths.items()})
+    kept = fit.choose_weight(maps, frames, sharp)
+    assert kept["weight"] == fit.WEIGHT and kept["gain"] >= fit.MIN_GAIN
+    blind = _Fixed({k: torch.rand(64, 64, generator=gen) for k in truths})
+    dropped = fit.choose_weight(maps, frames, blind)
+    assert dropped["weight"] == 0.0 and dropped["gain"] < 0
+    assert dropped["figures"]["0"] == kept["figures"]["0"]  # the map alone scored once, the same way
+    normal_only = {k: f for k, f in frames.items() if not k % 2}
+    none = fit.choose_weight([m for m in maps if m.position in normal_only], normal_only, sharp)
+    assert none["weight"] == 0.0 and "no defect pixel" in none["note"]
+
+
+@pytest.mark.parametrize(("figures", "weight"), [
+    ({0.0: (0.90, 0.30), 0.5: (0.91, 0.30)}, 0.5),  # +0.01 and F1max kept: kept
+    ({0.0: (0.90, 0.30), 0.5: (0.95, 0.29)}, 0.0),  # a gain that costs F1max: not kept
+    ({0.0: (0.90, 0.30), 0.5: (0.909, 0.40)}, 0.0),  # under +0.01: not kept
+])
+def test_the_rule_needs_the_gain_and_no_f1max_lost(monkeypatch, figures, weight):
+    class Counts:
+        def __init__(self, auroc: float, f1: float) -> None:
+            self.auroc, self.f1_max = (lambda: auroc), (lambda: f1)
+
+    monkeypatch.setattr(fit, "fused_counts", lambda *args: {w: Counts(*f) for w, f in figures.items()})
+    assert fit.choose_weight([], {}, GreyMemory())["weight"] == weight
+
+
+def test_thresholds_are_fitted_on_the_fused_frame_maps():
+    truths, frames = _frames(6, 2)
+    maps = [fit.FrameMap(k, torch.zeros(64, 64), 0.9 if k % 2 else 0.1, bool(k % 2)) for k in truths]
+    grey = _Fixed({k: torch.from_numpy(t).float() for k, t in truths.items()})
+    grey.weight.fill_(0.5)
+    th = fit.fused_thresholds(maps, frames, grey, "max")  # image score: the fused map's maximum alone
+    assert 0.0 < th["image"] < 0.5  # defect frames peak at 0.5, normal frames at 0
+    assert 0.0 < th["pixel"] <= 0.5  # any level up to the defects' 0.5 separates them
+
+
+def _decoded(tmp_path, prep, shapes):
+    import tifffile
+
+    from semclip_batch.io.schema import INPUT_COLUMNS
+    from semclip_batch.pipeline.reader import decode_batch
+
+    rng = np.random.default_rng(3)
+    urls = []
+    for k, shape in enumerate(shapes):
+        urls.append(str(tmp_path / f"{k}.tif"))
+        tifffile.imwrite(urls[-1], (rng.random(shape) * 65535).astype(np.uint16))
+    n = len(shapes)
+    batch = {c: np.array([f"{c}{i}" for i in range(n)], dtype=object) for c in INPUT_COLUMNS}
+    batch.update(url=np.array(urls, dtype=object), reference_url=np.full(n, None, dtype=object),
+                 die_x=np.zeros(n, np.int64), die_y=np.zeros(n, np.int64), page=np.full(n, None, dtype=object))
+    return {k: np.array(v, dtype=object) for k, v in decode_batch(batch, prep=prep).to_pydict().items()}
+
+
+def test_run_fuses_every_frames_map_with_the_memory_before_its_mask_score_and_defect_view(tmp_path, monkeypatch,
+                                                                                       tiny_clip):
+    """The model actor: every frame ships its levels (``frame_levels``), its stored mask and image score read the
+    fused map, and only a frame large enough takes a defect view (cut at the fused map's maximum)."""
+    from semclip_batch.config import ModelSpec
+    from semclip_batch.io.preprocess import (
+        defect_view,
+        frame_tiles,
+        maps_to_frame,
+        normalize,
+        unpack_frame,
+        unpack_views,
+    )
+    from semclip_batch.methods import scoring as scoring_module
+    from semclip_batch.methods.decisions import anomaly_score, to_mask
+    from semclip_batch.methods.prompts import load_prompts, text_embeddings
+    from semclip_batch.methods.weights import preprocess_config
+    from semclip_batch.pipeline import inference
+    from semclip_batch.pipeline.inference import Predictor, PredictorSetup
+
+    spec = ModelSpec(backbone="semclip-tiny", defect_view=True, grey_memory=True)
+    prep = preprocess_config(spec.backbone, tile_above=1024, defect_view=True, frame_levels=True)
+    text = text_embeddings(tiny_clip, load_prompts())
+    memory = fit.fit_grey_memory(_support(4, 6), seed=0)
+    memory.weight.fill_(0.5)
+
+    def built(spec, text, sha=None):
+        scoring = scoring_module.build_model(replace(spec, grey_memory=False), text, backbone=tiny_clip)
+        scoring.grey = memory
+        return scoring
+
+    monkeypatch.setattr(inference, "build_model", built)
+    shapes = ((700, 1100), (256, 256))
+    decoded = _decoded(tmp_path, prep, shapes)
+    assert all(len(f) == h * w for f, (h, w) in zip(decoded["frame_pixels"], shapes, strict=True))
+    setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text, weights_sha256=tiny_clip.sha256,
+                           batch_size=4, threads=1, use_gpu=False)
+    rows = Predictor(setup)(decoded).to_pylist()
+    plain = built(spec, text)
+    with torch.no_grad():
+        for row, (h, w), packed, shipped in zip(rows, shapes, decoded["pixels"], decoded["frame_pixels"], strict=True):
+            views = unpack_views(torch.from_numpy(np.frombuffer(packed, np.uint16).reshape(-1, 240, 240).copy()))
+            out = plain(normalize(views, prep))
+            levels = unpack_frame(shipped, h, w)
+            fused = memory.fuse(maps_to_frame(out.maps, h, w, frame_tiles(h, w, prep)), levels.float() / 255)
+            assert not torch.allclose(fused, maps_to_frame(out.maps, h, w, frame_tiles(h, w, prep)))
+            stored = np.frombuffer(row["mask"], np.uint8).reshape(h, w)
+            assert np.abs(stored.astype(int) - to_mask(fused.numpy()).astype(int)).max() <= 1
+            whole = out.class_probs[0]
+            assert row["anomaly_score"] == pytest.approx(anomaly_score(float(whole[0]), float(fused.max())), abs=1e-5)
+            expected = whole
+            if max(h, w) >= 480:  # DEFECT_VIEW_ABOVE model inputs: the defect view at the fused map's maximum
+                crop = plain(normalize(defect_view(levels, fused, 240)[None], prep)).class_probs[0]
+                expected = 0.5 * (whole + crop)
+            assert np.allclose(row["class_scores"], expected.numpy(), atol=1e-5)
+
+
+def test_a_model_with_a_memory_refuses_a_decode_stage_that_shipped_no_levels(tmp_path, monkeypatch, tiny_clip):
+    from semclip_batch.config import ModelSpec
+    from semclip_batch.methods import scoring as scoring_module
+    from semclip_batch.methods.prompts import load_prompts, text_embeddings
+    from semclip_batch.methods.weights import preprocess_config
+    from semclip_batch.pipeline import inference
+
+    spec = ModelSpec(backbone="semclip-tiny", grey_memory=True)
+    memory = fit.fit_grey_memory(_support(4, 6), seed=0)
+
+    def built(spec, text, sha=None):
+        scoring = scoring_module.build_model(replace(spec, grey_memory=False), text, backbone=tiny_clip)
+        scoring.grey = memory
+        return scoring
+
+    monkeypatch.setattr(inference, "build_model", built)
+    prep = preprocess_config(spec.backbone, tile_above=1024)
+    decoded = _decoded(tmp_path, prep, ((256, 256),))
+    assert decoded["frame_pixels"][0] == b""
+    setup = inference.PredictorSetup(spec=spec, prep=prep, text_embeddings=text_embeddings(tiny_clip, load_prompts()),
+                                     weights_sha256=tiny_clip.sha256, batch_size=4, threads=1, use_gpu=False)
+    row = inference.Predictor(setup)(decoded).to_pylist()[0]
+    assert row["status"] == "model_error" and "grey-level memory needs every frame's levels" in row["error"]
+
+
+def test_a_checkpoints_memory_is_loaded_with_its_size_and_a_missing_one_is_refused(tiny_clip):
+    from semclip_batch.config import ModelSpec
+    from semclip_batch.errors import WeightsError
+    from semclip_batch.methods.checkpoint import BACKBONE_PREFIXES
+    from semclip_batch.methods.registry import new_model
+    from semclip_batch.methods.scoring import build_model
+    from semclip_batch.model.grey_memory import GREY_MEMORY
+
+    text = torch.randn(7, 64)
+    spec = ModelSpec(backbone="semclip-tiny", grey_memory=True, checkpoint="ckpt")
+    own = {k: v for k, v in new_model(spec, tiny_clip.clip, text).state_dict().items()
+           if not k.startswith(BACKBONE_PREFIXES)}
+    memory = fit.fit_grey_memory(_support(5, 5), seed=0, entries=37)
+    memory.weight.fill_(0.5)
+    with_memory = {**own, **{f"{GREY_MEMORY}.{k}": v for k, v in memory.state_dict().items()}}
+    scoring = build_model(spec, text.numpy(), backbone=tiny_clip, tensors=with_memory)
+    assert scoring.grey is not None and scoring.grey.entries.shape == (37, DIM) and float(scoring.grey.weight) == 0.5
+    assert torch.equal(scoring.grey.entries, memory.entries)
+    with pytest.raises(WeightsError, match=r"does not fit this model \(missing grey_memory\.entries\)"):
+        build_model(spec, text.numpy(), backbone=tiny_clip, tensors=own)
+    no_axes = {k: v for k, v in with_memory.items() if k != f"{GREY_MEMORY}.axes"}
+    with pytest.raises(WeightsError, match="grey_memory: Error"):
+        build_model(spec, text.numpy(), backbone=tiny_clip, tensors=no_axes)
+
+
+def test_specs_and_preprocessing_without_it_keep_their_records():
+    """Run ids of runs the memory does not touch stay as they were: neither field is recorded unless set."""
+    from semclip_batch.config import ModelSpec, PreprocessConfig
+
+    prep = PreprocessConfig(image_size=224, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert "frame_levels" not in prep.as_record() and replace(prep, frame_levels=True).as_record()["frame_levels"]
+    assert "grey_memory" not in ModelSpec().output_affecting()
+    assert ModelSpec(grey_memory=True).output_affecting()["grey_memory"] is True
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monkeypatch):
+    """``train`` with the default recipe fits the memory, reports its held-out figures and (the rule's bar lowered
+    here, so that it is kept on this small lot) stores it with thresholds fitted on fused maps; ``run`` with that
+    checkpoint ships every frame's levels and scores every frame."""
+    import json
+
+    from click.testing import CliRunner
+    from routing_fixture import write_routing_lot
+
+    from semclip_batch.cli import main
+    from semclip_batch.methods.checkpoint import load_checkpoint
+    from semclip_batch.model.grey_memory import GREY_MEMORY
+
+    lot = write_routing_lot(tmp_path, n_support=6, n_test=3, seed=12, size=(256, 256))
+    monkeypatch.setattr(fit, "MIN_GAIN", -1.0)
+    runner = CliRunner()
+    ckpt = tmp_path / "ckpt"
+    res = runner.invoke(main, ["train", str(lot["support"]), "--out", str(ckpt), "--backbone", "semclip-tiny",
+                               "--pretrained", "shipped", "--adapt-steps", "0", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    loaded = load_checkpoint(str(ckpt))
+    record = loaded.meta.training["grey_memory"]
+    assert loaded.meta.grey_memory and record["weight"] == fit.WEIGHT and record["fitted_on"] == 10
+    assert set(record["figures"]) == {"0", "0.5"} and record["figures"]["0"]["pAUROC"] is not None
+    assert loaded.tensors[f"{GREY_MEMORY}.entries"].shape[1] == DIM
+    assert float(loaded.tensors[f"{GREY_MEMORY}.weight"]) == fit.WEIGHT
+    assert loaded.meta.thresholds.pixel != record["thresholds_before"]["pixel"] or \
+        loaded.meta.thresholds.image != record["thresholds_before"]["image"]
+    assert "grey-level memory (" in res.output and "kept at weight 0.5" in res.output
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["run", str(lot["test"]), "--out", str(out), "--model", str(ckpt)])
+    assert res.exit_code == 0, res.output
+    run_record = json.loads(next((out / "runs").rglob("attempt-*.json")).read_text())
+    assert run_record["counts"] == {"ok": 3} and run_record["preprocessing"]["frame_levels"] is True
