@@ -171,19 +171,8 @@ def test_particles_on_an_independent_routing_lot_rank_high(tmp_path):
     assert counts.auroc() > 0.95
 
 
-class _Fixed(GreyMemory):
-    """A memory whose map of a frame is given (keyed by the frame's first level)."""
-
-    def __init__(self, maps: dict[int, torch.Tensor]) -> None:
-        super().__init__()
-        self.maps = maps
-
-    def frame_map(self, levels: torch.Tensor) -> torch.Tensor:
-        return self.maps[round(float(levels[0, 0]) * 255)]
-
-
 def _frames(n: int, seed: int) -> tuple[dict, dict]:
-    """``n`` 64 x 64 frames, half with a 6-px square defect: truths, NativeFrames (frame k's first level is k)."""
+    """``n`` 64 x 64 frames, half with a 6-px square defect: truths and NativeFrames by position."""
     rng = np.random.default_rng(seed)
     truths, frames = {}, {}
     for k in range(n):
@@ -191,9 +180,8 @@ def _frames(n: int, seed: int) -> tuple[dict, dict]:
         if k % 2:
             y, x = rng.integers(5, 53, size=2)
             truth[y:y + 6, x:x + 6] = True
-        levels = np.zeros((64, 64), np.uint8)
-        levels[0, 0] = k
-        truths[k], frames[k] = truth, fit.NativeFrame(levels, truth if k % 2 else None, normal=not k % 2)
+        truths[k] = truth
+        frames[k] = fit.NativeFrame(np.zeros((64, 64), np.uint8), truth if k % 2 else None, normal=not k % 2)
     return truths, frames
 
 
@@ -202,10 +190,10 @@ def test_the_held_out_frames_keep_the_memory_only_where_it_gains_pixel_auroc_and
     gen = torch.Generator().manual_seed(1)
     noisy = {k: torch.rand(64, 64, generator=gen) * 0.6 + torch.from_numpy(t).float() * 0.3 for k, t in truths.items()}
     maps = [fit.FrameMap(k, noisy[k], 0.5, bool(k % 2)) for k in truths]
-    sharp = _Fixed({k: torch.from_numpy(t).float() for k, t in truths.items()})
+    sharp = {k: torch.from_numpy(t).float() for k, t in truths.items()}.__getitem__
     kept = fit.choose_weight(maps, frames, sharp)
     assert kept["weight"] == fit.WEIGHT and kept["gain"] >= fit.MIN_GAIN
-    blind = _Fixed({k: torch.rand(64, 64, generator=gen) for k in truths})
+    blind = {k: torch.rand(64, 64, generator=gen) for k in truths}.__getitem__
     dropped = fit.choose_weight(maps, frames, blind)
     assert dropped["weight"] == 0.0 and dropped["gain"] < 0
     assert dropped["figures"]["0"] == kept["figures"]["0"]  # the map alone scored once, the same way
@@ -225,15 +213,14 @@ def test_the_rule_needs_the_gain_and_no_f1max_lost(monkeypatch, figures, weight)
             self.auroc, self.f1_max = (lambda: auroc), (lambda: f1)
 
     monkeypatch.setattr(fit, "fused_counts", lambda *args: {w: Counts(*f) for w, f in figures.items()})
-    assert fit.choose_weight([], {}, GreyMemory())["weight"] == weight
+    assert fit.choose_weight([], {}, torch.zeros)["weight"] == weight
 
 
 def test_thresholds_are_fitted_on_the_fused_frame_maps():
     truths, frames = _frames(6, 2)
     maps = [fit.FrameMap(k, torch.zeros(64, 64), 0.9 if k % 2 else 0.1, bool(k % 2)) for k in truths]
-    grey = _Fixed({k: torch.from_numpy(t).float() for k, t in truths.items()})
-    grey.weight.fill_(0.5)
-    th = fit.fused_thresholds(maps, frames, grey, "max")  # image score: the fused map's maximum alone
+    grey = {k: torch.from_numpy(t).float() for k, t in truths.items()}.__getitem__
+    th = fit.fused_thresholds(maps, frames, grey, 0.5, "max")  # image score: the fused map's maximum alone
     assert 0.0 < th["image"] < 0.5  # defect frames peak at 0.5, normal frames at 0
     assert 0.0 < th["pixel"] <= 0.5  # any level up to the defects' 0.5 separates them
 
@@ -410,3 +397,12 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     assert res.exit_code == 0, res.output
     run_record = json.loads(next((out / "runs").rglob("attempt-*.json")).read_text())
     assert run_record["counts"] == {"ok": 3} and run_record["preprocessing"]["frame_levels"] is True
+
+
+def test_each_frames_memory_map_is_computed_once(monkeypatch):
+    memory = fit.fit_grey_memory(_support(3, 5), seed=0, entries=64)
+    calls = []
+    monkeypatch.setattr(memory, "frame_map", lambda levels: calls.append(1) or torch.zeros(levels.shape))
+    frames = {7: fit.NativeFrame(np.zeros((30, 40), np.uint8), None, normal=True)}
+    grey = fit.memory_maps(memory, frames)
+    assert grey(7).shape == (30, 40) and grey(7) is grey(7) and len(calls) == 1

@@ -374,9 +374,18 @@ def test_the_memory_is_left_out_inside_the_block_and_back_after():
     spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused", memory=True)
     model = new_model(spec, backbone.clip, text)
     model.memory.weight.fill_(0.25)
-    with get_method("semclip").without_memory(model):
-        assert float(model.memory.weight) == 0.0
-    assert float(model.memory.weight) == 0.25
+    model.memory.set_banks([torch.randn(64, b.shape[1], generator=torch.Generator().manual_seed(0))
+                            for b in model.memory.banks()])
+    model.eval()
+    x = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), get_method("semclip").without_memory(model):
+        assert float(model.memory.weight) == 0.0 and model.memory.left_out
+        inside = model(x).maps
+    assert float(model.memory.weight) == 0.25 and not model.memory.left_out
+    model.memory.weight.zero_()  # the maps inside: those of weight 0, without the distances being taken
+    with torch.no_grad():
+        assert torch.equal(model(x).maps, inside)
+    model.memory.weight.fill_(0.25)
     with pytest.raises(RuntimeError), get_method("semclip").without_memory(model):
         raise RuntimeError("a failed check")
     assert float(model.memory.weight) == 0.25

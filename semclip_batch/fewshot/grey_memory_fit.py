@@ -14,7 +14,7 @@ neighbourhoods' distances).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,14 +27,13 @@ from semclip_batch.analysis.metrics import PixelCounts
 from semclip_batch.config import NORMAL, PreprocessConfig
 from semclip_batch.errors import ConfigError, ImageError
 from semclip_batch.fewshot.maps_policy import support_maps_at
-from semclip_batch.fewshot.support_maps import image_threshold, pixel_threshold
+from semclip_batch.fewshot.support_maps import SupportMaps, image_threshold, pixel_threshold
 from semclip_batch.fewshot.support_set import Fitted, TrainConfig
-from semclip_batch.fewshot.trainset import TrainSet, row_frame, row_mask
+from semclip_batch.fewshot.trainset import row_frame, row_mask
 from semclip_batch.io.levels import stretch
 from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, maps_to_frame, pack_frame
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
-from semclip_batch.model import SemClipOutput
 from semclip_batch.model.grey_memory import DIM, PATCH, STRIDE, GreyMemory, grid_shape, neighbourhoods
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def clean(mask: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
         rows, cols = grid_shape(*shape)
         return torch.ones(rows * cols, dtype=torch.bool)
     grown = F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], 2 * MASK_MARGIN + 1, 1, MASK_MARGIN)
-    return F.unfold(grown, PATCH, stride=STRIDE)[0].amax(dim=0) == 0
+    return F.max_pool2d(grown, PATCH, STRIDE).flatten() == 0  # each neighbourhood's window, row by row
 
 
 def principal_axes(centred: torch.Tensor, dim: int) -> torch.Tensor:
@@ -102,12 +101,13 @@ def greedy_coreset(points: torch.Tensor, size: int) -> torch.Tensor:
     (PatchCore's k-centre selection: rare neighbourhoods are kept, common ones thinned), starting from the first."""
     if len(points) <= size:
         return torch.arange(len(points))
-    chosen = torch.empty(size, dtype=torch.long)
-    chosen[0] = 0
-    gap = (points - points[0]).norm(dim=1)
+    chosen = torch.zeros(size, dtype=torch.long)
+    squared = (points * points).sum(dim=1)
+    gap = torch.addmv(squared + squared[0], points, points[0], alpha=-2)  # squared distances: the same order
+    step = torch.empty_like(gap)
     for k in range(1, size):
-        chosen[k] = int(gap.argmax())
-        gap = torch.minimum(gap, (points - points[chosen[k]]).norm(dim=1))
+        chosen[k] = i = int(gap.argmax())
+        torch.minimum(gap, torch.addmv(squared + squared[i], points, points[i], alpha=-2, out=step), out=gap)
     return chosen
 
 
@@ -145,51 +145,66 @@ def fit_grey_memory(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], se
 class FrameMap:
     """One support frame's map as ``run`` assembles it (its views' maps at the frame's resolution)."""
 
-    position: int  # in the rows the support set was loaded from
+    position: int  # in the support rows (``df``)
     map: torch.Tensor  # (H, W) float
     p_normal: float  # the whole view's
     defect: bool
 
 
-def frame_maps(out: SemClipOutput, data: TrainSet, shapes: Mapping[int, tuple[int, int]],
-               prep: PreprocessConfig) -> Iterator[FrameMap]:
-    """Each frame's map from its views' (``maps_to_frame`` over the tiles ``prep`` cuts: a frame whose tiles the
-    support set left out, a defect frame without a mask, takes its whole view's). Frames missing from ``shapes``
-    are skipped. Only the first copy of augmented rows is read."""
-    frame = data.frame if data.frame is not None else torch.arange(len(data))
-    for f in frame.unique().tolist():
-        if f not in shapes:
+GreyMaps = Callable[[int], torch.Tensor]  # a support row's memory map (H, W), by position
+
+
+def memory_maps(memory: GreyMemory, frames: Mapping[int, NativeFrame]) -> GreyMaps:
+    """The memory's map of each native frame, computed once (the held-out frames' serve the weight's choice and
+    the thresholds)."""
+    done: dict[int, torch.Tensor] = {}
+
+    def of(position: int) -> torch.Tensor:
+        if position not in done:
+            done[position] = memory.frame_map(frames[position].as_levels())
+        return done[position]
+
+    return of
+
+
+def frame_maps(scored: SupportMaps, frames: Mapping[int, NativeFrame],
+               positions: Sequence[int] | None = None) -> Iterator[FrameMap]:
+    """Each frame's map from its views' (``maps_to_frame`` over the tiles ``scored.prep`` cuts: a frame whose tiles
+    the support set left out, a defect frame without a mask, takes its whole view's). ``positions``: the support row
+    of each row the views were loaded from (None: the same); frames missing from ``frames`` are skipped."""
+    for f in scored.frame.unique().tolist():
+        position = f if positions is None else positions[f]
+        if position not in frames:
             continue
-        rows = (frame == f).nonzero().flatten()
-        h, w = shapes[f]
-        tiles = frame_tiles(h, w, prep)
-        views = out.maps[rows[:1 + len(tiles)]]
+        rows = (scored.frame == f).nonzero().flatten()
+        h, w = frames[position].levels.shape
+        tiles = frame_tiles(h, w, scored.prep)
+        views = scored.maps[rows[:1 + len(tiles)]]
         if len(views) != 1 + len(tiles):
             tiles = []
         first = int(rows[0])
-        yield FrameMap(f, maps_to_frame(views, h, w, tiles), float(out.class_probs[first][0]),
-                       bool(data.labels[first] > 0))
+        yield FrameMap(position, maps_to_frame(views, h, w, tiles), float(scored.class_probs[first][0]),
+                       bool(scored.labels[first] > 0))
 
 
-def fused_counts(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], memory: GreyMemory,
+def fused_counts(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
                  weights: Sequence[float]) -> dict[float, PixelCounts]:
-    """Pixel counts of the frames' maps fused with the memory at each of ``weights`` (frames with a truth only)."""
+    """Pixel counts of the frames' maps fused with the memory's at each of ``weights`` (frames with a truth only)."""
     counts = {w: PixelCounts() for w in weights}
     for item in maps:
         truth = frames[item.position].truth()
         if truth is None:
             continue
-        grey = memory.frame_map(frames[item.position].as_levels())
         for w in weights:
-            fused = (1 - w) * item.map + w * grey
+            fused = (1 - w) * item.map + w * grey(item.position)
             counts[w].add(to_mask(fused.numpy()), truth, regions=False)
     return counts
 
 
-def choose_weight(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], memory: GreyMemory) -> dict[str, Any]:
+def choose_weight(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps) -> dict[str, Any]:
     """Rule 17's choice on the held-out frames' maps: :data:`WEIGHT` where it gains at least :data:`MIN_GAIN` pixel
     AUROC over 0 and loses no F1max, else 0; the figures of both."""
-    counts = fused_counts(maps, frames, memory, (0.0, WEIGHT))
+    counts = fused_counts(maps, frames, grey, (0.0, WEIGHT))
     figures = {f"{w:g}": {"pAUROC": c.auroc(), "F1max": c.f1_max()} for w, c in counts.items()}
     without, within = figures["0"], figures[f"{WEIGHT:g}"]
     if without["pAUROC"] is None or within["pAUROC"] is None:
@@ -199,13 +214,13 @@ def choose_weight(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], m
     return {"weight": WEIGHT if kept else 0.0, "figures": figures, "gain": round(gain, 4)}
 
 
-def fused_thresholds(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], memory: GreyMemory,
+def fused_thresholds(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps, weight: float,
                      score_mode: str) -> dict[str, float]:
     """The image threshold (best balanced accuracy of the frames' scores, each from the fused map's maximum) and
     the pixel threshold (best F1 of the fused maps), as ``fit_thresholds`` fits them on views."""
     scores, defect, counts = [], [], PixelCounts()
     for item in maps:
-        fused = memory.fuse(item.map, frames[item.position].as_levels())
+        fused = (1 - weight) * item.map + weight * grey(item.position)
         scores.append(anomaly_score(item.p_normal, float(fused.max()), score_mode))
         defect.append(item.defect)
         truth = frames[item.position].truth()
@@ -215,46 +230,45 @@ def fused_thresholds(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame]
 
 
 def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], classes: tuple[str, ...],
-                     backbone: LoadedBackbone, fitted: Fitted) -> tuple[GreyMemory | None, dict[str, Any]]:
+                     backbone: LoadedBackbone, fitted: Fitted,
+                     scored: SupportMaps | None = None) -> tuple[GreyMemory | None, dict[str, Any]]:
     """Rule 17 after the maps' policy is settled (``cfg``'s): the memory fitted on ``df``'s rows outside ``held``
     (positions), its weight chosen on ``held`` (scored as the maps' scale check scores them: the method's own
     memory left out), and with the weight kept, ``fitted``'s thresholds fitted again on every support frame's
-    fused map. Returns the memory (None: not kept) and the checkpoint's record."""
+    fused map (``scored``: the support maps the thresholds were last fitted on, when kept; else scored here).
+    Returns the memory (None: not kept) and the checkpoint's record."""
     prep = preprocess_config(cfg.model.backbone, tile_above=10**9)  # run's stretch
     frames = native_frames(df, cfg.model.storage_options, (prep.percentile_low, prep.percentile_high))
-    held_set = set(held)
+    held_rows = [p for p in held if p in frames]
+    if not held_rows:  # nothing to choose the weight on: not fitted
+        return None, {"weight": 0.0, "note": "no support frame is held out to choose the weight on"}
+    out_of_fit = set(held_rows)
     try:
-        memory = fit_grey_memory([(f.as_levels(), f.mask) for p, f in frames.items() if p not in held_set],
+        memory = fit_grey_memory([(f.as_levels(), f.mask) for p, f in frames.items() if p not in out_of_fit],
                                  cfg.model.seed)
     except ValueError as exc:
         return None, {"weight": 0.0, "note": str(exc)}
     record: dict[str, Any] = {"entries": len(memory.entries), "scale": round(float(memory.scale), 5),
-                              "fitted_on": len(frames) - len(held_set & set(frames))}
-    held_rows = [p for p in held if p in frames]
-    if not held_rows:
-        return None, record | {"weight": 0.0, "note": "no support frame is held out to choose the weight on"}
+                              "fitted_on": len(frames) - len(held_rows)}
     at = replace(cfg, policy_from_weights=False, check_scale=False)
     try:
-        data, out, prep = support_maps_at(at, df.iloc[held_rows], classes, backbone, fitted, with_memory=False)
+        held_scored = SupportMaps.of(*support_maps_at(at, df.iloc[held_rows], classes, backbone, fitted,
+                                                      with_memory=False))
     except ConfigError as exc:
         return None, record | {"weight": 0.0, "note": f"the held-out frames do not load at the maps' policy: {exc}"}
-    local = {k: frames[p] for k, p in enumerate(held_rows)}
-    choice = choose_weight(list(frame_maps(out, data, shapes(local), prep)), local, memory)
-    record |= choice
-    del data, out
-    if not choice["weight"]:
+    grey = memory_maps(memory, frames)
+    record |= choose_weight(list(frame_maps(held_scored, frames, held_rows)), frames, grey)
+    del held_scored
+    if not record["weight"]:
         return None, record
-    memory.weight.fill_(choice["weight"])
-    data, out, prep = support_maps_at(at, df, classes, backbone, fitted)
-    thresholds = fused_thresholds(list(frame_maps(out, data, shapes(frames), prep)), frames, memory,
+    memory.weight.fill_(record["weight"])
+    if scored is None:
+        scored = SupportMaps.of(*support_maps_at(at, df, classes, backbone, fitted))
+    thresholds = fused_thresholds(list(frame_maps(scored, frames)), frames, grey, record["weight"],
                                   cfg.model.score_mode)
     record["thresholds_before"] = {k: fitted.thresholds[k] for k in ("image", "pixel")}
     fitted.thresholds = {**fitted.thresholds, **thresholds}
     return memory, record
-
-
-def shapes(frames: Mapping[int, NativeFrame]) -> dict[int, tuple[int, int]]:
-    return {p: (f.levels.shape[0], f.levels.shape[1]) for p, f in frames.items()}
 
 
 

@@ -22,7 +22,7 @@ from semclip_batch.fewshot.reference_fit import (
     support_pixel_differences,
 )
 from semclip_batch.fewshot.scale_check import FITTED, recommend
-from semclip_batch.fewshot.support_maps import emitted_views, pixel_counts, support_output, support_thresholds
+from semclip_batch.fewshot.support_maps import SupportMaps, emitted_views, fit_thresholds, pixel_counts, support_output
 from semclip_batch.fewshot.support_set import Fitted, TrainConfig, support_features, support_that_fits
 from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES
@@ -91,22 +91,24 @@ def support_maps_at(cfg: TrainConfig, rows: pd.DataFrame, classes: tuple[str, ..
 
 
 def maps_checked(cfg: TrainConfig, prep: PreprocessConfig, scale: dict[str, Any] | None, df: pd.DataFrame,
-                 classes: tuple[str, ...], backbone: LoadedBackbone,
-                 fitted: Fitted) -> tuple[TrainConfig, PreprocessConfig]:
+                 classes: tuple[str, ...], backbone: LoadedBackbone, fitted: Fitted,
+                 keep_maps: bool = False) -> tuple[TrainConfig, PreprocessConfig, SupportMaps | None]:
     """Where ``run`` will score the maps: the fit's policy, or with ``--scale-policy auto`` the one its check chose
-    (:func:`maps_at_policy`; a step-down to a coarser one recorded as ``scale["maps_at"]``)."""
+    (:func:`maps_at_policy`; a step-down to a coarser one recorded as ``scale["maps_at"]``); with ``keep_maps``, the
+    support maps the thresholds were fitted on there (None where the maps stayed at the fit's policy)."""
     policy = None if scale is None or scale["chosen"] is None else parse_scale_policy(scale["chosen"])
     if scale is None or policy is None:
-        return cfg, prep
-    moved = maps_at_policy(cfg, policy, df, classes, backbone, fitted)
-    at, at_prep = (cfg, prep) if moved is None else moved
+        return cfg, prep, None
+    moved = maps_at_policy(cfg, policy, df, classes, backbone, fitted, keep_maps)
+    at, at_prep, kept = (cfg, prep, None) if moved is None else moved
     if scale_policy_name(at.model.scale_policy) != scale["chosen"]:
         scale["maps_at"] = scale_policy_name(at.model.scale_policy)  # stepped down: the views did not fit
-    return at, at_prep
+    return at, at_prep, kept
 
 
 def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: tuple[str, ...],
-                   backbone: LoadedBackbone, fitted: Fitted) -> tuple[TrainConfig, PreprocessConfig] | None:
+                   backbone: LoadedBackbone, fitted: Fitted,
+                   keep_maps: bool = False) -> tuple[TrainConfig, PreprocessConfig, SupportMaps | None] | None:
     """``fitted`` (fitted at whole) made ready for ``run`` to score its maps at ``policy`` (``--scale-policy auto``'s
     choice): the support frames loaded again as ``run`` will score them there (their whole views and tiles; the next
     coarser policy where those would not fit in memory, None and ``fitted`` untouched where that is whole), and
@@ -114,7 +116,7 @@ def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: t
     references; the fit's where no normal view there has one) and the image and pixel thresholds. The head, the
     Transformation Layers, alpha, the map's weights and the memory's distance scale stay the fit's; what was fitted
     again is recorded under ``maps_at_policy`` beside the fit's own figures. Returns the config and preprocessing at
-    the policy (the checkpoint's)."""
+    the policy (the checkpoint's) and, with ``keep_maps``, the support maps the thresholds were fitted on."""
     at = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
     at, prep, data = support_that_fits(at, df, classes, verb="maps at")
     if at.model.scale_policy is None:
@@ -132,7 +134,7 @@ def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: t
     tokens = get_method(cfg.model.method).refill_memory(model, feats, data.masks, data.has_mask, cfg.model.seed)
     if tokens is not None:
         record["memory_tokens"] = tokens
-    fitted.thresholds = support_thresholds(model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
-                                           len(data))
+    out = support_output(model, feats, data, reference, ref_feats, pixels)
+    fitted.thresholds = fit_thresholds(out, data, cfg.model.score_mode, len(data))
     fitted.summary["maps_at_policy"] = record
-    return at, prep
+    return at, prep, SupportMaps.of(data, out, prep) if keep_maps else None

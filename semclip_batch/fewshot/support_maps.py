@@ -4,17 +4,36 @@ fitted on them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from semclip_batch.analysis.metrics import PixelCounts
-from semclip_batch.config import DEFAULT_MIN_REGION_PX
+from semclip_batch.config import DEFAULT_MIN_REGION_PX, PreprocessConfig
 from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.features import Features
 from semclip_batch.methods.registry import Scorer, score_features
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import ReferenceScorer
+
+
+@dataclass(frozen=True)
+class SupportMaps:
+    """Support views as ``run`` scores them, kept for a later step: each view's frame (a position in the rows it
+    was loaded from), label, map and class probabilities, and the preprocessing that cut the views."""
+
+    frame: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+    maps: torch.Tensor  # (N, S, S)
+    class_probs: torch.Tensor  # (N, C)
+    prep: PreprocessConfig
+
+    @classmethod
+    def of(cls, data: TrainSet, out: SemClipOutput, prep: PreprocessConfig) -> SupportMaps:
+        frame = data.frame if data.frame is not None else torch.arange(len(data))
+        return cls(frame, data.labels, out.maps.float(), out.class_probs.float(), prep)
 
 
 def emitted_views(data: TrainSet, rows: torch.Tensor) -> torch.Tensor:

@@ -140,11 +140,13 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     del data, feats, ref_feats  # the fit's rows, freed before the check and the maps' views load
     scale = held_out_check(cfg, df.iloc[held.tolist()], prompts.classes, chosen.backbone,
                            fitted) if cfg.check_scale else None
-    at, at_prep = maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted)
+    at, at_prep, scored = maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted,
+                                       keep_maps=spec.grey_memory)
     grey = None
     if spec.grey_memory:  # after the maps' policy is settled: its weight is chosen, its thresholds fitted, there
         grey, fitted.summary["grey_memory"] = grey_memory_step(at, df, held.tolist(), prompts.classes, chosen.backbone,
-                                                               fitted)
+                                                               fitted, scored)
+    del scored
     state = dict(fitted.model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})

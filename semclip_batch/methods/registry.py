@@ -98,8 +98,8 @@ class Method(ABC, Generic[M]):
         return None
 
     def without_memory(self, model: M) -> AbstractContextManager[None]:
-        """Inside the block the model's maps leave its normal-patch memory out (``train``'s check of the maps'
-        policy scores frames whose clean patches that memory holds); nothing to leave out by default."""
+        """Inside the block the model's maps leave its normal-patch memory out (``train``'s checks score frames
+        whose clean patches that memory holds, and read only the maps there); nothing to leave out by default."""
         return nullcontext()
 
 

@@ -112,16 +112,20 @@ class SemClipMethod(Method[SemClip]):
 
     @contextmanager
     def without_memory(self, model: SemClip) -> Iterator[None]:
-        """The memory's fusion weight at 0 inside the block (its maps: the method's and the self-similarity's)."""
+        """The memory's fusion weight at 0 inside the block (its maps: the method's and the self-similarity's), its
+        distances not taken (a third of ``train``'s time at a fine policy otherwise; the class scores inside the
+        block, which no check reads, rank the region head's patches by the map's terms alone)."""
         if model.memory is None:
             yield
             return
         weight = model.memory.weight.clone()
         model.memory.weight.zero_()
+        model.memory.left_out = True
         try:
             yield
         finally:
             model.memory.weight.copy_(weight)
+            model.memory.left_out = False
 
     @torch.no_grad()
     def held_out_maps(self, model: SemClip, support: Support) -> HeldOutMaps | None:

@@ -59,7 +59,11 @@ class GreyMemory(nn.Module):
         """``(L,)`` distance of each neighbourhood ``(L, PATCH * PATCH)`` to its nearest entry (in the axes' space),
         :data:`CHUNK` neighbourhoods at a time."""
         q = (cols.float() - self.mean) @ self.axes
-        return torch.cat([torch.cdist(part, self.entries).amin(dim=1) for part in q.split(CHUNK)])
+        squared = (self.entries * self.entries).sum(dim=1)
+        # |q - e|^2 = |e|^2 - 2 q.e + |q|^2: one matrix product a block, the root of the least only
+        least = [torch.addmm(squared, part, self.entries.T, alpha=-2).amin(dim=1) + (part * part).sum(dim=1)
+                 for part in q.split(CHUNK)]
+        return torch.cat(least).clamp_min(0).sqrt()
 
     def grid_distances(self, levels: torch.Tensor) -> torch.Tensor:
         """``(gh * gw,)`` :meth:`nearest` distances of the frame's neighbourhoods, row by row, taken in bands of about

@@ -48,6 +48,7 @@ class PatchMemory(nn.Module):
             self.register_buffer(f"bank{k}", torch.zeros(0, width))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("weight", torch.tensor(0.0))
+        self.left_out = False  # maps scored without it (train's checks): no distances taken, the weight at 0
 
     def banks(self) -> list[torch.Tensor]:
         return [getattr(self, f"bank{k}") for k in range(len(self.taps))]

@@ -256,8 +256,9 @@ class SemClip(Scorer):
         return self.from_encoded(enc, (images.shape[-2], images.shape[-1]))
 
     def memory_distance(self, enc: EncoderOutput) -> torch.Tensor | None:
-        """``(B, N)`` distances to the normal-patch memory, or None (no memory, or an empty one)."""
-        if self.memory is None or self.memory.empty:
+        """``(B, N)`` distances to the normal-patch memory, or None (no memory, an empty one, or one left out of the
+        maps: ``memory.left_out``, where the region head's patch ranking reads the map's terms alone)."""
+        if self.memory is None or self.memory.empty or self.memory.left_out:
             return None
         return self.memory.distance(enc, self.cfg.taps)
 
