@@ -364,7 +364,7 @@ def test_specs_and_preprocessing_without_it_keep_their_records():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monkeypatch):
-    """``train`` with the default recipe fits the memory, reports its held-out figures and (the rule's bar lowered
+    """``train`` with the default recipe fits the memory, reports its held-out figures and (its choice overruled
     here, so that it is kept on this small lot) stores it with thresholds fitted on fused maps; ``run`` with that
     checkpoint ships every frame's levels and scores every frame."""
     import json
@@ -376,8 +376,9 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     from semclip_batch.methods.checkpoint import load_checkpoint
     from semclip_batch.model.grey_memory import GREY_MEMORY
 
-    lot = write_routing_lot(tmp_path, n_support=6, n_test=3, seed=12, size=(256, 256))
-    monkeypatch.setattr(fit, "MIN_GAIN", -1.0)
+    lot = write_routing_lot(tmp_path, n_support=7, n_test=3, seed=12, size=(256, 256))  # frames 5 and 13 held out
+    chosen = fit.choose_weight
+    monkeypatch.setattr(fit, "choose_weight", lambda *args: {**chosen(*args), "weight": fit.WEIGHT})
     runner = CliRunner()
     ckpt = tmp_path / "ckpt"
     res = runner.invoke(main, ["train", str(lot["support"]), "--out", str(ckpt), "--backbone", "semclip-tiny",
@@ -385,7 +386,7 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     assert res.exit_code == 0, res.output
     loaded = load_checkpoint(str(ckpt))
     record = loaded.meta.training["grey_memory"]
-    assert loaded.meta.grey_memory and record["weight"] == fit.WEIGHT and record["fitted_on"] == 10
+    assert loaded.meta.grey_memory and record["weight"] == fit.WEIGHT and record["fitted_on"] == 12
     assert set(record["figures"]) == {"0", "0.5"} and record["figures"]["0"]["pAUROC"] is not None
     assert loaded.tensors[f"{GREY_MEMORY}.entries"].shape[1] == DIM
     assert float(loaded.tensors[f"{GREY_MEMORY}.weight"]) == fit.WEIGHT

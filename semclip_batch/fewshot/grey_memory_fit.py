@@ -13,7 +13,6 @@ neighbourhoods' distances).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,7 +35,6 @@ from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
 from semclip_batch.model.grey_memory import DIM, PATCH, STRIDE, GreyMemory, grid_shape, neighbourhoods
 
-log = logging.getLogger(__name__)
 DEFAULT_STRETCH = (PreprocessConfig.percentile_low, PreprocessConfig.percentile_high)  # run's percentiles
 MASK_MARGIN = 4  # px around a defect pixel that no memory neighbourhood may touch
 PER_FRAME = 2048  # clean neighbourhoods drawn from one frame
@@ -269,7 +267,6 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     record["thresholds_before"] = {k: fitted.thresholds[k] for k in ("image", "pixel")}
     fitted.thresholds = {**fitted.thresholds, **thresholds}
     return memory, record
-
 
 
 def grey_memory_lines(training: Mapping[str, Any]) -> list[str]:
