@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from semclip_batch.fewshot import grey_memory_fit as fit
+from semclip_batch.model import grey_memory
 from semclip_batch.model.grey_memory import DIM, PATCH, STRIDE, GreyMemory, grid_shape
 
 
@@ -130,18 +131,20 @@ def test_a_support_set_it_cannot_fit_is_refused_in_one_line():
 
 @pytest.mark.parametrize("chunk", [50, 80, 3 * 38 + 1])  # bands of 1, 2 and 3 grid rows (38 neighbourhoods a row)
 def test_a_frame_is_scored_in_bands_with_the_result_of_one_pass(monkeypatch, chunk):
-    from semclip_batch.model import grey_memory
-
     memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64)
     levels = torch.from_numpy(_routing(np.random.default_rng(1), size=160)[:, :155])
     whole = memory.nearest(grey_memory.neighbourhoods(levels))
     monkeypatch.setattr(grey_memory, "CHUNK", chunk)
-    assert torch.allclose(memory.grid_distances(levels), whole, atol=1e-5)  # cdist: the same up to rounding
+    assert torch.allclose(memory.grid_distances(levels), whole, atol=1e-5)  # the same up to float rounding
 
 
 def test_a_frame_under_a_neighbourhood_gets_an_empty_map_and_fusion_weights_the_maps():
     memory = fit.fit_grey_memory(_support(2, 5), seed=0)
     assert memory.frame_map(torch.rand(8, 40)).eq(0).all()
+    small = torch.rand(8, 40)
+    memory.weight.fill_(0.5)
+    assert torch.equal(memory.fuse(small, torch.rand(8, 40)), small)  # no neighbourhood: the map as it is
+    memory.weight.zero_()
     levels = torch.from_numpy(_routing(np.random.default_rng(5)))
     base = torch.rand(levels.shape)
     assert torch.equal(memory.fuse(base, levels), base)  # weight 0: the map as it was
@@ -407,3 +410,91 @@ def test_each_frames_memory_map_is_computed_once(monkeypatch):
     frames = {7: fit.NativeFrame(np.zeros((30, 40), np.uint8), None, normal=True)}
     grey = fit.memory_maps(memory, frames)
     assert grey(7).shape == (30, 40) and grey(7) is grey(7) and len(calls) == 1
+
+
+def test_held_out_frames_and_defect_frames_without_a_mask_stay_out_of_the_fit():
+    mask = np.zeros((20, 20), bool)
+    mask[5, 5] = True
+    frames = {0: fit.NativeFrame(np.full((20, 20), 0, np.uint8), None, normal=True),
+              1: fit.NativeFrame(np.full((20, 20), 1, np.uint8), mask, normal=False),
+              2: fit.NativeFrame(np.full((20, 20), 2, np.uint8), None, normal=False),  # a defect, but where?
+              3: fit.NativeFrame(np.full((20, 20), 3, np.uint8), None, normal=True)}
+    kept = fit.fitting_frames(frames, held=[3])
+    assert [round(float(levels[0, 0]) * 255) for levels, _ in kept] == [0, 1]
+    assert not kept[0][1].any() and kept[1][1] is mask
+
+
+def test_a_lot_whose_neighbourhoods_all_match_gets_the_floor_scale_not_a_nan_map():
+    flat = [(torch.full((40, 40), 0.5), None) for _ in range(5)]
+    memory = fit.fit_grey_memory(flat, seed=0, entries=16)
+    assert float(memory.scale) == pytest.approx(grey_memory.MIN_SCALE)  # float32
+    assert torch.isfinite(memory.frame_map(torch.rand(40, 40))).all()
+
+
+def test_a_frame_run_ships_no_levels_for_keeps_its_map_in_train_too(monkeypatch):
+    from semclip_batch.config import PreprocessConfig
+    from semclip_batch.io import preprocess
+
+    cfg = PreprocessConfig(image_size=224, mean=(0.5,) * 3, std=(0.25,) * 3, frame_levels=True)
+    assert preprocess.ships_levels(4096, 4096, cfg) and not preprocess.ships_levels(4097, 4096, cfg)
+    assert not preprocess.ships_levels(64, 64, replace(cfg, frame_levels=False))
+    item = fit.FrameMap(0, torch.rand(30, 30), 0.5, True)
+    grey = {0: torch.ones(30, 30)}.__getitem__
+    assert torch.allclose(fit.fuse(item, grey, 0.5), 0.5 * item.map + 0.5)
+    from semclip_batch.io import preprocess as preprocess_module
+
+    monkeypatch.setattr(preprocess_module, "FRAME_MAX_PIXELS", 899)  # over the limit: unfused, as run leaves it
+    assert torch.equal(fit.fuse(item, grey, 0.5), item.map)
+
+
+@pytest.mark.parametrize(("field", "value"), [("entries", torch.zeros(0, DIM)), ("scale", torch.tensor(0.0)),
+                                              ("weight", torch.tensor(0.0)), ("weight", torch.tensor(1.5))])
+def test_a_checkpoints_memory_that_cannot_score_is_refused(field, value):
+    from semclip_batch.methods.scoring import grey_memory_from
+
+    memory = fit.fit_grey_memory(_support(5, 5), seed=0, entries=8)
+    memory.weight.fill_(0.5)
+    tensors = {f"grey_memory.{k}": v for k, v in memory.state_dict().items()} | {f"grey_memory.{field}": value}
+    problems: list[str] = []
+    assert grey_memory_from(tensors, problems) is None
+    assert problems and "needs entries, a scale above 0 and a weight in (0, 1]" in problems[0]
+
+
+def test_run_leaves_a_frame_over_the_levels_limit_unfused(tmp_path, monkeypatch, tiny_clip):
+    """A frame whose levels would not cross the object store keeps its map (it still takes its defect view where it
+    ships levels for it); the others are fused."""
+    from semclip_batch.config import ModelSpec
+    from semclip_batch.io import preprocess
+    from semclip_batch.io.preprocess import frame_tiles, maps_to_frame, normalize, unpack_frame, unpack_views
+    from semclip_batch.methods import scoring as scoring_module
+    from semclip_batch.methods.decisions import to_mask
+    from semclip_batch.methods.prompts import load_prompts, text_embeddings
+    from semclip_batch.methods.weights import preprocess_config
+    from semclip_batch.pipeline import inference
+
+    spec = ModelSpec(backbone="semclip-tiny", defect_view=True, grey_memory=True)
+    prep = preprocess_config(spec.backbone, tile_above=1024, defect_view=True, frame_levels=True)
+    memory = fit.fit_grey_memory(_support(4, 6), seed=0)
+    memory.weight.fill_(0.5)
+
+    def built(spec, text, sha=None):
+        scoring = scoring_module.build_model(replace(spec, grey_memory=False), text, backbone=tiny_clip)
+        scoring.grey = memory
+        return scoring
+
+    monkeypatch.setattr(inference, "build_model", built)
+    monkeypatch.setattr(preprocess, "FRAME_MAX_PIXELS", 300 * 300)
+    shapes = ((700, 1100), (256, 256))
+    decoded = _decoded(tmp_path, prep, shapes)
+    text = text_embeddings(tiny_clip, load_prompts())
+    setup = inference.PredictorSetup(spec=spec, prep=prep, text_embeddings=text, weights_sha256=tiny_clip.sha256,
+                                     batch_size=4, threads=1, use_gpu=False)
+    rows = inference.Predictor(setup)(decoded).to_pylist()
+    plain = built(spec, text)
+    with torch.no_grad():
+        for row, (h, w), packed, shipped in zip(rows, shapes, decoded["pixels"], decoded["frame_pixels"], strict=True):
+            views = unpack_views(torch.from_numpy(np.frombuffer(packed, np.uint16).reshape(-1, 240, 240).copy()))
+            frame_map = maps_to_frame(plain(normalize(views, prep)).maps, h, w, frame_tiles(h, w, prep))
+            expected = frame_map if h * w > 300 * 300 else memory.fuse(frame_map, unpack_frame(shipped, h, w) / 255)
+            stored = np.frombuffer(row["mask"], np.uint8).reshape(h, w).astype(int)
+            assert np.abs(stored - to_mask(expected.numpy()).astype(int)).max() <= 1, (h, w)

@@ -389,6 +389,11 @@ def test_the_memory_is_left_out_inside_the_block_and_back_after():
     with pytest.raises(RuntimeError), get_method("semclip").without_memory(model):
         raise RuntimeError("a failed check")
     assert float(model.memory.weight) == 0.25
+    with get_method("semclip").without_memory(model):
+        with get_method("semclip").without_memory(model):
+            pass
+        assert model.memory.left_out and float(model.memory.weight) == 0.0  # a nested block restores what it found
+    assert not model.memory.left_out
     baseline = new_model(ModelSpec(backbone="semclip-tiny", pretrained="shipped", method="winclip"), backbone.clip, text)
     with get_method("winclip").without_memory(baseline):
         pass  # nothing to leave out
@@ -428,6 +433,7 @@ def repeating_lot(tmp_path_factory):
 
 def _forced_check(monkeypatch, chosen: str) -> list[tuple[int, dict[str, float]]]:
     """``train``'s check of the maps' policy answering ``chosen``, and a record of every threshold fit (rows, thresholds)."""
+    import semclip_batch.fewshot.maps_policy as maps_policy
     import semclip_batch.fewshot.support_maps as support_maps
     import semclip_batch.fewshot.train as train_module
 
@@ -443,6 +449,7 @@ def _forced_check(monkeypatch, chosen: str) -> list[tuple[int, dict[str, float]]
         return calls[-1][1]
 
     monkeypatch.setattr(support_maps, "fit_thresholds", spy)
+    monkeypatch.setattr(maps_policy, "fit_thresholds", spy)  # the refit at the policy calls it by its own name
     return calls
 
 

@@ -30,10 +30,10 @@ from semclip_batch.fewshot.support_maps import SupportMaps, image_threshold, pix
 from semclip_batch.fewshot.support_set import Fitted, TrainConfig
 from semclip_batch.fewshot.trainset import row_frame, row_mask
 from semclip_batch.io.levels import stretch
-from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, maps_to_frame, pack_frame
+from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, fuses_levels, maps_to_frame, pack_frame
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
-from semclip_batch.model.grey_memory import DIM, PATCH, STRIDE, GreyMemory, grid_shape, neighbourhoods
+from semclip_batch.model.grey_memory import DIM, MIN_SCALE, PATCH, STRIDE, GreyMemory, grid_shape, neighbourhoods
 
 DEFAULT_STRETCH = (PreprocessConfig.percentile_low, PreprocessConfig.percentile_high)  # run's percentiles
 MASK_MARGIN = 4  # px around a defect pixel that no memory neighbourhood may touch
@@ -75,6 +75,14 @@ def native_frames(df: pd.DataFrame, so: Mapping[str, Any] | None,
         stretched = stretch(gray, *percentiles)
         out[pos] = NativeFrame(pack_frame(stretched), mask, row["label"] == NORMAL)
     return out
+
+
+def fitting_frames(frames: Mapping[int, NativeFrame],
+                   held: Sequence[int]) -> list[tuple[torch.Tensor, np.ndarray | None]]:
+    """The ``(levels, defect pixels)`` the memory is fitted on: every frame outside ``held`` whose defect pixels are
+    known (a defect frame without a mask stays out: its defect would be learnt as normal)."""
+    out_of_fit = set(held)
+    return [(f.as_levels(), f.truth()) for p, f in frames.items() if p not in out_of_fit and f.truth() is not None]
 
 
 def clean(mask: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
@@ -135,7 +143,7 @@ def fit_grey_memory(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], se
     projected = (pool - memory.mean) @ memory.axes
     pick = greedy_coreset(projected, entries) if coreset else torch.from_numpy(rng.permutation(len(pool))[:entries])
     memory.entries = projected[pick].contiguous()
-    memory.scale.fill_(float(torch.quantile(memory.nearest(torch.cat(check)), 0.99)))
+    memory.scale.fill_(max(float(torch.quantile(memory.nearest(torch.cat(check)), 0.99)), MIN_SCALE))
     return memory
 
 
@@ -185,6 +193,15 @@ def frame_maps(scored: SupportMaps, frames: Mapping[int, NativeFrame],
                        bool(scored.labels[first] > 0))
 
 
+def fuse(item: FrameMap, grey: GreyMaps, weight: float) -> torch.Tensor:
+    """A frame's map fused as ``run`` fuses it: ``(1 - weight) * map + weight * memory``, frames over
+    :data:`~semclip_batch.io.preprocess.FRAME_MAX_PIXELS` (whose levels ``run`` does not ship) unfused
+    (:func:`~semclip_batch.io.preprocess.fuses_levels`)."""
+    if weight == 0.0 or not fuses_levels(item.map.shape[0], item.map.shape[1]):
+        return item.map
+    return (1 - weight) * item.map + weight * grey(item.position)
+
+
 def fused_counts(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
                  weights: Sequence[float]) -> dict[float, PixelCounts]:
     """Pixel counts of the frames' maps fused with the memory's at each of ``weights`` (frames with a truth only)."""
@@ -194,7 +211,7 @@ def fused_counts(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], gr
         if truth is None:
             continue
         for w in weights:
-            fused = (1 - w) * item.map + w * grey(item.position)
+            fused = fuse(item, grey, w)
             counts[w].add(to_mask(fused.numpy()), truth, regions=False)
     return counts
 
@@ -218,7 +235,7 @@ def fused_thresholds(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame]
     the pixel threshold (best F1 of the fused maps), as ``fit_thresholds`` fits them on views."""
     scores, defect, counts = [], [], PixelCounts()
     for item in maps:
-        fused = (1 - weight) * item.map + weight * grey(item.position)
+        fused = fuse(item, grey, weight)
         scores.append(anomaly_score(item.p_normal, float(fused.max()), score_mode))
         defect.append(item.defect)
         truth = frames[item.position].truth()
@@ -240,14 +257,13 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     held_rows = [p for p in held if p in frames]
     if not held_rows:  # nothing to choose the weight on: not fitted
         return None, {"weight": 0.0, "note": "no support frame is held out to choose the weight on"}
-    out_of_fit = set(held_rows)
+    known = fitting_frames(frames, held_rows)
     try:
-        memory = fit_grey_memory([(f.as_levels(), f.mask) for p, f in frames.items() if p not in out_of_fit],
-                                 cfg.model.seed)
+        memory = fit_grey_memory(known, cfg.model.seed)
     except ValueError as exc:
         return None, {"weight": 0.0, "note": str(exc)}
     record: dict[str, Any] = {"entries": len(memory.entries), "scale": round(float(memory.scale), 5),
-                              "fitted_on": len(frames) - len(held_rows)}
+                              "fitted_on": len(known)}
     at = replace(cfg, policy_from_weights=False, check_scale=False)
     try:
         held_scored = SupportMaps.of(*support_maps_at(at, df.iloc[held_rows], classes, backbone, fitted,
@@ -280,8 +296,8 @@ def grey_memory_lines(training: Mapping[str, Any]) -> list[str]:
     seen = "; ".join(f"weight {w}: pAUROC {_show(f['pAUROC'])}, F1max {_show(f['F1max'])}" for w, f in figures.items())
     verdict = (f"kept at weight {record['weight']:g}, thresholds fitted again on the fused maps" if record["weight"]
                else f"not kept (needs +{MIN_GAIN:g} pAUROC and no F1max lost{'; ' + record['note'] if 'note' in record else ''})")
-    return [f"grey-level memory ({record['entries']} entries from {record['fitted_on']} frames): {verdict}; "
-            f"on the held-out support frames {seen}"]
+    return [f"grey-level memory ({record['entries']} entries, fitted on {record['fitted_on']} frames): {verdict}; "
+            f"the frames the fit held out score {seen}"]
 
 
 def _show(value: float | None) -> str:

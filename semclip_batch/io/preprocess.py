@@ -27,9 +27,10 @@ from semclip_batch.io.levels import stretch
 
 MAX_TILES = 63  # so that a frame is at most 1 + 63 = 64 model views
 VIEW_LEVELS = 65535  # grey levels of a packed view (uint16)
-FRAME_LEVELS = 255  # grey levels of a packed frame (uint8), shipped for the defect view
+FRAME_LEVELS = 255  # grey levels of a packed frame (uint8), shipped for the defect view and the grey-level memory
 DEFECT_VIEW_ABOVE = 2  # frames whose longer side is at least this many model inputs get a defect view
-DEFECT_VIEW_MAX_PIXELS = 4096 * 4096  # ... up to 16 MB of uint8 levels each; larger frames keep their tiles only
+FRAME_MAX_PIXELS = 4096 * 4096  # frames whose levels cross the object store: up to 16 MB of uint8 levels each
+DEFECT_VIEW_MAX_PIXELS = FRAME_MAX_PIXELS  # larger frames take no defect view (their class scores: the whole view's)
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,20 @@ def decoded_views(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, 
     memory) the whole stretched frame in uint8 (:func:`pack_frame`), else None."""
     frame = stretch(gray, cfg.percentile_low, cfg.percentile_high)
     views = pack_views(stretched_views(frame, cfg, frame_tiles(gray.shape[0], gray.shape[1], cfg)))
-    shipped = cfg.frame_levels or needs_defect_view(gray.shape[0], gray.shape[1], cfg)
+    shipped = ships_levels(gray.shape[0], gray.shape[1], cfg) or needs_defect_view(gray.shape[0], gray.shape[1], cfg)
     return views, pack_frame(frame) if shipped else None
+
+
+def ships_levels(height: int, width: int, cfg: PreprocessConfig) -> bool:
+    """Whether a frame's levels are shipped for a grey-level memory (``cfg.frame_levels``): frames within
+    :func:`fuses_levels`' limit."""
+    return cfg.frame_levels and fuses_levels(height, width)
+
+
+def fuses_levels(height: int, width: int) -> bool:
+    """Whether a model with a grey-level memory fuses a frame's map: frames of up to :data:`FRAME_MAX_PIXELS` (a
+    larger frame's levels are not shipped and its map stays as it is; ``train`` fits its thresholds alike)."""
+    return height * width <= FRAME_MAX_PIXELS
 
 
 def needs_defect_view(height: int, width: int, cfg: PreprocessConfig) -> bool:
@@ -157,7 +170,7 @@ def unpack_frame(packed: bytes, height: int, width: int) -> torch.Tensor:
 def pack_frame(stretched: np.ndarray) -> np.ndarray:
     """A stretched frame in [0, 1] to uint8 levels: 1 byte a pixel, half the views' 2, because the whole frame
     crosses the object store; a step of 1/255 is coarser than the views' but finer than bf16's near 1 and than a
-    stretched SEM frame's noise, and the defect view serves class scores only. ``(H, W)`` float -> ``(H, W)``
+    stretched SEM frame's noise (the grey-level memory is fitted on levels rounded alike). ``(H, W)`` float -> ``(H, W)``
     uint8."""
     return np.rint(np.clip(stretched, 0.0, 1.0) * np.float32(FRAME_LEVELS)).astype(np.uint8)
 

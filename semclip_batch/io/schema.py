@@ -33,8 +33,9 @@ _FRAME = [("status", pa.string()), ("error", pa.string()), ("height", pa.int64()
           ("n_views", pa.int64())]
 
 # Decode stage out: the model views as uint16 grey levels, bytes of (n_views, S, S) (io/preprocess.pack_views);
-# the reference views alike; for a frame that gets a defect view, the stretched frame as uint8 bytes of (H, W)
-# (io/preprocess.pack_frame), else empty. ``cell_ref``: the reference views are the frame's cell reference.
+# the reference views alike; for a frame that gets a defect view or whose model fuses a grey-level memory, the
+# stretched frame as uint8 bytes of (H, W) (io/preprocess.pack_frame), else empty. ``cell_ref``: the reference
+# views are the frame's cell reference.
 DECODED = pa.schema([*INPUT, *_FRAME, ("pixels", pa.large_binary()), ("ref_pixels", pa.large_binary()),
                      ("has_ref", pa.bool_()), ("cell_ref", pa.bool_()), ("frame_pixels", pa.large_binary())])
 

@@ -126,4 +126,9 @@ def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -
     except RuntimeError as exc:
         problems.append(f"{GREY_MEMORY}: {str(exc).splitlines()[0][:120]}")
         return None
+    scale, weight = float(grey.scale), float(grey.weight)
+    if not len(grey.entries) or not scale > 0 or not 0 < weight <= 1 or not bool(torch.isfinite(grey.entries).all()):
+        problems.append(f"{GREY_MEMORY}: {len(grey.entries)} entries, scale {scale:g}, weight {weight:g} (needs entries, "
+                        "a scale above 0 and a weight in (0, 1])")
+        return None
     return grey.eval()

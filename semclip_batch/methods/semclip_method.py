@@ -118,14 +118,14 @@ class SemClipMethod(Method[SemClip]):
         if model.memory is None:
             yield
             return
-        weight = model.memory.weight.clone()
+        weight, left_out = model.memory.weight.clone(), model.memory.left_out
         model.memory.weight.zero_()
         model.memory.left_out = True
         try:
             yield
         finally:
             model.memory.weight.copy_(weight)
-            model.memory.left_out = False
+            model.memory.left_out = left_out
 
     @torch.no_grad()
     def held_out_maps(self, model: SemClip, support: Support) -> HeldOutMaps | None:

@@ -23,6 +23,7 @@ DIM = 16  # principal axes kept
 SMOOTH = 5  # px of the box filter over the resized map
 NORM_FLOOR = 0.05  # per px of the side: added to a neighbourhood's norm, so shot noise on a flat patch stays small
 GREY_MEMORY = "grey_memory"  # its tensors' prefix in a checkpoint's model.safetensors
+MIN_SCALE = 1e-3  # the distance scale's floor (support frames whose neighbourhoods all match: a flat lot)
 CHUNK = 4096  # neighbourhoods per distance block: a (CHUNK, entries) matrix, 64 MiB at 4,096 entries
 
 
@@ -92,6 +93,6 @@ class GreyMemory(nn.Module):
     def fuse(self, frame_map: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """``(1 - weight) * frame_map + weight * memory`` for the frame's ``(H, W)`` map and levels in [0, 1]."""
         w = float(self.weight)
-        if w == 0.0:
+        if w == 0.0 or min(levels.shape) < PATCH:  # no neighbourhood: the map as it is
             return frame_map
         return (1.0 - w) * frame_map.float() + w * self.frame_map(levels)

@@ -24,6 +24,7 @@ from semclip_batch.io.preprocess import (
     FRAME_LEVELS,
     defect_view,
     frame_tiles,
+    fuses_levels,
     maps_to_frame,
     needs_defect_view,
     normalize,
@@ -146,7 +147,7 @@ class Predictor:
             tiles = frame_tiles(h, w, self.setup.prep)
             frame = maps_to_frame(maps[start:start + count], h, w, tiles)
             levels = self._frame(frame_levels[i], h, w) if frame_levels[i] else None
-            if grey is not None:
+            if grey is not None and fuses_levels(h, w):
                 if levels is None:
                     raise ValueError("the model's grey-level memory needs every frame's levels; the decode stage "
                                      "shipped none (its preprocessing lacks frame_levels)")
