@@ -246,6 +246,20 @@ def _decoded(tmp_path, prep, shapes):
     return {k: np.array(v, dtype=object) for k, v in decode_batch(batch, prep=prep).to_pydict().items()}
 
 
+def _actors_build_with(monkeypatch, tiny_clip, memory):
+    """The model stage's actors build the tiny model with ``memory`` as its grey-level memory; returns the builder."""
+    from semclip_batch.methods import scoring as scoring_module
+    from semclip_batch.pipeline import inference
+
+    def built(spec, text, sha=None):
+        scoring = scoring_module.build_model(replace(spec, grey_memory=False), text, backbone=tiny_clip)
+        scoring.grey = memory
+        return scoring
+
+    monkeypatch.setattr(inference, "build_model", built)
+    return built
+
+
 def test_run_fuses_every_frames_map_with_the_memory_before_its_mask_score_and_defect_view(tmp_path, monkeypatch,
                                                                                        tiny_clip):
     """The model actor: every frame ships its levels (``frame_levels``), its stored mask and image score read the
@@ -259,11 +273,9 @@ def test_run_fuses_every_frames_map_with_the_memory_before_its_mask_score_and_de
         unpack_frame,
         unpack_views,
     )
-    from semclip_batch.methods import scoring as scoring_module
     from semclip_batch.methods.decisions import anomaly_score, to_mask
     from semclip_batch.methods.prompts import load_prompts, text_embeddings
     from semclip_batch.methods.weights import preprocess_config
-    from semclip_batch.pipeline import inference
     from semclip_batch.pipeline.inference import Predictor, PredictorSetup
 
     spec = ModelSpec(backbone="semclip-tiny", defect_view=True, grey_memory=True)
@@ -272,12 +284,7 @@ def test_run_fuses_every_frames_map_with_the_memory_before_its_mask_score_and_de
     memory = fit.fit_grey_memory(_support(4, 6), seed=0)
     memory.weight.fill_(0.5)
 
-    def built(spec, text, sha=None):
-        scoring = scoring_module.build_model(replace(spec, grey_memory=False), text, backbone=tiny_clip)
-        scoring.grey = memory
-        return scoring
-
-    monkeypatch.setattr(inference, "build_model", built)
+    built = _actors_build_with(monkeypatch, tiny_clip, memory)
     shapes = ((700, 1100), (256, 256))
     decoded = _decoded(tmp_path, prep, shapes)
     assert all(len(f) == h * w for f, (h, w) in zip(decoded["frame_pixels"], shapes, strict=True))
@@ -305,7 +312,6 @@ def test_run_fuses_every_frames_map_with_the_memory_before_its_mask_score_and_de
 
 def test_a_model_with_a_memory_refuses_a_decode_stage_that_shipped_no_levels(tmp_path, monkeypatch, tiny_clip):
     from semclip_batch.config import ModelSpec
-    from semclip_batch.methods import scoring as scoring_module
     from semclip_batch.methods.prompts import load_prompts, text_embeddings
     from semclip_batch.methods.weights import preprocess_config
     from semclip_batch.pipeline import inference
@@ -313,12 +319,7 @@ def test_a_model_with_a_memory_refuses_a_decode_stage_that_shipped_no_levels(tmp
     spec = ModelSpec(backbone="semclip-tiny", grey_memory=True)
     memory = fit.fit_grey_memory(_support(4, 6), seed=0)
 
-    def built(spec, text, sha=None):
-        scoring = scoring_module.build_model(replace(spec, grey_memory=False), text, backbone=tiny_clip)
-        scoring.grey = memory
-        return scoring
-
-    monkeypatch.setattr(inference, "build_model", built)
+    _actors_build_with(monkeypatch, tiny_clip, memory)
     prep = preprocess_config(spec.backbone, tile_above=1024)
     decoded = _decoded(tmp_path, prep, ((256, 256),))
     assert decoded["frame_pixels"][0] == b""
@@ -466,7 +467,6 @@ def test_run_leaves_a_frame_over_the_levels_limit_unfused(tmp_path, monkeypatch,
     from semclip_batch.config import ModelSpec
     from semclip_batch.io import preprocess
     from semclip_batch.io.preprocess import frame_tiles, maps_to_frame, normalize, unpack_frame, unpack_views
-    from semclip_batch.methods import scoring as scoring_module
     from semclip_batch.methods.decisions import to_mask
     from semclip_batch.methods.prompts import load_prompts, text_embeddings
     from semclip_batch.methods.weights import preprocess_config
@@ -477,12 +477,7 @@ def test_run_leaves_a_frame_over_the_levels_limit_unfused(tmp_path, monkeypatch,
     memory = fit.fit_grey_memory(_support(4, 6), seed=0)
     memory.weight.fill_(0.5)
 
-    def built(spec, text, sha=None):
-        scoring = scoring_module.build_model(replace(spec, grey_memory=False), text, backbone=tiny_clip)
-        scoring.grey = memory
-        return scoring
-
-    monkeypatch.setattr(inference, "build_model", built)
+    built = _actors_build_with(monkeypatch, tiny_clip, memory)
     monkeypatch.setattr(preprocess, "FRAME_MAX_PIXELS", 300 * 300)
     shapes = ((700, 1100), (256, 256))
     decoded = _decoded(tmp_path, prep, shapes)
