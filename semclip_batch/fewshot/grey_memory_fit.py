@@ -33,7 +33,16 @@ from semclip_batch.io.levels import stretch
 from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, fuses_levels, maps_to_frame, pack_frame
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
-from semclip_batch.model.grey_memory import DIM, MIN_SCALE, PATCH, STRIDE, GreyMemory, grid_shape, neighbourhoods
+from semclip_batch.model.grey_memory import (
+    DIM,
+    MIN_SCALE,
+    PATCH,
+    STRIDE,
+    GreyMemory,
+    blend,
+    grid_shape,
+    neighbourhoods,
+)
 
 DEFAULT_STRETCH = (PreprocessConfig.percentile_low, PreprocessConfig.percentile_high)  # run's percentiles
 MASK_MARGIN = 4  # px around a defect pixel that no memory neighbourhood may touch
@@ -197,9 +206,9 @@ def fuse(item: FrameMap, grey: GreyMaps, weight: float) -> torch.Tensor:
     """A frame's map fused as ``run`` fuses it: ``(1 - weight) * map + weight * memory``, frames over
     :data:`~semclip_batch.io.preprocess.FRAME_MAX_PIXELS` (whose levels ``run`` does not ship) unfused
     (:func:`~semclip_batch.io.preprocess.fuses_levels`)."""
-    if weight == 0.0 or not fuses_levels(item.map.shape[0], item.map.shape[1]):
+    if not fuses_levels(item.map.shape[0], item.map.shape[1]):
         return item.map
-    return (1 - weight) * item.map + weight * grey(item.position)
+    return blend(item.map, grey(item.position), weight)
 
 
 def fused_counts(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,

@@ -112,9 +112,8 @@ class SemClipMethod(Method[SemClip]):
 
     @contextmanager
     def without_memory(self, model: SemClip) -> Iterator[None]:
-        """The memory's fusion weight at 0 inside the block (its maps: the method's and the self-similarity's), its
-        distances not taken (a third of ``train``'s time at a fine policy otherwise; the class scores inside the
-        block, which no check reads, rank the region head's patches by the map's terms alone)."""
+        """The memory's fusion weight at 0 and its distances not taken inside the block (the maps: the method's and
+        the self-similarity's; the class scores there, which no check reads, rank the region head's patches alone)."""
         if model.memory is None:
             yield
             return

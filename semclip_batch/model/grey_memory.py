@@ -91,8 +91,13 @@ class GreyMemory(nn.Module):
         return torch.clamp(full / (2 * self.scale), 0, 1)
 
     def fuse(self, frame_map: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """``(1 - weight) * frame_map + weight * memory`` for the frame's ``(H, W)`` map and levels in [0, 1]."""
-        w = float(self.weight)
-        if w == 0.0 or min(levels.shape) < PATCH:  # no neighbourhood: the map as it is
-            return frame_map
-        return (1.0 - w) * frame_map.float() + w * self.frame_map(levels)
+        """:func:`blend` of the frame's ``(H, W)`` map with this memory's map of its levels in [0, 1]."""
+        return blend(frame_map, self.frame_map(levels), float(self.weight))
+
+
+def blend(frame_map: torch.Tensor, memory_map: torch.Tensor, weight: float) -> torch.Tensor:
+    """The fused map ``(1 - weight) * frame_map + weight * memory_map`` (``run``'s and ``train``'s one rule); the map
+    as it is where the weight is 0 or the frame holds no neighbourhood (under :data:`PATCH` px)."""
+    if weight == 0.0 or min(frame_map.shape) < PATCH:
+        return frame_map
+    return (1.0 - weight) * frame_map.float() + weight * memory_map
