@@ -13,7 +13,7 @@ neighbourhoods' distances).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -211,7 +211,7 @@ def fuse(item: FrameMap, grey: GreyMaps, weight: float) -> torch.Tensor:
     return blend(item.map, grey(item.position), weight)
 
 
-def fused_counts(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
+def fused_counts(maps: Iterable[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
                  weights: Sequence[float]) -> dict[float, PixelCounts]:
     """Pixel counts of the frames' maps fused with the memory's at each of ``weights`` (frames with a truth only)."""
     counts = {w: PixelCounts() for w in weights}
@@ -225,7 +225,7 @@ def fused_counts(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], gr
     return counts
 
 
-def choose_weight(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps) -> dict[str, Any]:
+def choose_weight(maps: Iterable[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps) -> dict[str, Any]:
     """Rule 17's choice on the held-out frames' maps: :data:`WEIGHT` where it gains at least :data:`MIN_GAIN` pixel
     AUROC over 0 and loses no F1max, else 0; the figures of both."""
     counts = fused_counts(maps, frames, grey, (0.0, WEIGHT))
@@ -238,7 +238,7 @@ def choose_weight(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], g
     return {"weight": WEIGHT if kept else 0.0, "figures": figures, "gain": round(gain, 4)}
 
 
-def fused_thresholds(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps, weight: float,
+def fused_thresholds(maps: Iterable[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps, weight: float,
                      score_mode: str) -> dict[str, float]:
     """The image threshold (best balanced accuracy of the frames' scores, each from the fused map's maximum) and
     the pixel threshold (best F1 of the fused maps), as ``fit_thresholds`` fits them on views."""
@@ -280,14 +280,14 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     except ConfigError as exc:
         return None, record | {"weight": 0.0, "note": f"the held-out frames do not load at the maps' policy: {exc}"}
     grey = memory_maps(memory, frames)
-    record |= choose_weight(list(frame_maps(held_scored, frames, held_rows)), frames, grey)
+    record |= choose_weight(frame_maps(held_scored, frames, held_rows), frames, grey)
     del held_scored
     if not record["weight"]:
         return None, record
     memory.weight.fill_(record["weight"])
     if scored is None:
         scored = SupportMaps.of(*support_maps_at(at, df, classes, backbone, fitted))
-    thresholds = fused_thresholds(list(frame_maps(scored, frames)), frames, grey, record["weight"],
+    thresholds = fused_thresholds(frame_maps(scored, frames), frames, grey, record["weight"],
                                   cfg.model.score_mode)
     record["thresholds_before"] = {k: fitted.thresholds[k] for k in ("image", "pixel")}
     fitted.thresholds = {**fitted.thresholds, **thresholds}
