@@ -6,7 +6,9 @@ docs/quality.md), measured alone against a run's maps: fitted here on a whole su
 The support frames' levels as `run`'s decode stage ships them (stretched between their 0.5 and 99.5 % levels, in
 1/255 steps) give the memory (`fewshot/grey_memory_fit.fit_grey_memory`: every clean 11 x 11 neighbourhood every
 4 px, centred and norm-scaled, 16 principal axes, at most 2,048 a frame, ``--bank`` entries chosen greedily as
-PatchCore does, ``--random``: a seeded random subset; the distance scale from a seeded fifth of the frames). Each
+PatchCore does, ``--random``: a seeded random subset; each frame also compared with ``--own`` of its own
+neighbourhoods more than 24 px away, rule 18, 0: the entries only; the distance scale from a seeded fifth of the
+frames). Each
 test frame's memory map (`GreyMemory.frame_map`, in the stored masks' uint8 form) is scored with ``eval``'s own
 pixel counts (pAUROC, F1max, AUPRO) against the test manifest's masks, next to the maps `run` stored in RUN_OUT and
 their fusions ``(1 - w) * run + w * memory`` for each ``--weights`` value. (`train` fits it on the support frames
@@ -25,7 +27,7 @@ import torch
 from semclip_batch.analysis.evaluate import joined_rows, truth_mask
 from semclip_batch.analysis.metrics import PixelCounts
 from semclip_batch.errors import OK
-from semclip_batch.fewshot.grey_memory_fit import ENTRIES, fit_grey_memory, native_frames
+from semclip_batch.fewshot.grey_memory_fit import ENTRIES, OWN, fit_grey_memory, native_frames
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import read_manifest
@@ -48,12 +50,13 @@ def main() -> None:
     ap.add_argument("--weights", default="0.5")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--random", action="store_true", help="draw the memory at random instead of greedily (k-centre)")
+    ap.add_argument("--own", type=int, default=OWN, help="the frame's own neighbourhoods compared with (0: none)")
     args = ap.parse_args()
     start = time.perf_counter()
     support = native_frames(read_manifest(args.support), None)
     memory = fit_grey_memory([(f.as_levels(), f.mask) for f in support.values()], args.seed, entries=args.bank,
-                             coreset=not args.random)
-    print(f"memory ({'random' if args.random else 'greedy'}): {len(memory.entries)} neighbourhoods, "
+                             coreset=not args.random, own=args.own)
+    print(f"memory ({'random' if args.random else 'greedy'}): {len(memory.entries)} neighbourhoods, own {args.own}, "
           f"scale {float(memory.scale):.4f}, {time.perf_counter() - start:.0f} s")
     weights = [float(w) for w in args.weights.split(",")] if args.out else []
     counts = {name: PixelCounts() for name in ["pixel memory", *(["run"] if args.out else []),

@@ -133,9 +133,64 @@ def test_a_support_set_it_cannot_fit_is_refused_in_one_line():
 def test_a_frame_is_scored_in_bands_with_the_result_of_one_pass(monkeypatch, chunk):
     memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64)
     levels = torch.from_numpy(_routing(np.random.default_rng(1), size=160)[:, :155])
-    whole = memory.nearest(grey_memory.neighbourhoods(levels))
+    q = memory.project(grey_memory.neighbourhoods(levels))
+    whole = torch.minimum(memory.nearest(q), grey_memory.own_nearest(q, grid_shape(160, 155)[1], int(memory.own)))
     monkeypatch.setattr(grey_memory, "CHUNK", chunk)
     assert torch.allclose(memory.grid_distances(levels), whole, atol=1e-5)  # the same up to float rounding
+
+
+def _own_by_hand(q: torch.Tensor, columns: int, size: int) -> torch.Tensor:
+    """Rule 18's own distance the slow way: every pair, those within OWN_GAP grid steps in both row and column out."""
+    bank = torch.randperm(len(q), generator=torch.Generator().manual_seed(grey_memory.OWN_SEED))[:size]
+    rows, cols = torch.arange(len(q)) // columns, torch.arange(len(q)) % columns
+    d = torch.cdist(q.double(), q[bank].double())
+    near = ((rows[:, None] - rows[bank][None]).abs() <= grey_memory.OWN_GAP) & (
+        (cols[:, None] - cols[bank][None]).abs() <= grey_memory.OWN_GAP)
+    return d.masked_fill(near, float("inf")).amin(dim=1).float()
+
+
+@pytest.mark.parametrize(("shape", "size"), [((30, 17), 200), ((30, 17), 10_000), ((9, 40), 64), ((5, 5), 50)])
+def test_own_distances_match_a_search_of_every_pair_outside_the_gap(monkeypatch, shape, size):
+    monkeypatch.setattr(grey_memory, "CHUNK", 37)  # blocks that cut grid rows
+    q = torch.randn(shape[0] * shape[1], DIM)
+    ours = grey_memory.own_nearest(q, shape[1], size)
+    expected = _own_by_hand(q, shape[1], size)
+    assert torch.allclose(ours, expected, atol=1e-4, equal_nan=False)
+    if shape == (5, 5):  # every neighbourhood within the gap of every other: none to compare with
+        assert torch.isinf(ours).all()
+
+
+def test_own_neighbourhoods_quiet_a_structure_the_frame_repeats_but_not_a_lone_particle():
+    """Rule 18: line ends that no support frame holds but the frame repeats score low against the frame's own
+    neighbourhoods; a particle the frame holds once keeps its score (its own neighbourhoods lie within the gap)."""
+    rng = np.random.default_rng(4)
+    support = []
+    for _ in range(10):  # unbroken lines across the field: no line end anywhere
+        frame = np.full((160, 160), 0.2, np.float32)
+        for y0 in range(4, 154, 20):
+            frame[y0:y0 + 6] = 0.8
+        support.append((torch.from_numpy(np.clip(frame + rng.normal(0, 0.03, frame.shape), 0, 1).astype(np.float32)),
+                        None))
+    with_own = fit.fit_grey_memory(support, seed=0, entries=512)
+    without = fit.fit_grey_memory(support, seed=0, entries=512, own=0)
+    assert int(with_own.own) == grey_memory.OWN and int(without.own) == 0
+    frame = np.full((320, 320), 0.2, np.float32)
+    for y0 in range(4, 314, 20):
+        for x0 in range(0, 320, 80):  # 60 px runs: a line end every 80 px, 64 of them in the frame
+            frame[y0:y0 + 6, x0:x0 + 60] = 0.8
+    frame = np.clip(frame + rng.normal(0, 0.03, frame.shape), 0, 1).astype(np.float32)
+    y, x = 237, 150  # field between two tracks
+    rows, cols = np.ogrid[:320, :320]
+    frame[(rows - y) ** 2 + (cols - x) ** 2 <= 6] = 0.95
+    levels = torch.from_numpy(frame)
+    maps = {name: m.frame_map(levels).numpy() for name, m in (("own", with_own), ("support", without))}
+    particle = {name: amap[y - 2:y + 3, x - 2:x + 3].max() for name, amap in maps.items()}
+    ends = {name: np.array([amap[4 + 20 * k:10 + 20 * k, 57:63].max() for k in range(3, 12)])  # runs' right ends
+            for name, amap in maps.items()}
+    peak = np.unravel_index(int(np.argmax(maps["own"])), maps["own"].shape)
+    assert abs(peak[0] - y) <= 6 and abs(peak[1] - x) <= 6, peak
+    assert ends["support"].min() >= 0.5 * particle["support"]  # the support alone: line ends score like the particle
+    assert ends["own"].max() < 0.5 * particle["own"]  # against the frame's own: they drop, the particle stays
 
 
 def test_a_frame_under_a_neighbourhood_gets_an_empty_map_and_fusion_weights_the_maps():
@@ -346,7 +401,12 @@ def test_a_checkpoints_memory_is_loaded_with_its_size_and_a_missing_one_is_refus
     with_memory = {**own, **{f"{GREY_MEMORY}.{k}": v for k, v in memory.state_dict().items()}}
     scoring = build_model(spec, text.numpy(), backbone=tiny_clip, tensors=with_memory)
     assert scoring.grey is not None and scoring.grey.entries.shape == (37, DIM) and float(scoring.grey.weight) == 0.5
-    assert torch.equal(scoring.grey.entries, memory.entries)
+    assert torch.equal(scoring.grey.entries, memory.entries) and int(scoring.grey.own) == grey_memory.OWN
+    before_rule_18 = {k: v for k, v in with_memory.items() if k != f"{GREY_MEMORY}.own"}
+    older = build_model(spec, text.numpy(), backbone=tiny_clip, tensors=before_rule_18).grey
+    assert older is not None and int(older.own) == 0  # scored against the support's entries only, as it was written
+    levels = torch.from_numpy(_routing(np.random.default_rng(2)))
+    assert torch.equal(older.grid_distances(levels), older.nearest(older.project(grey_memory.neighbourhoods(levels))))
     with pytest.raises(WeightsError, match=r"does not fit this model \(missing grey_memory\.entries\)"):
         build_model(spec, text.numpy(), backbone=tiny_clip, tensors=own)
     no_axes = {k: v for k, v in with_memory.items() if k != f"{GREY_MEMORY}.axes"}
@@ -449,7 +509,8 @@ def test_a_frame_run_ships_no_levels_for_keeps_its_map_in_train_too(monkeypatch)
 
 
 @pytest.mark.parametrize(("field", "value"), [("entries", torch.zeros(0, DIM)), ("scale", torch.tensor(0.0)),
-                                              ("weight", torch.tensor(0.0)), ("weight", torch.tensor(1.5))])
+                                              ("weight", torch.tensor(0.0)), ("weight", torch.tensor(1.5)),
+                                              ("own", torch.tensor(-1))])
 def test_a_checkpoints_memory_that_cannot_score_is_refused(field, value):
     from semclip_batch.methods.scoring import grey_memory_from
 
@@ -458,7 +519,7 @@ def test_a_checkpoints_memory_that_cannot_score_is_refused(field, value):
     tensors = {f"grey_memory.{k}": v for k, v in memory.state_dict().items()} | {f"grey_memory.{field}": value}
     problems: list[str] = []
     assert grey_memory_from(tensors, problems) is None
-    assert problems and "needs entries, a scale above 0 and a weight in (0, 1]" in problems[0]
+    assert problems and "needs entries, a scale above 0, a weight in (0, 1] and own at least 0" in problems[0]
 
 
 def test_run_leaves_a_frame_over_the_levels_limit_unfused(tmp_path, monkeypatch, tiny_clip):

@@ -8,7 +8,7 @@ as ``run``'s decode stage ships them (stretched, in 1/255 steps), at most :data:
 projected on their principal axes (exact: the covariance's eigenvectors), :data:`ENTRIES` of them chosen greedily
 (PatchCore's k-centre selection: rare neighbourhoods such as wire ends and via meetings stay); a seeded fifth of the
 fitting frames is kept out of the entries to fix the distance scale (the 99th percentile of their clean
-neighbourhoods' distances).
+neighbourhoods' distances, each also compared with its own frame's neighbourhoods, as ``run`` scores it: rule 18).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
 from semclip_batch.model.grey_memory import (
     DIM,
     MIN_SCALE,
+    OWN,
     PATCH,
     STRIDE,
     GreyMemory,
@@ -127,32 +128,39 @@ def greedy_coreset(points: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def fit_grey_memory(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], seed: int, entries: int = ENTRIES,
-                    coreset: bool = True) -> GreyMemory:
+                    coreset: bool = True, own: int = OWN) -> GreyMemory:
     """The memory from four fifths of ``(levels in [0, 1], defect mask or None)`` frames, its distance scale from
-    the rest (weight 0: the caller chooses it). ``coreset=False``: a seeded random subset instead of the greedy
-    one. Raises ValueError where fewer than two frames of :data:`PATCH` px or more are given."""
+    the rest, each of those scored with its own neighbourhoods too (``own`` of them, rule 18; 0: the entries only),
+    as ``run`` scores a frame (weight 0: the caller chooses it). ``coreset=False``: a seeded random subset instead
+    of the greedy one. Raises ValueError where fewer than two frames of :data:`PATCH` px or more are given."""
     usable = [(f, m) for f, m in frames if min(f.shape) >= PATCH]
     if len(usable) < 2:
         raise ValueError(f"the grey-level memory needs two support frames of {PATCH} px or more; got {len(usable)}")
     rng = np.random.default_rng(seed)
     held = set(rng.choice(len(usable), max(1, len(usable) // 5), replace=False).tolist())
     fit: list[torch.Tensor] = []
-    check: list[torch.Tensor] = []
+    check: list[tuple[torch.Tensor, torch.Tensor]] = []  # a held-out frame, its drawn clean neighbourhoods' indices
     for i, (frame, mask) in enumerate(usable):
         if mask is not None and mask.shape != tuple(frame.shape):
             raise ValueError(f"support frame {i}: mask {mask.shape} does not match the frame {tuple(frame.shape)}")
-        cols = neighbourhoods(frame)[clean(mask, (frame.shape[0], frame.shape[1]))]
-        (check if i in held else fit).append(cols[torch.from_numpy(rng.permutation(len(cols))[:PER_FRAME])])
+        kept = clean(mask, (frame.shape[0], frame.shape[1])).nonzero().flatten()
+        drawn = kept[torch.from_numpy(rng.permutation(len(kept))[:PER_FRAME])]
+        if i in held:
+            check.append((frame, drawn))
+        else:
+            fit.append(neighbourhoods(frame)[drawn])
     pool = torch.cat(fit)
-    if not len(pool) or not sum(len(c) for c in check):
+    if not len(pool) or not sum(len(drawn) for _, drawn in check):
         raise ValueError("the grey-level memory found no clean neighbourhood to fit or to hold out")
     memory = GreyMemory()
     memory.mean.copy_(pool.mean(dim=0))
     memory.axes.copy_(principal_axes(pool - memory.mean, DIM))
-    projected = (pool - memory.mean) @ memory.axes
+    projected = memory.project(pool)
     pick = greedy_coreset(projected, entries) if coreset else torch.from_numpy(rng.permutation(len(pool))[:entries])
     memory.entries = projected[pick].contiguous()
-    memory.scale.fill_(max(float(torch.quantile(memory.nearest(torch.cat(check)), 0.99)), MIN_SCALE))
+    memory.own.fill_(own)
+    distances = torch.cat([memory.grid_distances(frame)[drawn] for frame, drawn in check])
+    memory.scale.fill_(max(float(torch.quantile(distances, 0.99)), MIN_SCALE))
     return memory
 
 
@@ -271,8 +279,8 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
         memory = fit_grey_memory(known, cfg.model.seed)
     except ValueError as exc:
         return None, {"weight": 0.0, "note": str(exc)}
-    record: dict[str, Any] = {"entries": len(memory.entries), "scale": round(float(memory.scale), 5),
-                              "fitted_on": len(known)}
+    record: dict[str, Any] = {"entries": len(memory.entries), "own": int(memory.own),
+                              "scale": round(float(memory.scale), 5), "fitted_on": len(known)}
     at = replace(cfg, policy_from_weights=False, check_scale=False)
     try:
         held_scored = SupportMaps.of(*support_maps_at(at, df.iloc[held_rows], classes, backbone, fitted,
@@ -305,7 +313,8 @@ def grey_memory_lines(training: Mapping[str, Any]) -> list[str]:
     seen = "; ".join(f"weight {w}: pAUROC {_show(f['pAUROC'])}, F1max {_show(f['F1max'])}" for w, f in figures.items())
     verdict = (f"kept at weight {record['weight']:g}, thresholds fitted again on the fused maps" if record["weight"]
                else f"not kept (needs +{MIN_GAIN:g} pAUROC and no F1max lost{'; ' + record['note'] if 'note' in record else ''})")
-    return [f"grey-level memory ({record['entries']} entries, fitted on {record['fitted_on']} frames): {verdict}; "
+    own = f", each frame also against {record['own']} of its own" if record.get("own") else ""
+    return [f"grey-level memory ({record['entries']} entries{own}, fitted on {record['fitted_on']} frames): {verdict}; "
             f"the frames the fit held out score {seen}"]
 
 

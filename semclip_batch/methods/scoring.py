@@ -115,20 +115,22 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
 def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -> GreyMemory | None:
     """The checkpoint's grey-level memory (its size from the tensors); what is missing or misshapen is added to
     ``problems`` (None then)."""
-    own = {k.removeprefix(f"{GREY_MEMORY}."): v for k, v in tensors.items() if k.startswith(f"{GREY_MEMORY}.")}
-    entries = own.get("entries")
+    stored = {k.removeprefix(f"{GREY_MEMORY}."): v for k, v in tensors.items() if k.startswith(f"{GREY_MEMORY}.")}
+    entries = stored.get("entries")
     if entries is None or entries.ndim != 2:
         problems.append(f"missing {GREY_MEMORY}.entries")
         return None
     grey = GreyMemory(entries=int(entries.shape[0]))
+    stored.setdefault("own", grey.own)  # written before rule 18: the support's entries only
     try:
-        grey.load_state_dict(own)
+        grey.load_state_dict(stored)
     except RuntimeError as exc:
         problems.append(f"{GREY_MEMORY}: {str(exc).splitlines()[0][:120]}")
         return None
-    scale, weight = float(grey.scale), float(grey.weight)
-    if not len(grey.entries) or not scale > 0 or not 0 < weight <= 1 or not bool(torch.isfinite(grey.entries).all()):
-        problems.append(f"{GREY_MEMORY}: {len(grey.entries)} entries, scale {scale:g}, weight {weight:g} (needs entries, "
-                        "a scale above 0 and a weight in (0, 1])")
+    scale, weight, drawn = float(grey.scale), float(grey.weight), int(grey.own)
+    if (not len(grey.entries) or not scale > 0 or not 0 < weight <= 1 or drawn < 0
+            or not bool(torch.isfinite(grey.entries).all())):
+        problems.append(f"{GREY_MEMORY}: {len(grey.entries)} entries, scale {scale:g}, weight {weight:g}, own {drawn} "
+                        "(needs entries, a scale above 0, a weight in (0, 1] and own at least 0)")
         return None
     return grey.eval()

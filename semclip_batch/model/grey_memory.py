@@ -5,9 +5,12 @@ PatchCore's nearest-neighbour distance taken on pixels instead of tokens).
 Every :data:`PATCH` x :data:`PATCH` neighbourhood of the frame's stretched grey levels, every :data:`STRIDE` px, less
 its mean and divided by its norm plus a floor (a flat noisy patch stays near zero; a charging streak's offset drops
 out), projected on the support neighbourhoods' :data:`DIM` principal axes, scores its distance to the nearest memory
-entry; the grid is resized to the frame (each score on its neighbourhood's centre), smoothed over :data:`SMOOTH` px
-and mapped to ``clamp(d / (2 * scale), 0, 1)``, ``scale`` the 99th percentile of held-out clean support
-neighbourhoods' distances. The fused map is ``(1 - weight) * map + weight * memory``. The entries, axes, scale and
+entry or, where nearer, to the nearest of the frame's own neighbourhoods more than :data:`OWN_GAP` grid steps away
+(rule 18: a wire end or a via meeting that no support frame holds recurs in the frame itself, a defect of a few
+pixels does not; ``own`` of them in a fixed seeded draw, 0: the entries only). The grid is resized to the frame
+(each score on its neighbourhood's centre), smoothed over :data:`SMOOTH` px and mapped to
+``clamp(d / (2 * scale), 0, 1)``, ``scale`` the 99th percentile of held-out clean support neighbourhoods'
+distances. The fused map is ``(1 - weight) * map + weight * memory``. The entries, axes, scale, own count and
 weight are fitted by ``train`` (:mod:`semclip_batch.fewshot.grey_memory_fit`) and saved with the model.
 """
 
@@ -25,6 +28,9 @@ NORM_FLOOR = 0.05  # per px of the side: added to a neighbourhood's norm, so sho
 GREY_MEMORY = "grey_memory"  # its tensors' prefix in a checkpoint's model.safetensors
 MIN_SCALE = 1e-3  # the distance scale's floor (support frames whose neighbourhoods all match: a flat lot)
 CHUNK = 4096  # neighbourhoods per distance block: a (CHUNK, entries) matrix, 64 MiB at 4,096 entries
+OWN = 4096  # the frame's own neighbourhoods drawn to compare it with (rule 18; a checkpoint stores its own count)
+OWN_GAP = 6  # grid steps (24 px) in row or column beyond which an own neighbourhood may match: never the defect itself
+OWN_SEED = 0  # the own draw's seed: a frame's bank depends on its size only, so runs repeat
 
 
 def grid_shape(height: int, width: int) -> tuple[int, int]:
@@ -47,6 +53,7 @@ class GreyMemory(nn.Module):
     entries: torch.Tensor
     scale: torch.Tensor
     weight: torch.Tensor
+    own: torch.Tensor
 
     def __init__(self, entries: int = 0) -> None:
         super().__init__()
@@ -55,11 +62,14 @@ class GreyMemory(nn.Module):
         self.register_buffer("entries", torch.zeros(entries, DIM))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("weight", torch.tensor(0.0))
+        self.register_buffer("own", torch.tensor(0))
 
-    def nearest(self, cols: torch.Tensor) -> torch.Tensor:
-        """``(L,)`` distance of each neighbourhood ``(L, PATCH * PATCH)`` to its nearest entry (in the axes' space),
-        :data:`CHUNK` neighbourhoods at a time."""
-        q = (cols.float() - self.mean) @ self.axes
+    def project(self, cols: torch.Tensor) -> torch.Tensor:
+        """``(L, DIM)``: neighbourhoods ``(L, PATCH * PATCH)`` on the memory's axes."""
+        return (cols.float() - self.mean) @ self.axes
+
+    def nearest(self, q: torch.Tensor) -> torch.Tensor:
+        """``(L,)`` distance of each projected neighbourhood ``(L, DIM)`` to its nearest entry, :data:`CHUNK` at a time."""
         squared = (self.entries * self.entries).sum(dim=1)
         # |q - e|^2 = |e|^2 - 2 q.e + |q|^2: one matrix product a block, the root of the least only
         least = [torch.addmm(squared, part, self.entries.T, alpha=-2).amin(dim=1) + (part * part).sum(dim=1)
@@ -67,13 +77,18 @@ class GreyMemory(nn.Module):
         return torch.cat(least).clamp_min(0).sqrt()
 
     def grid_distances(self, levels: torch.Tensor) -> torch.Tensor:
-        """``(gh * gw,)`` :meth:`nearest` distances of the frame's neighbourhoods, row by row, taken in bands of about
-        :data:`CHUNK` neighbourhoods (a large frame's neighbourhoods are never all held at once)."""
+        """``(gh * gw,)`` distances of the frame's neighbourhoods, row by row: to the nearest entry, or to the nearest
+        own neighbourhood (:func:`own_nearest`) where that is nearer. Projected in bands of about :data:`CHUNK`
+        neighbourhoods (a large frame's raw neighbourhoods are never all held at once; their projections are)."""
         h, w = levels.shape
         gh, gw = grid_shape(h, w)
         band = max(1, CHUNK // gw)
-        return torch.cat([self.nearest(neighbourhoods(levels[r * STRIDE:(min(gh, r + band) - 1) * STRIDE + PATCH]))
-                          for r in range(0, gh, band)])
+        q = torch.cat([self.project(neighbourhoods(levels[r * STRIDE:(min(gh, r + band) - 1) * STRIDE + PATCH]))
+                       for r in range(0, gh, band)])
+        distances = self.nearest(q)
+        if int(self.own) > 0:
+            distances = torch.minimum(distances, own_nearest(q, gw, int(self.own)))
+        return distances
 
     def frame_map(self, levels: torch.Tensor) -> torch.Tensor:
         """``(H, W)`` levels in [0, 1] -> the memory's map ``(H, W)`` in [0, 1] (float32, on their device); all zero
@@ -93,6 +108,33 @@ class GreyMemory(nn.Module):
     def fuse(self, frame_map: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """:func:`blend` of the frame's ``(H, W)`` map with this memory's map of its levels in [0, 1]."""
         return blend(frame_map, self.frame_map(levels), float(self.weight))
+
+
+def own_nearest(q: torch.Tensor, columns: int, size: int) -> torch.Tensor:
+    """``(L,)`` distance of each of a frame's projected neighbourhoods ``(L, DIM)`` (row by row, ``columns`` a row)
+    to the nearest of ``size`` of them (a draw seeded by :data:`OWN_SEED`: all where fewer) lying more than
+    :data:`OWN_GAP` grid steps away in row or column; infinite where none does (a frame too small to hold one)."""
+    count = len(q)
+    bank = torch.randperm(count, generator=torch.Generator().manual_seed(OWN_SEED))[:size].to(q.device)
+    entries = q[bank]
+    # the (query, bank entry) pairs too close to compare: each entry's window of (2 * OWN_GAP + 1)^2 grid positions
+    steps = torch.arange(-OWN_GAP, OWN_GAP + 1, device=q.device)
+    rows = (bank // columns)[:, None, None] + steps[None, :, None]
+    cols = (bank % columns)[:, None, None] + steps[None, None, :]
+    inside = (rows >= 0) & (rows < count // columns) & (cols >= 0) & (cols < columns)
+    query = (rows * columns + cols)[inside]
+    entry = torch.arange(len(bank), device=q.device)[:, None, None].expand_as(inside)[inside]
+    order = query.argsort()
+    query, entry = query[order], entry[order]
+    squared = (entries * entries).sum(dim=1)
+    least = []
+    for start in range(0, count, CHUNK):
+        part = q[start:start + CHUNK]
+        block = torch.addmm(squared, part, entries.T, alpha=-2)
+        lo, hi = torch.searchsorted(query, torch.tensor([start, start + len(part)], device=q.device)).tolist()
+        block[query[lo:hi] - start, entry[lo:hi]] = float("inf")
+        least.append(block.amin(dim=1) + (part * part).sum(dim=1))
+    return torch.cat(least).clamp_min(0).sqrt()
 
 
 def blend(frame_map: torch.Tensor, memory_map: torch.Tensor, weight: float) -> torch.Tensor:
