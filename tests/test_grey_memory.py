@@ -129,7 +129,7 @@ def test_a_support_set_it_cannot_fit_is_refused_in_one_line():
         fit.fit_grey_memory([(torch.from_numpy(_routing(rng)), np.ones((10, 10), bool))] * 3, seed=0)
 
 
-@pytest.mark.parametrize("chunk", [50, 80, 3 * 38 + 1])  # bands of 1, 2 and 3 grid rows (38 neighbourhoods a row)
+@pytest.mark.parametrize("chunk", [50, 80, 3 * 37 + 1])  # bands of 1, 2 and 3 grid rows (37 neighbourhoods a row)
 def test_a_frame_is_scored_in_bands_with_the_result_of_one_pass(monkeypatch, chunk):
     memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64)
     levels = torch.from_numpy(_routing(np.random.default_rng(1), size=160)[:, :155])
@@ -137,6 +137,19 @@ def test_a_frame_is_scored_in_bands_with_the_result_of_one_pass(monkeypatch, chu
     whole = torch.minimum(memory.nearest(q), grey_memory.own_nearest(q, grid_shape(160, 155)[1], int(memory.own)))
     monkeypatch.setattr(grey_memory, "CHUNK", chunk)
     assert torch.allclose(memory.grid_distances(levels), whole, atol=1e-5)  # the same up to float rounding
+    at = torch.tensor([0, 5, 36, 37, 600, len(q) - 1])
+    assert torch.allclose(memory.distances_at(levels, at), whole[at], atol=1e-5)
+
+
+def test_a_memory_without_own_neighbourhoods_scores_band_by_band_as_before_rule_18(monkeypatch):
+    """own 0 (checkpoints written before rule 18): the distances of the code before it, to the bit: each band of
+    grid rows projected and searched on its own."""
+    memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64, own=0)
+    levels = torch.from_numpy(_routing(np.random.default_rng(1), size=160)[:, :155])
+    monkeypatch.setattr(grey_memory, "CHUNK", 80)  # bands of 2 grid rows: 37 neighbourhoods a row, 38 rows
+    bands = [grey_memory.neighbourhoods(levels[r * STRIDE:(min(38, r + 2) - 1) * STRIDE + PATCH]) for r in range(0, 38, 2)]
+    before = torch.cat([memory.nearest((cols.float() - memory.mean) @ memory.axes) for cols in bands])
+    assert torch.equal(memory.grid_distances(levels), before)
 
 
 def _own_by_hand(q: torch.Tensor, columns: int, size: int) -> torch.Tensor:
@@ -152,10 +165,12 @@ def _own_by_hand(q: torch.Tensor, columns: int, size: int) -> torch.Tensor:
 @pytest.mark.parametrize(("shape", "size"), [((30, 17), 200), ((30, 17), 10_000), ((9, 40), 64), ((5, 5), 50)])
 def test_own_distances_match_a_search_of_every_pair_outside_the_gap(monkeypatch, shape, size):
     monkeypatch.setattr(grey_memory, "CHUNK", 37)  # blocks that cut grid rows
-    q = torch.randn(shape[0] * shape[1], DIM)
+    q = torch.randn(shape[0] * shape[1], DIM, generator=torch.Generator().manual_seed(size))
     ours = grey_memory.own_nearest(q, shape[1], size)
     expected = _own_by_hand(q, shape[1], size)
-    assert torch.allclose(ours, expected, atol=1e-4, equal_nan=False)
+    assert torch.allclose(ours, expected, atol=1e-4)
+    at = torch.randperm(len(q), generator=torch.Generator().manual_seed(1))[:len(q) // 3]  # unsorted, a third
+    assert torch.allclose(grey_memory.own_nearest(q, shape[1], size, at), expected[at], atol=1e-4)
     if shape == (5, 5):  # every neighbourhood within the gap of every other: none to compare with
         assert torch.isinf(ours).all()
 
@@ -174,6 +189,11 @@ def test_own_neighbourhoods_quiet_a_structure_the_frame_repeats_but_not_a_lone_p
     with_own = fit.fit_grey_memory(support, seed=0, entries=512)
     without = fit.fit_grey_memory(support, seed=0, entries=512, own=0)
     assert int(with_own.own) == grey_memory.OWN and int(without.own) == 0
+    for name in ("mean", "axes", "entries"):  # the same memory: only the distance and so the scale differ
+        assert torch.equal(getattr(with_own, name), getattr(without, name))
+    assert float(with_own.scale) < float(without.scale)  # the held-out frames' distances taken with their own too
+    with pytest.raises(ValueError, match="own neighbourhoods must be 0 to 16384; got 16385"):
+        fit.fit_grey_memory(support, seed=0, own=grey_memory.OWN_MAX + 1)
     frame = np.full((320, 320), 0.2, np.float32)
     for y0 in range(4, 314, 20):
         for x0 in range(0, 320, 80):  # 60 px runs: a line end every 80 px, 64 of them in the frame
@@ -454,6 +474,9 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     assert set(record["figures"]) == {"0", "0.5"} and record["figures"]["0"]["pAUROC"] is not None
     assert loaded.tensors[f"{GREY_MEMORY}.entries"].shape[1] == DIM
     assert float(loaded.tensors[f"{GREY_MEMORY}.weight"]) == fit.WEIGHT
+    own = loaded.tensors[f"{GREY_MEMORY}.own"]  # rule 18's count, an integer through safetensors
+    assert own.dtype == torch.int64 and int(own) == grey_memory.OWN == record["own"]
+    assert f"each frame also against {grey_memory.OWN} of its own" in res.output
     assert loaded.meta.thresholds.pixel != record["thresholds_before"]["pixel"] or \
         loaded.meta.thresholds.image != record["thresholds_before"]["image"]
     assert "grey-level memory (" in res.output and "kept at weight 0.5" in res.output
@@ -510,7 +533,7 @@ def test_a_frame_run_ships_no_levels_for_keeps_its_map_in_train_too(monkeypatch)
 
 @pytest.mark.parametrize(("field", "value"), [("entries", torch.zeros(0, DIM)), ("scale", torch.tensor(0.0)),
                                               ("weight", torch.tensor(0.0)), ("weight", torch.tensor(1.5)),
-                                              ("own", torch.tensor(-1))])
+                                              ("own", torch.tensor(-1)), ("own", torch.tensor(16_385))])
 def test_a_checkpoints_memory_that_cannot_score_is_refused(field, value):
     from semclip_batch.methods.scoring import grey_memory_from
 
@@ -519,7 +542,7 @@ def test_a_checkpoints_memory_that_cannot_score_is_refused(field, value):
     tensors = {f"grey_memory.{k}": v for k, v in memory.state_dict().items()} | {f"grey_memory.{field}": value}
     problems: list[str] = []
     assert grey_memory_from(tensors, problems) is None
-    assert problems and "needs entries, a scale above 0, a weight in (0, 1] and own at least 0" in problems[0]
+    assert problems and "needs entries, a scale above 0, a weight in (0, 1] and own 0 to 16384" in problems[0]
 
 
 def test_run_leaves_a_frame_over_the_levels_limit_unfused(tmp_path, monkeypatch, tiny_clip):

@@ -37,6 +37,7 @@ from semclip_batch.model.grey_memory import (
     DIM,
     MIN_SCALE,
     OWN,
+    OWN_MAX,
     PATCH,
     STRIDE,
     GreyMemory,
@@ -133,6 +134,8 @@ def fit_grey_memory(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], se
     the rest, each of those scored with its own neighbourhoods too (``own`` of them, rule 18; 0: the entries only),
     as ``run`` scores a frame (weight 0: the caller chooses it). ``coreset=False``: a seeded random subset instead
     of the greedy one. Raises ValueError where fewer than two frames of :data:`PATCH` px or more are given."""
+    if not 0 <= own <= OWN_MAX:
+        raise ValueError(f"own neighbourhoods must be 0 to {OWN_MAX}; got {own}")
     usable = [(f, m) for f, m in frames if min(f.shape) >= PATCH]
     if len(usable) < 2:
         raise ValueError(f"the grey-level memory needs two support frames of {PATCH} px or more; got {len(usable)}")
@@ -159,7 +162,7 @@ def fit_grey_memory(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], se
     pick = greedy_coreset(projected, entries) if coreset else torch.from_numpy(rng.permutation(len(pool))[:entries])
     memory.entries = projected[pick].contiguous()
     memory.own.fill_(own)
-    distances = torch.cat([memory.grid_distances(frame)[drawn] for frame, drawn in check])
+    distances = torch.cat([memory.distances_at(frame, drawn) for frame, drawn in check])
     memory.scale.fill_(max(float(torch.quantile(distances, 0.99)), MIN_SCALE))
     return memory
 

@@ -18,7 +18,7 @@ from semclip_batch.methods.features import encode_batch
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
 from semclip_batch.model import SemClipOutput
-from semclip_batch.model.grey_memory import GREY_MEMORY, GreyMemory
+from semclip_batch.model.grey_memory import GREY_MEMORY, OWN_MAX, GreyMemory
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
 from semclip_batch.model.shifts import half_patch_offsets, patch_size, shift_views, unshift_maps
 from semclip_batch.model.towers import vision_tower
@@ -128,9 +128,9 @@ def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -
         problems.append(f"{GREY_MEMORY}: {str(exc).splitlines()[0][:120]}")
         return None
     scale, weight, drawn = float(grey.scale), float(grey.weight), int(grey.own)
-    if (not len(grey.entries) or not scale > 0 or not 0 < weight <= 1 or drawn < 0
+    if (not len(grey.entries) or not scale > 0 or not 0 < weight <= 1 or not 0 <= drawn <= OWN_MAX
             or not bool(torch.isfinite(grey.entries).all())):
         problems.append(f"{GREY_MEMORY}: {len(grey.entries)} entries, scale {scale:g}, weight {weight:g}, own {drawn} "
-                        "(needs entries, a scale above 0, a weight in (0, 1] and own at least 0)")
+                        f"(needs entries, a scale above 0, a weight in (0, 1] and own 0 to {OWN_MAX})")
         return None
     return grey.eval()

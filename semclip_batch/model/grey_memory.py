@@ -16,6 +16,8 @@ weight are fitted by ``train`` (:mod:`semclip_batch.fewshot.grey_memory_fit`) an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,9 +29,11 @@ SMOOTH = 5  # px of the box filter over the resized map
 NORM_FLOOR = 0.05  # per px of the side: added to a neighbourhood's norm, so shot noise on a flat patch stays small
 GREY_MEMORY = "grey_memory"  # its tensors' prefix in a checkpoint's model.safetensors
 MIN_SCALE = 1e-3  # the distance scale's floor (support frames whose neighbourhoods all match: a flat lot)
-CHUNK = 4096  # neighbourhoods per distance block: a (CHUNK, entries) matrix, 64 MiB at 4,096 entries
+CHUNK = 4096  # neighbourhoods per distance block: a (CHUNK, entries) and a (CHUNK, own) matrix, 64 MiB at 4,096
 OWN = 4096  # the frame's own neighbourhoods drawn to compare it with (rule 18; a checkpoint stores its own count)
-OWN_GAP = 6  # grid steps (24 px) in row or column beyond which an own neighbourhood may match: never the defect itself
+OWN_MAX = 16_384  # the most a checkpoint may ask for (a (CHUNK, OWN_MAX) block is 256 MiB)
+OWN_GAP = 6  # grid steps (24 px) in row or column beyond which an own neighbourhood may match: none overlapping the
+# scored one (a defect longer than ~24 px, or one the frame repeats, can still match itself and be quietened)
 OWN_SEED = 0  # the own draw's seed: a frame's bank depends on its size only, so runs repeat
 
 
@@ -76,18 +80,32 @@ class GreyMemory(nn.Module):
                  for part in q.split(CHUNK)]
         return torch.cat(least).clamp_min(0).sqrt()
 
+    def projected(self, levels: torch.Tensor) -> torch.Tensor:
+        """``(gh * gw, DIM)``: the frame's neighbourhoods, row by row, projected in bands of about :data:`CHUNK` (a
+        large frame's raw neighbourhoods are never all held at once; their projections are)."""
+        return torch.cat(list(self._bands(levels)))
+
+    def _bands(self, levels: torch.Tensor) -> Iterator[torch.Tensor]:
+        gh, gw = grid_shape(*levels.shape)
+        band = max(1, CHUNK // gw)
+        for r in range(0, gh, band):
+            yield self.project(neighbourhoods(levels[r * STRIDE:(min(gh, r + band) - 1) * STRIDE + PATCH]))
+
     def grid_distances(self, levels: torch.Tensor) -> torch.Tensor:
         """``(gh * gw,)`` distances of the frame's neighbourhoods, row by row: to the nearest entry, or to the nearest
-        own neighbourhood (:func:`own_nearest`) where that is nearer. Projected in bands of about :data:`CHUNK`
-        neighbourhoods (a large frame's raw neighbourhoods are never all held at once; their projections are)."""
-        h, w = levels.shape
-        gh, gw = grid_shape(h, w)
-        band = max(1, CHUNK // gw)
-        q = torch.cat([self.project(neighbourhoods(levels[r * STRIDE:(min(gh, r + band) - 1) * STRIDE + PATCH]))
-                       for r in range(0, gh, band)])
-        distances = self.nearest(q)
+        own neighbourhood (:func:`own_nearest`) where that is nearer; band by band where ``own`` is 0 (as written
+        before rule 18, to the bit)."""
+        if int(self.own) == 0:
+            return torch.cat([self.nearest(q) for q in self._bands(levels)])
+        q = self.projected(levels)
+        return torch.minimum(self.nearest(q), own_nearest(q, grid_shape(*levels.shape)[1], int(self.own)))
+
+    def distances_at(self, levels: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """:meth:`grid_distances` of the neighbourhoods at grid positions ``at`` (row by row) only."""
+        q = self.projected(levels)
+        distances = self.nearest(q[at])
         if int(self.own) > 0:
-            distances = torch.minimum(distances, own_nearest(q, gw, int(self.own)))
+            distances = torch.minimum(distances, own_nearest(q, grid_shape(*levels.shape)[1], int(self.own), at))
         return distances
 
     def frame_map(self, levels: torch.Tensor) -> torch.Tensor:
@@ -110,29 +128,34 @@ class GreyMemory(nn.Module):
         return blend(frame_map, self.frame_map(levels), float(self.weight))
 
 
-def own_nearest(q: torch.Tensor, columns: int, size: int) -> torch.Tensor:
-    """``(L,)`` distance of each of a frame's projected neighbourhoods ``(L, DIM)`` (row by row, ``columns`` a row)
-    to the nearest of ``size`` of them (a draw seeded by :data:`OWN_SEED`: all where fewer) lying more than
-    :data:`OWN_GAP` grid steps away in row or column; infinite where none does (a frame too small to hold one)."""
+def own_nearest(q: torch.Tensor, columns: int, size: int, at: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance of each of a frame's projected neighbourhoods ``(L, DIM)`` (row by row, ``columns`` a row; ``at``:
+    those at these positions only) to the nearest of ``size`` of them (a draw seeded by :data:`OWN_SEED`: all where
+    fewer) lying more than :data:`OWN_GAP` grid steps away in row or column; infinite where none does (a frame too
+    small to hold one). The pairs too close to compare are indexed on the CPU and moved to ``q``'s device once."""
     count = len(q)
-    bank = torch.randperm(count, generator=torch.Generator().manual_seed(OWN_SEED))[:size].to(q.device)
-    entries = q[bank]
-    # the (query, bank entry) pairs too close to compare: each entry's window of (2 * OWN_GAP + 1)^2 grid positions
-    steps = torch.arange(-OWN_GAP, OWN_GAP + 1, device=q.device)
-    rows = (bank // columns)[:, None, None] + steps[None, :, None]
+    bank = torch.randperm(count, generator=torch.Generator().manual_seed(OWN_SEED))[:size]
+    steps = torch.arange(-OWN_GAP, OWN_GAP + 1)
+    rows = (bank // columns)[:, None, None] + steps[None, :, None]  # each entry's window of grid positions
     cols = (bank % columns)[:, None, None] + steps[None, None, :]
     inside = (rows >= 0) & (rows < count // columns) & (cols >= 0) & (cols < columns)
-    query = (rows * columns + cols)[inside]
-    entry = torch.arange(len(bank), device=q.device)[:, None, None].expand_as(inside)[inside]
+    queries = torch.arange(count) if at is None else at.cpu()
+    slot = torch.full((count,), -1, dtype=torch.long)
+    slot[queries] = torch.arange(len(queries))
+    query = slot[(rows * columns + cols)[inside]]
+    entry = torch.arange(len(bank))[:, None, None].expand_as(inside)[inside]
+    query, entry = query[query >= 0], entry[query >= 0]
     order = query.argsort()
-    query, entry = query[order], entry[order]
+    query, entry = query[order].to(q.device), entry[order].to(q.device)
+    bounds = torch.searchsorted(query.cpu(), torch.arange(0, len(queries) + CHUNK, CHUNK)).tolist()
+    entries = q[bank.to(q.device)]
     squared = (entries * entries).sum(dim=1)
+    chosen = q if at is None else q[at.to(q.device)]
     least = []
-    for start in range(0, count, CHUNK):
-        part = q[start:start + CHUNK]
+    for k, part in enumerate(chosen.split(CHUNK)):
         block = torch.addmm(squared, part, entries.T, alpha=-2)
-        lo, hi = torch.searchsorted(query, torch.tensor([start, start + len(part)], device=q.device)).tolist()
-        block[query[lo:hi] - start, entry[lo:hi]] = float("inf")
+        lo, hi = bounds[k], bounds[k + 1]
+        block[query[lo:hi] - k * CHUNK, entry[lo:hi]] = float("inf")
         least.append(block.amin(dim=1) + (part * part).sum(dim=1))
     return torch.cat(least).clamp_min(0).sqrt()
 
