@@ -27,7 +27,7 @@ import torch
 from semclip_batch.analysis.evaluate import joined_rows, truth_mask
 from semclip_batch.analysis.metrics import PixelCounts
 from semclip_batch.errors import OK
-from semclip_batch.fewshot.grey_memory_fit import ENTRIES, OWN, fit_grey_memory, native_frames
+from semclip_batch.fewshot.grey_memory_fit import ENTRIES, fit_grey_memory, native_frames
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import read_manifest
@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--weights", default="0.5")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--random", action="store_true", help="draw the memory at random instead of greedily (k-centre)")
-    ap.add_argument("--own", type=int, default=OWN, help="the frame's own neighbourhoods compared with (0: none)")
+    ap.add_argument("--own", type=int, default=0,
+                    help="the frame's own neighbourhoods each is also compared with (rule 18 drew 4,096; 0: none)")
     args = ap.parse_args()
     start = time.perf_counter()
     support = native_frames(read_manifest(args.support), None)

@@ -131,7 +131,7 @@ def test_a_support_set_it_cannot_fit_is_refused_in_one_line():
 
 @pytest.mark.parametrize("chunk", [50, 80, 3 * 37 + 1])  # bands of 1, 2 and 3 grid rows (37 neighbourhoods a row)
 def test_a_frame_is_scored_in_bands_with_the_result_of_one_pass(monkeypatch, chunk):
-    memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64)
+    memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64, own=grey_memory.OWN)
     levels = torch.from_numpy(_routing(np.random.default_rng(1), size=160)[:, :155])
     q = memory.project(grey_memory.neighbourhoods(levels))
     whole = torch.minimum(memory.nearest(q), grey_memory.own_nearest(q, grid_shape(160, 155)[1], int(memory.own)))
@@ -144,7 +144,7 @@ def test_a_frame_is_scored_in_bands_with_the_result_of_one_pass(monkeypatch, chu
 def test_a_memory_without_own_neighbourhoods_scores_band_by_band_as_before_rule_18(monkeypatch):
     """own 0 (checkpoints written before rule 18): the distances of the code before it, to the bit: each band of
     grid rows projected and searched on its own."""
-    memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64, own=0)
+    memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64)  # own 0: train's default
     levels = torch.from_numpy(_routing(np.random.default_rng(1), size=160)[:, :155])
     monkeypatch.setattr(grey_memory, "CHUNK", 80)  # bands of 2 grid rows: 37 neighbourhoods a row, 38 rows
     bands = [grey_memory.neighbourhoods(levels[r * STRIDE:(min(38, r + 2) - 1) * STRIDE + PATCH]) for r in range(0, 38, 2)]
@@ -186,8 +186,8 @@ def test_own_neighbourhoods_quiet_a_structure_the_frame_repeats_but_not_a_lone_p
             frame[y0:y0 + 6] = 0.8
         support.append((torch.from_numpy(np.clip(frame + rng.normal(0, 0.03, frame.shape), 0, 1).astype(np.float32)),
                         None))
-    with_own = fit.fit_grey_memory(support, seed=0, entries=512)
-    without = fit.fit_grey_memory(support, seed=0, entries=512, own=0)
+    with_own = fit.fit_grey_memory(support, seed=0, entries=512, own=grey_memory.OWN)
+    without = fit.fit_grey_memory(support, seed=0, entries=512)
     assert int(with_own.own) == grey_memory.OWN and int(without.own) == 0
     for name in ("mean", "axes", "entries"):  # the same memory: only the distance and so the scale differ
         assert torch.equal(getattr(with_own, name), getattr(without, name))
@@ -416,7 +416,7 @@ def test_a_checkpoints_memory_is_loaded_with_its_size_and_a_missing_one_is_refus
     spec = ModelSpec(backbone="semclip-tiny", grey_memory=True, checkpoint="ckpt")
     own = {k: v for k, v in new_model(spec, tiny_clip.clip, text).state_dict().items()
            if not k.startswith(BACKBONE_PREFIXES)}
-    memory = fit.fit_grey_memory(_support(5, 5), seed=0, entries=37)
+    memory = fit.fit_grey_memory(_support(5, 5), seed=0, entries=37, own=grey_memory.OWN)
     memory.weight.fill_(0.5)
     with_memory = {**own, **{f"{GREY_MEMORY}.{k}": v for k, v in memory.state_dict().items()}}
     scoring = build_model(spec, text.numpy(), backbone=tiny_clip, tensors=with_memory)
@@ -448,9 +448,10 @@ def test_specs_and_preprocessing_without_it_keep_their_records():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monkeypatch):
-    """``train`` with the default recipe fits the memory, reports its held-out figures and (its choice overruled
-    here, so that it is kept on this small lot) stores it with thresholds fitted on fused maps; ``run`` with that
-    checkpoint ships every frame's levels and scores every frame."""
+    """``train`` with the default recipe fits the memory (here with rule 18's own neighbourhoods, an option),
+    reports its held-out figures and (its choice overruled here, so that it is kept on this small lot) stores it
+    with thresholds fitted on fused maps; ``run`` with that checkpoint ships every frame's levels and scores every
+    frame."""
     import json
 
     from click.testing import CliRunner
@@ -466,7 +467,8 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     runner = CliRunner()
     ckpt = tmp_path / "ckpt"
     res = runner.invoke(main, ["train", str(lot["support"]), "--out", str(ckpt), "--backbone", "semclip-tiny",
-                               "--pretrained", "shipped", "--adapt-steps", "0", "--epochs", "2"])
+                               "--pretrained", "shipped", "--adapt-steps", "0", "--epochs", "2",
+                               "--own-neighbourhoods", str(grey_memory.OWN)])
     assert res.exit_code == 0, res.output
     loaded = load_checkpoint(str(ckpt))
     record = loaded.meta.training["grey_memory"]
@@ -577,3 +579,23 @@ def test_run_leaves_a_frame_over_the_levels_limit_unfused(tmp_path, monkeypatch,
             expected = frame_map if h * w > 300 * 300 else memory.fuse(frame_map, unpack_frame(shipped, h, w) / 255)
             stored = np.frombuffer(row["mask"], np.uint8).reshape(h, w).astype(int)
             assert np.abs(stored - to_mask(expected.numpy()).astype(int)).max() <= 1, (h, w)
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--own-neighbourhoods", "-1"], "--own-neighbourhoods must be 0 to 16384, got -1"),
+    (["--own-neighbourhoods", "16385"], "--own-neighbourhoods must be 0 to 16384, got 16385"),
+    (["--own-neighbourhoods", "64", "--recipe", "paper"], "which --recipe paper with --method semclip does not fit"),
+    (["--own-neighbourhoods", "64", "--method", "winclip"], "which --recipe transfer with --method winclip does not"),
+])
+def test_own_neighbourhoods_that_no_memory_would_use_are_refused_in_one_line(tmp_path, extra, expected):
+    from click.testing import CliRunner
+    from routing_fixture import write_routing_lot
+
+    from semclip_batch.cli import main
+
+    lot = write_routing_lot(tmp_path, n_support=2, n_test=1, seed=3, size=(128, 128))
+    result = CliRunner().invoke(main, ["train", str(lot["support"]), "--out", str(tmp_path / "ckpt"), "--backbone",
+                                       "semclip-tiny", "--pretrained", "shipped", *extra])
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error")]
+    assert result.exit_code != 0 and "Traceback" not in result.output and len(errors) == 1, result.output
+    assert expected in errors[0] and not (tmp_path / "ckpt").exists()

@@ -179,6 +179,11 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @self_similarity_option("[default: with SEM-CLIP's recipe transfer chosen on the support frames with the memory's "
                         "weight (0, 0.25 .. 1 or 0.8), 0 with paper; a given W is used as given; baselines have none; "
                         "stored in the checkpoint]")
+@click.option("--own-neighbourhoods", "own_neighbourhoods", type=int, default=0, show_default=True,
+              help="The grey-level memory (SEM-CLIP's recipe transfer) also compares each frame's 11 px "
+                   "neighbourhoods with this many of the frame's own more than 24 px away, so structures the frame "
+                   "repeats but the support lacks score low (docs/quality.md rule 18: 4,096 raised F1max on the "
+                   "validation lots and was not adopted, macro F1 fell on two; 0 to 16384; stored in the checkpoint).")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
@@ -186,7 +191,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
           adapt_lr: float, no_vv: bool, no_surgery: bool,
           taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool,
           no_register: bool, reference_fusion: str, reference_weight: str, self_reference: bool | None,
-          scale_policy: str | None, self_similarity: float | None) -> None:
+          scale_policy: str | None, self_similarity: float | None, own_neighbourhoods: int) -> None:
     """Few-shot SEM-CLIP (or a baseline) from a labelled SUPPORT manifest -> checkpoint (with the default recipe
     the backbone is first adapted on it where the weights do not know its frames, --adapt-steps).
 
@@ -224,7 +229,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                       recipe=with_self_similarity(with_self_reference(get_recipe(recipe), self_reference),
                                                   self_similarity),
                       choose_reference_weight=weight is None, policy_from_weights=scale_policy is None,
-                      check_scale=auto,
+                      check_scale=auto, grey_own=own_neighbourhoods,
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
@@ -248,10 +253,11 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
 
 def _refuse_unused_fit_options(ctx: click.Context, cfg: TrainConfig, adapt_steps: int | None, recipe: str,
                                self_similarity: float | None) -> None:
-    """Refuse, in one line, ``--adapt-lr`` where nothing adapts and ``--self-similarity`` for a baseline (options
-    that would be stored and ignored)."""
+    """Refuse, in one line, ``--adapt-lr`` where nothing adapts, ``--self-similarity`` for a baseline and
+    ``--own-neighbourhoods`` where no grey-level memory is fitted (options that would be stored and ignored)."""
     from click.core import ParameterSource
 
+    from semclip_batch.fewshot.recipes import applied
     from semclip_batch.methods.registry import get_method
 
     method = cfg.model.method
@@ -262,6 +268,9 @@ def _refuse_unused_fit_options(ctx: click.Context, cfg: TrainConfig, adapt_steps
                           "omit it or give --adapt-steps N")
     if self_similarity is not None and not get_method(method).recipes:
         raise ConfigError(f"--self-similarity is a SEM-CLIP option; --method {method} has none: omit it")
+    if cfg.grey_own and not applied(cfg.recipe, cfg.model).grey_memory:
+        raise ConfigError(f"--own-neighbourhoods is the grey-level memory's, which --recipe {recipe} with --method "
+                          f"{method} does not fit (SEM-CLIP's recipe transfer does): omit it")
 
 
 def _train_summary(meta: CheckpointMeta, out: str) -> list[str]:

@@ -36,7 +36,6 @@ from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
 from semclip_batch.model.grey_memory import (
     DIM,
     MIN_SCALE,
-    OWN,
     OWN_MAX,
     PATCH,
     STRIDE,
@@ -129,7 +128,7 @@ def greedy_coreset(points: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def fit_grey_memory(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], seed: int, entries: int = ENTRIES,
-                    coreset: bool = True, own: int = OWN) -> GreyMemory:
+                    coreset: bool = True, own: int = 0) -> GreyMemory:
     """The memory from four fifths of ``(levels in [0, 1], defect mask or None)`` frames, its distance scale from
     the rest, each of those scored with its own neighbourhoods too (``own`` of them, rule 18; 0: the entries only),
     as ``run`` scores a frame (weight 0: the caller chooses it). ``coreset=False``: a seeded random subset instead
@@ -279,7 +278,7 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
         return None, {"weight": 0.0, "note": "no support frame is held out to choose the weight on"}
     known = fitting_frames(frames, held_rows)
     try:
-        memory = fit_grey_memory(known, cfg.model.seed)
+        memory = fit_grey_memory(known, cfg.model.seed, own=cfg.grey_own)
     except ValueError as exc:
         return None, {"weight": 0.0, "note": str(exc)}
     record: dict[str, Any] = {"entries": len(memory.entries), "own": int(memory.own),

@@ -20,6 +20,7 @@ from semclip_batch.methods.feature_cache import cached_features, feature_key
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, method_taps
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
+from semclip_batch.model.grey_memory import OWN_MAX
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
 from semclip_batch.model.towers import vision_tower
 
@@ -50,6 +51,9 @@ class TrainConfig:
     adapt_lr: float = DEFAULT_ADAPT_LR
     # train's default: adapt only where the weights classify fewer of the support frames right zero-shot; None: as asked
     adapt_below: float | None = None
+    # --own-neighbourhoods: the grey-level memory also compares each frame with this many of its own neighbourhoods
+    # (rule 18, measured and not adopted: docs/quality.md); 0: with the support's entries only
+    grey_own: int = 0
 
     def __post_init__(self) -> None:
         m = self.model
@@ -70,6 +74,8 @@ class TrainConfig:
         if self.adapt_steps < 0 or not self.adapt_lr > 0:
             raise ConfigError(f"--adapt-steps must be >= 0 (0: a frozen backbone) and --adapt-lr > 0, got "
                               f"{self.adapt_steps} and {self.adapt_lr}")
+        if not 0 <= self.grey_own <= OWN_MAX:
+            raise ConfigError(f"--own-neighbourhoods must be 0 to {OWN_MAX}, got {self.grey_own}")
 
 
 def public_config(cfg: TrainConfig) -> dict[str, Any]:
