@@ -129,6 +129,19 @@ def test_a_support_set_it_cannot_fit_is_refused_in_one_line():
         fit.fit_grey_memory([(torch.from_numpy(_routing(rng)), np.ones((10, 10), bool))] * 3, seed=0)
 
 
+@pytest.mark.parametrize("own", [0, grey_memory.OWN])
+def test_a_held_out_frame_that_is_all_defect_is_left_out_of_the_scale(own):
+    rng = np.random.default_rng(8)
+    frames = [(torch.from_numpy(_routing(rng)), None) for _ in range(9)]
+    frames.append((torch.from_numpy(_routing(rng)), np.ones((160, 160), bool)))  # no clean neighbourhood
+    seed = next(s for s in range(100) if 9 in np.random.default_rng(s).choice(10, 2, replace=False))  # held out
+    memory = fit.fit_grey_memory(frames, seed=seed, entries=64, own=own)  # the other held-out frame fixes the scale
+    assert np.isfinite(float(memory.scale)) and float(memory.scale) > grey_memory.MIN_SCALE
+    with pytest.raises(ValueError, match="no clean neighbourhood to fit or to hold out"):  # nothing else held out
+        fit.fit_grey_memory([*frames[:4], frames[9]], seed=next(
+            s for s in range(100) if 4 in np.random.default_rng(s).choice(5, 1, replace=False)), entries=64, own=own)
+
+
 @pytest.mark.parametrize("chunk", [50, 80, 3 * 37 + 1])  # bands of 1, 2 and 3 grid rows (37 neighbourhoods a row)
 def test_a_frame_is_scored_in_bands_with_the_result_of_one_pass(monkeypatch, chunk):
     memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64, own=grey_memory.OWN)

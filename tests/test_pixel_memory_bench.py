@@ -18,7 +18,7 @@ def test_it_scores_the_memory_on_a_test_lot(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["pixel_memory.py", str(lot["support"]), str(lot["test"]), "--bank", "512"])
     bench.main()
     out = capsys.readouterr().out
-    assert re.search(r"memory \(greedy\): 512 neighbourhoods, scale 0\.\d+", out), out
+    assert re.search(r"memory \(greedy\): 512 neighbourhoods, own 0, scale 0\.\d+", out), out
     assert "3 test frames" in out
     auroc = float(re.search(r"pixel memory\s+pAUROC (\d\.\d+)", out).group(1))
     assert 0.8 < auroc <= 1.0, out

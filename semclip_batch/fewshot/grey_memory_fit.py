@@ -148,7 +148,8 @@ def fit_grey_memory(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], se
         kept = clean(mask, (frame.shape[0], frame.shape[1])).nonzero().flatten()
         drawn = kept[torch.from_numpy(rng.permutation(len(kept))[:PER_FRAME])]
         if i in held:
-            check.append((frame, drawn))
+            if len(drawn):  # a frame that is all defect has nothing to hold out
+                check.append((frame, drawn))
         else:
             fit.append(neighbourhoods(frame)[drawn])
     pool = torch.cat(fit)

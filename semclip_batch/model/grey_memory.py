@@ -146,8 +146,9 @@ def own_nearest(q: torch.Tensor, columns: int, size: int, at: torch.Tensor | Non
     entry = torch.arange(len(bank))[:, None, None].expand_as(inside)[inside]
     query, entry = query[query >= 0], entry[query >= 0]
     order = query.argsort()
-    query, entry = query[order].to(q.device), entry[order].to(q.device)
-    bounds = torch.searchsorted(query.cpu(), torch.arange(0, len(queries) + CHUNK, CHUNK)).tolist()
+    query, entry = query[order], entry[order]
+    bounds = torch.searchsorted(query, torch.arange(0, len(queries) + CHUNK, CHUNK)).tolist()
+    query, entry = query.to(q.device), entry.to(q.device)
     entries = q[bank.to(q.device)]
     squared = (entries * entries).sum(dim=1)
     chosen = q if at is None else q[at.to(q.device)]
