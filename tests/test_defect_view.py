@@ -8,8 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pyarrow as pa
 import pytest
-import tifffile
 import torch
+from decoded_batch import decoded as decoded_batch
+from decoded_batch import input_batch, write_frames
 
 from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, PreprocessConfig
 from semclip_batch.fewshot.recipes import RECIPES, applied
@@ -24,7 +25,7 @@ from semclip_batch.io.preprocess import (
     resize,
     stretch,
 )
-from semclip_batch.io.schema import DECODED, INPUT_COLUMNS
+from semclip_batch.io.schema import DECODED
 
 CFG = PreprocessConfig(image_size=240, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), defect_view=True)
 
@@ -92,17 +93,8 @@ def test_the_transfer_recipe_turns_it_on_and_the_paper_recipe_keeps_it_off():
 def test_decode_stage_ships_frames_only_where_a_defect_view_is_taken(tmp_path):
     from semclip_batch.pipeline.reader import decode_batch
 
-    rng = np.random.default_rng(2)
-    urls = []
-    for name, shape in (("big", (640, 700)), ("small", (256, 256))):
-        path = tmp_path / f"{name}.tif"
-        tifffile.imwrite(path, (rng.random(shape) * 65535).astype(np.uint16))
-        urls.append(str(path))
-    urls = [*urls, str(tmp_path / "none.tif")]
-    batch = {c: np.array([f"{c}{i}" for i in range(3)], dtype=object) for c in INPUT_COLUMNS}
-    batch.update(url=np.array(urls, dtype=object), reference_url=np.full(3, None, dtype=object),
-                 die_x=np.zeros(3, np.int64), die_y=np.zeros(3, np.int64), page=np.full(3, None, dtype=object))
-    table: pa.Table = decode_batch(batch, prep=CFG)
+    urls = [*write_frames(tmp_path, ((640, 700), (256, 256)), seed=2), str(tmp_path / "none.tif")]  # a big, a small, none
+    table: pa.Table = decode_batch(input_batch(urls), prep=CFG)
     assert table.schema == DECODED
     rows = table.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "read_error"]
@@ -120,22 +112,13 @@ def test_a_large_frames_class_scores_are_the_mean_of_its_whole_and_defect_views(
     from semclip_batch.methods.scoring import build_model
     from semclip_batch.methods.weights import load_backbone, preprocess_config
     from semclip_batch.pipeline.inference import Predictor, PredictorSetup
-    from semclip_batch.pipeline.reader import decode_batch
 
     spec = ModelSpec(backbone="semclip-tiny", defect_view=True, precision=precision)
     prep = preprocess_config(spec.backbone, tile_above=1024, defect_view=True)
     backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed)
     text = text_embeddings(backbone, load_prompts())
-    rng = np.random.default_rng(3)
     shapes = ((700, 1100), (256, 256))
-    urls = []
-    for k, shape in enumerate(shapes):
-        urls.append(str(tmp_path / f"{k}.tif"))
-        tifffile.imwrite(urls[-1], (rng.random(shape) * 65535).astype(np.uint16))
-    batch = {c: np.array([f"{c}{i}" for i in range(2)], dtype=object) for c in INPUT_COLUMNS}
-    batch.update(url=np.array(urls, dtype=object), reference_url=np.full(2, None, dtype=object),
-                 die_x=np.zeros(2, np.int64), die_y=np.zeros(2, np.int64), page=np.full(2, None, dtype=object))
-    decoded = {k: np.array(v, dtype=object) for k, v in decode_batch(batch, prep=prep).to_pydict().items()}
+    decoded = decoded_batch(tmp_path, prep, shapes)
     setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text, weights_sha256=backbone.sha256,
                            batch_size=4, threads=1, use_gpu=False)
     rows = Predictor(setup)(decoded).to_pylist()

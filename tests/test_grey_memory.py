@@ -317,21 +317,9 @@ def test_thresholds_are_fitted_on_the_fused_frame_maps():
 
 
 def _decoded(tmp_path, prep, shapes):
-    import tifffile
+    from decoded_batch import decoded
 
-    from semclip_batch.io.schema import INPUT_COLUMNS
-    from semclip_batch.pipeline.reader import decode_batch
-
-    rng = np.random.default_rng(3)
-    urls = []
-    for k, shape in enumerate(shapes):
-        urls.append(str(tmp_path / f"{k}.tif"))
-        tifffile.imwrite(urls[-1], (rng.random(shape) * 65535).astype(np.uint16))
-    n = len(shapes)
-    batch = {c: np.array([f"{c}{i}" for i in range(n)], dtype=object) for c in INPUT_COLUMNS}
-    batch.update(url=np.array(urls, dtype=object), reference_url=np.full(n, None, dtype=object),
-                 die_x=np.zeros(n, np.int64), die_y=np.zeros(n, np.int64), page=np.full(n, None, dtype=object))
-    return {k: np.array(v, dtype=object) for k, v in decode_batch(batch, prep=prep).to_pydict().items()}
+    return decoded(tmp_path, prep, shapes)
 
 
 def _actors_build_with(monkeypatch, tiny_clip, memory):
