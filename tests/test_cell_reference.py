@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from decoded_batch import input_batch
 from PIL import Image
 from scipy import ndimage
 
@@ -21,7 +22,7 @@ from semclip_batch.fewshot.recipes import RECIPES, applied, with_self_reference
 from semclip_batch.fewshot.train import TrainConfig, train
 from semclip_batch.io.cell_reference import cell_difference, cell_reference, frame_period
 from semclip_batch.io.preprocess import unpack_views
-from semclip_batch.io.schema import DECODED, INPUT_COLUMNS
+from semclip_batch.io.schema import DECODED
 from semclip_batch.methods.weights import preprocess_config
 from semclip_batch.pipeline.reader import decode_batch
 
@@ -156,10 +157,7 @@ def test_decode_stage_ships_a_cell_reference_only_where_asked_and_where_the_fram
     blobs = ndimage.gaussian_filter(np.random.default_rng(0).normal(120, 40, (200, 240)), 6)
     for name, img in (("grid", grid), ("blobs", blobs)):
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
-    batch = {c: np.array([f"{c}{i}" for i in range(2)], dtype=object) for c in INPUT_COLUMNS}
-    batch.update(url=np.array([str(tmp_path / "grid.png"), str(tmp_path / "blobs.png")], dtype=object),
-                 reference_url=np.full(2, None, dtype=object), die_x=np.zeros(2, np.int64),
-                 die_y=np.zeros(2, np.int64), page=np.full(2, None, dtype=object))
+    batch = input_batch([str(tmp_path / "grid.png"), str(tmp_path / "blobs.png")])
     prep = preprocess_config("semclip-tiny", tile_above=1024)
     on = decode_batch(dict(batch), prep=prep, references=True, self_reference=True)
     assert on.schema == DECODED
