@@ -8,8 +8,7 @@ The support frames' levels as `run`'s decode stage ships them (stretched between
 4 px, centred and norm-scaled, 16 principal axes, at most 2,048 a frame, ``--bank`` entries chosen greedily as
 PatchCore does, ``--random``: a seeded random subset; each frame also compared with ``--own`` of its own
 neighbourhoods more than 24 px away, rule 18, 0: the entries only; the distance scale from a seeded fifth of the
-frames). Each
-test frame's memory map (`GreyMemory.frame_map`, in the stored masks' uint8 form) is scored with ``eval``'s own
+frames). Each test frame's memory map (`GreyMemory.frame_map`, in the stored masks' uint8 form) is scored with ``eval``'s own
 pixel counts (pAUROC, F1max, AUPRO) against the test manifest's masks, next to the maps `run` stored in RUN_OUT and
 their fusions ``(1 - w) * run + w * memory`` for each ``--weights`` value. (`train` fits it on the support frames
 its checks do not hold out and keeps it only where those frames gain: this script shows the memory itself.) Which
@@ -33,6 +32,7 @@ from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.masks import mask_array, open_masks
 from semclip_batch.methods.decisions import to_mask
+from semclip_batch.model.grey_memory import OWN
 
 
 def figures(counts: PixelCounts) -> str:
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--random", action="store_true", help="draw the memory at random instead of greedily (k-centre)")
     ap.add_argument("--own", type=int, default=0,
-                    help="the frame's own neighbourhoods each is also compared with (rule 18 drew 4,096; 0: none)")
+                    help=f"the frame's own neighbourhoods each is also compared with (rule 18 drew {OWN}; 0: none)")
     args = ap.parse_args()
     start = time.perf_counter()
     support = native_frames(read_manifest(args.support), None)

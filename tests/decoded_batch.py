@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tifffile
 
+from semclip_batch.config import PreprocessConfig
 from semclip_batch.io.schema import INPUT_COLUMNS
 
 
@@ -32,7 +32,7 @@ def input_batch(urls: Sequence[str]) -> dict[str, np.ndarray]:
     return batch
 
 
-def decoded(folder: Path, prep: Any, shapes: Sequence[tuple[int, int]], seed: int = 3) -> dict[str, np.ndarray]:
+def decoded(folder: Path, prep: PreprocessConfig, shapes: Sequence[tuple[int, int]], seed: int = 3) -> dict[str, np.ndarray]:
     """``decode_batch`` of random frames of ``shapes`` at ``prep``, as the model actor receives it (columns of
     objects)."""
     from semclip_batch.pipeline.reader import decode_batch

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from decoded_batch import decoded as decoded_batch
+from decoded_batch import decoded as decoded_frames
 from decoded_batch import input_batch, write_frames
 
 from semclip_batch.config import DEFAULT_SELF_SIMILARITY, ModelSpec, PreprocessConfig
@@ -118,7 +118,7 @@ def test_a_large_frames_class_scores_are_the_mean_of_its_whole_and_defect_views(
     backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed)
     text = text_embeddings(backbone, load_prompts())
     shapes = ((700, 1100), (256, 256))
-    decoded = decoded_batch(tmp_path, prep, shapes)
+    decoded = decoded_frames(tmp_path, prep, shapes)
     setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text, weights_sha256=backbone.sha256,
                            batch_size=4, threads=1, use_gpu=False)
     rows = Predictor(setup)(decoded).to_pylist()

@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from decoded_batch import decoded as decoded_frames
 
 from semclip_batch.fewshot import grey_memory_fit as fit
 from semclip_batch.model import grey_memory
@@ -184,6 +185,7 @@ def test_own_distances_match_a_search_of_every_pair_outside_the_gap(monkeypatch,
     assert torch.allclose(ours, expected, atol=1e-4)
     at = torch.randperm(len(q), generator=torch.Generator().manual_seed(1))[:len(q) // 3]  # unsorted, a third
     assert torch.allclose(grey_memory.own_nearest(q, shape[1], size, at), expected[at], atol=1e-4)
+    assert grey_memory.own_nearest(q, shape[1], size, torch.zeros(0, dtype=torch.long)).shape == (0,)
     if shape == (5, 5):  # every neighbourhood within the gap of every other: none to compare with
         assert torch.isinf(ours).all()
 
@@ -316,12 +318,6 @@ def test_thresholds_are_fitted_on_the_fused_frame_maps():
     assert 0.0 < th["pixel"] <= 0.5  # any level up to the defects' 0.5 separates them
 
 
-def _decoded(tmp_path, prep, shapes):
-    from decoded_batch import decoded
-
-    return decoded(tmp_path, prep, shapes)
-
-
 def _actors_build_with(monkeypatch, tiny_clip, memory):
     """The model stage's actors build the tiny model with ``memory`` as its grey-level memory; returns the builder."""
     from semclip_batch.methods import scoring as scoring_module
@@ -362,7 +358,7 @@ def test_run_fuses_every_frames_map_with_the_memory_before_its_mask_score_and_de
 
     built = _actors_build_with(monkeypatch, tiny_clip, memory)
     shapes = ((700, 1100), (256, 256))
-    decoded = _decoded(tmp_path, prep, shapes)
+    decoded = decoded_frames(tmp_path, prep, shapes)
     assert all(len(f) == h * w for f, (h, w) in zip(decoded["frame_pixels"], shapes, strict=True))
     setup = PredictorSetup(spec=spec, prep=prep, text_embeddings=text, weights_sha256=tiny_clip.sha256,
                            batch_size=4, threads=1, use_gpu=False)
@@ -397,7 +393,7 @@ def test_a_model_with_a_memory_refuses_a_decode_stage_that_shipped_no_levels(tmp
 
     _actors_build_with(monkeypatch, tiny_clip, memory)
     prep = preprocess_config(spec.backbone, tile_above=1024)
-    decoded = _decoded(tmp_path, prep, ((256, 256),))
+    decoded = decoded_frames(tmp_path, prep, ((256, 256),))
     assert decoded["frame_pixels"][0] == b""
     setup = inference.PredictorSetup(spec=spec, prep=prep, text_embeddings=text_embeddings(tiny_clip, load_prompts()),
                                      weights_sha256=tiny_clip.sha256, batch_size=4, threads=1, use_gpu=False)
@@ -423,6 +419,9 @@ def test_a_checkpoints_memory_is_loaded_with_its_size_and_a_missing_one_is_refus
     scoring = build_model(spec, text.numpy(), backbone=tiny_clip, tensors=with_memory)
     assert scoring.grey is not None and scoring.grey.entries.shape == (37, DIM) and float(scoring.grey.weight) == 0.5
     assert torch.equal(scoring.grey.entries, memory.entries) and int(scoring.grey.own) == grey_memory.OWN
+    assert set(memory.checkpoint_tensors()) == {"mean", "axes", "entries", "scale", "weight", "own"}
+    memory.own.zero_()  # train's default: the tensors a checkpoint held before rule 18, so its checksum stays
+    assert set(memory.checkpoint_tensors()) == {"mean", "axes", "entries", "scale", "weight"}
     before_rule_18 = {k: v for k, v in with_memory.items() if k != f"{GREY_MEMORY}.own"}
     older = build_model(spec, text.numpy(), backbone=tiny_clip, tensors=before_rule_18).grey
     assert older is not None and int(older.own) == 0  # scored against the support's entries only, as it was written
@@ -567,7 +566,7 @@ def test_run_leaves_a_frame_over_the_levels_limit_unfused(tmp_path, monkeypatch,
     built = _actors_build_with(monkeypatch, tiny_clip, memory)
     monkeypatch.setattr(preprocess, "FRAME_MAX_PIXELS", 300 * 300)
     shapes = ((700, 1100), (256, 256))
-    decoded = _decoded(tmp_path, prep, shapes)
+    decoded = decoded_frames(tmp_path, prep, shapes)
     text = text_embeddings(tiny_clip, load_prompts())
     setup = inference.PredictorSetup(spec=spec, prep=prep, text_embeddings=text, weights_sha256=tiny_clip.sha256,
                                      batch_size=4, threads=1, use_gpu=False)

@@ -183,8 +183,8 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
               help="The grey-level memory (SEM-CLIP's recipe transfer) also compares each frame's 11 px "
                    "neighbourhoods with this many of the frame's own more than 24 px away, so structures the frame "
                    "repeats but the support lacks score low (docs/quality.md rules 18 and 19: 4,096 raised F1max on "
-                   "every validation lot where the memory is kept but lost macro F1 on the banner lots and costs "
-                   "time; not adopted; 0 to 16384; stored in the checkpoint).")
+                   "every validation lot where the memory is kept but lost macro F1 on two of rule 18's lots and on "
+                   "rule 19's banner lot, and costs time; not adopted; 0 to 16384; stored in the checkpoint).")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,

@@ -151,7 +151,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
     if grey is not None:
-        state.update({f"{GREY_MEMORY}.{k}": v for k, v in grey.state_dict().items()})
+        state.update({f"{GREY_MEMORY}.{k}": v for k, v in grey.checkpoint_tensors().items()})
     record = {**rows, **fitted.summary, **({} if chosen.adapted is None else {"adapted_backbone": chosen.adapted.record}),
               **({} if chosen.check is None else {"adapt_check": chosen.check}),
               **({} if scale is None else {"scale_check": scale}),

@@ -30,7 +30,7 @@ NORM_FLOOR = 0.05  # per px of the side: added to a neighbourhood's norm, so sho
 GREY_MEMORY = "grey_memory"  # its tensors' prefix in a checkpoint's model.safetensors
 MIN_SCALE = 1e-3  # the distance scale's floor (support frames whose neighbourhoods all match: a flat lot)
 CHUNK = 4096  # neighbourhoods per distance block: a (CHUNK, entries) and a (CHUNK, own) matrix, 64 MiB at 4,096
-OWN = 4096  # the frame's own neighbourhoods drawn to compare it with (rule 18; a checkpoint stores its own count)
+OWN = 4096  # rule 18's draw of a frame's own neighbourhoods (train --own-neighbourhoods; its default is 0)
 OWN_MAX = 16_384  # the most a checkpoint may ask for (a (CHUNK, OWN_MAX) block is 256 MiB)
 OWN_GAP = 6  # grid steps (24 px) in row or column beyond which an own neighbourhood may match: none overlapping the
 # scored one (a defect longer than ~24 px, or one the frame repeats, can still match itself and be quietened)
@@ -108,6 +108,11 @@ class GreyMemory(nn.Module):
             distances = torch.minimum(distances, own_nearest(q, grid_shape(*levels.shape)[1], int(self.own), at))
         return distances
 
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Its tensors as a checkpoint stores them: ``own`` only where above 0, so a memory without the comparison
+        writes the tensors written before rule 18 (the same checksum and run ids; an older release loads it)."""
+        return {k: v for k, v in self.state_dict().items() if k != "own" or int(v) > 0}
+
     def frame_map(self, levels: torch.Tensor) -> torch.Tensor:
         """``(H, W)`` levels in [0, 1] -> the memory's map ``(H, W)`` in [0, 1] (float32, on their device); all zero
         on a frame under :data:`PATCH` px."""
@@ -134,6 +139,8 @@ def own_nearest(q: torch.Tensor, columns: int, size: int, at: torch.Tensor | Non
     fewer) lying more than :data:`OWN_GAP` grid steps away in row or column; infinite where none does (a frame too
     small to hold one). The pairs too close to compare are indexed on the CPU and moved to ``q``'s device once."""
     count = len(q)
+    if at is not None and not len(at):
+        return q.new_empty(0)
     bank = torch.randperm(count, generator=torch.Generator().manual_seed(OWN_SEED))[:size]
     steps = torch.arange(-OWN_GAP, OWN_GAP + 1)
     rows = (bank // columns)[:, None, None] + steps[None, :, None]  # each entry's window of grid positions
