@@ -97,13 +97,13 @@ class GreyMemory(nn.Module):
         before rule 18, to the bit)."""
         if int(self.own) == 0:
             return torch.cat([self.nearest(q) for q in self._bands(levels)])
-        q = self.projected(levels)
-        return torch.minimum(self.nearest(q), own_nearest(q, grid_shape(*levels.shape)[1], int(self.own)))
+        return self.distances_at(levels)
 
-    def distances_at(self, levels: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        """:meth:`grid_distances` of the neighbourhoods at grid positions ``at`` (row by row) only."""
+    def distances_at(self, levels: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`grid_distances` of the neighbourhoods at grid positions ``at`` (row by row; None: all) only, the
+        frame projected in one pass."""
         q = self.projected(levels)
-        distances = self.nearest(q[at])
+        distances = self.nearest(q if at is None else q[at])
         if int(self.own) > 0:
             distances = torch.minimum(distances, own_nearest(q, grid_shape(*levels.shape)[1], int(self.own), at))
         return distances
