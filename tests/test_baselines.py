@@ -45,12 +45,26 @@ def test_windows_cover_the_grid_and_aggregate_harmonically():
 def test_nearest_and_neighbourhood_distances():
     feats = F.normalize(torch.randn(1, 16, 8), dim=-1)
     assert nearest_distance(feats, feats[0]).abs().max() < 1e-6  # every feature is in the memory
-    assert nearest_distance(feats, -feats[0, :1]).max() <= 1.0
+    assert nearest_distance(feats, -feats[0, :1]).max() <= 1.0 + 1e-6  # a feature against its own negative: 1
     grid = feats.view(1, 4, 4, 8)
     shifted = torch.roll(grid, shifts=1, dims=2).reshape(1, 16, 8)  # the reference moved one patch right
     inner = torch.tensor([p for p in range(16) if p % 4 not in (0, 3)])
     assert neighbourhood_distance(feats, shifted, radius=1)[0, inner].abs().max() < 1e-6
     assert neighbourhood_distance(feats, shifted, radius=0)[0, inner].min() > 1e-3
+
+
+def test_nearest_distance_block_by_block_is_the_whole_matrix_maximum():
+    """Blocks of features against blocks of the memory, uneven at both ends: each feature's distance is that of
+    its most similar memory entry, as one matrix of every product gives it; shapes kept, no feature no distance."""
+    gen = torch.Generator().manual_seed(5)
+    feats = F.normalize(torch.randn(3, 1500, 32, generator=gen), dim=-1)
+    memory = F.normalize(torch.randn(5000, 32, generator=gen), dim=-1)
+    whole = (1.0 - (feats @ memory.t()).amax(dim=-1)) / 2.0
+    for rows, columns in ((1024, 2048), (7, 333), (4500, 5000), (1, 1)):
+        got = nearest_distance(feats[:, :40] if rows == 1 else feats, memory, rows=rows, columns=columns)
+        assert got.shape == (whole[:, :40] if rows == 1 else whole).shape
+        torch.testing.assert_close(got, whole[:, :40] if rows == 1 else whole, rtol=0, atol=1e-6)
+    assert nearest_distance(feats[:, :0], memory).shape == (3, 0)
 
 
 def test_window_embeddings_see_only_their_window(tiny_clip):

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from semclip_batch.cli.commands import main
 from semclip_batch.cli.options import run_config
 from semclip_batch.config import SCALE_CHECK_POLICIES, SCALE_POLICY_KEY, ModelSpec, parse_scale_policy
+from semclip_batch.fewshot import trainset
 from semclip_batch.fewshot.fit_memory import BASE_BYTES, BYTES_PER_ROW, available_bytes, coarser, needed_bytes, too_large
 from semclip_batch.fewshot.heldout import held_frames, heldout_split
 from semclip_batch.fewshot.scale_check import (
@@ -282,6 +283,13 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
 
     real_choice = semclip_method.choose_memory_weight
     monkeypatch.setattr(semclip_method, "choose_memory_weight", weight_half)
+    def decode_spy(url, *args, **kwargs):
+        decoded.append(url)
+        return real_decode(url, *args, **kwargs)
+
+    decoded: list[str] = []
+    real_decode = trainset.load_frame
+    monkeypatch.setattr(trainset, "load_frame", decode_spy)
     monkeypatch.setattr(train_module, "support_that_fits", load_spy)  # the fit's load
     monkeypatch.setattr(maps_policy, "support_that_fits", load_spy)  # the check's
     monkeypatch.setattr(maps_policy, "support_output", score_spy)
@@ -293,6 +301,7 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
     held = df.iloc[validation_frames(torch.arange(len(df)), 0).tolist()]
     assert (held["label"] != "normal").any()  # a defect pixel to measure on
     assert loads[0] == sorted(df["uri"]) and loads[1:5] == [sorted(held["uri"])] * 4  # the fit's; the check's
+    assert len(loads) >= 6 and sorted(u for u in decoded if u in set(df["url"])) == sorted(df["url"])  # read once
     meta = load_checkpoint(str(tmp_path / "ck")).meta
     record = meta.training["scale_check"]
     assert record["frames"] == 2 and record["fitted_at"] == "whole" and record["scored_by"] == FITTED
@@ -418,7 +427,8 @@ def test_auto_steps_down_from_its_choice_and_says_so(tmp_path, logic_lot, monkey
     meta = load_checkpoint(str(tmp_path / "ck")).meta
     assert meta.scale_policy == 0.75 and meta.training["scale_check"]["maps_at"] == "0.75"
     assert meta.training["config"]["model"]["scale_policy"] is None  # the fit at whole, as always with auto
-    assert meta.training["maps_at_policy"]["policy"] == "0.75" and "thresholds_at_whole" in meta.training["maps_at_policy"]
+    assert meta.training["maps_at_policy"]["policy"] == "0.75"
+    assert "thresholds_at_whole" not in meta.training["maps_at_policy"]  # never fitted at whole: the maps moved
     assert "native   0.800      28  <- chosen; maps at 0.75: the support views would not fit in memory at it" in res.output
     assert meta.training["config"]["policy_from_weights"] is False
 
@@ -485,12 +495,12 @@ def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeatin
     record = auto.training["maps_at_policy"]
     assert auto.scale_policy == 0.5 and auto.preprocessing["scale_policy"] == 0.5 and whole.scale_policy is None
     assert record["policy"] == "0.5" and record["views"] > auto.training["views"] == whole.training["views"] == 7
-    # thresholds: the whole fit's, recorded; the checkpoint's fitted on the views at 0.5
+    # thresholds: fitted once, on the views at 0.5 (none at whole: the check moved the maps before they were fitted)
     whole_thresholds = {"image": whole.thresholds.image, "pixel": whole.thresholds.pixel,
                         "min_region_px": whole.thresholds.min_region_px}
-    assert [n for n, _ in calls] == [28, record["views"], 28]  # auto: the whole fit, the views at 0.5; whole
-    assert record["thresholds_at_whole"] == calls[0][1] == calls[2][1] == whole_thresholds
-    assert calls[1][1] == {"image": auto.thresholds.image, "pixel": auto.thresholds.pixel,
+    assert [n for n, _ in calls] == [record["views"], 28]  # auto: the views at 0.5; whole: the fit's rows
+    assert "thresholds_at_whole" not in record and calls[1][1] == whole_thresholds
+    assert calls[0][1] == {"image": auto.thresholds.image, "pixel": auto.thresholds.pixel,
                            "min_region_px": auto.thresholds.min_region_px}
     assert (auto.alpha, auto.self_similarity, auto.training["memory_weight"]) == (
         whole.alpha, whole.self_similarity, whole.training["memory_weight"])
@@ -515,7 +525,8 @@ def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeatin
 
 def test_auto_whose_views_do_not_fit_keeps_the_whole_fit(tmp_path, repeating_lot, monkeypatch, caplog):
     """The check chose 0.5, its 35 views would not fit but the whole fit's 28 rows do: the maps step down to
-    whole, and the checkpoint is the whole fit as it was (every tensor, the thresholds, no tiling)."""
+    whole, and the checkpoint is the whole fit as it was (every tensor, the thresholds, no tiling): the thresholds,
+    left to the maps' views, fitted on the views at whole as ``--scale-policy whole`` fits them."""
     import semclip_batch.fewshot.support_set as support_set
 
     _forced_check(monkeypatch, "0.5")

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from semclip_batch.analysis.metrics import PixelCounts
 from semclip_batch.config import NORMAL, PreprocessConfig
 from semclip_batch.errors import ConfigError, ImageError
+from semclip_batch.fewshot.decoded import active_rows
 from semclip_batch.fewshot.maps_policy import support_maps_at
 from semclip_batch.fewshot.support_maps import SupportMaps, image_threshold, pixel_threshold
 from semclip_batch.fewshot.support_set import Fitted, TrainConfig
-from semclip_batch.fewshot.trainset import row_frame, row_mask
+from semclip_batch.fewshot.trainset import row_frame_and_mask
 from semclip_batch.io.levels import stretch
 from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, fuses_levels, maps_to_frame, pack_frame
 from semclip_batch.methods.decisions import anomaly_score, to_mask
@@ -74,12 +75,12 @@ class NativeFrame:
 def native_frames(df: pd.DataFrame, so: Mapping[str, Any] | None,
                   percentiles: tuple[float, float] = DEFAULT_STRETCH) -> dict[int, NativeFrame]:
     """The rows of ``df`` by position, stretched between ``percentiles`` (unreadable rows left out, as the support
-    set leaves them out)."""
+    set leaves them out; decoded once within :func:`~semclip_batch.fewshot.decoded.rows_kept`)."""
     out: dict[int, NativeFrame] = {}
+    kept = active_rows()
     for pos, (_, row) in enumerate(df.reset_index(drop=True).iterrows()):
         try:
-            gray = row_frame(row, so)
-            mask = row_mask(row, so, gray.shape)
+            gray, mask = row_frame_and_mask(row, so, kept)
         except ImageError:
             continue
         stretched = stretch(gray, *percentiles)

@@ -15,19 +15,28 @@ import torch
 
 from semclip_batch.config import SCALE_CHECK_POLICIES, PreprocessConfig, parse_scale_policy, scale_policy_name
 from semclip_batch.errors import ConfigError
-from semclip_batch.fewshot.recipes import applied
+from semclip_batch.fewshot.augment import augment
+from semclip_batch.fewshot.recipes import applied, copies
 from semclip_batch.fewshot.reference_fit import (
     fit_reference,
     normal_with_reference,
     support_pixel_differences,
 )
 from semclip_batch.fewshot.scale_check import FITTED, recommend
-from semclip_batch.fewshot.support_maps import SupportMaps, emitted_views, fit_thresholds, pixel_counts, support_output
+from semclip_batch.fewshot.support_maps import (
+    SupportMaps,
+    emitted_views,
+    fit_thresholds,
+    pixel_counts,
+    support_output,
+    support_thresholds,
+)
 from semclip_batch.fewshot.support_set import Fitted, TrainConfig, support_features, support_that_fits
 from semclip_batch.fewshot.trainset import TrainSet
+from semclip_batch.methods.features import Features
 from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES
 from semclip_batch.methods.registry import get_method
-from semclip_batch.methods.weights import LoadedBackbone
+from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
 from semclip_batch.model import SemClipOutput
 
 log = logging.getLogger(__name__)
@@ -90,13 +99,29 @@ def support_maps_at(cfg: TrainConfig, rows: pd.DataFrame, classes: tuple[str, ..
     return data, out, prep
 
 
+def whole_thresholds(cfg: TrainConfig, fitted: Fitted, data: TrainSet, feats: Features,
+                     ref_feats: Features | None) -> dict[str, float]:
+    """The thresholds :func:`~semclip_batch.fewshot.train.fit` fits, fitted afterwards on its rows (``data``: the
+    support set at whole, augmented as the fit's was, and its features)."""
+    reference = fitted.reference if ref_feats is not None else None
+    pixels = None if reference is None else support_pixel_differences(
+        data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
+    return support_thresholds(fitted.model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
+                              len(data) // copies(cfg.recipe, cfg.model.method))
+
+
+def checked_policy(scale: dict[str, Any] | None) -> float | None:
+    """The policy :func:`held_out_check` chose (None: whole, or nothing checked)."""
+    return None if scale is None or scale["chosen"] is None else parse_scale_policy(scale["chosen"])
+
+
 def maps_checked(cfg: TrainConfig, prep: PreprocessConfig, scale: dict[str, Any] | None, df: pd.DataFrame,
                  classes: tuple[str, ...], backbone: LoadedBackbone, fitted: Fitted,
                  keep_maps: bool = False) -> tuple[TrainConfig, PreprocessConfig, SupportMaps | None]:
     """Where ``run`` will score the maps: the fit's policy, or with ``--scale-policy auto`` the one its check chose
     (:func:`maps_at_policy`; a step-down to a coarser one recorded as ``scale["maps_at"]``); with ``keep_maps``, the
     support maps the thresholds were fitted on there (None where the maps stayed at the fit's policy)."""
-    policy = None if scale is None or scale["chosen"] is None else parse_scale_policy(scale["chosen"])
+    policy = checked_policy(scale)
     if scale is None or policy is None:
         return cfg, prep, None
     moved = maps_at_policy(cfg, policy, df, classes, backbone, fitted, keep_maps)
@@ -111,7 +136,9 @@ def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: t
                    keep_maps: bool = False) -> tuple[TrainConfig, PreprocessConfig, SupportMaps | None] | None:
     """``fitted`` (fitted at whole) made ready for ``run`` to score its maps at ``policy`` (``--scale-policy auto``'s
     choice): the support frames loaded again as ``run`` will score them there (their whole views and tiles; the next
-    coarser policy where those would not fit in memory, None and ``fitted`` untouched where that is whole), and
+    coarser policy where those would not fit in memory; None where that is whole, ``fitted`` untouched but for its
+    thresholds where ``train`` left them to the maps' views (:func:`~semclip_batch.fewshot.train.fit`'s
+    ``thresholds=False``): fitted on the views at whole), and
     fitted again on those views: the memory's bank (their clean patches), the reference scorer's two scales (cell
     references; the fit's where no normal view there has one) and the image and pixel thresholds. The head, the
     Transformation Layers, alpha, the map's weights and the memory's distance scale stay the fit's; what was fitted
@@ -120,11 +147,15 @@ def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: t
     at = replace(cfg, model=replace(cfg.model, scale_policy=policy, tile_overlap=None))
     at, prep, data = support_that_fits(at, df, classes, verb="maps at")
     if at.model.scale_policy is None:
+        if not fitted.thresholds:  # train left them to the maps' views, at whole after all: the fit's own rows
+            data = augment(data) if copies(at.recipe, at.model.method) > 1 else data
+            feats, ref_feats = support_features(at, applied(at.recipe, at.model), backbone, data, prep)
+            fitted.thresholds = whole_thresholds(at, fitted, data, feats, ref_feats)
         return None
     feats, ref_feats = support_features(at, applied(at.recipe, at.model), backbone, data, prep)
     model, reference, pixels = fitted.model, fitted.reference, None
     record: dict[str, Any] = {"policy": scale_policy_name(at.model.scale_policy), "views": len(data),
-                              "thresholds_at_whole": fitted.thresholds}
+                              **({"thresholds_at_whole": fitted.thresholds} if fitted.thresholds else {})}
     if reference is not None and ref_feats is not None:
         pixels = support_pixel_differences(data, prep.std[0])
         record["reference_refit"] = normal_with_reference(data)

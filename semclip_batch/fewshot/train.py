@@ -21,8 +21,9 @@ import torch
 from semclip_batch.config import LossProgress, ModelSpec, PreprocessConfig
 from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, FitBackbone, backbone_for_fit, write_weights
 from semclip_batch.fewshot.augment import augment
+from semclip_batch.fewshot.decoded import rows_kept
 from semclip_batch.fewshot.grey_memory_fit import grey_memory_step
-from semclip_batch.fewshot.maps_policy import held_out_check, maps_checked
+from semclip_batch.fewshot.maps_policy import checked_policy, held_out_check, maps_checked, whole_thresholds
 from semclip_batch.fewshot.recipes import applied, copies, recorded
 from semclip_batch.fewshot.reference_fit import (
     fit_reference,
@@ -62,12 +63,14 @@ log = logging.getLogger(__name__)
 
 
 def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: TrainSet, feats: Features,
-        ref_feats: Features | None = None, progress: LossProgress | None = None, adapted: bool = False) -> Fitted:
+        ref_feats: Features | None = None, progress: LossProgress | None = None, adapted: bool = False,
+        thresholds: bool = True) -> Fitted:
     """Fit ``cfg.model.method`` on precomputed support features (shared across configurations by the benchmark).
     ``adapted``: the backbone was adapted on these frames (:mod:`~semclip_batch.fewshot.adapt`), and SEM-CLIP's
     Transformation Layers stay at its own zero-shot layers (the head alone trains).
     With an augmenting recipe, ``data`` and the features are already :func:`~semclip_batch.fewshot.augment.augment`-ed.
-    Cell references alone, where no normal support row has one, fit no reference scorer (nothing to scale it on)."""
+    Cell references alone, where no normal support row has one, fit no reference scorer (nothing to scale it on).
+    ``thresholds=False``: none fitted (``train``'s scale check settles the views they are fitted on first)."""
     torch.manual_seed(cfg.model.seed)
     spec = applied(cfg.recipe, cfg.model)
     n_copies = copies(cfg.recipe, spec.method)
@@ -100,15 +103,23 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
             if "kept" in choice:
                 log.warning("--reference-weight auto kept %g: %s", choice["weight"], choice["kept"])
             summary["reference_weight_choice"] = choice
-    thresholds = support_thresholds(model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
-                                    len(data) // n_copies)
-    return Fitted(model, reference, summary, thresholds)
+    fitted = Fitted(model, reference, summary, {})
+    if thresholds:
+        fitted.thresholds = support_thresholds(model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
+                                               len(data) // n_copies)
+    return fitted
 
 
 def train(cfg: TrainConfig, progress: LossProgress | None = None,
           adapt_progress: LossProgress | None = None) -> CheckpointMeta:
     """Train, fit, write the checkpoint; returns its meta as stored. ``progress``: the fit's epochs;
-    ``adapt_progress``: the backbone's adaptation steps, where it is adapted."""
+    ``adapt_progress``: the backbone's adaptation steps, where it is adapted. Each support row is decoded once
+    however often its views are loaded (:func:`~semclip_batch.fewshot.decoded.rows_kept`)."""
+    with rows_kept():
+        return _train(cfg, progress, adapt_progress)
+
+
+def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: LossProgress | None) -> CheckpointMeta:
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
@@ -133,13 +144,15 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
         data = augment(data)
     feats, ref_feats = support_features(cfg, spec, chosen.backbone, data, prep)
     fitted = fit(cfg, chosen.backbone, torch.from_numpy(text_embeddings(chosen.backbone, prompts)), data, feats,
-                 ref_feats, progress, adapted=chosen.adapted is not None)
+                 ref_feats, progress, adapted=chosen.adapted is not None, thresholds=not cfg.check_scale)
     rows = {"config": public_config(cfg), "support_rows": len(df), "used": used, "views": views,
             "rows_augmented": len(data), "skipped": data.skipped,
             "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum())}
-    del data, feats, ref_feats  # the fit's rows, freed before the check and the maps' views load
     scale = held_out_check(cfg, df.iloc[held.tolist()], prompts.classes, chosen.backbone,
                            fitted) if cfg.check_scale else None
+    if cfg.check_scale and checked_policy(scale) is None:  # the maps stay at whole: thresholds on the fit's views
+        fitted.thresholds = whole_thresholds(cfg, fitted, data, feats, ref_feats)
+    del data, feats, ref_feats  # the fit's rows, freed before the maps' views load
     at, at_prep, scored = maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted,
                                        keep_maps=spec.grey_memory)
     grey = None

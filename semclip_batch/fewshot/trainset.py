@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from semclip_batch.config import NORMAL, PreprocessConfig
 from semclip_batch.errors import DECODE_ERROR, ConfigError, ImageError
+from semclip_batch.fewshot.decoded import DecodedRows, active_rows
 from semclip_batch.io.cell_reference import cell_reference
 from semclip_batch.io.frames import load_frame, load_reference
 from semclip_batch.io.preprocess import frame_tiles, grey_views, mask_view, resize, stretch
@@ -70,8 +71,7 @@ CROP_SCALES = (1, 2)  # crop sides in model-input sizes: native resolution, then
 
 def row_frame(row: pd.Series, so: Mapping[str, Any] | None) -> np.ndarray:
     """A manifest row's frame as ``run`` decodes it (its ``page`` of a multi-page TIFF where set)."""
-    page = row.get("page")
-    return load_frame(row["url"], so, None if missing(page) else int(page))
+    return load_frame(row["url"], so, _page(row))
 
 
 def row_mask(row: pd.Series, so: Mapping[str, Any] | None, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -87,15 +87,46 @@ def row_mask(row: pd.Series, so: Mapping[str, Any] | None, shape: tuple[int, ...
     return mask
 
 
+def _page(row: pd.Series) -> int | None:
+    page = row.get("page")
+    return None if missing(page) else int(page)
+
+
+def row_frame_and_mask(row: pd.Series, so: Mapping[str, Any] | None,
+                       rows: DecodedRows | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A manifest row's frame and mask (:func:`row_frame`, :func:`row_mask`), decoded once where ``rows`` keeps
+    them (:mod:`~semclip_batch.fewshot.decoded`)."""
+    def decode() -> tuple[np.ndarray, np.ndarray | None]:
+        gray = row_frame(row, so)
+        return gray, row_mask(row, so, gray.shape)
+
+    return decode() if rows is None else rows.frame((row["url"], _page(row), row["mask_url"]), decode)
+
+
+def row_reference(row: pd.Series, gray: np.ndarray, so: Mapping[str, Any] | None, references: bool, register: bool,
+                  self_reference: bool, rows: DecodedRows | None = None) -> np.ndarray | None:
+    """The reference a row is scored against: its reference file (``references``; registered onto ``gray`` unless
+    ``register`` is False), else with ``self_reference`` its frame's cell reference, else None; made once where
+    ``rows`` keeps it."""
+    def make() -> np.ndarray | None:
+        ref = _load_reference(row, gray, so, register) if references else None
+        return cell_reference(gray) if ref is None and self_reference else ref
+
+    if not (references or self_reference):
+        return None
+    if rows is None:
+        return make()
+    key = (row["url"], _page(row), row["reference_url"] if references else "", register and references, self_reference)
+    return rows.reference(key, make)
+
+
 def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool,
-              crops: int = 0, seed: int = 0, register: bool = True, self_reference: bool = False) -> list[Loaded]:
+              crops: int = 0, seed: int = 0, register: bool = True, self_reference: bool = False,
+              rows: DecodedRows | None = None) -> list[Loaded]:
     """The whole frame, then its tiles under ``prep`` (as ``run`` scores it: :func:`frame_views`), then up to
-    ``crops`` crops."""
-    gray = row_frame(row, so)
-    ref = _load_reference(row, gray, so, register) if references else None
-    if ref is None and self_reference:
-        ref = cell_reference(gray)
-    mask = row_mask(row, so, gray.shape)
+    ``crops`` crops (frame, mask and reference decoded once where ``rows`` keeps them)."""
+    gray, mask = row_frame_and_mask(row, so, rows)
+    ref = row_reference(row, gray, so, references, register, self_reference, rows)
     views = frame_views(gray, mask, ref, prep, normal=row["label"] == NORMAL)
     if not crops:
         return views
@@ -179,9 +210,10 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     if need_labels and unlabelled.any():
         raise ConfigError(f"every support row needs a label; {df[unlabelled].iloc[0]['uri']} has none")
     df = df.reset_index(drop=True)
+    kept = active_rows()  # read here: the decoding threads do not see the caller's context
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = list(pool.map(lambda r: _safe_load(r, prep, storage_options, references, crops, seed, register,
-                                                            self_reference),
+                                                            self_reference, kept),
                                 [r for _, r in df.iterrows()]))
     keep = [i for i, r in enumerate(results) for _ in (r or [])]  # the manifest row of every view
     loaded = [view for r in results for view in (r or [])]
@@ -211,9 +243,10 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
 
 
 def _safe_load(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool, crops: int,
-               seed: int, register: bool, self_reference: bool = False) -> list[Loaded] | None:
+               seed: int, register: bool, self_reference: bool = False,
+               rows: DecodedRows | None = None) -> list[Loaded] | None:
     try:
-        return _load_row(row, prep, so, references, crops, seed, register, self_reference)
+        return _load_row(row, prep, so, references, crops, seed, register, self_reference, rows)
     except ImageError as exc:
         log.warning("skipping %s: %s", row["uri"], exc)
         return None

@@ -29,6 +29,7 @@ SMOOTH = 5  # px of the box filter over the resized map
 NORM_FLOOR = 0.05  # per px of the side: added to a neighbourhood's norm, so shot noise on a flat patch stays small
 GREY_MEMORY = "grey_memory"  # its tensors' prefix in a checkpoint's model.safetensors
 MIN_SCALE = 1e-3  # the distance scale's floor (support frames whose neighbourhoods all match: a flat lot)
+NEAREST_ROWS = 1024  # neighbourhoods per block of distances to the entries (16 MiB at 4,096 entries)
 CHUNK = 4096  # neighbourhoods per distance block: a (CHUNK, entries) and a (CHUNK, own) matrix, 64 MiB at 4,096
 OWN = 4096  # rule 18's draw of a frame's own neighbourhoods (train --own-neighbourhoods; its default is 0)
 OWN_MAX = 16_384  # the most a checkpoint may ask for (a (CHUNK, OWN_MAX) block is 256 MiB)
@@ -73,11 +74,13 @@ class GreyMemory(nn.Module):
         return (cols.float() - self.mean) @ self.axes
 
     def nearest(self, q: torch.Tensor) -> torch.Tensor:
-        """``(L,)`` distance of each projected neighbourhood ``(L, DIM)`` to its nearest entry, :data:`CHUNK` at a time."""
+        """``(L,)`` distance of each projected neighbourhood ``(L, DIM)`` to its nearest entry, :data:`NEAREST_ROWS`
+        at a time (a block of 4,096 x 4,096 left the cache before its least was taken: ~5 times slower on a CPU; the
+        same sums)."""
         squared = (self.entries * self.entries).sum(dim=1)
         # |q - e|^2 = |e|^2 - 2 q.e + |q|^2: one matrix product a block, the root of the least only
         least = [torch.addmm(squared, part, self.entries.T, alpha=-2).amin(dim=1) + (part * part).sum(dim=1)
-                 for part in q.split(CHUNK)]
+                 for part in q.split(NEAREST_ROWS)]
         return torch.cat(least).clamp_min(0).sqrt()
 
     def projected(self, levels: torch.Tensor) -> torch.Tensor:

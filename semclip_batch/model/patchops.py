@@ -26,12 +26,27 @@ def harmonic_to_patches(scores: torch.Tensor, windows: torch.Tensor, n_patches: 
     return hits / total.clamp_min(1e-12)
 
 
-def nearest_distance(feats: torch.Tensor, memory: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+NEAREST_ROWS, NEAREST_COLUMNS = 1024, 2048  # a 8 MiB block of cosines at float32: written and read back in cache
+
+
+def nearest_distance(feats: torch.Tensor, memory: torch.Tensor, rows: int = NEAREST_ROWS,
+                     columns: int = NEAREST_COLUMNS) -> torch.Tensor:
     """``(1 - max cosine) / 2`` of each feature to a memory. ``(..., D)`` and ``(M, D)``, both L2-normalised
-    -> ``(...)`` in [0, 1]."""
+    -> ``(...)`` in [0, 1]. Block by block (``rows`` features against ``columns`` memory entries), the running
+    maximum kept: the same products as one ``(N, M)`` matrix (each an entry's dot product with a feature), about
+    twice as fast on a CPU as blocks of 4,096 x 8,192, whose cosines left the cache before their maximum was taken."""
     flat = feats.reshape(-1, feats.shape[-1])
-    best = torch.cat([(part @ memory.t()).amax(dim=-1) for part in flat.split(chunk)]) if flat.shape[0] else flat[:, 0]
+    best = torch.cat([_block_max(part, memory, columns) for part in flat.split(rows)]) if flat.shape[0] else flat[:, 0]
     return ((1.0 - best) / 2.0).reshape(feats.shape[:-1])
+
+
+def _block_max(part: torch.Tensor, memory: torch.Tensor, columns: int) -> torch.Tensor:
+    """``(R,)`` the largest dot product of each row of ``part`` with ``memory``'s rows, ``columns`` at a time."""
+    blocks = memory.split(columns)
+    best = (part @ blocks[0].t()).amax(dim=-1)
+    for block in blocks[1:]:
+        best = torch.maximum(best, (part @ block.t()).amax(dim=-1))
+    return best
 
 
 def neighbourhood_distance(feats: torch.Tensor, ref: torch.Tensor, radius: int) -> torch.Tensor:

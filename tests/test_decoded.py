@@ -1,0 +1,121 @@
+"""Support rows decoded once within ``rows_kept`` (``train``'s seven loads of its support frames): the same views
+as decoding every time, each file read once, failures never kept, a byte budget."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import semclip_batch.fewshot.trainset as trainset
+from semclip_batch.fewshot import decoded
+from semclip_batch.fewshot.decoded import DecodedRows, active_rows, rows_kept
+from semclip_batch.fewshot.grey_memory_fit import native_frames
+from semclip_batch.fewshot.trainset import load_trainset
+from semclip_batch.io.manifest import read_manifest
+from semclip_batch.methods.prompts import load_prompts
+from semclip_batch.methods.weights import preprocess_config
+from semclip_batch.synth.generate import SynthConfig, synth
+
+
+@pytest.fixture(scope="module")
+def lot(tmp_path_factory):
+    """7 `contacts` frames of 512 and 640 x 480 px (a repeating pattern: cell references), one a class."""
+    root = tmp_path_factory.mktemp("decoded")
+    synth(str(root), SynthConfig(seed=61, lots=1, per_class=1, family="contacts", sizes=((512, 512), (640, 480))))
+    return root / "manifest.csv"
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every file ``trainset`` decodes, in order, and every cell reference it builds (the frame's shape)."""
+    files: list[str] = []
+    cells: list[tuple[int, int]] = []
+    real_load, real_cell = trainset.load_frame, trainset.cell_reference
+
+    def load_spy(url, *args, **kwargs):
+        files.append(url)
+        return real_load(url, *args, **kwargs)
+
+    def cell_spy(gray):
+        cells.append(gray.shape)
+        return real_cell(gray)
+
+    monkeypatch.setattr(trainset, "load_frame", load_spy)
+    monkeypatch.setattr(trainset, "cell_reference", cell_spy)
+    return files, cells
+
+
+def _loads(df, policies):
+    classes = load_prompts(None).classes
+    return [load_trainset(df, classes, preprocess_config("semclip-tiny", tile_above=10**9, scale_policy=p),
+                          self_reference=True) for p in policies]
+
+
+def test_kept_rows_give_the_views_of_decoding_every_time_from_one_read(lot, reads):
+    files, cells = reads
+    df = read_manifest(str(lot))
+    policies = (None, 0.5, 1.0, None)
+    fresh = _loads(df, policies)
+    assert len(files) == 4 * 2 * len(df) and len(cells) == 4 * len(df)  # frame and mask, every load
+    files.clear(), cells.clear()
+    with rows_kept() as store:
+        kept = _loads(df, policies)
+        grey = native_frames(df, None)
+    assert sorted(files) == sorted([*df["url"], *df["mask_url"]]) and len(cells) == len(df)  # once each
+    assert store.used > 0 and active_rows() is None  # released with the block
+    for a, b in zip(fresh, kept, strict=True):
+        assert torch.equal(a.views, b.views) and torch.equal(a.masks, b.masks) and torch.equal(a.labels, b.labels)
+        assert a.refs is not None and b.refs is not None and torch.equal(a.refs, b.refs)
+        assert torch.equal(a.has_ref, b.has_ref)
+    assert len(fresh[1]) > len(df) and torch.equal(fresh[0].views, fresh[3].views)  # 0.5 tiles; whole twice alike
+    assert grey.keys() == native_frames(df, None).keys()
+    assert all(np.array_equal(grey[p].levels, f.levels) for p, f in native_frames(df, None).items())
+
+
+def test_a_row_that_fails_is_never_kept(lot, reads, caplog):
+    files, _ = reads
+    df = read_manifest(str(lot))
+    broken = df.iloc[2]["url"]
+    with open(broken, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n")
+    try:
+        with caplog.at_level(logging.WARNING), rows_kept():
+            first, second = _loads(df, (None, None))
+        assert first.skipped == second.skipped == 1 and len(first) == len(second) == len(df) - 1
+        assert files.count(broken) == 2  # tried again, failed again
+        assert sum(f"skipping {df.iloc[2]['uri']}" in r.getMessage() for r in caplog.records) == 2
+    finally:
+        synth(str(lot.parent), SynthConfig(seed=61, lots=1, per_class=1, family="contacts",
+                                           sizes=((512, 512), (640, 480))))
+
+
+def test_the_budget_bounds_what_is_kept():
+    store = DecodedRows(budget=3000)
+    calls: list[int] = []
+
+    def frame(n: int):
+        def decode():
+            calls.append(n)
+            return np.zeros(250, np.float32), None  # 1000 bytes
+        return decode
+
+    for _ in range(2):
+        for n in range(5):
+            gray, mask = store.frame(n, frame(n))
+            assert gray.nbytes == 1000 and mask is None
+    assert calls == [0, 1, 2, 3, 4, 3, 4] and store.used == 3000  # three kept, two decoded each time
+    assert store.reference("r", lambda: None) is None and store.reference("r", lambda: np.ones(1)) is None  # kept
+    assert DecodedRows(budget=0).frame(0, frame(9))[0].nbytes == 1000 and calls[-1] == 9
+
+
+def test_no_store_outside_the_block():
+    assert active_rows() is None
+    with rows_kept(budget=10) as outer:
+        assert active_rows() is outer and outer.budget == 10
+        with rows_kept() as inner:
+            assert active_rows() is inner and inner.budget == decoded.DEFAULT_BUDGET_BYTES
+        assert active_rows() is outer
+    assert active_rows() is None
