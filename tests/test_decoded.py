@@ -4,6 +4,7 @@ as decoding every time, each file read once, failures never kept, a byte budget.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,70 @@ def test_no_store_outside_the_block():
             assert active_rows() is inner and inner.budget == decoded.DEFAULT_BUDGET_BYTES
         assert active_rows() is outer
     assert active_rows() is None
+
+
+def test_a_reference_file_that_fails_is_tried_again_and_the_cell_reference_stands_in(lot, reads, caplog,
+                                                                                     monkeypatch):
+    """A row whose reference file is broken: warned on every load (never kept), scored against its cell reference
+    where the recipe asks for one; the good rows' registered references are read once."""
+    _, cells = reads
+    files: list[str] = []
+    real_reference = trainset.load_reference
+
+    def reference_spy(url, *args, **kwargs):
+        files.append(url)
+        return real_reference(url, *args, **kwargs)
+
+    monkeypatch.setattr(trainset, "load_reference", reference_spy)
+    df = read_manifest(str(lot))
+    assert df["reference_url"].astype(bool).all()
+    broken = df.iloc[1]["reference_url"]
+    original = Path(broken).read_bytes()  # restored below
+    with open(broken, "wb") as fh:
+        fh.write(b"II*\x00 not a tiff")
+    classes, prep = load_prompts(None).classes, preprocess_config("semclip-tiny", tile_above=10**9)
+    try:
+        with caplog.at_level(logging.WARNING), rows_kept():
+            sets = [load_trainset(df, classes, prep, references=True, self_reference=True) for _ in range(2)]
+        warned = [r for r in caplog.records if "trained without its reference" in r.getMessage()]
+        assert len(warned) == 2 and all(df.iloc[1]["uri"] in r.getMessage() for r in warned)
+        assert files.count(broken) == 2 and all(files.count(u) == 1 for u in df["reference_url"] if u != broken)
+        assert cells == [cells[0]] * 2  # the broken row's cell reference, each time it was needed
+        fresh = load_trainset(df, classes, prep, references=True, self_reference=True)
+        for data in sets:
+            assert data.refs is not None and torch.equal(data.refs, fresh.refs) and bool(data.has_ref.all())
+    finally:
+        with open(broken, "wb") as fh:
+            fh.write(original)
+
+
+def test_release_drops_what_is_kept_and_keeps_nothing_more():
+    store = DecodedRows()
+    store.frame("a", lambda: (np.zeros(10, np.float32), None))
+    assert store.used == 40 and store.release() == 40 and store.used == 0 and store.budget == 0
+    calls: list[int] = []
+    for _ in range(2):
+        store.frame("a", lambda: (calls.append(1), (np.zeros(10, np.float32), None))[1])
+    assert calls == [1, 1] and store.release() == 0
+    assert decoded.kept_budget(None) == decoded.DEFAULT_BUDGET_BYTES
+    assert decoded.kept_budget(4 << 30) == 1 << 30 and decoded.kept_budget(64 << 30) == decoded.DEFAULT_BUDGET_BYTES
+
+
+def test_the_fit_counts_kept_rows_as_free_before_it_steps_down(lot, monkeypatch):
+    """Views at a policy that fit only once the kept rows are released: released, and the policy kept (not a step
+    down to a coarser one, as before rows were kept)."""
+    import semclip_batch.fewshot.support_set as support_set
+    from semclip_batch.config import ModelSpec
+    from semclip_batch.fewshot.fit_memory import needed_bytes
+    from semclip_batch.fewshot.support_set import TrainConfig, support_that_fits
+
+    df = read_manifest(str(lot))
+    cfg = TrainConfig(support=str(lot), out="unused", check_scale=True,
+                      model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused", scale_policy=0.5))
+    with rows_kept() as store:
+        _loads(df, (None,))
+        held = store.used
+        free = iter([needed_bytes(1), needed_bytes(10_000)])  # short while rows are kept, enough once released
+        monkeypatch.setattr(support_set, "available_bytes", lambda: next(free))
+        at, _, data = support_that_fits(cfg, df, load_prompts(None).classes)
+        assert held > 0 and store.used == 0 and at.model.scale_policy == 0.5 and len(data) > len(df)

@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from decoded_batch import decoded as decoded_frames
 
 from semclip_batch.fewshot import grey_memory_fit as fit
@@ -86,6 +87,15 @@ def test_no_neighbourhood_near_a_defect_pixel_is_clean():
     near = near_axis[:, None] & near_axis[None, :]
     assert near.sum() > 4 and not keep[near].any() and keep[~near].all()
     assert fit.clean(None, (60, 60)).all()
+    # random masks of odd sizes, defects at the borders too: as the mask grown by the margin at every pixel, then
+    # pooled over each neighbourhood
+    rng = np.random.default_rng(3)
+    for h, w in ((60, 60), (97, 131), (11, 40)):
+        mask = rng.random((h, w)) > 0.995
+        mask[0, -1] = mask[-1, 0] = True
+        grown = F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], 2 * fit.MASK_MARGIN + 1, 1,
+                             fit.MASK_MARGIN)
+        assert torch.equal(fit.clean(mask, (h, w)), F.max_pool2d(grown, PATCH, STRIDE).flatten() == 0)
 
 
 def test_a_neighbourhoods_score_lands_on_its_centre_pixel(monkeypatch):

@@ -523,6 +523,20 @@ def test_auto_fits_at_whole_and_refits_what_the_scale_changes(tmp_path, repeatin
     assert record["reference_scale"] != whole.training["reference_scale"]
 
 
+def test_auto_that_keeps_whole_is_the_whole_fit_to_the_bit(tmp_path, repeating_lot, monkeypatch):
+    """The check chose whole: the thresholds, left by the fit until the check had spoken, are fitted on the fit's own
+    rows (augmented, with the cell references' pixel differences) and equal ``--scale-policy whole``'s, as every
+    tensor does."""
+    calls = _forced_check(monkeypatch, "whole")
+    _auto_and_whole(tmp_path, repeating_lot, epochs=1)
+    auto, whole = load_checkpoint(str(tmp_path / "auto")).meta, load_checkpoint(str(tmp_path / "whole")).meta
+    assert auto.scale_policy is None and "maps_at_policy" not in auto.training and auto.self_reference
+    assert [n for n, _ in calls] == [28, 28] and calls[0][1] == calls[1][1]  # once each: auto, then whole
+    assert auto.thresholds == whole.thresholds
+    a, b = _tensors(tmp_path / "auto"), _tensors(tmp_path / "whole")
+    assert a.keys() == b.keys() and "reference.scale" in a and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_auto_whose_views_do_not_fit_keeps_the_whole_fit(tmp_path, repeating_lot, monkeypatch, caplog):
     """The check chose 0.5, its 35 views would not fit but the whole fit's 28 rows do: the maps step down to
     whole, and the checkpoint is the whole fit as it was (every tensor, the thresholds, no tiling): the thresholds,

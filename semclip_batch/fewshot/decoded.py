@@ -5,9 +5,11 @@
 read, decoded and built the row's reference again (a registered reference file, or a cell reference from the frame's
 own repeats: ~40 ms a 1024 px frame here, more than its decoding). Within :func:`rows_kept`, a row's frame and mask
 (and, separately, each kind of reference it was asked for) are kept after their first load and handed to every
-later one: the same arrays, so the same views, features and checkpoint. A byte budget bounds what is kept; rows
-past it are decoded each time, as before. A row that fails to decode is not kept: every load fails it again and
-skips it with the same warning.
+later one: the same arrays, so the same views, features and checkpoint. A byte budget bounds what is kept (2 GiB,
+at most a quarter of the memory free when ``train`` starts); rows past it are decoded each time, as before. Where
+``train``'s estimate says the views at a policy would not fit in memory, everything kept is released and the
+estimate taken again before any step down, so its choices are those it made before rows were kept. A row that
+fails to decode, or a reference file that fails, is not kept: every load fails it again, with the same warning.
 
 Held by a context variable the loading functions read on the calling thread (``load_trainset`` hands the store to
 its decoding threads).
@@ -57,6 +59,15 @@ class DecodedRows:
         self._keep(self._refs, key, value, _nbytes(value))
         return value
 
+    def release(self) -> int:
+        """Drop everything kept and keep nothing more (memory is short: ``train``'s estimate of what its views need
+        counts what is kept as free, as it was before rows were kept); the bytes released."""
+        with self._lock:
+            freed, self.used, self.budget = self.used, 0, 0
+            self._frames.clear()
+            self._refs.clear()
+        return freed
+
     def _keep(self, store: dict[Hashable, Any], key: Hashable, value: object, size: int) -> None:
         with self._lock:
             if key not in store and self.used + size <= self.budget:
@@ -66,6 +77,12 @@ class DecodedRows:
 
 def _nbytes(*arrays: np.ndarray | None) -> int:
     return sum(a.nbytes for a in arrays if a is not None)
+
+
+def kept_budget(available: int | None) -> int:
+    """What :func:`rows_kept` may keep: :data:`DEFAULT_BUDGET_BYTES`, at most a quarter of ``available`` (None:
+    unknown, the default)."""
+    return DEFAULT_BUDGET_BYTES if available is None else min(DEFAULT_BUDGET_BYTES, available // 4)
 
 
 _ACTIVE: ContextVar[DecodedRows | None] = ContextVar("semclip_decoded_rows", default=None)

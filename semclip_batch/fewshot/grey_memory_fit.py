@@ -101,8 +101,10 @@ def clean(mask: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
     if mask is None or not mask.any():
         rows, cols = grid_shape(*shape)
         return torch.ones(rows * cols, dtype=torch.bool)
-    grown = F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], 2 * MASK_MARGIN + 1, 1, MASK_MARGIN)
-    return F.max_pool2d(grown, PATCH, STRIDE).flatten() == 0  # each neighbourhood's window, row by row
+    # each neighbourhood's window grown by the margin, row by row: one pooling at the grid's stride (the margin's
+    # padding counts as clean), not the mask grown at every pixel first
+    side = PATCH + 2 * MASK_MARGIN
+    return F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], side, STRIDE, MASK_MARGIN).flatten() == 0
 
 
 def principal_axes(centred: torch.Tensor, dim: int) -> torch.Tensor:

@@ -148,9 +148,9 @@ def maps_at_policy(cfg: TrainConfig, policy: float, df: pd.DataFrame, classes: t
     at, prep, data = support_that_fits(at, df, classes, verb="maps at")
     if at.model.scale_policy is None:
         if not fitted.thresholds:  # train left them to the maps' views, at whole after all: the fit's own rows
-            data = augment(data) if copies(at.recipe, at.model.method) > 1 else data
+            data = augment(data) if copies(cfg.recipe, cfg.model.method) > 1 else data  # augmented as the fit was
             feats, ref_feats = support_features(at, applied(at.recipe, at.model), backbone, data, prep)
-            fitted.thresholds = whole_thresholds(at, fitted, data, feats, ref_feats)
+            fitted.thresholds = whole_thresholds(cfg, fitted, data, feats, ref_feats)
         return None
     feats, ref_feats = support_features(at, applied(at.recipe, at.model), backbone, data, prep)
     model, reference, pixels = fitted.model, fitted.reference, None

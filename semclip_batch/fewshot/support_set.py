@@ -12,6 +12,7 @@ import pandas as pd
 
 from semclip_batch.config import DEFAULT_ADAPT_LR, ModelSpec, PreprocessConfig, scale_policy_name
 from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.decoded import active_rows
 from semclip_batch.fewshot.fit_memory import available_bytes, coarser, too_large
 from semclip_batch.fewshot.recipes import DEFAULT_RECIPE, RECIPES, Recipe, applied, copies, for_policy
 from semclip_batch.fewshot.reference_fit import normal_with_reference
@@ -134,6 +135,10 @@ def support_that_fits(cfg: TrainConfig, df: pd.DataFrame, classes: tuple[str, ..
             return cfg, prep, data
         available, n = available_bytes(), copies(cfg.recipe, cfg.model.method)
         why = too_large(len(data) * n, cfg.model.scale_policy, available)
+        kept = active_rows()
+        if why is not None and kept is not None and kept.release():  # the decoded rows kept count as free
+            available = available_bytes()
+            why = too_large(len(data) * n, cfg.model.scale_policy, available)
         if why is None:
             return cfg, prep, data
         if n > 1 and too_large(len(data), cfg.model.scale_policy, available) is None:

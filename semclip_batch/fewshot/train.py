@@ -21,7 +21,8 @@ import torch
 from semclip_batch.config import LossProgress, ModelSpec, PreprocessConfig
 from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, FitBackbone, backbone_for_fit, write_weights
 from semclip_batch.fewshot.augment import augment
-from semclip_batch.fewshot.decoded import rows_kept
+from semclip_batch.fewshot.decoded import kept_budget, rows_kept
+from semclip_batch.fewshot.fit_memory import available_bytes
 from semclip_batch.fewshot.grey_memory_fit import grey_memory_step
 from semclip_batch.fewshot.maps_policy import checked_policy, held_out_check, maps_checked, whole_thresholds
 from semclip_batch.fewshot.recipes import applied, copies, recorded
@@ -115,7 +116,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
     """Train, fit, write the checkpoint; returns its meta as stored. ``progress``: the fit's epochs;
     ``adapt_progress``: the backbone's adaptation steps, where it is adapted. Each support row is decoded once
     however often its views are loaded (:func:`~semclip_batch.fewshot.decoded.rows_kept`)."""
-    with rows_kept():
+    with rows_kept(kept_budget(available_bytes())):
         return _train(cfg, progress, adapt_progress)
 
 

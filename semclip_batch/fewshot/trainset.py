@@ -109,15 +109,17 @@ def row_reference(row: pd.Series, gray: np.ndarray, so: Mapping[str, Any] | None
     ``register`` is False), else with ``self_reference`` its frame's cell reference, else None; made once where
     ``rows`` keeps it."""
     def make() -> np.ndarray | None:
-        ref = _load_reference(row, gray, so, register) if references else None
+        ref = _reference_file(row, gray, so, register) if references else None
         return cell_reference(gray) if ref is None and self_reference else ref
 
     if not (references or self_reference):
         return None
-    if rows is None:
-        return make()
     key = (row["url"], _page(row), row["reference_url"] if references else "", register and references, self_reference)
-    return rows.reference(key, make)
+    try:
+        return make() if rows is None else rows.reference(key, make)
+    except ImageError as exc:  # never kept: every load tries the file again
+        log.warning("%s: trained without its reference: %s", row["uri"], exc)
+        return cell_reference(gray) if self_reference else None
 
 
 def _load_row(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool,
@@ -180,16 +182,10 @@ def crop_views(gray: np.ndarray, mask: np.ndarray | None, prep: PreprocessConfig
     return out
 
 
-def _load_reference(row: pd.Series, gray: np.ndarray, so: Mapping[str, Any] | None,
+def _reference_file(row: pd.Series, gray: np.ndarray, so: Mapping[str, Any] | None,
                     register: bool) -> np.ndarray | None:
-    """The row's reference frame, or None (no reference, or unusable: warned and scored without it)."""
-    if not row["reference_url"]:
-        return None
-    try:
-        return load_reference(row["reference_url"], gray, so, register)
-    except ImageError as exc:
-        log.warning("%s: trained without its reference: %s", row["uri"], exc)
-        return None
+    """The row's reference frame (None: it names none). Raises ``ImageError`` where it is unusable."""
+    return load_reference(row["reference_url"], gray, so, register) if row["reference_url"] else None
 
 
 def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessConfig, *,
