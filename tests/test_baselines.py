@@ -57,14 +57,16 @@ def test_nearest_distance_block_by_block_is_the_whole_matrix_maximum():
     """Blocks of features against blocks of the memory, uneven at both ends: each feature's distance is that of
     its most similar memory entry, as one matrix of every product gives it; shapes kept, no feature no distance."""
     gen = torch.Generator().manual_seed(5)
-    feats = F.normalize(torch.randn(3, 1500, 32, generator=gen), dim=-1)
-    memory = F.normalize(torch.randn(5000, 32, generator=gen), dim=-1)
+    feats = F.normalize(torch.randn(2, 700, 32, generator=gen), dim=-1)
+    memory = F.normalize(torch.randn(2500, 32, generator=gen), dim=-1)
     whole = (1.0 - (feats @ memory.t()).amax(dim=-1)) / 2.0
-    for rows, columns in ((1024, 2048), (7, 333), (4500, 5000), (1, 1)):
-        got = nearest_distance(feats[:, :40] if rows == 1 else feats, memory, rows=rows, columns=columns)
-        assert got.shape == (whole[:, :40] if rows == 1 else whole).shape
-        torch.testing.assert_close(got, whole[:, :40] if rows == 1 else whole, rtol=0, atol=1e-6)
-    assert nearest_distance(feats[:, :0], memory).shape == (3, 0)
+    for rows, columns in ((1024, 2048), (97, 333), (1400, 2500)):
+        got = nearest_distance(feats, memory, rows=rows, columns=columns)
+        assert got.shape == whole.shape
+        torch.testing.assert_close(got, whole, rtol=0, atol=1e-6)
+    small = nearest_distance(feats[:, :5], memory[:30], rows=1, columns=1)  # a block a product
+    torch.testing.assert_close(small, (1.0 - (feats[:, :5] @ memory[:30].t()).amax(dim=-1)) / 2.0, rtol=0, atol=1e-6)
+    assert nearest_distance(feats[:, :0], memory).shape == (2, 0)
 
 
 def test_window_embeddings_see_only_their_window(tiny_clip):
