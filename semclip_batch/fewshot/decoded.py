@@ -42,22 +42,11 @@ class DecodedRows:
 
     def frame(self, key: Hashable, decode: Callable[[], FrameAndMask]) -> FrameAndMask:
         """The frame and mask kept under ``key``, or ``decode()``'s (kept while the budget allows)."""
-        with self._lock:
-            hit = self._frames.get(key)
-        if hit is not None:
-            return hit
-        value = decode()
-        self._keep(self._frames, key, value, _nbytes(*value))
-        return value
+        return self._kept(self._frames, key, decode, lambda value: _nbytes(*value))
 
     def reference(self, key: Hashable, make: Callable[[], np.ndarray | None]) -> np.ndarray | None:
         """The reference kept under ``key`` (None: the row has none usable), or ``make()``'s."""
-        with self._lock:
-            if key in self._refs:
-                return self._refs[key]
-        value = make()
-        self._keep(self._refs, key, value, _nbytes(value))
-        return value
+        return self._kept(self._refs, key, make, _nbytes)
 
     def release(self) -> int:
         """Drop everything kept and keep nothing more (memory is short: ``train``'s estimate of what its views need
@@ -68,11 +57,18 @@ class DecodedRows:
             self._refs.clear()
         return freed
 
-    def _keep(self, store: dict[Hashable, Any], key: Hashable, value: object, size: int) -> None:
+    def _kept(self, store: dict[Hashable, Any], key: Hashable, make: Callable[[], Any],
+              size: Callable[[Any], int]) -> Any:
+        """``store[key]``, or ``make()``'s value, kept there when ``size`` of it fits the budget left."""
         with self._lock:
-            if key not in store and self.used + size <= self.budget:
+            if key in store:
+                return store[key]
+        value = make()  # outside the lock: the decoding threads decode side by side
+        with self._lock:
+            if key not in store and self.used + size(value) <= self.budget:
                 store[key] = value
-                self.used += size
+                self.used += size(value)
+        return value
 
 
 def _nbytes(*arrays: np.ndarray | None) -> int:

@@ -99,13 +99,14 @@ def support_maps_at(cfg: TrainConfig, rows: pd.DataFrame, classes: tuple[str, ..
     return data, out, prep
 
 
-def whole_thresholds(cfg: TrainConfig, fitted: Fitted, data: TrainSet, feats: Features,
-                     ref_feats: Features | None) -> dict[str, float]:
-    """The thresholds :func:`~semclip_batch.fewshot.train.fit` fits, fitted afterwards on its rows (``data``: the
-    support set at whole, augmented as the fit's was, and its features)."""
+def whole_thresholds(cfg: TrainConfig, fitted: Fitted, data: TrainSet, feats: Features, ref_feats: Features | None,
+                     pixels: torch.Tensor | None = None) -> dict[str, float]:
+    """The thresholds :func:`~semclip_batch.fewshot.train.fit` fits on its rows, in the fit or afterwards (``data``:
+    the support set at whole, augmented as the fit's was, and its features; ``pixels``: its pixel differences from
+    its cell references, where already taken)."""
     reference = fitted.reference if ref_feats is not None else None
-    pixels = None if reference is None else support_pixel_differences(
-        data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
+    if reference is not None and pixels is None:
+        pixels = support_pixel_differences(data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
     return support_thresholds(fitted.model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
                               len(data) // copies(cfg.recipe, cfg.model.method))
 

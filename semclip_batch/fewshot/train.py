@@ -33,7 +33,7 @@ from semclip_batch.fewshot.reference_fit import (
     support_pixel_differences,
     support_reference_fuser,
 )
-from semclip_batch.fewshot.support_maps import map_auroc, support_thresholds
+from semclip_batch.fewshot.support_maps import map_auroc
 from semclip_batch.fewshot.support_set import (
     Fitted,
     TrainConfig,
@@ -106,8 +106,7 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
             summary["reference_weight_choice"] = choice
     fitted = Fitted(model, reference, summary, {})
     if thresholds:
-        fitted.thresholds = support_thresholds(model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
-                                               len(data) // n_copies)
+        fitted.thresholds = whole_thresholds(cfg, fitted, data, feats, ref_feats, pixels)
     return fitted
 
 
