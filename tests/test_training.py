@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,7 +14,7 @@ from semclip_batch.config import CheckpointRequest, ModelSpec, RunConfig, Thresh
 from semclip_batch.errors import ConfigError, WeightsError
 from semclip_batch.fewshot.pretrain import PretrainConfig, kept_patches, pretrain
 from semclip_batch.fewshot.train import TrainConfig, sample_shots, train
-from semclip_batch.fewshot.trainset import IGNORE
+from semclip_batch.fewshot.trainset import IGNORE, half_stack
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.fitting import focal_dice
 from semclip_batch.methods.weights import load_backbone
@@ -134,6 +135,17 @@ def test_sample_shots_is_seeded_and_per_class():
     a, b = sample_shots(df, 5, 1), sample_shots(df, 5, 1)
     assert a.equals(b) and a["label"].value_counts().to_dict() == {"a": 5, "b": 5}
     assert len(sample_shots(df, None, 1)) == 30 and len(sample_shots(df, 15, 1)) == 25
+
+
+def testhalf_stack_equals_stacking_then_converting():
+    rng = np.random.default_rng(0)
+    views: list[np.ndarray | None] = [rng.normal(0, 3, (8, 8)).astype(np.float32) for _ in range(3)]
+    views[1] = np.full((8, 8), 1e5, np.float32)  # beyond float16's range: inf either way
+    views.append(None)
+    expected = torch.from_numpy(np.stack([np.zeros((8, 8), np.float32) if v is None else v for v in views])).half()
+    got = half_stack(views, 8)
+    assert got.dtype == torch.float16 and torch.equal(got, expected)
+    assert not got[3].any() and torch.isinf(got[1]).all()
 
 
 def test_kept_patches_hold_every_defect_patch_first():

@@ -216,7 +216,7 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     if not keep:
         raise ConfigError("no usable training image (all rows failed to decode)")
     size = prep.image_size
-    views = torch.from_numpy(np.stack([v.view for v in loaded])).half()
+    views = half_stack([v.view for v in loaded], size)
     masks = torch.zeros(len(keep), size, size, dtype=torch.float16)
     has_mask = torch.zeros(len(keep), dtype=torch.bool)
     for k, v in enumerate(loaded):
@@ -233,9 +233,18 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
     if references or self_reference:
         refs = [v.ref for v in loaded]
         data.has_ref = torch.tensor([r is not None for r in refs], dtype=torch.bool)
-        data.refs = torch.from_numpy(np.stack([np.zeros((size, size), np.float32) if r is None else r
-                                               for r in refs])).half()
+        data.refs = half_stack(refs, size)
     return data
+
+
+def half_stack(arrays: list[np.ndarray | None], size: int) -> torch.Tensor:
+    """``(N, size, size)`` float16 of the views (None: zeros), each converted into its row: no float32 copy of the
+    whole set is made first (the same values as stacking, then converting)."""
+    out = torch.zeros(len(arrays), size, size, dtype=torch.float16)
+    for k, a in enumerate(arrays):
+        if a is not None:
+            out[k] = torch.from_numpy(a)
+    return out
 
 
 def _safe_load(row: pd.Series, prep: PreprocessConfig, so: Mapping[str, Any] | None, references: bool, crops: int,
