@@ -70,6 +70,7 @@ def _short_pretrain(pre: str, weights: str, backbone: str) -> Iterator[str]:
 def run_demo(folder: str, *, backbone: str = "semclip-tiny", with_pretrain: bool = False) -> Iterator[str]:
     """Run the demo, yielding lines to show."""
     root = storage.normalize_root(folder)
+    storage.check_target(root, "folder", "DIR (the demo's folder)")
     data, support, pre, out = (storage.join(root, p) for p in ("data", "support", "pretrain", "out"))
     ckpt = storage.join(root, "checkpoint")
     yield f"[1/8] synth: test lots -> {data}, 10-shot support set -> {support}"

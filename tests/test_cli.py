@@ -101,3 +101,26 @@ def test_train_method_options_end_in_one_line(synth_lot, tmp_path):
     result = invoke(*base, "--out", str(tmp_path / "w"), "--method", "winclip")
     assert result.exit_code == 0, result.output
     assert "wrote winclip checkpoint" in result.output and (tmp_path / "w" / "checkpoint.json").exists()
+
+
+def test_outputs_of_the_wrong_kind_are_refused_before_any_work(synth_lot, tmp_path):
+    afile, adir, wdir = tmp_path / "afile", tmp_path / "adir.csv", tmp_path / "w.safetensors"
+    afile.write_bytes(b"")
+    adir.mkdir()
+    wdir.mkdir()
+    m = str(synth_lot / "manifest.csv")
+    tiny = ("--backbone", "semclip-tiny", "--pretrained", "shipped")
+    cases = [
+        (("train", m, "--out", str(afile), *tiny), "is a file"),
+        (("train", m, "--out", str(afile / "sub" / "ck"), *tiny), "which is a file"),
+        (("run", m, "--out", str(afile), *tiny), "is a file"),
+        (("pretrain", m, "--out", str(wdir), "--steps", "2", *tiny), "is a folder"),
+        (("manifest", "from-prefix", str(synth_lot / "images"), "--out", str(adir)), "is a folder"),
+        (("synth", str(afile), "--lots", "1", "--per-class", "1"), "is a file"),
+        (("demo", str(afile)), "is a file"),
+    ]
+    for args, fragment in cases:
+        result = invoke(*args)
+        assert_one_line_error(result, fragment)
+        assert "epoch" not in result.output and "step " not in result.output  # refused before the work
+    assert afile.read_bytes() == b"" and not any(adir.iterdir()) and not any(wdir.iterdir())

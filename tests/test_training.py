@@ -312,6 +312,7 @@ def test_train_warns_where_no_support_frame_is_held_out(synth_lot, tmp_path, cap
     whole = train(TrainConfig(support=manifest, out=str(tmp_path / "all"), model=spec, epochs=1))
     assert whole.training["used"] >= 10 and "none are held out" not in caplog.text
     assert "nothing is fitted on pixels" not in caplog.text  # its masks hold defect pixels
+    assert "no usable support frame of class" not in caplog.text  # every class has frames
     train(TrainConfig(support=manifest, out=str(tmp_path / "winclip"), shots=1,
                       model=ModelSpec(backbone="semclip-tiny", pretrained="shipped", method="winclip", cls="fused")))
     assert "none are held out" not in caplog.text
@@ -373,3 +374,19 @@ def test_support_rows_whose_mask_or_labels_are_unusable_are_named(synth_lot, tmp
     with pytest.raises(ConfigError, match=r"^no support row has a label: train reads each frame's class from the "
                                           r"manifest's `label` column \(missing or empty here; one of: normal, "):
         load_trainset(read_manifest(str(tmp_path / "no-label.csv")), classes, prep)
+
+
+def test_a_class_without_a_usable_support_frame_is_said(synth_lot, tmp_path, caplog):
+    """Every `bridge` row broken (its frame unreadable) and no `scratch` row at all: the fit goes on and train names
+    both classes, once (a support set with every class names none: the test above)."""
+    df, _ = _support_copy(synth_lot, tmp_path)
+    for i in df.index[df["label"] == "bridge"]:
+        (tmp_path / f"broken-{i}.png").write_bytes(b"not a png")
+        df.at[i, "uri"] = str(tmp_path / f"broken-{i}.png")
+    df[df["label"] != "scratch"].to_csv(tmp_path / "gaps.csv", index=False)
+    spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", cls="fused")
+    meta = train(TrainConfig(support=str(tmp_path / "gaps.csv"), out=str(tmp_path / "ck"), model=spec, shots=1,
+                             epochs=1))
+    assert "bridge" in meta.classes and "scratch" in meta.classes  # still classes of the checkpoint
+    said = [r.getMessage() for r in caplog.records if "no usable support frame of class" in r.getMessage()]
+    assert len(said) == 1 and "class bridge, scratch (" in said[0]

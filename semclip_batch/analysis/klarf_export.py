@@ -105,9 +105,7 @@ def _check_dest(dest: str, layout_: OutLayout, source: str | None, so: Mapping[s
     if source is not None and target == storage.normalize_root(
             source if storage.is_absolute(source) else storage.resolve(source, ".")):
         raise ConfigError(f"--out {dest!r} is the --klarf source: write the relabelled KLARF to another file")
-    fs, path = storage.filesystem(dest, so)
-    if fs.isdir(path):
-        raise ConfigError(f"--out {dest!r} is a folder: name the KLARF file to write")
+    storage.check_target(dest, "file", "--out (the KLARF to write)", so)
 
 
 def _lot_rows(layout_: OutLayout, lot_id: str, so: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -71,6 +71,7 @@ class SuggestConfig:
             raise ConfigError(f"--shortlist must be >= 1, got {self.shortlist}")
         if not self.dest.lower().split("?", 1)[0].endswith(SUFFIXES):
             raise ConfigError(f"--out {storage.redact(self.dest)}: give a .csv or .parquet file name")
+        storage.check_target(self.dest, "file", "--out (the manifest to write)", self.storage_options)
 
 
 @dataclass(frozen=True)

@@ -243,6 +243,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     ``caller`` / ``alike_hint``: who warns that the class texts are still alike after training, and what it advises
     (the options the caller's user has)."""
     started = time.perf_counter()
+    storage.check_target(cfg.out, "file", "--out (the weights file)", cfg.model.storage_options)
     torch.manual_seed(cfg.model.seed)
     m = cfg.model
     prompts: PromptSet = load_prompts(m.prompts, m.storage_options)

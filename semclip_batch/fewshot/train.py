@@ -44,6 +44,7 @@ from semclip_batch.fewshot.support_set import (
     support_that_fits,
 )
 from semclip_batch.fewshot.trainset import TrainSet
+from semclip_batch.io import storage
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
 from semclip_batch.methods.features import Features
@@ -121,6 +122,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
 
 def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: LossProgress | None) -> CheckpointMeta:
     t0 = time.perf_counter()
+    storage.check_target(cfg.out, "folder", "--out (the checkpoint folder)", cfg.model.storage_options)
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
     if cfg.check_scale:  # fitted at whole, whatever policy a library caller's spec gives; the maps' policy checked after
@@ -133,6 +135,10 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
     cfg = cell_references_if_any(cfg, data)
     spec = applied(cfg.recipe, cfg.model)
     views, whole = len(data), data.first_views()
+    absent = data.absent_classes()
+    if absent:
+        log.warning("no usable support frame of class %s (none in the manifest, or every one skipped above): the fit "
+                    "learns nothing of it, and run still scores it from its class text alone", ", ".join(absent))
     used = int(whole.sum())  # support frames (a frame's tiles follow its whole view)
     if get_method(cfg.model.method).recipes and validation_count(used) == 0:
         log.warning("%d support frames: under %d none are held out, so nothing checks the fit (its epochs, the map's "

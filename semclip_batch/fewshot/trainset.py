@@ -55,6 +55,11 @@ class TrainSet:
             first[1:] = self.frame[1:] != self.frame[:-1]
         return first
 
+    def absent_classes(self) -> list[str]:
+        """The classes no frame of the set stands for (by its whole view's label)."""
+        present = set(self.labels[self.first_views()].tolist())
+        return [name for k, name in enumerate(self.classes) if k not in present]
+
 
 class Loaded(NamedTuple):
     """One view of a manifest row: the model-input view, its mask view (None: no mask), its reference view

@@ -54,14 +54,14 @@ def from_klarf(klarfs: Sequence[str], images: str, out: str, class_map: Mapping[
                all_images: bool = False, image_name: str | None = None,
                storage_options: Mapping[str, Any] | None = None) -> FromKlarf:
     """Read ``klarfs``, write the manifest ``out`` (.csv or .parquet, any fsspec URL) in one write. Raises
-    :class:`~semclip_batch.errors.ManifestError` (a KLARF or the result is unusable) or
-    :class:`~semclip_batch.errors.ConfigError`."""
+    :class:`~semclip_batch.errors.ManifestError` (a KLARF or the result is unusable),
+    :class:`~semclip_batch.errors.ConfigError` or :class:`~semclip_batch.errors.OutputError` (``out`` is a folder)."""
     fmt = manifest_format(out)
     if image_name is not None:
         check_image_name(image_name)
     so = dict(storage_options or {})
     check_images(images)
-    _refuse_folder(out, so)
+    storage.check_target(out, "file", "--out (the manifest to write, .csv or .parquet)", so)
     rows: list[dict[str, str]] = []
     found = without = 0
     seen: dict[tuple[str, str], str] = {}  # (uri, page) -> the defect reading it
@@ -126,12 +126,6 @@ def _refuse_shared_images(rows: list[dict[str, str]], defect: KlarfDefect, sourc
                              f"{' page ' + row['page'] if row['page'] else ''} that {seen[key]} reads too: give each "
                              "KLARF once, or name files per defect ({index} numbers a wafer's defects)")
         seen[key] = this
-
-
-def _refuse_folder(out: str, so: Mapping[str, Any]) -> None:
-    fs, path = storage.filesystem(out, so)
-    if fs.isdir(path):
-        raise ConfigError(f"--out {out!r} is a folder: name the manifest file to write (.csv or .parquet)")
 
 
 def _rows(defect: KlarfDefect, prefix: str, label: str, source: str, all_images: bool,

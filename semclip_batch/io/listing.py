@@ -56,6 +56,7 @@ def _keys(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[str]:
 def from_prefix(url: str, pattern: str, out: str, storage_options: Mapping[str, Any] | None = None) -> Listed:
     """List ``url`` into the manifest ``out`` (``.parquet`` or ``.csv``, any fsspec URL)."""
     fmt = manifest_format(out)
+    storage.check_target(out, "file", "--out (the manifest to write)", storage_options)
     if not storage.has_protocol(url):
         url = os.path.abspath(url)  # uris must not depend on where the manifest is read from
     regex = pattern_regex(pattern)

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from semclip_batch.errors import ConfigError, shorten
+from semclip_batch.errors import ConfigError, OutputError, shorten
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -309,6 +309,25 @@ def create_exclusive(url: str, data: bytes, storage_options: Mapping[str, Any] |
         return True
     except FileExistsError:
         return False
+
+
+def check_target(url: str, kind: str, what: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse, before any work, an output location holding the other kind of entry: a file where ``kind`` is
+    ``"folder"`` (a checkpoint folder, a run's output root), a folder where it is ``"file"`` (a weights file, a
+    manifest, a KLARF); on a local disk, also a file among the folders above it (nothing can be made below a file).
+    ``what``: the option and what it names, for the message (e.g. ``"--out (the checkpoint folder)"``). Raises
+    :class:`~semclip_batch.errors.OutputError`."""
+    fs, path = filesystem(url, storage_options)
+    if kind == "folder" and fs.isfile(path):
+        raise OutputError(f"{what} {redact(url)} is a file: give a folder (new, or one this command wrote before)")
+    if kind == "file" and fs.isdir(path):
+        raise OutputError(f"{what} {redact(url)} is a folder: give the name of the file to write")
+    if isinstance(fs, LocalFileSystem):
+        above = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise OutputError(f"{what} {redact(url)} lies below {above}, which is a file: nothing can be written there")
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:

@@ -108,6 +108,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     launched = time.perf_counter()
     layout = OutLayout(storage.normalize_root(cfg.out))
     so = cfg.storage_options
+    storage.check_target(layout.root, "folder", "--out (the output root)", so)
     with timer.stage("manifest"):
         manifest = read_manifest_table(cfg.input, pattern=cfg.pattern, storage_options=so)
     with timer.stage("model_load"):

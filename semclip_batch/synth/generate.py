@@ -185,6 +185,7 @@ def synth(out: str, cfg: SynthConfig, storage_options: dict | None = None) -> pd
     """Write a synthetic data set under ``out`` and return its manifest."""
     rows = []
     root = storage.normalize_root(out)
+    storage.check_target(root, "folder", "OUT (the folder of the lot)", storage_options)
     for lot_index in range(cfg.lots):
         lot = f"LOT-S{cfg.seed}-{lot_index:02d}"
         n = 0
