@@ -118,9 +118,29 @@ def test_outputs_of_the_wrong_kind_are_refused_before_any_work(synth_lot, tmp_pa
         (("manifest", "from-prefix", str(synth_lot / "images"), "--out", str(adir)), "is a folder"),
         (("synth", str(afile), "--lots", "1", "--per-class", "1"), "is a file"),
         (("demo", str(afile)), "is a file"),
+        (("manifest", "from-klarf", str(tmp_path / "none.001"), "--images", str(tmp_path), "--out", str(adir)),
+         "is a folder"),
+        (("export", "klarf", str(tmp_path / "no-run"), "--lot", "L1", "--out", str(wdir)), "is a folder"),
+        (("suggest", str(tmp_path / "no-run"), "--out", str(adir), "--overwrite"), "is a folder"),
     ]
     for args, fragment in cases:
         result = invoke(*args)
         assert_one_line_error(result, fragment)
         assert "epoch" not in result.output and "step " not in result.output  # refused before the work
     assert afile.read_bytes() == b"" and not any(adir.iterdir()) and not any(wdir.iterdir())
+
+
+def test_an_output_whose_kind_cannot_be_read_is_left_to_the_write(monkeypatch, tmp_path):
+    """A store that lets a user write but not list answers the check with an error: the check stands aside (the
+    write reports whatever is wrong), it never turns a write that would succeed into a failure."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from semclip_batch.io import storage
+
+    def denied(self, path):
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(LocalFileSystem, "isdir", denied)
+    monkeypatch.setattr(LocalFileSystem, "isfile", denied)
+    storage.check_target(str(tmp_path / "w.safetensors"), "file", "--out")
+    storage.check_target(str(tmp_path / "ck"), "folder", "--out")

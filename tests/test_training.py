@@ -137,7 +137,7 @@ def test_sample_shots_is_seeded_and_per_class():
     assert len(sample_shots(df, None, 1)) == 30 and len(sample_shots(df, 15, 1)) == 25
 
 
-def testhalf_stack_equals_stacking_then_converting():
+def test_half_stack_equals_stacking_then_converting():
     rng = np.random.default_rng(0)
     views: list[np.ndarray | None] = [rng.normal(0, 3, (8, 8)).astype(np.float32) for _ in range(3)]
     views[1] = np.full((8, 8), 1e5, np.float32)  # beyond float16's range: inf either way
@@ -390,3 +390,18 @@ def test_a_class_without_a_usable_support_frame_is_said(synth_lot, tmp_path, cap
     assert "bridge" in meta.classes and "scratch" in meta.classes  # still classes of the checkpoint
     said = [r.getMessage() for r in caplog.records if "no usable support frame of class" in r.getMessage()]
     assert len(said) == 1 and "class bridge, scratch (" in said[0]
+
+
+def test_normal_is_present_through_the_clean_tiles_of_defect_frames():
+    """A support set without normal frames whose defect frames are tiled: their clean tiles train `normal` as a
+    normal frame does, so it is not named as absent; a class with no frame is."""
+    from semclip_batch.fewshot.trainset import TrainSet
+
+    labels = torch.tensor([1, 0, 1, 2, 2])  # frame 0: its whole view (bridge) and a clean tile; frames 1, 2
+    frame = torch.tensor([0, 0, 0, 1, 2])
+    data = TrainSet(torch.zeros(5, 4, 4), torch.zeros(5, 4, 4), labels, torch.ones(5, dtype=torch.bool), [""] * 5,
+                    ("normal", "bridge", "hole", "scratch"), skipped=0, frame=frame)
+    assert data.absent_classes() == ["scratch"]
+    whole_only = TrainSet(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), torch.tensor([1, 2]),
+                          torch.ones(2, dtype=torch.bool), ["", ""], ("normal", "bridge", "hole"), skipped=0)
+    assert whole_only.absent_classes() == ["normal"]

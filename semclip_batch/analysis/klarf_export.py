@@ -99,12 +99,13 @@ def export_klarf(out: str, lot_id: str, dest: str, *, class_map: Mapping[int, st
 def _check_dest(dest: str, layout_: OutLayout, source: str | None, so: Mapping[str, Any]) -> None:
     target = storage.normalize_root(dest if storage.is_absolute(dest) else storage.resolve(dest, "."))
     root = layout_.root.rstrip("/") + "/"
+    shown = storage.redact(dest)
     if target.rstrip("/") + "/" == root or target.startswith(root):
-        raise ConfigError(f"--out {dest!r} is inside OUT {layout_.root}: write the KLARF elsewhere (OUT holds the "
-                          "run's own outputs only)")
+        raise ConfigError(f"--out {shown!r} is inside OUT {storage.redact(layout_.root)}: write the KLARF elsewhere (OUT "
+                          "holds the run's own outputs only)")
     if source is not None and target == storage.normalize_root(
             source if storage.is_absolute(source) else storage.resolve(source, ".")):
-        raise ConfigError(f"--out {dest!r} is the --klarf source: write the relabelled KLARF to another file")
+        raise ConfigError(f"--out {shown!r} is the --klarf source: write the relabelled KLARF to another file")
     storage.check_target(dest, "file", "--out (the KLARF to write)", so)
 
 

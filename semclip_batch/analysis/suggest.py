@@ -71,7 +71,6 @@ class SuggestConfig:
             raise ConfigError(f"--shortlist must be >= 1, got {self.shortlist}")
         if not self.dest.lower().split("?", 1)[0].endswith(SUFFIXES):
             raise ConfigError(f"--out {storage.redact(self.dest)}: give a .csv or .parquet file name")
-        storage.check_target(self.dest, "file", "--out (the manifest to write)", self.storage_options)
 
 
 @dataclass(frozen=True)
@@ -263,6 +262,7 @@ def preprocess_of(record: Mapping[str, Any], backbone: str) -> PreprocessConfig:
 def suggest(cfg: SuggestConfig) -> Suggestion:
     """Choose ``cfg.n`` frames of the finished run in ``cfg.out`` and write them to ``cfg.dest`` as a manifest."""
     so = storage.check_storage_options(cfg.storage_options)
+    storage.check_target(cfg.dest, "file", "--out (the manifest to write)", so)
     if storage.exists(cfg.dest, so) and not cfg.overwrite:
         raise OutputError(f"{storage.redact(cfg.dest)} exists; pass --overwrite to replace it")
     layout = OutLayout(storage.normalize_root(cfg.out))

@@ -137,8 +137,8 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
     views, whole = len(data), data.first_views()
     absent = data.absent_classes()
     if absent:
-        log.warning("no usable support frame of class %s (none in the manifest, or every one skipped above): the fit "
-                    "learns nothing of it, and run still scores it from its class text alone", ", ".join(absent))
+        log.warning("no usable support frame of class %s (none in the manifest, or every one skipped above): the "
+                    "fitted head has never seen it, and run scores it through its class text only", ", ".join(absent))
     used = int(whole.sum())  # support frames (a frame's tiles follow its whole view)
     if get_method(cfg.model.method).recipes and validation_count(used) == 0:
         log.warning("%d support frames: under %d none are held out, so nothing checks the fit (its epochs, the map's "

@@ -56,8 +56,9 @@ class TrainSet:
         return first
 
     def absent_classes(self) -> list[str]:
-        """The classes no frame of the set stands for (by its whole view's label)."""
-        present = set(self.labels[self.first_views()].tolist())
+        """The classes no frame of the set stands for (by its whole view's label; ``normal`` also by a clean tile of
+        a defect frame, which trains it as a normal frame does)."""
+        present = set(self.labels[self.first_views()].tolist()) | ({0} if bool((self.labels == 0).any()) else set())
         return [name for k, name in enumerate(self.classes) if k not in present]
 
 

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from semclip_batch.errors import ConfigError, OutputError, shorten
+from semclip_batch.errors import ConfigError, OutputError, one_line, shorten
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -318,9 +318,14 @@ def check_target(url: str, kind: str, what: str, storage_options: Mapping[str, A
     ``what``: the option and what it names, for the message (e.g. ``"--out (the checkpoint folder)"``). Raises
     :class:`~semclip_batch.errors.OutputError`."""
     fs, path = filesystem(url, storage_options)
-    if kind == "folder" and fs.isfile(path):
+    try:
+        wrong = fs.isfile(path) if kind == "folder" else fs.isdir(path)
+    except OSError as exc:  # e.g. a store that lets this user write but not list: the write says what is wrong
+        log.debug("%s %s: its kind not checked (%s)", what, redact(url), one_line(exc))
+        wrong = False
+    if wrong and kind == "folder":
         raise OutputError(f"{what} {redact(url)} is a file: give a folder (new, or one this command wrote before)")
-    if kind == "file" and fs.isdir(path):
+    if wrong:
         raise OutputError(f"{what} {redact(url)} is a folder: give the name of the file to write")
     if isinstance(fs, LocalFileSystem):
         above = os.path.dirname(os.path.abspath(path))
