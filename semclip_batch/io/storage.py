@@ -15,7 +15,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Literal, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -311,7 +311,7 @@ def create_exclusive(url: str, data: bytes, storage_options: Mapping[str, Any] |
         return False
 
 
-def check_target(url: str, kind: str, what: str, storage_options: Mapping[str, Any] | None = None) -> None:
+def check_target(url: str, kind: Literal["file", "folder"], what: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Refuse, before any work, an output location holding the other kind of entry: a file where ``kind`` is
     ``"folder"`` (a checkpoint folder, a run's output root), a folder where it is ``"file"`` (a weights file, a
     manifest, a KLARF); on a local disk, also a file among the folders above it (nothing can be made below a file).
