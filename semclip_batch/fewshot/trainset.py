@@ -223,12 +223,8 @@ def load_trainset(df: pd.DataFrame, classes: tuple[str, ...], prep: PreprocessCo
         raise ConfigError("no usable training image (all rows failed to decode)")
     size = prep.image_size
     views = half_stack([v.view for v in loaded], size)
-    masks = torch.zeros(len(keep), size, size, dtype=torch.float16)
-    has_mask = torch.zeros(len(keep), dtype=torch.bool)
-    for k, v in enumerate(loaded):
-        if v.mask is not None:
-            masks[k] = torch.from_numpy(v.mask).half()
-            has_mask[k] = True
+    masks = half_stack([v.mask for v in loaded], size)
+    has_mask = torch.tensor([v.mask is not None for v in loaded], dtype=torch.bool)
     labels = torch.tensor([0 if v.clean else classes.index(df["label"].iloc[i]) if df["label"].iloc[i] else IGNORE
                            for i, v in zip(keep, loaded, strict=True)])
     normal = labels == 0
