@@ -21,6 +21,7 @@ from semclip_batch.fewshot.reference_fit import (
     fit_reference,
     normal_with_reference,
     support_pixel_differences,
+    whole_pixel_differences,
 )
 from semclip_batch.fewshot.scale_check import FITTED, recommend
 from semclip_batch.fewshot.support_maps import (
@@ -36,7 +37,7 @@ from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.methods.features import Features
 from semclip_batch.methods.fitting import MIN_VALIDATION_FRAMES
 from semclip_batch.methods.registry import get_method
-from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
+from semclip_batch.methods.weights import LoadedBackbone
 from semclip_batch.model import SemClipOutput
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def whole_thresholds(cfg: TrainConfig, fitted: Fitted, data: TrainSet, feats: Fe
     its cell references, where already taken)."""
     reference = fitted.reference if ref_feats is not None else None
     if reference is not None and pixels is None:
-        pixels = support_pixel_differences(data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
+        pixels = whole_pixel_differences(cfg.model.backbone, data)
     return support_thresholds(fitted.model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
                               len(data) // copies(cfg.recipe, cfg.model.method))
 

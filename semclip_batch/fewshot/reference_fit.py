@@ -15,6 +15,7 @@ from semclip_batch.fewshot.support_maps import emitted_views, pixel_counts
 from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.methods.features import Features
 from semclip_batch.methods.fitting import HeldOutMaps
+from semclip_batch.methods.weights import preprocess_config
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference
 
 PIXEL_SAMPLE = 4_000_000  # normal pixels drawn for the reference's pixel scale (a 99th percentile)
@@ -31,6 +32,12 @@ def support_pixel_differences(data: TrainSet, unit: float, chunk: int = 256) -> 
         return None
     return torch.cat([pixel_difference(data.views[i:i + chunk], data.refs[i:i + chunk]) / unit
                       for i in range(0, len(data), chunk)])
+
+
+def whole_pixel_differences(backbone: str, data: TrainSet) -> torch.Tensor | None:
+    """:func:`support_pixel_differences` of support rows loaded at ``whole`` (the fit's views), in ``backbone``'s
+    grey units."""
+    return support_pixel_differences(data, preprocess_config(backbone, tile_above=10**9).std[0])
 
 
 def fit_reference(reference: ReferenceScorer, feats: Features, ref_feats: Features, data: TrainSet,

@@ -30,8 +30,8 @@ from semclip_batch.fewshot.reference_fit import (
     fit_reference,
     held_out_reference_weight,
     normal_with_reference,
-    support_pixel_differences,
     support_reference_fuser,
+    whole_pixel_differences,
 )
 from semclip_batch.fewshot.support_maps import map_auroc
 from semclip_batch.fewshot.support_set import (
@@ -57,7 +57,7 @@ from semclip_batch.methods.fitting import (
 )
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import depth_of, get_method, method_taps, new_model
-from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
+from semclip_batch.methods.weights import LoadedBackbone
 from semclip_batch.model.grey_memory import GREY_MEMORY
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
 
@@ -86,7 +86,7 @@ def fit(cfg: TrainConfig, backbone: LoadedBackbone, text: torch.Tensor, data: Tr
         # fused with the reference as run fuses them
         reference = ReferenceScorer(reference_taps(depth_of(backbone.clip)), weight=cfg.model.reference_weight,
                                     fusion=cfg.model.reference_fusion)
-        pixels = support_pixel_differences(data, preprocess_config(cfg.model.backbone, tile_above=10**9).std[0])
+        pixels = whole_pixel_differences(cfg.model.backbone, data)
         summary["reference_scale"] = fit_reference(reference, feats, ref_feats, data, pixels)
         summary["reference_pixel_scale"] = float(reference.pixel_scale)
         fuse = support_reference_fuser(reference, feats, ref_feats, data, pixels)
