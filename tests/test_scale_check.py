@@ -21,6 +21,7 @@ from semclip_batch.config import SCALE_CHECK_POLICIES, SCALE_POLICY_KEY, ModelSp
 from semclip_batch.fewshot import trainset
 from semclip_batch.fewshot.fit_memory import BASE_BYTES, BYTES_PER_ROW, available_bytes, coarser, needed_bytes, too_large
 from semclip_batch.fewshot.heldout import held_frames, heldout_split
+from semclip_batch.fewshot.maps_policy import held_out_localisation, weak_localisation_warning
 from semclip_batch.fewshot.scale_check import (
     FITTED,
     check_frames,
@@ -319,6 +320,32 @@ def test_train_checks_the_maps_policy_on_the_frames_the_fit_held_out(tmp_path, l
     assert meta.scale_policy == parse_scale_policy(record["chosen"])
     assert meta.training["config"]["check_scale"] is True and meta.training["config"]["model"]["scale_policy"] is None
     assert f"{record['chosen']:<8}" in res.output and "<- chosen: run --model scores the maps at it" in res.output
+    assert all(set(row) == {"pAUROC", "F1max", "views"} for row in record["figures"].values())
+    localisation = meta.training["held_out_localisation"]
+    grey = meta.training.get("grey_memory") or {}
+    expected = (grey["figures"][f"{grey['weight']:g}"] if "figures" in grey else record["figures"][record["chosen"]])
+    assert localisation["frames"] == 2 and localisation["F1max"] == expected["F1max"]
+
+
+def test_the_held_out_localisation_is_the_final_maps_and_warns_under_its_bound():
+    """The held-out figures ``train`` reports are the grey-level memory's at the weight it chose where it was
+    weighed, else the scale check's at the policy chosen; a warning only under 0.05 F1max."""
+    scale = {"frames": 14, "chosen": "0.5", "figures": {"whole": {"pAUROC": 0.7, "F1max": 0.2, "views": 14},
+                                                        "0.5": {"pAUROC": 0.9, "F1max": 0.03, "views": 90}}}
+    grey = {"weight": 0.5, "figures": {"0": {"pAUROC": 0.9, "F1max": 0.03}, "0.5": {"pAUROC": 0.95, "F1max": 0.08}}}
+    at_policy = held_out_localisation({"scale_check": scale})
+    assert at_policy == {"frames": 14, "pAUROC": 0.9, "F1max": 0.03, "scored_at": "scale policy 0.5"}
+    warning = weak_localisation_warning(at_policy)
+    assert warning is not None and "F1max 0.030, pixel AUROC 0.900" in warning and "14 support frames" in warning
+    fused = held_out_localisation({"scale_check": scale, "grey_memory": grey})
+    assert fused is not None and fused["F1max"] == 0.08 and weak_localisation_warning(fused) is None
+    dropped = held_out_localisation({"scale_check": scale, "grey_memory": {**grey, "weight": 0.0}})
+    assert dropped is not None and dropped["F1max"] == 0.03 and dropped["scored_at"] == "grey-level memory weight 0"
+    assert held_out_localisation({"scale_check": {**scale, "chosen": None}}) is None  # nothing measured
+    assert held_out_localisation({"scale_check": {"frames": 0, "figures": {}, "chosen": None}}) is None
+    assert held_out_localisation({}) is None and weak_localisation_warning(None) is None
+    no_truth = {**scale, "figures": {"0.5": {"pAUROC": None, "F1max": None, "views": 90}}}
+    assert held_out_localisation({"scale_check": no_truth}) is None
 
 
 def test_train_checks_nothing_where_a_policy_is_given_or_the_recipe_is_paper(tmp_path, logic_lot14):

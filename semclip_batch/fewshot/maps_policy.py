@@ -6,6 +6,7 @@ every candidate policy (:func:`held_out_check`), and the maps' scale-bound parts
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
@@ -41,6 +42,36 @@ from semclip_batch.methods.weights import LoadedBackbone
 from semclip_batch.model import SemClipOutput
 
 log = logging.getLogger(__name__)
+
+
+WEAK_F1MAX = 0.05  # the held-out support frames' F1max under which train warns that the maps localise almost nothing
+
+
+def held_out_localisation(training: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How well the checkpoint's maps found the defect pixels of the support frames the fit held out, as ``train``'s
+    checks scored them (the method's memory left out: its bank holds those frames' clean patches): at the grey-level
+    memory's chosen weight where it was weighed, else at the policy the scale check chose. None where neither
+    measured F1max (nothing held out, no defect pixel among them, or the maps' policy given)."""
+    grey, scale = training.get("grey_memory") or {}, training.get("scale_check") or {}
+    if "figures" in grey:
+        row, scored = grey["figures"].get(f"{grey['weight']:g}") or {}, f"grey-level memory weight {grey['weight']:g}"
+    else:
+        chosen = scale.get("chosen")
+        row, scored = (scale.get("figures") or {}).get(chosen) or {}, f"scale policy {chosen}"
+    if row.get("F1max") is None:
+        return None
+    return {"frames": scale.get("frames"), "pAUROC": row.get("pAUROC"), "F1max": row["F1max"], "scored_at": scored}
+
+
+def weak_localisation_warning(localisation: Mapping[str, Any] | None) -> str | None:
+    """``train``'s warning where the held-out support frames' F1max is under :data:`WEAK_F1MAX` (None otherwise)."""
+    if localisation is None or localisation["F1max"] >= WEAK_F1MAX:
+        return None
+    auroc = localisation["pAUROC"]
+    return (f"the maps found almost none of the defect pixels of the {localisation['frames']} support frames the fit "
+            f"held out (F1max {localisation['F1max']:.3f}" + ("" if auroc is None else f", pixel AUROC {auroc:.3f}")
+            + f"; under {WEAK_F1MAX:g}): on frames like these expect unreliable defect masks and areas, image scores "
+            "and the classes read at the map's maximum; check run's output with eval on a labelled lot first")
 
 
 def held_out_check(cfg: TrainConfig, rows: pd.DataFrame, classes: tuple[str, ...], backbone: LoadedBackbone,
@@ -79,10 +110,10 @@ def _held_out_auroc(cfg: TrainConfig, policy: float | None, rows: pd.DataFrame, 
         data, out, _ = support_maps_at(at, rows, classes, backbone, fitted)
     except ConfigError as exc:
         log.warning("scale check at %s left out: %s", scale_policy_name(policy), exc)
-        return {"pAUROC": None, "views": 0}
+        return {"pAUROC": None, "F1max": None, "views": 0}
     written = emitted_views(data, torch.arange(len(data)))
-    return {"pAUROC": pixel_counts(out.maps[written], data.masks[written], data.has_mask[written]).auroc(),
-            "views": len(data)}
+    counts = pixel_counts(out.maps[written], data.masks[written], data.has_mask[written])
+    return {"pAUROC": counts.auroc(), "F1max": counts.f1_max(), "views": len(data)}
 
 
 def support_maps_at(cfg: TrainConfig, rows: pd.DataFrame, classes: tuple[str, ...], backbone: LoadedBackbone,

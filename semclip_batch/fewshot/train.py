@@ -24,7 +24,14 @@ from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.decoded import kept_budget, rows_kept
 from semclip_batch.fewshot.fit_memory import available_bytes
 from semclip_batch.fewshot.grey_memory_fit import grey_memory_step
-from semclip_batch.fewshot.maps_policy import checked_policy, held_out_check, maps_checked, whole_thresholds
+from semclip_batch.fewshot.maps_policy import (
+    checked_policy,
+    held_out_check,
+    held_out_localisation,
+    maps_checked,
+    weak_localisation_warning,
+    whole_thresholds,
+)
 from semclip_batch.fewshot.recipes import applied, copies, recorded
 from semclip_batch.fewshot.reference_fit import (
     fit_reference,
@@ -175,6 +182,10 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
               **({} if chosen.check is None else {"adapt_check": chosen.check}),
               **({} if scale is None else {"scale_check": scale}),
               "seconds": round(time.perf_counter() - t0, 1)}
+    record["held_out_localisation"] = held_out_localisation(record)
+    weak = weak_localisation_warning(record["held_out_localisation"])
+    if weak:
+        log.warning(weak)
     meta = _checkpoint_meta(cfg, replace(applied(cfg.recipe, at.model), grey_memory=grey is not None), prompts, chosen,
                             fitted, at_prep, record)
     write_weights(cfg.out, chosen, cfg.model.storage_options)
