@@ -226,6 +226,12 @@ def test_eval_writes_metrics_json(first_run, mixed_manifest, tmp_path):
     (tmp_path / "never_run.png").write_bytes(b"")
     with pytest.raises(OutputError, match="1 truth rows have no prediction"):
         evaluate(str(out), str(tmp_path / "truth.csv"))
+    upper = pd.read_csv(mixed_manifest, dtype=str, keep_default_na=False)
+    upper["label"] = upper["label"].str.upper()  # NORMAL, BRIDGE, ...: not the run's classes
+    upper.to_csv(tmp_path / "upper.csv", index=False)
+    with pytest.raises(OutputError, match=r"label 'NORMAL' \(\d+ rows\) is not a class of the run \(normal, "):
+        evaluate(str(out), str(tmp_path / "upper.csv"))
+    assert json.loads((out / "metrics.json").read_text()) == saved  # nothing written for the refused truth
 
 
 def test_a_stand_in_model_stage_keeps_the_contract_and_its_own_run_id(first_run, mixed_manifest, tmp_path):

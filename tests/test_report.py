@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 import shutil
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import unquote
 
 import duckdb
@@ -25,6 +27,7 @@ from scipy import ndimage
 
 from semclip_batch.analysis.charts import ERROR
 from semclip_batch.analysis.report import read_lot, write_report
+from semclip_batch.analysis.report_frames import overlay
 from semclip_batch.analysis.report_html import lot_page_name
 from semclip_batch.cli import main
 from semclip_batch.io.layout import OutLayout
@@ -294,6 +297,28 @@ def test_unreadable_frames_show_the_mask_and_say_so(report):
         assert text.count("frame not readable (not a readable image") == 1, lot
         assert text.count("showing the mask alone") == 2 and text.count('class="placeholder"') == 0
         assert text.count('alt="overlay of') == TOP_N and text.count('alt="wafer map of wafer') >= 2
+
+
+def test_an_unreadable_mask_is_one_warning_line_and_a_note(caplog):
+    """A mask that cannot be read (a corrupt chunk, masks.zarr gone) costs its thumbnail a note and the log one
+    line; its traceback only at -vv (debug)."""
+
+    class Broken:
+        level = 0
+
+        def mask(self, row: object) -> np.ndarray:
+            raise ValueError("Stored and computed checksum do not match\nstored: 1, computed: 2")
+
+        def frame(self, row: object) -> np.ndarray:
+            return np.full((32, 32), 128, np.uint8)
+
+    with caplog.at_level(logging.WARNING):
+        png, notes = overlay(SimpleNamespace(image_id="abc"), Broken())  # type: ignore[arg-type]
+    assert png is not None and len(notes) == 1 and "\n" not in notes[0]
+    assert notes[0].startswith("mask not readable: ValueError: Stored and computed checksum do not match")
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warned] == [f"mask of abc unreadable: {notes[0].removeprefix('mask not readable: ')}"]
+    assert all(r.exc_info is None for r in warned)
 
 
 def _not_blank(png: Path, width: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 
@@ -62,6 +63,22 @@ def test_whole_object_writes_leave_no_temporary_files(tmp_path):
     assert not storage.create_exclusive(str(tmp_path / "a" / "c.json"), b"second", {})
     assert open(tmp_path / "a" / "c.json", "rb").read() == b"first"
     assert sorted(os.listdir(tmp_path / "a")) == ["b.json", "c.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_file_written_whole_takes_the_umask_like_any_new_file(tmp_path, umask):
+    """``storage.write_bytes`` and ``create_exclusive`` write a temporary file and rename or link it into place; the
+    file is readable as any file the process creates (0644 under umask 022), not the temporary file's 0600."""
+    old = os.umask(umask)
+    try:
+        storage.write_bytes(str(tmp_path / "a" / "weights.safetensors"), b"x")
+        assert storage.create_exclusive(str(tmp_path / "a" / "marker.json"), b"x", {})
+        (tmp_path / "plain").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "a" / "weights.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "a" / "marker.json").stat().st_mode) == mode
 
 
 @pytest.mark.s3

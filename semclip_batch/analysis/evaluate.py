@@ -43,6 +43,16 @@ def joined_rows(out: str, truth: str, storage_options: Mapping[str, Any] | None)
     return joined, unmatched
 
 
+def check_labels(rows: pd.DataFrame, classes: list[str], truth: str) -> None:
+    """Refuse truth labels that are not classes of the run (matched exactly, as ``train`` matches them): scored,
+    each would count as a miss of a class the model cannot name (an upper-case ``NORMAL`` as a defect)."""
+    labels = rows.loc[rows["label"] != "", "label"]
+    unknown = labels[~labels.isin(classes)]
+    if len(unknown):
+        raise OutputError(f"{truth}: label {unknown.iloc[0]!r} ({len(unknown)} rows) is not a class of the run "
+                          f"({', '.join(classes)}); labels are matched exactly")
+
+
 def truth_mask(row: pd.Series, shape: tuple[int, int], storage_options: Mapping[str, Any] | None) -> np.ndarray | None:
     if row["mask_url"]:
         try:
@@ -64,6 +74,7 @@ def evaluate(out: str, truth: str, storage_options: Mapping[str, Any] | None = N
     its stored mask is read."""
     classes = run_classes(out, storage_options)
     rows, unmatched = joined_rows(out, truth, storage_options)
+    check_labels(rows, classes, truth)
     ok = rows[rows["status"] == OK]
     root = open_masks(OutLayout(storage.normalize_root(out)).masks, storage_options, mode="r")
     pixels = PixelCounts()

@@ -101,8 +101,9 @@ def overlay(row: TopFrame, source: FrameSource) -> tuple[bytes | None, list[str]
     mask = frame = None
     try:
         mask = source.mask(row)
-    except Exception as exc:  # one thumbnail, never the report (logged with its traceback)
-        log.warning("mask of %s unreadable", row.image_id, exc_info=True)
+    except Exception as exc:  # one thumbnail, never the report (its traceback at -vv)
+        log.warning("mask of %s unreadable: %s", row.image_id, one_line(exc))
+        log.debug("mask of %s unreadable", row.image_id, exc_info=True)
         notes.append(f"mask not readable: {one_line(exc)}")
     try:
         frame = source.frame(row)

@@ -271,12 +271,23 @@ def put_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         raise
 
 
+_CREATE_MODE = 0o666  # what open() asks for a new file, before the umask
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no other portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _temporary_copy(path: str, data: bytes) -> str:
     """``data`` written whole to a new dot-file beside ``path`` (removed again if the write fails)."""
     folder = posixpath.dirname(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".part")
     try:
+        os.fchmod(fd, _CREATE_MODE & ~_umask())  # mkstemp makes it 0600; a file renamed into place takes the umask
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
     except BaseException:
