@@ -73,6 +73,18 @@ def test_planar_rgb_tiff_becomes_luminance():
     assert np.allclose(decode_image(tif(arr, planarconfig="separate", photometric="rgb")), 0.587, atol=1e-6)
 
 
+@pytest.mark.parametrize("planar", [False, True])
+def test_grey_and_alpha_tiff_reads_the_grey(planar):
+    """A grey + alpha (extra sample) TIFF, samples last or planar: its grey channel, not a 256 x 2 frame."""
+    grey = np.tile(np.arange(256, dtype=np.uint16)[None, :] * 257, (40, 1))
+    alpha = np.full_like(grey, 65535)
+    arr = np.stack([grey, alpha]) if planar else np.dstack([grey, alpha])
+    data = tif(arr, photometric="minisblack", extrasamples=["unassalpha"],
+               planarconfig="separate" if planar else "contig")
+    out = decode_image(data)
+    assert out.shape == (40, 256) and np.allclose(out, grey / 65535, atol=1e-6)
+
+
 def test_palette_becomes_luminance():
     img = Image.new("P", (20, 20))
     img.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)

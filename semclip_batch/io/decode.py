@@ -110,7 +110,8 @@ def _decode_tiff(fh: BinaryIO, index: int, key: tuple[str, int] | None = None) -
             shape = page.shape
             if len(shape) < 2:
                 raise decode_error(f"TIFF page has shape {shape}, not an image")
-            h, w = (shape[0], shape[1]) if len(shape) == 2 or shape[-1] in (3, 4) else shape[-2:]
+            # samples last (grey + alpha, RGB(A): up to 4), else planar samples first
+            h, w = (shape[0], shape[1]) if len(shape) == 2 or shape[-1] <= 4 else shape[-2:]
             check_size(int(h), int(w))
             return page.asarray()
     except ImageError:
@@ -159,7 +160,7 @@ def _decode_pillow(data: bytes) -> np.ndarray:
 def to_gray_float(raw: np.ndarray) -> np.ndarray:
     """Scale by dtype and reduce colour to luminance. ``(H, W[, C])`` -> ``(H, W)`` float32."""
     arr = np.asarray(raw)
-    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] > 4:  # planar (separate) RGB(A) TIFF
+    if arr.ndim == 3 and arr.shape[0] in (2, 3, 4) and arr.shape[-1] > 4:  # planar (separate) grey + alpha, RGB(A)
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and not 1 <= arr.shape[-1] <= 4):
         raise decode_error(f"unsupported pixel layout {arr.shape}")
