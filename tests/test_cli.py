@@ -90,6 +90,11 @@ def test_options_are_offered_only_where_used(synth_lot, tmp_path):
     result = invoke("pretrain", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "w.safetensors"),
                     "--backbone", "semclip-tiny", "--heldout", "0.5")
     assert_one_line_error(result, "--heldout in [0, 0.5)")
+    # a checkpoint keeps its own prompts: --prompts with run --model is refused, not silently ignored
+    result = invoke("run", str(synth_lot / "manifest.csv"), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "c"),
+                    "--prompts", str(tmp_path / "missing.json"))
+    assert_one_line_error(result, "--prompts applies to zero-shot runs")
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_method_options_end_in_one_line(synth_lot, tmp_path):
@@ -144,3 +149,21 @@ def test_an_output_whose_kind_cannot_be_read_is_left_to_the_write(monkeypatch, t
     monkeypatch.setattr(LocalFileSystem, "isfile", denied)
     storage.check_target(str(tmp_path / "w.safetensors"), "file", "--out")
     storage.check_target(str(tmp_path / "ck"), "folder", "--out")
+
+
+def test_an_unexpected_error_is_one_line_of_at_most_500_characters_with_its_hint():
+    """A library error the CLI did not foresee: shortened so that the line with its -vv hint stays within 500."""
+    import click
+
+    from semclip_batch.cli.options import user_errors
+    from semclip_batch.errors import MAX_MESSAGE
+
+    @user_errors
+    def fails() -> None:
+        raise RuntimeError("x" * 2000 + "\nsecond line")
+
+    with pytest.raises(click.ClickException) as caught:
+        fails()
+    message = caught.value.format_message()
+    assert len(message) <= MAX_MESSAGE == 500 and "\n" not in message
+    assert message.startswith("RuntimeError: xxx") and message.endswith("(rerun with -vv for the traceback)")

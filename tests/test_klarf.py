@@ -355,3 +355,86 @@ def test_klarf_and_multi_page_tiffs_on_s3(s3_endpoint, klarf_lot):
     assert m["url"].str.startswith(f"s3://{prefix}/images/LOT-K1_W0").all() and len(m) == 5
     for row in m.itertuples():
         assert load_frame(row.url, page=row.page).shape == PAGE_SHAPES[row.page]
+
+
+def _scored_out(out: Path) -> Path:
+    """A minimal OUT as `run` leaves it for one lot (no Ray): W01 defect 1 scored as a particle, its plan row
+    recording the defect id."""
+    lot = out / "predictions" / "lot_id=LOT-K1"
+    lot.mkdir(parents=True)
+    pd.DataFrame({"image_id": ["i1"], "uri": ["/x/LOT-K1_W01.tif"], "wafer_id": ["W01"], "die_x": [2], "die_y": [-3],
+                  "status": ["ok"], "is_defect": [True], "defect_class": ["particle"], "anomaly_score": [0.99]}
+                 ).to_parquet(lot / "s00000.parquet")
+    (out / "_state" / "plan").mkdir(parents=True)
+    pd.DataFrame({"image_id": ["i1"], "lot_id": ["LOT-K1"], "defect_id": ["1"]}).to_parquet(
+        out / "_state" / "plan" / "p00000.parquet")
+    return out
+
+
+def test_export_never_writes_over_the_class_map_or_the_klarf_it_reads(klarf_lot, tmp_path):
+    klarf, root = klarf_lot
+    out, class_map = _scored_out(tmp_path / "out"), root / "classes.csv"
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", "klarf", str(out), "--lot", "LOT-K1", "--class-map", str(class_map),
+                               "--out", str(tmp_path / "ok.001")])
+    assert res.exit_code == 0 and "1 defect(s) classified" in res.output, res.output  # the OUT is a usable one
+    (tmp_path / "link.csv").symlink_to(class_map)
+    for extra, message in (
+            (["--class-map", str(class_map), "--out", str(class_map)], "is the --class-map file this command reads"),
+            (["--class-map", str(tmp_path / "link.csv"), "--out", str(class_map)], "is the --class-map file"),
+            (["--class-map", str(class_map), "--klarf", str(klarf), "--out", str(root / "." / klarf.name)],
+             "is the --klarf source")):
+        res = runner.invoke(main, ["export", "klarf", str(out), "--lot", "LOT-K1", *extra])
+        assert res.exit_code != 0 and message in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert class_map.read_text() == CLASS_MAP and klarf.read_text().startswith("FileVersion")
+
+
+def test_from_klarf_never_writes_over_the_class_map_or_a_klarf_it_reads(klarf_lot):
+    klarf, root = klarf_lot
+    (root / "k.csv").write_text(klarf.read_text())  # a KLARF named like a manifest
+    for out, klarfs, message in ((root / "classes.csv", [klarf], "is the --class-map file this command reads"),
+                                 (root / "k.csv", [klarf, root / "k.csv"], "is the KLARF")):
+        res = CliRunner().invoke(main, ["manifest", "from-klarf", *map(str, klarfs), "--images", str(root / "images"),
+                                        "--class-map", str(root / "classes.csv"), "--out", str(out)])
+        assert res.exit_code != 0 and message in res.output, res.output
+    assert (root / "classes.csv").read_text() == CLASS_MAP and (root / "k.csv").read_text() == klarf.read_text()
+
+
+@pytest.mark.parametrize("name", ["../../data/x.tif", "sub/../../x.tif", ".."])
+def test_a_tiff_file_name_leaving_images_is_refused_naming_the_defect(klarf_lot, name):
+    klarf, root = klarf_lot
+    klarf.write_text(klarf.read_text().replace("TiffFileName LOT-K1_W01.tif;", f'TiffFileName "{name}";'))
+    res = CliRunner().invoke(main, ["manifest", "from-klarf", str(klarf), "--images", str(root / "images"),
+                                    "--out", str(root / "m.csv")])
+    assert res.exit_code != 0, res.output
+    assert "wafer W01 defect 1 (#1): TiffFileName" in res.output and "leaves --images" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (root / "m.csv").exists()
+
+
+@pytest.mark.parametrize("name, below", [("/review/LOT-K1_W01.tif", "review/LOT-K1_W01.tif"),
+                                         ("..\\..\\LOT-K1_W01.tif", "LOT-K1_W01.tif")])
+def test_absolute_and_windows_tiff_file_names_stay_below_images(klarf_lot, name, below):
+    klarf, root = klarf_lot
+    klarf.write_text(klarf.read_text().replace("TiffFileName LOT-K1_W01.tif;", f'TiffFileName "{name}";'))
+    res = CliRunner().invoke(main, ["manifest", "from-klarf", str(klarf), "--images", str(root / "images"),
+                                    "--out", str(root / "m.csv")])
+    assert res.exit_code == 0, res.output
+    assert f"{root / 'images'}/{below}" in set(read_manifest(str(root / "m.csv"))["url"])
+
+
+def test_ids_that_lead_out_of_images_are_refused(klarf_lot):
+    klarf, root = klarf_lot
+    klarf.write_text(klarf.read_text().replace('WaferID "W01";', 'WaferID "..";'))
+    for extra in (["--images", str(root / "images" / "{wafer_id}")],
+                  ["--images", str(root / "images"), "--image-name", "{wafer_id}/{defect_id}.tif"]):
+        res = CliRunner().invoke(main, ["manifest", "from-klarf", str(klarf), *extra, "--out", str(root / "m.csv")])
+        assert res.exit_code != 0 and "which leaves --images" in res.output, res.output
+
+
+def test_images_that_is_a_file_is_refused(klarf_lot):
+    klarf, root = klarf_lot
+    res = CliRunner().invoke(main, ["manifest", "from-klarf", str(klarf), "--images", str(klarf),
+                                    "--out", str(root / "m.csv")])
+    assert res.exit_code != 0 and "--images" in res.output and "is a file" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (root / "m.csv").exists()

@@ -9,9 +9,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+from semclip_batch.cli import main
 from semclip_batch.errors import ManifestError
 from semclip_batch.io import storage
+from semclip_batch.io.listing import from_prefix
 from semclip_batch.io.manifest import (
     COLUMNS,
     MAX_CELL_CHARS,
@@ -266,3 +269,63 @@ def test_page_joins_the_digest_only_where_a_row_sets_it(tmp_path):
     assert len({content_digest(plain), *pages}) == 3
     frame = read_manifest(str(tmp_path / "set.csv"))
     assert frame.loc[0, "page"] == 1 and content_digest(frame) == pages[1]
+
+
+def _prefix_with_odd_keys(root) -> None:
+    """An archive whose lot folders and file names `run` would refuse, next to one good key."""
+    for lot in ("L1", "L[A]", "a=b", "zarr.json", "__HIVE_DEFAULT_PARTITION__", "L%20", " "):
+        (root / lot / "W1").mkdir(parents=True)
+        (root / lot / "W1" / "3.tif").write_bytes(b"x")
+    (root / "L1" / "W1" / "bridge_001.tif").write_bytes(b"x")
+    (root / "L1" / " ").mkdir()
+    (root / "L1" / " " / "4.tif").write_bytes(b"x")  # a blank wafer id
+
+
+def test_from_prefix_skips_and_counts_keys_whose_fields_run_refuses(tmp_path):
+    _prefix_with_odd_keys(tmp_path / "images")
+    out = tmp_path / "new" / "m.csv"  # its folder made, as every manifest writer does
+    res = CliRunner().invoke(main, ["manifest", "from-prefix", str(tmp_path / "images"), "--pattern",
+                                    "{lot_id}/{wafer_id}/{die_x}.{ext}", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and ": 1 rows" in res.output and "skipped 8 key(s) whose fields `run` refuses" in res.output
+    df = read_manifest(str(out))  # what `run` reads: accepted
+    assert df["uri"].tolist() == [str(tmp_path / "images" / "L1" / "W1" / "3.tif")] and df["die_x"].tolist() == [3]
+
+
+@pytest.mark.parametrize("key, message", [
+    ("L1/W1/bridge_001.tif", "'L1/W1/bridge_001.tif': die_x 'bridge_001' is not an integer"),
+    ("L[A]/W1/3.tif", "'L[A]/W1/3.tif': lot_id 'L[A]' contains '['"),
+    ("zarr.json/W1/3.tif", "lot_id 'zarr.json' is a reserved name"),
+    ("__HIVE_DEFAULT_PARTITION__/W1/3.tif", "is a reserved name"),
+    ("a=b/W1/3.tif", "contains '='"),
+    ("L%20/W1/3.tif", "contains '%'"),
+    (" /W1/3.tif", "lot_id ' ' is blank"),
+    ("L1/W1/99999999999999999999.tif", "is out of range"),
+])
+def test_from_prefix_names_the_first_refused_key_and_field(tmp_path, key, message):
+    (tmp_path / "images" / key).parent.mkdir(parents=True)
+    (tmp_path / "images" / key).write_bytes(b"x")
+    (tmp_path / "images" / "L2" / "W1").mkdir(parents=True)
+    (tmp_path / "images" / "L2" / "W1" / "7.tif").write_bytes(b"x")
+    listed = from_prefix(str(tmp_path / "images"), "{lot_id}/{wafer_id}/{die_x}.{ext}", str(tmp_path / "m.parquet"))
+    assert listed.rows == 1 and listed.refused == 1 and message in (listed.refused_example or ""), listed
+    (tmp_path / "images" / "L2" / "W1" / "7.tif").unlink()  # only the refused key left: nothing to list
+    with pytest.raises(ManifestError, match=r"nothing listed \(1 key\(s\) have fields `run` refuses, e\.g\. "):
+        from_prefix(str(tmp_path / "images"), "{lot_id}/{wafer_id}/{die_x}.{ext}", str(tmp_path / "n.csv"))
+    assert not (tmp_path / "n.csv").exists()
+
+
+def test_from_prefix_of_a_file_says_it_is_a_file(tmp_path):
+    (tmp_path / "m.csv").write_text("uri,lot_id,wafer_id\na.png,L1,W1\n")
+    res = CliRunner().invoke(main, ["manifest", "from-prefix", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o.csv")])
+    assert res.exit_code != 0 and "is a file, not a folder or prefix" in res.output, res.output
+    assert "e.g. ''" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_from_prefix_does_not_list_the_manifest_it_writes(tmp_path):
+    (tmp_path / "L1" / "W1").mkdir(parents=True)
+    (tmp_path / "L1" / "W1" / "a.png").write_bytes(b"x")
+    (tmp_path / "L1" / "W1" / "m.csv").write_text("an earlier listing\n")
+    listed = from_prefix(str(tmp_path), "{lot_id}/{wafer_id}/{name}.{ext}", str(tmp_path / "L1" / "W1" / "m.csv"))
+    assert listed.rows == 1 and listed.unmatched == 0
+    assert read_manifest(str(tmp_path / "L1" / "W1" / "m.csv"))["uri"].tolist() == [str(tmp_path / "L1" / "W1" / "a.png")]

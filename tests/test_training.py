@@ -208,6 +208,20 @@ def test_checkpoint_meta_is_versioned_and_reads_unversioned_ones(checkpoint, tmp
         load_checkpoint(variant("v99", lambda b: b.update(version=99)))
     with pytest.raises(WeightsError, match=r"lacks or mangles 'thresholds'"):
         load_checkpoint(variant("no-thresholds", lambda b: b.pop("thresholds")))
+    # a value of the wrong kind is named by its field, not by Python's conversion message
+    for name, edit in (("thresholds.image", lambda b: b["thresholds"].update(image="abc")),
+                       ("thresholds.pixel", lambda b: b["thresholds"].update(pixel=float("nan"))),
+                       ("thresholds.min_region_px", lambda b: b["thresholds"].update(min_region_px=[3])),
+                       ("scale_policy", lambda b: b.update(scale_policy="bogus")),
+                       ("sigma", lambda b: b.update(sigma=True)), ("taps", lambda b: b.update(taps=["x"]))):
+        with pytest.raises(WeightsError, match=rf"lacks or mangles '{name}'$"):
+            load_checkpoint(variant(name, edit))
+    # classes that do not match the tensors fitted on them: refused before any frame is scored
+    for name, edit in (("fewer", lambda b: b.update(classes=b["classes"][:-1])),
+                       ("more", lambda b: (b["classes"].append("void"), b["prompts"].update(void=["a void"])))):
+        n = len(meta.classes) + (-1 if name == "fewer" else 1)
+        with pytest.raises(WeightsError, match=rf"names {n} classes but its tensors were fitted on {len(meta.classes)}"):
+            load_checkpoint(variant(name, edit))
 
 
 def test_checkpoint_json_is_strict_where_the_training_summary_is_undefined(checkpoint, tmp_path):

@@ -31,7 +31,7 @@ from semclip_batch.config import NORMAL
 from semclip_batch.errors import ConfigError, OutputError, show
 from semclip_batch.io import storage
 from semclip_batch.io.klarf import UNCLASSIFIED, KlarfError, Layout, layout, parse, read_layout
-from semclip_batch.io.klarf_write import class_numbers, encode, new_klarf, relabel, render
+from semclip_batch.io.klarf_write import class_numbers, encode, new_klarf, refuse_overwriting_inputs, relabel, render
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.plan import read_plan_columns
 from semclip_batch.io.runrecord import read_latest
@@ -61,12 +61,14 @@ class Scored:
 
 
 def export_klarf(out: str, lot_id: str, dest: str, *, class_map: Mapping[int, str] | None = None,
-                 source: str | None = None, storage_options: Mapping[str, Any] | None = None) -> Exported:
-    """Write lot ``lot_id`` of OUT as KLARF 1.2 to ``dest``. Raises ``OutputError`` / ``KlarfError`` /
-    ``ConfigError`` with one line."""
+                 source: str | None = None, class_map_url: str | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> Exported:
+    """Write lot ``lot_id`` of OUT as KLARF 1.2 to ``dest``. ``class_map_url``: the file ``class_map`` was read
+    from, refused as ``dest`` like ``source`` is (the export would overwrite it). Raises ``OutputError`` /
+    ``KlarfError`` / ``ConfigError`` with one line."""
     so = dict(storage_options or {})
     layout_ = OutLayout(storage.normalize_root(out))
-    _check_dest(dest, layout_, source, so)
+    _check_dest(dest, layout_, {"--klarf source": source, "--class-map file": class_map_url}, so)
     rows = _lot_rows(layout_, lot_id, so)
     errors = sum(1 for r in rows if r["status"] != "ok")
     scored = _scored_defects(rows, lot_id)
@@ -96,16 +98,16 @@ def export_klarf(out: str, lot_id: str, dest: str, *, class_map: Mapping[int, st
                     renumbered=renumbered)
 
 
-def _check_dest(dest: str, layout_: OutLayout, source: str | None, so: Mapping[str, Any]) -> None:
+def _check_dest(dest: str, layout_: OutLayout, inputs: Mapping[str, str | None], so: Mapping[str, Any]) -> None:
+    """``dest`` must lie outside OUT and be none of the files the command reads (``inputs``: what each is ->
+    its path, None when not given), so the export never overwrites what it reads."""
     target = storage.normalize_root(dest if storage.is_absolute(dest) else storage.resolve(dest, "."))
     root = layout_.root.rstrip("/") + "/"
     shown = storage.redact(dest)
     if target.rstrip("/") + "/" == root or target.startswith(root):
         raise ConfigError(f"--out {shown!r} is inside OUT {storage.redact(layout_.root)}: write the KLARF elsewhere (OUT "
                           "holds the run's own outputs only)")
-    if source is not None and target == storage.normalize_root(
-            source if storage.is_absolute(source) else storage.resolve(source, ".")):
-        raise ConfigError(f"--out {shown!r} is the --klarf source: write the relabelled KLARF to another file")
+    refuse_overwriting_inputs(dest, inputs)
     storage.check_target(dest, "file", "--out (the KLARF to write)", so)
 
 

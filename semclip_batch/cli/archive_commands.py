@@ -38,6 +38,8 @@ def from_prefix_cmd(url: str, pattern: str, out: str, storage_option: tuple[str,
         skipped = f"; skipped {listed.unmatched} key(s) not matching the pattern, e.g. {listed.unmatched_example}"
     if listed.hidden:
         skipped += f"; skipped {listed.hidden} hidden file(s)"
+    if listed.refused:
+        skipped += f"; skipped {listed.refused} key(s) whose fields `run` refuses, e.g. {listed.refused_example}"
     click.echo(f"wrote {out}: {listed.rows} rows{skipped}")
 
 
@@ -72,7 +74,7 @@ def from_klarf_cmd(klarf: tuple[str, ...], images: str, out: str, class_map: str
     so = parse_storage_options(storage_option)
     mapping = read_class_map(class_map, so) if class_map else None
     made = from_klarf(list(klarf), images, out, mapping, all_images=all_images, image_name=image_name,
-                      storage_options=so)
+                      class_map_url=class_map, storage_options=so)
     notes = ""
     if made.without_images:
         notes += f"; skipped {made.without_images} defect(s) without an image (--image-name names one file per defect)"
@@ -112,7 +114,8 @@ def export_klarf_cmd(out: str, lot_id: str, dest: str, class_map: str | None, so
 
     so = parse_storage_options(storage_option)
     mapping = read_class_map(class_map, so) if class_map else None
-    done = export_klarf(out, lot_id, dest, class_map=mapping, source=source, storage_options=so)
+    done = export_klarf(out, lot_id, dest, class_map=mapping, source=source, class_map_url=class_map,
+                        storage_options=so)
     notes = f"; {done.kept} defect(s) not scored kept their class" if source else ""
     if done.error_rows:
         notes += f"; {done.error_rows} error row(s) without a class"

@@ -26,7 +26,7 @@ from semclip_batch.config import (
     parse_scale_policy,
     zero_shot_spec,
 )
-from semclip_batch.errors import SemclipError, one_line, shorten
+from semclip_batch.errors import MAX_MESSAGE, SemclipError, one_line, shorten
 from semclip_batch.io.storage import check_storage_options
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,7 +48,8 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise
         except Exception as exc:
             logging.getLogger("semclip_batch").debug("traceback", exc_info=True)
-            raise click.ClickException(f"{one_line(exc)} (rerun with -vv for the traceback)") from None
+            hint = " (rerun with -vv for the traceback)"
+            raise click.ClickException(shorten(one_line(exc), MAX_MESSAGE - len(hint)) + hint) from None
 
     return wrapper
 
@@ -141,7 +142,9 @@ def model_options(fn: F) -> F:
                           "package's own semclip-tiny weights, or 'none' for seeded random weights."),
         click.option("--pretrained-sha256", default=None, help="Refuse weights whose sha256 differs (canonical or file)."),
         click.option("--seed", default=0, show_default=True, type=int, help="Seed for random weights and sampling."),
-        click.option("--prompts", default=None, help="Prompt file (JSON: templates x states per class)."),
+        click.option("--prompts", default=None,
+                     help="Prompt file (JSON: templates x states per class) [not with run --model: a checkpoint keeps "
+                          "its own]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -239,6 +242,9 @@ def run_config(*, input: str, out: str, model: str | None, backbone: str | None,
     if model is not None and self_similarity is not None:
         raise ConfigError("--self-similarity applies to zero-shot runs: a checkpoint scores with the weight it was "
                           "trained with (train --self-similarity); omit it")
+    if model is not None and prompts is not None:
+        raise ConfigError("--prompts applies to zero-shot runs: a checkpoint scores with the prompts it was trained "
+                          "with (stored in it); omit it")
     if model is not None:
         spec = CheckpointRequest(url=model, backbone=backbone, pretrained=pretrained,
                                  pretrained_sha256=pretrained_sha256, precision=precision, scale_policy=scale_policy,

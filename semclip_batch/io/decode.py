@@ -195,9 +195,9 @@ def _scale(arr: np.ndarray) -> np.ndarray:
             out /= np.float32(np.iinfo(arr.dtype).max)
             return out
         return arr.astype(np.float64) / float(np.iinfo(arr.dtype).max)
-    if np.issubdtype(arr.dtype, np.signedinteger):
+    if np.issubdtype(arr.dtype, np.signedinteger):  # the type's whole range, negatives kept (were clipped to 0)
         info = np.iinfo(arr.dtype)
-        return np.clip(arr.astype(np.float64), 0, None) / float(info.max)
+        return (arr.astype(np.float64) - float(info.min)) / (float(info.max) - float(info.min))
     if np.issubdtype(arr.dtype, np.floating):
         return arr.astype(np.float64)
     raise decode_error(f"unsupported sample type {arr.dtype}")

@@ -12,6 +12,11 @@ skipped and counted, unless
 ``--image-name`` names their files (review tools that save one image per defect): a template below ``--images``
 with the fields ``{lot_id} {wafer_id} {defect_id} {die_x} {die_y} {index}`` (``index``: the defect's 1-based
 position in its wafer's list), e.g. ``{wafer_id}/{defect_id:05d}.tif``.
+
+Every image stays below ``--images``: a ``TiffFileName``, an ``--image-name`` or a ``{wafer_id}`` whose text
+climbs out (a ``..`` part) is refused in one line naming the defect (an absolute ``TiffFileName`` is taken below
+``--images``, a Windows path by its last part). A local ``--images`` that is a file is refused, and so is an
+``--out`` naming a KLARF or the class map the command reads.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import pyarrow.parquet as pq
 from semclip_batch.errors import ConfigError, show
 from semclip_batch.io import storage
 from semclip_batch.io.klarf import KlarfDefect, KlarfError, read_klarf
+from semclip_batch.io.klarf_write import refuse_overwriting_inputs
 from semclip_batch.io.manifest import MAX_PAGE, lot_id_problem, normalize
 from semclip_batch.io.manifest_files import manifest_format
 
@@ -51,9 +57,10 @@ class FromKlarf:
 
 
 def from_klarf(klarfs: Sequence[str], images: str, out: str, class_map: Mapping[int, str] | None = None, *,
-               all_images: bool = False, image_name: str | None = None,
+               all_images: bool = False, image_name: str | None = None, class_map_url: str | None = None,
                storage_options: Mapping[str, Any] | None = None) -> FromKlarf:
-    """Read ``klarfs``, write the manifest ``out`` (.csv or .parquet, any fsspec URL) in one write. Raises
+    """Read ``klarfs``, write the manifest ``out`` (.csv or .parquet, any fsspec URL) in one write.
+    ``class_map_url``: the file ``class_map`` was read from (``out`` may not be it, nor a KLARF). Raises
     :class:`~semclip_batch.errors.ManifestError` (a KLARF or the result is unusable),
     :class:`~semclip_batch.errors.ConfigError` or :class:`~semclip_batch.errors.OutputError` (``out`` is a folder)."""
     fmt = manifest_format(out)
@@ -61,6 +68,7 @@ def from_klarf(klarfs: Sequence[str], images: str, out: str, class_map: Mapping[
         check_image_name(image_name)
     so = dict(storage_options or {})
     check_images(images)
+    refuse_overwriting_inputs(out, {"--class-map file": class_map_url, **{f"KLARF {k}": k for k in klarfs}})
     storage.check_target(out, "file", "--out (the manifest to write, .csv or .parquet)", so)
     rows: list[dict[str, str]] = []
     found = without = 0
@@ -76,7 +84,7 @@ def from_klarf(klarfs: Sequence[str], images: str, out: str, class_map: Mapping[
             label = (class_map or {}).get(defect.class_number, "")
             if class_map is not None and not label:
                 unmapped[defect.class_number] += 1
-            made = _rows(defect, image_prefix(images, defect), label, source, all_images, image_name)
+            made = _rows(defect, _image_folder(images, defect, source), label, source, all_images, image_name)
             without += not made
             _refuse_shared_images(made, defect, source, seen)
             rows += made
@@ -95,10 +103,14 @@ IMAGES_FIELDS = ("lot_id", "wafer_id")
 
 def check_images(images: str) -> None:
     """``--images``: a folder or prefix, optionally with ``{lot_id}`` / ``{wafer_id}`` (lots whose KLARFs name
-    their TIFFs alike, e.g. ``W01.tif``, kept apart). Raises :class:`ConfigError`."""
+    their TIFFs alike, e.g. ``W01.tif``, kept apart); a local one without fields may not be a file. Raises
+    :class:`ConfigError`."""
     if not images.strip():
         raise ConfigError("--images is empty: give the folder or prefix holding the review TIFFs")
     _check_template(images, "--images", IMAGES_FIELDS, {"lot_id": "L", "wafer_id": "W"})
+    if "{" not in images and not storage.has_protocol(images) and os.path.isfile(os.path.expanduser(images)):
+        raise ConfigError(f"--images {images!r} is a file: give the folder holding the review TIFFs (every row "
+                          "below a file would be a read_error)")
 
 
 def image_prefix(images: str, defect: KlarfDefect) -> str:
@@ -106,6 +118,26 @@ def image_prefix(images: str, defect: KlarfDefect) -> str:
     if storage.is_absolute(prefix):
         return prefix
     return posixpath.abspath(os.path.expanduser(prefix))
+
+
+def _image_folder(images: str, defect: KlarfDefect, source: str) -> str:
+    """:func:`image_prefix` for ``defect``, refused in one line when its ids lead out of ``--images`` (a WaferID
+    ``..`` filling ``{wafer_id}``)."""
+    prefix = image_prefix(images, defect)
+    if "{" in images and any(leaves_folder(v) for v in (defect.lot_id, defect.wafer_id)):
+        raise KlarfError(f"KLARF {_defect_name(defect, source)}: --images {images!r} with its ids is {show(prefix)}, "
+                         "which leaves --images")
+    return prefix
+
+
+def leaves_folder(name: str) -> bool:
+    """Whether the relative name ``name`` (``/`` or ``\\`` separated) climbs out of the folder it is joined to:
+    a ``..`` part. Absolute names are not: they are taken below it (``storage.join``)."""
+    return ".." in name.replace("\\", "/").split("/")
+
+
+def _defect_name(defect: KlarfDefect, source: str) -> str:
+    return f"{storage.redact(source)} wafer {defect.wafer_id} defect {defect.defect_id} (#{defect.index})"
 
 
 def _check_lot(defect: KlarfDefect, source: str) -> None:
@@ -120,7 +152,7 @@ def _refuse_shared_images(rows: list[dict[str, str]], defect: KlarfDefect, sourc
     that does not tell defects apart."""
     for row in rows:
         key = (row["uri"], row["page"])
-        this = f"{storage.redact(source)} wafer {defect.wafer_id} defect {defect.defect_id} (#{defect.index})"
+        this = _defect_name(defect, source)
         if key in seen:
             raise KlarfError(f"KLARF {this} reads the image {storage.redact(row['uri'])}"
                              f"{' page ' + row['page'] if row['page'] else ''} that {seen[key]} reads too: give each "
@@ -136,7 +168,14 @@ def _rows(defect: KlarfDefect, prefix: str, label: str, source: str, all_images:
     if not defect.images or not defect.tiff_file:
         if image_name is None:
             return []
-        return [{**row, "uri": storage.join(prefix, image_name.format(**_fields(defect))), "page": ""}]
+        name = image_name.format(**_fields(defect))
+        if leaves_folder(name):
+            raise KlarfError(f"KLARF {_defect_name(defect, source)}: --image-name {image_name!r} gives {show(name)}, "
+                             "which leaves --images")
+        return [{**row, "uri": storage.join(prefix, name), "page": ""}]
+    if leaves_folder(defect.tiff_file):
+        raise KlarfError(f"KLARF {_defect_name(defect, source)}: TiffFileName {show(defect.tiff_file)} leaves --images "
+                         "(a '..' part): name the file below --images")
     out = []
     for number, _kind in defect.images if all_images else defect.images[:1]:
         if not 1 <= number <= MAX_PAGE + 1:
@@ -162,7 +201,7 @@ def check_image_name(template: str) -> None:
                             {"lot_id": "L", "wafer_id": "W", "defect_id": 1, "die_x": -1, "die_y": 2, "index": 1})
     if not names & {"defect_id", "index"}:
         raise ConfigError(f"--image-name {template!r} must contain {{defect_id}} or {{index}} (one file per defect)")
-    if template.startswith("/") or "://" in template or ".." in template.split("/"):
+    if template.startswith("/") or "://" in template or leaves_folder(template):
         raise ConfigError(f"--image-name {template!r} must be a path below --images")
 
 

@@ -222,7 +222,7 @@ def _first_with_credentials(urls: pa.ChunkedArray) -> int:
 
 def _integers(text: pa.ChunkedArray, col: str) -> pa.ChunkedArray:
     """``die_x`` / ``die_y`` text as int64, null for "": column-wise for plain integers (``12``, ``-3``,
-    ``12.0``); otherwise as :func:`_parse_int` reads each cell, naming the first bad row."""
+    ``12.0``); otherwise as :func:`parse_int` reads each cell, naming the first bad row."""
     given = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
     if not pc.any(pc.match_substring(given, "x", ignore_case=True)).as_py():  # Arrow reads 0x1f, float() does not
         try:
@@ -231,10 +231,10 @@ def _integers(text: pa.ChunkedArray, col: str) -> pa.ChunkedArray:
             pass
     if pc.all(pc.match_substring_regex(given, _PLAIN_INT)).as_py() is not False:
         return pc.replace_substring_regex(given, r"\.0*$", "").cast(pa.int64())
-    return pa.chunked_array([pa.array([_parse_int(v, col, i) for i, v in enumerate(text.to_pylist())], pa.int64())])
+    return pa.chunked_array([pa.array([parse_int(v, col, i) for i, v in enumerate(text.to_pylist())], pa.int64())])
 
 
-def _parse_int(value: str, column: str, row: int) -> int | None:
+def parse_int(value: str, column: str, row: int) -> int | None:
     if value == "":
         return None
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -129,21 +129,23 @@ class CheckpointMeta:
             w, th = body["weights"], body["thresholds"]
             return cls(
                 method=str(body.get("method", "semclip")), backbone=str(body["backbone"]),
-                weights=WeightsRef(source=str(w["source"]), sha256=str(w["sha256"]), seed=int(w.get("seed", 0))),
+                weights=WeightsRef(source=str(w["source"]), sha256=str(w["sha256"]),
+                                   seed=_number(w.get("seed", 0), "weights.seed", int)),
                 classes=tuple(str(c) for c in body["classes"]),
                 prompts={str(c): tuple(str(p) for p in body["prompts"][c]) for c in body["classes"]},
-                taps=tuple(int(t) for t in body["taps"]), use_vv=bool(body["use_vv"]),
+                taps=tuple(_number(t, "taps", int) for t in body["taps"]), use_vv=bool(body["use_vv"]),
                 surgery=bool(body["surgery"]), cls=str(body["cls"]),
-                use_reference=bool(body.get("use_reference", False)), alpha=float(body.get("alpha", 1.0)),
-                temperature=float(body.get("temperature", 100.0)),
-                thresholds=CheckpointThresholds(image=float(th["image"]), pixel=float(th["pixel"]),
-                                                min_region_px=int(th["min_region_px"])),
+                use_reference=bool(body.get("use_reference", False)), alpha=_number(body.get("alpha", 1.0), "alpha"),
+                temperature=_number(body.get("temperature", 100.0), "temperature"),
+                thresholds=CheckpointThresholds(image=_number(th["image"], "thresholds.image"),
+                                                pixel=_number(th["pixel"], "thresholds.pixel"),
+                                                min_region_px=_number(th["min_region_px"], "thresholds.min_region_px", int)),
                 preprocessing=dict(body.get("preprocessing", {})), training=dict(body.get("training", {})),
-                score_mode=str(body.get("score_mode", "mean")), sigma=float(body.get("sigma", 4.0)),
+                score_mode=str(body.get("score_mode", "mean")), sigma=_number(body.get("sigma", 4.0), "sigma"),
                 recipe=str(body.get("recipe", "paper")), memory=bool(body.get("memory", False)),
                 region_head=bool(body.get("region_head", False)),
                 register_reference=bool(body.get("register_reference", False)),
-                reference_weight=float(body.get("reference_weight", 0.5)),
+                reference_weight=_number(body.get("reference_weight", 0.5), "reference_weight"),
                 reference_fusion=_fusion(body.get("reference_fusion", "mean")),
                 self_reference=bool(body.get("self_reference", False)), scale_policy=_policy(body.get("scale_policy")),
                 defect_view=bool(body.get("defect_view", False)),
@@ -155,8 +157,21 @@ class CheckpointMeta:
             raise WeightsError(f"{where}: {META} lacks or mangles {show(str(exc).strip(chr(39)), 40)}") from None
 
 
+def _number(value: Any, name: str, kind: Callable[[Any], Any] = float) -> Any:
+    """``value`` as a number of ``kind``, or a ValueError naming the field (``from_json`` reports it as mangled)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(name)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(name) from None
+    if not math.isfinite(number):
+        raise ValueError(name)
+    return number
+
+
 def _self_similarity(value: Any) -> float:
-    weight = float(value)
+    weight = _number(value, "self_similarity")
     if not 0.0 <= weight <= 1.0:
         raise ValueError("self_similarity")
     return weight
@@ -165,7 +180,7 @@ def _self_similarity(value: Any) -> float:
 def _policy(value: Any) -> float | None:
     if value is None:
         return None
-    policy = float(value)
+    policy = _number(value, "scale_policy")
     if not 0.0 < policy <= 1.0:
         raise ValueError("scale_policy")
     return policy
@@ -239,6 +254,10 @@ def load_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) 
     if meta.tensors_sha256 != digest:
         raise WeightsError(f"{where}: tensors checksum {digest[:12]} does not match its "
                            f"{META} ({meta.tensors_sha256[:12]})")
+    text = tensors.get("text_embeddings")
+    if text is not None and text.shape[0] != len(meta.classes):
+        raise WeightsError(f"{where}: {META} names {len(meta.classes)} classes but its tensors were fitted on "
+                           f"{text.shape[0]} (text_embeddings); the file was edited, or pairs with other tensors")
     return Checkpoint(url=url, meta=meta, tensors=tensors, sha256=digest)
 
 
