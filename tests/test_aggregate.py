@@ -9,9 +9,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
 from semclip_batch.analysis.aggregate import aggregate
+from semclip_batch.analysis.query import run_query
 from semclip_batch.analysis.results import lot_summary
+from semclip_batch.cli import main
 from semclip_batch.io.schema import PREDICTIONS
 
 CLASSES = ["normal", "particle", "scratch", "bridge"]
@@ -54,8 +57,8 @@ def _oracle(df: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def _write_out(tmp_path, df: pd.DataFrame):
-    out = tmp_path / "out"
+def _write_out(tmp_path, df: pd.DataFrame, name: str = "out"):
+    out = tmp_path / name
     for (lot, shard), g in df.assign(shard=[f"s{k % 3:05d}" for k in range(len(df))]).groupby(["lot_id", "shard"]):
         folder = out / "predictions" / f"lot_id={lot}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -101,3 +104,87 @@ def test_lot_summary_counts_each_lot(tmp_path):
         assert (row["images"], row["ok"], row["errors"], row["defective"]) == (len(g), len(ok), len(g) - len(ok),
                                                                               len(defects))
         assert row["classes"] == (", ".join(f"{c}={n}" for c, n in classes.items()) or "-")
+
+
+@pytest.mark.parametrize(("name", "other"), [("o*x", "oZx"), ("o?x", "oZx"), ("o[a]x", "oax"), ("o[x", "o[x2")])
+def test_an_out_named_like_a_glob_is_read_as_named(tmp_path, name, other):
+    """``*``, ``?`` and ``[`` in OUT's own name are characters, not a pattern: ``o*x`` read ``oZx``'s rows too,
+    ``o[a]x`` read ``oax``'s instead of its own, ``o[x`` found no files."""
+    df = _predictions(4, 60)
+    out = _write_out(tmp_path, df, name)
+    _write_out(tmp_path, df.assign(lot_id="OTHER"), other)
+    want = df.groupby("lot_id").size().sort_index().to_dict()
+    counts = run_query(str(out), "select lot_id, count(*) as n from predictions group by 1 order by 1")
+    assert dict(zip(counts["lot_id"], counts["n"], strict=True)) == want
+    rows = aggregate(str(out))
+    assert set(rows["lot_id"]) == set(want)
+    stats = run_query(str(out), "select lot_id, sum(n_images) as n from lot_stats where class = 'normal' group by 1")
+    assert dict(zip(stats["lot_id"], stats["n"], strict=True)) == want
+    assert not (tmp_path / other / "lot_stats").exists()
+
+
+@pytest.mark.parametrize("sql", ["", "   ", ";", " /* nothing */ "])
+def test_a_query_without_a_statement_is_one_line(tmp_path, sql):
+    out = _write_out(tmp_path, _predictions(5, 10))
+    result = CliRunner().invoke(main, ["query", str(out), sql])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "query: the SQL" in lines[0] and "Traceback" not in result.output, result.output
+
+
+def test_a_statement_without_rows_does_not_crash(tmp_path):
+    out = _write_out(tmp_path, _predictions(5, 10))
+    for fmt in ("table", "csv", "json"):
+        result = CliRunner().invoke(main, ["query", str(out), "SET threads = 2", "--format", fmt])
+        assert result.exit_code == 0 and "Error" not in result.output, result.output
+
+
+def _strict_json(text: str) -> object:
+    def refuse(constant: str) -> object:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_is_valid_json(tmp_path):
+    """Non-finite floats are null (Python's json writes Infinity, which no JSON parser takes); a DATE is an ISO
+    date, a TIMESTAMP an ISO timestamp; a HUGEINT an exact integer."""
+    out = _write_out(tmp_path, _predictions(5, 10))
+    sql = ("select 'inf'::double as a, '-inf'::double as b, 'nan'::double as c, date '2020-01-01' as d, "
+           "timestamp '2020-01-02 03:04:05' as t, 12345678901234567890::hugeint as h, null::hugeint as hn, "
+           "1.50::decimal(5, 2) as m, [1.5, 'inf'::double] as l, {'x': 'inf'::double} as s")
+    result = CliRunner().invoke(main, ["query", str(out), sql, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert _strict_json(result.output) == [{"a": None, "b": None, "c": None, "d": "2020-01-01",
+                                            "t": "2020-01-02T03:04:05", "h": 12345678901234567890, "hn": None,
+                                            "m": 1.5, "l": [1.5, None], "s": {"x": None}}]
+
+
+def test_csv_keeps_big_integers_exact(tmp_path):
+    """``sum`` of a BIGINT is a HUGEINT: printed as an integer (not ``7.0``), every digit kept."""
+    df = _predictions(5, 10)
+    out = _write_out(tmp_path, df)
+    sql = "select 12345678901234567890::hugeint as h, sum(1::bigint) as n, date '2020-01-01' as d from predictions"
+    result = CliRunner().invoke(main, ["query", str(out), sql, "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["h,n,d", f"12345678901234567890,{len(df)},2020-01-01"]
+
+
+def test_an_object_store_out_named_like_a_glob(tmp_path):
+    """Through fsspec (memory://, as s3:// is read): the Parquet files are listed, not globbed."""
+    import time
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    base = f"memory://query-{time.time_ns()}"
+    df = _predictions(6, 40)
+    try:
+        for name, frame in (("o*x", df), ("oZx", df.assign(lot_id="OTHER"))):
+            local = _write_out(tmp_path, frame, name.replace("*", "_"))
+            for file in local.rglob("*.parquet"):
+                fs.pipe(f"{base}/{name}/{file.relative_to(local).as_posix()}", file.read_bytes())
+        counts = run_query(f"{base}/o*x", "select lot_id, count(*) as n from predictions group by 1 order by 1")
+        assert dict(zip(counts["lot_id"], counts["n"], strict=True)) == df.groupby("lot_id").size().to_dict()
+    finally:
+        fs.rm(base.removeprefix("memory://"), recursive=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import uuid
 
 import pytest
 
@@ -51,6 +52,21 @@ def test_markers_listed_per_lot_and_checked_on_read(tmp_path):
     done = done_shards(layout, ["LA", "LA x"], {})
     assert done == {("LA", "s00000"): {"ok": 3, "decode_error": 1}, ("LA x", "s00000"): {"ok": 3, "decode_error": 1}}
     assert read_json(damaged, {}) is None
+
+
+def test_an_object_store_out_named_like_a_glob_is_read_and_removed_as_named():
+    """On an object store ``cat`` and ``rm`` expand ``*``, ``?`` and ``[``: an OUT named ``o*x`` must neither read
+    ``oZx``'s markers nor remove its files (in-memory store; S3 behaves alike)."""
+    base = f"memory://globs-{uuid.uuid4().hex}"
+    mine, theirs = OutLayout(f"{base}/o*x"), OutLayout(f"{base}/oZx")
+    write_marker(mine, ("LA", "s00000"), {"ok": 3}, {})
+    write_marker(mine, ("LA", "s00001"), {"ok": 1}, {})
+    write_marker(theirs, ("LA", "s00000"), {"ok": 9}, {})
+    write_marker(theirs, ("LA", "s00002"), {"ok": 9}, {})
+    assert done_shards(mine, ["LA"], {}) == {("LA", "s00000"): {"ok": 3}, ("LA", "s00001"): {"ok": 1}}
+    storage.remove(mine.markers, {})
+    assert done_shards(mine, ["LA"], {}) == {}
+    assert done_shards(theirs, ["LA"], {}) == {("LA", "s00000"): {"ok": 9}, ("LA", "s00002"): {"ok": 9}}
 
 
 def test_whole_object_writes_leave_no_temporary_files(tmp_path):

@@ -236,3 +236,24 @@ def test_failed_attempt_names_its_shards(tmp_path: Path, now: datetime) -> None:
     assert "attempt 1: failed at" in result.output and "OSError: disk full" in result.output
     assert "L1/s00001" in result.output and "2 / 3 done" in result.output
     assert "throughput - (no complete attempt" in result.output  # a failed attempt's rate is not the run's
+
+
+@pytest.mark.parametrize(("name", "other"), [("o*x", "oZx"), ("o[a]x", "oax"), ("o[x", "o[x2")])
+def test_an_out_named_like_a_glob_is_read_as_named(tmp_path: Path, now: datetime, name: str, other: str) -> None:
+    """``*``, ``?`` and ``[`` in OUT's name are characters: ``o[a]x``'s markers were looked up as ``oax``'s
+    (FileNotFoundError), and ``o*x``'s errors by kind counted ``oZx``'s error rows too."""
+    finished_out(tmp_path / name, now)
+    killed_out(tmp_path / other, now)  # its own decode_error row and marker, which must not count
+    st = out_status(str(tmp_path / name), now=now)
+    assert (st.shards_done, st.rows_by_status) == (3, {"decode_error": 1, "ok": 5})
+    assert st.errors is not None and [(e.status, e.n) for e in st.errors] == [("decode_error", 1)], st.errors_note
+    result = CliRunner().invoke(main, ["status", str(tmp_path / name)])
+    assert result.exit_code == 0 and "3 / 3 done" in result.output, result.output
+
+
+def test_predictions_folder_without_files_is_no_predictions_yet(tmp_path: Path, now: datetime) -> None:
+    running_out(tmp_path, now)
+    for file in Path(OutLayout(str(tmp_path)).predictions).rglob("*.parquet"):
+        file.unlink()
+    st = out_status(str(tmp_path), now=now)
+    assert (st.errors, st.errors_note) == ([], "no predictions/ yet")

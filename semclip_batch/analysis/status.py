@@ -25,7 +25,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semclip_batch.analysis.query import connect
+from semclip_batch.analysis.query import connect, parquet_files
 from semclip_batch.config import DEFAULT_STALE_AFTER_S
 from semclip_batch.errors import OutputError, one_line
 from semclip_batch.io import storage
@@ -215,11 +215,13 @@ def _read_markers(layout: OutLayout, so: Mapping[str, Any]) -> tuple[dict[str, d
     """Done markers (``<lot>/<shard>`` -> status counts), how many are damaged, and the newest one's time."""
     fs, infos = _find(layout.markers, so)
     paths = [p for p in infos if p.endswith(".json")]
-    bodies = fs.cat(paths, on_error="return") if paths else {}
+    # cat_ranges reads each path as it is (concurrently on object stores); fs.cat would expand glob characters
+    # in OUT's name ("o[a]x" matches only "oax": FileNotFoundError; "o*x" reads other OUTs' markers too)
+    bodies = fs.cat_ranges(paths, None, None, on_error="return") if paths else []
     markers: dict[str, dict[str, int]] = {}
     damaged = 0
-    for path in paths:
-        counts = _marker_counts(bodies.get(path))
+    for path, body in zip(paths, bodies, strict=True):
+        counts = _marker_counts(body)
         if counts is None:
             damaged += 1
         else:
@@ -282,7 +284,8 @@ def _shard_total(layout: OutLayout, info: Mapping[str, Any] | None, current: Seq
 
 
 def _errors_by_kind(layout: OutLayout, so: Mapping[str, Any]) -> tuple[list[ErrorKind] | None, str]:
-    if not storage.exists(layout.predictions, so):
+    """Error rows by status over ``predictions/`` (with one example each), or None and why they are unknown."""
+    if not parquet_files(layout.predictions, so):
         return [], "no predictions/ yet"
     try:
         con = connect(layout.root, so)

@@ -24,6 +24,7 @@ returned and stored in the weights file's metadata (``heldout_check``; :mod:`.he
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import logging
@@ -53,7 +54,7 @@ from semclip_batch.config import (
     ModelSpec,
     PreprocessConfig,
 )
-from semclip_batch.errors import ConfigError
+from semclip_batch.errors import ConfigError, SemclipError, shorten
 from semclip_batch.fewshot.class_texts import ClassTexts, between_classes, prompt_sample, text_separation
 from semclip_batch.fewshot.heldout import (
     CROP_PREFIX,
@@ -68,10 +69,12 @@ from semclip_batch.fewshot.scale_check import ScaleCheck, check_rows, reserve_se
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, load_trainset, patch_labels
 from semclip_batch.io import storage
 from semclip_batch.io.manifest import read_manifest
+from semclip_batch.io.manifest_files import read_table
 from semclip_batch.io.preprocess import normalize
 from semclip_batch.methods.prompts import PromptSet, load_prompts
 from semclip_batch.methods.registry import depth_of
-from semclip_batch.methods.weights import canonical_sha256, load_backbone, preprocess_config
+from semclip_batch.methods.shipped import SHIPPED
+from semclip_batch.methods.weights import RANDOM, canonical_sha256, load_backbone, preprocess_config
 from semclip_batch.model import default_taps
 from semclip_batch.model.encoder import encode_dual_path
 from semclip_batch.model.text import encode_prompts
@@ -99,16 +102,18 @@ class PretrainConfig:
     scale_check: bool = True  # score held-out frames at each scale policy and recommend one (fewshot.scale_check)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("--steps and --batch-size must be >= 1 and --lr > 0")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("--steps and --batch-size must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # inf trains to NaN weights, nan fails in the optimiser
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
         if not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"--keep-tokens must be in (0, 1], got {self.keep}")
         if self.crops < 0:
             raise ConfigError(f"--crops must be >= 0, got {self.crops}")
         if not 0.0 < self.warmup < 1.0 or not 0.0 <= self.heldout < 0.5:
             raise ConfigError("--warmup must be in (0, 1) and --heldout in [0, 0.5)")
-        if not self.separation >= 0.0:
-            raise ConfigError(f"--text-separation must be >= 0 (0: off), got {self.separation}")
+        if not (self.separation >= 0.0 and math.isfinite(self.separation)):
+            raise ConfigError(f"--text-separation must be a finite number >= 0 (0: off), got {self.separation}")
         if not (self.max_minutes >= 0.0 and math.isfinite(self.max_minutes)):
             raise ConfigError(f"--max-minutes must be a number >= 0 (0: no limit), got {self.max_minutes}")
         if self.fill_budget and not self.max_minutes:
@@ -229,6 +234,41 @@ def balanced_weights(keys: torch.Tensor) -> torch.Tensor:
 
 
 ALIKE_TEXT = 0.8  # above it after training, the text tower has not told the classes apart (README: ~0.9 at random)
+def refuse_out_over_inputs(cfg: PretrainConfig) -> None:
+    """Refuse, in one line and before any work, an ``--out`` that is the manifest pretrain reads or the
+    ``--pretrained`` weights it starts from: writing the weights there would destroy the input."""
+    pretrained = None if cfg.model.pretrained in (RANDOM, SHIPPED) else cfg.model.pretrained
+    storage.refuse_overwriting_inputs(cfg.out, {"manifest": cfg.manifest, "--pretrained weights file": pretrained})
+
+
+def refuse_nothing_to_learn(df: pd.DataFrame, manifest: str | None, classes: tuple[str, ...], caller: str,
+                            storage_options: Mapping[str, Any]) -> None:
+    """Refuse, in one line, frames with neither a ``label`` nor a ``caption`` in any row: every target of the loss
+    comes from them (masks without a label mark no class: they train only ``normal``, the texts collapse), so
+    the steps would learn nothing (loss 0) or worse and write the weights as if trained. ``manifest``: the file the
+    rows come from, read again for its header to say whether ``label`` is there at all (None: rows given)."""
+    if (df["label"] != "").any() or (df["caption"] != "").any():
+        return
+    source = "" if manifest is None else f" {storage.redact(manifest)}"
+    raise ConfigError(f"{caller}: nothing to learn from manifest{source}: {_label_column_state(manifest, storage_options)} "
+                      f"and no row has a `caption`; each frame's class comes from `label` (one of: {', '.join(classes)}), "
+                      "or its text from `caption` (a mask alone names no class)")
+
+
+def _label_column_state(manifest: str | None, storage_options: Mapping[str, Any]) -> str:
+    """Whether the manifest's header has no ``label`` column (its columns named, a near miss such as ``lable``
+    suggested) or only empty ones: the header is read again only here, on the way to the refusal."""
+    try:
+        names = [str(n) for n in read_table(manifest, storage_options).column_names] if manifest is not None else None
+    except (SemclipError, OSError, ValueError):  # an image folder (--pattern) or unreadable header: no columns to name
+        names = None
+    if names is None:
+        return "no row has a `label`"
+    if "label" in names:
+        return "every `label` is empty"
+    near = difflib.get_close_matches("label", names, n=1)
+    hint = f"; {near[0]!r} is not `label`" if near else ""
+    return f"no `label` column was found (columns: {shorten(', '.join(names), 150)}{hint})"
 
 
 def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
@@ -244,11 +284,13 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     (the options the caller's user has)."""
     started = time.perf_counter()
     storage.check_target(cfg.out, "file", "--out (the weights file)", cfg.model.storage_options)
+    refuse_out_over_inputs(cfg)
     torch.manual_seed(cfg.model.seed)
     m = cfg.model
     prompts: PromptSet = load_prompts(m.prompts, m.storage_options)
     prep = preprocess_config(m.backbone, tile_above=10**9)
     df = read_manifest(cfg.manifest, storage_options=m.storage_options) if frames is None else frames
+    refuse_nothing_to_learn(df, cfg.manifest if frames is None else None, prompts.classes, caller, m.storage_options)
     data = load_trainset(df, prompts.classes, prep, storage_options=m.storage_options, need_labels=False,
                          crops=cfg.crops, seed=m.seed)
     backbone = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
@@ -267,7 +309,8 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     if scale_rows is not None and cfg.max_minutes:
         check_s += reserve_seconds(clip, m.backbone, prompts, scale_rows, m.storage_options)
     deadline = started + cfg.max_minutes * 60.0 - check_s - BUDGET_MARGIN_S if cfg.max_minutes else None
-    steps, t0 = _train(clip, data, held.train, texts, caption_tokens, taps, prep, cfg, deadline, progress)
+    steps, t0 = _train(clip, data, held.train, texts, caption_tokens, taps, prep, cfg, deadline, progress, caller)
+    refuse_diverged_weights(clip, steps, cfg.lr, caller)
     after = _heldout_check(clip, data, held, texts, taps, prep)
     seconds = time.perf_counter() - t0
     scales = run_check(clip.eval(), m.backbone, prompts, scale_rows, m.storage_options) if scale_rows is not None else None
@@ -298,11 +341,11 @@ def _heldout_check(clip: nn.Module, data: TrainSet, held: HeldOut, texts: ClassT
 
 def _train(clip: nn.Module, data: TrainSet, rows: torch.Tensor, texts: ClassTexts, caption_tokens: torch.Tensor | None,
            taps: tuple[int, ...], prep: PreprocessConfig, cfg: PretrainConfig, deadline: float | None,
-           progress: LossProgress | None) -> tuple[int, float]:
+           progress: LossProgress | None, caller: str = "pretrain") -> tuple[int, float]:
     """The optimisation on ``rows`` of ``data``: draws balanced over class and defect area, a sample of the prompts
     a step, and with a ``deadline`` (``max_minutes``: a ``time.perf_counter()`` time) the one-cycle schedule laid
     again once the first steps are timed, over the steps that end by then. Returns the steps run and when the
-    first began."""
+    first began. A loss that is not finite stops it (:func:`refuse_diverged_loss`): its weights would be NaN."""
     weights = balanced_weights(area_buckets(data)[rows])
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.05, fused=True)
     steps, step = cfg.steps, 0
@@ -319,6 +362,7 @@ def _train(clip: nn.Module, data: TrainSet, rows: torch.Tensor, texts: ClassText
         loss = step_loss(clip, data, idx, text, taps, prep, gen, caption_tokens, cfg.keep)
         if cfg.separation:
             loss = loss + cfg.separation * text_separation(text)
+        refuse_diverged_loss(loss, step, steps, cfg.lr, caller)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -332,6 +376,23 @@ def _train(clip: nn.Module, data: TrainSet, rows: torch.Tensor, texts: ClassText
         if progress is not None and (step % 25 == 0 or step == steps):
             progress(step, steps, float(loss.detach()))
     return steps, t0
+
+
+def refuse_diverged_loss(loss: torch.Tensor, step: int, steps: int, lr: float, caller: str) -> None:
+    """Stop, in one line naming the step, at a loss that is not finite: the step would make every weight NaN, and
+    weights that diverged must never be written as if trained. One ``isfinite`` on the loss scalar a step."""
+    if not bool(torch.isfinite(loss.detach())):
+        raise ConfigError(f"{caller}: the loss is {float(loss.detach())} at step {step} of {steps}: training diverged "
+                          f"(learning rate {lr:g} too high for these weights?); nothing was written")
+
+
+def refuse_diverged_weights(clip: nn.Module, steps: int, lr: float, caller: str) -> None:
+    """Stop, in one line, where a weight is not finite after the last step (a finite loss before a step that
+    diverged): such weights score NaN everywhere and are never written."""
+    bad = next((name for name, p in clip.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
+    if bad is not None:
+        raise ConfigError(f"{caller}: after step {steps} the weight {bad} is not finite: training diverged (learning "
+                          f"rate {lr:g} too high for these weights?); nothing was written")
 
 
 def _replanned(cfg: PretrainConfig, steps: int, done: int, per_step: float, left: float) -> int:

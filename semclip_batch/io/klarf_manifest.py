@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 from semclip_batch.errors import ConfigError, show
 from semclip_batch.io import storage
 from semclip_batch.io.klarf import KlarfDefect, KlarfError, read_klarf
-from semclip_batch.io.klarf_write import refuse_overwriting_inputs
 from semclip_batch.io.manifest import MAX_PAGE, lot_id_problem, normalize
 from semclip_batch.io.manifest_files import manifest_format
 
@@ -68,7 +67,7 @@ def from_klarf(klarfs: Sequence[str], images: str, out: str, class_map: Mapping[
         check_image_name(image_name)
     so = dict(storage_options or {})
     check_images(images)
-    refuse_overwriting_inputs(out, {"--class-map file": class_map_url, **{f"KLARF {k}": k for k in klarfs}})
+    storage.refuse_overwriting_inputs(out, {"--class-map file": class_map_url, **{f"KLARF {k}": k for k in klarfs}})
     storage.check_target(out, "file", "--out (the manifest to write, .csv or .parquet)", so)
     rows: list[dict[str, str]] = []
     found = without = 0

@@ -2,7 +2,7 @@
 (:func:`relabel`, :func:`render`), or a new KLARF 1.2 for a lot that has none (:func:`new_klarf`); and the class map
 that says which KLARF class number each of our classes is (``--class-map``, read by ``manifest from-klarf`` too).
 What is written reads back through :mod:`.klarf`. Both KLARF commands refuse an ``--out`` that names a file they
-read (:func:`refuse_overwriting_inputs`).
+read (:func:`~semclip_batch.io.storage.refuse_overwriting_inputs`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -46,29 +45,6 @@ def _with_images(found: DefectList, record: list[str], images: list[tuple[int, i
     tokens = list(record)
     tokens[found.column(IMAGELIST)] = " ".join([str(len(images)), *(f"{n} {t}" for n, t in images)])
     return tokens
-
-
-def refuse_overwriting_inputs(out: str, inputs: Mapping[str, str | None]) -> None:
-    """Refuse an ``--out`` that names one of the files the command reads, before any work: writing it would
-    destroy that input (a class map or KLARF given as ``--out`` too). ``inputs``: what each file is, for the
-    message (``"--class-map file"``) -> its path or URL, None when not given. Raises :class:`ConfigError`."""
-    for what, given in inputs.items():
-        if given is not None and same_file(out, given):
-            raise ConfigError(f"--out {storage.redact(out)!r} is the {what} this command reads: write to another file")
-
-
-def same_file(a: str, b: str) -> bool:
-    """Whether two paths or URLs name one file: equal once made absolute (local paths: symlinks resolved, and
-    the same inode where both exist, so ``./x`` and a hard link of it count too)."""
-    if storage.has_protocol(a) or storage.has_protocol(b):
-        return storage.normalize_root(a) == storage.normalize_root(b)
-    real_a, real_b = os.path.realpath(a), os.path.realpath(b)
-    if real_a == real_b:
-        return True
-    try:
-        return os.path.samefile(real_a, real_b)
-    except OSError:  # either does not exist (yet): different names are different files
-        return False
 
 
 def read_class_map(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[int, str]:

@@ -33,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 from semclip_batch.errors import ManifestError, show
 from semclip_batch.io import storage
 from semclip_batch.io.manifest import lot_id_problem, parse_int
-from semclip_batch.io.manifest_files import manifest_format, pattern_regex
+from semclip_batch.io.manifest_files import hidden, manifest_format, pattern_regex
 
 BATCH_ROWS = 50_000
 COLUMNS = ("uri", "lot_id", "wafer_id", "die_x", "die_y", "defect_id", "image_id")
@@ -165,7 +165,7 @@ def _write(url: str, prefix: str, regex: re.Pattern[str], fields: list[str], han
 def _row(key: str, prefix: str, regex: re.Pattern[str], fields: list[str], tally: Listed) -> dict[str, str] | None:
     """The manifest row of ``key``, or None for a key skipped (hidden, not matching, refused: counted in
     ``tally``, the first of each kind kept as its example)."""
-    if posixpath.basename(key).startswith("."):
+    if hidden(key):
         tally.hidden += 1
         return None
     m = regex.match(key)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import codecs
 import csv
 import math
-import posixpath
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -211,11 +210,17 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(out + re.escape(pattern[pos:]) + r"\Z")
 
 
+def hidden(rel: str) -> bool:
+    """Whether a key below the input folder or prefix is hidden: its name or a folder on its way there starts with a
+    dot (``.snapshot/``, ``.Trash-1000/``, an editor's ``.x.png.swp``), skipped by folder inputs and listings."""
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
 def from_folder(folder: str, pattern: str, storage_options: Mapping[str, Any] | None) -> pa.Table:
     regex = pattern_regex(pattern)
     fs, root = storage.filesystem(folder, storage_options)
     root = root.rstrip("/")
-    rels = sorted(p[len(root) + 1:] for p in fs.find(root) if not posixpath.basename(p).startswith("."))
+    rels = sorted(rel for rel in (p[len(root) + 1:] for p in fs.find(root)) if not hidden(rel))
     if not rels:
         raise ManifestError(f"input folder {folder!r} holds no files")
     rows, bad = [], []

@@ -12,6 +12,7 @@ import logging
 import os
 import posixpath
 import random
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -112,6 +113,44 @@ def normalize_root(url: str) -> str:
     if has_protocol(url):
         return url.rstrip("/")
     return posixpath.abspath(url)
+
+
+LOCAL_PROTOCOLS = ("file", "local")  # URLs that name a local path
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths or URLs name one file. Local paths (and ``file://`` URLs): symlinks and relative parts
+    resolved, and the same inode where both exist (a hard link counts); other URLs: equal once normalised
+    (protocol case, ``.`` and ``..`` parts, doubled and trailing slashes)."""
+    local_a, local_b = _local_path(a), _local_path(b)
+    if local_a is None or local_b is None:
+        return local_a is None and local_b is None and _url_key(a) == _url_key(b)
+    real_a, real_b = os.path.realpath(local_a), os.path.realpath(local_b)
+    if real_a == real_b:
+        return True
+    try:
+        return os.path.samefile(real_a, real_b)
+    except OSError:  # either does not exist (yet): different names are different files
+        return False
+
+
+def _local_path(url: str) -> str | None:
+    if not has_protocol(url):
+        return os.path.expanduser(url)
+    return url.split("://", 1)[1] if protocol_of(url).lower() in LOCAL_PROTOCOLS else None
+
+
+def _url_key(url: str) -> str:
+    return f"{protocol_of(url).lower()}://{posixpath.normpath('/' + url.split('://', 1)[1]).lstrip('/')}"
+
+
+def refuse_overwriting_inputs(out: str, inputs: Mapping[str, str | None]) -> None:
+    """Refuse, before any work, an ``--out`` that names a file the command reads (writing it would destroy that
+    input: a manifest, weights, a class map or a KLARF given as ``--out`` too). ``inputs``: what each file is, for
+    the message (``"--class-map file"``) -> its path or URL, None when not given. Raises :class:`ConfigError`."""
+    for what, given in inputs.items():
+        if given is not None and same_file(out, given):
+            raise ConfigError(f"--out {redact(out)!r} is the {what} this command reads: write to another file")
 
 
 def has_credentials(url: str) -> bool:
@@ -351,11 +390,20 @@ def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     return fs.exists(path)
 
 
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+
+
 def remove(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Remove a file or folder tree if it exists."""
+    """Remove a file or folder tree if it exists, the path taken literally: an object store's ``rm`` expands ``*``,
+    ``?`` and ``[`` in it (an OUT named ``o*x`` would take ``oZx``'s files with it), so there each object found
+    below it is removed by its own name."""
     fs, path = filesystem(url, storage_options)
     if fs.exists(path):
-        fs.rm(path, recursive=True)
+        if _GLOB_MAGIC.search(path) and not isinstance(fs, LocalFileSystem):
+            for key in fs.find(path):
+                fs.rm_file(key)
+        else:
+            fs.rm(path, recursive=True)
     fs.invalidate_cache()
 
 

@@ -167,19 +167,13 @@ def done_shards(layout: OutLayout, lots: Iterable[str], storage_options: Mapping
             continue
         fs, path = storage.filesystem(folder, storage_options)
         paths = [f"{path.rstrip('/')}/{shard}.json" for shard in shards]
-        bodies = fs.cat(paths, on_error="return") if len(paths) > 1 else {paths[0]: _cat_one(fs, paths[0])}
+        # cat_ranges reads each path as named (cat expands * ? [ in an OUT's name on an object store)
+        bodies = dict(zip(paths, fs.cat_ranges(paths, None, None, on_error="return"), strict=True))
         for shard, key in zip(shards, paths, strict=True):
             counts = _marker_counts(bodies.get(key), lot, shard)
             if counts is not None:
                 done[(lot, shard)] = counts
     return done
-
-
-def _cat_one(fs: Any, path: str) -> bytes | Exception:
-    try:
-        return bytes(fs.cat_file(path))
-    except OSError as exc:
-        return exc
 
 
 def _marker_counts(data: object, lot: str, shard: str) -> dict[str, int] | None:
