@@ -23,6 +23,8 @@ def _archive(root) -> list[str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"png bytes")
     (root / "LOT1" / "W1" / ".DS_Store").write_bytes(b"")
+    (root / "LOT1" / ".snapshot" / "die0_0.png").parent.mkdir()  # a hidden folder: its files are hidden too
+    (root / "LOT1" / ".snapshot" / "die0_0.png").write_bytes(b"png bytes")
     (root / "LOT1" / "notes.txt").write_text("not a frame")
     return keys
 
@@ -35,7 +37,7 @@ def test_local_prefix_to_csv_that_read_manifest_accepts(tmp_path):
                                     "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert f"{len(keys)} rows" in res.output and "1 key(s) not matching" in res.output and "LOT1/notes.txt" in res.output
-    assert "1 hidden file" in res.output
+    assert "2 hidden file" in res.output
     df = read_manifest(str(out))
     assert len(df) == len(keys)
     assert sorted(df["lot_id"].unique()) == ["LOT1", "LOT2"] and set(df["die_x"]) == {0, 1}
@@ -63,11 +65,22 @@ def test_relative_prefix_gives_absolute_uris_and_a_failed_listing_leaves_no_file
     assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["m.csv"]  # no partial file left
 
 
+def test_a_folder_input_skips_hidden_files_and_folders(tmp_path):
+    """``run``'s folder input and ``from-prefix`` skip the same keys: a dot-file, and every file below a dot-folder
+    (``.snapshot/``, ``.Trash-1000/``), which would otherwise become a wafer called ``.snapshot``."""
+    from semclip_batch.io.manifest_files import from_folder
+
+    keys = _archive(tmp_path / "archive")
+    (tmp_path / "archive" / "LOT1" / "notes.txt").unlink()  # run refuses a file its pattern does not match
+    table = from_folder(str(tmp_path / "archive"), PATTERN, None)
+    assert sorted(table.column("wafer_id").to_pylist()) == sorted(k.split("/")[1] for k in keys)
+
+
 def test_batches_become_row_groups(tmp_path, monkeypatch):
     keys = _archive(tmp_path / "archive")
     monkeypatch.setattr(listing, "BATCH_ROWS", 5)
     listed = listing.from_prefix(str(tmp_path / "archive"), PATTERN, str(tmp_path / "m.parquet"))
-    assert listed.rows == len(keys) and listed.unmatched == 1 and listed.hidden == 1
+    assert listed.rows == len(keys) and listed.unmatched == 1 and listed.hidden == 2
     meta = pq.ParquetFile(tmp_path / "m.parquet").metadata
     assert meta.num_rows == len(keys) and meta.num_row_groups == 4  # 16 rows in batches of 5
 
