@@ -4,6 +4,7 @@ run finding them wherever the folder is copied; refusals."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pandas as pd
@@ -114,9 +115,13 @@ def test_a_folder_trained_again_keeps_only_what_its_checkpoint_names(adapted, sy
 
 
 def test_adapt_settings_are_checked():
-    for bad in ({"adapt_steps": -1}, {"adapt_steps": 5, "adapt_lr": 0.0}):
-        with pytest.raises(ConfigError, match="--adapt-steps must be >= 0"):
+    for bad in ({"adapt_steps": -1}, {"adapt_steps": 5, "adapt_lr": 0.0}, {"adapt_steps": 5, "adapt_lr": math.inf},
+                {"adapt_steps": 5, "adapt_lr": math.nan}):
+        with pytest.raises(ConfigError, match=r"--adapt-steps must be >= 0 .* and --adapt-lr a finite number > 0"):
             TrainConfig(support="s.csv", out="o", **bad)
+    for lr in (0.0, math.inf, math.nan):
+        with pytest.raises(ConfigError, match="--lr must be a finite number > 0"):
+            TrainConfig(support="s.csv", out="o", lr=lr)
 
 
 def test_cli_adapts_and_says_so(synth_lot, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ the cell references where a normal frame repeats its pattern, and the rows' back
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -68,12 +69,12 @@ class TrainConfig:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.shots is not None and self.shots < 1:
             raise ConfigError(f"--shots must be >= 1, got {self.shots}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.adapt_below is not None and not 0.0 < self.adapt_below <= 1.0:
             raise ConfigError(f"the adaptation's accuracy bound must be in (0, 1], got {self.adapt_below}")
-        if self.adapt_steps < 0 or not self.adapt_lr > 0:
-            raise ConfigError(f"--adapt-steps must be >= 0 (0: a frozen backbone) and --adapt-lr > 0, got "
+        if self.adapt_steps < 0 or not (math.isfinite(self.adapt_lr) and self.adapt_lr > 0):
+            raise ConfigError(f"--adapt-steps must be >= 0 (0: a frozen backbone) and --adapt-lr a finite number > 0, got "
                               f"{self.adapt_steps} and {self.adapt_lr}")
         if not 0 <= self.grey_own <= OWN_MAX:
             raise ConfigError(f"--own-neighbourhoods must be 0 to {OWN_MAX}, got {self.grey_own}")
