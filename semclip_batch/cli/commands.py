@@ -170,11 +170,13 @@ def report(out: str, top_n: int, workers: int | None, storage_option: tuple[str,
 @main.command()
 @click.argument("out")
 @click.argument("sql")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="json: one array of objects, valid JSON (NaN and infinities as null, dates ISO 8601).")
 @storage_option_flag
 @user_errors
 def query(out: str, sql: str, fmt: str, storage_option: tuple[str, ...]) -> None:
-    """Run SQL (DuckDB) over OUT: views `predictions` and `lot_stats` (lot_id VARCHAR).
+    """Run SQL (DuckDB) over OUT: views `predictions` and `lot_stats` (lot_id VARCHAR). The last statement's
+    result is printed; SQL that holds no statement is refused.
 
     \b
     Example:
