@@ -106,6 +106,25 @@ def test_lot_summary_counts_each_lot(tmp_path):
         assert row["classes"] == (", ".join(f"{c}={n}" for c, n in classes.items()) or "-")
 
 
+def test_damaged_run_records_and_predictions_are_named_as_such(tmp_path):
+    """A run record that cannot be read is not "no run record"; a truncated predictions file is one line naming
+    the folder (it was pyarrow's own message)."""
+    from semclip_batch.analysis.aggregate import run_classes
+    from semclip_batch.analysis.results import read_predictions
+    from semclip_batch.errors import OutputError
+
+    out = _write_out(tmp_path, _predictions(2, 20))
+    assert run_classes(str(out)) == CLASSES
+    (out / "runs" / "r1" / "attempt-1.json").write_text('{"run_id": "r1", "attem')
+    with pytest.raises(OutputError, match="no run record under runs/ can be read"):
+        run_classes(str(out))
+    part = sorted((out / "predictions").rglob("*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:100])
+    with pytest.raises(OutputError, match="predictions holds a file that cannot be read: "):
+        read_predictions(str(out))
+
+
+
 @pytest.mark.parametrize(("name", "other"), [("o*x", "oZx"), ("o?x", "oZx"), ("o[a]x", "oax"), ("o[x", "o[x2")])
 def test_an_out_named_like_a_glob_is_read_as_named(tmp_path, name, other):
     """``*``, ``?`` and ``[`` in OUT's own name are characters, not a pattern: ``o*x`` read ``oZx``'s rows too,

@@ -232,6 +232,12 @@ def test_eval_writes_metrics_json(first_run, mixed_manifest, tmp_path):
     with pytest.raises(OutputError, match=r"label 'NORMAL' \(\d+ rows\) is not a class of the run \(normal, "):
         evaluate(str(out), str(tmp_path / "upper.csv"))
     assert json.loads((out / "metrics.json").read_text()) == saved  # nothing written for the refused truth
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    part = sorted((damaged / "predictions").rglob("*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # a truncated file, as a full disk leaves
+    with pytest.raises(OutputError, match=r"predictions holds a file that cannot be read: "):
+        evaluate(str(damaged), str(mixed_manifest))
 
 
 def test_a_stand_in_model_stage_keeps_the_contract_and_its_own_run_id(first_run, mixed_manifest, tmp_path):

@@ -41,8 +41,13 @@ LOT_STATS = pa.schema([
 
 
 def run_classes(out: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    record = read_latest(OutLayout(storage.normalize_root(out)), storage_options or {})
+    layout = OutLayout(storage.normalize_root(out))
+    record = read_latest(layout, storage_options or {})
     if record is None:
+        if any(storage.list_names(storage.join(layout.runs, run_id), storage_options)
+               for run_id in storage.list_names(layout.runs, storage_options)):
+            raise OutputError(f"{out}: no run record under runs/ can be read (damaged attempt-*.json); run the same "
+                              "`semclip-batch run` into it again to write a new one")
         raise OutputError(f"{out} has no run record (runs/*/attempt-*.json); run `semclip-batch run` first")
     return list(record["classes"])
 

@@ -7,22 +7,26 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 
-from semclip_batch.analysis.query import connect
-from semclip_batch.errors import OutputError
+from semclip_batch.analysis.query import connect, parquet_dataset
+from semclip_batch.errors import OutputError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 
 
 def read_predictions(out: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """All prediction rows of OUT with ``lot_id`` (string) from the partition folders."""
+    """All prediction rows of OUT with ``lot_id`` (string) from the partition folders: the files ``query`` reads
+    (:func:`~semclip_batch.analysis.query.parquet_dataset`). Raises :class:`OutputError` (one line) where there
+    are none yet or one cannot be read (a truncated or damaged file: rerun the run into OUT)."""
     layout = OutLayout(storage.normalize_root(out))
-    fs, path = storage.filesystem(layout.predictions, storage_options)
-    if not fs.exists(path):
+    dataset = parquet_dataset(layout.predictions, storage_options)
+    if dataset is None:
         raise OutputError(f"{layout.root} has no predictions/ yet (run `semclip-batch run ... --out {out}` first)")
-    part = pads.partitioning(pa.schema([("lot_id", pa.string())]), flavor="hive")
-    return pads.dataset(path, filesystem=fs, format="parquet", partitioning=part).to_table()
+    try:
+        return dataset.to_table()
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"{storage.redact(layout.predictions)} holds a file that cannot be read: {one_line(exc)}") \
+            from None
 
 
 SUMMARY_SQL = """
