@@ -124,7 +124,6 @@ def test_damaged_run_records_and_predictions_are_named_as_such(tmp_path):
         read_predictions(str(out))
 
 
-
 @pytest.mark.parametrize(("name", "other"), [("o*x", "oZx"), ("o?x", "oZx"), ("o[a]x", "oax"), ("o[x", "o[x2")])
 def test_an_out_named_like_a_glob_is_read_as_named(tmp_path, name, other):
     """``*``, ``?`` and ``[`` in OUT's own name are characters, not a pattern: ``o*x`` read ``oZx``'s rows too,
