@@ -314,7 +314,15 @@ _CREATE_MODE = 0o666  # what open() asks for a new file, before the umask
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it and putting it back: there is no other portable way)."""
+    """The process's umask: from ``/proc/self/status`` where Linux gives it (a read, safe beside other threads
+    creating files), else by setting it and putting it back (the portable way, racy in that instant)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
