@@ -73,16 +73,17 @@ def test_planar_rgb_tiff_becomes_luminance():
     assert np.allclose(decode_image(tif(arr, planarconfig="separate", photometric="rgb")), 0.587, atol=1e-6)
 
 
-def test_signed_tiff_keeps_its_negative_levels():
-    """A signed 16-bit frame maps its type's whole range onto [0, 1]: negative levels stay apart and in order
-    (they were all clipped to 0), and the same frame shifted by a constant stretches to the same levels."""
-    arr = (np.arange(40 * 24, dtype=np.int16).reshape(40, 24) - 500) * 3
-    out = decode_image(tif(arr))
-    assert np.allclose(out, (arr.astype(np.float64) + 32768) / 65535, atol=1e-6)
-    assert len(np.unique(out[arr < 0])) == int((arr < 0).sum())  # no two negative levels merged
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.int64])
+def test_signed_tiff_keeps_its_levels(dtype):
+    """A signed frame is scaled by its type's maximum with its sign: negative levels stay apart and in order (they
+    were all clipped to 0), 12-bit levels in 32 or 64 bits stay apart, 0 stays 0, and the same frame shifted by a
+    constant stretches to the same levels."""
     from semclip_batch.io.levels import stretch
 
-    shifted = decode_image(tif((arr + 1400).astype(np.int16)))
+    arr = ((np.arange(64 * 64).reshape(64, 64) - 500) * 3 % 4096 - 300).astype(dtype)
+    out = decode_image(tif(arr))
+    assert len(np.unique(out)) == len(np.unique(arr)) and (np.sign(out) == np.sign(arr)).all()
+    shifted = decode_image(tif((arr + 1400).astype(dtype)))
     assert np.allclose(stretch(out, 0.5, 99.5), stretch(shifted, 0.5, 99.5), atol=1e-4)
 
 

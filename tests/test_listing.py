@@ -3,6 +3,8 @@ s3://, written in batches; stray and hidden keys skipped and counted; one-line r
 
 from __future__ import annotations
 
+import uuid
+
 import boto3
 import pyarrow.parquet as pq
 import pytest
@@ -117,3 +119,19 @@ def test_refusals_are_one_line(tmp_path, args, message):
     assert res.exit_code != 0 and message in res.output, res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / out_name).exists()
+
+
+def test_an_object_store_manifest_named_like_a_glob_is_written_as_named(tmp_path):
+    """The listing goes to ``OUT.partial`` and is moved onto ``OUT``: by name, not as a pattern (``mv`` and ``rm``
+    glob on object stores: ``m[1].csv.partial`` matched ``m1.csv.partial``)."""
+    import fsspec
+
+    keys = _archive(tmp_path / "archive")
+    base = f"memory://listing-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{base}/m1.csv.partial".removeprefix("memory://"), b"someone else's file")
+    listed = listing.from_prefix(str(tmp_path / "archive"), PATTERN, f"{base}/m[1].csv")
+    assert listed.rows == len(keys) and len(read_manifest(f"{base}/m[1].csv")) == len(keys)
+    assert fs.cat(f"{base}/m1.csv.partial".removeprefix("memory://")) == b"someone else's file"
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base.removeprefix("memory://"), detail=False)) == [
+        "m1.csv.partial", "m[1].csv"]

@@ -229,7 +229,8 @@ def test_eval_writes_metrics_json(first_run, mixed_manifest, tmp_path):
     upper = pd.read_csv(mixed_manifest, dtype=str, keep_default_na=False)
     upper["label"] = upper["label"].str.upper()  # NORMAL, BRIDGE, ...: not the run's classes
     upper.to_csv(tmp_path / "upper.csv", index=False)
-    with pytest.raises(OutputError, match=r"label 'NORMAL' \(\d+ rows\) is not a class of the run \(normal, "):
+    with pytest.raises(OutputError, match=r"label 'NORMAL' \(\d+ rows; \d+ with labels outside the run's classes\) is "
+                                          r"not a class of the run \(normal, "):
         evaluate(str(out), str(tmp_path / "upper.csv"))
     assert json.loads((out / "metrics.json").read_text()) == saved  # nothing written for the refused truth
     damaged = tmp_path / "damaged"

@@ -13,7 +13,7 @@ from torch import nn
 
 from semclip_batch.cli import main
 from semclip_batch.errors import ConfigError
-from semclip_batch.fewshot.pretrain import refuse_diverged_weights
+from semclip_batch.fewshot.pretrain_checks import refuse_diverged_weights
 from semclip_batch.io.storage import same_file
 
 FAST = ("--backbone", "semclip-tiny", "--pretrained", "none", "--no-scale-check", "--steps", "2", "--batch-size", "2",
@@ -94,9 +94,9 @@ def test_out_that_is_the_manifest_or_the_pretrained_weights_is_refused(synth_lot
     assert weights.read_bytes() == b"not read: refused first"
 
 
-def test_same_file_normalises_urls(tmp_path):
-    assert same_file("s3://b/a/w.safetensors", "S3://b/a//./w.safetensors")
-    assert same_file("s3://b/x/../a/w.safetensors", "s3://b/a/w.safetensors")
+def test_same_file_compares_urls_as_keys_and_paths_as_files(tmp_path):
+    assert same_file("s3://b/a/w.safetensors", "S3://b/a/w.safetensors")
+    assert not same_file("s3://b/x/../a/w.safetensors", "s3://b/a/w.safetensors")  # keys are literal
     assert not same_file("s3://b/a/w.safetensors", "gs://b/a/w.safetensors")
     assert not same_file("s3://b/a/w.safetensors", "s3://b/a/m.csv")
     assert same_file(f"file://{tmp_path}/m.csv", str(tmp_path / "x" / ".." / "m.csv"))

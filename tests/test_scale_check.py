@@ -344,6 +344,10 @@ def test_the_held_out_localisation_is_the_final_maps_and_warns_under_its_bound()
     assert held_out_localisation({"scale_check": {**scale, "chosen": None}}) is None  # nothing measured
     assert held_out_localisation({"scale_check": {"frames": 0, "figures": {}, "chosen": None}}) is None
     assert held_out_localisation({}) is None and weak_localisation_warning(None) is None
+    given = held_out_localisation({"grey_memory": {**grey, "weight": 0.0, "held_out": 14}})  # a policy given
+    assert given is not None and given["frames"] == 14 and "of the 14 support frames" in str(weak_localisation_warning(given))
+    unknown = held_out_localisation({"grey_memory": {**grey, "weight": 0.0}})  # a record from before the count
+    assert unknown is not None and "of the support frames the fit held out" in str(weak_localisation_warning(unknown))
     no_truth = {**scale, "figures": {"0.5": {"pAUROC": None, "F1max": None, "views": 90}}}
     assert held_out_localisation({"scale_check": no_truth}) is None
 

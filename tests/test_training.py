@@ -213,9 +213,10 @@ def test_checkpoint_meta_is_versioned_and_reads_unversioned_ones(checkpoint, tmp
                        ("thresholds.pixel", lambda b: b["thresholds"].update(pixel=float("nan"))),
                        ("thresholds.min_region_px", lambda b: b["thresholds"].update(min_region_px=[3])),
                        ("scale_policy", lambda b: b.update(scale_policy="bogus")),
-                       ("sigma", lambda b: b.update(sigma=True)), ("taps", lambda b: b.update(taps=["x"]))):
+                       ("sigma", lambda b: b.update(sigma=True)), ("taps", lambda b: b.update(taps=["x"])),
+                       ("taps", lambda b: b.update(taps=[b["taps"][0] + 0.5]))):
         with pytest.raises(WeightsError, match=rf"lacks or mangles '{name}'$"):
-            load_checkpoint(variant(name, edit))
+            load_checkpoint(variant(f"{name}-{id(edit)}", edit))
     # classes that do not match the tensors fitted on them: refused before any frame is scored
     for name, edit in (("fewer", lambda b: b.update(classes=b["classes"][:-1])),
                        ("more", lambda b: (b["classes"].append("void"), b["prompts"].update(void=["a void"])))):

@@ -18,7 +18,7 @@ from semclip_batch.analysis.aggregate import run_classes
 from semclip_batch.analysis.metrics import ClassificationReport, PixelCounts, classification_report, roc_auc
 from semclip_batch.analysis.results import read_predictions
 from semclip_batch.config import NORMAL, Progress
-from semclip_batch.errors import OK, ImageError, OutputError
+from semclip_batch.errors import OK, ImageError, OutputError, show
 from semclip_batch.io import storage
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.layout import OutLayout
@@ -49,8 +49,10 @@ def check_labels(rows: pd.DataFrame, classes: list[str], truth: str) -> None:
     labels = rows.loc[rows["label"] != "", "label"]
     unknown = labels[~labels.isin(classes)]
     if len(unknown):
-        raise OutputError(f"{truth}: label {unknown.iloc[0]!r} ({len(unknown)} rows) is not a class of the run "
-                          f"({', '.join(classes)}); labels are matched exactly")
+        first = unknown.iloc[0]
+        raise OutputError(f"{truth}: label {show(first)} ({int((unknown == first).sum())} rows; {len(unknown)} with "
+                          f"labels outside the run's classes) is not a class of the run ({', '.join(classes)}); "
+                          "labels are matched exactly")
 
 
 def truth_mask(row: pd.Series, shape: tuple[int, int], storage_options: Mapping[str, Any] | None) -> np.ndarray | None:

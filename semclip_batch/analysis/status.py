@@ -30,6 +30,7 @@ from semclip_batch.config import DEFAULT_STALE_AFTER_S
 from semclip_batch.errors import OutputError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
+from semclip_batch.io.manifest_files import hidden
 
 log = logging.getLogger(__name__)
 RUNNING, LIKELY_KILLED, INTERRUPTED = "running", "likely killed", "interrupted"
@@ -193,7 +194,8 @@ def _find(url: str, so: Mapping[str, Any]) -> tuple[Any, dict[str, dict[str, Any
         found = fs.find(path, withdirs=False, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         return fs, {}
-    return fs, {p: info for p, info in found.items() if not p.rsplit("/", 1)[-1].startswith(".")}
+    base = path.rstrip("/") + "/"
+    return fs, {p: info for p, info in found.items() if not hidden(p[len(base):] if p.startswith(base) else p)}
 
 
 def _mtime(info: Mapping[str, Any]) -> datetime | None:

@@ -37,7 +37,7 @@ def from_prefix_cmd(url: str, pattern: str, out: str, storage_option: tuple[str,
     if listed.unmatched:
         skipped = f"; skipped {listed.unmatched} key(s) not matching the pattern, e.g. {listed.unmatched_example}"
     if listed.hidden:
-        skipped += f"; skipped {listed.hidden} hidden file(s)"
+        skipped += f"; skipped {listed.hidden} hidden file(s) or folder(s)"
     if listed.refused:
         skipped += f"; skipped {listed.refused} key(s) whose fields `run` refuses, e.g. {listed.refused_example}"
     click.echo(f"wrote {out}: {listed.rows} rows{skipped}")

@@ -286,7 +286,7 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     except ValueError as exc:
         return None, {"weight": 0.0, "note": str(exc)}
     record: dict[str, Any] = {"entries": len(memory.entries), "own": int(memory.own),
-                              "scale": round(float(memory.scale), 5), "fitted_on": len(known)}
+                              "scale": round(float(memory.scale), 5), "fitted_on": len(known), "held_out": len(held_rows)}
     at = replace(cfg, policy_from_weights=False, check_scale=False)
     try:
         held_scored = SupportMaps.of(*support_maps_at(at, df.iloc[held_rows], classes, backbone, fitted,

@@ -50,8 +50,9 @@ WEAK_F1MAX = 0.05  # the held-out support frames' F1max under which train warns 
 def held_out_localisation(training: Mapping[str, Any]) -> dict[str, Any] | None:
     """How well the checkpoint's maps found the defect pixels of the support frames the fit held out, as ``train``'s
     checks scored them (the method's memory left out: its bank holds those frames' clean patches): at the grey-level
-    memory's chosen weight where it was weighed, else at the policy the scale check chose. None where neither
-    measured F1max (nothing held out, no defect pixel among them, or the maps' policy given)."""
+    memory's chosen weight where it was weighed (weight 0: the maps alone), else at the policy the scale check
+    chose. None where neither measured F1max (nothing held out, no defect pixel among them, or the maps' policy
+    given and no grey-level memory weighed)."""
     grey, scale = training.get("grey_memory") or {}, training.get("scale_check") or {}
     if "figures" in grey:
         row, scored = grey["figures"].get(f"{grey['weight']:g}") or {}, f"grey-level memory weight {grey['weight']:g}"
@@ -60,7 +61,8 @@ def held_out_localisation(training: Mapping[str, Any]) -> dict[str, Any] | None:
         row, scored = (scale.get("figures") or {}).get(chosen) or {}, f"scale policy {chosen}"
     if row.get("F1max") is None:
         return None
-    return {"frames": scale.get("frames"), "pAUROC": row.get("pAUROC"), "F1max": row["F1max"], "scored_at": scored}
+    frames = scale.get("frames") or grey.get("held_out")  # a policy given: no scale check, the memory's count
+    return {"frames": frames, "pAUROC": row.get("pAUROC"), "F1max": row["F1max"], "scored_at": scored}
 
 
 def weak_localisation_warning(localisation: Mapping[str, Any] | None) -> str | None:
@@ -68,7 +70,8 @@ def weak_localisation_warning(localisation: Mapping[str, Any] | None) -> str | N
     if localisation is None or localisation["F1max"] >= WEAK_F1MAX:
         return None
     auroc = localisation["pAUROC"]
-    return (f"the maps found almost none of the defect pixels of the {localisation['frames']} support frames the fit "
+    frames = "" if localisation["frames"] is None else f"{localisation['frames']} "
+    return (f"the maps found almost none of the defect pixels of the {frames}support frames the fit "
             f"held out (F1max {localisation['F1max']:.3f}" + ("" if auroc is None else f", pixel AUROC {auroc:.3f}")
             + f"; under {WEAK_F1MAX:g}): on frames like these expect unreliable defect masks and areas, image scores "
             "and the classes read at the map's maximum; check run's output with eval on a labelled lot first")

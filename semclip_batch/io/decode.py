@@ -195,9 +195,9 @@ def _scale(arr: np.ndarray) -> np.ndarray:
             out /= np.float32(np.iinfo(arr.dtype).max)
             return out
         return arr.astype(np.float64) / float(np.iinfo(arr.dtype).max)
-    if np.issubdtype(arr.dtype, np.signedinteger):  # the type's whole range, negatives kept (were clipped to 0)
-        info = np.iinfo(arr.dtype)
-        return (arr.astype(np.float64) - float(info.min)) / (float(info.max) - float(info.min))
+    if np.issubdtype(arr.dtype, np.signedinteger):  # by the type's maximum, sign kept: negatives stay apart (they
+        # were clipped to 0) and zero stays 0 (a signed mask's background); the stretch after is offset-free
+        return arr.astype(np.float64) / float(np.iinfo(arr.dtype).max)
     if np.issubdtype(arr.dtype, np.floating):
         return arr.astype(np.float64)
     raise decode_error(f"unsupported sample type {arr.dtype}")

@@ -78,13 +78,16 @@ def refusal(fields: Mapping[str, str]) -> str | None:
 
 
 def _keys(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[str]:
-    """Keys under ``url`` relative to it, one folder at a time, in a stable order."""
+    """Keys under ``url`` relative to it, one folder at a time, in a stable order. A hidden folder (``.snapshot/``,
+    which may hold the whole tree again) is not entered: its own name is yielded, which :func:`_row` counts as
+    hidden."""
     fs, root = storage.filesystem(url, storage_options)
     root = root.rstrip("/")
     for folder, subfolders, files in fs.walk(root):
-        subfolders.sort()
         base = folder.rstrip("/")[len(root):].lstrip("/")
-        for name in sorted(files):
+        pruned = sorted(name for name in subfolders if name.startswith("."))
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in [*pruned, *sorted(files)]:
             yield posixpath.join(base, name) if base else name
 
 
@@ -108,12 +111,12 @@ def from_prefix(url: str, pattern: str, out: str, storage_options: Mapping[str, 
         tally = _write(url, prefix, regex, fields, fs.open(partial, "wb"), fmt, schema, storage_options, skip=own)
     except BaseException:
         if fs.exists(partial):
-            fs.rm(partial)
+            fs.rm_file(partial)  # rm_file and move_file: literal names (rm and mv glob on object stores)
         raise
     if not tally.rows:
-        fs.rm(partial)
+        fs.rm_file(partial)
         raise ManifestError(f"prefix {storage.redact(url)}: nothing listed ({_nothing_listed(tally, pattern)})")
-    fs.mv(partial, path)
+    storage.move_file(fs, partial, path)
     return tally
 
 

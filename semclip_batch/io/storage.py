@@ -120,8 +120,9 @@ LOCAL_PROTOCOLS = ("file", "local")  # URLs that name a local path
 
 def same_file(a: str, b: str) -> bool:
     """Whether two paths or URLs name one file. Local paths (and ``file://`` URLs): symlinks and relative parts
-    resolved, and the same inode where both exist (a hard link counts); other URLs: equal once normalised
-    (protocol case, ``.`` and ``..`` parts, doubled and trailing slashes)."""
+    resolved, and the same inode where both exist (a hard link counts); other URLs: equal but for the protocol's
+    case and a trailing slash (an object store's keys are literal: ``s3://b/x/../k`` is another key than
+    ``s3://b/k``)."""
     local_a, local_b = _local_path(a), _local_path(b)
     if local_a is None or local_b is None:
         return local_a is None and local_b is None and _url_key(a) == _url_key(b)
@@ -141,7 +142,7 @@ def _local_path(url: str) -> str | None:
 
 
 def _url_key(url: str) -> str:
-    return f"{protocol_of(url).lower()}://{posixpath.normpath('/' + url.split('://', 1)[1]).lstrip('/')}"
+    return f"{protocol_of(url).lower()}://{url.split('://', 1)[1].rstrip('/')}"
 
 
 def refuse_overwriting_inputs(out: str, inputs: Mapping[str, str | None]) -> None:
@@ -293,6 +294,16 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
     :data:`RETRY_ATTEMPTS` tries (a whole-object PUT can be repeated)."""
     fs, path = filesystem(url, storage_options)
     _with_retries("write of", url, lambda: put_whole(fs, path, data), RETRY_ATTEMPTS)
+
+
+def move_file(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Move one file onto ``target``, both paths taken literally (``fs.mv`` and ``fs.rm`` expand ``*``, ``?`` and
+    ``[`` on object stores): a rename on a local disk, a copy then a delete elsewhere."""
+    if isinstance(fs, LocalFileSystem):
+        os.replace(source, target)
+        return
+    fs.cp_file(source, target)
+    fs.rm_file(source)
 
 
 def put_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -165,8 +165,8 @@ def _number(value: Any, name: str, kind: Callable[[Any], Any] = float) -> Any:
         number = kind(value)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(name) from None
-    if not math.isfinite(number):
-        raise ValueError(name)
+    if not math.isfinite(number) or (kind is int and isinstance(value, float) and value != number):
+        raise ValueError(name)  # not finite, or a fraction where a count is stored (3.7 is not 3)
     return number
 
 
