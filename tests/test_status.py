@@ -182,6 +182,14 @@ def test_damaged_marker_is_counted_apart(tmp_path: Path, now: datetime) -> None:
     Path(OutLayout(str(tmp_path)).marker("L 2#", "s00000")).write_text("{not json")
     st = out_status(str(tmp_path), now=now)
     assert (st.shards_done, st.damaged_markers) == (2, 1)
+    # a marker a rerun would not skip (its counts do not add up to its rows, or it names another shard) is not
+    # done for status either: the same rule as run's
+    _write_json(Path(OutLayout(str(tmp_path)).marker("L 2#", "s00000")),
+                {"lot_id": "L 2#", "shard": "s00000", "rows": 5, "counts": {"ok": 2}})
+    _write_json(Path(OutLayout(str(tmp_path)).marker("L 2#", "s00001")),
+                {"lot_id": "L 2#", "shard": "s00009", "rows": 2, "counts": {"ok": 2}})
+    st = out_status(str(tmp_path), now=now)
+    assert (st.shards_done, st.damaged_markers) == (2, 2)
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "other"])

@@ -31,6 +31,7 @@ from semclip_batch.errors import OutputError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest_files import hidden
+from semclip_batch.pipeline.shards import marker_counts
 
 log = logging.getLogger(__name__)
 RUNNING, LIKELY_KILLED, INTERRUPTED = "running", "likely killed", "interrupted"
@@ -223,24 +224,14 @@ def _read_markers(layout: OutLayout, so: Mapping[str, Any]) -> tuple[dict[str, d
     markers: dict[str, dict[str, int]] = {}
     damaged = 0
     for path, body in zip(paths, bodies, strict=True):
-        counts = _marker_counts(body)
+        lot, name = path.rsplit("/", 2)[-2:]
+        shard = name.removesuffix(".json")
+        counts = marker_counts(body, lot, shard)  # run's own rule: done here is what a rerun skips
         if counts is None:
             damaged += 1
         else:
-            lot, shard = path.rsplit("/", 2)[-2:]
-            markers[f"{lot}/{shard.removesuffix('.json')}"] = counts
+            markers[f"{lot}/{shard}"] = counts
     return markers, damaged, _newest(infos)
-
-
-def _marker_counts(data: object) -> dict[str, int] | None:
-    try:
-        body = json.loads(data) if isinstance(data, bytes) else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    counts = body.get("counts") if isinstance(body, dict) else None
-    if not isinstance(counts, dict) or not all(_int(v) is not None for v in counts.values()):
-        return None
-    return {str(k): int(v) for k, v in counts.items()}
 
 
 def _newest_activity(layout: OutLayout, so: Mapping[str, Any], marker_time: datetime | None) -> tuple[datetime | None, str]:

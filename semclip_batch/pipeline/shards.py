@@ -170,21 +170,24 @@ def done_shards(layout: OutLayout, lots: Iterable[str], storage_options: Mapping
         # cat_ranges reads each path as named (cat expands * ? [ in an OUT's name on an object store)
         bodies = dict(zip(paths, fs.cat_ranges(paths, None, None, on_error="return"), strict=True))
         for shard, key in zip(shards, paths, strict=True):
-            counts = _marker_counts(bodies.get(key), lot, shard)
+            data = bodies.get(key)
+            counts = marker_counts(data, lot, shard)
             if counts is not None:
                 done[(lot, shard)] = counts
+            elif isinstance(data, bytes):
+                log.warning("done marker %s/%s is damaged or not this shard's (%d bytes); its shard runs again", lot,
+                            shard, len(data))
     return done
 
 
-def _marker_counts(data: object, lot: str, shard: str) -> dict[str, int] | None:
-    """A marker's status counts, or None when it is missing, damaged or not this shard's."""
+def marker_counts(data: object, lot: str, shard: str) -> dict[str, int] | None:
+    """A marker's status counts, or None when it is missing, damaged or not this shard's (``status`` reads
+    markers with this same rule, so it counts as done exactly what a rerun skips)."""
     if not isinstance(data, bytes):
         return None
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        log.warning("done marker %s/%s is damaged (%d bytes of invalid JSON); its shard runs again", lot, shard,
-                    len(data))
         return None
     if not isinstance(body, dict) or body.get("lot_id") != lot or body.get("shard") != shard:
         return None
