@@ -31,7 +31,7 @@ from semclip_batch.errors import OutputError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest_files import hidden
-from semclip_batch.pipeline.shards import marker_counts
+from semclip_batch.io.markers import marker_counts
 
 log = logging.getLogger(__name__)
 RUNNING, LIKELY_KILLED, INTERRUPTED = "running", "likely killed", "interrupted"

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from semclip_batch.errors import OutputError
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
+from semclip_batch.io.markers import marker_counts
 from semclip_batch.io.masks import open_masks
 from semclip_batch.io.schema import INPUT
 
@@ -178,24 +179,6 @@ def done_shards(layout: OutLayout, lots: Iterable[str], storage_options: Mapping
                 log.warning("done marker %s/%s is damaged or not this shard's (%d bytes); its shard runs again", lot,
                             shard, len(data))
     return done
-
-
-def marker_counts(data: object, lot: str, shard: str) -> dict[str, int] | None:
-    """A marker's status counts, or None when it is missing, damaged or not this shard's (``status`` reads
-    markers with this same rule, so it counts as done exactly what a rerun skips)."""
-    if not isinstance(data, bytes):
-        return None
-    try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(body, dict) or body.get("lot_id") != lot or body.get("shard") != shard:
-        return None
-    counts = body.get("counts")
-    if (not isinstance(counts, dict) or not all(isinstance(v, int) for v in counts.values())
-            or sum(counts.values()) != body.get("rows")):
-        return None
-    return {str(k): int(v) for k, v in counts.items()}
 
 
 def write_marker(layout: OutLayout, key: ShardKey, counts: Mapping[str, int],
