@@ -13,7 +13,7 @@ import os
 import posixpath
 import random
 import re
-import tempfile
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO, Literal, TypeVar
@@ -321,31 +321,23 @@ def put_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         raise
 
 
-_CREATE_MODE = 0o666  # what open() asks for a new file, before the umask
-
-
-def _umask() -> int:
-    """The process's umask: from ``/proc/self/status`` where Linux gives it (a read, safe beside other threads
-    creating files), else by setting it and putting it back (the portable way, racy in that instant)."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _new_temporary(folder: str) -> tuple[int, str]:
+    """A new dot-file in ``folder`` opened for writing, created with mode 0666 so that the kernel applies the
+    umask (and a folder's default ACL) as for any new file (``mkstemp`` makes it 0600, which the rename kept)."""
+    while True:
+        tmp = posixpath.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(8)}.part")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # 64 random bits taken already: draw again
+            continue
 
 
 def _temporary_copy(path: str, data: bytes) -> str:
     """``data`` written whole to a new dot-file beside ``path`` (removed again if the write fails)."""
     folder = posixpath.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".part")
+    fd, tmp = _new_temporary(folder)
     try:
-        os.fchmod(fd, _CREATE_MODE & ~_umask())  # mkstemp makes it 0600; a file renamed into place takes the umask
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
     except BaseException:
