@@ -28,7 +28,7 @@ from semclip_batch.fewshot.adapt import adaptation_lines
 from semclip_batch.fewshot.pretrain import OPTIMIZER, PretrainConfig, pretrain
 from semclip_batch.fewshot.scale_check import support_check_lines
 from semclip_batch.fewshot.train import TrainConfig, train
-from semclip_batch.io import storage
+from semclip_batch.io import storage, targets
 from semclip_batch.methods.shipped import SHIPPED, shipped_weights
 from semclip_batch.pipeline.driver import run
 from semclip_batch.synth.generate import SynthConfig, synth
@@ -70,7 +70,7 @@ def _short_pretrain(pre: str, weights: str, backbone: str) -> Iterator[str]:
 def run_demo(folder: str, *, backbone: str = "semclip-tiny", with_pretrain: bool = False) -> Iterator[str]:
     """Run the demo, yielding lines to show."""
     root = storage.normalize_root(folder)
-    storage.check_target(root, "folder", "DIR (the demo's folder)")
+    targets.check_target(root, "folder", "DIR (the demo's folder)")
     data, support, pre, out = (storage.join(root, p) for p in ("data", "support", "pretrain", "out"))
     ckpt = storage.join(root, "checkpoint")
     yield f"[1/8] synth: test lots -> {data}, 10-shot support set -> {support}"

@@ -140,15 +140,15 @@ def test_an_output_whose_kind_cannot_be_read_is_left_to_the_write(monkeypatch, t
     write reports whatever is wrong), it never turns a write that would succeed into a failure."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from semclip_batch.io import storage
+    from semclip_batch.io import targets
 
     def denied(self, path):
         raise PermissionError("Access Denied")
 
     monkeypatch.setattr(LocalFileSystem, "isdir", denied)
     monkeypatch.setattr(LocalFileSystem, "isfile", denied)
-    storage.check_target(str(tmp_path / "w.safetensors"), "file", "--out")
-    storage.check_target(str(tmp_path / "ck"), "folder", "--out")
+    targets.check_target(str(tmp_path / "w.safetensors"), "file", "--out")
+    targets.check_target(str(tmp_path / "ck"), "folder", "--out")
 
 
 def test_an_unexpected_error_is_one_line_of_at_most_500_characters_with_its_hint():

@@ -14,7 +14,7 @@ from torch import nn
 from semclip_batch.cli import main
 from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.pretrain_checks import refuse_diverged_weights
-from semclip_batch.io.storage import same_file
+from semclip_batch.io.targets import same_file
 
 FAST = ("--backbone", "semclip-tiny", "--pretrained", "none", "--no-scale-check", "--steps", "2", "--batch-size", "2",
         "--heldout", "0", "--crops", "0")

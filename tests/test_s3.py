@@ -20,7 +20,7 @@ from semclip_batch.config import SCALE_CHECK_POLICIES
 from semclip_batch.errors import ManifestError, OutputError
 from semclip_batch.fewshot.adapt import ADAPTED_BACKBONE, ADAPTED_SOURCE
 from semclip_batch.fewshot.scale_check import FITTED
-from semclip_batch.io import storage
+from semclip_batch.io import storage, targets
 from semclip_batch.io.cell_reference import cell_reference
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
@@ -51,11 +51,11 @@ def test_an_output_of_the_wrong_kind_is_refused_on_s3(s3_endpoint):
     boto3.client("s3").put_object(Bucket=BUCKET, Key="kinds/a-file", Body=b"x")
     boto3.client("s3").put_object(Bucket=BUCKET, Key="kinds/a-folder/inside.txt", Body=b"x")
     with pytest.raises(OutputError, match="is a file"):
-        storage.check_target(f"s3://{BUCKET}/kinds/a-file", "folder", "--out")
+        targets.check_target(f"s3://{BUCKET}/kinds/a-file", "folder", "--out")
     with pytest.raises(OutputError, match="is a folder"):
-        storage.check_target(f"s3://{BUCKET}/kinds/a-folder", "file", "--out")
-    storage.check_target(f"s3://{BUCKET}/kinds/a-folder", "folder", "--out")  # a run's root written before
-    storage.check_target(f"s3://{BUCKET}/kinds/new.safetensors", "file", "--out")
+        targets.check_target(f"s3://{BUCKET}/kinds/a-folder", "file", "--out")
+    targets.check_target(f"s3://{BUCKET}/kinds/a-folder", "folder", "--out")  # a run's root written before
+    targets.check_target(f"s3://{BUCKET}/kinds/new.safetensors", "file", "--out")
 
 
 def test_rows_and_masks_on_s3(s3_run):

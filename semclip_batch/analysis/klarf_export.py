@@ -29,7 +29,7 @@ import pyarrow.dataset as pads
 
 from semclip_batch.config import NORMAL
 from semclip_batch.errors import ConfigError, OutputError, show
-from semclip_batch.io import storage
+from semclip_batch.io import storage, targets
 from semclip_batch.io.klarf import UNCLASSIFIED, KlarfError, Layout, layout, parse, read_layout
 from semclip_batch.io.klarf_write import class_numbers, encode, new_klarf, relabel, render
 from semclip_batch.io.layout import OutLayout
@@ -107,8 +107,8 @@ def _check_dest(dest: str, layout_: OutLayout, inputs: Mapping[str, str | None],
     if target.rstrip("/") + "/" == root or target.startswith(root):
         raise ConfigError(f"--out {shown!r} is inside OUT {storage.redact(layout_.root)}: write the KLARF elsewhere (OUT "
                           "holds the run's own outputs only)")
-    storage.refuse_overwriting_inputs(dest, inputs)
-    storage.check_target(dest, "file", "--out (the KLARF to write)", so)
+    targets.refuse_overwriting_inputs(dest, inputs)
+    targets.check_target(dest, "file", "--out (the KLARF to write)", so)
 
 
 def _lot_rows(layout_: OutLayout, lot_id: str, so: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -42,7 +42,7 @@ from semclip_batch.analysis.results import read_predictions
 from semclip_batch.analysis.suggest_rule import DUPLICATE, Scores, Weights, map_peak, reason, select, terms
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import OK, ConfigError, ImageError, OutputError, SemclipError, one_line
-from semclip_batch.io import storage
+from semclip_batch.io import storage, targets
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import read_manifest_table
 from semclip_batch.io.plan import read_plan_columns
@@ -262,7 +262,7 @@ def preprocess_of(record: Mapping[str, Any], backbone: str) -> PreprocessConfig:
 def suggest(cfg: SuggestConfig) -> Suggestion:
     """Choose ``cfg.n`` frames of the finished run in ``cfg.out`` and write them to ``cfg.dest`` as a manifest."""
     so = storage.check_storage_options(cfg.storage_options)
-    storage.check_target(cfg.dest, "file", "--out (the manifest to write)", so)
+    targets.check_target(cfg.dest, "file", "--out (the manifest to write)", so)
     if storage.exists(cfg.dest, so) and not cfg.overwrite:
         raise OutputError(f"{storage.redact(cfg.dest)} exists; pass --overwrite to replace it")
     layout = OutLayout(storage.normalize_root(cfg.out))

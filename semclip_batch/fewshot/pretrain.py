@@ -72,7 +72,7 @@ from semclip_batch.fewshot.pretrain_checks import (
 )
 from semclip_batch.fewshot.scale_check import ScaleCheck, check_rows, reserve_seconds, run_check
 from semclip_batch.fewshot.trainset import IGNORE, TrainSet, load_trainset, patch_labels
-from semclip_batch.io import storage
+from semclip_batch.io import storage, targets
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.preprocess import normalize
 from semclip_batch.methods.prompts import PromptSet, load_prompts
@@ -251,7 +251,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     ``caller`` / ``alike_hint``: who warns that the class texts are still alike after training, and what it advises
     (the options the caller's user has)."""
     started = time.perf_counter()
-    storage.check_target(cfg.out, "file", "--out (the weights file)", cfg.model.storage_options)
+    targets.check_target(cfg.out, "file", "--out (the weights file)", cfg.model.storage_options)
     refuse_out_over_inputs(cfg)
     torch.manual_seed(cfg.model.seed)
     m = cfg.model

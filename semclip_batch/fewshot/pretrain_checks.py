@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from semclip_batch.errors import ConfigError, SemclipError, shorten
-from semclip_batch.io import storage
+from semclip_batch.io import storage, targets
 from semclip_batch.io.manifest_files import read_table
 from semclip_batch.methods.shipped import SHIPPED
 from semclip_batch.methods.weights import RANDOM
@@ -26,7 +26,7 @@ def refuse_out_over_inputs(cfg: PretrainConfig) -> None:
     """Refuse, in one line and before any work, an ``--out`` that is the manifest pretrain reads, the
     ``--pretrained`` weights it starts from or its ``--prompts`` file: writing the weights there would destroy it."""
     pretrained = None if cfg.model.pretrained in (RANDOM, SHIPPED) else cfg.model.pretrained
-    storage.refuse_overwriting_inputs(cfg.out, {"manifest": cfg.manifest, "--pretrained weights file": pretrained,
+    targets.refuse_overwriting_inputs(cfg.out, {"manifest": cfg.manifest, "--pretrained weights file": pretrained,
                                                 "--prompts file": cfg.model.prompts})
 
 

@@ -51,7 +51,7 @@ from semclip_batch.fewshot.support_set import (
     support_that_fits,
 )
 from semclip_batch.fewshot.trainset import TrainSet
-from semclip_batch.io import storage
+from semclip_batch.io import targets
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
 from semclip_batch.methods.features import Features
@@ -129,7 +129,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
 
 def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: LossProgress | None) -> CheckpointMeta:
     t0 = time.perf_counter()
-    storage.check_target(cfg.out, "folder", "--out (the checkpoint folder)", cfg.model.storage_options)
+    targets.check_target(cfg.out, "folder", "--out (the checkpoint folder)", cfg.model.storage_options)
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
     if cfg.check_scale:  # fitted at whole, whatever policy a library caller's spec gives; the maps' policy checked after

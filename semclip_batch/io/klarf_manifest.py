@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semclip_batch.errors import ConfigError, show
-from semclip_batch.io import storage
+from semclip_batch.io import storage, targets
 from semclip_batch.io.klarf import KlarfDefect, KlarfError, read_klarf
 from semclip_batch.io.manifest import MAX_PAGE, lot_id_problem, normalize
 from semclip_batch.io.manifest_files import manifest_format
@@ -67,8 +67,8 @@ def from_klarf(klarfs: Sequence[str], images: str, out: str, class_map: Mapping[
         check_image_name(image_name)
     so = dict(storage_options or {})
     check_images(images)
-    storage.refuse_overwriting_inputs(out, {"--class-map file": class_map_url, **{f"KLARF {k}": k for k in klarfs}})
-    storage.check_target(out, "file", "--out (the manifest to write, .csv or .parquet)", so)
+    targets.refuse_overwriting_inputs(out, {"--class-map file": class_map_url, **{f"KLARF {k}": k for k in klarfs}})
+    targets.check_target(out, "file", "--out (the manifest to write, .csv or .parquet)", so)
     rows: list[dict[str, str]] = []
     found = without = 0
     seen: dict[tuple[str, str], str] = {}  # (uri, page) -> the defect reading it

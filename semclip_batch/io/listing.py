@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from semclip_batch.errors import ManifestError, show
-from semclip_batch.io import storage
+from semclip_batch.io import storage, targets
 from semclip_batch.io.manifest import lot_id_problem, parse_int
 from semclip_batch.io.manifest_files import hidden, manifest_format, pattern_regex
 
@@ -94,7 +94,7 @@ def _keys(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[str]:
 def from_prefix(url: str, pattern: str, out: str, storage_options: Mapping[str, Any] | None = None) -> Listed:
     """List ``url`` into the manifest ``out`` (``.parquet`` or ``.csv``, any fsspec URL)."""
     fmt = manifest_format(out)
-    storage.check_target(out, "file", "--out (the manifest to write)", storage_options)
+    targets.check_target(out, "file", "--out (the manifest to write)", storage_options)
     if not storage.has_protocol(url):
         url = os.path.abspath(url)  # uris must not depend on where the manifest is read from
     regex = pattern_regex(pattern)

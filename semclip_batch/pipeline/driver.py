@@ -31,7 +31,7 @@ from semclip_batch.config import (
     RunConfig,
 )
 from semclip_batch.errors import MODEL_ERROR, OK, WRITE_ERROR, RunFailed, one_line
-from semclip_batch.io import storage
+from semclip_batch.io import storage, targets
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import content_digest, read_manifest_table
 from semclip_batch.io.runrecord import now_iso, start_record, write_record
@@ -108,7 +108,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     launched = time.perf_counter()
     layout = OutLayout(storage.normalize_root(cfg.out))
     so = cfg.storage_options
-    storage.check_target(layout.root, "folder", "--out (the output root)", so)
+    targets.check_target(layout.root, "folder", "--out (the output root)", so)
     with timer.stage("manifest"):
         manifest = read_manifest_table(cfg.input, pattern=cfg.pattern, storage_options=so)
     with timer.stage("model_load"):

@@ -19,7 +19,7 @@ import tifffile
 from PIL import Image
 
 from semclip_batch.errors import ConfigError
-from semclip_batch.io import storage
+from semclip_batch.io import storage, targets
 from semclip_batch.synth.defects import add_scaled_defect
 from semclip_batch.synth.families import Family, get_family
 from semclip_batch.synth.layouts import draw, make_layout
@@ -185,7 +185,7 @@ def synth(out: str, cfg: SynthConfig, storage_options: dict | None = None) -> pd
     """Write a synthetic data set under ``out`` and return its manifest."""
     rows = []
     root = storage.normalize_root(out)
-    storage.check_target(root, "folder", "OUT (the folder of the lot)", storage_options)
+    targets.check_target(root, "folder", "OUT (the folder of the lot)", storage_options)
     for lot_index in range(cfg.lots):
         lot = f"LOT-S{cfg.seed}-{lot_index:02d}"
         n = 0

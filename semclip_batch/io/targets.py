@@ -1,0 +1,80 @@
+"""Where a command may write: an output of the right kind (a folder where a folder is written, a file where a
+file is, nothing below a file) and not one of the files the command reads (:func:`same_file`), each refused in one
+line before any work."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from fsspec.implementations.local import LocalFileSystem
+
+from semclip_batch.errors import ConfigError, OutputError, one_line
+from semclip_batch.io.storage import filesystem, has_protocol, protocol_of, redact
+
+log = logging.getLogger(__name__)
+
+
+LOCAL_PROTOCOLS = ("file", "local")  # URLs that name a local path
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths or URLs name one file. Local paths (and ``file://`` URLs): symlinks and relative parts
+    resolved, and the same inode where both exist (a hard link counts); other URLs: equal but for the protocol's
+    case and a trailing slash (an object store's keys are literal: ``s3://b/x/../k`` is another key than
+    ``s3://b/k``)."""
+    local_a, local_b = _local_path(a), _local_path(b)
+    if local_a is None or local_b is None:
+        return local_a is None and local_b is None and _url_key(a) == _url_key(b)
+    real_a, real_b = os.path.realpath(local_a), os.path.realpath(local_b)
+    if real_a == real_b:
+        return True
+    try:
+        return os.path.samefile(real_a, real_b)
+    except OSError:  # either does not exist (yet): different names are different files
+        return False
+
+
+def _local_path(url: str) -> str | None:
+    if not has_protocol(url):
+        return os.path.expanduser(url)
+    return url.split("://", 1)[1] if protocol_of(url).lower() in LOCAL_PROTOCOLS else None
+
+
+def _url_key(url: str) -> str:
+    return f"{protocol_of(url).lower()}://{url.split('://', 1)[1].rstrip('/')}"
+
+
+def refuse_overwriting_inputs(out: str, inputs: Mapping[str, str | None]) -> None:
+    """Refuse, before any work, an ``--out`` that names a file the command reads (writing it would destroy that
+    input: a manifest, weights, a class map or a KLARF given as ``--out`` too). ``inputs``: what each file is, for
+    the message (``"--class-map file"``) -> its path or URL, None when not given. Raises :class:`ConfigError`."""
+    for what, given in inputs.items():
+        if given is not None and same_file(out, given):
+            raise ConfigError(f"--out {redact(out)!r} is the {what} this command reads: write to another file")
+
+
+def check_target(url: str, kind: Literal["file", "folder"], what: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse, before any work, an output location holding the other kind of entry: a file where ``kind`` is
+    ``"folder"`` (a checkpoint folder, a run's output root), a folder where it is ``"file"`` (a weights file, a
+    manifest, a KLARF); on a local disk, also a file among the folders above it (nothing can be made below a file).
+    ``what``: the option and what it names, for the message (e.g. ``"--out (the checkpoint folder)"``). Raises
+    :class:`~semclip_batch.errors.OutputError`."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        wrong = fs.isfile(path) if kind == "folder" else fs.isdir(path)
+    except OSError as exc:  # e.g. a store that lets this user write but not list: the write says what is wrong
+        log.debug("%s %s: its kind not checked (%s)", what, redact(url), one_line(exc))
+        wrong = False
+    if wrong and kind == "folder":
+        raise OutputError(f"{what} {redact(url)} is a file: give a folder (new, or one this command wrote before)")
+    if wrong:
+        raise OutputError(f"{what} {redact(url)} is a folder: give the name of the file to write")
+    if isinstance(fs, LocalFileSystem):
+        above = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise OutputError(f"{what} {redact(url)} lies below {above}, which is a file: nothing can be written there")
