@@ -206,6 +206,7 @@ class ModelSpec:
     scale_policy: float | None = None  # maps of large frames at this fraction of native resolution (parse_scale_policy)
     defect_view: bool = False  # class scores of large frames also from a native crop at the map's maximum
     grey_memory: bool = False  # a memory of normal grey-level neighbourhoods fused into the frame's map (model.grey_memory)
+    region_classes: bool = False  # defect classes also from the region at the map's maximum (model.region_classes)
     # the tiles' least overlap a checkpoint was trained with (its preprocessing record); None: tile_overlap_for(policy)
     tile_overlap: float | None = None
     map_shifts: int = 1  # views scored per view for the map (model.shifts; run's default DEFAULT_MAP_SHIFTS)
@@ -255,6 +256,8 @@ class ModelSpec:
             out["defect_view"] = True
         if self.grey_memory:
             out["grey_memory"] = True
+        if self.region_classes:
+            out["region_classes"] = True
         if self.map_shifts != 1:
             out["map_shifts"] = self.map_shifts
         return out

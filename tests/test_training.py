@@ -17,7 +17,9 @@ from semclip_batch.fewshot.train import TrainConfig, sample_shots, train
 from semclip_batch.fewshot.trainset import IGNORE, half_stack
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.fitting import focal_dice
+from semclip_batch.methods.region_attributes import N_ATTRIBUTES
 from semclip_batch.methods.weights import load_backbone
+from semclip_batch.model.region_classes import REGION_CLASSES
 from semclip_batch.pipeline.driver import run
 
 
@@ -57,8 +59,14 @@ def test_checkpoint_contents(checkpoint, weights):
     assert body["weights"] == {"source": str(weights[0]), "sha256": weights[1], "seed": 0}
     assert body["classes"][0] == "normal" and 0.0 <= body["alpha"] <= 1.0
     loaded = load_checkpoint(str(ckpt))
-    assert all(k.startswith(("transform.", "head.", "memory.", "reference.", "text_embeddings", "alpha", "text_scale"))
+    assert all(k.startswith(("transform.", "head.", "memory.", "reference.", "grey_memory.", "region_classes.",
+                             "text_embeddings", "alpha", "text_scale"))
                for k in loaded.tensors)
+    # the region's classes (rule 22): stored with the checkpoint's defect classes where train kept them
+    assert body["region_classes"] == (f"{REGION_CLASSES}.weight" in loaded.tensors)
+    if body["region_classes"]:
+        assert loaded.tensors[f"{REGION_CLASSES}.weight"].shape == (N_ATTRIBUTES, len(body["classes"]) - 1)
+        assert body["training"]["region_classes"]["kept"] and body["version"] == 6
     assert not any(k.startswith("visual.") for k in loaded.tensors)  # the frozen backbone is not copied
     # the default recipe: a memory of clean support patches, fused with a weight chosen on held-out frames
     assert (body["recipe"], body["memory"], body["region_head"]) == ("transfer", True, True)
@@ -186,8 +194,10 @@ def test_checkpoint_meta_is_versioned_and_reads_unversioned_ones(checkpoint, tmp
     from semclip_batch.methods.checkpoint import CHECKPOINT_VERSION
 
     ckpt, meta = checkpoint
-    # a checkpoint that names weights outside its folder is written as version 4 (a release before 5 reads it)
-    assert meta.version == CHECKPOINT_VERSION - 1 == json.loads((ckpt / "checkpoint.json").read_text())["version"] == 4
+    # a checkpoint that names weights outside its folder is written as version 4 (a release before 5 reads it);
+    # with the region's classes in its tensors, 6 (a release before it would name the classes without them)
+    written = json.loads((ckpt / "checkpoint.json").read_text())["version"]
+    assert meta.version == written == (6 if meta.region_classes else 4) and CHECKPOINT_VERSION == 6
     assert load_checkpoint(str(ckpt)).meta.version == CHECKPOINT_VERSION  # read as this release's
 
     def variant(name: str, edit) -> str:

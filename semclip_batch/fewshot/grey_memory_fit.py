@@ -178,6 +178,7 @@ class FrameMap:
     map: torch.Tensor  # (H, W) float
     p_normal: float  # the whole view's
     defect: bool
+    probs: np.ndarray | None = None  # (C,) the whole view's class probabilities
 
 
 GreyMaps = Callable[[int], torch.Tensor]  # a support row's memory map (H, W), by position
@@ -213,7 +214,7 @@ def frame_maps(scored: SupportMaps, frames: Mapping[int, NativeFrame],
             tiles = []
         first = int(rows[0])
         yield FrameMap(position, maps_to_frame(views, h, w, tiles), float(scored.class_probs[first][0]),
-                       bool(scored.labels[first] > 0))
+                       bool(scored.labels[first] > 0), scored.class_probs[first].numpy())
 
 
 def fuse(item: FrameMap, grey: GreyMaps, weight: float) -> torch.Tensor:
@@ -267,24 +268,40 @@ def fused_thresholds(maps: Iterable[FrameMap], frames: Mapping[int, NativeFrame]
     return {"image": image_threshold(np.array(scores), np.array(defect)), "pixel": pixel_threshold(counts)}
 
 
+@dataclass
+class NativeSupport:
+    """The support frames at native resolution after the grey-level memory's step, for the steps after it: their
+    levels, the memory's maps and weight where kept, and every frame's maps at the policy where they were scored."""
+
+    frames: dict[int, NativeFrame]
+    scored: SupportMaps | None = None
+    grey: GreyMaps | None = None  # the memory's map of each frame, where the memory is kept
+    weight: float = 0.0
+
+    def final_map(self, item: FrameMap) -> torch.Tensor:
+        """A frame's map as ``run`` writes it: fused with the memory's where kept."""
+        return item.map if self.grey is None else fuse(item, self.grey, self.weight)
+
+
 def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], classes: tuple[str, ...],
                      backbone: LoadedBackbone, fitted: Fitted,
-                     scored: SupportMaps | None = None) -> tuple[GreyMemory | None, dict[str, Any]]:
+                     scored: SupportMaps | None = None) -> tuple[GreyMemory | None, dict[str, Any], NativeSupport]:
     """Rule 17 after the maps' policy is settled (``cfg``'s): the memory fitted on ``df``'s rows outside ``held``
     (positions), its weight chosen on ``held`` (scored as the maps' scale check scores them: the method's own
     memory left out), and with the weight kept, ``fitted``'s thresholds fitted again on every support frame's
     fused map (``scored``: the support maps the thresholds were last fitted on, when kept; else scored here).
-    Returns the memory (None: not kept) and the checkpoint's record."""
+    Returns the memory (None: not kept), the checkpoint's record and the frames for the steps after it."""
     prep = preprocess_config(cfg.model.backbone, tile_above=10**9)  # run's stretch
     frames = native_frames(df, cfg.model.storage_options, (prep.percentile_low, prep.percentile_high))
+    support = NativeSupport(frames, scored)
     held_rows = [p for p in held if p in frames]
     if not held_rows:  # nothing to choose the weight on: not fitted
-        return None, {"weight": 0.0, "note": "no support frame is held out to choose the weight on"}
+        return None, {"weight": 0.0, "note": "no support frame is held out to choose the weight on"}, support
     known = fitting_frames(frames, held_rows)
     try:
         memory = fit_grey_memory(known, cfg.model.seed, own=cfg.grey_own)
     except ValueError as exc:
-        return None, {"weight": 0.0, "note": str(exc)}
+        return None, {"weight": 0.0, "note": str(exc)}, support
     record: dict[str, Any] = {"entries": len(memory.entries), "own": int(memory.own),
                               "scale": round(float(memory.scale), 5), "fitted_on": len(known), "held_out": len(held_rows)}
     at = replace(cfg, policy_from_weights=False, check_scale=False)
@@ -292,12 +309,13 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
         held_scored = SupportMaps.of(*support_maps_at(at, df.iloc[held_rows], classes, backbone, fitted,
                                                       with_memory=False))
     except ConfigError as exc:
-        return None, record | {"weight": 0.0, "note": f"the held-out frames do not load at the maps' policy: {exc}"}
+        return None, record | {"weight": 0.0, "note": f"the held-out frames do not load at the maps' policy: {exc}"}, \
+            support
     grey = memory_maps(memory, frames)
     record |= choose_weight(frame_maps(held_scored, frames, held_rows), frames, grey)
     del held_scored
     if not record["weight"]:
-        return None, record
+        return None, record, support
     memory.weight.fill_(record["weight"])
     if scored is None:
         scored = SupportMaps.of(*support_maps_at(at, df, classes, backbone, fitted))
@@ -305,7 +323,7 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
                                   cfg.model.score_mode)
     record["thresholds_before"] = {k: fitted.thresholds[k] for k in ("image", "pixel")}
     fitted.thresholds = {**fitted.thresholds, **thresholds}
-    return memory, record
+    return memory, record, NativeSupport(frames, scored, grey, record["weight"])
 
 
 def grey_memory_lines(training: Mapping[str, Any]) -> list[str]:

@@ -30,12 +30,14 @@ class Recipe:
     self_similarity: float = 0.0  # the in-frame self-similarity map's share of the map (model.selfsim)
     choose_self_similarity: bool = False  # the fit chooses the share with the memory's (self_similarity: ties)
     grey_memory: bool = False  # a memory of normal grey-level neighbourhoods, kept where the held-out frames gain (rule 17)
+    region_classes: bool = False  # defect classes also from the region's attributes, kept unless held out frames lose (rule 22)
 
 
 RECIPES = {
     "paper": Recipe("paper"),
     "transfer": Recipe("transfer", augment=True, memory=True, region_head=True, defect_view=True, self_reference=True,
-                       self_similarity=DEFAULT_SELF_SIMILARITY, choose_self_similarity=True, grey_memory=True),
+                       self_similarity=DEFAULT_SELF_SIMILARITY, choose_self_similarity=True, grey_memory=True,
+                       region_classes=True),
 }
 DEFAULT_RECIPE = "transfer"
 
@@ -53,7 +55,7 @@ def applied(recipe: Recipe, spec: ModelSpec) -> ModelSpec:
         return spec
     return replace(spec, memory=recipe.memory, region_head=recipe.region_head, defect_view=recipe.defect_view,
                    self_reference=spec.self_reference or recipe.self_reference, self_similarity=recipe.self_similarity,
-                   grey_memory=recipe.grey_memory)
+                   grey_memory=recipe.grey_memory, region_classes=recipe.region_classes)
 
 
 def recorded(recipe: Recipe, method: str) -> str:

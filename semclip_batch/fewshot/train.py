@@ -40,6 +40,7 @@ from semclip_batch.fewshot.reference_fit import (
     support_reference_fuser,
     whole_pixel_differences,
 )
+from semclip_batch.fewshot.region_fit import region_classes_step
 from semclip_batch.fewshot.support_maps import map_auroc
 from semclip_batch.fewshot.support_set import (
     Fitted,
@@ -67,6 +68,7 @@ from semclip_batch.methods.registry import depth_of, get_method, method_taps, ne
 from semclip_batch.methods.weights import LoadedBackbone
 from semclip_batch.model.grey_memory import GREY_MEMORY
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
+from semclip_batch.model.region_classes import REGION_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +170,22 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
     del data, feats, ref_feats  # the fit's rows, freed before the maps' views load
     at, at_prep, scored = maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted,
                                        keep_maps=spec.grey_memory)
-    grey = None
+    grey = regions = None
     if spec.grey_memory:  # after the maps' policy is settled: its weight is chosen, its thresholds fitted, there
-        grey, fitted.summary["grey_memory"] = grey_memory_step(at, df, held.tolist(), prompts.classes, chosen.backbone,
-                                                               fitted, scored)
-    del scored
+        grey, fitted.summary["grey_memory"], native = grey_memory_step(at, df, held.tolist(), prompts.classes,
+                                                                       chosen.backbone, fitted, scored)
+        del scored
+        if spec.region_classes:  # on the maps as run writes them, the memory fused where kept
+            regions, fitted.summary["region_classes"] = region_classes_step(at, df, held.tolist(), prompts.classes,
+                                                                            chosen.backbone, fitted, native)
+        del native
     state = dict(fitted.model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})
     if grey is not None:
         state.update({f"{GREY_MEMORY}.{k}": v for k, v in grey.checkpoint_tensors().items()})
+    if regions is not None:
+        state.update({f"{REGION_CLASSES}.{k}": v for k, v in regions.state_dict().items()})
     record = {**rows, **fitted.summary, **({} if chosen.adapted is None else {"adapted_backbone": chosen.adapted.record}),
               **({} if chosen.check is None else {"adapt_check": chosen.check}),
               **({} if scale is None else {"scale_check": scale}),
@@ -186,8 +194,8 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
     weak = weak_localisation_warning(record["held_out_localisation"])
     if weak:
         log.warning(weak)
-    meta = _checkpoint_meta(cfg, replace(applied(cfg.recipe, at.model), grey_memory=grey is not None), prompts, chosen,
-                            fitted, at_prep, record)
+    meta = _checkpoint_meta(cfg, replace(applied(cfg.recipe, at.model), grey_memory=grey is not None,
+                                         region_classes=regions is not None), prompts, chosen, fitted, at_prep, record)
     write_weights(cfg.out, chosen, cfg.model.storage_options)
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)
 
@@ -215,5 +223,5 @@ def _checkpoint_meta(cfg: TrainConfig, spec: ModelSpec, prompts: PromptSet, chos
         reference_weight=spec.reference_weight if fitted.reference is None else fitted.reference.weight,
         reference_fusion=spec.reference_fusion, self_reference=spec.self_reference,
         self_similarity=float(fitted.summary.get("self_similarity", spec.self_similarity)),  # the fit's choice
-        grey_memory=spec.grey_memory,
+        grey_memory=spec.grey_memory, region_classes=spec.region_classes,
     )

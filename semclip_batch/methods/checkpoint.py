@@ -26,13 +26,15 @@ META = "checkpoint.json"
 BACKBONE_PREFIXES = ("visual.", "logit_scale")
 
 
-CHECKPOINT_VERSION = 5
+CHECKPOINT_VERSION = 6
 """1: the unversioned checkpoints written before the version field (read with the defaults below);
 2: adds ``version``, ``score_mode`` and ``sigma``; 3: adds ``recipe``, ``memory`` and ``region_head``; 4: adds
 ``self_similarity`` (a release before it would score a version-4 checkpoint's maps without the self-similarity
 its thresholds were fitted with: it refuses the version instead); 5: the backbone weights may lie in the
 checkpoint folder itself (``weights.source`` ``checkpoint:<file>``, ``train --adapt-steps``), which a release
-before it would read as a path of that name."""
+before it would read as a path of that name; 6: ``region_classes`` (rule 22: a release before it would name the
+defect classes without the regression fitted into the tensors). Each checkpoint is written at the lowest version
+that holds it, so the others stay readable by the releases before."""
 IN_CHECKPOINT = "checkpoint:"  # a WeightsRef source naming a file inside the checkpoint folder
 
 
@@ -97,6 +99,7 @@ class CheckpointMeta:
     defect_view: bool = False  # the recipe's defect view (io.preprocess.defect_view); older: none
     self_similarity: float = 0.0  # the in-frame self-similarity map's share (model.selfsim); older: none
     grey_memory: bool = False  # the tensors hold a grey-level memory fused into the frame's map; older: none
+    region_classes: bool = False  # the tensors hold the region's class regression (rule 22); version 6 only
     version: int = CHECKPOINT_VERSION
     tensors_sha256: str = ""
 
@@ -122,7 +125,7 @@ class CheckpointMeta:
         if not isinstance(body, dict):
             raise WeightsError(f"{where}: {META} is not a JSON object")
         version = body.get("version", 1)
-        if version not in (1, 2, 3, 4, CHECKPOINT_VERSION):
+        if version not in (1, 2, 3, 4, 5, CHECKPOINT_VERSION):
             raise WeightsError(f"{where}: checkpoint version {show(version)} is not one this release reads "
                                f"(1 to {CHECKPOINT_VERSION}); use the release that wrote it, or train again")
         try:
@@ -150,7 +153,8 @@ class CheckpointMeta:
                 self_reference=bool(body.get("self_reference", False)), scale_policy=_policy(body.get("scale_policy")),
                 defect_view=bool(body.get("defect_view", False)),
                 self_similarity=_self_similarity(body.get("self_similarity", 0.0)),
-                grey_memory=bool(body.get("grey_memory", False)), version=CHECKPOINT_VERSION,
+                grey_memory=bool(body.get("grey_memory", False)),
+                region_classes=bool(body.get("region_classes", False)), version=CHECKPOINT_VERSION,
                 tensors_sha256=str(body.get("tensors_sha256", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -215,7 +219,8 @@ def save_checkpoint(url: str, state: Mapping[str, torch.Tensor], meta: Checkpoin
     tensors = trained_state(state)
     digest = canonical_sha256(tensors)
     own = meta.weights.source.startswith(IN_CHECKPOINT)  # version 5 only then: the others stay readable by a release
-    stored = replace(meta, tensors_sha256=digest, version=CHECKPOINT_VERSION if own else 4)  # before it
+    version = 6 if meta.region_classes else 5 if own else 4  # before it
+    stored = replace(meta, tensors_sha256=digest, version=version)
     storage.write_bytes(storage.join(url, TENSORS), save_safetensors(tensors, metadata={"sha256": digest}),
                         storage_options)
     body = json.dumps(finite_json(stored.to_json()), indent=2, allow_nan=False)

@@ -23,6 +23,7 @@ from semclip_batch.methods.fitting import HeldOutMaps, Support
 from semclip_batch.model import SemClipOutput, default_taps
 from semclip_batch.model.grey_memory import GREY_MEMORY
 from semclip_batch.model.reference import ReferenceScorer
+from semclip_batch.model.region_classes import REGION_CLASSES
 from semclip_batch.model.scorer import Scorer
 from semclip_batch.model.towers import vision_tower
 
@@ -62,7 +63,8 @@ class Method(ABC, Generic[M]):
 
     def load(self, model: M, tensors: Mapping[str, torch.Tensor]) -> list[str]:
         """Load checkpoint tensors into ``model``; returns problems (missing / unexpected keys)."""
-        own = {k: v for k, v in tensors.items() if not k.startswith(("reference.", f"{GREY_MEMORY}."))}
+        beside = ("reference.", f"{GREY_MEMORY}.", f"{REGION_CLASSES}.")  # loaded by the scoring beside the model
+        own = {k: v for k, v in tensors.items() if not k.startswith(beside)}
         missing, unexpected = model.load_state_dict(own, strict=False)
         return [f"unexpected {k}" for k in unexpected] + [f"missing {k}" for k in missing if not k.startswith(BACKBONE_PREFIXES)]
 

@@ -15,11 +15,13 @@ from semclip_batch.config import ModelSpec
 from semclip_batch.errors import WeightsError
 from semclip_batch.methods.checkpoint import load_checkpoint
 from semclip_batch.methods.features import encode_batch
+from semclip_batch.methods.region_attributes import N_ATTRIBUTES
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.grey_memory import GREY_MEMORY, OWN_MAX, GreyMemory
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
+from semclip_batch.model.region_classes import REGION_CLASSES, RegionClasses
 from semclip_batch.model.shifts import half_patch_offsets, patch_size, shift_views, unshift_maps
 from semclip_batch.model.towers import vision_tower
 
@@ -35,6 +37,7 @@ class Scoring:
     windows: bool
     offsets: tuple[tuple[int, int], ...] = ()  # half-patch shifts whose maps are averaged with the view's (model.shifts)
     grey: GreyMemory | None = None  # fused into each frame's map at its resolution (pipeline.inference), float32
+    regions: RegionClasses | None = None  # the defect classes' share from the region at the map's maximum, on the CPU
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Scoring:
         self.model = self.model.to(device=device, dtype=dtype)
@@ -86,7 +89,7 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
     method = get_method(spec.method)
     model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
     depth = depth_of(backbone.clip)
-    grey = None
+    grey = regions = None
     reference = (ReferenceScorer(reference_taps(depth), weight=spec.reference_weight, fusion=spec.reference_fusion)
                  if spec.reference_scorer else None)
     if spec.checkpoint is not None:
@@ -102,6 +105,8 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
                     reference.pixel_scale.copy_(tensors["reference.pixel_scale"])
         if spec.grey_memory:
             grey = grey_memory_from(tensors, problems)
+        if spec.region_classes:
+            regions = region_classes_from(tensors, len(text_embeddings) - 1, problems)
         if problems:
             raise WeightsError(f"checkpoint {spec.checkpoint!r} does not fit this model ({', '.join(problems[:3])})")
     taps, vv_from = method.taps(model), method.vv_from(model)
@@ -109,7 +114,24 @@ def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: s
         taps = tuple(sorted({*taps, *reference.taps}))
     model = model.eval().requires_grad_(False)
     offsets = half_patch_offsets(spec.map_shifts, patch_size(vision_tower(model).conv1))
-    return Scoring(model, reference, taps, vv_from, windows=method.windows, offsets=offsets, grey=grey)
+    return Scoring(model, reference, taps, vv_from, windows=method.windows, offsets=offsets, grey=grey, regions=regions)
+
+
+def region_classes_from(tensors: Mapping[str, torch.Tensor], n_classes: int,
+                        problems: list[str]) -> RegionClasses | None:
+    """The checkpoint's region class regression over its ``n_classes`` defect classes; what is missing, misshapen
+    or out of range is added to ``problems`` (None then)."""
+    stored = {k.removeprefix(f"{REGION_CLASSES}."): v for k, v in tensors.items() if k.startswith(f"{REGION_CLASSES}.")}
+    regions = RegionClasses(N_ATTRIBUTES, n_classes)
+    try:
+        regions.load_state_dict(stored)
+    except RuntimeError as exc:
+        problems.append(f"{REGION_CLASSES}: {str(exc).splitlines()[0][:120]}")
+        return None
+    if not regions.valid():
+        problems.append(f"{REGION_CLASSES}: tensors not finite, a spread of 0, or a blend or share outside (0, 1]")
+        return None
+    return regions.eval()
 
 
 def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -> GreyMemory | None:

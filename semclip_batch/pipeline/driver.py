@@ -115,7 +115,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
         cfg, spec, ident = identify_model(cfg)
         prep = preprocess_config(spec.backbone, tile_above=cfg.tile_above, scale_policy=spec.scale_policy,
                                  defect_view=spec.defect_view, tile_overlap=spec.tile_overlap,
-                                 frame_levels=spec.grey_memory)
+                                 frame_levels=spec.grey_memory or spec.region_classes)
     with timer.stage("run_id"):
         run_id = compute_run_id(content_digest(manifest),
                                 output_config(spec, cfg.thresholds, prep, ident, cfg.model_stub), ident.sha256)

@@ -98,7 +98,8 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
                      defect_view=meta.defect_view if req.defect_view is None else req.defect_view,
                      register_reference=meta.register_reference, self_reference=meta.self_reference,
                      reference_weight=meta.reference_weight, reference_fusion=meta.reference_fusion,
-                     self_similarity=meta.self_similarity, grey_memory=meta.grey_memory, map_shifts=req.map_shifts,
+                     self_similarity=meta.self_similarity, grey_memory=meta.grey_memory,
+                     region_classes=meta.region_classes, map_shifts=req.map_shifts,
                      checkpoint=req.url,
                      storage_options=req.storage_options)
     get_method(spec.method)

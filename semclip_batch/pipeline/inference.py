@@ -33,6 +33,7 @@ from semclip_batch.io.preprocess import (
 )
 from semclip_batch.io.schema import SCORED, to_table
 from semclip_batch.methods.decisions import anomaly_score, to_mask_tensor, with_defect_view
+from semclip_batch.methods.region_attributes import frame_attributes, with_region_classes
 from semclip_batch.methods.scoring import build_model
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class Predictor:
         start = 0
         frame_levels = shipped_frames(batch)
         crops: dict[int, torch.Tensor] = {}
+        regions: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # levels and stored mask, for the region's classes
         grey = self.scoring.grey
         for i, count in zip(ok, counts, strict=False):
             h, w = int(batch["height"][i]), int(batch["width"][i])
@@ -153,7 +155,10 @@ class Predictor:
                                      "shipped none (its preprocessing lacks frame_levels)")
                 frame = grey.fuse(frame, levels.float() / FRAME_LEVELS)
             p = probs[start].numpy().astype(np.float32)
-            masks[i] = to_mask_tensor(frame).cpu().numpy().tobytes()
+            stored = to_mask_tensor(frame).cpu().numpy()
+            masks[i] = stored.tobytes()
+            if levels is not None and self.scoring.regions is not None:
+                regions[i] = (levels.cpu().numpy(), stored)
             # the whole view's p(normal), as train calibrated the image threshold on it
             scores[i] = anomaly_score(float(p[0]), float(frame.max()), self.setup.spec.score_mode)
             class_scores[i] = p
@@ -164,6 +169,20 @@ class Predictor:
             crop_probs = self._class_probs(torch.stack(list(crops.values())))
             for i, p in zip(crops, crop_probs.numpy(), strict=True):
                 class_scores[i] = with_defect_view(class_scores[i], p.astype(np.float32))
+        if regions:
+            self._region_classes(regions, class_scores)
+
+    def _region_classes(self, frames: dict[int, tuple[np.ndarray, np.ndarray]], class_scores: np.ndarray) -> None:
+        """The defect classes' share of each frame's class scores given out anew with the region at its stored
+        mask's maximum (:class:`~semclip_batch.model.region_classes.RegionClasses`; ``frames``: by row, its uint8
+        levels and stored mask)."""
+        regions = self.scoring.regions
+        assert regions is not None
+        share, blend = float(regions.share), float(regions.blend)
+        attrs = np.stack([frame_attributes(levels, mask, share) for levels, mask in frames.values()])
+        probs = regions.probs(torch.from_numpy(attrs)).numpy()
+        for i, p in zip(frames, probs, strict=True):
+            class_scores[i] = with_region_classes(class_scores[i], p, blend)
 
     def _class_probs(self, views: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(V, C)`` on the CPU of grey views ``(V, S, S)`` in [0, 1] on the device."""
