@@ -13,13 +13,8 @@ import torch
 from decoded_batch import decoded as decoded_frames
 
 from semclip_batch.fewshot import region_fit
-from semclip_batch.methods.region_attributes import (
-    N_ATTRIBUTES,
-    attributes,
-    frame_attributes,
-    region_at_max,
-    with_region_classes,
-)
+from semclip_batch.methods.decisions import with_region_classes
+from semclip_batch.methods.region_attributes import N_ATTRIBUTES, attributes, frame_attributes, region_at_max
 from semclip_batch.model.region_classes import REGION_CLASSES, RegionClasses
 
 
@@ -92,6 +87,16 @@ def test_the_blend_gives_out_the_defect_share_and_keeps_normal():
     assert out[1:] == pytest.approx([0.15, 0.1, 0.05 + 0.3])
     assert with_region_classes(scores, probs, 0.0) == pytest.approx(scores)
     assert with_region_classes(scores, probs, 1.0)[1:] == pytest.approx([0.0, 0.0, 0.6])
+    assert np.array_equal(with_region_classes(scores, probs, 0.5, np.ones(3, bool)), out)  # all seen: the same
+
+
+def test_a_class_the_regression_never_saw_keeps_its_score():
+    scores = np.array([0.1, 0.3, 0.2, 0.4])
+    probs = np.array([0.5, 0.5, 0.0])  # the third defect class: no support frame, probability ~0
+    out = with_region_classes(scores, probs, 0.5, np.array([True, True, False]))
+    assert out[0] == 0.1 and out[3] == 0.4  # normal and the unseen class untouched, not halved
+    assert out[1:3] == pytest.approx([0.5 * 0.3 + 0.5 * 0.5 * 0.5, 0.5 * 0.2 + 0.5 * 0.5 * 0.5])
+    assert out.sum() == pytest.approx(1.0)
 
 
 def _clusters(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,12 +114,15 @@ def test_the_regression_classifies_points_it_did_not_see_and_a_class_never_seen_
     assert probs.shape == (100, 4) and np.allclose(probs.sum(axis=1), 1.0)
     assert np.mean(probs.argmax(axis=1) == y[200:]) > 0.95
     assert probs[:, 3].max() < 0.01 and model.valid()
+    assert model.seen().tolist() == [True, True, True, False]
     assert float(model.share) == 0.8 and float(model.blend) == 0.5
 
 
 def test_one_frame_or_a_constant_attribute_fits_without_nan():
     x = np.ones((1, N_ATTRIBUTES))
-    assert region_fit.fit_logistic(x, np.array([1]), 3).valid()
+    one = region_fit.fit_logistic(x, np.array([1]), 3)
+    assert all(bool(torch.isfinite(t).all()) for t in (one.weight, one.bias))
+    assert not one.valid()  # one class seen: nothing to tell apart
     x, y = _clusters(30, 1)
     x[:, 4] = 0.25  # the same on every frame: spread 0
     assert region_fit.fit_logistic(x, y, 3).valid()
@@ -134,19 +142,19 @@ def _items(x: np.ndarray, y: np.ndarray, model_right: bool) -> list[region_fit.R
 def test_the_held_out_check_keeps_attributes_that_name_more_and_drops_them_where_fewer():
     x, y = _clusters(60, 2)
     held = set(range(45, 60))
-    kept = region_fit.held_out_check(_items(x, y, model_right=False), held, 3)
+    kept = region_fit.check_on_held_out(_items(x, y, model_right=False), held, 3)
     assert kept["kept"] and kept["held_out"] == 15 and kept["fitted_on"] == 45
     assert kept["model_right"] == 0 and kept["blend_right"] == 15
     rng = np.random.default_rng(3)  # attributes that say nothing, a model that is always right
-    noise = region_fit.held_out_check(_items(rng.normal(size=x.shape), y, model_right=True), held, 3)
+    noise = region_fit.check_on_held_out(_items(rng.normal(size=x.shape), y, model_right=True), held, 3)
     assert noise["model_right"] == 15 and noise["blend_right"] <= 15
     assert noise["kept"] == (noise["blend_right"] == 15)
 
 
 def test_the_held_out_check_needs_held_out_defects_and_two_classes():
     x, y = _clusters(20, 4)
-    assert region_fit.held_out_check(_items(x, y, True), set(), 3)["note"].startswith("no held-out")
-    one = region_fit.held_out_check(_items(x, np.zeros(20, int), True), {0, 1}, 3)
+    assert region_fit.check_on_held_out(_items(x, y, True), set(), 3)["note"].startswith("no held-out")
+    one = region_fit.check_on_held_out(_items(x, np.zeros(20, int), True), {0, 1}, 3)
     assert not one["kept"] and "fewer than two defect classes" in one["note"]
 
 
@@ -268,7 +276,9 @@ def test_run_gives_out_the_defect_share_from_the_region_at_the_stored_masks_maxi
         mask = np.frombuffer(row["mask"], np.uint8).reshape(h, w)
         levels = unpack_frame(shipped, h, w).numpy()
         probs = regions.probs(torch.from_numpy(frame_attributes(levels, mask)[None])).numpy()[0]
-        expected = with_region_classes(np.asarray(alone["class_scores"], np.float32), probs, 0.5)
+        seen = regions.seen().numpy()  # fitted on 3 of the 6 defect classes: the other 3 keep their scores
+        expected = with_region_classes(np.asarray(alone["class_scores"], np.float32), probs, 0.5, seen)
         assert np.allclose(row["class_scores"], expected, atol=1e-6)
+        assert np.allclose(np.asarray(row["class_scores"])[1:][~seen], np.asarray(alone["class_scores"])[1:][~seen])
         assert row["class_scores"][0] == pytest.approx(alone["class_scores"][0])
         assert not np.allclose(row["class_scores"], alone["class_scores"])

@@ -62,8 +62,9 @@ def test_checkpoint_contents(checkpoint, weights):
     assert all(k.startswith(("transform.", "head.", "memory.", "reference.", "grey_memory.", "region_classes.",
                              "text_embeddings", "alpha", "text_scale"))
                for k in loaded.tensors)
-    # the region's classes (rule 22): stored with the checkpoint's defect classes where train kept them
-    assert body["region_classes"] == (f"{REGION_CLASSES}.weight" in loaded.tensors)
+    # the region's classes (rule 22): always checked, stored with the checkpoint's defect classes where kept
+    record = body["training"]["region_classes"]
+    assert body["region_classes"] == record["kept"] == (f"{REGION_CLASSES}.weight" in loaded.tensors)
     if body["region_classes"]:
         assert loaded.tensors[f"{REGION_CLASSES}.weight"].shape == (N_ATTRIBUTES, len(body["classes"]) - 1)
         assert body["training"]["region_classes"]["kept"] and body["version"] == 6

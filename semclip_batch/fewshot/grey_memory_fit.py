@@ -179,6 +179,7 @@ class FrameMap:
     p_normal: float  # the whole view's
     defect: bool
     probs: np.ndarray | None = None  # (C,) the whole view's class probabilities
+    as_run: bool = True  # False: a tiled frame whose tiles the support set left out, its whole view's map instead
 
 
 GreyMaps = Callable[[int], torch.Tensor]  # a support row's memory map (H, W), by position
@@ -210,11 +211,11 @@ def frame_maps(scored: SupportMaps, frames: Mapping[int, NativeFrame],
         h, w = frames[position].levels.shape
         tiles = frame_tiles(h, w, scored.prep)
         views = scored.maps[rows[:1 + len(tiles)]]
-        if len(views) != 1 + len(tiles):
-            tiles = []
+        as_run = len(views) == 1 + len(tiles)
         first = int(rows[0])
-        yield FrameMap(position, maps_to_frame(views, h, w, tiles), float(scored.class_probs[first][0]),
-                       bool(scored.labels[first] > 0), scored.class_probs[first].numpy())
+        yield FrameMap(position, maps_to_frame(views, h, w, tiles if as_run else []),
+                       float(scored.class_probs[first][0]), bool(scored.labels[first] > 0),
+                       scored.class_probs[first].numpy(), as_run)
 
 
 def fuse(item: FrameMap, grey: GreyMaps, weight: float) -> torch.Tensor:
@@ -283,6 +284,14 @@ class NativeSupport:
         return item.map if self.grey is None else fuse(item, self.grey, self.weight)
 
 
+def native_support(cfg: TrainConfig, df: pd.DataFrame, scored: SupportMaps | None = None) -> NativeSupport:
+    """``df``'s frames as ``run``'s decode stage ships their levels (its stretch), no memory (``scored``: the
+    support maps at the policy, where already scored)."""
+    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)  # run's stretch
+    return NativeSupport(native_frames(df, cfg.model.storage_options, (prep.percentile_low, prep.percentile_high)),
+                         scored)
+
+
 def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], classes: tuple[str, ...],
                      backbone: LoadedBackbone, fitted: Fitted,
                      scored: SupportMaps | None = None) -> tuple[GreyMemory | None, dict[str, Any], NativeSupport]:
@@ -291,9 +300,8 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     memory left out), and with the weight kept, ``fitted``'s thresholds fitted again on every support frame's
     fused map (``scored``: the support maps the thresholds were last fitted on, when kept; else scored here).
     Returns the memory (None: not kept), the checkpoint's record and the frames for the steps after it."""
-    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)  # run's stretch
-    frames = native_frames(df, cfg.model.storage_options, (prep.percentile_low, prep.percentile_high))
-    support = NativeSupport(frames, scored)
+    support = native_support(cfg, df, scored)
+    frames = support.frames
     held_rows = [p for p in held if p in frames]
     if not held_rows:  # nothing to choose the weight on: not fitted
         return None, {"weight": 0.0, "note": "no support frame is held out to choose the weight on"}, support
@@ -309,8 +317,8 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
         held_scored = SupportMaps.of(*support_maps_at(at, df.iloc[held_rows], classes, backbone, fitted,
                                                       with_memory=False))
     except ConfigError as exc:
-        return None, record | {"weight": 0.0, "note": f"the held-out frames do not load at the maps' policy: {exc}"}, \
-            support
+        note = f"the held-out frames do not load at the maps' policy: {exc}"
+        return None, record | {"weight": 0.0, "note": note}, support
     grey = memory_maps(memory, frames)
     record |= choose_weight(frame_maps(held_scored, frames, held_rows), frames, grey)
     del held_scored

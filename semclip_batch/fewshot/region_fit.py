@@ -1,8 +1,9 @@
 """``train``'s defect classes from the region's attributes (:mod:`semclip_batch.model.region_classes`), as
 docs/quality.md's rule 22 fixes them: after the grey-level memory's step, the attributes of each support defect
-frame's region at its map's maximum (the map as ``run`` writes it: at the maps' policy, fused with the memory where
-kept, in the stored uint8 form), a multinomial logistic regression on them (L2, standardised, L-BFGS), kept unless
-on the support frames the fit held out the blend names fewer defect classes right than the model alone. The model's
+frame's region at its map's maximum (the map as ``train`` scores it for its thresholds: at the maps' policy, fused
+with the memory where kept, in the stored uint8 form, one pass a view where ``run`` by default also averages
+half-patch shifts), a multinomial logistic regression on them (L2, standardised, L-BFGS), kept unless on the
+support frames the fit held out the blend names fewer defect classes right than the model alone. The model's
 classes there are the whole view's (``train`` scores no defect view), which is what a frame without one gets.
 """
 
@@ -17,13 +18,14 @@ import pandas as pd
 import torch
 
 from semclip_batch.config import NORMAL
+from semclip_batch.errors import ConfigError
 from semclip_batch.fewshot.grey_memory_fit import NativeSupport, frame_maps
 from semclip_batch.fewshot.maps_policy import support_maps_at
 from semclip_batch.fewshot.support_maps import SupportMaps
 from semclip_batch.fewshot.support_set import Fitted, TrainConfig
 from semclip_batch.io.preprocess import fuses_levels
-from semclip_batch.methods.decisions import to_mask
-from semclip_batch.methods.region_attributes import N_ATTRIBUTES, SHARE, frame_attributes, with_region_classes
+from semclip_batch.methods.decisions import to_mask, with_region_classes
+from semclip_batch.methods.region_attributes import N_ATTRIBUTES, SHARE, frame_attributes
 from semclip_batch.methods.weights import LoadedBackbone
 from semclip_batch.model.region_classes import BLEND, RegionClasses
 
@@ -65,6 +67,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = L2) -
         opt.step(closure)
     model.weight.copy_(weight.detach())
     model.bias.copy_(bias.detach())
+    model.fitted.copy_((torch.bincount(target, minlength=n_classes) > 0).to(torch.float64))
     model.share.fill_(SHARE)
     model.blend.fill_(BLEND)
     return model
@@ -72,19 +75,21 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = L2) -
 
 def support_items(support: NativeSupport, scored: SupportMaps, df: pd.DataFrame,
                   classes: tuple[str, ...]) -> Iterator[RegionItem]:
-    """Every support defect frame whose levels ``run`` would ship, with its attributes on its map as ``run`` writes
-    it."""
+    """Every support defect frame whose levels ``run`` would ship, with its attributes on its map as ``train``
+    scores it (a tiled frame whose tiles the support set left out, a defect frame without a mask, stays out: its
+    map is not the one ``run`` would write)."""
     for item in frame_maps(scored, support.frames):
         label = str(df.iloc[item.position]["label"])
         h, w = item.map.shape
-        if label == NORMAL or label not in classes or item.probs is None or not fuses_levels(h, w):
+        if (label == NORMAL or label not in classes or item.probs is None or not item.as_run
+                or not fuses_levels(h, w)):
             continue
         mask = to_mask(support.final_map(item).numpy())
         yield RegionItem(item.position, classes.index(label) - 1,
                          frame_attributes(support.frames[item.position].levels, mask), item.probs)
 
 
-def held_out_check(items: Sequence[RegionItem], held: set[int], n_classes: int) -> dict[str, Any]:
+def check_on_held_out(items: Sequence[RegionItem], held: set[int], n_classes: int) -> dict[str, Any]:
     """The regression fitted on the frames outside ``held`` and read on those in it: how many held-out defect frames
     the model alone and the blend name right (``kept``: the blend names no fewer)."""
     fitted = [i for i in items if i.position not in held]
@@ -100,7 +105,8 @@ def held_out_check(items: Sequence[RegionItem], held: set[int], n_classes: int) 
     alone = blended = 0
     for item, p in zip(checked, probs, strict=True):
         alone += int(np.argmax(item.probs[1:]) == item.label)
-        blended += int(np.argmax(with_region_classes(item.probs.astype(np.float64), p, BLEND)[1:]) == item.label)
+        mixed = with_region_classes(item.probs.astype(np.float64), p, BLEND, model.seen().numpy())
+        blended += int(np.argmax(mixed[1:]) == item.label)
     return record | {"model_right": alone, "blend_right": blended, "kept": blended >= alone}
 
 
@@ -113,15 +119,22 @@ def region_classes_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int],
     scored = support.scored
     if scored is None:  # loaded as the grey-level memory's step loads them, at the policy cfg already holds
         at = replace(cfg, policy_from_weights=False, check_scale=False)
-        scored = SupportMaps.of(*support_maps_at(at, df, classes, backbone, fitted))
+        try:
+            scored = SupportMaps.of(*support_maps_at(at, df, classes, backbone, fitted))
+        except ConfigError as exc:
+            return None, {"kept": False, "note": f"the support frames do not load at the maps' policy: {exc}"}
     n_classes = len(classes) - 1
     items = list(support_items(support, scored, df, classes))
-    record = held_out_check(items, set(held), n_classes) if n_classes >= 2 else {"kept": False,
+    record = check_on_held_out(items, set(held), n_classes) if n_classes >= 2 else {"kept": False,
                                                                                  "note": "one defect class"}
     if not record["kept"]:
         return None, record
     model = fit_logistic(np.stack([i.attributes for i in items]), np.array([i.label for i in items]), n_classes)
-    return model, record | {"frames": len(items), "share": SHARE, "blend": BLEND}
+    if not model.valid():
+        return None, record | {"kept": False, "note": "the regression on every support frame did not converge"}
+    unseen = [classes[1 + k] for k in range(n_classes) if not bool(model.seen()[k])]
+    return model, record | {"frames": len(items), "share": SHARE, "blend": BLEND,
+                            **({"unseen": unseen} if unseen else {})}
 
 
 def region_classes_lines(training: Mapping[str, Any]) -> list[str]:

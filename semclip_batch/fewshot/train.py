@@ -23,7 +23,7 @@ from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, FitBackbone, backbone_fo
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.decoded import kept_budget, rows_kept
 from semclip_batch.fewshot.fit_memory import available_bytes
-from semclip_batch.fewshot.grey_memory_fit import grey_memory_step
+from semclip_batch.fewshot.grey_memory_fit import grey_memory_step, native_support
 from semclip_batch.fewshot.maps_policy import (
     checked_policy,
     held_out_check,
@@ -169,15 +169,18 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
         fitted.thresholds = whole_thresholds(cfg, fitted, data, feats, ref_feats)
     del data, feats, ref_feats  # the fit's rows, freed before the maps' views load
     at, at_prep, scored = maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted,
-                                       keep_maps=spec.grey_memory)
+                                       keep_maps=spec.grey_memory or spec.region_classes)
     grey = regions = None
     if spec.grey_memory:  # after the maps' policy is settled: its weight is chosen, its thresholds fitted, there
         grey, fitted.summary["grey_memory"], native = grey_memory_step(at, df, held.tolist(), prompts.classes,
                                                                        chosen.backbone, fitted, scored)
-        del scored
-        if spec.region_classes:  # on the maps as run writes them, the memory fused where kept
-            regions, fitted.summary["region_classes"] = region_classes_step(at, df, held.tolist(), prompts.classes,
-                                                                            chosen.backbone, fitted, native)
+    elif spec.region_classes:
+        native = native_support(at, df, scored)
+    del scored
+    if spec.region_classes:  # on the support maps at the policy, the grey-level memory fused where kept
+        regions, fitted.summary["region_classes"] = region_classes_step(at, df, held.tolist(), prompts.classes,
+                                                                        chosen.backbone, fitted, native)
+    if spec.grey_memory or spec.region_classes:
         del native
     state = dict(fitted.model.state_dict())
     if fitted.reference is not None:

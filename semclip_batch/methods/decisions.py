@@ -44,6 +44,24 @@ def with_defect_view(whole: ArrayT, crop: ArrayT) -> ArrayT:
     return 0.5 * (whole + crop)
 
 
+def with_region_classes(scores: np.ndarray, probs: np.ndarray, blend: float, seen: np.ndarray | None = None) -> np.ndarray:
+    """A frame's class scores (normal first) with the defect classes' share given out anew by the region's
+    classes (:class:`~semclip_batch.model.region_classes.RegionClasses`): each of the ``seen`` defect classes (all
+    where None) gets ``(1 - blend)`` of its score plus ``blend`` of their summed score times the region's
+    probability of it among them; normal's score and the unseen classes' are kept, and the scores still sum as
+    before. ``(C,)``, ``(C - 1,)``, ``(C - 1,)`` bool -> ``(C,)`` in ``scores``' dtype."""
+    out = scores.astype(np.float64)
+    defect = out[1:]  # a view: written below
+    if seen is None or bool(seen.all()):
+        mass, share = float(defect.sum()), probs
+    else:
+        total = float(probs[seen].sum())
+        mass, share = float(defect[seen].sum()), np.where(seen, probs / max(total, 1e-300), 0.0)
+    mixed = (1.0 - blend) * defect + blend * mass * share
+    defect[:] = mixed if seen is None else np.where(seen, mixed, defect)
+    return out.astype(scores.dtype)
+
+
 def anomaly_score(p_normal: float, map_max: float, mode: str = "mean") -> float:
     """``mean``: 1/2 (1 - p(normal)) + 1/2 max A; ``max``: max A only."""
     if mode == "max":

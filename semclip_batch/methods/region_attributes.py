@@ -26,19 +26,20 @@ def region_at_max(mask: np.ndarray, share: float = SHARE) -> np.ndarray:
     return region
 
 
-def attributes(levels: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Ten attributes of a region of a frame's grey levels in [0, 1]: log area, log elongation (the ratio of the
-    principal variances of its pixels' coordinates), its mean, median, brightest and darkest levels less the mean
-    of a :data:`RING_PX`-px ring around it, the spread inside and in the ring, the share of its bounding box it
-    fills, and the log of the box's longer side. ``(H, W)`` each (``region`` not empty) -> ``(10,)`` float64."""
+def attributes(levels: np.ndarray, region: np.ndarray, full_scale: float = 1.0) -> np.ndarray:
+    """Ten attributes of a region of a frame's grey levels (``levels / full_scale`` in [0, 1]; only the pixels
+    read are converted): log area, log elongation (the ratio of the principal variances of its pixels'
+    coordinates), its mean, median, brightest and darkest levels less the mean of a :data:`RING_PX`-px ring around
+    it, the spread inside and in the ring, the share of its bounding box it fills, and the log of the box's longer
+    side. ``(H, W)`` each (``region`` not empty) -> ``(10,)`` float64."""
     ys, xs = np.nonzero(region)
     # the ring within the region's box grown by RING_PX + 1 px: the same pixels as on the whole frame, at its cost
     y0, x0 = max(int(ys.min()) - RING_PX - 1, 0), max(int(xs.min()) - RING_PX - 1, 0)
     y1, x1 = int(ys.max()) + RING_PX + 2, int(xs.max()) + RING_PX + 2
     box = region[y0:y1, x0:x1]
     ring = ndimage.binary_dilation(box, structure=_EIGHT, iterations=RING_PX) & ~box
-    inside = levels[region].astype(np.float64)
-    around = (levels[y0:y1, x0:x1][ring] if ring.any() else levels.ravel()).astype(np.float64)
+    inside = levels[region].astype(np.float64) / full_scale
+    around = (levels[y0:y1, x0:x1][ring] if ring.any() else levels.ravel()).astype(np.float64) / full_scale
     spread = np.cov(np.stack([ys, xs]).astype(np.float64)) if len(ys) > 2 else np.eye(2)
     major, minor = np.sort(np.linalg.eigvalsh(spread))[::-1].clip(1e-3)
     height, width = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
@@ -51,14 +52,4 @@ def attributes(levels: np.ndarray, region: np.ndarray) -> np.ndarray:
 def frame_attributes(levels: np.ndarray, mask: np.ndarray, share: float = SHARE) -> np.ndarray:
     """:func:`attributes` of the region at the stored mask's maximum. ``levels``: the frame's uint8 levels as the
     decode stage ships them; ``mask``: its stored uint8 map; both ``(H, W)`` -> ``(10,)``."""
-    return attributes(levels.astype(np.float64) / 255.0, region_at_max(mask, share))
-
-
-def with_region_classes(scores: np.ndarray, probs: np.ndarray, blend: float) -> np.ndarray:
-    """A frame's class scores (normal first) with the defect classes' share given out anew: ``(1 - blend)`` of
-    each defect class's score plus ``blend`` of their sum times the region's probability of that class; normal's
-    score is kept, and the scores still sum as before. ``(C,)``, ``(C - 1,)`` -> ``(C,)`` in ``scores``' dtype."""
-    out = scores.astype(np.float64)
-    mass = float(out[1:].sum())
-    out[1:] = (1.0 - blend) * out[1:] + blend * mass * probs
-    return out.astype(scores.dtype)
+    return attributes(levels, region_at_max(mask, share), full_scale=255.0)

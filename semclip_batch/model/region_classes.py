@@ -7,7 +7,8 @@ defect's.
 
 Tensors (buffers, saved in ``model.safetensors`` under :data:`REGION_CLASSES`): the attributes' mean and spread
 on the support, the weights ``(10, K)`` and biases ``(K,)`` over the K defect classes (the checkpoint's classes
-but normal, in order), the blend and the share of the map's maximum that bounds the region.
+but normal, in order), which of them it saw a support frame of (``fitted``: 1 or 0; only those share the blend), the
+blend and the share of the map's maximum that bounds the region.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class RegionClasses(nn.Module):
     std: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor
+    fitted: torch.Tensor
     blend: torch.Tensor
     share: torch.Tensor
 
@@ -35,6 +37,7 @@ class RegionClasses(nn.Module):
         self.register_buffer("std", torch.ones(n_attributes, dtype=torch.float64))
         self.register_buffer("weight", torch.zeros(n_attributes, n_classes, dtype=torch.float64))
         self.register_buffer("bias", torch.zeros(n_classes, dtype=torch.float64))
+        self.register_buffer("fitted", torch.ones(n_classes, dtype=torch.float64))
         self.register_buffer("blend", torch.tensor(BLEND, dtype=torch.float64))
         self.register_buffer("share", torch.tensor(0.8, dtype=torch.float64))
 
@@ -48,11 +51,15 @@ class RegionClasses(nn.Module):
         return z @ self.weight + self.bias
 
     def probs(self, attributes: torch.Tensor) -> torch.Tensor:
-        """``(N, A)`` attributes -> ``(N, K)`` probabilities of the defect classes."""
+        """``(N, A)`` attributes -> ``(N, K)`` probabilities of the defect classes (those it never saw: ~0)."""
         return self.logits(attributes).softmax(dim=-1)
 
+    def seen(self) -> torch.Tensor:
+        """``(K,)`` bool: the classes it was fitted on a support frame of."""
+        return self.fitted > 0.5
+
     def valid(self) -> bool:
-        """Finite tensors, a spread above 0, a blend in (0, 1] and a share in (0, 1]."""
+        """Finite tensors, a spread above 0, a blend and a share in (0, 1], at least two classes fitted."""
         finite = all(bool(torch.isfinite(t).all()) for t in (self.mean, self.std, self.weight, self.bias))
         return (finite and bool((self.std > 0).all()) and 0.0 < float(self.blend) <= 1.0
-                and 0.0 < float(self.share) <= 1.0)
+                and 0.0 < float(self.share) <= 1.0 and int(self.seen().sum()) >= 2)

@@ -32,9 +32,10 @@ from semclip_batch.io.preprocess import (
     unpack_views,
 )
 from semclip_batch.io.schema import SCORED, to_table
-from semclip_batch.methods.decisions import anomaly_score, to_mask_tensor, with_defect_view
-from semclip_batch.methods.region_attributes import frame_attributes, with_region_classes
+from semclip_batch.methods.decisions import anomaly_score, to_mask_tensor, with_defect_view, with_region_classes
+from semclip_batch.methods.region_attributes import frame_attributes
 from semclip_batch.methods.scoring import build_model
+from semclip_batch.model.region_classes import RegionClasses
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -169,20 +170,8 @@ class Predictor:
             crop_probs = self._class_probs(torch.stack(list(crops.values())))
             for i, p in zip(crops, crop_probs.numpy(), strict=True):
                 class_scores[i] = with_defect_view(class_scores[i], p.astype(np.float32))
-        if regions:
-            self._region_classes(regions, class_scores)
-
-    def _region_classes(self, frames: dict[int, tuple[np.ndarray, np.ndarray]], class_scores: np.ndarray) -> None:
-        """The defect classes' share of each frame's class scores given out anew with the region at its stored
-        mask's maximum (:class:`~semclip_batch.model.region_classes.RegionClasses`; ``frames``: by row, its uint8
-        levels and stored mask)."""
-        regions = self.scoring.regions
-        assert regions is not None
-        share, blend = float(regions.share), float(regions.blend)
-        attrs = np.stack([frame_attributes(levels, mask, share) for levels, mask in frames.values()])
-        probs = regions.probs(torch.from_numpy(attrs)).numpy()
-        for i, p in zip(frames, probs, strict=True):
-            class_scores[i] = with_region_classes(class_scores[i], p, blend)
+        if regions and self.scoring.regions is not None:
+            region_classes(self.scoring.regions, regions, class_scores)
 
     def _class_probs(self, views: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(V, C)`` on the CPU of grey views ``(V, S, S)`` in [0, 1] on the device."""
@@ -193,6 +182,17 @@ class Predictor:
     def _frame(self, packed: bytes, height: int, width: int) -> torch.Tensor:
         """A frame's uint8 levels (:func:`~semclip_batch.io.preprocess.pack_frame`) on the device."""
         return unpack_frame(packed, height, width).to(self.device)
+
+
+def region_classes(model: RegionClasses, frames: dict[int, tuple[np.ndarray, np.ndarray]],
+                   class_scores: np.ndarray) -> None:
+    """The defect classes' share of each row's class scores given out anew with the region at its stored mask's
+    maximum (``frames``: by row, its uint8 levels and stored mask; ``class_scores`` written in place)."""
+    share, blend, seen = float(model.share), float(model.blend), model.seen().numpy()
+    attrs = np.stack([frame_attributes(levels, mask, share) for levels, mask in frames.values()])
+    probs = model.probs(torch.from_numpy(attrs)).numpy()
+    for i, p in zip(frames, probs, strict=True):
+        class_scores[i] = with_region_classes(class_scores[i], p, blend, seen)
 
 
 class StandIn:
