@@ -164,6 +164,8 @@ def test_train_prints_the_check():
     assert "kept (blend 0.5, fitted on 60 frames)" in line and "model names 3 right" in line and "attributes 6" in line
     line, = region_fit.region_classes_lines({"region_classes": {"kept": False, "note": "one defect class"}})
     assert line.endswith("not kept (one defect class)")
+    line, = region_fit.region_classes_lines({"region_classes": {**record, "kept": False}})
+    assert "not kept (the blend names fewer right)" in line
     assert region_fit.region_classes_lines({}) == []
 
 

@@ -131,7 +131,8 @@ def region_classes_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int],
         return None, record
     model = fit_logistic(np.stack([i.attributes for i in items]), np.array([i.label for i in items]), n_classes)
     if not model.valid():
-        return None, record | {"kept": False, "note": "the regression on every support frame did not converge"}
+        return None, record | {"kept": False, "note": "the regression on every support frame is not usable "
+                                                      "(tensors not finite)"}
     unseen = [classes[1 + k] for k in range(n_classes) if not bool(model.seen()[k])]
     return model, record | {"frames": len(items), "share": SHARE, "blend": BLEND,
                             **({"unseen": unseen} if unseen else {})}
@@ -147,5 +148,5 @@ def region_classes_lines(training: Mapping[str, Any]) -> list[str]:
     seen = (f"the {record['held_out']} held-out defect frames: the model names {record['model_right']} right, "
             f"blended with the region's attributes {record['blend_right']}")
     verdict = (f"kept (blend {record['blend']:g}, fitted on {record['frames']} frames)" if record["kept"]
-               else "not kept (the blend names fewer right)")
+               else f"not kept ({record.get('note', 'the blend names fewer right')})")
     return [f"defect classes from the region's attributes ({N_ATTRIBUTES} attributes): {verdict}; {seen}"]
