@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from semclip_batch.analysis.aggregate import run_classes
 from semclip_batch.analysis.evaluate import joined_rows, truth_mask
+from semclip_batch.analysis.metrics import classification_report
 from semclip_batch.config import NORMAL
 from semclip_batch.errors import OK
 from semclip_batch.fewshot.grey_memory_fit import native_frames
@@ -86,16 +87,6 @@ def probs_of(model: RegionClasses, rows: Sequence[np.ndarray]) -> np.ndarray:
     return model.probs(torch.from_numpy(np.stack(rows))).numpy()
 
 
-def macro_f1(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> float:
-    """The mean over ``classes`` of each class's F1 (0 where it is neither true nor predicted)."""
-    t, p = np.asarray(truth), np.asarray(predicted)
-    scores = []
-    for c in classes:
-        tp, fp, fn = np.sum((p == c) & (t == c)), np.sum((p == c) & (t != c)), np.sum((p != c) & (t == c))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return float(np.mean(scores))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("support")
@@ -137,9 +128,12 @@ def main() -> None:
     attrs_all = probs_of(mapped, [f.map_attributes for f in test])
     mixed[:, 1:] = (1 - args.weight) * every[:, 1:] + args.weight * mass * attrs_all
     named = [f.label for f in test]
+
+    def macro_f1(scores: np.ndarray) -> float:  # eval's own figure: the arg-max of the class scores
+        return classification_report(named, [classes[k] for k in scores.argmax(axis=1)], classes)["macro_F1"] or 0.0
+
     print(f"macro F1 over the {len(test)} test frames (eval's rule: the arg-max of the class scores): run "
-          f"{macro_f1(named, [classes[k] for k in every.argmax(axis=1)], classes):.3f}  blend "
-          f"{macro_f1(named, [classes[k] for k in mixed.argmax(axis=1)], classes):.3f}")
+          f"{macro_f1(every):.3f}  blend {macro_f1(mixed):.3f}")
 
 if __name__ == "__main__":
     main()

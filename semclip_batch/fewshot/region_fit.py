@@ -102,10 +102,11 @@ def check_on_held_out(items: Sequence[RegionItem], held: set[int], n_classes: in
         return record | {"kept": False, "note": f"fewer than two defect classes with {MIN_PER_CLASS} fitted frames"}
     model = fit_logistic(np.stack([i.attributes for i in fitted]), np.array([i.label for i in fitted]), n_classes)
     probs = model.probs(torch.from_numpy(np.stack([i.attributes for i in checked]))).numpy()
+    seen = model.seen().numpy()
     alone = blended = 0
     for item, p in zip(checked, probs, strict=True):
         alone += int(np.argmax(item.probs[1:]) == item.label)
-        mixed = with_region_classes(item.probs.astype(np.float64), p, BLEND, model.seen().numpy())
+        mixed = with_region_classes(item.probs.astype(np.float64), p, BLEND, seen)
         blended += int(np.argmax(mixed[1:]) == item.label)
     return record | {"model_right": alone, "blend_right": blended, "kept": blended >= alone}
 

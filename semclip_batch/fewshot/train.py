@@ -171,17 +171,15 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
     at, at_prep, scored = maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted,
                                        keep_maps=spec.grey_memory or spec.region_classes)
     grey = regions = None
+    native = native_support(at, df, scored) if spec.region_classes and not spec.grey_memory else None
     if spec.grey_memory:  # after the maps' policy is settled: its weight is chosen, its thresholds fitted, there
         grey, fitted.summary["grey_memory"], native = grey_memory_step(at, df, held.tolist(), prompts.classes,
                                                                        chosen.backbone, fitted, scored)
-    elif spec.region_classes:
-        native = native_support(at, df, scored)
     del scored
-    if spec.region_classes:  # on the support maps at the policy, the grey-level memory fused where kept
+    if spec.region_classes and native is not None:  # on the support maps at the policy, the memory fused where kept
         regions, fitted.summary["region_classes"] = region_classes_step(at, df, held.tolist(), prompts.classes,
                                                                         chosen.backbone, fitted, native)
-    if spec.grey_memory or spec.region_classes:
-        del native
+    del native  # the support frames' levels and maps, freed before the checkpoint is written
     state = dict(fitted.model.state_dict())
     if fitted.reference is not None:
         state.update({f"reference.{k}": v for k, v in fitted.reference.state_dict().items()})

@@ -52,13 +52,11 @@ def with_region_classes(scores: np.ndarray, probs: np.ndarray, blend: float, see
     before. ``(C,)``, ``(C - 1,)``, ``(C - 1,)`` bool -> ``(C,)`` in ``scores``' dtype."""
     out = scores.astype(np.float64)
     defect = out[1:]  # a view: written below
-    if seen is None or bool(seen.all()):
-        mass, share = float(defect.sum()), probs
+    if seen is None or bool(seen.all()):  # the probabilities as they are (no renormalising: the same bits)
+        defect[:] = (1.0 - blend) * defect + blend * float(defect.sum()) * probs
     else:
-        total = float(probs[seen].sum())
-        mass, share = float(defect[seen].sum()), np.where(seen, probs / max(total, 1e-300), 0.0)
-    mixed = (1.0 - blend) * defect + blend * mass * share
-    defect[:] = mixed if seen is None else np.where(seen, mixed, defect)
+        share = probs / max(float(probs[seen].sum()), 1e-300)
+        defect[seen] = (1.0 - blend) * defect[seen] + blend * float(defect[seen].sum()) * share[seen]
     return out.astype(scores.dtype)
 
 

@@ -144,7 +144,7 @@ class Predictor:
         frame_levels = shipped_frames(batch)
         crops: dict[int, torch.Tensor] = {}
         regions: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # levels and stored mask, for the region's classes
-        grey = self.scoring.grey
+        grey, region_model = self.scoring.grey, self.scoring.regions
         for i, count in zip(ok, counts, strict=False):
             h, w = int(batch["height"][i]), int(batch["width"][i])
             tiles = frame_tiles(h, w, self.setup.prep)
@@ -158,7 +158,7 @@ class Predictor:
             p = probs[start].numpy().astype(np.float32)
             stored = to_mask_tensor(frame).cpu().numpy()
             masks[i] = stored.tobytes()
-            if levels is not None and self.scoring.regions is not None:
+            if levels is not None and region_model is not None:
                 regions[i] = (levels.cpu().numpy(), stored)
             # the whole view's p(normal), as train calibrated the image threshold on it
             scores[i] = anomaly_score(float(p[0]), float(frame.max()), self.setup.spec.score_mode)
@@ -170,8 +170,8 @@ class Predictor:
             crop_probs = self._class_probs(torch.stack(list(crops.values())))
             for i, p in zip(crops, crop_probs.numpy(), strict=True):
                 class_scores[i] = with_defect_view(class_scores[i], p.astype(np.float32))
-        if regions and self.scoring.regions is not None:
-            region_classes(self.scoring.regions, regions, class_scores)
+        if regions and region_model is not None:
+            region_classes(region_model, regions, class_scores)
 
     def _class_probs(self, views: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(V, C)`` on the CPU of grey views ``(V, S, S)`` in [0, 1] on the device."""
