@@ -31,7 +31,6 @@ from semclip_batch.fewshot.support_maps import (
     fit_thresholds,
     pixel_counts,
     support_output,
-    support_thresholds,
 )
 from semclip_batch.fewshot.support_set import Fitted, TrainConfig, support_features, support_that_fits
 from semclip_batch.fewshot.trainset import TrainSet
@@ -139,11 +138,25 @@ def whole_thresholds(cfg: TrainConfig, fitted: Fitted, data: TrainSet, feats: Fe
     """The thresholds :func:`~semclip_batch.fewshot.train.fit` fits on its rows, in the fit or afterwards (``data``:
     the support set at whole, augmented as the fit's was, and its features; ``pixels``: its pixel differences from
     its cell references, where already taken)."""
+    out, views = _whole_output(cfg, fitted, data, feats, ref_feats, pixels)
+    return fit_thresholds(out, data, cfg.model.score_mode, views)
+
+
+def whole_maps(cfg: TrainConfig, fitted: Fitted, data: TrainSet, feats: Features, ref_feats: Features | None,
+               prep: PreprocessConfig) -> tuple[dict[str, float], SupportMaps]:
+    """:func:`whole_thresholds` and the maps they were fitted on, the unaugmented copy's (``prep``: the set's): the
+    support maps at whole as :func:`support_maps_at` would score them again, kept for the steps after the fit."""
+    out, views = _whole_output(cfg, fitted, data, feats, ref_feats, None)
+    return fit_thresholds(out, data, cfg.model.score_mode, views), SupportMaps.of(data, out, prep).head(views)
+
+
+def _whole_output(cfg: TrainConfig, fitted: Fitted, data: TrainSet, feats: Features, ref_feats: Features | None,
+                  pixels: torch.Tensor | None) -> tuple[SemClipOutput, int]:
     reference = fitted.reference if ref_feats is not None else None
     if reference is not None and pixels is None:
         pixels = whole_pixel_differences(cfg.model.backbone, data)
-    return support_thresholds(fitted.model, feats, data, reference, ref_feats, pixels, cfg.model.score_mode,
-                              len(data) // copies(cfg.recipe, cfg.model.method))
+    return (support_output(fitted.model, feats, data, reference, ref_feats, pixels),
+            len(data) // copies(cfg.recipe, cfg.model.method))
 
 
 def checked_policy(scale: dict[str, Any] | None) -> float | None:

@@ -35,6 +35,11 @@ class SupportMaps:
         frame = data.frame if data.frame is not None else torch.arange(len(data))
         return cls(frame, data.labels, out.maps.float(), out.class_probs.float(), prep)
 
+    def head(self, rows: int) -> SupportMaps:
+        """The first ``rows`` views (an augmented set's unaugmented copy), copied: the rest's memory is freed."""
+        return SupportMaps(self.frame[:rows].clone(), self.labels[:rows].clone(), self.maps[:rows].clone(),
+                           self.class_probs[:rows].clone(), self.prep)
+
 
 def emitted_views(data: TrainSet, rows: torch.Tensor) -> torch.Tensor:
     """Which of ``rows`` (every view of some frames, one copy) hold a map ``run`` writes: a frame's tiles, or its
@@ -107,11 +112,3 @@ def support_output(model: Scorer, feats: Features, data: TrainSet, reference: Re
     """The support rows' maps and class scores as ``run`` scores them (the reference fused in where fitted)."""
     return score_features(model, feats, (data.views.shape[-2], data.views.shape[-1]), reference, ref_feats,
                           data.has_ref, pixels)
-
-
-def support_thresholds(model: Scorer, feats: Features, data: TrainSet, reference: ReferenceScorer | None,
-                       ref_feats: Features | None, pixels: torch.Tensor | None, score_mode: str,
-                       views: int) -> dict[str, float]:
-    """:func:`fit_thresholds` on the support rows' maps as ``run`` scores them (:func:`support_output`);
-    ``views``: the rows of the unaugmented copy."""
-    return fit_thresholds(support_output(model, feats, data, reference, ref_feats, pixels), data, score_mode, views)

@@ -30,6 +30,7 @@ from semclip_batch.fewshot.maps_policy import (
     held_out_localisation,
     maps_checked,
     weak_localisation_warning,
+    whole_maps,
     whole_thresholds,
 )
 from semclip_batch.fewshot.recipes import applied, copies, recorded
@@ -165,11 +166,16 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
             "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum())}
     scale = held_out_check(cfg, df.iloc[held.tolist()], prompts.classes, chosen.backbone,
                            fitted) if cfg.check_scale else None
+    keep_maps = spec.grey_memory or spec.region_classes  # the support maps at the policy, for the steps after it
+    at_whole = None
     if cfg.check_scale and checked_policy(scale) is None:  # the maps stay at whole: thresholds on the fit's views
-        fitted.thresholds = whole_thresholds(cfg, fitted, data, feats, ref_feats)
+        if keep_maps:
+            fitted.thresholds, at_whole = whole_maps(cfg, fitted, data, feats, ref_feats, prep)
+        else:
+            fitted.thresholds = whole_thresholds(cfg, fitted, data, feats, ref_feats)
     del data, feats, ref_feats  # the fit's rows, freed before the maps' views load
-    at, at_prep, scored = maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted,
-                                       keep_maps=spec.grey_memory or spec.region_classes)
+    at, at_prep, scored = maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted, keep_maps)
+    scored = at_whole if scored is None else scored
     grey = regions = None
     native = native_support(at, df, scored) if spec.region_classes and not spec.grey_memory else None
     if spec.grey_memory:  # after the maps' policy is settled: its weight is chosen, its thresholds fitted, there
