@@ -502,7 +502,7 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
 def test_each_frames_memory_map_is_computed_once(monkeypatch):
     memory = fit.fit_grey_memory(_support(3, 5), seed=0, entries=64)
     calls = []
-    monkeypatch.setattr(memory, "frame_map", lambda levels: calls.append(1) or torch.zeros(levels.shape))
+    monkeypatch.setattr(memory, "neighbourhood_map", lambda levels: calls.append(1) or torch.zeros(levels.shape))
     frames = {7: fit.NativeFrame(np.zeros((30, 40), np.uint8), None, normal=True)}
     grey = fit.memory_maps(memory, frames)
     assert grey(7).shape == (30, 40) and grey(7) is grey(7) and len(calls) == 1

@@ -9,6 +9,11 @@ projected on their principal axes (exact: the covariance's eigenvectors), :data:
 (PatchCore's k-centre selection: rare neighbourhoods such as wire ends and via meetings stay); a seeded fifth of the
 fitting frames is kept out of the entries to fix the distance scale (the 99th percentile of their clean
 neighbourhoods' distances, each also compared with its own frame's neighbourhoods, as ``run`` scores it: rule 18).
+
+Rule 23: the line residual (:mod:`semclip_batch.model.line_residual`) joins the memory's map where, on the held-out
+support frames at :data:`WEIGHT`, it gains at least :data:`LINES_MIN_GAIN` F1max and loses at most
+:data:`LINES_MAX_LOSS` pixel AUROC; its scale is the :data:`LINES_QUANTILE` quantile of the fitting frames' clean
+pixels' residuals (every :data:`LINES_EVERY` th row and column). The weight is then chosen on the chosen map.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from semclip_batch.model.grey_memory import (
     grid_shape,
     neighbourhoods,
 )
+from semclip_batch.model.line_residual import LINE, line_residual
 
 DEFAULT_STRETCH = (PreprocessConfig.percentile_low, PreprocessConfig.percentile_high)  # run's percentiles
 MASK_MARGIN = 4  # px around a defect pixel that no memory neighbourhood may touch
@@ -52,6 +58,10 @@ PER_FRAME = 2048  # clean neighbourhoods drawn from one frame
 ENTRIES = 4096  # memory entries
 WEIGHT = 0.5  # the memory's share of the fused map where kept
 MIN_GAIN = 0.01  # pixel AUROC the held-out frames must gain at WEIGHT (and no F1max lost) for it to be kept
+LINES_MIN_GAIN = 0.01  # F1max the line residual must gain on the held-out frames at WEIGHT to be kept (rule 23)
+LINES_MAX_LOSS = 0.005  # pixel AUROC it may lose there
+LINES_QUANTILE = 0.999  # of the fitting frames' clean pixels' residuals: the residual's scale
+LINES_EVERY = 4  # px between the pixels the scale is read on, in row and column
 
 
 @dataclass(frozen=True)
@@ -186,16 +196,58 @@ GreyMaps = Callable[[int], torch.Tensor]  # a support row's memory map (H, W), b
 
 
 def memory_maps(memory: GreyMemory, frames: Mapping[int, NativeFrame]) -> GreyMaps:
-    """The memory's map of each native frame, computed once (the held-out frames' serve the weight's choice and
-    the thresholds)."""
+    """The memory's map of each native frame (its neighbourhoods' map computed once: the held-out frames' serve the
+    line residual's and the weight's choice and the thresholds; the line residual joined as ``memory.lines`` says
+    when the map is asked for)."""
     done: dict[int, torch.Tensor] = {}
 
     def of(position: int) -> torch.Tensor:
+        levels = frames[position].as_levels()
         if position not in done:
-            done[position] = memory.frame_map(frames[position].as_levels())
-        return done[position]
+            done[position] = memory.neighbourhood_map(levels)
+        return memory.with_lines(done[position], levels)
 
     return of
+
+
+def clean_pixels(mask: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
+    """``(H, W)`` True where no defect pixel lies within :data:`MASK_MARGIN` px."""
+    if mask is None or not mask.any():
+        return torch.ones(shape, dtype=torch.bool)
+    side = 2 * MASK_MARGIN + 1
+    return F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], side, 1, MASK_MARGIN)[0, 0] == 0
+
+
+def fit_line_scale(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], length: int = LINE) -> float:
+    """The line residual's scale: the :data:`LINES_QUANTILE` quantile of its values on ``frames``' clean pixels
+    (:func:`clean_pixels`), every :data:`LINES_EVERY` th row and column (floored at
+    :data:`~semclip_batch.model.grey_memory.MIN_SCALE`)."""
+    every = slice(None, None, LINES_EVERY)
+    values = [line_residual(levels, length)[every, every][clean_pixels(mask, (levels.shape[0], levels.shape[1]))[every, every]]
+              for levels, mask in frames]
+    pooled = torch.cat(values).numpy() if values else np.zeros(0)
+    return max(float(np.quantile(pooled, LINES_QUANTILE)) if len(pooled) else 0.0, MIN_SCALE)
+
+
+def choose_lines(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
+                 fitting: Sequence[tuple[torch.Tensor, np.ndarray | None]]) -> dict[str, Any]:
+    """Rule 23's choice on the held-out frames' maps fused at :data:`WEIGHT`: the memory's map with the line residual
+    against without; ``memory.lines`` and ``memory.line_scale`` set where kept (``grey``: :func:`memory_maps` of
+    ``memory``, which follows the setting). Returns the record."""
+    scale = fit_line_scale(fitting)
+    figures = {}
+    for name, lines in (("without", 0), ("with", LINE)):
+        memory.lines.fill_(lines)
+        memory.line_scale.fill_(scale)
+        counts = fused_counts(maps, frames, grey, (WEIGHT,))[WEIGHT]
+        figures[name] = {"pAUROC": counts.auroc(), "F1max": counts.f1_max()}
+    without, within = figures["without"], figures["with"]
+    kept = (within["pAUROC"] is not None and without["pAUROC"] is not None
+            and (within["F1max"] or 0.0) - (without["F1max"] or 0.0) >= LINES_MIN_GAIN
+            and within["pAUROC"] >= without["pAUROC"] - LINES_MAX_LOSS)
+    memory.lines.fill_(LINE if kept else 0)
+    memory.line_scale.fill_(scale if kept else 1.0)
+    return {"length": LINE, "scale": round(scale, 5), "figures": figures, "kept": kept}
 
 
 def frame_maps(scored: SupportMaps, frames: Mapping[int, NativeFrame],
@@ -320,8 +372,11 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
         note = f"the held-out frames do not load at the maps' policy: {exc}"
         return None, record | {"weight": 0.0, "note": note}, support
     grey = memory_maps(memory, frames)
-    record |= choose_weight(frame_maps(held_scored, frames, held_rows), frames, grey)
+    held_maps = list(frame_maps(held_scored, frames, held_rows))
     del held_scored
+    record["lines"] = choose_lines(memory, held_maps, frames, grey, known)
+    record |= choose_weight(held_maps, frames, grey)
+    del held_maps
     if not record["weight"]:
         return None, record, support
     memory.weight.fill_(record["weight"])
@@ -347,7 +402,17 @@ def grey_memory_lines(training: Mapping[str, Any]) -> list[str]:
                else f"not kept (needs +{MIN_GAIN:g} pAUROC and no F1max lost{'; ' + record['note'] if 'note' in record else ''})")
     own = f", each frame also against {record['own']} of its own" if record.get("own") else ""
     return [f"grey-level memory ({record['entries']} entries{own}, fitted on {record['fitted_on']} frames): {verdict}; "
-            f"the frames the fit held out score {seen}"]
+            f"the frames the fit held out score {seen}", *_lines_line(record.get("lines"))]
+
+
+def _lines_line(record: Mapping[str, Any] | None) -> list[str]:
+    if not record:
+        return []
+    figures = record["figures"]
+    seen = "; ".join(f"{k}: pAUROC {_show(f['pAUROC'])}, F1max {_show(f['F1max'])}" for k, f in figures.items())
+    verdict = ("kept in the memory's map" if record["kept"]
+               else f"not kept (needs +{LINES_MIN_GAIN:g} F1max, at most -{LINES_MAX_LOSS:g} pAUROC)")
+    return [f"line residual ({record['length']} px lines): {verdict}; the held-out frames at weight {WEIGHT:g}, {seen}"]
 
 
 def _show(value: float | None) -> str:

@@ -5,6 +5,7 @@ build them directly."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_mod
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.grey_memory import GREY_MEMORY, OWN_MAX, GreyMemory
+from semclip_batch.model.line_residual import LINES_MAX
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
 from semclip_batch.model.region_classes import REGION_CLASSES, RegionClasses
 from semclip_batch.model.shifts import half_patch_offsets, patch_size, shift_views, unshift_maps
@@ -144,15 +146,22 @@ def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -
         return None
     grey = GreyMemory(entries=int(entries.shape[0]))
     stored.setdefault("own", grey.own)  # written before rule 18: the support's entries only
+    stored.setdefault("lines", grey.lines)  # written before rule 23 (or without it): no line residual
+    stored.setdefault("line_scale", grey.line_scale)
     try:
         grey.load_state_dict(stored)
     except RuntimeError as exc:
         problems.append(f"{GREY_MEMORY}: {str(exc).splitlines()[0][:120]}")
         return None
     scale, weight, drawn = float(grey.scale), float(grey.weight), int(grey.own)
+    lines, line_scale = int(grey.lines), float(grey.line_scale)
     if (not len(grey.entries) or not scale > 0 or not 0 < weight <= 1 or not 0 <= drawn <= OWN_MAX
             or not bool(torch.isfinite(grey.entries).all())):
         problems.append(f"{GREY_MEMORY}: {len(grey.entries)} entries, scale {scale:g}, weight {weight:g}, own {drawn} "
                         f"(needs entries, a scale above 0, a weight in (0, 1] and own 0 to {OWN_MAX})")
+        return None
+    if lines and not (3 <= lines <= LINES_MAX and lines % 2 and 0 < line_scale < math.inf):
+        problems.append(f"{GREY_MEMORY}: lines {lines}, line scale {line_scale:g} (needs lines 0, or odd from 3 to "
+                        f"{LINES_MAX} with a finite scale above 0)")
         return None
     return grey.eval()

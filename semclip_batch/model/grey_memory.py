@@ -10,8 +10,10 @@ entry or, where nearer, to the nearest of the frame's own neighbourhoods more th
 pixels does not; ``own`` of them in a fixed seeded draw, 0: the entries only). The grid is resized to the frame
 (each score on its neighbourhood's centre), smoothed over :data:`SMOOTH` px and mapped to
 ``clamp(d / (2 * scale), 0, 1)``, ``scale`` the 99th percentile of held-out clean support neighbourhoods'
-distances. The fused map is ``(1 - weight) * map + weight * memory``. The entries, axes, scale, own count and
-weight are fitted by ``train`` (:mod:`semclip_batch.fewshot.grey_memory_fit`) and saved with the model.
+distances. Where ``lines`` is above 0 (rule 23), the memory's map is the mean of that and the frame's line residual
+(:mod:`semclip_batch.model.line_residual`, lines of ``lines`` px) mapped to ``clamp(r / (2 * line_scale), 0, 1)``.
+The fused map is ``(1 - weight) * map + weight * memory``. The entries, axes, scale, own count, lines and weight are
+fitted by ``train`` (:mod:`semclip_batch.fewshot.grey_memory_fit`) and saved with the model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from semclip_batch.model.line_residual import line_residual
 
 PATCH = 11  # px: a neighbourhood's side
 STRIDE = 4  # px between neighbourhoods
@@ -59,6 +63,8 @@ class GreyMemory(nn.Module):
     scale: torch.Tensor
     weight: torch.Tensor
     own: torch.Tensor
+    lines: torch.Tensor
+    line_scale: torch.Tensor
 
     def __init__(self, entries: int = 0) -> None:
         super().__init__()
@@ -68,6 +74,8 @@ class GreyMemory(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("weight", torch.tensor(0.0))
         self.register_buffer("own", torch.tensor(0))
+        self.register_buffer("lines", torch.tensor(0))
+        self.register_buffer("line_scale", torch.tensor(1.0))
 
     def project(self, cols: torch.Tensor) -> torch.Tensor:
         """``(L, DIM)``: neighbourhoods ``(L, PATCH * PATCH)`` on the memory's axes."""
@@ -112,13 +120,20 @@ class GreyMemory(nn.Module):
         return distances
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """Its tensors as a checkpoint stores them: ``own`` only where above 0, so a memory without the comparison
-        writes the tensors written before rule 18 (the same checksum and run ids; an older release loads it)."""
-        return {k: v for k, v in self.state_dict().items() if k != "own" or int(v) > 0}
+        """Its tensors as a checkpoint stores them: ``own`` only where above 0, ``lines`` and ``line_scale`` only where
+        the line residual is kept, so a memory without them writes the tensors written before rules 18 and 23 (the
+        same checksum and run ids; an older release loads it)."""
+        left_out = ({"own"} if int(self.own) == 0 else set()) | ({"lines", "line_scale"} if int(self.lines) == 0
+                                                                 else set())
+        return {k: v for k, v in self.state_dict().items() if k not in left_out}
 
     def frame_map(self, levels: torch.Tensor) -> torch.Tensor:
-        """``(H, W)`` levels in [0, 1] -> the memory's map ``(H, W)`` in [0, 1] (float32, on their device); all zero
-        on a frame under :data:`PATCH` px."""
+        """``(H, W)`` levels in [0, 1] -> the memory's map ``(H, W)`` in [0, 1] (float32, on their device): the
+        neighbourhoods' map, with the line residual's where kept (:meth:`with_lines`)."""
+        return self.with_lines(self.neighbourhood_map(levels), levels)
+
+    def neighbourhood_map(self, levels: torch.Tensor) -> torch.Tensor:
+        """The neighbourhoods' distances as a ``(H, W)`` map in [0, 1]; all zero on a frame under :data:`PATCH` px."""
         h, w = levels.shape
         if min(h, w) < PATCH:
             return torch.zeros(h, w, device=levels.device)
@@ -130,6 +145,17 @@ class GreyMemory(nn.Module):
         full = F.pad(inner, (lo, w - lo - inner.shape[-1], lo, h - lo - inner.shape[-2]), mode="replicate")
         full = F.avg_pool2d(full, SMOOTH, 1, SMOOTH // 2, count_include_pad=False)[0, 0]
         return torch.clamp(full / (2 * self.scale), 0, 1)
+
+    def line_map(self, levels: torch.Tensor) -> torch.Tensor:
+        """The line residual of ``lines`` px as a ``(H, W)`` map in [0, 1] (``lines`` above 0 only)."""
+        return torch.clamp(line_residual(levels, int(self.lines)) / (2 * self.line_scale), 0, 1)
+
+    def with_lines(self, neighbourhood_map: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """The memory's map from its neighbourhoods' map: that map as it is where ``lines`` is 0 or the frame holds no
+        neighbourhood, else its mean with :meth:`line_map`."""
+        if int(self.lines) == 0 or min(levels.shape) < PATCH:
+            return neighbourhood_map
+        return 0.5 * (neighbourhood_map + self.line_map(levels))
 
     def fuse(self, frame_map: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """:func:`blend` of the frame's ``(H, W)`` map with this memory's map of its levels in [0, 1]."""

@@ -1,0 +1,52 @@
+"""The line residual of a frame's grey levels (docs/quality.md, rule 23): what no long horizontal or vertical run
+explains. Routing on a Manhattan layer is made of such runs (wires, corners and line ends all hold one of
+:data:`LINE` px or more, as does the dielectric between tracks); a particle, a residue or a hole of a few pixels
+does not. Pure torch: a grey-level opening and closing by a horizontal and a vertical line (max pooling, the
+erosion as the pooling of the negated levels), on levels smoothed by a Gaussian of :data:`SIGMA` px.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LINE = 15  # px: the structuring lines' length (a defect longer than this along a row or a column is kept as structure)
+LINES_MAX = 255  # px: the longest line a checkpoint may ask for
+SIGMA = 1.0  # px: the smoothing before the opening (shot noise left out of the residual)
+
+
+def smoothed(levels: torch.Tensor, sigma: float = SIGMA) -> torch.Tensor:
+    """``(H, W)`` levels blurred by a separable Gaussian of ``sigma`` px (reflected at the border; as they are on a
+    frame too small to reflect)."""
+    radius = math.ceil(4 * sigma)
+    h, w = levels.shape
+    if min(h, w) <= radius:
+        return levels.float()
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=levels.device, dtype=torch.float32) / sigma) ** 2)
+    taps = taps / taps.sum()
+    x = F.pad(levels.float()[None, None], (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, taps.view(1, 1, 1, -1))
+    return F.conv2d(x, taps.view(1, 1, -1, 1))[0, 0]
+
+
+def _dilate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.max_pool2d(x, size, 1, (size[0] // 2, size[1] // 2))
+
+
+def _erode(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return -F.max_pool2d(-x, size, 1, (size[0] // 2, size[1] // 2))
+
+
+def line_residual(levels: torch.Tensor, length: int = LINE) -> torch.Tensor:
+    """``(H, W)`` levels -> ``(H, W)`` residual >= 0: the smoothed levels above the larger of their openings by a
+    horizontal and a vertical ``length``-px line (bright: what no bright run holds), or below the smaller of their
+    closings by the same lines (dark), whichever is larger. ``length`` must be odd."""
+    if length < 3 or length % 2 == 0:
+        raise ValueError(f"the line residual's length must be odd and at least 3; got {length}")
+    x = smoothed(levels)[None, None]
+    along, across = (1, length), (length, 1)
+    opened = torch.maximum(_dilate(_erode(x, along), along), _dilate(_erode(x, across), across))
+    closed = torch.minimum(_erode(_dilate(x, along), along), _erode(_dilate(x, across), across))
+    return torch.maximum(x - opened, closed - x)[0, 0].clamp_min(0)
