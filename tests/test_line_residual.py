@@ -164,3 +164,17 @@ def test_a_checkpoints_residual_that_cannot_score_is_refused(lines, scale):
     problems: list[str] = []
     assert grey_memory_from(tensors, problems) is None
     assert "needs lines 0, or odd from 3 to 255" in problems[0]
+
+
+@pytest.mark.parametrize("length", [3, 5, 7, 15, 31, 33])
+def test_the_running_maximum_is_a_max_pooling_of_the_same_window(length):
+    import torch.nn.functional as F
+
+    from semclip_batch.model.line_residual import window_max
+
+    x = torch.rand(37, 50, generator=torch.Generator().manual_seed(length))
+    for dim, size in ((1, (1, length)), (0, (length, 1))):
+        if length // 2 > x.shape[dim]:
+            continue
+        pooled = F.max_pool2d(x[None, None], size, 1, (size[0] // 2, size[1] // 2))[0, 0]
+        assert torch.equal(window_max(x, length, dim), pooled)

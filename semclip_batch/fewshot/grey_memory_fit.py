@@ -200,12 +200,18 @@ def memory_maps(memory: GreyMemory, frames: Mapping[int, NativeFrame]) -> GreyMa
     line residual's and the weight's choice and the thresholds; the line residual joined as ``memory.lines`` says
     when the map is asked for)."""
     done: dict[int, torch.Tensor] = {}
+    lines: dict[tuple[int, int, float], torch.Tensor] = {}  # each setting's residual map, computed once too
 
     def of(position: int) -> torch.Tensor:
         levels = frames[position].as_levels()
         if position not in done:
             done[position] = memory.neighbourhood_map(levels)
-        return memory.with_lines(done[position], levels)
+        if not int(memory.lines) or min(levels.shape) < PATCH:
+            return done[position]
+        key = (position, int(memory.lines), float(memory.line_scale))
+        if key not in lines:
+            lines[key] = memory.with_lines(done[position], levels)
+        return lines[key]
 
     return of
 
@@ -293,11 +299,16 @@ def fused_counts(maps: Iterable[FrameMap], frames: Mapping[int, NativeFrame], gr
     return counts
 
 
-def choose_weight(maps: Iterable[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps) -> dict[str, Any]:
+def choose_weight(maps: Iterable[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
+                  at_weight: Mapping[str, float | None] | None = None) -> dict[str, Any]:
     """Rule 17's choice on the held-out frames' maps: :data:`WEIGHT` where it gains at least :data:`MIN_GAIN` pixel
-    AUROC over 0 and loses no F1max, else 0; the figures of both."""
-    counts = fused_counts(maps, frames, grey, (0.0, WEIGHT))
+    AUROC over 0 and loses no F1max, else 0; the figures of both (``at_weight``: those at :data:`WEIGHT`, where
+    already scored)."""
+    weights = (0.0,) if at_weight is not None else (0.0, WEIGHT)
+    counts = fused_counts(maps, frames, grey, weights)
     figures = {f"{w:g}": {"pAUROC": c.auroc(), "F1max": c.f1_max()} for w, c in counts.items()}
+    if at_weight is not None:
+        figures[f"{WEIGHT:g}"] = {"pAUROC": at_weight["pAUROC"], "F1max": at_weight["F1max"]}
     without, within = figures["0"], figures[f"{WEIGHT:g}"]
     if without["pAUROC"] is None or within["pAUROC"] is None:
         return {"weight": 0.0, "figures": figures, "note": "no defect pixel among the held-out support frames"}
@@ -375,7 +386,8 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     held_maps = list(frame_maps(held_scored, frames, held_rows))
     del held_scored
     record["lines"] = choose_lines(memory, held_maps, frames, grey, known)
-    record |= choose_weight(held_maps, frames, grey)
+    chosen = record["lines"]["figures"]["with" if record["lines"]["kept"] else "without"]
+    record |= choose_weight(held_maps, frames, grey, at_weight=chosen)
     del held_maps
     if not record["weight"]:
         return None, record, support

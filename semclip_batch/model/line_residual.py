@@ -1,8 +1,8 @@
 """The line residual of a frame's grey levels (docs/quality.md, rule 23): what no long horizontal or vertical run
 explains. Routing on a Manhattan layer is made of such runs (wires, corners and line ends all hold one of
 :data:`LINE` px or more, as does the dielectric between tracks); a particle, a residue or a hole of a few pixels
-does not. Pure torch: a grey-level opening and closing by a horizontal and a vertical line (max pooling, the
-erosion as the pooling of the negated levels), on levels smoothed by a Gaussian of :data:`SIGMA` px.
+does not. Pure torch: a grey-level opening and closing by a horizontal and a vertical line (running maxima, the
+erosion as the maximum of the negated levels), on levels smoothed by a Gaussian of :data:`SIGMA` px.
 """
 
 from __future__ import annotations
@@ -31,12 +31,31 @@ def smoothed(levels: torch.Tensor, sigma: float = SIGMA) -> torch.Tensor:
     return F.conv2d(x, taps.view(1, 1, -1, 1))[0, 0]
 
 
-def _dilate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.max_pool2d(x, size, 1, (size[0] // 2, size[1] // 2))
+def window_max(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """The centred running maximum of an odd ``length`` along ``dim`` of ``x`` (the border padded with -inf, so only
+    pixels inside count): doubling spans, about log2(length) + 1 elementwise maxima of shifted views instead of a
+    pooling window of ``length`` reads a pixel (the same values: a maximum is exact)."""
+    half = length // 2
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [half, half]
+    m = F.pad(x, pad, value=-math.inf)
+    span = 1
+    while 2 * span <= length:
+        n = m.shape[dim] - span
+        m = torch.maximum(m.narrow(dim, 0, n), m.narrow(dim, span, n))  # m[j]: the max over 2 * span from j
+        span *= 2
+    rest = length - span
+    if rest:
+        n = m.shape[dim] - rest
+        m = torch.maximum(m.narrow(dim, 0, n), m.narrow(dim, rest, n))
+    return m
 
 
-def _erode(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return -F.max_pool2d(-x, size, 1, (size[0] // 2, size[1] // 2))
+def _dilate(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    return window_max(x, length, dim)
+
+
+def _erode(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    return -window_max(-x, length, dim)
 
 
 def line_residual(levels: torch.Tensor, length: int = LINE) -> torch.Tensor:
@@ -45,8 +64,7 @@ def line_residual(levels: torch.Tensor, length: int = LINE) -> torch.Tensor:
     closings by the same lines (dark), whichever is larger. ``length`` must be odd."""
     if length < 3 or length % 2 == 0:
         raise ValueError(f"the line residual's length must be odd and at least 3; got {length}")
-    x = smoothed(levels)[None, None]
-    along, across = (1, length), (length, 1)
-    opened = torch.maximum(_dilate(_erode(x, along), along), _dilate(_erode(x, across), across))
-    closed = torch.minimum(_erode(_dilate(x, along), along), _erode(_dilate(x, across), across))
-    return torch.maximum(x - opened, closed - x)[0, 0].clamp_min(0)
+    x = smoothed(levels)
+    opened = torch.maximum(_dilate(_erode(x, length, 1), length, 1), _dilate(_erode(x, length, 0), length, 0))
+    closed = torch.minimum(_erode(_dilate(x, length, 1), length, 1), _erode(_dilate(x, length, 0), length, 0))
+    return torch.maximum(x - opened, closed - x).clamp_min(0)
