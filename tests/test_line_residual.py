@@ -178,3 +178,19 @@ def test_the_running_maximum_is_a_max_pooling_of_the_same_window(length):
             continue
         pooled = F.max_pool2d(x[None, None], size, 1, (size[0] // 2, size[1] // 2))[0, 0]
         assert torch.equal(window_max(x, length, dim), pooled)
+
+
+def test_clean_pixels_grown_in_the_defects_box_equal_the_whole_mask_grown():
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(5, 120, 2))
+        mask = np.zeros((h, w), bool)
+        for _ in range(int(rng.integers(1, 4))):
+            y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+            mask[y:y + int(rng.integers(1, 9)), x:x + int(rng.integers(1, 9))] = True
+        side = 2 * fit.MASK_MARGIN + 1
+        whole = F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], side, 1, fit.MASK_MARGIN)[0, 0] == 0
+        assert torch.equal(fit.clean_pixels(mask, (h, w)), whole)
+    assert bool(fit.clean_pixels(None, (4, 6)).all()) and fit.clean_pixels(np.zeros((4, 6), bool), (4, 6)).all()

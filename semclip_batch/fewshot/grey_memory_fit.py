@@ -217,11 +217,17 @@ def memory_maps(memory: GreyMemory, frames: Mapping[int, NativeFrame]) -> GreyMa
 
 
 def clean_pixels(mask: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
-    """``(H, W)`` True where no defect pixel lies within :data:`MASK_MARGIN` px."""
+    """``(H, W)`` True where no defect pixel lies within :data:`MASK_MARGIN` px (the mask grown within the defect
+    pixels' box and its margin only: every pixel outside it is clean)."""
+    out = torch.ones(shape, dtype=torch.bool)
     if mask is None or not mask.any():
-        return torch.ones(shape, dtype=torch.bool)
-    side = 2 * MASK_MARGIN + 1
-    return F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], side, 1, MASK_MARGIN)[0, 0] == 0
+        return out
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    y0, y1 = max(int(rows[0]) - MASK_MARGIN, 0), min(int(rows[-1]) + MASK_MARGIN + 1, shape[0])
+    x0, x1 = max(int(cols[0]) - MASK_MARGIN, 0), min(int(cols[-1]) + MASK_MARGIN + 1, shape[1])
+    box = torch.from_numpy(mask[y0:y1, x0:x1].astype(np.float32))[None, None]
+    out[y0:y1, x0:x1] = F.max_pool2d(box, 2 * MASK_MARGIN + 1, 1, MASK_MARGIN)[0, 0] == 0
+    return out
 
 
 def fit_line_scale(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], length: int = LINE) -> float:
