@@ -18,6 +18,7 @@ pixels' residuals (every :data:`LINES_EVERY` th row and column). The weight is t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -196,21 +197,27 @@ GreyMaps = Callable[[int], torch.Tensor]  # a support row's memory map (H, W), b
 
 
 def memory_maps(memory: GreyMemory, frames: Mapping[int, NativeFrame]) -> GreyMaps:
-    """The memory's map of each native frame (its neighbourhoods' map computed once: the held-out frames' serve the
-    line residual's and the weight's choice and the thresholds; the line residual joined as ``memory.lines`` says
-    when the map is asked for)."""
+    """The memory's map of each native frame, computed once: its neighbourhoods' map, and where ``memory.lines`` asks
+    for the line residual when the map is asked for, the map with it (the neighbourhoods' map then dropped: asked for
+    again without the residual, it is computed again). The held-out frames' maps serve the residual's and the
+    weight's choice, every frame's the thresholds."""
     done: dict[int, torch.Tensor] = {}
-    lines: dict[tuple[int, int, float], torch.Tensor] = {}  # each setting's residual map, computed once too
+    lines: dict[tuple[int, int, float], torch.Tensor] = {}
 
     def of(position: int) -> torch.Tensor:
-        levels = frames[position].as_levels()
-        if position not in done:
-            done[position] = memory.neighbourhood_map(levels)
-        if not int(memory.lines) or min(levels.shape) < PATCH:
-            return done[position]
+        with_lines = int(memory.lines) > 0 and min(frames[position].levels.shape) >= PATCH
         key = (position, int(memory.lines), float(memory.line_scale))
-        if key not in lines:
-            lines[key] = memory.with_lines(done[position], levels)
+        if with_lines and key in lines:
+            return lines[key]
+        if not with_lines and position in done:
+            return done[position]
+        levels = frames[position].as_levels()
+        nb = done[position] if position in done else memory.neighbourhood_map(levels)
+        if not with_lines:
+            done[position] = nb
+            return nb
+        lines[key] = memory.with_lines(nb, levels)
+        done.pop(position, None)
         return lines[key]
 
     return of
@@ -231,14 +238,19 @@ def clean_pixels(mask: np.ndarray | None, shape: tuple[int, int]) -> torch.Tenso
 
 
 def fit_line_scale(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], length: int = LINE) -> float:
-    """The line residual's scale: the :data:`LINES_QUANTILE` quantile of its values on ``frames``' clean pixels
-    (:func:`clean_pixels`), every :data:`LINES_EVERY` th row and column (floored at
-    :data:`~semclip_batch.model.grey_memory.MIN_SCALE`)."""
+    """The line residual's scale: the :data:`LINES_QUANTILE` quantile of its values on the clean pixels
+    (:func:`clean_pixels`) of those of ``frames`` that ``run`` fuses (:data:`PATCH` px or more, levels shipped),
+    every :data:`LINES_EVERY` th row and column (floored at :data:`~semclip_batch.model.grey_memory.MIN_SCALE`)."""
     every = slice(None, None, LINES_EVERY)
     values = [line_residual(levels, length)[every, every][clean_pixels(mask, (levels.shape[0], levels.shape[1]))[every, every]]
-              for levels, mask in frames]
+              for levels, mask in frames if min(levels.shape) >= PATCH and fuses_levels(levels.shape[0], levels.shape[1])]
     pooled = torch.cat(values).numpy() if values else np.zeros(0)
     return max(float(np.quantile(pooled, LINES_QUANTILE)) if len(pooled) else 0.0, MIN_SCALE)
+
+
+def _has_defect(frame: NativeFrame) -> bool:
+    truth = frame.truth()
+    return truth is not None and bool(truth.any())
 
 
 def choose_lines(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
@@ -246,6 +258,9 @@ def choose_lines(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mapping[i
     """Rule 23's choice on the held-out frames' maps fused at :data:`WEIGHT`: the memory's map with the line residual
     against without; ``memory.lines`` and ``memory.line_scale`` set where kept (``grey``: :func:`memory_maps` of
     ``memory``, which follows the setting). Returns the record."""
+    if not any(_has_defect(frames[m.position]) for m in maps):
+        memory.lines.fill_(0)
+        return {"length": LINE, "kept": False, "note": "no defect pixel among the held-out support frames"}
     scale = fit_line_scale(fitting)
     figures = {}
     for name, lines in (("without", 0), ("with", LINE)):
@@ -391,8 +406,10 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     grey = memory_maps(memory, frames)
     held_maps = list(frame_maps(held_scored, frames, held_rows))
     del held_scored
+    started = time.perf_counter()
     record["lines"] = choose_lines(memory, held_maps, frames, grey, known)
-    chosen = record["lines"]["figures"]["with" if record["lines"]["kept"] else "without"]
+    record["lines"]["seconds"] = round(time.perf_counter() - started, 2)  # what the choice adds to train
+    chosen = record["lines"].get("figures", {}).get("with" if record["lines"]["kept"] else "without")
     record |= choose_weight(held_maps, frames, grey, at_weight=chosen)
     del held_maps
     if not record["weight"]:
@@ -420,15 +437,17 @@ def grey_memory_lines(training: Mapping[str, Any]) -> list[str]:
                else f"not kept (needs +{MIN_GAIN:g} pAUROC and no F1max lost{'; ' + record['note'] if 'note' in record else ''})")
     own = f", each frame also against {record['own']} of its own" if record.get("own") else ""
     return [f"grey-level memory ({record['entries']} entries{own}, fitted on {record['fitted_on']} frames): {verdict}; "
-            f"the frames the fit held out score {seen}", *_lines_line(record.get("lines"))]
+            f"the frames the fit held out score {seen}", *_lines_line(record.get("lines"), bool(record["weight"]))]
 
 
-def _lines_line(record: Mapping[str, Any] | None) -> list[str]:
+def _lines_line(record: Mapping[str, Any] | None, stored: bool) -> list[str]:
+    """``train``'s line on rule 23's line residual (``stored``: the memory is kept, and the residual with it)."""
     if not record:
         return []
-    figures = record["figures"]
-    seen = "; ".join(f"{k}: pAUROC {_show(f['pAUROC'])}, F1max {_show(f['F1max'])}" for k, f in figures.items())
-    verdict = ("kept in the memory's map" if record["kept"]
+    if "figures" not in record:
+        return [f"line residual ({record['length']} px lines): not kept ({record.get('note', 'not fitted')})"]
+    seen = "; ".join(f"{k}: pAUROC {_show(f['pAUROC'])}, F1max {_show(f['F1max'])}" for k, f in record["figures"].items())
+    verdict = (("kept in the memory's map" if stored else "chosen, but the memory is not kept") if record["kept"]
                else f"not kept (needs +{LINES_MIN_GAIN:g} F1max, at most -{LINES_MAX_LOSS:g} pAUROC)")
     return [f"line residual ({record['length']} px lines): {verdict}; the held-out frames at weight {WEIGHT:g}, {seen}"]
 

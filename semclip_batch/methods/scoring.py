@@ -146,8 +146,12 @@ def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -
         return None
     grey = GreyMemory(entries=int(entries.shape[0]))
     stored.setdefault("own", grey.own)  # written before rule 18: the support's entries only
-    stored.setdefault("lines", grey.lines)  # written before rule 23 (or without it): no line residual
-    stored.setdefault("line_scale", grey.line_scale)
+    residual = {"lines", "line_scale"} & set(stored)
+    if len(residual) == 1:
+        problems.append(f"{GREY_MEMORY}: lines and line_scale are stored together; only {residual.pop()} is here")
+        return None
+    if not residual:  # written before rule 23, or without it: no residual
+        stored |= {"lines": grey.lines, "line_scale": grey.line_scale}
     try:
         grey.load_state_dict(stored)
     except RuntimeError as exc:

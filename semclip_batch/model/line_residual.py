@@ -2,7 +2,8 @@
 explains. Routing on a Manhattan layer is made of such runs (wires, corners and line ends all hold one of
 :data:`LINE` px or more, as does the dielectric between tracks); a particle, a residue or a hole of a few pixels
 does not. Pure torch: a grey-level opening and closing by a horizontal and a vertical line (running maxima, the
-erosion as the maximum of the negated levels), on levels smoothed by a Gaussian of :data:`SIGMA` px.
+erosion as the maximum of the negated levels), on levels smoothed by a Gaussian of :data:`SIGMA` px. Only pixels
+inside the frame count: a run that meets the frame's edge is structure if at least half a line of it is inside.
 """
 
 from __future__ import annotations
@@ -12,23 +13,20 @@ import math
 import torch
 import torch.nn.functional as F
 
+from semclip_batch.model.semclip import gaussian_blur
+
 LINE = 15  # px: the structuring lines' length (a defect longer than this along a row or a column is kept as structure)
 LINES_MAX = 255  # px: the longest line a checkpoint may ask for
 SIGMA = 1.0  # px: the smoothing before the opening (shot noise left out of the residual)
 
 
 def smoothed(levels: torch.Tensor, sigma: float = SIGMA) -> torch.Tensor:
-    """``(H, W)`` levels blurred by a separable Gaussian of ``sigma`` px (reflected at the border; as they are on a
-    frame too small to reflect)."""
-    radius = math.ceil(4 * sigma)
-    h, w = levels.shape
-    if min(h, w) <= radius:
+    """``(H, W)`` levels blurred by a separable Gaussian of ``sigma`` px with reflected borders (the package's
+    :func:`~semclip_batch.model.semclip.gaussian_blur`: matrix products, full float32 on a GPU too, where a
+    convolution may run at TF32's precision); as they are on a frame too small to reflect."""
+    if min(levels.shape) <= math.ceil(4 * sigma):
         return levels.float()
-    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=levels.device, dtype=torch.float32) / sigma) ** 2)
-    taps = taps / taps.sum()
-    x = F.pad(levels.float()[None, None], (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, taps.view(1, 1, 1, -1))
-    return F.conv2d(x, taps.view(1, 1, -1, 1))[0, 0]
+    return gaussian_blur(levels.float()[None], sigma)[0]
 
 
 def window_max(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
