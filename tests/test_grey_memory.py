@@ -473,7 +473,7 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
 
     lot = write_routing_lot(tmp_path, n_support=7, n_test=3, seed=12, size=(256, 256))  # frames 5 and 13 held out
     chosen = fit.choose_weight
-    monkeypatch.setattr(fit, "choose_weight", lambda *args: {**chosen(*args), "weight": fit.WEIGHT})
+    monkeypatch.setattr(fit, "choose_weight", lambda *args, **kwargs: {**chosen(*args, **kwargs), "weight": fit.WEIGHT})
     runner = CliRunner()
     ckpt = tmp_path / "ckpt"
     res = runner.invoke(main, ["train", str(lot["support"]), "--out", str(ckpt), "--backbone", "semclip-tiny",
@@ -492,6 +492,10 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     assert loaded.meta.thresholds.pixel != record["thresholds_before"]["pixel"] or \
         loaded.meta.thresholds.image != record["thresholds_before"]["image"]
     assert "grey-level memory (" in res.output and "kept at weight 0.5" in res.output
+    lines = record["lines"]  # rule 26's choice, recorded and printed whichever way it went
+    assert lines["length"] == 15 and isinstance(lines["kept"], bool) and lines["seconds"] >= 0
+    assert "line residual (15 px lines): " in res.output
+    assert (f"{GREY_MEMORY}.lines" in loaded.tensors) == lines["kept"]
     out = tmp_path / "out"
     res = runner.invoke(main, ["run", str(lot["test"]), "--out", str(out), "--model", str(ckpt)])
     assert res.exit_code == 0, res.output
