@@ -198,9 +198,9 @@ GreyMaps = Callable[[int], torch.Tensor]  # a support row's memory map (H, W), b
 
 def memory_maps(memory: GreyMemory, frames: Mapping[int, NativeFrame]) -> GreyMaps:
     """The memory's map of each native frame, computed once: its neighbourhoods' map, and where ``memory.lines`` asks
-    for the line residual when the map is asked for, the map with it (the neighbourhoods' map then dropped: asked for
-    again without the residual, it is computed again). The held-out frames' maps serve the residual's and the
-    weight's choice, every frame's the thresholds."""
+    for the line residual when the map is asked for, the map with it (both kept: the held-out frames are read with
+    and without it in the residual's choice, and again in the weight's and the thresholds'). The held-out frames'
+    maps serve the residual's and the weight's choice, every frame's the thresholds."""
     done: dict[int, torch.Tensor] = {}
     lines: dict[tuple[int, int, float], torch.Tensor] = {}
 
@@ -213,11 +213,10 @@ def memory_maps(memory: GreyMemory, frames: Mapping[int, NativeFrame]) -> GreyMa
             return done[position]
         levels = frames[position].as_levels()
         nb = done[position] if position in done else memory.neighbourhood_map(levels)
+        done[position] = nb
         if not with_lines:
-            done[position] = nb
             return nb
         lines[key] = memory.with_lines(nb, levels)
-        done.pop(position, None)
         return lines[key]
 
     return of

@@ -48,10 +48,6 @@ def window_max(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return m
 
 
-def _dilate(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    return window_max(x, length, dim)
-
-
 def _erode(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return -window_max(-x, length, dim)
 
@@ -63,6 +59,6 @@ def line_residual(levels: torch.Tensor, length: int = LINE) -> torch.Tensor:
     if length < 3 or length % 2 == 0:
         raise ValueError(f"the line residual's length must be odd and at least 3; got {length}")
     x = smoothed(levels)
-    opened = torch.maximum(_dilate(_erode(x, length, 1), length, 1), _dilate(_erode(x, length, 0), length, 0))
-    closed = torch.minimum(_erode(_dilate(x, length, 1), length, 1), _erode(_dilate(x, length, 0), length, 0))
+    opened = torch.maximum(window_max(_erode(x, length, 1), length, 1), window_max(_erode(x, length, 0), length, 0))
+    closed = torch.minimum(_erode(window_max(x, length, 1), length, 1), _erode(window_max(x, length, 0), length, 0))
     return torch.maximum(x - opened, closed - x).clamp_min(0)
