@@ -474,6 +474,16 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     lot = write_routing_lot(tmp_path, n_support=7, n_test=3, seed=12, size=(256, 256))  # frames 5 and 13 held out
     chosen = fit.choose_weight
     monkeypatch.setattr(fit, "choose_weight", lambda *args, **kwargs: {**chosen(*args, **kwargs), "weight": fit.WEIGHT})
+    weighed = fit.choose_reference
+
+    def reference_kept(memory, *args, **kwargs):  # rule 27's choice made on the 2 held-out frames, then overruled
+        record = weighed(memory, *args, **kwargs)
+        memory.reference.fill_(1)
+        memory.reference_scale.fill_(record["scale"])
+        return {**record, "kept": True}
+
+    monkeypatch.setattr(fit, "REFERENCE_MIN_FRAMES", 2)
+    monkeypatch.setattr(fit, "choose_reference", reference_kept)
     runner = CliRunner()
     ckpt = tmp_path / "ckpt"
     res = runner.invoke(main, ["train", str(lot["support"]), "--out", str(ckpt), "--backbone", "semclip-tiny",
@@ -496,11 +506,20 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     assert lines["length"] == 15 and isinstance(lines["kept"], bool) and lines["seconds"] >= 0
     assert "line residual (15 px lines): " in res.output
     assert (f"{GREY_MEMORY}.lines" in loaded.tensors) == lines["kept"]
+    reference = record["reference"]  # rule 27's, kept: run reads every row's reference
+    assert reference["held_out_with_reference"] == 2 and reference["seconds"] >= 0
+    assert set(reference["figures"]) == {"without", "with"} and int(loaded.tensors[f"{GREY_MEMORY}.reference"]) == 1
+    assert "die-to-die residual (2 held-out frames with a reference): kept in the memory's map" in res.output
+    test = lot["test"].read_text().splitlines()
+    broken = test[1].split(",")  # a fourth test row whose reference is gone
+    (tmp_path / "test" / "extra.png").write_bytes((tmp_path / broken[0]).read_bytes())
+    broken[0], broken[-1] = "test/extra.png", "test/gone_ref.png"
+    lot["test"].write_text("\n".join([*test, ",".join(broken)]) + "\n")
     out = tmp_path / "out"
     res = runner.invoke(main, ["run", str(lot["test"]), "--out", str(out), "--model", str(ckpt)])
     assert res.exit_code == 0, res.output
     run_record = json.loads(next((out / "runs").rglob("attempt-*.json")).read_text())
-    assert run_record["counts"] == {"ok": 3} and run_record["preprocessing"]["frame_levels"] is True
+    assert run_record["counts"] == {"ok": 3, "reference_error": 1} and run_record["preprocessing"]["frame_levels"]
 
 
 def test_each_frames_memory_map_is_computed_once(monkeypatch):

@@ -9,6 +9,7 @@ import torch
 from scipy import ndimage
 
 from semclip_batch.fewshot import grey_memory_fit as fit
+from semclip_batch.fewshot import residual_fit
 from semclip_batch.methods.scoring import grey_memory_from
 from semclip_batch.model.grey_memory import GreyMemory
 from semclip_batch.model.line_residual import LINE, line_residual, smoothed
@@ -73,16 +74,16 @@ def test_tiny_frames_get_a_residual_of_their_shape():
 def test_the_scale_is_read_on_clean_pixels_only():
     frames = [(torch.from_numpy(_manhattan()) + 0.01 * torch.randn(128, 128, generator=torch.Generator().manual_seed(k)),
                None) for k in range(3)]
-    plain = fit.fit_line_scale(frames)
+    plain = residual_fit.fit_line_scale(frames)
     marked = []
     for levels, _ in frames:
         hit, mask = levels.clone(), np.zeros((128, 128), bool)
         hit[44:52, 28:36] = 0.9  # a defect, masked: its residual stays out of the scale
         mask[44:52, 28:36] = True
         marked.append((hit, mask))
-    assert fit.fit_line_scale(marked) == pytest.approx(plain, rel=0.05)
+    assert residual_fit.fit_line_scale(marked) == pytest.approx(plain, rel=0.05)
     unmasked = [(levels, None) for levels, _ in marked]
-    assert fit.fit_line_scale(unmasked) > plain
+    assert residual_fit.fit_line_scale(unmasked) > plain
 
 
 def _held_out(defect_frames: int, layout, defect) -> tuple[GreyMemory, list, dict, list]:
@@ -191,8 +192,8 @@ def test_clean_pixels_grown_in_the_defects_box_equal_the_whole_mask_grown():
             mask[y:y + int(rng.integers(1, 9)), x:x + int(rng.integers(1, 9))] = True
         side = 2 * fit.MASK_MARGIN + 1
         whole = F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], side, 1, fit.MASK_MARGIN)[0, 0] == 0
-        assert torch.equal(fit.clean_pixels(mask, (h, w)), whole)
-    assert bool(fit.clean_pixels(None, (4, 6)).all()) and fit.clean_pixels(np.zeros((4, 6), bool), (4, 6)).all()
+        assert torch.equal(residual_fit.clean_pixels(mask, (h, w)), whole)
+    assert bool(residual_fit.clean_pixels(None, (4, 6)).all()) and residual_fit.clean_pixels(np.zeros((4, 6), bool), (4, 6)).all()
 
 
 def _residual_by_hand(x: np.ndarray, length: int) -> np.ndarray:

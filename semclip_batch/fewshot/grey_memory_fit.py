@@ -12,14 +12,15 @@ neighbourhoods' distances, each also compared with its own frame's neighbourhood
 
 Rule 23: the line residual (:mod:`semclip_batch.model.line_residual`) joins the memory's map where, on the held-out
 support frames at :data:`WEIGHT`, it gains at least :data:`LINES_MIN_GAIN` F1max and loses at most
-:data:`LINES_MAX_LOSS` pixel AUROC; its scale is the :data:`LINES_QUANTILE` quantile of the fitting frames' clean
-pixels' residuals (every :data:`LINES_EVERY` th row and column). The weight is then chosen on the chosen map.
+:data:`LINES_MAX_LOSS` pixel AUROC. Rule 27: then the die-to-die residual (each frame against its registered
+reference frame) joins it on the same bounds, where at least :data:`REFERENCE_MIN_FRAMES` held-out frames list a
+reference. Their scales: :mod:`semclip_batch.fewshot.residual_fit`. The weight is then chosen on the chosen map.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +34,13 @@ from semclip_batch.config import NORMAL, PreprocessConfig
 from semclip_batch.errors import ConfigError, ImageError
 from semclip_batch.fewshot.decoded import active_rows
 from semclip_batch.fewshot.maps_policy import support_maps_at
+from semclip_batch.fewshot.residual_fit import (
+    MASK_MARGIN,
+    as_levels,
+    fit_line_scale,
+    fit_reference_scale,
+    reference_levels,
+)
 from semclip_batch.fewshot.support_maps import SupportMaps, image_threshold, pixel_threshold
 from semclip_batch.fewshot.support_set import Fitted, TrainConfig
 from semclip_batch.fewshot.trainset import row_frame_and_mask
@@ -51,18 +59,16 @@ from semclip_batch.model.grey_memory import (
     grid_shape,
     neighbourhoods,
 )
-from semclip_batch.model.line_residual import LINE, line_residual
+from semclip_batch.model.line_residual import LINE
 
 DEFAULT_STRETCH = (PreprocessConfig.percentile_low, PreprocessConfig.percentile_high)  # run's percentiles
-MASK_MARGIN = 4  # px around a defect pixel that no memory neighbourhood may touch
 PER_FRAME = 2048  # clean neighbourhoods drawn from one frame
 ENTRIES = 4096  # memory entries
 WEIGHT = 0.5  # the memory's share of the fused map where kept
 MIN_GAIN = 0.01  # pixel AUROC the held-out frames must gain at WEIGHT (and no F1max lost) for it to be kept
 LINES_MIN_GAIN = 0.01  # F1max the line residual must gain on the held-out frames at WEIGHT to be kept (rule 23)
 LINES_MAX_LOSS = 0.005  # pixel AUROC it may lose there
-LINES_QUANTILE = 0.999  # of the fitting frames' clean pixels' residuals: the residual's scale
-LINES_EVERY = 4  # px between the pixels the scale is read on, in row and column
+REFERENCE_MIN_FRAMES = 3  # held-out frames that must list a reference for the die-to-die residual to be weighed
 
 
 @dataclass(frozen=True)
@@ -196,55 +202,34 @@ class FrameMap:
 GreyMaps = Callable[[int], torch.Tensor]  # a support row's memory map (H, W), by position
 
 
-def memory_maps(memory: GreyMemory, frames: Mapping[int, NativeFrame]) -> GreyMaps:
-    """The memory's map of each native frame, computed once: its neighbourhoods' map, and where ``memory.lines`` asks
-    for the line residual when the map is asked for, the map with it (both kept: the held-out frames are read with
-    and without it in the residual's choice, and again in the weight's and the thresholds'). The held-out frames'
-    maps serve the residual's and the weight's choice, every frame's the thresholds."""
+def memory_maps(memory: GreyMemory, frames: Mapping[int, NativeFrame],
+                references: Mapping[int, np.ndarray] | None = None) -> GreyMaps:
+    """The memory's map of each native frame, computed once: its neighbourhoods' map, and with the residuals its
+    settings ask for when the map is asked for (the line residual, and the die-to-die one for frames in
+    ``references``: their registered references' packed levels), the map with them (each kept: the held-out frames
+    are read with and without them in the residuals' choices, and again in the weight's and the thresholds'). The
+    held-out frames' maps serve the choices, every frame's the thresholds."""
     done: dict[int, torch.Tensor] = {}
-    lines: dict[tuple[int, int, float], torch.Tensor] = {}
+    with_residuals: dict[tuple[int, int, float, int, float], torch.Tensor] = {}
+    refs = references or {}
 
     def of(position: int) -> torch.Tensor:
-        with_lines = int(memory.lines) > 0 and min(frames[position].levels.shape) >= PATCH
-        key = (position, int(memory.lines), float(memory.line_scale))
-        if with_lines and key in lines:
-            return lines[key]
-        if not with_lines and position in done:
-            return done[position]
+        small = min(frames[position].levels.shape) < PATCH
+        ref = int(memory.reference) if position in refs else 0
+        key = (position, int(memory.lines), float(memory.line_scale), ref, float(memory.reference_scale))
+        plain = small or (int(memory.lines) == 0 and ref == 0)
+        if not plain and key in with_residuals:
+            return with_residuals[key]
         levels = frames[position].as_levels()
-        nb = done[position] if position in done else memory.neighbourhood_map(levels)
-        done[position] = nb
-        if not with_lines:
-            return nb
-        lines[key] = memory.with_lines(nb, levels)
-        return lines[key]
+        if position not in done:
+            done[position] = memory.neighbourhood_map(levels)
+        if plain:
+            return done[position]
+        with_residuals[key] = memory.with_residuals(done[position], levels,
+                                                    as_levels(refs[position]) if ref else None)
+        return with_residuals[key]
 
     return of
-
-
-def clean_pixels(mask: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
-    """``(H, W)`` True where no defect pixel lies within :data:`MASK_MARGIN` px (the mask grown within the defect
-    pixels' box and its margin only: every pixel outside it is clean)."""
-    out = torch.ones(shape, dtype=torch.bool)
-    if mask is None or not mask.any():
-        return out
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    y0, y1 = max(int(rows[0]) - MASK_MARGIN, 0), min(int(rows[-1]) + MASK_MARGIN + 1, shape[0])
-    x0, x1 = max(int(cols[0]) - MASK_MARGIN, 0), min(int(cols[-1]) + MASK_MARGIN + 1, shape[1])
-    box = torch.from_numpy(mask[y0:y1, x0:x1].astype(np.float32))[None, None]
-    out[y0:y1, x0:x1] = F.max_pool2d(box, 2 * MASK_MARGIN + 1, 1, MASK_MARGIN)[0, 0] == 0
-    return out
-
-
-def fit_line_scale(frames: Sequence[tuple[torch.Tensor, np.ndarray | None]], length: int = LINE) -> float:
-    """The line residual's scale: the :data:`LINES_QUANTILE` quantile of its values on the clean pixels
-    (:func:`clean_pixels`) of those of ``frames`` that ``run`` fuses (:data:`PATCH` px or more, levels shipped),
-    every :data:`LINES_EVERY` th row and column (floored at :data:`~semclip_batch.model.grey_memory.MIN_SCALE`)."""
-    every = slice(None, None, LINES_EVERY)
-    values = [line_residual(levels, length)[every, every][clean_pixels(mask, (levels.shape[0], levels.shape[1]))[every, every]]
-              for levels, mask in frames if min(levels.shape) >= PATCH and fuses_levels(levels.shape[0], levels.shape[1])]
-    pooled = torch.cat(values).numpy() if values else np.zeros(0)
-    return max(float(np.quantile(pooled, LINES_QUANTILE)) if len(pooled) else 0.0, MIN_SCALE)
 
 
 def _has_defect(frame: NativeFrame) -> bool:
@@ -261,19 +246,58 @@ def choose_lines(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mapping[i
         memory.lines.fill_(0)
         return {"length": LINE, "kept": False, "note": "no defect pixel among the held-out support frames"}
     scale = fit_line_scale(fitting)
+
+    def switch(on: bool) -> None:
+        memory.lines.fill_(LINE if on else 0)
+        memory.line_scale.fill_(scale if on else 1.0)
+
+    figures, kept = _weigh_residual(maps, frames, grey, switch)
+    return {"length": LINE, "scale": round(scale, 5), "figures": figures, "kept": kept}
+
+
+def _weigh_residual(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
+                    switch: Callable[[bool], None]) -> tuple[dict[str, dict[str, float | None]], bool]:
+    """The held-out frames' figures fused at :data:`WEIGHT` without and with a residual (``switch(on)`` sets it on the
+    memory ``grey`` follows), and whether it is kept: at least :data:`LINES_MIN_GAIN` F1max gained and at most
+    :data:`LINES_MAX_LOSS` pixel AUROC lost (rules 23 and 27). The memory is left switched as chosen."""
     figures = {}
-    for name, lines in (("without", 0), ("with", LINE)):
-        memory.lines.fill_(lines)
-        memory.line_scale.fill_(scale)
+    for name, on in (("without", False), ("with", True)):
+        switch(on)
         counts = fused_counts(maps, frames, grey, (WEIGHT,))[WEIGHT]
         figures[name] = {"pAUROC": counts.auroc(), "F1max": counts.f1_max()}
     without, within = figures["without"], figures["with"]
     kept = (within["pAUROC"] is not None and without["pAUROC"] is not None
             and (within["F1max"] or 0.0) - (without["F1max"] or 0.0) >= LINES_MIN_GAIN
             and within["pAUROC"] >= without["pAUROC"] - LINES_MAX_LOSS)
-    memory.lines.fill_(LINE if kept else 0)
-    memory.line_scale.fill_(scale if kept else 1.0)
-    return {"length": LINE, "scale": round(scale, 5), "figures": figures, "kept": kept}
+    switch(kept)
+    return figures, kept
+
+
+def choose_reference(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame],
+                     grey: GreyMaps, references: Mapping[int, np.ndarray], fitting: Collection[int]) -> dict[str, Any]:
+    """Rule 27's choice on the held-out frames' maps fused at :data:`WEIGHT`, after rule 23's: the memory's map with
+    the die-to-die residual (frames with a reference in ``references``) against without, on the bounds of the line
+    residual's; ``memory.reference`` and ``memory.reference_scale`` set where kept (``grey``: :func:`memory_maps` of
+    ``memory`` and ``references``). ``fitting``: the positions of the memory's fitting frames, the scale's. Returns the
+    record."""
+    memory.reference.fill_(0)
+    memory.reference_scale.fill_(1.0)
+    listed = sum(m.position in references for m in maps)
+    record: dict[str, Any] = {"held_out_with_reference": listed, "kept": False}
+    if listed < REFERENCE_MIN_FRAMES:
+        return record | {"note": f"{listed} held-out support frames list a readable reference (needs "
+                                 f"{REFERENCE_MIN_FRAMES})"}
+    if not any(_has_defect(frames[m.position]) for m in maps):
+        return record | {"note": "no defect pixel among the held-out support frames"}
+    scale = fit_reference_scale([(frames[p].as_levels(), as_levels(references[p]), frames[p].truth())
+                                 for p in fitting if p in references and frames[p].truth() is not None])
+
+    def switch(on: bool) -> None:
+        memory.reference.fill_(int(on))
+        memory.reference_scale.fill_(scale if on else 1.0)
+
+    figures, kept = _weigh_residual(maps, frames, grey, switch)
+    return record | {"scale": round(scale, 5), "figures": figures, "kept": kept}
 
 
 def frame_maps(scored: SupportMaps, frames: Mapping[int, NativeFrame],
@@ -402,13 +426,22 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     except ConfigError as exc:
         note = f"the held-out frames do not load at the maps' policy: {exc}"
         return None, record | {"weight": 0.0, "note": note}, support
-    grey = memory_maps(memory, frames)
+    started = time.perf_counter()
+    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)  # run's stretch
+    references = reference_levels(df, frames.keys(), cfg.model.storage_options,
+                                  (prep.percentile_low, prep.percentile_high))
+    loaded = time.perf_counter() - started
+    grey = memory_maps(memory, frames, references)
     held_maps = list(frame_maps(held_scored, frames, held_rows))
     del held_scored
     started = time.perf_counter()
     record["lines"] = choose_lines(memory, held_maps, frames, grey, known)
     record["lines"]["seconds"] = round(time.perf_counter() - started, 2)  # what the choice adds to train
-    chosen = record["lines"].get("figures", {}).get("with" if record["lines"]["kept"] else "without")
+    started = time.perf_counter()
+    fitting = [p for p in frames if p not in set(held_rows)]
+    record["reference"] = choose_reference(memory, held_maps, frames, grey, references, fitting)
+    record["reference"]["seconds"] = round(time.perf_counter() - started + loaded, 2)  # with the references' loading
+    chosen = _chosen_figures(record["reference"]) or _chosen_figures(record["lines"])
     record |= choose_weight(held_maps, frames, grey, at_weight=chosen)
     del held_maps
     if not record["weight"]:
@@ -421,6 +454,12 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     record["thresholds_before"] = {k: fitted.thresholds[k] for k in ("image", "pixel")}
     fitted.thresholds = {**fitted.thresholds, **thresholds}
     return memory, record, NativeSupport(frames, scored, grey, record["weight"])
+
+
+def _chosen_figures(choice: Mapping[str, Any]) -> dict[str, float | None] | None:
+    """A residual's choice's figures at :data:`WEIGHT` for the map it chose (None where it weighed nothing)."""
+    figures = choice.get("figures")
+    return None if not figures else figures["with" if choice["kept"] else "without"]
 
 
 def grey_memory_lines(training: Mapping[str, Any]) -> list[str]:
@@ -436,19 +475,30 @@ def grey_memory_lines(training: Mapping[str, Any]) -> list[str]:
                else f"not kept (needs +{MIN_GAIN:g} pAUROC and no F1max lost{'; ' + record['note'] if 'note' in record else ''})")
     own = f", each frame also against {record['own']} of its own" if record.get("own") else ""
     return [f"grey-level memory ({record['entries']} entries{own}, fitted on {record['fitted_on']} frames): {verdict}; "
-            f"the frames the fit held out score {seen}", *_lines_line(record.get("lines"), bool(record["weight"]))]
+            f"the frames the fit held out score {seen}", *_lines_line(record.get("lines"), bool(record["weight"])),
+            *_reference_line(record.get("reference"), bool(record["weight"]))]
 
 
 def _lines_line(record: Mapping[str, Any] | None, stored: bool) -> list[str]:
     """``train``'s line on rule 23's line residual (``stored``: the memory is kept, and the residual with it)."""
+    return [] if not record else [_residual_line(f"line residual ({record['length']} px lines)", record, stored)]
+
+
+def _reference_line(record: Mapping[str, Any] | None, stored: bool) -> list[str]:
+    """``train``'s line on rule 27's die-to-die residual (``stored``: as :func:`_lines_line`'s)."""
     if not record:
         return []
+    title = f"die-to-die residual ({record['held_out_with_reference']} held-out frames with a reference)"
+    return [_residual_line(title, record, stored)]
+
+
+def _residual_line(title: str, record: Mapping[str, Any], stored: bool) -> str:
     if "figures" not in record:
-        return [f"line residual ({record['length']} px lines): not kept ({record.get('note', 'not fitted')})"]
+        return f"{title}: not kept ({record.get('note', 'not fitted')})"
     seen = "; ".join(f"{k}: pAUROC {_show(f['pAUROC'])}, F1max {_show(f['F1max'])}" for k, f in record["figures"].items())
     verdict = (("kept in the memory's map" if stored else "chosen, but the memory is not kept") if record["kept"]
                else f"not kept (needs +{LINES_MIN_GAIN:g} F1max, at most -{LINES_MAX_LOSS:g} pAUROC)")
-    return [f"line residual ({record['length']} px lines): {verdict}; the held-out frames at weight {WEIGHT:g}, {seen}"]
+    return f"{title}: {verdict}; the held-out frames at weight {WEIGHT:g}, {seen}"
 
 
 def _show(value: float | None) -> str:

@@ -37,7 +37,8 @@ _FRAME = [("status", pa.string()), ("error", pa.string()), ("height", pa.int64()
 # stretched frame as uint8 bytes of (H, W) (io/preprocess.pack_frame), else empty. ``cell_ref``: the reference
 # views are the frame's cell reference.
 DECODED = pa.schema([*INPUT, *_FRAME, ("pixels", pa.large_binary()), ("ref_pixels", pa.large_binary()),
-                     ("has_ref", pa.bool_()), ("cell_ref", pa.bool_()), ("frame_pixels", pa.large_binary())])
+                     ("has_ref", pa.bool_()), ("cell_ref", pa.bool_()), ("frame_pixels", pa.large_binary()),
+                     ("ref_frame_pixels", pa.large_binary())])
 
 # Model stage out: the uint8 mask at H x W as bytes, the image score and the class probabilities (and
 # ``cell_ref`` passed on, for the run record's count).

@@ -136,6 +136,13 @@ def region_classes_from(tensors: Mapping[str, torch.Tensor], n_classes: int,
     return regions.eval()
 
 
+def reads_references(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a checkpoint's grey-level memory keeps rule 27's die-to-die residual: ``run`` then reads and registers
+    each row's ``reference_uri`` frame for it (:func:`grey_memory_from` checks the tensor's value)."""
+    flag = tensors.get(f"{GREY_MEMORY}.reference")
+    return flag is not None and flag.numel() == 1 and bool(flag.reshape(()) == 1)
+
+
 def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -> GreyMemory | None:
     """The checkpoint's grey-level memory (its size from the tensors); what is missing or misshapen is added to
     ``problems`` (None then)."""
@@ -146,12 +153,13 @@ def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -
         return None
     grey = GreyMemory(entries=int(entries.shape[0]))
     stored.setdefault("own", grey.own)  # written before rule 18: the support's entries only
-    residual = {"lines", "line_scale"} & set(stored)
-    if len(residual) == 1:
-        problems.append(f"{GREY_MEMORY}: lines and line_scale are stored together; only {residual.pop()} is here")
-        return None
-    if not residual:  # written before rule 23, or without it: no residual
-        stored |= {"lines": grey.lines, "line_scale": grey.line_scale}
+    for pair in (("lines", "line_scale"), ("reference", "reference_scale")):  # rules 23 and 27's residuals
+        residual = set(pair) & set(stored)
+        if len(residual) == 1:
+            problems.append(f"{GREY_MEMORY}: {pair[0]} and {pair[1]} are stored together; only {residual.pop()} is here")
+            return None
+        if not residual:  # written before the rule, or without the residual
+            stored |= {name: getattr(grey, name) for name in pair}
     try:
         grey.load_state_dict(stored)
     except RuntimeError as exc:
@@ -167,5 +175,10 @@ def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -
     if lines and not (3 <= lines <= LINES_MAX and lines % 2 and 0 < line_scale < math.inf):
         problems.append(f"{GREY_MEMORY}: lines {lines}, line scale {line_scale:g} (needs lines 0, or odd from 3 to "
                         f"{LINES_MAX} with a finite scale above 0)")
+        return None
+    reference, reference_scale = int(grey.reference), float(grey.reference_scale)
+    if reference not in (0, 1) or not 0 < reference_scale < math.inf:
+        problems.append(f"{GREY_MEMORY}: reference {reference}, reference scale {reference_scale:g} (needs reference 0 "
+                        "or 1 with a finite scale above 0)")
         return None
     return grey.eval()

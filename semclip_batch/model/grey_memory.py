@@ -12,8 +12,11 @@ pixels does not; ``own`` of them in a fixed seeded draw, 0: the entries only). T
 ``clamp(d / (2 * scale), 0, 1)``, ``scale`` the 99th percentile of held-out clean support neighbourhoods'
 distances. Where ``lines`` is above 0 (rule 23), the memory's map is the mean of that and the frame's line residual
 (:mod:`semclip_batch.model.line_residual`, lines of ``lines`` px) mapped to ``clamp(r / (2 * line_scale), 0, 1)``.
-The fused map is ``(1 - weight) * map + weight * memory``. The entries, axes, scale, own count, lines and weight are
-fitted by ``train`` (:mod:`semclip_batch.fewshot.grey_memory_fit`) and saved with the model.
+Where ``reference`` is 1 (rule 27), a frame given its registered reference frame's levels (die-to-die) also takes
+their smoothed absolute difference mapped to ``clamp(d / (2 * reference_scale), 0, 1)`` into that mean; a frame
+without one keeps the map it had. The fused map is ``(1 - weight) * map + weight * memory``. The entries, axes,
+scale, own count, residuals' settings and weight are fitted by ``train`` (:mod:`semclip_batch.fewshot.grey_memory_fit`)
+and saved with the model.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semclip_batch.model.line_residual import line_residual
+from semclip_batch.model.line_residual import line_residual, smoothed
 
 PATCH = 11  # px: a neighbourhood's side
 STRIDE = 4  # px between neighbourhoods
@@ -65,6 +68,8 @@ class GreyMemory(nn.Module):
     own: torch.Tensor
     lines: torch.Tensor
     line_scale: torch.Tensor
+    reference: torch.Tensor
+    reference_scale: torch.Tensor
 
     def __init__(self, entries: int = 0) -> None:
         super().__init__()
@@ -76,6 +81,8 @@ class GreyMemory(nn.Module):
         self.register_buffer("own", torch.tensor(0))
         self.register_buffer("lines", torch.tensor(0))
         self.register_buffer("line_scale", torch.tensor(1.0))
+        self.register_buffer("reference", torch.tensor(0))
+        self.register_buffer("reference_scale", torch.tensor(1.0))
 
     def project(self, cols: torch.Tensor) -> torch.Tensor:
         """``(L, DIM)``: neighbourhoods ``(L, PATCH * PATCH)`` on the memory's axes."""
@@ -121,16 +128,19 @@ class GreyMemory(nn.Module):
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Its tensors as a checkpoint stores them: ``own`` only where above 0, ``lines`` and ``line_scale`` only where
-        the line residual is kept, so a memory without them writes the tensors written before rules 18 and 23 (the
-        same checksum and run ids; an older release loads it)."""
-        left_out = ({"own"} if int(self.own) == 0 else set()) | ({"lines", "line_scale"} if int(self.lines) == 0
-                                                                 else set())
+        the line residual is kept, ``reference`` and ``reference_scale`` only where the die-to-die residual is, so a
+        memory without them writes the tensors written before rules 18, 23 and 27 (the same checksum and run ids; an
+        older release loads it)."""
+        left_out = (({"own"} if int(self.own) == 0 else set())
+                    | ({"lines", "line_scale"} if int(self.lines) == 0 else set())
+                    | ({"reference", "reference_scale"} if int(self.reference) == 0 else set()))
         return {k: v for k, v in self.state_dict().items() if k not in left_out}
 
-    def frame_map(self, levels: torch.Tensor) -> torch.Tensor:
+    def frame_map(self, levels: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
         """``(H, W)`` levels in [0, 1] -> the memory's map ``(H, W)`` in [0, 1] (float32, on their device): the
-        neighbourhoods' map, with the line residual's where kept (:meth:`with_lines`)."""
-        return self.with_lines(self.neighbourhood_map(levels), levels)
+        neighbourhoods' map, with the line residual's where kept and the die-to-die residual's where kept and the
+        frame has a ``reference`` (its registered reference's levels, as ``levels``) (:meth:`with_residuals`)."""
+        return self.with_residuals(self.neighbourhood_map(levels), levels, reference)
 
     def neighbourhood_map(self, levels: torch.Tensor) -> torch.Tensor:
         """The neighbourhoods' distances as a ``(H, W)`` map in [0, 1]; all zero on a frame under :data:`PATCH` px."""
@@ -150,16 +160,34 @@ class GreyMemory(nn.Module):
         """The line residual of ``lines`` px as a ``(H, W)`` map in [0, 1] (``lines`` above 0 only)."""
         return torch.clamp(line_residual(levels, int(self.lines)) / (2 * self.line_scale), 0, 1)
 
-    def with_lines(self, neighbourhood_map: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """The memory's map from its neighbourhoods' map: that map as it is where ``lines`` is 0 or the frame holds no
-        neighbourhood, else its mean with :meth:`line_map`."""
-        if int(self.lines) == 0 or min(levels.shape) < PATCH:
-            return neighbourhood_map
-        return 0.5 * (neighbourhood_map + self.line_map(levels))
+    @staticmethod
+    def reference_residual(levels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """The die-to-die residual ``(H, W)``: the smoothed ``|levels - reference|`` (both in [0, 1], the reference
+        registered onto the frame; the line residual's 1-px Gaussian)."""
+        return smoothed((levels.float() - reference.float()).abs())
 
-    def fuse(self, frame_map: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """:func:`blend` of the frame's ``(H, W)`` map with this memory's map of its levels in [0, 1]."""
-        return blend(frame_map, self.frame_map(levels), float(self.weight))
+    def reference_map(self, levels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """:meth:`reference_residual` as a ``(H, W)`` map in [0, 1]: over twice ``reference_scale``, clamped."""
+        return torch.clamp(self.reference_residual(levels, reference) / (2 * self.reference_scale), 0, 1)
+
+    def with_residuals(self, neighbourhood_map: torch.Tensor, levels: torch.Tensor,
+                       reference: torch.Tensor | None = None) -> torch.Tensor:
+        """The memory's map from its neighbourhoods' map: the mean of that, :meth:`line_map` where ``lines`` is above 0
+        and :meth:`reference_map` where ``reference`` is 1 and a reference is given; the map as it is where neither
+        applies or the frame holds no neighbourhood."""
+        if min(levels.shape) < PATCH:
+            return neighbourhood_map
+        parts = [neighbourhood_map]
+        if int(self.lines) > 0:
+            parts.append(self.line_map(levels))
+        if int(self.reference) > 0 and reference is not None:
+            parts.append(self.reference_map(levels, reference))
+        return parts[0] if len(parts) == 1 else sum(parts[1:], parts[0]) / len(parts)
+
+    def fuse(self, frame_map: torch.Tensor, levels: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`blend` of the frame's ``(H, W)`` map with this memory's map of its levels in [0, 1] (``reference``:
+        its registered reference's levels, where the row has one)."""
+        return blend(frame_map, self.frame_map(levels, reference), float(self.weight))
 
 
 def own_nearest(q: torch.Tensor, columns: int, size: int, at: torch.Tensor | None = None) -> torch.Tensor:

@@ -270,7 +270,8 @@ def _stream(work: _Work, todo: set[ShardKey],
         ds = ds.map_batches(decode_batch,  # type: ignore[arg-type]  # keyword-only args come from fn_kwargs
                             fn_kwargs={"prep": work.prep, "storage_options": work.so,
                                        "references": spec.use_reference, "register": spec.register_reference,
-                                       "self_reference": spec.self_reference},
+                                       "self_reference": spec.self_reference,
+                                       "reference_levels": spec.reference_residual},
                             batch_size=4, num_cpus=DECODE_CPUS, batch_format="numpy", max_retries=TASK_RETRIES)
         model_stage = Predictor if cfg.model_stub is None else StandIn
         ds = ds.map_batches(model_stage, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,

@@ -27,7 +27,7 @@ from semclip_batch.io import storage
 from semclip_batch.methods.checkpoint import IN_CHECKPOINT, CheckpointMeta, load_checkpoint, model_checksum
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import get_method
-from semclip_batch.methods.scoring import build_model
+from semclip_batch.methods.scoring import build_model, reads_references
 from semclip_batch.methods.weights import load_backbone
 
 
@@ -99,7 +99,8 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
                      register_reference=meta.register_reference, self_reference=meta.self_reference,
                      reference_weight=meta.reference_weight, reference_fusion=meta.reference_fusion,
                      self_similarity=meta.self_similarity, grey_memory=meta.grey_memory,
-                     region_classes=meta.region_classes, map_shifts=req.map_shifts,
+                     region_classes=meta.region_classes, reference_residual=meta.grey_memory and reads_references(ckpt.tensors),
+                     map_shifts=req.map_shifts,
                      checkpoint=req.url,
                      storage_options=req.storage_options)
     get_method(spec.method)

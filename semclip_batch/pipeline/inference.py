@@ -55,11 +55,12 @@ class PredictorSetup:
     stub_rate: float | None = None  # StandIn's img/s
 
 
-def shipped_frames(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """The batch's ``frame_pixels``: per row the frame's uint8 levels (for its defect view, its grey-level memory),
-    or empty bytes (every row of a batch that lacks the column)."""
-    if "frame_pixels" in batch:
-        return batch["frame_pixels"]
+def shipped_frames(batch: dict[str, np.ndarray], column: str = "frame_pixels") -> np.ndarray:
+    """The batch's ``frame_pixels`` (per row the frame's uint8 levels, for its defect view, its grey-level memory) or
+    ``ref_frame_pixels`` (its registered reference's, for the memory's die-to-die residual), or empty bytes (every
+    row of a batch that lacks the column)."""
+    if column in batch:
+        return batch[column]
     return np.full(len(batch["image_id"]), b"", dtype=object)
 
 
@@ -108,7 +109,8 @@ class Predictor:
         :data:`~semclip_batch.io.schema.SCORED` (a failing forward pass makes its rows ``model_error``)."""
         n = len(batch["image_id"])
         out: dict[str, np.ndarray | list[np.ndarray]] = {k: v for k, v in batch.items()
-                                                         if k not in ("pixels", "ref_pixels", "frame_pixels")}
+                                                         if k not in ("pixels", "ref_pixels", "frame_pixels",
+                                                                   "ref_frame_pixels")}
         masks = np.full(n, b"", dtype=object)
         scores = np.full(n, np.nan)
         class_scores = np.full((n, self.setup.text_embeddings.shape[0]), np.nan, dtype=np.float32)
@@ -141,7 +143,7 @@ class Predictor:
             has_ref = np.concatenate([np.full(c, bool(batch["has_ref"][i])) for i, c in zip(ok, counts, strict=False)])
         maps, probs = self._forward(views, refs, has_ref)
         start = 0
-        frame_levels = shipped_frames(batch)
+        frame_levels, reference_levels = shipped_frames(batch), shipped_frames(batch, "ref_frame_pixels")
         crops: dict[int, torch.Tensor] = {}
         regions: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # levels and stored mask, for the region's classes
         grey, region_model = self.scoring.grey, self.scoring.regions
@@ -154,7 +156,9 @@ class Predictor:
                 if levels is None:
                     raise ValueError("the model's grey-level memory needs every frame's levels; the decode stage "
                                      "shipped none (its preprocessing lacks frame_levels)")
-                frame = grey.fuse(frame, levels.float() / FRAME_LEVELS)
+                reference = self._frame(reference_levels[i], h, w) if reference_levels[i] else None
+                frame = grey.fuse(frame, levels.float() / FRAME_LEVELS,
+                                  None if reference is None else reference.float() / FRAME_LEVELS)
             p = probs[start].numpy().astype(np.float32)
             stored = to_mask_tensor(frame).cpu().numpy()
             masks[i] = stored.tobytes()
@@ -227,6 +231,7 @@ class StandIn:
             scores[i] = 0.0
             class_scores[i] = np.eye(self.classes, dtype=np.float32)[0]
         out: dict[str, np.ndarray | list[np.ndarray]] = {k: v for k, v in batch.items()
-                                                          if k not in ("pixels", "ref_pixels", "frame_pixels")}
+                                                          if k not in ("pixels", "ref_pixels", "frame_pixels",
+                                                                   "ref_frame_pixels")}
         out.update(mask=masks, anomaly_score=scores, class_scores=list(class_scores))
         return to_table(out, SCORED)

@@ -23,6 +23,7 @@ from semclip_batch.errors import DECODE_ERROR, OK, ImageError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.cell_reference import cell_reference
 from semclip_batch.io.frames import load_frame, load_reference
+from semclip_batch.io.levels import stretch
 from semclip_batch.io.schema import DECODED, INPUT, missing, to_table
 
 log = logging.getLogger(__name__)
@@ -61,33 +62,46 @@ def _decoded_views(gray: np.ndarray, prep: PreprocessConfig) -> tuple[np.ndarray
     return decoded_views(gray, prep)
 
 
+def _shipped_levels(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
+    """A frame's uint8 levels as :func:`_decoded_views` ships them (stretched and packed; imported alike)."""
+    from semclip_batch.io.preprocess import pack_frame
+
+    return pack_frame(stretch(gray, prep.percentile_low, prep.percentile_high))
+
+
 def _page(value: Any) -> int | None:
     return None if missing(value) else int(value)
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
                  storage_options: Mapping[str, Any] | None = None, references: bool = False,
-                 register: bool = True, self_reference: bool = False) -> pa.Table:
+                 register: bool = True, self_reference: bool = False, reference_levels: bool = False) -> pa.Table:
     """Ray Data map function: the input columns plus ``status, error, height, width, n_views, pixels,
-    ref_pixels, has_ref, cell_ref, frame_pixels`` (references read from each row's ``reference_url`` when
-    ``references``, registered onto the frame when ``register``; with ``self_reference``, a row without one takes
-    its frame's cell reference where the pattern repeats, flagged in ``cell_ref``:
-    :mod:`semclip_batch.io.cell_reference`), as a table of :data:`~semclip_batch.io.schema.DECODED` whatever
-    failed."""
+    ref_pixels, has_ref, cell_ref, frame_pixels, ref_frame_pixels`` (references read from each row's
+    ``reference_url`` when ``references``, registered onto the frame when ``register``; with ``self_reference``, a
+    row without one takes its frame's cell reference where the pattern repeats, flagged in ``cell_ref``:
+    :mod:`semclip_batch.io.cell_reference`; with ``reference_levels``, a row with a ``reference_url`` whose frame's
+    levels are shipped also ships its registered reference's, for a grey-level memory's die-to-die residual), as a
+    table of :data:`~semclip_batch.io.schema.DECODED` whatever failed."""
     n = len(batch["image_id"])
     status, error = np.full(n, OK, dtype=object), np.full(n, None, dtype=object)
     height, width, views = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
-    pixels, ref_pixels, frames = (np.full(n, b"", dtype=object) for _ in range(3))
+    pixels, ref_pixels, frames, ref_frames = (np.full(n, b"", dtype=object) for _ in range(4))
     has_ref, cell_ref = np.zeros(n, bool), np.zeros(n, bool)
     ref_prep = replace(prep, defect_view=False, frame_levels=False)  # a reference ships its views only
     for i, url in enumerate(batch["url"]):
-        ref_url = batch["reference_url"][i] if references else None
+        listed = batch["reference_url"][i]
+        listed = None if missing(listed) or not str(listed) else str(listed)
         try:
             gray = load_frame(str(url), storage_options, _page(batch["page"][i]))
             x, frame = _decoded_views(gray, prep)
-            ref, cell = None, False
-            if not missing(ref_url) and str(ref_url):
-                ref = load_reference(str(ref_url), gray, storage_options, register)
+            ref, cell, registered = None, False, None
+            if listed is not None and reference_levels and frame is not None:  # levels shipped: the memory fuses it
+                registered = load_reference(listed, gray, storage_options)
+                ref_frames[i] = _shipped_levels(registered, prep).tobytes()
+            if listed is not None and references:
+                ref = registered if register and registered is not None else load_reference(listed, gray,
+                                                                                            storage_options, register)
             elif self_reference:
                 ref = cell_reference(gray)
                 cell = ref is not None
@@ -106,5 +120,6 @@ def decode_batch(batch: dict[str, np.ndarray], *, prep: PreprocessConfig,
             frames[i] = frame.tobytes()
     out = dict(batch)
     out.update(status=status, error=error, height=height, width=width, n_views=views, pixels=pixels,
-               ref_pixels=ref_pixels, has_ref=has_ref, cell_ref=cell_ref, frame_pixels=frames)
+               ref_pixels=ref_pixels, has_ref=has_ref, cell_ref=cell_ref, frame_pixels=frames,
+               ref_frame_pixels=ref_frames)
     return to_table(out, DECODED)
