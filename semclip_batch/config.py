@@ -208,7 +208,8 @@ class ModelSpec:
     grey_memory: bool = False  # a memory of normal grey-level neighbourhoods fused into the frame's map (model.grey_memory)
     region_classes: bool = False  # defect classes also from the region at the map's maximum (model.region_classes)
     # the grey-level memory also compares each row with its registered reference_uri frame (rule 27; the checkpoint's
-    # grey_memory.reference tensor says so): run reads every listed reference, an unreadable one is a reference_error
+    # grey_memory.reference tensor says so): run reads the listed reference of every frame whose map the memory fuses
+    # (its levels shipped), and an unreadable one is a reference_error row
     reference_residual: bool = False
     # the tiles' least overlap a checkpoint was trained with (its preprocessing record); None: tile_overlap_for(policy)
     tile_overlap: float | None = None

@@ -271,3 +271,19 @@ def test_the_model_stage_fuses_each_rows_shipped_reference_into_its_memory_map(t
         stored = np.frombuffer(row["mask"], np.uint8).reshape(128, 128).astype(int)
         assert np.abs(stored - to_mask(expected.numpy()).astype(int)).max() <= 1
     assert not np.array_equal(rows[0]["mask"], rows[1]["mask"])
+
+
+def test_no_fitting_frame_with_a_reference_weighs_nothing_and_a_frame_without_one_keeps_its_cached_map():
+    memory = _memory()
+    maps, frames, refs = _held_out(memory, True)
+    held_only = {p: r for p, r in refs.items() if p < 10}
+    record = fit.choose_reference(memory, maps, frames, fit.memory_maps(memory, frames, held_only), held_only,
+                                  [10, 11, 12])
+    assert not record["kept"] and "no fitting support frame lists a readable reference" in record["note"]
+    memory.lines.fill_(15)
+    memory.line_scale.fill_(0.1)
+    grey = fit.memory_maps(memory, frames, held_only)
+    alone = grey(10)  # lines kept, no reference for this frame: switching the reference on changes nothing for it
+    memory.reference.fill_(1)
+    memory.reference_scale.fill_(0.05)
+    assert grey(10) is alone and grey(0) is not alone

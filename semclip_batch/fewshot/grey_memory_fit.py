@@ -39,6 +39,7 @@ from semclip_batch.fewshot.residual_fit import (
     as_levels,
     fit_line_scale,
     fit_reference_scale,
+    fused,
     reference_levels,
 )
 from semclip_batch.fewshot.support_maps import SupportMaps, image_threshold, pixel_threshold
@@ -216,8 +217,10 @@ def memory_maps(memory: GreyMemory, frames: Mapping[int, NativeFrame],
     def of(position: int) -> torch.Tensor:
         small = min(frames[position].levels.shape) < PATCH
         ref = int(memory.reference) if position in refs else 0
-        key = (position, int(memory.lines), float(memory.line_scale), ref, float(memory.reference_scale))
-        plain = small or (int(memory.lines) == 0 and ref == 0)
+        lines = int(memory.lines)  # a part that is off does not key the map by its scale
+        key = (position, lines, float(memory.line_scale) if lines else 0.0, ref,
+               float(memory.reference_scale) if ref else 0.0)
+        plain = small or (lines == 0 and ref == 0)
         if not plain and key in with_residuals:
             return with_residuals[key]
         levels = frames[position].as_levels()
@@ -282,15 +285,18 @@ def choose_reference(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mappi
     record."""
     memory.reference.fill_(0)
     memory.reference_scale.fill_(1.0)
-    listed = sum(m.position in references for m in maps)
+    listed = sum(m.position in references and fused(frames[m.position].levels.shape) for m in maps)
     record: dict[str, Any] = {"held_out_with_reference": listed, "kept": False}
     if listed < REFERENCE_MIN_FRAMES:
         return record | {"note": f"{listed} held-out support frames list a readable reference (needs "
                                  f"{REFERENCE_MIN_FRAMES})"}
     if not any(_has_defect(frames[m.position]) for m in maps):
         return record | {"note": "no defect pixel among the held-out support frames"}
-    scale = fit_reference_scale([(frames[p].as_levels(), as_levels(references[p]), frames[p].truth())
-                                 for p in fitting if p in references and frames[p].truth() is not None])
+    known = [(frames[p].as_levels(), as_levels(references[p]), frames[p].truth())
+             for p in fitting if p in references and frames[p].truth() is not None]
+    if not any(fused(levels.shape) for levels, _, _ in known):
+        return record | {"note": "no fitting support frame lists a readable reference to fix the residual's scale on"}
+    scale = fit_reference_scale(known)
 
     def switch(on: bool) -> None:
         memory.reference.fill_(int(on))
@@ -428,7 +434,7 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
         return None, record | {"weight": 0.0, "note": note}, support
     started = time.perf_counter()
     prep = preprocess_config(cfg.model.backbone, tile_above=10**9)  # run's stretch
-    references = reference_levels(df, frames.keys(), cfg.model.storage_options,
+    references = reference_levels(df, [p for p, f in frames.items() if fused(f.levels.shape)], cfg.model.storage_options,
                                   (prep.percentile_low, prep.percentile_high))
     loaded = time.perf_counter() - started
     grey = memory_maps(memory, frames, references)

@@ -59,20 +59,20 @@ def _scale(residuals: Sequence[tuple[torch.Tensor, np.ndarray | None]]) -> float
     return max(float(np.quantile(pooled, QUANTILE)) if len(pooled) else 0.0, MIN_SCALE)
 
 
-def fused(levels: torch.Tensor) -> bool:
-    """Whether ``run`` fuses the memory's map of a frame of these levels (:data:`PATCH` px or more, levels shipped)."""
-    return min(levels.shape) >= PATCH and fuses_levels(levels.shape[0], levels.shape[1])
+def fused(shape: Sequence[int]) -> bool:
+    """Whether ``run`` fuses the memory's map of a frame of this ``(H, W)`` (:data:`PATCH` px or more, levels shipped)."""
+    return min(shape) >= PATCH and fuses_levels(shape[0], shape[1])
 
 
 def fit_line_scale(frames: Fitting, length: int = LINE) -> float:
     """The line residual's scale on those of ``frames`` that ``run`` fuses."""
-    return _scale([(line_residual(levels, length), mask) for levels, mask in frames if fused(levels)])
+    return _scale([(line_residual(levels, length), mask) for levels, mask in frames if fused(levels.shape)])
 
 
 def fit_reference_scale(frames: Sequence[tuple[torch.Tensor, torch.Tensor, np.ndarray | None]]) -> float:
     """The die-to-die residual's scale on those of ``(levels, reference levels, mask)`` frames that ``run`` fuses
     (:meth:`~semclip_batch.model.grey_memory.GreyMemory.reference_residual`)."""
-    return _scale([(GreyMemory.reference_residual(levels, ref), mask) for levels, ref, mask in frames if fused(levels)])
+    return _scale([(GreyMemory.reference_residual(levels, ref), mask) for levels, ref, mask in frames if fused(levels.shape)])
 
 
 def reference_levels(df: pd.DataFrame, positions: Collection[int], so: Mapping[str, Any] | None,

@@ -129,7 +129,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
         "shards": {}, "rows": {"total": manifest.num_rows, "sent_to_model": 0}, "counts": {},
         "timings_s": timer.timings, "throughput_img_s": None, "config": cfg.public_record(),
     }
-    if spec.use_reference:
+    if spec.use_reference or spec.reference_residual:
         record["rows"]["without_reference"] = pc.sum(pc.equal(manifest.column("reference_url"), "")).as_py() or 0
     url = start_record(layout, record, so)
     try:
