@@ -458,7 +458,8 @@ def test_specs_and_preprocessing_without_it_keep_their_records():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monkeypatch):
-    """``train`` with the default recipe fits the memory (here with rule 18's own neighbourhoods, an option),
+    """``train`` with the default recipe fits the memory (here with rule 18's own neighbourhoods and rule 27's
+    die-to-die residual, options; the residual's choice overruled so that ``run`` reads every row's reference),
     reports its held-out figures and (its choice overruled here, so that it is kept on this small lot) stores it
     with thresholds fitted on fused maps; ``run`` with that checkpoint ships every frame's levels and scores every
     frame."""
@@ -488,7 +489,7 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     ckpt = tmp_path / "ckpt"
     res = runner.invoke(main, ["train", str(lot["support"]), "--out", str(ckpt), "--backbone", "semclip-tiny",
                                "--pretrained", "shipped", "--adapt-steps", "0", "--epochs", "2",
-                               "--own-neighbourhoods", str(grey_memory.OWN)])
+                               "--own-neighbourhoods", str(grey_memory.OWN), "--die-to-die"])
     assert res.exit_code == 0, res.output
     loaded = load_checkpoint(str(ckpt))
     record = loaded.meta.training["grey_memory"]
@@ -619,6 +620,7 @@ def test_run_leaves_a_frame_over_the_levels_limit_unfused(tmp_path, monkeypatch,
     (["--own-neighbourhoods", "16385"], "--own-neighbourhoods must be 0 to 16384, got 16385"),
     (["--own-neighbourhoods", "64", "--recipe", "paper"], "which --recipe paper with --method semclip does not fit"),
     (["--own-neighbourhoods", "64", "--method", "winclip"], "which --recipe transfer with --method winclip does not"),
+    (["--die-to-die", "--recipe", "paper"], "--die-to-die is the grey-level memory's, which --recipe paper with"),
 ])
 def test_own_neighbourhoods_that_no_memory_would_use_are_refused_in_one_line(tmp_path, extra, expected):
     from click.testing import CliRunner

@@ -185,6 +185,12 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "repeats but the support lacks score low (docs/quality.md rules 18 and 19: 4,096 raised F1max on "
                    "every validation lot where the memory is kept but lost macro F1 on two of rule 18's lots and on "
                    "rule 19's banner lot, and costs time; not adopted; 0 to 16384; stored in the checkpoint).")
+@click.option("--die-to-die", "die_to_die", is_flag=True,
+              help="The grey-level memory (SEM-CLIP's recipe transfer) may also take in each frame's difference from "
+                   "its registered reference_uri frame at the frame's resolution, kept where the held-out support "
+                   "frames gain 0.01 F1max and lose at most 0.005 pixel AUROC; run then reads every fused frame's "
+                   "reference (docs/quality.md rule 27: F1max 0.38 -> 0.77 and 0.37 -> 0.69 on two routing lots, "
+                   "but eval's macro F1 fell 0.05 and 0.06; not adopted; stored in the checkpoint where kept).")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
@@ -192,7 +198,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
           adapt_lr: float, no_vv: bool, no_surgery: bool,
           taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool,
           no_register: bool, reference_fusion: str, reference_weight: str, self_reference: bool | None,
-          scale_policy: str | None, self_similarity: float | None, own_neighbourhoods: int) -> None:
+          scale_policy: str | None, self_similarity: float | None, own_neighbourhoods: int, die_to_die: bool) -> None:
     """Few-shot SEM-CLIP (or a baseline) from a labelled SUPPORT manifest -> checkpoint (with the default recipe
     the backbone is first adapted on it where the weights do not know its frames, --adapt-steps).
 
@@ -230,7 +236,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                       recipe=with_self_similarity(with_self_reference(get_recipe(recipe), self_reference),
                                                   self_similarity),
                       choose_reference_weight=weight is None, policy_from_weights=scale_policy is None,
-                      check_scale=auto, grey_own=own_neighbourhoods,
+                      check_scale=auto, grey_own=own_neighbourhoods, reference_residual=die_to_die,
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
@@ -269,9 +275,10 @@ def _refuse_unused_fit_options(ctx: click.Context, cfg: TrainConfig, adapt_steps
                           "omit it or give --adapt-steps N")
     if self_similarity is not None and not get_method(method).recipes:
         raise ConfigError(f"--self-similarity is a SEM-CLIP option; --method {method} has none: omit it")
-    if cfg.grey_own and not applied(cfg.recipe, cfg.model).grey_memory:
-        raise ConfigError(f"--own-neighbourhoods is the grey-level memory's, which --recipe {recipe} with --method "
-                          f"{method} does not fit (SEM-CLIP's recipe transfer does): omit it")
+    for given, flag in ((cfg.grey_own, "--own-neighbourhoods"), (cfg.reference_residual, "--die-to-die")):
+        if given and not applied(cfg.recipe, cfg.model).grey_memory:
+            raise ConfigError(f"{flag} is the grey-level memory's, which --recipe {recipe} with --method {method} does "
+                              "not fit (SEM-CLIP's recipe transfer does): omit it")
 
 
 def _train_summary(meta: CheckpointMeta, out: str) -> list[str]:

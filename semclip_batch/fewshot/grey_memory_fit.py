@@ -433,9 +433,7 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
         note = f"the held-out frames do not load at the maps' policy: {exc}"
         return None, record | {"weight": 0.0, "note": note}, support
     started = time.perf_counter()
-    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)  # run's stretch
-    references = reference_levels(df, [p for p, f in frames.items() if fused(f.levels.shape)], cfg.model.storage_options,
-                                  (prep.percentile_low, prep.percentile_high))
+    references = _references(cfg, df, frames) if cfg.reference_residual else {}
     loaded = time.perf_counter() - started
     grey = memory_maps(memory, frames, references)
     held_maps = list(frame_maps(held_scored, frames, held_rows))
@@ -443,11 +441,12 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     started = time.perf_counter()
     record["lines"] = choose_lines(memory, held_maps, frames, grey, known)
     record["lines"]["seconds"] = round(time.perf_counter() - started, 2)  # what the choice adds to train
-    started = time.perf_counter()
-    fitting = [p for p in frames if p not in set(held_rows)]
-    record["reference"] = choose_reference(memory, held_maps, frames, grey, references, fitting)
-    record["reference"]["seconds"] = round(time.perf_counter() - started + loaded, 2)  # with the references' loading
-    chosen = _chosen_figures(record["reference"]) or _chosen_figures(record["lines"])
+    if cfg.reference_residual:
+        started = time.perf_counter()
+        fitting = [p for p in frames if p not in set(held_rows)]
+        record["reference"] = choose_reference(memory, held_maps, frames, grey, references, fitting)
+        record["reference"]["seconds"] = round(time.perf_counter() - started + loaded, 2)  # with the references' loading
+    chosen = _chosen_figures(record.get("reference", {})) or _chosen_figures(record["lines"])
     record |= choose_weight(held_maps, frames, grey, at_weight=chosen)
     del held_maps
     if not record["weight"]:
@@ -460,6 +459,14 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     record["thresholds_before"] = {k: fitted.thresholds[k] for k in ("image", "pixel")}
     fitted.thresholds = {**fitted.thresholds, **thresholds}
     return memory, record, NativeSupport(frames, scored, grey, record["weight"])
+
+
+def _references(cfg: TrainConfig, df: pd.DataFrame, frames: Mapping[int, NativeFrame]) -> dict[int, np.ndarray]:
+    """``train --die-to-die``: the registered references' levels of the support frames whose maps ``run`` fuses,
+    stretched as ``run``'s decode stage stretches a frame."""
+    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
+    return reference_levels(df, [p for p, f in frames.items() if fused(f.levels.shape)], cfg.model.storage_options,
+                            (prep.percentile_low, prep.percentile_high))
 
 
 def _chosen_figures(choice: Mapping[str, Any]) -> dict[str, float | None] | None:

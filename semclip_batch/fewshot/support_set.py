@@ -56,6 +56,9 @@ class TrainConfig:
     # --own-neighbourhoods: the grey-level memory also compares each frame with this many of its own neighbourhoods
     # (rule 18, measured and not adopted: docs/quality.md); 0: with the support's entries only
     grey_own: int = 0
+    # --die-to-die: the grey-level memory's map may also take in each frame's difference from its registered
+    # reference_uri frame, kept where the held-out support frames gain (rule 27, measured and not adopted)
+    reference_residual: bool = False
 
     def __post_init__(self) -> None:
         m = self.model
