@@ -207,10 +207,10 @@ class ModelSpec:
     defect_view: bool = False  # class scores of large frames also from a native crop at the map's maximum
     grey_memory: bool = False  # a memory of normal grey-level neighbourhoods fused into the frame's map (model.grey_memory)
     region_classes: bool = False  # defect classes also from the region at the map's maximum (model.region_classes)
-    # the grey-level memory also compares each row with its registered reference_uri frame (rule 27; the checkpoint's
-    # grey_memory.reference tensor says so): run reads the listed reference of every frame whose map the memory fuses
-    # (its levels shipped), and an unreadable one is a reference_error row
-    reference_residual: bool = False
+    # the checkpoint's grey-level memory keeps rule 27's die-to-die residual (its grey_memory.reference tensor; train
+    # --die-to-die): run reads and registers the listed reference of every frame whose map the memory fuses (its
+    # levels shipped) and ships its levels too; an unreadable one is a reference_error row
+    reference_levels: bool = False
     # the tiles' least overlap a checkpoint was trained with (its preprocessing record); None: tile_overlap_for(policy)
     tile_overlap: float | None = None
     map_shifts: int = 1  # views scored per view for the map (model.shifts; run's default DEFAULT_MAP_SHIFTS)
@@ -262,8 +262,8 @@ class ModelSpec:
             out["grey_memory"] = True
         if self.region_classes:
             out["region_classes"] = True
-        if self.reference_residual:
-            out["reference_residual"] = True
+        if self.reference_levels:
+            out["reference_levels"] = True
         if self.map_shifts != 1:
             out["map_shifts"] = self.map_shifts
         return out

@@ -621,6 +621,7 @@ def test_run_leaves_a_frame_over_the_levels_limit_unfused(tmp_path, monkeypatch,
     (["--own-neighbourhoods", "64", "--recipe", "paper"], "which --recipe paper with --method semclip does not fit"),
     (["--own-neighbourhoods", "64", "--method", "winclip"], "which --recipe transfer with --method winclip does not"),
     (["--die-to-die", "--recipe", "paper"], "--die-to-die is the grey-level memory's, which --recipe paper with"),
+    (["--die-to-die", "--method", "winclip"], "--die-to-die is the grey-level memory's, which --recipe transfer with"),
 ])
 def test_own_neighbourhoods_that_no_memory_would_use_are_refused_in_one_line(tmp_path, extra, expected):
     from click.testing import CliRunner

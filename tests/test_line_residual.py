@@ -129,12 +129,12 @@ def test_the_residual_is_kept_on_routing_and_not_on_a_contact_array():
     assert record["kept"] and int(memory.lines) == LINE
     assert float(memory.line_scale) == pytest.approx(record["scale"], abs=1e-5)  # the record rounds to 5 places
     gain = record["figures"]["with"]["F1max"] - record["figures"]["without"]["F1max"]
-    assert gain >= fit.LINES_MIN_GAIN
+    assert gain >= fit.RESIDUAL_MIN_GAIN
     memory, maps, frames, fitting = _held_out(4, _dots, _missing_contact)
     record = fit.choose_lines(memory, maps, frames, fit.memory_maps(memory, frames), fitting)
     assert not record["kept"] and int(memory.lines) == 0 and float(memory.line_scale) == 1.0
     # every contact leaves a residual: the missing one ranks below them and the pixel AUROC falls
-    assert record["figures"]["with"]["pAUROC"] < record["figures"]["without"]["pAUROC"] - fit.LINES_MAX_LOSS
+    assert record["figures"]["with"]["pAUROC"] < record["figures"]["without"]["pAUROC"] - fit.RESIDUAL_MAX_LOSS
 
 
 def test_a_memory_without_the_residual_writes_and_loads_the_tensors_it_did_before():

@@ -4,6 +4,8 @@ how ``run``'s decode and model stages ship and fuse it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,7 @@ from decoded_batch import input_batch, write_frames
 from semclip_batch.fewshot import grey_memory_fit as fit
 from semclip_batch.fewshot import residual_fit
 from semclip_batch.methods.scoring import grey_memory_from, reads_references
-from semclip_batch.model.grey_memory import GREY_MEMORY, GreyMemory
+from semclip_batch.model.grey_memory import GREY_MEMORY, MIN_SCALE, GreyMemory
 from semclip_batch.model.line_residual import smoothed
 
 
@@ -77,10 +79,10 @@ def test_the_scale_reads_clean_pixels_only():
     masked = residual_fit.fit_reference_scale(frames)
     unmasked = residual_fit.fit_reference_scale([(f, r, None) for f, r, _ in frames])
     assert 0 < masked < unmasked  # the defects' own differences would have set it
-    assert residual_fit.fit_reference_scale([]) == pytest.approx(1e-3)  # nothing to read: the floor
+    assert residual_fit.fit_reference_scale([]) == pytest.approx(MIN_SCALE)  # nothing to read: the floor
 
 
-def _held_out(memory: GreyMemory, shows_defect: bool, n: int = 4, seed: int = 3):
+def _held_out(shows_defect: bool, n: int = 4, seed: int = 3):
     """``n`` defect frames whose model maps say nothing (flat), their native frames and references: with
     ``shows_defect`` each reference lacks the frame's 5-px particle, else it holds it too (a reference of no use)."""
     rng = np.random.default_rng(seed)
@@ -106,35 +108,35 @@ def _held_out(memory: GreyMemory, shows_defect: bool, n: int = 4, seed: int = 3)
 @pytest.mark.parametrize("shows_defect", [True, False])
 def test_train_keeps_the_residual_only_where_the_held_out_frames_find_more_defect_pixels(shows_defect):
     memory = _memory()
-    maps, frames, refs = _held_out(memory, shows_defect)
+    maps, frames, refs = _held_out(shows_defect)
     grey = fit.memory_maps(memory, frames, refs)
     record = fit.choose_reference(memory, maps, frames, grey, refs, fitting=[10, 11, 12])
     assert record["held_out_with_reference"] == 4 and set(record["figures"]) == {"without", "with"}
     gain = record["figures"]["with"]["F1max"] - record["figures"]["without"]["F1max"]
-    assert record["kept"] is shows_defect and (gain >= fit.LINES_MIN_GAIN) is shows_defect
+    assert record["kept"] is shows_defect and (gain >= fit.RESIDUAL_MIN_GAIN) is shows_defect
     assert int(memory.reference) == int(shows_defect)
     assert float(memory.reference_scale) == (pytest.approx(record["scale"], rel=1e-4) if shows_defect else 1.0)
-    assert set(memory.checkpoint_tensors()) >= {"reference", "reference_scale"} if shows_defect else \
-        not {"reference", "reference_scale"} & set(memory.checkpoint_tensors())
+    stored = {"reference", "reference_scale"} & set(memory.checkpoint_tensors())
+    assert stored == ({"reference", "reference_scale"} if shows_defect else set())
 
 
 def test_too_few_held_out_frames_with_a_reference_weigh_nothing():
     memory = _memory()
-    maps, frames, refs = _held_out(memory, True)
+    maps, frames, refs = _held_out(True)
     some = {p: r for p, r in refs.items() if p not in (0, 1)}  # 2 of 4 held-out frames list one
     record = fit.choose_reference(memory, maps, frames, fit.memory_maps(memory, frames, some), some, [10, 11, 12])
     assert record == {"held_out_with_reference": 2, "kept": False,
-                      "note": "2 held-out support frames list a readable reference (needs 3)"}
+                      "note": "2 held-out support frames list a reference_uri that reads (needs 3)"}
     assert int(memory.reference) == 0
     line = fit.grey_memory_lines({"grey_memory": {"entries": 64, "fitted_on": 3, "weight": 0.0, "reference": record,
                                                   "figures": {"0": {"pAUROC": 0.9, "F1max": 0.1}}}})
     assert line[-1] == ("die-to-die residual (2 held-out frames with a reference): not kept (2 held-out support "
-                        "frames list a readable reference (needs 3))")
+                        "frames list a reference_uri that reads (needs 3))")
 
 
 def test_each_frames_maps_with_and_without_the_reference_are_computed_once(monkeypatch):
     memory = _memory()
-    _, frames, refs = _held_out(memory, True)
+    _, frames, refs = _held_out(True)
     calls = []
     real = memory.neighbourhood_map
     monkeypatch.setattr(memory, "neighbourhood_map", lambda levels: calls.append(1) or real(levels))
@@ -212,6 +214,17 @@ def test_the_decode_stage_ships_a_registered_references_levels_where_asked(tmp_p
     assert not rows[0]["has_ref"]  # the model's own reference scorer is untouched by it
     unasked = decode_batch(batch, prep=prep).to_pylist()
     assert [r["status"] for r in unasked] == ["ok", "ok", "ok"] and all(r["ref_frame_pixels"] == b"" for r in unasked)
+    from semclip_batch.fewshot.residual_fit import reference_levels
+    df = pd.DataFrame({"url": [frame], "mask_url": [""], "page": [None], "reference_url": [ref]})
+    assert reference_levels(df, {0}, None, (prep.percentile_low, prep.percentile_high))[0].tobytes() == \
+        rows[0]["ref_frame_pixels"]  # train reads a support frame's reference as run ships it
+    no_levels = decode_batch(batch, prep=replace(prep, frame_levels=False), reference_levels=True).to_pylist()
+    assert [r["status"] for r in no_levels] == ["ok", "ok", "ok"]  # no levels shipped: no reference read
+    for register in (True, False):  # --use-reference's own reference views are untouched by it
+        plain = decode_batch(batch, prep=prep, references=True, register=register).to_pylist()
+        both = decode_batch(batch, prep=prep, references=True, register=register, reference_levels=True).to_pylist()
+        assert [r["ref_pixels"] for r in plain[:2]] == [r["ref_pixels"] for r in both[:2]]
+        assert both[0]["has_ref"] and both[0]["ref_frame_pixels"] == rows[0]["ref_frame_pixels"]
 
 
 def test_train_reads_the_support_frames_references_as_run_ships_them(tmp_path):
@@ -242,7 +255,7 @@ def test_the_model_stage_fuses_each_rows_shipped_reference_into_its_memory_map(t
     from semclip_batch.pipeline import inference
     from semclip_batch.pipeline.reader import decode_batch
 
-    spec = ModelSpec(backbone="semclip-tiny", grey_memory=True, reference_residual=True)
+    spec = ModelSpec(backbone="semclip-tiny", grey_memory=True, reference_levels=True)
     prep = preprocess_config(spec.backbone, tile_above=1024, frame_levels=True)
     memory = _memory()
     memory.weight.fill_(0.5)
@@ -275,7 +288,7 @@ def test_the_model_stage_fuses_each_rows_shipped_reference_into_its_memory_map(t
 
 def test_no_fitting_frame_with_a_reference_weighs_nothing_and_a_frame_without_one_keeps_its_cached_map():
     memory = _memory()
-    maps, frames, refs = _held_out(memory, True)
+    maps, frames, refs = _held_out(True)
     held_only = {p: r for p, r in refs.items() if p < 10}
     record = fit.choose_reference(memory, maps, frames, fit.memory_maps(memory, frames, held_only), held_only,
                                   [10, 11, 12])
@@ -287,3 +300,29 @@ def test_no_fitting_frame_with_a_reference_weighs_nothing_and_a_frame_without_on
     memory.reference.fill_(1)
     memory.reference_scale.fill_(0.05)
     assert grey(10) is alone and grey(0) is not alone
+
+
+def test_a_model_stage_given_no_reference_levels_for_a_row_that_lists_one_makes_model_errors(tmp_path, monkeypatch,
+                                                                                             tiny_clip):
+    from test_grey_memory import _actors_build_with
+
+    from semclip_batch.config import ModelSpec
+    from semclip_batch.methods.prompts import load_prompts, text_embeddings
+    from semclip_batch.methods.weights import preprocess_config
+    from semclip_batch.pipeline import inference
+    from semclip_batch.pipeline.reader import decode_batch
+
+    spec = ModelSpec(backbone="semclip-tiny", grey_memory=True, reference_levels=True)
+    prep = preprocess_config(spec.backbone, tile_above=1024, frame_levels=True)
+    memory = _memory()
+    memory.weight.fill_(0.5)
+    memory.reference.fill_(1)
+    _actors_build_with(monkeypatch, tiny_clip, memory)
+    frame, ref = _frame_and_reference(tmp_path)
+    batch = input_batch([frame])
+    batch["reference_url"] = np.array([ref], dtype=object)
+    decoded = {k: np.array(v, dtype=object) for k, v in decode_batch(batch, prep=prep).to_pydict().items()}
+    setup = inference.PredictorSetup(spec=spec, prep=prep, text_embeddings=text_embeddings(tiny_clip, load_prompts()),
+                                     weights_sha256=tiny_clip.sha256, batch_size=4, threads=1, use_gpu=False)
+    row = inference.Predictor(setup)(decoded).to_pylist()[0]
+    assert row["status"] == "model_error" and "shipped none for a row that lists one" in row["error"]

@@ -188,9 +188,10 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
 @click.option("--die-to-die", "die_to_die", is_flag=True,
               help="The grey-level memory (SEM-CLIP's recipe transfer) may also take in each frame's difference from "
                    "its registered reference_uri frame at the frame's resolution, kept where the held-out support "
-                   "frames gain 0.01 F1max and lose at most 0.005 pixel AUROC; run then reads every fused frame's "
-                   "reference (docs/quality.md rule 27: F1max 0.38 -> 0.77 and 0.37 -> 0.69 on two routing lots, "
-                   "but eval's macro F1 fell 0.05 and 0.06; not adopted; stored in the checkpoint where kept).")
+                   "frames (at least 3 of them listing a readable reference) gain 0.01 F1max and lose at most 0.005 "
+                   "pixel AUROC; where kept, run reads and registers the reference of every frame up to 4096 x 4096 "
+                   "px, an unreadable one a reference_error row (docs/quality.md rule 27: F1max 0.38 -> 0.77 and "
+                   "0.37 -> 0.69 on two routing lots, but eval's macro F1 fell 0.05 and 0.06; not adopted).")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
@@ -260,8 +261,9 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
 
 def _refuse_unused_fit_options(ctx: click.Context, cfg: TrainConfig, adapt_steps: int | None, recipe: str,
                                self_similarity: float | None) -> None:
-    """Refuse, in one line, ``--adapt-lr`` where nothing adapts, ``--self-similarity`` for a baseline and
-    ``--own-neighbourhoods`` where no grey-level memory is fitted (options that would be stored and ignored)."""
+    """Refuse, in one line, ``--adapt-lr`` where nothing adapts, ``--self-similarity`` for a baseline, and
+    ``--own-neighbourhoods`` and ``--die-to-die`` where no grey-level memory is fitted (options that would be stored
+    or asked for and ignored)."""
     from click.core import ParameterSource
 
     from semclip_batch.fewshot.recipes import applied

@@ -11,10 +11,11 @@ fitting frames is kept out of the entries to fix the distance scale (the 99th pe
 neighbourhoods' distances, each also compared with its own frame's neighbourhoods, as ``run`` scores it: rule 18).
 
 Rule 23: the line residual (:mod:`semclip_batch.model.line_residual`) joins the memory's map where, on the held-out
-support frames at :data:`WEIGHT`, it gains at least :data:`LINES_MIN_GAIN` F1max and loses at most
-:data:`LINES_MAX_LOSS` pixel AUROC. Rule 27: then the die-to-die residual (each frame against its registered
-reference frame) joins it on the same bounds, where at least :data:`REFERENCE_MIN_FRAMES` held-out frames list a
-reference. Their scales: :mod:`semclip_batch.fewshot.residual_fit`. The weight is then chosen on the chosen map.
+support frames at :data:`WEIGHT`, it gains at least :data:`RESIDUAL_MIN_GAIN` F1max and loses at most
+:data:`RESIDUAL_MAX_LOSS` pixel AUROC. Rule 27, with ``train --die-to-die`` only (measured, not adopted): then the
+die-to-die residual (each frame against its registered reference frame) joins it on the same bounds, where at least
+:data:`REFERENCE_MIN_FRAMES` held-out frames list a readable reference. Their scales:
+:mod:`semclip_batch.fewshot.residual_fit`. The weight is then chosen on the chosen map.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ PER_FRAME = 2048  # clean neighbourhoods drawn from one frame
 ENTRIES = 4096  # memory entries
 WEIGHT = 0.5  # the memory's share of the fused map where kept
 MIN_GAIN = 0.01  # pixel AUROC the held-out frames must gain at WEIGHT (and no F1max lost) for it to be kept
-LINES_MIN_GAIN = 0.01  # F1max the line residual must gain on the held-out frames at WEIGHT to be kept (rule 23)
-LINES_MAX_LOSS = 0.005  # pixel AUROC it may lose there
+RESIDUAL_MIN_GAIN = 0.01  # F1max a residual must gain on the held-out frames at WEIGHT to be kept (rules 23, 27)
+RESIDUAL_MAX_LOSS = 0.005  # pixel AUROC it may lose there
 REFERENCE_MIN_FRAMES = 3  # held-out frames that must list a reference for the die-to-die residual to be weighed
 
 
@@ -261,8 +262,8 @@ def choose_lines(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mapping[i
 def _weigh_residual(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
                     switch: Callable[[bool], None]) -> tuple[dict[str, dict[str, float | None]], bool]:
     """The held-out frames' figures fused at :data:`WEIGHT` without and with a residual (``switch(on)`` sets it on the
-    memory ``grey`` follows), and whether it is kept: at least :data:`LINES_MIN_GAIN` F1max gained and at most
-    :data:`LINES_MAX_LOSS` pixel AUROC lost (rules 23 and 27). The memory is left switched as chosen."""
+    memory ``grey`` follows), and whether it is kept: at least :data:`RESIDUAL_MIN_GAIN` F1max gained and at most
+    :data:`RESIDUAL_MAX_LOSS` pixel AUROC lost (rules 23 and 27). The memory is left switched as chosen."""
     figures = {}
     for name, on in (("without", False), ("with", True)):
         switch(on)
@@ -270,8 +271,8 @@ def _weigh_residual(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame],
         figures[name] = {"pAUROC": counts.auroc(), "F1max": counts.f1_max()}
     without, within = figures["without"], figures["with"]
     kept = (within["pAUROC"] is not None and without["pAUROC"] is not None
-            and (within["F1max"] or 0.0) - (without["F1max"] or 0.0) >= LINES_MIN_GAIN
-            and within["pAUROC"] >= without["pAUROC"] - LINES_MAX_LOSS)
+            and (within["F1max"] or 0.0) - (without["F1max"] or 0.0) >= RESIDUAL_MIN_GAIN
+            and within["pAUROC"] >= without["pAUROC"] - RESIDUAL_MAX_LOSS)
     switch(kept)
     return figures, kept
 
@@ -288,7 +289,7 @@ def choose_reference(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mappi
     listed = sum(m.position in references and fused(frames[m.position].levels.shape) for m in maps)
     record: dict[str, Any] = {"held_out_with_reference": listed, "kept": False}
     if listed < REFERENCE_MIN_FRAMES:
-        return record | {"note": f"{listed} held-out support frames list a readable reference (needs "
+        return record | {"note": f"{listed} held-out support frames list a reference_uri that reads (needs "
                                  f"{REFERENCE_MIN_FRAMES})"}
     if not any(_has_defect(frames[m.position]) for m in maps):
         return record | {"note": "no defect pixel among the held-out support frames"}
@@ -443,7 +444,8 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     record["lines"]["seconds"] = round(time.perf_counter() - started, 2)  # what the choice adds to train
     if cfg.reference_residual:
         started = time.perf_counter()
-        fitting = [p for p in frames if p not in set(held_rows)]
+        out_of_fit = set(held_rows)
+        fitting = [p for p in frames if p not in out_of_fit]
         record["reference"] = choose_reference(memory, held_maps, frames, grey, references, fitting)
         record["reference"]["seconds"] = round(time.perf_counter() - started + loaded, 2)  # with the references' loading
     chosen = _chosen_figures(record.get("reference", {})) or _chosen_figures(record["lines"])
@@ -465,7 +467,7 @@ def _references(cfg: TrainConfig, df: pd.DataFrame, frames: Mapping[int, NativeF
     """``train --die-to-die``: the registered references' levels of the support frames whose maps ``run`` fuses,
     stretched as ``run``'s decode stage stretches a frame."""
     prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
-    return reference_levels(df, [p for p, f in frames.items() if fused(f.levels.shape)], cfg.model.storage_options,
+    return reference_levels(df, {p for p, f in frames.items() if fused(f.levels.shape)}, cfg.model.storage_options,
                             (prep.percentile_low, prep.percentile_high))
 
 
@@ -510,7 +512,7 @@ def _residual_line(title: str, record: Mapping[str, Any], stored: bool) -> str:
         return f"{title}: not kept ({record.get('note', 'not fitted')})"
     seen = "; ".join(f"{k}: pAUROC {_show(f['pAUROC'])}, F1max {_show(f['F1max'])}" for k, f in record["figures"].items())
     verdict = (("kept in the memory's map" if stored else "chosen, but the memory is not kept") if record["kept"]
-               else f"not kept (needs +{LINES_MIN_GAIN:g} F1max, at most -{LINES_MAX_LOSS:g} pAUROC)")
+               else f"not kept (needs +{RESIDUAL_MIN_GAIN:g} F1max, at most -{RESIDUAL_MAX_LOSS:g} pAUROC)")
     return f"{title}: {verdict}; the held-out frames at weight {WEIGHT:g}, {seen}"
 
 

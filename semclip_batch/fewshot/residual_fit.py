@@ -11,7 +11,8 @@ residual's (rule 27) on those that list a reference frame.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -75,7 +76,7 @@ def fit_reference_scale(frames: Sequence[tuple[torch.Tensor, torch.Tensor, np.nd
     return _scale([(GreyMemory.reference_residual(levels, ref), mask) for levels, ref, mask in frames if fused(levels.shape)])
 
 
-def reference_levels(df: pd.DataFrame, positions: Collection[int], so: Mapping[str, Any] | None,
+def reference_levels(df: pd.DataFrame, positions: AbstractSet[int], storage_options: Mapping[str, Any] | None,
                      percentiles: tuple[float, float]) -> dict[int, np.ndarray]:
     """By position in ``df``, the ``(H, W)`` uint8 levels of each of ``positions``' reference frames as ``run``'s
     decode stage ships them: registered onto the frame, stretched between ``percentiles`` and packed. Rows without
@@ -88,8 +89,8 @@ def reference_levels(df: pd.DataFrame, positions: Collection[int], so: Mapping[s
         if pos not in positions or not isinstance(url, str) or not url:
             continue
         try:
-            gray, _ = row_frame_and_mask(row, so, kept)
-            out[pos] = pack_frame(stretch(load_reference(url, gray, so), *percentiles))
+            gray, _ = row_frame_and_mask(row, storage_options, kept)
+            out[pos] = pack_frame(stretch(load_reference(url, gray, storage_options), *percentiles))
         except ImageError as exc:
             log.warning("support frame %s: its reference is left out of the die-to-die residual (%s)",
                         redact(str(row["url"])), exc)

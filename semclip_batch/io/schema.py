@@ -34,11 +34,13 @@ _FRAME = [("status", pa.string()), ("error", pa.string()), ("height", pa.int64()
 
 # Decode stage out: the model views as uint16 grey levels, bytes of (n_views, S, S) (io/preprocess.pack_views);
 # the reference views alike; for a frame that gets a defect view or whose model fuses a grey-level memory, the
-# stretched frame as uint8 bytes of (H, W) (io/preprocess.pack_frame), else empty. ``cell_ref``: the reference
-# views are the frame's cell reference.
+# stretched frame as uint8 bytes of (H, W) (io/preprocess.pack_frame), else empty; for such a frame, where its model's
+# memory keeps the die-to-die residual (rule 27), its registered reference_uri frame alike, else empty.
+# ``cell_ref``: the reference views are the frame's cell reference.
 DECODED = pa.schema([*INPUT, *_FRAME, ("pixels", pa.large_binary()), ("ref_pixels", pa.large_binary()),
                      ("has_ref", pa.bool_()), ("cell_ref", pa.bool_()), ("frame_pixels", pa.large_binary()),
                      ("ref_frame_pixels", pa.large_binary())])
+SHIPPED_PIXELS = ("pixels", "ref_pixels", "frame_pixels", "ref_frame_pixels")  # DECODED's bytes the model stage reads
 
 # Model stage out: the uint8 mask at H x W as bytes, the image score and the class probabilities (and
 # ``cell_ref`` passed on, for the run record's count).

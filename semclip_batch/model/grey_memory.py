@@ -182,7 +182,7 @@ class GreyMemory(nn.Module):
             parts.append(self.line_map(levels))
         if int(self.reference) > 0 and reference is not None:
             parts.append(self.reference_map(levels, reference))
-        return parts[0] if len(parts) == 1 else sum(parts[1:], parts[0]) / len(parts)
+        return sum(parts[1:], parts[0]) / len(parts)
 
     def fuse(self, frame_map: torch.Tensor, levels: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
         """:func:`blend` of the frame's ``(H, W)`` map with this memory's map of its levels in [0, 1] (``reference``:

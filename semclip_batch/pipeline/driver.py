@@ -129,7 +129,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
         "shards": {}, "rows": {"total": manifest.num_rows, "sent_to_model": 0}, "counts": {},
         "timings_s": timer.timings, "throughput_img_s": None, "config": cfg.public_record(),
     }
-    if spec.use_reference or spec.reference_residual:
+    if spec.use_reference or spec.reference_levels:
         record["rows"]["without_reference"] = pc.sum(pc.equal(manifest.column("reference_url"), "")).as_py() or 0
     url = start_record(layout, record, so)
     try:
@@ -271,7 +271,7 @@ def _stream(work: _Work, todo: set[ShardKey],
                             fn_kwargs={"prep": work.prep, "storage_options": work.so,
                                        "references": spec.use_reference, "register": spec.register_reference,
                                        "self_reference": spec.self_reference,
-                                       "reference_levels": spec.reference_residual},
+                                       "reference_levels": spec.reference_levels},
                             batch_size=4, num_cpus=DECODE_CPUS, batch_format="numpy", max_retries=TASK_RETRIES)
         model_stage = Predictor if cfg.model_stub is None else StandIn
         ds = ds.map_batches(model_stage, fn_constructor_kwargs={"setup": setup}, batch_size=cfg.batch_size,

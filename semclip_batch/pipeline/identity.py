@@ -99,7 +99,8 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
                      register_reference=meta.register_reference, self_reference=meta.self_reference,
                      reference_weight=meta.reference_weight, reference_fusion=meta.reference_fusion,
                      self_similarity=meta.self_similarity, grey_memory=meta.grey_memory,
-                     region_classes=meta.region_classes, reference_residual=meta.grey_memory and reads_references(ckpt.tensors),
+                     region_classes=meta.region_classes,
+                     reference_levels=meta.grey_memory and reads_references(ckpt.tensors),
                      map_shifts=req.map_shifts,
                      checkpoint=req.url,
                      storage_options=req.storage_options)

@@ -31,7 +31,7 @@ from semclip_batch.io.preprocess import (
     unpack_frame,
     unpack_views,
 )
-from semclip_batch.io.schema import SCORED, to_table
+from semclip_batch.io.schema import SCORED, SHIPPED_PIXELS, missing, to_table
 from semclip_batch.methods.decisions import anomaly_score, to_mask_tensor, with_defect_view, with_region_classes
 from semclip_batch.methods.region_attributes import frame_attributes
 from semclip_batch.methods.scoring import build_model
@@ -109,8 +109,7 @@ class Predictor:
         :data:`~semclip_batch.io.schema.SCORED` (a failing forward pass makes its rows ``model_error``)."""
         n = len(batch["image_id"])
         out: dict[str, np.ndarray | list[np.ndarray]] = {k: v for k, v in batch.items()
-                                                         if k not in ("pixels", "ref_pixels", "frame_pixels",
-                                                                   "ref_frame_pixels")}
+                                                         if k not in SHIPPED_PIXELS}
         masks = np.full(n, b"", dtype=object)
         scores = np.full(n, np.nan)
         class_scores = np.full((n, self.setup.text_embeddings.shape[0]), np.nan, dtype=np.float32)
@@ -157,6 +156,10 @@ class Predictor:
                     raise ValueError("the model's grey-level memory needs every frame's levels; the decode stage "
                                      "shipped none (its preprocessing lacks frame_levels)")
                 reference = self._frame(reference_levels[i], h, w) if reference_levels[i] else None
+                if reference is None and int(grey.reference) and not missing(batch["reference_url"][i]) \
+                        and str(batch["reference_url"][i]):
+                    raise ValueError("the model's grey-level memory compares each frame with its reference_uri frame; "
+                                     "the decode stage shipped none for a row that lists one (reference_levels off)")
                 frame = grey.fuse(frame, levels.float() / FRAME_LEVELS,
                                   None if reference is None else reference.float() / FRAME_LEVELS)
             p = probs[start].numpy().astype(np.float32)
@@ -231,7 +234,6 @@ class StandIn:
             scores[i] = 0.0
             class_scores[i] = np.eye(self.classes, dtype=np.float32)[0]
         out: dict[str, np.ndarray | list[np.ndarray]] = {k: v for k, v in batch.items()
-                                                          if k not in ("pixels", "ref_pixels", "frame_pixels",
-                                                                   "ref_frame_pixels")}
+                                                          if k not in SHIPPED_PIXELS}
         out.update(mask=masks, anomaly_score=scores, class_scores=list(class_scores))
         return to_table(out, SCORED)

@@ -63,7 +63,7 @@ def _decoded_views(gray: np.ndarray, prep: PreprocessConfig) -> tuple[np.ndarray
 
 
 def _shipped_levels(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
-    """A frame's uint8 levels as :func:`_decoded_views` ships them (stretched and packed; imported alike)."""
+    """A frame's uint8 levels as :func:`_decoded_views` ships them (stretched and packed; torch imported as late)."""
     from semclip_batch.io.preprocess import pack_frame
 
     return pack_frame(stretch(gray, prep.percentile_low, prep.percentile_high))
