@@ -50,7 +50,7 @@ from semclip_batch.fewshot.train import Fitted, TrainConfig, fit, sample_shots
 from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
-from semclip_batch.io.preprocess import defect_view, maps_to_frame, needs_defect_view, pack_frame, stretch
+from semclip_batch.io.preprocess import defect_view, maps_to_frame, needs_defect_view, shipped_levels
 from semclip_batch.methods.decisions import anomaly_score, to_mask, with_defect_view
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
@@ -111,7 +111,7 @@ def load_lot(folder: Path, backbone: LoadedBackbone, classes: tuple[str, ...], n
         with_view = replace(prep, defect_view=True)
         for i, (url, mask) in enumerate(zip(df["url"], truth, strict=True)):  # a truth mask has its frame's shape
             if needs_defect_view(mask.shape[0], mask.shape[1], with_view):
-                levels[i] = pack_frame(stretch(load_frame(url), prep.percentile_low, prep.percentile_high))
+                levels[i] = shipped_levels(load_frame(url), (prep.percentile_low, prep.percentile_high))
     print(f"  encoded {name}: {len(data)} views in {time.perf_counter() - t0:.0f} s "
           f"({int(data.has_ref.sum()) if data.has_ref is not None else 0} with a cell reference)", flush=True)
     return Lot(df, data, feats, [t.shape for t in truth], truth, levels, ref_feats)

@@ -46,8 +46,7 @@ from semclip_batch.fewshot.residual_fit import (
 from semclip_batch.fewshot.support_maps import SupportMaps, image_threshold, pixel_threshold
 from semclip_batch.fewshot.support_set import Fitted, TrainConfig
 from semclip_batch.fewshot.trainset import row_frame_and_mask
-from semclip_batch.io.levels import stretch
-from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, fuses_levels, maps_to_frame, pack_frame
+from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, fuses_levels, maps_to_frame, shipped_levels
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
 from semclip_batch.model.grey_memory import (
@@ -102,8 +101,7 @@ def native_frames(df: pd.DataFrame, so: Mapping[str, Any] | None,
             gray, mask = row_frame_and_mask(row, so, kept)
         except ImageError:
             continue
-        stretched = stretch(gray, *percentiles)
-        out[pos] = NativeFrame(pack_frame(stretched), mask, row["label"] == NORMAL)
+        out[pos] = NativeFrame(shipped_levels(gray, percentiles), mask, row["label"] == NORMAL)
     return out
 
 
@@ -401,9 +399,13 @@ class NativeSupport:
 def native_support(cfg: TrainConfig, df: pd.DataFrame, scored: SupportMaps | None = None) -> NativeSupport:
     """``df``'s frames as ``run``'s decode stage ships their levels (its stretch), no memory (``scored``: the
     support maps at the policy, where already scored)."""
-    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)  # run's stretch
-    return NativeSupport(native_frames(df, cfg.model.storage_options, (prep.percentile_low, prep.percentile_high)),
-                         scored)
+    return NativeSupport(native_frames(df, cfg.model.storage_options, run_percentiles(cfg)), scored)
+
+
+def run_percentiles(cfg: TrainConfig) -> tuple[float, float]:
+    """The percentiles ``run``'s decode stage stretches a frame between, for ``cfg``'s backbone."""
+    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
+    return prep.percentile_low, prep.percentile_high
 
 
 def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], classes: tuple[str, ...],
@@ -466,9 +468,8 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
 def _references(cfg: TrainConfig, df: pd.DataFrame, frames: Mapping[int, NativeFrame]) -> dict[int, np.ndarray]:
     """``train --die-to-die``: the registered references' levels of the support frames whose maps ``run`` fuses,
     stretched as ``run``'s decode stage stretches a frame."""
-    prep = preprocess_config(cfg.model.backbone, tile_above=10**9)
     return reference_levels(df, {p for p, f in frames.items() if fused(f.levels.shape)}, cfg.model.storage_options,
-                            (prep.percentile_low, prep.percentile_high))
+                            run_percentiles(cfg))
 
 
 def _chosen_figures(choice: Mapping[str, Any]) -> dict[str, float | None] | None:

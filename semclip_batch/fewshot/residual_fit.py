@@ -24,8 +24,7 @@ from semclip_batch.errors import ImageError
 from semclip_batch.fewshot.decoded import active_rows
 from semclip_batch.fewshot.trainset import row_frame_and_mask
 from semclip_batch.io.frames import load_reference
-from semclip_batch.io.levels import stretch
-from semclip_batch.io.preprocess import FRAME_LEVELS, fuses_levels, pack_frame
+from semclip_batch.io.preprocess import FRAME_LEVELS, fuses_levels, shipped_levels
 from semclip_batch.io.storage import redact
 from semclip_batch.model.grey_memory import MIN_SCALE, PATCH, GreyMemory
 from semclip_batch.model.line_residual import LINE, line_residual
@@ -90,7 +89,7 @@ def reference_levels(df: pd.DataFrame, positions: AbstractSet[int], storage_opti
             continue
         try:
             gray, _ = row_frame_and_mask(row, storage_options, kept)
-            out[pos] = pack_frame(stretch(load_reference(url, gray, storage_options), *percentiles))
+            out[pos] = shipped_levels(load_reference(url, gray, storage_options), percentiles)
         except ImageError as exc:
             log.warning("support frame %s: its reference is left out of the die-to-die residual (%s)",
                         redact(str(row["url"])), exc)

@@ -175,6 +175,12 @@ def pack_frame(stretched: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(stretched, 0.0, 1.0) * np.float32(FRAME_LEVELS)).astype(np.uint8)
 
 
+def shipped_levels(gray: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """A frame's uint8 levels as ``run``'s decode stage ships them (:func:`decoded_views`): stretched between
+    ``percentiles`` and packed (:func:`pack_frame`); ``train`` reads its support frames and their references alike."""
+    return pack_frame(stretch(gray, *percentiles))
+
+
 def defect_view(frame: torch.Tensor, frame_map: torch.Tensor, size: int) -> torch.Tensor:
     """The square window of ``size`` frame pixels (native resolution; of the frame's short side where that is
     shorter, resized) centred on the anomaly map's maximum (the frame's centre where the map is flat or not

@@ -23,7 +23,6 @@ from semclip_batch.errors import DECODE_ERROR, OK, ImageError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.cell_reference import cell_reference
 from semclip_batch.io.frames import load_frame, load_reference
-from semclip_batch.io.levels import stretch
 from semclip_batch.io.schema import DECODED, INPUT, missing, to_table
 
 log = logging.getLogger(__name__)
@@ -63,10 +62,11 @@ def _decoded_views(gray: np.ndarray, prep: PreprocessConfig) -> tuple[np.ndarray
 
 
 def _shipped_levels(gray: np.ndarray, prep: PreprocessConfig) -> np.ndarray:
-    """A frame's uint8 levels as :func:`_decoded_views` ships them (stretched and packed; torch imported as late)."""
-    from semclip_batch.io.preprocess import pack_frame
+    """:func:`semclip_batch.io.preprocess.shipped_levels` at ``prep``'s percentiles, imported as late as
+    :func:`_decoded_views`."""
+    from semclip_batch.io.preprocess import shipped_levels
 
-    return pack_frame(stretch(gray, prep.percentile_low, prep.percentile_high))
+    return shipped_levels(gray, (prep.percentile_low, prep.percentile_high))
 
 
 def _page(value: Any) -> int | None:
