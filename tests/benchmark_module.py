@@ -13,7 +13,10 @@ def load_benchmark(name: str) -> ModuleType:
     module_name = f"semclip_bench_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:  # a script imports its sibling scripts (flops, ...) as run from the folder
+        sys.path.append(str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -218,6 +218,42 @@ def test_class_uncertainty_alone_picks_the_smallest_margins(finished, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_the_pixel_term_reads_each_frames_peak_from_its_stored_mask(finished, tmp_path):
+    """The map's peak is read from masks.zarr, not recovered from anomaly_score and the class scores (their normal
+    entry is two views' mean on frames with a defect view); frames whose masks cannot be read rank last on it, and
+    the rest still get their peaks."""
+    import shutil
+
+    import zarr
+
+    from semclip_batch.analysis.suggest import candidates, finished_record, mask_peaks
+    from semclip_batch.io.layout import OutLayout
+
+    out, _ = finished
+    layout = OutLayout(str(out))
+    rows = candidates(str(out), finished_record(layout, {}), {})
+    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    truth = np.array([root[r.mask_path][int(r.mask_index)].max() / 255.0 for r in rows.itertuples()])
+    peaks = mask_peaks(layout, rows, {})
+    assert np.array_equal(peaks, truth)
+    got = suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "m.csv"), n=3, weights=Weights(0, 0, 1)))
+    threshold = finished_record(layout, {})["thresholds"]["pixel"]
+    labelled = set(pd.read_csv(out.parent / "manifest.csv", dtype=str, keep_default_na=False)["uri"][:LABELLED])
+    distance = pd.Series(np.abs(truth - threshold), index=rows["image_id"])[~rows["url"].isin(labelled).to_numpy()]
+    assert distance.loc[got.rows["image_id"].iloc[0]] == distance.min()  # the first pick: the peak nearest it
+
+    broken = tmp_path / "copy"
+    shutil.copytree(out, broken)
+    first = str(rows["mask_path"].iloc[0])
+    shutil.rmtree(broken / "masks.zarr" / first)
+    peaks = mask_peaks(OutLayout(str(broken)), rows, {})
+    gone = (rows["mask_path"] == first).to_numpy()
+    assert np.isnan(peaks[gone]).all() and np.array_equal(peaks[~gone], truth[~gone])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_exclude_skips_frames_labelled_since(finished, tmp_path):
     out, _ = finished
     first = suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "1.csv"), n=3))

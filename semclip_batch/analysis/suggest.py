@@ -7,8 +7,9 @@ The rule (README "Label suggestions"), over the run's ok rows that nobody has la
    ``train`` sit anywhere in [0, 1]):
    - class uncertainty: ``1 - (p1 - p2)``, the margin between the two highest class scores;
    - image threshold: how close ``anomaly_score`` is to the run's image threshold;
-   - pixel threshold: how close the map's peak ``max A`` is to the run's pixel threshold (``max A`` follows
-     exactly from ``anomaly_score`` and ``p(normal)``: :func:`map_peak`).
+   - pixel threshold: how close the map's peak ``max A`` is to the run's pixel threshold (``max A`` read from the
+     stored masks: :func:`mask_peaks`; it does not follow from ``anomaly_score`` and the class scores, whose normal
+     entry on frames with a defect view is the mean of two views' p(normal), ``anomaly_score`` the whole view's).
 2. *Pick* (``shortlist`` 1, the default, chosen on the validation family): the ``n`` highest ``u``, walking down
    the ranking and skipping a frame within cosine distance :data:`DUPLICATE` of one taken, in the run's own
    backbone image embedding (only the frames walked over are read and embedded). ``shortlist`` K > 1: among the
@@ -39,17 +40,19 @@ import pyarrow.parquet as pq
 import torch
 
 from semclip_batch.analysis.results import read_predictions
-from semclip_batch.analysis.suggest_rule import DUPLICATE, Scores, Weights, map_peak, reason, select, terms
+from semclip_batch.analysis.suggest_rule import DUPLICATE, Scores, Weights, reason, select, terms
 from semclip_batch.config import PreprocessConfig
 from semclip_batch.errors import OK, ConfigError, ImageError, OutputError, SemclipError, one_line
 from semclip_batch.io import storage, targets
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import read_manifest_table
+from semclip_batch.io.masks import mask_array, open_masks
 from semclip_batch.io.plan import read_plan_columns
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".csv", ".parquet", ".pq")
 EMBED_BATCH = 16
+MASK_BLOCK = 32  # stored masks read at a time (32 MB of 1024 x 1024 frames)
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ def candidates(out: str, record: Mapping[str, Any], so: Mapping[str, Any]) -> pd
     layout = OutLayout(storage.normalize_root(out))
     preds = read_predictions(out, so)
     keep = pc.and_(pc.equal(preds.column("status"), OK), pc.equal(preds.column("run_id"), record["run_id"]))
-    preds = preds.filter(keep).select(["image_id", "anomaly_score", "class_scores"])
+    preds = preds.filter(keep).select(["image_id", "anomaly_score", "class_scores", "mask_path", "mask_index"])
     plan = read_plan(layout, so)
     joined = preds.to_pandas().merge(plan.to_pandas(), on="image_id", how="inner", validate="one_to_one")
     return joined.sort_values("image_id", kind="stable").reset_index(drop=True)
@@ -169,13 +172,37 @@ def _support_manifest(checkpoint: str | None, so: Mapping[str, Any]) -> str | No
     return str(support) if support else None
 
 
-def scores_of(rows: pd.DataFrame, record: Mapping[str, Any]) -> Scores:
+def scores_of(rows: pd.DataFrame, record: Mapping[str, Any], peaks: np.ndarray) -> Scores:
+    """The candidates' :class:`Scores`, their map peaks given (:func:`mask_peaks`)."""
     probs = np.stack([np.asarray(v, dtype=np.float64) for v in rows["class_scores"]])
     score = rows["anomaly_score"].to_numpy(dtype=np.float64)
-    mode = str((record.get("config") or {}).get("model", {}).get("score_mode") or "mean")
     thresholds = record.get("thresholds") or {}
-    return Scores(probs, score, map_peak(score, probs[:, 0], mode), float(thresholds.get("image", 0.5)),
-                  float(thresholds.get("pixel", 0.5)))
+    return Scores(probs, score, peaks, float(thresholds.get("image", 0.5)), float(thresholds.get("pixel", 0.5)))
+
+
+def mask_peaks(layout: OutLayout, rows: pd.DataFrame, so: Mapping[str, Any]) -> np.ndarray:
+    """Each row's map peak ``max A``, its stored mask's largest level over 255 (``rows``' ``mask_path`` and
+    ``mask_index``); NaN where the mask cannot be read (logged once an array), which the pixel term ranks last."""
+    peaks = np.full(len(rows), np.nan)
+    try:
+        root = open_masks(layout.masks, so, mode="r")
+    except (OSError, ValueError, KeyError, SemclipError) as exc:
+        log.warning("cannot open %s; the pixel term ranks every frame last: %s", storage.redact(layout.masks),
+                    one_line(exc))
+        return peaks
+    index = rows["mask_index"].to_numpy(dtype=np.int64)
+    for path, members in rows.groupby("mask_path", sort=True).indices.items():
+        order = members[np.argsort(index[members], kind="stable")]
+        try:
+            masks = mask_array(root, str(path))
+            for start in range(0, len(order), MASK_BLOCK):
+                part = order[start:start + MASK_BLOCK]
+                block = np.asarray(masks.oindex[index[part]], dtype=np.uint8)
+                peaks[part] = block.reshape(len(part), -1).max(axis=1) / 255.0
+        except (OSError, ValueError, KeyError, IndexError, SemclipError) as exc:
+            log.warning("cannot read the masks at masks.zarr/%s; the pixel term ranks their frames last: %s", path,
+                        one_line(exc))
+    return peaks
 
 
 # ---- embeddings -------------------------------------------------------------------------------------------------------
@@ -275,7 +302,7 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     if rows.empty:
         raise OutputError(f"{layout.root} has no unlabelled ok frames to suggest ({excluded} labelled already: in the "
                           "run's manifest, its checkpoint's support manifest or --exclude)")
-    s = scores_of(rows, record)
+    s = scores_of(rows, record, mask_peaks(layout, rows, so))
     embedder = Embedder(rows, record, s, so)
     picked, _ = select(s, embedder, cfg.n, cfg.weights, cfg.shortlist, cfg.seed)
     out = manifest_rows(rows, s, picked, [str(c) for c in record.get("classes") or []])

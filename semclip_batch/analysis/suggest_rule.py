@@ -96,7 +96,7 @@ def terms(s: Scores) -> dict[str, np.ndarray]:
     """The three informativeness terms as ranks in [0, 1] (1 = most informative)."""
     return {"classes": rank01(class_uncertainty(s.probs)),
             "image": rank01(-np.abs(s.score - s.image_threshold)),
-            "pixel": rank01(-np.abs(s.peak - s.pixel_threshold))}
+            "pixel": rank01(np.nan_to_num(-np.abs(s.peak - s.pixel_threshold), nan=-np.inf))}  # unread: last
 
 
 def informativeness(s: Scores, w: Weights) -> np.ndarray:
