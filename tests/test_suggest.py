@@ -249,6 +249,9 @@ def test_the_pixel_term_reads_each_frames_peak_from_its_stored_mask(finished, tm
     peaks = mask_peaks(OutLayout(str(broken)), rows, {})
     gone = (rows["mask_path"] == first).to_numpy()
     assert np.isnan(peaks[gone]).all() and np.array_equal(peaks[~gone], truth[~gone])
+    shutil.rmtree(broken / "masks.zarr")  # none readable: the pick goes on, on the other terms, and says nothing of peaks
+    got = suggest(SuggestConfig(out=str(broken), dest=str(tmp_path / "none.csv"), n=3))
+    assert len(got.rows) == 3 and not got.rows["suggest_reason"].str.contains("map peak").any()
 
 
 @pytest.mark.ray

@@ -170,6 +170,6 @@ def reason(s: Scores, t: Mapping[str, np.ndarray], i: int, classes: Sequence[str
         parts.append(f"{classes[a]} {s.probs[i, a]:.2f} vs {classes[b]} {s.probs[i, b]:.2f}")
     if t["image"][i] >= 0.75:
         parts.append(f"score {s.score[i]:.3f} near threshold {s.image_threshold:.3f}")
-    if t["pixel"][i] >= 0.75:
+    if t["pixel"][i] >= 0.75 and np.isfinite(s.peak[i]):  # an unread mask's peak is NaN
         parts.append(f"map peak {s.peak[i]:.3f} near pixel threshold {s.pixel_threshold:.3f}")
     return "; ".join(parts) or "informative on all terms together"
