@@ -20,7 +20,9 @@ from semclip_batch.analysis.suggest_rule import (
     diverse_pick,
     informativeness,
     map_peak,
+    reason,
     select,
+    terms,
 )
 from semclip_batch.cli import main
 from semclip_batch.config import ModelSpec, RunConfig
@@ -219,27 +221,38 @@ def test_class_uncertainty_alone_picks_the_smallest_margins(finished, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_pixel_term_reads_each_frames_peak_from_its_stored_mask(finished, tmp_path):
-    """The map's peak is read from masks.zarr, not recovered from anomaly_score and the class scores (their normal
-    entry is two views' mean on frames with a defect view); frames whose masks cannot be read rank last on it, and
-    the rest still get their peaks."""
+    """Where a frame took no defect view its peak follows from anomaly_score and p(normal); where it took one (its
+    class scores' normal entry is then two views' mean) it is read from masks.zarr; either way it is the stored
+    mask's peak to 1/255. Frames whose masks cannot be read rank last on the term, the rest keep their peaks, and
+    with none readable every peak is NaN."""
     import shutil
 
     import zarr
 
-    from semclip_batch.analysis.suggest import candidates, finished_record, mask_peaks
+    from semclip_batch.analysis.suggest import candidates, finished_record, map_peaks, mask_peaks
     from semclip_batch.io.layout import OutLayout
 
     out, _ = finished
     layout = OutLayout(str(out))
-    rows = candidates(str(out), finished_record(layout, {}), {})
+    record = finished_record(layout, {})
+    rows = candidates(str(out), record, {})
     root = zarr.open_group(str(out / "masks.zarr"), mode="r")
     truth = np.array([root[r.mask_path][int(r.mask_index)].max() / 255.0 for r in rows.itertuples()])
-    peaks = mask_peaks(layout, rows, {})
-    assert np.array_equal(peaks, truth)
+    assert np.array_equal(mask_peaks(layout, rows, {}), truth)
+    assert not record["preprocessing"].get("defect_view")  # the library's ModelSpec: no defect view, no mask read
+    formula = map_peaks(layout, rows, record, {})
+    assert np.abs(formula - truth).max() <= 0.5 / 255 + 1e-6 and not np.array_equal(formula, truth)
+    # as if the model input were 150 px: frames of 300 px or more (these lots' are 200-320 px) took a defect view
+    viewed = {**record, "preprocessing": {**record["preprocessing"], "defect_view": True, "image_size": 150}}
+    big = np.array([max(map(int, str(p).rsplit("/", 1)[-1].split("x"))) >= 300 for p in rows["mask_path"]])
+    assert big.any() and not big.all()
+    read = map_peaks(layout, rows, viewed, {})
+    assert np.array_equal(read[big], truth[big]) and np.array_equal(read[~big], formula[~big])
+
     got = suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "m.csv"), n=3, weights=Weights(0, 0, 1)))
-    threshold = finished_record(layout, {})["thresholds"]["pixel"]
     labelled = set(pd.read_csv(out.parent / "manifest.csv", dtype=str, keep_default_na=False)["uri"][:LABELLED])
-    distance = pd.Series(np.abs(truth - threshold), index=rows["image_id"])[~rows["url"].isin(labelled).to_numpy()]
+    fresh = ~rows["url"].isin(labelled).to_numpy()
+    distance = pd.Series(np.abs(formula - record["thresholds"]["pixel"]), index=rows["image_id"])[fresh]
     assert distance.loc[got.rows["image_id"].iloc[0]] == distance.min()  # the first pick: the peak nearest it
 
     broken = tmp_path / "copy"
@@ -249,9 +262,27 @@ def test_the_pixel_term_reads_each_frames_peak_from_its_stored_mask(finished, tm
     peaks = mask_peaks(OutLayout(str(broken)), rows, {})
     gone = (rows["mask_path"] == first).to_numpy()
     assert np.isnan(peaks[gone]).all() and np.array_equal(peaks[~gone], truth[~gone])
-    shutil.rmtree(broken / "masks.zarr")  # none readable: the pick goes on, on the other terms, and says nothing of peaks
-    got = suggest(SuggestConfig(out=str(broken), dest=str(tmp_path / "none.csv"), n=3))
-    assert len(got.rows) == 3 and not got.rows["suggest_reason"].str.contains("map peak").any()
+    shutil.rmtree(broken / "masks.zarr")
+    assert np.isnan(mask_peaks(OutLayout(str(broken)), rows, {})).all()  # logged, not raised
+
+
+def test_an_unread_peak_ranks_last_and_is_never_given_as_a_reason():
+    s = scores([[0.5, 0.5]] * 3, score=[0.5] * 3, peak=[float("nan"), 0.85, 0.2])
+    t = terms(s)
+    assert t["pixel"].tolist() == [0.0, 1.0, 0.5]
+    nothing = scores([[0.5, 0.5]] * 2, score=[0.5, 0.5], peak=[float("nan")] * 2)  # no mask read at all
+    assert "map peak" not in reason(nothing, terms(nothing), 0, ["normal", "particle"])
+
+
+def test_which_frames_took_a_defect_view_follows_the_record_and_the_frame_size():
+    from semclip_batch.analysis.suggest import took_defect_view
+
+    paths = pd.Series(["L/s00000/480x640", "L/s00000/256x256", "L/s00000/4096x8192", "L/s00000/p1/700x300", "odd"])
+    record = {"preprocessing": {"image_size": 240, "mean": [0.5] * 3, "std": [0.5] * 3, "defect_view": True},
+              "config": {"model": {"backbone": "semclip-tiny"}}}
+    assert took_defect_view(paths, record).tolist() == [True, False, False, True, True]
+    del record["preprocessing"]["defect_view"]
+    assert not took_defect_view(paths, record).any()
 
 
 @pytest.mark.ray

@@ -86,7 +86,8 @@ def class_uncertainty(probs: np.ndarray) -> np.ndarray:
 
 
 def map_peak(score: np.ndarray, p_normal: np.ndarray, score_mode: str) -> np.ndarray:
-    """``max A`` of each frame's map from its ``anomaly_score`` (``mean``: ½ (1 − p(normal)) + ½ max A)."""
+    """``max A`` of each frame's map from its ``anomaly_score`` (``mean``: ½ (1 − p(normal)) + ½ max A); exact where
+    ``p_normal`` is the whole view's p(normal), which a frame's class scores hold unless it took a defect view."""
     if score_mode == "max":
         return score.astype(float)
     return np.clip(2.0 * score - (1.0 - p_normal), 0.0, 1.0)
