@@ -274,6 +274,78 @@ def test_an_unread_peak_ranks_last_and_is_never_given_as_a_reason():
     assert "map peak" not in reason(nothing, terms(nothing), 0, ["normal", "particle"])
 
 
+def _stored_masks(tmp_path: Path) -> tuple[object, pd.DataFrame, np.ndarray]:
+    """A plain masks.zarr of 6 masks of 8 x 8 (one chunk each) and candidate rows pointing at them."""
+    import zarr
+
+    from semclip_batch.io.layout import OutLayout
+
+    layout = OutLayout(str(tmp_path / "out"))
+    masks = np.zeros((6, 8, 8), np.uint8)
+    for k in range(6):
+        masks[k, k, k] = 40 * k + 10
+    root = zarr.open_group(layout.masks, mode="w", zarr_format=3)
+    root.create_array("L1/s00000/8x8", data=masks, chunks=(1, 8, 8))
+    rows = pd.DataFrame({"mask_path": ["L1/s00000/8x8"] * 6, "mask_index": [5, 0, 3, 3, 1, 2]})
+    return layout, rows, masks.reshape(6, -1).max(axis=1)[rows["mask_index"]] / 255.0
+
+
+def test_mask_peaks_read_each_rows_mask_and_survive_a_bad_block(tmp_path, monkeypatch, caplog):
+    from semclip_batch.analysis import suggest as module
+
+    layout, rows, truth = _stored_masks(tmp_path)
+    assert np.array_equal(module.mask_peaks(layout, rows, {}), truth)
+    monkeypatch.setattr(module, "MASK_BLOCK_BYTES", 2 * 64)  # blocks of 2 masks
+    assert np.array_equal(module.mask_peaks(layout, rows, {}), truth)
+
+    past = pd.concat([rows, pd.DataFrame({"mask_path": ["L1/s00000/8x8"] * 2, "mask_index": [6, -1]})],
+                     ignore_index=True)
+    peaks = module.mask_peaks(layout, past, {})
+    assert np.array_equal(peaks[:6], truth) and np.isnan(peaks[6:]).all()  # -1 does not wrap to the last mask
+    assert "2 rows index past it" in caplog.text
+
+    import zarr
+
+    class Flaky:  # the block read fails; each mask alone reads, but for mask 3
+        def __init__(self, array: zarr.Array) -> None:
+            self.array, self.oindex = array, self
+
+        def __getitem__(self, key):
+            if isinstance(key, np.ndarray):
+                raise RuntimeError("Zstd decompression error")
+            if int(key) == 3:
+                raise RuntimeError("bad stored shard")
+            return self.array[key]
+
+        @property
+        def shape(self):
+            return self.array.shape
+
+    monkeypatch.setattr(module, "mask_array", lambda root, path: Flaky(root[path]))
+    peaks = module.mask_peaks(layout, rows, {})
+    three = (rows["mask_index"] == 3).to_numpy()
+    assert np.isnan(peaks[three]).all() and np.array_equal(peaks[~three], truth[~three])
+    assert "cannot read mask 3 of masks.zarr/L1/s00000/8x8" in caplog.text
+
+
+def test_map_peaks_read_masks_only_where_the_formula_is_not_exact(tmp_path):
+    from semclip_batch.analysis.suggest import map_peaks
+
+    layout, rows, truth = _stored_masks(tmp_path)
+    p_normal = np.linspace(0.1, 0.6, 6)
+    rows = rows.assign(anomaly_score=[anomaly_score(float(p), 0.3) for p in p_normal],
+                       class_scores=[[float(p), 1 - float(p)] for p in p_normal])
+    config = {"model": {"backbone": "semclip-tiny", "score_mode": "mean"}}
+    prep = {"image_size": 4, "mean": [0.5] * 3, "std": [0.5] * 3}  # an 8 px frame is two model inputs
+    plain = map_peaks(layout, rows, {"config": config, "preprocessing": prep}, {})
+    assert plain == pytest.approx(np.full(6, 0.3))  # from the scores: nothing read
+    viewed = map_peaks(layout, rows, {"config": config, "preprocessing": {**prep, "defect_view": True}}, {})
+    assert np.array_equal(viewed, truth)  # from the masks
+    assert np.array_equal(map_peaks(layout, rows, {"config": config}, {}), truth)  # a record that cannot say: read
+    maxed = {"config": {"model": {**config["model"], "score_mode": "max"}}, "preprocessing": {**prep, "defect_view": True}}
+    assert np.array_equal(map_peaks(layout, rows, maxed, {}), rows["anomaly_score"].to_numpy())
+
+
 def test_which_frames_took_a_defect_view_follows_the_record_and_the_frame_size():
     from semclip_batch.analysis.suggest import took_defect_view
 
@@ -283,6 +355,7 @@ def test_which_frames_took_a_defect_view_follows_the_record_and_the_frame_size()
     assert took_defect_view(paths, record).tolist() == [True, False, False, True, True]
     del record["preprocessing"]["defect_view"]
     assert not took_defect_view(paths, record).any()
+    assert took_defect_view(paths, {"config": record["config"]}).all()  # no preprocessing recorded: read them
 
 
 @pytest.mark.ray

@@ -54,7 +54,7 @@ from semclip_batch.io.preprocess import needs_defect_view
 log = logging.getLogger(__name__)
 SUFFIXES = (".csv", ".parquet", ".pq")
 EMBED_BATCH = 16
-MASK_BLOCK_BYTES = 32 << 20  # stored masks read at a time: 32 of 1024 x 1024, one of 4096 x 4096
+MASK_BLOCK_BYTES = 32 << 20  # stored masks read at a time: 32 of 1024 x 1024, 2 of 4096 x 4096
 _SIZE = re.compile(r"(\d+)x(\d+)$")  # a mask array's name: <H>x<W>
 
 
@@ -184,12 +184,13 @@ def scores_of(rows: pd.DataFrame, record: Mapping[str, Any], peaks: np.ndarray) 
 
 
 def map_peaks(layout: OutLayout, rows: pd.DataFrame, record: Mapping[str, Any], so: Mapping[str, Any]) -> np.ndarray:
-    """Each candidate's map peak ``max A``. With the image score ``mean``, ``anomaly_score`` reads the whole view's
-    p(normal), which is the class scores' normal entry unless the frame took a defect view (then it is the mean of
-    two views'): there the peak follows from the two (:func:`map_peak`, exact), elsewhere it is read from the
-    stored mask (:func:`mask_peaks`). With ``max`` it is the score itself."""
+    """Each candidate's map peak ``max A``. With the image score ``max`` it is ``anomaly_score`` itself. With
+    ``mean``, ``anomaly_score`` reads the whole view's p(normal): a frame without a defect view has that as its
+    class scores' normal entry, and its peak follows exactly from the two (:func:`map_peak`); a frame that took a
+    defect view has the mean of two views' there instead, and its peak is read from its stored mask
+    (:func:`mask_peaks`)."""
     score = rows["anomaly_score"].to_numpy(dtype=np.float64)
-    mode = str((record.get("config") or {}).get("model", {}).get("score_mode") or "mean")
+    mode = str(((record.get("config") or {}).get("model") or {}).get("score_mode") or "mean")
     p_normal = np.array([float(v[0]) for v in rows["class_scores"]])
     peaks = map_peak(score, p_normal, mode)
     if mode != "max":
@@ -201,8 +202,12 @@ def map_peaks(layout: OutLayout, rows: pd.DataFrame, record: Mapping[str, Any], 
 
 def took_defect_view(mask_paths: pd.Series, record: Mapping[str, Any]) -> np.ndarray:
     """Whether each row's frame took a defect view, from the run record's preprocessing and the frame size in its
-    mask array's name (``<H>x<W>``; a name without one counts as taken, so its mask is read)."""
-    if not (record.get("preprocessing") or {}).get("defect_view"):
+    mask array's name (``<H>x<W>``). Where the record cannot say (no preprocessing recorded) or the name has no
+    size, it counts as taken, so the mask is read."""
+    preprocessing = record.get("preprocessing")
+    if not preprocessing:
+        return np.ones(len(mask_paths), dtype=bool)
+    if not preprocessing.get("defect_view"):  # recorded only when on
         return np.zeros(len(mask_paths), dtype=bool)
     backbone = str(((record.get("config") or {}).get("model") or {}).get("backbone") or "")
     prep = replace(preprocess_of(record, backbone), defect_view=True)
@@ -216,8 +221,9 @@ def took_defect_view(mask_paths: pd.Series, record: Mapping[str, Any]) -> np.nda
 
 def mask_peaks(layout: OutLayout, rows: pd.DataFrame, so: Mapping[str, Any]) -> np.ndarray:
     """Each row's map peak ``max A`` read from its stored mask (``mask_path``, ``mask_index``): its largest level
-    over 255, so to 1/255. NaN where the mask cannot be read (logged; the pixel term then ranks the frame with the
-    farthest). A stored shard object that is gone reads as zeros, as Zarr fills a missing chunk: peak 0."""
+    over 255, so to 1/255. NaN where the store, the array or the mask cannot be read, or the index is past the
+    array (logged; the pixel term ranks such a frame last). A stored shard object that is gone is no error: Zarr
+    fills a missing chunk with zeros, so its masks give peak 0."""
     peaks = np.full(len(rows), np.nan)
     try:
         root = open_masks(layout.masks, so, mode="r")
@@ -243,7 +249,8 @@ def mask_peaks(layout: OutLayout, rows: pd.DataFrame, so: Mapping[str, Any]) -> 
 
 
 def _read_peaks(masks: Any, part: np.ndarray, index: np.ndarray, peaks: np.ndarray, path: str) -> None:
-    """``peaks[part]`` from one read of their masks; where that read fails, one read a mask (logged per mask)."""
+    """Write ``peaks[part]`` from one read of their masks; where that read fails, read them again one mask at a time,
+    so one bad stored shard costs only its own masks (each failure logged)."""
     try:
         block = np.asarray(masks.oindex[index[part]], dtype=np.uint8)
         peaks[part] = block.reshape(len(part), -1).max(axis=1) / 255.0
