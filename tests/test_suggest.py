@@ -356,6 +356,8 @@ def test_which_frames_took_a_defect_view_follows_the_record_and_the_frame_size()
     del record["preprocessing"]["defect_view"]
     assert not took_defect_view(paths, record).any()
     assert took_defect_view(paths, {"config": record["config"]}).all()  # no preprocessing recorded: read them
+    odd = {"preprocessing": {"defect_view": True}, "config": {"model": {"backbone": "no-such-backbone"}}}
+    assert took_defect_view(paths, odd).all()  # no size recorded, no backbone to ask: read them
 
 
 @pytest.mark.ray

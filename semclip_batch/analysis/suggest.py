@@ -210,7 +210,10 @@ def took_defect_view(mask_paths: pd.Series, record: Mapping[str, Any]) -> np.nda
     if not preprocessing.get("defect_view"):  # recorded only when on
         return np.zeros(len(mask_paths), dtype=bool)
     backbone = str(((record.get("config") or {}).get("model") or {}).get("backbone") or "")
-    prep = replace(preprocess_of(record, backbone), defect_view=True)
+    try:
+        prep = replace(preprocess_of(record, backbone), defect_view=True)
+    except SemclipError:  # neither the record's preprocessing nor the backbone's: read every mask
+        return np.ones(len(mask_paths), dtype=bool)
 
     def took(path: str) -> bool:
         size = _SIZE.search(str(path))
