@@ -33,6 +33,11 @@ from semclip_batch.pipeline.driver import run
 LABELLED = 2  # rows of the run's manifest that keep their label: never suggested
 
 
+def scored(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate rows' anomaly scores and class scores' normal entries, as suggest hands them to map_peaks."""
+    return rows["anomaly_score"].to_numpy(dtype=np.float64), np.array([float(v[0]) for v in rows["class_scores"]])
+
+
 def scores(probs: list[list[float]], score: list[float], peak: list[float]) -> Scores:
     return Scores(np.array(probs), np.array(score), np.array(peak), 0.9, 0.9)
 
@@ -229,7 +234,8 @@ def test_the_pixel_term_reads_each_frames_peak_from_its_stored_mask(finished, tm
 
     import zarr
 
-    from semclip_batch.analysis.suggest import candidates, finished_record, map_peaks, mask_peaks
+    from semclip_batch.analysis.map_peaks import map_peaks, mask_peaks
+    from semclip_batch.analysis.suggest import candidates, finished_record
     from semclip_batch.io.layout import OutLayout
 
     out, _ = finished
@@ -240,13 +246,13 @@ def test_the_pixel_term_reads_each_frames_peak_from_its_stored_mask(finished, tm
     truth = np.array([root[r.mask_path][int(r.mask_index)].max() / 255.0 for r in rows.itertuples()])
     assert np.array_equal(mask_peaks(layout, rows, {}), truth)
     assert not record["preprocessing"].get("defect_view")  # the library's ModelSpec: no defect view, no mask read
-    formula = map_peaks(layout, rows, record, {})
+    formula = map_peaks(layout, rows, *scored(rows), record, {})
     assert np.abs(formula - truth).max() <= 0.5 / 255 + 1e-6 and not np.array_equal(formula, truth)
     # as if the model input were 150 px: frames of 300 px or more (these lots' are 200-320 px) took a defect view
     viewed = {**record, "preprocessing": {**record["preprocessing"], "defect_view": True, "image_size": 150}}
     big = np.array([max(map(int, str(p).rsplit("/", 1)[-1].split("x"))) >= 300 for p in rows["mask_path"]])
     assert big.any() and not big.all()
-    read = map_peaks(layout, rows, viewed, {})
+    read = map_peaks(layout, rows, *scored(rows), viewed, {})
     assert np.array_equal(read[big], truth[big]) and np.array_equal(read[~big], formula[~big])
 
     got = suggest(SuggestConfig(out=str(out), dest=str(tmp_path / "m.csv"), n=3, weights=Weights(0, 0, 1)))
@@ -291,7 +297,7 @@ def _stored_masks(tmp_path: Path) -> tuple[object, pd.DataFrame, np.ndarray]:
 
 
 def test_mask_peaks_read_each_rows_mask_and_survive_a_bad_block(tmp_path, monkeypatch, caplog):
-    from semclip_batch.analysis import suggest as module
+    from semclip_batch.analysis import map_peaks as module
 
     layout, rows, truth = _stored_masks(tmp_path)
     assert np.array_equal(module.mask_peaks(layout, rows, {}), truth)
@@ -329,7 +335,7 @@ def test_mask_peaks_read_each_rows_mask_and_survive_a_bad_block(tmp_path, monkey
 
 
 def test_map_peaks_read_masks_only_where_the_formula_is_not_exact(tmp_path):
-    from semclip_batch.analysis.suggest import map_peaks
+    from semclip_batch.analysis.map_peaks import map_peaks
 
     layout, rows, truth = _stored_masks(tmp_path)
     p_normal = np.linspace(0.1, 0.6, 6)
@@ -337,17 +343,17 @@ def test_map_peaks_read_masks_only_where_the_formula_is_not_exact(tmp_path):
                        class_scores=[[float(p), 1 - float(p)] for p in p_normal])
     config = {"model": {"backbone": "semclip-tiny", "score_mode": "mean"}}
     prep = {"image_size": 4, "mean": [0.5] * 3, "std": [0.5] * 3}  # an 8 px frame is two model inputs
-    plain = map_peaks(layout, rows, {"config": config, "preprocessing": prep}, {})
+    plain = map_peaks(layout, rows, *scored(rows), {"config": config, "preprocessing": prep}, {})
     assert plain == pytest.approx(np.full(6, 0.3))  # from the scores: nothing read
-    viewed = map_peaks(layout, rows, {"config": config, "preprocessing": {**prep, "defect_view": True}}, {})
+    viewed = map_peaks(layout, rows, *scored(rows), {"config": config, "preprocessing": {**prep, "defect_view": True}}, {})
     assert np.array_equal(viewed, truth)  # from the masks
-    assert np.array_equal(map_peaks(layout, rows, {"config": config}, {}), truth)  # a record that cannot say: read
+    assert np.array_equal(map_peaks(layout, rows, *scored(rows), {"config": config}, {}), truth)  # a record that cannot say: read
     maxed = {"config": {"model": {**config["model"], "score_mode": "max"}}, "preprocessing": {**prep, "defect_view": True}}
-    assert np.array_equal(map_peaks(layout, rows, maxed, {}), rows["anomaly_score"].to_numpy())
+    assert np.array_equal(map_peaks(layout, rows, *scored(rows), maxed, {}), rows["anomaly_score"].to_numpy())
 
 
 def test_which_frames_took_a_defect_view_follows_the_record_and_the_frame_size():
-    from semclip_batch.analysis.suggest import took_defect_view
+    from semclip_batch.analysis.map_peaks import took_defect_view
 
     paths = pd.Series(["L/s00000/480x640", "L/s00000/256x256", "L/s00000/4096x8192", "L/s00000/p1/700x300", "odd"])
     record = {"preprocessing": {"image_size": 240, "mean": [0.5] * 3, "std": [0.5] * 3, "defect_view": True},

@@ -7,7 +7,7 @@ The rule (README "Label suggestions"), over the run's ok rows that nobody has la
    ``train`` sit anywhere in [0, 1]):
    - class uncertainty: ``1 - (p1 - p2)``, the margin between the two highest class scores;
    - image threshold: how close ``anomaly_score`` is to the run's image threshold;
-   - pixel threshold: how close the map's peak ``max A`` is to the run's pixel threshold (:func:`map_peaks`: from
+   - pixel threshold: how close the map's peak ``max A`` is to the run's pixel threshold (:mod:`.map_peaks`: from
      ``anomaly_score`` and ``p(normal)`` where the class scores' normal entry is the whole view's, read from the
      stored mask where the frame took a defect view and that entry is the mean of two views').
 2. *Pick* (``shortlist`` 1, the default, chosen on the validation family): the ``n`` highest ``u``, walking down
@@ -28,9 +28,8 @@ import io
 import json
 import logging
 import posixpath
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,22 +39,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from semclip_batch.analysis.map_peaks import map_peaks, preprocess_of
 from semclip_batch.analysis.results import read_predictions
-from semclip_batch.analysis.suggest_rule import DUPLICATE, Scores, Weights, map_peak, reason, select, terms
-from semclip_batch.config import PreprocessConfig
+from semclip_batch.analysis.suggest_rule import DUPLICATE, Scores, Weights, reason, select, terms
 from semclip_batch.errors import OK, ConfigError, ImageError, OutputError, SemclipError, one_line
 from semclip_batch.io import storage, targets
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import read_manifest_table
-from semclip_batch.io.masks import mask_array, open_masks
 from semclip_batch.io.plan import read_plan_columns
-from semclip_batch.io.preprocess import needs_defect_view
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".csv", ".parquet", ".pq")
 EMBED_BATCH = 16
-MASK_BLOCK_BYTES = 32 << 20  # stored masks read at a time: 32 of 1024 x 1024, 2 of 4096 x 4096
-_SIZE = re.compile(r"(\d+)x(\d+)$")  # a mask array's name: <H>x<W>
 
 
 @dataclass(frozen=True)
@@ -175,96 +170,13 @@ def _support_manifest(checkpoint: str | None, so: Mapping[str, Any]) -> str | No
     return str(support) if support else None
 
 
-def scores_of(rows: pd.DataFrame, record: Mapping[str, Any], peaks: np.ndarray) -> Scores:
-    """The candidates' :class:`Scores`, their map peaks given (:func:`map_peaks`)."""
+def scores_of(rows: pd.DataFrame, record: Mapping[str, Any], layout: OutLayout, so: Mapping[str, Any]) -> Scores:
+    """The candidates' :class:`Scores`; their map peaks from :func:`~semclip_batch.analysis.map_peaks.map_peaks`."""
     probs = np.stack([np.asarray(v, dtype=np.float64) for v in rows["class_scores"]])
     score = rows["anomaly_score"].to_numpy(dtype=np.float64)
+    peaks = map_peaks(layout, rows, score, probs[:, 0], record, so)
     thresholds = record.get("thresholds") or {}
     return Scores(probs, score, peaks, float(thresholds.get("image", 0.5)), float(thresholds.get("pixel", 0.5)))
-
-
-def map_peaks(layout: OutLayout, rows: pd.DataFrame, record: Mapping[str, Any], so: Mapping[str, Any]) -> np.ndarray:
-    """Each candidate's map peak ``max A``. With the image score ``max`` it is ``anomaly_score`` itself. With
-    ``mean``, ``anomaly_score`` reads the whole view's p(normal): a frame without a defect view has that as its
-    class scores' normal entry, and its peak follows exactly from the two (:func:`map_peak`); a frame that took a
-    defect view has the mean of two views' there instead, and its peak is read from its stored mask
-    (:func:`mask_peaks`)."""
-    score = rows["anomaly_score"].to_numpy(dtype=np.float64)
-    mode = str(((record.get("config") or {}).get("model") or {}).get("score_mode") or "mean")
-    p_normal = np.array([float(v[0]) for v in rows["class_scores"]])
-    peaks = map_peak(score, p_normal, mode)
-    if mode != "max":
-        read = took_defect_view(rows["mask_path"], record)
-        if read.any():
-            peaks[read] = mask_peaks(layout, rows[read], so)
-    return peaks
-
-
-def took_defect_view(mask_paths: pd.Series, record: Mapping[str, Any]) -> np.ndarray:
-    """Whether each row's frame took a defect view, from the run record's preprocessing and the frame size in its
-    mask array's name (``<H>x<W>``). Where the record cannot say (no preprocessing recorded) or the name has no
-    size, it counts as taken, so the mask is read."""
-    preprocessing = record.get("preprocessing")
-    if not preprocessing:
-        return np.ones(len(mask_paths), dtype=bool)
-    if not preprocessing.get("defect_view"):  # recorded only when on
-        return np.zeros(len(mask_paths), dtype=bool)
-    backbone = str(((record.get("config") or {}).get("model") or {}).get("backbone") or "")
-    try:
-        prep = replace(preprocess_of(record, backbone), defect_view=True)
-    except SemclipError:  # neither the record's preprocessing nor the backbone's: read every mask
-        return np.ones(len(mask_paths), dtype=bool)
-
-    def took(path: str) -> bool:
-        size = _SIZE.search(str(path))
-        return size is None or needs_defect_view(int(size[1]), int(size[2]), prep)
-
-    return np.array([took(path) for path in mask_paths], dtype=bool)
-
-
-def mask_peaks(layout: OutLayout, rows: pd.DataFrame, so: Mapping[str, Any]) -> np.ndarray:
-    """Each row's map peak ``max A`` read from its stored mask (``mask_path``, ``mask_index``): its largest level
-    over 255, so to 1/255. NaN where the store, the array or the mask cannot be read, or the index is past the
-    array (logged; the pixel term ranks such a frame last). A stored shard object that is gone is no error: Zarr
-    fills a missing chunk with zeros, so its masks give peak 0."""
-    peaks = np.full(len(rows), np.nan)
-    try:
-        root = open_masks(layout.masks, so, mode="r")
-    except Exception as exc:  # noqa: BLE001 - any store or format failure: the term goes without peaks, not suggest
-        log.warning("cannot open %s; no map peak is read: %s", storage.redact(layout.masks), one_line(exc))
-        return peaks
-    index = rows["mask_index"].to_numpy(dtype=np.int64)
-    for path, members in rows.groupby("mask_path", sort=True).indices.items():
-        try:
-            masks = mask_array(root, str(path))
-        except Exception as exc:  # noqa: BLE001 - as above
-            log.warning("cannot open masks.zarr/%s; %d frames get no map peak: %s", path, len(members), one_line(exc))
-            continue
-        inside = members[(index[members] >= 0) & (index[members] < masks.shape[0])]
-        if len(inside) < len(members):
-            log.warning("masks.zarr/%s holds %d masks; %d rows index past it", path, masks.shape[0],
-                        len(members) - len(inside))
-        order = inside[np.argsort(index[inside], kind="stable")]  # sorted: neighbouring masks share stored shards
-        step = max(1, MASK_BLOCK_BYTES // max(1, int(np.prod(masks.shape[1:]))))
-        for start in range(0, len(order), step):
-            _read_peaks(masks, order[start:start + step], index, peaks, str(path))
-    return peaks
-
-
-def _read_peaks(masks: Any, part: np.ndarray, index: np.ndarray, peaks: np.ndarray, path: str) -> None:
-    """Write ``peaks[part]`` from one read of their masks; where that read fails, read them again one mask at a time,
-    so one bad stored shard costs only its own masks (each failure logged)."""
-    try:
-        block = np.asarray(masks.oindex[index[part]], dtype=np.uint8)
-        peaks[part] = block.reshape(len(part), -1).max(axis=1) / 255.0
-        return
-    except Exception:  # noqa: BLE001 - one bad stored shard: the others in the block are still read below
-        pass
-    for row in part:
-        try:
-            peaks[row] = float(np.asarray(masks[int(index[row])], dtype=np.uint8).max()) / 255.0
-        except Exception as exc:  # noqa: BLE001 - as above
-            log.warning("cannot read mask %d of masks.zarr/%s: %s", int(index[row]), path, one_line(exc))
 
 
 # ---- embeddings -------------------------------------------------------------------------------------------------------
@@ -334,18 +246,6 @@ class Embedder:
         return emb
 
 
-def preprocess_of(record: Mapping[str, Any], backbone: str) -> PreprocessConfig:
-    from semclip_batch.methods.weights import preprocess_config
-
-    rec = dict(record.get("preprocessing") or {})
-    try:
-        return PreprocessConfig(image_size=int(rec["image_size"]), mean=tuple(rec["mean"]), std=tuple(rec["std"]),
-                                percentile_low=float(rec.get("percentile_low", 0.5)),
-                                percentile_high=float(rec.get("percentile_high", 99.5)))
-    except (KeyError, TypeError, ValueError, ConfigError):
-        return preprocess_config(backbone, tile_above=10**9)
-
-
 # ---- orchestration ----------------------------------------------------------------------------------------------------
 
 def suggest(cfg: SuggestConfig) -> Suggestion:
@@ -364,7 +264,7 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     if rows.empty:
         raise OutputError(f"{layout.root} has no unlabelled ok frames to suggest ({excluded} labelled already: in the "
                           "run's manifest, its checkpoint's support manifest or --exclude)")
-    s = scores_of(rows, record, map_peaks(layout, rows, record, so))
+    s = scores_of(rows, record, layout, so)
     embedder = Embedder(rows, record, s, so)
     picked, _ = select(s, embedder, cfg.n, cfg.weights, cfg.shortlist, cfg.seed)
     out = manifest_rows(rows, s, picked, [str(c) for c in record.get("classes") or []])
