@@ -86,10 +86,11 @@ def run_demo(folder: str, *, backbone: str = "semclip-tiny", with_pretrain: bool
                f"2,030 synthetic frames of other seeds; `demo --pretrain` shows the step)")
         yield f"      weights sha256 {shipped_weights(backbone).sha256}"
     yield ("[3/8] train: 10-shot SEM-CLIP (recipe transfer; as train's default, the backbone adapted on the support "
-           "frames first if it does not know them, the maps' scale checked on the frames the fit held out)")
+           "frames first if it does not know them, the maps' scale and the die-to-die residual checked on the frames the "
+           "fit held out)")
     meta = train(TrainConfig(support=storage.join(support, "manifest.csv"), out=ckpt, shots=10,
                              adapt_steps=DEFAULT_ADAPT_STEPS, adapt_below=DEFAULT_ADAPT_BELOW, check_scale=True,
-                             model=ModelSpec(backbone=backbone, pretrained=weights, cls="fused")))
+                             reference_residual=True, model=ModelSpec(backbone=backbone, pretrained=weights, cls="fused")))
     yield (f"      checkpoint {ckpt}: alpha {meta.alpha:.2f}, thresholds image {meta.thresholds.image:.3f} "
            f"pixel {meta.thresholds.pixel:.3f}, {meta.training['seconds']} s")
     yield from ("      " + line for line in support_check_lines(meta.training))

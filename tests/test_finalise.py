@@ -15,6 +15,7 @@ from semclip_batch.errors import DECODE_ERROR, OK
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.schema import PREDICTIONS
+from semclip_batch.methods.decisions import weighed_class_scores
 from semclip_batch.pipeline import finalise
 from semclip_batch.pipeline.finalise import FinaliseSetup, finalise_shard
 from semclip_batch.pipeline.shards import create_mask_groups
@@ -89,6 +90,36 @@ def test_parts_become_one_file_and_one_sharded_group(tmp_path, lot):
         objects = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         assert objects == ["c/0/0/0", "zarr.json"]
         assert '"sharding_indexed"' in (folder / "zarr.json").read_text()
+
+
+def test_a_calibrated_threshold_writes_class_scores_that_weigh_the_image_decision(tmp_path):
+    """Rule 29: under a checkpoint's image threshold every ok row's stored class scores are the weighed ones; under
+    the default threshold the model's; is_defect and defect_class are the same either way."""
+    ids = [f"img{k:02d}" for k in range(7)]
+    full = _batch("L1", "s00000", ids, SIZES, bad={"img02"})
+    tables = {}
+    calibrated = Thresholds(image=0.55, source={"image": "checkpoint", "pixel": "checkpoint", "min_region_px": "checkpoint"})
+    for name, thresholds in (("model", Thresholds(image=0.55)), ("weighed", calibrated)):
+        out = str(tmp_path / name)
+        setup = WriterSetup(out=out, run_id="r1", model_id="m", classes=CLASSES, thresholds=thresholds, storage_options={})
+        assert all(write_batch(full, setup=setup).column("written").to_pylist())
+        create_mask_groups(OutLayout(out), ["L1"], {})
+        assert finalise_shard(FinaliseSetup(out=out, storage_options={}), "L1", "s00000", 7).error is None
+        tables[name] = {r["image_id"]: r for r in pq.read_table(OutLayout(out).prediction_file("L1", "s00000")).to_pylist()}
+    model, weighed = tables["model"], tables["weighed"]
+    flipped = 0
+    for i, image_id in enumerate(ids):
+        if full["status"][i] != OK:
+            assert weighed[image_id]["class_scores"] is None
+            continue
+        given = full["class_scores"][i]
+        assert np.allclose(model[image_id]["class_scores"], given)
+        expected = weighed_class_scores(given, float(full["anomaly_score"][i]), 0.55)
+        assert np.allclose(weighed[image_id]["class_scores"], expected)
+        for column in ("is_defect", "defect_class", "anomaly_score"):
+            assert weighed[image_id][column] == model[image_id][column]
+        flipped += int(np.argmax(given)) != int(np.argmax(expected))
+    assert flipped  # the random batch has rows whose arg-max the decision moves
 
 
 def test_shard_objects_are_capped(tmp_path, monkeypatch):

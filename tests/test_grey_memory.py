@@ -635,3 +635,32 @@ def test_own_neighbourhoods_that_no_memory_would_use_are_refused_in_one_line(tmp
     errors = [ln for ln in result.output.splitlines() if ln.startswith("Error")]
     assert result.exit_code != 0 and "Traceback" not in result.output and len(errors) == 1, result.output
     assert expected in errors[0] and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(("extra", "tried"), [
+    ([], True),  # rule 29: tried wherever the grey-level memory is fitted
+    (["--no-die-to-die"], False),
+    (["--die-to-die"], True),
+    (["--recipe", "paper"], False),  # no memory: nothing to try, and no refusal
+    (["--method", "winclip"], False),
+    (["--no-die-to-die", "--recipe", "paper"], False),
+])
+def test_train_tries_the_die_to_die_residual_by_default_where_a_memory_is_fitted(tmp_path, monkeypatch, extra, tried):
+    from click.testing import CliRunner
+    from routing_fixture import write_routing_lot
+
+    import semclip_batch.fewshot.train as train_module
+    from semclip_batch.cli import main
+    from semclip_batch.errors import ConfigError
+
+    given: list[bool] = []
+
+    def stop(cfg, **_kwargs):  # the config train would fit with, then a user error before any fitting
+        given.append(cfg.reference_residual)
+        raise ConfigError("stopped here")
+
+    monkeypatch.setattr(train_module, "train", stop)
+    lot = write_routing_lot(tmp_path, n_support=2, n_test=1, seed=3, size=(128, 128))
+    result = CliRunner().invoke(main, ["train", str(lot["support"]), "--out", str(tmp_path / "ckpt"), "--backbone",
+                                       "semclip-tiny", "--pretrained", "shipped", *extra])
+    assert "stopped here" in result.output and given == [tried], result.output

@@ -158,6 +158,7 @@ def test_run_record(first_run):
     assert rec["status"] == "complete" and rec["mode"] == "zero-shot" and rec["attempt"] == 1
     assert rec["model_id"].startswith("zero-shot:semclip-tiny:") and len(rec["model_id"].split(":")[2]) == 12
     assert rec["thresholds"]["source"] == {"image": "default", "pixel": "default", "min_region_px": "default"}
+    assert rec["class_scores"] == "model"  # zero-shot under the default threshold: the model's own class scores
     assert rec["shards"]["total"] == rec["shards"]["run"] and rec["shards"]["skipped"] == 0
     assert rec["rows"]["sent_to_model"] == rec["counts"]["ok"]
 

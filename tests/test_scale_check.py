@@ -352,21 +352,36 @@ def test_the_held_out_localisation_is_the_final_maps_and_warns_under_its_bound()
     assert held_out_localisation({"scale_check": no_truth}) is None
 
 
-def test_train_checks_nothing_where_a_policy_is_given_or_the_recipe_is_paper(tmp_path, logic_lot14):
+def test_train_checks_nothing_where_a_policy_is_given_or_the_recipe_is_paper(tmp_path, logic_lot14, monkeypatch):
     """No check with a given ``--scale-policy``, weights that recommend one (``whole`` too), the ``paper`` recipe or a
     baseline; ``--scale-policy auto`` checks whatever the weights recommend; ``run`` has no support frames to check
-    on."""
+    on. A given policy is trained to the end: no check in the output or the checkpoint; for the others, the
+    configuration ``train`` is handed (the same fit, so not trained again here)."""
+    import semclip_batch.fewshot.train as train_module
+    from semclip_batch.errors import ConfigError
+
     runner = CliRunner()
-    base = ["train", "--adapt-steps", "0", str(logic_lot14), "--backbone", "semclip-tiny", "--epochs", "1"]
-    for name, extra, policy in (("given", ["--pretrained", "shipped", "--scale-policy", "0.75"], 0.75),
-                                ("weights", ["--pretrained", _weights_recommending(tmp_path, "0.5")], 0.5),
-                                ("weights-whole", ["--pretrained", _weights_recommending(tmp_path, "whole")], None),
-                                ("paper", ["--pretrained", "shipped", "--recipe", "paper"], None)):
-        res = runner.invoke(main, [*base, "--out", str(tmp_path / name), *extra])
-        assert res.exit_code == 0, res.output
-        assert "held-out support frames" not in res.output
-        meta = load_checkpoint(str(tmp_path / name)).meta
-        assert "scale_check" not in meta.training and meta.scale_policy == policy
+    base = ["train", "--adapt-steps", "0", str(logic_lot14), "--backbone", "semclip-tiny", "--epochs", "1",
+            "--no-die-to-die"]
+    res = runner.invoke(main, [*base, "--out", str(tmp_path / "given"), "--pretrained", "shipped", "--scale-policy", "0.75"])
+    assert res.exit_code == 0, res.output
+    assert not [line for line in res.output.splitlines() if line.startswith("scale check")], res.output
+    meta = load_checkpoint(str(tmp_path / "given")).meta
+    assert "scale_check" not in meta.training and meta.scale_policy == 0.75
+    handed = []
+
+    def stop(cfg, **_kwargs):
+        handed.append(cfg)
+        raise ConfigError("stopped before the fit")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "train", stop)
+        for name, extra, policy in (("weights", ["--pretrained", _weights_recommending(tmp_path, "0.5")], 0.5),
+                                    ("weights-whole", ["--pretrained", _weights_recommending(tmp_path, "whole")], None),
+                                    ("paper", ["--pretrained", "shipped", "--recipe", "paper"], None)):
+            res = runner.invoke(main, [*base, "--out", str(tmp_path / name), *extra])
+            assert "stopped before the fit" in res.output, res.output
+            assert handed[-1].check_scale is False and handed[-1].model.scale_policy == policy, name
     res = runner.invoke(main, [*base, "--out", str(tmp_path / "over"), "--scale-policy", "auto",
                                "--pretrained", _weights_recommending(tmp_path, "0.5")])
     assert res.exit_code == 0, res.output

@@ -7,12 +7,15 @@ import torch
 
 from semclip_batch.config import Thresholds
 from semclip_batch.methods.decisions import (
+    DECISION_TEMPERATURE,
     anomaly_score,
     decide,
     defect_regions,
     pixel_level,
     to_mask,
     to_mask_tensor,
+    weighed_class_scores,
+    weighs_class_scores,
 )
 
 CLASSES = ("normal", "bridge", "particle")
@@ -62,3 +65,44 @@ def test_default_thresholds_do_not_flag_uniform_zero_shot():
     uniform = 1 - 1 / 7
     assert anomaly_score(1 / 7, uniform) < Thresholds().image
     assert to_mask(np.array([[uniform]]))[0, 0] < pixel_level(Thresholds().pixel)
+
+
+def test_weighed_class_scores_follow_the_classifier_moved_by_the_image_decision():
+    """Rule 29: normal's log odds against the best defect class are the model's plus (threshold - score) / T; the
+    defect classes keep their shares; the scores sum to 1; defect_class (the best defect class) is unchanged."""
+    rng = np.random.default_rng(29)
+    tau = 0.6
+    for _ in range(2000):
+        p = rng.dirichlet(np.full(5, 0.5)).astype(np.float32)
+        s = float(rng.uniform(0.3, 0.9))
+        w = weighed_class_scores(p, s, tau)
+        assert w.dtype == np.float32 and w.shape == p.shape
+        assert np.isclose(w.sum(), 1.0, atol=1e-5) and (w >= 0).all()
+        log_odds = np.log(max(p[0], 1e-12) / max(p[1:].max(), 1e-12)) + (tau - s) / DECISION_TEMPERATURE
+        if abs(log_odds) > 1e-3:  # away from a tie the arg-max is normal exactly where the log odds are positive
+            assert (int(np.argmax(w)) == 0) == (log_odds > 0)
+        assert int(np.argmax(w[1:])) == int(np.argmax(p[1:]))
+        assert np.allclose(w[1:] / w[1:].sum(), p[1:] / p[1:].sum(), atol=1e-4)
+
+
+def test_weighed_class_scores_at_the_edges():
+    # the image decision at the threshold leaves the classifier's own say
+    w = weighed_class_scores(np.array([0.3, 0.6, 0.1]), 0.5, 0.5)
+    assert int(np.argmax(w)) == 1
+    # a score far above the threshold overrules a confident normal, far below overrules a confident defect
+    assert int(np.argmax(weighed_class_scores(np.array([0.95, 0.04, 0.01]), 0.9, 0.5))) == 1
+    assert int(np.argmax(weighed_class_scores(np.array([0.01, 0.95, 0.04]), 0.1, 0.5))) == 0
+    # nothing overflows at extreme odds; zero defect scores share uniformly
+    assert np.isfinite(weighed_class_scores(np.array([1.0, 0.0, 0.0]), 0.0, 1.0)).all()
+    w = weighed_class_scores(np.array([0.0, 0.0, 0.0]), 1.0, 0.0)
+    assert np.isclose(w[1], w[2]) and np.isclose(w.sum(), 1.0)
+    # normal alone has nothing to weigh against
+    assert np.array_equal(weighed_class_scores(np.array([1.0]), 0.9, 0.5), np.array([1.0], np.float32))
+
+
+def test_only_a_calibrated_or_given_image_threshold_weighs():
+    assert not weighs_class_scores(Thresholds())
+    given = {"image": "flag", "pixel": "default", "min_region_px": "default"}
+    assert weighs_class_scores(Thresholds(image=0.7, source=given))
+    calibrated = {"image": "checkpoint", "pixel": "checkpoint", "min_region_px": "checkpoint"}
+    assert weighs_class_scores(Thresholds(image=0.7, source=calibrated))

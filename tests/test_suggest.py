@@ -348,6 +348,8 @@ def test_map_peaks_read_masks_only_where_the_formula_is_not_exact(tmp_path):
     viewed = map_peaks(layout, rows, *scored(rows), {"config": config, "preprocessing": {**prep, "defect_view": True}}, {})
     assert np.array_equal(viewed, truth)  # from the masks
     assert np.array_equal(map_peaks(layout, rows, *scored(rows), {"config": config}, {}), truth)  # a record that cannot say: read
+    weighed = {"config": config, "preprocessing": prep, "class_scores": "weighed"}  # rule 29: normal's entry is not p(normal)
+    assert np.array_equal(map_peaks(layout, rows, *scored(rows), weighed, {}), truth)
     maxed = {"config": {"model": {**config["model"], "score_mode": "max"}}, "preprocessing": {**prep, "defect_view": True}}
     assert np.array_equal(map_peaks(layout, rows, *scored(rows), maxed, {}), rows["anomaly_score"].to_numpy())
 

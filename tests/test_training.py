@@ -130,6 +130,7 @@ def test_run_with_checkpoint(ray_cluster, checkpoint, synth_lot, tmp_path, weigh
     assert rec["thresholds"]["image"] == 0.5 and rec["thresholds"]["source"]["image"] == "flag"
     assert rec["thresholds"]["pixel"] == meta.thresholds.pixel
     assert rec["thresholds"]["source"]["pixel"] == "checkpoint"
+    assert rec["class_scores"] == "weighed"  # rule 29: the given image threshold weighs in the written class scores
     assert rec["counts"] == {"ok": 14}
     with pytest.raises(ConfigError, match="differs from the checkpoint"):
         run(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o2"),

@@ -24,6 +24,7 @@ from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.masks import mask_array, open_masks
 from semclip_batch.io.preprocess import needs_defect_view
+from semclip_batch.methods.decisions import CLASS_SCORES_WEIGHED
 
 log = logging.getLogger(__name__)
 MASK_BLOCK_BYTES = 32 << 20  # stored masks read at a time: 32 of 1024 x 1024, 2 of 4096 x 4096
@@ -49,11 +50,13 @@ def map_peaks(layout: OutLayout, rows: pd.DataFrame, score: np.ndarray, p_normal
     ``mean``, ``anomaly_score`` reads the whole view's p(normal): a frame without a defect view has that as its
     class scores' normal entry, and its peak follows exactly from the two (:func:`map_peak`); a frame that took a
     defect view has the mean of two views' there instead, and its peak is read from its stored mask
-    (:func:`mask_peaks`). ``score`` and ``p_normal``: the rows' ``anomaly_score`` and class scores' normal entry."""
+    (:func:`mask_peaks`), as is every frame of a run whose class scores weigh in the image decision (rule 29).
+    ``score`` and ``p_normal``: the rows' ``anomaly_score`` and class scores' normal entry."""
     mode = str(((record.get("config") or {}).get("model") or {}).get("score_mode") or "mean")
     peaks = map_peak(score, p_normal, mode)
     if mode != "max":
-        read = took_defect_view(rows["mask_path"], record)
+        weighed = record.get("class_scores") == CLASS_SCORES_WEIGHED  # normal's entry is no longer p(normal)
+        read = np.ones(len(rows), dtype=bool) if weighed else took_defect_view(rows["mask_path"], record)
         if read.any():
             peaks[read] = mask_peaks(layout, rows[read], so)
     return peaks

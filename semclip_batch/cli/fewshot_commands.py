@@ -3,6 +3,7 @@ registers them). User mistakes end in one line, exit != 0."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import click
@@ -185,13 +186,13 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "repeats but the support lacks score low (docs/quality.md rules 18 and 19: 4,096 raised F1max on "
                    "every validation lot where the memory is kept but lost macro F1 on two of rule 18's lots and on "
                    "rule 19's banner lot, and costs time; not adopted; 0 to 16384; stored in the checkpoint).")
-@click.option("--die-to-die", "die_to_die", is_flag=True,
+@click.option("--die-to-die/--no-die-to-die", "die_to_die", default=None,
               help="The grey-level memory (SEM-CLIP's recipe transfer) may also take in each frame's difference from "
                    "its registered reference_uri frame at the frame's resolution, kept where the held-out support "
                    "frames (at least 3 of them listing a readable reference) gain 0.01 F1max and lose at most 0.005 "
                    "pixel AUROC; where kept, run reads and registers the reference of every frame up to 4096 x 4096 "
-                   "px, an unreadable one a reference_error row (docs/quality.md rule 27: F1max 0.38 -> 0.77 and "
-                   "0.37 -> 0.69 on two routing lots, but eval's macro F1 fell 0.05 and 0.06; not adopted).")
+                   "px, an unreadable one a reference_error row (docs/quality.md rules 27 and 29; the default "
+                   "wherever the grey-level memory is fitted).")
 @user_errors
 def train(support: str, out: str, backbone: str | None, pretrained: str | None, pretrained_sha256: str | None,
           seed: int, prompts: str | None, storage_option: tuple[str, ...], cache_dir: str | None,
@@ -199,7 +200,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
           adapt_lr: float, no_vv: bool, no_surgery: bool,
           taps: str | None, cls_mode: str, score_mode: str, sigma: float, use_reference: bool,
           no_register: bool, reference_fusion: str, reference_weight: str, self_reference: bool | None,
-          scale_policy: str | None, self_similarity: float | None, own_neighbourhoods: int, die_to_die: bool) -> None:
+          scale_policy: str | None, self_similarity: float | None, own_neighbourhoods: int,
+          die_to_die: bool | None) -> None:
     """Few-shot SEM-CLIP (or a baseline) from a labelled SUPPORT manifest -> checkpoint (with the default recipe
     the backbone is first adapted on it where the weights do not know its frames, --adapt-steps).
 
@@ -237,7 +239,7 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                       recipe=with_self_similarity(with_self_reference(get_recipe(recipe), self_reference),
                                                   self_similarity),
                       choose_reference_weight=weight is None, policy_from_weights=scale_policy is None,
-                      check_scale=auto, grey_own=own_neighbourhoods, reference_residual=die_to_die,
+                      check_scale=auto, grey_own=own_neighbourhoods, reference_residual=bool(die_to_die),
                       model=ModelSpec(backbone=backbone or DEFAULT_BACKBONE, pretrained=pretrained,
                                       pretrained_sha256=pretrained_sha256, seed=seed, prompts=prompts, taps=tap_list,
                                       use_vv=not no_vv, surgery=not no_surgery, cls=cls_mode, method=method,
@@ -247,6 +249,8 @@ def train(support: str, out: str, backbone: str | None, pretrained: str | None, 
                                       self_reference=bool(self_reference),
                                       score_mode=score_mode, sigma=sigma,
                                       scale_policy=parse_scale_policy(policy), storage_options=so))
+    if die_to_die is None:  # rule 29: tried wherever the grey-level memory is fitted
+        cfg = replace(cfg, reference_residual=applied(cfg.recipe, cfg.model).grey_memory)
     _refuse_unused_reference_options(click.get_current_context(), applied(cfg.recipe, cfg.model))
     _refuse_unused_fit_options(click.get_current_context(), cfg, adapt_steps, recipe, self_similarity)
     try:

@@ -92,3 +92,44 @@ def decide(score: float, class_scores: np.ndarray, classes: tuple[str, ...],
         return False, None
     best = int(np.argmax(class_scores[1:])) + 1
     return True, classes[best]
+
+
+# rule 29 (docs/quality.md): the temperature of the image decision's log odds in the written class scores, as rule 28's
+# (chosen on no data): 0.05 below the threshold adds e to normal's odds
+DECISION_TEMPERATURE = 0.05
+# the run record's ``class_scores``: "weighed" (rule 29) or "model" (the scores the model gave, as before rule 29)
+CLASS_SCORES_WEIGHED = "weighed"
+CLASS_SCORES_MODEL = "model"
+_TINY = 1e-12
+
+
+def weighs_class_scores(thresholds: Thresholds) -> bool:
+    """Whether ``run`` writes :func:`weighed_class_scores`: where its image threshold is a checkpoint's (calibrated
+    by ``train``) or given as a flag. Under the default threshold (zero-shot without a flag) the model's scores stay."""
+    return thresholds.source.get("image", "default") != "default"
+
+
+def class_scores_kind(thresholds: Thresholds) -> str:
+    """The run record's ``class_scores``: which class scores ``run`` writes under these thresholds."""
+    return CLASS_SCORES_WEIGHED if weighs_class_scores(thresholds) else CLASS_SCORES_MODEL
+
+
+def weighed_class_scores(class_scores: np.ndarray, score: float, image_threshold: float) -> np.ndarray:
+    """The class scores ``run`` writes where :func:`weighs_class_scores` (rule 29): ``[q, (1 - q) * shares]``, the
+    defect classes keeping their shares of the model's defect scores (uniform where those are all 0), and normal's
+    log odds against the best defect class the model's, ``log(p0 / max pk)``, plus the image decision's
+    ``(threshold - score) / DECISION_TEMPERATURE``. So the scores sum to 1 and the arg-max is normal exactly where
+    that sum is positive: the classifier's say, moved by how far the row's ``anomaly_score`` is from the threshold.
+    ``class_scores``: ``(C,)``, normal first; returns float32 ``(C,)``."""
+    p = np.nan_to_num(np.asarray(class_scores, dtype=np.float64), nan=0.0).clip(0.0, None)
+    defects = p[1:]
+    if defects.size == 0:
+        return np.asarray(class_scores, dtype=np.float32)
+    total = float(defects.sum())
+    shares = defects / total if total > 0 else np.full(defects.shape, 1.0 / max(defects.size, 1))
+    log_odds = (math.log(max(float(p[0]), _TINY) / max(float(defects.max(initial=0.0)), _TINY))
+                + (image_threshold - score) / DECISION_TEMPERATURE)
+    # q / (1 - q) = max(shares) * exp(log_odds), in a form that neither overflows nor loses q near 0 or 1
+    z = math.log(max(float(shares.max(initial=0.0)), _TINY)) + log_odds
+    q = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+    return np.concatenate([[q], (1.0 - q) * shares]).astype(np.float32)

@@ -35,6 +35,7 @@ from semclip_batch.io import storage, targets
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import content_digest, read_manifest_table
 from semclip_batch.io.runrecord import now_iso, start_record, write_record
+from semclip_batch.methods.decisions import class_scores_kind
 from semclip_batch.methods.weights import preprocess_config
 from semclip_batch.pipeline.identity import ModelIdentity, compute_run_id, identify_model, output_config
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup, StandIn
@@ -125,7 +126,8 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     record: dict[str, Any] = {
         "run_id": run_id, "attempt": 0, "started_at": started_at, "finished_at": None, "status": "running",
         "mode": ident.mode, "model_id": ident.model_id, "classes": list(ident.prompts.classes),
-        "thresholds": cfg.thresholds.as_record(), "preprocessing": prep.as_record(), "shard_size": shard_size,
+        "thresholds": cfg.thresholds.as_record(), "class_scores": class_scores_kind(cfg.thresholds),
+        "preprocessing": prep.as_record(), "shard_size": shard_size,
         "shards": {}, "rows": {"total": manifest.num_rows, "sent_to_model": 0}, "counts": {},
         "timings_s": timer.timings, "throughput_img_s": None, "config": cfg.public_record(),
     }

@@ -25,6 +25,7 @@ from semclip_batch.config import (
 from semclip_batch.errors import ConfigError, MissingWeightsError, WeightsError
 from semclip_batch.io import storage
 from semclip_batch.methods.checkpoint import IN_CHECKPOINT, CheckpointMeta, load_checkpoint, model_checksum
+from semclip_batch.methods.decisions import CLASS_SCORES_WEIGHED, weighs_class_scores
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import get_method
 from semclip_batch.methods.scoring import build_model, reads_references
@@ -137,6 +138,8 @@ def output_config(spec: ModelSpec, thresholds: Thresholds, prep: PreprocessConfi
     config: dict[str, Any] = {"model": spec.output_affecting(), "classes": list(ident.prompts.classes),
                               "prompts": ident.prompts.as_record(), "preprocessing": prep.as_record(),
                               "thresholds": {k: v for k, v in thresholds.as_record().items() if k != "source"}}
+    if weighs_class_scores(thresholds):  # rule 29: the written class scores weigh in the image decision
+        config["class_scores"] = CLASS_SCORES_WEIGHED
     if model_stub is not None:  # a stand-in's rows are not predictions: never the run id of a real run
         config["model_stub"] = model_stub
     return config

@@ -27,7 +27,7 @@ from semclip_batch.errors import OK, WRITE_ERROR, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.schema import PART, RECEIPTS, missing, to_table
-from semclip_batch.methods.decisions import decide, defect_regions
+from semclip_batch.methods.decisions import decide, defect_regions, weighed_class_scores, weighs_class_scores
 
 PART_GROUP_BYTES = 32 << 20
 log = logging.getLogger(__name__)
@@ -100,6 +100,8 @@ def _record(batch: dict[str, np.ndarray], i: int, setup: WriterSetup) -> dict[st
     score = float(batch["anomaly_score"][i])
     regions = defect_regions(mask, setup.thresholds.pixel, setup.thresholds.min_region_px)
     is_defect, defect_class = decide(score, scores, setup.classes, setup.thresholds)
+    if weighs_class_scores(setup.thresholds):
+        scores = weighed_class_scores(scores, score, setup.thresholds.image)
     row.update(error=None, anomaly_score=score, is_defect=is_defect, defect_class=defect_class,
                class_scores=scores.tolist(), defect_area_px=regions.area_px, defect_area_frac=regions.area_frac,
                n_regions=regions.n_regions, mask=data, mask_height=h, mask_width=w)
