@@ -76,10 +76,15 @@ class RunSpec:
     batch_size: int
 
 
+def cli_args(spec: RunSpec, out: Path) -> list[str]:
+    """The command line of one run: the CLI, then its arguments."""
+    return [CLI, "run", str(spec.manifest), "--out", str(out), "--backbone", "semclip-tiny", "--pretrained", "none",
+            "--shard-size", str(spec.shard_size), "--batch-size", str(spec.batch_size)]
+
+
 def start_cli(spec: RunSpec, out: Path, log: Path) -> subprocess.Popen[bytes]:
     """`semclip-batch run` in a new session: its pid is also its process group id."""
-    cmd = [CLI, "run", str(spec.manifest), "--out", str(out), "--backbone", "semclip-tiny", "--pretrained", "none",
-           "--shard-size", str(spec.shard_size), "--batch-size", str(spec.batch_size)]
+    cmd = cli_args(spec, out)
     with log.open("ab") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=run_env(), start_new_session=True)
 

@@ -1,8 +1,9 @@
 """SIGKILL of `semclip-batch run` mid-run: nothing of its private Ray survives, and a rerun ends as an
 uninterrupted run does (README "Architecture": Done markers and resume).
 
-The CLI runs as a subprocess in its own session with its own private Ray; this test never starts or uses the
-session's shared in-process Ray. Helpers are shared with benchmarks/chaos.py, which holds them (see there).
+The killed and resumed runs are the CLI as a subprocess in its own session with its own private Ray; only the
+uninterrupted baseline runs the same command in this process on the session's shared Ray. Helpers are shared with
+benchmarks/chaos.py, which holds them (see there).
 """
 
 from __future__ import annotations
@@ -36,24 +37,26 @@ chaos = _load_chaos()
 
 
 @pytest.fixture(scope="module")
-def kill_lot(tmp_path_factory):
-    """28 frames, shards of 4, model batches of 2 (two parts per shard), and one uninterrupted baseline run."""
+def kill_lot(tmp_path_factory, ray_cluster):
+    """28 frames, shards of 4, model batches of 2 (two parts per shard), and one uninterrupted baseline run: the
+    same ``run`` command in this process, on the session's shared Ray (a subprocess would start a private Ray of
+    its own first, ~30 s more; the kills below run the CLI as a subprocess on its private Ray)."""
+    from click.testing import CliRunner
+
+    from semclip_batch.cli import main
+
     work = tmp_path_factory.mktemp("kill")
     spec = chaos.RunSpec(manifest=chaos.make_lot(work / "lot", 28, seed=5), shard_size=4, batch_size=2)
     baseline = work / "baseline"
-    rc = chaos.run_cli(spec, baseline, work / "baseline.log")
-    assert rc == 0, (work / "baseline.log").read_text()[-3000:]
+    result = CliRunner().invoke(main, chaos.cli_args(spec, baseline)[1:])
+    assert result.exit_code == 0, result.output[-3000:]
     assert len(chaos.read_predictions(baseline)) == 28
     return work, spec, baseline
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_rays_own_warnings_stay_off_the_terminal(kill_lot):
-    """The uninterrupted CLI run (no -v) on its private Ray: Ray's Python warnings are not on stderr, nor its
-    core worker's native lines (Ray Data's actors always have constructor arguments in the object store)."""
-    work, _spec, _baseline = kill_lot
-    text = (work / "baseline.log").read_text()
+def _assert_rays_own_warnings_stay_off_the_terminal(text: str) -> None:
+    """A CLI run (no -v) on its private Ray: Ray's Python warnings are not on stderr, nor its core worker's native
+    lines (Ray Data's actors always have constructor arguments in the object store)."""
     assert "Token authentication" not in text and "Progress bars disabled" not in text, text[-2000:]
     assert "core_worker" not in text and "constructor arguments" not in text, text[-2000:]
 
@@ -88,7 +91,9 @@ def test_sigkill_mid_shard_and_while_finalising_then_resume(kill_lot):
         print(f"{k.moment}: killed at {k.killed_at_s} s (hit={k.hit}), parts/markers {k.parts_at_kill}/"
               f"{k.markers_at_kill} of {shards}, all gone after {k.gone_after_s} s")
 
-    assert chaos.run_cli(spec, out, log) == 0, log.read_text()[-3000:]
+    final = work / "final.log"  # the completing run's own log: Ray's warnings stay off it
+    assert chaos.run_cli(spec, out, final) == 0, final.read_text()[-3000:]
+    _assert_rays_own_warnings_stay_off_the_terminal(final.read_text())
     last = chaos.attempt_records(out)[-1]
     assert last["status"] == "complete", last
     assert last["shards"]["skipped"] >= second.markers_at_kill and last["shards"]["run"] >= 1, last["shards"]
