@@ -95,7 +95,7 @@ def few_shot(backbone: LoadedBackbone, support: Lot, tests: dict[int, Lot], meth
     out = {}
     for s, lot in tests.items():
         scored = score_test(fitted, backbone, lot)
-        out[s] = metrics(scored, lot, defect_view_probs(fitted.model, backbone, scored, lot))
+        out[s] = metrics(scored, lot, defect_view_probs(fitted.model, backbone, scored, lot), fitted.thresholds["image"])
     return out
 
 

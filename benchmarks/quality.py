@@ -51,7 +51,7 @@ from semclip_batch.fewshot.trainset import TrainSet, load_trainset
 from semclip_batch.io.frames import load_frame
 from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.preprocess import defect_view, maps_to_frame, needs_defect_view, shipped_levels
-from semclip_batch.methods.decisions import anomaly_score, to_mask, with_defect_view
+from semclip_batch.methods.decisions import anomaly_score, to_mask, weighed_class_scores, with_defect_view
 from semclip_batch.methods.features import Features, encode_views
 from semclip_batch.methods.prompts import load_prompts, text_embeddings
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
@@ -143,10 +143,12 @@ def subset(lot: Lot, rows: torch.Tensor) -> tuple[TrainSet, Features, Features |
     return data, lot.feats.subset(rows), None if lot.ref_feats is None else lot.ref_feats.subset(rows)
 
 
-def metrics(out: SemClipOutput, test: Lot, class_probs: torch.Tensor | None = None) -> dict[str, float | None]:
+def metrics(out: SemClipOutput, test: Lot, class_probs: torch.Tensor | None = None,
+            image_threshold: float | None = None) -> dict[str, float | None]:
     """The figures ``eval`` computes, from maps at model size resized to each frame as ``run`` does; classes from
     ``class_probs`` where given (the defect view's), the image score from the whole view's p(normal) as in
-    ``run``."""
+    ``run``; with a fit's ``image_threshold``, the classes read from the class scores ``run`` writes under it
+    (rule 29: :func:`~semclip_batch.methods.decisions.weighed_class_scores`)."""
     pixels = PixelCounts()
     scores, truth_cls, pred_cls = [], [], []
     classes = list(test.data.classes)
@@ -157,7 +159,9 @@ def metrics(out: SemClipOutput, test: Lot, class_probs: torch.Tensor | None = No
         pixels.add(to_mask(frame), truth)
         scores.append(anomaly_score(float(out.class_probs[i, 0]), float(frame.max())))
         truth_cls.append(labels[i])
-        pred_cls.append(classes[int(np.argmax(probs[i].numpy()))])
+        written = probs[i].numpy() if image_threshold is None else weighed_class_scores(
+            probs[i].numpy(), scores[-1], image_threshold)
+        pred_cls.append(classes[int(np.argmax(written))])
     report = classification_report(truth_cls, pred_cls, classes)
     is_defect = np.array([label != "normal" for label in labels])
     return {"iAUROC": roc_auc(np.array(scores), is_defect), "pAUROC": pixels.auroc(), "F1max": pixels.f1_max(),
@@ -190,7 +194,7 @@ def run_config(name: str, method: str, recipe: Recipe, backbone: LoadedBackbone,
     fitted = fit(cfg, backbone, text, data, feats, ref_feats)
     out = score_test(fitted, backbone, test)
     probs = defect_view_probs(fitted.model, backbone, out, test) if applied(recipe, cfg.model).defect_view else None
-    figures = metrics(out, test, probs)
+    figures = metrics(out, test, probs, fitted.thresholds["image"])
     figures["seconds"] = time.perf_counter() - t0
     print(f"    {name:<24} seed {seed}: " + " ".join(f"{k} {figures[k]:.3f}" for k in (*KEYS, "seconds")), flush=True)
     return figures

@@ -96,8 +96,13 @@ def test_weighed_class_scores_at_the_edges():
     assert np.isfinite(weighed_class_scores(np.array([1.0, 0.0, 0.0]), 0.0, 1.0)).all()
     w = weighed_class_scores(np.array([0.0, 0.0, 0.0]), 1.0, 0.0)
     assert np.isclose(w[1], w[2]) and np.isclose(w.sum(), 1.0)
-    # normal alone has nothing to weigh against
+    # normal alone has nothing to weigh against; a row without a finite score keeps the model's scores
     assert np.array_equal(weighed_class_scores(np.array([1.0]), 0.9, 0.5), np.array([1.0], np.float32))
+    assert np.array_equal(weighed_class_scores(np.array([0.5, 0.3, 0.2]), float("nan"), 0.5),
+                          np.array([0.5, 0.3, 0.2], np.float32))
+    # an infinite score stays a finite distribution
+    w = weighed_class_scores(np.array([0.5, np.inf, 0.1]), 0.6, 0.5)
+    assert np.isfinite(w).all() and np.isclose(w.sum(), 1.0) and int(np.argmax(w)) == 1
 
 
 def test_only_a_calibrated_or_given_image_threshold_weighs():

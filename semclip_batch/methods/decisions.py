@@ -95,7 +95,7 @@ def decide(score: float, class_scores: np.ndarray, classes: tuple[str, ...],
 
 
 # rule 29 (docs/quality.md): the temperature of the image decision's log odds in the written class scores, as rule 28's
-# (chosen on no data): 0.05 below the threshold adds e to normal's odds
+# (chosen on no data): each 0.05 below the threshold multiplies normal's odds by e
 DECISION_TEMPERATURE = 0.05
 # the run record's ``class_scores``: "weighed" (rule 29) or "model" (the scores the model gave, as before rule 29)
 CLASS_SCORES_WEIGHED = "weighed"
@@ -118,12 +118,14 @@ def weighed_class_scores(class_scores: np.ndarray, score: float, image_threshold
     """The class scores ``run`` writes where :func:`weighs_class_scores` (rule 29): ``[q, (1 - q) * shares]``, the
     defect classes keeping their shares of the model's defect scores (uniform where those are all 0), and normal's
     log odds against the best defect class the model's, ``log(p0 / max pk)``, plus the image decision's
-    ``(threshold - score) / DECISION_TEMPERATURE``. So the scores sum to 1 and the arg-max is normal exactly where
-    that sum is positive: the classifier's say, moved by how far the row's ``anomaly_score`` is from the threshold.
-    ``class_scores``: ``(C,)``, normal first; returns float32 ``(C,)``."""
-    p = np.nan_to_num(np.asarray(class_scores, dtype=np.float64), nan=0.0).clip(0.0, None)
+    ``(threshold - score) / DECISION_TEMPERATURE``. So the scores sum to 1 and the arg-max is normal where that sum
+    is positive (up to float32 rounding at a tie): the classifier's say, moved by how far the row's
+    ``anomaly_score`` is from the threshold (each ``DECISION_TEMPERATURE`` multiplies normal's odds by e). A row
+    without a finite score, or with normal alone, keeps the model's scores. ``class_scores``: ``(C,)``, normal
+    first; returns float32 ``(C,)``."""
+    p = np.nan_to_num(np.asarray(class_scores, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0).clip(0.0, None)
     defects = p[1:]
-    if defects.size == 0:
+    if defects.size == 0 or not math.isfinite(score):
         return np.asarray(class_scores, dtype=np.float32)
     total = float(defects.sum())
     shares = defects / total if total > 0 else np.full(defects.shape, 1.0 / max(defects.size, 1))
