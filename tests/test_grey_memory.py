@@ -648,19 +648,12 @@ def test_own_neighbourhoods_that_no_memory_would_use_are_refused_in_one_line(tmp
 def test_train_tries_the_die_to_die_residual_by_default_where_a_memory_is_fitted(tmp_path, monkeypatch, extra, tried):
     from click.testing import CliRunner
     from routing_fixture import write_routing_lot
+    from train_handed import STOPPED, handed_to_train
 
-    import semclip_batch.fewshot.train as train_module
     from semclip_batch.cli import main
-    from semclip_batch.errors import ConfigError
 
-    given: list[bool] = []
-
-    def stop(cfg, **_kwargs):  # the config train would fit with, then a user error before any fitting
-        given.append(cfg.reference_residual)
-        raise ConfigError("stopped here")
-
-    monkeypatch.setattr(train_module, "train", stop)
     lot = write_routing_lot(tmp_path, n_support=2, n_test=1, seed=3, size=(128, 128))
-    result = CliRunner().invoke(main, ["train", str(lot["support"]), "--out", str(tmp_path / "ckpt"), "--backbone",
-                                       "semclip-tiny", "--pretrained", "shipped", *extra])
-    assert "stopped here" in result.output and given == [tried], result.output
+    with handed_to_train(monkeypatch) as handed:
+        result = CliRunner().invoke(main, ["train", str(lot["support"]), "--out", str(tmp_path / "ckpt"), "--backbone",
+                                           "semclip-tiny", "--pretrained", "shipped", *extra])
+    assert STOPPED in result.output and [cfg.reference_residual for cfg in handed] == [tried], result.output

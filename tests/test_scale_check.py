@@ -357,8 +357,7 @@ def test_train_checks_nothing_where_a_policy_is_given_or_the_recipe_is_paper(tmp
     baseline; ``--scale-policy auto`` checks whatever the weights recommend; ``run`` has no support frames to check
     on. A given policy is trained to the end: no check in the output or the checkpoint; for the others, the
     configuration ``train`` is handed (the same fit, so not trained again here)."""
-    import semclip_batch.fewshot.train as train_module
-    from semclip_batch.errors import ConfigError
+    from train_handed import STOPPED, handed_to_train
 
     runner = CliRunner()
     base = ["train", "--adapt-steps", "0", str(logic_lot14), "--backbone", "semclip-tiny", "--epochs", "1",
@@ -368,19 +367,12 @@ def test_train_checks_nothing_where_a_policy_is_given_or_the_recipe_is_paper(tmp
     assert not [line for line in res.output.splitlines() if line.startswith("scale check")], res.output
     meta = load_checkpoint(str(tmp_path / "given")).meta
     assert "scale_check" not in meta.training and meta.scale_policy == 0.75
-    handed = []
-
-    def stop(cfg, **_kwargs):
-        handed.append(cfg)
-        raise ConfigError("stopped before the fit")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train_module, "train", stop)
+    with handed_to_train(monkeypatch) as handed:
         for name, extra, policy in (("weights", ["--pretrained", _weights_recommending(tmp_path, "0.5")], 0.5),
                                     ("weights-whole", ["--pretrained", _weights_recommending(tmp_path, "whole")], None),
                                     ("paper", ["--pretrained", "shipped", "--recipe", "paper"], None)):
             res = runner.invoke(main, [*base, "--out", str(tmp_path / name), *extra])
-            assert "stopped before the fit" in res.output, res.output
+            assert STOPPED in res.output, res.output
             assert handed[-1].check_scale is False and handed[-1].model.scale_policy == policy, name
     res = runner.invoke(main, [*base, "--out", str(tmp_path / "over"), "--scale-policy", "auto",
                                "--pretrained", _weights_recommending(tmp_path, "0.5")])

@@ -2,8 +2,9 @@
 the preprocessing the run used (:func:`preprocess_of`) and each frame's map peak ``max A`` (:func:`map_peaks`).
 
 The peak follows exactly from ``anomaly_score`` and the class scores' normal entry where that is the whole view's
-p(normal); a frame that took a defect view holds the mean of two views' p(normal) there, so its peak is read from
-its stored mask in ``masks.zarr`` (:func:`mask_peaks`; 32 MB of masks a read, to 1/255).
+p(normal); a frame that took a defect view holds the mean of two views' p(normal) there, and a run whose class
+scores weigh the image decision (rule 29) no p(normal) at all, so there the peak is read from the stored mask in
+``masks.zarr`` (:func:`mask_peaks`; 32 MB of masks a read, to 1/255).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ The rule (README "Label suggestions"), over the run's ok rows that nobody has la
    - image threshold: how close ``anomaly_score`` is to the run's image threshold;
    - pixel threshold: how close the map's peak ``max A`` is to the run's pixel threshold (:mod:`.map_peaks`: from
      ``anomaly_score`` and ``p(normal)`` where the class scores' normal entry is the whole view's, read from the
-     stored mask where the frame took a defect view and that entry is the mean of two views').
+     stored mask where the frame took a defect view and that entry is the mean of two views', or the run's class
+     scores weigh the image decision).
 2. *Pick* (``shortlist`` 1, the default, chosen on the validation family): the ``n`` highest ``u``, walking down
    the ranking and skipping a frame within cosine distance :data:`DUPLICATE` of one taken, in the run's own
    backbone image embedding (only the frames walked over are read and embedded). ``shortlist`` K > 1: among the
