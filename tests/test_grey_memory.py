@@ -15,7 +15,7 @@ from decoded_batch import decoded as decoded_frames
 
 from semclip_batch.fewshot import grey_memory_fit as fit
 from semclip_batch.model import grey_memory
-from semclip_batch.model.grey_memory import DIM, PATCH, STRIDE, GreyMemory, grid_shape
+from semclip_batch.model.grey_memory import DIM, OUTSIDE_BARS, PATCH, STRIDE, GreyMemory, grid_shape
 
 
 def _routing(rng: np.random.Generator, size: int = 160, pitch: int = 20, width: int = 6) -> np.ndarray:
@@ -477,9 +477,9 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     monkeypatch.setattr(fit, "choose_weight", lambda *args, **kwargs: {**chosen(*args, **kwargs), "weight": fit.WEIGHT})
     weighed = fit.choose_reference
 
-    def reference_kept(memory, *args, **kwargs):  # rule 27's choice made on the 2 held-out frames, then overruled
+    def reference_kept(memory, *args, **kwargs):  # rule 30's choice made on the 2 held-out frames, then overruled
         record = weighed(memory, *args, **kwargs)
-        memory.reference.fill_(1)
+        memory.reference.fill_(OUTSIDE_BARS)
         memory.reference_scale.fill_(record["scale"])
         return {**record, "kept": True}
 
@@ -507,10 +507,12 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     assert lines["length"] == 15 and isinstance(lines["kept"], bool) and lines["seconds"] >= 0
     assert "line residual (15 px lines): " in res.output
     assert (f"{GREY_MEMORY}.lines" in loaded.tensors) == lines["kept"]
-    reference = record["reference"]  # rule 27's, kept: run reads every row's reference
+    reference = record["reference"]  # rule 30's, kept: run reads every row's reference
     assert reference["held_out_with_reference"] == 2 and reference["seconds"] >= 0
-    assert set(reference["figures"]) == {"without", "with"} and int(loaded.tensors[f"{GREY_MEMORY}.reference"]) == 1
-    assert "die-to-die residual (2 held-out frames with a reference): kept in the memory's map" in res.output
+    assert set(reference["figures"]) == {"without", "with"}
+    assert int(loaded.tensors[f"{GREY_MEMORY}.reference"]) == OUTSIDE_BARS
+    assert ("die-to-die residual (2 held-out frames with a reference, 0 with a data bar, left out of it): kept in the "
+            "memory's map") in res.output
     test = lot["test"].read_text().splitlines()
     broken = test[1].split(",")  # a fourth test row whose reference is gone
     (tmp_path / "test" / "extra.png").write_bytes((tmp_path / broken[0]).read_bytes())

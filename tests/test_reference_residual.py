@@ -16,7 +16,7 @@ from decoded_batch import input_batch, write_frames
 from semclip_batch.fewshot import grey_memory_fit as fit
 from semclip_batch.fewshot import residual_fit
 from semclip_batch.methods.scoring import grey_memory_from, reads_references
-from semclip_batch.model.grey_memory import GREY_MEMORY, MIN_SCALE, GreyMemory
+from semclip_batch.model.grey_memory import GREY_MEMORY, MIN_SCALE, OUTSIDE_BARS, REFERENCE_PLAIN, GreyMemory
 from semclip_batch.model.line_residual import smoothed
 
 
@@ -114,7 +114,7 @@ def test_train_keeps_the_residual_only_where_the_held_out_frames_find_more_defec
     assert record["held_out_with_reference"] == 4 and set(record["figures"]) == {"without", "with"}
     gain = record["figures"]["with"]["F1max"] - record["figures"]["without"]["F1max"]
     assert record["kept"] is shows_defect and (gain >= fit.RESIDUAL_MIN_GAIN) is shows_defect
-    assert int(memory.reference) == int(shows_defect)
+    assert int(memory.reference) == (OUTSIDE_BARS if shows_defect else 0)  # rule 30's residual where kept
     assert float(memory.reference_scale) == (pytest.approx(record["scale"], rel=1e-4) if shows_defect else 1.0)
     stored = {"reference", "reference_scale"} & set(memory.checkpoint_tensors())
     assert stored == ({"reference", "reference_scale"} if shows_defect else set())
@@ -125,13 +125,17 @@ def test_too_few_held_out_frames_with_a_reference_weigh_nothing():
     maps, frames, refs = _held_out(True)
     some = {p: r for p, r in refs.items() if p not in (0, 1)}  # 2 of 4 held-out frames list one
     record = fit.choose_reference(memory, maps, frames, fit.memory_maps(memory, frames, some), some, [10, 11, 12])
-    assert record == {"held_out_with_reference": 2, "kept": False,
+    assert record == {"held_out_with_reference": 2, "held_out_with_data_bar": 0, "kept": False,
                       "note": "2 held-out support frames list a reference_uri that reads (needs 3)"}
     assert int(memory.reference) == 0
     line = fit.grey_memory_lines({"grey_memory": {"entries": 64, "fitted_on": 3, "weight": 0.0, "reference": record,
                                                   "figures": {"0": {"pAUROC": 0.9, "F1max": 0.1}}}})
-    assert line[-1] == ("die-to-die residual (2 held-out frames with a reference): not kept (2 held-out support "
-                        "frames list a reference_uri that reads (needs 3))")
+    assert line[-1] == ("die-to-die residual (2 held-out frames with a reference, 0 with a data bar, left out of it): "
+                        "not kept (2 held-out support frames list a reference_uri that reads (needs 3))")
+    del record["held_out_with_data_bar"]  # a record written before rule 30
+    line = fit.grey_memory_lines({"grey_memory": {"entries": 64, "fitted_on": 3, "weight": 0.0, "reference": record,
+                                                  "figures": {"0": {"pAUROC": 0.9, "F1max": 0.1}}}})
+    assert line[-1].startswith("die-to-die residual (2 held-out frames with a reference): not kept")
 
 
 def test_each_frames_maps_with_and_without_the_reference_are_computed_once(monkeypatch):
@@ -161,21 +165,24 @@ def test_a_checkpoint_stores_the_residual_only_where_kept_and_refuses_half_of_it
     assert not reads_references(without) and f"{GREY_MEMORY}.reference" not in without
     loaded = grey_memory_from(without, [])
     assert loaded is not None and int(loaded.reference) == 0  # written before rule 27: no residual
-    memory.reference.fill_(1)
-    memory.reference_scale.fill_(0.04)
-    kept = _tensors(memory)
-    assert reads_references(kept)
-    loaded = grey_memory_from(kept, [])
-    assert loaded is not None and int(loaded.reference) == 1 and float(loaded.reference_scale) == pytest.approx(0.04)
+    for value in (REFERENCE_PLAIN, OUTSIDE_BARS):  # rule 27's residual (older checkpoints) and rule 30's
+        memory.reference.fill_(value)
+        memory.reference_scale.fill_(0.04)
+        kept = _tensors(memory)
+        assert reads_references(kept)
+        loaded = grey_memory_from(kept, [])
+        assert loaded is not None and int(loaded.reference) == value
+        assert float(loaded.reference_scale) == pytest.approx(0.04)
     for dropped in ("reference", "reference_scale"):
         problems: list[str] = []
         assert grey_memory_from({k: v for k, v in kept.items() if k != f"{GREY_MEMORY}.{dropped}"}, problems) is None
         assert "reference and reference_scale are stored together" in problems[0]
-    for field, value in (("reference", torch.tensor(2)), ("reference_scale", torch.tensor(0.0)),
-                         ("reference_scale", torch.tensor(float("inf")))):
+    for field, bad in (("reference", torch.tensor(3)), ("reference", torch.tensor(-1)), ("reference_scale", torch.tensor(0.0)),
+                       ("reference_scale", torch.tensor(float("inf")))):
         problems = []
-        assert grey_memory_from(kept | {f"{GREY_MEMORY}.{field}": value}, problems) is None
-        assert "needs reference 0 or 1 with a finite scale above 0" in problems[0]
+        assert not reads_references(kept | {f"{GREY_MEMORY}.{field}": bad}) or field == "reference_scale"
+        assert grey_memory_from(kept | {f"{GREY_MEMORY}.{field}": bad}, problems) is None
+        assert "needs reference 0, 1 or 2 with a finite scale above 0" in problems[0]
 
 
 def _frame_and_reference(tmp_path, shift: int = 0):

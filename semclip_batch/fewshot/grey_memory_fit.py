@@ -49,9 +49,11 @@ from semclip_batch.fewshot.trainset import row_frame_and_mask
 from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, fuses_levels, maps_to_frame, shipped_levels
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
+from semclip_batch.model.data_bar import data_bar_rows
 from semclip_batch.model.grey_memory import (
     DIM,
     MIN_SCALE,
+    OUTSIDE_BARS,
     OWN_MAX,
     PATCH,
     STRIDE,
@@ -278,14 +280,15 @@ def _weigh_residual(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame],
 def choose_reference(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame],
                      grey: GreyMaps, references: Mapping[int, np.ndarray], fitting: Collection[int]) -> dict[str, Any]:
     """Rule 27's choice on the held-out frames' maps fused at :data:`WEIGHT`, after rule 23's: the memory's map with
-    the die-to-die residual (frames with a reference in ``references``) against without, on the bounds of the line
-    residual's; ``memory.reference`` and ``memory.reference_scale`` set where kept (``grey``: :func:`memory_maps` of
-    ``memory`` and ``references``). ``fitting``: the positions of the memory's fitting frames, the scale's. Returns the
-    record."""
+    the die-to-die residual (frames with a reference in ``references``; rule 30's, 0 in the data bars) against
+    without, on the bounds of the line residual's; ``memory.reference`` and ``memory.reference_scale`` set where kept
+    (``grey``: :func:`memory_maps` of ``memory`` and ``references``). ``fitting``: the positions of the memory's
+    fitting frames, the scale's. Returns the record."""
     memory.reference.fill_(0)
     memory.reference_scale.fill_(1.0)
     listed = sum(m.position in references and fused(frames[m.position].levels.shape) for m in maps)
-    record: dict[str, Any] = {"held_out_with_reference": listed, "kept": False}
+    bars = sum(m.position in references and bool(data_bar_rows(frames[m.position].as_levels()).any()) for m in maps)
+    record: dict[str, Any] = {"held_out_with_reference": listed, "held_out_with_data_bar": bars, "kept": False}
     if listed < REFERENCE_MIN_FRAMES:
         return record | {"note": f"{listed} held-out support frames list a reference_uri that reads (needs "
                                  f"{REFERENCE_MIN_FRAMES})"}
@@ -298,7 +301,7 @@ def choose_reference(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mappi
     scale = fit_reference_scale(known)
 
     def switch(on: bool) -> None:
-        memory.reference.fill_(int(on))
+        memory.reference.fill_(OUTSIDE_BARS if on else 0)
         memory.reference_scale.fill_(scale if on else 1.0)
 
     figures, kept = _weigh_residual(maps, frames, grey, switch)
@@ -501,10 +504,12 @@ def _lines_line(record: Mapping[str, Any] | None, stored: bool) -> list[str]:
 
 
 def _reference_line(record: Mapping[str, Any] | None, stored: bool) -> list[str]:
-    """``train``'s line on rule 27's die-to-die residual (``stored``: as :func:`_lines_line`'s)."""
+    """``train``'s line on rules 27 and 30's die-to-die residual (``stored``: as :func:`_lines_line`'s)."""
     if not record:
         return []
-    title = f"die-to-die residual ({record['held_out_with_reference']} held-out frames with a reference)"
+    bars = record.get("held_out_with_data_bar")  # absent: a checkpoint written before rule 30
+    title = (f"die-to-die residual ({record['held_out_with_reference']} held-out frames with a reference"
+             f"{'' if bars is None else f', {bars} with a data bar, left out of it'})")
     return [_residual_line(title, record, stored)]
 
 

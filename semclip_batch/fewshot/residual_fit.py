@@ -5,7 +5,7 @@ the support frames' registered references the die-to-die one is read on. Chosen 
 A residual's scale is the :data:`QUANTILE` quantile of its values on the memory's fitting frames' clean pixels (no
 defect pixel within :data:`MASK_MARGIN` px), every :data:`EVERY` th row and column, floored at
 :data:`~semclip_batch.model.grey_memory.MIN_SCALE`: the line residual's (rule 23) on every such frame, the die-to-die
-residual's (rule 27) on those that list a reference frame.
+residual's (rules 27 and 30) on those that list a reference frame, outside their data bars.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from semclip_batch.fewshot.trainset import row_frame_and_mask
 from semclip_batch.io.frames import load_reference
 from semclip_batch.io.preprocess import FRAME_LEVELS, fuses_levels, shipped_levels
 from semclip_batch.io.storage import redact
+from semclip_batch.model.data_bar import data_bar_rows
 from semclip_batch.model.grey_memory import MIN_SCALE, PATCH, GreyMemory
 from semclip_batch.model.line_residual import LINE, line_residual
 
@@ -71,8 +72,15 @@ def fit_line_scale(frames: Fitting, length: int = LINE) -> float:
 
 def fit_reference_scale(frames: Sequence[tuple[torch.Tensor, torch.Tensor, np.ndarray | None]]) -> float:
     """The die-to-die residual's scale on those of ``(levels, reference levels, mask)`` frames that ``run`` fuses
-    (:meth:`~semclip_batch.model.grey_memory.GreyMemory.reference_residual`)."""
-    return _scale([(GreyMemory.reference_residual(levels, ref), mask) for levels, ref, mask in frames if fused(levels.shape)])
+    (:meth:`~semclip_batch.model.grey_memory.GreyMemory.reference_residual` outside the data bars, rule 30: their rows
+    read 0 and do not set it)."""
+    residuals = []
+    for levels, ref, mask in frames:
+        if fused(levels.shape):
+            imaged = ~(data_bar_rows(levels) | data_bar_rows(ref))
+            kept = None if mask is None else mask[imaged.numpy()]
+            residuals.append((GreyMemory.reference_residual(levels, ref)[imaged], kept))
+    return _scale(residuals)
 
 
 def reference_levels(df: pd.DataFrame, positions: AbstractSet[int], storage_options: Mapping[str, Any] | None,

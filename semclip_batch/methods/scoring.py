@@ -20,7 +20,7 @@ from semclip_batch.methods.region_attributes import N_ATTRIBUTES
 from semclip_batch.methods.registry import Scorer, depth_of, get_method, new_model, score_features
 from semclip_batch.methods.weights import LoadedBackbone, load_backbone
 from semclip_batch.model import SemClipOutput
-from semclip_batch.model.grey_memory import GREY_MEMORY, OWN_MAX, GreyMemory
+from semclip_batch.model.grey_memory import GREY_MEMORY, OUTSIDE_BARS, OWN_MAX, REFERENCE_PLAIN, GreyMemory
 from semclip_batch.model.line_residual import LINES_MAX
 from semclip_batch.model.reference import ReferenceScorer, pixel_difference, reference_taps
 from semclip_batch.model.region_classes import REGION_CLASSES, RegionClasses
@@ -137,10 +137,11 @@ def region_classes_from(tensors: Mapping[str, torch.Tensor], n_classes: int,
 
 
 def reads_references(tensors: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a checkpoint's grey-level memory keeps rule 27's die-to-die residual: ``run`` then reads and registers
-    each row's ``reference_uri`` frame for it (:func:`grey_memory_from` checks the tensor's value)."""
+    """Whether a checkpoint's grey-level memory keeps a die-to-die residual (rule 27's, or rule 30's outside the data
+    bars): ``run`` then reads and registers each row's ``reference_uri`` frame for it (:func:`grey_memory_from` checks
+    the tensor's value)."""
     flag = tensors.get(f"{GREY_MEMORY}.reference")
-    return flag is not None and flag.numel() == 1 and bool(flag.reshape(()) == 1)
+    return flag is not None and flag.numel() == 1 and int(flag.reshape(())) in (REFERENCE_PLAIN, OUTSIDE_BARS)
 
 
 def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -> GreyMemory | None:
@@ -177,8 +178,8 @@ def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -
                         f"{LINES_MAX} with a finite scale above 0)")
         return None
     reference, reference_scale = int(grey.reference), float(grey.reference_scale)
-    if reference not in (0, 1) or not 0 < reference_scale < math.inf:
-        problems.append(f"{GREY_MEMORY}: reference {reference}, reference scale {reference_scale:g} (needs reference 0 "
-                        "or 1 with a finite scale above 0)")
+    if reference not in (0, REFERENCE_PLAIN, OUTSIDE_BARS) or not 0 < reference_scale < math.inf:
+        problems.append(f"{GREY_MEMORY}: reference {reference}, reference scale {reference_scale:g} (needs reference 0, "
+                        f"{REFERENCE_PLAIN} or {OUTSIDE_BARS} with a finite scale above 0)")
         return None
     return grey.eval()

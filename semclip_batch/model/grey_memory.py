@@ -14,9 +14,10 @@ distances. Where ``lines`` is above 0 (rule 23), the memory's map is the mean of
 (:mod:`semclip_batch.model.line_residual`, lines of ``lines`` px) mapped to ``clamp(r / (2 * line_scale), 0, 1)``.
 Where ``reference`` is 1 (rule 27), a frame given its registered reference frame's levels (die-to-die) also takes
 their smoothed absolute difference mapped to ``clamp(d / (2 * reference_scale), 0, 1)`` into that mean; a frame
-without one keeps the map it had. The fused map is ``(1 - weight) * map + weight * memory``. The entries, axes,
-scale, own count, residuals' settings and weight are fitted by ``train`` (:mod:`semclip_batch.fewshot.grey_memory_fit`)
-and saved with the model.
+without one keeps the map it had. Where it is 2 (rule 30), that difference is 0 in the rows of a data bar found on
+the frame or on the reference (:mod:`semclip_batch.model.data_bar`): drawn, not imaged. The fused map is
+``(1 - weight) * map + weight * memory``. The entries, axes, scale, own count, residuals' settings and weight are
+fitted by ``train`` (:mod:`semclip_batch.fewshot.grey_memory_fit`) and saved with the model.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semclip_batch.model.data_bar import data_bar_rows
 from semclip_batch.model.line_residual import line_residual, smoothed
 
 PATCH = 11  # px: a neighbourhood's side
@@ -43,6 +45,7 @@ OWN_MAX = 16_384  # the most a checkpoint may ask for (a (CHUNK, OWN_MAX) block 
 OWN_GAP = 6  # grid steps (24 px) in row or column beyond which an own neighbourhood may match: none overlapping the
 # scored one (a defect longer than ~24 px, or one the frame repeats, can still match itself and be quietened)
 OWN_SEED = 0  # the own draw's seed: a frame's bank depends on its size only, so runs repeat
+REFERENCE_PLAIN, OUTSIDE_BARS = 1, 2  # ``reference``: rule 27's die-to-die residual; rule 30's, 0 in the data bars
 
 
 def grid_shape(height: int, width: int) -> tuple[int, int]:
@@ -161,19 +164,25 @@ class GreyMemory(nn.Module):
         return torch.clamp(line_residual(levels, int(self.lines)) / (2 * self.line_scale), 0, 1)
 
     @staticmethod
-    def reference_residual(levels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def reference_residual(levels: torch.Tensor, reference: torch.Tensor, outside_bars: bool = False) -> torch.Tensor:
         """The die-to-die residual ``(H, W)``: the smoothed ``|levels - reference|`` (both in [0, 1], the reference
-        registered onto the frame; the line residual's 1-px Gaussian)."""
-        return smoothed((levels.float() - reference.float()).abs())
+        registered onto the frame; the line residual's 1-px Gaussian); with ``outside_bars``, 0 in the rows of a data
+        bar of either (:func:`~semclip_batch.model.data_bar.data_bar_rows`)."""
+        residual = smoothed((levels.float() - reference.float()).abs())
+        if outside_bars:
+            residual[data_bar_rows(levels) | data_bar_rows(reference)] = 0.0
+        return residual
 
     def reference_map(self, levels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """:meth:`reference_residual` as a ``(H, W)`` map in [0, 1]: over twice ``reference_scale``, clamped."""
-        return torch.clamp(self.reference_residual(levels, reference) / (2 * self.reference_scale), 0, 1)
+        """:meth:`reference_residual` (outside the data bars where ``reference`` is :data:`OUTSIDE_BARS`) as a
+        ``(H, W)`` map in [0, 1]: over twice ``reference_scale``, clamped."""
+        residual = self.reference_residual(levels, reference, int(self.reference) == OUTSIDE_BARS)
+        return torch.clamp(residual / (2 * self.reference_scale), 0, 1)
 
     def with_residuals(self, neighbourhood_map: torch.Tensor, levels: torch.Tensor,
                        reference: torch.Tensor | None = None) -> torch.Tensor:
         """The memory's map from its neighbourhoods' map: the mean of that, :meth:`line_map` where ``lines`` is above 0
-        and :meth:`reference_map` where ``reference`` is 1 and a reference is given; the map as it is where neither
+        and :meth:`reference_map` where ``reference`` is above 0 and a reference is given; the map as it is where neither
         applies or the frame holds no neighbourhood."""
         if min(levels.shape) < PATCH:
             return neighbourhood_map
