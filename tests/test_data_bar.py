@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from semclip_batch.fewshot import residual_fit
+from semclip_batch.fewshot.grey_memory_fit import DEFAULT_STRETCH
+from semclip_batch.io.preprocess import shipped_levels
+from semclip_batch.io.register import register_reference, shift_image
 from semclip_batch.model.data_bar import GROW, data_bar_rows
 from semclip_batch.model.grey_memory import OUTSIDE_BARS, REFERENCE_PLAIN, GreyMemory
 from semclip_batch.synth.render import banner_height, draw_banner
@@ -48,7 +51,13 @@ def test_imaged_frames_flat_frames_and_clipped_rows_hold_no_bar():
     bare_only = _imaged(rng, 512, 512)
     bare_only[-20:] = 0.04  # a blanked strip without text is a bar too (drawn, not imaged)
     assert data_bar_rows(_packed(bare_only), grow=0).nonzero().flatten().tolist() == list(range(492, 512))
+    quarter = _imaged(rng, 300, 300)
+    quarter[-75:] = 0.04  # a bar a quarter high is a bar; flat for a row more, the frame is flat, not barred
+    assert data_bar_rows(_packed(quarter), grow=0).sum() == 75
+    quarter[-76:] = 0.04
+    assert not data_bar_rows(_packed(quarter)).any()
     assert not data_bar_rows(torch.zeros(2, 0)).any() and not data_bar_rows(torch.zeros(3, 5)).any()
+    assert data_bar_rows(torch.from_numpy(np.rint(bare_only * 255).astype(np.uint8)), grow=0).sum() == 20  # packed
 
 
 def _pair_with_banners(rng: np.random.Generator, shift: int = 2) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -94,3 +103,39 @@ def test_the_bars_do_not_set_the_residuals_scale():
     assert scale == pytest.approx(above, rel=0.05)
     with_bars = residual_fit._scale([(GreyMemory.reference_residual(f, r), m) for f, r, m in pairs])
     assert with_bars > 1.5 * scale  # read on every row, the bars' text would have divided every residual
+
+
+def _die(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Irregular conductor blocks on a dark field: a die the registration can lock onto, levels in [0, 1]."""
+    die = np.full((h, w), 0.2)
+    for _ in range(h * w // 1200):
+        y, x = rng.integers(0, h - 16), rng.integers(0, w - 16)
+        dh, dw = rng.integers(4, 16, 2)
+        die[y:y + dh, x:x + dw] = 0.75
+    return die
+
+
+@pytest.mark.parametrize("moved", [3.4, 5.5, 6.5, 9.8, 12.4])
+def test_a_reference_the_registration_moves_toward_its_bar_leaves_no_bar_edge_in_the_residual(moved):
+    """Through ``run``'s path: the reference (its die ``moved`` rows below the frame's, a brighter detector) registered
+    onto the frame, which moves its bar ``moved`` rows up and fills the strip the shift uncovers with the frame's own
+    bar; both stretched on their own percentiles and packed (the two bars end a level apart)."""
+    rng = np.random.default_rng(round(10 * moved))
+    h = w = 320
+    die = _die(rng, h + 40, w)
+    frame = np.clip(die[20:20 + h] + rng.normal(0, 0.02, (h, w)), 0, 1)
+    frame[120:125, 150:155] += 0.25  # a particle the reference lacks
+    shifted = shift_image(die, moved, 0.0)[20:20 + h]
+    reference = np.clip(1.08 * shifted + rng.normal(0, 0.02, (h, w)), 0, 1)
+    text = "SEM HV 1.0kV MAG 100kx LOT-C0099 W11"
+    frame, reference = draw_banner(frame, text), draw_banner(reference, text)
+    registered, shift = register_reference(frame, reference)
+    assert shift.dy == pytest.approx(-moved, abs=0.3)  # up
+    levels = torch.from_numpy(shipped_levels(frame, DEFAULT_STRETCH)).float() / 255
+    ref = torch.from_numpy(shipped_levels(registered, DEFAULT_STRETCH)).float() / 255
+    outside = GreyMemory.reference_residual(levels, ref, outside_bars=True)
+    particle = float(outside[120:125, 150:155].max())
+    near_bar = slice(h - banner_height(h) - 15, h)  # the rows the reference's bar may have been moved into
+    assert float(outside[near_bar].max()) < 0.5 * particle
+    plain = GreyMemory.reference_residual(levels, ref)
+    assert float(plain[near_bar].max()) > particle  # left in, the bar's edges outshine the particle

@@ -511,7 +511,7 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     assert reference["held_out_with_reference"] == 2 and reference["seconds"] >= 0
     assert set(reference["figures"]) == {"without", "with"}
     assert int(loaded.tensors[f"{GREY_MEMORY}.reference"]) == OUTSIDE_BARS
-    assert ("die-to-die residual (2 held-out frames with a reference, 0 with a data bar, left out of it): kept in the "
+    assert ("die-to-die residual (2 held-out frames with a reference, 0 with a data bar (its rows left out)): kept in the "
             "memory's map") in res.output
     test = lot["test"].read_text().splitlines()
     broken = test[1].split(",")  # a fourth test row whose reference is gone

@@ -130,7 +130,7 @@ def test_too_few_held_out_frames_with_a_reference_weigh_nothing():
     assert int(memory.reference) == 0
     line = fit.grey_memory_lines({"grey_memory": {"entries": 64, "fitted_on": 3, "weight": 0.0, "reference": record,
                                                   "figures": {"0": {"pAUROC": 0.9, "F1max": 0.1}}}})
-    assert line[-1] == ("die-to-die residual (2 held-out frames with a reference, 0 with a data bar, left out of it): "
+    assert line[-1] == ("die-to-die residual (2 held-out frames with a reference, 0 with a data bar (its rows left out)): "
                         "not kept (2 held-out support frames list a reference_uri that reads (needs 3))")
     del record["held_out_with_data_bar"]  # a record written before rule 30
     line = fit.grey_memory_lines({"grey_memory": {"entries": 64, "fitted_on": 3, "weight": 0.0, "reference": record,
@@ -177,6 +177,8 @@ def test_a_checkpoint_stores_the_residual_only_where_kept_and_refuses_half_of_it
         problems: list[str] = []
         assert grey_memory_from({k: v for k, v in kept.items() if k != f"{GREY_MEMORY}.{dropped}"}, problems) is None
         assert "reference and reference_scale are stored together" in problems[0]
+    for damaged in (float("nan"), 1.7, 2.5):  # a damaged value reads no references (build_model then refuses it)
+        assert not reads_references(kept | {f"{GREY_MEMORY}.reference": torch.tensor(damaged)})
     for field, bad in (("reference", torch.tensor(3)), ("reference", torch.tensor(-1)), ("reference_scale", torch.tensor(0.0)),
                        ("reference_scale", torch.tensor(float("inf")))):
         problems = []

@@ -188,7 +188,8 @@ def pretrain(manifest: str, out: str, backbone: str | None, pretrained: str | No
                    "rule 19's banner lot, and costs time; not adopted; 0 to 16384; stored in the checkpoint).")
 @click.option("--die-to-die/--no-die-to-die", "die_to_die", default=None,
               help="The grey-level memory (SEM-CLIP's recipe transfer) may also take in each frame's difference from "
-                   "its registered reference_uri frame at the frame's resolution, kept where the held-out support "
+                   "its registered reference_uri frame at the frame's resolution (0 in the rows of a data bar, "
+                   "rule 30), kept where the held-out support "
                    "frames (at least 3 of them listing a readable reference) gain 0.01 F1max and lose at most 0.005 "
                    "pixel AUROC; where kept, run reads and registers the reference of every frame up to 4096 x 4096 "
                    "px, an unreadable one a reference_error row (docs/quality.md rules 27 and 29; the default "

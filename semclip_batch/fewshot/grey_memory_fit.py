@@ -286,8 +286,10 @@ def choose_reference(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mappi
     fitting frames, the scale's. Returns the record."""
     memory.reference.fill_(0)
     memory.reference_scale.fill_(1.0)
-    listed = sum(m.position in references and fused(frames[m.position].levels.shape) for m in maps)
-    bars = sum(m.position in references and bool(data_bar_rows(frames[m.position].as_levels()).any()) for m in maps)
+    compared = [m.position for m in maps if m.position in references and fused(frames[m.position].levels.shape)]
+    listed = len(compared)
+    bars = sum(bool((data_bar_rows(frames[p].as_levels()) | data_bar_rows(as_levels(references[p]))).any())
+               for p in compared)
     record: dict[str, Any] = {"held_out_with_reference": listed, "held_out_with_data_bar": bars, "kept": False}
     if listed < REFERENCE_MIN_FRAMES:
         return record | {"note": f"{listed} held-out support frames list a reference_uri that reads (needs "
@@ -509,7 +511,7 @@ def _reference_line(record: Mapping[str, Any] | None, stored: bool) -> list[str]
         return []
     bars = record.get("held_out_with_data_bar")  # absent: a checkpoint written before rule 30
     title = (f"die-to-die residual ({record['held_out_with_reference']} held-out frames with a reference"
-             f"{'' if bars is None else f', {bars} with a data bar, left out of it'})")
+             f"{'' if bars is None else f', {bars} with a data bar (its rows left out)'})")
     return [_residual_line(title, record, stored)]
 
 

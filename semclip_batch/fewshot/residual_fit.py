@@ -78,7 +78,7 @@ def fit_reference_scale(frames: Sequence[tuple[torch.Tensor, torch.Tensor, np.nd
     for levels, ref, mask in frames:
         if fused(levels.shape):
             imaged = ~(data_bar_rows(levels) | data_bar_rows(ref))
-            kept = None if mask is None else mask[imaged.numpy()]
+            kept = None if mask is None else mask[imaged.cpu().numpy()]
             residuals.append((GreyMemory.reference_residual(levels, ref)[imaged], kept))
     return _scale(residuals)
 

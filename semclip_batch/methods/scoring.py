@@ -141,7 +141,7 @@ def reads_references(tensors: Mapping[str, torch.Tensor]) -> bool:
     bars): ``run`` then reads and registers each row's ``reference_uri`` frame for it (:func:`grey_memory_from` checks
     the tensor's value)."""
     flag = tensors.get(f"{GREY_MEMORY}.reference")
-    return flag is not None and flag.numel() == 1 and int(flag.reshape(())) in (REFERENCE_PLAIN, OUTSIDE_BARS)
+    return flag is not None and flag.numel() == 1 and flag.reshape(()).item() in (REFERENCE_PLAIN, OUTSIDE_BARS)
 
 
 def grey_memory_from(tensors: Mapping[str, torch.Tensor], problems: list[str]) -> GreyMemory | None:

@@ -2,11 +2,13 @@
 on the frame's levels alone (docs/quality.md, rule 30).
 
 A bar is drawn, not imaged: each of its rows keeps at least :data:`ROW_SHARE` of its pixels at one level (text
-covers less), the same level in every row of it, and its edge toward the image is a bare row (at least
-:data:`BARE_SHARE` at that level). Imaged rows carry shot noise, so hardly any of their pixels share an exact level;
-a frame that is flat over more than :data:`MAX_HEIGHT` of its height (a blank frame) holds no bar. The die-to-die
-residual (:mod:`semclip_batch.model.grey_memory`) is 0 in a bar grown by :data:`GROW` rows toward the image: the
-reference's bar, moved by the registration onto the frame, would meet the frame's along every edge of its text.
+covers less), the same level in every row of it to :data:`LEVEL_TOLERANCE` (a registered reference's bar lies beside
+the strip the registration filled with the frame's own bar, stretched with the reference's percentiles: a level
+apart), and its edge toward the image is a bare row (at least :data:`BARE_SHARE` of it at one level). Imaged rows
+carry shot noise, so hardly any of their pixels share an exact level; a frame flat over more than :data:`MAX_HEIGHT`
+of its height (a blank frame) holds no bar. The die-to-die residual (:mod:`semclip_batch.model.grey_memory`) is 0 in
+a bar grown by :data:`GROW` rows toward the image: the reference's bar, moved by the registration onto the frame,
+would meet the frame's along every edge of its text.
 """
 
 from __future__ import annotations
@@ -14,21 +16,23 @@ from __future__ import annotations
 import torch
 
 ROW_SHARE = 0.4  # of a bar row's pixels at the bar's level, at least (text rows of a 300 px frame keep 0.46)
-BARE_SHARE = 0.98  # of the bar's inner row's pixels at that level, at least
+BARE_SHARE = 0.98  # of the bar's inner row's pixels at one level, at least
 MAX_HEIGHT = 0.25  # of the frame's rows a bar may take, at most
 GROW = 3  # rows added on the image side of a bar: the registration's cubic shift mixes 2 px across an edge
+LEVEL_TOLERANCE = 2.5 / 255  # levels in [0, 1] as run ships them (8-bit): a row within 2 levels of the bar's is in it
 
 
 def data_bar_rows(levels: torch.Tensor, grow: int = GROW) -> torch.Tensor:
-    """``(H,)`` bool: the rows of ``(H, W)`` levels in a data bar at the top or bottom edge, each bar grown by
-    ``grow`` rows toward the image; all False where there is none."""
+    """``(H,)`` bool: the rows of ``(H, W)`` levels in [0, 1] (or uint8 levels, as packed) in a data bar at the top or
+    bottom edge, each bar grown by ``grow`` rows toward the image; all False where there is none."""
     height = levels.shape[0]
     rows = torch.zeros(height, dtype=torch.bool, device=levels.device)
-    window = int(height * MAX_HEIGHT)
-    if window < 1 or levels.shape[1] == 0:
+    window = int(height * MAX_HEIGHT) + 1  # a bar a quarter high, and the row past it
+    if height < 2 or levels.shape[1] == 0:
         return rows
-    top = _bar_height(levels[:window])
-    bottom = _bar_height(levels[height - window:].flip(0))
+    scaled = levels.float() / 255 if levels.dtype == torch.uint8 else levels.float()
+    top = _bar_height(scaled[:window])
+    bottom = _bar_height(scaled[height - window:].flip(0))
     if top:
         rows[:min(height, top + grow)] = True
     if bottom:
@@ -38,13 +42,15 @@ def data_bar_rows(levels: torch.Tensor, grow: int = GROW) -> torch.Tensor:
 
 def _bar_height(edge_first: torch.Tensor) -> int:
     """Rows of the bar at the start of ``(R, W)`` rows read from the frame's edge inward (0: none): the rows up to the
-    innermost bare row of the run from the edge whose rows keep :data:`ROW_SHARE` of their pixels at the edge row's
-    most common level; none where that run fills all ``R`` rows (a frame flat that far is not a bar)."""
+    innermost bare row of the run from the edge whose rows keep :data:`ROW_SHARE` of their pixels within
+    :data:`LEVEL_TOLERANCE` of the edge row's most common level; none where that run fills all ``R`` rows (a frame flat
+    that far is not a bar)."""
     level = torch.mode(edge_first[0].flatten()).values
-    share = (edge_first == level).float().mean(dim=1)
-    held = share >= ROW_SHARE
-    run = int(held.long().cumprod(dim=0).sum())
-    if run == 0 or run == len(held):
+    near = ((edge_first - level).abs() <= LEVEL_TOLERANCE).float().mean(dim=1)
+    run = int((near >= ROW_SHARE).long().cumprod(dim=0).sum())
+    if run == 0 or run == len(near):
         return 0
-    bare = (share[:run] >= BARE_SHARE).nonzero().flatten()
+    inside = edge_first[:run]
+    own = torch.mode(inside, dim=1).values  # each row's own most common level
+    bare = ((inside == own[:, None]).float().mean(dim=1) >= BARE_SHARE).nonzero().flatten()
     return int(bare[-1]) + 1 if len(bare) else 0
