@@ -2,7 +2,7 @@
 on the frame's levels alone (docs/quality.md, rule 30).
 
 A bar is drawn, not imaged: each of its rows keeps at least :data:`ROW_SHARE` of its pixels at one level (text
-covers less), the same level in every row of it to :data:`LEVEL_TOLERANCE` (a registered reference's bar lies beside
+covers less), the same level in every row of it to :data:`LEVEL_TOLERANCE` levels (a registered reference's bar lies beside
 the strip the registration filled with the frame's own bar, stretched with the reference's percentiles: a level
 apart), and its edge toward the image is a bare row (at least :data:`BARE_SHARE` of it at one level). Imaged rows
 carry shot noise, so hardly any of their pixels share an exact level; a frame flat over more than :data:`MAX_HEIGHT`
@@ -19,20 +19,21 @@ ROW_SHARE = 0.4  # of a bar row's pixels at the bar's level, at least (text rows
 BARE_SHARE = 0.98  # of the bar's inner row's pixels at one level, at least
 MAX_HEIGHT = 0.25  # of the frame's rows a bar may take, at most
 GROW = 3  # rows added on the image side of a bar: the registration's cubic shift mixes 2 px across an edge
-LEVEL_TOLERANCE = 2.5 / 255  # levels in [0, 1] as run ships them (8-bit): a row within 2 levels of the bar's is in it
+LEVEL_TOLERANCE = 2  # levels (of 255): a row within 2 levels of the bar's is in it
+LEVELS = 256  # levels are read as run ships them, 8-bit
 
 
 def data_bar_rows(levels: torch.Tensor, grow: int = GROW) -> torch.Tensor:
-    """``(H,)`` bool: the rows of ``(H, W)`` levels in [0, 1] (or uint8 levels, as packed) in a data bar at the top or
-    bottom edge, each bar grown by ``grow`` rows toward the image; all False where there is none."""
+    """``(H,)`` bool: the rows of ``(H, W)`` levels in [0, 1] (or uint8 levels, as packed; read at 8 bits either way)
+    in a data bar at the top or bottom edge, each bar grown by ``grow`` rows toward the image; all False where there
+    is none."""
     height = levels.shape[0]
     rows = torch.zeros(height, dtype=torch.bool, device=levels.device)
-    window = int(height * MAX_HEIGHT) + 1  # a bar a quarter high, and the row past it
     if height < 2 or levels.shape[1] == 0:
         return rows
-    scaled = levels.float() / 255 if levels.dtype == torch.uint8 else levels.float()
-    top = _bar_height(scaled[:window])
-    bottom = _bar_height(scaled[height - window:].flip(0))
+    window = int(height * MAX_HEIGHT) + 1  # a bar a quarter high, and the row past it
+    top = _bar_height(levels[:window])
+    bottom = _bar_height(levels[height - window:].flip(0))
     if top:
         rows[:min(height, top + grow)] = True
     if bottom:
@@ -40,17 +41,29 @@ def data_bar_rows(levels: torch.Tensor, grow: int = GROW) -> torch.Tensor:
     return rows
 
 
+def _packed(levels: torch.Tensor) -> torch.Tensor:
+    """Levels as 8-bit integers (long)."""
+    if levels.dtype == torch.uint8:
+        return levels.long()
+    return (levels.float() * (LEVELS - 1)).round().clamp(0, LEVELS - 1).long()
+
+
 def _bar_height(edge_first: torch.Tensor) -> int:
-    """Rows of the bar at the start of ``(R, W)`` rows read from the frame's edge inward (0: none): the rows up to the
-    innermost bare row of the run from the edge whose rows keep :data:`ROW_SHARE` of their pixels within
-    :data:`LEVEL_TOLERANCE` of the edge row's most common level; none where that run fills all ``R`` rows (a frame flat
-    that far is not a bar)."""
-    level = torch.mode(edge_first[0].flatten()).values
+    """Rows of the bar at the start of ``(R, W)`` levels read from the frame's edge inward (0: none): the rows up
+    to the innermost bare row of the run from the edge whose rows keep :data:`ROW_SHARE` of their pixels within
+    :data:`LEVEL_TOLERANCE` of the edge row's most common level; none where that run fills all ``R`` rows (a frame
+    flat that far is not a bar). Most frames end at their edge row, which holds no such share."""
+    width = edge_first.shape[1]
+    edge = torch.bincount(_packed(edge_first[0]), minlength=LEVELS)
+    level = int(edge.argmax())
+    if int(edge[max(0, level - LEVEL_TOLERANCE):level + LEVEL_TOLERANCE + 1].sum()) < ROW_SHARE * width:
+        return 0  # an imaged edge row: no bar on this side
+    edge_first = _packed(edge_first)
     near = ((edge_first - level).abs() <= LEVEL_TOLERANCE).float().mean(dim=1)
     run = int((near >= ROW_SHARE).long().cumprod(dim=0).sum())
     if run == 0 or run == len(near):
         return 0
-    inside = edge_first[:run]
-    own = torch.mode(inside, dim=1).values  # each row's own most common level
-    bare = ((inside == own[:, None]).float().mean(dim=1) >= BARE_SHARE).nonzero().flatten()
+    counts = torch.zeros(run, LEVELS, device=edge_first.device).scatter_add_(
+        1, edge_first[:run], torch.ones(run, width, device=edge_first.device))
+    bare = (counts.amax(dim=1) >= BARE_SHARE * width).nonzero().flatten()  # a row's own most common level
     return int(bare[-1]) + 1 if len(bare) else 0
