@@ -9,9 +9,9 @@ import torch
 
 from semclip_batch.fewshot import residual_fit
 from semclip_batch.fewshot.grey_memory_fit import DEFAULT_STRETCH
-from semclip_batch.io.preprocess import shipped_levels
+from semclip_batch.io.preprocess import FRAME_LEVELS, pack_frame, shipped_levels
 from semclip_batch.io.register import register_reference, shift_image
-from semclip_batch.model.data_bar import GROW, data_bar_rows
+from semclip_batch.model.data_bar import GROW, data_bar_rows, pair_bar_rows
 from semclip_batch.model.grey_memory import OUTSIDE_BARS, REFERENCE_PLAIN, GreyMemory
 from semclip_batch.synth.render import banner_height, draw_banner
 
@@ -25,8 +25,8 @@ def _imaged(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _packed(frame: np.ndarray) -> torch.Tensor:
-    """As ``run`` ships levels: 8-bit, in [0, 1]."""
-    return torch.from_numpy(np.rint(frame * 255).astype(np.uint8)).float() / 255
+    """As ``run`` ships levels (:func:`~semclip_batch.io.preprocess.pack_frame`), read back in [0, 1]."""
+    return torch.from_numpy(pack_frame(frame)).float() / FRAME_LEVELS
 
 
 @pytest.mark.parametrize("h, w", [(300, 300), (768, 1024), (1024, 768)])
@@ -57,7 +57,7 @@ def test_imaged_frames_flat_frames_and_clipped_rows_hold_no_bar():
     quarter[-76:] = 0.04
     assert not data_bar_rows(_packed(quarter)).any()
     assert not data_bar_rows(torch.zeros(2, 0)).any() and not data_bar_rows(torch.zeros(3, 5)).any()
-    assert data_bar_rows(torch.from_numpy(np.rint(bare_only * 255).astype(np.uint8)), grow=0).sum() == 20  # packed
+    assert data_bar_rows(torch.from_numpy(pack_frame(bare_only)), grow=0).sum() == 20  # uint8 as packed
 
 
 def _pair_with_banners(rng: np.random.Generator, shift: int = 2) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -81,7 +81,7 @@ def test_the_residual_outside_the_bars_is_zero_there_and_finds_the_particle_the_
     levels, reference, mask = _pair_with_banners(np.random.default_rng(4))
     plain = GreyMemory.reference_residual(levels, reference)
     outside = GreyMemory.reference_residual(levels, reference, outside_bars=True)
-    bar = data_bar_rows(levels) | data_bar_rows(reference)
+    bar = pair_bar_rows(levels, reference)
     assert bar[-banner_height(320) - GROW:].all() and not bar[:300 - 2 * GROW - 20].any()
     assert float(plain[bar].max()) > float(plain[torch.from_numpy(mask)].max())  # the bar outshines the particle
     assert float(outside[bar].abs().max()) == 0.0 and torch.equal(outside[~bar], plain[~bar])
@@ -131,8 +131,8 @@ def test_a_reference_the_registration_moves_toward_its_bar_leaves_no_bar_edge_in
     frame, reference = draw_banner(frame, text), draw_banner(reference, text)
     registered, shift = register_reference(frame, reference)
     assert shift.dy == pytest.approx(-moved, abs=0.3)  # up
-    levels = torch.from_numpy(shipped_levels(frame, DEFAULT_STRETCH)).float() / 255
-    ref = torch.from_numpy(shipped_levels(registered, DEFAULT_STRETCH)).float() / 255
+    levels = torch.from_numpy(shipped_levels(frame, DEFAULT_STRETCH)).float() / FRAME_LEVELS
+    ref = torch.from_numpy(shipped_levels(registered, DEFAULT_STRETCH)).float() / FRAME_LEVELS
     outside = GreyMemory.reference_residual(levels, ref, outside_bars=True)
     particle = float(outside[120:125, 150:155].max())
     near_bar = slice(h - banner_height(h) - 15, h)  # the rows the reference's bar may have been moved into

@@ -49,7 +49,7 @@ from semclip_batch.fewshot.trainset import row_frame_and_mask
 from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, fuses_levels, maps_to_frame, shipped_levels
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
-from semclip_batch.model.data_bar import data_bar_rows
+from semclip_batch.model.data_bar import pair_bar_rows
 from semclip_batch.model.grey_memory import (
     DIM,
     MIN_SCALE,
@@ -288,8 +288,7 @@ def choose_reference(memory: GreyMemory, maps: Sequence[FrameMap], frames: Mappi
     memory.reference_scale.fill_(1.0)
     compared = [m.position for m in maps if m.position in references and fused(frames[m.position].levels.shape)]
     listed = len(compared)
-    bars = sum(bool((data_bar_rows(frames[p].as_levels()) | data_bar_rows(as_levels(references[p]))).any())
-               for p in compared)
+    bars = sum(bool(pair_bar_rows(frames[p].as_levels(), as_levels(references[p])).any()) for p in compared)
     record: dict[str, Any] = {"held_out_with_reference": listed, "held_out_with_data_bar": bars, "kept": False}
     if listed < REFERENCE_MIN_FRAMES:
         return record | {"note": f"{listed} held-out support frames list a reference_uri that reads (needs "

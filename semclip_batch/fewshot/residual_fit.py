@@ -26,7 +26,7 @@ from semclip_batch.fewshot.trainset import row_frame_and_mask
 from semclip_batch.io.frames import load_reference
 from semclip_batch.io.preprocess import FRAME_LEVELS, fuses_levels, shipped_levels
 from semclip_batch.io.storage import redact
-from semclip_batch.model.data_bar import data_bar_rows
+from semclip_batch.model.data_bar import pair_bar_rows
 from semclip_batch.model.grey_memory import MIN_SCALE, PATCH, GreyMemory
 from semclip_batch.model.line_residual import LINE, line_residual
 
@@ -77,7 +77,7 @@ def fit_reference_scale(frames: Sequence[tuple[torch.Tensor, torch.Tensor, np.nd
     residuals = []
     for levels, ref, mask in frames:
         if fused(levels.shape):
-            imaged = ~(data_bar_rows(levels) | data_bar_rows(ref))
+            imaged = ~pair_bar_rows(levels, ref)
             kept = None if mask is None else mask[imaged.cpu().numpy()]
             residuals.append((GreyMemory.reference_residual(levels, ref)[imaged], kept))
     return _scale(residuals)

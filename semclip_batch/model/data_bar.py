@@ -41,6 +41,12 @@ def data_bar_rows(levels: torch.Tensor, grow: int = GROW) -> torch.Tensor:
     return rows
 
 
+def pair_bar_rows(levels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``(H,)`` bool: the rows the die-to-die residual leaves out, a data bar's of the frame or of its registered
+    reference (:func:`data_bar_rows` of each)."""
+    return data_bar_rows(levels) | data_bar_rows(reference)
+
+
 def _packed(levels: torch.Tensor) -> torch.Tensor:
     """Levels as 8-bit integers (long)."""
     if levels.dtype == torch.uint8:

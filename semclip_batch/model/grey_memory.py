@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semclip_batch.model.data_bar import data_bar_rows
+from semclip_batch.model.data_bar import pair_bar_rows
 from semclip_batch.model.line_residual import line_residual, smoothed
 
 PATCH = 11  # px: a neighbourhood's side
@@ -167,10 +167,10 @@ class GreyMemory(nn.Module):
     def reference_residual(levels: torch.Tensor, reference: torch.Tensor, outside_bars: bool = False) -> torch.Tensor:
         """The die-to-die residual ``(H, W)``: the smoothed ``|levels - reference|`` (both in [0, 1], the reference
         registered onto the frame; the line residual's 1-px Gaussian); with ``outside_bars``, 0 in the rows of a data
-        bar of either (:func:`~semclip_batch.model.data_bar.data_bar_rows`)."""
+        bar of either (:func:`~semclip_batch.model.data_bar.pair_bar_rows`)."""
         residual = smoothed((levels.float() - reference.float()).abs())
         if outside_bars:
-            residual[data_bar_rows(levels) | data_bar_rows(reference)] = 0.0
+            residual[pair_bar_rows(levels, reference)] = 0.0
         return residual
 
     def reference_map(self, levels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
