@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
 
 import numpy as np
@@ -186,6 +189,48 @@ def test_csv_keeps_big_integers_exact(tmp_path):
     result = CliRunner().invoke(main, ["query", str(out), sql, "--format", "csv"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == ["h,n,d", f"12345678901234567890,{len(df)},2020-01-01"]
+
+
+def test_lists_structs_and_blobs_are_one_cell_of_json_in_csv_and_the_table(tmp_path):
+    """Every element, one line: numpy's repr put a newline in the cell and ``...`` in place of elements."""
+    out = _write_out(tmp_path, _predictions(5, 10))
+    sql = ("select range(0, 2000) as r, [0.5, 'nan'::double] as l, {'die_x': 1, 'die_y': 0} as s, "
+           "'\\x00\\xff'::blob as b")
+    result = CliRunner().invoke(main, ["query", str(out), sql, "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    assert len(rows) == 1 and json.loads(rows[0]["r"]) == list(range(2000))
+    assert json.loads(rows[0]["l"]) == [0.5, None] and json.loads(rows[0]["s"]) == {"die_x": 1, "die_y": 0}
+    assert base64.b64decode(rows[0]["b"]) == b"\x00\xff"
+    table = CliRunner().invoke(main, ["query", str(out), "select [1, 2] as l, 'x' as t"])
+    assert table.exit_code == 0 and table.output.splitlines()[1].split() == ["[1,2]", "x"], table.output
+    as_json = CliRunner().invoke(main, ["query", str(out), "select '\\x00'::blob as b", "--format", "json"])
+    assert _strict_json(as_json.output) == [{"b": "AA=="}]
+
+
+@pytest.mark.parametrize("sql", ["COPY (select 1 as x) TO '{dir}/escaped.csv'",
+                                 "select 1; ATTACH '{dir}/evil.duckdb' AS e",
+                                 "EXPORT DATABASE '{dir}/dump'", "INSTALL httpfs",
+                                 "COPY (select * from predictions) TO '{out}/predictions/lot_id=x/p.parquet'"])
+def test_sql_that_writes_or_loads_files_is_refused_before_it_runs(tmp_path, sql):
+    out = _write_out(tmp_path, _predictions(5, 10))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, ["query", str(out), sql.format(dir=tmp_path, out=out)])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "is refused (it writes or loads files)" in lines[0], result.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_unknown_table_is_duckdbs_message_unless_it_is_lot_stats(tmp_path):
+    out = _write_out(tmp_path, _predictions(5, 10))
+    for sql in ("select * from lot_stats2", "select * from my_lot_stats_backup",
+                "select * from predictions p join wafers w using (wafer_id)"):
+        result = CliRunner().invoke(main, ["query", str(out), sql])
+        assert result.exit_code == 1 and "query failed: Catalog Error" in result.output, result.output
+        assert "no lot_stats yet" not in result.output
+    result = CliRunner().invoke(main, ["query", str(out), "select * from lot_stats"])
+    assert result.exit_code == 1 and "has no lot_stats yet" in result.output, result.output
 
 
 def test_an_object_store_out_named_like_a_glob(tmp_path):

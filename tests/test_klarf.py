@@ -390,6 +390,51 @@ def test_export_never_writes_over_the_class_map_or_the_klarf_it_reads(klarf_lot,
     assert class_map.read_text() == CLASS_MAP and klarf.read_text().startswith("FileVersion")
 
 
+def test_export_out_inside_out_is_refused_through_a_link_or_a_file_url(tmp_path):
+    out = _scored_out(tmp_path / "out")
+    (tmp_path / "link").symlink_to(out)
+    runner = CliRunner()
+    for root, dest in ((str(out), f"file://{out}/x.001"), (str(out), str(tmp_path / "link" / "x.001")),
+                       (str(tmp_path / "link"), str(out / "x.001")), (f"file://{out}", str(out / "lot.001"))):
+        res = runner.invoke(main, ["export", "klarf", root, "--lot", "LOT-K1", "--out", dest])
+        assert res.exit_code != 0 and "is inside OUT" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["_state", "predictions"]
+    res = runner.invoke(main, ["export", "klarf", str(tmp_path / "link"), "--lot", "LOT-K1",
+                               "--out", f"file://{tmp_path}/outside.001"])
+    assert res.exit_code == 0 and (tmp_path / "outside.001").exists(), res.output
+
+
+def test_export_of_a_lot_the_run_has_not_finished_is_refused(tmp_path):
+    """A run killed (or a shard not stored) leaves some of a lot's planned rows without predictions: a KLARF of it
+    would lack their defects without a word."""
+    out = _scored_out(tmp_path / "out")
+    pd.DataFrame({"image_id": ["i2", "j1"], "lot_id": ["LOT-K1", "LOT-K2"], "defect_id": ["2", "1"]}).to_parquet(
+        out / "_state" / "plan" / "p00001.parquet")
+    runner = CliRunner()
+    for lot, stored in (("LOT-K1", "1 of its 2 rows are stored"), ("LOT-K2", "0 of its 1 rows are stored")):
+        res = runner.invoke(main, ["export", "klarf", str(out), "--lot", lot, "--out", str(tmp_path / "k.001")])
+        assert res.exit_code != 0 and f"is not finished in {out}: {stored}" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "k.001").exists()
+
+
+@pytest.mark.parametrize(("wafer", "kept"), [('W"1', False), ("W\n1", False), ("W\r1", False), ("W\t1", True)])
+def test_ids_a_klarf_string_cannot_carry_are_refused_naming_them(tmp_path, wafer, kept):
+    out = _scored_out(tmp_path / "out")
+    part = out / "predictions" / "lot_id=LOT-K1" / "s00000.parquet"
+    pd.read_parquet(part).assign(wafer_id=[wafer]).to_parquet(part)
+    res = CliRunner().invoke(main, ["export", "klarf", str(out), "--lot", "LOT-K1", "--out", str(tmp_path / "k.001")])
+    if kept:  # a tab reads back as written (klarf-reader, another project's reader)
+        from klarf_reader.klarf import Klarf
+
+        assert res.exit_code == 0, res.output
+        assert [w.id for w in Klarf.load_from_file(tmp_path / "k.001").wafers] == [wafer]
+        return
+    assert res.exit_code != 0 and f"the wafer id {wafer!r} holds a double quote or a control character" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "k.001").exists()
+
+
 def test_from_klarf_never_writes_over_the_class_map_or_a_klarf_it_reads(klarf_lot):
     klarf, root = klarf_lot
     (root / "k.csv").write_text(klarf.read_text())  # a KLARF named like a manifest

@@ -240,6 +240,16 @@ def test_eval_writes_metrics_json(first_run, mixed_manifest, tmp_path):
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # a truncated file, as a full disk leaves
     with pytest.raises(OutputError, match=r"predictions holds a file that cannot be read: "):
         evaluate(str(damaged), str(mixed_manifest))
+    # no scored row with a label: metrics.json keeps its shape (every class, support 0; a zero matrix)
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(out, unlabelled)
+    pd.read_csv(mixed_manifest, dtype=str, keep_default_na=False).assign(label="", mask_uri="").to_csv(
+        tmp_path / "no-labels.csv", index=False)
+    bare = evaluate(str(unlabelled), str(tmp_path / "no-labels.csv"))
+    assert bare.keys() == saved.keys() and bare["per_class"].keys() == saved["per_class"].keys()
+    assert {m["support"] for m in bare["per_class"].values()} == {0} and bare["macro_F1"] is None
+    assert bare["confusion"]["labels"] == saved["confusion"]["labels"]
+    assert bare["confusion"]["matrix"] == [[0] * 7 for _ in range(7)]
 
 
 def test_a_stand_in_model_stage_keeps_the_contract_and_its_own_run_id(first_run, mixed_manifest, tmp_path):

@@ -413,3 +413,16 @@ def test_report_written_to_s3(report, s3_endpoint):
     assert {t for t in targets if t.endswith(".png")} == {n for n in names if n.endswith(".png")}
     with Image.open(io.BytesIO(fs.cat_file(f"{remote}/reports/{sorted(n for n in names if n.endswith('.png'))[0]}"))) as img:
         assert img.format == "PNG"
+
+
+def test_a_killed_attempts_record_shows_dashes_not_none():
+    """An attempt still ``running`` (or killed) has no shard counts, finish time or throughput yet."""
+    from semclip_batch.analysis.report_html import index_page
+
+    record = {"run_id": "abc", "attempt": 2, "status": "running", "started_at": "2026-12-07T10:00:00+00:00",
+              "finished_at": None, "rows": {"total": 14, "sent_to_model": 0}, "shards": {}, "counts": {},
+              "thresholds": {"image": 0.95}, "classes": ["normal", "particle"]}
+    page = index_page(record, [], []).decode()
+    assert "None" not in page
+    assert "– (– run, – skipped)" in page and "2026-12-07T10:00:00+00:00 / –" in page
+    assert "image 0.95, pixel –, min region – px" in page

@@ -192,10 +192,12 @@ def test_damaged_marker_is_counted_apart(tmp_path: Path, now: datetime) -> None:
     assert (st.shards_done, st.damaged_markers) == (2, 2)
 
 
-@pytest.mark.parametrize("make", ["missing", "empty", "other"])
+@pytest.mark.parametrize("make", ["missing", "empty", "other", "file"])
 def test_not_an_out_is_one_line(tmp_path: Path, make: str) -> None:
     target = tmp_path / "out"
-    if make != "missing":
+    if make == "file":  # a manifest given for OUT
+        target.write_text("uri\na.png\n")
+    elif make != "missing":
         target.mkdir()
     if make == "other":
         (target / "predictions").mkdir()

@@ -397,6 +397,17 @@ def test_mistakes_end_in_one_line(finished, tmp_path):
     assert invoke("suggest", str(out), "--n", "2", "--out", str(dest), "--overwrite").exit_code == 0
     one_line_error(invoke("suggest", str(out), "--out", str(tmp_path / "x.csv"), "--exclude", str(tmp_path / "no.csv")),
                    "does not exist")
+    # never inside OUT (a manifest dropped in predictions/ became rows of the run), nor over what it reads
+    (tmp_path / "link").symlink_to(out)
+    for inside in (out / "predictions" / "lot_id=x" / "s.parquet", tmp_path / "link" / "s.csv"):
+        one_line_error(invoke("suggest", str(out), "--out", str(inside)), "is inside OUT")
+        assert not inside.exists()
+    manifest = out.parent / "manifest.csv"
+    before = manifest.read_text()
+    one_line_error(invoke("suggest", str(out), "--out", str(manifest), "--overwrite"), "is the run's manifest")
+    one_line_error(invoke("suggest", str(out), "--out", str(dest), "--exclude", str(dest), "--overwrite"),
+                   "is the --exclude manifest 1")
+    assert manifest.read_text() == before and dest.exists()
 
 
 def test_unfinished_run_is_refused(tmp_path):
@@ -407,6 +418,11 @@ def test_unfinished_run_is_refused(tmp_path):
                                                                            "status": "failed"}))
     result = invoke("suggest", str(tmp_path), "--out", str(tmp_path / "s.csv"))
     one_line_error(result, "has not finished (attempt 1 is 'failed')")
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "m.csv").write_text("uri\na.png\n")
+    one_line_error(invoke("suggest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "s.csv")), "is not a finished run")
 
 
 def test_help_has_an_example():

@@ -97,9 +97,8 @@ def evaluate(out: str, truth: str, storage_options: Mapping[str, Any] | None = N
         else:
             continue
         image_scores.append(float(row["anomaly_score"]))
-    report: ClassificationReport = classification_report(cls_truth, cls_pred, classes) if cls_truth else {
-        "accuracy": None, "macro_precision": None, "macro_recall": None, "macro_F1": None, "per_class": {},
-        "confusion": {"labels": classes, "matrix": []}}
+    # no labelled scored row: every class with support 0 and a zero matrix, the shape of every other metrics.json
+    report: ClassificationReport = classification_report(cls_truth, cls_pred, classes)
     metrics: dict[str, Any] = {
         "iAUROC": roc_auc(np.array(image_scores), np.array(image_truth, dtype=bool)) if image_scores else None,
         "pAUROC": pixels.auroc(), "F1max": pixels.f1_max(), "AUPRO": pixels.aupro(),

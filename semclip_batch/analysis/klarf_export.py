@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from semclip_batch.config import NORMAL
-from semclip_batch.errors import ConfigError, OutputError, show
+from semclip_batch.errors import OutputError, show
 from semclip_batch.io import storage, targets
 from semclip_batch.io.klarf import UNCLASSIFIED, KlarfError, Layout, layout, parse, read_layout
 from semclip_batch.io.klarf_write import class_numbers, encode, new_klarf, relabel, render
@@ -101,12 +101,7 @@ def export_klarf(out: str, lot_id: str, dest: str, *, class_map: Mapping[int, st
 def _check_dest(dest: str, layout_: OutLayout, inputs: Mapping[str, str | None], so: Mapping[str, Any]) -> None:
     """``dest`` must lie outside OUT and be none of the files the command reads (``inputs``: what each is ->
     its path, None when not given), so the export never overwrites what it reads."""
-    target = storage.normalize_root(dest if storage.is_absolute(dest) else storage.resolve(dest, "."))
-    root = layout_.root.rstrip("/") + "/"
-    shown = storage.redact(dest)
-    if target.rstrip("/") + "/" == root or target.startswith(root):
-        raise ConfigError(f"--out {shown!r} is inside OUT {storage.redact(layout_.root)}: write the KLARF elsewhere (OUT "
-                          "holds the run's own outputs only)")
+    targets.refuse_inside_out(dest, layout_.root, "--out (the KLARF to write)")
     targets.refuse_overwriting_inputs(dest, inputs)
     targets.check_target(dest, "file", "--out (the KLARF to write)", so)
 
@@ -115,18 +110,30 @@ def _lot_rows(layout_: OutLayout, lot_id: str, so: Mapping[str, Any]) -> list[di
     folder = layout_.prediction_folder(lot_id)
     fs, path = storage.filesystem(folder, so)
     files = [f"{path}/{n}" for n in storage.list_names(folder, so) if n.endswith(".parquet")]
-    if not files:
+    if not files and not read_plan_columns(layout_, [], so, lot_id=lot_id).num_rows:
         lots = [n.split("=", 1)[1] for n in storage.list_names(layout_.predictions, so) if n.startswith("lot_id=")]
         if not lots:
             raise OutputError(f"{layout_.root} has no predictions/ yet (run `semclip-batch run ... --out` first)")
         listed = ", ".join(show(lot) for lot in lots[:10]) + (" ..." if len(lots) > 10 else "")
         raise OutputError(f"{layout_.root} has no predictions for lot {show(lot_id)} (lots: {listed})")
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=PREDICTION_COLUMNS)
     plan = read_plan_columns(layout_, ["defect_id"], so, lot_id=lot_id, required=True)
+    if not files:
+        raise _unfinished(layout_, lot_id, 0, plan.num_rows)
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=PREDICTION_COLUMNS)
+    stored = len(set(table.column("image_id").to_pylist()))
+    if stored < plan.num_rows:
+        raise _unfinished(layout_, lot_id, stored, plan.num_rows)
     ids = dict(zip(plan.column("image_id").to_pylist(), plan.column("defect_id").to_pylist(), strict=True))
     table = table.append_column("defect_id", pa.array([ids.get(i) or None for i in table.column("image_id").to_pylist()],
                                                       pa.string()))
     return table.sort_by([("wafer_id", "ascending"), ("image_id", "ascending")]).to_pylist()
+
+
+def _unfinished(layout_: OutLayout, lot_id: str, stored: int, planned: int) -> OutputError:
+    """A lot some of whose rows the run has not stored yet (killed, or failed on a shard): a KLARF of it would
+    silently lack defects."""
+    return OutputError(f"lot {show(lot_id)} is not finished in {layout_.root}: {stored} of its {planned} rows are "
+                       "stored; rerun `semclip-batch run` into it (it resumes), then export")
 
 
 def _default_numbers(layout_: OutLayout, so: Mapping[str, Any]) -> dict[str, int]:

@@ -10,11 +10,13 @@ Object storage is read through fsspec, also registered with DuckDB for paths a u
 
 The result of the last statement is printed; a statement that returns no rows of its own (``SET``,
 ``CREATE``) prints DuckDB's answer (an empty ``Success`` column, a ``Count``). SQL that holds no statement
-(empty, blanks, only comments) is refused in one line.
+(empty, blanks, only comments) is refused in one line, as is SQL holding a statement that writes or loads files
+(:data:`WRITES`): nothing is written outside OUT, nor over its outputs.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import math
@@ -37,6 +39,10 @@ from semclip_batch.io.manifest_files import hidden
 
 FORMATS = ("table", "csv", "json")
 HIVE_LOT_ID = pads.partitioning(pa.schema([("lot_id", pa.string())]), flavor="hive")
+NO_LOT_STATS = "Table with name lot_stats does not exist"  # DuckDB's words where SQL names it before `aggregate`
+WRITES = {"COPY": "COPY", "EXPORT": "EXPORT DATABASE", "ATTACH": "ATTACH", "LOAD": "INSTALL / LOAD"}
+"""Statement types refused: each writes files (a database, an export, extensions) or reads them into the
+session; ``query`` reads OUT and prints (``--format csv > FILE`` writes a result)."""
 EXACT_TYPES = ("HUGEINT",)
 """Result column types that ``fetchdf`` turns into float64 (``sum`` of a BIGINT is one): read exactly instead."""
 
@@ -104,19 +110,30 @@ def run_query(out: str, sql: str, storage_options: Mapping[str, Any] | None = No
         raise ConfigError("query: the SQL is empty; give a statement, e.g. \"select count(*) from predictions\"")
     con = connect(out, storage_options)
     try:
+        _refuse_writes(con, sql)
         result = con.execute(sql)
         if result is None:
             raise ConfigError("query: the SQL holds no statement (only comments or ';'); give one, "
                               "e.g. \"select count(*) from predictions\"")
         return _frame(con, result)
     except duckdb.CatalogException as exc:
-        if "lot_stats" in str(exc):
+        if NO_LOT_STATS in str(exc):
             raise OutputError(f"{out} has no lot_stats yet: run `semclip-batch aggregate {out}` first") from None
         raise SemclipError(f"query failed: {' '.join(str(exc).split())}") from None
     except duckdb.Error as exc:
         raise SemclipError(f"query failed: {' '.join(str(exc).split())}") from None
     finally:
         con.close()
+
+
+def _refuse_writes(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse, before any statement runs, SQL holding a statement of a :data:`WRITES` type (files written outside
+    OUT, or into it over the run's own outputs). Raises :class:`ConfigError`; DuckDB's parse errors are its own."""
+    for statement in con.extract_statements(sql):
+        kind = str(statement.type).rsplit(".", 1)[-1]
+        if kind in WRITES:
+            raise ConfigError(f"query reads OUT: {WRITES[kind]} is refused (it writes or loads files); select the "
+                              "rows and write them with --format csv or json and a shell redirect")
 
 
 def _frame(con: duckdb.DuckDBPyConnection, result: duckdb.DuckDBPyConnection) -> pd.DataFrame:
@@ -166,14 +183,41 @@ def _decimal(value: Decimal) -> int | float | None:
     return int(value) if isinstance(exponent, int) and exponent >= 0 else float(value)
 
 
+def _nested(value: Any) -> bool:
+    return isinstance(value, (list, tuple, dict, bytes, bytearray, memoryview)) \
+        or (hasattr(value, "tolist") and getattr(value, "ndim", 0) > 0)
+
+
+def _cell(value: Any) -> Any:
+    """A list, struct or map value as compact JSON text (every element, one line: what CSV and the table hold),
+    a BLOB as base64; other values as they are."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if _nested(value):
+        return json.dumps(_plain(value), default=_cell, allow_nan=False, separators=(",", ":"))
+    return value
+
+
+def _flat(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every column that holds a list, struct, map or BLOB value written as :func:`_cell` text."""
+    out = df.copy()
+    for k in range(out.shape[1]):
+        column = out.iloc[:, k]
+        if column.dtype == object and column.map(_nested).any():
+            out.isetitem(k, column.map(_cell))
+    return out
+
+
 def render(df: pd.DataFrame, fmt: str) -> str:
     """The result only: an aligned table, CSV with a header, or one JSON array of objects (valid JSON: no NaN
-    nor Infinity)."""
-    if fmt == "csv":
-        return df.to_csv(index=False)
+    nor Infinity). In CSV and the table a list, struct or map is one cell of compact JSON text (all its elements)
+    and a BLOB base64 text, as in JSON."""
     if fmt == "json":
         rows = [{k: _plain(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
-        return json.dumps(rows, default=str, allow_nan=False) + "\n"
-    if df.empty:
-        return " | ".join(map(str, df.columns)) + "\n(0 rows)\n"
-    return df.to_string(index=False) + "\n"
+        return json.dumps(rows, default=_cell, allow_nan=False) + "\n"
+    flat = _flat(df)
+    if fmt == "csv":
+        return flat.to_csv(index=False)
+    if flat.empty:
+        return " | ".join(map(str, flat.columns)) + "\n(0 rows)\n"
+    return flat.to_string(index=False) + "\n"

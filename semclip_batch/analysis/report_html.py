@@ -92,6 +92,12 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _known(value: Any) -> str:
+    """A run record's value for the page, a dash where the record has none (an attempt still running, or killed,
+    has no shard counts yet)."""
+    return "–" if value is None or value == "" else esc(value)
+
+
 def href(*names: str) -> str:
     """A relative link to ``names`` joined by ``/``, each URL-encoded (``#``, ``?``, ``:``, spaces, unicode)."""
     return esc("/".join(quote(n, safe="") for n in names))
@@ -130,16 +136,16 @@ def _run_summary(record: Mapping[str, Any] | None) -> str:
     shards = record.get("shards") or {}
     throughput = record.get("throughput_img_s")
     facts = [
-        ("run_id", f"<code>{esc(record.get('run_id'))}</code> (attempt {esc(record.get('attempt'))})"),
-        ("status", esc(record.get("status"))),
-        ("model_id", f"<code>{esc(record.get('model_id'))}</code> ({esc(record.get('mode'))})"),
-        ("started / finished", f"{esc(record.get('started_at'))} / {esc(record.get('finished_at') or '–')}"),
-        ("rows", f"{esc(rows.get('total'))} in all, {esc(rows.get('sent_to_model'))} sent to the model"),
+        ("run_id", f"<code>{_known(record.get('run_id'))}</code> (attempt {_known(record.get('attempt'))})"),
+        ("status", _known(record.get("status"))),
+        ("model_id", f"<code>{_known(record.get('model_id'))}</code> ({_known(record.get('mode'))})"),
+        ("started / finished", f"{_known(record.get('started_at'))} / {_known(record.get('finished_at'))}"),
+        ("rows", f"{_known(rows.get('total'))} in all, {_known(rows.get('sent_to_model'))} sent to the model"),
         ("counts by status", esc(", ".join(f"{k} {v}" for k, v in (record.get("counts") or {}).items()) or "–")),
-        ("shards", f"{esc(shards.get('total'))} ({esc(shards.get('run'))} run, {esc(shards.get('skipped'))} skipped)"),
-        ("throughput", f"{esc(throughput)} img/s" if throughput else "– (no row was scored by this attempt)"),
-        ("thresholds", f"image {esc(th.get('image'))}, pixel {esc(th.get('pixel'))}, min region "
-                       f"{esc(th.get('min_region_px'))} px"),
+        ("shards", f"{_known(shards.get('total'))} ({_known(shards.get('run'))} run, {_known(shards.get('skipped'))} skipped)"),
+        ("throughput", f"{_known(throughput)} img/s" if throughput else "– (no row was scored by this attempt)"),
+        ("thresholds", f"image {_known(th.get('image'))}, pixel {_known(th.get('pixel'))}, min region "
+                       f"{_known(th.get('min_region_px'))} px"),
         ("classes", esc(", ".join(map(str, record.get("classes") or [])))),
     ]
     return _table(["latest run record", ""], ([f"<b>{k}</b>", v] for k, v in facts))

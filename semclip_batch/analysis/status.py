@@ -166,7 +166,7 @@ def _read_object(url: str, so: Mapping[str, Any]) -> dict[str, Any] | None:
     """A stored JSON object, or None when missing or damaged (a damaged one is logged)."""
     try:
         body = json.loads(storage.read_bytes(url, so))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: OUT (or runs/) is a file
         return None
     except (UnicodeDecodeError, json.JSONDecodeError):
         log.warning("%s is damaged (not JSON); ignoring it", url)

@@ -89,7 +89,7 @@ def finished_record(layout: OutLayout, so: Mapping[str, Any]) -> dict[str, Any]:
     """The latest attempt record of the run whose outputs OUT holds, which must be ``complete``."""
     try:
         info = json.loads(storage.read_bytes(layout.run_info, so))
-    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
         info = None
     run_id = info.get("run_id") if isinstance(info, dict) else None
     if not run_id:
@@ -256,7 +256,11 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     if storage.exists(cfg.dest, so) and not cfg.overwrite:
         raise OutputError(f"{storage.redact(cfg.dest)} exists; pass --overwrite to replace it")
     layout = OutLayout(storage.normalize_root(cfg.out))
+    targets.refuse_inside_out(cfg.dest, layout.root, "--out (the manifest to write)")
     record = finished_record(layout, so)
+    read = {f"--exclude manifest {k + 1}": source for k, source in enumerate(cfg.exclude)}
+    targets.refuse_overwriting_inputs(cfg.dest, {"run's manifest": (record.get("config") or {}).get("input"),
+                                                 **read})
     rows = candidates(cfg.out, record, so)
     labelled = labelled_keys(record, cfg.exclude, so)
     fresh = ~(rows["image_id"].isin(labelled) | rows["url"].isin(labelled))

@@ -103,15 +103,15 @@ def new_klarf(lot_id: str, wafers: Mapping[str, Sequence[tuple[int, int, int, in
     inside the die and sizes unknown (0), no images. ``ClassLookup`` lists ``class_map``."""
     when = stamp.strftime("%m-%d-%y %H:%M:%S")
     head = ["FileVersion 1 2;", f"FileTimestamp {when};", 'InspectionStationID "semclip-batch" "SEM-CLIP" "ADC";',
-            "SampleType WAFER;", f"ResultTimestamp {when};", f"LotID {_quote(lot_id)};", "SampleSize 1 300;",
+            "SampleType WAFER;", f"ResultTimestamp {when};", f"LotID {_quote(lot_id, 'lot id')};", "SampleSize 1 300;",
             'DeviceID "";', f'SetupID "semclip-batch" {when};', 'StepID "";', "SampleOrientationMarkType NOTCH;",
             "OrientationMarkLocation DOWN;", "DiePitch 1.0 1.0;", "DieOrigin 0.0 0.0;"]
-    lookup = [f"ClassLookup {len(class_map)}", *(f" {n} {_quote(name)}" for n, name in sorted(class_map.items()))]
+    lookup = [f"ClassLookup {len(class_map)}", *(f" {n} {_quote(name, 'class name')}" for n, name in sorted(class_map.items()))]
     lookup[-1] += ";"
     laid = Layout(blocks=[*head, *(lookup if class_map else [])])
     columns = list(STANDARD_COLUMNS)
     for slot, (wafer_id, rows) in enumerate(wafers.items(), start=1):
-        laid.blocks += [f"WaferID {_quote(wafer_id)};", f"Slot {slot};", "SampleCenterLocation 0.0 0.0;",
+        laid.blocks += [f"WaferID {_quote(wafer_id, 'wafer id')};", f"Slot {slot};", "SampleCenterLocation 0.0 0.0;",
                         "InspectionTest 1;", f"DefectRecordSpec {len(columns)} {' '.join(columns)} ;"]
         records = [[str(d), "0.0", "0.0", str(x), str(y), "0.0", "0.0", "0.0", "0.0", str(c), "1", "0", "0", "0",
                     "1", "0", "0"] for d, x, y, c in rows]
@@ -123,8 +123,14 @@ def new_klarf(lot_id: str, wafers: Mapping[str, Sequence[tuple[int, int, int, in
     return laid
 
 
-def _quote(text: str) -> str:
-    return '"' + text.replace('"', "'") + '"'
+def _quote(text: str, what: str) -> str:
+    """``text`` as a KLARF string. One holding a double quote or a control character other than a tab (a newline) is
+    refused: KLARF has no escape for either, and a changed id would name a lot or wafer the yield tool does not know.
+    Raises :class:`ConfigError`."""
+    if '"' in text or any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
+        raise ConfigError(f"the {what} {show(text)} holds a double quote or a control character, which a KLARF string "
+                          "cannot carry: export another lot, or rerun with ids without them")
+    return f'"{text}"'
 
 
 def relabel(laid: Layout, classes: Mapping[tuple[str, int], int]) -> tuple[int, int]:

@@ -47,6 +47,29 @@ def _url_key(url: str) -> str:
     return f"{protocol_of(url).lower()}://{url.split('://', 1)[1].rstrip('/')}"
 
 
+def inside(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or lies below it. Local paths (and ``file://`` URLs): symlinks and relative parts
+    resolved on both (a link to OUT, or OUT named through one, is OUT); other URLs: by their keys, as
+    :func:`same_file` compares them."""
+    local_path, local_root = _local_path(path), _local_path(root)
+    if local_path is None or local_root is None:
+        if local_path is not None or local_root is not None:
+            return False
+        key, base = _url_key(path), _url_key(root)
+        return key == base or key.startswith(base + "/")
+    real, base = os.path.realpath(local_path), os.path.realpath(local_root)
+    return real == base or real.startswith(base.rstrip("/") + "/")
+
+
+def refuse_inside_out(out: str, root: str, what: str) -> None:
+    """Refuse, before any work, a file ``out`` to write inside the output root ``root`` (a run's outputs: a file
+    dropped there joins its predictions or its state). ``what``: the option and what it names, for the message.
+    Raises :class:`ConfigError`."""
+    if inside(out, root):
+        raise ConfigError(f"{what} {redact(out)!r} is inside OUT {redact(root)}: write it elsewhere (OUT holds the "
+                          "run's own outputs only)")
+
+
 def refuse_overwriting_inputs(out: str, inputs: Mapping[str, str | None]) -> None:
     """Refuse, before any work, an ``--out`` that names a file the command reads (writing it would destroy that
     input: a manifest, weights, a class map or a KLARF given as ``--out`` too). ``inputs``: what each file is, for
