@@ -8,6 +8,7 @@ normal frames (measured on synthetic lots), so the image and pixel thresholds si
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -344,8 +345,8 @@ class RunConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.actors < 1:
             raise ConfigError(f"--actors must be >= 1, got {self.actors}")
-        if self.num_gpus < 0:
-            raise ConfigError(f"--num-gpus must be >= 0, got {self.num_gpus}")
+        if not (math.isfinite(self.num_gpus) and self.num_gpus >= 0):
+            raise ConfigError(f"--num-gpus must be a finite number >= 0, got {self.num_gpus}")
 
     def public_record(self) -> dict[str, Any]:
         """The config as stored in the run record (no secrets: storage options are checked non-secret)."""

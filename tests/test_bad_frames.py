@@ -269,6 +269,20 @@ def test_non_finite_float64_and_rgb_float_are_filled() -> None:
     assert np.isfinite(gray).all() and gray[2, 2] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("scale", [1e300, 3e38, -1e200])
+def test_a_float_frame_imaged_past_float32s_range_keeps_its_content(scale: float) -> None:
+    """Every sample finite but huge (a float64 frame at 1e300, float32 near its limit): the cast made them inf, or
+    the stretch's span overflowed, and the frame was scored blank, status ok."""
+    base = np.linspace(-1.0, 1.0, 20 * 24).reshape(20, 24)  # a span of twice the scale
+    base[5:9, 5:9] = 0.0
+    arr = (base * scale).astype(np.float32 if abs(scale) < 3.4e38 else np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = model_inputs(decode_image(_tif(arr)), CFG)
+        expected = model_inputs(decode_image(_tif((base * np.sign(scale)).astype(np.float32))), CFG)
+    assert np.isfinite(x).all() and np.allclose(x, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("make", "expected"),
     [

@@ -135,6 +135,19 @@ def test_outputs_of_the_wrong_kind_are_refused_before_any_work(synth_lot, tmp_pa
     assert afile.read_bytes() == b"" and not any(adir.iterdir()) and not any(wdir.iterdir())
 
 
+def test_run_out_inside_its_input_folder_is_refused_before_any_work(tmp_path):
+    """The first run worked, and every rerun (the resume after a kill) listed OUT's own files as frames and refused
+    them. A manifest beside OUT is fine: only a folder input is listed."""
+    (tmp_path / "L1" / "W1").mkdir(parents=True)
+    (tmp_path / "L1" / "W1" / "a.png").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path)
+    for out in (tmp_path / "out", tmp_path / "link" / "out"):
+        result = invoke("run", str(tmp_path), "--pattern", "{lot_id}/{wafer_id}/{name}.{ext}", "--out", str(out),
+                        "--backbone", "semclip-tiny", "--pretrained", "none")
+        assert_one_line_error(result, "is inside the input folder")
+        assert not out.exists()
+
+
 def test_an_output_whose_kind_cannot_be_read_is_left_to_the_write(monkeypatch, tmp_path):
     """A store that lets a user write but not list answers the check with an error: the check stands aside (the
     write reports whatever is wrong), it never turns a write that would succeed into a failure."""

@@ -5,21 +5,41 @@ from __future__ import annotations
 import pytest
 
 from semclip_batch.config import ModelSpec, RunConfig
-from semclip_batch.errors import OutputError
+from semclip_batch.errors import ConfigError, OutputError
 from semclip_batch.pipeline.driver import actor_resources
 from semclip_batch.pipeline.identity import compute_run_id
-from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable
+from semclip_batch.pipeline.ray_session import ClusterShape, check_accelerators, check_output_reachable
 
 
 def cfg(**kw) -> RunConfig:
     return RunConfig(input="m.csv", out="out", model=ModelSpec(backbone="semclip-tiny"), **kw)
 
 
-@pytest.mark.parametrize("actors", [1, 2, 4])
-def test_cpu_actors_leave_room_for_decode_and_write_on_two_cores(actors):
-    cpus, threads = actor_resources(cfg(actors=actors), ClusterShape(cpus=2.0, gpus=0.0, nodes=1))
-    assert actors * cpus + 0.5 + 0.25 <= 2.0 + 1e-9
+@pytest.mark.parametrize(("actors", "node"), [(1, 2.0), (2, 2.0), (4, 2.0), (8, 2.0), (16, 2.0), (1, 1.0), (3, 1.0)])
+def test_cpu_actors_leave_room_for_decode_and_write_on_two_cores(actors, node):
+    """``--actors 8`` on 2 cores asked for 0.25 CPU each, every core: decode never started and the run waited
+    forever without a word."""
+    cpus, threads = actor_resources(cfg(actors=actors), ClusterShape(cpus=node, gpus=0.0, nodes=1))
+    assert 0 < cpus <= 1.0 and actors * cpus + 0.5 + 0.25 <= node + 1e-9
     assert threads >= 1
+
+
+@pytest.mark.parametrize("gpus", [float("nan"), float("inf"), -1.0])
+def test_num_gpus_must_be_a_finite_number(gpus):
+    with pytest.raises(ConfigError, match="--num-gpus must be a finite number >= 0"):
+        cfg(num_gpus=gpus)
+
+
+def test_gpu_actors_a_private_ray_lacks_are_refused_and_an_attached_cluster_waits(caplog):
+    """A local Ray never grows: actors asking for GPUs it lacks would wait forever without a word."""
+    check_accelerators(0.0, 8, ClusterShape(cpus=2.0, gpus=0.0, nodes=1, private=True))
+    check_accelerators(0.5, 2, ClusterShape(cpus=2.0, gpus=1.0, nodes=1, private=True))
+    for gpus, actors, has in ((0.5, 1, 0.0), (1.0, 4, 2.0)):
+        with pytest.raises(ConfigError, match=rf"asks for {gpus * actors:g} GPU\(s\); the Ray cluster has {has:g}"):
+            check_accelerators(gpus, actors, ClusterShape(cpus=2.0, gpus=has, nodes=1, private=True))
+    with caplog.at_level("WARNING"):
+        check_accelerators(1.0, 4, ClusterShape(cpus=32.0, gpus=2.0, nodes=3))
+    assert "the run waits until they are added" in caplog.text
 
 
 def test_gpu_actor_takes_one_cpu():

@@ -125,6 +125,25 @@ def test_folder_pattern_mismatch_refused_with_count_and_example(tmp_path):
         read_manifest(str(tmp_path), pattern="{lot_id}/{wafer_id}/{name}.{ext}")
 
 
+def test_a_pattern_naming_a_field_twice_is_refused_by_name(tmp_path):
+    (tmp_path / "L1" / "W1").mkdir(parents=True)
+    (tmp_path / "L1" / "W1" / "L1.png").write_bytes(b"x")
+    with pytest.raises(ManifestError, match=r"names \{lot_id\} twice: each field may appear once"):
+        read_manifest(str(tmp_path), pattern="{lot_id}/{wafer_id}/{lot_id}.{ext}")
+
+
+def test_a_null_timestamp_lot_time_in_parquet_is_absent(tmp_path):
+    """A timestamp column's null came back as pandas' text 'NaT' and refused the whole manifest; a date or
+    text column's null was already empty."""
+    import datetime as dt
+
+    pq.write_table(pa.table({"uri": ["a.png", "b.png"], "lot_id": ["L", "M"], "wafer_id": ["W1", "W1"],
+                             "lot_time": pa.array([dt.datetime(2024, 3, 1, 14, 5), None], pa.timestamp("s"))}),
+                   tmp_path / "m.parquet")
+    df = read_manifest(str(tmp_path / "m.parquet"))
+    assert list(df["lot_time"]) == ["2024-03-01 14:05:00", ""]
+
+
 def test_table_schema_text_without_nulls_and_integer_dies(tmp_path):
     (tmp_path / "m.csv").write_text('uri,lot_id,wafer_id,die_x,die_y,caption\n'
                                     ' a.png ,L1 ,W1,3,,"two\nlines"\n'

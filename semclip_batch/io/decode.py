@@ -10,6 +10,7 @@ tiny frame costs nothing. Every failure is an :class:`ImageError` whose message 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections import OrderedDict
 from typing import BinaryIO
@@ -22,6 +23,8 @@ from semclip_batch.errors import DECODE_ERROR, ImageError, shorten
 
 MIN_SIDE = 16
 MAX_PIXELS = 64 * 1024 * 1024
+FLOAT_HEADROOM = 2.0 ** 120  # float samples past it are rescaled: float32 (to ~2**128) holds the frame, its
+# luminance and the stretch's span below it
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -186,6 +189,19 @@ def _fill_non_finite(gray: np.ndarray) -> np.ndarray:
     return np.where(finite, gray, gray[finite].min())
 
 
+def _within_float32(values: np.ndarray) -> np.ndarray:
+    """Float samples as they are, unless a finite magnitude passes :data:`FLOAT_HEADROOM`: then divided by the power
+    of two that brings their median magnitude near 1 (exact; the per-image stretch undoes any scale). A frame
+    imaged at such a scale throughout was cast to inf, or overflowed the stretch's span, and was scored blank; a
+    lone outlier (median near 1 already) still becomes inf and is filled as a non-finite sample."""
+    with np.errstate(invalid="ignore"):
+        finite = np.abs(values[np.isfinite(values)])
+    if not finite.size or float(finite.max()) <= FLOAT_HEADROOM:
+        return values
+    values *= 2.0 ** -math.frexp(float(np.median(finite)))[1]
+    return values
+
+
 def _scale(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.bool_:
         return arr.astype(np.float64)
@@ -199,5 +215,5 @@ def _scale(arr: np.ndarray) -> np.ndarray:
         # were clipped to 0) and zero stays 0 (a signed mask's background); the stretch after is offset-free
         return arr.astype(np.float64) / float(np.iinfo(arr.dtype).max)
     if np.issubdtype(arr.dtype, np.floating):
-        return arr.astype(np.float64)
+        return _within_float32(arr.astype(np.float64))
     raise decode_error(f"unsupported sample type {arr.dtype}")

@@ -29,8 +29,8 @@ EMPTY = pa.scalar("", pa.string())
 
 
 def cell_text(value: Any) -> str:
-    """A cell as text: missing -> "", integral floats without ".0"."""
-    if value is None:
+    """A cell as text: missing (None, NaN, pandas' NaT of a null timestamp) -> "", integral floats without ".0"."""
+    if value is None or value is pd.NaT:
         return ""
     if isinstance(value, float):
         if math.isnan(value):
@@ -201,6 +201,9 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
             f"--pattern {pattern!r} must use {{lot_id}} and {{wafer_id}} and only fields "
             f"{', '.join(sorted(PATTERN_FIELDS))}" + (f" (unknown: {unknown[0]})" if unknown else "")
         )
+    twice = sorted({f for f in fields if fields.count(f) > 1})
+    if twice:
+        raise ManifestError(f"--pattern {pattern!r} names {{{twice[0]}}} twice: each field may appear once")
     out, pos = "", 0
     for m in re.finditer(r"{([^{}]*)}", pattern):
         out += re.escape(pattern[pos:m.start()])

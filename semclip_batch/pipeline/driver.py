@@ -11,7 +11,7 @@ import logging
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from semclip_batch.config import (
     Progress,
     RunConfig,
 )
-from semclip_batch.errors import MODEL_ERROR, OK, WRITE_ERROR, RunFailed, one_line
+from semclip_batch.errors import MODEL_ERROR, OK, WRITE_ERROR, ConfigError, RunFailed, one_line
 from semclip_batch.io import storage, targets
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import content_digest, read_manifest_table
@@ -39,7 +39,13 @@ from semclip_batch.methods.decisions import class_scores_kind
 from semclip_batch.methods.weights import preprocess_config
 from semclip_batch.pipeline.identity import ModelIdentity, compute_run_id, identify_model, output_config
 from semclip_batch.pipeline.inference import Predictor, PredictorSetup, StandIn
-from semclip_batch.pipeline.ray_session import ClusterShape, check_output_reachable, ray_log_level, ray_session
+from semclip_batch.pipeline.ray_session import (
+    ClusterShape,
+    check_accelerators,
+    check_output_reachable,
+    ray_log_level,
+    ray_session,
+)
 from semclip_batch.pipeline.reader import SHARD_KEY_SEP, decode_batch, read_plan
 from semclip_batch.pipeline.receipts import Collected, collect_receipts
 from semclip_batch.pipeline.shards import (
@@ -62,6 +68,7 @@ DECODE_CPUS = 0.5
 # row per plan file) took decode's batch size as its bundle size, and each task read and decoded 4 plan files, all of
 # a run of up to 1,024 rows in one task (README "Pipeline throughput benchmark"). Keep the two CPU asks different.
 READ_PLAN_CPUS = 0.25
+ACTOR_CPUS_FLOOR = 0.25  # CPU model actors take in all where the cluster has no more than 1 CPU beside them
 STUB_CPUS = 0.1  # a stand-in model actor (benchmarks): its device time is slept, not computed
 # Retries, on purpose (README "Faults"): a plan-read, decode or write task whose worker dies is retried up to
 # TASK_RETRIES times, and so is a model-actor task; a dead model actor is restarted without limit (node loss,
@@ -93,12 +100,13 @@ class _Timer:
 
 def actor_resources(cfg: RunConfig, shape: ClusterShape) -> tuple[float, int]:
     """CPUs per model actor and torch threads. On CPU, leave 1 CPU so decode, write and finalise always
-    progress."""
+    progress: the actors share what is left (at least :data:`ACTOR_CPUS_FLOOR` in all, at most 1 each), so
+    ``--actors 8`` on 2 cores takes 1/8 CPU each instead of asking for every core and waiting forever."""
     if cfg.model_stub is not None:  # stands in for an accelerator: takes no core from decode and write
         return STUB_CPUS, 1
     if cfg.num_gpus > 0:
         return 1.0, max(1, int(shape.cpus // max(1, cfg.actors)) - 1)
-    cpus = max(0.25, min(1.0, (shape.cpus - 1.0) / cfg.actors))
+    cpus = min(1.0, max(shape.cpus - 1.0, ACTOR_CPUS_FLOOR) / cfg.actors)
     return cpus, max(1, int(shape.cpus // cfg.actors))
 
 
@@ -110,6 +118,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     layout = OutLayout(storage.normalize_root(cfg.out))
     so = cfg.storage_options
     targets.check_target(layout.root, "folder", "--out (the output root)", so)
+    _refuse_out_inside_input_folder(cfg.input, layout.root, so)
     with timer.stage("manifest"):
         manifest = read_manifest_table(cfg.input, pattern=cfg.pattern, storage_options=so)
     with timer.stage("model_load"):
@@ -142,6 +151,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
             del manifest
             with ray_session(cfg.address) as shape:
                 check_output_reachable(layout.root, shape)
+                check_accelerators(cfg.num_gpus, cfg.actors, shape)
                 work = _Work(cfg=cfg, spec=spec, layout=layout, plan=planned.result(), ident=ident, prep=prep,
                              shape=shape, record=record, timer=timer, launched=launched)
                 _execute(work, lots, progress)
@@ -159,6 +169,17 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
                         f"{stored} of {record['shards']['total']} shards are done (record {url}); fix the cause "
                         "and rerun the same command to redo the others")
     return RunResult(out=layout.root, run_id=run_id, record=record, record_url=url)
+
+
+def _refuse_out_inside_input_folder(source: str, root: str, so: Mapping[str, Any]) -> None:
+    """An OUT inside the image folder it scores: a rerun (the resume after a kill) would list OUT's own files as
+    frames and refuse them. Raises :class:`ConfigError`."""
+    if not targets.inside(root, source):
+        return
+    fs, path = storage.filesystem(source, so)
+    if fs.isdir(path):
+        raise ConfigError(f"--out {storage.redact(root)} is inside the input folder {storage.redact(source)}: a rerun "
+                          "would read its outputs as frames; give an --out outside it")
 
 
 def _store_plan(layout: OutLayout, manifest: pa.Table, run_id: str, shard_size: int, so: dict[str, Any],

@@ -11,7 +11,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from semclip_batch.errors import ConfigError, OutputError, shorten
 from semclip_batch.pipeline.native_stderr import native_stderr_to
@@ -30,6 +30,7 @@ class ClusterShape:
     cpus: float
     gpus: float
     nodes: int
+    private: bool = False  # a local Ray this run started: it never grows, so what it lacks never comes
 
 
 @contextmanager
@@ -41,7 +42,7 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
     """
     import ray
 
-    started = False
+    started = private = False
     watchdog: Watchdog | None = None
     quiet = ExitStack()
     try:
@@ -51,6 +52,7 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
                 if target:
                     ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
                 else:
+                    private = True
                     token = secrets.token_hex(16)
                     watchdog = start_watchdog(token)
                     # Ray's own warnings (e.g. that it turned token auth on) go to its session logs, and to the
@@ -67,7 +69,7 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
                                   f"{shorten(str(exc), 200)}") from None
             started = True
         try:
-            yield cluster_shape()
+            yield replace(cluster_shape(), private=private)
         finally:
             if started:
                 ray.shutdown()
@@ -96,6 +98,18 @@ def cluster_shape() -> ClusterShape:
     res = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     return ClusterShape(cpus=float(res.get("CPU", 0.0)), gpus=float(res.get("GPU", 0.0)), nodes=nodes)
+
+
+def check_accelerators(num_gpus: float, actors: int, shape: ClusterShape) -> None:
+    """Model actors that ask for more GPUs than the Ray has would wait for them without a word: refused on a
+    private local Ray (it never grows), logged on an attached cluster (an autoscaler may add them)."""
+    wanted = num_gpus * actors
+    if num_gpus <= 0 or wanted <= shape.gpus + 1e-9:
+        return
+    what = f"--actors {actors} x --num-gpus {num_gpus:g} asks for {wanted:g} GPU(s); the Ray cluster has {shape.gpus:g}"
+    if shape.private:
+        raise ConfigError(f"{what} on this machine: give fewer --actors or --num-gpus (0: score on CPU)")
+    log.warning("%s now: the run waits until they are added", what)
 
 
 def check_output_reachable(out: str, shape: ClusterShape) -> None:
