@@ -108,6 +108,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[], bytes], str]] = {
     "huge_tiff": (_huge_tiff, "frame 60000x60000 exceeds 64 Mpx"),
     "all_nan_float": (lambda: _tif(np.full((20, 20), np.nan, np.float32)), "no finite pixels"),
     "all_inf_float": (lambda: _tif(np.full((20, 20), np.inf, np.float32)), "no finite pixels"),
+    "five_samples": (lambda: _tif(np.zeros((200, 240, 5), np.uint8), photometric="minisblack", planarconfig="contig"),
+                     r"unsupported TIFF sample layout \(200, 240, 5\)"),  # it read as a 240x5 frame
 }
 
 

@@ -113,14 +113,25 @@ def _decode_tiff(fh: BinaryIO, index: int, key: tuple[str, int] | None = None) -
             shape = page.shape
             if len(shape) < 2:
                 raise decode_error(f"TIFF page has shape {shape}, not an image")
-            # samples last (grey + alpha, RGB(A): up to 4), else planar samples first
-            h, w = (shape[0], shape[1]) if len(shape) == 2 or shape[-1] <= 4 else shape[-2:]
-            check_size(int(h), int(w))
+            h, w = _tiff_size(shape)
+            check_size(h, w)
             return page.asarray()
     except ImageError:
         raise
     except Exception as exc:
         raise decode_error(f"unreadable TIFF: {_reason(exc)}") from exc
+
+
+def _tiff_size(shape: tuple[int, ...]) -> tuple[int, int]:
+    """Height and width of a TIFF page's ``shape``: samples last (grey + alpha, RGB(A): up to 4), else planar samples
+    first; any other layout (5 samples a pixel, a volume) is a decode error naming it (it read as a 240 x 5 frame)."""
+    if len(shape) == 2:
+        return int(shape[0]), int(shape[1])
+    if len(shape) == 3 and shape[-1] <= 4:
+        return int(shape[0]), int(shape[1])
+    if len(shape) == 3 and shape[0] <= 4:
+        return int(shape[1]), int(shape[2])
+    raise decode_error(f"unsupported TIFF sample layout {tuple(shape)}: grey, grey + alpha, RGB or RGBA pixels only")
 
 
 def _tiff_page(tif: tifffile.TiffFile, index: int, key: tuple[str, int] | None) -> tifffile.TiffPage | tifffile.TiffFrame:
