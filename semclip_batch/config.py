@@ -74,6 +74,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_MODES = ("mean", "max")
 
 
+SIGMA_MAX = 32.0  # px of the model's view (224-240 px): the map's Gaussian pads 4 sigma, which must stay inside it
+
 @dataclass(frozen=True)
 class Thresholds:
     """Decision thresholds; ``source`` says where each value came from (default | flag | checkpoint)."""
@@ -224,8 +226,9 @@ class ModelSpec:
         check_map_shifts(self.map_shifts)
         if self.score_mode not in SCORE_MODES:
             raise ConfigError(f"score mode must be one of {', '.join(SCORE_MODES)}, got {self.score_mode!r}")
-        if self.sigma < 0:
-            raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
+        if not (math.isfinite(self.sigma) and 0 <= self.sigma <= SIGMA_MAX):
+            raise ConfigError(f"sigma (train --sigma, sigma in a checkpoint) must be a number in [0, {SIGMA_MAX:g}] px of "
+                              f"the model's view, got {self.sigma}")
         check_scale_policy(self.scale_policy)
         if not 0.0 <= self.reference_weight <= 1.0:
             raise ConfigError(f"the reference weight (train --reference-weight, reference_weight in a checkpoint) must be "

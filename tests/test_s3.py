@@ -17,7 +17,7 @@ from semclip_batch.analysis.query import run_query
 from semclip_batch.analysis.results import read_predictions
 from semclip_batch.cli import main
 from semclip_batch.config import SCALE_CHECK_POLICIES
-from semclip_batch.errors import ManifestError, OutputError
+from semclip_batch.errors import ConfigError, ManifestError, OutputError
 from semclip_batch.fewshot.adapt import ADAPTED_BACKBONE, ADAPTED_SOURCE
 from semclip_batch.fewshot.scale_check import FITTED
 from semclip_batch.io import storage, targets
@@ -56,6 +56,93 @@ def test_an_output_of_the_wrong_kind_is_refused_on_s3(s3_endpoint):
         targets.check_target(f"s3://{BUCKET}/kinds/a-folder", "file", "--out")
     targets.check_target(f"s3://{BUCKET}/kinds/a-folder", "folder", "--out")  # a run's root written before
     targets.check_target(f"s3://{BUCKET}/kinds/new.safetensors", "file", "--out")
+
+
+def test_an_output_in_a_bucket_that_does_not_exist_is_refused_before_any_work(s3_endpoint, synth_lot):
+    """It failed after the work (a `train`'s fit, a `run`'s Ray start) with a message that named no URL."""
+    targets.check_target(f"s3://{BUCKET}/fresh/ck", "folder", "--out")  # the bucket exists: nothing to say
+    m = str(synth_lot / "manifest.csv")
+    tiny = ("--backbone", "semclip-tiny", "--pretrained", "shipped")
+    for args in (("train", m, "--out", "s3://no-such-bucket-x/ck", "--epochs", "1", "--adapt-steps", "0", *tiny),
+                 ("run", m, "--out", "s3://no-such-bucket-x/out", *tiny),
+                 ("manifest", "from-prefix", str(synth_lot / "images"), "--out", "s3://no-such-bucket-x/m.csv")):
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        lines = result.output.strip().splitlines()
+        assert lines == [lines[-1]] and "s3://no-such-bucket-x/" in lines[-1], result.output
+        assert "bucket 'no-such-bucket-x' does not exist" in lines[-1] and "epoch" not in result.output
+
+
+def test_a_uri_ending_in_a_slash_or_naming_a_prefix_is_a_folder(s3_endpoint, synth_lot):
+    """``s3://b/folder/`` read the object ``folder`` (the store strips the slash) and scored it ``ok``; a prefix
+    read as "not found"."""
+    from semclip_batch.errors import ImageError
+
+    png = next((synth_lot / "images").rglob("*.png")).read_bytes()
+    s3 = boto3.client("s3")
+    for key in ("odd/folder", "odd/folder/x.png", "odd/prefix/y.png"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=png)
+    assert load_frame(f"s3://{BUCKET}/odd/folder").ndim == 2
+    for url in (f"s3://{BUCKET}/odd/folder/", f"s3://{BUCKET}/odd/prefix", str(synth_lot / "images") + "/"):
+        with pytest.raises(ImageError, match="is a folder, not a file"):
+            load_frame(url)
+    with pytest.raises(ImageError, match="not found"):
+        load_frame(f"s3://{BUCKET}/odd/nothing.png")
+
+
+def test_credentials_in_a_storage_option_url_are_refused_unseen():
+    with pytest.raises(ConfigError) as refused:
+        storage.check_storage_options({"endpoint_url": "http://AKIDX:SuperSecret123@127.0.0.1:9"})
+    assert "credentials inside a URL are refused" in str(refused.value) and "SuperSecret123" not in str(refused.value)
+
+
+def test_debug_logging_keeps_the_session_token_off_the_terminal(s3_run):
+    """botocore's debug lines print each request's headers, the session token among them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, out, _, _ = s3_run
+    env = {**os.environ, "AWS_SESSION_TOKEN": "ZZTOKENZZ"}
+    cli = str(Path(sys.executable).parent / "semclip-batch")  # the console script beside this interpreter
+    done = subprocess.run([cli, "-vv", "query", out,
+                           "select count(*) as n from predictions"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ZZTOKENZZ" not in done.stdout + done.stderr
+    assert "DEBUG" in done.stderr  # -vv still logs the package's own debug lines
+
+
+@pytest.mark.timeout(90)
+def test_an_endpoint_that_never_answers_fails_a_read_instead_of_hanging(monkeypatch):
+    """It accepts connections and never answers: with botocore's 60 s timeouts and s3fs's 5 tries one read took
+    ~7 minutes. Here with 1 s timeouts (the shipped 10 s: ~1 minute), the read ends as an ``OSError``."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setattr(storage, "S3_TIMEOUTS", {"connect_timeout": 1, "read_timeout": 1})
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(OSError):
+            storage.read_bytes(f"s3://{BUCKET}/never.png", {"endpoint_url": url})
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
 
 
 def test_rows_and_masks_on_s3(s3_run):

@@ -411,12 +411,13 @@ def test_mistakes_end_in_one_line(finished, tmp_path):
 
 
 def test_unfinished_run_is_refused(tmp_path):
-    (tmp_path / "_state").mkdir()
-    (tmp_path / "_state" / "run.json").write_text(json.dumps({"run_id": "abc"}))
-    (tmp_path / "runs" / "abc").mkdir(parents=True)
-    (tmp_path / "runs" / "abc" / "attempt-1.json").write_text(json.dumps({"run_id": "abc", "attempt": 1,
-                                                                           "status": "failed"}))
-    result = invoke("suggest", str(tmp_path), "--out", str(tmp_path / "s.csv"))
+    out = tmp_path / "out"
+    (out / "_state").mkdir(parents=True)
+    (out / "_state" / "run.json").write_text(json.dumps({"run_id": "abc"}))
+    (out / "runs" / "abc").mkdir(parents=True)
+    (out / "runs" / "abc" / "attempt-1.json").write_text(json.dumps({"run_id": "abc", "attempt": 1,
+                                                                      "status": "failed"}))
+    result = invoke("suggest", str(out), "--out", str(tmp_path / "s.csv"))
     one_line_error(result, "has not finished (attempt 1 is 'failed')")
 
 

@@ -28,6 +28,8 @@ from semclip_batch.config import (
 )
 from semclip_batch.pipeline.native_stderr import split_stderr
 
+WIRE_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
@@ -42,6 +44,8 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     split_stderr()  # first: Python's output keeps the terminal when a private Ray moves native lines to its log
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    for wire in WIRE_LOGGERS:  # their debug lines print request headers: a session token, an endpoint's credentials
+        logging.getLogger(wire).setLevel(max(level, logging.INFO))
 
 
 @main.command()

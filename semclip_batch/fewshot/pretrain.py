@@ -77,7 +77,7 @@ from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.preprocess import normalize
 from semclip_batch.methods.prompts import PromptSet, load_prompts
 from semclip_batch.methods.registry import depth_of
-from semclip_batch.methods.weights import canonical_sha256, load_backbone, preprocess_config
+from semclip_batch.methods.weights import PRETRAIN_FORMAT, canonical_sha256, load_backbone, preprocess_config
 from semclip_batch.model import default_taps
 from semclip_batch.model.encoder import encode_dual_path
 from semclip_batch.model.text import encode_prompts
@@ -377,7 +377,7 @@ def save_weights(clip: nn.Module, backbone: str, url: str, storage_options: Mapp
                  metadata: Mapping[str, str] | None = None) -> str:
     state = {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
     digest = canonical_sha256(state)
-    meta = {**(metadata or {}), "backbone": backbone, "sha256": digest, "format": "semclip-batch/pretrain"}
+    meta = {**(metadata or {}), "backbone": backbone, "sha256": digest, "format": PRETRAIN_FORMAT}
     blob = save_safetensors(state, metadata=meta)
     storage.write_bytes(url, io.BytesIO(blob).getvalue(), storage_options)
     return digest

@@ -12,14 +12,17 @@ WinCLIP+'s memories and PromptAD's prompts in their own modules), then fit the t
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
 
 from semclip_batch.config import LossProgress, ModelSpec, PreprocessConfig
-from semclip_batch.fewshot.adapt import ADAPTED_SOURCE, FitBackbone, backbone_for_fit, write_weights
+from semclip_batch.errors import ConfigError
+from semclip_batch.fewshot.adapt import ADAPTED_BACKBONE, ADAPTED_SOURCE, FitBackbone, backbone_for_fit, write_weights
 from semclip_batch.fewshot.augment import augment
 from semclip_batch.fewshot.decoded import kept_budget, rows_kept
 from semclip_batch.fewshot.fit_memory import available_bytes
@@ -53,9 +56,16 @@ from semclip_batch.fewshot.support_set import (
     support_that_fits,
 )
 from semclip_batch.fewshot.trainset import TrainSet
-from semclip_batch.io import targets
+from semclip_batch.io import storage, targets
 from semclip_batch.io.manifest import read_manifest
-from semclip_batch.methods.checkpoint import CheckpointMeta, CheckpointThresholds, WeightsRef, save_checkpoint
+from semclip_batch.methods.checkpoint import (
+    META,
+    TENSORS,
+    CheckpointMeta,
+    CheckpointThresholds,
+    WeightsRef,
+    save_checkpoint,
+)
 from semclip_batch.methods.features import Features
 from semclip_batch.methods.fitting import (
     MIN_VALIDATION_FRAMES,
@@ -66,7 +76,8 @@ from semclip_batch.methods.fitting import (
 )
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import depth_of, get_method, method_taps, new_model
-from semclip_batch.methods.weights import LoadedBackbone
+from semclip_batch.methods.shipped import SHIPPED
+from semclip_batch.methods.weights import RANDOM, LoadedBackbone
 from semclip_batch.model.grey_memory import GREY_MEMORY
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
 from semclip_batch.model.region_classes import REGION_CLASSES
@@ -133,6 +144,7 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
 def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: LossProgress | None) -> CheckpointMeta:
     t0 = time.perf_counter()
     targets.check_target(cfg.out, "folder", "--out (the checkpoint folder)", cfg.model.storage_options)
+    _refuse_writing_over_inputs(cfg)
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
     df = sample_shots(read_manifest(cfg.support, storage_options=cfg.model.storage_options), cfg.shots, cfg.model.seed)
     if cfg.check_scale:  # fitted at whole, whatever policy a library caller's spec gives; the maps' policy checked after
@@ -203,8 +215,29 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
         log.warning(weak)
     meta = _checkpoint_meta(cfg, replace(applied(cfg.recipe, at.model), grey_memory=grey is not None,
                                          region_classes=regions is not None), prompts, chosen, fitted, at_prep, record)
+    _refuse_diverged_fit(state, meta, cfg)
     write_weights(cfg.out, chosen, cfg.model.storage_options)
     return save_checkpoint(cfg.out, state, meta, cfg.model.storage_options)
+
+
+def _refuse_writing_over_inputs(cfg: TrainConfig) -> None:
+    """The files ``train`` writes into ``--out`` must be none it reads: a ``--pretrained`` file named
+    ``model.safetensors`` inside the folder was overwritten by the fit's tensors (exit 0, the checkpoint broken)."""
+    read = {"--pretrained weights": cfg.model.pretrained if cfg.model.pretrained not in (SHIPPED, RANDOM) else None,
+            "--prompts file": cfg.model.prompts, "support manifest": cfg.support}
+    for name in (TENSORS, META, ADAPTED_BACKBONE):
+        targets.refuse_overwriting_inputs(storage.join(cfg.out, name), read)
+
+
+def _refuse_diverged_fit(state: Mapping[str, torch.Tensor], meta: CheckpointMeta, cfg: TrainConfig) -> None:
+    """A fit whose loss went NaN left tensors and thresholds that are not finite: nothing is written (the checkpoint
+    was, exit 0, and `run` refused it)."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is None and not all(math.isfinite(t) for t in (meta.thresholds.image, meta.thresholds.pixel)):
+        bad = "image or pixel threshold"
+    if bad is not None:
+        raise ConfigError(f"train: the fitted {bad} is not finite: the fit diverged (--lr {cfg.lr:g} too high?); "
+                          "nothing was written")
 
 
 def _checkpoint_meta(cfg: TrainConfig, spec: ModelSpec, prompts: PromptSet, chosen: FitBackbone, fitted: Fitted,

@@ -10,7 +10,7 @@ import numpy as np
 from semclip_batch.errors import READ_ERROR, REFERENCE_ERROR, ImageError, one_line
 from semclip_batch.io.decode import decode_file, decode_image
 from semclip_batch.io.register import register_reference
-from semclip_batch.io.storage import read_bytes, read_with, redact
+from semclip_batch.io.storage import filesystem, read_bytes, read_with, redact
 
 
 def load_frame(url: str, storage_options: Mapping[str, Any] | None = None, page: int | None = None) -> np.ndarray:
@@ -20,6 +20,8 @@ def load_frame(url: str, storage_options: Mapping[str, Any] | None = None, page:
     reads the file's headers and that page's pixels (:func:`~semclip_batch.io.decode.decode_file`, with the
     page offsets of recent files kept), so N defects on pages of one multi-page TIFF do not read it N times.
     """
+    if url.endswith("/"):  # the store strips the "/" and would read another object, or a local file, by the name
+        raise ImageError(READ_ERROR, f"is a folder, not a file (ends in '/'): {redact(url)}")
     try:
         if page is not None:
             return read_with(url, storage_options, lambda fh: decode_file(fh, page, url))
@@ -27,12 +29,23 @@ def load_frame(url: str, storage_options: Mapping[str, Any] | None = None, page:
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(READ_ERROR, f"not found: {redact(url)}") from None
+        what = "is a folder, not a file" if _is_folder(url, storage_options) else "not found"
+        raise ImageError(READ_ERROR, f"{what}: {redact(url)}") from None
     except IsADirectoryError:
         raise ImageError(READ_ERROR, f"is a folder, not a file: {redact(url)}") from None
     except Exception as exc:  # noqa: BLE001 - any storage failure is this row's read error
         raise ImageError(READ_ERROR, f"cannot read {redact(url)}: {one_line(exc)}") from None
     return decode_image(data)
+
+
+def _is_folder(url: str, storage_options: Mapping[str, Any] | None) -> bool:
+    """Whether a URL that read as missing names a folder (an object store's prefix); False when that cannot be
+    told."""
+    try:
+        fs, path = filesystem(url, storage_options)
+        return bool(fs.isdir(path))
+    except Exception:  # noqa: BLE001 - only the message depends on it
+        return False
 
 
 def load_reference(url: str, frame: np.ndarray, storage_options: Mapping[str, Any] | None,

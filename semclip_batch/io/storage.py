@@ -58,8 +58,20 @@ def check_storage_options(options: Mapping[str, Any]) -> dict[str, Any]:
         kind = FLAG_OPTIONS.get(key)
         if kind is None:
             raise ConfigError(f"unknown storage option {key[:40]!r}; accepted: {', '.join(FLAG_OPTIONS)}")
+        if kind is not bool and has_credentials(str(value)):  # an endpoint_url=http://KEY:SECRET@host
+            raise ConfigError(f"storage option {key!r} {redact(str(value))}: credentials inside a URL are refused; set "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile) instead")
         out[key] = _parse_bool(key, value) if kind is bool else str(value)
     return out
+
+
+S3_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 10}
+"""Seconds botocore waits for a connection, and between two reads of an answer (not for the whole object)."""
+S3FS_TRIES = 1
+"""s3fs's own tries of a call, around botocore's (which retries timeouts, resets and 5xx answers itself) and under
+this module's (:data:`RETRY_ATTEMPTS`). With botocore's 60 s timeouts and s3fs's 5 tries, an endpoint that accepts
+connections and never answers held one read ~7 minutes (a `run` or `query` seemed to hang); now it fails within
+about a minute (botocore's 5 attempts of 10 s) and becomes the row's ``read_error``."""
 
 
 def fs_kwargs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -68,6 +80,8 @@ def fs_kwargs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, 
     region = opts.pop("region_name", None)
     if region is not None and protocol_of(url) in ("s3", "s3a"):
         opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "region_name": region}
+    if protocol_of(url) in ("s3", "s3a"):
+        opts["config_kwargs"] = {**S3_TIMEOUTS, **opts.get("config_kwargs", {})}
     if not has_protocol(url):
         opts = {}
     return opts
@@ -147,6 +161,8 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
         # the URL's own filesystem, taken literally: "::" inside a key (a lot id may hold it) is not a URL chain
         cls = fsspec.get_filesystem_class(protocol_of(url))
         fs, path = cls(**fs_kwargs(url, storage_options)), cls._strip_protocol(url)
+        if hasattr(fs, "retries") and protocol_of(url) in ("s3", "s3a"):  # s3fs's own tries (a class attribute)
+            fs.retries = S3FS_TRIES
     except TypeError as exc:
         names = ", ".join(sorted(storage_options or {})) or "none"
         raise ConfigError(f"storage options ({names}) are not accepted for {protocol_of(url)}:// URLs: "
@@ -168,7 +184,8 @@ RETRY_MAX_DELAY_S = 4.0
 """Longest wait between two tries."""
 RETRY_DEADLINE_S = 10.0
 """No new try starts once this long has passed since the first began: an object that keeps failing fails
-within this plus one try (at most ~15 s of botocore backoff on S3), never hangs the worker."""
+within this plus one try (on S3 at most ~15 s of botocore backoff, or its 5 attempts' read timeouts: see
+:data:`S3_TIMEOUTS`), never hangs the worker."""
 TRANSIENT_HTTP_STATUSES = frozenset({429, 500, 502, 503, 504})
 TRANSIENT_ERROR_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "RequestLimitExceeded", "TooManyRequests",

@@ -79,6 +79,21 @@ def refuse_overwriting_inputs(out: str, inputs: Mapping[str, str | None]) -> Non
             raise ConfigError(f"--out {redact(out)!r} is the {what} this command reads: write to another file")
 
 
+def _refuse_missing_bucket(fs: Any, path: str, url: str, what: str) -> None:
+    """On S3, an output whose bucket does not exist: refused now, not after the work (a `train`'s fit, a `run`'s
+    Ray start) with a message that named no URL. Only a clear 404 refuses; an answer this user may not read (a
+    403 on HEAD bucket) stands aside, as in :func:`check_target`."""
+    if not hasattr(fs, "call_s3"):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise OutputError(f"{what} {redact(url)}: bucket {bucket!r} does not exist (create it first)") from None
+    except Exception as exc:  # noqa: BLE001 - not ours to judge: the write says what is wrong
+        log.debug("%s %s: its bucket not checked (%s)", what, redact(url), one_line(exc))
+
+
 def check_target(url: str, kind: Literal["file", "folder"], what: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Refuse, before any work, an output location holding the other kind of entry: a file where ``kind`` is
     ``"folder"`` (a checkpoint folder, a run's output root), a folder where it is ``"file"`` (a weights file, a
@@ -95,6 +110,7 @@ def check_target(url: str, kind: Literal["file", "folder"], what: str, storage_o
         raise OutputError(f"{what} {redact(url)} is a file: give a folder (new, or one this command wrote before)")
     if wrong:
         raise OutputError(f"{what} {redact(url)} is a folder: give the name of the file to write")
+    _refuse_missing_bucket(fs, path, url, what)
     if isinstance(fs, LocalFileSystem):
         above = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(above) and os.path.dirname(above) != above:

@@ -128,6 +128,10 @@ class CheckpointMeta:
         if version not in (1, 2, 3, 4, 5, CHECKPOINT_VERSION):
             raise WeightsError(f"{where}: checkpoint version {show(version)} is not one this release reads "
                                f"(1 to {CHECKPOINT_VERSION}); use the release that wrote it, or train again")
+        names = [str(c) for c in body.get("classes") or []] if isinstance(body.get("classes"), list) else []
+        twice = next((c for c in names if names.count(c) > 1), None)
+        if twice is not None:  # its rows would count that class twice in every statistic
+            raise WeightsError(f"{where}: {META} names class {show(twice)} twice")
         try:
             w, th = body["weights"], body["thresholds"]
             return cls(

@@ -30,6 +30,8 @@ from semclip_batch.methods.shipped import SHIPPED, shipped_path, shipped_weights
 
 log = logging.getLogger(__name__)
 RANDOM = "none"
+HUB_PROTOCOLS = ("hf", "hf-hub", "huggingface")  # fsspec's Hugging Face filesystem: a hub, never read at run time
+PRETRAIN_FORMAT = "semclip-batch/pretrain"  # the metadata `format` of weights `pretrain` (and `train`'s adaptation) writes
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
 
 
@@ -121,9 +123,35 @@ def load_backbone(name: str, pretrained: str, *, seed: int = 0, expected_sha256:
     except RuntimeError as exc:
         first = str(exc).splitlines()[1:2] or [str(exc)]
         raise WeightsError(f"weights {pretrained!r} do not fit backbone {name}: {first[0].strip()}") from None
+    _refuse_non_finite(state, pretrained)
     digest = canonical_sha256(clip.state_dict())
     _check_expected(expected_sha256, digest, file_sha, pretrained)
+    _check_recorded(data, pretrained, digest)
     return LoadedBackbone(clip=clip, name=name, source=pretrained, sha256=digest)
+
+
+def _refuse_non_finite(state: Mapping[str, torch.Tensor], url: str) -> None:
+    """Weights holding NaN or inf (damaged, or saved after training diverged) score NaN everywhere: refused before
+    any work (a run scored every frame, then failed each shard in its writer)."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise WeightsError(f"weights {url!r}: tensor {bad} holds NaN or inf values (damaged, or saved after training "
+                           "diverged)")
+
+
+def _check_recorded(data: bytes, url: str, digest: str) -> None:
+    """A ``pretrain`` output records its tensors' checksum in its metadata: a file whose tensors no longer match it
+    (a flipped byte) is refused, as a mismatch with ``--pretrained-sha256`` is."""
+    if not url.lower().split("?", 1)[0].endswith(".safetensors"):
+        return
+    try:
+        meta = safetensors_metadata(io.BytesIO(data))
+    except ValueError:
+        return
+    recorded = meta.get("sha256")
+    if meta.get("format") == PRETRAIN_FORMAT and recorded and recorded != digest:
+        raise WeightsError(f"weights {url!r} do not match the checksum they record ({recorded}): their tensors "
+                           f"hash to {digest}: the file is damaged or was replaced after it was written")
 
 
 @contextmanager
@@ -186,6 +214,9 @@ def safetensors_metadata(fh: BinaryIO) -> dict[str, str]:
 
 
 def _read_weights(url: str, storage_options: Mapping[str, Any] | None) -> bytes:
+    if storage.protocol_of(url).lower() in HUB_PROTOCOLS:
+        raise WeightsError(f"weights {url!r}: a model hub is never read at run time (DESIGN); download the file "
+                           "once, check its sha256, and give its path or object-store URL")
     try:
         return storage.read_bytes(url, storage_options)
     except FileNotFoundError:
