@@ -8,7 +8,9 @@ normal frames (measured on synthetic lots), so the image and pixel thresholds si
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,16 @@ LossProgress = Callable[[int, int, float], None]
 DEFAULT_BACKBONE = "ViT-B-16-plus-240"
 NORMAL = "normal"  # the class of defect-free frames, always class 0 of a prompt file
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # log lines of the CLI (and of its report workers)
+WIRE_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3")
+"""Loggers whose debug lines print each request's headers (an S3 session token, an endpoint's credentials): never
+below INFO."""
+
+
+def configure_logging(level: int) -> None:
+    """The CLI's logging (and its report workers'): ``level`` on stderr, :data:`WIRE_LOGGERS` at INFO at most."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    for wire in WIRE_LOGGERS:
+        logging.getLogger(wire).setLevel(max(level, logging.INFO))
 DEFAULT_IMAGE_THRESHOLD = 0.95
 DEFAULT_PIXEL_THRESHOLD = 0.95
 DEFAULT_MIN_REGION_PX = 16

@@ -210,15 +210,19 @@ def test_lists_structs_and_blobs_are_one_cell_of_json_in_csv_and_the_table(tmp_p
 
 @pytest.mark.parametrize("sql", ["COPY (select 1 as x) TO '{dir}/escaped.csv'",
                                  "select 1; ATTACH '{dir}/evil.duckdb' AS e",
-                                 "EXPORT DATABASE '{dir}/dump'", "INSTALL httpfs",
-                                 "COPY (select * from predictions) TO '{out}/predictions/lot_id=x/p.parquet'"])
+                                 "EXPORT DATABASE '{dir}/dump'", "INSTALL httpfs", "UPDATE EXTENSIONS",
+                                 "COPY (select * from predictions) TO '{out}/predictions/lot_id=x/p.parquet'",
+                                 "PREPARE q AS COPY (select 1) TO '{dir}/p.csv'; EXECUTE q",
+                                 "SET log_query_path = '{dir}/log.txt'; select 1",
+                                 "PRAGMA enable_profiling = 'json'; SET profiling_output = '{dir}/prof.json'; select 1",
+                                 "CREATE PERSISTENT SECRET s (TYPE s3)"])
 def test_sql_that_writes_or_loads_files_is_refused_before_it_runs(tmp_path, sql):
     out = _write_out(tmp_path, _predictions(5, 10))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     result = CliRunner().invoke(main, ["query", str(out), sql.format(dir=tmp_path, out=out)])
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "is refused (it writes or loads files)" in lines[0], result.output
+    assert len(lines) == 1 and "is refused (it may write or load files)" in lines[0], result.output
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
@@ -229,8 +233,11 @@ def test_an_unknown_table_is_duckdbs_message_unless_it_is_lot_stats(tmp_path):
         result = CliRunner().invoke(main, ["query", str(out), sql])
         assert result.exit_code == 1 and "query failed: Catalog Error" in result.output, result.output
         assert "no lot_stats yet" not in result.output
-    result = CliRunner().invoke(main, ["query", str(out), "select * from lot_stats"])
-    assert result.exit_code == 1 and "has no lot_stats yet" in result.output, result.output
+    for name in ("lot_stats", "LOT_STATS"):
+        result = CliRunner().invoke(main, ["query", str(out), f"select * from {name}"])
+        assert result.exit_code == 1 and "has no lot_stats yet" in result.output, result.output
+    for sql in ("SET threads = 2", "PRAGMA table_info('predictions')", "create temp table t as select 1; select * from t"):
+        assert CliRunner().invoke(main, ["query", str(out), sql]).exit_code == 0, sql  # the session's own changes
 
 
 def test_an_object_store_out_named_like_a_glob(tmp_path):

@@ -271,12 +271,14 @@ def test_non_finite_float64_and_rgb_float_are_filled() -> None:
     assert np.isfinite(gray).all() and gray[2, 2] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("scale", [1e300, 3e38, -1e200])
-def test_a_float_frame_imaged_past_float32s_range_keeps_its_content(scale: float) -> None:
+@pytest.mark.parametrize(("scale", "dark"), [(1e300, 0), (3e38, 0), (-1e200, 0), (1e300, 14)])
+def test_a_float_frame_imaged_past_float32s_range_keeps_its_content(scale: float, dark: int) -> None:
     """Every sample finite but huge (a float64 frame at 1e300, float32 near its limit): the cast made them inf, or
-    the stretch's span overflowed, and the frame was scored blank, status ok."""
+    the stretch's span overflowed, and the frame was scored blank, status ok. ``dark``: rows of zero background
+    (more than half the frame: the median magnitude is then 0)."""
     base = np.linspace(-1.0, 1.0, 20 * 24).reshape(20, 24)  # a span of twice the scale
     base[5:9, 5:9] = 0.0
+    base[:dark] = 0.0
     arr = (base * scale).astype(np.float32 if abs(scale) < 3.4e38 else np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

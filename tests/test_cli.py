@@ -138,6 +138,8 @@ def test_outputs_of_the_wrong_kind_are_refused_before_any_work(synth_lot, tmp_pa
 def test_run_out_inside_its_input_folder_is_refused_before_any_work(tmp_path):
     """The first run worked, and every rerun (the resume after a kill) listed OUT's own files as frames and refused
     them. A manifest beside OUT is fine: only a folder input is listed."""
+    from semclip_batch.io.targets import refuse_out_inside_input_folder
+
     (tmp_path / "L1" / "W1").mkdir(parents=True)
     (tmp_path / "L1" / "W1" / "a.png").write_bytes(b"x")
     (tmp_path / "link").symlink_to(tmp_path)
@@ -146,6 +148,9 @@ def test_run_out_inside_its_input_folder_is_refused_before_any_work(tmp_path):
                         "--backbone", "semclip-tiny", "--pretrained", "none")
         assert_one_line_error(result, "is inside the input folder")
         assert not out.exists()
+    (tmp_path / "m.csv").write_text("uri,lot_id,wafer_id\nL1/W1/a.png,L1,W1\n")  # a manifest: OUT beside it is fine
+    refuse_out_inside_input_folder(str(tmp_path / "m.csv"), str(tmp_path / "out"))
+    refuse_out_inside_input_folder(str(tmp_path / "L1"), str(tmp_path / "out"))  # a folder that does not hold OUT
 
 
 def test_an_output_whose_kind_cannot_be_read_is_left_to_the_write(monkeypatch, tmp_path):

@@ -16,7 +16,7 @@ def cfg(**kw) -> RunConfig:
 
 
 @pytest.mark.parametrize(("actors", "node"), [(1, 2.0), (2, 2.0), (4, 2.0), (8, 2.0), (16, 2.0), (1, 1.0), (3, 1.0)])
-def test_cpu_actors_leave_room_for_decode_and_write_on_two_cores(actors, node):
+def test_cpu_actors_leave_room_for_decode_and_write_on_one_or_two_cores(actors, node):
     """``--actors 8`` on 2 cores asked for 0.25 CPU each, every core: decode never started and the run waited
     forever without a word."""
     cpus, threads = actor_resources(cfg(actors=actors), ClusterShape(cpus=node, gpus=0.0, nodes=1))
@@ -34,8 +34,9 @@ def test_gpu_actors_a_private_ray_lacks_are_refused_and_an_attached_cluster_wait
     """A local Ray never grows: actors asking for GPUs it lacks would wait forever without a word."""
     check_accelerators(0.0, 8, ClusterShape(cpus=2.0, gpus=0.0, nodes=1, private=True))
     check_accelerators(0.5, 2, ClusterShape(cpus=2.0, gpus=1.0, nodes=1, private=True))
-    for gpus, actors, has in ((0.5, 1, 0.0), (1.0, 4, 2.0)):
-        with pytest.raises(ConfigError, match=rf"asks for {gpus * actors:g} GPU\(s\); the Ray cluster has {has:g}"):
+    check_accelerators(2.0, 2, ClusterShape(cpus=8.0, gpus=4.0, nodes=1, private=True))
+    for gpus, actors, has, hold in ((0.5, 1, 0.0, 0), (1.0, 4, 2.0, 2), (0.6, 3, 2.0, 2), (2.0, 3, 4.0, 2)):
+        with pytest.raises(ConfigError, match=rf"the Ray cluster's {has:g} GPU\(s\) hold {hold} such actor"):
             check_accelerators(gpus, actors, ClusterShape(cpus=2.0, gpus=has, nodes=1, private=True))
     with caplog.at_level("WARNING"):
         check_accelerators(1.0, 4, ClusterShape(cpus=32.0, gpus=2.0, nodes=3))

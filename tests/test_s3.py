@@ -136,6 +136,8 @@ def test_an_endpoint_that_never_answers_fails_a_read_instead_of_hanging(monkeypa
     threading.Thread(target=accept, daemon=True).start()
     monkeypatch.setattr(storage, "S3_TIMEOUTS", {"connect_timeout": 1, "read_timeout": 1})
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    fs = storage.filesystem(f"s3://{BUCKET}/never.png", {"endpoint_url": url})[0]
+    assert fs.retries == storage.S3FS_TRIES and fs.config_kwargs == {"connect_timeout": 1, "read_timeout": 1}
     try:
         with pytest.raises(OSError):
             storage.read_bytes(f"s3://{BUCKET}/never.png", {"endpoint_url": url})

@@ -120,7 +120,7 @@ def _lot_rows(layout_: OutLayout, lot_id: str, so: Mapping[str, Any]) -> list[di
     if not files:
         raise _unfinished(layout_, lot_id, 0, plan.num_rows)
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=PREDICTION_COLUMNS)
-    stored = len(set(table.column("image_id").to_pylist()))
+    stored = len(set(plan.column("image_id").to_pylist()) & set(table.column("image_id").to_pylist()))
     if stored < plan.num_rows:
         raise _unfinished(layout_, lot_id, stored, plan.num_rows)
     ids = dict(zip(plan.column("image_id").to_pylist(), plan.column("defect_id").to_pylist(), strict=True))

@@ -20,6 +20,7 @@ import base64
 import datetime as dt
 import json
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from decimal import Decimal
@@ -39,10 +40,16 @@ from semclip_batch.io.manifest_files import hidden
 
 FORMATS = ("table", "csv", "json")
 HIVE_LOT_ID = pads.partitioning(pa.schema([("lot_id", pa.string())]), flavor="hive")
-NO_LOT_STATS = "Table with name lot_stats does not exist"  # DuckDB's words where SQL names it before `aggregate`
-WRITES = {"COPY": "COPY", "EXPORT": "EXPORT DATABASE", "ATTACH": "ATTACH", "LOAD": "INSTALL / LOAD"}
-"""Statement types refused: each writes files (a database, an export, extensions) or reads them into the
-session; ``query`` reads OUT and prints (``--format csv > FILE`` writes a result)."""
+NO_LOT_STATS = re.compile(r"Table with name lot_stats does not exist", re.IGNORECASE)  # DuckDB's words before `aggregate`
+ALLOWED = frozenset({"SELECT", "EXPLAIN", "CREATE", "DROP", "INSERT", "UPDATE", "DELETE", "SET", "PRAGMA",
+                     "TRANSACTION", "VARIABLE_SET"})
+"""Statement types ``query`` runs: reads, and changes to the in-memory session. Every other type is refused before
+any statement runs (COPY, EXPORT, ATTACH, INSTALL / LOAD, PREPARE / EXECUTE, CALL...): each may write or load files;
+``query`` reads OUT and prints (``--format csv > FILE`` writes a result)."""
+FILE_SETTINGS = re.compile(r"^\s*(SET|RESET)\s+(GLOBAL\s+|SESSION\s+|LOCAL\s+)?\w*(path|output|directory|repository"
+                           r"|extension)\w*\b", re.IGNORECASE)
+"""SET / RESET of a setting that names where DuckDB writes (``log_query_path``, ``profiling_output``,
+``temp_directory``, ``secret_directory``, ``extension_directory``...) or which extensions it installs."""
 EXACT_TYPES = ("HUGEINT",)
 """Result column types that ``fetchdf`` turns into float64 (``sum`` of a BIGINT is one): read exactly instead."""
 
@@ -56,7 +63,7 @@ def connect(out: str, storage_options: Mapping[str, Any] | None = None) -> duckd
     if predictions is None:
         raise OutputError(f"{layout.root} has no predictions/ yet (run `semclip-batch run ... --out {out}` first)")
     lot_stats = parquet_dataset(layout.lot_stats, storage_options)
-    con = duckdb.connect()
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     if storage.has_protocol(layout.root):
         fs, _ = storage.filesystem(layout.root, storage_options)
         con.register_filesystem(fs)
@@ -117,7 +124,7 @@ def run_query(out: str, sql: str, storage_options: Mapping[str, Any] | None = No
                               "e.g. \"select count(*) from predictions\"")
         return _frame(con, result)
     except duckdb.CatalogException as exc:
-        if NO_LOT_STATS in str(exc):
+        if NO_LOT_STATS.search(str(exc)):
             raise OutputError(f"{out} has no lot_stats yet: run `semclip-batch aggregate {out}` first") from None
         raise SemclipError(f"query failed: {' '.join(str(exc).split())}") from None
     except duckdb.Error as exc:
@@ -127,13 +134,19 @@ def run_query(out: str, sql: str, storage_options: Mapping[str, Any] | None = No
 
 
 def _refuse_writes(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Refuse, before any statement runs, SQL holding a statement of a :data:`WRITES` type (files written outside
-    OUT, or into it over the run's own outputs). Raises :class:`ConfigError`; DuckDB's parse errors are its own."""
+    """Refuse, before any statement runs, SQL holding a statement outside :data:`ALLOWED`, a SET of one of
+    :data:`FILE_SETTINGS`, or a persistent secret: each may write files outside OUT, or into it over the run's own
+    outputs. Raises :class:`ConfigError`; DuckDB's parse errors are its own."""
     for statement in con.extract_statements(sql):
-        kind = str(statement.type).rsplit(".", 1)[-1]
-        if kind in WRITES:
-            raise ConfigError(f"query reads OUT: {WRITES[kind]} is refused (it writes or loads files); select the "
-                              "rows and write them with --format csv or json and a shell redirect")
+        text = " ".join(statement.query.split())[:60]
+        try:
+            kind = statement.type.name
+        except ValueError:  # a statement type this duckdb's Python enum does not name (UPDATE EXTENSIONS)
+            kind = "?"
+        secret = kind == "CREATE" and re.search(r"\bSECRET\b", statement.query, re.IGNORECASE)
+        if kind not in ALLOWED or secret or (kind == "SET" and FILE_SETTINGS.match(statement.query)):
+            raise ConfigError(f"query reads OUT: {text!r} is refused (it may write or load files); select the rows "
+                              "and write them with --format csv or json and a shell redirect")
 
 
 def _frame(con: duckdb.DuckDBPyConnection, result: duckdb.DuckDBPyConnection) -> pd.DataFrame:

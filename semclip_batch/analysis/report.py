@@ -19,7 +19,6 @@ import logging
 import multiprocessing
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,7 +33,7 @@ from semclip_batch.analysis import report_html as pages
 from semclip_batch.analysis.charts import ERROR, Palette, pareto_png, rate_png, wafer_map_png
 from semclip_batch.analysis.excursions import out_of_control
 from semclip_batch.analysis.report_frames import FrameSource, defect_level, frame_base, overlay
-from semclip_batch.config import DEFAULT_REPORT_TOP_N, LOG_FORMAT, NORMAL, Progress
+from semclip_batch.config import DEFAULT_REPORT_TOP_N, NORMAL, Progress, configure_logging
 from semclip_batch.errors import ConfigError, OutputError, one_line
 from semclip_batch.io import storage
 from semclip_batch.io.layout import OutLayout
@@ -234,7 +233,7 @@ _WORKER: tuple[LotJob, duckdb.DuckDBPyConnection] | None = None  # a worker proc
 
 def _start_worker(job: LotJob, level: int) -> None:
     global _WORKER
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    configure_logging(level)
     _WORKER = (job, duckdb.connect())
 
 

@@ -252,15 +252,17 @@ class Embedder:
 def suggest(cfg: SuggestConfig) -> Suggestion:
     """Choose ``cfg.n`` frames of the finished run in ``cfg.out`` and write them to ``cfg.dest`` as a manifest."""
     so = storage.check_storage_options(cfg.storage_options)
+    layout = OutLayout(storage.normalize_root(cfg.out))
+    targets.refuse_inside_out(cfg.dest, layout.root, "--out (the manifest to write)")
     targets.check_target(cfg.dest, "file", "--out (the manifest to write)", so)
     if storage.exists(cfg.dest, so) and not cfg.overwrite:
         raise OutputError(f"{storage.redact(cfg.dest)} exists; pass --overwrite to replace it")
-    layout = OutLayout(storage.normalize_root(cfg.out))
-    targets.refuse_inside_out(cfg.dest, layout.root, "--out (the manifest to write)")
     record = finished_record(layout, so)
+    config = record.get("config") or {}
     read = {f"--exclude manifest {k + 1}": source for k, source in enumerate(cfg.exclude)}
-    targets.refuse_overwriting_inputs(cfg.dest, {"run's manifest": (record.get("config") or {}).get("input"),
-                                                 **read})
+    support = _support_manifest((config.get("model") or {}).get("checkpoint"), so)
+    targets.refuse_overwriting_inputs(cfg.dest, {"run's manifest": config.get("input"),
+                                                 "checkpoint's support manifest": support, **read})
     rows = candidates(cfg.out, record, so)
     labelled = labelled_keys(record, cfg.exclude, so)
     fresh = ~(rows["image_id"].isin(labelled) | rows["url"].isin(labelled))

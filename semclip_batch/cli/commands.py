@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import click
@@ -24,11 +23,9 @@ from semclip_batch.cli.progress import row_progress
 from semclip_batch.config import (
     DEFAULT_REPORT_TOP_N,
     DEFAULT_STALE_AFTER_S,
-    LOG_FORMAT,
+    configure_logging,
 )
 from semclip_batch.pipeline.native_stderr import split_stderr
-
-WIRE_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -43,9 +40,7 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     split_stderr()  # first: Python's output keeps the terminal when a private Ray moves native lines to its log
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
-    for wire in WIRE_LOGGERS:  # their debug lines print request headers: a session token, an endpoint's credentials
-        logging.getLogger(wire).setLevel(max(level, logging.INFO))
+    configure_logging(level)
 
 
 @main.command()

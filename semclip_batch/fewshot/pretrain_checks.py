@@ -16,7 +16,7 @@ from semclip_batch.errors import ConfigError, SemclipError, shorten
 from semclip_batch.io import storage, targets
 from semclip_batch.io.manifest_files import read_table
 from semclip_batch.methods.shipped import SHIPPED
-from semclip_batch.methods.weights import RANDOM
+from semclip_batch.methods.weights import RANDOM, first_non_finite
 
 if TYPE_CHECKING:
     from semclip_batch.fewshot.pretrain import PretrainConfig
@@ -71,7 +71,7 @@ def refuse_diverged_loss(loss: torch.Tensor, step: int, steps: int, lr: float, c
 def refuse_diverged_weights(clip: nn.Module, steps: int, lr: float, caller: str) -> None:
     """Stop, in one line, where a weight is not finite after the last step (a finite loss before a step that
     diverged): such weights score NaN everywhere and are never written."""
-    bad = next((name for name, p in clip.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
+    bad = first_non_finite(clip.named_parameters())
     if bad is not None:
         raise ConfigError(f"{caller}: after step {steps} the weight {bad} is not finite: training diverged (learning "
                           f"rate {lr:g} too high for these weights?); nothing was written")

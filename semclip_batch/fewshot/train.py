@@ -77,7 +77,7 @@ from semclip_batch.methods.fitting import (
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import depth_of, get_method, method_taps, new_model
 from semclip_batch.methods.shipped import SHIPPED
-from semclip_batch.methods.weights import RANDOM, LoadedBackbone
+from semclip_batch.methods.weights import RANDOM, LoadedBackbone, first_non_finite
 from semclip_batch.model.grey_memory import GREY_MEMORY
 from semclip_batch.model.reference import ReferenceScorer, reference_taps
 from semclip_batch.model.region_classes import REGION_CLASSES
@@ -232,7 +232,7 @@ def _refuse_writing_over_inputs(cfg: TrainConfig) -> None:
 def _refuse_diverged_fit(state: Mapping[str, torch.Tensor], meta: CheckpointMeta, cfg: TrainConfig) -> None:
     """A fit whose loss went NaN left tensors and thresholds that are not finite: nothing is written (the checkpoint
     was, exit 0, and `run` refused it)."""
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    bad = first_non_finite(state.items())
     if bad is None and not all(math.isfinite(t) for t in (meta.thresholds.image, meta.thresholds.pixel)):
         bad = "image or pixel threshold"
     if bad is not None:

@@ -23,8 +23,8 @@ from semclip_batch.errors import DECODE_ERROR, ImageError, shorten
 
 MIN_SIDE = 16
 MAX_PIXELS = 64 * 1024 * 1024
-FLOAT_HEADROOM = 2.0 ** 120  # float samples past it are rescaled: float32 (to ~2**128) holds the frame, its
-# luminance and the stretch's span below it
+FLOAT_HEADROOM = 2.0 ** 120  # float samples past it are rescaled: float32 (to ~2**128) then holds the frame,
+#                              its luminance and the stretch's span
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -209,7 +209,8 @@ def _within_float32(values: np.ndarray) -> np.ndarray:
         finite = np.abs(values[np.isfinite(values)])
     if not finite.size or float(finite.max()) <= FLOAT_HEADROOM:
         return values
-    values *= 2.0 ** -math.frexp(float(np.median(finite)))[1]
+    nonzero = finite[finite > 0]  # a dark background of zeros would make the median 0: no rescale at all
+    values *= 2.0 ** -math.frexp(float(np.median(nonzero)))[1]
     return values
 
 

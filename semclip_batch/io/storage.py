@@ -66,12 +66,14 @@ def check_storage_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 S3_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 10}
-"""Seconds botocore waits for a connection, and between two reads of an answer (not for the whole object)."""
-S3FS_TRIES = 1
+"""Seconds botocore waits for a connection, and between two reads of an answer (not for the whole object); s3fs's
+defaults are 5 and 15."""
+S3FS_TRIES = 2
 """s3fs's own tries of a call, around botocore's (which retries timeouts, resets and 5xx answers itself) and under
-this module's (:data:`RETRY_ATTEMPTS`). With botocore's 60 s timeouts and s3fs's 5 tries, an endpoint that accepts
-connections and never answers held one read ~7 minutes (a `run` or `query` seemed to hang); now it fails within
-about a minute (botocore's 5 attempts of 10 s) and becomes the row's ``read_error``."""
+this module's (:data:`RETRY_ATTEMPTS`); a second one still covers a connection dropped mid-body on the reads this
+module does not wrap (ranged reads, listings, pyarrow datasets). With s3fs's 5 tries of botocore's 5 attempts at a
+15 s read timeout, an endpoint that accepts connections and never answers held one read ~7 minutes (a `run` or
+`query` seemed to hang); now it fails in about 2 minutes (2 x 5 attempts of 10 s) as the row's ``read_error``."""
 
 
 def fs_kwargs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -70,6 +70,17 @@ def refuse_inside_out(out: str, root: str, what: str) -> None:
                           "run's own outputs only)")
 
 
+def refuse_out_inside_input_folder(source: str, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse a run's OUT inside the image folder it scores: a rerun (the resume after a kill) would list OUT's own
+    files as frames. A manifest file's folder may hold OUT. Raises :class:`ConfigError`."""
+    if not inside(root, source):
+        return
+    fs, path = filesystem(source, storage_options)
+    if fs.isdir(path):
+        raise ConfigError(f"--out {redact(root)} is inside the input folder {redact(source)}: a rerun would read its "
+                          "outputs as frames; give an --out outside it")
+
+
 def refuse_overwriting_inputs(out: str, inputs: Mapping[str, str | None]) -> None:
     """Refuse, before any work, an ``--out`` that names a file the command reads (writing it would destroy that
     input: a manifest, weights, a class map or a KLARF given as ``--out`` too). ``inputs``: what each file is, for

@@ -130,10 +130,15 @@ def load_backbone(name: str, pretrained: str, *, seed: int = 0, expected_sha256:
     return LoadedBackbone(clip=clip, name=name, source=pretrained, sha256=digest)
 
 
+def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating tensor holding NaN or inf, or None."""
+    return next((k for k, v in tensors if v.is_floating_point() and not bool(torch.isfinite(v.detach()).all())), None)
+
+
 def _refuse_non_finite(state: Mapping[str, torch.Tensor], url: str) -> None:
     """Weights holding NaN or inf (damaged, or saved after training diverged) score NaN everywhere: refused before
     any work (a run scored every frame, then failed each shard in its writer)."""
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    bad = first_non_finite(state.items())
     if bad is not None:
         raise WeightsError(f"weights {url!r}: tensor {bad} holds NaN or inf values (damaged, or saved after training "
                            "diverged)")

@@ -11,7 +11,7 @@ import logging
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from semclip_batch.config import (
     Progress,
     RunConfig,
 )
-from semclip_batch.errors import MODEL_ERROR, OK, WRITE_ERROR, ConfigError, RunFailed, one_line
+from semclip_batch.errors import MODEL_ERROR, OK, WRITE_ERROR, RunFailed, one_line
 from semclip_batch.io import storage, targets
 from semclip_batch.io.layout import OutLayout
 from semclip_batch.io.manifest import content_digest, read_manifest_table
@@ -118,7 +118,7 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     layout = OutLayout(storage.normalize_root(cfg.out))
     so = cfg.storage_options
     targets.check_target(layout.root, "folder", "--out (the output root)", so)
-    _refuse_out_inside_input_folder(cfg.input, layout.root, so)
+    targets.refuse_out_inside_input_folder(cfg.input, layout.root, so)
     with timer.stage("manifest"):
         manifest = read_manifest_table(cfg.input, pattern=cfg.pattern, storage_options=so)
     with timer.stage("model_load"):
@@ -169,17 +169,6 @@ def run(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
                         f"{stored} of {record['shards']['total']} shards are done (record {url}); fix the cause "
                         "and rerun the same command to redo the others")
     return RunResult(out=layout.root, run_id=run_id, record=record, record_url=url)
-
-
-def _refuse_out_inside_input_folder(source: str, root: str, so: Mapping[str, Any]) -> None:
-    """An OUT inside the image folder it scores: a rerun (the resume after a kill) would list OUT's own files as
-    frames and refuse them. Raises :class:`ConfigError`."""
-    if not targets.inside(root, source):
-        return
-    fs, path = storage.filesystem(source, so)
-    if fs.isdir(path):
-        raise ConfigError(f"--out {storage.redact(root)} is inside the input folder {storage.redact(source)}: a rerun "
-                          "would read its outputs as frames; give an --out outside it")
 
 
 def _store_plan(layout: OutLayout, manifest: pa.Table, run_id: str, shard_size: int, so: dict[str, Any],

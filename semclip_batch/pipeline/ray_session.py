@@ -7,6 +7,7 @@ outlives the driver, however the driver ends.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ def ray_session(address: str | None = None) -> Iterator[ClusterShape]:
         if not ray.is_initialized():
             target = address or os.environ.get("RAY_ADDRESS") or None
             try:
-                if target:
+                if target and target != "local":
                     ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
                 else:
                     private = True
@@ -100,13 +101,21 @@ def cluster_shape() -> ClusterShape:
     return ClusterShape(cpus=float(res.get("CPU", 0.0)), gpus=float(res.get("GPU", 0.0)), nodes=nodes)
 
 
+def placeable_actors(num_gpus: float, gpus: float) -> int:
+    """How many actors of ``num_gpus`` each ``gpus`` whole devices hold: a fraction cannot span two devices (3 x 0.6
+    fit on 3 GPUs, not on 2), more than one takes whole devices."""
+    if num_gpus <= 1:
+        return math.floor(gpus + 1e-9) * math.floor(1 / num_gpus + 1e-9)
+    return math.floor(gpus / math.ceil(num_gpus - 1e-9) + 1e-9)
+
+
 def check_accelerators(num_gpus: float, actors: int, shape: ClusterShape) -> None:
-    """Model actors that ask for more GPUs than the Ray has would wait for them without a word: refused on a
+    """Model actors that ask for more GPUs than the Ray can place would wait for them without a word: refused on a
     private local Ray (it never grows), logged on an attached cluster (an autoscaler may add them)."""
-    wanted = num_gpus * actors
-    if num_gpus <= 0 or wanted <= shape.gpus + 1e-9:
+    if num_gpus <= 0 or actors <= placeable_actors(num_gpus, shape.gpus):
         return
-    what = f"--actors {actors} x --num-gpus {num_gpus:g} asks for {wanted:g} GPU(s); the Ray cluster has {shape.gpus:g}"
+    what = (f"--actors {actors} x --num-gpus {num_gpus:g}: the Ray cluster's {shape.gpus:g} GPU(s) hold "
+            f"{placeable_actors(num_gpus, shape.gpus)} such actor(s)")
     if shape.private:
         raise ConfigError(f"{what} on this machine: give fewer --actors or --num-gpus (0: score on CPU)")
     log.warning("%s now: the run waits until they are added", what)
