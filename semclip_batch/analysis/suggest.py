@@ -133,13 +133,14 @@ def candidates(out: str, record: Mapping[str, Any], so: Mapping[str, Any]) -> pd
     return joined.sort_values("image_id", kind="stable").reset_index(drop=True)
 
 
-def labelled_keys(record: Mapping[str, Any], exclude: Sequence[str], so: Mapping[str, Any]) -> set[str]:
+def labelled_keys(record: Mapping[str, Any], exclude: Sequence[str], so: Mapping[str, Any],
+                  support: str | None) -> set[str]:
     """image_ids and URLs of frames labelled already: rows of the run's input manifest with a label or mask, every
-    row of the support manifest its checkpoint was trained on, and every row of ``exclude``."""
+    row of ``support`` (the manifest the run's checkpoint was trained on: :func:`_support_manifest`), and every row
+    of ``exclude``."""
     keys: set[str] = set()
     config = record.get("config") or {}
     sources = [(str(config["input"]), config.get("pattern"), True)] if config.get("input") else []
-    support = _support_manifest((config.get("model") or {}).get("checkpoint"), so)
     sources += [(support, None, False)] if support else []
     for source, pattern, only_labelled in sources:
         try:
@@ -264,7 +265,7 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     targets.refuse_overwriting_inputs(cfg.dest, {"run's manifest": config.get("input"),
                                                  "checkpoint's support manifest": support, **read})
     rows = candidates(cfg.out, record, so)
-    labelled = labelled_keys(record, cfg.exclude, so)
+    labelled = labelled_keys(record, cfg.exclude, so, support)
     fresh = ~(rows["image_id"].isin(labelled) | rows["url"].isin(labelled))
     excluded = int((~fresh).sum())
     rows = rows[fresh].reset_index(drop=True)
