@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from semclip_batch.model import SemClip, SemClipConfig, default_taps
-from semclip_batch.model.encoder import dual_block, embed_patches, encode_dual_path, fuses, vv_attention
+from semclip_batch.model.encoder import (
+    dual_block,
+    embed_kept_patches,
+    embed_patches,
+    encode_dual_path,
+    fuses,
+    keep_tokens,
+    vv_attention,
+)
 from semclip_batch.model.semclip import defect_map
 from semclip_batch.model.surgery import feature_surgery
 
@@ -106,6 +115,31 @@ def test_kept_tokens_run_like_a_shorter_sequence(tiny_clip):
     single = encode_dual_path(visual, x, (1,), 1, keep=keep)
     assert torch.allclose(single.original[0], first, atol=1e-5)
     assert torch.allclose(single.vv[0], first_vv, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [240, 250, 176])  # the model's input, one the grid does not divide, another grid
+def test_kept_patches_are_embedded_as_the_whole_grid_then_kept(tiny_clip, size):
+    """The patch embedding of the kept patches only has the values, and gives the embedding's weights the
+    gradients, of the whole grid embedded then the kept tokens gathered (up to float rounding)."""
+    visual = tiny_clip.clip.visual
+    torch.manual_seed(4)
+    x = torch.randn(3, 3, size, size)
+    n = (size // 16) ** 2
+    keep = torch.stack([torch.randperm(n)[:9].sort().values for _ in range(3)])
+
+    def run(embed: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        visual.zero_grad()
+        out = embed()
+        (out * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
+        grads = (visual.conv1.weight.grad, visual.positional_embedding.grad, visual.class_embedding.grad)
+        return (out.detach(), *(g.clone() for g in grads if g is not None))
+
+    whole = run(lambda: keep_tokens(embed_patches(visual, x), keep))
+    kept = run(lambda: embed_kept_patches(visual, x, keep))
+    visual.zero_grad()
+    assert len(whole) == len(kept) == 4 and whole[0].shape == (3, 10, visual.transformer.width)
+    for a, b in zip(whole, kept, strict=True):
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())  # float rounding of sums of ~800 terms
 
 
 def test_stopping_at_the_last_tap_keeps_its_tokens_and_runs_no_further_block(tiny_clip):
