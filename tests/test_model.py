@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -121,7 +122,7 @@ def test_kept_tokens_run_like_a_shorter_sequence(tiny_clip):
 def test_kept_patches_are_embedded_as_the_whole_grid_then_kept(tiny_clip, size):
     """The patch embedding of the kept patches only has the values, and gives the embedding's weights the
     gradients, of the whole grid embedded then the kept tokens gathered (up to float rounding)."""
-    visual = tiny_clip.clip.visual
+    visual = copy.deepcopy(tiny_clip.clip.visual).requires_grad_(True)  # the session's model is frozen by others
     torch.manual_seed(4)
     x = torch.randn(3, 3, size, size)
     n = (size // 16) ** 2
@@ -136,7 +137,6 @@ def test_kept_patches_are_embedded_as_the_whole_grid_then_kept(tiny_clip, size):
 
     whole = run(lambda: keep_tokens(embed_patches(visual, x), keep))
     kept = run(lambda: embed_kept_patches(visual, x, keep))
-    visual.zero_grad()
     assert len(whole) == len(kept) == 4 and whole[0].shape == (3, 10, visual.transformer.width)
     for a, b in zip(whole, kept, strict=True):
         assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())  # float rounding of sums of ~800 terms
