@@ -136,7 +136,10 @@ def test_kept_patches_are_embedded_as_the_whole_grid_then_kept(tiny_clip, size):
         return (out.detach(), *(g.clone() for g in grads if g is not None))
 
     whole = run(lambda: keep_tokens(embed_patches(visual, x), keep))
+    whole_grid = visual.conv1.forward
+    visual.conv1.forward = lambda *_: pytest.fail("the kept patches' embedding ran the convolution over the whole grid")
     kept = run(lambda: embed_kept_patches(visual, x, keep))
+    visual.conv1.forward = whole_grid
     assert len(whole) == len(kept) == 4 and whole[0].shape == (3, 10, visual.transformer.width)
     for a, b in zip(whole, kept, strict=True):
         assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())  # float rounding of sums of ~800 terms

@@ -95,7 +95,8 @@ class GreyMemory(nn.Module):
         """``(L,)`` distance of each projected neighbourhood ``(L, DIM)`` to its nearest entry, in blocks of
         :data:`NEAREST_ROWS` neighbourhoods by :data:`NEAREST_ENTRIES` entries, the running least kept (a block of
         4,096 x 4,096 left the cache before its least was taken: ~5 times slower on a CPU, and 1,024 x 4,096 ~1.4
-        times; each distance is the same sum, so the least is the same to the bit)."""
+        times). The whole matrix's least to the bit where the blocks are full (``train``'s 4,096 entries here); a short
+        last block may round a distance 1 ulp apart (the matrix product's kernel for its width)."""
         squared = (self.entries * self.entries).sum(dim=1)
         blocks = list(zip(self.entries.split(NEAREST_ENTRIES), squared.split(NEAREST_ENTRIES), strict=True))
         # |q - e|^2 = |e|^2 - 2 q.e + |q|^2: one matrix product a block, the root of the least only
