@@ -179,8 +179,9 @@ def test_a_memory_without_own_neighbourhoods_scores_band_by_band_as_before_rule_
 @pytest.mark.parametrize(("entries", "exact"), [(32, True), (16, True), (64, True), (24, False), (8, False), (60, False)])
 def test_nearest_entries_are_searched_block_by_block_with_the_whole_matrix_least(monkeypatch, entries, exact):
     """The running least over blocks of the memory's 64 entries is the whole distance matrix's least: to the bit
-    where every block is full (2 or 4 blocks, or one), within float rounding where the last block is short (24 + 24
-    + 16, eight of 8, 60 + 4); and the distance to the nearest entry (against cdist)."""
+    where the blocks are full and wide (2 or 4 blocks, or one), within float rounding where one is short or narrow
+    (24 + 24 + 16, eight blocks of 8, 60 + 4: the matrix product's kernel for that width rounds apart); and the
+    distance to the nearest entry (against cdist)."""
     memory = fit.fit_grey_memory(_support(6, 5), seed=0, entries=64)
     assert len(memory.entries) == 64
     q = memory.project(grey_memory.neighbourhoods(torch.from_numpy(_routing(np.random.default_rng(2), size=120))))
