@@ -1,0 +1,22 @@
+"""benchmarks/train_kernels.py: the two kernels against the way before them print their figures and agree (their
+behaviour is tested in tests/test_grey_memory.py and tests/test_model.py)."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from benchmark_module import load_benchmark
+
+bench = load_benchmark("train_kernels")
+
+
+def test_it_times_both_kernels_and_they_agree_with_the_way_before(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train_kernels.py", "--side", "200", "--entries", "1024", "--batch", "4",
+                                      "--repeats", "1"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert re.search(r"200 px, 1024 entries: blocked \d+\.\d{3} s, one block \d+\.\d{3} s, maps equal to the bit: True",
+                     out), out
+    gap = float(re.search(r"largest difference (\S+)", out).group(1))
+    assert 0.0 <= gap < 1e-4, out
