@@ -29,12 +29,6 @@ WIRE_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3")
 """Loggers whose debug lines print each request's headers (an S3 session token, an endpoint's credentials): never
 below INFO."""
 
-
-def configure_logging(level: int) -> None:
-    """The CLI's logging (and its report workers'): ``level`` on stderr, :data:`WIRE_LOGGERS` at INFO at most."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
-    for wire in WIRE_LOGGERS:
-        logging.getLogger(wire).setLevel(max(level, logging.INFO))
 DEFAULT_IMAGE_THRESHOLD = 0.95
 DEFAULT_PIXEL_THRESHOLD = 0.95
 DEFAULT_MIN_REGION_PX = 16
@@ -84,9 +78,15 @@ DEFAULT_ADAPT_BELOW = 0.5
 DEFAULT_ADAPT_LR = 3e-4  # train --adapt-steps: chosen with 600 steps on a contacts support lot (README: not re-chosen at 200)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_MODES = ("mean", "max")
-
-
 SIGMA_MAX = 32.0  # px of the model's view (224-240 px): the map's Gaussian pads 4 sigma, which must stay inside it
+
+
+def configure_logging(level: int) -> None:
+    """The CLI's logging (and its report workers'): ``level`` on stderr, :data:`WIRE_LOGGERS` at INFO at most."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    for wire in WIRE_LOGGERS:
+        logging.getLogger(wire).setLevel(max(level, logging.INFO))
+
 
 @dataclass(frozen=True)
 class Thresholds:

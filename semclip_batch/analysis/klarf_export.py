@@ -120,12 +120,12 @@ def _lot_rows(layout_: OutLayout, lot_id: str, so: Mapping[str, Any]) -> list[di
     if not files:
         raise _unfinished(layout_, lot_id, 0, plan.num_rows)
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=PREDICTION_COLUMNS)
-    stored = len(set(plan.column("image_id").to_pylist()) & set(table.column("image_id").to_pylist()))
+    ids = dict(zip(plan.column("image_id").to_pylist(), plan.column("defect_id").to_pylist(), strict=True))
+    scored = table.column("image_id").to_pylist()
+    stored = len(ids.keys() & set(scored))
     if stored < plan.num_rows:
         raise _unfinished(layout_, lot_id, stored, plan.num_rows)
-    ids = dict(zip(plan.column("image_id").to_pylist(), plan.column("defect_id").to_pylist(), strict=True))
-    table = table.append_column("defect_id", pa.array([ids.get(i) or None for i in table.column("image_id").to_pylist()],
-                                                      pa.string()))
+    table = table.append_column("defect_id", pa.array([ids.get(i) or None for i in scored], pa.string()))
     return table.sort_by([("wafer_id", "ascending"), ("image_id", "ascending")]).to_pylist()
 
 

@@ -112,10 +112,12 @@ def placeable_actors(num_gpus: float, gpus: float) -> int:
 def check_accelerators(num_gpus: float, actors: int, shape: ClusterShape) -> None:
     """Model actors that ask for more GPUs than the Ray can place would wait for them without a word: refused on a
     private local Ray (it never grows), logged on an attached cluster (an autoscaler may add them)."""
-    if num_gpus <= 0 or actors <= placeable_actors(num_gpus, shape.gpus):
+    if num_gpus <= 0:
         return
-    what = (f"--actors {actors} x --num-gpus {num_gpus:g}: the Ray cluster's {shape.gpus:g} GPU(s) hold "
-            f"{placeable_actors(num_gpus, shape.gpus)} such actor(s)")
+    placeable = placeable_actors(num_gpus, shape.gpus)
+    if actors <= placeable:
+        return
+    what = f"--actors {actors} x --num-gpus {num_gpus:g}: the Ray cluster's {shape.gpus:g} GPU(s) hold {placeable} such actor(s)"
     if shape.private:
         raise ConfigError(f"{what} on this machine: give fewer --actors or --num-gpus (0: score on CPU)")
     log.warning("%s now: the run waits until they are added", what)
