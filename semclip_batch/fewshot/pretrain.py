@@ -33,7 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import open_clip
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -77,7 +76,7 @@ from semclip_batch.io.manifest import read_manifest
 from semclip_batch.io.preprocess import normalize
 from semclip_batch.methods.prompts import PromptSet, load_prompts
 from semclip_batch.methods.registry import depth_of
-from semclip_batch.methods.weights import PRETRAIN_FORMAT, canonical_sha256, load_backbone, preprocess_config
+from semclip_batch.methods.weights import PRETRAIN_FORMAT, canonical_sha256, load_backbone, open_clip_module, preprocess_config
 from semclip_batch.model import default_taps
 from semclip_batch.model.encoder import encode_dual_path
 from semclip_batch.model.text import encode_prompts
@@ -264,7 +263,7 @@ def pretrain(cfg: PretrainConfig, progress: LossProgress | None = None,
     backbone = load_backbone(m.backbone, m.pretrained, seed=m.seed, expected_sha256=m.pretrained_sha256,
                              storage_options=m.storage_options)
     clip = backbone.clip.train()
-    tokenizer = open_clip.get_tokenizer(m.backbone)
+    tokenizer = open_clip_module().get_tokenizer(m.backbone)
     texts = ClassTexts.of(tokenizer, prompts)
     caption_tokens = tokenizer(data.captions) if any(data.captions) else None
     taps = default_taps(depth_of(clip))

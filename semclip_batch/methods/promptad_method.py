@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +20,7 @@ from semclip_batch.config import LossProgress, ModelSpec
 from semclip_batch.methods.features import Features
 from semclip_batch.methods.fitting import Support, SupportSet, fit_temperature, normal_rows, pooled_embeddings
 from semclip_batch.methods.registry import Method, depth_of, method_taps, register
+from semclip_batch.methods.weights import open_clip_module
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.promptad import PromptAd, PromptLearner, project_tokens, promptad_loss
 from semclip_batch.model.towers import as_clip
@@ -79,7 +79,7 @@ class _PromptTokens(TypedDict):
 
 
 def _prompt_tokens(clip_name: str, classes: tuple[str, ...], s: PromptAdSettings) -> _PromptTokens:
-    tokenizer = open_clip.get_tokenizer(clip_name)
+    tokenizer = open_clip_module().get_tokenizer(clip_name)
     ctx = " ".join(["X"] * s.n_ctx)
     ab = " ".join(["X"] * s.n_ab)
     normal = tokenizer([f"{ctx} {OBJECT}."] * s.n_prompts)

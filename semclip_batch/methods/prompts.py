@@ -9,14 +9,13 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 from torch import nn
 
 from semclip_batch.config import NORMAL
 from semclip_batch.errors import ConfigError
 from semclip_batch.io import storage
-from semclip_batch.methods.weights import LoadedBackbone
+from semclip_batch.methods.weights import LoadedBackbone, open_clip_module
 from semclip_batch.model.text import class_embeddings
 
 
@@ -73,6 +72,6 @@ def text_embeddings(backbone: LoadedBackbone, prompts: PromptSet) -> np.ndarray:
 
 def clip_text_embeddings(clip: nn.Module, name: str, prompts: PromptSet) -> torch.Tensor:
     """:func:`text_embeddings` of a CLIP model ``clip`` of backbone ``name`` (weights in memory, e.g. mid-training)."""
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = open_clip_module().get_tokenizer(name)
     with torch.no_grad():
         return class_embeddings(clip, [tokenizer(list(p)) for p in prompts.prompts])

@@ -82,12 +82,13 @@ class Scoring:
 
 def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: str | None = None,
                 backbone: LoadedBackbone | None = None, tensors: Mapping[str, torch.Tensor] | None = None) -> Scoring:
-    """Load the backbone (unless given) and build ``spec.method`` around it with the given class embeddings;
+    """Load the backbone (unless given; its vision tower alone where ``expected_sha256`` allows:
+    :func:`~semclip_batch.methods.weights.load_backbone`) and build ``spec.method`` around it with the given class embeddings;
     with a checkpoint in the spec, its trained tensors (read here unless given, already verified) are loaded
     too (eval mode, fp32, CPU)."""
     if backbone is None:
         backbone = load_backbone(spec.backbone, spec.pretrained, seed=spec.seed, expected_sha256=expected_sha256,
-                                 storage_options=spec.storage_options)
+                                 storage_options=spec.storage_options, vision_only=True)
     method = get_method(spec.method)
     model = new_model(spec, backbone.clip, torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32)))
     depth = depth_of(backbone.clip)

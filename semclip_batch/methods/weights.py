@@ -4,6 +4,9 @@ Weights are read into memory through fsspec (never from a hub): ``.safetensors``
 ``.pth`` / ``.bin`` only via ``torch.load(weights_only=True)``. ``none`` means seeded random weights,
 identical in every process. The canonical checksum is sha256 over the state_dict (sorted names, dtype,
 shape, bytes), plus the seed for random weights.
+
+open_clip is imported only where a whole CLIP model is built (:func:`load_backbone`): ``run``'s model actors, which
+read the vision tower alone, build it in torch (:mod:`semclip_batch.model.vit`) and never import open_clip.
 """
 
 from __future__ import annotations
@@ -16,17 +19,18 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
+from types import ModuleType
 from typing import Any, BinaryIO
 
-import open_clip
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from semclip_batch.config import SCALE_POLICY_KEY, PreprocessConfig, parse_scale_policy, tile_overlap_for
 from semclip_batch.errors import ConfigError, MissingWeightsError, WeightsError
 from semclip_batch.io import storage
+from semclip_batch.methods.backbone_configs import OPENAI_MEAN, OPENAI_STD, backbone_names, model_config, vision_config
 from semclip_batch.methods.shipped import SHIPPED, shipped_path, shipped_weights
+from semclip_batch.model.vit import VisionBackbone
 
 log = logging.getLogger(__name__)
 RANDOM = "none"
@@ -37,7 +41,8 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
 
 @dataclass(frozen=True)
 class LoadedBackbone:
-    """An open_clip CLIP model plus where its weights came from."""
+    """A CLIP model plus where its weights came from: open_clip's whole model, or (:func:`load_backbone`'s
+    ``vision_only``) a :class:`~semclip_batch.model.vit.VisionBackbone`, its vision tower and logit scale alone."""
 
     clip: nn.Module
     name: str
@@ -45,22 +50,24 @@ class LoadedBackbone:
     sha256: str
 
 
-def register_backbones() -> None:
-    """Make the project's own open_clip configs (``data/backbones/``: the ``semclip-tiny`` test backbone)
-    known to open_clip in this process. Idempotent; runs when this module is imported, so the driver and
-    every Ray worker that builds a backbone can name it."""
+def open_clip_module() -> ModuleType:
+    """open_clip, imported here (not at this module's import: ~3.7 s), with the project's own configs
+    (``data/backbones/``: the ``semclip-tiny`` test backbone) known to it. Idempotent."""
+    import open_clip
+
     if "semclip-tiny" not in open_clip.list_models():
         with resources.as_file(resources.files("semclip_batch") / "data" / "backbones") as folder:
             open_clip.add_model_config(folder)
+    return open_clip
 
 
-register_backbones()
-
-
-def check_backbone(name: str) -> None:
-    if name not in open_clip.list_models():
+def check_backbone(name: str) -> dict[str, Any]:
+    """Backbone ``name``'s model config; :class:`ConfigError` for a name no config knows."""
+    config = model_config(name)
+    if config is None:
         raise ConfigError(f"unknown backbone {name!r} (e.g. ViT-B-16-plus-240 or semclip-tiny; "
-                          "see open_clip.list_models())")
+                          f"{len(backbone_names())} known: see open_clip.list_models())")
+    return config
 
 
 def preprocess_config(name: str, *, tile_above: int, image_size: int | None = None,
@@ -68,12 +75,11 @@ def preprocess_config(name: str, *, tile_above: int, image_size: int | None = No
                       tile_overlap: float | None = None, frame_levels: bool = False) -> PreprocessConfig:
     """The backbone's own input size and mean/std, without building the model; the tiles' least overlap is
     ``tile_overlap`` where given (a checkpoint's own), else the policy's (:func:`~semclip_batch.config.tile_overlap_for`)."""
-    check_backbone(name)
-    vision = open_clip.get_model_config(name)["vision_cfg"]
+    vision = check_backbone(name)["vision_cfg"]
     size = vision.get("image_size", 224)
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    mean = _rgb(vision.get("image_mean", OPENAI_DATASET_MEAN))
-    std = _rgb(vision.get("image_std", OPENAI_DATASET_STD))
+    mean = _rgb(vision.get("image_mean", OPENAI_MEAN))
+    std = _rgb(vision.get("image_std", OPENAI_STD))
     return PreprocessConfig(image_size=image_size or size, mean=mean, std=std, tile_above=tile_above,
                             tile_overlap=tile_overlap_for(scale_policy) if tile_overlap is None else tile_overlap,
                             scale_policy=scale_policy, defect_view=defect_view, frame_levels=frame_levels)
@@ -98,16 +104,26 @@ def canonical_sha256(state: Mapping[str, torch.Tensor], seed: int | None = None)
 
 
 def load_backbone(name: str, pretrained: str, *, seed: int = 0, expected_sha256: str | None = None,
-                  storage_options: Mapping[str, Any] | None = None) -> LoadedBackbone:
+                  storage_options: Mapping[str, Any] | None = None, vision_only: bool = False) -> LoadedBackbone:
     """Build backbone ``name`` with weights from ``pretrained`` (a URL, ``none`` for seeded random, or
-    ``shipped`` for the package's own, checksum pinned: :mod:`semclip_batch.methods.shipped`)."""
+    ``shipped`` for the package's own, checksum pinned: :mod:`semclip_batch.methods.shipped`).
+
+    ``vision_only`` (for models that score images and never embed text): where ``expected_sha256`` is the canonical
+    checksum of the weights and the tower is the plain ViT, only the vision tower and logit scale are built, in torch
+    alone (:func:`load_vision_only`); otherwise (random weights, another tower, another checksum) the whole model is
+    built as without it."""
     check_backbone(name)
     if pretrained == SHIPPED:
-        loaded = load_backbone(name, shipped_path(name), expected_sha256=expected_sha256 or shipped_weights(name).sha256)
+        loaded = load_backbone(name, shipped_path(name), expected_sha256=expected_sha256 or shipped_weights(name).sha256,
+                               vision_only=vision_only)
         return LoadedBackbone(clip=loaded.clip, name=name, source=SHIPPED, sha256=loaded.sha256)
+    if vision_only and expected_sha256 and pretrained != RANDOM:
+        alone = load_vision_only(name, pretrained, expected_sha256, storage_options)
+        if alone is not None:
+            return alone
     torch.manual_seed(seed)
     with _quiet_root_logger():  # open_clip warns "no pretrained weights" on the root logger; we load them below
-        clip = open_clip.create_model(name, pretrained=None)
+        clip = open_clip_module().create_model(name, pretrained=None)
     clip.eval()
     if pretrained == RANDOM:
         log.warning("backbone %s uses seeded random weights (seed %d): predictions carry no learned meaning",
@@ -128,6 +144,30 @@ def load_backbone(name: str, pretrained: str, *, seed: int = 0, expected_sha256:
     _check_expected(expected_sha256, digest, file_sha, pretrained)
     _check_recorded(data, pretrained, digest)
     return LoadedBackbone(clip=clip, name=name, source=pretrained, sha256=digest)
+
+
+def load_vision_only(name: str, url: str, expected_sha256: str,
+                     storage_options: Mapping[str, Any] | None) -> LoadedBackbone | None:
+    """Backbone ``name``'s vision tower and logit scale (:class:`~semclip_batch.model.vit.VisionBackbone`) from weights
+    file ``url``, or None where that cannot stand for the whole model: a tower other than the plain ViT, or weights
+    whose canonical checksum (every tensor, in the whole model's float32) is not ``expected_sha256``. An equal checksum
+    means the same tensors under the same names as weights :func:`load_backbone` loaded and checked whole (``run``'s
+    driver does, and ships the checksum to its actors), so nothing is checked twice. Unreadable weights raise as
+    there."""
+    cfg = vision_config(name)
+    if cfg is None:
+        return None
+    data = _read_weights(url, storage_options)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in _state_dict_from_bytes(data, url).items()}
+    digest = canonical_sha256(state)
+    if digest != expected_sha256.strip().lower():
+        return None
+    backbone = VisionBackbone(cfg)
+    try:
+        backbone.load_state_dict({k: v for k, v in state.items() if k.startswith("visual.") or k == "logit_scale"})
+    except RuntimeError:
+        return None
+    return LoadedBackbone(clip=backbone.eval(), name=name, source=url, sha256=digest)
 
 
 def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
