@@ -117,6 +117,40 @@ def test_a_checkpoint_whose_weights_are_gone_says_which_and_how_to_give_them(che
         identify_model(elsewhere)
 
 
+def test_a_checkpoint_runs_driver_reads_the_vision_tower_alone(checkpoint, weights, synth_lot, tmp_path):
+    """A checkpoint brings its class embeddings, so identifying its run builds the backbone's vision tower alone,
+    in a process that never imports open_clip; weights with another checksum are still named as such."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from semclip_batch.pipeline.identity import identify_model
+
+    ckpt, _ = checkpoint
+    code = textwrap.dedent(f"""
+        import sys
+        from semclip_batch.config import CheckpointRequest, RunConfig
+        from semclip_batch.pipeline.identity import identify_model
+        _, spec, ident = identify_model(RunConfig(input={str(synth_lot / "manifest.csv")!r}, out={str(tmp_path / "o")!r},
+                                                  model=CheckpointRequest(url={str(ckpt)!r})))
+        print(ident.model_id, ident.weights_sha256, "open_clip" in sys.modules, "torchvision" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    here = identify_model(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o"),
+                                    model=CheckpointRequest(url=str(ckpt))))[2]
+    assert out.stdout.split() == [here.model_id, weights[1], "False", "False"], out.stdout + out.stderr
+    other = tmp_path / "other.safetensors"
+    state = load_backbone("semclip-tiny", str(weights[0])).clip.state_dict()
+    state["logit_scale"] = state["logit_scale"] + 1.0
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(other))
+    with pytest.raises(WeightsError, match=r"^--pretrained .*other.safetensors has checksum \w{12}, but the checkpoint was "
+                                           r"trained on " + weights[1][:12]):
+        identify_model(RunConfig(input=str(synth_lot / "manifest.csv"), out=str(tmp_path / "o"),
+                                 model=CheckpointRequest(url=str(ckpt), pretrained=str(other))))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)

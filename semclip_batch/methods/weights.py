@@ -117,7 +117,7 @@ def load_backbone(name: str, pretrained: str, *, seed: int = 0, expected_sha256:
         loaded = load_backbone(name, shipped_path(name), expected_sha256=expected_sha256 or shipped_weights(name).sha256,
                                vision_only=vision_only)
         return LoadedBackbone(clip=loaded.clip, name=name, source=SHIPPED, sha256=loaded.sha256)
-    if vision_only and expected_sha256 and pretrained != RANDOM:
+    if vision_only and expected_sha256:
         alone = load_vision_only(name, pretrained, expected_sha256, storage_options)
         if alone is not None:
             return alone
@@ -146,17 +146,18 @@ def load_backbone(name: str, pretrained: str, *, seed: int = 0, expected_sha256:
     return LoadedBackbone(clip=clip, name=name, source=pretrained, sha256=digest)
 
 
-def load_vision_only(name: str, url: str, expected_sha256: str,
+def load_vision_only(name: str, pretrained: str, expected_sha256: str,
                      storage_options: Mapping[str, Any] | None) -> LoadedBackbone | None:
-    """Backbone ``name``'s vision tower and logit scale (:class:`~semclip_batch.model.vit.VisionBackbone`) from weights
-    file ``url``, or None where that cannot stand for the whole model: a tower other than the plain ViT, or weights
-    whose canonical checksum (every tensor, in the whole model's float32) is not ``expected_sha256``. An equal checksum
-    means the same tensors under the same names as weights :func:`load_backbone` loaded and checked whole (``run``'s
-    driver does, and ships the checksum to its actors), so nothing is checked twice. Unreadable weights raise as
-    there."""
+    """Backbone ``name``'s vision tower and logit scale (:class:`~semclip_batch.model.vit.VisionBackbone`) from the
+    weights ``pretrained`` (a file or URL, or ``shipped``), or None where that cannot stand for the whole model: random
+    weights, a tower other than the plain ViT, or weights whose canonical checksum (every tensor, in the whole model's
+    float32) is not ``expected_sha256``. An equal checksum means the same tensors under the same names as weights
+    :func:`load_backbone` once loaded and checked whole (``run``'s driver, or the ``train`` that wrote a checkpoint),
+    so nothing is checked twice. Unreadable weights raise as there."""
     cfg = vision_config(name)
-    if cfg is None:
+    if cfg is None or pretrained == RANDOM:
         return None
+    url = shipped_path(name) if pretrained == SHIPPED else pretrained
     data = _read_weights(url, storage_options)
     state = {k: v.float() if v.is_floating_point() else v for k, v in _state_dict_from_bytes(data, url).items()}
     digest = canonical_sha256(state)
@@ -167,7 +168,7 @@ def load_vision_only(name: str, url: str, expected_sha256: str,
         backbone.load_state_dict({k: v for k, v in state.items() if k.startswith("visual.") or k == "logit_scale"})
     except RuntimeError:
         return None
-    return LoadedBackbone(clip=backbone.eval(), name=name, source=url, sha256=digest)
+    return LoadedBackbone(clip=backbone.eval(), name=name, source=pretrained, sha256=digest)
 
 
 def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from .towers import as_clip
@@ -25,6 +24,8 @@ def encode_prompts(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     pool = getattr(clip, "text_pool_type", None)
     if pool not in TRIMMABLE_POOLS or getattr(clip, "attn_mask", None) is None or tokens.numel() == 0:
         return parts.encode_text(tokens)
+    from open_clip.transformer import text_global_pool  # here: importing open_clip costs ~3.7 s, and scoring needs none
+
     used = int((tokens != 0).any(dim=0).nonzero().max()) + 1
     text = tokens[:, :used]
     x = parts.token_embedding(text) + parts.positional_embedding[:used]

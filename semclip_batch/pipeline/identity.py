@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +30,7 @@ from semclip_batch.methods.decisions import CLASS_SCORES_WEIGHED, weighs_class_s
 from semclip_batch.methods.prompts import PromptSet, load_prompts, text_embeddings
 from semclip_batch.methods.registry import get_method
 from semclip_batch.methods.scoring import build_model, reads_references
-from semclip_batch.methods.weights import load_backbone
+from semclip_batch.methods.weights import LoadedBackbone, load_backbone, load_vision_only
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,7 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
     pretrained = req.pretrained or meta.weights.resolved(req.url)
     own = req.pretrained is None and meta.weights.source.startswith(IN_CHECKPOINT)
     try:
-        backbone = load_backbone(meta.backbone, pretrained, seed=meta.weights.seed,
-                                 expected_sha256=req.pretrained_sha256, storage_options=cfg.storage_options)
+        backbone = _checkpoint_backbone(meta, pretrained, req.pretrained_sha256, cfg.storage_options)
     except MissingWeightsError:
         if own:
             raise WeightsError(f"the checkpoint's own backbone weights {storage.redact(pretrained)} are missing: copy "
@@ -115,6 +115,19 @@ def _identify_checkpoint(cfg: RunConfig, req: CheckpointRequest) -> tuple[RunCon
                           weights_sha256=meta.weights.sha256, text=ckpt.tensors["text_embeddings"].numpy(),
                           prompts=prompts, mode="checkpoint")
     return replace(cfg, model=spec, thresholds=thresholds), spec, ident
+
+
+def _checkpoint_backbone(meta: CheckpointMeta, pretrained: str, given_sha256: str | None,
+                         storage_options: Mapping[str, Any] | None) -> LoadedBackbone:
+    """The backbone a checkpoint run scores on. Its class embeddings are the checkpoint's, so only the vision tower is
+    read: built alone (no open_clip import, ~3.7 s) where the weights hash to the checksum the checkpoint records;
+    otherwise the whole model, whose checksum the caller compares to say what differs."""
+    if given_sha256 in (None, meta.weights.sha256):
+        alone = load_vision_only(meta.backbone, pretrained, meta.weights.sha256, storage_options)
+        if alone is not None:
+            return alone
+    return load_backbone(meta.backbone, pretrained, seed=meta.weights.seed, expected_sha256=given_sha256,
+                         storage_options=storage_options)
 
 
 def _checkpoint_thresholds(given: Thresholds, meta: CheckpointMeta) -> Thresholds:
