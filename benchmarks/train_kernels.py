@@ -1,4 +1,4 @@
-"""Two of ``train``'s kernels, the package's way against the way before it (docs/quality.md, "`train`'s time on
+"""Three of ``train``'s kernels, the package's way against the way before it (docs/quality.md, "`train`'s time on
 `logic`: the same work, faster"), best of ``--repeats`` on this machine's threads:
 
     .venv/bin/python benchmarks/train_kernels.py               # ~30 s here
@@ -8,7 +8,10 @@
   ``--entries`` random entries (``train``'s 4,096), and whether the two maps are equal to the bit;
 - the patch embedding of one adaptation step, forward and backward, ``--batch`` crops at the model's input with a
   quarter of the patches kept: ``embed_kept_patches`` against the whole grid embedded then gathered
-  (``embed_patches`` + ``keep_tokens``), and the largest difference between the two.
+  (``embed_patches`` + ``keep_tokens``), and the largest difference between the two;
+- the Gaussian blur of one ``--side`` px map (``gaussian_blur``: a long axis in blocks of its band, at the maps'
+  sigma 4 and the line residual's sigma 1) against the two whole matrix products before it, and the largest
+  difference.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from semclip_batch.methods.weights import load_backbone, preprocess_config
 from semclip_batch.model import grey_memory
 from semclip_batch.model.encoder import embed_kept_patches, embed_patches, keep_tokens
 from semclip_batch.model.grey_memory import DIM, PATCH, GreyMemory
+from semclip_batch.model.semclip import blur_matrix, gaussian_blur
 from semclip_batch.model.towers import vision_tower
 
 KEEP = 0.25  # pretrain's default share of the patches a step runs
@@ -87,6 +91,19 @@ def patch_embedding(batch: int, repeats: int) -> dict[str, float]:
     return {"kept_s": kept, "whole_grid_s": whole, "max_difference": float(gap)}
 
 
+def blur(side: int, sigma: float, repeats: int) -> dict[str, float]:
+    """Seconds for one map's blur, in blocks of the band and as the two whole products, and the largest difference."""
+    maps = torch.rand(1, side, side, generator=torch.Generator().manual_seed(2))
+    along = blur_matrix(side, sigma)
+
+    def whole() -> torch.Tensor:
+        return along.t() @ (maps @ along)
+
+    gap = (gaussian_blur(maps, sigma) - whole()).abs().max()
+    return {"blocked_s": best_seconds(lambda: gaussian_blur(maps, sigma), repeats),
+            "whole_s": best_seconds(whole, repeats), "max_difference": float(gap)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", type=int, default=1024, help="the frame's side in px (logic's largest)")
@@ -102,6 +119,10 @@ def main() -> None:
     print(f"patch embedding, {args.batch} crops, {KEEP:g} of the patches kept, forward and backward: kept only "
           f"{1000 * e['kept_s']:.1f} ms, whole grid {1000 * e['whole_grid_s']:.1f} ms, "
           f"largest difference {e['max_difference']:.2e}")
+    for sigma in (4.0, 1.0):
+        b = blur(args.side, sigma, args.repeats)
+        print(f"gaussian blur, {args.side} px, sigma {sigma:g}: band blocks {1000 * b['blocked_s']:.1f} ms, whole products "
+              f"{1000 * b['whole_s']:.1f} ms, largest difference {b['max_difference']:.2e}")
 
 
 if __name__ == "__main__":

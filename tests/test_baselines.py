@@ -6,7 +6,6 @@ import json
 import shutil
 
 import numpy as np
-import open_clip
 import pandas as pd
 import pytest
 import torch
@@ -23,6 +22,8 @@ from semclip_batch.methods.fitting import normal_rows
 from semclip_batch.methods.promptad_method import fit_promptad
 from semclip_batch.methods.prompts import load_prompts
 from semclip_batch.methods.registry import new_model
+from semclip_batch.methods.scoring import build_model
+from semclip_batch.methods.weights import open_clip_module
 from semclip_batch.model.encoder import embed_patches
 from semclip_batch.model.patchops import harmonic_to_patches, nearest_distance, neighbourhood_distance, window_index
 from semclip_batch.model.promptad import PromptLearner
@@ -91,7 +92,7 @@ def test_window_embeddings_see_only_their_window(tiny_clip):
 
 def test_prompt_learner_matches_the_text_tower(tiny_clip):
     clip = tiny_clip.clip
-    tok = open_clip.get_tokenizer("semclip-tiny")
+    tok = open_clip_module().get_tokenizer("semclip-tiny")
     normal = tok(["X X X X wafer pattern."])
     manual = tok(["X X X X wafer pattern with scratch."])
     learned = tok(["X X X X wafer pattern with Y."])
@@ -225,3 +226,18 @@ def test_reference_checkpoint_run_counts_missing_and_broken_references(ray_clust
     preds = read_predictions(str(tmp_path / "o")).to_pandas().set_index("uri")
     broken = preds.loc[df.loc[2, "uri"]]
     assert broken["status"] == REFERENCE_ERROR and "reference" in broken["error"] and np.isnan(broken["anomaly_score"])
+
+
+@pytest.mark.parametrize("method", ["winclip", "promptad"])
+def test_the_baselines_score_held_in_bf16_as_in_float32(method):
+    """``run --precision bf16``: the baselines' class scores are taken in float32 from the pooled embedding, as
+    SEM-CLIP's are (their states and class texts were left in bf16 beside it: every row a model_error)."""
+    spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", method=method)
+    text = np.random.default_rng(5).normal(size=(4, 64)).astype(np.float32)
+    x = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        full = build_model(spec, text)(x)
+        half = build_model(spec, text).to(torch.device("cpu"), torch.bfloat16)(x.bfloat16())
+    assert torch.isfinite(half.maps).all() and torch.isfinite(half.class_probs).all()
+    assert torch.allclose(half.maps.float(), full.maps, atol=0.05)
+    assert torch.allclose(half.class_probs, full.class_probs, atol=0.05)

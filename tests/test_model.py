@@ -256,7 +256,8 @@ def test_bad_taps_refused(tiny_clip):
         SemClip(tiny_clip.clip, SemClipConfig(taps=(5,)), n_classes=2)
 
 
-@pytest.mark.parametrize(("shape", "sigma"), [((4, 240, 240), 4.0), ((3, 224, 300), 1.5), ((2, 40, 33), 4.0)])
+@pytest.mark.parametrize(("shape", "sigma"), [((4, 240, 240), 4.0), ((3, 224, 300), 1.5), ((2, 40, 33), 4.0),
+                                             ((1, 700, 520), 4.0), ((2, 260, 1030), 1.0)])
 def test_gaussian_blur_is_the_separable_reflected_convolution(shape, sigma):
     """The maps' smoothing, done as two matrix products, equals the direct separable convolution with reflected
     borders; it keeps a constant map constant, works under inference mode and with autograd alike, and in bf16."""
@@ -277,16 +278,40 @@ def test_gaussian_blur_is_the_separable_reflected_convolution(shape, sigma):
     assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), direct, atol=2e-2)
 
 
+@pytest.mark.parametrize(("shape", "sigma"), [((1, 1024, 1024), 4.0), ((2, 700, 257), 1.0), ((1, 300, 900), 8.0)])
+def test_long_axes_are_blurred_in_blocks_of_the_band_as_by_the_whole_product(shape, sigma):
+    """Past ``2 * BLUR_BLOCK`` samples an axis is blurred in blocks, each from the inputs its band reaches: the whole
+    products' sums up to float rounding, gradients too; the blur matrix really is a band of the kernel's radius; and
+    axes up to ``2 * BLUR_BLOCK`` (the model's views) take the whole products, to the bit."""
+    from semclip_batch.model.semclip import BLUR_BLOCK, blur_matrix, gaussian_blur, gaussian_radius
+
+    def whole(m: torch.Tensor) -> torch.Tensor:
+        return blur_matrix(m.shape[-2], sigma, m.device, m.dtype).t() @ (m @ blur_matrix(m.shape[-1], sigma, m.device, m.dtype))
+
+    maps = torch.rand(shape, generator=torch.Generator().manual_seed(2))
+    blocked = gaussian_blur(maps, sigma)
+    assert blocked.is_contiguous() and torch.allclose(blocked, whole(maps), rtol=0, atol=1e-6)
+    a, b = maps.clone().requires_grad_(True), maps.clone().requires_grad_(True)
+    weights = torch.rand(shape, generator=torch.Generator().manual_seed(3))
+    (gaussian_blur(a, sigma) * weights).sum().backward()
+    (whole(b) * weights).sum().backward()
+    assert a.grad is not None and b.grad is not None and torch.allclose(a.grad, b.grad, rtol=0, atol=1e-6)
+    radius, n = gaussian_radius(sigma), max(shape[-2:])
+    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    assert not blur_matrix(n, sigma)[(rows - cols).abs() > radius].any()
+    short = maps[..., :2 * BLUR_BLOCK, :2 * BLUR_BLOCK] if min(shape[-2:]) >= 2 * BLUR_BLOCK else maps[..., :100, :100]
+    assert torch.equal(gaussian_blur(short, sigma), whole(short))
+
+
 def test_prompts_encode_on_their_used_columns_as_on_the_full_context(tiny_clip):
     """The text tower run up to the longest prompt's last token gives the full context's embeddings (the
     padding after the pooled end-of-text token never reaches it under the causal mask); a tower pooled at its
     last column runs the full context."""
-    import open_clip
-
+    from semclip_batch.methods.weights import open_clip_module
     from semclip_batch.model.text import encode_prompts
 
     clip = tiny_clip.clip.eval()
-    tokens = open_clip.get_tokenizer("semclip-tiny")(["a scratch.", "a sem image of a wafer with a long bridge defect"])
+    tokens = open_clip_module().get_tokenizer("semclip-tiny")(["a scratch.", "a sem image of a wafer with a long bridge defect"])
     assert (tokens != 0).sum(1).max() < 20  # the trimmed run is a fraction of the 77 columns
     with torch.no_grad():
         full, trimmed = clip.encode_text(tokens), encode_prompts(clip, tokens)

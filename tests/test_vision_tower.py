@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -57,6 +58,21 @@ def test_a_key_outside_the_plain_set_leaves_the_tower_to_open_clip(monkeypatch):
         config = {**base, "vision_cfg": {**base["vision_cfg"], **extra}}
         monkeypatch.setattr(backbone_configs, "model_config", lambda name, c=config: c)
         assert vision_config("semclip-tiny") is None, extra
+    for top in ({"nonscalar_logit_scale": True}, {"some_future_option": 1}):  # may change the tower or its logit scale
+        config = {**base, **top}
+        monkeypatch.setattr(backbone_configs, "model_config", lambda name, c=config: c)
+        assert vision_config("semclip-tiny") is None, top
+
+
+def test_a_config_registered_with_open_clip_at_run_time_is_known(tmp_path):
+    config = {**model_config("semclip-tiny"), "embed_dim": 32}
+    (tmp_path / "semclip-tiny-registered-here.json").write_text(json.dumps(config))
+    open_clip_module().add_model_config(tmp_path)
+    assert weights.check_backbone("semclip-tiny-registered-here")["embed_dim"] == 32
+    assert weights.preprocess_config("semclip-tiny-registered-here", tile_above=1024).image_size == 240
+    with pytest.raises(weights.ConfigError, match=r"^unknown backbone 'ViT-Nope' \(e\.g\. ViT-B-16-plus-240 or "
+                                                 r"semclip-tiny; see open_clip\.list_models\(\)\)$"):
+        weights.check_backbone("ViT-Nope")
 
 
 @pytest.mark.parametrize("name", ["semclip-tiny", "ViT-M-16-alt", "ViT-B-32-quickgelu"])
@@ -144,6 +160,21 @@ def test_vision_only_refuses_other_weights_as_the_whole_model_does(shipped_whole
     # only the text tower differs: the tower alone would be the same, but the weights are not the checked ones
     with pytest.raises(WeightsError, match="checksum mismatch"):
         load_backbone("semclip-tiny", str(path), expected_sha256=shipped_whole.sha256, vision_only=True)
+
+
+def test_vision_only_refuses_a_pretrain_file_whose_header_records_another_checksum(shipped_whole, tmp_path):
+    path = tmp_path / "damaged.safetensors"
+    save_file({k: v.contiguous() for k, v in shipped_whole.clip.state_dict().items()}, str(path),
+              metadata={"format": weights.PRETRAIN_FORMAT, "sha256": "0" * 64})
+    for vision_only in (False, True):
+        with pytest.raises(WeightsError, match="do not match the checksum they record"):
+            load_backbone("semclip-tiny", str(path), expected_sha256=shipped_whole.sha256, vision_only=vision_only)
+
+
+def test_the_tower_alone_holds_the_weights_and_nothing_on_the_meta_device(shipped_whole):
+    alone = load_backbone("semclip-tiny", "shipped", expected_sha256=shipped_whole.sha256, vision_only=True).clip
+    assert not alone.training and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                      for t in [*alone.parameters(), *alone.buffers()])
 
 
 def test_half_precision_files_hash_as_the_loaded_model_does(shipped_whole, tmp_path):

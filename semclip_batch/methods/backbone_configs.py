@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,9 @@ from semclip_batch.model.vit import VisionConfig
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults where a config names no image_mean / _std
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 REQUIRED = ("embed_dim", "vision_cfg", "text_cfg")
+# top-level config keys that leave the vision tower and its logit scale as the plain tower has them (others, such as
+# ``nonscalar_logit_scale``, change them)
+PLAIN_TOP = frozenset({*REQUIRED, "quick_gelu", "custom_text", "multimodal_cfg", "init_logit_scale", "init_logit_bias"})
 # vision_cfg keys the plain tower reads or may ignore (patch dropout: training only), with the values it takes
 # (None: any value, read below); a key outside this set, or at a value outside its tuple, is not the plain tower
 PLAIN: dict[str, tuple[Any, ...] | None] = {
@@ -60,17 +64,20 @@ def backbone_names() -> tuple[str, ...]:
 
 
 def model_config(name: str) -> dict[str, Any] | None:
-    """Backbone ``name``'s config (a fresh copy), or None where no config names it."""
+    """Backbone ``name``'s config (a fresh copy), or None where no config names it. Where this process has imported
+    open_clip already, a config registered with it at run time (``open_clip.add_model_config``) counts too."""
     config = _configs().get(name)
+    if config is None and "open_clip" in sys.modules:
+        config = sys.modules["open_clip"].get_model_config(name)
     return None if config is None else json.loads(json.dumps(config))
 
 
 def vision_config(name: str) -> VisionConfig | None:
     """Backbone ``name``'s vision tower as :class:`~semclip_batch.model.vit.VisionConfig`, or None where it is not
-    the plain ViT that module rebuilds (or ``name`` is unknown): any ``vision_cfg`` key outside the plain set, or a
-    plain key at another value, leaves the tower to open_clip."""
+    the plain ViT that module rebuilds (or ``name`` is unknown): any top-level key outside :data:`PLAIN_TOP`, any
+    ``vision_cfg`` key outside the plain set, or a plain key at another value, leaves the tower to open_clip."""
     config = model_config(name)
-    if config is None:
+    if config is None or not set(config) <= PLAIN_TOP:
         return None
     vision: dict[str, Any] = config["vision_cfg"]
     if not all(_plain(key, value) for key, value in vision.items()):

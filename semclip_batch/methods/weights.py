@@ -5,8 +5,9 @@ Weights are read into memory through fsspec (never from a hub): ``.safetensors``
 identical in every process. The canonical checksum is sha256 over the state_dict (sorted names, dtype,
 shape, bytes), plus the seed for random weights.
 
-open_clip is imported only where a whole CLIP model is built (:func:`load_backbone`): ``run``'s model actors, which
-read the vision tower alone, build it in torch (:mod:`semclip_batch.model.vit`) and never import open_clip.
+open_clip is imported where a whole CLIP model is built or text is tokenised (:func:`open_clip_module`), never at
+import: a model that only scores images, as ``run``'s actors and a checkpoint run's driver build, is the vision tower
+alone, in torch (:func:`load_vision_only`, :mod:`semclip_batch.model.vit`), wherever the weights allow it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 from semclip_batch.config import SCALE_POLICY_KEY, PreprocessConfig, parse_scale_policy, tile_overlap_for
 from semclip_batch.errors import ConfigError, MissingWeightsError, WeightsError
 from semclip_batch.io import storage
-from semclip_batch.methods.backbone_configs import OPENAI_MEAN, OPENAI_STD, backbone_names, model_config, vision_config
+from semclip_batch.methods.backbone_configs import OPENAI_MEAN, OPENAI_STD, model_config, vision_config
 from semclip_batch.methods.shipped import SHIPPED, shipped_path, shipped_weights
 from semclip_batch.model.vit import VisionBackbone
 
@@ -66,7 +67,7 @@ def check_backbone(name: str) -> dict[str, Any]:
     config = model_config(name)
     if config is None:
         raise ConfigError(f"unknown backbone {name!r} (e.g. ViT-B-16-plus-240 or semclip-tiny; "
-                          f"{len(backbone_names())} known: see open_clip.list_models())")
+                          "see open_clip.list_models())")
     return config
 
 
@@ -151,9 +152,13 @@ def load_vision_only(name: str, pretrained: str, expected_sha256: str,
     """Backbone ``name``'s vision tower and logit scale (:class:`~semclip_batch.model.vit.VisionBackbone`) from the
     weights ``pretrained`` (a file or URL, or ``shipped``), or None where that cannot stand for the whole model: random
     weights, a tower other than the plain ViT, or weights whose canonical checksum (every tensor, in the whole model's
-    float32) is not ``expected_sha256``. An equal checksum means the same tensors under the same names as weights
-    :func:`load_backbone` once loaded and checked whole (``run``'s driver, or the ``train`` that wrote a checkpoint),
-    so nothing is checked twice. Unreadable weights raise as there."""
+    float32) is not ``expected_sha256``.
+
+    An equal checksum means the same tensors under the same names as weights the whole model once loaded under that
+    checksum: ``run``'s driver, which ships it to its actors, or the ``train`` that recorded it in a checkpoint. What
+    the whole model refuses of a file beyond its tensors is refused here too (unreadable, or a ``pretrain`` file whose
+    tensors do not match the checksum its header records). The tower is built on the meta device and the tensors are
+    assigned to it: nothing is initialised only to be overwritten."""
     cfg = vision_config(name)
     if cfg is None or pretrained == RANDOM:
         return None
@@ -163,9 +168,12 @@ def load_vision_only(name: str, pretrained: str, expected_sha256: str,
     digest = canonical_sha256(state)
     if digest != expected_sha256.strip().lower():
         return None
-    backbone = VisionBackbone(cfg)
+    _check_recorded(data, url, digest)
+    with torch.device("meta"):
+        backbone = VisionBackbone(cfg)
     try:
-        backbone.load_state_dict({k: v for k, v in state.items() if k.startswith("visual.") or k == "logit_scale"})
+        backbone.load_state_dict({k: v.contiguous() for k, v in state.items() if k.startswith("visual.") or k == "logit_scale"},
+                                 assign=True)
     except RuntimeError:
         return None
     return LoadedBackbone(clip=backbone.eval(), name=name, source=pretrained, sha256=digest)

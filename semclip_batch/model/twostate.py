@@ -35,12 +35,14 @@ class TwoStateScorer(Scorer):
 
     def state_probability(self, feats: torch.Tensor) -> torch.Tensor:
         """p(anomalous) of normalised features ``(..., E)``."""
-        return state_probability(feats, self.states[0], self.states[1], self.state_scale)
+        states = self.states.to(feats.dtype)  # a model held in bf16 / fp16 scores the pooled embedding in float32
+        return state_probability(feats, states[0], states[1], self.state_scale.to(feats.dtype))
 
     def output(self, patch_scores: torch.Tensor, pooled: torch.Tensor, size: tuple[int, int]) -> SemClipOutput:
         """``(B, N)`` patch scores and ``(B, E)`` pooled embeddings -> smoothed maps at ``size`` and class
         probabilities (p(normal) = 1 - the pooled embedding's p(anomalous))."""
         maps = gaussian_blur(grid_to_image(patch_scores, size), self.sigma).clamp(0.0, 1.0)
         emb = F.normalize(pooled.float(), dim=-1)
-        probs = compose_class_probs(self.state_probability(emb), emb @ self.text_embeddings.t(), self.text_scale)
+        probs = compose_class_probs(self.state_probability(emb), emb @ self.text_embeddings.float().t(),
+                                    self.text_scale.float())
         return SemClipOutput(maps=maps, class_probs=probs, embeddings=emb)

@@ -2,7 +2,8 @@
 
 ``run``'s model actors read nothing of a CLIP model but its vision tower and its logit scale: the class texts are
 embedded once on the driver. Building the whole model through open_clip made every actor import open_clip,
-torchvision (and with it ``torch._dynamo``) and timm, ~3.7 s of each fresh actor's start on this machine's CPU.
+torchvision (and with it ``torch._dynamo``) and timm: a fresh process took ~3.5 s longer to build its scoring model
+on this machine's CPU (``benchmarks/actor_start.py``).
 :class:`VisionBackbone` holds the same modules under the same names (``visual.conv1``, ``visual.transformer.
 resblocks.N.attn``, ..., ``logit_scale``), so open_clip's weights load into it unchanged and
 :mod:`semclip_batch.model.encoder` runs it as it runs open_clip's own tower.
@@ -103,7 +104,9 @@ class Transformer(nn.Module):
 
 class VisionTransformer(nn.Module):
     """Patch embedding (a convolution whose stride is its kernel), class token, learned positions, ``ln_pre``, the
-    blocks, then ``ln_post`` of the class token times ``proj``. Parameters start at zero: they are loaded."""
+    blocks, then ``ln_post`` of the class token times ``proj``. Its weights are always loaded (built on the meta
+    device, they are assigned: :func:`semclip_batch.methods.weights.load_vision_only`), so the class and position
+    embeddings and ``proj`` start at zero rather than at open_clip's random scales."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
