@@ -35,7 +35,7 @@ class TwoStateScorer(Scorer):
 
     def state_probability(self, feats: torch.Tensor) -> torch.Tensor:
         """p(anomalous) of normalised features ``(..., E)``."""
-        states = self.states.to(feats.dtype)  # a model held in bf16 / fp16 scores the pooled embedding in float32
+        states = self.states.to(feats.dtype)  # held in bf16 / fp16: the windows score in it, the pooled embedding in float32
         return state_probability(feats, states[0], states[1], self.state_scale.to(feats.dtype))
 
     def output(self, patch_scores: torch.Tensor, pooled: torch.Tensor, size: tuple[int, int]) -> SemClipOutput:
