@@ -23,6 +23,7 @@ from semclip_batch.methods.promptad_method import fit_promptad
 from semclip_batch.methods.prompts import load_prompts
 from semclip_batch.methods.registry import new_model
 from semclip_batch.methods.scoring import build_model
+from semclip_batch.methods.shipped import shipped_weights
 from semclip_batch.methods.weights import open_clip_module
 from semclip_batch.model.encoder import embed_patches
 from semclip_batch.model.patchops import harmonic_to_patches, nearest_distance, neighbourhood_distance, window_index
@@ -231,13 +232,15 @@ def test_reference_checkpoint_run_counts_missing_and_broken_references(ray_clust
 @pytest.mark.parametrize("method", ["winclip", "promptad"])
 def test_the_baselines_score_held_in_bf16_as_in_float32(method):
     """``run --precision bf16``: the baselines' class scores are taken in float32 from the pooled embedding, as
-    SEM-CLIP's are (their states and class texts were left in bf16 beside it: every row a model_error)."""
+    SEM-CLIP's are (their states and class texts were left in bf16 beside it: every row a model_error). Built as
+    ``run``'s actors build them: the vision tower alone, from the driver's checksum."""
     spec = ModelSpec(backbone="semclip-tiny", pretrained="shipped", method=method)
     text = np.random.default_rng(5).normal(size=(4, 64)).astype(np.float32)
     x = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(6))
+    sha = shipped_weights("semclip-tiny").sha256
     with torch.inference_mode():
-        full = build_model(spec, text)(x)
-        half = build_model(spec, text).to(torch.device("cpu"), torch.bfloat16)(x.bfloat16())
+        full = build_model(spec, text, sha)(x)
+        half = build_model(spec, text, sha).to(torch.device("cpu"), torch.bfloat16)(x.bfloat16())
     assert torch.isfinite(half.maps).all() and torch.isfinite(half.class_probs).all()
     assert torch.allclose(half.maps.float(), full.maps, atol=0.05)
     assert torch.allclose(half.class_probs, full.class_probs, atol=0.05)

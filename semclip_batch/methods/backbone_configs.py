@@ -25,10 +25,10 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 REQUIRED = ("embed_dim", "vision_cfg", "text_cfg")
 # top-level config keys that leave the vision tower and its logit scale as the plain tower has them (others, such as
 # ``nonscalar_logit_scale``, change them)
-PLAIN_TOP = frozenset({*REQUIRED, "quick_gelu", "custom_text", "multimodal_cfg", "init_logit_scale", "init_logit_bias"})
+PLAIN_TOP_KEYS = frozenset({*REQUIRED, "quick_gelu", "custom_text", "multimodal_cfg", "init_logit_scale", "init_logit_bias"})
 # vision_cfg keys the plain tower reads or may ignore (patch dropout: training only), with the values it takes
 # (None: any value, read below); a key outside this set, or at a value outside its tuple, is not the plain tower
-PLAIN: dict[str, tuple[Any, ...] | None] = {
+PLAIN_VISION_KEYS: dict[str, tuple[Any, ...] | None] = {
     "image_size": None, "patch_size": None, "width": None, "layers": None, "head_width": None, "mlp_ratio": None,
     "ls_init_value": None, "no_ln_pre": None, "image_mean": None, "image_std": None, "patch_dropout": None,
     "output_tokens": None, "pos_embed_type": ("learnable",), "pool_type": ("tok",), "attentional_pool": (False,),
@@ -74,10 +74,10 @@ def model_config(name: str) -> dict[str, Any] | None:
 
 def vision_config(name: str) -> VisionConfig | None:
     """Backbone ``name``'s vision tower as :class:`~semclip_batch.model.vit.VisionConfig`, or None where it is not
-    the plain ViT that module rebuilds (or ``name`` is unknown): any top-level key outside :data:`PLAIN_TOP`, any
+    the plain ViT that module rebuilds (or ``name`` is unknown): any top-level key outside :data:`PLAIN_TOP_KEYS`, any
     ``vision_cfg`` key outside the plain set, or a plain key at another value, leaves the tower to open_clip."""
     config = model_config(name)
-    if config is None or not set(config) <= PLAIN_TOP:
+    if config is None or not set(config) <= PLAIN_TOP_KEYS:
         return None
     vision: dict[str, Any] = config["vision_cfg"]
     if not all(_plain(key, value) for key, value in vision.items()):
@@ -96,9 +96,9 @@ def vision_config(name: str) -> VisionConfig | None:
 
 def _plain(key: str, value: Any) -> bool:
     """Whether ``vision_cfg[key] = value`` is within the plain tower."""
-    if key not in PLAIN:
+    if key not in PLAIN_VISION_KEYS:
         return False
-    taken = PLAIN[key]
+    taken = PLAIN_VISION_KEYS[key]
     return taken is None or value in taken
 
 

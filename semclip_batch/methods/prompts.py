@@ -17,6 +17,7 @@ from semclip_batch.errors import ConfigError
 from semclip_batch.io import storage
 from semclip_batch.methods.weights import LoadedBackbone, open_clip_module
 from semclip_batch.model.text import class_embeddings
+from semclip_batch.model.vit import VisionBackbone
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,11 @@ def parse_prompts(data: Any, name: str) -> PromptSet:
 
 
 def text_embeddings(backbone: LoadedBackbone, prompts: PromptSet) -> np.ndarray:
-    """``(C, E)`` class embeddings from the backbone's own text tower."""
+    """``(C, E)`` class embeddings from the backbone's own text tower (a whole model's: the vision tower alone,
+    :class:`~semclip_batch.model.vit.VisionBackbone`, has none and is refused)."""
+    if isinstance(backbone.clip, VisionBackbone):
+        raise TypeError(f"backbone {backbone.name} was built as its vision tower alone (load_backbone's vision_only): "
+                        "it has no text tower to embed the class prompts")
     return clip_text_embeddings(backbone.clip, backbone.name, prompts).numpy()
 
 

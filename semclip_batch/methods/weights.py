@@ -156,7 +156,7 @@ def load_vision_only(name: str, pretrained: str, expected_sha256: str,
 
     An equal checksum means the same tensors under the same names as weights the whole model once loaded under that
     checksum: ``run``'s driver, which ships it to its actors, or the ``train`` that recorded it in a checkpoint. What
-    the whole model refuses of a file beyond its tensors is refused here too (unreadable, or a ``pretrain`` file whose
+    the whole model refuses of a file is refused here too (unreadable, NaN or inf values, a ``pretrain`` file whose
     tensors do not match the checksum its header records). The tower is built on the meta device and the tensors are
     assigned to it: nothing is initialised only to be overwritten."""
     cfg = vision_config(name)
@@ -168,13 +168,16 @@ def load_vision_only(name: str, pretrained: str, expected_sha256: str,
     digest = canonical_sha256(state)
     if digest != expected_sha256.strip().lower():
         return None
+    _refuse_non_finite(state, url)  # as the whole model's load did when it took this checksum
     _check_recorded(data, url, digest)
     with torch.device("meta"):
         backbone = VisionBackbone(cfg)
     try:
         backbone.load_state_dict({k: v.contiguous() for k, v in state.items() if k.startswith("visual.") or k == "logit_scale"},
                                  assign=True)
-    except RuntimeError:
+    except RuntimeError as exc:  # the tower does not take weights the whole model took: say so, build that instead
+        log.warning("backbone %s: the vision tower alone does not take %s (%s); building the whole model",
+                    name, storage.redact(url), str(exc).splitlines()[0][:160])
         return None
     return LoadedBackbone(clip=backbone.eval(), name=name, source=pretrained, sha256=digest)
 

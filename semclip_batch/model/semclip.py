@@ -167,10 +167,11 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     Each axis is one matrix product with :func:`blur_matrix` (the padded 1-D convolution as a linear map): a
     one-channel ``conv2d`` with a 33-tap kernel ran at a few GFLOP/s on CPU and took a third of
     semclip-tiny's forward pass; the product does more arithmetic at the matmul rate, 10-20x faster here. The matrix
-    is a band (no entry farther than the radius from its diagonal), so an axis longer than ``2 * BLUR_BLOCK`` is taken
-    in blocks of ``BLUR_BLOCK`` outputs, each from the inputs its band reaches (:func:`banded_product`): a 1024 px
-    map 37 -> 9 ms here, the same sums up to float rounding (a few ulp); shorter axes (the model's views) as before,
-    to the bit."""
+    is a band (no entry farther than the radius from its diagonal), so a map with a side longer than ``2 * BLUR_BLOCK``
+    is taken in blocks of ``BLUR_BLOCK`` outputs along both axes, each from the inputs its band reaches
+    (:func:`banded_product`): a 1024 px map ~32 -> ~10 ms here (``benchmarks/train_kernels.py``), the same sums up to
+    float rounding (a few ulp); maps whose sides are all at most ``2 * BLUR_BLOCK`` (the model's views) as before, to
+    the bit."""
     if sigma <= 0:
         return maps
     along_w = blur_matrix(maps.shape[-1], sigma, maps.device, maps.dtype)

@@ -5,6 +5,8 @@ open_clip ships no type information, and ``nn.Module.__getattr__`` types every s
 :func:`vision_tower` and :func:`as_clip` are the only places where a module is taken to have that shape
 (:func:`~semclip_batch.model.encoder.check_supported` refuses vision towers this package cannot run). Nothing
 here exists at runtime beyond the two functions, which return their argument's attribute / the argument itself.
+A model that only scores images may be :class:`~semclip_batch.model.vit.VisionBackbone` instead: the same
+``visual`` (:class:`VisionTower`) and ``logit_scale``, no text tower (``ClipModel``'s text attributes are absent).
 """
 
 from __future__ import annotations

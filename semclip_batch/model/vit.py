@@ -104,9 +104,10 @@ class Transformer(nn.Module):
 
 class VisionTransformer(nn.Module):
     """Patch embedding (a convolution whose stride is its kernel), class token, learned positions, ``ln_pre``, the
-    blocks, then ``ln_post`` of the class token times ``proj``. Its weights are always loaded (built on the meta
-    device, they are assigned: :func:`semclip_batch.methods.weights.load_vision_only`), so the class and position
-    embeddings and ``proj`` start at zero rather than at open_clip's random scales."""
+    blocks, then ``ln_post`` of the class token times ``proj``. It is built to be loaded with weights
+    (:func:`semclip_batch.methods.weights.load_vision_only` builds it on the meta device and assigns them), so it has
+    no initialisation of its own: built on a real device, the class and position embeddings and ``proj`` are zeros
+    and the rest takes torch's default initialisation."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()

@@ -122,7 +122,7 @@ def _checkpoint_backbone(meta: CheckpointMeta, pretrained: str, given_sha256: st
     """The backbone a checkpoint run scores on. Its class embeddings are the checkpoint's, so only the vision tower is
     read: built alone (no open_clip import, ~3.7 s) where the weights hash to the checksum the checkpoint records;
     otherwise the whole model, whose checksum the caller compares to say what differs."""
-    if given_sha256 in (None, meta.weights.sha256):
+    if given_sha256 is None or given_sha256.strip().lower() == meta.weights.sha256:
         alone = load_vision_only(meta.backbone, pretrained, meta.weights.sha256, storage_options)
         if alone is not None:
             return alone
