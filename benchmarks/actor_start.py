@@ -24,7 +24,7 @@ CHILD = textwrap.dedent("""
     import numpy as np
     from semclip_batch.config import ModelSpec
     from semclip_batch.methods.weights import load_backbone
-    from semclip_batch.pipeline.inference import build_model
+    from semclip_batch.pipeline.inference import build_model  # through the actors' own module: its imports count
     spec = ModelSpec(backbone={backbone!r}, pretrained={pretrained!r})
     backbone = load_backbone(spec.backbone, spec.pretrained, vision_only={alone!r}, expected_sha256={sha!r})
     scoring = build_model(spec, np.zeros((7, {embed}), np.float32), backbone=backbone)

@@ -24,7 +24,7 @@ from semclip_batch.model.vit import VisionBackbone, VisionConfig, VisionTransfor
 
 
 def _tower_part(clip: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in clip.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
+    return {k: v for k, v in clip.state_dict().items() if k.startswith(weights.BACKBONE_PREFIXES)}
 
 
 def test_configs_read_as_files_are_open_clips():

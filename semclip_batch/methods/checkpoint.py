@@ -19,11 +19,10 @@ from safetensors.torch import save as save_safetensors
 from semclip_batch.config import REFERENCE_FUSIONS
 from semclip_batch.errors import WeightsError, one_line, show
 from semclip_batch.io import storage
-from semclip_batch.methods.weights import canonical_sha256
+from semclip_batch.methods.weights import BACKBONE_PREFIXES, canonical_sha256
 
 TENSORS = "model.safetensors"
 META = "checkpoint.json"
-BACKBONE_PREFIXES = ("visual.", "logit_scale")
 
 
 CHECKPOINT_VERSION = 6

@@ -17,9 +17,9 @@ from torch import nn
 
 from semclip_batch.config import ModelSpec
 from semclip_batch.errors import ConfigError
-from semclip_batch.methods.checkpoint import BACKBONE_PREFIXES
 from semclip_batch.methods.features import Features
 from semclip_batch.methods.fitting import HeldOutMaps, Support
+from semclip_batch.methods.weights import BACKBONE_PREFIXES
 from semclip_batch.model import SemClipOutput, default_taps
 from semclip_batch.model.grey_memory import GREY_MEMORY
 from semclip_batch.model.reference import ReferenceScorer

@@ -38,6 +38,7 @@ RANDOM = "none"
 HUB_PROTOCOLS = ("hf", "hf-hub", "huggingface")  # fsspec's Hugging Face filesystem: a hub, never read at run time
 PRETRAIN_FORMAT = "semclip-batch/pretrain"  # the metadata `format` of weights `pretrain` (and `train`'s adaptation) writes
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+BACKBONE_PREFIXES = ("visual.", "logit_scale")  # what a scorer holds of a CLIP model: the vision tower, the logit scale
 
 
 @dataclass(frozen=True)
@@ -173,8 +174,7 @@ def load_vision_only(name: str, pretrained: str, expected_sha256: str,
     with torch.device("meta"):
         backbone = VisionBackbone(cfg)
     try:
-        backbone.load_state_dict({k: v.contiguous() for k, v in state.items() if k.startswith("visual.") or k == "logit_scale"},
-                                 assign=True)
+        backbone.load_state_dict({k: v.contiguous() for k, v in state.items() if k.startswith(BACKBONE_PREFIXES)}, assign=True)
     except RuntimeError as exc:  # the tower does not take weights the whole model took: say so, build that instead
         log.warning("backbone %s: the vision tower alone does not take %s (%s); building the whole model",
                     name, storage.redact(url), str(exc).splitlines()[0][:160])
