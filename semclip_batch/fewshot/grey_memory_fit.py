@@ -1,8 +1,7 @@
 """``train``'s grey-level memory (:mod:`semclip_batch.model.grey_memory`), as docs/quality.md's rule 17 fixes it:
-fitted on the support frames the fit trains on (not those its checks hold out), its weight (0 or :data:`WEIGHT`;
-rule 31: :data:`ALONE` where the model's map adds nothing there) chosen on the held-out support frames at the policy
-``run`` scores the maps at, and, where kept, the image and pixel thresholds fitted again on the support frames' fused
-maps at the frame's resolution, as ``run`` fuses them.
+fitted on the support frames the fit trains on (not those its checks hold out), its weight (0 or :data:`WEIGHT`)
+chosen on the held-out support frames at the policy ``run`` scores the maps at, and, where kept, the image and
+pixel thresholds fitted again on the support frames' fused maps at the frame's resolution, as ``run`` fuses them.
 
 The memory: every clean neighbourhood (no defect pixel within :data:`MASK_MARGIN` px) of the fitting frames' levels
 as ``run``'s decode stage ships them (stretched, in 1/255 steps), at most :data:`PER_FRAME` of a frame (seeded),
@@ -69,7 +68,6 @@ DEFAULT_STRETCH = (PreprocessConfig.percentile_low, PreprocessConfig.percentile_
 PER_FRAME = 2048  # clean neighbourhoods drawn from one frame
 ENTRIES = 4096  # memory entries
 WEIGHT = 0.5  # the memory's share of the fused map where kept
-ALONE = 1.0  # rule 31: the memory's map alone, where the held-out frames gain over WEIGHT on the residuals' bounds
 MIN_GAIN = 0.01  # pixel AUROC the held-out frames must gain at WEIGHT (and no F1max lost) for it to be kept
 RESIDUAL_MIN_GAIN = 0.01  # F1max a residual must gain on the held-out frames at WEIGHT to be kept (rules 23, 27)
 RESIDUAL_MAX_LOSS = 0.005  # pixel AUROC it may lose there
@@ -354,11 +352,11 @@ def fused_counts(maps: Iterable[FrameMap], frames: Mapping[int, NativeFrame], gr
     return counts
 
 
-def choose_weight(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
+def choose_weight(maps: Iterable[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
                   at_weight: Mapping[str, float | None] | None = None) -> dict[str, Any]:
     """Rule 17's choice on the held-out frames' maps: :data:`WEIGHT` where it gains at least :data:`MIN_GAIN` pixel
-    AUROC over 0 and loses no F1max, else 0; then rule 31's (:func:`alone_or_fused`). The figures of each weight
-    scored (``at_weight``: those at :data:`WEIGHT`, where already scored)."""
+    AUROC over 0 and loses no F1max, else 0; the figures of both (``at_weight``: those at :data:`WEIGHT`, where
+    already scored)."""
     weights = (0.0,) if at_weight is not None else (0.0, WEIGHT)
     counts = fused_counts(maps, frames, grey, weights)
     figures = {f"{w:g}": {"pAUROC": c.auroc(), "F1max": c.f1_max()} for w, c in counts.items()}
@@ -369,23 +367,7 @@ def choose_weight(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], g
         return {"weight": 0.0, "figures": figures, "note": "no defect pixel among the held-out support frames"}
     gain = within["pAUROC"] - without["pAUROC"]
     kept = gain >= MIN_GAIN and (within["F1max"] or 0.0) >= (without["F1max"] or 0.0)
-    record = {"weight": WEIGHT if kept else 0.0, "figures": figures, "gain": round(gain, 4)}
-    return alone_or_fused(maps, frames, grey, record) if kept else record
-
-
-def alone_or_fused(maps: Sequence[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps,
-                   record: dict[str, Any]) -> dict[str, Any]:
-    """Rule 31, where rule 17 kept the memory at :data:`WEIGHT` (``record``: its choice): the held-out frames scored
-    at :data:`ALONE` too (the memory's map and its residuals, the model's map left out), and :data:`ALONE` chosen where
-    it gains at least :data:`RESIDUAL_MIN_GAIN` F1max over :data:`WEIGHT` and loses at most
-    :data:`RESIDUAL_MAX_LOSS` pixel AUROC (the residuals' bounds). Returns ``record`` with the figures and choice."""
-    counts = fused_counts(maps, frames, grey, (ALONE,))[ALONE]
-    alone = {"pAUROC": counts.auroc(), "F1max": counts.f1_max()}
-    fused_at = record["figures"][f"{WEIGHT:g}"]
-    chosen = (alone["pAUROC"] is not None and fused_at["pAUROC"] is not None
-              and (alone["F1max"] or 0.0) - (fused_at["F1max"] or 0.0) >= RESIDUAL_MIN_GAIN
-              and alone["pAUROC"] >= fused_at["pAUROC"] - RESIDUAL_MAX_LOSS)
-    return record | {"weight": ALONE if chosen else WEIGHT, "figures": {**record["figures"], f"{ALONE:g}": alone}}
+    return {"weight": WEIGHT if kept else 0.0, "figures": figures, "gain": round(gain, 4)}
 
 
 def fused_thresholds(maps: Iterable[FrameMap], frames: Mapping[int, NativeFrame], grey: GreyMaps, weight: float,
@@ -509,22 +491,12 @@ def grey_memory_lines(training: Mapping[str, Any]) -> list[str]:
         return [f"grey-level memory: not kept ({record.get('note', 'not fitted')})"]
     figures = record["figures"]
     seen = "; ".join(f"weight {w}: pAUROC {_show(f['pAUROC'])}, F1max {_show(f['F1max'])}" for w, f in figures.items())
-    verdict = (f"kept at weight {record['weight']:g}{_alone_note(record)}, thresholds fitted again on the fused maps"
-               if record["weight"]
+    verdict = (f"kept at weight {record['weight']:g}, thresholds fitted again on the fused maps" if record["weight"]
                else f"not kept (needs +{MIN_GAIN:g} pAUROC and no F1max lost{'; ' + record['note'] if 'note' in record else ''})")
     own = f", each frame also against {record['own']} of its own" if record.get("own") else ""
     return [f"grey-level memory ({record['entries']} entries{own}, fitted on {record['fitted_on']} frames): {verdict}; "
             f"the frames the fit held out score {seen}", *_lines_line(record.get("lines"), bool(record["weight"])),
             *_reference_line(record.get("reference"), bool(record["weight"]))]
-
-
-def _alone_note(record: Mapping[str, Any]) -> str:
-    """What ``train``'s line adds where rule 31 weighed the memory's map alone."""
-    if f"{ALONE:g}" not in record.get("figures", {}):
-        return ""
-    if record["weight"] == ALONE:
-        return " (its map alone: the model's map left out)"
-    return f" (its map alone not chosen: needs +{RESIDUAL_MIN_GAIN:g} F1max, at most -{RESIDUAL_MAX_LOSS:g} pAUROC)"
 
 
 def _lines_line(record: Mapping[str, Any] | None, stored: bool) -> list[str]:
