@@ -513,6 +513,11 @@ def test_train_stores_a_kept_memory_and_run_fuses_it(tmp_path, ray_cluster, monk
     loaded = load_checkpoint(str(ckpt))
     record = loaded.meta.training["grey_memory"]
     assert loaded.meta.grey_memory and record["weight"] == fit.WEIGHT and record["fitted_on"] == 12
+    steps = loaded.meta.training["seconds_by_step"]  # where train's time went, in the order of its steps
+    assert list(steps) == ["support set", "backbone", "fit", "maps' policy and thresholds", "grey-level memory",
+                           "region classes"]  # --adapt-steps 0: no zero-shot check either
+    assert 0 < sum(steps.values()) <= loaded.meta.training["seconds"] + 0.05 * (len(steps) + 1)  # each rounded
+    assert "time by step: support set" in res.output
     assert set(record["figures"]) == {"0", "0.5"} and record["figures"]["0"]["pAUROC"] is not None
     assert loaded.tensors[f"{GREY_MEMORY}.entries"].shape[1] == DIM
     assert float(loaded.tensors[f"{GREY_MEMORY}.weight"]) == fit.WEIGHT

@@ -73,6 +73,9 @@ def test_checkpoint_contents(checkpoint, weights):
     assert (body["recipe"], body["memory"], body["region_head"]) == ("transfer", True, True)
     assert loaded.tensors["memory.bank0"].shape[0] > 0 and 0.0 <= float(loaded.tensors["memory.weight"]) <= 1.0
     assert body["training"]["rows_augmented"] == 4 * body["training"]["used"]
+    # a library caller's defaults: no adaptation nor its check, no scale check (fit() fits the thresholds)
+    steps = body["training"]["seconds_by_step"]
+    assert list(steps) == ["support set", "backbone", "fit and thresholds", "grey-level memory", "region classes"]
     # and cell references (synth's line/space and contact frames repeat): the reference scorer's two scales
     assert body["self_reference"] and not body["use_reference"] and body["training"]["with_reference"] > 0
     assert float(loaded.tensors["reference.scale"]) > 0 and float(loaded.tensors["reference.pixel_scale"]) > 0
@@ -466,3 +469,16 @@ def test_normal_is_present_through_the_clean_tiles_of_defect_frames():
     whole_only = TrainSet(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), torch.tensor([1, 2]),
                           torch.ones(2, dtype=torch.bool), ["", ""], ("normal", "bridge", "hole"), skipped=0)
     assert whole_only.absent_classes() == ["normal"]
+
+
+def test_train_counts_each_steps_seconds_once_in_order():
+    from semclip_batch.fewshot import train as train_module
+
+    ticks = iter([10.0, 12.5, 13.0, 20.0, 20.04])
+    clock = train_module.StepClock(now=lambda: next(ticks))  # started at 10.0
+    for step in ("support set", "fit", "support set", "maps"):
+        clock.lap(step)
+    assert clock.steps == {"support set": 9.5, "fit": 0.5, "maps": 0.0}  # a step timed twice sums its laps
+    assert train_module.step_time_line({"seconds_by_step": clock.steps}) == [
+        "time by step: support set 9.5 s, fit 0.5 s, maps 0.0 s"]
+    assert train_module.step_time_line({"seconds": 3.0}) == []  # a checkpoint from before the record had it

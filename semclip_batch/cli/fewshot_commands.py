@@ -290,11 +290,12 @@ def _refuse_unused_fit_options(ctx: click.Context, cfg: TrainConfig, adapt_steps
 
 def _train_summary(meta: CheckpointMeta, out: str) -> list[str]:
     """What ``train`` prints once the checkpoint is written: the fit, the map's weights, the support scale check,
-    the grey-level memory, the region's classes and the backbone's adaptation."""
+    the grey-level memory, the region's classes, the backbone's adaptation and where the time went."""
     from semclip_batch.fewshot.adapt import adaptation_lines
     from semclip_batch.fewshot.grey_memory_fit import grey_memory_lines
     from semclip_batch.fewshot.region_fit import region_classes_lines
     from semclip_batch.fewshot.scale_check import support_check_lines
+    from semclip_batch.fewshot.train import step_time_line
     from semclip_batch.methods.weight_choice import describe_choice
 
     th = meta.thresholds
@@ -306,7 +307,8 @@ def _train_summary(meta: CheckpointMeta, out: str) -> list[str]:
              f"{meta.training['used']} images, {meta.training['seconds']} s"]
     weights = describe_choice(meta.training.get("weights_choice") or {})
     return (lines + ([] if weights is None else [weights]) + support_check_lines(meta.training)
-            + grey_memory_lines(meta.training) + region_classes_lines(meta.training) + adaptation_lines(meta.training))
+            + grey_memory_lines(meta.training) + region_classes_lines(meta.training) + adaptation_lines(meta.training)
+            + step_time_line(meta.training))
 
 
 def _refuse_unused_reference_options(ctx: click.Context, spec: ModelSpec) -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -141,8 +141,35 @@ def train(cfg: TrainConfig, progress: LossProgress | None = None,
         return _train(cfg, progress, adapt_progress)
 
 
+@dataclass
+class StepClock:
+    """The seconds each of ``train``'s steps took, in the order they ran (its record's ``seconds_by_step``)."""
+
+    now: Callable[[], float] = time.perf_counter
+    steps: dict[str, float] = field(default_factory=dict)
+    last: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.last = self.now()
+
+    def lap(self, step: str) -> None:
+        """The time since the last lap counted to ``step``."""
+        now = self.now()
+        self.steps[step] = round(self.steps.get(step, 0.0) + now - self.last, 1)
+        self.last = now
+
+
+def step_time_line(training: Mapping[str, Any]) -> list[str]:
+    """``train``'s line on where its time went (none for a checkpoint written before the record had it)."""
+    steps = training.get("seconds_by_step")
+    if not steps:
+        return []
+    return ["time by step: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in steps.items())]
+
+
 def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: LossProgress | None) -> CheckpointMeta:
-    t0 = time.perf_counter()
+    clock = StepClock()
+    t0 = clock.last
     targets.check_target(cfg.out, "folder", "--out (the checkpoint folder)", cfg.model.storage_options)
     _refuse_writing_over_inputs(cfg)
     prompts = load_prompts(cfg.model.prompts, cfg.model.storage_options)
@@ -166,13 +193,17 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
         log.warning("%d support frames: under %d none are held out, so nothing checks the fit (its epochs, the map's "
                     "weights and the class fusion are chosen on frames it learned from; README \"How many shots\": one "
                     "shot lost pixel AUROC to zero-shot on four of six lots)", used, MIN_VALIDATION_FRAMES)
+    clock.lap("support set")
     chosen = backbone_for_fit(cfg.model, cfg.support, df, data, prompts, prep, cfg.adapt_steps, cfg.adapt_lr,
                               cfg.adapt_below, adapt_progress)
+    clock.lap("adaptation" if chosen.adapted is not None else "backbone check" if chosen.check is not None
+              else "backbone")
     if copies(cfg.recipe, cfg.model.method) > 1:
         data = augment(data)
     feats, ref_feats = support_features(cfg, spec, chosen.backbone, data, prep)
     fitted = fit(cfg, chosen.backbone, torch.from_numpy(text_embeddings(chosen.backbone, prompts)), data, feats,
                  ref_feats, progress, adapted=chosen.adapted is not None, thresholds=not cfg.check_scale)
+    clock.lap("fit" if cfg.check_scale else "fit and thresholds")  # without the check, fit() fits them
     rows = {"config": public_config(cfg), "support_rows": len(df), "used": used, "views": views,
             "rows_augmented": len(data), "skipped": data.skipped,
             "with_reference": None if data.has_ref is None else int(data.has_ref[:views][whole].sum())}
@@ -188,15 +219,19 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
     del data, feats, ref_feats  # the fit's rows, freed before the maps' views load
     at, at_prep, scored = maps_checked(cfg, prep, scale, df, prompts.classes, chosen.backbone, fitted, keep_maps)
     scored = at_whole if scored is None else scored
+    if cfg.check_scale:
+        clock.lap("maps' policy and thresholds")
     grey = regions = None
     native = native_support(at, df, scored) if spec.region_classes and not spec.grey_memory else None
     if spec.grey_memory:  # after the maps' policy is settled: its weight is chosen, its thresholds fitted, there
         grey, fitted.summary["grey_memory"], native = grey_memory_step(at, df, held.tolist(), prompts.classes,
                                                                        chosen.backbone, fitted, scored)
+        clock.lap("grey-level memory")
     del scored
     if spec.region_classes and native is not None:  # on the support maps at the policy, the memory fused where kept
         regions, fitted.summary["region_classes"] = region_classes_step(at, df, held.tolist(), prompts.classes,
                                                                         chosen.backbone, fitted, native)
+        clock.lap("region classes")
     del native  # the support frames' levels and maps, freed before the checkpoint is written
     state = dict(fitted.model.state_dict())
     if fitted.reference is not None:
@@ -208,7 +243,7 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
     record = {**rows, **fitted.summary, **({} if chosen.adapted is None else {"adapted_backbone": chosen.adapted.record}),
               **({} if chosen.check is None else {"adapt_check": chosen.check}),
               **({} if scale is None else {"scale_check": scale}),
-              "seconds": round(time.perf_counter() - t0, 1)}
+              "seconds": round(time.perf_counter() - t0, 1), "seconds_by_step": clock.steps}
     record["held_out_localisation"] = held_out_localisation(record)
     weak = weak_localisation_warning(record["held_out_localisation"])
     if weak:
