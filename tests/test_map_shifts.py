@@ -69,6 +69,34 @@ def test_the_scorer_averages_the_shifted_maps_moved_back_and_keeps_the_views_cla
     assert torch.equal(four.class_probs, one.class_probs) and torch.equal(four.embeddings, one.embeddings)
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_shifted_passes_score_maps_only_the_same_maps_and_skip_a_weightless_memorys_distances(tiny_clip, tiny_text,
+                                                                                            weight, monkeypatch):
+    """SEM-CLIP with its memory and region head: the shifted passes leave the class scores (NaN, never read) and,
+    where the memory's weight is 0, its distances; the maps, the view's class scores and embeddings are those of
+    full passes to the bit."""
+    spec = ModelSpec(backbone="semclip-tiny", memory=True, region_head=True, self_similarity=0.5, map_shifts=4)
+    scoring = build_model(spec, tiny_text, backbone=tiny_clip)
+    model = scoring.model
+    gen = torch.Generator().manual_seed(3)
+    model.memory.set_banks([torch.randn(64, bank.shape[1], generator=gen) for bank in model.memory.banks()])
+    model.memory.weight.fill_(weight)
+    x = torch.randn(2, 3, 240, 240, generator=gen)
+    calls = []
+    distance = type(model.memory).distance
+    monkeypatch.setattr(type(model.memory), "distance", lambda self, *a: calls.append(1) or distance(self, *a))
+    with torch.no_grad():
+        fast = scoring(x)
+        assert len(calls) == (4 if weight else 1)  # the view's pass always (its region head reads them)
+        once = scoring._once
+        scoring._once = lambda x_, refs, has_ref, maps_only=False: once(x_, refs, has_ref)  # every pass in full
+        full = scoring(x)
+        shifted = once(shift_views(x, *scoring.offsets[0]), None, None, maps_only=True)
+    assert torch.equal(fast.maps, full.maps) and torch.equal(fast.class_probs, full.class_probs)
+    assert torch.equal(fast.embeddings, full.embeddings)
+    assert shifted.class_probs.isnan().all() and shifted.class_probs.shape == full.class_probs.shape
+
+
 def test_bf16_views_shift_too_and_the_map_keeps_the_single_views_dtype(tiny_text):
     x = torch.randn(2, 3, 240, 240)
 

@@ -80,6 +80,11 @@ class Method(ABC, Generic[M]):
     def score(self, model: M, feats: Features, size: tuple[int, int]) -> SemClipOutput:
         """Maps at ``size`` (model input), class probabilities and embeddings of precomputed features."""
 
+    def score_maps(self, model: M, feats: Features, size: tuple[int, int]) -> SemClipOutput:
+        """:meth:`score` where nothing reads the class probabilities (``run``'s shifted passes): a method may skip
+        what only they need and give NaN there, the maps the same. By default :meth:`score` itself."""
+        return self.score(model, feats, size)
+
     @abstractmethod
     def fit(self, model: M, spec: ModelSpec, support: Support) -> dict[str, Any]:
         """Fit ``model`` (built from ``spec``) on the support set, in place; returns the training summary."""
@@ -145,11 +150,12 @@ def new_model(spec: ModelSpec, clip: nn.Module, text: torch.Tensor) -> Scorer:
 
 def score_features(model: Scorer, feats: Features, size: tuple[int, int], reference: ReferenceScorer | None = None,
                    ref_feats: Features | None = None, has_reference: torch.Tensor | None = None,
-                   pixels: torch.Tensor | None = None) -> SemClipOutput:
+                   pixels: torch.Tensor | None = None, maps_only: bool = False) -> SemClipOutput:
     """Maps (model-input size), class probabilities and embeddings of precomputed features, with the
     reference map (token distances, and ``pixels``: ``model.reference.pixel_difference`` maps) fused in where
-    given."""
-    out = get_method(model.method).score(model, feats, size)
+    given (``maps_only``: :meth:`Method.score_maps`)."""
+    method = get_method(model.method)
+    out = method.score_maps(model, feats, size) if maps_only else method.score(model, feats, size)
     if reference is None or ref_feats is None or has_reference is None or not bool(has_reference.any()):
         return out
     dist = reference.distance(feats.dual, feats.taps, ref_feats.dual, ref_feats.taps)

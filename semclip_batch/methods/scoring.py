@@ -58,9 +58,9 @@ class Scoring:
         if not self.offsets:
             return out
         total = out.maps.float()
-        for down, right in self.offsets:
+        for down, right in self.offsets:  # their class scores are never read
             moved = self._once(shift_views(x, down, right), None if refs is None else shift_views(refs, down, right),
-                               has_ref)
+                               has_ref, maps_only=True)
             total = total + unshift_maps(moved.maps.float(), down, right)
         maps = (total / (1 + len(self.offsets))).to(out.maps.dtype)
         return SemClipOutput(maps=maps, class_probs=out.class_probs, embeddings=out.embeddings)
@@ -69,7 +69,8 @@ class Scoring:
         """The class probabilities of model inputs ``x`` alone (one pass: the shifts move only the map)."""
         return self._once(x, None, None).class_probs
 
-    def _once(self, x: torch.Tensor, refs: torch.Tensor | None, has_ref: torch.Tensor | None) -> SemClipOutput:
+    def _once(self, x: torch.Tensor, refs: torch.Tensor | None, has_ref: torch.Tensor | None,
+              maps_only: bool = False) -> SemClipOutput:
         visual = vision_tower(self.model)
         feats = encode_batch(visual, x, self.taps, vv_from=self.vv_from, windows=self.windows)
         ref_feats = pixels = None
@@ -77,7 +78,7 @@ class Scoring:
             ref_feats = encode_batch(visual, refs, self.reference.taps, vv_from=None, pooled=False)
             pixels = pixel_difference(x[:, 0], refs[:, 0])  # channel 0: grey in the backbone's normalised units
         return score_features(self.model, feats, (x.shape[-2], x.shape[-1]), self.reference, ref_feats, has_ref,
-                              pixels)
+                              pixels, maps_only)
 
 
 def build_model(spec: ModelSpec, text_embeddings: np.ndarray, expected_sha256: str | None = None,

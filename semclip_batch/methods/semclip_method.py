@@ -79,6 +79,9 @@ class SemClipMethod(Method[SemClip]):
     def score(self, model: SemClip, feats: Features, size: tuple[int, int]) -> SemClipOutput:
         return model.from_encoded(feats.select(model.cfg.taps, model.cfg.use_vv), size)
 
+    def score_maps(self, model: SemClip, feats: Features, size: tuple[int, int]) -> SemClipOutput:
+        return model.from_encoded(feats.select(model.cfg.taps, model.cfg.use_vv), size, maps_only=True)
+
     def fit(self, model: SemClip, spec: ModelSpec, support: Support) -> dict[str, Any]:
         emb = pooled_embeddings(support.feats)
         model.text_scale.fill_(fit_temperature(emb, model.text_embeddings, support.data.labels))

@@ -321,19 +321,21 @@ class SemClip(Scorer):
         return F.normalize(F.normalize(proj.float(), dim=-1).mean(dim=1), dim=-1).to(enc.pooled.dtype)
 
     def map_parts(self, enc: EncoderOutput, size: tuple[int, int], distance: torch.Tensor | None = None,
-                  terms: list[torch.Tensor] | None = None, with_self: bool | None = None) -> MapParts:
+                  terms: list[torch.Tensor] | None = None, with_self: bool | None = None,
+                  with_memory: bool = True) -> MapParts:
         """The map's unsmoothed parts at ``size`` (``distance``: the memory distances, when already computed;
         ``terms``: :meth:`term_logits`, when already computed; ``with_self``: whether to compute the
         self-similarity part, by default where the model's weight is non-zero). ``distance`` None means "compute
-        them": a model with a filled memory always has its memory part."""
+        them": a model with a filled memory always has its memory part, unless ``with_memory`` is False (where its
+        weight is 0, :func:`join_parts` gives the same map without it)."""
         terms = self.term_logits(enc) if terms is None else terms
         # the terms' mean on the patch grid, resized once: bilinear resizing is linear, so this is the mean of the
         # resized terms (to float32 rounding) at a term's cost (a 1024 px frame at native: 26 views, 8 terms each)
         method = grid_to_image(torch.stack([patch_defect(t) for t in terms]).mean(dim=0), size)
-        if distance is None:
+        if distance is None and with_memory:
             distance = self.memory_distance(enc)
         memory = None
-        if distance is not None and self.memory is not None:
+        if with_memory and distance is not None and self.memory is not None:
             memory = grid_to_image(self.memory.patch_scores(distance), size)
         if with_self is None:
             with_self = self.cfg.self_similarity > 0
@@ -345,13 +347,25 @@ class SemClip(Scorer):
         return join_parts(parts, memory_weight, self.cfg.self_similarity)
 
     def from_encoded(self, enc: EncoderOutput, size: tuple[int, int],
-                     distance: torch.Tensor | None = None) -> SemClipOutput:
+                     distance: torch.Tensor | None = None, maps_only: bool = False) -> SemClipOutput:
         """Maps, class probabilities and embeddings of an encoding (``distance``: its memory distances, when
-        already computed)."""
+        already computed). ``maps_only``: the class probabilities are NaN, and neither the region embedding nor,
+        where the memory's weight is 0, the memory distances are taken (``run``'s shifted passes: the same maps,
+        for about half a pass less there)."""
         terms = self.term_logits(enc)
+        if maps_only:
+            return self._maps_only(enc, size, distance, terms)
         if distance is None:
             distance = self.memory_distance(enc)
         maps = gaussian_blur(self.fused_map(self.map_parts(enc, size, distance, terms)), self.cfg.sigma).clamp(0.0, 1.0)
         emb = F.normalize(enc.pooled, dim=-1)
         region = self.region_embedding(enc, terms, distance)
         return SemClipOutput(maps=maps, class_probs=self.class_probs(emb, region), embeddings=emb.float())
+
+    def _maps_only(self, enc: EncoderOutput, size: tuple[int, int], distance: torch.Tensor | None,
+                   terms: list[torch.Tensor]) -> SemClipOutput:
+        with_memory = self.memory is not None and float(self.memory.weight) != 0.0  # one sync a pass
+        parts = self.map_parts(enc, size, distance, terms, with_memory=with_memory)
+        maps = gaussian_blur(self.fused_map(parts), self.cfg.sigma).clamp(0.0, 1.0)
+        probs = torch.full((maps.shape[0], self.text_embeddings.shape[0]), math.nan, device=maps.device)
+        return SemClipOutput(maps=maps, class_probs=probs, embeddings=F.normalize(enc.pooled, dim=-1).float())
