@@ -353,19 +353,15 @@ class SemClip(Scorer):
         where the memory's weight is 0, the memory distances are taken (``run``'s shifted passes: the same maps,
         for about half a pass less there)."""
         terms = self.term_logits(enc)
-        if maps_only:
-            return self._maps_only(enc, size, distance, terms)
-        if distance is None:
+        # the memory's distances serve the map where it is weighed and the region head's ranking: maps only, the first
+        with_memory = not maps_only or (self.memory is not None and float(self.memory.weight) != 0.0)  # one sync
+        if distance is None and with_memory:
             distance = self.memory_distance(enc)
-        maps = gaussian_blur(self.fused_map(self.map_parts(enc, size, distance, terms)), self.cfg.sigma).clamp(0.0, 1.0)
+        maps = gaussian_blur(self.fused_map(self.map_parts(enc, size, distance, terms, with_memory=with_memory)),
+                             self.cfg.sigma).clamp(0.0, 1.0)
         emb = F.normalize(enc.pooled, dim=-1)
-        region = self.region_embedding(enc, terms, distance)
-        return SemClipOutput(maps=maps, class_probs=self.class_probs(emb, region), embeddings=emb.float())
-
-    def _maps_only(self, enc: EncoderOutput, size: tuple[int, int], distance: torch.Tensor | None,
-                   terms: list[torch.Tensor]) -> SemClipOutput:
-        with_memory = self.memory is not None and float(self.memory.weight) != 0.0  # one sync a pass
-        parts = self.map_parts(enc, size, distance, terms, with_memory=with_memory)
-        maps = gaussian_blur(self.fused_map(parts), self.cfg.sigma).clamp(0.0, 1.0)
-        probs = torch.full((maps.shape[0], self.text_embeddings.shape[0]), math.nan, device=maps.device)
-        return SemClipOutput(maps=maps, class_probs=probs, embeddings=F.normalize(enc.pooled, dim=-1).float())
+        if maps_only:
+            probs = torch.full((maps.shape[0], self.text_embeddings.shape[0]), math.nan, device=maps.device)
+        else:
+            probs = self.class_probs(emb, self.region_embedding(enc, terms, distance))
+        return SemClipOutput(maps=maps, class_probs=probs, embeddings=emb.float())
