@@ -243,7 +243,7 @@ def _train(cfg: TrainConfig, progress: LossProgress | None, adapt_progress: Loss
     record = {**rows, **fitted.summary, **({} if chosen.adapted is None else {"adapted_backbone": chosen.adapted.record}),
               **({} if chosen.check is None else {"adapt_check": chosen.check}),
               **({} if scale is None else {"scale_check": scale}),
-              "seconds": round(time.perf_counter() - t0, 1), "seconds_by_step": clock.steps}
+              "seconds": round(clock.now() - t0, 1), "seconds_by_step": clock.steps}
     record["held_out_localisation"] = held_out_localisation(record)
     weak = weak_localisation_warning(record["held_out_localisation"])
     if weak:
