@@ -55,6 +55,25 @@ def test_nearest_and_neighbourhood_distances():
     assert neighbourhood_distance(feats, shifted, radius=0)[0, inner].min() > 1e-3
 
 
+def test_neighbourhood_distance_is_the_nearest_reference_patch_within_the_radius():
+    """Against a loop over every patch and its clamped neighbours (the replicated border), in uneven blocks of
+    views, at radius 1 and 2; no view, no distance."""
+    torch.manual_seed(3)
+    feats, ref = (F.normalize(torch.randn(5, 25, 6), dim=-1) for _ in range(2))
+    for radius in (1, 2):
+        expected = torch.empty(5, 25)
+        for v in range(5):
+            for p in range(25):
+                y, x = divmod(p, 5)
+                near = [min(max(y + dy, 0), 4) * 5 + min(max(x + dx, 0), 4)
+                        for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+                expected[v, p] = (1.0 - (ref[v, near] @ feats[v, p]).max()) / 2.0
+        for views in (2, 64):
+            got = neighbourhood_distance(feats, ref, radius, views=views)
+            assert torch.allclose(got, expected, atol=1e-6)
+    assert neighbourhood_distance(feats[:0], ref[:0], 1).shape == (0, 25)
+
+
 def test_nearest_distance_block_by_block_is_the_whole_matrix_maximum():
     """Blocks of features against blocks of the memory, uneven at both ends: each feature's distance is that of
     its most similar memory entry, as one matrix of every product gives it; shapes kept, no feature no distance."""

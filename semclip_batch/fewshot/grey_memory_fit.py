@@ -48,6 +48,7 @@ from semclip_batch.fewshot.support_set import Fitted, TrainConfig
 from semclip_batch.fewshot.trainset import row_frame_and_mask
 from semclip_batch.io.preprocess import FRAME_LEVELS, frame_tiles, fuses_levels, maps_to_frame, shipped_levels
 from semclip_batch.methods.decisions import anomaly_score, to_mask
+from semclip_batch.methods.registry import get_method
 from semclip_batch.methods.weights import LoadedBackbone, preprocess_config
 from semclip_batch.model.data_bar import pair_bar_rows
 from semclip_batch.model.grey_memory import (
@@ -434,8 +435,7 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
                               "scale": round(float(memory.scale), 5), "fitted_on": len(known), "held_out": len(held_rows)}
     at = replace(cfg, policy_from_weights=False, check_scale=False)
     try:
-        held_scored = SupportMaps.of(*support_maps_at(at, df.iloc[held_rows], classes, backbone, fitted,
-                                                      with_memory=False))
+        held_maps = _held_out_maps(at, df, held_rows, frames, classes, backbone, fitted, scored)
     except ConfigError as exc:
         note = f"the held-out frames do not load at the maps' policy: {exc}"
         return None, record | {"weight": 0.0, "note": note}, support
@@ -443,8 +443,6 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     references = _references(cfg, df, frames) if cfg.reference_residual else {}
     loaded = time.perf_counter() - started
     grey = memory_maps(memory, frames, references)
-    held_maps = list(frame_maps(held_scored, frames, held_rows))
-    del held_scored
     started = time.perf_counter()
     record["lines"] = choose_lines(memory, held_maps, frames, grey, known)
     record["lines"]["seconds"] = round(time.perf_counter() - started, 2)  # what the choice adds to train
@@ -467,6 +465,20 @@ def grey_memory_step(cfg: TrainConfig, df: pd.DataFrame, held: Sequence[int], cl
     record["thresholds_before"] = {k: fitted.thresholds[k] for k in ("image", "pixel")}
     fitted.thresholds = {**fitted.thresholds, **thresholds}
     return memory, record, NativeSupport(frames, scored, grey, record["weight"])
+
+
+def _held_out_maps(cfg: TrainConfig, df: pd.DataFrame, held_rows: Sequence[int], frames: Mapping[int, NativeFrame],
+                   classes: tuple[str, ...], backbone: LoadedBackbone, fitted: Fitted,
+                   scored: SupportMaps | None) -> list[FrameMap]:
+    """The ``held_rows``' maps at ``cfg``'s policy with the method's memory left out (its bank holds their clean
+    patches), in their order: read from ``scored`` (every support frame's maps at the policy) where leaving the memory
+    out would not change them (:meth:`~semclip_batch.methods.registry.Method.memory_in_maps`), else scored again."""
+    if scored is None or get_method(cfg.model.method).memory_in_maps(fitted.model):
+        held_scored = SupportMaps.of(*support_maps_at(cfg, df.iloc[list(held_rows)], classes, backbone, fitted,
+                                                      with_memory=False))
+        return list(frame_maps(held_scored, frames, held_rows))
+    by_position = {item.position: item for item in frame_maps(scored, {p: frames[p] for p in held_rows})}
+    return [by_position[p] for p in held_rows if p in by_position]
 
 
 def _references(cfg: TrainConfig, df: pd.DataFrame, frames: Mapping[int, NativeFrame]) -> dict[int, np.ndarray]:

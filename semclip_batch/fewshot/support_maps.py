@@ -106,9 +106,41 @@ def pixel_threshold(counts: PixelCounts) -> float:
     return float(int(np.argmax(counts.f1_curve()[:256])) / 255.0) if counts.pos.sum() else 0.5
 
 
+VIEWS_A_BLOCK = 64  # views scored at a time: their (64, 240, 240) maps stay in cache through the map's steps
+
+
 @torch.no_grad()
 def support_output(model: Scorer, feats: Features, data: TrainSet, reference: ReferenceScorer | None,
                    ref_feats: Features | None, pixels: torch.Tensor | None) -> SemClipOutput:
-    """The support rows' maps and class scores as ``run`` scores them (the reference fused in where fitted)."""
-    return score_features(model, feats, (data.views.shape[-2], data.views.shape[-1]), reference, ref_feats,
-                          data.has_ref, pixels)
+    """The support rows' maps and class scores as ``run`` scores them (the reference fused in where fitted), in
+    blocks of :data:`VIEWS_A_BLOCK` views (a whole set's maps at once went through each of the map's steps out of
+    cache: about twice as slow here at 1,024 views). Only a frame's whole view's class scores are read
+    (:func:`frame_scores`): its other views (tiles) are scored for their maps alone
+    (:meth:`~semclip_batch.methods.registry.Method.score_maps`; their class scores may be NaN)."""
+    whole = data.first_views()
+    blocks = [_block_output(model, feats, data, reference, ref_feats, pixels, whole,
+                            torch.arange(start, min(start + VIEWS_A_BLOCK, len(data))))
+              for start in range(0, len(data), VIEWS_A_BLOCK)]
+    return SemClipOutput(*(torch.cat([getattr(out, name) for out in blocks])
+                           for name in ("maps", "class_probs", "embeddings")))
+
+
+def _block_output(model: Scorer, feats: Features, data: TrainSet, reference: ReferenceScorer | None,
+                  ref_feats: Features | None, pixels: torch.Tensor | None, whole: torch.Tensor,
+                  rows: torch.Tensor) -> SemClipOutput:
+    """:func:`support_output` of ``rows``: in one pass where all are whole views; else every row's maps alone, and
+    the whole views among them again with their class scores."""
+    def scored(at: torch.Tensor, maps_only: bool) -> SemClipOutput:
+        return score_features(model, feats.subset(at), (data.views.shape[-2], data.views.shape[-1]), reference,
+                              None if ref_feats is None else ref_feats.subset(at),
+                              None if data.has_ref is None else data.has_ref[at],
+                              None if pixels is None else pixels[at], maps_only=maps_only)
+
+    if bool(whole[rows].all()):
+        return scored(rows, maps_only=False)
+    out = scored(rows, maps_only=True)
+    first = whole[rows].nonzero().flatten()
+    if len(first):
+        full = scored(rows[first], maps_only=False)
+        out.maps[first], out.class_probs[first] = full.maps.to(out.maps.dtype), full.class_probs.to(out.class_probs.dtype)
+    return out

@@ -109,6 +109,11 @@ class Method(ABC, Generic[M]):
         whose clean patches that memory holds, and read only the maps there); nothing to leave out by default."""
         return nullcontext()
 
+    def memory_in_maps(self, model: M) -> bool:
+        """Whether :meth:`without_memory` would change the model's maps (its memory is filled and weighed in them):
+        where not, ``train`` reads a check's maps from maps it scored with the memory in. False by default."""
+        return False
+
 
 def register(cls: C) -> C:
     """Class decorator: register one instance of ``cls`` under ``cls.name``."""

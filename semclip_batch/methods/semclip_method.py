@@ -129,6 +129,10 @@ class SemClipMethod(Method[SemClip]):
             model.memory.weight.copy_(weight)
             model.memory.left_out = left_out
 
+    def memory_in_maps(self, model: SemClip) -> bool:
+        memory = model.memory
+        return memory is not None and not memory.empty and not memory.left_out and float(memory.weight) != 0.0
+
     @torch.no_grad()
     def held_out_maps(self, model: SemClip, support: Support) -> HeldOutMaps | None:
         """The rows early stopping held out (:func:`support_split`: the layers and head never trained on them,
