@@ -72,6 +72,9 @@ def test_neighbourhood_distance_is_the_nearest_reference_patch_within_the_radius
             got = neighbourhood_distance(feats, ref, radius, views=views)
             assert torch.allclose(got, expected, atol=1e-6)
     assert neighbourhood_distance(feats[:0], ref[:0], 1).shape == (0, 25)
+    assert torch.allclose(neighbourhood_distance(feats, ref, 0), (1.0 - (feats * ref).sum(-1)) / 2.0, atol=1e-6)
+    with pytest.raises(ValueError, match="square patch grid"):
+        neighbourhood_distance(feats[:, :24], ref[:, :24], 1)
 
 
 def test_nearest_distance_block_by_block_is_the_whole_matrix_maximum():

@@ -51,6 +51,45 @@ def test_blocks_of_views_with_tiles_scored_for_maps_alone_give_one_passs_maps_an
         assert got.class_probs[~whole].isnan().all()  # never read: a tile's class scores are not taken
         assert torch.allclose(got.embeddings, one_pass.embeddings, atol=1e-6)
     assert not torch.allclose(got.maps, support_output(model, feats, data, None, None, None).maps, atol=1e-3)
+    alone = TrainSet(views=data.views, masks=data.masks, labels=data.labels, has_mask=data.has_mask,
+                     captions=data.captions, classes=data.classes, skipped=0, frame=torch.arange(n))
+    with torch.no_grad():  # every view a frame's whole view: one pass a block, every class score taken
+        got = support_output(model, feats, alone, None, None, None)
+        one_pass = score_features(model, feats, (240, 240))
+    assert torch.allclose(got.class_probs, one_pass.class_probs, atol=1e-6) and not got.class_probs.isnan().any()
+
+
+def test_a_method_that_leaves_nothing_out_of_its_maps_only_scoring_is_scored_in_one_pass(tiny_clip, monkeypatch):
+    """WinCLIP+'s ``score_maps`` is its ``score``: a block with tiles is not scored twice, and every class score is
+    taken; a method that overrides ``without_memory`` and not ``memory_in_maps`` is taken to need its memory left
+    out."""
+    from semclip_batch.methods.registry import Method
+
+    spec = ModelSpec(backbone="semclip-tiny", method="winclip")
+    model = new_model(spec, tiny_clip.clip, torch.from_numpy(text_embeddings(tiny_clip, load_prompts()))).eval()
+    method = get_method("winclip")
+    assert not method.skips_in_maps_only() and get_method("semclip").skips_in_maps_only()
+    assert not method.memory_in_maps(model)
+    n = 6
+    frame = torch.tensor([0, 0, 0, 1, 1, 1])
+    data = TrainSet(views=torch.rand(n, 240, 240).half(), masks=torch.zeros(n, 240, 240, dtype=torch.float16),
+                    labels=torch.zeros(n, dtype=torch.long), has_mask=torch.ones(n, dtype=torch.bool), captions=[""] * n,
+                    classes=("normal",), skipped=0, frame=frame)
+    feats = encode_views(vision_tower(tiny_clip.clip), data.views, preprocess_config("semclip-tiny", tile_above=10**9),
+                         method.taps(model), windows=method.windows)
+    calls: list[int] = []
+    score = type(method).score
+    monkeypatch.setattr(type(method), "score",
+                        lambda self, m, f, size: calls.append(len(f.dual.pooled)) or score(self, m, f, size))
+    with torch.no_grad():
+        got = support_output(model, feats, data, None, None, None)
+    assert calls == [n] and not got.class_probs.isnan().any()
+
+    class Keeps(type(method)):  # type: ignore[misc]
+        def without_memory(self, model):
+            return super().without_memory(model)
+
+    assert Keeps().memory_in_maps(model) and not Method.memory_in_maps(method, model)
 
 
 def test_the_grey_memory_reads_held_out_maps_from_the_support_maps_where_the_memory_is_not_in_them(tiny_clip,

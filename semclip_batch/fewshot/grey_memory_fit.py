@@ -472,7 +472,9 @@ def _held_out_maps(cfg: TrainConfig, df: pd.DataFrame, held_rows: Sequence[int],
                    scored: SupportMaps | None) -> list[FrameMap]:
     """The ``held_rows``' maps at ``cfg``'s policy with the method's memory left out (its bank holds their clean
     patches), in their order: read from ``scored`` (every support frame's maps at the policy) where leaving the memory
-    out would not change them (:meth:`~semclip_batch.methods.registry.Method.memory_in_maps`), else scored again."""
+    out would not change them (:meth:`~semclip_batch.methods.registry.Method.memory_in_maps`), else scored again.
+    Read from ``scored``, their class scores are those with the memory in (its distances rank the region head's
+    patches): the weight's choices read the maps alone."""
     if scored is None or get_method(cfg.model.method).memory_in_maps(fitted.model):
         held_scored = SupportMaps.of(*support_maps_at(cfg, df.iloc[list(held_rows)], classes, backbone, fitted,
                                                       with_memory=False))

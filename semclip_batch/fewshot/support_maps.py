@@ -14,7 +14,7 @@ from semclip_batch.config import DEFAULT_MIN_REGION_PX, PreprocessConfig
 from semclip_batch.fewshot.trainset import TrainSet
 from semclip_batch.methods.decisions import anomaly_score, to_mask
 from semclip_batch.methods.features import Features
-from semclip_batch.methods.registry import Scorer, score_features
+from semclip_batch.methods.registry import Scorer, get_method, score_features
 from semclip_batch.model import SemClipOutput
 from semclip_batch.model.reference import ReferenceScorer
 
@@ -128,15 +128,15 @@ def support_output(model: Scorer, feats: Features, data: TrainSet, reference: Re
 def _block_output(model: Scorer, feats: Features, data: TrainSet, reference: ReferenceScorer | None,
                   ref_feats: Features | None, pixels: torch.Tensor | None, whole: torch.Tensor,
                   rows: torch.Tensor) -> SemClipOutput:
-    """:func:`support_output` of ``rows``: in one pass where all are whole views; else every row's maps alone, and
-    the whole views among them again with their class scores."""
+    """:func:`support_output` of ``rows``: in one pass where all are whole views or the method's maps-only scoring
+    skips nothing; else every row's maps alone, and the whole views among them again with their class scores."""
     def scored(at: torch.Tensor, maps_only: bool) -> SemClipOutput:
         return score_features(model, feats.subset(at), (data.views.shape[-2], data.views.shape[-1]), reference,
                               None if ref_feats is None else ref_feats.subset(at),
                               None if data.has_ref is None else data.has_ref[at],
                               None if pixels is None else pixels[at], maps_only=maps_only)
 
-    if bool(whole[rows].all()):
+    if bool(whole[rows].all()) or not get_method(model.method).skips_in_maps_only():
         return scored(rows, maps_only=False)
     out = scored(rows, maps_only=True)
     first = whole[rows].nonzero().flatten()

@@ -111,8 +111,14 @@ class Method(ABC, Generic[M]):
 
     def memory_in_maps(self, model: M) -> bool:
         """Whether :meth:`without_memory` would change the model's maps (its memory is filled and weighed in them):
-        where not, ``train`` reads a check's maps from maps it scored with the memory in. False by default."""
-        return False
+        where not, ``train`` reads a check's maps from maps it scored with the memory in. By default, whether the
+        method overrides :meth:`without_memory` at all (one that does and says no more is taken to need it)."""
+        return type(self).without_memory is not Method.without_memory
+
+    def skips_in_maps_only(self) -> bool:
+        """Whether :meth:`score_maps` is the method's own (it may skip work): otherwise it is :meth:`score`, and a
+        caller wanting some views' class scores scores every view in one pass."""
+        return type(self).score_maps is not Method.score_maps
 
 
 def register(cls: C) -> C:

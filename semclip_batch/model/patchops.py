@@ -62,9 +62,12 @@ def neighbourhood_distance(feats: torch.Tensor, ref: torch.Tensor, radius: int,
     instead wrote ``(2 radius + 1)^2`` copies of it (1.5 GB for 1,489 views at width 128) and was ~14x slower
     here; the cosines are the same dot products, equal up to float rounding (1 ulp)."""
     b, n, _ = feats.shape
+    grid = round(n ** 0.5)
+    if grid * grid != n:
+        raise ValueError(f"neighbourhood distances need a square patch grid, got {n} patches")
     if b == 0:
         return feats.new_zeros((0, n))
-    index = neighbour_index(round(n ** 0.5), radius, feats.device)
+    index = neighbour_index(grid, radius, feats.device)
     best = []
     for part, part_ref in zip(feats.split(views), ref.split(views), strict=True):
         cos = torch.bmm(part, part_ref.transpose(1, 2))
