@@ -111,8 +111,9 @@ class Method(ABC, Generic[M]):
 
     def memory_in_maps(self, model: M) -> bool:
         """Whether :meth:`without_memory` would change the model's maps (its memory is filled and weighed in them):
-        where not, ``train`` reads a check's maps from maps it scored with the memory in. By default, whether the
-        method overrides :meth:`without_memory` at all (one that does and says no more is taken to need it)."""
+        where not, ``train``'s grey-level memory step reads its held-out maps from maps scored with the memory in.
+        By default, whether the method overrides :meth:`without_memory` at all (one that does and says no more is
+        taken to need it)."""
         return type(self).without_memory is not Method.without_memory
 
     def skips_in_maps_only(self) -> bool:
