@@ -32,6 +32,13 @@ def test_mask_on_the_device_gives_the_same_bytes():
     assert np.array_equal(to_mask_tensor(torch.from_numpy(amap)).numpy(), to_mask(amap))
 
 
+def test_a_nan_level_is_stored_as_0_without_a_warning(recwarn):
+    amap = np.array([np.nan, 0.5, np.inf, -np.inf], dtype=np.float32)
+    assert to_mask(amap).tolist() == [0, 128, 255, 0]
+    assert to_mask_tensor(torch.from_numpy(amap)).tolist() == [0, 128, 255, 0]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_pixel_level_is_ceil():
     assert pixel_level(0.9) == 230
     assert pixel_level(0.2) == 51

@@ -26,16 +26,17 @@ class Regions:
 
 
 def to_mask(amap: np.ndarray) -> np.ndarray:
-    """Stored mask = round(255 * A), uint8. ``(H, W)`` float in [0, 1] -> ``(H, W)`` uint8."""
-    return np.rint(np.clip(amap, 0.0, 1.0) * 255.0).astype(np.uint8)
+    """Stored mask = round(255 * A), uint8. ``(H, W)`` float in [0, 1] -> ``(H, W)`` uint8; a NaN level is stored
+    as 0 (its cast is otherwise undefined: 0 on this CPU, with a warning)."""
+    return np.rint(np.clip(np.nan_to_num(amap, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def to_mask_tensor(amap: torch.Tensor) -> torch.Tensor:
     """:func:`to_mask` where the map is (on the accelerator, in the model actor): ``(H, W)`` float -> uint8,
-    rounding half to even as ``np.rint`` does, so both give the same bytes."""
+    rounding half to even as ``np.rint`` does, so both give the same bytes (NaN as 0 too)."""
     import torch
 
-    return torch.round(amap.float().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    return torch.round(torch.nan_to_num(amap.float(), nan=0.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 
 def with_defect_view(whole: ArrayT, crop: ArrayT) -> ArrayT:
