@@ -130,8 +130,7 @@ class SemClipMethod(Method[SemClip]):
             model.memory.left_out = left_out
 
     def memory_in_maps(self, model: SemClip) -> bool:
-        memory = model.memory
-        return memory is not None and not memory.empty and not memory.left_out and float(memory.weight) != 0.0
+        return model.memory_in_map()
 
     @torch.no_grad()
     def held_out_maps(self, model: SemClip, support: Support) -> HeldOutMaps | None:

@@ -287,6 +287,12 @@ class SemClip(Scorer):
         enc = self.encode(images)
         return self.from_encoded(enc, (images.shape[-2], images.shape[-1]))
 
+    def memory_in_map(self) -> bool:
+        """Whether the normal-patch memory is weighed in the map: filled, not left out, its weight above 0 (one
+        device sync). Where not, the map is the same without its distances."""
+        memory = self.memory
+        return memory is not None and not memory.empty and not memory.left_out and float(memory.weight) != 0.0
+
     def memory_distance(self, enc: EncoderOutput) -> torch.Tensor | None:
         """``(B, N)`` distances to the normal-patch memory, or None (no memory, an empty one, or one left out of the
         maps: ``memory.left_out``, where the region head's patch ranking reads the map's terms alone)."""
@@ -354,7 +360,7 @@ class SemClip(Scorer):
         for about half a pass less there)."""
         terms = self.term_logits(enc)
         # the memory's distances serve the map where it is weighed and the region head's ranking: maps only, the first
-        with_memory = not maps_only or (self.memory is not None and float(self.memory.weight) != 0.0)  # one sync
+        with_memory = not maps_only or self.memory_in_map()
         if distance is None and with_memory:
             distance = self.memory_distance(enc)
         maps = gaussian_blur(self.fused_map(self.map_parts(enc, size, distance, terms, with_memory=with_memory)),
